@@ -1,0 +1,16 @@
+"""zkv: a key-value store with timeouts. This package is the public library: the wire protocol,
+key hashing, the client and the command-line tool."""
+
+from zkv.client import Client, Item, NotFound
+from zkv.errors import ProtocolError, RequestError, Timeout, Unavailable, ZkvError
+
+__all__ = [
+    "Client",
+    "Item",
+    "NotFound",
+    "ProtocolError",
+    "RequestError",
+    "Timeout",
+    "Unavailable",
+    "ZkvError",
+]

@@ -1,0 +1,28 @@
+"""Every default of every service, with its unit, in one place.
+
+Each service flag reads its default from an environment variable (flag > environment > this
+module), so one environment moves the whole cluster, under honcho or anywhere else.
+"""
+
+FRONTEND = "tcp://127.0.0.1:5555"  # ZKV_FRONTEND: clients (gateway, zkv client) <-> broker
+BACKEND = "tcp://127.0.0.1:5556"  # ZKV_BACKEND: broker <-> workers
+SHARDS = 2  # ZKV_SHARDS
+
+HTTP_HOST = "127.0.0.1"  # ZKV_HOST
+HTTP_PORT = 5000  # PORT (honcho sets it)
+HTTP_PROCESSES = 2  # ZKV_HTTP_PROCESSES: gunicorn worker processes
+HTTP_THREADS = 16  # ZKV_HTTP_THREADS: threads per process, each with its own ZeroMQ socket
+MAX_KEY_BYTES = 1024  # ZKV_MAX_KEY_BYTES: largest key the gateway accepts
+MAX_VALUE_BYTES = 1024 * 1024  # ZKV_MAX_VALUE_BYTES: largest value the gateway accepts
+LIST_LIMIT = 100  # keys per page of GET /v1/keys unless ?limit= says otherwise
+LIST_LIMIT_MAX = 1000
+
+REQUEST_TIMEOUT_S = 5.0  # ZKV_TIMEOUT: how long a client waits for a reply
+SHARD_WAIT_S = 3.0  # ZKV_SHARD_WAIT: how long the broker holds requests for a shard with no owner
+WORKER_REPLY_TIMEOUT_S = 4.0  # ZKV_WORKER_TIMEOUT: broker gives up on a dispatched request
+
+HEARTBEAT_INTERVAL_S = 1.0  # ZKV_HEARTBEAT_INTERVAL
+HEARTBEAT_LIVENESS = 3  # ZKV_HEARTBEAT_LIVENESS: intervals of silence before a peer is dead
+
+EXPIRE_CYCLE_S = 0.05  # how often a worker looks for expired keys nobody read
+EXPIRE_BUDGET_S = 0.002  # the most one expiry pass may take before requests run again
