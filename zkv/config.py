@@ -45,7 +45,7 @@ def add_flag(
     env: str,
     default: Any,
     kind: Callable[[str], Any] = str,
-    help: str = "",  # noqa: A002
+    help: str = "",
 ) -> None:
     """Add ``flag`` whose default is ``$env`` if set, else ``default``; the help says both."""
     parser.add_argument(
