@@ -1,0 +1,86 @@
+"""``python -m broker``: the zkv broker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import zmq
+
+from broker.core import BrokerConfig
+from broker.server import ServerConfig, Stopper, serve
+from zkv import defaults
+from zkv.config import add_flag, positive_float, positive_int
+
+LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m broker",
+        description="zkv broker: routes client requests to the worker owning each key's shard.",
+    )
+    add_flag(parser, "--frontend", "ZKV_FRONTEND", defaults.FRONTEND, help="endpoint for clients")
+    add_flag(parser, "--backend", "ZKV_BACKEND", defaults.BACKEND, help="endpoint for workers")
+    add_flag(parser, "--shards", "ZKV_SHARDS", defaults.SHARDS, positive_int, "number of shards")
+    add_flag(
+        parser,
+        "--shard-wait",
+        "ZKV_SHARD_WAIT",
+        defaults.SHARD_WAIT_S,
+        positive_float,
+        "seconds a request waits for a shard with no worker before failing",
+    )
+    add_flag(
+        parser,
+        "--worker-timeout",
+        "ZKV_WORKER_TIMEOUT",
+        defaults.WORKER_REPLY_TIMEOUT_S,
+        positive_float,
+        "seconds to wait for a worker's reply before failing the request",
+    )
+    add_flag(
+        parser,
+        "--heartbeat-interval",
+        "ZKV_HEARTBEAT_INTERVAL",
+        defaults.HEARTBEAT_INTERVAL_S,
+        positive_float,
+        "seconds between heartbeats",
+    )
+    add_flag(
+        parser,
+        "--heartbeat-liveness",
+        "ZKV_HEARTBEAT_LIVENESS",
+        defaults.HEARTBEAT_LIVENESS,
+        positive_int,
+        "missed heartbeats before a worker is declared dead",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    config = ServerConfig(
+        frontend=args.frontend,
+        backend=args.backend,
+        broker=BrokerConfig(
+            shards=args.shards,
+            shard_wait_s=args.shard_wait,
+            worker_timeout_s=args.worker_timeout,
+            heartbeat_interval_s=args.heartbeat_interval,
+            heartbeat_liveness=args.heartbeat_liveness,
+        ),
+    )
+    stopper = Stopper()
+    stopper.install()
+    try:
+        return serve(config, stopper)
+    except zmq.ZMQError as exc:  # a bad or busy endpoint is configuration, not a crash to dump
+        logging.getLogger("broker").error("cannot start: %s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

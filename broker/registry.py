@@ -1,0 +1,105 @@
+"""Workers and the shard each owns: plain state, no sockets.
+
+A shard is in one of two states:
+
+* UNOWNED: no worker holds it; requests for it wait in the broker, for a bounded time.
+* OWNED: exactly one worker holds it; requests for it are dispatched to that worker.
+
+A worker is either an owner (of exactly one shard) or a standby waiting for a shard to free up.
+Ownership changes only in :meth:`Registry.register`, :meth:`Registry.remove` and
+:meth:`Registry.promote`, which keep the per-shard index in step with the worker records (the
+records are the single source of truth; the index only makes ``owner()`` O(1)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    """One registered worker. ``shard`` None: a standby. ``last_seen`` is monotonic seconds."""
+
+    identity: bytes
+    shard: int | None
+    last_seen: float
+
+
+class Registry:
+    """Registered workers and shard ownership."""
+
+    def __init__(self, shards: int) -> None:
+        if shards < 1:
+            raise ValueError(f"shards must be at least 1, got {shards}")
+        self.shards = shards
+        self._workers: dict[bytes, WorkerRecord] = {}  # insertion order = standby seniority
+        self._owners: list[bytes | None] = [None] * shards
+
+    def owner(self, shard: int) -> bytes | None:
+        """The worker owning ``shard``, or None while it is UNOWNED."""
+        return self._owners[shard]
+
+    def get(self, identity: bytes) -> WorkerRecord | None:
+        """The record of a registered worker."""
+        return self._workers.get(identity)
+
+    def register(self, identity: bytes, claimed: int | None, now: float) -> int | None:
+        """Register a worker (again) and give it a shard.
+
+        A worker that already holds a shard's data claims it back (after a broker restart) and
+        gets it if nobody else owns it; otherwise it gets the lowest unowned shard. If every
+        shard is owned, it becomes a standby.
+
+        Returns:
+            The shard assigned, or None for a standby.
+        """
+        self.remove(identity)
+        shard: int | None = None
+        if claimed is not None and 0 <= claimed < self.shards and self._owners[claimed] is None:
+            shard = claimed
+        else:
+            shard = next((s for s, owner in enumerate(self._owners) if owner is None), None)
+        self._workers[identity] = WorkerRecord(identity, shard, now)
+        if shard is not None:
+            self._owners[shard] = identity
+        return shard
+
+    def remove(self, identity: bytes) -> WorkerRecord | None:
+        """Forget a worker; its shard, if any, becomes UNOWNED. Returns its last record."""
+        record = self._workers.pop(identity, None)
+        if record is not None and record.shard is not None:
+            self._owners[record.shard] = None
+        return record
+
+    def promote(self, shard: int) -> bytes | None:
+        """Give an UNOWNED ``shard`` to the longest-waiting standby, if there is one."""
+        if self._owners[shard] is not None:
+            return None
+        for record in self._workers.values():
+            if record.shard is None:
+                record.shard = shard
+                self._owners[shard] = record.identity
+                return record.identity
+        return None
+
+    def seen(self, identity: bytes, now: float) -> None:
+        """Note that a worker is alive."""
+        record = self._workers.get(identity)
+        if record is not None:
+            record.last_seen = now
+
+    def silent_since(self, cutoff: float) -> list[bytes]:
+        """Workers not heard from since ``cutoff``."""
+        return [r.identity for r in self._workers.values() if r.last_seen < cutoff]
+
+    def identities(self) -> list[bytes]:
+        """Every registered worker."""
+        return list(self._workers)
+
+    def owned(self) -> list[bool]:
+        """For each shard, whether it has an owner."""
+        return [owner is not None for owner in self._owners]
+
+    def standbys(self) -> int:
+        """How many workers wait for a shard."""
+        return sum(1 for r in self._workers.values() if r.shard is None)

@@ -1,0 +1,102 @@
+"""Per-key tokens and the fencing numbers they carry.
+
+Two separate ideas live here:
+
+* :class:`TokenTable` makes sure at most one request per key is out at the workers. A key whose
+  token is out has a FIFO of requests waiting behind it; when the worker answers, the token
+  passes straight to the oldest waiter (so the waiters run in arrival order) or, if nobody
+  waits, goes back to the table. Keys are independent: a busy key never holds up another one,
+  and there is no global lock.
+
+* :class:`TokenIssuer` numbers every dispatch. Numbers are unique and strictly increasing, so a
+  worker can refuse anything not newer than what it last accepted (a fencing token, as in
+  Kleppmann's "How to do distributed locking"). A token is ``epoch << 32 | sequence``: the epoch
+  starts at the broker's start time in Unix seconds and is pushed past any token a worker
+  reports when it registers, so a restarted broker never reissues a number a worker has seen.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+SEQUENCE_BITS = 32
+SEQUENCE_MASK = (1 << SEQUENCE_BITS) - 1
+
+
+class TokenTable(Generic[T]):
+    """Which keys have their token out, and who waits for each, in arrival order.
+
+    A key is in ``_queues`` exactly while its token is out; the deque holds the waiters.
+    """
+
+    def __init__(self) -> None:
+        self._queues: dict[bytes, deque[T]] = {}
+
+    def acquire(self, key: bytes, waiter: T) -> bool:
+        """Take the token of ``key`` for ``waiter``.
+
+        Returns:
+            True if the token was free and ``waiter`` now holds it (dispatch it); False if it
+            was queued behind the current holder.
+        """
+        queue = self._queues.get(key)
+        if queue is None:
+            self._queues[key] = deque()
+            return True
+        queue.append(waiter)
+        return False
+
+    def release(self, key: bytes) -> T | None:
+        """Give back the token of ``key``.
+
+        Returns:
+            The next waiter, which now holds the token and must be dispatched, or None when
+            nobody waited and the token is free again.
+        """
+        queue = self._queues.get(key)
+        if queue is None:
+            raise KeyError(key)  # a release without an acquire is a broker bug, not input
+        if queue:
+            return queue.popleft()
+        del self._queues[key]
+        return None
+
+    def held(self, key: bytes) -> bool:
+        """Whether the token of ``key`` is out."""
+        return key in self._queues
+
+    def waiting(self, key: bytes) -> int:
+        """How many requests wait for ``key``'s token."""
+        queue = self._queues.get(key)
+        return len(queue) if queue else 0
+
+    def __len__(self) -> int:
+        """The number of keys whose token is out."""
+        return len(self._queues)
+
+
+class TokenIssuer:
+    """Issues fencing tokens: unique, strictly increasing, across broker restarts too."""
+
+    def __init__(self, epoch: int) -> None:
+        self._next = epoch << SEQUENCE_BITS
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next token."""
+        return self._next >> SEQUENCE_BITS
+
+    def issue(self) -> int:
+        """A new token, greater than every token issued or reported before."""
+        token = self._next
+        # The sequence overflowing into the epoch bits is exactly "start the next epoch".
+        self._next += 1
+        return token
+
+    def advance_past(self, token: int) -> None:
+        """Make every future token greater than ``token`` (one a worker says it accepted)."""
+        if token >= self._next:
+            self._next = ((token >> SEQUENCE_BITS) + 1) << SEQUENCE_BITS

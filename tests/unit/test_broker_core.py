@@ -1,0 +1,360 @@
+"""The broker's routing logic, driven by scripted event histories and a fake clock.
+
+No sockets: each test feeds frames into :class:`broker.core.Broker` as the poll loop would and
+reads what it put in its outbox.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from broker.core import Broker, BrokerConfig, Side
+from broker.tokens import SEQUENCE_BITS
+from zkv.hashing import key_shard
+from zkv.protocol import (
+    Assign,
+    Disconnect,
+    Dispatch,
+    Entry,
+    Heartbeat,
+    Kind,
+    Ready,
+    Reply,
+    Request,
+    Status,
+    decode_entries,
+    decode_from_broker,
+    decode_reply,
+    encode_control,
+    encode_entries,
+    encode_reply,
+    encode_request,
+)
+
+pytestmark = pytest.mark.unit
+
+CONFIG = BrokerConfig(
+    shards=2,
+    shard_wait_s=3.0,
+    worker_timeout_s=4.0,
+    heartbeat_interval_s=1.0,
+    heartbeat_liveness=3,
+)
+CLIENT = b"client-1"
+HEARTBEAT = encode_control(Heartbeat())
+
+
+def key_for(shard: int, prefix: str = "k") -> bytes:
+    """A key that hashes to ``shard`` of CONFIG.shards."""
+    for i in range(10_000):
+        key = f"{prefix}{i}".encode()
+        if key_shard(key, CONFIG.shards) == shard:
+            return key
+    raise AssertionError("no key found")
+
+
+class Harness:
+    """A broker plus helpers to play clients and workers against it."""
+
+    def __init__(self, config: BrokerConfig = CONFIG) -> None:
+        self.now = 0.0
+        self.broker = Broker(config, self.now, epoch=100)
+
+    def take(self) -> list[tuple[Side, list[bytes]]]:
+        """The outbox, less the broker's heartbeats (tested on their own)."""
+        out, self.broker.outbox = self.broker.outbox, []
+        return [(side, frames) for side, frames in out if frames[1:] != HEARTBEAT]
+
+    def advance(self, seconds: float, silent: tuple[bytes, ...] = ()) -> None:
+        """Let time pass; every registered worker but the ``silent`` ones heartbeats first."""
+        self.now += seconds
+        for worker in self.broker.registry.identities():
+            if worker not in silent:
+                self.broker.on_worker([worker, *HEARTBEAT], self.now)
+        self.broker.on_timer(self.now)
+
+    def register(self, worker: bytes, claimed: int | None = None, last_token: int = 0) -> Assign:
+        """Register ``worker``; returns its Assign and leaves the rest of the outbox in place."""
+        self.broker.on_worker([worker, *encode_control(Ready(claimed, last_token))], self.now)
+        for index, (_, frames) in enumerate(self.broker.outbox):
+            if frames[0] == worker and frames[1][1] == Kind.ASSIGN:
+                del self.broker.outbox[index]
+                message = decode_from_broker(frames[1:])
+                assert isinstance(message, Assign)
+                return message
+        raise AssertionError("no ASSIGN sent")
+
+    def send(self, request: Request, client: bytes = CLIENT) -> None:
+        self.broker.on_client([client, *encode_request(request)], self.now)
+
+    def dispatched(self) -> list[tuple[bytes, Dispatch, list[bytes]]]:
+        """Take the outbox, expecting only dispatches; returns (worker, dispatch, frames)."""
+        result = []
+        for side, frames in self.take():
+            assert side is Side.BACKEND, frames
+            message = decode_from_broker(frames[1:])
+            assert isinstance(message, Dispatch)
+            result.append((frames[0], message, frames[1:]))
+        return result
+
+    def answer(self, worker: bytes, dispatch: Dispatch, reply: Reply) -> None:
+        self.broker.on_worker([worker, *encode_reply(reply)], self.now)
+
+    def replies(self, client: bytes = CLIENT) -> list[Reply]:
+        out = self.take()
+        assert all(side is Side.FRONTEND and frames[0] == client for side, frames in out), out
+        return [decode_reply(frames[1:]) for _, frames in out]
+
+
+def ok(dispatch: Dispatch, body: bytes | None = None, deadline_ms: int | None = None) -> Reply:
+    return Reply(Status.OK, dispatch.request.request_id, dispatch.token, deadline_ms, body)
+
+
+@pytest.fixture
+def h() -> Harness:
+    harness = Harness()
+    assert harness.register(b"w0").shard == 0
+    assert harness.register(b"w1").shard == 1
+    return harness
+
+
+def test_request_goes_to_the_owner_of_its_shard_and_the_reply_comes_back_untouched(h):
+    key = key_for(1)
+    h.send(Request(Kind.SET, 7, key, b"\x00binary\xff", ttl_ms=1500))
+    [(worker, dispatch, frames)] = h.dispatched()
+    assert worker == b"w1"
+    assert dispatch.request == Request(Kind.SET, 7, key, b"\x00binary\xff", ttl_ms=1500)
+    assert frames[1] == b"\x00binary\xff"  # the value frame travels as sent
+    h.answer(worker, dispatch, ok(dispatch, deadline_ms=123))
+    [reply] = h.replies()
+    assert reply == Reply(Status.OK, 7, dispatch.token, 123, None)
+
+
+def test_requests_for_one_key_go_one_at_a_time_in_arrival_order(h):
+    key = key_for(0)
+    for request_id in (1, 2, 3):
+        h.send(Request(Kind.SET, request_id, key, b"v"))
+    [(worker, dispatch, _)] = h.dispatched()
+    order, tokens = [], []
+    while True:
+        order.append(dispatch.request.request_id)
+        tokens.append(dispatch.token)
+        h.answer(worker, dispatch, ok(dispatch))
+        out = h.take()
+        assert [side for side, _ in out][:1] == [Side.FRONTEND]  # the reply goes first
+        nexts = [frames for side, frames in out if side is Side.BACKEND]
+        if not nexts:
+            break
+        [frames] = nexts  # the next one only once the previous one is answered
+        dispatch = decode_from_broker(frames[1:])
+    assert order == [1, 2, 3]
+    assert tokens == sorted(tokens) and len(set(tokens)) == 3
+
+
+def test_a_busy_key_does_not_hold_up_other_keys_on_the_same_shard(h):
+    hot, cold = key_for(0, "hot"), key_for(0, "cold")
+    h.send(Request(Kind.GET, 1, hot))
+    h.send(Request(Kind.GET, 2, hot))  # waits for the token
+    h.send(Request(Kind.GET, 3, cold))  # must not wait
+    dispatched = [d.request.request_id for _, d, _ in h.dispatched()]
+    assert dispatched == [1, 3]
+
+
+def test_tokens_increase_across_keys_and_shards(h):
+    for i in range(20):
+        h.send(Request(Kind.GET, i + 1, f"key{i}".encode()))
+    tokens = [d.token for _, d, _ in h.dispatched()]
+    assert tokens == sorted(tokens) and len(set(tokens)) == 20
+    assert tokens[0] >> SEQUENCE_BITS == 100  # the epoch
+
+
+def test_tokens_skip_past_what_a_registering_worker_already_accepted():
+    h = Harness()
+    accepted = (500 << SEQUENCE_BITS) + 9
+    h.register(b"w0", claimed=0, last_token=accepted)
+    h.register(b"w1")
+    h.send(Request(Kind.GET, 1, key_for(0)))
+    [(_, dispatch, _)] = h.dispatched()
+    assert dispatch.token > accepted
+
+
+def test_request_for_a_shard_without_owner_waits_then_fails_naming_the_shard():
+    h = Harness()
+    h.register(b"w0")  # shard 1 has no owner
+    h.send(Request(Kind.GET, 1, key_for(1)))
+    assert h.take() == []
+    h.advance(2.9)
+    assert h.take() == []
+    h.advance(0.2)
+    [reply] = h.replies()
+    assert reply.status == Status.UNAVAILABLE
+    assert b"shard 1 has no worker" in reply.body
+
+
+def test_waiting_requests_are_served_when_a_worker_arrives():
+    h = Harness()
+    h.register(b"w0")
+    key = key_for(1)
+    h.send(Request(Kind.SET, 1, key, b"a"))
+    h.send(Request(Kind.GET, 2, key))
+    h.advance(1.0)
+    assert h.take() == []
+    assert h.register(b"w1").shard == 1
+    [(worker, dispatch, _)] = h.dispatched()  # only one: the key's token is still out
+    assert worker == b"w1" and dispatch.request.request_id == 1
+    h.answer(worker, dispatch, ok(dispatch))
+    out = h.take()
+    assert [side for side, _ in out] == [Side.FRONTEND, Side.BACKEND]
+
+
+def test_a_worker_that_does_not_answer_fails_the_request_and_frees_the_key(h):
+    key = key_for(0)
+    h.send(Request(Kind.SET, 1, key, b"a"))
+    h.send(Request(Kind.GET, 2, key))
+    [(worker, first, _)] = h.dispatched()
+    h.advance(3.9)  # alive (it heartbeats), just slow
+    assert h.take() == []
+    h.advance(0.2)
+    out = h.take()
+    front = [decode_reply(f[1:]) for side, f in out if side is Side.FRONTEND]
+    back = [decode_from_broker(f[1:]) for side, f in out if side is Side.BACKEND]
+    assert len(front) == 1 and front[0].request_id == 1
+    assert front[0].status == Status.UNAVAILABLE and b"outcome unknown" in front[0].body
+    dispatches = [m for m in back if isinstance(m, Dispatch)]
+    assert [d.request.request_id for d in dispatches] == [2]
+    # The late answer to the first request is dropped, not sent to the client twice.
+    h.answer(worker, first, ok(first))
+    assert h.take() == []
+
+
+def test_a_reply_from_the_wrong_worker_is_dropped(h):
+    h.send(Request(Kind.GET, 1, key_for(0)))
+    [(_, dispatch, _)] = h.dispatched()
+    h.answer(b"w1", dispatch, ok(dispatch, body=b"forged"))
+    assert h.take() == []
+
+
+def test_all_gathers_every_shard(h):
+    h.send(Request(Kind.ALL, 9))
+    parts = h.dispatched()
+    assert sorted(w for w, _, _ in parts) == [b"w0", b"w1"]
+    for worker, dispatch, _ in parts:
+        entry = Entry(b"from-" + worker, b"v", 42)
+        h.answer(worker, dispatch, ok(dispatch, body=encode_entries([entry])))
+    [reply] = h.replies()
+    assert reply.status == Status.OK and reply.request_id == 9
+    assert sorted(e.key for e in decode_entries(reply.body)) == [b"from-w0", b"from-w1"]
+
+
+def test_all_fails_whole_when_a_shard_has_no_owner():
+    h = Harness()
+    h.register(b"w0")
+    h.send(Request(Kind.ALL, 9))
+    [(worker, dispatch, _)] = h.dispatched()
+    h.answer(worker, dispatch, ok(dispatch, body=encode_entries([Entry(b"k", b"v", None)])))
+    assert h.take() == []  # no partial answer
+    h.advance(3.1)
+    [reply] = h.replies()
+    assert reply.status == Status.UNAVAILABLE and b"shard 1" in reply.body
+    h.advance(10)
+    assert [f for s, f in h.take() if s is Side.FRONTEND] == []  # failed once only
+
+
+def test_malformed_client_messages_get_an_error_reply(h):
+    cases = [
+        [b""],
+        [b"\x09\x01"],  # unknown version
+        [encode_request(Request(Kind.GET, 5, b"k"))[0], b"extra"],
+        [b"\x01\x7f" + b"\x00" * 18],  # unknown command
+    ]
+    for frames in cases:
+        h.broker.on_client([CLIENT, *frames], h.now)
+        [reply] = h.replies()
+        assert reply.status == Status.ERROR
+        assert reply.body.startswith(b"bad request")
+    # The request id is echoed when it was readable.
+    h.broker.on_client([CLIENT, cases[2][0], b"extra"], h.now)
+    assert h.replies()[0].request_id == 5
+
+
+def test_malformed_worker_messages_are_dropped(h):
+    for frames in ([b"junk"], [b"\x01\x10short"], [b"\x01\x05"]):
+        h.broker.on_worker([b"w0", *frames], h.now)
+    assert h.take() == []
+    h.send(Request(Kind.GET, 1, key_for(0)))
+    assert len(h.dispatched()) == 1
+
+
+def test_silent_worker_is_removed_and_a_standby_takes_its_shard_and_its_queue():
+    h = Harness(dataclasses.replace(CONFIG, worker_timeout_s=10.0))
+    h.register(b"w0")
+    h.register(b"w1")
+    assert h.register(b"standby").shard is None
+    key = key_for(0)
+    h.send(Request(Kind.SET, 1, key, b"a"))
+    h.send(Request(Kind.GET, 2, key))
+    [(worker, _, _)] = h.dispatched()
+    assert worker == b"w0"
+    for _ in range(8):  # w1 and the standby beat; w0 is silent, found dead at t=4
+        h.advance(0.5, silent=(b"w0",))
+    out = h.take()
+    front = [decode_reply(f[1:]) for s, f in out if s is Side.FRONTEND]
+    assert [r.request_id for r in front] == [1]
+    assert b"went away" in front[0].body
+    back = [(f[0], decode_from_broker(f[1:])) for s, f in out if s is Side.BACKEND]
+    assert (b"standby", Assign(0, 2)) in back
+    dispatched = [(w, m.request.request_id) for w, m in back if isinstance(m, Dispatch)]
+    assert dispatched == [(b"standby", 2)]
+
+
+def test_disconnect_frees_the_shard_at_once(h):
+    h.broker.on_worker([b"w1", *encode_control(Disconnect())], h.now)
+    assert h.broker.registry.owner(1) is None
+    h.send(Request(Kind.GET, 1, key_for(1)))
+    assert h.take() == []  # waits for an owner
+
+
+def test_unroutable_worker_is_removed(h):
+    h.send(Request(Kind.GET, 1, key_for(1)))
+    h.take()
+    h.broker.on_unroutable(b"w1", h.now)
+    [reply] = h.replies()
+    assert reply.status == Status.UNAVAILABLE
+    assert h.broker.registry.owner(1) is None
+
+
+def test_heartbeats_go_to_every_worker_each_interval(h):
+    def beats() -> list[bytes]:
+        out, h.broker.outbox = h.broker.outbox, []
+        return sorted(f[0] for _, f in out if f[1:] == HEARTBEAT)
+
+    h.advance(1.0)
+    assert beats() == [b"w0", b"w1"]
+    h.advance(0.5)
+    assert beats() == []
+    h.advance(0.5)
+    assert beats() == [b"w0", b"w1"]
+
+
+def test_ping_reports_the_cluster():
+    h = Harness()
+    h.register(b"w0")
+    h.send(Request(Kind.PING, 3))
+    [reply] = h.replies()
+    info = json.loads(reply.body)
+    assert reply.request_id == 3
+    assert info["status"] == "degraded"
+    assert info["owned"] == [True, False]
+
+
+def test_next_timer_is_the_nearest_deadline(h):
+    assert h.broker.next_timer(h.now) == pytest.approx(1.0)
+    h.send(Request(Kind.GET, 1, key_for(0)))
+    h.take()
+    h.advance(2.5)  # heartbeats went out at 2.5; the next at 3.5; the worker deadline is 4.0
+    assert h.broker.next_timer(h.now) == pytest.approx(1.0)
+    h.advance(1.0)
+    assert h.broker.next_timer(h.now) == pytest.approx(0.5)
