@@ -265,7 +265,7 @@ def decode_request(frames: Sequence[bytes]) -> Request:
     if kind_byte not in _COMMAND_BYTES:
         raise ProtocolError(f"unknown command 0x{kind_byte:02x}", request_id)
     kind = Kind(kind_byte)
-    if flags & ~(Flag.TTL | Flag.KEYS_ONLY):
+    if flags & ~_KNOWN_FLAGS:
         raise ProtocolError(f"unknown flags 0x{flags:02x}", request_id)
     key = header[_REQUEST.size :]
     if len(key) > MAX_KEY_BYTES:
@@ -312,6 +312,7 @@ def decode_request(frames: Sequence[bytes]) -> Request:
 
 
 _COMMAND_BYTES = frozenset(int(k) for k in COMMANDS)
+_KNOWN_FLAGS = int(Flag.TTL) | int(Flag.KEYS_ONLY)
 
 
 # --- dispatch ---------------------------------------------------------------------------------

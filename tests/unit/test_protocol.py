@@ -1,0 +1,248 @@
+"""The wire codec: round trips, every malformed case, and a fuzz of the decoders."""
+
+from __future__ import annotations
+
+import random
+import re
+import struct
+
+import pytest
+
+from zkv import protocol
+from zkv.protocol import (
+    Assign,
+    Disconnect,
+    Dispatch,
+    Entry,
+    Heartbeat,
+    Kind,
+    ProtocolError,
+    Ready,
+    Reply,
+    Request,
+    Status,
+    decode_entries,
+    decode_from_broker,
+    decode_from_worker,
+    decode_reply,
+    decode_request,
+    dispatch_frames,
+    encode_control,
+    encode_entries,
+    encode_reply,
+    encode_request,
+    error_reply,
+    reply_token,
+)
+
+pytestmark = pytest.mark.unit
+
+REQUESTS = [
+    Request(Kind.GET, 1, b"k"),
+    Request(Kind.GET, protocol.U64_MAX, b"\x00\xff/{tag}" * 10),
+    Request(Kind.SET, 2, b"key", b"value", ttl_ms=1500),
+    Request(Kind.SET, 3, b"key", b"", ttl_ms=None),
+    Request(Kind.SET, 4, b"k", b"\x00" * 100_000, ttl_ms=protocol.MAX_TTL_MS),
+    Request(Kind.DEL, 5, "ключ".encode()),
+    Request(Kind.ALL, 6),
+    Request(Kind.ALL, 7, b"cursor", limit=100, keys_only=True),
+    Request(Kind.PING, 8),
+]
+
+
+@pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: f"{r.kind.name}-{r.request_id}")
+def test_request_round_trip(request_):
+    frames = encode_request(request_)
+    assert len(frames) == (2 if request_.kind == Kind.SET else 1)
+    assert decode_request(frames) == request_
+
+
+def test_request_header_layout_is_the_documented_one():
+    frames = encode_request(Request(Kind.SET, 0x0102030405060708, b"ab", b"v", ttl_ms=10_000))
+    assert frames[0] == (
+        b"\x01\x02\x01\x00"
+        + bytes.fromhex("0102030405060708")
+        + (10_000).to_bytes(8, "big")
+        + b"ab"
+    )
+    assert frames[1] == b"v"
+
+
+@pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: f"{r.kind.name}-{r.request_id}")
+def test_dispatch_wraps_the_request_and_the_worker_unwraps_it(request_):
+    frames = dispatch_frames(0xABCDEF, encode_request(request_))
+    assert decode_from_broker(frames) == Dispatch(0xABCDEF, request_)
+
+
+def test_dispatch_passes_the_value_frame_through_without_copying():
+    value = b"x" * 1000
+    frames = dispatch_frames(1, encode_request(Request(Kind.SET, 1, b"k", value)))
+    assert frames[1] is value
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(Status.OK, 1, 2, 1_700_000_000_123, b"value"),
+        Reply(Status.OK, 1, 2, None, None),
+        Reply(Status.NOT_FOUND, 9, 10),
+        Reply(Status.ERROR, 3, 0, None, b"what went wrong"),
+        Reply(Status.UNAVAILABLE, protocol.U64_MAX, protocol.U64_MAX, None, b""),
+    ],
+)
+def test_reply_round_trip(reply):
+    frames = encode_reply(reply)
+    assert decode_reply(frames) == reply
+    assert reply_token(frames[0]) == reply.token
+    assert decode_from_worker(frames) == reply
+
+
+def test_error_reply_carries_the_message():
+    reply = decode_reply(error_reply(5, "no such thing", Status.UNAVAILABLE))
+    assert (reply.status, reply.request_id, reply.body) == (Status.UNAVAILABLE, 5, b"no such thing")
+
+
+@pytest.mark.parametrize(
+    ("message", "decode"),
+    [
+        (Ready(), decode_from_worker),
+        (Ready(3, 12345), decode_from_worker),
+        (Heartbeat(), decode_from_worker),
+        (Disconnect(), decode_from_worker),
+        (Assign(1, 4), decode_from_broker),
+        (Assign(None, 2), decode_from_broker),
+        (Heartbeat(), decode_from_broker),
+    ],
+)
+def test_control_round_trip(message, decode):
+    assert decode(encode_control(message)) == message
+
+
+def test_entries_round_trip_and_concatenate():
+    a = [Entry(b"a", b"1", 5), Entry(b"", b"", None)]
+    b = [Entry(b"\xff" * 300, b"v" * 70_000, 2**63)]
+    assert decode_entries(encode_entries(a)) == a
+    assert decode_entries(encode_entries(a) + encode_entries(b)) == a + b
+    assert decode_entries(b"") == []
+
+
+def _header(kind: int, flags: int = 0, request_id: int = 77, arg: int = 0, key: bytes = b"k"):
+    return struct.pack("!BBBxQQ", 1, kind, flags, request_id, arg) + key
+
+
+MALFORMED_REQUESTS = {
+    "no frames": ([], "empty message"),
+    "empty header": ([b""], "too short"),
+    "wrong version": ([b"\x02" + _header(Kind.GET)[1:]], "unsupported protocol version 2"),
+    "short header": ([_header(Kind.GET)[:10]], "shorter than 20"),
+    "unknown command": ([_header(0x7E)], "unknown command 0x7e"),
+    "reply kind as request": ([_header(Kind.REPLY)], "unknown command"),
+    "unknown flag": ([_header(Kind.GET, flags=0x80)], "unknown flags"),
+    "GET with a value": ([_header(Kind.GET), b"v"], "GET takes 1 frame(s), got 2"),
+    "SET without a value": ([_header(Kind.SET)], "SET takes 2 frame(s), got 1"),
+    "SET with three frames": ([_header(Kind.SET), b"v", b"w"], "SET takes 2 frame(s), got 3"),
+    "empty key": ([_header(Kind.GET, key=b"")], "GET needs a non-empty key"),
+    "oversized key": ([_header(Kind.DEL, key=b"k" * 65_536)], "exceeds 65535"),
+    "zero TTL": ([_header(Kind.SET, flags=1, arg=0), b"v"], "ttl_ms must be between 1"),
+    "absurd TTL": ([_header(Kind.SET, flags=1, arg=2**63), b"v"], "ttl_ms must be between 1"),
+    "arg without TTL flag": ([_header(Kind.SET, arg=5), b"v"], "without flag TTL"),
+    "TTL on GET": ([_header(Kind.GET, flags=1)], "flag TTL does not apply to GET"),
+    "KEYS_ONLY on DEL": ([_header(Kind.DEL, flags=2)], "KEYS_ONLY does not apply to DEL"),
+    "arg on GET": ([_header(Kind.GET, arg=1)], "GET must have arg 0"),
+    "PING with key": ([_header(Kind.PING)], "PING takes no key"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_REQUESTS, ids=str)
+def test_malformed_requests_name_what_is_wrong(case):
+    frames, message = MALFORMED_REQUESTS[case]
+    with pytest.raises(ProtocolError, match=re.escape(message)) as raised:
+        decode_request(frames)
+    if frames and len(frames[0]) >= 20 and frames[0][0] == 1:
+        assert raised.value.request_id == 77  # echoed so the error reply can be matched
+
+
+def test_oversized_value_is_refused(monkeypatch):
+    monkeypatch.setattr(protocol, "MAX_VALUE_BYTES", 10)
+    with pytest.raises(ProtocolError, match="value of 11 bytes exceeds 10"):
+        decode_request([_header(Kind.SET), b"x" * 11])
+
+
+def test_encoder_refuses_what_the_decoder_would():
+    with pytest.raises(ProtocolError):
+        encode_request(Request(Kind.GET, 1, b""))
+    with pytest.raises(ProtocolError):
+        encode_request(Request(Kind.SET, 1, b"k", None))
+    with pytest.raises(ProtocolError):
+        encode_request(Request(Kind.SET, 1, b"k", b"v", ttl_ms=0))
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"\x01\x10" + b"\x00" * 5],  # short reply
+        [b"\x01\x10\x09" + b"\x00" * 25],  # unknown status
+        [encode_reply(Reply(Status.OK, 1))[0] + b"x"],  # long reply header
+        [*encode_reply(Reply(Status.OK, 1, body=b"b")), b"extra"],
+        [b"\x01\x20"],  # short READY
+        [b"\x01\x22", b"x"],  # HEARTBEAT with a second frame
+        [b"\x01\x21" + b"\x00" * 10],  # ASSIGN is broker -> worker only
+        [b"\x01\x01" + b"\x00" * 18],  # a request is not a worker message
+    ],
+)
+def test_malformed_worker_messages_raise(frames):
+    with pytest.raises(ProtocolError):
+        decode_from_worker(frames)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"\x01\x11\x00"],  # short DISPATCH
+        [b"\x01\x11" + b"\x00" * 8 + b"\x01\x7f" + b"\x00" * 18],  # wraps an unknown command
+        [struct.pack("!BBxxII", 1, Kind.ASSIGN, 5, 2)],  # shard out of range
+        [struct.pack("!BBxxII", 1, Kind.ASSIGN, 0, 0)],  # zero shards
+        [b"\x01\x23"],  # DISCONNECT is worker -> broker only
+        [b"\x01\x10" + b"\x00" * 26],  # a reply is not for workers
+    ],
+)
+def test_malformed_broker_messages_raise(frames):
+    with pytest.raises(ProtocolError):
+        decode_from_broker(frames)
+
+
+@pytest.mark.parametrize("body", [b"\x00", b"\x00\x05\x00\x00\x00\x00" + b"\x00" * 8 + b"abc"])
+def test_truncated_entries_raise(body):
+    with pytest.raises(ProtocolError):
+        decode_entries(body)
+
+
+def test_fuzz_decoders_raise_only_protocol_error():
+    """Random and mutated frames: every decoder either parses or raises ProtocolError."""
+    rng = random.Random(1234)
+    seeds = [f for r in REQUESTS for f in encode_request(r)]
+    seeds += encode_reply(Reply(Status.OK, 1, 2, 3, b"body"))
+    seeds += [f for m in (Ready(1, 2), Assign(0, 2), Heartbeat()) for f in encode_control(m)]
+    decoders = [decode_request, decode_reply, decode_from_worker, decode_from_broker]
+    for _ in range(5_000):
+        frames = []
+        for _ in range(rng.choice([0, 1, 1, 2, 2, 3])):
+            if rng.random() < 0.5:
+                frame = bytearray(rng.choice(seeds))
+                for _ in range(rng.randint(1, 4)):
+                    if frame and rng.random() < 0.7:
+                        frame[rng.randrange(len(frame))] = rng.randrange(256)
+                    else:
+                        frame = frame[: rng.randrange(len(frame) + 1)]
+                frames.append(bytes(frame))
+            else:
+                frames.append(rng.randbytes(rng.randrange(40)))
+        for decode in decoders:
+            try:
+                decode(frames)
+            except ProtocolError:
+                pass
+        try:
+            decode_entries(frames[0] if frames else b"")
+        except ProtocolError:
+            pass
