@@ -1,0 +1,80 @@
+"""``python -m zkv`` (or ``zkv``): talk to a zkv broker from the shell.
+
+Examples::
+
+    python -m zkv set greeting hello --ttl 10
+    python -m zkv get greeting
+    python -m zkv del greeting
+    python -m zkv all
+    python -m zkv ping
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from zkv import defaults
+from zkv.client import Client, NotFound
+from zkv.config import add_flag, positive_float
+from zkv.errors import ZkvError
+
+
+def _deadline(deadline_ms: int | None) -> str:
+    return "never" if deadline_ms is None else str(deadline_ms)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zkv", description="zkv command-line client")
+    add_flag(parser, "--frontend", "ZKV_FRONTEND", defaults.FRONTEND, help="broker endpoint")
+    add_flag(
+        parser,
+        "--timeout",
+        "ZKV_TIMEOUT",
+        defaults.REQUEST_TIMEOUT_S,
+        positive_float,
+        "seconds to wait for a reply",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    set_ = commands.add_parser("set", help="store a value")
+    set_.add_argument("key")
+    set_.add_argument("value")
+    set_.add_argument("--ttl", type=positive_float, help="seconds until the key expires")
+    for name, text in (("get", "print a value"), ("del", "delete a key")):
+        commands.add_parser(name, help=text).add_argument("key")
+    commands.add_parser("all", help="print every live key as JSON lines")
+    commands.add_parser("ping", help="print the cluster's state")
+    args = parser.parse_args(argv)
+
+    with Client(args.frontend, timeout_s=args.timeout) as client:
+        try:
+            match args.command:
+                case "set":
+                    deadline = client.set(args.key, args.value, args.ttl)
+                    print(f"OK expires_at_ms={_deadline(deadline)}")
+                case "get":
+                    item = client.get(args.key)
+                    sys.stdout.buffer.write(item.value + b"\n")
+                case "del":
+                    if not client.delete(args.key):
+                        print("not found", file=sys.stderr)
+                        return 1
+                    print("OK")
+                case "all":
+                    for entry in client.all():
+                        line = {
+                            "key": entry.key.decode(errors="replace"),
+                            "value": entry.value.decode(errors="replace"),
+                            "expires_at_ms": entry.deadline_ms,
+                        }
+                        print(json.dumps(line))
+                case "ping":
+                    print(json.dumps(client.ping()))
+        except NotFound:
+            print("not found", file=sys.stderr)
+            return 1
+        except ZkvError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return 0
