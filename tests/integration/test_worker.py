@@ -1,0 +1,400 @@
+"""The worker loop over real ZeroMQ sockets: a worker thread against a fake broker ROUTER."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import zmq
+
+from workers.worker import Worker, WorkerConfig
+from zkv.protocol import (
+    Assign,
+    Disconnect,
+    FromWorker,
+    Heartbeat,
+    Kind,
+    Ready,
+    Reply,
+    Request,
+    Status,
+    decode_from_worker,
+    dispatch_frames,
+    encode_control,
+    encode_request,
+)
+
+pytestmark = pytest.mark.integration
+
+INTERVAL_S = 0.05  # heartbeat interval: short, so liveness tests take a fraction of a second
+PATIENT = 100  # liveness for tests that must not see a re-registration (5 s of silence)
+RECV_TIMEOUT_S = 2.0
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context]:
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)  # closes any socket a failed test left open, then terminates
+
+
+class FakeBroker:
+    """The broker's backend ROUTER socket, driven by hand, every receive with a deadline."""
+
+    def __init__(self, context: zmq.Context) -> None:
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # as the real broker's backend
+        port = self.socket.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.ids = itertools.count(1)
+        self.tokens = itertools.count(1)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def recv_raw(self, timeout_s: float = RECV_TIMEOUT_S) -> tuple[bytes, list[bytes]]:
+        """The next message as (identity, frames); fails the test instead of hanging."""
+        if not self.socket.poll(int(timeout_s * 1000), zmq.POLLIN):
+            pytest.fail(f"the fake broker received nothing within {timeout_s} s")
+        identity, *frames = self.socket.recv_multipart()
+        return identity, frames
+
+    def recv(
+        self, timeout_s: float = RECV_TIMEOUT_S, skip_heartbeats: bool = True
+    ) -> tuple[bytes, FromWorker]:
+        """The next decoded message (by default not a heartbeat) before the deadline."""
+        deadline_s = time.monotonic() + timeout_s
+        while True:
+            remaining_s = deadline_s - time.monotonic()
+            if remaining_s <= 0:
+                pytest.fail(f"no message from the worker within {timeout_s} s")
+            identity, frames = self.recv_raw(remaining_s)
+            message = decode_from_worker(frames)
+            if not (skip_heartbeats and isinstance(message, Heartbeat)):
+                return identity, message
+
+    def recv_reply(self, identity: bytes) -> Reply:
+        sender, message = self.recv()
+        assert sender == identity
+        assert isinstance(message, Reply), message
+        return message
+
+    def expect_silence(self, seconds: float) -> None:
+        """Fail if anything but heartbeats arrives within ``seconds``."""
+        deadline_s = time.monotonic() + seconds
+        while (remaining_s := deadline_s - time.monotonic()) > 0:
+            if not self.socket.poll(int(remaining_s * 1000) + 1, zmq.POLLIN):
+                return
+            _, *frames = self.socket.recv_multipart()
+            message = decode_from_worker(frames)
+            assert isinstance(message, Heartbeat), f"unexpected {message}"
+
+    def send(self, identity: bytes, frames: list[bytes]) -> None:
+        self.socket.send_multipart([identity, *frames])
+
+    def assign(self, identity: bytes, shard: int | None, shards: int = 2) -> None:
+        self.send(identity, encode_control(Assign(shard, shards)))
+
+    def request(self, identity: bytes, request: Request, token: int | None = None) -> Reply:
+        """Dispatch a request (with the next token unless given) and wait for its reply."""
+        request_id = next(self.ids)
+        frames = encode_request(dataclasses.replace(request, request_id=request_id))
+        token = next(self.tokens) if token is None else token
+        self.send(identity, dispatch_frames(token, frames))
+        reply = self.recv_reply(identity)
+        assert reply.request_id == request_id
+        return reply
+
+
+@pytest.fixture
+def broker(context: zmq.Context) -> Iterator[FakeBroker]:
+    broker = FakeBroker(context)
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+@dataclass
+class RunningWorker:
+    worker: Worker
+    thread: threading.Thread
+    exit_codes: list[int]
+
+    def stop(self, timeout_s: float = 5.0) -> int:
+        self.worker.stop()
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), f"worker thread still running after {timeout_s} s"
+        assert len(self.exit_codes) == 1, "worker.run() raised instead of returning"
+        return self.exit_codes[0]
+
+
+@pytest.fixture
+def start_worker(
+    context: zmq.Context, broker: FakeBroker
+) -> Iterator[Callable[..., RunningWorker]]:
+    running: list[RunningWorker] = []
+
+    def start(liveness: int = PATIENT, **config_fields: Any) -> RunningWorker:
+        config = WorkerConfig(
+            backend=broker.endpoint,
+            heartbeat_interval_s=INTERVAL_S,
+            heartbeat_liveness=liveness,
+            **config_fields,
+        )
+        worker = Worker(config, context=context)
+        exit_codes: list[int] = []
+        thread = threading.Thread(
+            target=lambda: exit_codes.append(worker.run()), name="worker", daemon=True
+        )
+        handle = RunningWorker(worker, thread, exit_codes)
+        thread.start()
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        if handle.thread.is_alive():
+            handle.stop()
+
+
+def assigned(broker: FakeBroker, start_worker: Callable[..., RunningWorker], **kw: int) -> bytes:
+    """Start a worker, check its first READY, give it shard 0 of 2; returns its identity."""
+    shard = kw.pop("shard", 0)
+    start_worker(**kw)
+    identity, message = broker.recv()
+    assert message == Ready(None, 0)
+    broker.assign(identity, shard)
+    return identity
+
+
+def test_worker_registers_then_serves_after_assign(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    identity = assigned(broker, start_worker)
+    reply = broker.request(identity, Request(Kind.SET, 0, b"k", b"v", ttl_ms=60_000))
+    assert reply.status == Status.OK
+    assert reply.deadline_ms is not None
+    assert abs(reply.deadline_ms - (time.time() * 1000 + 60_000)) < 5_000
+    got = broker.request(identity, Request(Kind.GET, 0, b"k"))
+    assert (got.status, got.body, got.deadline_ms) == (Status.OK, b"v", reply.deadline_ms)
+    assert broker.request(identity, Request(Kind.DEL, 0, b"k")).status == Status.OK
+    assert broker.request(identity, Request(Kind.GET, 0, b"k")).status == Status.NOT_FOUND
+    assert broker.request(identity, Request(Kind.PING, 0)).status == Status.OK
+
+
+def test_reply_echoes_the_dispatch_token(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    identity = assigned(broker, start_worker)
+    assert broker.request(identity, Request(Kind.PING, 0), token=41).token == 41
+
+
+def test_dispatch_without_a_shard_is_refused(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    start_worker()
+    identity, message = broker.recv()
+    assert message == Ready(None, 0)
+    reply = broker.request(identity, Request(Kind.GET, 0, b"k"))
+    assert (reply.status, reply.body) == (Status.UNAVAILABLE, b"no shard assigned")
+    broker.assign(identity, None)  # standby: still nothing
+    reply = broker.request(identity, Request(Kind.GET, 0, b"k"))
+    assert (reply.status, reply.body) == (Status.UNAVAILABLE, b"no shard assigned")
+
+
+def test_stale_token_is_refused(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    identity = assigned(broker, start_worker)
+    assert broker.request(identity, Request(Kind.SET, 0, b"k", b"new"), token=7).status == (
+        Status.OK
+    )
+    for stale in (7, 3):
+        reply = broker.request(identity, Request(Kind.SET, 0, b"k", b"old"), token=stale)
+        assert reply.status == Status.UNAVAILABLE
+        assert reply.body == f"stale token {stale}: this shard already accepted 7".encode()
+    assert broker.request(identity, Request(Kind.GET, 0, b"k"), token=8).body == b"new"
+
+
+def test_reassigning_the_same_shard_keeps_the_data_another_shard_starts_empty(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    identity = assigned(broker, start_worker)
+    broker.request(identity, Request(Kind.SET, 0, b"k", b"v"))
+    broker.assign(identity, 0)
+    assert broker.request(identity, Request(Kind.GET, 0, b"k")).body == b"v"
+    broker.assign(identity, 1)
+    assert broker.request(identity, Request(Kind.GET, 0, b"k")).status == Status.NOT_FOUND
+
+
+MALFORMED = [
+    pytest.param([b""], id="empty-frame"),
+    pytest.param([b"garbage that is no header"], id="garbage"),
+    pytest.param([bytes([9, Kind.DISPATCH]) + bytes(30)], id="wrong-version"),
+    pytest.param([bytes([1, Kind.DISPATCH, 0, 0])], id="truncated-dispatch-header"),
+    pytest.param([bytes([1, 0x7F])], id="unknown-kind"),
+    pytest.param([bytes([1, Kind.ASSIGN, 0, 0])], id="truncated-assign"),
+    pytest.param([encode_control(Assign(0, 2))[0] + b"x"], id="overlong-assign"),
+    pytest.param([encode_control(Ready(None, 0))[0]], id="ready-from-broker"),
+    pytest.param([encode_control(Heartbeat())[0], b"extra"], id="heartbeat-two-frames"),
+]
+
+
+@pytest.mark.parametrize("frames", MALFORMED)
+def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker], frames: list[bytes]
+) -> None:
+    identity = assigned(broker, start_worker)
+    broker.request(identity, Request(Kind.SET, 0, b"k", b"v"))
+    broker.send(identity, frames)
+    assert broker.request(identity, Request(Kind.GET, 0, b"k")).body == b"v"
+
+
+def test_malformed_dispatch_with_a_readable_request_id_gets_an_error_reply(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    identity = assigned(broker, start_worker)
+    # A GET with two frames: the header parses far enough to read request id 77.
+    get = encode_request(Request(Kind.GET, 77, b"k"))
+    broker.send(identity, dispatch_frames(next(broker.tokens), [*get, b"stray frame"]))
+    reply = broker.recv_reply(identity)
+    assert (reply.request_id, reply.status) == (77, Status.ERROR)
+    assert b"GET takes 1 frame(s), got 2" in (reply.body or b"")
+    assert broker.request(identity, Request(Kind.PING, 0)).status == Status.OK
+
+
+def test_unreadable_dispatch_gets_no_reply(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    identity = assigned(broker, start_worker)
+    broker.send(identity, [bytes([1, Kind.DISPATCH, 0, 0])])
+    broker.expect_silence(0.2)
+
+
+def test_heartbeats_arrive_every_interval(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    start_worker()
+    started_s = time.monotonic()
+    heartbeats = 0
+    while heartbeats < 4:
+        _, message = broker.recv(skip_heartbeats=False)
+        heartbeats += isinstance(message, Heartbeat)
+    elapsed_s = time.monotonic() - started_s
+    assert 3 * INTERVAL_S * 0.8 <= elapsed_s < 1.0
+
+
+def test_silent_broker_makes_the_worker_reregister_claiming_its_shard(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    liveness = 3
+    identity = assigned(broker, start_worker, shard=1, liveness=liveness)
+    broker.request(identity, Request(Kind.SET, 0, b"k", b"kept"), token=7)
+    silent_from_s = time.monotonic()
+    # The fake broker never sends heartbeats: the worker must give up on it and start over.
+    new_identity, message = broker.recv(timeout_s=2.0)
+    waited_s = time.monotonic() - silent_from_s
+    assert message == Ready(1, 7)
+    assert new_identity == identity  # a fresh socket, the same routing id
+    assert waited_s >= liveness * INTERVAL_S * 0.8
+    broker.assign(new_identity, 1)
+    assert broker.request(new_identity, Request(Kind.GET, 0, b"k"), token=8).body == b"kept"
+
+
+def test_heartbeats_from_the_broker_keep_the_worker_registered(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    identity = assigned(broker, start_worker, liveness=3)
+    deadline_s = time.monotonic() + 10 * INTERVAL_S
+    while time.monotonic() < deadline_s:
+        broker.send(identity, encode_control(Heartbeat()))
+        broker.expect_silence(INTERVAL_S)  # heartbeats only: no new READY
+    assert broker.request(identity, Request(Kind.PING, 0)).status == Status.OK
+
+
+def test_keys_nobody_reads_are_expired_in_the_background(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    handle = start_worker()
+    identity, _ = broker.recv()
+    broker.assign(identity, 0)
+    for i in range(50):
+        broker.request(identity, Request(Kind.SET, 0, b"k%d" % i, b"v", ttl_ms=20))
+    broker.request(identity, Request(Kind.SET, 0, b"forever", b"v"))
+    shard = handle.worker.shard
+    assert shard is not None
+    last_deadline_s = time.monotonic() + 0.02
+    # len() is read from this thread while the worker thread runs: fine for a test of a dict.
+    while len(shard.store) > 1:
+        if time.monotonic() > last_deadline_s + 0.5:
+            pytest.fail(f"{len(shard.store) - 1} expired keys still stored 0.5 s after expiry")
+        time.sleep(0.005)
+    assert time.monotonic() - last_deadline_s < 0.2
+
+
+def test_an_expiry_backlog_drains_in_back_to_back_passes(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    # 10 keys per pass: at one pass per 50 ms cycle, 600 keys would need 3 s. A pass that hit
+    # its bound must be followed at once by the next one, between requests.
+    handle = start_worker(expire_max_keys=10)
+    identity, _ = broker.recv()
+    broker.assign(identity, 0)
+    ttl_ms = 300
+    first_deadline_s = time.monotonic() + ttl_ms / 1000
+    sets = [Request(Kind.SET, 0, b"k%d" % i, b"v", ttl_ms=ttl_ms) for i in range(600)]
+    for request in sets:
+        broker.request(identity, request)
+    last_deadline_s = time.monotonic() + ttl_ms / 1000
+    assert time.monotonic() < first_deadline_s, "setting the keys took longer than their TTL"
+    shard = handle.worker.shard
+    assert shard is not None
+    while len(shard.store) > 0:
+        if time.monotonic() > last_deadline_s + 1.0:
+            pytest.fail(f"{len(shard.store)} expired keys still stored 1 s after expiry")
+        time.sleep(0.005)
+    assert time.monotonic() - last_deadline_s < 0.25
+    assert broker.request(identity, Request(Kind.PING, 0)).status == Status.OK
+
+
+def test_stop_sends_disconnect_and_ends_the_thread(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    handle = start_worker()
+    identity, _ = broker.recv()
+    broker.assign(identity, 0)
+    assert broker.request(identity, Request(Kind.PING, 0)).status == Status.OK
+    assert handle.stop() == 0
+    sender, message = broker.recv()
+    assert (sender, message) == (identity, Disconnect())
+
+
+def test_requests_queued_before_stop_are_answered(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    handle = start_worker()
+    identity, _ = broker.recv()
+    broker.assign(identity, 0)
+    assert broker.request(identity, Request(Kind.PING, 0)).status == Status.OK
+    handle.worker.stop()
+    for request_id in range(1000, 1010):
+        get = encode_request(Request(Kind.GET, request_id, b"k"))
+        broker.send(identity, dispatch_frames(next(broker.tokens), get))
+    handle.thread.join(5.0)
+    assert not handle.thread.is_alive()
+    messages = []
+    while True:
+        _, message = broker.recv()
+        messages.append(message)
+        if isinstance(message, Disconnect):
+            break
+    # Whatever arrived before the worker left was answered, and DISCONNECT came last.
+    assert all(isinstance(m, Reply) and m.status == Status.NOT_FOUND for m in messages[:-1])

@@ -1,0 +1,160 @@
+"""Shard.handle: the reply to every command, and fencing by token."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from workers.shard import Shard
+from workers.store import TTLStore
+from zkv.protocol import Dispatch, Entry, Kind, Reply, Request, Status, decode_entries
+
+pytestmark = pytest.mark.unit
+
+START_MS = 1_700_000_000_000
+
+
+class FakeClock:
+    """Unix milliseconds that move only when a test says so."""
+
+    def __init__(self, now: int = START_MS) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class Driver:
+    """Sends requests to a shard with ever larger tokens, as the broker does."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self.tokens = itertools.count(shard.last_token + 1)
+        self.ids = itertools.count(100)
+
+    def send(self, kind: Kind, key: bytes = b"", **fields: object) -> Reply:
+        request = Request(kind, next(self.ids), key, **fields)  # type: ignore[arg-type]
+        token = next(self.tokens)
+        reply = self.shard.handle(Dispatch(token, request))
+        assert reply.request_id == request.request_id
+        assert reply.token == token
+        return reply
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def shard(clock: FakeClock) -> Shard:
+    return Shard(3, TTLStore(clock))
+
+
+@pytest.fixture
+def driver(shard: Shard) -> Driver:
+    return Driver(shard)
+
+
+def test_set_then_get(driver: Driver) -> None:
+    reply = driver.send(Kind.SET, b"k", value=b"v", ttl_ms=5000)
+    assert (reply.status, reply.deadline_ms, reply.body) == (Status.OK, START_MS + 5000, None)
+    reply = driver.send(Kind.GET, b"k")
+    assert (reply.status, reply.deadline_ms, reply.body) == (Status.OK, START_MS + 5000, b"v")
+
+
+def test_set_without_ttl_has_no_deadline(driver: Driver) -> None:
+    assert driver.send(Kind.SET, b"k", value=b"v").deadline_ms is None
+    reply = driver.send(Kind.GET, b"k")
+    assert (reply.status, reply.deadline_ms, reply.body) == (Status.OK, None, b"v")
+
+
+def test_set_empty_value(driver: Driver) -> None:
+    driver.send(Kind.SET, b"k", value=b"")
+    assert driver.send(Kind.GET, b"k").body == b""
+
+
+def test_get_missing_and_expired(driver: Driver, clock: FakeClock) -> None:
+    assert driver.send(Kind.GET, b"nope").status == Status.NOT_FOUND
+    driver.send(Kind.SET, b"k", value=b"v", ttl_ms=10)
+    clock.now += 10
+    reply = driver.send(Kind.GET, b"k")
+    assert (reply.status, reply.body, reply.deadline_ms) == (Status.NOT_FOUND, None, None)
+
+
+def test_delete(driver: Driver) -> None:
+    driver.send(Kind.SET, b"k", value=b"v")
+    assert driver.send(Kind.DEL, b"k").status == Status.OK
+    assert driver.send(Kind.DEL, b"k").status == Status.NOT_FOUND
+    assert driver.send(Kind.GET, b"k").status == Status.NOT_FOUND
+
+
+def test_all_lists_live_entries(driver: Driver, clock: FakeClock) -> None:
+    driver.send(Kind.SET, b"b", value=b"2", ttl_ms=1000)
+    driver.send(Kind.SET, b"a", value=b"1")
+    driver.send(Kind.SET, b"c", value=b"3", ttl_ms=5)
+    clock.now += 5
+    reply = driver.send(Kind.ALL)
+    assert reply.status == Status.OK
+    assert sorted(decode_entries(reply.body or b""), key=lambda e: e.key) == [
+        Entry(b"a", b"1", None),
+        Entry(b"b", b"2", START_MS + 1000),
+    ]
+
+
+def test_all_with_cursor_limit_and_keys_only(driver: Driver) -> None:
+    for key in [b"d", b"a", b"c", b"b"]:
+        driver.send(Kind.SET, key, value=b"value")
+    reply = driver.send(Kind.ALL, b"a", limit=2, keys_only=True)
+    assert decode_entries(reply.body or b"") == [Entry(b"b", b"", None), Entry(b"c", b"", None)]
+
+
+def test_all_of_an_empty_shard(driver: Driver) -> None:
+    reply = driver.send(Kind.ALL)
+    assert (reply.status, reply.body) == (Status.OK, b"")
+
+
+def test_ping(driver: Driver) -> None:
+    reply = driver.send(Kind.PING)
+    assert (reply.status, reply.body) == (Status.OK, None)
+
+
+def test_accepted_token_becomes_last_token(shard: Shard) -> None:
+    shard.handle(Dispatch(7, Request(Kind.PING, 1)))
+    assert shard.last_token == 7
+    shard.handle(Dispatch(1000, Request(Kind.PING, 2)))
+    assert shard.last_token == 1000
+
+
+@pytest.mark.parametrize("stale", [7, 5, 0])
+def test_equal_or_lower_token_is_refused_and_changes_nothing(shard: Shard, stale: int) -> None:
+    shard.handle(Dispatch(7, Request(Kind.SET, 1, b"k", b"current")))
+    for request in [
+        Request(Kind.SET, 2, b"k", b"stale write"),
+        Request(Kind.SET, 3, b"new", b"stale write"),
+        Request(Kind.DEL, 4, b"k"),
+        Request(Kind.GET, 5, b"k"),
+    ]:
+        reply = shard.handle(Dispatch(stale, request))
+        assert reply.status == Status.UNAVAILABLE
+        assert reply.request_id == request.request_id
+        assert reply.token == stale
+        assert reply.body == f"stale token {stale}: this shard already accepted 7".encode()
+    assert shard.last_token == 7
+    assert shard.store.get(b"k") == (b"current", None)
+    assert len(shard.store) == 1
+
+
+def test_higher_token_after_a_refusal_is_accepted(shard: Shard) -> None:
+    shard.handle(Dispatch(7, Request(Kind.SET, 1, b"k", b"v1")))
+    assert shard.handle(Dispatch(6, Request(Kind.SET, 2, b"k", b"v2"))).status == Status.UNAVAILABLE
+    reply = shard.handle(Dispatch(8, Request(Kind.SET, 3, b"k", b"v3")))
+    assert reply.status == Status.OK
+    assert shard.store.get(b"k") == (b"v3", None)
+
+
+def test_shard_resumes_from_a_reported_last_token(clock: FakeClock) -> None:
+    shard = Shard(0, TTLStore(clock), last_token=50)
+    assert shard.handle(Dispatch(50, Request(Kind.PING, 1))).status == Status.UNAVAILABLE
+    assert shard.handle(Dispatch(51, Request(Kind.PING, 2))).status == Status.OK

@@ -1,0 +1,326 @@
+"""``python -m workers``: run one shard worker, or supervise several.
+
+With ``--processes 1`` (the default) this process is the worker. With ``--processes N`` it is a
+tiny supervisor in the spirit of gunicorn's arbiter: it starts N worker processes, forwards
+SIGTERM and SIGINT to them, restarts any that dies unexpectedly (with exponential backoff, so a
+worker that crashes at start does not spin), and exits once all of them have exited after a stop
+signal. It does not daemonize: run it under honcho or systemd.
+
+Why children get their own process group: honcho stops a process by signalling its whole group
+(``killpg``), and a terminal's Ctrl-C reaches the whole foreground group. If the workers shared
+the supervisor's group they would get each stop signal twice, once directly and once forwarded,
+and a worker takes a second signal as "exit at once, without DISCONNECT". In their own group
+they get exactly the signals the supervisor forwards. So that none outlives a supervisor killed
+with SIGKILL, on Linux each child asks the kernel for SIGTERM when its parent dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+import zmq
+
+from workers.worker import WorkerConfig, run
+from zkv import defaults
+from zkv.config import add_flag, positive_float, positive_int
+
+# Not __name__: run with -m, this module is "__main__", which says nothing in a log line.
+log = logging.getLogger("workers.supervisor")
+
+LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+
+EXIT_OK = 0
+EXIT_CONFIG = 2  # bad configuration: restarting cannot help (argparse uses 2 as well)
+
+PROCESSES = 1  # ZKV_WORKER_PROCESSES
+RESTART_BACKOFF_MIN_S = 0.5
+RESTART_BACKOFF_MAX_S = 10.0
+BACKOFF_RESET_AFTER_S = 30.0  # a child that lived this long starts again from the minimum
+STOP_GRACE_S = 5.0  # after a stop signal, children still alive this long are killed
+SUPERVISOR_TICK_S = 0.05  # how often the supervisor looks at its children and signals
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def endpoint(text: str) -> str:
+    """argparse type: an endpoint ZeroMQ accepts for connect, e.g. ``tcp://127.0.0.1:5556``.
+
+    Checked by connecting a throwaway socket, the same call the worker makes, so that a typo
+    fails here with a clear message rather than in a child restarted forever.
+    """
+    if text.startswith("tcp://"):
+        port = text.rpartition(":")[2]
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise argparse.ArgumentTypeError(f"{text!r} needs a port between 1 and 65535")
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    try:
+        socket.connect(text)
+    except zmq.ZMQError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ZeroMQ endpoint: {exc}") from None
+    finally:
+        socket.close(linger=0)
+        context.term()
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every default comes from an environment variable, then zkv.defaults."""
+    parser = argparse.ArgumentParser(
+        prog="python -m workers",
+        description="zkv shard worker: holds one shard's keys, served through the broker.",
+    )
+    add_flag(
+        parser,
+        "--backend",
+        "ZKV_BACKEND",
+        defaults.BACKEND,
+        endpoint,
+        help="the broker's backend endpoint to connect to",
+    )
+    add_flag(
+        parser,
+        "--heartbeat-interval",
+        "ZKV_HEARTBEAT_INTERVAL",
+        defaults.HEARTBEAT_INTERVAL_S,
+        positive_float,
+        help="seconds between heartbeats",
+    )
+    add_flag(
+        parser,
+        "--heartbeat-liveness",
+        "ZKV_HEARTBEAT_LIVENESS",
+        defaults.HEARTBEAT_LIVENESS,
+        positive_int,
+        help="heartbeat intervals of silence before the broker is taken for dead",
+    )
+    add_flag(
+        parser,
+        "--processes",
+        "ZKV_WORKER_PROCESSES",
+        PROCESSES,
+        positive_int,
+        help="worker processes; above 1 this process supervises them",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m workers``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    config = WorkerConfig(
+        backend=args.backend,
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_liveness=args.heartbeat_liveness,
+    )
+    if args.processes == 1:
+        return run(config)
+    child_argv = [
+        sys.executable,
+        "-u",
+        "-m",
+        "workers",
+        "--processes",
+        "1",
+        "--backend",
+        config.backend,
+        "--heartbeat-interval",
+        repr(config.heartbeat_interval_s),
+        "--heartbeat-liveness",
+        str(config.heartbeat_liveness),
+    ]
+    return Supervisor(args.processes, child_argv).run()
+
+
+@dataclass
+class Child:
+    """One worker slot of the supervisor.
+
+    Attributes:
+        slot: 0-based slot number, stable across restarts, for the logs.
+        process: the running process, None while waiting to (re)start.
+        started_s: monotonic time of the last start.
+        restart_s: monotonic time at which to start it again, while process is None.
+        backoff_s: the delay before the next restart after an unexpected exit.
+    """
+
+    slot: int
+    process: subprocess.Popen[bytes] | None = None
+    started_s: float = 0.0
+    restart_s: float = 0.0
+    backoff_s: float = RESTART_BACKOFF_MIN_S
+
+
+class Supervisor:
+    """Keeps ``count`` worker processes running until a stop signal, then stops them.
+
+    Args:
+        count: how many workers.
+        argv: the command line of one worker.
+    """
+
+    def __init__(self, count: int, argv: list[str]) -> None:
+        self.argv = argv
+        self.children = [Child(slot) for slot in range(count)]
+        self._signals: list[int] = []  # received, not yet handled (handlers only append)
+        self._stopping = False
+        self._kill_at_s = 0.0
+        self._exit_code = EXIT_OK
+
+    def run(self) -> int:
+        """Supervise until stopped; returns the exit code (0, or 2 if a child refused its
+        configuration)."""
+        handled = (signal.SIGTERM, signal.SIGINT)
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
+        log.info("supervising %d worker processes", len(self.children))
+        try:
+            while True:
+                now_s = time.monotonic()
+                self._handle_signals(now_s)
+                self._reap(now_s)
+                if self._stopping:
+                    if all(child.process is None for child in self.children):
+                        log.info("all workers exited")
+                        return self._exit_code
+                    if now_s >= self._kill_at_s:
+                        self._kill_all(f"still running {STOP_GRACE_S:.0f} s after the stop")
+                else:
+                    for child in self.children:
+                        if child.process is None and now_s >= child.restart_s:
+                            self._start(child, now_s)
+                time.sleep(SUPERVISOR_TICK_S)
+        finally:
+            self._kill_all("left behind by a supervisor error")  # only after an exception
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only record it: the loop forwards it within SUPERVISOR_TICK_S, which keeps Popen
+        # calls (which take locks) out of signal handlers.
+        self._signals.append(signum)
+
+    def _handle_signals(self, now_s: float) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            name = signal.Signals(signum).name
+            if not self._stopping:
+                log.info("%s: stopping %d worker processes", name, self._alive())
+                self._stop(now_s)
+            else:
+                log.info("%s again: forwarding, workers exit at once", name)
+            for child in self.children:
+                if child.process is not None:
+                    child.process.send_signal(signum)
+
+    def _stop(self, now_s: float) -> None:
+        self._stopping = True
+        self._kill_at_s = now_s + STOP_GRACE_S
+
+    def _reap(self, now_s: float) -> None:
+        for child in self.children:
+            process = child.process
+            if process is None:
+                continue
+            status = process.poll()
+            if status is None:
+                continue
+            child.process = None
+            lived_s = now_s - child.started_s
+            if self._stopping:
+                log.info(
+                    "worker %d (pid %d) exited with %s", child.slot, process.pid, _status(status)
+                )
+                continue
+            if status == EXIT_CONFIG:
+                log.error(
+                    "worker %d (pid %d) exited with status %d (bad configuration): stopping all",
+                    child.slot,
+                    process.pid,
+                    status,
+                )
+                self._exit_code = EXIT_CONFIG
+                self._stop(now_s)
+                for other in self.children:
+                    if other.process is not None:
+                        other.process.send_signal(signal.SIGTERM)
+                continue
+            if lived_s >= BACKOFF_RESET_AFTER_S:
+                child.backoff_s = RESTART_BACKOFF_MIN_S
+            child.restart_s = now_s + child.backoff_s
+            log.warning(
+                "worker %d (pid %d) exited with %s after %.1f s: restarting in %.1f s",
+                child.slot,
+                process.pid,
+                _status(status),
+                lived_s,
+                child.backoff_s,
+            )
+            child.backoff_s = min(child.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+
+    def _start(self, child: Child, now_s: float) -> None:
+        try:
+            child.process = subprocess.Popen(
+                self.argv, process_group=0, preexec_fn=_die_with_parent()
+            )
+        except OSError as exc:
+            child.restart_s = now_s + child.backoff_s
+            log.error(
+                "cannot start worker %d: %s; retrying in %.1f s", child.slot, exc, child.backoff_s
+            )
+            child.backoff_s = min(child.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+            return
+        child.started_s = now_s
+        log.info("started worker %d (pid %d)", child.slot, child.process.pid)
+
+    def _kill_all(self, reason: str) -> None:
+        for child in self.children:
+            process = child.process
+            if process is None:
+                continue
+            log.warning("worker %d (pid %d) %s: killing it", child.slot, process.pid, reason)
+            process.kill()
+            process.wait()
+            child.process = None
+
+    def _alive(self) -> int:
+        return sum(child.process is not None for child in self.children)
+
+
+def _status(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"status {returncode}"
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to send the child SIGTERM when the supervisor dies, or None
+    where prctl does not exist. libc is loaded here, in the parent, not between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+    return set_death_signal
+
+
+if __name__ == "__main__":
+    sys.exit(main())
