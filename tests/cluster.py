@@ -34,9 +34,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(
-    check: Callable[[], T | None], what: str, timeout_s: float = READY_TIMEOUT_S
-) -> T:
+def wait_for(check: Callable[[], T | None], what: str, timeout_s: float = READY_TIMEOUT_S) -> T:
     """Poll ``check`` until it returns something truthy; fail naming ``what`` after the deadline.
 
     Exceptions from ``check`` count as "not yet".
@@ -94,7 +92,7 @@ class Cluster:
     # --- processes --------------------------------------------------------------------------
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp_path / f"{name}-{len(self._all)}.log", "wb")  # noqa: SIM115
+        log = open(self.tmp_path / f"{name}-{len(self._all)}.log", "wb")
         process = subprocess.Popen(
             [sys.executable, "-u", "-m", *args],
             cwd=ROOT,

@@ -133,7 +133,10 @@ class Client:
         reply = self.request(
             Request(Kind.ALL, 0, _as_bytes(after, "after"), limit=limit, keys_only=keys_only)
         )
-        entries = decode_entries(reply.body or b"")
+        try:
+            entries = decode_entries(reply.body or b"")
+        except ProtocolError as exc:
+            raise ZkvError(f"malformed ALL reply from {self.endpoint}: {exc}") from None
         if limit:
             entries.sort(key=lambda entry: entry.key)
         return entries
@@ -141,7 +144,13 @@ class Client:
     def ping(self) -> dict[str, Any]:
         """The broker's view of the cluster: shards, which have owners, worker count."""
         reply = self.request(Request(Kind.PING, 0))
-        return json.loads(reply.body or b"{}")
+        try:
+            info = json.loads(reply.body or b"{}")
+        except ValueError as exc:
+            raise ZkvError(f"malformed PING reply from {self.endpoint}: {exc}") from None
+        if not isinstance(info, dict):
+            raise ZkvError(f"malformed PING reply from {self.endpoint}: not an object")
+        return info
 
     # --- transport --------------------------------------------------------------------------
 
@@ -156,7 +165,10 @@ class Client:
             Timeout: no reply within ``timeout_s``.
         """
         request_id = next(self._ids)
-        frames = encode_request(dataclasses.replace(request, request_id=request_id))
+        try:
+            frames = encode_request(dataclasses.replace(request, request_id=request_id))
+        except ProtocolError as exc:  # refused here, as the broker would refuse it
+            raise RequestError(str(exc)) from None
         socket = self._connected_socket()
         if not self._send(socket, frames):
             raise Unavailable(f"broker at {self.endpoint} is not reachable")

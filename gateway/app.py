@@ -1,0 +1,502 @@
+"""The HTTP gateway: a Bottle app that turns HTTP requests into zkv client requests.
+
+Two APIs share one app:
+
+* the seed API (``/set``, ``/get``, ``/delete``, ``/all``), kept exactly as the original project
+  answered it, including its ``200 {"error": "Data not found"}`` for a missing key;
+* the REST API under ``/v1`` for programs: values are raw bytes in request and response bodies,
+  keys are the rest of the path (``/`` included), and failures have proper status codes.
+
+How a request flows: Bottle matches the route; :class:`ClientPlugin` hands the route this
+thread's zkv client; the route validates its input and calls the client; :class:`ErrorPlugin`
+turns whatever it raised into an :class:`bottle.HTTPError` through :func:`http_error`, the one
+table of exception -> status; and :func:`render_error` writes every error response, Bottle's own
+404/405/500 included, as ``{"error": "..."}`` JSON.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+import inspect
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, Protocol
+
+from bottle import (
+    Bottle,
+    HTTPError,
+    HTTPResponse,
+    JSONPlugin,
+    PluginError,
+    Route,
+    request,
+    response,
+)
+
+from zkv import defaults
+from zkv.client import Item, NotFound
+from zkv.errors import RequestError, Timeout, Unavailable
+from zkv.protocol import MAX_TTL_MS, Entry
+
+log = logging.getLogger(__name__)
+
+JSON_TYPE = "application/json"
+BODY_CHUNK_BYTES = 64 * 1024  # read request bodies in pieces this big, to stop at the limit
+SHOWN_INPUT_CHARS = 40  # at most this much of a bad parameter is echoed in an error message
+
+# Digits with an optional decimal part, nothing else: no sign, exponent, spaces, "nan" or "inf",
+# and only ASCII digits (a bare \d would accept any Unicode digit).
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_LIMIT = re.compile(r"[0-9]+")
+
+# Sorted keys, as the seed's Flask jsonify wrote them.
+_dumps = functools.partial(json.dumps, sort_keys=True)
+
+
+class ClientLike(Protocol):
+    """What the gateway needs of a zkv client; :class:`zkv.client.Client` is one."""
+
+    def set(self, key: bytes | str, value: bytes | str, ttl_s: float | None = None) -> int | None:
+        """Store a value; returns its deadline in Unix milliseconds, None for never."""
+        ...
+
+    def get(self, key: bytes | str) -> Item:
+        """The value and deadline of a key; raises NotFound when missing or expired."""
+        ...
+
+    def delete(self, key: bytes | str) -> bool:
+        """Remove a key; False when there was no live key."""
+        ...
+
+    def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
+        """Live entries of every shard; with a limit, at most that many per shard, sorted."""
+        ...
+
+    def ping(self) -> dict[str, Any]:
+        """The broker's view of the cluster."""
+        ...
+
+
+class BadRequest(ValueError):
+    """Input the caller has to fix (HTTP 400). The message names the parameter at fault."""
+
+
+class TooLarge(BadRequest):
+    """A key or value over the configured limit (HTTP 413 in the REST API)."""
+
+
+class LengthRequired(BadRequest):
+    """A chunked body this server cannot read without its length (HTTP 411)."""
+
+
+# The one place where exceptions become statuses; the first matching class wins, so subclasses
+# come before their bases. Anything not listed is a bug: 500, logged with its location.
+_STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
+    (NotFound, 404),
+    (TooLarge, 413),
+    (LengthRequired, 411),
+    (BadRequest, 400),
+    (RequestError, 400),
+    (Unavailable, 503),
+    (Timeout, 504),
+)
+
+
+def http_error(exc: Exception) -> HTTPError:
+    """The HTTP error that answers ``exc``, raised while serving the current request."""
+    status = next((status for kind, status in _STATUS_OF if isinstance(exc, kind)), None)
+    if status is None:
+        # Not a traceback (a multi-line log event), but enough to find the line that failed.
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+        log.error(
+            "%s %r -> 500: unexpected %s at %s: %s",
+            request.method,
+            request.path,
+            type(exc).__name__,
+            where,
+            exc,
+        )
+        return HTTPError(500, "internal server error", exc)
+    # KeyError's str() is the repr of the key; the message of a missing key is always the same.
+    message = "key not found" if isinstance(exc, NotFound) else str(exc)
+    headers: dict[str, str] = {}
+    if status >= 500:
+        log.warning("%s %r -> %d: %s", request.method, request.path, status, message)
+        if status == 503:
+            headers["Retry-After"] = "1"
+    return HTTPError(status, message, exc, headers=headers)
+
+
+def render_error(error: HTTPError) -> str:
+    """Body of every error response: JSON, whatever raised it, never HTML nor a traceback."""
+    response.content_type = JSON_TYPE
+    message = error.body if isinstance(error.body, str) and error.body else error.status_line
+    return _dumps({"error": message})
+
+
+class ErrorPlugin:
+    """Maps every exception a route raises to a JSON error response, via :func:`http_error`."""
+
+    name = "zkv_errors"
+    api = 2
+
+    def apply(self, callback: Callable[..., Any], route: Route) -> Callable[..., Any]:
+        """Wrap ``callback`` so that no exception leaves it except as an HTTP error."""
+
+        @functools.wraps(callback)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return callback(*args, **kwargs)
+            except HTTPResponse:
+                raise
+            except Exception as exc:
+                raise http_error(exc) from exc
+
+        return wrapper
+
+
+class ClientPlugin:
+    """Hands each route that takes a ``kv`` argument this thread's zkv client.
+
+    Modelled on bottle_sqlite: routes that do not name the keyword are left untouched. Clients
+    are per thread because ZeroMQ sockets are not thread-safe, and created on first use, so
+    that under gunicorn each forked worker process opens its own sockets after the fork.
+
+    Args:
+        client_factory: makes a new client; called once per thread that serves a request.
+        keyword: the route argument that receives the client.
+    """
+
+    name = "zkv"
+    api = 2
+
+    def __init__(self, client_factory: Callable[[], ClientLike], keyword: str = "kv") -> None:
+        self.client_factory = client_factory
+        self.keyword = keyword
+        self._local = threading.local()
+
+    def setup(self, app: Bottle) -> None:
+        """Refuse a second plugin that would fill the same route argument."""
+        for other in app.plugins:
+            if isinstance(other, ClientPlugin) and other.keyword == self.keyword:
+                raise PluginError(f"another zkv plugin already fills {self.keyword!r}")
+
+    def apply(self, callback: Callable[..., Any], route: Route) -> Callable[..., Any]:
+        """Pass the client to routes whose signature asks for it."""
+        # route.callback is the function as the route was declared; Bottle's
+        # get_undecorated_callback() guesses through closures and can pick a captured callable.
+        if self.keyword not in inspect.signature(route.callback).parameters:
+            return callback
+
+        @functools.wraps(callback)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kwargs[self.keyword] = self.client()
+            return callback(*args, **kwargs)
+
+        return wrapper
+
+    def client(self) -> ClientLike:
+        """This thread's client, made now if it has none yet."""
+        client: ClientLike | None = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self.client_factory()
+        return client
+
+
+# --- input ------------------------------------------------------------------------------------
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for an error message, cut short: a message must not echo a megabyte."""
+    if len(text) > SHOWN_INPUT_CHARS:
+        text = text[:SHOWN_INPUT_CHARS] + "..."
+    return repr(text)
+
+
+def optional_param(name: str) -> str | None:
+    """The query parameter ``name`` decoded as UTF-8, None if absent; given twice is an error.
+
+    Bottle keeps query strings as latin-1 text (one character per byte, as WSGI hands them
+    over), so re-encoding gives back the bytes; decoding strictly refuses invalid UTF-8 instead
+    of silently mangling a key.
+    """
+    values = request.query.getall(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest(f"parameter {name!r} given {len(values)} times, expected once")
+    try:
+        return values[0].encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise BadRequest(f"parameter {name!r} is not valid UTF-8") from None
+
+
+def required_param(name: str) -> str:
+    """The query parameter ``name`` as :func:`optional_param` reads it; missing is an error."""
+    value = optional_param(name)
+    if value is None:
+        raise BadRequest(f"missing parameter {name!r}")
+    return value
+
+
+def parse_ttl_ms(name: str, text: str) -> int:
+    """A time to live given in seconds, as whole milliseconds (rounded half up).
+
+    Decimal arithmetic, so "0.1" is exactly 100 ms and huge inputs cannot overflow a float.
+
+    Raises:
+        BadRequest: not a plain positive decimal number, below 1 ms, or above MAX_TTL_MS.
+    """
+    if not _SECONDS.fullmatch(text):
+        raise BadRequest(
+            f"parameter {name!r} must be a positive number of seconds, got {_shown(text)}"
+        )
+    ttl_ms = Decimal(text) * 1000
+    if ttl_ms > MAX_TTL_MS:
+        raise BadRequest(
+            f"parameter {name!r} must be at most {MAX_TTL_MS // 1000} seconds, got {_shown(text)}"
+        )
+    rounded = int(ttl_ms.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    if rounded < 1:
+        raise BadRequest(f"parameter {name!r} must be at least 0.001 seconds, got {_shown(text)}")
+    return rounded
+
+
+def parse_limit(text: str | None) -> int:
+    """The page size of a listing: LIST_LIMIT when not given, at most LIST_LIMIT_MAX."""
+    if text is None:
+        return defaults.LIST_LIMIT
+    if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= defaults.LIST_LIMIT_MAX:
+        raise BadRequest(
+            f"parameter 'limit' must be an integer from 1 to {defaults.LIST_LIMIT_MAX}, "
+            f"got {_shown(text)}"
+        )
+    return int(text)
+
+
+def read_body(limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
+
+    A declared Content-Length is checked before reading anything. Bodies without one (chunked)
+    are read in pieces and refused once past the limit; that needs a server that removes the
+    chunk framing and marks the end of the input (``wsgi.input_terminated``), as gunicorn does.
+    Bottle's ``request.body`` is not used: it would parse the chunk framing a second time.
+    """
+    environ = request.environ
+    stream = environ["wsgi.input"]
+    declared = environ.get("CONTENT_LENGTH", "")
+    if declared:
+        if not _LIMIT.fullmatch(declared):
+            raise BadRequest(f"Content-Length must be a number of bytes, got {_shown(declared)}")
+        length = int(declared)
+        if length > limit:
+            raise TooLarge(f"value is {length} bytes, more than the limit of {limit} bytes")
+        return _read_up_to(stream, length)
+    if environ.get("wsgi.input_terminated"):
+        body = _read_up_to(stream, limit + 1)
+        if len(body) > limit:
+            raise TooLarge(f"value is more than the limit of {limit} bytes")
+        return body
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        raise LengthRequired("this server cannot read chunked bodies: send a Content-Length")
+    return b""
+
+
+def _read_up_to(stream: Any, size: int) -> bytes:
+    """At most ``size`` bytes of ``stream``, fewer only at its end."""
+    parts: list[bytes] = []
+    remaining = size
+    while remaining > 0:
+        part = stream.read(min(remaining, BODY_CHUNK_BYTES))
+        if not part:
+            break
+        parts.append(part)
+        remaining -= len(part)
+    return b"".join(parts)
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def http_date(unix_ms: int | None) -> str | None:
+    """``Thu, 11 Jan 2024 21:09:21 GMT`` for a Unix time in milliseconds; None stays None."""
+    return None if unix_ms is None else email.utils.formatdate(unix_ms / 1000, usegmt=True)
+
+
+def _text(data: bytes) -> str:
+    """Stored bytes shown as text; values set through the REST API need not be UTF-8."""
+    return data.decode("utf-8", errors="replace")
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+
+def make_app(
+    client_factory: Callable[[], ClientLike],
+    max_key_bytes: int = defaults.MAX_KEY_BYTES,
+    max_value_bytes: int = defaults.MAX_VALUE_BYTES,
+    clock: Callable[[], float] = time.time,
+) -> Bottle:
+    """The gateway's WSGI app.
+
+    Args:
+        client_factory: makes a zkv client; called lazily, once per serving thread.
+        max_key_bytes: largest key accepted, in UTF-8 bytes.
+        max_value_bytes: largest value accepted, in bytes.
+        clock: Unix time in seconds, for ``current_time`` and remaining TTLs (tests fake it).
+    """
+    app = Bottle()
+    # Plugins apply in reverse order of installation: the client is innermost, the error
+    # mapping outermost, so a failing client factory or JSON encoding is mapped too.
+    app.uninstall("json")
+    app.install(ErrorPlugin())
+    app.install(JSONPlugin(json_dumps=_dumps))
+    app.install(ClientPlugin(client_factory))
+    for status in range(400, 600):
+        app.error(status)(render_error)
+
+    def now_ms() -> int:
+        return int(clock() * 1000)
+
+    def checked_key(key: str, too_large: type[BadRequest], what: str) -> str:
+        size = len(key.encode())
+        if size > max_key_bytes:
+            raise too_large(f"{what} is {size} bytes, more than the limit of {max_key_bytes} bytes")
+        return key
+
+    def seed_key() -> str:
+        key = required_param("key")
+        if not key:
+            raise BadRequest("parameter 'key' must not be empty")
+        return checked_key(key, BadRequest, "parameter 'key'")
+
+    def path_key(key: str) -> str:
+        # Bottle decodes the path as UTF-8 but drops invalid bytes silently ("a%FFb" would
+        # become the key "ab"), so the raw path is checked first.
+        try:
+            request.environ["bottle.raw_path"].encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            raise BadRequest("the key in the path is not valid UTF-8") from None
+        return checked_key(key, TooLarge, "key")
+
+    def ttl_s(ttl_ms: int | None) -> float | None:
+        # The client takes seconds and rounds back to milliseconds; exact for every valid TTL.
+        return None if ttl_ms is None else ttl_ms / 1000
+
+    # --- seed API: every answer, even a missing key, is a 200 with these exact strings ---
+
+    @app.get("/set")
+    def seed_set(kv: ClientLike) -> dict[str, Any]:
+        key = seed_key()
+        value = required_param("value")
+        ttl_ms = parse_ttl_ms("timeout", required_param("timeout"))
+        value_bytes = value.encode()
+        if len(value_bytes) > max_value_bytes:
+            raise BadRequest(
+                f"parameter 'value' is {len(value_bytes)} bytes, "
+                f"more than the limit of {max_value_bytes} bytes"
+            )
+        deadline_ms = kv.set(key, value_bytes, ttl_s=ttl_s(ttl_ms))
+        return {
+            "key": key,
+            "message": "Value set successfully",
+            "timeout": http_date(deadline_ms),
+            "value": value,
+        }
+
+    @app.get("/get")
+    def seed_get(kv: ClientLike) -> dict[str, Any]:
+        key = seed_key()
+        try:
+            item = kv.get(key)
+        except NotFound:
+            return {"error": "Data not found"}
+        return {
+            "current_time": http_date(now_ms()),
+            "time_out": http_date(item.deadline_ms),
+            "value": _text(item.value),
+        }
+
+    @app.get("/delete")
+    def seed_delete(kv: ClientLike) -> dict[str, Any]:
+        if kv.delete(seed_key()):
+            return {"message": "Value deleted successfully"}
+        return {"error": "Key not found"}
+
+    @app.get("/all")
+    def seed_all(kv: ClientLike) -> dict[str, Any]:
+        return {
+            _text(entry.key): {
+                "time_out": http_date(entry.deadline_ms),
+                "value": _text(entry.value),
+            }
+            for entry in kv.all()
+        }
+
+    # --- REST API -----------------------------------------------------------------------
+
+    @app.put("/v1/keys/<key:path>")
+    def rest_put(key: str, kv: ClientLike) -> dict[str, Any]:
+        key = path_key(key)
+        ttl = optional_param("ttl")
+        ttl_ms = None if ttl is None else parse_ttl_ms("ttl", ttl)
+        value = read_body(max_value_bytes)  # parameters first: no body read for a bad request
+        deadline_ms = kv.set(key, value, ttl_s=ttl_s(ttl_ms))
+        return {"key": key, "expires_at": http_date(deadline_ms), "expires_at_ms": deadline_ms}
+
+    @app.get("/v1/keys/<key:path>")
+    def rest_get(key: str, kv: ClientLike) -> HTTPResponse:
+        item = kv.get(path_key(key))
+        headers = {"Content-Type": "application/octet-stream"}
+        if item.deadline_ms is not None:
+            headers["X-Zkv-Expires-At"] = str(http_date(item.deadline_ms))
+            headers["X-Zkv-Expires-At-Ms"] = str(item.deadline_ms)
+            headers["X-Zkv-Ttl-Ms"] = str(max(0, item.deadline_ms - now_ms()))
+        return HTTPResponse(item.value, 200, headers)
+
+    @app.delete("/v1/keys/<key:path>")
+    def rest_delete(key: str, kv: ClientLike) -> dict[str, Any]:
+        key = path_key(key)
+        if not kv.delete(key):
+            raise NotFound(key.encode())
+        return {"deleted": key}
+
+    @app.get("/v1/keys")
+    def rest_list(kv: ClientLike) -> dict[str, Any]:
+        limit = parse_limit(optional_param("limit"))
+        after = optional_param("after") or ""
+        # The client's limit is per shard and its result sorted: the first limit + 1 entries
+        # of the union are the next limit + 1 keys of the whole store, and the extra one only
+        # says whether there is another page.
+        entries = kv.all(after=after.encode(), limit=limit + 1, keys_only=True)
+        page = entries[:limit]
+        return {
+            "keys": [
+                {
+                    "key": _text(entry.key),
+                    "expires_at": http_date(entry.deadline_ms),
+                    "expires_at_ms": entry.deadline_ms,
+                }
+                for entry in page
+            ],
+            "next": _text(page[-1].key) if len(entries) > limit else None,
+        }
+
+    @app.get("/v1/health")
+    def health(kv: ClientLike) -> dict[str, Any]:
+        try:
+            info = kv.ping()
+        except Timeout as exc:  # for a health check, silence is unavailability
+            raise Unavailable(str(exc)) from exc
+        return {**info, "status": "ok"}
+
+    return app

@@ -1,0 +1,244 @@
+"""Serves the gateway app with gunicorn: worker processes, each with a pool of threads.
+
+gunicorn is run programmatically (a :class:`gunicorn.app.base.BaseApplication`) with the
+``gthread`` worker class. The app is not preloaded: each forked worker process builds its own app,
+and each serving thread its own zkv client, so no ZeroMQ context or socket ever crosses a fork
+or a thread. On SIGTERM (honcho's stop) gunicorn finishes in-flight requests for at most
+``GRACEFUL_TIMEOUT_S`` and exits, well before honcho's SIGKILL five seconds later; SIGINT
+(Ctrl-C) stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import re
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bottle import Bottle
+from gunicorn import glogging
+from gunicorn.app.base import BaseApplication
+
+from gateway.app import make_app
+from zkv import defaults, protocol
+from zkv.client import Client
+from zkv.config import add_flag, env_default, positive_float, positive_int
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_TIMEOUT_S = 3  # under honcho's 5 s between SIGTERM and SIGKILL
+LIMIT_REQUEST_LINE_BYTES = 8190  # gunicorn's maximum: seed /set carries its value in the URL
+LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"  # as gunicorn's own lines
+
+_ENDPOINT = re.compile(r"(tcp|ipc|inproc|ws|wss|pgm|epgm|vmci)://\S+")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+# --- flag types: argparse reports their ValueError/ArgumentTypeError with the flag's name ----
+
+
+def port(text: str) -> int:
+    """A TCP port; 0 lets the OS choose (gunicorn logs the one it got)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {value}")
+    return value
+
+
+def host(text: str) -> str:
+    """A host name or address to listen on."""
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"must be a host name or address, got {text!r}")
+    return text
+
+
+def endpoint(text: str) -> str:
+    """A ZeroMQ endpoint such as tcp://127.0.0.1:5555 or ipc:///tmp/zkv-frontend."""
+    if not _ENDPOINT.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {text!r}"
+        )
+    return text
+
+
+def boolean(text: str) -> bool:
+    """1/0, true/false, yes/no or on/off."""
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"must be one of 1/0, true/false, yes/no, on/off: {text!r}")
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: an integer from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; each flag's default comes from its environment variable."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="zkv HTTP gateway: the seed API and the REST API over the zkv broker.",
+    )
+    add_flag(parser, "--host", "ZKV_HOST", defaults.HTTP_HOST, host, "address to listen on")
+    add_flag(parser, "--port", "PORT", defaults.HTTP_PORT, port, "TCP port to listen on")
+    add_flag(
+        parser, "--frontend", "ZKV_FRONTEND", defaults.FRONTEND, endpoint, "the broker's frontend"
+    )
+    add_flag(
+        parser,
+        "--processes",
+        "ZKV_HTTP_PROCESSES",
+        defaults.HTTP_PROCESSES,
+        positive_int,
+        "gunicorn worker processes",
+    )
+    add_flag(
+        parser,
+        "--threads",
+        "ZKV_HTTP_THREADS",
+        defaults.HTTP_THREADS,
+        positive_int,
+        "threads per process, each with its own ZeroMQ socket",
+    )
+    add_flag(
+        parser,
+        "--timeout",
+        "ZKV_TIMEOUT",
+        defaults.REQUEST_TIMEOUT_S,
+        positive_float,
+        "seconds to wait for the broker's reply before answering 504",
+    )
+    add_flag(
+        parser,
+        "--max-key-bytes",
+        "ZKV_MAX_KEY_BYTES",
+        defaults.MAX_KEY_BYTES,
+        bounded_int(1, protocol.MAX_KEY_BYTES),
+        "largest key accepted, in UTF-8 bytes",
+    )
+    add_flag(
+        parser,
+        "--max-value-bytes",
+        "ZKV_MAX_VALUE_BYTES",
+        defaults.MAX_VALUE_BYTES,
+        bounded_int(1, protocol.MAX_VALUE_BYTES),
+        "largest value accepted, in bytes",
+    )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        default=env_default("ZKV_ACCESS_LOG", False, boolean),
+        help="log one line per request to stderr (env ZKV_ACCESS_LOG, default off)",
+    )
+    return parser
+
+
+class StderrLogger(glogging.Logger):
+    """gunicorn's logger with the access log on stderr, where every other line of zkv goes."""
+
+    def setup(self, cfg: Any) -> None:
+        """Configure as gunicorn does, then move the access log's stdout handler to stderr."""
+        super().setup(cfg)
+        for handler in self.access_log.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+                handler.setStream(sys.stderr)
+
+
+class GatewayServer(BaseApplication):
+    """gunicorn, configured from a dict instead of its own command line.
+
+    Args:
+        app_factory: builds the WSGI app; called in each worker process after the fork.
+        options: gunicorn settings by name.
+    """
+
+    def __init__(self, app_factory: Callable[[], Bottle], options: dict[str, Any]) -> None:
+        self.app_factory = app_factory
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        """Apply ``options``; gunicorn validates each one."""
+        for name, value in self.options.items():
+            self.cfg.set(name, value)
+
+    def load(self) -> Bottle:
+        """The app of one worker process."""
+        return self.app_factory()
+
+
+def gunicorn_options(args: argparse.Namespace) -> dict[str, Any]:
+    """gunicorn settings for the parsed flags."""
+    address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+    return {
+        "bind": [address],
+        "worker_class": "gthread",
+        "workers": args.processes,
+        "threads": args.threads,
+        "preload_app": False,  # sockets must be created after the fork, by each process
+        "graceful_timeout": GRACEFUL_TIMEOUT_S,
+        "limit_request_line": LIMIT_REQUEST_LINE_BYTES,
+        "errorlog": "-",  # stderr
+        "accesslog": "-" if args.access_log else None,
+        "logger_class": StderrLogger,
+        "loglevel": "info",
+        "proc_name": "zkv-gateway",
+        "control_socket_disable": True,  # one fixed path per user: two gateways would collide
+    }
+
+
+def app_factory(args: argparse.Namespace) -> Callable[[], Bottle]:
+    """What each worker process calls to build its app; no client is made until a request."""
+    client_factory = functools.partial(Client, endpoint=args.frontend, timeout_s=args.timeout)
+    return functools.partial(
+        make_app,
+        client_factory,
+        max_key_bytes=args.max_key_bytes,
+        max_value_bytes=args.max_value_bytes,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the gateway until stopped; the exit status of gunicorn's master."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        parser.error(f"argument --host: cannot listen on {args.host!r}: {exc}")
+    logging.basicConfig(
+        level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, stream=sys.stderr
+    )
+    log.info(
+        "gateway on http://%s:%d, broker %s, %d process(es) x %d thread(s)",
+        args.host,
+        args.port,
+        args.frontend,
+        args.processes,
+        args.threads,
+    )
+    try:
+        GatewayServer(app_factory(args), gunicorn_options(args)).run()
+    except SystemExit as exc:  # gunicorn's master ends with sys.exit(status)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    return 0

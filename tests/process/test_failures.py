@@ -1,0 +1,191 @@
+"""Hostile input and dead processes: the cluster keeps serving, errors are fast and clear."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import zmq
+
+from tests.cluster import ROOT, Cluster, free_port, wait_for
+from zkv import Unavailable
+from zkv.hashing import key_shard
+from zkv.protocol import Kind, Request, Status, decode_reply, encode_request
+
+pytestmark = pytest.mark.process
+
+
+def raw_socket(endpoint: str) -> zmq.Socket:
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(endpoint)
+    return socket
+
+
+def recv(socket: zmq.Socket, timeout_s: float = 5.0) -> list[bytes]:
+    assert socket.poll(int(timeout_s * 1000)), "no reply within the deadline"
+    return socket.recv_multipart()
+
+
+GARBAGE = [
+    [b""],
+    [b"\x00"],
+    [b"\x02\x01" + b"\x00" * 30],  # another protocol version
+    [b"\x01\xee" + b"\x00" * 18],  # unknown command
+    [struct.pack("!BBBxQQ", 1, Kind.GET, 0, 99, 0) + b"k" * 70_000],  # oversized key
+    [struct.pack("!BBBxQQ", 1, Kind.SET, 1, 98, 0) + b"k", b"v"],  # zero TTL
+    [struct.pack("!BBBxQQ", 1, Kind.GET, 0, 97, 0) + b"k", b"x", b"y"],  # too many frames
+    [os.urandom(64), os.urandom(10)],
+]
+
+
+def test_malformed_frames_at_the_broker_get_errors_and_it_keeps_serving(cluster: Cluster):
+    socket = raw_socket(cluster.frontend)
+    worker_side = raw_socket(cluster.backend)  # a rogue "worker" too
+    try:
+        for frames in GARBAGE:
+            socket.send_multipart(frames)
+            reply = decode_reply(recv(socket))
+            assert reply.status == Status.ERROR
+            assert reply.body.startswith(b"bad request")
+        # Request ids are echoed when readable, so a client can match its errors.
+        socket.send_multipart(GARBAGE[4])
+        assert decode_reply(recv(socket)).request_id == 99
+        for frames in GARBAGE:
+            worker_side.send_multipart(frames)
+        # Still serving, through the client and the gateway.
+        client = cluster.client()
+        key = f"after-garbage-{uuid.uuid4().hex[:6]}"
+        client.set(key, b"fine", ttl_s=10)
+        assert client.get(key).value == b"fine"
+        assert cluster.http("GET", f"/get?key={key}").json()["value"] == "fine"
+        assert all(client.ping()["owned"])
+    finally:
+        socket.close(linger=0)
+        worker_side.close(linger=0)
+
+
+def test_broker_down_gives_503_fast_and_the_same_gateway_recovers(fresh_cluster: Cluster):
+    cluster = fresh_cluster.start()
+    assert cluster.http("GET", "/set?key=survivor&value=kept&timeout=60").status == 200
+
+    cluster.kill(cluster.broker)
+    start = time.monotonic()
+    response = wait_for(
+        lambda: (r := cluster.http("GET", "/get?key=survivor")).status == 503 and r,
+        "a 503 from the gateway",
+        timeout_s=5,
+    )
+    assert time.monotonic() - start < 2.5
+    assert "error" in response.json()
+    started = time.monotonic()
+    assert cluster.http("GET", "/v1/health").status == 503
+    assert cluster.http("GET", "/get?key=survivor").status == 503
+    assert time.monotonic() - started < 2.5  # each fails fast, none waits for a timeout
+    client = cluster.client()
+    with pytest.raises(Unavailable):
+        client.get("survivor")
+
+    gateway_pid = cluster.gateway.pid
+    cluster.start_broker()
+    cluster.wait_ready()
+    assert cluster.gateway.pid == gateway_pid and cluster.gateway.poll() is None
+    # The workers kept their shards' data and claimed their shards back.
+    assert cluster.http("GET", "/get?key=survivor").json()["value"] == "kept"
+    assert cluster.http("GET", "/set?key=new&value=v&timeout=5").status == 200
+
+
+def test_shard_without_worker_fails_with_its_name_then_recovers(fresh_cluster: Cluster):
+    cluster = fresh_cluster
+    cluster.env["ZKV_SHARD_WAIT"] = "0.5"
+    cluster.start()
+    client = cluster.client()
+    keys = {key_shard(f"k{i}".encode(), 2): f"k{i}" for i in range(50)}  # one key per shard
+    for key in keys.values():
+        client.set(key, b"v", ttl_s=60)
+    cluster.kill(cluster.workers[0], signal.SIGTERM)  # a clean exit says DISCONNECT
+    ping = wait_for(lambda: (p := client.ping())["status"] == "degraded" and p, "shard freed")
+    dead_shard = ping["owned"].index(False)
+    live_shard = 1 - dead_shard
+    assert client.get(keys[live_shard]).value == b"v"  # the other shard is untouched
+    response = cluster.http("GET", f"/get?key={keys[dead_shard]}")
+    assert response.status == 503
+    assert f"shard {dead_shard}" in response.json()["error"]
+    response = cluster.http("GET", "/all")
+    assert response.status == 503 and f"shard {dead_shard}" in response.json()["error"]
+
+    cluster.start_worker()
+    cluster.wait_ready()
+    client.set(keys[dead_shard], b"again", ttl_s=60)
+    assert client.get(keys[dead_shard]).value == b"again"
+
+
+def test_a_standby_takes_over_a_killed_worker(fresh_cluster: Cluster):
+    cluster = fresh_cluster.start(workers=3)
+    client = cluster.client()
+    assert client.ping()["standbys"] == 1
+    cluster.kill(cluster.workers[0])  # SIGKILL: only the heartbeats can tell
+    wait_for(lambda: client.ping()["standbys"] == 0, "the standby to take over")
+    assert all(client.ping()["owned"])
+    key = f"after-takeover-{uuid.uuid4().hex[:6]}"
+    assert cluster.http("GET", f"/set?key={key}&value=v&timeout=10").status == 200
+    assert cluster.http("GET", "/all").status == 200
+
+
+def test_honcho_start_runs_the_procfile_and_ctrl_c_stops_everything(tmp_path):
+    """The README's way to run it: honcho with the Procfile, then Ctrl-C."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+        "ZKV_FRONTEND": f"tcp://127.0.0.1:{free_port()}",
+        "ZKV_BACKEND": f"tcp://127.0.0.1:{free_port()}",
+        "ZKV_HTTP_PROCESSES": "1",
+        "ZKV_HTTP_THREADS": "4",
+    }
+    honcho = [sys.executable, "-m", "honcho", "start", "-p", str(port)]
+    log = open(tmp_path / "honcho.log", "wb")
+    process = subprocess.Popen(
+        honcho, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    cluster = Cluster(tmp_path)
+    cluster.http_port = port
+    try:
+        wait_for(lambda: cluster.http("GET", "/v1/health").status == 200, "honcho's cluster")
+        response = cluster.http("GET", "/set?key=1&value=hello&timeout=10")
+        assert response.json()["message"] == "Value set successfully"
+        assert cluster.http("GET", "/get?key=1").json()["value"] == "hello"
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        process.wait(timeout=8)
+        wait_for(lambda: session_gone(process.pid), "every process of the session to exit", 5)
+    finally:
+        log.close()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+        print((tmp_path / "honcho.log").read_text(errors="replace")[-3000:])
+
+
+def session_gone(session_id: int) -> bool:
+    """Whether no process is left in the process group ``session_id``."""
+    try:
+        os.killpg(session_id, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_ping_and_requests_use_the_documented_frames(cluster: Cluster):
+    socket = raw_socket(cluster.frontend)
+    try:
+        socket.send_multipart(encode_request(Request(Kind.PING, 4242)))
+        reply = decode_reply(recv(socket))
+        assert (reply.status, reply.request_id) == (Status.OK, 4242)
+    finally:
+        socket.close(linger=0)

@@ -1,0 +1,865 @@
+"""The HTTP gateway, driven in-process through WSGI with an in-memory fake of the zkv client.
+
+Every request goes through ``wsgiref.validate.validator``, so a response that breaks the WSGI
+rules fails the test, and WSGI warnings are errors. No sockets: the fake keeps keys in shards the
+way the cluster does, so pagination is tested against per-shard limits.
+"""
+
+from __future__ import annotations
+
+import calendar
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
+from wsgiref.util import setup_testing_defaults
+from wsgiref.validate import validator
+
+import pytest
+from bottle import Bottle
+
+from gateway.app import make_app
+from gateway.server import app_factory, build_parser, gunicorn_options
+from zkv import defaults
+from zkv.client import Item, NotFound
+from zkv.errors import RequestError, Timeout, Unavailable
+from zkv.protocol import MAX_TTL_MS, Entry
+
+pytestmark = [
+    pytest.mark.unit,
+    pytest.mark.filterwarnings("error::wsgiref.validate.WSGIWarning"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+JSON = "application/json"
+
+# The seed README's moment: Thu, 11 Jan 2024 21:09:21 GMT.
+SEED_NOW = calendar.timegm((2024, 1, 11, 21, 9, 21))
+
+
+# --- fakes ------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Unix time in seconds that moves only when told to."""
+
+    def __init__(self, now: float = SEED_NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def ms(self) -> int:
+        return int(self.now * 1000)
+
+
+class FakeClient:
+    """The interface of zkv.client.Client over dicts, one per shard, with expiry by the clock.
+
+    ``all`` behaves like the cluster: with a limit, each shard gives at most that many of its
+    smallest keys after the cursor, and the union is sorted. ``failure`` makes every call raise.
+    """
+
+    def __init__(self, clock: FakeClock, shards: int = 3) -> None:
+        self.clock = clock
+        self.shards: list[dict[bytes, tuple[bytes, int | None]]] = [{} for _ in range(shards)]
+        self.calls: list[tuple[Any, ...]] = []
+        self.failure: BaseException | None = None
+        self.ping_info: Any = {"shards": shards, "owned": shards, "workers": shards}
+
+    def _shard(self, key: bytes) -> dict[bytes, tuple[bytes, int | None]]:
+        return self.shards[zlib.crc32(key) % len(self.shards)]
+
+    def _live(self, shard: dict[bytes, tuple[bytes, int | None]]) -> dict[bytes, Any]:
+        now = self.clock.ms()
+        return {k: v for k, v in shard.items() if v[1] is None or v[1] > now}
+
+    def _enter(self, *call: Any) -> None:
+        self.calls.append(call)
+        if self.failure is not None:
+            raise self.failure
+
+    def set(self, key: bytes | str, value: bytes | str, ttl_s: float | None = None) -> int | None:
+        key, value = _b(key), _b(value)
+        ttl_ms = None if ttl_s is None else max(1, round(ttl_s * 1000))  # as Client.set
+        self._enter("set", key, value, ttl_ms)
+        deadline_ms = None if ttl_ms is None else self.clock.ms() + ttl_ms
+        self._shard(key)[key] = (value, deadline_ms)
+        return deadline_ms
+
+    def get(self, key: bytes | str) -> Item:
+        key = _b(key)
+        self._enter("get", key)
+        found = self._live(self._shard(key)).get(key)
+        if found is None:
+            raise NotFound(key)
+        return Item(*found)
+
+    def delete(self, key: bytes | str) -> bool:
+        key = _b(key)
+        self._enter("delete", key)
+        live = key in self._live(self._shard(key))
+        self._shard(key).pop(key, None)
+        return live
+
+    def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
+        after = _b(after)
+        self._enter("all", after, limit, keys_only)
+        entries: list[Entry] = []
+        for shard in self.shards:
+            keys = sorted(k for k in self._live(shard) if k > after)
+            if limit:
+                keys = keys[:limit]
+            for k in keys:
+                value, deadline_ms = shard[k]
+                entries.append(Entry(k, b"" if keys_only else value, deadline_ms))
+        if limit:
+            entries.sort(key=lambda entry: entry.key)
+        return entries
+
+    def ping(self) -> Any:
+        self._enter("ping")
+        return self.ping_info
+
+
+def _b(data: bytes | str) -> bytes:
+    return data if isinstance(data, bytes) else data.encode()
+
+
+# --- WSGI driver ------------------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    header_list: list[tuple[str, str]] = field(default_factory=list)
+
+    def json(self) -> Any:
+        assert self.headers["content-type"] == JSON, self.headers
+        return json.loads(self.body)
+
+
+def call(
+    app: Callable[..., Any],
+    method: str,
+    target: str,
+    body: bytes | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Response:
+    """One request through wsgiref's validator, environ built like a real server builds it.
+
+    ``target`` is the request target as sent on the wire: percent escapes in the path are
+    decoded to bytes and handed over as latin-1 text, the query string is passed as is.
+    """
+    path, _, query = target.partition("?")
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    environ.update(
+        REQUEST_METHOD=method,
+        PATH_INFO=unquote_to_bytes(path).decode("latin-1"),
+        QUERY_STRING=query,
+    )
+    if body is not None:
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+    environ.update(extra or {})
+    started: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        started["status"], started["headers"] = status, headers
+        return lambda data: None
+
+    result = validator(app)(environ, start_response)
+    try:
+        data = b"".join(result)
+    finally:
+        result.close()
+    header_list = started["headers"]
+    return Response(
+        int(started["status"].split()[0]),
+        {name.lower(): value for name, value in header_list},
+        data,
+        header_list,
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def kv(clock: FakeClock) -> FakeClient:
+    return FakeClient(clock)
+
+
+@pytest.fixture
+def app(kv: FakeClient, clock: FakeClock) -> Bottle:
+    return make_app(lambda: kv, max_key_bytes=16, max_value_bytes=32, clock=clock)
+
+
+def get(app: Bottle, target: str) -> Response:
+    return call(app, "GET", target)
+
+
+def error_of(response: Response, status: int) -> str:
+    """The message of a JSON error response, after checking its status and shape."""
+    assert response.status == status, (response.status, response.body)
+    payload = response.json()
+    assert list(payload) == ["error"], payload
+    assert isinstance(payload["error"], str) and payload["error"]
+    return payload["error"]
+
+
+# --- seed API ---------------------------------------------------------------------------------
+
+
+def test_seed_examples_exactly(app: Bottle, clock: FakeClock) -> None:
+    # The seed README's /get: a key set for 5 s, read at once.
+    set_response = get(app, "/set?key=1&value=hello&timeout=5")
+    assert set_response.status == 200
+    assert set_response.headers["content-type"] == JSON
+    assert get(app, "/get?key=1").json() == {
+        "current_time": "Thu, 11 Jan 2024 21:09:21 GMT",
+        "time_out": "Thu, 11 Jan 2024 21:09:26 GMT",
+        "value": "hello",
+    }
+
+    # Its /set: 10 s from 21:09:27.
+    clock.now = SEED_NOW + 6
+    response = get(app, "/set?key=1&value=hello&timeout=10")
+    assert response.status == 200
+    assert response.json() == {
+        "key": "1",
+        "message": "Value set successfully",
+        "timeout": "Thu, 11 Jan 2024 21:09:37 GMT",
+        "value": "hello",
+    }
+
+    # Its /all, at 21:12:21 with a 10 s key.
+    clock.now = SEED_NOW + 180
+    get(app, "/set?key=1&value=hello&timeout=10")
+    assert get(app, "/all").json() == {
+        "1": {"time_out": "Thu, 11 Jan 2024 21:12:31 GMT", "value": "hello"}
+    }
+
+    # Its /delete, then the strings of a missing key.
+    response = get(app, "/delete?key=1")
+    assert (response.status, response.json()) == (200, {"message": "Value deleted successfully"})
+    response = get(app, "/delete?key=1")
+    assert (response.status, response.json()) == (200, {"error": "Key not found"})
+    response = get(app, "/get?key=1")
+    assert (response.status, response.json()) == (200, {"error": "Data not found"})
+
+
+def test_seed_json_keys_are_sorted_like_flask(app: Bottle) -> None:
+    for key in ["b", "c", "a", "e", "d"]:
+        get(app, f"/set?key={key}&value=v&timeout=10")
+    body = get(app, "/all").body.decode()
+    positions = [body.index(f'"{key}": {{') for key in "abcde"]
+    assert positions == sorted(positions), body
+
+
+def test_seed_key_expires(app: Bottle, clock: FakeClock) -> None:
+    get(app, "/set?key=k&value=v&timeout=2")
+    clock.now += 1.999
+    assert get(app, "/get?key=k").json()["value"] == "v"
+    clock.now += 0.001
+    assert get(app, "/get?key=k").json() == {"error": "Data not found"}
+    assert get(app, "/all").json() == {}
+    assert get(app, "/delete?key=k").json() == {"error": "Key not found"}
+
+
+def test_seed_all_lists_every_shard(app: Bottle, kv: FakeClient) -> None:
+    for i in range(20):
+        get(app, f"/set?key=k{i}&value=v{i}&timeout=60")
+    assert sum(1 for shard in kv.shards if shard) > 1  # the keys really are spread
+    listing = get(app, "/all").json()
+    assert listing == {
+        f"k{i}": {"time_out": "Thu, 11 Jan 2024 21:10:21 GMT", "value": f"v{i}"} for i in range(20)
+    }
+
+
+@pytest.mark.parametrize(
+    ("timeout", "ttl_ms", "expiry"),
+    [
+        ("1.5", 1500, "Thu, 11 Jan 2024 21:09:22 GMT"),
+        ("2", 2000, "Thu, 11 Jan 2024 21:09:23 GMT"),
+        ("0.001", 1, "Thu, 11 Jan 2024 21:09:21 GMT"),
+        ("0.0005", 1, "Thu, 11 Jan 2024 21:09:21 GMT"),  # rounded half up to 1 ms
+        ("0.0015", 2, "Thu, 11 Jan 2024 21:09:21 GMT"),
+        ("007", 7000, "Thu, 11 Jan 2024 21:09:28 GMT"),
+        ("10.25", 10250, "Thu, 11 Jan 2024 21:09:31 GMT"),
+        (str(MAX_TTL_MS // 1000), MAX_TTL_MS, None),
+    ],
+)
+def test_seed_timeout_in_seconds_to_milliseconds(
+    app: Bottle, kv: FakeClient, timeout: str, ttl_ms: int, expiry: str | None
+) -> None:
+    response = get(app, f"/set?key=k&value=v&timeout={timeout}")
+    assert response.status == 200, response.body
+    assert kv.calls[-1] == ("set", b"k", b"v", ttl_ms)
+    if expiry is not None:
+        assert response.json()["timeout"] == expiry
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        "nan",
+        "inf",
+        "-inf",
+        "1e3",
+        "%205",  # " 5"
+        "5%20",  # "5 "
+        "+5",  # "+" is a space in a query string; %2B is a real plus
+        "%2B5",
+        "-1",
+        "0",
+        "0.0",
+        "0.0001",
+        "",
+        "abc",
+        "1.",
+        ".5",
+        "1,5",
+        "0x10",
+        "%D9%A1",  # ARABIC-INDIC DIGIT ONE: a Unicode digit, not an ASCII one
+        str(MAX_TTL_MS // 1000 + 1),
+        str(MAX_TTL_MS // 1000) + ".001",
+        "9" * 400,
+    ],
+)
+def test_seed_bad_timeout_is_400_naming_it(app: Bottle, kv: FakeClient, timeout: str) -> None:
+    message = error_of(get(app, f"/set?key=k&value=v&timeout={timeout}"), 400)
+    assert "'timeout'" in message
+    assert len(message) < 200  # a huge input is not echoed whole
+    assert kv.calls == []
+
+
+def test_seed_timeout_messages(app: Bottle) -> None:
+    assert error_of(get(app, "/set?key=1&value=hello&timeout=abc"), 400) == (
+        "parameter 'timeout' must be a positive number of seconds, got 'abc'"
+    )
+    assert error_of(get(app, "/set?key=1&value=hello"), 400) == "missing parameter 'timeout'"
+    assert "at least 0.001" in error_of(get(app, "/set?key=1&value=v&timeout=0"), 400)
+    assert "at most 315360000 seconds" in error_of(
+        get(app, "/set?key=1&value=v&timeout=315360001"), 400
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("/set?value=v&timeout=1", "missing parameter 'key'"),
+        ("/set?key=k&timeout=1", "missing parameter 'value'"),
+        ("/set?key=k&value=v", "missing parameter 'timeout'"),
+        ("/set?key=&value=v&timeout=1", "parameter 'key' must not be empty"),
+        ("/set?key&value=v&timeout=1", "parameter 'key' must not be empty"),
+        ("/set?key=a&key=b&value=v&timeout=1", "parameter 'key' given 2 times, expected once"),
+        ("/set?key=k&value=a&value=b&timeout=1", "parameter 'value' given 2 times, expected once"),
+        (
+            "/set?key=k&value=v&timeout=1&timeout=2",
+            "parameter 'timeout' given 2 times, expected once",
+        ),
+        ("/set?key=%FF&value=v&timeout=1", "parameter 'key' is not valid UTF-8"),
+        ("/set?key=k&value=%C3%28&timeout=1", "parameter 'value' is not valid UTF-8"),
+        ("/get", "missing parameter 'key'"),
+        ("/get?key=", "parameter 'key' must not be empty"),
+        ("/get?key=a&key=a", "parameter 'key' given 2 times, expected once"),
+        ("/get?key=%FE", "parameter 'key' is not valid UTF-8"),
+        ("/delete", "missing parameter 'key'"),
+        ("/delete?key=", "parameter 'key' must not be empty"),
+        ("/delete?key=1&key=2", "parameter 'key' given 2 times, expected once"),
+    ],
+)
+def test_seed_bad_input_is_400_naming_the_parameter(
+    app: Bottle, kv: FakeClient, target: str, message: str
+) -> None:
+    assert error_of(get(app, target), 400) == message
+    assert kv.calls == []
+
+
+def test_seed_size_limits_are_400_in_bytes(app: Bottle, kv: FakeClient) -> None:
+    # The fixture's limits: keys of 16 bytes, values of 32. "é" is two bytes in UTF-8.
+    assert get(app, f"/set?key={quote('é' * 8)}&value=v&timeout=1").status == 200
+    message = error_of(get(app, f"/set?key={quote('é' * 9)}&value=v&timeout=1"), 400)
+    assert message == "parameter 'key' is 18 bytes, more than the limit of 16 bytes"
+    assert error_of(get(app, f"/get?key={'k' * 17}"), 400).startswith("parameter 'key' is 17")
+    assert get(app, f"/set?key=k&value={'v' * 32}&timeout=1").status == 200
+    message = error_of(get(app, f"/set?key=k&value={'v' * 33}&timeout=1"), 400)
+    assert message == "parameter 'value' is 33 bytes, more than the limit of 32 bytes"
+    assert [call[0] for call in kv.calls] == ["set", "set"]
+
+
+def test_seed_values_and_keys_are_utf8(app: Bottle, kv: FakeClient) -> None:
+    response = get(app, f"/set?key={quote('ключ')}&value={quote('héllo wörld+€')}&timeout=5")
+    assert response.json()["key"] == "ключ"
+    assert response.json()["value"] == "héllo wörld+€"
+    assert kv.calls[-1] == ("set", "ключ".encode(), "héllo wörld+€".encode(), 5000)
+    assert get(app, f"/get?key={quote('ключ')}").json()["value"] == "héllo wörld+€"
+    # In a query string "+" is a space, as every HTML form encodes it.
+    get(app, "/set?key=k&value=a+b&timeout=5")
+    assert get(app, "/get?key=k").json()["value"] == "a b"
+
+
+def test_seed_empty_value_is_a_value(app: Bottle) -> None:
+    assert get(app, "/set?key=k&value=&timeout=5").json()["value"] == ""
+    assert get(app, "/get?key=k").json()["value"] == ""
+
+
+def test_seed_shows_binary_values_and_keys_without_expiry(app: Bottle) -> None:
+    assert call(app, "PUT", "/v1/keys/bin", body=b"ok\xff\xfe").status == 200
+    assert get(app, "/get?key=bin").json() == {
+        "current_time": "Thu, 11 Jan 2024 21:09:21 GMT",
+        "time_out": None,
+        "value": "ok\ufffd\ufffd",
+    }
+    assert get(app, "/all").json() == {"bin": {"time_out": None, "value": "ok\ufffd\ufffd"}}
+
+
+def test_seed_ignores_unknown_parameters(app: Bottle) -> None:
+    assert get(app, "/set?key=k&value=v&timeout=1&_=12345").status == 200
+
+
+# --- REST API ---------------------------------------------------------------------------------
+
+ODD_KEYS = ["a/b/c", "with space", "ключ/🔑", "/leading", "trailing/", "semi;colon", "q?mark"]
+
+
+@pytest.mark.parametrize("key", ODD_KEYS)
+def test_rest_round_trip_binary_value(app: Bottle, kv: FakeClient, key: str) -> None:
+    value = bytes(range(32))
+    target = "/v1/keys/" + quote(key, safe="")
+    response = call(app, "PUT", target, body=value)
+    assert response.status == 200
+    assert response.json() == {"key": key, "expires_at": None, "expires_at_ms": None}
+    assert kv.calls[-1] == ("set", key.encode(), value, None)
+
+    response = call(app, "GET", target)
+    assert response.status == 200
+    assert response.body == value
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert response.headers["content-length"] == str(len(value))
+    assert not any(name.startswith("x-zkv") for name in response.headers)
+
+    response = call(app, "DELETE", target)
+    assert (response.status, response.json()) == (200, {"deleted": key})
+    assert error_of(call(app, "GET", target), 404) == "key not found"
+    assert error_of(call(app, "DELETE", target), 404) == "key not found"
+
+
+def test_rest_slash_in_key_needs_no_escaping(app: Bottle, kv: FakeClient) -> None:
+    call(app, "PUT", "/v1/keys/dir/sub%20dir/file", body=b"x")
+    assert kv.calls[-1][1] == b"dir/sub dir/file"
+    assert call(app, "GET", "/v1/keys/dir%2Fsub dir%2Ffile").body == b"x"
+
+
+def test_rest_ttl_headers(app: Bottle, kv: FakeClient, clock: FakeClock) -> None:
+    response = call(app, "PUT", "/v1/keys/k?ttl=2.5", body=b"v")
+    deadline_ms = clock.ms() + 2500
+    assert response.json() == {
+        "key": "k",
+        "expires_at": "Thu, 11 Jan 2024 21:09:23 GMT",
+        "expires_at_ms": deadline_ms,
+    }
+    assert kv.calls[-1] == ("set", b"k", b"v", 2500)
+    clock.now += 1
+    response = call(app, "GET", "/v1/keys/k")
+    assert response.headers["x-zkv-expires-at"] == "Thu, 11 Jan 2024 21:09:23 GMT"
+    assert response.headers["x-zkv-expires-at-ms"] == str(deadline_ms)
+    assert response.headers["x-zkv-ttl-ms"] == "1500"
+    clock.now += 1.5
+    assert error_of(call(app, "GET", "/v1/keys/k"), 404) == "key not found"
+
+
+def test_rest_empty_value(app: Bottle) -> None:
+    assert call(app, "PUT", "/v1/keys/k", body=b"").status == 200
+    response = call(app, "GET", "/v1/keys/k")
+    assert (response.status, response.body) == (200, b"")
+
+
+@pytest.mark.parametrize("ttl", ["abc", "0", "-1", "nan", "1e3", "", "0.0001", "999999999999"])
+def test_rest_bad_ttl_is_400_naming_it(app: Bottle, kv: FakeClient, ttl: str) -> None:
+    assert "'ttl'" in error_of(call(app, "PUT", f"/v1/keys/k?ttl={ttl}", body=b"v"), 400)
+    assert error_of(call(app, "PUT", "/v1/keys/k?ttl=1&ttl=2", body=b"v"), 400) == (
+        "parameter 'ttl' given 2 times, expected once"
+    )
+    assert kv.calls == []
+
+
+def test_rest_key_limit_is_413_in_bytes(app: Bottle, kv: FakeClient) -> None:
+    assert call(app, "PUT", "/v1/keys/" + quote("é" * 8), body=b"v").status == 200
+    for method in ("PUT", "GET", "DELETE"):
+        response = call(app, method, "/v1/keys/" + quote("é" * 9), body=b"v")
+        assert error_of(response, 413) == "key is 18 bytes, more than the limit of 16 bytes"
+    assert len(kv.calls) == 1
+
+
+class Unreadable(io.RawIOBase):
+    """A request body that fails the test if anyone reads it."""
+
+    def read(self, size: int = -1) -> bytes:
+        raise AssertionError("the body was read")
+
+
+def test_rest_declared_length_over_limit_is_413_unread(app: Bottle, kv: FakeClient) -> None:
+    response = call(
+        app,
+        "PUT",
+        "/v1/keys/k",
+        extra={"wsgi.input": Unreadable(), "CONTENT_LENGTH": "33"},
+    )
+    assert error_of(response, 413) == "value is 33 bytes, more than the limit of 32 bytes"
+    assert call(app, "PUT", "/v1/keys/k", body=b"v" * 32).status == 200
+    assert kv.calls == [("set", b"k", b"v" * 32, None)]
+
+
+def test_rest_chunked_body_limit(app: Bottle, kv: FakeClient) -> None:
+    # gunicorn removes the chunk framing and marks the input as terminated; no Content-Length.
+    def chunked(body: bytes) -> dict[str, Any]:
+        return {
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.input_terminated": True,
+            "HTTP_TRANSFER_ENCODING": "chunked",
+        }
+
+    assert call(app, "PUT", "/v1/keys/k", extra=chunked(b"x" * 32)).status == 200
+    assert kv.calls[-1] == ("set", b"k", b"x" * 32, None)
+    response = call(app, "PUT", "/v1/keys/k", extra=chunked(b"x" * 10_000))
+    assert error_of(response, 413) == "value is more than the limit of 32 bytes"
+    assert len(kv.calls) == 1
+
+
+def test_rest_chunked_body_without_terminated_input_is_411(app: Bottle, kv: FakeClient) -> None:
+    extra = {"wsgi.input": Unreadable(), "HTTP_TRANSFER_ENCODING": "chunked"}
+    assert "Content-Length" in error_of(call(app, "PUT", "/v1/keys/k", extra=extra), 411)
+    assert kv.calls == []
+
+
+def test_rest_key_with_invalid_utf8_is_400_not_mangled(app: Bottle, kv: FakeClient) -> None:
+    # Bottle alone would drop the invalid byte and use the key "ab".
+    for method in ("PUT", "GET", "DELETE"):
+        response = call(app, method, "/v1/keys/a%FFb", body=b"v")
+        assert error_of(response, 400) == "the key in the path is not valid UTF-8"
+    assert kv.calls == []
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+
+def walk(app: Bottle, limit: int | None) -> list[list[str]]:
+    """Every page of GET /v1/keys, following ``next`` until it is null."""
+    pages: list[list[str]] = []
+    after: str | None = None
+    while True:
+        query = [] if limit is None else [f"limit={limit}"]
+        if after is not None:
+            query.append("after=" + quote(after, safe=""))
+        response = get(app, "/v1/keys?" + "&".join(query))
+        assert response.status == 200
+        payload = response.json()
+        assert set(payload) == {"keys", "next"}
+        pages.append([entry["key"] for entry in payload["keys"]])
+        after = payload["next"]
+        if after is None:
+            return pages
+        assert after == pages[-1][-1]
+        assert len(pages) < 1000, "pagination does not end"
+
+
+@pytest.mark.parametrize("shards", [1, 3, 7])
+@pytest.mark.parametrize("limit", [1, 7, 10, 57, 58])
+def test_listing_walks_every_key_once(clock: FakeClock, shards: int, limit: int) -> None:
+    kv = FakeClient(clock, shards=shards)
+    app = make_app(lambda: kv, clock=clock)
+    keys = [f"key/{i:03d}/ключ" for i in range(57)]
+    for key in keys:
+        call(app, "PUT", "/v1/keys/" + quote(key), body=b"v")
+    pages = walk(app, limit)
+    assert [key for page in pages for key in page] == sorted(keys, key=str.encode)
+    assert all(len(page) == limit for page in pages[:-1])
+    assert 1 <= len(pages[-1]) <= limit
+    assert all(call[2] == limit + 1 and call[3] is True for call in kv.calls if call[0] == "all")
+
+
+def test_listing_entries_and_expiry(app: Bottle, clock: FakeClock) -> None:
+    call(app, "PUT", "/v1/keys/a?ttl=10", body=b"v")
+    call(app, "PUT", "/v1/keys/b", body=b"v")
+    call(app, "PUT", "/v1/keys/c?ttl=1", body=b"v")
+    clock.now += 1
+    assert get(app, "/v1/keys").json() == {
+        "keys": [
+            {
+                "key": "a",
+                "expires_at": "Thu, 11 Jan 2024 21:09:31 GMT",
+                "expires_at_ms": (SEED_NOW + 10) * 1000,
+            },
+            {"key": "b", "expires_at": None, "expires_at_ms": None},
+        ],
+        "next": None,
+    }
+
+
+def test_listing_default_page_size(clock: FakeClock) -> None:
+    kv = FakeClient(clock)
+    app = make_app(lambda: kv, clock=clock)
+    for i in range(defaults.LIST_LIMIT + 5):
+        kv.set(f"k{i:04d}", b"v")
+    pages = walk(app, None)
+    assert [len(page) for page in pages] == [defaults.LIST_LIMIT, 5]
+
+
+def test_listing_empty_store(app: Bottle) -> None:
+    assert get(app, "/v1/keys").json() == {"keys": [], "next": None}
+
+
+@pytest.mark.parametrize(
+    "limit", ["0", "-1", "abc", "", "1.5", str(defaults.LIST_LIMIT_MAX + 1), "9" * 50]
+)
+def test_listing_bad_limit_is_400_naming_it(app: Bottle, kv: FakeClient, limit: str) -> None:
+    assert "'limit'" in error_of(get(app, f"/v1/keys?limit={limit}"), 400)
+    assert kv.calls == []
+
+
+def test_listing_limit_bounds_and_bad_cursor(app: Bottle) -> None:
+    assert get(app, f"/v1/keys?limit={defaults.LIST_LIMIT_MAX}").status == 200
+    assert get(app, "/v1/keys?limit=1").status == 200
+    assert "'after'" in error_of(get(app, "/v1/keys?after=%FF"), 400)
+    assert "'after'" in error_of(get(app, "/v1/keys?after=a&after=b"), 400)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [
+        (Unavailable("no worker owns shard 1"), 503),
+        (Timeout("no reply from tcp://127.0.0.1:5555 within 5.0 s"), 504),
+        (RequestError("key too long"), 400),
+    ],
+)
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [
+        ("GET", "/set?key=k&value=v&timeout=1"),
+        ("GET", "/get?key=k"),
+        ("GET", "/delete?key=k"),
+        ("GET", "/all"),
+        ("PUT", "/v1/keys/k"),
+        ("GET", "/v1/keys/k"),
+        ("DELETE", "/v1/keys/k"),
+        ("GET", "/v1/keys"),
+    ],
+)
+def test_cluster_errors_map_to_statuses(
+    app: Bottle, kv: FakeClient, failure: Exception, status: int, method: str, target: str
+) -> None:
+    kv.failure = failure
+    response = call(app, method, target, body=b"v" if method == "PUT" else None)
+    assert error_of(response, status) == str(failure)
+    assert ("retry-after" in response.headers) == (status == 503)
+
+
+def test_unexpected_error_is_500_json_logged_without_traceback(
+    app: Bottle, kv: FakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    kv.failure = RuntimeError("secret internals")
+    with caplog.at_level(logging.ERROR, logger="gateway.app"):
+        response = get(app, "/get?key=k")
+    assert error_of(response, 500) == "internal server error"
+    assert b"secret" not in response.body and b"Traceback" not in response.body
+    [record] = caplog.records
+    assert "RuntimeError" in record.getMessage() and "secret internals" in record.getMessage()
+    assert "\n" not in record.getMessage() and record.exc_info is None
+
+
+def test_unserialisable_result_is_500_json(app: Bottle, kv: FakeClient) -> None:
+    kv.ping_info = {"odd": {1, 2}}  # json.dumps cannot write a set
+    assert error_of(get(app, "/v1/health"), 500) == "internal server error"
+
+
+def test_failing_client_factory_is_500_json(clock: FakeClock) -> None:
+    def factory() -> FakeClient:
+        raise OSError("too many open files")
+
+    assert error_of(get(make_app(factory, clock=clock), "/get?key=k"), 500)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "status"),
+    [
+        ("GET", "/nope", 404),
+        ("GET", "/", 404),
+        ("GET", "/v1/keys/", 404),
+        ("GET", "/v1", 404),
+        ("POST", "/set?key=k&value=v&timeout=1", 405),
+        ("PUT", "/get?key=k", 405),
+        ("POST", "/v1/keys/k", 405),
+        ("DELETE", "/v1/keys", 405),
+        ("PATCH", "/v1/health", 405),
+    ],
+)
+def test_bottle_errors_are_json(
+    app: Bottle, kv: FakeClient, method: str, target: str, status: int
+) -> None:
+    response = call(app, method, target, body=b"x" if method in ("POST", "PUT", "PATCH") else None)
+    error_of(response, status)
+    assert b"<" not in response.body
+    if status == 405:
+        assert response.headers["allow"]
+    assert kv.calls == []
+
+
+def test_head_is_answered_like_get_without_body(app: Bottle) -> None:
+    call(app, "PUT", "/v1/keys/k", body=b"value")
+    response = call(app, "HEAD", "/v1/keys/k")
+    assert (response.status, response.body) == (200, b"")
+    assert response.headers["content-length"] == "5"
+    response = call(app, "HEAD", "/v1/keys/missing")
+    assert (response.status, response.headers["content-type"]) == (404, JSON)
+
+
+# --- health -----------------------------------------------------------------------------------
+
+
+def test_health_ok(app: Bottle, kv: FakeClient) -> None:
+    response = get(app, "/v1/health")
+    assert response.status == 200
+    assert response.json() == {"status": "ok", "shards": 3, "owned": 3, "workers": 3}
+    kv.ping_info = {"status": "degraded", "shards": 2}
+    assert get(app, "/v1/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("failure", [Unavailable("broker down"), Timeout("no reply")])
+def test_health_unavailable_is_503(app: Bottle, kv: FakeClient, failure: Exception) -> None:
+    kv.failure = failure
+    assert error_of(get(app, "/v1/health"), 503) == str(failure)
+
+
+# --- clients per thread -----------------------------------------------------------------------
+
+
+def test_clients_are_lazy_and_per_thread(kv: FakeClient, clock: FakeClock) -> None:
+    made: list[tuple[int, FakeClient]] = []
+
+    def factory() -> FakeClient:
+        client = FakeClient(clock)
+        client.shards = kv.shards  # one store, many clients
+        made.append((threading.get_ident(), client))
+        return client
+
+    app = make_app(factory, clock=clock)
+    assert made == []  # nothing made before a request: gunicorn forks after make_app
+    get(app, "/set?key=k&value=v&timeout=5")
+    get(app, "/get?key=k")
+    assert len(made) == 1
+    answers: list[Any] = []
+    thread = threading.Thread(target=lambda: answers.append(get(app, "/get?key=k").json()))
+    thread.start()
+    thread.join(timeout=10)
+    assert answers and answers[0]["value"] == "v"
+    assert len(made) == 2 and made[0][0] != made[1][0]
+    assert made[0][1] is not made[1][1]
+    assert [c[0] for c in made[0][1].calls] == ["set", "get"]
+    assert [c[0] for c in made[1][1].calls] == ["get"]
+
+
+# --- server -----------------------------------------------------------------------------------
+
+
+def test_server_defaults_listen_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ZKV_HOST", "PORT", "ZKV_HTTP_PROCESSES", "ZKV_HTTP_THREADS", "ZKV_ACCESS_LOG"):
+        monkeypatch.delenv(name, raising=False)
+    options = gunicorn_options(build_parser().parse_args([]))
+    assert options["bind"] == ["127.0.0.1:5000"]
+    assert options["worker_class"] == "gthread"
+    assert options["preload_app"] is False
+    assert options["graceful_timeout"] < 5  # honcho kills 5 s after SIGTERM
+    assert (options["workers"], options["threads"]) == (2, 16)
+    assert options["accesslog"] is None
+
+
+def test_server_flags_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "5123")
+    monkeypatch.setenv("ZKV_HOST", "::1")
+    monkeypatch.setenv("ZKV_HTTP_THREADS", "3")
+    monkeypatch.setenv("ZKV_ACCESS_LOG", "yes")
+    args = build_parser().parse_args(["--threads", "4"])  # a flag beats its variable
+    options = gunicorn_options(args)
+    assert options["bind"] == ["[::1]:5123"]
+    assert options["threads"] == 4
+    assert options["accesslog"] == "-"
+
+
+def test_server_app_factory_builds_a_lazy_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = build_parser().parse_args(
+        ["--frontend", "tcp://127.0.0.1:1", "--timeout", "0.25", "--max-key-bytes", "4"]
+    )
+    app = app_factory(args)()  # what each gunicorn worker does after the fork
+    assert isinstance(app, Bottle)
+    # The key limit came through; the 400 is raised before any client is made.
+    assert error_of(get(app, "/get?key=12345"), 400).startswith("parameter 'key' is 5 bytes")
+
+
+def run_gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_cli_help() -> None:
+    result = run_gateway("--help")
+    assert result.returncode == 0, result.stderr
+    for flag, variable in [
+        ("--host", "ZKV_HOST"),
+        ("--port", "PORT"),
+        ("--frontend", "ZKV_FRONTEND"),
+        ("--processes", "ZKV_HTTP_PROCESSES"),
+        ("--threads", "ZKV_HTTP_THREADS"),
+        ("--timeout", "ZKV_TIMEOUT"),
+        ("--max-key-bytes", "ZKV_MAX_KEY_BYTES"),
+        ("--max-value-bytes", "ZKV_MAX_VALUE_BYTES"),
+        ("--access-log", "ZKV_ACCESS_LOG"),
+    ]:
+        assert flag in result.stdout and variable in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--port", "http"], {}, "--port"),
+        (["--port", "70000"], {}, "--port"),
+        (["--threads", "0"], {}, "--threads"),
+        (["--timeout", "nan"], {}, "--timeout"),
+        (["--frontend", "localhost:5555"], {}, "--frontend"),
+        (["--max-key-bytes", "70000"], {}, "--max-key-bytes"),
+        (["--host", "no such host"], {}, "--host"),
+        ([], {"ZKV_HTTP_PROCESSES": "many"}, "ZKV_HTTP_PROCESSES"),
+        ([], {"PORT": "-1"}, "PORT"),
+    ],
+)
+def test_cli_bad_configuration_exits_nonzero(
+    args: list[str], env: dict[str, str], named: str
+) -> None:
+    result = run_gateway(*args, env=env)
+    assert result.returncode != 0
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr
