@@ -11,7 +11,7 @@ import zmq
 from broker.core import BrokerConfig
 from broker.server import ServerConfig, Stopper, serve
 from zkv import defaults
-from zkv.config import add_flag, positive_float, positive_int
+from zkv.config import add_flag, add_heartbeat_flags, positive_float, positive_int
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 
@@ -40,22 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         positive_float,
         "seconds to wait for a worker's reply before failing the request",
     )
-    add_flag(
-        parser,
-        "--heartbeat-interval",
-        "ZKV_HEARTBEAT_INTERVAL",
-        defaults.HEARTBEAT_INTERVAL_S,
-        positive_float,
-        "seconds between heartbeats",
-    )
-    add_flag(
-        parser,
-        "--heartbeat-liveness",
-        "ZKV_HEARTBEAT_LIVENESS",
-        defaults.HEARTBEAT_LIVENESS,
-        positive_int,
-        "missed heartbeats before a worker is declared dead",
-    )
+    add_heartbeat_flags(parser)
     return parser.parse_args(argv)
 
 

@@ -31,7 +31,7 @@ import zmq
 
 from workers.worker import WorkerConfig, run
 from zkv import defaults
-from zkv.config import add_flag, positive_float, positive_int
+from zkv.config import add_flag, add_heartbeat_flags, positive_int
 
 # Not __name__: run with -m, this module is "__main__", which says nothing in a log line.
 log = logging.getLogger("workers.supervisor")
@@ -87,22 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         endpoint,
         help="the broker's backend endpoint to connect to",
     )
-    add_flag(
-        parser,
-        "--heartbeat-interval",
-        "ZKV_HEARTBEAT_INTERVAL",
-        defaults.HEARTBEAT_INTERVAL_S,
-        positive_float,
-        help="seconds between heartbeats",
-    )
-    add_flag(
-        parser,
-        "--heartbeat-liveness",
-        "ZKV_HEARTBEAT_LIVENESS",
-        defaults.HEARTBEAT_LIVENESS,
-        positive_int,
-        help="heartbeat intervals of silence before the broker is taken for dead",
-    )
+    add_heartbeat_flags(parser)
     add_flag(
         parser,
         "--processes",

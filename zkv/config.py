@@ -7,6 +7,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from zkv import defaults
+
 
 def env_default(name: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
     """The value of environment variable ``name`` converted by ``kind``, else ``default``.
@@ -53,4 +55,24 @@ def add_flag(
         type=kind,
         default=env_default(env, default, kind),
         help=f"{help} (env {env}, default {default})",
+    )
+
+
+def add_heartbeat_flags(parser: argparse.ArgumentParser) -> None:
+    """The heartbeat flags, shared by the broker and the workers so both sides agree."""
+    add_flag(
+        parser,
+        "--heartbeat-interval",
+        "ZKV_HEARTBEAT_INTERVAL",
+        defaults.HEARTBEAT_INTERVAL_S,
+        positive_float,
+        "seconds between heartbeats",
+    )
+    add_flag(
+        parser,
+        "--heartbeat-liveness",
+        "ZKV_HEARTBEAT_LIVENESS",
+        defaults.HEARTBEAT_LIVENESS,
+        positive_int,
+        "heartbeat intervals of silence before a peer counts as dead",
     )

@@ -250,13 +250,8 @@ def decode_request(frames: Sequence[bytes]) -> Request:
     Raises:
         ProtocolError: naming what is wrong, carrying the request id when it was readable.
     """
-    if not frames:
-        raise ProtocolError("empty message")
+    _check_version(frames)
     header = frames[0]
-    if len(header) < 2:
-        raise ProtocolError(f"header of {len(header)} bytes is too short")
-    if header[0] != VERSION:
-        raise ProtocolError(f"unsupported protocol version {header[0]}, this peer speaks {VERSION}")
     if len(header) < _REQUEST.size:
         raise ProtocolError(
             f"request header of {len(header)} bytes is shorter than {_REQUEST.size}"
@@ -477,7 +472,8 @@ def decode_entries(body: bytes) -> list[Entry]:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _peek_kind(frames: Sequence[bytes]) -> Kind:
+def _check_version(frames: Sequence[bytes]) -> None:
+    """Every message: at least one frame, starting with our version and a kind byte."""
     if not frames:
         raise ProtocolError("empty message")
     header = frames[0]
@@ -485,6 +481,11 @@ def _peek_kind(frames: Sequence[bytes]) -> Kind:
         raise ProtocolError(f"header of {len(header)} bytes is too short")
     if header[0] != VERSION:
         raise ProtocolError(f"unsupported protocol version {header[0]}, this peer speaks {VERSION}")
+
+
+def _peek_kind(frames: Sequence[bytes]) -> Kind:
+    _check_version(frames)
+    header = frames[0]
     try:
         return Kind(header[1])
     except ValueError:

@@ -6,23 +6,12 @@ import itertools
 
 import pytest
 
+from tests.fakes import START_MS, FakeClock
 from workers.shard import Shard
 from workers.store import TTLStore
 from zkv.protocol import Dispatch, Entry, Kind, Reply, Request, Status, decode_entries
 
 pytestmark = pytest.mark.unit
-
-START_MS = 1_700_000_000_000
-
-
-class FakeClock:
-    """Unix milliseconds that move only when a test says so."""
-
-    def __init__(self, now: int = START_MS) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 class Driver:

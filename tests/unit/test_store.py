@@ -7,25 +7,11 @@ import tracemalloc
 
 import pytest
 
+from tests.fakes import START_MS, FakeClock
 from workers.store import Missing, TTLStore
 from zkv.protocol import Entry
 
 pytestmark = pytest.mark.unit
-
-START_MS = 1_700_000_000_000
-
-
-class FakeClock:
-    """Unix milliseconds that move only when a test says so."""
-
-    def __init__(self, now: int = START_MS) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, ms: int) -> None:
-        self.now += ms
 
 
 @pytest.fixture
