@@ -46,9 +46,13 @@ Worker -> broker -> client (``REPLY``)::
 Worker <-> broker control (one frame each)::
 
     READY       version:u8 kind:u8 reserved:u16 shard:u32 last_token:u64   worker -> broker
-    ASSIGN      version:u8 kind:u8 reserved:u16 shard:u32 shards:u32       broker -> worker
+    ASSIGN      version:u8 kind:u8 reserved:u16 shard:u32 shards:u32 epoch:u64  broker -> worker
     HEARTBEAT   version:u8 kind:u8                                         both ways
-    DISCONNECT  version:u8 kind:u8                                         worker -> broker
+    DISCONNECT  version:u8 kind:u8                                         both ways
+
+    DISCONNECT from a worker: it leaves, free its shard now. From the broker: "I do not know
+    you" (it restarted), so the worker sends READY again at once instead of waiting for the
+    heartbeat liveness to run out.
 
     shard 0xFFFFFFFF means "none": a READY from a worker that owns nothing, an ASSIGN that makes
     the worker a standby.
@@ -126,7 +130,7 @@ _REQUEST = struct.Struct("!BBBxQQ")
 _DISPATCH = struct.Struct("!BBQ")
 _REPLY = struct.Struct("!BBBxQQQ")
 _READY = struct.Struct("!BBxxIQ")
-_ASSIGN = struct.Struct("!BBxxII")
+_ASSIGN = struct.Struct("!BBxxIIQ")
 _BARE = struct.Struct("!BB")
 _ENTRY = struct.Struct("!HIQ")
 
@@ -187,10 +191,16 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class Assign:
-    """The broker giving a worker a shard (``shard`` None: wait as a standby)."""
+    """The broker giving a worker a shard (``shard`` None: wait as a standby).
+
+    ``epoch`` is the ownership epoch, a fencing number greater than that of every earlier
+    assignment of any shard: the worker records it beside the shard's files and a former owner
+    that finds a newer epoch there knows the shard moved and stops writing.
+    """
 
     shard: int | None
     shards: int
+    epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +210,8 @@ class Heartbeat:
 
 @dataclass(frozen=True, slots=True)
 class Disconnect:
-    """A worker leaving on purpose; the broker frees its shard at once."""
+    """Worker -> broker: leaving on purpose; the broker frees its shard at once.
+    Broker -> worker: "I do not know you" (the broker restarted): register again now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +223,7 @@ class Entry:
     deadline_ms: int | None
 
 
-FromBroker = Dispatch | Assign | Heartbeat
+FromBroker = Dispatch | Assign | Heartbeat | Disconnect
 FromWorker = Reply | Ready | Heartbeat | Disconnect
 
 
@@ -379,8 +390,8 @@ def encode_control(message: Ready | Assign | Heartbeat | Disconnect) -> list[byt
     match message:
         case Ready(shard, last_token):
             return [_READY.pack(VERSION, Kind.READY, _shard_out(shard), last_token)]
-        case Assign(shard, shards):
-            return [_ASSIGN.pack(VERSION, Kind.ASSIGN, _shard_out(shard), shards)]
+        case Assign(shard, shards, epoch):
+            return [_ASSIGN.pack(VERSION, Kind.ASSIGN, _shard_out(shard), shards, epoch)]
         case Heartbeat():
             return [_BARE.pack(VERSION, Kind.HEARTBEAT)]
         case Disconnect():
@@ -424,14 +435,14 @@ def decode_from_broker(frames: Sequence[bytes]) -> FromBroker:
         case Kind.ASSIGN:
             _check_frames(frames, 1, kind)
             _check_size(header, _ASSIGN.size, kind)
-            _, _, shard, shards = _ASSIGN.unpack(header)
+            _, _, shard, shards, epoch = _ASSIGN.unpack(header)
             if shards < 1 or (shard != NO_SHARD and shard >= shards):
                 raise ProtocolError(f"ASSIGN of shard {shard} out of {shards}")
-            return Assign(_shard_in(shard), shards)
-        case Kind.HEARTBEAT:
+            return Assign(_shard_in(shard), shards, epoch)
+        case Kind.HEARTBEAT | Kind.DISCONNECT:
             _check_frames(frames, 1, kind)
             _check_size(header, _BARE.size, kind)
-            return Heartbeat()
+            return Heartbeat() if kind == Kind.HEARTBEAT else Disconnect()
     raise ProtocolError(f"the broker may not send {kind.name}")
 
 

@@ -111,7 +111,9 @@ def test_error_reply_carries_the_message():
         (Disconnect(), decode_from_worker),
         (Assign(1, 4), decode_from_broker),
         (Assign(None, 2), decode_from_broker),
+        (Assign(0, 2, epoch=2**40 + 5), decode_from_broker),
         (Heartbeat(), decode_from_broker),
+        (Disconnect(), decode_from_broker),
     ],
 )
 def test_control_round_trip(message, decode):
@@ -200,9 +202,9 @@ def test_malformed_worker_messages_raise(frames):
     [
         [b"\x01\x11\x00"],  # short DISPATCH
         [b"\x01\x11" + b"\x00" * 8 + b"\x01\x7f" + b"\x00" * 18],  # wraps an unknown command
-        [struct.pack("!BBxxII", 1, Kind.ASSIGN, 5, 2)],  # shard out of range
-        [struct.pack("!BBxxII", 1, Kind.ASSIGN, 0, 0)],  # zero shards
-        [b"\x01\x23"],  # DISCONNECT is worker -> broker only
+        [struct.pack("!BBxxIIQ", 1, Kind.ASSIGN, 5, 2, 1)],  # shard out of range
+        [struct.pack("!BBxxIIQ", 1, Kind.ASSIGN, 0, 0, 1)],  # zero shards
+        [b"\x01\x20" + b"\x00" * 14],  # READY is worker -> broker only
         [b"\x01\x10" + b"\x00" * 26],  # a reply is not for workers
     ],
 )
