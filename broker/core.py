@@ -14,8 +14,20 @@ Life of a keyed request (GET, SET, DEL)::
 
 Each wait is bounded, so no request can hang: a shard with no owner fails its waiting requests
 after ``shard_wait_s`` with an UNAVAILABLE reply naming the shard; a worker that does not answer
-within ``worker_timeout_s``, or that dies, fails its requests as UNAVAILABLE with "outcome
-unknown" (the write may or may not have been applied). Either way the key's token passes on.
+within ``worker_timeout_s`` fails its request as UNAVAILABLE with "outcome unknown" (the write
+may or may not have been applied). Either way the key's token passes on.
+
+When a worker dies, its requests in flight are not failed: they go back to wait for the
+shard's next owner (a standby, or the worker restarted by its supervisor), which takes the
+shard over from its log, and are dispatched again, still holding their keys' tokens so nothing
+overtakes them. That is safe for every command: GET and ALL only read, and a SET or DEL that
+the dead worker had applied is in the log with its request id, so the new owner answers the
+retry from its memory instead of applying it twice. Only if no owner appears in time does such
+a request fail, and then its message says the outcome is unknown.
+
+Retries from clients (Lazy Pirate: a client that got no reply resends the same request, with
+the same request id, on a fresh socket) are merged with the original while it is still here:
+the reply goes to the newest socket and the request runs once.
 
 ALL scatters one part per shard (parts hold no key token: each worker applies requests in
 order, so each part sees a consistent shard) and gathers the bodies, which concatenate by
@@ -74,6 +86,7 @@ class Gather:
     waiting: set[int]
     bodies: dict[int, bytes] = field(default_factory=dict)
     done: bool = False
+    identity: tuple[int, Kind, bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -98,6 +111,12 @@ class Pending:
     token: int = 0
     worker: bytes | None = None
     deadline: float = 0.0
+    kind: Kind = Kind.GET
+
+    @property
+    def reached_a_worker(self) -> bool:
+        """Whether it was ever dispatched: then its outcome is unknown if it fails later."""
+        return self.token != 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +143,10 @@ class Broker:
         # Dispatch order is deadline order (one timeout for all), so expiry checks the front.
         self._inflight_deadlines: deque[tuple[float, int]] = deque()
         self._shard_queues: list[deque[Pending]] = [deque() for _ in range(config.shards)]
+        # Requests here, by (request id, kind, key), so a client's retry joins its original.
+        self._by_request: dict[tuple[int, Kind, bytes], Pending | Gather] = {}
         self._next_heartbeat = now + config.heartbeat_interval_s
+        self.closing = False
 
     # --- events -----------------------------------------------------------------------------
 
@@ -137,6 +159,20 @@ class Broker:
             log.warning("bad request from client %s: %s", client.hex(), exc)
             self._to_client(client, error_reply(exc.request_id, f"bad request: {exc}"))
             return
+        if request.kind == Kind.PING:
+            self._to_client(
+                client, encode_reply(Reply(Status.OK, request.request_id, body=self._info()))
+            )
+            return
+        if self.closing:
+            message = "broker is shutting down; retry on its successor"
+            self._to_client(client, error_reply(request.request_id, message, Status.UNAVAILABLE))
+            return
+        identity = (request.request_id, request.kind, request.key)
+        original = self._by_request.get(identity)
+        if original is not None:
+            original.client = client  # a retry: answer it on the socket the client now uses
+            return
         match request.kind:
             case Kind.GET | Kind.SET | Kind.DEL:
                 pending = Pending(
@@ -145,17 +181,20 @@ class Broker:
                     body,
                     key_shard(request.key, self.config.shards),
                     request.key,
+                    kind=request.kind,
                 )
+                self._by_request[identity] = pending
                 if self.tokens.acquire(request.key, pending):
                     self._route(pending, now)
             case Kind.ALL:
                 gather = Gather(client, request.request_id, set(range(self.config.shards)))
+                gather.identity = identity
+                self._by_request[identity] = gather
                 for shard in range(self.config.shards):
-                    self._route(Pending(client, request.request_id, body, shard, None, gather), now)
-            case Kind.PING:
-                self._to_client(
-                    client, encode_reply(Reply(Status.OK, request.request_id, body=self._info()))
-                )
+                    part = Pending(
+                        client, request.request_id, body, shard, None, gather, kind=Kind.ALL
+                    )
+                    self._route(part, now)
 
     def on_worker(self, frames: list[bytes], now: float) -> None:
         """A worker's message: ``[identity, header, (body)]``."""
@@ -164,6 +203,12 @@ class Broker:
             message = decode_from_worker(body)
         except ProtocolError as exc:
             log.warning("bad message from worker %s dropped: %s", worker.hex(), exc)
+            return
+        if self.registry.get(worker) is None and not isinstance(message, Ready | Disconnect):
+            # A worker registered with a broker before this one (we restarted): have it
+            # register again now rather than after its heartbeat liveness runs out.
+            log.info("unknown worker %s: asking it to register", worker.hex())
+            self.outbox.append((Side.BACKEND, [worker, *encode_control(Disconnect())]))
             return
         self.registry.seen(worker, now)
         match message:
@@ -190,11 +235,11 @@ class Broker:
                 )
         for shard, queue in enumerate(self._shard_queues):
             while queue and queue[0].deadline <= now:
-                self._fail(
-                    queue.popleft(),
-                    f"shard {shard} has no worker (waited {self.config.shard_wait_s} s)",
-                    now,
-                )
+                pending = queue.popleft()
+                message = f"shard {shard} has no worker (waited {self.config.shard_wait_s} s)"
+                if pending.reached_a_worker:
+                    message += "; outcome unknown: the worker it reached went away"
+                self._fail(pending, message, now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             heartbeat = encode_control(Heartbeat())
@@ -207,6 +252,14 @@ class Broker:
     def on_unroutable(self, worker: bytes, now: float) -> None:
         """The backend could not deliver to ``worker``: its connection is gone."""
         self._remove_worker(worker, "unreachable", now)
+
+    def begin_shutdown(self) -> None:
+        """Stop taking requests; what is already here is still answered (see :meth:`idle`)."""
+        self.closing = True
+
+    def idle(self) -> bool:
+        """Whether no request is waiting or in flight."""
+        return not self._by_request
 
     def next_timer(self, now: float) -> float:
         """Seconds until ``on_timer`` has something to do (the poll timeout)."""
@@ -247,6 +300,7 @@ class Broker:
             self._gathered(pending, reply)
         else:
             self._to_client(pending.client, frames)
+            self._forget(pending)
             self._release(pending, now)
 
     def _gathered(self, pending: Pending, reply: Reply) -> None:
@@ -255,35 +309,39 @@ class Broker:
         if gather.done:
             return
         if reply.status != Status.OK:
-            gather.done = True
-            self._to_client(
-                gather.client,
-                encode_reply(Reply(reply.status, gather.request_id, body=reply.body)),
+            self._finish(
+                gather, encode_reply(Reply(reply.status, gather.request_id, body=reply.body))
             )
             return
         gather.bodies[pending.shard] = reply.body or b""
         gather.waiting.discard(pending.shard)
         if not gather.waiting:
-            gather.done = True
             body = b"".join(gather.bodies[s] for s in sorted(gather.bodies))
-            self._to_client(
-                gather.client, encode_reply(Reply(Status.OK, gather.request_id, body=body))
-            )
+            self._finish(gather, encode_reply(Reply(Status.OK, gather.request_id, body=body)))
 
     def _fail(self, pending: Pending, message: str, now: float) -> None:
         """End a request with UNAVAILABLE and let its key's next request go."""
         gather = pending.gather
         if gather is not None:
             if not gather.done:
-                gather.done = True
-                self._to_client(
-                    gather.client, error_reply(gather.request_id, message, Status.UNAVAILABLE)
-                )
+                self._finish(gather, error_reply(gather.request_id, message, Status.UNAVAILABLE))
             return
         self._to_client(
             pending.client, error_reply(pending.request_id, message, Status.UNAVAILABLE)
         )
+        self._forget(pending)
         self._release(pending, now)
+
+    def _finish(self, gather: Gather, frames: list[bytes]) -> None:
+        """Answer an ALL once; parts still out are ignored when they come back."""
+        gather.done = True
+        self._to_client(gather.client, frames)
+        if gather.identity is not None:
+            self._by_request.pop(gather.identity, None)
+
+    def _forget(self, pending: Pending) -> None:
+        """The request is answered: from now on the same id is a new request."""
+        self._by_request.pop((pending.request_id, pending.kind, pending.key or b""), None)
 
     def _release(self, pending: Pending, now: float) -> None:
         assert pending.key is not None  # only keyed requests hold a token
@@ -298,9 +356,7 @@ class Broker:
         if self.registry.get(worker) is not None:
             self._remove_worker(worker, "registered again", now)
         shard = self.registry.register(worker, claimed, now)
-        self.outbox.append(
-            (Side.BACKEND, [worker, *encode_control(Assign(shard, self.config.shards))])
-        )
+        self._assign(worker, shard)
         if shard is None:
             log.info("worker %s registered as standby", worker.hex())
         else:
@@ -312,22 +368,30 @@ class Broker:
         if record is None:
             return
         log.warning("worker %s (shard %s) removed: %s", worker.hex(), record.shard, why)
-        lost = [p for p in self._inflight.values() if p.worker == worker]
-        for pending in lost:
+        # Oldest first, so each shard's queue keeps dispatch order; each key has at most one
+        # request out, so requests of different keys may be reordered freely anyway.
+        orphans = sorted((p for p in self._inflight.values() if p.worker == worker), key=_token)
+        for pending in orphans:
             del self._inflight[pending.token]
-        for pending in lost:
-            self._fail(pending, f"worker of shard {pending.shard} went away; outcome unknown", now)
+            pending.worker = None
+            pending.deadline = now + self.config.shard_wait_s
+            self._shard_queues[pending.shard].append(pending)
+        if orphans:
+            log.info(
+                "%d request(s) of worker %s wait for the next owner", len(orphans), worker.hex()
+            )
         if record.shard is not None:
             successor = self.registry.promote(record.shard)
             if successor is not None:
                 log.info("standby %s takes over shard %d", successor.hex(), record.shard)
-                self.outbox.append(
-                    (
-                        Side.BACKEND,
-                        [successor, *encode_control(Assign(record.shard, self.config.shards))],
-                    )
-                )
+                self._assign(successor, record.shard)
                 self._drain(record.shard, now)
+
+    def _assign(self, worker: bytes, shard: int | None) -> None:
+        """Tell a worker its shard, under a new ownership epoch (a fencing number)."""
+        epoch = 0 if shard is None else self.issuer.issue()
+        assign = Assign(shard, self.config.shards, epoch)
+        self.outbox.append((Side.BACKEND, [worker, *encode_control(assign)]))
 
     def _drain(self, shard: int, now: float) -> None:
         """Send a newly owned shard the requests that waited for it, oldest first."""
@@ -356,3 +420,7 @@ class Broker:
                 "keys_in_flight": len(self.tokens),
             }
         ).encode()
+
+
+def _token(pending: Pending) -> int:
+    return pending.token

@@ -23,6 +23,8 @@ from zkv import protocol
 log = logging.getLogger(__name__)
 
 BATCH = 256  # messages read from one socket per pass before looking at the other one
+DRAIN_S = 2.0  # on stop, how long to keep answering requests already here
+MAX_POLL_MS = 100  # the longest single poll
 HWM = 100_000  # messages queued per peer before ZeroMQ pushes back
 
 
@@ -88,8 +90,16 @@ def _loop(core: Broker, frontend: zmq.Socket, backend: zmq.Socket, stopper: Stop
     poller = zmq.Poller()
     poller.register(frontend, zmq.POLLIN)
     poller.register(backend, zmq.POLLIN)
-    while not stopper.stopping:
+    drain_deadline: float | None = None
+    while drain_deadline is None or (time.monotonic() < drain_deadline and not core.idle()):
+        if stopper.stopping and drain_deadline is None:
+            # Stop taking requests, but answer the ones already here: their workers are up.
+            core.begin_shutdown()
+            drain_deadline = time.monotonic() + DRAIN_S
+            log.info("stopping: answering requests in flight for up to %.1f s", DRAIN_S)
         timeout_ms = max(1, int(core.next_timer(time.monotonic()) * 1000) + 1)
+        # Bounded so a stop signal (its handler runs between polls) is seen promptly.
+        timeout_ms = min(timeout_ms, MAX_POLL_MS if drain_deadline is None else 20)
         try:
             ready = dict(poller.poll(timeout_ms))
         except zmq.ZMQError as exc:

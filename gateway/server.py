@@ -127,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         parser,
+        "--connect-timeout",
+        "ZKV_CONNECT_TIMEOUT",
+        defaults.CONNECT_TIMEOUT_S,
+        positive_float,
+        "seconds to keep trying an unreachable broker before answering 503",
+    )
+    add_flag(
+        parser,
         "--max-key-bytes",
         "ZKV_MAX_KEY_BYTES",
         defaults.MAX_KEY_BYTES,
@@ -206,7 +214,12 @@ def gunicorn_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def app_factory(args: argparse.Namespace) -> Callable[[], Bottle]:
     """What each worker process calls to build its app; no client is made until a request."""
-    client_factory = functools.partial(Client, endpoint=args.frontend, timeout_s=args.timeout)
+    client_factory = functools.partial(
+        Client,
+        endpoint=args.frontend,
+        timeout_s=args.timeout,
+        connect_timeout_s=args.connect_timeout,
+    )
     return functools.partial(
         make_app,
         client_factory,

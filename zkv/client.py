@@ -1,15 +1,21 @@
 """The Python client: talks to the broker's frontend over one ZeroMQ DEALER socket.
 
 A ``Client`` is not thread-safe (ZeroMQ sockets are not): give each thread its own, as the
-gateway does. Every request carries a fresh request id, so replies are matched by id and a late
-reply to a request that already timed out is recognised and dropped.
+gateway does.
+
+Retries (the guide's Lazy Pirate). Every request gets a random 64-bit request id, kept across its
+retries. If no reply comes within ``attempt_s`` (the broker restarted and lost it, say), the
+socket is closed, a fresh one opened, and the same request sent again, until ``timeout_s`` has
+passed; then :class:`Timeout`, whose outcome is unknown. Resending is safe for every command: the
+broker merges a retry with its original while that is still in flight, and a worker answers a
+SET or DEL it already applied from its memory of request ids, so nothing is applied twice.
 
 Failing fast instead of hanging: the socket has ``ZMQ_IMMEDIATE`` set, so a request is never
-queued for a broker that is not connected. When the broker is down, a request fails with
-:class:`Unavailable` after at most ``connect_wait_s`` (the time a live broker needs to accept the
-TCP connection), not after the full timeout; and when the broker comes back, ZeroMQ reconnects
-by itself. After a timeout the socket is closed and opened again (the guide's Lazy Pirate), so a
-request that never left cannot be delivered to a broker that restarts minutes later.
+queued for a broker that is not connected. While the broker is unreachable the client keeps
+trying for ``connect_timeout_s`` (long enough to ride through a broker restart), then raises
+:class:`Unavailable`, well before the full timeout. When the broker comes back, ZeroMQ
+reconnects by itself. Closing the socket after a timeout also discards anything still queued in
+it, so a request can never reach a broker minutes later.
 
 Example::
 
@@ -22,9 +28,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +52,8 @@ from zkv.protocol import (
     decode_reply,
     encode_request,
 )
+
+CONNECT_POLL_S = 0.1  # one wait for the connection to the broker, between retries
 
 
 class NotFound(ZkvError, KeyError):
@@ -73,24 +81,31 @@ class Client:
 
     Args:
         endpoint: the broker's frontend; defaults to ``$ZKV_FRONTEND`` or ``tcp://127.0.0.1:5555``.
-        timeout_s: how long to wait for each reply before raising :class:`Timeout`.
-        connect_wait_s: how long a request may wait for the connection to the broker to exist
-            before raising :class:`Unavailable`.
+        timeout_s: the most a request may take, retries included, before :class:`Timeout`.
+        attempt_s: how long to wait for a reply before sending the request again.
+        connect_timeout_s: how long to keep trying to reach an unreachable broker before
+            :class:`Unavailable` (never longer than ``timeout_s``).
         context: the ZeroMQ context; defaults to the process-wide one.
+
+    Attributes:
+        retries: how many times this client has sent a request again (for statistics).
     """
 
     def __init__(
         self,
         endpoint: str | None = None,
         timeout_s: float = defaults.REQUEST_TIMEOUT_S,
-        connect_wait_s: float = 0.5,
+        attempt_s: float = defaults.ATTEMPT_TIMEOUT_S,
+        connect_timeout_s: float = defaults.CONNECT_TIMEOUT_S,
         context: zmq.Context | None = None,
     ) -> None:
         self.endpoint = endpoint or os.environ.get("ZKV_FRONTEND") or defaults.FRONTEND
         self.timeout_s = timeout_s
-        self.connect_wait_s = connect_wait_s
+        self.attempt_s = attempt_s
+        self.connect_timeout_s = connect_timeout_s
+        self.retries = 0
         self._context = context or zmq.Context.instance()
-        self._ids = itertools.count(1)
+        self._random = random.Random(int.from_bytes(os.urandom(8), "big"))
         self._socket: zmq.Socket | None = None
         self._poller = zmq.Poller()
 
@@ -157,34 +172,59 @@ class Client:
     def request(self, request: Request) -> Reply:
         """Send one request and wait for its reply.
 
-        The request id of ``request`` is replaced by a fresh one.
+        The request id of ``request`` is replaced by a fresh random one, which its retries keep.
 
         Raises:
             RequestError: the request was refused as wrong.
-            Unavailable: the broker is unreachable or the shard has no worker.
-            Timeout: no reply within ``timeout_s``.
+            Unavailable: the broker is unreachable, or the cluster could not serve the request.
+            Timeout: no reply within ``timeout_s``; the request may or may not have been applied.
         """
-        request_id = next(self._ids)
+        request_id = self._random.getrandbits(64) or 1
         try:
             frames = encode_request(dataclasses.replace(request, request_id=request_id))
         except ProtocolError as exc:  # refused here, as the broker would refuse it
             raise RequestError(str(exc)) from None
-        socket = self._connected_socket()
-        if not self._send(socket, frames):
-            raise Unavailable(f"broker at {self.endpoint} is not reachable")
-        deadline = time.monotonic() + self.timeout_s
+        start = time.monotonic()
+        deadline = start + self.timeout_s
+        unreachable_since: float | None = None
         while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            socket = self._connected_socket()
+            if not self._send(socket, frames, deadline):
+                now = time.monotonic()
+                unreachable_since = now if unreachable_since is None else unreachable_since
+                if now - unreachable_since >= self.connect_timeout_s or now >= deadline:
+                    raise Unavailable(
+                        f"broker at {self.endpoint} is not reachable "
+                        f"(tried for {now - start:.1f} s)"
+                    )
+                continue
+            reply = self._wait_reply(
+                socket, request_id, min(deadline, time.monotonic() + self.attempt_s)
+            )
+            if reply is not None:
+                return _check(reply)
+            # No reply: the request or its reply may be lost (a broker restart). Send it again
+            # on a fresh socket, which also drops anything stale still queued in the old one.
+            self._reset()
+            if time.monotonic() >= deadline:
+                raise Timeout(
+                    f"no reply from {self.endpoint} within {self.timeout_s} s; outcome unknown"
+                )
+            self.retries += 1
+
+    def _wait_reply(self, socket: zmq.Socket, request_id: int, until: float) -> Reply | None:
+        """The reply to ``request_id`` if it comes before ``until`` (monotonic), else None."""
+        while True:
+            remaining_ms = int((until - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not self._poller.poll(remaining_ms):
-                self._reset()
-                raise Timeout(f"no reply from {self.endpoint} within {self.timeout_s} s")
+                return None
             try:
                 reply = decode_reply(socket.recv_multipart())
             except ProtocolError:
                 continue  # not ours to fix, and not worth dying for
-            if reply.request_id != request_id:
-                continue  # a late reply to an earlier request that timed out
-            return _check(reply)
+            if reply.request_id == request_id:
+                return reply
+            # else: a late reply to an earlier request that timed out
 
     def close(self) -> None:
         """Close the socket; the client can still be used and opens a new one."""
@@ -213,14 +253,16 @@ class Client:
             self._poller.register(socket, zmq.POLLIN)
         return self._socket
 
-    def _send(self, socket: zmq.Socket, frames: Sequence[bytes]) -> bool:
-        """Send without ever queueing for an absent broker; False if none is connected."""
+    def _send(self, socket: zmq.Socket, frames: Sequence[bytes], deadline: float) -> bool:
+        """Send without ever queueing for an absent broker; False if none connected within a
+        short wait (the time a live broker needs to accept the TCP connection)."""
         try:
             socket.send_multipart(frames, zmq.NOBLOCK)
             return True
         except zmq.Again:
             pass
-        if not socket.poll(int(self.connect_wait_s * 1000), zmq.POLLOUT):
+        wait_s = min(CONNECT_POLL_S, max(0.0, deadline - time.monotonic()))
+        if not socket.poll(max(1, int(wait_s * 1000)), zmq.POLLOUT):
             return False
         try:
             socket.send_multipart(frames, zmq.NOBLOCK)

@@ -17,7 +17,9 @@ MAX_VALUE_BYTES = 1024 * 1024  # ZKV_MAX_VALUE_BYTES: largest value the gateway 
 LIST_LIMIT = 100  # keys per page of GET /v1/keys unless ?limit= says otherwise
 LIST_LIMIT_MAX = 1000
 
-REQUEST_TIMEOUT_S = 5.0  # ZKV_TIMEOUT: how long a client waits for a reply
+REQUEST_TIMEOUT_S = 5.0  # ZKV_TIMEOUT: the most a client request may take, retries included
+ATTEMPT_TIMEOUT_S = 1.0  # a client resends a request (same id) after this long without reply
+CONNECT_TIMEOUT_S = 1.5  # ZKV_CONNECT_TIMEOUT: how long a client tries an unreachable broker
 SHARD_WAIT_S = 3.0  # ZKV_SHARD_WAIT: how long the broker holds requests for a shard with no owner
 WORKER_REPLY_TIMEOUT_S = 4.0  # ZKV_WORKER_TIMEOUT: broker gives up on a dispatched request
 

@@ -288,7 +288,7 @@ def test_malformed_worker_messages_are_dropped(h):
     assert len(h.dispatched()) == 1
 
 
-def test_silent_worker_is_removed_and_a_standby_takes_its_shard_and_its_queue():
+def test_silent_worker_is_removed_and_a_standby_takes_over_its_requests():
     h = Harness(dataclasses.replace(CONFIG, worker_timeout_s=10.0))
     h.register(b"w0")
     h.register(b"w1")
@@ -296,18 +296,94 @@ def test_silent_worker_is_removed_and_a_standby_takes_its_shard_and_its_queue():
     key = key_for(0)
     h.send(Request(Kind.SET, 1, key, b"a"))
     h.send(Request(Kind.GET, 2, key))
-    [(worker, _, _)] = h.dispatched()
+    [(worker, first, _)] = h.dispatched()
     assert worker == b"w0"
     for _ in range(8):  # w1 and the standby beat; w0 is silent, found dead at t=4
         h.advance(0.5, silent=(b"w0",))
     out = h.take()
-    front = [decode_reply(f[1:]) for s, f in out if s is Side.FRONTEND]
-    assert [r.request_id for r in front] == [1]
-    assert b"went away" in front[0].body
+    assert [f for s, f in out if s is Side.FRONTEND] == []  # nothing failed
     back = [(f[0], decode_from_broker(f[1:])) for s, f in out if s is Side.BACKEND]
-    assert (b"standby", Assign(0, 2)) in back
-    dispatched = [(w, m.request.request_id) for w, m in back if isinstance(m, Dispatch)]
-    assert dispatched == [(b"standby", 2)]
+    [(_, assign)] = [(w, m) for w, m in back if isinstance(m, Assign)]
+    assert (assign.shard, assign.shards) == (0, 2)
+    redispatched = [(w, m) for w, m in back if isinstance(m, Dispatch)]
+    # The SET in flight on the dead worker is retried on the standby, with the same request
+    # id (so the new owner can recognise it) and a new, larger token; the GET still waits.
+    assert [(w, m.request) for w, m in redispatched] == [(b"standby", first.request)]
+    assert redispatched[0][1].token > first.token
+    h.answer(b"standby", redispatched[0][1], ok(redispatched[0][1]))
+    out = h.take()
+    assert [decode_reply(f[1:]).request_id for s, f in out if s is Side.FRONTEND] == [1]
+    assert [decode_from_broker(f[1:]).request.request_id for s, f in out if s is Side.BACKEND] == [
+        2
+    ]
+
+
+def test_requests_of_a_dead_worker_fail_as_unknown_if_no_owner_comes():
+    h = Harness()
+    h.register(b"w0")
+    h.register(b"w1")
+    h.send(Request(Kind.SET, 1, key_for(1), b"v"))
+    h.take()
+    h.broker.on_unroutable(b"w1", h.now)
+    assert h.take() == []
+    h.advance(3.1)
+    [reply] = h.replies()
+    assert reply.status == Status.UNAVAILABLE
+    assert b"shard 1 has no worker" in reply.body and b"outcome unknown" in reply.body
+
+
+def test_ownership_epochs_increase_with_every_assignment():
+    h = Harness()
+    epochs = [h.register(name).epoch for name in (b"w0", b"w1")]
+    h.register(b"standby")
+    h.broker.on_worker([b"w0", *encode_control(Disconnect())], h.now)
+    out = [decode_from_broker(f[1:]) for _, f in h.broker.outbox]
+    epochs += [m.epoch for m in out if isinstance(m, Assign)]
+    assert len(epochs) == 3 and epochs == sorted(set(epochs))
+    assert h.register(b"late").epoch == 0  # a standby owns nothing: no epoch
+
+
+def test_a_retry_joins_its_original_and_is_answered_once_on_the_new_socket(h):
+    key = key_for(0)
+    h.send(Request(Kind.SET, 77, key, b"v"), client=b"old-socket")
+    [(worker, dispatch, _)] = h.dispatched()
+    h.send(Request(Kind.SET, 77, key, b"v"), client=b"new-socket")  # the client retried
+    assert h.take() == []  # not dispatched twice
+    h.answer(worker, dispatch, ok(dispatch))
+    [reply] = h.replies(client=b"new-socket")
+    assert reply.request_id == 77
+    # Once answered, the same id is a new request (the worker's memory dedups it).
+    h.send(Request(Kind.SET, 77, key, b"v"), client=b"new-socket")
+    assert len(h.dispatched()) == 1
+
+
+def test_same_id_for_another_key_is_another_request(h):
+    h.send(Request(Kind.GET, 5, key_for(0, "a")))
+    h.send(Request(Kind.GET, 5, key_for(0, "b")))
+    assert len(h.dispatched()) == 2
+
+
+def test_an_unknown_worker_is_told_to_register():
+    h = Harness()
+    h.broker.on_worker([b"stranger", *HEARTBEAT], h.now)
+    [(side, frames)] = h.broker.outbox
+    assert side is Side.BACKEND and frames[0] == b"stranger"
+    assert decode_from_broker(frames[1:]) == Disconnect()
+    assert h.broker.registry.get(b"stranger") is None
+
+
+def test_shutdown_refuses_new_requests_and_answers_those_in_flight(h):
+    h.send(Request(Kind.GET, 1, key_for(0)))
+    [(worker, dispatch, _)] = h.dispatched()
+    h.broker.begin_shutdown()
+    assert not h.broker.idle()
+    h.send(Request(Kind.GET, 2, key_for(1)))
+    [refused] = h.replies()
+    assert refused.status == Status.UNAVAILABLE and b"shutting down" in refused.body
+    h.answer(worker, dispatch, ok(dispatch, body=b"v"))
+    [answered] = h.replies()
+    assert (answered.request_id, answered.body) == (1, b"v")
+    assert h.broker.idle()
 
 
 def test_disconnect_frees_the_shard_at_once(h):
@@ -318,11 +394,7 @@ def test_disconnect_frees_the_shard_at_once(h):
 
 
 def test_unroutable_worker_is_removed(h):
-    h.send(Request(Kind.GET, 1, key_for(1)))
-    h.take()
     h.broker.on_unroutable(b"w1", h.now)
-    [reply] = h.replies()
-    assert reply.status == Status.UNAVAILABLE
     assert h.broker.registry.owner(1) is None
 
 
