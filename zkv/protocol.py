@@ -268,9 +268,11 @@ def decode_request(frames: Sequence[bytes]) -> Request:
             f"request header of {len(header)} bytes is shorter than {_REQUEST.size}"
         )
     _, kind_byte, flags, request_id, arg = _REQUEST.unpack_from(header)
-    if kind_byte not in _COMMAND_BYTES:
+    # Plain dict and int operations below, not Enum/IntFlag calls: this runs for every request
+    # in the broker and the worker, and enum construction costs microseconds each.
+    kind = _COMMAND_OF.get(kind_byte)
+    if kind is None:
         raise ProtocolError(f"unknown command 0x{kind_byte:02x}", request_id)
-    kind = Kind(kind_byte)
     if flags & ~_KNOWN_FLAGS:
         raise ProtocolError(f"unknown flags 0x{flags:02x}", request_id)
     key = header[_REQUEST.size :]
@@ -284,7 +286,7 @@ def decode_request(frames: Sequence[bytes]) -> Request:
     if kind in KEYED_COMMANDS:
         if not key:
             raise ProtocolError(f"{kind.name} needs a non-empty key", request_id)
-        if flags & Flag.KEYS_ONLY:
+        if flags & _KEYS_ONLY:
             raise ProtocolError(f"flag KEYS_ONLY does not apply to {kind.name}", request_id)
     if kind == Kind.SET:
         value = frames[1]
@@ -293,7 +295,7 @@ def decode_request(frames: Sequence[bytes]) -> Request:
                 f"value of {len(value)} bytes exceeds {MAX_VALUE_BYTES}", request_id
             )
         ttl_ms = None
-        if flags & Flag.TTL:
+        if flags & _TTL:
             if not 1 <= arg <= MAX_TTL_MS:
                 raise ProtocolError(
                     f"ttl_ms must be between 1 and {MAX_TTL_MS}, got {arg}", request_id
@@ -302,12 +304,10 @@ def decode_request(frames: Sequence[bytes]) -> Request:
         elif arg:
             raise ProtocolError("SET without flag TTL must have arg 0", request_id)
         return Request(kind, request_id, bytes(key), bytes(value), ttl_ms)
-    if flags & Flag.TTL:
+    if flags & _TTL:
         raise ProtocolError(f"flag TTL does not apply to {kind.name}", request_id)
     if kind == Kind.ALL:
-        return Request(
-            kind, request_id, bytes(key), limit=arg, keys_only=bool(flags & Flag.KEYS_ONLY)
-        )
+        return Request(kind, request_id, bytes(key), limit=arg, keys_only=bool(flags & _KEYS_ONLY))
     if arg:
         raise ProtocolError(f"{kind.name} must have arg 0", request_id)
     if kind == Kind.PING and key:
@@ -317,8 +317,12 @@ def decode_request(frames: Sequence[bytes]) -> Request:
     return Request(kind, request_id, bytes(key))
 
 
-_COMMAND_BYTES = frozenset(int(k) for k in COMMANDS)
-_KNOWN_FLAGS = int(Flag.TTL) | int(Flag.KEYS_ONLY)
+_COMMAND_OF = {int(kind): kind for kind in COMMANDS}
+_KIND_OF = {int(kind): kind for kind in Kind}
+_STATUS_OF = {int(status): status for status in Status}
+_TTL = int(Flag.TTL)
+_KEYS_ONLY = int(Flag.KEYS_ONLY)
+_KNOWN_FLAGS = _TTL | _KEYS_ONLY
 
 
 # --- dispatch ---------------------------------------------------------------------------------
@@ -363,10 +367,9 @@ def decode_reply(frames: Sequence[bytes]) -> Reply:
     _, _, status_byte, request_id, token, deadline_ms = _REPLY.unpack_from(header)
     if len(header) != _REPLY.size:
         raise ProtocolError(f"reply header must be {_REPLY.size} bytes", request_id)
-    try:
-        status = Status(status_byte)
-    except ValueError:
-        raise ProtocolError(f"unknown status {status_byte}", request_id) from None
+    status = _STATUS_OF.get(status_byte)
+    if status is None:
+        raise ProtocolError(f"unknown status {status_byte}", request_id)
     body = bytes(frames[1]) if len(frames) == 2 else None
     return Reply(status, request_id, token, deadline_ms or None, body)
 
@@ -496,11 +499,10 @@ def _check_version(frames: Sequence[bytes]) -> None:
 
 def _peek_kind(frames: Sequence[bytes]) -> Kind:
     _check_version(frames)
-    header = frames[0]
-    try:
-        return Kind(header[1])
-    except ValueError:
-        raise ProtocolError(f"unknown message kind 0x{header[1]:02x}") from None
+    kind = _KIND_OF.get(frames[0][1])
+    if kind is None:
+        raise ProtocolError(f"unknown message kind 0x{frames[0][1]:02x}")
+    return kind
 
 
 def _check_kind(header: bytes, kind: Kind, size: int) -> None:
