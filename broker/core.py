@@ -70,6 +70,9 @@ from zkv.protocol import (
 log = logging.getLogger(__name__)
 
 
+CLAIM_WINDOW_HEARTBEATS = 1.5  # heartbeat intervals a new broker waits for shard claims
+
+
 class Side(enum.Enum):
     """Which socket a message in the outbox leaves by."""
 
@@ -112,6 +115,7 @@ class Pending:
     worker: bytes | None = None
     deadline: float = 0.0
     kind: Kind = Kind.GET
+    attempts: int = 0  # dispatches so far; more than one after its worker went away
 
     @property
     def reached_a_worker(self) -> bool:
@@ -146,6 +150,14 @@ class Broker:
         # Requests here, by (request id, kind, key), so a client's retry joins its original.
         self._by_request: dict[tuple[int, Kind, bytes], Pending | Gather] = {}
         self._next_heartbeat = now + config.heartbeat_interval_s
+        # Claims first: a broker that starts (or restarts) while workers already hold shards
+        # must give each shard back to the worker holding it, not to whichever worker says
+        # READY first. Live workers hear of the restart within one heartbeat interval (their
+        # heartbeat gets a DISCONNECT back) and claim at once; until then, unclaimed READYs
+        # wait as standbys and unowned shards are handed out only when the window closes.
+        self._claims_until: float | None = (
+            now + CLAIM_WINDOW_HEARTBEATS * config.heartbeat_interval_s
+        )
         self.closing = False
 
     # --- events -----------------------------------------------------------------------------
@@ -223,6 +235,10 @@ class Broker:
 
     def on_timer(self, now: float) -> None:
         """Run every pass: expire waits that ran out, send and check heartbeats."""
+        if self._claims_until is not None and now >= self._claims_until:
+            self._claims_until = None
+            for shard in self.registry.unowned():
+                self._promote(shard, now)
         while self._inflight_deadlines and self._inflight_deadlines[0][0] <= now:
             _, token = self._inflight_deadlines.popleft()
             pending = self._inflight.pop(token, None)
@@ -264,6 +280,8 @@ class Broker:
     def next_timer(self, now: float) -> float:
         """Seconds until ``on_timer`` has something to do (the poll timeout)."""
         due = self._next_heartbeat
+        if self._claims_until is not None:
+            due = min(due, self._claims_until)
         if self._inflight_deadlines:
             due = min(due, self._inflight_deadlines[0][0])
         for queue in self._shard_queues:
@@ -282,6 +300,7 @@ class Broker:
             return
         token = self.issuer.issue()
         pending.token = token
+        pending.attempts += 1
         pending.worker = owner
         pending.deadline = now + self.config.worker_timeout_s
         self._inflight[token] = pending
@@ -299,6 +318,12 @@ class Broker:
         if pending.gather is not None:
             self._gathered(pending, reply)
         else:
+            if reply.status == Status.UNAVAILABLE and pending.attempts > 1:
+                # Refused by this worker, but an earlier worker may have applied it.
+                message = (reply.body or b"").decode(errors="replace")
+                frames = error_reply(
+                    reply.request_id, f"{message}; outcome unknown", Status.UNAVAILABLE
+                )
             self._to_client(pending.client, frames)
             self._forget(pending)
             self._release(pending, now)
@@ -355,7 +380,7 @@ class Broker:
         self.issuer.advance_past(last_token)
         if self.registry.get(worker) is not None:
             self._remove_worker(worker, "registered again", now)
-        shard = self.registry.register(worker, claimed, now)
+        shard = self.registry.register(worker, claimed, now, hand_out=self._claims_until is None)
         self._assign(worker, shard)
         if shard is None:
             log.info("worker %s registered as standby", worker.hex())
@@ -380,12 +405,16 @@ class Broker:
             log.info(
                 "%d request(s) of worker %s wait for the next owner", len(orphans), worker.hex()
             )
-        if record.shard is not None:
-            successor = self.registry.promote(record.shard)
-            if successor is not None:
-                log.info("standby %s takes over shard %d", successor.hex(), record.shard)
-                self._assign(successor, record.shard)
-                self._drain(record.shard, now)
+        if record.shard is not None and self._claims_until is None:
+            self._promote(record.shard, now)
+
+    def _promote(self, shard: int, now: float) -> None:
+        """Give an unowned shard to the oldest standby, if any, and send it what waited."""
+        successor = self.registry.promote(shard)
+        if successor is not None:
+            log.info("standby %s takes over shard %d", successor.hex(), shard)
+            self._assign(successor, shard)
+            self._drain(shard, now)
 
     def _assign(self, worker: bytes, shard: int | None) -> None:
         """Tell a worker its shard, under a new ownership epoch (a fencing number)."""

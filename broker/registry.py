@@ -43,12 +43,14 @@ class Registry:
         """The record of a registered worker."""
         return self._workers.get(identity)
 
-    def register(self, identity: bytes, claimed: int | None, now: float) -> int | None:
+    def register(
+        self, identity: bytes, claimed: int | None, now: float, hand_out: bool = True
+    ) -> int | None:
         """Register a worker (again) and give it a shard.
 
         A worker that already holds a shard's data claims it back (after a broker restart) and
-        gets it if nobody else owns it; otherwise it gets the lowest unowned shard. If every
-        shard is owned, it becomes a standby.
+        gets it if nobody else owns it; otherwise it gets the lowest unowned shard, unless
+        ``hand_out`` is False (claims are still coming in), and else it becomes a standby.
 
         Returns:
             The shard assigned, or None for a standby.
@@ -57,7 +59,7 @@ class Registry:
         shard: int | None = None
         if claimed is not None and 0 <= claimed < self.shards and self._owners[claimed] is None:
             shard = claimed
-        else:
+        elif hand_out:
             shard = next((s for s, owner in enumerate(self._owners) if owner is None), None)
         self._workers[identity] = WorkerRecord(identity, shard, now)
         if shard is not None:
@@ -70,6 +72,10 @@ class Registry:
         if record is not None and record.shard is not None:
             self._owners[record.shard] = None
         return record
+
+    def unowned(self) -> list[int]:
+        """The shards without an owner, lowest first."""
+        return [shard for shard, owner in enumerate(self._owners) if owner is None]
 
     def promote(self, shard: int) -> bytes | None:
         """Give an UNOWNED ``shard`` to the longest-waiting standby, if there is one."""

@@ -187,17 +187,22 @@ class Client:
         start = time.monotonic()
         deadline = start + self.timeout_s
         unreachable_since: float | None = None
+        sent = False
         while True:
             socket = self._connected_socket()
             if not self._send(socket, frames, deadline):
                 now = time.monotonic()
                 unreachable_since = now if unreachable_since is None else unreachable_since
                 if now - unreachable_since >= self.connect_timeout_s or now >= deadline:
-                    raise Unavailable(
+                    message = (
                         f"broker at {self.endpoint} is not reachable "
                         f"(tried for {now - start:.1f} s)"
                     )
+                    if sent:  # an earlier attempt left: it may have been applied
+                        raise Timeout(f"{message}; outcome unknown")
+                    raise Unavailable(message)
                 continue
+            sent = True
             reply = self._wait_reply(
                 socket, request_id, min(deadline, time.monotonic() + self.attempt_s)
             )

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from broker.core import Broker, BrokerConfig, Side
+from broker.core import CLAIM_WINDOW_HEARTBEATS, Broker, BrokerConfig, Side
 from broker.tokens import SEQUENCE_BITS
 from zkv.hashing import key_shard
 from zkv.protocol import (
@@ -59,9 +59,11 @@ def key_for(shard: int, prefix: str = "k") -> bytes:
 class Harness:
     """A broker plus helpers to play clients and workers against it."""
 
-    def __init__(self, config: BrokerConfig = CONFIG) -> None:
+    def __init__(self, config: BrokerConfig = CONFIG, claims_open: bool = False) -> None:
         self.now = 0.0
         self.broker = Broker(config, self.now, epoch=100)
+        if not claims_open:  # most tests start after the window for shard claims
+            self.advance(CLAIM_WINDOW_HEARTBEATS * config.heartbeat_interval_s)
 
     def take(self) -> list[tuple[Side, list[bytes]]]:
         """The outbox, less the broker's heartbeats (tested on their own)."""
@@ -430,3 +432,41 @@ def test_next_timer_is_the_nearest_deadline(h):
     assert h.broker.next_timer(h.now) == pytest.approx(1.0)
     h.advance(1.0)
     assert h.broker.next_timer(h.now) == pytest.approx(0.5)
+
+
+def test_a_new_broker_gives_shards_back_to_their_holders_before_handing_out_the_rest():
+    h = Harness(claims_open=True)  # the broker just (re)started
+    assert h.register(b"fresh").shard is None  # waits: a holder may still claim
+    h.send(Request(Kind.GET, 1, key_for(1)))
+    assert h.register(b"holder-of-0", claimed=0).shard == 0  # claims go through at once
+    assert h.take() == []
+    h.advance(CLAIM_WINDOW_HEARTBEATS * CONFIG.heartbeat_interval_s)  # the window closes
+    out = h.take()
+    assigns = [(f[0], decode_from_broker(f[1:])) for _, f in out if f[1][1] == Kind.ASSIGN]
+    assert [(w, a.shard) for w, a in assigns] == [(b"fresh", 1)]
+    dispatched = [f[0] for _, f in out if f[1][1] == Kind.DISPATCH]
+    assert dispatched == [b"fresh"]  # the request that waited for shard 1
+
+
+def test_the_claim_window_delays_nothing_once_every_shard_is_claimed():
+    h = Harness(claims_open=True)
+    h.register(b"a", claimed=0)
+    h.register(b"b", claimed=1)
+    h.send(Request(Kind.GET, 1, key_for(1)))
+    assert [w for w, _, _ in h.dispatched()] == [b"b"]
+
+
+def test_a_refusal_after_a_retry_says_the_outcome_is_unknown(h):
+    h.register(b"standby")
+    h.send(Request(Kind.SET, 1, key_for(0), b"v"))
+    h.take()
+    h.broker.on_unroutable(b"w0", h.now)  # w0 had it: it may have applied it
+    out = h.take()
+    [frames] = [f for _, f in out if f[1][1] == Kind.DISPATCH]
+    worker, retry = frames[0], decode_from_broker(frames[1:])
+    assert worker == b"standby"
+    refusal = Reply(Status.UNAVAILABLE, 1, retry.token, body=b"shard 0 moved to a newer owner")
+    h.answer(worker, retry, refusal)
+    [reply] = h.replies()
+    assert reply.status == Status.UNAVAILABLE
+    assert reply.body == b"shard 0 moved to a newer owner; outcome unknown"
