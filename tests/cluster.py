@@ -81,6 +81,7 @@ class Cluster:
             "ZKV_BACKEND": self.backend,
             "ZKV_SHARDS": str(shards),
             "ZKV_HEARTBEAT_INTERVAL": "0.2",
+            "ZKV_DATA_DIR": str(tmp_path / "data"),  # each cluster its own shard files
             **env,
         }
         self.broker: subprocess.Popen[bytes] | None = None

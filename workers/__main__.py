@@ -19,19 +19,22 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import zmq
 
+from workers.aof import FsyncPolicy
 from workers.worker import WorkerConfig, run
 from zkv import defaults
-from zkv.config import add_flag, add_heartbeat_flags, positive_int
+from zkv.config import add_flag, add_heartbeat_flags, env_default, positive_int
 
 # Not __name__: run with -m, this module is "__main__", which says nothing in a log line.
 log = logging.getLogger("workers.supervisor")
@@ -42,6 +45,8 @@ EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration: restarting cannot help (argparse uses 2 as well)
 
 PROCESSES = 1  # ZKV_WORKER_PROCESSES
+DATA_DIR = "./data"  # ZKV_DATA_DIR: shard-<n>/ directories, relative to the current directory
+FSYNC = FsyncPolicy.ALWAYS  # ZKV_FSYNC
 RESTART_BACKOFF_MIN_S = 0.5
 RESTART_BACKOFF_MAX_S = 10.0
 BACKOFF_RESET_AFTER_S = 30.0  # a child that lived this long starts again from the minimum
@@ -73,6 +78,25 @@ def endpoint(text: str) -> str:
     return text
 
 
+def fsync_policy(text: str) -> FsyncPolicy:
+    """argparse type: one of the fsync policies, by the names Redis uses."""
+    try:
+        return FsyncPolicy(text.strip().lower())
+    except ValueError:
+        names = ", ".join(policy.value for policy in FsyncPolicy)
+        raise argparse.ArgumentTypeError(f"must be one of {names}, got {text!r}") from None
+
+
+def boolean(text: str) -> bool:
+    """argparse/environment type: a yes/no value (1/0, true/false, yes/no, on/off)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every default comes from an environment variable, then zkv.defaults."""
     parser = argparse.ArgumentParser(
@@ -96,15 +120,50 @@ def build_parser() -> argparse.ArgumentParser:
         positive_int,
         help="worker processes; above 1 this process supervises them",
     )
+    add_flag(
+        parser,
+        "--data-dir",
+        "ZKV_DATA_DIR",
+        DATA_DIR,
+        help="directory of the shards' files (created if missing)",
+    )
+    add_flag(
+        parser,
+        "--fsync",
+        "ZKV_FSYNC",
+        FSYNC.value,
+        fsync_policy,
+        help="when writes reach the disk: always (before the reply), everysec, or no",
+    )
+    # A switch (no value), so not add_flag; same rule: flag > environment > default.
+    parser.add_argument(
+        "--in-memory",
+        action=argparse.BooleanOptionalAction,
+        default=env_default("ZKV_IN_MEMORY", False, boolean),
+        help="a pure cache: no files, no locks, nothing survives a restart "
+        "(env ZKV_IN_MEMORY, default false)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m workers``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    data_dir: Path | None = None
+    if not args.in_memory:
+        data_dir = Path(args.data_dir).absolute()
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"--data-dir {args.data_dir}: cannot create it: {exc}")
+        if not os.access(data_dir, os.W_OK | os.X_OK):
+            parser.error(f"--data-dir {data_dir}: not writable by this user")
     config = WorkerConfig(
         backend=args.backend,
+        data_dir=data_dir,
+        fsync=args.fsync,
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_liveness=args.heartbeat_liveness,
     )
@@ -123,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         repr(config.heartbeat_interval_s),
         "--heartbeat-liveness",
         str(config.heartbeat_liveness),
+        "--fsync",
+        config.fsync.value,
+        *(["--in-memory"] if data_dir is None else ["--no-in-memory", "--data-dir", str(data_dir)]),
     ]
     return Supervisor(args.processes, child_argv).run()
 

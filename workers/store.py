@@ -106,6 +106,10 @@ class TTLStore:
             if ttl_ms < 1:
                 raise ValueError(f"ttl_ms must be at least 1, got {ttl_ms}")
             stamp = (self._clock() + ttl_ms, key)
+        self._put(key, value, stamp)
+        return None if stamp is None else stamp[0]
+
+    def _put(self, key: bytes, value: bytes, stamp: Stamp | None) -> None:
         data = self._data
         old = data.get(key)
         data[key] = (value, stamp)
@@ -120,7 +124,43 @@ class TTLStore:
         # A write never shrinks the dict, so only the heap can need compacting.
         if len(self._heap) > 2 * self._timed:
             self._compact_heap()
-        return None if stamp is None else stamp[0]
+
+    @property
+    def clock(self) -> Clock:
+        """The store's clock (Unix ms): replay and compaction judge expiry by the same one."""
+        return self._clock
+
+    def restore(self, key: bytes, value: bytes, deadline_ms: int | None) -> bool:
+        """Store ``value`` under ``key`` with an absolute deadline, as a log replay does.
+
+        A deadline already reached by the store's clock means the value is dead: the key is
+        removed instead (a replayed SET overwrote whatever came before it, and then expired).
+
+        Args:
+            key: the key.
+            value: the value.
+            deadline_ms: Unix ms, None for a key that never expires.
+
+        Returns:
+            True if the key is now stored, False if it was dropped as expired.
+        """
+        if deadline_ms is not None and deadline_ms <= self._clock():
+            record = self._data.get(key)
+            if record is not None:
+                self._forget(key, record)
+            return False
+        stamp: Stamp | None = None if deadline_ms is None else (deadline_ms, key)
+        self._put(key, value, stamp)
+        return True
+
+    def snapshot(self) -> Snapshot:
+        """A point-in-time copy of every record, for compaction to write from another thread.
+
+        O(n) in the calling thread but cheap: one dict copy of references, no object per key.
+        Records are immutable tuples that writes replace rather than change, so the copy stays
+        exactly as it was while the store moves on.
+        """
+        return Snapshot(self._data.copy())
 
     def get(self, key: bytes) -> tuple[bytes, int | None]:
         """The value of a live key and its deadline (Unix ms, None for never).
@@ -309,3 +349,25 @@ class TTLStore:
         heapq.heapify(self._heap)
         if before > SHRINK_MIN_PEAK_KEYS:
             log.debug("rebuilt the expiry heap: %d stamps, %d live", before, len(self._heap))
+
+
+class Snapshot:
+    """The records of a store at one moment (see :meth:`TTLStore.snapshot`).
+
+    Safe to read from another thread while the store changes: it holds its own dict, whose
+    values are tuples nobody mutates.
+    """
+
+    def __init__(self, data: dict[bytes, Record]) -> None:
+        self._data = data
+
+    def live(self, now_ms: int) -> Iterator[tuple[bytes, bytes, int | None]]:
+        """``(key, value, deadline_ms)`` of every key not expired at ``now_ms``, in no order."""
+        for key, (value, stamp) in self._data.items():
+            if stamp is None:
+                yield key, value, None
+            elif now_ms < stamp[0]:
+                yield key, value, stamp[0]
+
+    def __len__(self) -> int:
+        return len(self._data)

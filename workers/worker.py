@@ -3,18 +3,30 @@
 Lifecycle of a worker (the broker decides everything; the worker follows)::
 
     REGISTERING  READY sent (claiming the shard it holds, if any), no ASSIGN yet
-    STANDBY      ASSIGN with no shard: holds nothing, answers dispatches with ERROR
-    SERVING      ASSIGN of shard N: applies dispatches to shard N's store
-    STOPPING     stop flag set: answers what is already queued, sends DISCONNECT, exits
+    STANDBY      ASSIGN with no shard: holds nothing, answers dispatches with UNAVAILABLE
+    TAKING       ASSIGN of shard N: claims N's owner file with a newer epoch, replays N's log
+    SERVING      applies batches of dispatches to shard N, each fenced by the owner file
+    STOPPING     stop flag set: answers what is already queued, fsyncs, sends DISCONNECT, exits
 
 From any state, silence from the broker for ``liveness * interval`` means the broker is gone or
 restarted: the worker drops its socket (and whatever was queued in it), opens a new one and
 sends READY again, claiming the shard whose data it still holds, so a restarted broker can give
-each shard back to the worker that has its data.
+each shard back to the worker that has its data. A DISCONNECT from the broker ("I do not know
+you": it restarted) makes it send READY at once instead. A batch that finds a newer epoch in the
+owner file means the shard moved while this worker was paused: it answers the batch UNAVAILABLE,
+drops the shard and registers again as a new worker.
 
-Each pass of the loop: poll with a timeout that ends when the next timer is due, receive what
-arrived, decode, dispatch with one ``match``, then always run the timers (expiry, heartbeat,
-broker liveness), whatever arrived or not.
+Each pass of the loop: poll with a timeout that ends when the next timer is due, receive up to
+MAX_MESSAGES_PER_PASS messages, gather the dispatches into one batch, serve the batch (one
+append and at most one fsync for all of it, then all its replies), then always run the timers
+(expiry, fsync, compaction, heartbeat, broker liveness), whatever arrived or not. A control
+message that changes what the worker holds (ASSIGN, DISCONNECT) first serves the dispatches
+received before it, so every request is served by the shard it was sent to.
+
+Log lines that tools parse (keep them exactly):
+
+    took shard N epoch E (K keys replayed from LOG)     LOG: the log's path, or "memory"
+    left shard N epoch E: REASON
 """
 
 from __future__ import annotations
@@ -28,12 +40,16 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import zmq
 
-from workers.shard import Shard
-from workers.store import Clock, TTLStore, wall_clock_ms
+from workers.aof import CorruptLog, DurabilityError, FsyncPolicy
+from workers.ownership import LockTimeout, OwnershipError
+from workers.persist import Durability, ShardMoved
+from workers.shard import Shard, take_shard
+from workers.store import Clock, wall_clock_ms
 from zkv import defaults
 from zkv.protocol import (
     Assign,
@@ -55,14 +71,18 @@ log = logging.getLogger(__name__)
 # One expiry pass removes at most this many keys (and takes at most EXPIRE_BUDGET_S), so a
 # request never waits behind a long sweep; a backlog drains over consecutive passes.
 EXPIRE_MAX_KEYS_PER_PASS = 1000
-# Messages received per pass before the timers run again, so a flood of requests cannot
-# starve heartbeats or expiry.
+# Messages received per pass before the batch is served and the timers run again: the most
+# requests that share one fsync, and the bound that keeps a flood from starving heartbeats.
 MAX_MESSAGES_PER_PASS = 256
 # The longest single poll: bounds how long a stop flag set by a signal handler or another
 # thread waits to be seen (pyzmq resumes an interrupted poll after running the handler).
 MAX_POLL_S = 0.1
 # On stop, how long to keep answering requests already queued before saying goodbye.
 DRAIN_MAX_S = 0.2
+
+EXIT_OK = 0
+EXIT_IO_ERROR = 1  # a write or fsync failed: memory may be ahead of the disk
+EXIT_CORRUPT_LOG = 3  # a shard's log or owner file is damaged: a person must repair it
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +91,9 @@ class WorkerConfig:
 
     Attributes:
         backend: the broker's backend endpoint to connect to.
+        data_dir: where shards are stored (``shard-<n>/`` inside); None keeps them in memory
+            only, a pure cache: no files, no locks, nothing survives the process.
+        fsync: when appends are forced to disk.
         heartbeat_interval_s: how often to send HEARTBEAT.
         heartbeat_liveness: intervals of silence from the broker before re-registering.
         expire_cycle_s: how often to run an expiry pass when there is no backlog.
@@ -79,6 +102,8 @@ class WorkerConfig:
     """
 
     backend: str = defaults.BACKEND
+    data_dir: Path | None = None
+    fsync: FsyncPolicy = FsyncPolicy.ALWAYS
     heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = defaults.HEARTBEAT_LIVENESS
     expire_cycle_s: float = defaults.EXPIRE_CYCLE_S
@@ -93,6 +118,7 @@ class Worker:
         config: endpoints and timings.
         context: the ZeroMQ context; a private one (terminated by :meth:`run`) if None.
         clock: the wall clock for key deadlines (Unix ms); injected for tests.
+        durability: overrides the storage built from ``config`` (tests inject fake fsyncs).
     """
 
     def __init__(
@@ -100,15 +126,23 @@ class Worker:
         config: WorkerConfig,
         context: zmq.Context | None = None,
         clock: Clock = wall_clock_ms,
+        durability: Durability | None = None,
     ) -> None:
         self.config = config
         self._own_context = context is None
         self._context = context if context is not None else zmq.Context()
         self._clock = clock
+        if durability is None and config.data_dir is not None:
+            durability = Durability(config.data_dir, config.fsync)
+        self._durability = durability
         self._stop = threading.Event()
         self._socket: zmq.Socket | None = None
         self.shard: Shard | None = None
         self.shards = 0
+        self.exit_code = EXIT_OK
+        # The largest token or epoch of shards this worker let go of, reported in READY so a
+        # restarted broker issues numbers above it.
+        self._last_token = 0
         self.identity = f"worker-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
         self._silence_limit_s = config.heartbeat_interval_s * config.heartbeat_liveness
         # Timers, in time.monotonic() seconds.
@@ -126,10 +160,12 @@ class Worker:
         self._stop.set()
 
     def run(self) -> int:
-        """Serve until :meth:`stop`, then send DISCONNECT so the broker frees the shard at once.
+        """Serve until :meth:`stop`, then fsync and send DISCONNECT so the broker frees the
+        shard at once.
 
         Returns:
-            0, the process exit code.
+            The process exit code: 0, or EXIT_IO_ERROR / EXIT_CORRUPT_LOG after a failure
+            that made the worker stop by itself.
 
         Raises:
             zmq.ZMQError: the backend endpoint is invalid (raised by the first connect).
@@ -140,14 +176,20 @@ class Worker:
             while not self._stop.is_set():
                 self._pass()
             answered = self._drain()
+            held = self.shard
+            if held is not None:
+                self._leave(held, "stopping")
             self._send(encode_control(Disconnect()))
             log.info(
                 "stopped: answered %d queued message(s), sent DISCONNECT%s",
                 answered,
-                "" if self.shard is None else f" for shard {self.shard.number}",
+                "" if held is None else f" for shard {held.number}",
             )
-            return 0
+            return self.exit_code
         finally:
+            if self.shard is not None:  # an exception escaped: still close the files
+                self.shard.close(sync=False)
+                self.shard = None
             self._close()
             if self._own_context:
                 self._context.term()
@@ -164,84 +206,183 @@ class Worker:
         )
         timeout_s = min(max(next_due_s - now_s, 0.0), MAX_POLL_S)
         if socket.poll(math.ceil(timeout_s * 1000), zmq.POLLIN):
+            batch: list[Dispatch] = []
             for _ in range(MAX_MESSAGES_PER_PASS):
                 try:
                     frames = socket.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 self._last_heard_s = time.monotonic()
-                self._on_message(frames)
+                self._on_message(frames, batch)
+            self._serve(batch)
         self._run_timers()
 
-    def _on_message(self, frames: Sequence[bytes]) -> None:
+    def _on_message(self, frames: Sequence[bytes], batch: list[Dispatch]) -> None:
+        """Decode one message: a dispatch joins ``batch``; anything that changes what the
+        worker holds first serves the batch gathered so far."""
         try:
             message = decode_from_broker(frames)
         except ProtocolError as exc:
             log.warning("dropped a malformed message from the broker: %s", exc)
             if exc.request_id:
                 # A dispatch whose request id was readable: the client is waiting for it.
+                # Replies leave in arrival order, so the batch before it goes first.
+                self._serve(batch)
                 self._send(error_reply(exc.request_id, f"malformed request: {exc}"))
             return
         match message:
             case Dispatch():
-                self._send(encode_reply(self._handle(message)))
-            case Assign(shard=shard, shards=shards):
-                self._on_assign(shard, shards)
+                batch.append(message)
+            case Assign(shard=shard, shards=shards, epoch=epoch):
+                self._serve(batch)
+                if self.stopping:
+                    # Taking a shard only to leave it would bump its epoch for nothing; the
+                    # DISCONNECT about to be sent makes the broker assign it elsewhere.
+                    log.info("ignored an ASSIGN of shard %s: stopping", shard)
+                    return
+                self._on_assign(shard, shards, epoch)
+            case Disconnect():
+                self._serve(batch)
+                log.info("the broker does not know this worker (it restarted): sending READY")
+                self._send_ready()
             case Heartbeat():
                 pass  # liveness was noted when the message arrived, whatever it was
 
-    def _handle(self, dispatch: Dispatch) -> Reply:
-        request = dispatch.request
-        if self.shard is None:
-            return Reply(
-                Status.UNAVAILABLE, request.request_id, dispatch.token, body=b"no shard assigned"
-            )
-        try:
-            return self.shard.handle(dispatch)
-        except Exception:
-            # A bug, not bad input (the request was decoded): answer so the client does not
-            # wait for a timeout, and keep the shard's data alive rather than crash.
-            log.exception("internal error on %s request %d", request.kind.name, request.request_id)
-            return Reply(
-                Status.ERROR, request.request_id, dispatch.token, body=b"internal worker error"
-            )
+    def _serve(self, batch: list[Dispatch]) -> None:
+        """Serve and answer a batch of dispatches (then empty it)."""
+        if not batch:
+            return
+        shard = self.shard
+        moved: ShardMoved | None = None
+        if shard is None:
+            replies = [_unavailable(d, "no shard assigned") for d in batch]
+        else:
+            try:
+                replies = shard.handle_batch(batch)
+            except ShardMoved as exc:
+                moved = exc
+                message = f"shard {shard.number} moved to a newer owner"
+                replies = [_unavailable(d, message) for d in batch]
+            except OwnershipError as exc:
+                log.warning("shard %d: %s: batch of %d refused", shard.number, exc, len(batch))
+                message = f"shard {shard.number}: owner file unusable now; nothing applied"
+                replies = [_unavailable(d, message) for d in batch]
+            except (DurabilityError, OSError) as exc:  # OSError: flock or pread failed
+                batch.clear()
+                self._fail_stop(shard, exc)
+                return
+        batch.clear()
+        for reply in replies:
+            self._send(encode_reply(reply))
+        if moved is not None and shard is not None:
+            self._moved(shard, moved)
 
-    def _on_assign(self, number: int | None, shards: int) -> None:
+    def _moved(self, shard: Shard, exc: ShardMoved) -> None:
+        """A newer owner has the shard: drop it, write nothing more, register as new."""
+        self._leave(shard, f"moved to a newer owner (epoch {exc.found})", sync=False)
+        self._send_ready()
+
+    def _fail_stop(self, shard: Shard, exc: Exception) -> None:
+        """A write or fsync failed: memory may be ahead of the disk, so serve nothing more.
+
+        The requests of the failed batch get no reply. After DISCONNECT the broker sends them
+        to the shard's next owner, which replays the log: a write whose record reached it is
+        answered from the idempotency memory, any other is applied then, once.
+        """
+        self._leave(shard, f"I/O error: {exc}", sync=False)
+        log.error("stopping: shard %d can no longer be written safely", shard.number)
+        self.exit_code = EXIT_IO_ERROR
+        self.stop()
+
+    def _on_assign(self, number: int | None, shards: int, epoch: int) -> None:
         self.shards = shards
         held = self.shard
         if number is None:
             if held is None:
                 log.info("standby: the broker has no shard for this worker yet")
             else:
-                # The shard went to another worker; serving our copy later could return
-                # data that is no longer current, so it is dropped.
-                log.info(
-                    "standby: shard %d was given to another worker, dropping its %d key(s)",
-                    held.number,
-                    len(held.store),
-                )
-            self.shard = None
+                # Serving our copy later could return data that is no longer current.
+                self._leave(held, "the broker gave it to another worker")
             return
-        if held is not None and held.number == number:
-            log.info(
-                "assigned shard %d of %d, keeping its %d key(s)", number, shards, len(held.store)
+        if held is not None and held.number != number:
+            self._leave(held, f"assigned shard {number} instead")
+            held = None
+        try:
+            takeover = take_shard(
+                number, epoch, held, self._durability, self._clock, self._heartbeat_if_due
             )
+        except CorruptLog as exc:
+            log.error("cannot take shard %d: %s", number, exc)
+            self._forget(held)
+            self.exit_code = EXIT_CORRUPT_LOG
+            self.stop()
             return
-        self.shard = Shard(number, TTLStore(self._clock))
-        if held is None:
-            log.info("assigned shard %d of %d", number, shards)
-        else:
-            log.info(
-                "assigned shard %d of %d, dropping the %d key(s) of shard %d",
-                number,
-                shards,
-                len(held.store),
-                held.number,
-            )
+        except (LockTimeout, ShardMoved) as exc:
+            # Passing: a stopped process holds the lock, or a newer owner came during the
+            # replay. The broker assigns again; a lock wait of seconds paces the retries.
+            log.error("cannot take shard %d now: %s; registering again", number, exc)
+            self._forget(held)
+            self._send_ready()
+            return
+        except OwnershipError as exc:
+            # A damaged owner file: retrying cannot help, a person must look (see the message).
+            log.error("cannot take shard %d: %s", number, exc)
+            self._forget(held)
+            self.exit_code = EXIT_CORRUPT_LOG
+            self.stop()
+            return
+        except (DurabilityError, OSError) as exc:
+            log.error("cannot take shard %d: %s", number, exc)
+            self._forget(held)
+            self.exit_code = EXIT_IO_ERROR
+            self.stop()
+            return
+        shard = takeover.shard
+        self.shard = shard
+        log.info(
+            "took shard %d epoch %d (%d keys replayed from %s)",
+            number,
+            shard.epoch,
+            len(shard.store),
+            "memory" if takeover.kept else shard.source,
+        )
+
+    def _leave(self, shard: Shard, reason: str, sync: bool = True) -> None:
+        """Let go of ``shard``: close its files (fsync first unless ``sync`` is False)."""
+        self.shard = None
+        self._last_token = max(self._last_token, shard.last_token, shard.epoch)
+        try:
+            shard.close(sync)
+        except DurabilityError as exc:
+            log.error("shard %d: final fsync failed: %s", shard.number, exc)
+            self.exit_code = EXIT_IO_ERROR
+        log.info("left shard %d epoch %d: %s", shard.number, shard.epoch, reason)
+
+    def _forget(self, held: Shard | None) -> None:
+        """After a failed takeover: the shard held before (if any) is gone too; its files
+        are closed without an fsync (its data may be half replaced)."""
+        self.shard = None
+        if held is not None:
+            self._last_token = max(self._last_token, held.last_token, held.epoch)
+            try:
+                held.close(sync=False)
+            except OSError as exc:
+                log.warning("shard %d: closing its files: %s", held.number, exc)
+            log.info("left shard %d epoch %d: takeover failed", held.number, held.epoch)
 
     # --- timers -----------------------------------------------------------------------------
 
     def _run_timers(self) -> None:
+        shard = self.shard
+        if shard is not None:
+            try:
+                shard.tick()
+            except ShardMoved as exc:
+                self._moved(shard, exc)
+            except OwnershipError as exc:
+                log.warning("shard %d: timers skipped: %s", shard.number, exc)
+            except (DurabilityError, OSError) as exc:
+                self._fail_stop(shard, exc)
         now_s = time.monotonic()
         if now_s >= self._next_expire_s:
             backlog = self._expire_pass()
@@ -263,6 +404,14 @@ class Worker:
                 else f"shard {held.number} ({len(held.store)} keys, last token {held.last_token})",
             )
             self._register()
+
+    def _heartbeat_if_due(self) -> None:
+        """Heartbeat from inside a long step (a replay), so the broker does not count a
+        worker that is busy taking over as dead."""
+        now_s = time.monotonic()
+        if now_s >= self._next_heartbeat_s:
+            self._send(encode_control(Heartbeat()))
+            self._next_heartbeat_s = now_s + self.config.heartbeat_interval_s
 
     def _expire_pass(self) -> bool:
         """One bounded expiry pass. Returns True if expired keys remain (a backlog)."""
@@ -298,8 +447,17 @@ class Worker:
         self._last_heard_s = now_s
         self._next_heartbeat_s = now_s + self.config.heartbeat_interval_s
         self._next_expire_s = min(self._next_expire_s, now_s + self.config.expire_cycle_s)
+        self._send_ready()
+
+    def _send_ready(self) -> None:
+        """READY claiming the shard held, if any. ``last_token`` is the largest token or
+        ownership epoch this worker knows of, so a restarted broker issues numbers above both
+        (the broker raises its token epoch past it)."""
         held = self.shard
-        ready = Ready() if held is None else Ready(held.number, held.last_token)
+        if held is None:
+            ready = Ready(None, self._last_token)
+        else:
+            ready = Ready(held.number, max(self._last_token, held.last_token, held.epoch))
         self._send(encode_control(ready))
 
     def _send(self, frames: Sequence[bytes]) -> None:
@@ -316,13 +474,17 @@ class Worker:
         socket = self._connected()
         deadline_s = time.monotonic() + DRAIN_MAX_S
         answered = 0
+        batch: list[Dispatch] = []
         while time.monotonic() < deadline_s:
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            self._on_message(frames)
+            self._on_message(frames, batch)
             answered += 1
+            if len(batch) >= MAX_MESSAGES_PER_PASS:
+                self._serve(batch)
+        self._serve(batch)
         return answered
 
     def _connected(self) -> zmq.Socket:
@@ -363,3 +525,9 @@ def run(config: WorkerConfig) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _unavailable(dispatch: Dispatch, message: str) -> Reply:
+    """UNAVAILABLE for a dispatch that was not applied: the route is wrong, not the request."""
+    request_id = dispatch.request.request_id
+    return Reply(Status.UNAVAILABLE, request_id, dispatch.token, body=message.encode())

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 
-from workers.worker import Worker, WorkerConfig
+from workers import aof
+from workers.worker import EXIT_CORRUPT_LOG, Worker, WorkerConfig
 from zkv.protocol import (
     Assign,
     Disconnect,
@@ -99,8 +102,8 @@ class FakeBroker:
     def send(self, identity: bytes, frames: list[bytes]) -> None:
         self.socket.send_multipart([identity, *frames])
 
-    def assign(self, identity: bytes, shard: int | None, shards: int = 2) -> None:
-        self.send(identity, encode_control(Assign(shard, shards)))
+    def assign(self, identity: bytes, shard: int | None, shards: int = 2, epoch: int = 0) -> None:
+        self.send(identity, encode_control(Assign(shard, shards, epoch)))
 
     def request(self, identity: bytes, request: Request, token: int | None = None) -> Reply:
         """Dispatch a request (with the next token unless given) and wait for its reply."""
@@ -137,12 +140,19 @@ class RunningWorker:
 
 
 @pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
 def start_worker(
-    context: zmq.Context, broker: FakeBroker
+    context: zmq.Context, broker: FakeBroker, data_dir: Path
 ) -> Iterator[Callable[..., RunningWorker]]:
+    """Starts worker threads; by default durable, in the test's own data directory."""
     running: list[RunningWorker] = []
 
     def start(liveness: int = PATIENT, **config_fields: Any) -> RunningWorker:
+        config_fields.setdefault("data_dir", data_dir)
         config = WorkerConfig(
             backend=broker.endpoint,
             heartbeat_interval_s=INTERVAL_S,
@@ -344,8 +354,9 @@ def test_an_expiry_backlog_drains_in_back_to_back_passes(
     broker: FakeBroker, start_worker: Callable[..., RunningWorker]
 ) -> None:
     # 10 keys per pass: at one pass per 50 ms cycle, 600 keys would need 3 s. A pass that hit
-    # its bound must be followed at once by the next one, between requests.
-    handle = start_worker(expire_max_keys=10)
+    # its bound must be followed at once by the next one, between requests. Sent one at a
+    # time, the 600 SETs must take less than their TTL: kept in memory, no file per request.
+    handle = start_worker(expire_max_keys=10, data_dir=None)
     identity, _ = broker.recv()
     broker.assign(identity, 0)
     ttl_ms = 300
@@ -398,3 +409,170 @@ def test_requests_queued_before_stop_are_answered(
             break
     # Whatever arrived before the worker left was answered, and DISCONNECT came last.
     assert all(isinstance(m, Reply) and m.status == Status.NOT_FOUND for m in messages[:-1])
+
+
+# --- durable shards and ownership ---------------------------------------------------------------
+
+
+def test_a_new_worker_assigned_the_shard_serves_the_data_of_a_stopped_one(
+    broker: FakeBroker,
+    start_worker: Callable[..., RunningWorker],
+    data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="workers.worker")
+    first = start_worker()
+    identity, _ = broker.recv()
+    broker.assign(identity, 1, epoch=500)
+    for i in range(20):
+        reply = broker.request(identity, Request(Kind.SET, 0, b"k%d" % i, b"v%d" % i))
+        assert reply.status == Status.OK
+    broker.request(identity, Request(Kind.DEL, 0, b"k0"))
+    assert first.stop() == 0
+    assert broker.recv() == (identity, Disconnect())
+
+    start_worker()
+    second, message = broker.recv()
+    assert message == Ready(None, 0)
+    broker.assign(second, 1, epoch=600)
+    assert broker.request(second, Request(Kind.GET, 0, b"k0")).status == Status.NOT_FOUND
+    for i in range(1, 20):
+        assert broker.request(second, Request(Kind.GET, 0, b"k%d" % i)).body == b"v%d" % i
+    log_path = data_dir / "shard-1" / "log"
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"took shard 1 epoch 500 (0 keys replayed from {log_path})" in messages
+    assert "left shard 1 epoch 500: stopping" in messages
+    assert f"took shard 1 epoch 600 (19 keys replayed from {log_path})" in messages
+
+
+def test_disconnect_from_the_broker_makes_the_worker_register_again_at_once(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    identity = assigned(broker, start_worker, shard=1)
+    broker.request(identity, Request(Kind.SET, 0, b"k", b"kept"), token=2**40)
+    sent_s = time.monotonic()
+    broker.send(identity, encode_control(Disconnect()))
+    sender, message = broker.recv()
+    assert time.monotonic() - sent_s < 1.0  # at once, not after the liveness (5 s here)
+    assert sender == identity  # the same routing id
+    assert message == Ready(1, 2**40)  # claiming its shard, with its last token
+    broker.assign(identity, 1, epoch=2**40 + 1)
+    assert broker.request(identity, Request(Kind.GET, 0, b"k"), token=2**41).body == b"kept"
+
+
+def test_ready_reports_the_ownership_epoch_when_it_is_above_the_last_token(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    identity = assigned(broker, start_worker, shard=0)
+    broker.assign(identity, 0, epoch=2**50)
+    broker.request(identity, Request(Kind.PING, 0), token=5)
+    broker.send(identity, encode_control(Disconnect()))
+    assert broker.recv() == (identity, Ready(0, 2**50))
+
+
+def test_a_worker_that_finds_a_newer_owner_refuses_the_batch_and_registers_as_new(
+    broker: FakeBroker,
+    start_worker: Callable[..., RunningWorker],
+    data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="workers.worker")
+    start_worker()
+    old, _ = broker.recv()
+    broker.assign(old, 0, epoch=10)
+    broker.request(old, Request(Kind.SET, 0, b"k", b"v1"))
+    start_worker()
+    new, _ = broker.recv()
+    broker.assign(new, 0, epoch=20)  # as if the broker had given up on the old one
+    owner = data_dir / "shard-0" / "owner"
+    deadline_s = time.monotonic() + RECV_TIMEOUT_S
+    while owner.read_bytes() != (20).to_bytes(8, "big"):
+        assert time.monotonic() < deadline_s, "the new worker did not take the shard"
+        time.sleep(0.005)
+    log_path = data_dir / "shard-0" / "log"
+    before = log_path.read_bytes()
+
+    # Two writes and a read reach the former owner: none is applied. Either the batch finds
+    # the newer epoch under the lock, or the former owner's timers found it first (they read
+    # the epoch every pass) and it answers as a worker without a shard.
+    stale = [
+        Request(Kind.SET, 901, b"k", b"stale"),
+        Request(Kind.GET, 902, b"k"),
+        Request(Kind.DEL, 903, b"k"),
+    ]
+    for request in stale:
+        broker.send(old, dispatch_frames(next(broker.tokens), encode_request(request)))
+    replies: list[Reply] = []
+    readies: list[Ready] = []
+    while len(replies) < len(stale) or not readies:
+        sender, message = broker.recv()
+        assert sender == old
+        if isinstance(message, Ready):
+            readies.append(message)
+        else:
+            assert isinstance(message, Reply), message
+            replies.append(message)
+    assert [(r.request_id, r.status) for r in replies] == [
+        (request.request_id, Status.UNAVAILABLE) for request in stale
+    ]
+    assert all(r.body in (b"shard 0 moved to a newer owner", b"no shard assigned") for r in replies)
+    assert readies == [Ready(None, readies[0].last_token)]  # registers as a new worker
+    assert readies[0].last_token >= 10
+    assert log_path.read_bytes() == before
+    assert "left shard 0 epoch 10: moved to a newer owner (epoch 20)" in [
+        r.getMessage() for r in caplog.records
+    ]
+    assert broker.request(new, Request(Kind.GET, 0, b"k")).body == b"v1"
+
+
+def test_a_corrupt_log_stops_the_worker_with_a_repair_hint(
+    broker: FakeBroker,
+    start_worker: Callable[..., RunningWorker],
+    data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    shard_dir = data_dir / "shard-0"
+    shard_dir.mkdir(parents=True)
+    records = [aof.encode_set(i, b"k%d" % i, b"v", None) for i in range(3)]
+    data = bytearray(aof.MAGIC + b"".join(records))
+    bad = len(aof.MAGIC) + len(records[0])
+    data[bad + 12] ^= 0x01
+    (shard_dir / "log").write_bytes(bytes(data))
+    handle = start_worker()
+    identity, _ = broker.recv()
+    broker.assign(identity, 0, epoch=3)
+    assert broker.recv() == (identity, Disconnect())
+    handle.thread.join(5.0)
+    assert handle.exit_codes == [EXIT_CORRUPT_LOG]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(
+        f"{shard_dir / 'log'} is damaged at byte {bad}" in m
+        and f"python -m workers.repair {shard_dir / 'log'}" in m
+        for m in errors
+    ), errors
+
+
+def test_an_in_memory_worker_writes_no_files(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker], data_dir: Path
+) -> None:
+    handle = start_worker(data_dir=None)
+    identity, _ = broker.recv()
+    broker.assign(identity, 0, epoch=7)
+    assert broker.request(identity, Request(Kind.SET, 0, b"k", b"v")).status == Status.OK
+    assert broker.request(identity, Request(Kind.GET, 0, b"k")).body == b"v"
+    assert handle.stop() == 0
+    assert not data_dir.exists()
+
+
+def test_a_damaged_owner_file_stops_the_worker(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker], data_dir: Path
+) -> None:
+    shard_dir = data_dir / "shard-0"
+    shard_dir.mkdir(parents=True)
+    (shard_dir / "owner").write_bytes(b"\x00\x01\x02")  # not 8 bytes: a person must look
+    handle = start_worker()
+    identity, _ = broker.recv()
+    broker.assign(identity, 0, epoch=3)
+    assert broker.recv() == (identity, Disconnect())  # no READY loop: it stops
+    handle.thread.join(5.0)
+    assert handle.exit_codes == [EXIT_CORRUPT_LOG]

@@ -110,7 +110,7 @@ class Spawner:
             process = subprocess.Popen(
                 [sys.executable, "-u", "-m", "workers", *args],
                 cwd=ROOT,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, "ZKV_DATA_DIR": str(self.tmp_path / "data"), **(env or {})},
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )

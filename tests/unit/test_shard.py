@@ -1,4 +1,4 @@
-"""Shard.handle: the reply to every command, and fencing by token."""
+"""Shard.handle: the reply to every command, fencing by token, batches, idempotency."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import itertools
 import pytest
 
 from tests.fakes import START_MS, FakeClock
+from workers.idempotency import MAX_REMEMBERED_REQUESTS, RequestMemory
 from workers.shard import Shard
 from workers.store import TTLStore
 from zkv.protocol import Dispatch, Entry, Kind, Reply, Request, Status, decode_entries
@@ -147,3 +148,101 @@ def test_shard_resumes_from_a_reported_last_token(clock: FakeClock) -> None:
     shard = Shard(0, TTLStore(clock), last_token=50)
     assert shard.handle(Dispatch(50, Request(Kind.PING, 1))).status == Status.UNAVAILABLE
     assert shard.handle(Dispatch(51, Request(Kind.PING, 2))).status == Status.OK
+
+
+# --- batches and the idempotency memory ---------------------------------------------------------
+
+
+def test_a_batch_is_answered_in_order_and_later_requests_see_earlier_writes(shard: Shard) -> None:
+    requests = [
+        Request(Kind.SET, 1, b"k", b"v1"),
+        Request(Kind.GET, 2, b"k"),
+        Request(Kind.DEL, 3, b"k"),
+        Request(Kind.GET, 4, b"k"),
+    ]
+    replies = shard.handle_batch([Dispatch(10 + i, r) for i, r in enumerate(requests)])
+    assert [(r.request_id, r.token, r.status) for r in replies] == [
+        (1, 10, Status.OK),
+        (2, 11, Status.OK),
+        (3, 12, Status.OK),
+        (4, 13, Status.NOT_FOUND),
+    ]
+    assert replies[1].body == b"v1"
+
+
+def test_a_retried_set_is_answered_from_memory_not_applied_again(
+    driver: Driver, shard: Shard, clock: FakeClock
+) -> None:
+    first = shard.handle(Dispatch(next(driver.tokens), Request(Kind.SET, 7, b"k", b"v1", 1000)))
+    driver.send(Kind.SET, b"k", value=b"newer write by someone else")
+    clock.advance(10)
+    retry = shard.handle(Dispatch(next(driver.tokens), Request(Kind.SET, 7, b"k", b"v1", 1000)))
+    assert (retry.status, retry.deadline_ms) == (Status.OK, first.deadline_ms)
+    assert shard.store.get(b"k") == (b"newer write by someone else", None)
+
+
+def test_a_retried_delete_is_answered_from_memory(driver: Driver, shard: Shard) -> None:
+    driver.send(Kind.SET, b"k", value=b"v")
+    assert shard.handle(Dispatch(next(driver.tokens), Request(Kind.DEL, 9, b"k"))).status == (
+        Status.OK
+    )
+    driver.send(Kind.SET, b"k", value=b"set again by someone else")
+    retry = shard.handle(Dispatch(next(driver.tokens), Request(Kind.DEL, 9, b"k")))
+    assert retry.status == Status.OK
+    assert shard.store.get(b"k") == (b"set again by someone else", None)
+
+
+def test_a_delete_that_found_nothing_is_not_remembered(driver: Driver, shard: Shard) -> None:
+    assert shard.handle(Dispatch(next(driver.tokens), Request(Kind.DEL, 9, b"k"))).status == (
+        Status.NOT_FOUND
+    )
+    assert len(shard.memory) == 0
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        Request(Kind.SET, 7, b"other key", b"v1"),
+        Request(Kind.SET, 7, b"k", b"another value"),
+        Request(Kind.DEL, 7, b"k"),
+    ],
+    ids=["other-key", "other-value", "other-kind"],
+)
+def test_the_same_id_on_another_request_is_applied(
+    driver: Driver, shard: Shard, other: Request
+) -> None:
+    shard.handle(Dispatch(next(driver.tokens), Request(Kind.SET, 7, b"k", b"v1")))
+    shard.handle(Dispatch(next(driver.tokens), other))
+    if other.kind == Kind.DEL:
+        assert shard.store.entries() == []
+    else:
+        assert shard.store.get(other.key) == (other.value, None)
+
+
+def test_the_memory_is_bounded_and_forgets_the_oldest_first(clock: FakeClock) -> None:
+    shard = Shard(0, TTLStore(clock), memory=RequestMemory(capacity=3))
+    tokens = itertools.count(1)
+    for request_id in range(1, 6):
+        shard.handle(Dispatch(next(tokens), Request(Kind.SET, request_id, b"k", b"v")))
+    assert len(shard.memory) == 3
+    shard.handle(Dispatch(next(tokens), Request(Kind.SET, 99, b"k", b"latest")))
+    # Ids 1..3 are forgotten: a retry that late is applied again; 4 and 5 are still known.
+    shard.handle(Dispatch(next(tokens), Request(Kind.SET, 5, b"k", b"v")))
+    assert shard.store.get(b"k") == (b"latest", None)
+    shard.handle(Dispatch(next(tokens), Request(Kind.SET, 1, b"k", b"v")))
+    assert shard.store.get(b"k") == (b"v", None)
+
+
+def test_the_default_memory_holds_a_hundred_thousand_requests() -> None:
+    assert RequestMemory().capacity == MAX_REMEMBERED_REQUESTS == 100_000
+
+
+def test_request_id_zero_is_never_remembered(driver: Driver, shard: Shard) -> None:
+    shard.handle(Dispatch(next(driver.tokens), Request(Kind.SET, 0, b"k", b"v1")))
+    assert len(shard.memory) == 0
+
+
+def test_a_stale_token_is_refused_before_the_memory_is_consulted(shard: Shard) -> None:
+    shard.handle(Dispatch(7, Request(Kind.SET, 1, b"k", b"v")))
+    reply = shard.handle(Dispatch(7, Request(Kind.SET, 1, b"k", b"v")))
+    assert reply.status == Status.UNAVAILABLE

@@ -274,3 +274,39 @@ def test_memory_is_given_back_after_expiry_found_by_reads(clock: FakeClock) -> N
     assert len(store) == 0
     assert store._heap == []
     assert len(store._data) == 0
+
+
+# --- replay and snapshots ---------------------------------------------------------------------
+
+
+def test_restore_stores_with_an_absolute_deadline(store: TTLStore, clock: FakeClock) -> None:
+    assert store.restore(b"k", b"v", START_MS + 50)
+    assert store.restore(b"p", b"permanent", None)
+    assert store.get(b"k") == (b"v", START_MS + 50)
+    clock.advance(50)
+    assert store.expire(max_keys=10) == 1  # restored keys expire like any other
+    assert store.get(b"p") == (b"permanent", None)
+
+
+def test_restore_of_a_dead_value_removes_the_key(store: TTLStore, clock: FakeClock) -> None:
+    store.restore(b"k", b"old", None)
+    # A replayed overwrite whose deadline has passed: the key is gone, not the old value back.
+    assert not store.restore(b"k", b"new", START_MS)
+    with pytest.raises(Missing):
+        store.get(b"k")
+    assert len(store) == 0
+    assert not store.restore(b"never-seen", b"v", START_MS - 1)
+    assert len(store) == 0
+
+
+def test_a_snapshot_does_not_change_when_the_store_does(store: TTLStore, clock: FakeClock) -> None:
+    store.set(b"a", b"1", None)
+    store.set(b"b", b"2", 100)
+    store.set(b"c", b"3", 10)
+    snapshot = store.snapshot()
+    store.set(b"a", b"changed", None)
+    store.delete(b"b")
+    store.set(b"d", b"new", None)
+    clock.advance(10)
+    assert len(snapshot) == 3
+    assert sorted(snapshot.live(clock())) == [(b"a", b"1", None), (b"b", b"2", START_MS + 100)]

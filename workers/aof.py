@@ -1,0 +1,539 @@
+"""The append-only log of one shard: its byte format, the reader that replays it, the writer.
+
+docs/persistence.md specifies the same format in prose. In short::
+
+    file   = magic records*
+    magic  = b"ZKVLOG1\\n"                                  8 bytes, names the format and version
+    record = length:u32  crc:u32  body                     length = len(body)
+    crc    = CRC-32 (zlib.crc32) of the four length bytes followed by the body
+
+    body of SET  (0x01) = type:u8  request_id:u64  deadline_ms:u64  key_len:u32  key  value
+    body of DEL  (0x02) = type:u8  request_id:u64  key
+    body of MEMO (0x03) = type:u8  request_id:u64  kind:u8  status:u8  deadline_ms:u64
+                          fingerprint:u32  key
+
+All integers are unsigned big-endian, like the wire protocol. ``deadline_ms`` is Unix time in
+milliseconds, 0 for "never expires". ``request_id`` 0 means "not remembered" (snapshot records
+written by compaction carry no request). MEMO records appear only in compacted logs: each one is
+a remembered reply of the idempotency memory (see workers/idempotency.py), so that a retry
+reaching a later owner is still answered from memory.
+
+Why a length *and* a checksum: the length lets the reader find the next record without parsing
+the body; the CRC, which covers the length too, tells a record that was written completely from
+one that was torn by a crash (a write cut short) or damaged on disk. A CRC-32 misses a random
+corruption with probability 2**-32.
+
+Writes go through :class:`AppendLog`, which applies one of Redis's three fsync policies.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import mmap
+import os
+import re
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from zkv.protocol import MAX_KEY_BYTES, MAX_VALUE_BYTES
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"ZKVLOG1\n"
+
+_PREFIX = struct.Struct("!II")  # length, crc
+_LENGTH = struct.Struct("!I")
+_SET = struct.Struct("!BQQI")  # type, request_id, deadline_ms, key_len
+_DEL = struct.Struct("!BQ")  # type, request_id
+_MEMO = struct.Struct("!BQBBQI")  # type, request_id, kind, status, deadline_ms, fingerprint
+
+PREFIX_BYTES = _PREFIX.size
+# The largest body a valid record can have: a SET of the largest key and value the protocol
+# allows. A length field above it is damage, and is reported as such rather than trusted.
+MAX_BODY_BYTES = _SET.size + MAX_KEY_BYTES + MAX_VALUE_BYTES
+
+EVERYSEC_INTERVAL_S = 1.0  # fsync policy "everysec": the most time a write stays un-synced
+WRITE_CHUNK_BYTES = 1024 * 1024  # snapshots are written in chunks of about this size
+
+
+class RecordType(enum.IntEnum):
+    """The first byte of a record's body."""
+
+    SET = 0x01
+    DEL = 0x02
+    MEMO = 0x03
+
+
+class FsyncPolicy(enum.StrEnum):
+    """When appended records are forced to disk, named as Redis names its ``appendfsync``.
+
+    ALWAYS: before any reply of the batch that wrote them is sent (group commit), so an
+    acknowledged write survives a power cut. EVERYSEC: at most once per second, from the
+    worker's timers; a crash of the machine may lose the last second, a crash of the process
+    loses nothing (the data is in the kernel's page cache). NO: never explicitly; the kernel
+    writes back when it likes (typically within 30 s on Linux).
+    """
+
+    ALWAYS = "always"
+    EVERYSEC = "everysec"
+    NO = "no"
+
+
+@dataclass(frozen=True, slots=True)
+class SetRecord:
+    """A SET that was applied: ``deadline_ms`` is absolute (Unix ms), None for never."""
+
+    request_id: int
+    key: bytes
+    value: bytes
+    deadline_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DelRecord:
+    """A DEL that removed a live key."""
+
+    request_id: int
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MemoRecord:
+    """A remembered reply, written by compaction: see workers/idempotency.py."""
+
+    request_id: int
+    kind: int
+    status: int
+    deadline_ms: int | None
+    fingerprint: int
+    key: bytes
+
+
+Record = SetRecord | DelRecord | MemoRecord
+
+
+class CorruptLog(Exception):
+    """A log damaged before its end: replaying past the damage would skip acknowledged
+    writes, and stopping there would silently drop the writes after it, so neither is done.
+
+    Attributes:
+        path: the log file.
+        offset: byte offset of the first bad record.
+        reason: what is wrong with it.
+        size: the file's size.
+    """
+
+    def __init__(self, path: str, offset: int, reason: str, size: int) -> None:
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+        self.size = size
+        super().__init__(
+            f"log {path} is damaged at byte {offset} ({reason}) with valid records after it, "
+            f"{size - offset} bytes from there to the end: refusing to replay it. To repair, "
+            f"run `python -m workers.repair {path}`: it keeps a copy of the file and truncates "
+            f"it at byte {offset}, dropping the bad record and everything after it"
+        )
+
+
+class DurabilityError(Exception):
+    """A write or fsync of a shard's files failed: what is in memory may no longer be on disk,
+    so the worker must stop serving (fail-stop, as Redis and PostgreSQL do on fsync errors)."""
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def _frame(body: bytes) -> bytes:
+    length = _LENGTH.pack(len(body))
+    return length + _LENGTH.pack(zlib.crc32(body, zlib.crc32(length))) + body
+
+
+def encode_set(request_id: int, key: bytes, value: bytes, deadline_ms: int | None) -> bytes:
+    """One SET record, ready to append."""
+    return _frame(_SET.pack(RecordType.SET, request_id, deadline_ms or 0, len(key)) + key + value)
+
+
+def encode_del(request_id: int, key: bytes) -> bytes:
+    """One DEL record, ready to append."""
+    return _frame(_DEL.pack(RecordType.DEL, request_id) + key)
+
+
+def encode_memo(
+    request_id: int, kind: int, status: int, deadline_ms: int | None, fingerprint: int, key: bytes
+) -> bytes:
+    """One MEMO record (a remembered reply), ready to append."""
+    head = _MEMO.pack(RecordType.MEMO, request_id, kind, status, deadline_ms or 0, fingerprint)
+    return _frame(head + key)
+
+
+def encode(record: Record) -> bytes:
+    """Any record, ready to append (tests and tools; the worker calls the typed encoders)."""
+    match record:
+        case SetRecord(request_id, key, value, deadline_ms):
+            return encode_set(request_id, key, value, deadline_ms)
+        case DelRecord(request_id, key):
+            return encode_del(request_id, key)
+        case MemoRecord(request_id, kind, status, deadline_ms, fingerprint, key):
+            return encode_memo(request_id, kind, status, deadline_ms, fingerprint, key)
+    raise TypeError(f"not a log record: {record!r}")
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def parse_at(data: memoryview, offset: int) -> tuple[Record, int] | str:
+    """The record starting at ``offset`` and the offset just past it, or why there is none.
+
+    Never raises on damaged input: every field is bounds-checked against the buffer, which
+    is what lets the reader classify damage instead of crashing on it. The cheap structural
+    checks (length, type, sizes) come before the CRC, so that trying a garbage offset (see
+    :func:`classify`) rarely costs a checksum.
+
+    Args:
+        data: the whole file, as a memoryview (slices of it are not copies).
+        offset: where the record should start.
+    """
+    size = len(data)
+    if offset + PREFIX_BYTES > size:
+        return "incomplete record header"
+    length, crc = _PREFIX.unpack_from(data, offset)
+    if length > MAX_BODY_BYTES:
+        return f"record length {length} exceeds the largest possible {MAX_BODY_BYTES}"
+    start = offset + PREFIX_BYTES
+    end = start + length
+    if end > size:
+        return f"incomplete record: {length} body bytes declared, {size - start} present"
+    if length == 0:
+        return "empty record"
+    kind = data[start]
+    if kind == RecordType.SET:
+        if length < _SET.size:
+            return "SET record too short"
+        key_len = _LENGTH.unpack_from(data, start + _SET.size - 4)[0]
+        if _SET.size + key_len > length:
+            return "SET record key runs past its end"
+    elif kind == RecordType.DEL:
+        if length < _DEL.size:
+            return "DEL record too short"
+    elif kind == RecordType.MEMO:
+        if length < _MEMO.size:
+            return "MEMO record too short"
+    else:
+        return f"unknown record type 0x{kind:02x}"
+    if zlib.crc32(data[start:end], zlib.crc32(data[offset : offset + 4])) != crc:
+        return "checksum mismatch"
+    if kind == RecordType.SET:
+        _, request_id, deadline_ms, key_len = _SET.unpack_from(data, start)
+        key_end = start + _SET.size + key_len
+        record: Record = SetRecord(
+            request_id,
+            bytes(data[start + _SET.size : key_end]),
+            bytes(data[key_end:end]),
+            deadline_ms or None,
+        )
+    elif kind == RecordType.DEL:
+        _, request_id = _DEL.unpack_from(data, start)
+        record = DelRecord(request_id, bytes(data[start + _DEL.size : end]))
+    else:
+        _, request_id, command, status, deadline_ms, fingerprint = _MEMO.unpack_from(data, start)
+        record = MemoRecord(
+            request_id,
+            command,
+            status,
+            deadline_ms or None,
+            fingerprint,
+            bytes(data[start + _MEMO.size : end]),
+        )
+    return record, end
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """The first bad spot of a log.
+
+    Attributes:
+        offset: where the bad record (or bad magic) starts.
+        reason: what is wrong there.
+        torn: True if nothing valid follows it: the tail of a write cut short by a crash,
+            safe to cut off. False: corruption with valid records after it.
+    """
+
+    offset: int
+    reason: str
+    torn: bool
+
+
+# How a bad record is classified, the heart of "torn tail or corruption?".
+#
+# A crash in the middle of an append leaves a prefix of the last write: a record header cut
+# short, a body cut short, or (after a power cut on some filesystems) a tail of zeros or stale
+# blocks where the data should be. Everything in such a tail is garbage, and it is only ever at
+# the end. Corruption in the middle (a bad disk block, a stray write) is followed by valid
+# records: acknowledged writes that replaying up to the damage would silently drop.
+#
+# So the question is "does any valid record start after the bad spot?". The length field of
+# the bad record cannot be trusted (a flipped bit there makes a record in the middle look as if
+# it ran past the end of the file), so:
+#   1. fast path: if a valid record starts exactly where the bad one says it ends, only its
+#      contents are damaged: corruption;
+#   2. otherwise try every later byte offset as a record start, stopping at the first valid
+#      one (corruption) or at the end of the file (a torn tail). parse_at rejects almost every
+#      garbage offset on its length and type fields before computing any checksum, runs of
+#      zero bytes (which can never start a record: its length is at least 9) are skipped at C
+#      speed, and a CRC-32 makes a false match a 2**-32 event per offset that gets that far.
+# Cost: a torn tail is scanned once, to its end, which is short (the part of the last batch
+# that made it to disk); corruption in the middle is scanned up to the next valid record, at
+# most one record away unless several are damaged.
+# Damaged magic at offset 0 is corruption unless the file is a cut-short prefix of the magic.
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def classify(data: memoryview, offset: int, reason: str) -> Damage:
+    """Decide whether the bad record at ``offset`` is a torn tail (see the comment above)."""
+    size = len(data)
+    if offset + PREFIX_BYTES <= size:
+        length = _LENGTH.unpack_from(data, offset)[0]
+        declared_end = offset + PREFIX_BYTES + length
+        if declared_end < size and not isinstance(parse_at(data, declared_end), str):
+            return Damage(offset, reason, torn=False)
+    candidate = offset + 1
+    last = size - PREFIX_BYTES
+    while candidate <= last:
+        found = _NONZERO.search(data, candidate)
+        if found is None:
+            break
+        # A record's four length bytes cannot all be zero: skip to where they first may not be.
+        candidate = max(candidate, found.start() - 3)
+        if not isinstance(parse_at(data, candidate), str):
+            return Damage(offset, reason, torn=False)
+        candidate += 1
+    return Damage(offset, reason, torn=True)
+
+
+def check_magic(data: memoryview) -> Damage | None:
+    """None if the file starts with the magic; a torn Damage if it is a cut-short prefix of it
+    (a crash while the file was being created), else a corrupt one."""
+    head = bytes(data[: len(MAGIC)])
+    if head == MAGIC:
+        return None
+    if len(head) < len(MAGIC) and MAGIC.startswith(head):
+        return Damage(0, "incomplete magic", torn=True)
+    return Damage(0, f"not a zkv log: starts with {head!r}, expected {MAGIC!r}", torn=False)
+
+
+class LogReader:
+    """Reads a log file once, from start to end, for replay or repair.
+
+    The file is mapped into memory (mmap), so a large log is not read into a bytes object
+    first. Use as a context manager; after :meth:`records` is exhausted, :attr:`damage` says
+    whether and where it stopped early.
+
+    Args:
+        path: the log file; it must exist.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._file = open(path, "rb")  # closed by close()
+        self.size = os.fstat(self._file.fileno()).st_size
+        self._map = (
+            mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+        )
+        self._data = memoryview(self._map if self._map is not None else b"")
+        self.damage: Damage | None = None
+        self.valid_end = 0  # the offset just past the last valid record, after records()
+
+    def records(self) -> Iterator[tuple[int, Record]]:
+        """Yield ``(offset, record)`` for every valid record, in order.
+
+        A torn tail ends the iteration quietly (:attr:`damage` tells where).
+
+        Raises:
+            CorruptLog: a bad record with valid records after it, or a file that is not a log.
+        """
+        data = self._data
+        damage = check_magic(data)
+        if damage is not None:
+            self._fail(damage)
+            return
+        offset = len(MAGIC)
+        self.valid_end = offset
+        size = self.size
+        while offset < size:
+            parsed = parse_at(data, offset)
+            if isinstance(parsed, str):
+                self._fail(classify(data, offset, parsed))
+                return
+            yield offset, parsed[0]
+            offset = parsed[1]
+            self.valid_end = offset
+
+    def _fail(self, damage: Damage) -> None:
+        self.damage = damage
+        self.valid_end = damage.offset
+        if not damage.torn:
+            raise CorruptLog(self.path, damage.offset, damage.reason, self.size)
+
+    def close(self) -> None:
+        """Unmap and close the file (the memoryview goes first: an exported map cannot close)."""
+        self._data.release()
+        if self._map is not None:
+            self._map.close()
+        self._file.close()
+
+    def __enter__(self) -> LogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until every byte is written (a regular file may take a write in parts).
+
+    Raises:
+        DurabilityError: the write failed (disk full, I/O error); the file may now end with a
+            partial record, which replay treats as a torn tail.
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise DurabilityError(f"write failed: {exc}") from exc
+        view = view[written:]
+
+
+def fsync_dir(path: str | Path, fsync: Callable[[int], None] = os.fsync) -> None:
+    """fsync a directory, which makes the creation, removal or renaming of its entries durable
+    (fsyncing a file does not make its name durable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fsync(fd)
+    except OSError as exc:
+        raise DurabilityError(f"fsync of directory {path} failed: {exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def create_log(path: str | Path, fsync: Callable[[int], None] = os.fsync) -> None:
+    """Create an empty log (just the magic), durably, unless a file is already there."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        return
+    try:
+        write_all(fd, MAGIC)
+        fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(Path(path).parent, fsync)
+
+
+class AppendLog:
+    """The open end of a shard's log: appends records and fsyncs them per policy.
+
+    The worker calls :meth:`append` once per batch with all of the batch's records joined, so
+    a batch costs one ``write`` and, under ALWAYS, one ``fsync`` (group commit): replies wait
+    for the fsync, and everything that arrived together shares its cost.
+
+    Args:
+        path: the log file, which must exist (see :func:`create_log`).
+        policy: when to fsync.
+        fsync: the fsync function; tests pass a counter.
+        monotonic: seconds for the EVERYSEC timer; tests pass a fake clock.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        policy: FsyncPolicy,
+        fsync: Callable[[int], None] = os.fsync,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = str(path)
+        self.policy = policy
+        self._fsync = fsync
+        self._monotonic = monotonic
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.size = os.fstat(self.fd).st_size
+        self.dirty = False  # appended bytes not yet fsynced
+        self._synced_s = monotonic()
+
+    def append(self, data: bytes) -> None:
+        """Append records (one write). Not yet durable unless :meth:`commit` says so.
+
+        Raises:
+            DurabilityError: the write failed.
+        """
+        if not data:
+            return
+        write_all(self.fd, data)
+        self.size += len(data)
+        self.dirty = True
+
+    def commit(self) -> None:
+        """End of a batch: under ALWAYS, fsync what the batch appended before its replies go.
+
+        Raises:
+            DurabilityError: the fsync failed.
+        """
+        if self.dirty and self.policy is FsyncPolicy.ALWAYS:
+            self.sync()
+
+    def tick(self) -> None:
+        """The worker's timer: under EVERYSEC, fsync if something waits and a second passed."""
+        if (
+            self.dirty
+            and self.policy is FsyncPolicy.EVERYSEC
+            and self._monotonic() - self._synced_s >= EVERYSEC_INTERVAL_S
+        ):
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync now, whatever the policy.
+
+        Raises:
+            DurabilityError: the fsync failed. After a failed fsync Linux may have dropped the
+                dirty pages and marked them clean, so retrying cannot tell whether the data is
+                on disk: the caller must stop.
+        """
+        try:
+            self._fsync(self.fd)
+        except OSError as exc:
+            raise DurabilityError(f"fsync of {self.path} failed: {exc}") from exc
+        self.dirty = False
+        self._synced_s = self._monotonic()
+
+    def switch(self, fd: int, size: int) -> None:
+        """Continue on another open file (a compacted log renamed over this one); closes the
+        old descriptor. The new file must already be fsynced."""
+        os.close(self.fd)
+        self.fd = fd
+        self.size = size
+        self.dirty = False
+        self._synced_s = self._monotonic()
+
+    def close(self, sync: bool = True) -> None:
+        """fsync (unless ``sync`` is False or nothing is dirty) and close."""
+        try:
+            if sync and self.dirty:
+                self.sync()
+        finally:
+            try:
+                os.close(self.fd)
+            except OSError as exc:  # pragma: no cover - EBADF would be our bug, EIO the disk's
+                if exc.errno != errno.EBADF:
+                    raise

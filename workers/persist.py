@@ -1,0 +1,594 @@
+"""A shard's files on disk and this process's hold on them: takeover, fenced appends, compaction.
+
+Layout (docs/persistence.md has the full story)::
+
+    <data-dir>/shard-<n>/owner         the ownership epoch, 8 bytes; the file that is flocked
+    <data-dir>/shard-<n>/log           the append-only log (workers/aof.py)
+    <data-dir>/shard-<n>/log.rewrite   a compacted log being written, renamed over ``log``
+
+Lifecycle of a :class:`ShardFiles` (one per shard a worker holds)::
+
+    NEW        opened: the owner file is open, nothing is claimed
+    TAKEN      take(): our epoch is in the owner file; replay() rebuilt the store from the log
+               and opened it for appending
+    SERVING    every batch runs inside fenced(): lock, check the epoch is still ours, apply and
+               append, unlock; then commit() fsyncs per policy, before any reply goes out
+    COMPACTING SERVING, with a thread writing log.rewrite and the loop keeping a rewrite buffer
+    MOVED      fenced() found a newer epoch: ShardMoved; the owner drops everything and writes
+               nothing more
+    CLOSED     close(): fsync and close the descriptors (which also drops any lock)
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers import aof
+from workers.aof import (
+    MAGIC,
+    AppendLog,
+    DelRecord,
+    DurabilityError,
+    FsyncPolicy,
+    LogReader,
+    MemoRecord,
+    SetRecord,
+)
+from workers.idempotency import Memo, RequestMemory
+from workers.ownership import OwnerFile, OwnershipError
+from workers.store import Clock, Snapshot, TTLStore
+from zkv.protocol import Kind, Status
+
+log = logging.getLogger(__name__)
+
+# Waiting for the owner file's lock. A takeover may wait longer (the old owner may be finishing
+# a batch) but not past the heartbeat liveness (3 s by default), or the broker would count this
+# worker dead while it waits; a batch waits less, since the loop is blocked meanwhile.
+TAKE_LOCK_TIMEOUT_S = 2.0
+BATCH_LOCK_TIMEOUT_S = 0.5
+
+# Compaction: rewrite the log once it is REWRITE_GROWTH times the size the live data had when
+# last written compactly (at the last rewrite, or as estimated after a replay), and at least
+# REWRITE_MIN_BYTES, as Redis's auto-aof-rewrite-percentage (100) and -min-size do.
+REWRITE_GROWTH = 2
+REWRITE_MIN_BYTES = 1024 * 1024
+REWRITE_RETRY_S = 60.0  # after a failed rewrite, wait this long before the next attempt
+REWRITE_CANCEL_WAIT_S = 0.5  # on close, how long to wait for a cancelled rewrite thread
+
+REPLAY_PROGRESS_RECORDS = 10_000  # replay calls its progress callback this often (heartbeats)
+
+# Bytes a record adds to its key and value: the length and CRC, then the body's fixed fields.
+SET_OVERHEAD_BYTES = aof.PREFIX_BYTES + 21
+MEMO_OVERHEAD_BYTES = aof.PREFIX_BYTES + 31
+
+
+class ShardMoved(Exception):
+    """The owner file holds an epoch that is not ours: a newer owner took the shard.
+
+    Attributes:
+        number: the shard.
+        held: the epoch this process wrote.
+        found: the epoch now in the file.
+    """
+
+    def __init__(self, number: int, held: int, found: int) -> None:
+        super().__init__(f"shard {number} moved to a newer owner (epoch {found}, ours {held})")
+        self.number = number
+        self.held = held
+        self.found = found
+
+
+class RewriteStep(enum.Enum):
+    """The steps of a compaction, in order; a crash after any of them loses nothing.
+
+    Until RENAMED, ``log`` is the complete old log (every record still goes to it) and
+    log.rewrite is a scratch file that replay ignores and the next takeover deletes. From
+    RENAMED on, ``log`` is the new file, which already holds the snapshot and every record
+    appended since, fsynced.
+    """
+
+    STARTED = 1  # log.rewrite created (empty), the snapshot taken, the thread started
+    SNAPSHOT_WRITTEN = 2  # the thread wrote the snapshot to log.rewrite (not fsynced)
+    BUFFER_APPENDED = 3  # the loop appended the records written during the rewrite
+    SYNCED = 4  # log.rewrite fsynced
+    RENAMED = 5  # log.rewrite renamed over log (under the owner lock, epoch checked)
+    DIR_SYNCED = 6  # the shard directory fsynced: the rename is durable
+    SWITCHED = 7  # appends now go to the new file: done
+
+
+class SimulatedCrash(Exception):
+    """Raised by the test hook :attr:`ShardFiles.crash_at` at a :class:`RewriteStep`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """Where and how shards are stored; one per worker, shared by the shards it takes.
+
+    Attributes:
+        data_dir: the directory holding ``shard-<n>/`` directories.
+        policy: when appends are fsynced.
+        fsync: the fsync function (tests count calls).
+        monotonic: seconds, for lock deadlines, EVERYSEC and rewrite retries (tests fake it).
+        rewrite_min_bytes: see REWRITE_MIN_BYTES.
+        rewrite_growth: see REWRITE_GROWTH.
+    """
+
+    data_dir: Path
+    policy: FsyncPolicy = FsyncPolicy.ALWAYS
+    fsync: Callable[[int], None] = os.fsync
+    monotonic: Callable[[], float] = time.monotonic
+    rewrite_min_bytes: int = REWRITE_MIN_BYTES
+    rewrite_growth: float = REWRITE_GROWTH
+
+    def shard_dir(self, number: int) -> Path:
+        return self.data_dir / f"shard-{number}"
+
+
+class ShardFiles:
+    """One shard's directory, as held by this process (see the module docstring).
+
+    Args:
+        durability: where and how.
+        number: the shard.
+
+    Attributes:
+        epoch: the epoch this process wrote into the owner file, 0 before :meth:`take`.
+        crash_at: test hook: raise SimulatedCrash right after this compaction step.
+    """
+
+    def __init__(self, durability: Durability, number: int) -> None:
+        self.durability = durability
+        self.number = number
+        self.dir = durability.shard_dir(number)
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            aof.fsync_dir(self.dir.parent, durability.fsync)
+        self.log_path = self.dir / "log"
+        self.rewrite_path = self.dir / "log.rewrite"
+        self.owner = OwnerFile(self.dir / "owner", durability.fsync, durability.monotonic)
+        self.log: AppendLog | None = None
+        self.epoch = 0
+        self.base_bytes = 0  # the compact size of the data, see REWRITE_GROWTH
+        self.crash_at: RewriteStep | None = None
+        self._rewrite: _Rewrite | None = None
+        self._rewrite_buffer: list[bytes] = []
+        self._next_rewrite_s = 0.0
+
+    # --- takeover ---------------------------------------------------------------------------
+
+    def take(self, assigned_epoch: int) -> int:
+        """Claim the shard: store an epoch above every earlier one, durably.
+
+        The new epoch is ``max(assigned_epoch, stored + 1)``: the broker's number when it is
+        larger (so epochs follow the broker's order), and always larger than the stored one
+        (so a broker that restarted with smaller numbers still fences the previous owner out).
+
+        Returns:
+            The epoch that was stored before; :attr:`epoch` is the new one.
+
+        Raises:
+            LockTimeout: the owner file stayed locked (a stopped process holds it).
+            OwnershipError: the owner file is damaged.
+        """
+        self._cancel_rewrite()
+        self.owner.lock(TAKE_LOCK_TIMEOUT_S)
+        try:
+            stored = self.owner.read()
+            epoch = max(assigned_epoch, stored + 1)
+            self.owner.write(epoch)
+            self.epoch = epoch
+            # A compaction an earlier owner left unfinished: its scratch file is worthless.
+            # Removing the name cannot hurt a process still writing it (it writes to an inode
+            # nobody will ever rename), and that process can no longer rename it (fenced).
+            self.rewrite_path.unlink(missing_ok=True)
+        finally:
+            self.owner.unlock()
+        return stored
+
+    def replay(
+        self,
+        store: TTLStore,
+        memory: RequestMemory,
+        progress: Callable[[], None] | None = None,
+    ) -> int:
+        """Rebuild ``store`` and ``memory`` from the log, then open it for appending.
+
+        Keys whose deadline the store's clock has reached are dropped. A torn last record is
+        cut off (a warning); damage with valid records after it raises CorruptLog. Afterwards
+        the log and the directory are fsynced: what a previous owner appended but had not yet
+        fsynced is on disk before this owner serves any of it.
+
+        Args:
+            store: an empty store to fill.
+            memory: an empty idempotency memory to fill.
+            progress: called every REPLAY_PROGRESS_RECORDS records (the worker heartbeats).
+
+        Returns:
+            How many records were replayed.
+
+        Raises:
+            aof.CorruptLog: the log is damaged before its end.
+            ShardMoved: a newer owner took the shard while this one replayed.
+            DurabilityError: a write or fsync failed.
+        """
+        if self.log is not None:
+            self.log.close(sync=False)
+            self.log = None
+        aof.create_log(self.log_path, self.durability.fsync)
+        records = 0
+        with LogReader(self.log_path) as reader:
+            for _, record in reader.records():
+                _apply(record, store, memory)
+                records += 1
+                if progress is not None and records % REPLAY_PROGRESS_RECORDS == 0:
+                    progress()
+            damage = reader.damage
+            size = reader.size
+            valid_end = reader.valid_end
+        if damage is not None:
+            self._cut_torn_tail(damage, size, valid_end)
+        self.log = AppendLog(
+            self.log_path, self.durability.policy, self.durability.fsync, self.durability.monotonic
+        )
+        self.log.sync()
+        aof.fsync_dir(self.dir, self.durability.fsync)
+        self.base_bytes = compact_size(store.snapshot(), memory, store.clock())
+        return records
+
+    def _cut_torn_tail(self, damage: aof.Damage, size: int, valid_end: int) -> None:
+        if size > 0:  # an empty file is one created by a crash before its magic: not worth a word
+            log.warning(
+                "log %s: the last record, at byte %d, is torn (%s): truncated %d byte(s) left "
+                "by a write cut short",
+                self.log_path,
+                damage.offset,
+                damage.reason,
+                size - valid_end,
+            )
+        with self.fenced(TAKE_LOCK_TIMEOUT_S):
+            os.truncate(self.log_path, valid_end)
+            if valid_end < len(MAGIC):  # the magic itself was cut short: start the file over
+                fd = os.open(self.log_path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+                try:
+                    aof.write_all(fd, MAGIC)
+                finally:
+                    os.close(fd)
+
+    # --- serving ----------------------------------------------------------------------------
+
+    @contextmanager
+    def fenced(self, timeout_s: float = BATCH_LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Hold the owner lock with our epoch checked: what runs inside is serialised with
+        every takeover, so it happens entirely before or entirely after any newer owner's.
+
+        Raises:
+            ShardMoved: the epoch is no longer ours; nothing inside ran.
+            LockTimeout: the lock stayed held past ``timeout_s``; nothing inside ran.
+        """
+        self.owner.lock(timeout_s)
+        try:
+            found = self.owner.read()
+            if found != self.epoch:
+                raise ShardMoved(self.number, self.epoch, found)
+            yield
+        finally:
+            self.owner.unlock()
+
+    def append(self, data: bytes) -> None:
+        """Append a batch's records (call inside :meth:`fenced`); not yet durable."""
+        if self.log is None:
+            raise RuntimeError("append() before replay(): a bug in the caller")
+        self.log.append(data)
+        if self._rewrite is not None:
+            self._rewrite_buffer.append(data)
+
+    def commit(self) -> None:
+        """After :meth:`fenced`: fsync per policy (ALWAYS: now), before the batch's replies.
+
+        The lock is already released: the fsync, the slow part, does not hold it. That is safe
+        because the data is in the page cache once written, where a new owner's replay reads
+        it, and a new owner fsyncs the log before serving (see :meth:`replay`); it matters
+        because a process stopped during an fsync (SIGSTOP) would otherwise keep the lock and
+        with it every successor out.
+        """
+        if self.log is not None:
+            self.log.commit()
+
+    def tick(self, store: TTLStore, memory: RequestMemory) -> None:
+        """Timers: notice a move; EVERYSEC fsync; start or finish a compaction.
+
+        The epoch is read here too, without the lock (one pread): a former owner resumed after
+        a pause learns that the shard moved within one timer pass, even if no request comes
+        to make it check. Serving never relies on this read; every batch checks under the lock.
+
+        Raises:
+            ShardMoved: a newer epoch is in the owner file.
+            DurabilityError: an fsync of the log failed.
+        """
+        if self.log is None:
+            return
+        found = self.owner.read()
+        if found != self.epoch:
+            raise ShardMoved(self.number, self.epoch, found)
+        self.log.tick()
+        rewrite = self._rewrite
+        if rewrite is not None:
+            if rewrite.done():
+                self._finish_rewrite(rewrite)
+        elif self._rewrite_due():
+            self.start_rewrite(store, memory)
+
+    def close(self, sync: bool = True) -> None:
+        """Stop using the files: cancel a compaction, fsync the log (unless ``sync`` is False,
+        for a shard that moved: nothing more may be written) and close every descriptor."""
+        self._cancel_rewrite()
+        try:
+            if self.log is not None:
+                self.log.close(sync=sync)
+                self.log = None
+        finally:
+            self.owner.close()
+
+    # --- compaction -------------------------------------------------------------------------
+
+    # Compaction (Redis's BGREWRITEAOF, with a thread where Redis forks).
+    #
+    # The log only grows: every overwrite and delete leaves the older records behind, and keys
+    # that expired are still there. Compaction writes a new log holding just the present: the
+    # idempotency memory as MEMO records, then one SET per live key.
+    #
+    # How, without stopping the loop: the loop takes a snapshot (a dict copy, see
+    # TTLStore.snapshot, and the memory's list) and hands it to a thread that encodes and
+    # writes log.rewrite. Meanwhile the loop goes on serving and appends each batch's records
+    # both to the old log (which therefore stays complete) and to an in-memory rewrite buffer.
+    # When the thread is done, the loop, between two batches, appends the buffer to
+    # log.rewrite, fsyncs it, renames it over log under the owner lock with the epoch checked,
+    # fsyncs the directory, and continues appending to the new file. Steps: RewriteStep.
+    #
+    # Why nothing is lost at any crash: see RewriteStep. Why a paused former owner cannot
+    # spoil it: it creates log.rewrite and renames it only inside fenced(), and a takeover
+    # unlinks a stale log.rewrite, so a former owner's thread writes to a file nobody renames.
+    #
+    # Limits: the buffer holds in memory every record written during the rewrite; the thread
+    # competes with the loop for the GIL, so throughput drops while it runs; a failure (disk
+    # full) abandons the rewrite, keeps the old log, and retries after REWRITE_RETRY_S.
+
+    def _rewrite_due(self) -> bool:
+        log_ = self.log
+        if log_ is None or self.durability.monotonic() < self._next_rewrite_s:
+            return False
+        threshold = max(
+            self.durability.rewrite_min_bytes, self.durability.rewrite_growth * self.base_bytes
+        )
+        return log_.size >= threshold
+
+    def start_rewrite(self, store: TTLStore, memory: RequestMemory) -> None:
+        """Start compacting the log now (the loop calls it via :meth:`tick` when due).
+
+        Raises:
+            ShardMoved: the shard moved; nothing was started.
+        """
+        if self._rewrite is not None or self.log is None:
+            return
+        try:
+            with self.fenced():
+                self.rewrite_path.unlink(missing_ok=True)
+                fd = os.open(
+                    self.rewrite_path,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                    0o644,
+                )
+        except OwnershipError as exc:
+            self._next_rewrite_s = self.durability.monotonic() + REWRITE_RETRY_S
+            log.warning("compaction of %s postponed: %s", self.log_path, exc)
+            return
+        except OSError as exc:
+            self._next_rewrite_s = self.durability.monotonic() + REWRITE_RETRY_S
+            log.error("compaction of %s not started: %s", self.log_path, exc)
+            return
+        rewrite = _Rewrite(fd, store.snapshot(), memory.snapshot(), store.clock)
+        self._rewrite = rewrite
+        self._rewrite_buffer = []
+        log.info(
+            "compacting %s (%d bytes): writing %d keys and %d remembered requests to %s",
+            self.log_path,
+            self.log.size,
+            len(rewrite.snapshot),
+            len(rewrite.memos),
+            self.rewrite_path.name,
+        )
+        rewrite.start()
+        self._reached(RewriteStep.STARTED)
+
+    def wait_rewrite(self, timeout_s: float) -> bool:
+        """Wait for the compaction thread (tests); True if none is running any more."""
+        rewrite = self._rewrite
+        if rewrite is None:
+            return True
+        rewrite.join(timeout_s)
+        return rewrite.done()
+
+    @property
+    def rewriting(self) -> bool:
+        """Whether a compaction is in progress."""
+        return self._rewrite is not None
+
+    def _finish_rewrite(self, rewrite: _Rewrite) -> None:
+        if self.log is None:
+            raise RuntimeError("a rewrite finished on a closed log: a bug in the caller")
+        if rewrite.error is not None:
+            self._abandon_rewrite(f"the thread failed: {rewrite.error}")
+            return
+        self._reached(RewriteStep.SNAPSHOT_WRITTEN)
+        fsync = self.durability.fsync
+        try:
+            aof.write_all(rewrite.fd, b"".join(self._rewrite_buffer))
+            self._reached(RewriteStep.BUFFER_APPENDED)
+            fsync(rewrite.fd)
+            self._reached(RewriteStep.SYNCED)
+            with self.fenced():
+                os.rename(self.rewrite_path, self.log_path)
+                self._reached(RewriteStep.RENAMED)
+        except (DurabilityError, OSError, OwnershipError) as exc:
+            self._abandon_rewrite(str(exc))
+            return
+        except ShardMoved:
+            self._abandon_rewrite("the shard moved")
+            raise
+        # From here the new file is the log: an fsync failure is a failure of the log itself.
+        aof.fsync_dir(self.dir, fsync)
+        self._reached(RewriteStep.DIR_SYNCED)
+        old_size = self.log.size
+        size = os.fstat(rewrite.fd).st_size
+        self.log.switch(rewrite.take_fd(), size)
+        self._rewrite = None
+        self._rewrite_buffer = []
+        self.base_bytes = size
+        log.info("compacted %s: %d bytes -> %d bytes", self.log_path, old_size, size)
+        self._reached(RewriteStep.SWITCHED)
+
+    def _abandon_rewrite(self, why: str) -> None:
+        rewrite = self._rewrite
+        self._rewrite = None
+        self._rewrite_buffer = []
+        self._next_rewrite_s = self.durability.monotonic() + REWRITE_RETRY_S
+        if rewrite is not None:
+            rewrite.cancel(0)
+        log.error(
+            "compaction of %s abandoned (%s); the log is unchanged, next attempt in %.0f s",
+            self.log_path,
+            why,
+            REWRITE_RETRY_S,
+        )
+
+    def _cancel_rewrite(self) -> None:
+        rewrite = self._rewrite
+        self._rewrite = None
+        self._rewrite_buffer = []
+        if rewrite is not None:
+            rewrite.cancel(REWRITE_CANCEL_WAIT_S)
+
+    def _reached(self, step: RewriteStep) -> None:
+        if self.crash_at is step:
+            self._cancel_rewrite()  # a real crash stops the thread too
+            raise SimulatedCrash(step.name)
+
+
+class _Rewrite:
+    """The compaction thread: writes the snapshot to an open log.rewrite.
+
+    The descriptor belongs to whoever finishes last: the loop takes it (take_fd) once the
+    thread is done; a cancelled rewrite's descriptor is closed by the thread, or by cancel()
+    if the thread already ended. Closing it while the thread may still write could let the
+    number be reused by another open file and the thread write into that.
+    """
+
+    def __init__(
+        self, fd: int, snapshot: Snapshot, memos: list[tuple[int, Memo]], clock: Clock
+    ) -> None:
+        self.fd = fd
+        self.snapshot = snapshot
+        self.memos = memos
+        self._clock = clock
+        self.error: BaseException | None = None
+        self._cancelled = threading.Event()
+        self._fd_lock = threading.Lock()
+        self._fd_open = True
+        self._thread = threading.Thread(target=self._run, name="zkv-compaction", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self, timeout_s: float) -> None:
+        self._thread.join(timeout_s)
+
+    def take_fd(self) -> int:
+        """The finished file's descriptor, now the caller's to close."""
+        with self._fd_lock:
+            self._fd_open = False
+            return self.fd
+
+    def cancel(self, wait_s: float) -> None:
+        self._cancelled.set()
+        self._thread.join(wait_s)
+        if self.done():
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        with self._fd_lock:
+            if self._fd_open:
+                self._fd_open = False
+                os.close(self.fd)
+
+    def _run(self) -> None:
+        try:
+            chunk: list[bytes] = [MAGIC]
+            pending = len(MAGIC)
+            for request_id, memo in self.memos:
+                record = aof.encode_memo(
+                    request_id, memo.kind, memo.status, memo.deadline_ms, memo.fingerprint, memo.key
+                )
+                chunk.append(record)
+                pending += len(record)
+                if pending >= aof.WRITE_CHUNK_BYTES:
+                    self._write(chunk)
+                    chunk, pending = [], 0
+            for key, value, deadline_ms in self.snapshot.live(self._clock()):
+                record = aof.encode_set(0, key, value, deadline_ms)
+                chunk.append(record)
+                pending += len(record)
+                if pending >= aof.WRITE_CHUNK_BYTES:
+                    self._write(chunk)
+                    chunk, pending = [], 0
+            self._write(chunk)
+        except BaseException as exc:  # reported to the loop, which abandons the rewrite
+            self.error = exc
+        finally:
+            if self._cancelled.is_set():
+                self._close_fd()
+
+    def _write(self, chunk: list[bytes]) -> None:
+        if self._cancelled.is_set():
+            raise _Cancelled
+        aof.write_all(self.fd, b"".join(chunk))
+
+
+class _Cancelled(Exception):
+    """The rewrite thread stops early."""
+
+
+# --- replay -----------------------------------------------------------------------------------
+
+
+def _apply(record: aof.Record, store: TTLStore, memory: RequestMemory) -> None:
+    """Apply one log record to a store and memory being rebuilt."""
+    match record:
+        case SetRecord(request_id, key, value, deadline_ms):
+            store.restore(key, value, deadline_ms)
+            memory.remember(
+                request_id, Memo(Kind.SET, key, zlib.crc32(value), Status.OK, deadline_ms)
+            )
+        case DelRecord(request_id, key):
+            store.delete(key)
+            memory.remember(request_id, Memo(Kind.DEL, key, 0, Status.OK, None))
+        case MemoRecord(request_id, kind, status, deadline_ms, fingerprint, key):
+            memory.remember(request_id, Memo(kind, key, fingerprint, status, deadline_ms))
+
+
+def compact_size(snapshot: Snapshot, memory: RequestMemory, now_ms: int) -> int:
+    """The size a compacted log of this data would have (an estimate within a few bytes)."""
+    data = sum(SET_OVERHEAD_BYTES + len(k) + len(v) for k, v, _ in snapshot.live(now_ms))
+    memos = sum(MEMO_OVERHEAD_BYTES + len(memo.key) for _, memo in memory.snapshot())
+    return len(MAGIC) + data + memos
