@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from gunicorn.app.base import BaseApplication
 from gateway.app import make_app
 from zkv import defaults, protocol
 from zkv.client import Client
-from zkv.config import add_flag, env_default, positive_float, positive_int
+from zkv.config import add_flag, boolean, endpoint, env_default, positive_float, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +33,6 @@ GRACEFUL_TIMEOUT_S = 3  # under honcho's 5 s between SIGTERM and SIGKILL
 LIMIT_REQUEST_LINE_BYTES = 8190  # gunicorn's maximum: seed /set carries its value in the URL
 LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"  # as gunicorn's own lines
-
-_ENDPOINT = re.compile(r"(tcp|ipc|inproc|ws|wss|pgm|epgm|vmci)://\S+")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 # --- flag types: argparse reports their ValueError/ArgumentTypeError with the flag's name ----
@@ -56,25 +51,6 @@ def host(text: str) -> str:
     if not text or any(c.isspace() for c in text):
         raise argparse.ArgumentTypeError(f"must be a host name or address, got {text!r}")
     return text
-
-
-def endpoint(text: str) -> str:
-    """A ZeroMQ endpoint such as tcp://127.0.0.1:5555 or ipc:///tmp/zkv-frontend."""
-    if not _ENDPOINT.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            f"must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {text!r}"
-        )
-    return text
-
-
-def boolean(text: str) -> bool:
-    """1/0, true/false, yes/no or on/off."""
-    lowered = text.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"must be one of 1/0, true/false, yes/no, on/off: {text!r}")
 
 
 def bounded_int(low: int, high: int) -> Callable[[str], int]:

@@ -29,12 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-import zmq
-
 from workers.aof import FsyncPolicy
 from workers.worker import WorkerConfig, run
 from zkv import defaults
-from zkv.config import add_flag, add_heartbeat_flags, env_default, positive_int
+from zkv.config import add_flag, add_heartbeat_flags, boolean, endpoint, env_default, positive_int
 
 # Not __name__: run with -m, this module is "__main__", which says nothing in a log line.
 log = logging.getLogger("workers.supervisor")
@@ -44,9 +42,6 @@ LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration: restarting cannot help (argparse uses 2 as well)
 
-PROCESSES = 1  # ZKV_WORKER_PROCESSES
-DATA_DIR = "./data"  # ZKV_DATA_DIR: shard-<n>/ directories, relative to the current directory
-FSYNC = FsyncPolicy.ALWAYS  # ZKV_FSYNC
 RESTART_BACKOFF_MIN_S = 0.5
 RESTART_BACKOFF_MAX_S = 10.0
 BACKOFF_RESET_AFTER_S = 30.0  # a child that lived this long starts again from the minimum
@@ -56,28 +51,6 @@ SUPERVISOR_TICK_S = 0.05  # how often the supervisor looks at its children and s
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def endpoint(text: str) -> str:
-    """argparse type: an endpoint ZeroMQ accepts for connect, e.g. ``tcp://127.0.0.1:5556``.
-
-    Checked by connecting a throwaway socket, the same call the worker makes, so that a typo
-    fails here with a clear message rather than in a child restarted forever.
-    """
-    if text.startswith("tcp://"):
-        port = text.rpartition(":")[2]
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise argparse.ArgumentTypeError(f"{text!r} needs a port between 1 and 65535")
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    try:
-        socket.connect(text)
-    except zmq.ZMQError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a ZeroMQ endpoint: {exc}") from None
-    finally:
-        socket.close(linger=0)
-        context.term()
-    return text
-
-
 def fsync_policy(text: str) -> FsyncPolicy:
     """argparse type: one of the fsync policies, by the names Redis uses."""
     try:
@@ -85,16 +58,6 @@ def fsync_policy(text: str) -> FsyncPolicy:
     except ValueError:
         names = ", ".join(policy.value for policy in FsyncPolicy)
         raise argparse.ArgumentTypeError(f"must be one of {names}, got {text!r}") from None
-
-
-def boolean(text: str) -> bool:
-    """argparse/environment type: a yes/no value (1/0, true/false, yes/no, on/off)."""
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         "--processes",
         "ZKV_WORKER_PROCESSES",
-        PROCESSES,
+        defaults.WORKER_PROCESSES,
         positive_int,
         help="worker processes; above 1 this process supervises them",
     )
@@ -124,14 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         "--data-dir",
         "ZKV_DATA_DIR",
-        DATA_DIR,
+        defaults.DATA_DIR,
         help="directory of the shards' files (created if missing)",
     )
     add_flag(
         parser,
         "--fsync",
         "ZKV_FSYNC",
-        FSYNC.value,
+        defaults.FSYNC,
         fsync_policy,
         help="when writes reach the disk: always (before the reply), everysec, or no",
     )

@@ -7,6 +7,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import zmq
+
 from zkv import defaults
 
 
@@ -23,6 +25,38 @@ def env_default(name: str, default: Any, kind: Callable[[str], Any] = str) -> An
         return kind(raw)
     except (ValueError, argparse.ArgumentTypeError) as exc:
         raise SystemExit(f"error: environment variable {name}={raw!r}: {exc}") from None
+
+
+def endpoint(text: str) -> str:
+    """argparse type: an endpoint ZeroMQ accepts for connect, e.g. ``tcp://127.0.0.1:5556``.
+
+    Checked by connecting a throwaway socket, the same call the service makes, so that a typo
+    fails at startup with a clear message rather than later, or in a child restarted forever.
+    """
+    if text.startswith("tcp://"):
+        port = text.rpartition(":")[2]
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise argparse.ArgumentTypeError(f"{text!r} needs a port between 1 and 65535")
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    try:
+        socket.connect(text)
+    except zmq.ZMQError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ZeroMQ endpoint: {exc}") from None
+    finally:
+        socket.close(linger=0)
+        context.term()
+    return text
+
+
+def boolean(text: str) -> bool:
+    """argparse/environment type: a yes/no value (1/0, true/false, yes/no, on/off)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be one of 1/0, true/false, yes/no, on/off: {text!r}")
 
 
 def positive_int(text: str) -> int:

@@ -26,5 +26,9 @@ WORKER_REPLY_TIMEOUT_S = 4.0  # ZKV_WORKER_TIMEOUT: broker gives up on a dispatc
 HEARTBEAT_INTERVAL_S = 1.0  # ZKV_HEARTBEAT_INTERVAL
 HEARTBEAT_LIVENESS = 3  # ZKV_HEARTBEAT_LIVENESS: intervals of silence before a peer is dead
 
+WORKER_PROCESSES = 1  # ZKV_WORKER_PROCESSES: worker processes one `python -m workers` runs
+DATA_DIR = "./data"  # ZKV_DATA_DIR: shard-<n>/ directories, relative to the current directory
+FSYNC = "always"  # ZKV_FSYNC: always | everysec | no, as Redis names them
+
 EXPIRE_CYCLE_S = 0.05  # how often a worker looks for expired keys nobody read
 EXPIRE_BUDGET_S = 0.002  # the most one expiry pass may take before requests run again
