@@ -1,0 +1,429 @@
+"""The pure parts of the benchmark: percentiles, ratios, the table, parsing wrk and redis-benchmark.
+
+No load and no timing here: speed is never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import pytest
+
+from bench import __main__ as cli
+from bench import report
+from bench.http_load import HttpWorkload, parse_wrk_output, request_for, wrk_command
+from bench.peers import (
+    parse_redis_csv,
+    redis_benchmark_command,
+    resp_command,
+    webdis_config,
+)
+from bench.report import (
+    Outcome,
+    cpu_model,
+    format_ms,
+    format_ratio,
+    format_table,
+    ratio,
+    ratios_of,
+    table_rows,
+)
+from bench.runner import http_workload, progress_line, zmq_workload
+from bench.scenarios import (
+    TARGETS,
+    Peer,
+    Scenario,
+    all_scenarios,
+    run_order,
+    select,
+    size_label,
+)
+from bench.stats import LoadResult, percentile, summarize
+
+pytestmark = pytest.mark.unit
+
+
+def result(ops_per_s: float, p50_ms: float | None = 1.0, generator: str = "wrk") -> LoadResult:
+    return LoadResult(
+        generator=generator,
+        ops=int(ops_per_s),
+        errors=0,
+        elapsed_s=1.0,
+        p50_ms=p50_ms,
+        p99_ms=2.0,
+        p999_ms=3.0,
+        count=int(ops_per_s),
+    )
+
+
+# --- percentiles ------------------------------------------------------------------------------
+
+
+def test_percentile_is_nearest_rank() -> None:
+    samples = list(range(1, 101))  # 1..100
+    assert percentile(samples, 50) == 50
+    assert percentile(samples, 99) == 99
+    assert percentile(samples, 99.9) == 100
+    assert percentile(samples, 100) == 100
+    assert percentile(samples, 0.5) == 1
+
+
+def test_percentile_of_a_thousand_samples_does_not_round_up_by_float_error() -> None:
+    samples = list(range(1, 1001))
+    assert percentile(samples, 99.9) == 999  # 99.9 / 100 * 1000 is 999.0000000000001
+    assert percentile(samples, 99) == 990
+
+
+def test_percentile_of_one_sample_is_that_sample() -> None:
+    assert percentile([7.5], 50) == 7.5
+    assert percentile([7.5], 99.9) == 7.5
+
+
+@pytest.mark.parametrize("p", [0, -1, 100.1])
+def test_percentile_refuses_out_of_range(p: float) -> None:
+    with pytest.raises(ValueError):
+        percentile([1, 2, 3], p)
+
+
+def test_percentile_refuses_no_samples() -> None:
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_summarize_converts_nanoseconds_and_sorts() -> None:
+    latencies = [3_000_000, 1_000_000, 2_000_000, 4_000_000]
+    summary = summarize("zkv.Client", latencies, ops=4, errors=0, elapsed_s=2.0)
+    assert (summary.p50_ms, summary.p99_ms, summary.p999_ms) == (2.0, 4.0, 4.0)
+    assert summary.ops_per_s == 2.0
+    assert summary.count == 4
+
+
+def test_summarize_without_samples_has_no_percentiles() -> None:
+    summary = summarize("dealer-pipeline", [], ops=0, errors=3, elapsed_s=1.0)
+    assert summary.p50_ms is None and summary.p999_ms is None
+    assert summary.ops_per_s == 0.0
+
+
+# --- ratios and the table ---------------------------------------------------------------------
+
+
+def test_ratio_of_throughput_and_of_median_latency() -> None:
+    zkv, redis = result(1_000, p50_ms=2.0), result(40_000, p50_ms=0.5)
+    assert ratio(zkv, redis, "ops") == pytest.approx(0.025)
+    assert ratio(zkv, redis, "p50") == pytest.approx(4.0)
+
+
+def test_ratio_is_none_when_the_peer_has_nothing() -> None:
+    assert ratio(result(10), result(0), "ops") is None
+    assert ratio(result(10, p50_ms=None), result(10), "p50") is None
+    with pytest.raises(ValueError):
+        ratio(result(1), result(1), "p99")
+
+
+def test_ratios_only_against_peers_of_the_same_run() -> None:
+    row = Scenario(
+        "client.get.16B.c1",
+        "zkv",
+        "client",
+        "get",
+        peers=(Peer("redis", "redis.get.16B.c1"), Peer("bare p50", "bare.tcp.get.16B.c1", "p50")),
+    )
+    peer = Scenario("redis.get.16B.c1", "redis", "redis-benchmark", "get")
+    outcomes = [Outcome(row, result(2_000, p50_ms=0.5)), Outcome(peer, result(40_000))]
+    by_id = {o.scenario.id: o for o in outcomes}
+    found = ratios_of(outcomes[0], by_id)
+    assert [(r.label, r.value) for r in found] == [
+        ("redis", pytest.approx(0.05)),
+        ("bare p50", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0.04321, "0.043x"), (1.0, "1x"), (1.54, "1.5x"), (12.4, "12x"), (250.2, "250x")],
+)
+def test_format_ratio(value: float, text: str) -> None:
+    assert format_ratio(value) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(None, "-"), (0.0234, "0.023"), (1.234, "1.23"), (12.34, "12.3"), (1234.5, "1234")],
+)
+def test_format_ms(value: float | None, text: str) -> None:
+    assert format_ms(value) == text
+
+
+def test_table_has_a_row_per_measured_scenario_and_ratios_in_one_column() -> None:
+    zkv = Scenario(
+        "http.get.16B.uniform.c64",
+        "zkv",
+        "http",
+        "get",
+        connections=64,
+        peers=(Peer("redis", "redis.get.16B.c64"), Peer("webdis", "webdis.get.16B.uniform.c64")),
+    )
+    redis = Scenario("redis.get.16B.c64", "redis", "redis-benchmark", "get")
+    webdis = Scenario("webdis.get.16B.uniform.c64", "webdis", "http", "webdis-get")
+    outcomes = [
+        Outcome(zkv, result(5_000)),
+        Outcome(redis, result(100_000, generator="redis-benchmark")),
+        Outcome(webdis, skipped="skipped: webdis not installed (apt-get install webdis)"),
+    ]
+    rows = table_rows(outcomes)
+    assert [row["scenario"] for row in rows] == ["http.get.16B.uniform.c64", "redis.get.16B.c64"]
+    assert rows[0]["vs peers"] == "redis 0.05x"  # webdis did not run: no ratio, no noise
+    assert rows[0]["ops/s"] == "5,000"
+    text = format_table(rows)
+    lines = text.splitlines()
+    assert lines[0].startswith("| scenario ")
+    assert set(lines[1]) <= {"|", "-", ":"}
+    assert len({len(line) for line in lines}) == 1  # padded to equal widths
+    assert "redis 0.05x" in lines[2]
+
+
+def test_errors_unknown_to_the_generator_show_as_na() -> None:
+    scenario = Scenario("redis.get.16B.c1", "redis", "redis-benchmark", "get")
+    unknown = result(10)
+    unknown.errors = None
+    assert table_rows([Outcome(scenario, unknown)])[0]["errors"] == "n/a"
+
+
+def test_progress_line_names_the_generator_or_the_reason() -> None:
+    scenario = Scenario("pipe.get.16B.uniform.s64", "zkv", "pipeline", "get")
+    line = progress_line(3, 40, Outcome(scenario, result(12_345, generator="dealer-pipeline")))
+    assert line.startswith("[ 3/40] pipe.get.16B.uniform.s64")
+    assert "dealer-pipeline" in line and "12,345 ops/s" in line
+    skipped = Outcome(scenario, skipped="skipped: wrk not installed (apt-get install wrk)")
+    assert progress_line(4, 40, skipped).endswith(
+        "skipped: wrk not installed (apt-get install wrk)"
+    )
+
+
+def test_filesystem_of_takes_the_longest_mount_point() -> None:
+    mounts = (
+        "/dev/vda / ext4 rw 0 0\n"
+        "tmpfs /tmp tmpfs rw 0 0\n"
+        "tmpfs /tmpfoo tmpfs rw 0 0\n"
+        "/dev/vdb /work xfs rw 0 0\n"
+    )
+    assert report.filesystem_of(Path("/tmp/zkv-bench-1"), mounts) == "tmpfs"
+    assert report.filesystem_of(Path("/work/main"), mounts) == "xfs"
+    assert report.filesystem_of(Path("/var/tmp"), mounts) == "ext4"
+
+
+def test_cpu_model_from_proc_cpuinfo() -> None:
+    text = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) @ 2.50GHz\n"
+    assert cpu_model(text) == "Intel(R) Xeon(R) @ 2.50GHz"
+    assert cpu_model("") == "unknown"
+
+
+# --- wrk --------------------------------------------------------------------------------------
+
+WRK_OUTPUT = """\
+Running 2s test @ http://127.0.0.1:5000
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    12.31ms    3.10ms  45.00ms   80.00%
+    Req/Sec     2.60k   200.00     3.00k    70.00%
+  10400 requests in 2.00s, 2.10MB read
+  Non-2xx or 3xx responses: 4
+Requests/sec:   5200.00
+Transfer/sec:      1.05MB
+ZKV_BENCH {"requests": 10400, "duration_us": 2000000, "bytes": 2200000, "errors": \
+{"connect": 0, "read": 1, "write": 0, "status": 4, "timeout": 2}, "p50_us": 11800.0, \
+"p99_us": 30500.5, "p999_us": 44100.0, "mean_us": 12310.2, "max_us": 45000.0}
+"""
+
+
+def test_parse_wrk_output_reads_the_done_line() -> None:
+    parsed = parse_wrk_output(WRK_OUTPUT)
+    assert parsed.generator == "wrk"
+    assert parsed.ops == 10_396  # error statuses are counted in requests; they are not ops
+    assert parsed.errors == 7
+    assert parsed.elapsed_s == 2.0
+    assert parsed.ops_per_s == pytest.approx(5198.0)
+    assert (parsed.p50_ms, parsed.p99_ms, parsed.p999_ms) == (11.8, 30.5005, 44.1)
+    assert parsed.details == {"wrk_errors": {"read": 1, "status": 4, "timeout": 2}}
+
+
+def test_parse_wrk_output_without_the_line_fails_clearly() -> None:
+    with pytest.raises(ValueError, match="ZKV_BENCH"):
+        parse_wrk_output("Running 2s test @ http://127.0.0.1:5000\nRequests/sec: 10\n")
+
+
+def test_wrk_command_rounds_duration_and_passes_the_script_arguments() -> None:
+    workload = HttpWorkload("seed", set_percent=10, key_prefix="bench:", key_count=100)
+    command = wrk_command("/usr/bin/wrk", "http://127.0.0.1:5000", workload, 1, 0.4)
+    assert command[1:4] == ["--threads=1", "--connections=1", "--duration=1s"]
+    assert command[-7:] == ["--", "seed", "10", "bench:", "100", "16", "3600"]
+
+
+def test_python_requests_match_the_lua_script() -> None:
+    rng = random.Random(1)
+    get = HttpWorkload("seed", key_prefix="bench:", key_count=0)
+    assert request_for(get, rng) == ("GET", "/get?key=bench:hot", None)
+    put = HttpWorkload("rest-put", key_prefix="big:", key_count=0, value_bytes=4, ttl_s=60)
+    assert request_for(put, rng) == ("PUT", "/v1/keys/big:hot?ttl=60", b"vvvv")
+    sets = HttpWorkload("seed", set_percent=100, key_prefix="bench:", key_count=10)
+    _, path, _ = request_for(sets, rng)
+    assert path.startswith("/set?key=bench:") and path.endswith(
+        "&value=" + "v" * 16 + "&timeout=3600"
+    )
+    mix = HttpWorkload("seed", set_percent=10, key_prefix="bench:", key_count=10)
+    paths = [request_for(mix, rng)[1] for _ in range(2000)]
+    share = sum(p.startswith("/set") for p in paths) / len(paths)
+    assert 0.05 < share < 0.15
+    webdis = HttpWorkload("webdis-get", key_prefix="bench:", key_count=0)
+    assert request_for(webdis, rng) == ("GET", "/GET/bench:hot", None)
+
+
+# --- redis-benchmark and webdis ---------------------------------------------------------------
+
+REDIS_CSV = """\
+"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+"SET","69662.14","13.377","0.632","9.575","33.439","79.743","128.831"
+"GET","94384.15","9.435","0.536","6.639","28.463","48.991","59.999"
+"""
+
+
+def test_parse_redis_csv() -> None:
+    rows = parse_redis_csv(REDIS_CSV)
+    assert rows["GET"]["rps"] == 94384.15
+    assert rows["SET"]["p99_latency_ms"] == 79.743
+
+
+def test_parse_redis_csv_refuses_other_output() -> None:
+    with pytest.raises(ValueError):
+        parse_redis_csv("SET: 69662.14 requests per second\n")
+
+
+def test_redis_benchmark_command_pipelines_only_when_asked() -> None:
+    plain = redis_benchmark_command(6400, "get", 1, 1, 16, 1000)
+    assert "-P" not in plain and plain[plain.index("-t") + 1] == "get"
+    assert plain[plain.index("-h") + 1] == "127.0.0.1"
+    piped = redis_benchmark_command(6400, "set", 64, 16, 65536, 1000)
+    assert piped[-2:] == ["-P", "16"]
+    assert piped[piped.index("-r") + 1] == "256"
+
+
+def test_resp_command() -> None:
+    assert resp_command(b"SET", b"k", b"vv") == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nvv\r\n"
+
+
+def test_webdis_config_listens_on_loopback_in_the_foreground(tmp_path: Path) -> None:
+    config = webdis_config(6400, 7400, tmp_path / "w.log")
+    assert config["http_host"] == "127.0.0.1" and config["redis_host"] == "127.0.0.1"
+    assert config["daemonize"] is False
+
+
+# --- scenarios and the command line -----------------------------------------------------------
+
+
+def test_scenario_ids_are_unique_and_every_peer_exists() -> None:
+    scenarios = all_scenarios()
+    ids = [s.id for s in scenarios]
+    assert len(ids) == len(set(ids))
+    for scenario in scenarios:
+        assert scenario.target in TARGETS
+        for peer in scenario.peers:
+            assert peer.scenario in ids, (scenario.id, peer.scenario)
+            assert peer.metric in ("ops", "p50")
+
+
+def test_select_by_glob_substring_and_quick() -> None:
+    scenarios = all_scenarios()
+    assert {s.id for s in select(scenarios, "http.*.c1", quick=False)} >= {
+        "http.get.16B.uniform.c1",
+        "http.rest-put.64K.uniform.c1",
+    }
+    assert all("pipe.get" in s.id for s in select(scenarios, "pipe.get", quick=False))
+    exact = select(scenarios, "redis.get.16B.c1", quick=False)
+    assert [s.id for s in exact] == ["redis.get.16B.c1"]  # not redis.get.16B.c1.P64
+    quick = select(scenarios, None, quick=True)
+    assert 0 < len(quick) < len(scenarios) / 2
+    assert select(scenarios, "nothing-like-this", quick=False) == []
+
+
+def test_run_order_keeps_compared_rows_close_in_time() -> None:
+    ordered = [s.id for s in run_order(all_scenarios())]
+    assert sorted(ordered) == sorted(s.id for s in all_scenarios())
+    targets = [s.target for s in run_order(all_scenarios())]
+    assert targets == sorted(targets, key=TARGETS.index)  # each target started once
+    main = [s.id for s in run_order(all_scenarios()) if s.target == "zkv"]
+    # The 2-shard point comes first, right after the 1- and 4-shard clusters ...
+    assert main[0] == "pipe.get.16B.uniform.s64"
+    assert targets.index("zkv") == targets.index("zkv-shards1") + 1
+    # ... and the rows compared with fsync=no come last, right before the fsync=no cluster.
+    assert main[-1] == "pipe.set.16B.uniform.s64"
+    assert targets[len(targets) - targets[::-1].index("zkv")] == "zkv-fsync-no"
+
+
+def test_workloads_follow_the_scenario() -> None:
+    hot = Scenario("http.get.16B.hot.c64", "zkv", "http", "get", hot=True, connections=64)
+    assert http_workload(hot, 10_000).key_count == 0
+    mix = Scenario("http.mix.16B.uniform.c1", "zkv", "http", "mix")
+    assert (http_workload(mix, 500).set_percent, http_workload(mix, 500).key_count) == (10, 500)
+    put = Scenario("http.rest-put.64K.uniform.c1", "zkv", "http", "rest-put", value_bytes=65536)
+    assert (http_workload(put, 10).mode, http_workload(put, 10).key_prefix) == ("rest-put", "big:")
+    pipe = Scenario("pipe.set.16B.hot.s64", "zkv", "pipeline", "set", hot=True)
+    assert zmq_workload(pipe, 100).keys == [b"bench:hot"]
+    uniform = Scenario("pipe.get.16B.uniform.s1", "zkv", "pipeline", "get")
+    assert len(zmq_workload(uniform, 100).keys) == 100
+
+
+def test_size_label() -> None:
+    assert (size_label(16), size_label(65536)) == ("16B", "64K")
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://localhost:5555", True),
+        ("ipc:///tmp/zkv", True),
+        ("tcp://10.0.0.5:5555", False),
+        ("tcp://example.com:5555", False),
+        ("tcp://127.0.0.1", False),
+    ],
+)
+def test_frontend_must_be_loopback(text: str, ok: bool) -> None:
+    if ok:
+        assert cli.frontend_endpoint(text) == text
+    else:
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.frontend_endpoint(text)
+
+
+def test_http_address_must_be_loopback() -> None:
+    assert cli.http_address("http://127.0.0.1:5000") == ("127.0.0.1", 5000)
+    assert cli.http_address("localhost:8080") == ("localhost", 8080)
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.http_address("http://192.168.1.2:5000")
+
+
+def test_json_document_has_every_scenario_with_ratios_or_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(report, "git_state", lambda: {"commit": "abc"})
+    zkv = Scenario(
+        "client.get.16B.c1", "zkv", "client", "get", peers=(Peer("redis", "redis.get.16B.c1"),)
+    )
+    redis = Scenario("redis.get.16B.c1", "redis", "redis-benchmark", "get")
+    outcomes = [
+        Outcome(zkv, result(1_000), settings={"ZKV_FSYNC": "always"}),
+        Outcome(
+            redis, skipped="skipped: redis-server not installed (apt-get install redis-server)"
+        ),
+    ]
+    doc = report.document(outcomes, {"nproc": 2}, {"duration_s": 2.0})
+    first, second = doc["scenarios"]
+    assert first["ops_per_s"] == 1000.0 and first["settings"] == {"ZKV_FSYNC": "always"}
+    assert first["ratios"] == {
+        "redis": {"peer": "redis.get.16B.c1", "metric": "ops", "ratio": None}
+    }
+    assert second["skipped"].startswith("skipped: redis-server not installed")
+    assert "ops_per_s" not in second
+    assert doc["zkv"] == {"commit": "abc"} and doc["machine"] == {"nproc": 2}
