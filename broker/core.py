@@ -7,35 +7,60 @@ whatever lands in :attr:`Broker.outbox`:
 * ``on_worker(frames, now)``: a message on the backend ROUTER, identity first.
 * ``on_timer(now)``: every pass of the loop, whether or not anything arrived.
 
-Life of a keyed request (GET, SET, DEL)::
+Two records carry the state. An op (:data:`Op`) is one keyed request (GET, SET, DEL), whether
+it came alone or as one sub-request of a client's BATCH; its :class:`Origin` says whom to
+answer and how. A :class:`Flight` is one message to a worker: one or many ops of one shard,
+fenced by one token, applied by the worker in order and answered in one message. Life of an
+op::
 
-    arrive -> wait for the key's token (FIFO per key) -> wait for the shard's owner (bounded)
-           -> at the worker with a fencing token (bounded) -> reply forwarded, token passed on
+    arrive -> wait for the key's token (FIFO per key) -> join a flight of its shard
+           -> the flight waits for the shard's owner (bounded)
+           -> the flight is at the worker with one fencing token (bounded)
+           -> the reply goes to each op's client; each key's token passes on
 
-Each wait is bounded, so no request can hang: a shard with no owner fails its waiting requests
-after ``shard_wait_s`` with an UNAVAILABLE reply naming the shard; a worker that does not answer
-within ``worker_timeout_s`` fails its request as UNAVAILABLE with "outcome unknown" (the write
-may or may not have been applied). Either way the key's token passes on.
+Batches (the algorithm, in one place). A client's BATCH is cut by shard as it is read: a
+sub-request whose key's token is free takes it and joins its shard's *open* flight (the one
+being filled while this event is handled); one whose key's token is held by that same open
+flight joins it too, after the holder (the worker applies a flight in order, so both see the
+key one after the other, which is exactly what waiting would have given); one whose key's
+token is out with an earlier flight waits behind it in the token table. At the end of the
+event every open flight is closed and dispatched: ONE message per shard per client batch, with
+ONE token, whose sub-requests are slices of the client's frame joined once (the broker never
+decodes a value). When a flight's BATCH_REPLY comes back, its sub-replies are in the order of
+its ops: if every op belongs to the same client, as it does for a pipelining client, the reply
+is forwarded as received without being read; otherwise it is cut into records and regrouped,
+one BATCH_REPLY per client (and a plain REPLY for any op that came as a single request). Then
+each key of the flight gives its token back: if requests wait for it, the whole run of them
+(up to the batch limits) takes it together and joins an open flight, so a hot key moves a
+run of requests per round trip instead of one; the runs freed by one reply are dispatched
+together, one message per shard. A flight of a single request that came alone is sent as a
+plain DISPATCH, so the one-request path is what it always was.
 
-When a worker dies, its requests in flight are not failed: they go back to wait for the
+Each wait is bounded, so no request can hang: a shard with no owner fails its waiting flights
+after ``shard_wait_s`` with an UNAVAILABLE reply naming the shard; a worker that does not
+answer within ``worker_timeout_s`` fails its flight's ops as UNAVAILABLE with "outcome unknown"
+(the write may or may not have been applied). Either way the keys' tokens pass on.
+
+When a worker dies, its flights are not failed: each goes back, whole, to wait for the
 shard's next owner (a standby, or the worker restarted by its supervisor), which takes the
-shard over from its log, and are dispatched again, still holding their keys' tokens so nothing
-overtakes them. That is safe for every command: GET and ALL only read, and a SET or DEL that
-the dead worker had applied is in the log with its request id, so the new owner answers the
-retry from its memory instead of applying it twice. Only if no owner appears in time does such
-a request fail, and then its message says the outcome is unknown.
+shard over from its log, and is dispatched again with a new token, its ops still holding their
+keys' tokens so nothing overtakes them. That is safe for every command: GET and ALL only read,
+and a SET or DEL that the dead worker had applied is in the log with its request id, so the
+new owner answers the retry from its memory instead of applying it twice. Only if no owner
+appears in time does such a request fail, and then its message says the outcome is unknown.
 
-Retries from clients (Lazy Pirate: a client that got no reply resends the same request, with
-the same request id, on a fresh socket) are merged with the original while it is still here:
-the reply goes to the newest socket and the request runs once.
+Retries from clients (Lazy Pirate: a client that got no reply resends the same requests, with
+the same request ids, on a fresh socket) are merged with the originals while those are still
+here, by (request id, kind, key): the reply goes to the newest socket and the request runs once.
 
 ALL scatters one part per shard (parts hold no key token: each worker applies requests in
 order, so each part sees a consistent shard) and gathers the bodies, which concatenate by
 design of the wire format. The first part that fails fails the whole ALL: never a silent
 partial answer.
 
-Values are never decoded here: a request's frames travel to the worker as received, behind a
-ten-byte dispatch prefix, and a reply's frames travel back to the client untouched.
+Limits: a flight holds at most MAX_BATCH_OPS ops and MAX_BATCH_BYTES bytes of sub-requests
+(a full open flight is closed and a new one opened); a run passed on by a key is cut to the
+same limits, and the rest of its waiters wait for the run's answer.
 """
 
 from __future__ import annotations
@@ -44,13 +69,18 @@ import enum
 import json
 import logging
 import time
+from binascii import crc_hqx
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from broker.registry import Registry
 from broker.tokens import TokenIssuer, TokenTable
-from zkv.hashing import key_shard
+from zkv.hashing import SLOTS, key_shard
 from zkv.protocol import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_OPS,
+    VERSION,
     Assign,
     Disconnect,
     Heartbeat,
@@ -59,18 +89,34 @@ from zkv.protocol import (
     Ready,
     Reply,
     Status,
+    batch_reply_frames,
+    batch_reply_header,
     decode_from_worker,
+    decode_reply_record,
     decode_request,
+    dispatch_batch_frames,
     dispatch_frames,
     encode_control,
     encode_reply,
     error_reply,
+    pack_reply,
+    reply_from_record,
+    reply_record_status,
+    request_record,
+    split_batch,
+    split_reply_records,
 )
 
 log = logging.getLogger(__name__)
 
 
 CLAIM_WINDOW_HEARTBEATS = 1.5  # heartbeat intervals a new broker waits for shard claims
+
+_BATCH = int(Kind.BATCH)
+_BATCH_REPLY = int(Kind.BATCH_REPLY)
+_UNAVAILABLE = int(Status.UNAVAILABLE)
+_ERROR = int(Status.ERROR)
+_SLOT_MASK = SLOTS - 1
 
 
 class Side(enum.Enum):
@@ -92,35 +138,68 @@ class Gather:
     identity: tuple[int, Kind, bytes] | None = None
 
 
-@dataclass(slots=True)
-class Pending:
-    """A request the broker holds, from arrival until its reply is forwarded.
+class Origin:
+    """Whom to answer, and in which form: shared by every op of one client message.
 
     Attributes:
-        frames: the request exactly as the client sent it (without identity).
-        key: the key whose token it holds; None for the parts of an ALL.
-        token: the fencing token of its dispatch, 0 until dispatched.
-        worker: the worker it was dispatched to.
-        deadline: monotonic seconds; while waiting for an owner, when to give up on the
-            shard; once dispatched, when to give up on the worker.
+        client: the identity of the socket to answer. A retry (same request id, kind and key)
+            sets it to the socket the retry came from, for every op of the message: a client
+            resends everything unanswered on its fresh socket, and the old one is closed.
+        frames: the request as the client sent it alone (without identity), answered with a
+            REPLY; None for the sub-requests of a BATCH, answered in BATCH_REPLY messages.
+            A retry is answered in the form of the original (clients of batches accept both).
+        gather: the ALL this is a part of, if it is one.
     """
 
-    client: bytes
-    request_id: int
-    frames: list[bytes]
-    shard: int
-    key: bytes | None
-    gather: Gather | None = None
-    token: int = 0
-    worker: bytes | None = None
-    deadline: float = 0.0
-    kind: Kind = Kind.GET
-    attempts: int = 0  # dispatches so far; more than one after its worker went away
+    __slots__ = ("client", "frames", "gather")
 
-    @property
-    def reached_a_worker(self) -> bool:
-        """Whether it was ever dispatched: then its outcome is unknown if it fails later."""
-        return self.token != 0
+    def __init__(
+        self, client: bytes, frames: list[bytes] | None, gather: Gather | None = None
+    ) -> None:
+        self.client = client
+        self.frames = frames
+        self.gather = gather
+
+
+Op = tuple[Origin, int, int, bytes, "memoryview | None", int]
+"""One request the broker holds: ``(origin, kind, request_id, key, record, size)``.
+
+``record`` is the sub-request's wire record, a slice of the client's BATCH (None for a request
+that came alone: :attr:`Origin.frames` has it); ``size`` is the bytes it adds to a dispatch.
+A plain tuple, not an object: the broker makes one per operation, tens of thousands a second,
+and a tuple costs a tenth of a class instance. The parts of an ALL are ops with kind ALL and
+an empty key, which hold no token.
+"""
+
+
+class Flight:
+    """One message to a worker: ops of one shard under one fencing token.
+
+    States: OPEN (being filled while one event is handled: in ``Broker._open``), READY (closed,
+    dispatched at the end of the event), WAITING (in its shard's queue for an owner; ``token``
+    0 unless it went to a worker that died), AT_WORKER (in ``Broker._inflight`` under
+    ``token``). A flight keeps its ops together for good: a flight whose worker died goes back
+    to WAITING whole, and is answered whole.
+
+    Attributes:
+        keys: the keys whose tokens its ops hold (each once); empty for an ALL part.
+        nbytes: the sum of its ops' sizes.
+        attempts: dispatches so far; more than one after its worker went away.
+        deadline: monotonic seconds; while WAITING, when to give up on the shard; while
+            AT_WORKER, when to give up on the worker.
+    """
+
+    __slots__ = ("attempts", "deadline", "keys", "nbytes", "ops", "shard", "token", "worker")
+
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+        self.ops: list[Op] = []
+        self.keys: set[bytes] = set()
+        self.nbytes = 0
+        self.token = 0
+        self.worker: bytes | None = None
+        self.deadline = 0.0
+        self.attempts = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,15 +219,19 @@ class Broker:
     def __init__(self, config: BrokerConfig, now: float, epoch: int | None = None) -> None:
         self.config = config
         self.registry = Registry(config.shards)
-        self.tokens: TokenTable[Pending] = TokenTable()
+        self.tokens: TokenTable[Op] = TokenTable()
         self.issuer = TokenIssuer(int(time.time()) if epoch is None else epoch)
         self.outbox: list[tuple[Side, list[bytes]]] = []
-        self._inflight: dict[int, Pending] = {}
+        self._inflight: dict[int, Flight] = {}
         # Dispatch order is deadline order (one timeout for all), so expiry checks the front.
         self._inflight_deadlines: deque[tuple[float, int]] = deque()
-        self._shard_queues: list[deque[Pending]] = [deque() for _ in range(config.shards)]
+        self._shard_queues: list[deque[Flight]] = [deque() for _ in range(config.shards)]
+        # The flights being filled while one event is handled, by shard, and those already
+        # closed (full); both are dispatched by _flush at the end of the event.
+        self._open: dict[int, Flight] = {}
+        self._ready: list[Flight] = []
         # Requests here, by (request id, kind, key), so a client's retry joins its original.
-        self._by_request: dict[tuple[int, Kind, bytes], Pending | Gather] = {}
+        self._by_request: dict[tuple[int, int, bytes], Origin | Gather] = {}
         self._next_heartbeat = now + config.heartbeat_interval_s
         # Claims first: a broker that starts (or restarts) while workers already hold shards
         # must give each shard back to the worker holding it, not to whichever worker says
@@ -163,8 +246,12 @@ class Broker:
     # --- events -----------------------------------------------------------------------------
 
     def on_client(self, frames: list[bytes], now: float) -> None:
-        """A client's message: ``[identity, header, (value)]``."""
+        """A client's message: ``[identity, header, (value or batch body)]``."""
         client, body = frames[0], frames[1:]
+        if body and len(body[0]) >= 2 and body[0][1] == _BATCH and body[0][0] == VERSION:
+            self._on_batch(client, body, now)
+            self._flush(now)
+            return
         try:
             request = decode_request(body)
         except ProtocolError as exc:
@@ -185,42 +272,47 @@ class Broker:
         if original is not None:
             original.client = client  # a retry: answer it on the socket the client now uses
             return
-        match request.kind:
-            case Kind.GET | Kind.SET | Kind.DEL:
-                pending = Pending(
-                    client,
-                    request.request_id,
-                    body,
-                    key_shard(request.key, self.config.shards),
-                    request.key,
-                    kind=request.kind,
-                )
-                self._by_request[identity] = pending
-                if self.tokens.acquire(request.key, pending):
-                    self._route(pending, now)
-            case Kind.ALL:
-                gather = Gather(client, request.request_id, set(range(self.config.shards)))
-                gather.identity = identity
-                self._by_request[identity] = gather
-                for shard in range(self.config.shards):
-                    part = Pending(
-                        client, request.request_id, body, shard, None, gather, kind=Kind.ALL
-                    )
-                    self._route(part, now)
+        if request.kind == Kind.ALL:
+            gather = Gather(client, request.request_id, set(range(self.config.shards)))
+            gather.identity = identity
+            self._by_request[identity] = gather
+            part = Origin(client, body, gather)
+            for shard in range(self.config.shards):
+                flight = Flight(shard)
+                flight.ops.append((part, Kind.ALL, request.request_id, b"", None, 0))
+                self._ready.append(flight)
+        else:
+            origin = Origin(client, body)
+            self._by_request[identity] = origin
+            size = len(body[0]) + (len(body[1]) if len(body) > 1 else 0)
+            op = (origin, request.kind, request.request_id, request.key, None, size)
+            self._admit(op, key_shard(request.key, self.config.shards))
+        self._flush(now)
 
     def on_worker(self, frames: list[bytes], now: float) -> None:
         """A worker's message: ``[identity, header, (body)]``."""
         worker, body = frames[0], frames[1:]
+        if body and len(body[0]) >= 2 and body[0][1] == _BATCH_REPLY and body[0][0] == VERSION:
+            # The hot path: the header is all the broker reads of a batch reply, usually.
+            if self.registry.get(worker) is None:
+                self._unknown_worker(worker)
+                return
+            self.registry.seen(worker, now)
+            try:
+                token, count = batch_reply_header(body)
+            except ProtocolError as exc:
+                log.warning("bad batch reply from worker %s dropped: %s", worker.hex(), exc)
+                return
+            self._on_batch_reply(worker, token, count, body, now)
+            self._flush(now)
+            return
         try:
             message = decode_from_worker(body)
         except ProtocolError as exc:
             log.warning("bad message from worker %s dropped: %s", worker.hex(), exc)
             return
         if self.registry.get(worker) is None and not isinstance(message, Ready | Disconnect):
-            # A worker registered with a broker before this one (we restarted): have it
-            # register again now rather than after its heartbeat liveness runs out.
-            log.info("unknown worker %s: asking it to register", worker.hex())
-            self.outbox.append((Side.BACKEND, [worker, *encode_control(Disconnect())]))
+            self._unknown_worker(worker)
             return
         self.registry.seen(worker, now)
         match message:
@@ -232,6 +324,7 @@ class Broker:
                 pass
             case Disconnect():
                 self._remove_worker(worker, "disconnected", now)
+        self._flush(now)
 
     def on_timer(self, now: float) -> None:
         """Run every pass: expire waits that ran out, send and check heartbeats."""
@@ -241,21 +334,20 @@ class Broker:
                 self._promote(shard, now)
         while self._inflight_deadlines and self._inflight_deadlines[0][0] <= now:
             _, token = self._inflight_deadlines.popleft()
-            pending = self._inflight.pop(token, None)
-            if pending is not None:
+            flight = self._inflight.pop(token, None)
+            if flight is not None:
                 self._fail(
-                    pending,
-                    f"worker of shard {pending.shard} did not answer within "
+                    flight,
+                    f"worker of shard {flight.shard} did not answer within "
                     f"{self.config.worker_timeout_s} s; outcome unknown",
-                    now,
                 )
         for shard, queue in enumerate(self._shard_queues):
             while queue and queue[0].deadline <= now:
-                pending = queue.popleft()
+                flight = queue.popleft()
                 message = f"shard {shard} has no worker (waited {self.config.shard_wait_s} s)"
-                if pending.reached_a_worker:
+                if flight.attempts:
                     message += "; outcome unknown: the worker it reached went away"
-                self._fail(pending, message, now)
+                self._fail(flight, message)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             heartbeat = encode_control(Heartbeat())
@@ -264,10 +356,12 @@ class Broker:
             cutoff = now - self.config.heartbeat_interval_s * self.config.heartbeat_liveness
             for identity in self.registry.silent_since(cutoff):
                 self._remove_worker(identity, "missed heartbeats", now)
+        self._flush(now)
 
     def on_unroutable(self, worker: bytes, now: float) -> None:
         """The backend could not deliver to ``worker``: its connection is gone."""
         self._remove_worker(worker, "unreachable", now)
+        self._flush(now)
 
     def begin_shutdown(self) -> None:
         """Stop taking requests; what is already here is still answered (see :meth:`idle`)."""
@@ -289,48 +383,247 @@ class Broker:
                 due = min(due, queue[0].deadline)
         return max(0.0, due - now)
 
+    # --- batches ----------------------------------------------------------------------------
+
+    def _on_batch(self, client: bytes, body: list[bytes], now: float) -> None:
+        """A client's BATCH: each sub-request is admitted as if it came alone (see the module
+        docstring); malformed ones are answered at once, the rest as their flights return."""
+        try:
+            _, subs = split_batch(body)
+        except ProtocolError as exc:
+            log.warning("bad batch from client %s: %s", client.hex(), exc)
+            self._to_client(client, error_reply(exc.request_id, f"bad request: {exc}"))
+            return
+        if self.closing:
+            message = b"broker is shutting down; retry on its successor"
+            records = [pack_reply(_UNAVAILABLE, sub[1], 0, None, message) for sub in subs]
+            self._to_client(client, batch_reply_frames(0, records))
+            return
+        # The hot loop of the broker: per sub-request a few dict operations and one tuple. It
+        # is _admit written out, with key_shard inlined for keys without a hash tag.
+        by_request = self._by_request
+        shards = self.config.shards
+        open_flights = self._open
+        acquire = self.tokens.acquire
+        origin = Origin(client, None)
+        refused: list[bytes] = []
+        for kind, request_id, key, record in subs:
+            if not kind:  # malformed: key holds the message
+                refused.append(pack_reply(_ERROR, request_id, 0, None, b"bad request: " + key))
+                continue
+            original = by_request.setdefault((request_id, kind, key), origin)
+            if original is not origin:
+                original.client = client  # a retry: answer on the socket it came from
+                continue
+            size = len(record)
+            op = (origin, kind, request_id, key, record, size)
+            if b"{" in key:
+                shard = key_shard(key, shards)
+            else:
+                shard = (crc_hqx(key, 0) & _SLOT_MASK) * shards // SLOTS
+            flight = open_flights.get(shard)
+            if flight is not None and key in flight.keys:
+                # The token is held by this very flight: follow the holder in it.
+                if len(flight.ops) < MAX_BATCH_OPS and flight.nbytes + size <= MAX_BATCH_BYTES:
+                    flight.ops.append(op)
+                    flight.nbytes += size
+                    continue
+                self._close(shard)
+                acquire(key, op)  # the token is out now: wait behind the flight
+                continue
+            if not acquire(key, op):
+                continue  # waits behind the holder; dispatched when the token comes back
+            if flight is None or (
+                len(flight.ops) >= MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES
+            ):
+                flight = self._new_open(shard)
+            flight.ops.append(op)
+            flight.keys.add(key)
+            flight.nbytes += size
+        if refused:
+            log.warning(
+                "client %s: %d malformed sub-request(s) refused", client.hex(), len(refused)
+            )
+            self._to_client(client, batch_reply_frames(0, refused))
+
+    def _admit(self, op: Op, shard: int) -> None:
+        """A new keyed op (one that came alone): join the shard's open flight, or wait for
+        its key's token. The same rules as the loop of :meth:`_on_batch`."""
+        key = op[3]
+        size = op[5]
+        flight = self._open.get(shard)
+        if flight is not None and key in flight.keys:
+            if len(flight.ops) < MAX_BATCH_OPS and flight.nbytes + size <= MAX_BATCH_BYTES:
+                flight.ops.append(op)
+                flight.nbytes += size
+                return
+            self._close(shard)
+            self.tokens.acquire(key, op)
+            return
+        if not self.tokens.acquire(key, op):
+            return
+        if flight is None or (
+            len(flight.ops) >= MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES
+        ):
+            flight = self._new_open(shard)
+        flight.ops.append(op)
+        flight.keys.add(key)
+        flight.nbytes += size
+
+    def _stage_run(self, shard: int, key: bytes, run: Sequence[Op]) -> None:
+        """A run of waiters that took ``key``'s token together joins an open flight whole."""
+        size = sum(op[5] for op in run)
+        flight = self._open.get(shard)
+        if flight is None or (
+            len(flight.ops) + len(run) > MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES
+        ):
+            flight = self._new_open(shard)
+        flight.ops.extend(run)
+        flight.keys.add(key)
+        flight.nbytes += size
+
+    def _new_open(self, shard: int) -> Flight:
+        self._close(shard)
+        flight = self._open[shard] = Flight(shard)
+        return flight
+
+    def _close(self, shard: int) -> None:
+        flight = self._open.pop(shard, None)
+        if flight is not None:
+            self._ready.append(flight)
+
+    def _flush(self, now: float) -> None:
+        """End of an event: dispatch every flight filled during it (or queue it for an owner)."""
+        if self._open:
+            self._ready.extend(self._open.values())
+            self._open.clear()
+        while self._ready:
+            ready, self._ready = self._ready, []
+            for flight in ready:
+                self._route(flight, now)
+
+    def _on_batch_reply(
+        self, worker: bytes, token: int, count: int, body: list[bytes], now: float
+    ) -> None:
+        flight = self._inflight.get(token)
+        if flight is None or flight.worker != worker:
+            log.info("late or unexpected reply (token %d) from %s dropped", token, worker.hex())
+            return
+        ops = flight.ops
+        if count != len(ops):
+            log.warning(
+                "batch reply of %d sub-replies to a dispatch of %d from %s dropped",
+                count,
+                len(ops),
+                worker.hex(),
+            )
+            return  # the flight times out like any unanswered one
+        del self._inflight[token]
+        forget = self._by_request.pop
+        first = ops[0][0]
+        client = first.client
+        # Forwarded as is if every op goes to one client that sent it in a batch, and no
+        # refusal needs rewriting (a retried flight's, see _regroup).
+        whole = first.frames is None and flight.attempts == 1
+        for origin, kind, request_id, key, _, _ in ops:
+            forget((request_id, kind, key), None)
+            if origin is not first and whole and (origin.client != client or origin.frames):
+                whole = False
+        if whole:
+            # Every sub-reply goes to one client that sent them in batches: forward as is.
+            self.outbox.append((Side.FRONTEND, [client, *body]))
+        else:
+            self._regroup(flight, body, count)
+        self._release(flight)
+
+    def _regroup(self, flight: Flight, body: list[bytes], count: int) -> None:
+        """Cut a batch reply into its records and send each to its op's client."""
+        try:
+            records = split_reply_records(body, count)
+        except ProtocolError as exc:
+            log.warning("bad batch reply (token %d) dropped: %s", flight.token, exc)
+            self._answer(flight.ops, None, "malformed reply from the worker; outcome unknown")
+            return
+        if flight.attempts > 1:
+            for index, record in enumerate(records):
+                if reply_record_status(record) == _UNAVAILABLE:
+                    # Refused by this worker, but an earlier worker may have applied it.
+                    reply = decode_reply_record(record)
+                    message = (reply.body or b"") + b"; outcome unknown"
+                    records[index] = memoryview(
+                        pack_reply(_UNAVAILABLE, reply.request_id, reply.token, None, message)
+                    )
+        self._answer(flight.ops, records, "")
+
+    def _answer(self, ops: list[Op], records: list[memoryview] | None, message: str) -> None:
+        """Send each op its sub-reply record (or, with ``records`` None, UNAVAILABLE with
+        ``message``): one BATCH_REPLY per client for ops that came in batches, a REPLY each
+        for ops that came alone."""
+        by_client: dict[bytes, list[bytes | memoryview]] = {}
+        failure = message.encode()
+        for index, (origin, _, request_id, _, _, _) in enumerate(ops):
+            if records is None:
+                record: bytes | memoryview = pack_reply(_UNAVAILABLE, request_id, 0, None, failure)
+            else:
+                record = records[index]
+            if origin.frames is not None:
+                self._to_client(origin.client, reply_from_record(record))
+            else:
+                by_client.setdefault(origin.client, []).append(record)
+        for client, client_records in by_client.items():
+            self._to_client(client, batch_reply_frames(0, client_records))
+
     # --- routing ----------------------------------------------------------------------------
 
-    def _route(self, pending: Pending, now: float) -> None:
+    def _route(self, flight: Flight, now: float) -> None:
         """Dispatch to the shard's owner, or wait (bounded) for the shard to get one."""
-        owner = self.registry.owner(pending.shard)
+        owner = self.registry.owner(flight.shard)
         if owner is None:
-            pending.deadline = now + self.config.shard_wait_s
-            self._shard_queues[pending.shard].append(pending)
+            flight.deadline = now + self.config.shard_wait_s
+            self._shard_queues[flight.shard].append(flight)
             return
         token = self.issuer.issue()
-        pending.token = token
-        pending.attempts += 1
-        pending.worker = owner
-        pending.deadline = now + self.config.worker_timeout_s
-        self._inflight[token] = pending
-        self._inflight_deadlines.append((pending.deadline, token))
-        self.outbox.append((Side.BACKEND, [owner, *dispatch_frames(token, pending.frames)]))
+        flight.token = token
+        flight.attempts += 1
+        flight.worker = owner
+        flight.deadline = now + self.config.worker_timeout_s
+        self._inflight[token] = flight
+        self._inflight_deadlines.append((flight.deadline, token))
+        ops = flight.ops
+        single = ops[0][0].frames
+        if len(ops) == 1 and single is not None:
+            # One request that came alone: the plain DISPATCH, value frame passed through.
+            frames = dispatch_frames(token, single)
+        else:
+            frames = dispatch_batch_frames(
+                token,
+                [op[4] if op[4] is not None else request_record(op[0].frames or []) for op in ops],
+            )
+        self.outbox.append((Side.BACKEND, [owner, *frames]))
 
     def _on_reply(self, worker: bytes, reply: Reply, frames: list[bytes], now: float) -> None:
-        pending = self._inflight.get(reply.token)
-        if pending is None or pending.worker != worker:
+        flight = self._inflight.get(reply.token)
+        if flight is None or flight.worker != worker or len(flight.ops) != 1:
             log.info(
                 "late or unexpected reply (token %d) from %s dropped", reply.token, worker.hex()
             )
             return
         del self._inflight[reply.token]
-        if pending.gather is not None:
-            self._gathered(pending, reply)
-        else:
-            if reply.status == Status.UNAVAILABLE and pending.attempts > 1:
-                # Refused by this worker, but an earlier worker may have applied it.
-                message = (reply.body or b"").decode(errors="replace")
-                frames = error_reply(
-                    reply.request_id, f"{message}; outcome unknown", Status.UNAVAILABLE
-                )
-            self._to_client(pending.client, frames)
-            self._forget(pending)
-            self._release(pending, now)
+        origin, kind, request_id, key, _, _ = flight.ops[0]
+        if origin.gather is not None:
+            self._gathered(origin.gather, flight.shard, reply)
+            return
+        if reply.status == Status.UNAVAILABLE and flight.attempts > 1:
+            # Refused by this worker, but an earlier worker may have applied it.
+            message = (reply.body or b"").decode(errors="replace")
+            frames = error_reply(
+                reply.request_id, f"{message}; outcome unknown", Status.UNAVAILABLE
+            )
+        self._to_client(origin.client, frames)
+        self._by_request.pop((request_id, kind, key), None)
+        self._release(flight)
 
-    def _gathered(self, pending: Pending, reply: Reply) -> None:
-        gather = pending.gather
-        assert gather is not None  # only called for parts of an ALL
+    def _gathered(self, gather: Gather, shard: int, reply: Reply) -> None:
         if gather.done:
             return
         if reply.status != Status.OK:
@@ -338,24 +631,24 @@ class Broker:
                 gather, encode_reply(Reply(reply.status, gather.request_id, body=reply.body))
             )
             return
-        gather.bodies[pending.shard] = reply.body or b""
-        gather.waiting.discard(pending.shard)
+        gather.bodies[shard] = reply.body or b""
+        gather.waiting.discard(shard)
         if not gather.waiting:
             body = b"".join(gather.bodies[s] for s in sorted(gather.bodies))
             self._finish(gather, encode_reply(Reply(Status.OK, gather.request_id, body=body)))
 
-    def _fail(self, pending: Pending, message: str, now: float) -> None:
-        """End a request with UNAVAILABLE and let its key's next request go."""
-        gather = pending.gather
+    def _fail(self, flight: Flight, message: str) -> None:
+        """End a flight's ops with UNAVAILABLE and let their keys' next requests go."""
+        gather = flight.ops[0][0].gather
         if gather is not None:
             if not gather.done:
                 self._finish(gather, error_reply(gather.request_id, message, Status.UNAVAILABLE))
             return
-        self._to_client(
-            pending.client, error_reply(pending.request_id, message, Status.UNAVAILABLE)
-        )
-        self._forget(pending)
-        self._release(pending, now)
+        forget = self._by_request.pop
+        for _, kind, request_id, key, _, _ in flight.ops:
+            forget((request_id, kind, key), None)
+        self._answer(flight.ops, None, message)
+        self._release(flight)
 
     def _finish(self, gather: Gather, frames: list[bytes]) -> None:
         """Answer an ALL once; parts still out are ignored when they come back."""
@@ -364,17 +657,23 @@ class Broker:
         if gather.identity is not None:
             self._by_request.pop(gather.identity, None)
 
-    def _forget(self, pending: Pending) -> None:
-        """The request is answered: from now on the same id is a new request."""
-        self._by_request.pop((pending.request_id, pending.kind, pending.key or b""), None)
-
-    def _release(self, pending: Pending, now: float) -> None:
-        assert pending.key is not None  # only keyed requests hold a token
-        successor = self.tokens.release(pending.key)
-        if successor is not None:
-            self._route(successor, now)
+    def _release(self, flight: Flight) -> None:
+        """Pass on the tokens of an answered flight's keys: to the run of requests waiting for
+        each, which joins an open flight (dispatched when the event ends)."""
+        release = self.tokens.release_run
+        shard = flight.shard
+        for key in flight.keys:
+            run = release(key, MAX_BATCH_OPS, MAX_BATCH_BYTES, _size)
+            if run:
+                self._stage_run(shard, key, run)
 
     # --- workers ----------------------------------------------------------------------------
+
+    def _unknown_worker(self, worker: bytes) -> None:
+        # A worker registered with a broker before this one (we restarted): have it
+        # register again now rather than after its heartbeat liveness runs out.
+        log.info("unknown worker %s: asking it to register", worker.hex())
+        self.outbox.append((Side.BACKEND, [worker, *encode_control(Disconnect())]))
 
     def _on_ready(self, worker: bytes, claimed: int | None, last_token: int, now: float) -> None:
         self.issuer.advance_past(last_token)
@@ -393,17 +692,19 @@ class Broker:
         if record is None:
             return
         log.warning("worker %s (shard %s) removed: %s", worker.hex(), record.shard, why)
-        # Oldest first, so each shard's queue keeps dispatch order; each key has at most one
-        # request out, so requests of different keys may be reordered freely anyway.
-        orphans = sorted((p for p in self._inflight.values() if p.worker == worker), key=_token)
-        for pending in orphans:
-            del self._inflight[pending.token]
-            pending.worker = None
-            pending.deadline = now + self.config.shard_wait_s
-            self._shard_queues[pending.shard].append(pending)
+        # Oldest first, so each shard's queue keeps dispatch order; each key is in at most one
+        # flight, so flights of different keys may be reordered freely anyway.
+        orphans = sorted((f for f in self._inflight.values() if f.worker == worker), key=_token)
+        for flight in orphans:
+            del self._inflight[flight.token]
+            flight.worker = None
+            flight.deadline = now + self.config.shard_wait_s
+            self._shard_queues[flight.shard].append(flight)
         if orphans:
             log.info(
-                "%d request(s) of worker %s wait for the next owner", len(orphans), worker.hex()
+                "%d request(s) of worker %s wait for the next owner",
+                sum(len(f.ops) for f in orphans),
+                worker.hex(),
             )
         if record.shard is not None and self._claims_until is None:
             self._promote(record.shard, now)
@@ -423,13 +724,14 @@ class Broker:
         self.outbox.append((Side.BACKEND, [worker, *encode_control(assign)]))
 
     def _drain(self, shard: int, now: float) -> None:
-        """Send a newly owned shard the requests that waited for it, oldest first."""
+        """Send a newly owned shard the flights that waited for it, oldest first."""
         queue = self._shard_queues[shard]
         while queue and self.registry.owner(shard) is not None:
-            pending = queue.popleft()
-            if pending.gather is not None and pending.gather.done:
+            flight = queue.popleft()
+            gather = flight.ops[0][0].gather
+            if gather is not None and gather.done:
                 continue
-            self._route(pending, now)
+            self._route(flight, now)
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -451,5 +753,9 @@ class Broker:
         ).encode()
 
 
-def _token(pending: Pending) -> int:
-    return pending.token
+def _token(flight: Flight) -> int:
+    return flight.token
+
+
+def _size(op: Op) -> int:
+    return op[5]

@@ -23,6 +23,9 @@ from zkv import protocol
 log = logging.getLogger(__name__)
 
 BATCH = 256  # messages read from one socket per pass before looking at the other one
+# ... or this long, whichever comes first: a message may be a BATCH of thousands of requests,
+# and what a pass produced is sent only at its end (dispatches start work at the workers).
+DRAIN_BUDGET_S = 0.005
 DRAIN_S = 2.0  # on stop, how long to keep answering requests already here
 MAX_POLL_MS = 100  # the longest single poll
 HWM = 100_000  # messages queued per peer before ZeroMQ pushes back
@@ -118,12 +121,15 @@ def _loop(core: Broker, frontend: zmq.Socket, backend: zmq.Socket, stopper: Stop
 
 
 def _drain(socket: zmq.Socket, handle: Callable[[list[bytes], float], None], now: float) -> None:
+    until = time.monotonic() + DRAIN_BUDGET_S
     for _ in range(BATCH):
         try:
             frames = socket.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
         handle(frames, now)
+        if time.monotonic() >= until:
+            return
 
 
 def _flush(core: Broker, frontend: zmq.Socket, backend: zmq.Socket) -> None:

@@ -2,11 +2,13 @@
 
 Two separate ideas live here:
 
-* :class:`TokenTable` makes sure at most one request per key is out at the workers. A key whose
+* :class:`TokenTable` makes sure at most one dispatch per key is out at the workers. A key whose
   token is out has a FIFO of requests waiting behind it; when the worker answers, the token
   passes straight to the oldest waiter (so the waiters run in arrival order) or, if nobody
-  waits, goes back to the table. Keys are independent: a busy key never holds up another one,
-  and there is no global lock.
+  waits, goes back to the table. :meth:`TokenTable.release_run` passes it to a whole run of
+  waiters at once, which then travel to the worker in one message and are applied there in
+  order: that is how a hot key keeps up (one round trip per run, not per request). Keys are
+  independent: a busy key never holds up another one, and there is no global lock.
 
 * :class:`TokenIssuer` numbers every dispatch. Numbers are unique and strictly increasing, so a
   worker can refuse anything not newer than what it last accepted (a fencing token, as in
@@ -18,6 +20,7 @@ Two separate ideas live here:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -29,11 +32,12 @@ SEQUENCE_MASK = (1 << SEQUENCE_BITS) - 1
 class TokenTable(Generic[T]):
     """Which keys have their token out, and who waits for each, in arrival order.
 
-    A key is in ``_queues`` exactly while its token is out; the deque holds the waiters.
+    A key is in ``_queues`` exactly while its token is out; the deque holds the waiters, and
+    a key nobody waits for holds the empty tuple instead (most keys: no deque to allocate).
     """
 
     def __init__(self) -> None:
-        self._queues: dict[bytes, deque[T]] = {}
+        self._queues: dict[bytes, deque[T] | tuple[()]] = {}
 
     def acquire(self, key: bytes, waiter: T) -> bool:
         """Take the token of ``key`` for ``waiter``.
@@ -44,9 +48,12 @@ class TokenTable(Generic[T]):
         """
         queue = self._queues.get(key)
         if queue is None:
-            self._queues[key] = deque()
+            self._queues[key] = ()
             return True
-        queue.append(waiter)
+        if queue:
+            queue.append(waiter)  # type: ignore[union-attr]  # non-empty: a deque
+        else:
+            self._queues[key] = deque((waiter,))
         return False
 
     def release(self, key: bytes) -> T | None:
@@ -60,9 +67,40 @@ class TokenTable(Generic[T]):
         if queue is None:
             raise KeyError(key)  # a release without an acquire is a broker bug, not input
         if queue:
-            return queue.popleft()
+            return queue.popleft()  # type: ignore[union-attr]  # non-empty: a deque
         del self._queues[key]
         return None
+
+    def release_run(
+        self, key: bytes, max_count: int, max_weight: int, weight: Callable[[T], int]
+    ) -> Sequence[T]:
+        """Give back the token of ``key`` and pass it to the run of waiters at the front.
+
+        The run is the oldest waiters, in order, at most ``max_count`` of them and as many as
+        fit in ``max_weight`` (by ``weight``), but always at least one: they now hold the
+        token together and must be dispatched together, in this order. Waiters beyond the
+        run keep waiting for the run's answer.
+
+        Returns:
+            The run, or an empty sequence when nobody waited and the token is free again.
+        """
+        queue = self._queues.get(key)
+        if queue is None:
+            raise KeyError(key)  # a release without an acquire is a broker bug, not input
+        if not queue:
+            del self._queues[key]
+            return ()
+        assert isinstance(queue, deque)  # non-empty: a deque
+        first = queue.popleft()
+        run = [first]
+        total = weight(first)
+        while queue and len(run) < max_count:
+            size = weight(queue[0])
+            if total + size > max_weight:
+                break
+            total += size
+            run.append(queue.popleft())
+        return run
 
     def held(self, key: bytes) -> bool:
         """Whether the token of ``key`` is out."""

@@ -3,7 +3,10 @@
 
 Pure logic with no sockets, so every reply, both fencing rules and the group commit are tested
 without ZeroMQ; the worker loop only gathers dispatches into a batch, calls
-:meth:`Shard.handle_batch` and sends what it returns.
+:meth:`Shard.handle_batch` and sends what it returns. A dispatch is one request (DISPATCH) or
+many under one token (BATCH_DISPATCH, a :class:`DispatchBatch`): a batch is fenced once, by its
+token, and its requests are applied in order, each with its own idempotency memory, log record
+and sub-reply, in the same group commit as everything else received in the pass.
 
 How one batch is served (durable shards)::
 
@@ -26,7 +29,17 @@ from workers import aof
 from workers.idempotency import Memo, RequestMemory
 from workers.persist import Durability, ShardFiles
 from workers.store import Clock, Missing, TTLStore
-from zkv.protocol import Dispatch, Kind, Reply, Request, Status, encode_entries
+from zkv.protocol import (
+    Dispatch,
+    DispatchBatch,
+    Kind,
+    Reply,
+    Request,
+    Status,
+    batch_reply_frames,
+    encode_entries,
+    pack_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +84,26 @@ class Shard:
 
     def handle(self, dispatch: Dispatch) -> Reply:
         """One request as a batch of one (see :meth:`handle_batch`)."""
-        return self.handle_batch([dispatch])[0]
+        reply = self.handle_batch([dispatch])[0]
+        assert isinstance(reply, Reply)  # a Dispatch is answered with a Reply
+        return reply
 
-    def handle_batch(self, dispatches: Sequence[Dispatch]) -> list[Reply]:
-        """Apply a batch of dispatched requests and build their replies, in order.
+    def handle_batch(self, dispatches: Sequence[Dispatch | DispatchBatch]) -> list[Answer]:
+        """Apply a batch of dispatched messages and build their answers, in order.
 
-        For a durable shard the whole batch runs under the owner lock with the epoch checked,
-        its records are appended with one write, and they are fsynced per policy before this
-        returns (see the module docstring). Reads take the same path: a former owner that
-        was paused must not answer even a GET from a copy that may be stale, and the check
-        costs about 3 microseconds a batch (flock, pread, unlock).
+        A message is a :class:`Dispatch` (one request) or a :class:`DispatchBatch` (many
+        requests under one token, applied in order); the worker gathers every message of one
+        receive pass into one call. For a durable shard the whole call runs under the owner
+        lock with the epoch checked, its records are appended with one write, and they are
+        fsynced per policy before this returns (see the module docstring). Reads take the same
+        path: a former owner that was paused must not answer even a GET from a copy that may
+        be stale, and the check costs about 3 microseconds a batch (flock, pread, unlock).
 
         Returns:
-            One reply per dispatch; each echoes the request id (so the client matches it) and
-            the dispatch token (so the broker knows which dispatch it answers).
+            One answer per message: a :class:`Reply` for a Dispatch, the frames of a
+            BATCH_REPLY for a DispatchBatch (one sub-reply per request, in order). Each echoes
+            the request ids (so the client matches them) and the token (so the broker knows
+            which dispatch it answers).
 
         Raises:
             ShardMoved: a newer owner holds the shard; nothing was applied or written.
@@ -94,14 +113,14 @@ class Shard:
         """
         files = self.files
         if files is None:
-            return [self._handle_one(dispatch, None) for dispatch in dispatches]
+            return [self._handle_message(dispatch, None) for dispatch in dispatches]
         records: list[bytes] = []
         with files.fenced():
-            replies = [self._handle_one(dispatch, records) for dispatch in dispatches]
+            answers = [self._handle_message(dispatch, records) for dispatch in dispatches]
             if records:
                 files.append(b"".join(records))
         files.commit()
-        return replies
+        return answers
 
     def tick(self) -> None:
         """The worker's timers: EVERYSEC fsync and compaction (durable shards only).
@@ -123,24 +142,54 @@ class Shard:
         """Where the data lives, for log lines: the log's path, or ``memory``."""
         return "memory" if self.files is None else str(self.files.log_path)
 
+    def _handle_message(
+        self, dispatch: Dispatch | DispatchBatch, records: list[bytes] | None
+    ) -> Answer:
+        if isinstance(dispatch, DispatchBatch):
+            return self._handle_ops(dispatch, records)
+        return self._handle_one(dispatch, records)
+
+    def _fresh(self, token: int, what: Request | int) -> bool:
+        """Fencing by token: accept ``token`` (and remember it) only if it is newer.
+
+        Args:
+            token: the dispatch's token.
+            what: for the log line of a refusal: the request, or a batch's size.
+        """
+        if token > self.last_token:
+            self.last_token = token
+            return True
+        log.warning(
+            "shard %d refused %s: stale token %d, already accepted %d",
+            self.number,
+            f"{what.kind.name} request {what.request_id}"
+            if isinstance(what, Request)
+            else f"a batch of {what} requests",
+            token,
+            self.last_token,
+        )
+        return False
+
+    def _stale_message(self, token: int) -> bytes:
+        return f"stale token {token}: this shard already accepted {self.last_token}".encode()
+
     def _handle_one(self, dispatch: Dispatch, records: list[bytes] | None) -> Reply:
         request = dispatch.request
         token = dispatch.token
-        if token <= self.last_token:
-            log.warning(
-                "shard %d refused %s request %d: stale token %d, already accepted %d",
-                self.number,
-                request.kind.name,
-                request.request_id,
-                token,
-                self.last_token,
-            )
-            message = f"stale token {token}: this shard already accepted {self.last_token}"
+        if not self._fresh(token, request):
             # UNAVAILABLE, not ERROR: nothing is wrong with the request, only with its route.
-            return Reply(Status.UNAVAILABLE, request.request_id, token, body=message.encode())
-        self.last_token = token
+            message = self._stale_message(token)
+            return Reply(Status.UNAVAILABLE, request.request_id, token, body=message)
         try:
-            return self._apply(request, token, records)
+            status, deadline_ms, body = self._apply(
+                request.kind,
+                request.request_id,
+                request.key,
+                request.value,
+                request.ttl_ms,
+                records,
+                request,
+            )
         except Exception:
             # A bug, not bad input (the request was decoded): answer so the client does not
             # wait for a timeout, and keep the shard's data alive rather than crash. Memory
@@ -148,58 +197,132 @@ class Shard:
             # and nothing after them can fail on a decoded request.
             log.exception("internal error on %s request %d", request.kind.name, request.request_id)
             return Reply(Status.ERROR, request.request_id, token, body=b"internal worker error")
+        return Reply(status, request.request_id, token, deadline_ms, body)
 
-    def _apply(self, request: Request, token: int, records: list[bytes] | None) -> Reply:
-        request_id = request.request_id
-        store = self.store
-        match request.kind:
-            case Kind.GET:
+    def _handle_ops(self, batch: DispatchBatch, records: list[bytes] | None) -> list[bytes]:
+        """A DispatchBatch: one token for all its requests, each applied and answered on its
+        own (its idempotency memory, its record, its error), in order. No Request or Reply
+        objects are made: this runs once per operation at full speed."""
+        token = batch.token
+        ops = batch.ops
+        if not self._fresh(token, len(ops)):
+            message = self._stale_message(token)
+            return batch_reply_frames(
+                token, [pack_reply(_UNAVAILABLE, op[1], token, None, message) for op in ops]
+            )
+        apply = self._apply
+        get = self.store.get
+        out: list[bytes] = []
+        append = out.append
+        for kind, request_id, key, value, ttl_ms in ops:
+            if kind == _GET:  # the common read, inline: _apply's GET branch
                 try:
-                    value, deadline_ms = store.get(request.key)
+                    found, deadline_ms = get(key)
                 except Missing:
-                    return Reply(Status.NOT_FOUND, request_id, token)
-                return Reply(Status.OK, request_id, token, deadline_ms, value)
-            case Kind.SET:
-                value = request.value
-                if value is None:  # decode_request never produces this; a caller bug
-                    return Reply(Status.ERROR, request_id, token, body=b"SET needs a value")
-                fingerprint = zlib.crc32(value)
-                memo = self.memory.recall(request_id, Kind.SET, request.key, fingerprint)
-                if memo is not None:
-                    return self._from_memory(request, token, memo)
-                deadline_ms = store.set(request.key, value, request.ttl_ms)
-                self.memory.remember(
-                    request_id, Memo(Kind.SET, request.key, fingerprint, Status.OK, deadline_ms)
-                )
-                if records is not None:
-                    records.append(aof.encode_set(request_id, request.key, value, deadline_ms))
-                return Reply(Status.OK, request_id, token, deadline_ms)
-            case Kind.DEL:
-                memo = self.memory.recall(request_id, Kind.DEL, request.key, 0)
-                if memo is not None:
-                    return self._from_memory(request, token, memo)
-                if not store.delete(request.key):
-                    return Reply(Status.NOT_FOUND, request_id, token)
-                self.memory.remember(request_id, Memo(Kind.DEL, request.key, 0, Status.OK, None))
-                if records is not None:
-                    records.append(aof.encode_del(request_id, request.key))
-                return Reply(Status.OK, request_id, token)
-            case Kind.ALL:
-                entries = store.entries(request.key, request.limit, request.keys_only)
-                return Reply(Status.OK, request_id, token, body=encode_entries(entries))
-            case Kind.PING:
-                return Reply(Status.OK, request_id, token)
-        message = f"{request.kind.name} is not a request a shard serves"
-        return Reply(Status.ERROR, request_id, token, body=message.encode())
+                    append(pack_reply(_NOT_FOUND, request_id, token, None, None))
+                    continue
+                except Exception:  # a bug: see _handle_one
+                    log.exception("internal error on GET request %d of a batch", request_id)
+                    append(pack_reply(_ERROR, request_id, token, None, b"internal worker error"))
+                    continue
+                append(pack_reply(_OK, request_id, token, deadline_ms, found))
+                continue
+            if not kind:  # malformed; key holds the message
+                append(pack_reply(_ERROR, request_id, token, None, b"malformed request: " + key))
+                continue
+            try:
+                status, deadline_ms, body = apply(kind, request_id, key, value, ttl_ms, records)
+            except Exception:  # a bug: see _handle_one
+                log.exception("internal error on request %d of a batch", request_id)
+                status, deadline_ms, body = _ERROR, None, b"internal worker error"
+            append(pack_reply(status, request_id, token, deadline_ms, body))
+        return batch_reply_frames(token, out)
 
-    def _from_memory(self, request: Request, token: int, memo: Memo) -> Reply:
+    def _apply(
+        self,
+        kind: int,
+        request_id: int,
+        key: bytes,
+        value: bytes | None,
+        ttl_ms: int | None,
+        records: list[bytes] | None,
+        request: Request | None = None,
+    ) -> tuple[Status, int | None, bytes | None]:
+        """Apply one request. Returns ``(status, deadline_ms, body)`` of its reply."""
+        store = self.store
+        if kind == _GET:
+            try:
+                found, deadline_ms = store.get(key)
+            except Missing:
+                return _NOT_FOUND, None, None
+            return _OK, deadline_ms, found
+        if kind == _SET:
+            if value is None:  # the decoders never produce this; a caller bug
+                return _ERROR, None, b"SET needs a value"
+            fingerprint = zlib.crc32(value)
+            memo = self.memory.recall(request_id, _SET, key, fingerprint)
+            if memo is not None:
+                return self._from_memory(kind, request_id, memo)
+            deadline_ms = store.set(key, value, ttl_ms)
+            self.memory.remember(request_id, Memo(_SET, key, fingerprint, _OK, deadline_ms))
+            if records is not None:
+                records.append(aof.encode_set(request_id, key, value, deadline_ms))
+            return _OK, deadline_ms, None
+        if kind == _DEL:
+            memo = self.memory.recall(request_id, _DEL, key, 0)
+            if memo is not None:
+                return self._from_memory(kind, request_id, memo)
+            if not store.delete(key):
+                return _NOT_FOUND, None, None
+            self.memory.remember(request_id, Memo(_DEL, key, 0, _OK, None))
+            if records is not None:
+                records.append(aof.encode_del(request_id, key))
+            return _OK, None, None
+        if kind == _ALL and request is not None:
+            entries = store.entries(request.key, request.limit, request.keys_only)
+            return _OK, None, encode_entries(entries)
+        if kind == _PING:
+            return _OK, None, None
+        message = f"{Kind(kind).name} is not a request a shard serves"
+        return _ERROR, None, message.encode()
+
+    def _from_memory(
+        self, kind: int, request_id: int, memo: Memo
+    ) -> tuple[Status, int | None, bytes | None]:
         log.debug(
             "shard %d: %s request %d is a retry, answered from memory",
             self.number,
-            request.kind.name,
-            request.request_id,
+            Kind(kind).name,
+            request_id,
         )
-        return Reply(Status(memo.status), request.request_id, token, memo.deadline_ms)
+        return Status(memo.status), memo.deadline_ms, None
+
+
+Answer = Reply | list[bytes]
+"""What :meth:`Shard.handle_batch` returns per message: a Reply, or BATCH_REPLY frames."""
+
+
+def unavailable(dispatch: Dispatch | DispatchBatch, message: str) -> Answer:
+    """UNAVAILABLE for a message that was not applied: the route is wrong, not the request."""
+    if isinstance(dispatch, DispatchBatch):
+        body = message.encode()
+        token = dispatch.token
+        return batch_reply_frames(
+            token, [pack_reply(_UNAVAILABLE, op[1], token, None, body) for op in dispatch.ops]
+        )
+    request_id = dispatch.request.request_id
+    return Reply(Status.UNAVAILABLE, request_id, dispatch.token, body=message.encode())
+
+
+_GET = int(Kind.GET)
+_SET = int(Kind.SET)
+_DEL = int(Kind.DEL)
+_ALL = int(Kind.ALL)
+_PING = int(Kind.PING)
+_OK = Status.OK
+_NOT_FOUND = Status.NOT_FOUND
+_ERROR = Status.ERROR
+_UNAVAILABLE = Status.UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,8 @@ owner file means the shard moved while this worker was paused: it answers the ba
 drops the shard and registers again as a new worker.
 
 Each pass of the loop: poll with a timeout that ends when the next timer is due, receive up to
-MAX_MESSAGES_PER_PASS messages, gather the dispatches into one batch, serve the batch (one
+MAX_MESSAGES_PER_PASS messages (or MAX_REQUESTS_PER_PASS requests, counting each request of a
+BATCH_DISPATCH), gather the dispatches into one batch, serve the batch (one
 append and at most one fsync for all of it, then all its replies), then always run the timers
 (expiry, fsync, compaction, heartbeat, broker liveness), whatever arrived or not. A control
 message that changes what the worker holds (ASSIGN, DISCONNECT) first serves the dispatches
@@ -48,18 +49,18 @@ import zmq
 from workers.aof import CorruptLog, DurabilityError, FsyncPolicy
 from workers.ownership import LockTimeout, OwnershipError
 from workers.persist import Durability, ShardMoved
-from workers.shard import Shard, take_shard
+from workers.shard import Shard, take_shard, unavailable
 from workers.store import Clock, wall_clock_ms
 from zkv import defaults
 from zkv.protocol import (
     Assign,
     Disconnect,
     Dispatch,
+    DispatchBatch,
     Heartbeat,
     ProtocolError,
     Ready,
     Reply,
-    Status,
     decode_from_broker,
     encode_control,
     encode_reply,
@@ -74,6 +75,9 @@ EXPIRE_MAX_KEYS_PER_PASS = 1000
 # Messages received per pass before the batch is served and the timers run again: the most
 # requests that share one fsync, and the bound that keeps a flood from starving heartbeats.
 MAX_MESSAGES_PER_PASS = 256
+# ... and requests per pass: a BATCH_DISPATCH carries up to thousands, so the pass also ends
+# once this many are gathered, keeping a group commit (and the wait for its replies) short.
+MAX_REQUESTS_PER_PASS = 8192
 # The longest single poll: bounds how long a stop flag set by a signal handler or another
 # thread waits to be seen (pyzmq resumes an interrupted poll after running the handler).
 MAX_POLL_S = 0.1
@@ -206,7 +210,8 @@ class Worker:
         )
         timeout_s = min(max(next_due_s - now_s, 0.0), MAX_POLL_S)
         if socket.poll(math.ceil(timeout_s * 1000), zmq.POLLIN):
-            batch: list[Dispatch] = []
+            batch: list[Dispatch | DispatchBatch] = []
+            requests = 0
             for _ in range(MAX_MESSAGES_PER_PASS):
                 try:
                     frames = socket.recv_multipart(zmq.NOBLOCK)
@@ -214,10 +219,15 @@ class Worker:
                     break
                 self._last_heard_s = time.monotonic()
                 self._on_message(frames, batch)
+                if batch:
+                    last = batch[-1]
+                    requests += len(last.ops) if isinstance(last, DispatchBatch) else 1
+                    if requests >= MAX_REQUESTS_PER_PASS:
+                        break
             self._serve(batch)
         self._run_timers()
 
-    def _on_message(self, frames: Sequence[bytes], batch: list[Dispatch]) -> None:
+    def _on_message(self, frames: Sequence[bytes], batch: list[Dispatch | DispatchBatch]) -> None:
         """Decode one message: a dispatch joins ``batch``; anything that changes what the
         worker holds first serves the batch gathered so far."""
         try:
@@ -231,7 +241,7 @@ class Worker:
                 self._send(error_reply(exc.request_id, f"malformed request: {exc}"))
             return
         match message:
-            case Dispatch():
+            case Dispatch() | DispatchBatch():
                 batch.append(message)
             case Assign(shard=shard, shards=shards, epoch=epoch):
                 self._serve(batch)
@@ -248,32 +258,33 @@ class Worker:
             case Heartbeat():
                 pass  # liveness was noted when the message arrived, whatever it was
 
-    def _serve(self, batch: list[Dispatch]) -> None:
-        """Serve and answer a batch of dispatches (then empty it)."""
+    def _serve(self, batch: list[Dispatch | DispatchBatch]) -> None:
+        """Serve and answer a batch of dispatches (then empty it): a REPLY per DISPATCH, a
+        BATCH_REPLY per BATCH_DISPATCH, in the order they came."""
         if not batch:
             return
         shard = self.shard
         moved: ShardMoved | None = None
         if shard is None:
-            replies = [_unavailable(d, "no shard assigned") for d in batch]
+            replies = [unavailable(d, "no shard assigned") for d in batch]
         else:
             try:
                 replies = shard.handle_batch(batch)
             except ShardMoved as exc:
                 moved = exc
                 message = f"shard {shard.number} moved to a newer owner"
-                replies = [_unavailable(d, message) for d in batch]
+                replies = [unavailable(d, message) for d in batch]
             except OwnershipError as exc:
                 log.warning("shard %d: %s: batch of %d refused", shard.number, exc, len(batch))
                 message = f"shard {shard.number}: owner file unusable now; nothing applied"
-                replies = [_unavailable(d, message) for d in batch]
+                replies = [unavailable(d, message) for d in batch]
             except (DurabilityError, OSError) as exc:  # OSError: flock or pread failed
                 batch.clear()
                 self._fail_stop(shard, exc)
                 return
         batch.clear()
         for reply in replies:
-            self._send(encode_reply(reply))
+            self._send(encode_reply(reply) if isinstance(reply, Reply) else reply)
         if moved is not None and shard is not None:
             self._moved(shard, moved)
 
@@ -474,7 +485,7 @@ class Worker:
         socket = self._connected()
         deadline_s = time.monotonic() + DRAIN_MAX_S
         answered = 0
-        batch: list[Dispatch] = []
+        batch: list[Dispatch | DispatchBatch] = []
         while time.monotonic() < deadline_s:
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
@@ -525,9 +536,3 @@ def run(config: WorkerConfig) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def _unavailable(dispatch: Dispatch, message: str) -> Reply:
-    """UNAVAILABLE for a dispatch that was not applied: the route is wrong, not the request."""
-    request_id = dispatch.request.request_id
-    return Reply(Status.UNAVAILABLE, request_id, dispatch.token, body=message.encode())

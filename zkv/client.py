@@ -17,12 +17,26 @@ trying for ``connect_timeout_s`` (long enough to ride through a broker restart),
 reconnects by itself. Closing the socket after a timeout also discards anything still queued in
 it, so a request can never reach a broker minutes later.
 
+Pipelining. One request per round trip leaves the broker and the workers idle most of the
+time, and every ZeroMQ message costs the broker about as much as the work it carries. A
+pipeline (:meth:`Client.pipeline`, :meth:`Client.get_many`, :meth:`Client.set_many`,
+:meth:`Client.delete_many`) packs many operations into BATCH messages of up to
+``batch_ops`` operations, keeps up to ``window_ops`` operations in flight, and matches the
+replies by request id. Retries follow the same rule as for one request: when no reply at all
+has come for ``attempt_s``, the operations still unanswered are sent again, with the same ids,
+on a fresh socket; when none has come for ``timeout_s``, they fail with :class:`Timeout`.
+
 Example::
 
     with Client("tcp://127.0.0.1:5555") as kv:
         kv.set("greeting", "hello", ttl_s=10)
         item = kv.get("greeting")     # Item(value=b'hello', deadline_ms=...)
         kv.delete("greeting")         # True
+        kv.set_many({"a": b"1", "b": b"2"}, ttl_s=60)   # [deadline_ms, deadline_ms]
+        kv.get_many(["a", "b", "nope"])                  # [Item(...), Item(...), None]
+        with kv.pipeline() as pipe:
+            pipe.set("c", b"3").get("c").delete("c")
+            pipe.execute()                               # [None, Item(b'3', None), True]
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -42,18 +56,36 @@ import zmq
 from zkv import defaults
 from zkv.errors import RequestError, Timeout, Unavailable, ZkvError
 from zkv.protocol import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_OPS,
     Entry,
     Kind,
     ProtocolError,
     Reply,
     Request,
     Status,
+    batch_frames,
     decode_entries,
     decode_reply,
     encode_request,
+    pack_request,
+    split_batch_reply,
 )
 
 CONNECT_POLL_S = 0.1  # one wait for the connection to the broker, between retries
+BATCH_OPS = 1000  # operations per BATCH message a pipeline sends
+WINDOW_OPS = 8000  # operations a pipeline keeps in flight (sent, not yet answered)
+
+_GET = int(Kind.GET)
+_SET = int(Kind.SET)
+_DEL = int(Kind.DEL)
+_REPLY = int(Kind.REPLY)
+_OK = int(Status.OK)
+_NOT_FOUND = int(Status.NOT_FOUND)
+_ERROR = int(Status.ERROR)
+
+PipelineOp = tuple[int, bytes, bytes | None, int | None]
+"""One queued operation: ``(kind, key, value, ttl_ms)``."""
 
 
 class NotFound(ZkvError, KeyError):
@@ -86,6 +118,8 @@ class Client:
         connect_timeout_s: how long to keep trying to reach an unreachable broker before
             :class:`Unavailable` (never longer than ``timeout_s``).
         context: the ZeroMQ context; defaults to the process-wide one.
+        batch_ops: pipelines: operations per BATCH message (at most MAX_BATCH_OPS).
+        window_ops: pipelines: operations in flight at once.
 
     Attributes:
         retries: how many times this client has sent a request again (for statistics).
@@ -98,11 +132,17 @@ class Client:
         attempt_s: float = defaults.ATTEMPT_TIMEOUT_S,
         connect_timeout_s: float = defaults.CONNECT_TIMEOUT_S,
         context: zmq.Context | None = None,
+        batch_ops: int = BATCH_OPS,
+        window_ops: int = WINDOW_OPS,
     ) -> None:
         self.endpoint = endpoint or os.environ.get("ZKV_FRONTEND") or defaults.FRONTEND
         self.timeout_s = timeout_s
         self.attempt_s = attempt_s
         self.connect_timeout_s = connect_timeout_s
+        if not 1 <= batch_ops <= MAX_BATCH_OPS:
+            raise ValueError(f"batch_ops must be between 1 and {MAX_BATCH_OPS}, got {batch_ops}")
+        self.batch_ops = batch_ops
+        self.window_ops = max(window_ops, batch_ops)
         self.retries = 0
         self._context = context or zmq.Context.instance()
         self._random = random.Random(int.from_bytes(os.urandom(8), "big"))
@@ -117,7 +157,7 @@ class Client:
         Returns:
             The key's deadline in Unix milliseconds, as the worker computed it (None: never).
         """
-        ttl_ms = None if ttl_s is None else max(1, round(ttl_s * 1000))
+        ttl_ms = _ttl_ms(ttl_s)
         reply = self.request(
             Request(Kind.SET, 0, _as_bytes(key, "key"), _as_bytes(value, "value"), ttl_ms)
         )
@@ -166,6 +206,216 @@ class Client:
         if not isinstance(info, dict):
             raise ZkvError(f"malformed PING reply from {self.endpoint}: not an object")
         return info
+
+    # --- pipelines --------------------------------------------------------------------------
+
+    def pipeline(self) -> Pipeline:
+        """A pipeline: queue operations, then send them all with :meth:`Pipeline.execute`."""
+        return Pipeline(self)
+
+    def get_many(self, keys: Iterable[bytes | str]) -> list[Item | None]:
+        """The items of many keys, in order; None for a key that is missing or expired.
+
+        Raises:
+            RequestError, Unavailable, Timeout: as :meth:`get`, for the first key that failed
+                (the others were still answered).
+        """
+        return self.execute([(_GET, _as_bytes(key, "key"), None, None) for key in keys])
+
+    def set_many(
+        self,
+        items: Mapping[bytes | str, bytes | str] | Iterable[tuple[bytes | str, bytes | str]],
+        ttl_s: float | None = None,
+    ) -> list[int | None]:
+        """Store many values, all with the same time to live; returns their deadlines."""
+        pairs = items.items() if isinstance(items, Mapping) else items
+        ttl_ms = _ttl_ms(ttl_s)
+        return self.execute(
+            [(_SET, _as_bytes(k, "key"), _as_bytes(v, "value"), ttl_ms) for k, v in pairs]
+        )
+
+    def delete_many(self, keys: Iterable[bytes | str]) -> list[bool]:
+        """Remove many keys; for each, whether a live key was removed."""
+        return self.execute([(_DEL, _as_bytes(key, "key"), None, None) for key in keys])
+
+    def execute(self, ops: Sequence[PipelineOp], raise_on_error: bool = True) -> list[Any]:
+        """Send many operations in BATCH messages and return their results, in order.
+
+        Args:
+            ops: ``(kind, key, value, ttl_ms)`` per operation; kind GET, SET or DEL.
+            raise_on_error: raise the first failure (after every operation was answered or
+                given up); if False, a failure takes its operation's place in the list as an
+                exception instance.
+
+        Returns:
+            Per operation: GET an :class:`Item` or None (missing), SET its deadline (Unix ms,
+            None for never), DEL whether a live key was removed.
+        """
+        results = self._pipeline(ops)
+        if raise_on_error:
+            for result in results:
+                if isinstance(result, ZkvError):
+                    raise result
+        return results
+
+    def _pipeline(self, ops: Sequence[PipelineOp]) -> list[Any]:
+        """The transport of :meth:`execute`: its results, with a failure as an exception
+        instance in its place; never raises for one operation's failure.
+
+        The client's own work overlaps the cluster's: each message's records are packed just
+        before it is sent, and each reply is turned into results as it arrives, while the
+        broker and the workers serve the messages sent before.
+        """
+        count = len(ops)
+        results: list[Any] = [_PENDING] * count
+        records: list[bytes | None] = [None] * count  # packed on first send, kept for resends
+        ids = [0] * count
+        index_of: dict[int, int] = {}  # request id -> position, while sent and unanswered
+        # (each sent position is in index_of once and counted in outstanding once)
+        todo: Sequence[int] = range(count)  # positions to send, in order, from todo[sent_upto]
+        sent_upto = 0
+        in_flight: dict[int, list[int]] = {}  # batch id -> positions (a whole-batch error)
+        outstanding = 0
+        rand = self._random.getrandbits
+        start = last_progress = last_send = time.monotonic()
+        unreachable_since: float | None = None
+        sent_any = False
+        while index_of or sent_upto < len(todo):
+            now = time.monotonic()
+            while sent_upto < len(todo) and outstanding < self.window_ops:
+                end = min(sent_upto + self.batch_ops, len(todo))
+                chunk: list[int] = []
+                chunk_records: list[bytes] = []
+                chunk_at: list[int] = []  # where each of chunk is in todo
+                for at in range(sent_upto, end):
+                    position = todo[at]
+                    record = records[position]
+                    if record is None:
+                        kind, key, value, ttl_ms = ops[position]
+                        request_id = rand(64) or 1
+                        try:
+                            record = pack_request(kind, request_id, key, value, ttl_ms)
+                        except ProtocolError as exc:  # refused here, as the broker would
+                            results[position] = RequestError(str(exc))
+                            continue
+                        records[position] = record
+                        ids[position] = request_id
+                    chunk.append(position)
+                    chunk_records.append(record)
+                    chunk_at.append(at)
+                if sum(map(len, chunk_records)) > MAX_BATCH_BYTES // 2:
+                    cut = _cut(chunk_records, MAX_BATCH_BYTES // 2)
+                    if cut < len(chunk):
+                        end = chunk_at[cut]
+                        del chunk[cut:], chunk_records[cut:]
+                if not chunk:  # every one of them refused
+                    sent_upto = end
+                    continue
+                batch_id = rand(64) or 1
+                socket = self._connected_socket()
+                frames = batch_frames(batch_id, chunk_records)
+                if not self._send(socket, frames, now + self.timeout_s):
+                    unreachable_since = unreachable_since or now
+                    if now - unreachable_since >= self.connect_timeout_s:
+                        message = (
+                            f"broker at {self.endpoint} is not reachable "
+                            f"(tried for {now - start:.1f} s)"
+                        )
+                        return self._give_up(results, message, sent_any)
+                    break
+                unreachable_since = None
+                sent_any = True
+                sent_upto = end
+                for position in chunk:  # sent: now a reply can answer it
+                    index_of[ids[position]] = position
+                in_flight[batch_id] = chunk
+                outstanding += len(chunk)
+                last_send = time.monotonic()
+            if not index_of:
+                continue  # nothing sent yet: the broker is unreachable, keep trying
+            wait_s = max(last_progress, last_send) + self.attempt_s - time.monotonic()
+            answered = self._receive(ops, results, index_of, in_flight, max(0.0, wait_s))
+            if answered:
+                outstanding -= answered
+                last_progress = time.monotonic()
+                continue
+            now = time.monotonic()
+            if now - last_progress >= self.timeout_s:
+                message = f"no reply from {self.endpoint} within {self.timeout_s} s"
+                return self._give_up(results, message, True)
+            if now - max(last_progress, last_send) >= self.attempt_s:
+                # Nothing came back for a while: requests or replies may be lost (a broker
+                # restart). Send what is unanswered again, same ids, on a fresh socket, then
+                # what was never sent.
+                self._reset()
+                self.retries += 1
+                todo = sorted(index_of.values()) + list(todo[sent_upto:])
+                sent_upto = 0
+                in_flight = {}
+                outstanding = 0
+                last_send = now
+        return results
+
+    def _receive(
+        self,
+        ops: Sequence[PipelineOp],
+        results: list[Any],
+        index_of: dict[int, int],
+        in_flight: dict[int, list[int]],
+        wait_s: float,
+    ) -> int:
+        """Wait up to ``wait_s`` for replies, take every one already queued, turn them into
+        results, and return how many operations they answered."""
+        socket = self._socket
+        if socket is None or not self._poller.poll(max(0, int(wait_s * 1000))):
+            return 0
+        answered = 0
+        while True:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return answered
+            try:
+                if frames and len(frames[0]) > 1 and frames[0][1] == _REPLY:
+                    reply = decode_reply(frames)
+                    subs = [(reply.status, reply.request_id, 0, reply.deadline_ms, reply.body)]
+                else:
+                    _, subs = split_batch_reply(frames)
+            except ProtocolError:
+                continue  # not ours to fix, and not worth dying for
+            for status, request_id, _, deadline_ms, body in subs:
+                position = index_of.pop(request_id, None)
+                if position is None:
+                    if request_id in in_flight and status == _ERROR:
+                        # The broker refused a whole batch (its id is the batch id).
+                        error = _error(status, body)
+                        for refused in in_flight.pop(request_id):
+                            if results[refused] is _PENDING:
+                                results[refused] = error
+                                answered += 1
+                        for rid in [r for r, p in index_of.items() if results[p] is not _PENDING]:
+                            del index_of[rid]
+                    continue  # else: a late reply to an earlier attempt, already answered
+                answered += 1
+                if status == _OK:
+                    kind = ops[position][0]
+                    if kind == _GET:
+                        results[position] = Item(body or b"", deadline_ms)
+                    else:
+                        results[position] = deadline_ms if kind == _SET else True
+                elif status == _NOT_FOUND:
+                    results[position] = None if ops[position][0] == _GET else False
+                else:
+                    results[position] = _error(status, body)
+
+    def _give_up(self, results: list[Any], message: str, sent: bool) -> list[Any]:
+        """Fail every operation still without a result (sent or not) and return the results."""
+        self._reset()
+        error: ZkvError = Timeout(f"{message}; outcome unknown") if sent else Unavailable(message)
+        for position, result in enumerate(results):
+            if result is _PENDING:
+                results[position] = error
+        return results
 
     # --- transport --------------------------------------------------------------------------
 
@@ -280,6 +530,76 @@ class Client:
             self._poller.unregister(self._socket)
             self._socket.close(linger=0)
             self._socket = None
+
+
+class Pipeline:
+    """Operations queued on a :class:`Client`, sent together by :meth:`execute`.
+
+    Each method returns the pipeline, so calls chain. Not thread-safe, like its client.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._ops: list[PipelineOp] = []
+
+    def get(self, key: bytes | str) -> Pipeline:
+        """Queue a GET: its result is an :class:`Item`, or None if the key is missing."""
+        self._ops.append((_GET, _as_bytes(key, "key"), None, None))
+        return self
+
+    def set(self, key: bytes | str, value: bytes | str, ttl_s: float | None = None) -> Pipeline:
+        """Queue a SET: its result is the key's deadline (Unix ms, None for never)."""
+        self._ops.append((_SET, _as_bytes(key, "key"), _as_bytes(value, "value"), _ttl_ms(ttl_s)))
+        return self
+
+    def delete(self, key: bytes | str) -> Pipeline:
+        """Queue a DEL: its result is whether a live key was removed."""
+        self._ops.append((_DEL, _as_bytes(key, "key"), None, None))
+        return self
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Send everything queued (then forget it) and return the results in order; see
+        :meth:`Client.execute`."""
+        ops, self._ops = self._ops, []
+        return self._client.execute(ops, raise_on_error) if ops else []
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._ops = []  # what was not executed is dropped
+
+
+_PENDING: Any = object()  # a pipeline result not known yet
+
+
+def _cut(records: list[bytes], max_bytes: int) -> int:
+    """How many of ``records`` (at least one) fit in ``max_bytes``."""
+    size = 0
+    for index, record in enumerate(records):
+        size += len(record)
+        if size > max_bytes and index:
+            return index
+    return len(records)
+
+
+def _ttl_ms(ttl_s: float | None) -> int | None:
+    return None if ttl_s is None else max(1, round(ttl_s * 1000))
+
+
+def _error(status: int, body: bytes | None) -> ZkvError:
+    message = (body or b"").decode(errors="replace")
+    if status == _ERROR:
+        return RequestError(message)
+    return Unavailable(message)
 
 
 def _check(reply: Reply) -> Reply:

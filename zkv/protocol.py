@@ -9,6 +9,9 @@ Why the layout looks like this: on this machine a Python DEALER/ROUTER echo move
 one-frame requests per second and about 39,000 four-frame ones, so every message is at most two
 frames: one packed header that holds everything the broker routes on (command, request id, key),
 then the value as an opaque second frame that the broker forwards without reading or copying.
+And since even one-frame messages cap a Python broker far below a pipelining client's needs,
+many requests can travel in one message (BATCH), packed so that the broker can cut a batch by
+shard by slicing records, never decoding a value.
 
 All integers are unsigned and big-endian (network order). Every header starts with the same two
 bytes, ``version`` and ``kind``, so a peer can reject an unknown version before reading further.
@@ -42,6 +45,31 @@ Worker -> broker -> client (``REPLY``)::
     deadline_ms is the key's expiry as Unix time in milliseconds, 0 for "never expires" or "not
     applicable". body: GET/OK the value; ALL/OK the entries (see :func:`encode_entries`); PING/OK
     a UTF-8 JSON object describing the cluster; ERROR/UNAVAILABLE a UTF-8 message; otherwise none.
+
+Client -> broker (``BATCH``): many GET/SET/DEL requests, each answered on its own::
+
+    header(16 bytes) | records
+    header = version:u8  kind:u8(BATCH)  reserved:u16(0)  count:u32  batch_id:u64
+    record = kind:u8  flags:u8  key_len:u16  value_len:u32  request_id:u64  arg:u64  key  value
+
+    count 1..MAX_BATCH_OPS, records at most MAX_BATCH_BYTES; each record follows the rules of
+    its kind above (ALL and PING cannot be batched). A malformed batch gets one ERROR REPLY
+    whose request_id is batch_id; a malformed record an ERROR sub-reply of its own.
+
+Broker -> worker (``BATCH_DISPATCH``): records cut from client batches, under one token::
+
+    header(16 bytes) | records
+    header = version:u8  kind:u8(BATCH_DISPATCH)  reserved:u16(0)  count:u32  token:u64
+
+Worker -> broker -> client (``BATCH_REPLY``): one sub-reply per record, in order::
+
+    header(16 bytes) | sub-replies
+    header    = version:u8  kind:u8(BATCH_REPLY)  reserved:u16(0)  count:u32  token:u64
+    sub-reply = status:u8  flags:u8(HAS_BODY)  reserved:u16(0)  body_len:u32  request_id:u64
+                token:u64  deadline_ms:u64  body
+
+    The fields and bodies of REPLY; HAS_BODY tells an empty body from none. A client may get
+    the answers to a batch in any grouping, and some as plain REPLYs: match by request id.
 
 Worker <-> broker control (one frame each)::
 
@@ -82,8 +110,11 @@ class Kind(enum.IntEnum):
     DEL = 0x03
     ALL = 0x04
     PING = 0x05
+    BATCH = 0x06
     REPLY = 0x10
     DISPATCH = 0x11
+    BATCH_REPLY = 0x12
+    BATCH_DISPATCH = 0x13
     READY = 0x20
     ASSIGN = 0x21
     HEARTBEAT = 0x22
@@ -91,7 +122,7 @@ class Kind(enum.IntEnum):
 
 
 COMMANDS = frozenset({Kind.GET, Kind.SET, Kind.DEL, Kind.ALL, Kind.PING})
-KEYED_COMMANDS = frozenset({Kind.GET, Kind.SET, Kind.DEL})
+KEYED_COMMANDS = frozenset({Kind.GET, Kind.SET, Kind.DEL})  # also: what a BATCH may carry
 
 
 class Status(enum.IntEnum):
@@ -134,8 +165,21 @@ _ASSIGN = struct.Struct("!BBxxIIQ")
 _BARE = struct.Struct("!BB")
 _ENTRY = struct.Struct("!HIQ")
 
+_BATCH = struct.Struct("!BBxxIQ")
+_SUB_REQUEST = struct.Struct("!BBHIQQ")
+_SUB_REPLY = struct.Struct("!BBxxIQQQ")
+
 REQUEST_HEADER_BYTES = _REQUEST.size
 DISPATCH_HEADER_BYTES = _DISPATCH.size
+BATCH_HEADER_BYTES = _BATCH.size  # 16
+SUB_REQUEST_BYTES = _SUB_REQUEST.size  # 24, then the key and the value
+SUB_REPLY_BYTES = _SUB_REPLY.size  # 32, then the body
+
+# A batch carries 1..MAX_BATCH_OPS sub-requests in at most MAX_BATCH_BYTES (its second frame):
+# one largest SET fits, and the broker's frontend refuses larger frames outright.
+MAX_BATCH_OPS = 10_000
+MAX_BATCH_BYTES = MAX_VALUE_BYTES + MAX_KEY_BYTES + 1024
+HAS_BODY = 0x01  # sub-reply flag: a body follows (GET's value may be empty yet present)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +267,45 @@ class Entry:
     deadline_ms: int | None
 
 
-FromBroker = Dispatch | Assign | Heartbeat | Disconnect
-FromWorker = Reply | Ready | Heartbeat | Disconnect
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Many requests in one message (client -> broker); each is answered on its own."""
+
+    batch_id: int
+    requests: tuple[Request, ...]
+
+
+SubRequest = tuple[int, int, bytes, memoryview]
+"""The broker's view of a BATCH sub-request: ``(kind, request_id, key, record)``, where
+``record`` is the sub-request's bytes on the wire (header, key, value), a slice of the received
+frame, ready to be joined into a BATCH_DISPATCH without being decoded. ``kind`` 0 marks a
+malformed sub-request; then ``key`` is the error message (UTF-8) and ``record`` is empty."""
+
+Op = tuple[int, int, bytes, bytes | None, int | None]
+"""A worker's view of a BATCH_DISPATCH sub-request: ``(kind, request_id, key, value, ttl_ms)``;
+``value`` is None except for SET. ``kind`` 0 marks a malformed one; then ``key`` is the error
+message (UTF-8). Plain tuples, not :class:`Request`: a worker builds one per operation."""
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchBatch:
+    """Sub-requests on their way to a worker in one message, fenced by one token and applied
+    in order."""
+
+    token: int
+    ops: list[Op]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReply:
+    """Many replies in one message (worker -> broker -> client)."""
+
+    token: int
+    replies: tuple[Reply, ...]
+
+
+FromBroker = Dispatch | DispatchBatch | Assign | Heartbeat | Disconnect
+FromWorker = Reply | BatchReply | Ready | Heartbeat | Disconnect
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -385,6 +466,372 @@ def with_status(header: bytes, request_id: int, status: Status) -> bytes:
     return _REPLY.pack(VERSION, kind, status, request_id, token, deadline_ms)
 
 
+# --- batches ----------------------------------------------------------------------------------
+#
+# A batch is two frames: a 16-byte header, then its sub-requests (or sub-replies) back to back,
+# each a fixed header followed by its variable parts, whose lengths that header gives. So a
+# reader walks the second frame record by record, and the broker can cut a client's batch into
+# per-shard dispatches by slicing records out of it, never decoding or copying a value until it
+# joins the slices of one dispatch (one copy). Limits (MAX_BATCH_OPS, MAX_BATCH_BYTES) bound
+# the work one message can ask of the broker.
+
+
+def pack_request(
+    kind: int, request_id: int, key: bytes, value: bytes | None = None, ttl_ms: int | None = None
+) -> bytes:
+    """One BATCH sub-request record. Raises ProtocolError for one the broker would refuse."""
+    flags = arg = 0
+    if kind == _SET:
+        if value is None:
+            raise ProtocolError("SET needs a value", request_id)
+        if ttl_ms is not None:
+            flags, arg = _TTL, ttl_ms
+    else:
+        value = b""
+    key_len = len(key)
+    value_len = len(value)
+    if key_len > MAX_KEY_BYTES:
+        raise ProtocolError(f"key of {key_len} bytes exceeds {MAX_KEY_BYTES}", request_id)
+    if (
+        not key_len
+        or kind not in _BATCHABLE
+        or value_len > MAX_VALUE_BYTES
+        or (flags and not 0 < arg <= MAX_TTL_MS)
+    ):
+        message = _sub_request_error(kind, flags, key_len, value_len, arg)
+        raise ProtocolError(message or "not a request a batch can carry", request_id)
+    return _SUB_REQUEST.pack(kind, flags, key_len, value_len, request_id, arg) + key + value
+
+
+def batch_frames(batch_id: int, records: Sequence[bytes]) -> list[bytes]:
+    """Frames of a BATCH from records made by :func:`pack_request`."""
+    return [_BATCH.pack(VERSION, Kind.BATCH, len(records), batch_id), b"".join(records)]
+
+
+def encode_batch(batch: Batch) -> list[bytes]:
+    """Frames of a BATCH. Raises ProtocolError for a request or a batch this spec forbids."""
+    records = [pack_request(r.kind, r.request_id, r.key, r.value, r.ttl_ms) for r in batch.requests]
+    if not 1 <= len(records) <= MAX_BATCH_OPS:
+        raise ProtocolError(
+            f"a batch holds 1 to {MAX_BATCH_OPS} requests, got {len(records)}", batch.batch_id
+        )
+    return batch_frames(batch.batch_id, records)
+
+
+def decode_batch(frames: Sequence[bytes]) -> Batch:
+    """Parse a BATCH strictly: the first malformed sub-request raises ProtocolError (carrying
+    its request id). The broker uses :func:`split_batch`, which answers each on its own."""
+    batch_id, count, body = _batch_parts(frames, Kind.BATCH)
+    requests = []
+    for kind, request_id, key, value, ttl_ms in _split_requests(body, count, batch_id, True):
+        if not kind:
+            raise ProtocolError(key.decode(), request_id)
+        requests.append(Request(_COMMAND_OF[kind], request_id, key, value, ttl_ms))
+    return Batch(batch_id, tuple(requests))
+
+
+def split_batch(frames: Sequence[bytes]) -> tuple[int, list[SubRequest]]:
+    """Cut a BATCH into sub-requests without decoding values (the broker's hot path).
+
+    Returns:
+        The batch id and one :data:`SubRequest` per sub-request, in order; a malformed one
+        is marked with kind 0 and its error message, so it can be answered on its own.
+
+    Raises:
+        ProtocolError: the batch itself is malformed (header, frame count, limits, or a record
+            that runs past the end); its ``request_id`` is the batch id when readable.
+    """
+    batch_id, count, body = _batch_parts(frames, Kind.BATCH)
+    return batch_id, _split_requests(body, count, batch_id, False)
+
+
+def batch_id_of(header: bytes) -> int:
+    """The batch id of a BATCH header, or 0 if the header is too short to hold it."""
+    if len(header) < _BATCH.size:
+        return 0
+    return int.from_bytes(header[8:16], "big")
+
+
+def dispatch_batch_frames(token: int, records: Sequence[bytes | memoryview]) -> list[bytes]:
+    """A BATCH_DISPATCH of sub-request records (slices of client batches, or records made by
+    :func:`request_record`): the one place the broker copies values, joining the slices."""
+    return [_BATCH.pack(VERSION, Kind.BATCH_DISPATCH, len(records), token), b"".join(records)]
+
+
+def request_record(frames: Sequence[bytes]) -> bytes:
+    """The sub-request record of a validated single request (a broker putting it in a
+    BATCH_DISPATCH together with others waiting for the same key)."""
+    header = frames[0]
+    _, kind, flags, request_id, arg = _REQUEST.unpack_from(header)
+    key = header[_REQUEST.size :]
+    value = frames[1] if len(frames) > 1 else b""
+    return _SUB_REQUEST.pack(kind, flags, len(key), len(value), request_id, arg) + key + value
+
+
+# --- batch replies ----------------------------------------------------------------------------
+
+
+def pack_reply(
+    status: int, request_id: int, token: int, deadline_ms: int | None, body: bytes | None
+) -> bytes:
+    """One BATCH_REPLY sub-reply record."""
+    if body is None:
+        return _SUB_REPLY.pack(status, 0, 0, request_id, token, deadline_ms or 0)
+    return _SUB_REPLY.pack(status, HAS_BODY, len(body), request_id, token, deadline_ms or 0) + body
+
+
+def batch_reply_frames(token: int, records: Sequence[bytes | memoryview]) -> list[bytes]:
+    """Frames of a BATCH_REPLY from sub-reply records (:func:`pack_reply`, or slices of another
+    BATCH_REPLY that a broker regroups by client)."""
+    return [_BATCH.pack(VERSION, Kind.BATCH_REPLY, len(records), token), b"".join(records)]
+
+
+def encode_batch_reply(batch: BatchReply) -> list[bytes]:
+    """Frames of a BATCH_REPLY."""
+    records = [
+        pack_reply(r.status, r.request_id, r.token, r.deadline_ms, r.body) for r in batch.replies
+    ]
+    return batch_reply_frames(batch.token, records)
+
+
+def decode_batch_reply(frames: Sequence[bytes]) -> BatchReply:
+    """Parse a BATCH_REPLY into :class:`Reply` objects. Raises ProtocolError."""
+    token, replies = split_batch_reply(frames)
+    return BatchReply(
+        token,
+        tuple(
+            Reply(_STATUS_OF[status], request_id, sub_token, deadline_ms, body)
+            for status, request_id, sub_token, deadline_ms, body in replies
+        ),
+    )
+
+
+def split_batch_reply(
+    frames: Sequence[bytes],
+) -> tuple[int, list[tuple[int, int, int, int | None, bytes | None]]]:
+    """Parse a BATCH_REPLY into plain tuples (a client's hot path).
+
+    Returns:
+        The header's token and, per sub-reply in order, ``(status, request_id, token,
+        deadline_ms, body)``: ``deadline_ms`` None for 0, ``body`` None when absent.
+
+    Raises:
+        ProtocolError: anything malformed.
+    """
+    token, count, body = _batch_parts(frames, Kind.BATCH_REPLY)
+    size = len(body)
+    unpack = _SUB_REPLY.unpack_from
+    statuses = _STATUS_OF
+    replies = []
+    append = replies.append
+    offset = 0
+    for index in range(count):
+        start = offset + _SUB_REPLY.size
+        if start > size:
+            raise ProtocolError(f"sub-reply {index} of {count} is truncated")
+        status, flags, body_len, request_id, sub_token, deadline_ms = unpack(body, offset)
+        offset = start + body_len
+        if offset > size:
+            raise ProtocolError(f"sub-reply {index} runs past the end of the batch", request_id)
+        if status not in statuses or flags & ~HAS_BODY or (body_len and not flags):
+            raise ProtocolError(f"sub-reply {index}: bad status or flags", request_id)
+        append(
+            (
+                status,
+                request_id,
+                sub_token,
+                deadline_ms or None,
+                body[start:offset] if flags else None,
+            )
+        )
+    if offset != size:
+        raise ProtocolError(f"{size - offset} bytes after the last of {count} sub-replies")
+    return token, replies
+
+
+def batch_reply_header(frames: Sequence[bytes]) -> tuple[int, int]:
+    """``(token, count)`` of a BATCH_REPLY, reading the header only (broker hot path: a reply
+    whose sub-replies all go to one client is forwarded without reading further).
+
+    Raises:
+        ProtocolError: the header or the frame count is wrong.
+    """
+    token, count, _ = _batch_parts(frames, Kind.BATCH_REPLY)
+    return token, count
+
+
+def split_reply_records(frames: Sequence[bytes], count: int) -> list[memoryview]:
+    """The ``count`` sub-reply records of a BATCH_REPLY as slices, undecoded (a broker
+    regrouping them by client). Raises ProtocolError if the framing is wrong."""
+    if len(frames) != 2:
+        raise ProtocolError(f"BATCH_REPLY takes 2 frames, got {len(frames)}")
+    body = frames[1]
+    view = memoryview(body)
+    size = len(body)
+    records = []
+    offset = 0
+    for index in range(count):
+        start = offset + _SUB_REPLY.size
+        if start > size:
+            raise ProtocolError(f"sub-reply {index} of {count} is truncated")
+        end = start + int.from_bytes(body[offset + 4 : offset + 8], "big")
+        if end > size:
+            raise ProtocolError(f"sub-reply {index} runs past the end of the batch")
+        records.append(view[offset:end])
+        offset = end
+    if offset != size:
+        raise ProtocolError(f"{size - offset} bytes after the last of {count} sub-replies")
+    return records
+
+
+def reply_record_status(record: bytes | memoryview) -> int:
+    """The status byte of a sub-reply record."""
+    return record[0]
+
+
+def decode_reply_record(record: bytes | memoryview) -> Reply:
+    """A sub-reply record (one of :func:`split_reply_records`) as a :class:`Reply`."""
+    if len(record) < _SUB_REPLY.size:
+        raise ProtocolError("sub-reply record truncated")
+    status, flags, body_len, request_id, token, deadline_ms = _SUB_REPLY.unpack_from(record)
+    body = bytes(record[_SUB_REPLY.size :]) if flags & HAS_BODY else None
+    status_ = _STATUS_OF.get(status)
+    if status_ is None or len(record) != _SUB_REPLY.size + body_len:
+        raise ProtocolError("bad sub-reply record", request_id)
+    return Reply(status_, request_id, token, deadline_ms or None, body)
+
+
+def reply_from_record(record: bytes | memoryview) -> list[bytes]:
+    """The REPLY frames for a sub-reply record (a single request that rode in a batch)."""
+    status, flags, _, request_id, token, deadline_ms = _SUB_REPLY.unpack_from(record)
+    header = _REPLY.pack(VERSION, Kind.REPLY, status, request_id, token, deadline_ms)
+    return [header, bytes(record[_SUB_REPLY.size :])] if flags & HAS_BODY else [header]
+
+
+# --- batch helpers ----------------------------------------------------------------------------
+
+
+_GET = int(Kind.GET)
+_SET = int(Kind.SET)
+_DEL = int(Kind.DEL)
+_BATCHABLE = frozenset({_GET, _SET, _DEL})
+
+
+def _batch_parts(frames: Sequence[bytes], kind: Kind) -> tuple[int, int, bytes]:
+    """Check a batch message's header and frames; returns ``(tag, count, body)``."""
+    _check_version(frames)
+    header = frames[0]
+    if header[1] != kind:
+        found = _KIND_OF.get(header[1])
+        raise ProtocolError(
+            f"expected {kind.name}, got {found.name if found else f'0x{header[1]:02x}'}"
+        )
+    if len(header) != _BATCH.size:
+        raise ProtocolError(
+            f"{kind.name} header of {len(header)} bytes, expected {_BATCH.size}",
+            batch_id_of(header) if kind == Kind.BATCH else 0,
+        )
+    _, _, count, tag = _BATCH.unpack(header)
+    error_id = tag if kind == Kind.BATCH else 0
+    if len(frames) != 2:
+        raise ProtocolError(f"{kind.name} takes 2 frames, got {len(frames)}", error_id)
+    if not 1 <= count <= MAX_BATCH_OPS:
+        raise ProtocolError(f"a batch holds 1 to {MAX_BATCH_OPS} items, got {count}", error_id)
+    body = frames[1]
+    if not isinstance(body, bytes):
+        body = bytes(body)
+    if len(body) > MAX_BATCH_BYTES and kind != Kind.BATCH_REPLY:
+        raise ProtocolError(f"batch of {len(body)} bytes exceeds {MAX_BATCH_BYTES}", error_id)
+    return tag, count, body
+
+
+def _split_requests(body: bytes, count: int, error_id: int, values: bool) -> list:
+    """Walk ``count`` sub-request records; see :data:`SubRequest` (``values`` False) and
+    :data:`Op` (``values`` True) for what each becomes."""
+    size = len(body)
+    view = memoryview(body)
+    unpack = _SUB_REQUEST.unpack_from
+    head_bytes = _SUB_REQUEST.size
+    max_ttl_ms = MAX_TTL_MS
+    max_value = MAX_VALUE_BYTES
+    ops: list = []
+    append = ops.append
+    offset = 0
+    for index in range(count):
+        key_start = offset + head_bytes
+        if key_start > size:
+            raise ProtocolError(f"sub-request {index} of {count} is truncated", error_id)
+        kind, flags, key_len, value_len, request_id, arg = unpack(body, offset)
+        key_end = key_start + key_len
+        end = key_end + value_len
+        if end > size:
+            raise ProtocolError(f"sub-request {index} runs past the end of the batch", error_id)
+        # The common cases, accepted with a few integer tests; anything else is explained by
+        # _sub_request_error (the one place the rules are spelled out).
+        if key_len and (
+            ((kind == _GET or kind == _DEL) and not (flags or value_len or arg))
+            or (
+                kind == _SET
+                and value_len <= max_value
+                and ((not flags and not arg) or (flags == _TTL and 0 < arg <= max_ttl_ms))
+            )
+        ):
+            key = body[key_start:key_end]
+            if values:
+                if kind == _SET:
+                    append((kind, request_id, key, body[key_end:end], arg or None))
+                else:
+                    append((kind, request_id, key, None, None))
+            else:
+                append((kind, request_id, key, view[offset:end]))
+        else:
+            message = _sub_request_error(kind, flags, key_len, value_len, arg).encode()
+            append(
+                (0, request_id, message, None, None)
+                if values
+                else (0, request_id, message, view[0:0])
+            )
+        offset = end
+    if offset != size:
+        raise ProtocolError(
+            f"{size - offset} bytes after the last of {count} sub-requests", error_id
+        )
+    return ops
+
+
+def _sub_request_error(kind: int, flags: int, key_len: int, value_len: int, arg: int) -> str:
+    """What is wrong with a sub-request ("" if nothing): the rules of section 3, for the
+    commands a batch may carry."""
+    command = _COMMAND_OF.get(kind)
+    if command is None:
+        return f"unknown command 0x{kind:02x}"
+    name = command.name
+    if command not in KEYED_COMMANDS:
+        return f"{name} cannot be sent in a batch"
+    if flags & ~_KNOWN_FLAGS:
+        return f"unknown flags 0x{flags:02x}"
+    if not key_len:
+        return f"{name} needs a non-empty key"
+    if flags & _KEYS_ONLY:
+        return f"flag KEYS_ONLY does not apply to {name}"
+    if command == Kind.SET:
+        if value_len > MAX_VALUE_BYTES:
+            return f"value of {value_len} bytes exceeds {MAX_VALUE_BYTES}"
+        if flags & _TTL:
+            if not 1 <= arg <= MAX_TTL_MS:
+                return f"ttl_ms must be between 1 and {MAX_TTL_MS}, got {arg}"
+        elif arg:
+            return "SET without flag TTL must have arg 0"
+        return ""
+    if flags & _TTL:
+        return f"flag TTL does not apply to {name}"
+    if value_len:
+        return f"{name} takes no value"
+    if arg:
+        return f"{name} must have arg 0"
+    return ""
+
+
 # --- control ----------------------------------------------------------------------------------
 
 
@@ -407,6 +854,8 @@ def decode_from_worker(frames: Sequence[bytes]) -> FromWorker:
     kind = _peek_kind(frames)
     if kind == Kind.REPLY:
         return decode_reply(frames)
+    if kind == Kind.BATCH_REPLY:
+        return decode_batch_reply(frames)
     if len(frames) != 1:
         raise ProtocolError(f"{kind.name} takes 1 frame, got {len(frames)}")
     header = frames[0]
@@ -435,6 +884,9 @@ def decode_from_broker(frames: Sequence[bytes]) -> FromBroker:
             _, _, token = _DISPATCH.unpack_from(header)
             request = decode_request([header[_DISPATCH.size :], *frames[1:]])
             return Dispatch(token, request)
+        case Kind.BATCH_DISPATCH:
+            token, count, body = _batch_parts(frames, Kind.BATCH_DISPATCH)
+            return DispatchBatch(token, _split_requests(body, count, 0, True))
         case Kind.ASSIGN:
             _check_frames(frames, 1, kind)
             _check_size(header, _ASSIGN.size, kind)

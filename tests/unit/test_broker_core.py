@@ -11,13 +11,17 @@ import json
 
 import pytest
 
+from broker import core
 from broker.core import CLAIM_WINDOW_HEARTBEATS, Broker, BrokerConfig, Side
 from broker.tokens import SEQUENCE_BITS
 from zkv.hashing import key_shard
 from zkv.protocol import (
     Assign,
+    Batch,
+    BatchReply,
     Disconnect,
     Dispatch,
+    DispatchBatch,
     Entry,
     Heartbeat,
     Kind,
@@ -25,13 +29,18 @@ from zkv.protocol import (
     Reply,
     Request,
     Status,
+    batch_frames,
+    decode_batch_reply,
     decode_entries,
     decode_from_broker,
     decode_reply,
+    encode_batch,
+    encode_batch_reply,
     encode_control,
     encode_entries,
     encode_reply,
     encode_request,
+    pack_request,
 )
 
 pytestmark = pytest.mark.unit
@@ -115,6 +124,11 @@ def ok(dispatch: Dispatch, body: bytes | None = None, deadline_ms: int | None = 
     return Reply(Status.OK, dispatch.request.request_id, dispatch.token, deadline_ms, body)
 
 
+def answer_all(run: DispatchBatch, status: Status = Status.OK) -> BatchReply:
+    """A worker's BATCH_REPLY answering every sub-request of ``run`` with ``status``."""
+    return BatchReply(run.token, tuple(Reply(status, op[1], run.token) for op in run.ops))
+
+
 @pytest.fixture
 def h() -> Harness:
     harness = Harness()
@@ -135,25 +149,24 @@ def test_request_goes_to_the_owner_of_its_shard_and_the_reply_comes_back_untouch
     assert reply == Reply(Status.OK, 7, dispatch.token, 123, None)
 
 
-def test_requests_for_one_key_go_one_at_a_time_in_arrival_order(h):
+def test_requests_for_one_key_go_one_dispatch_at_a_time_in_arrival_order(h):
     key = key_for(0)
     for request_id in (1, 2, 3):
         h.send(Request(Kind.SET, request_id, key, b"v"))
     [(worker, dispatch, _)] = h.dispatched()
-    order, tokens = [], []
-    while True:
-        order.append(dispatch.request.request_id)
-        tokens.append(dispatch.token)
-        h.answer(worker, dispatch, ok(dispatch))
-        out = h.take()
-        assert [side for side, _ in out][:1] == [Side.FRONTEND]  # the reply goes first
-        nexts = [frames for side, frames in out if side is Side.BACKEND]
-        if not nexts:
-            break
-        [frames] = nexts  # the next one only once the previous one is answered
-        dispatch = decode_from_broker(frames[1:])
-    assert order == [1, 2, 3]
-    assert tokens == sorted(tokens) and len(set(tokens)) == 3
+    assert dispatch.request.request_id == 1  # alone: a plain DISPATCH, as it always was
+    h.answer(worker, dispatch, ok(dispatch))
+    out = h.take()
+    assert [side for side, _ in out] == [Side.FRONTEND, Side.BACKEND]  # the reply goes first
+    # The requests that waited for the key's token go on together, in order, under one
+    # token (a hot key moves a run per round trip), and only once the first is answered.
+    run = decode_from_broker(out[1][1][1:])
+    assert isinstance(run, DispatchBatch)
+    assert [op[1] for op in run.ops] == [2, 3] and run.token > dispatch.token
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(run))], h.now)
+    replies = h.replies()
+    assert [r.request_id for r in replies] == [2, 3]  # single requests get plain REPLYs
+    assert h.broker.tokens.held(key) is False
 
 
 def test_a_busy_key_does_not_hold_up_other_keys_on_the_same_shard(h):
@@ -470,3 +483,236 @@ def test_a_refusal_after_a_retry_says_the_outcome_is_unknown(h):
     [reply] = h.replies()
     assert reply.status == Status.UNAVAILABLE
     assert reply.body == b"shard 0 moved to a newer owner; outcome unknown"
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+
+def send_batch(h: Harness, requests: list[Request], client: bytes = CLIENT, batch_id: int = 1):
+    h.broker.on_client([client, *encode_batch(Batch(batch_id, tuple(requests)))], h.now)
+
+
+def batch_dispatches(h: Harness) -> list[tuple[bytes, DispatchBatch, list[bytes]]]:
+    """Take the outbox, expecting only BATCH_DISPATCHes."""
+    result = []
+    for side, frames in h.take():
+        assert side is Side.BACKEND, frames
+        message = decode_from_broker(frames[1:])
+        assert isinstance(message, DispatchBatch), message
+        result.append((frames[0], message, frames[1:]))
+    return result
+
+
+def by_client(h: Harness) -> dict[bytes, list[Reply]]:
+    """Take the outbox, expecting only replies (REPLY or BATCH_REPLY); grouped by client."""
+    result: dict[bytes, list[Reply]] = {}
+    for side, frames in h.take():
+        assert side is Side.FRONTEND, frames
+        if frames[1][1] == Kind.BATCH_REPLY:
+            replies = list(decode_batch_reply(frames[1:]).replies)
+        else:
+            replies = [decode_reply(frames[1:])]
+        result.setdefault(frames[0], []).extend(replies)
+    return result
+
+
+def test_a_batch_is_split_by_shard_into_one_dispatch_per_shard_with_one_token_each(h):
+    keys = [key_for(0, "a"), key_for(1, "b"), key_for(0, "c"), key_for(1, "d")]
+    send_batch(h, [Request(Kind.SET, i + 1, k, b"v%d" % i) for i, k in enumerate(keys)])
+    out = batch_dispatches(h)
+    assert sorted(w for w, _, _ in out) == [b"w0", b"w1"]
+    for worker, dispatch, _ in out:
+        expected = [keys[0], keys[2]] if worker == b"w0" else [keys[1], keys[3]]
+        assert [op[2] for op in dispatch.ops] == expected  # in the batch's order
+        assert all(op[3].startswith(b"v") for op in dispatch.ops)  # values travel as sent
+    assert len({d.token for _, d, _ in out}) == 2
+    assert len(h.broker.tokens) == 4  # every key's token is out
+
+
+def test_a_batch_reply_for_one_client_is_forwarded_untouched_and_frees_the_tokens(h):
+    key = key_for(1)
+    send_batch(h, [Request(Kind.SET, 1, key, b"v"), Request(Kind.GET, 2, key)])
+    [(worker, dispatch, _)] = batch_dispatches(h)
+    assert [op[1] for op in dispatch.ops] == [1, 2]  # the same key twice: one flight, in order
+    reply = encode_batch_reply(
+        BatchReply(
+            dispatch.token,
+            (ok_sub(1, dispatch.token, deadline_ms=5), ok_sub(2, dispatch.token, b"v")),
+        )
+    )
+    h.broker.on_worker([worker, *reply], h.now)
+    [(side, frames)] = h.take()
+    assert side is Side.FRONTEND and frames == [CLIENT, *reply]  # not even re-encoded
+    assert len(h.broker.tokens) == 0 and h.broker.idle()
+
+
+def ok_sub(request_id: int, token: int, body: bytes | None = None, deadline_ms=None) -> Reply:
+    return Reply(Status.OK, request_id, token, deadline_ms, body)
+
+
+def test_a_busy_key_in_a_batch_waits_and_the_rest_of_the_batch_goes_on(h):
+    hot, cold = key_for(0, "hot"), key_for(0, "cold")
+    h.send(Request(Kind.SET, 1, hot, b"first"))  # holds hot's token
+    [(worker, first, _)] = h.dispatched()
+    send_batch(h, [Request(Kind.GET, 2, hot), Request(Kind.GET, 3, cold)])
+    [(_, dispatch, _)] = batch_dispatches(h)
+    assert [op[1] for op in dispatch.ops] == [3]  # cold goes, hot waits for its token
+    h.answer(worker, first, ok(first))
+    out = h.take()
+    assert decode_reply(out[0][1][1:]).request_id == 1
+    waiter = decode_from_broker(out[1][1][1:])
+    assert isinstance(waiter, DispatchBatch) and [op[1] for op in waiter.ops] == [2]
+    assert waiter.token > dispatch.token
+
+
+def test_a_hot_key_sends_all_its_waiters_in_one_dispatch_under_one_token(h):
+    hot = key_for(1, "hot")
+    send_batch(h, [Request(Kind.SET, 1, hot, b"0")], client=b"a", batch_id=1)
+    [(worker, first, _)] = batch_dispatches(h)
+    # While the first is out, three clients queue requests for the same key.
+    send_batch(h, [Request(Kind.GET, 10, hot), Request(Kind.SET, 11, hot, b"1")], b"a", 2)
+    h.send(Request(Kind.GET, 12, hot), client=b"b")
+    send_batch(h, [Request(Kind.DEL, 13, hot), Request(Kind.GET, 14, hot)], b"c", 3)
+    assert h.take() == []  # all wait for the token
+    assert h.broker.tokens.waiting(hot) == 5
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(first))], h.now)
+    out = h.take()
+    [run_frames] = [f for side, f in out if side is Side.BACKEND]
+    run = decode_from_broker(run_frames[1:])
+    assert isinstance(run, DispatchBatch)
+    assert [op[1] for op in run.ops] == [10, 11, 12, 13, 14]  # arrival order, one token
+    assert h.broker.tokens.waiting(hot) == 0 and h.broker.tokens.held(hot)
+    # Each client gets its own answers: b came alone and gets a plain REPLY.
+    subs = tuple(Reply(Status.OK, op[1], run.token, None, b"r%d" % op[1]) for op in run.ops)
+    h.broker.on_worker([worker, *encode_batch_reply(BatchReply(run.token, subs))], h.now)
+    replies = by_client(h)
+    assert {c: [(r.request_id, r.body) for r in rs] for c, rs in replies.items()} == {
+        b"a": [(10, b"r10"), (11, b"r11")],
+        b"b": [(12, b"r12")],
+        b"c": [(13, b"r13"), (14, b"r14")],
+    }
+    assert not h.broker.tokens.held(hot) and h.broker.idle()
+
+
+def test_hot_key_runs_are_cut_at_the_batch_limit(h, monkeypatch):
+    monkeypatch.setattr(core, "MAX_BATCH_OPS", 3)
+    hot = key_for(0, "hot")
+    send_batch(h, [Request(Kind.GET, 1, hot)])
+    [(worker, first, _)] = batch_dispatches(h)
+    send_batch(h, [Request(Kind.GET, i, hot) for i in range(2, 9)], batch_id=2)
+    assert h.take() == []
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(first))], h.now)
+    [run] = [decode_from_broker(f[1:]) for s, f in h.take() if s is Side.BACKEND]
+    assert [op[1] for op in run.ops] == [2, 3, 4]  # the rest waits for this run's answer
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(run))], h.now)
+    [run] = [decode_from_broker(f[1:]) for s, f in h.take() if s is Side.BACKEND]
+    assert [op[1] for op in run.ops] == [5, 6, 7]
+
+
+def test_a_full_flight_is_closed_and_a_key_it_holds_waits_for_its_answer(h, monkeypatch):
+    monkeypatch.setattr(core, "MAX_BATCH_OPS", 2)
+    a, b, c = key_for(0, "a"), key_for(0, "b"), key_for(0, "c")
+    send_batch(h, [Request(Kind.GET, 1, a), Request(Kind.GET, 2, b), Request(Kind.GET, 3, a)])
+    send_batch(h, [Request(Kind.GET, 4, c)], batch_id=2)
+    out = batch_dispatches(h)
+    assert [[op[1] for op in d.ops] for _, d, _ in out] == [[1, 2], [4]]
+    assert h.broker.tokens.waiting(a) == 1  # request 3 waits: a's token is in a full flight
+    h.broker.on_worker([b"w0", *encode_batch_reply(answer_all(out[0][1]))], h.now)
+    [run] = [decode_from_broker(f[1:]) for s, f in h.take() if s is Side.BACKEND]
+    assert [op[1] for op in run.ops] == [3]
+
+
+def test_malformed_sub_requests_are_refused_alone_and_a_malformed_batch_whole(h):
+    good = pack_request(Kind.GET, 1, key_for(0))
+    bad = pack_request(Kind.GET, 2, b"k")[:1] + b"\x80" + pack_request(Kind.GET, 2, b"k")[2:]
+    h.broker.on_client([CLIENT, *batch_frames(5, [good, bad])], h.now)
+    out = h.take()
+    [refusal] = [decode_batch_reply(f[1:]) for s, f in out if s is Side.FRONTEND]
+    [reply] = refusal.replies
+    assert (reply.request_id, reply.status) == (2, Status.ERROR)
+    assert reply.body.startswith(b"bad request: unknown flags")
+    assert len([f for s, f in out if s is Side.BACKEND]) == 1  # the good one went on
+    h.broker.on_client([CLIENT, batch_frames(6, [good])[0], b"\x01"], h.now)
+    [whole] = h.replies()
+    assert (whole.request_id, whole.status) == (6, Status.ERROR)  # the batch id
+    assert whole.body.startswith(b"bad request:")
+
+
+def test_a_retried_batch_is_merged_and_answered_on_the_new_socket(h):
+    keys = [key_for(0, "a"), key_for(1, "b")]
+    requests = [Request(Kind.SET, i + 1, k, b"v") for i, k in enumerate(keys)]
+    send_batch(h, requests, client=b"old", batch_id=1)
+    out = batch_dispatches(h)
+    send_batch(h, requests, client=b"new", batch_id=2)  # the client resent on a fresh socket
+    assert h.take() == []  # nothing dispatched twice
+    for worker, dispatch, _ in out:
+        h.broker.on_worker([worker, *encode_batch_reply(answer_all(dispatch))], h.now)
+    replies = by_client(h)
+    assert list(replies) == [b"new"] and sorted(r.request_id for r in replies[b"new"]) == [1, 2]
+
+
+def test_a_dead_workers_batch_goes_back_whole_and_is_dispatched_again(h):
+    h.register(b"standby")
+    keys = [key_for(0, "a"), key_for(0, "b")]
+    send_batch(h, [Request(Kind.SET, i + 1, k, b"v") for i, k in enumerate(keys)])
+    [(_, first, _)] = batch_dispatches(h)
+    h.broker.on_unroutable(b"w0", h.now)
+    out = h.take()
+    [(worker, again)] = [
+        (f[0], decode_from_broker(f[1:])) for s, f in out if f[1][1] == Kind.BATCH_DISPATCH
+    ]
+    assert worker == b"standby" and again.ops == first.ops and again.token > first.token
+    refusal = BatchReply(
+        again.token,
+        tuple(Reply(Status.UNAVAILABLE, op[1], again.token, None, b"moved") for op in again.ops),
+    )
+    h.broker.on_worker([worker, *encode_batch_reply(refusal)], h.now)
+    [reply, _] = by_client(h)[CLIENT]
+    assert reply.body == b"moved; outcome unknown"  # the dead worker may have applied it
+    assert h.broker.idle() and len(h.broker.tokens) == 0
+
+
+def test_a_batch_whose_worker_does_not_answer_fails_whole_and_frees_its_keys(h):
+    key = key_for(1)
+    send_batch(h, [Request(Kind.SET, 1, key, b"v"), Request(Kind.GET, 2, key_for(1, "x"))])
+    send_batch(h, [Request(Kind.GET, 3, key)], batch_id=2)  # waits for the first flight
+    [(worker, first, _)] = batch_dispatches(h)
+    h.advance(4.1)
+    out = h.take()
+    failed = [r for s, f in out if s is Side.FRONTEND for r in decode_batch_reply(f[1:]).replies]
+    assert sorted(r.request_id for r in failed) == [1, 2]
+    assert all(r.status == Status.UNAVAILABLE and b"outcome unknown" in r.body for r in failed)
+    [next_run] = [decode_from_broker(f[1:]) for s, f in out if f[1][1] == Kind.BATCH_DISPATCH]
+    assert [op[1] for op in next_run.ops] == [3]
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(first))], h.now)
+    assert h.take() == []  # the late answer is dropped
+
+
+def test_a_batch_for_a_shard_without_owner_waits_then_fails(h):
+    h.broker.on_worker([b"w1", *encode_control(Disconnect())], h.now)
+    send_batch(h, [Request(Kind.GET, 1, key_for(1)), Request(Kind.GET, 2, key_for(0))])
+    [(worker, _, _)] = batch_dispatches(h)
+    assert worker == b"w0"
+    h.advance(3.1)
+    [failed] = by_client(h)[CLIENT]
+    assert failed.request_id == 1 and b"shard 1 has no worker" in failed.body
+    assert not h.broker.tokens.held(key_for(1))
+
+
+def test_shutdown_refuses_a_batch(h):
+    h.broker.begin_shutdown()
+    send_batch(h, [Request(Kind.GET, 1, key_for(0)), Request(Kind.GET, 2, key_for(1))])
+    replies = by_client(h)[CLIENT]
+    assert [(r.request_id, r.status) for r in replies] == [
+        (1, Status.UNAVAILABLE),
+        (2, Status.UNAVAILABLE),
+    ]
+
+
+def test_a_batch_reply_with_the_wrong_count_is_dropped(h):
+    send_batch(h, [Request(Kind.GET, 1, key_for(0)), Request(Kind.GET, 2, key_for(0, "z"))])
+    [(worker, dispatch, _)] = batch_dispatches(h)
+    short = BatchReply(dispatch.token, (ok_sub(1, dispatch.token),))
+    h.broker.on_worker([worker, *encode_batch_reply(short)], h.now)
+    assert h.take() == []
+    assert not h.broker.idle()  # still waiting: it times out like an unanswered dispatch

@@ -11,8 +11,11 @@ import pytest
 from zkv import protocol
 from zkv.protocol import (
     Assign,
+    Batch,
+    BatchReply,
     Disconnect,
     Dispatch,
+    DispatchBatch,
     Entry,
     Heartbeat,
     Kind,
@@ -21,18 +24,32 @@ from zkv.protocol import (
     Reply,
     Request,
     Status,
+    batch_reply_header,
+    decode_batch,
+    decode_batch_reply,
     decode_entries,
     decode_from_broker,
     decode_from_worker,
     decode_reply,
+    decode_reply_record,
     decode_request,
+    dispatch_batch_frames,
     dispatch_frames,
+    encode_batch,
+    encode_batch_reply,
     encode_control,
     encode_entries,
     encode_reply,
     encode_request,
     error_reply,
+    pack_reply,
+    pack_request,
+    reply_from_record,
     reply_token,
+    request_record,
+    split_batch,
+    split_batch_reply,
+    split_reply_records,
 )
 
 pytestmark = pytest.mark.unit
@@ -248,3 +265,197 @@ def test_fuzz_decoders_raise_only_protocol_error():
             decode_entries(frames[0] if frames else b"")
         except ProtocolError:
             pass
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+BATCHABLE = [r for r in REQUESTS if r.kind in (Kind.GET, Kind.SET, Kind.DEL)]
+
+
+def test_batch_round_trip_and_layout():
+    batch = Batch(0xB0B, tuple(BATCHABLE))
+    frames = encode_batch(batch)
+    assert len(frames) == 2
+    assert frames[0] == struct.pack("!BBxxIQ", 1, Kind.BATCH, len(BATCHABLE), 0xB0B)
+    assert decode_batch(frames) == batch
+    # Each record: kind flags key_len value_len request_id arg, then key and value.
+    first = pack_request(Kind.SET, 7, b"ab", b"xyz", ttl_ms=10)
+    assert first == struct.pack("!BBHIQQ", Kind.SET, 1, 2, 3, 7, 10) + b"ab" + b"xyz"
+
+
+def test_split_batch_gives_records_that_rebuild_a_dispatch():
+    batch = Batch(1, tuple(BATCHABLE))
+    batch_id, subs = split_batch(encode_batch(batch))
+    assert batch_id == 1
+    assert [(kind, rid, key) for kind, rid, key, _ in subs] == [
+        (r.kind, r.request_id, r.key) for r in BATCHABLE
+    ]
+    dispatch = decode_from_broker(dispatch_batch_frames(99, [record for *_, record in subs]))
+    assert dispatch == DispatchBatch(
+        99, [(r.kind, r.request_id, r.key, r.value, r.ttl_ms) for r in BATCHABLE]
+    )
+
+
+def test_a_single_request_becomes_the_same_record_as_in_a_batch():
+    for request in BATCHABLE:
+        expected = pack_request(
+            request.kind, request.request_id, request.key, request.value, request.ttl_ms
+        )
+        assert request_record(encode_request(request)) == expected
+
+
+def test_batch_reply_round_trip_and_helpers():
+    replies = (
+        Reply(Status.OK, 1, 9, 1_700_000_000_000, b"value"),
+        Reply(Status.OK, 2, 9, None, b""),  # an empty body is still a body
+        Reply(Status.NOT_FOUND, 3, 9),
+        Reply(Status.UNAVAILABLE, protocol.U64_MAX, 9, None, b"why"),
+    )
+    frames = encode_batch_reply(BatchReply(9, replies))
+    assert frames[0] == struct.pack("!BBxxIQ", 1, Kind.BATCH_REPLY, 4, 9)
+    assert decode_batch_reply(frames) == BatchReply(9, replies)
+    assert decode_from_worker(frames) == BatchReply(9, replies)
+    assert batch_reply_header(frames) == (9, 4)
+    records = split_reply_records(frames, 4)
+    assert [decode_reply_record(record) for record in records] == list(replies)
+    assert [decode_reply(reply_from_record(record)) for record in records] == list(replies)
+    assert split_batch_reply(frames)[1][1] == (0, 2, 9, None, b"")
+
+
+def _batch(records: list[bytes], count: int | None = None, batch_id: int = 55) -> list[bytes]:
+    header = struct.pack("!BBxxIQ", 1, Kind.BATCH, len(records) if count is None else count, 55)
+    return [header[:8] + batch_id.to_bytes(8, "big"), b"".join(records)]
+
+
+def _record(kind=Kind.GET, flags=0, request_id=7, arg=0, key=b"k", value=b"") -> bytes:
+    return struct.pack("!BBHIQQ", kind, flags, len(key), len(value), request_id, arg) + key + value
+
+
+MALFORMED_BATCHES = {
+    "one frame": ([_batch([_record()])[0]], "BATCH takes 2 frames"),
+    "three frames": ([*_batch([_record()]), b"x"], "BATCH takes 2 frames"),
+    "short header": ([_batch([_record()])[0][:12], b""], "BATCH header of 12 bytes"),
+    "zero count": (_batch([], count=0), "a batch holds 1 to 10000 items, got 0"),
+    "too many": (_batch([_record()], count=10_001), "got 10001"),
+    "count above records": (_batch([_record()], count=2), "sub-request 1 of 2 is truncated"),
+    "count below records": (_batch([_record(), _record()], count=1), "bytes after the last"),
+    "record past the end": ([_batch([_record()])[0], _record()[:-1]], "runs past the end"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_BATCHES, ids=str)
+def test_malformed_batches_name_what_is_wrong_and_carry_the_batch_id(case):
+    frames, message = MALFORMED_BATCHES[case]
+    with pytest.raises(ProtocolError, match=re.escape(message)) as raised:
+        split_batch(frames)
+    if len(frames[0]) == 16:
+        assert raised.value.request_id == 55  # so the client can match the error reply
+
+
+def test_oversized_batch_is_refused(monkeypatch):
+    monkeypatch.setattr(protocol, "MAX_BATCH_BYTES", 50)
+    with pytest.raises(ProtocolError, match="exceeds 50"):
+        split_batch(_batch([_record(), _record(), _record()]))
+
+
+MALFORMED_SUB_REQUESTS = {
+    "unknown command": (_record(kind=0x7E), "unknown command 0x7e"),
+    "ALL in a batch": (_record(kind=Kind.ALL), "ALL cannot be sent in a batch"),
+    "PING in a batch": (_record(kind=Kind.PING, key=b""), "PING cannot be sent in a batch"),
+    "empty key": (_record(key=b""), "GET needs a non-empty key"),
+    "GET with a value": (_record(value=b"v"), "GET takes no value"),
+    "arg on DEL": (_record(kind=Kind.DEL, arg=3), "DEL must have arg 0"),
+    "TTL on GET": (_record(flags=1, arg=5), "flag TTL does not apply to GET"),
+    "unknown flag": (_record(flags=0x80), "unknown flags 0x80"),
+    "KEYS_ONLY on SET": (_record(kind=Kind.SET, flags=2), "KEYS_ONLY does not apply to SET"),
+    "zero TTL": (_record(kind=Kind.SET, flags=1, arg=0, value=b"v"), "ttl_ms must be between 1"),
+    "absurd TTL": (_record(kind=Kind.SET, flags=1, arg=2**63), "ttl_ms must be between 1"),
+    "arg without TTL": (_record(kind=Kind.SET, arg=5), "SET without flag TTL must have arg 0"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_SUB_REQUESTS, ids=str)
+def test_a_malformed_sub_request_is_marked_and_the_others_kept(case):
+    record, message = MALFORMED_SUB_REQUESTS[case]
+    good = _record(request_id=8, key=b"fine")
+    _, subs = split_batch(_batch([good, record, good]))
+    assert [(kind, rid) for kind, rid, _, _ in subs] == [(Kind.GET, 8), (0, 7), (Kind.GET, 8)]
+    assert subs[1][2].decode() == message or message in subs[1][2].decode()
+    with pytest.raises(ProtocolError, match=re.escape(message)) as raised:
+        decode_batch(_batch([good, record]))
+    assert raised.value.request_id == 7
+    with pytest.raises(ProtocolError):
+        pack_request(subs[1][0] or 0x7E, 7, b"" if "key" in case else b"k", None, None)
+
+
+def test_the_batch_encoder_refuses_what_the_broker_would():
+    with pytest.raises(ProtocolError, match="non-empty key"):
+        encode_batch(Batch(1, (Request(Kind.GET, 1, b""),)))
+    with pytest.raises(ProtocolError, match="cannot be sent in a batch"):
+        encode_batch(Batch(1, (Request(Kind.ALL, 1),)))
+    with pytest.raises(ProtocolError, match="ttl_ms"):
+        encode_batch(Batch(1, (Request(Kind.SET, 1, b"k", b"v", ttl_ms=0),)))
+    with pytest.raises(ProtocolError, match="1 to 10000"):
+        encode_batch(Batch(1, ()))
+
+
+def test_a_malformed_sub_request_in_a_dispatch_reaches_the_worker_marked():
+    frames = [struct.pack("!BBxxIQ", 1, Kind.BATCH_DISPATCH, 2, 5), _record() + _record(kind=9)]
+    dispatch = decode_from_broker(frames)
+    assert isinstance(dispatch, DispatchBatch) and dispatch.token == 5
+    assert dispatch.ops[0] == (Kind.GET, 7, b"k", None, None)
+    assert dispatch.ops[1][:2] == (0, 7) and b"unknown command" in dispatch.ops[1][2]
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [struct.pack("!BBxxIQ", 1, Kind.BATCH_REPLY, 1, 0)],  # one frame
+        [struct.pack("!BBxxIQ", 1, Kind.BATCH_REPLY, 2, 0), pack_reply(0, 1, 0, None, None)],
+        [struct.pack("!BBxxIQ", 1, Kind.BATCH_REPLY, 1, 0), pack_reply(9, 1, 0, None, None)],
+        [struct.pack("!BBxxIQ", 1, Kind.BATCH_REPLY, 1, 0), pack_reply(0, 1, 0, None, b"x")[:-1]],
+        [struct.pack("!BBxxIQ", 1, Kind.BATCH_REPLY, 1, 0), pack_reply(0, 1, 0, None, None) + b"!"],
+    ],
+)
+def test_malformed_batch_replies_raise(frames):
+    with pytest.raises(ProtocolError):
+        split_batch_reply(frames)
+    with pytest.raises(ProtocolError):
+        decode_from_worker(frames)
+
+
+def test_fuzz_batch_decoders_raise_only_protocol_error():
+    """Mutated batches, dispatches and replies: parse or ProtocolError, nothing else."""
+    rng = random.Random(4321)
+    batch = encode_batch(Batch(3, tuple(BATCHABLE[:4])))
+    dispatch = dispatch_batch_frames(4, [r for *_, r in split_batch(batch)[1]])
+    reply = encode_batch_reply(BatchReply(5, (Reply(Status.OK, 1, 5, 6, b"v"), Reply(1, 2, 5))))
+    seeds = [batch, dispatch, reply]
+    decoders = [
+        split_batch,
+        decode_batch,
+        split_batch_reply,
+        decode_batch_reply,
+        decode_from_broker,
+        decode_from_worker,
+        lambda frames: split_reply_records(frames, rng.randrange(4)),
+    ]
+    for _ in range(5_000):
+        frames = [bytearray(frame) for frame in rng.choice(seeds)]
+        for _ in range(rng.randint(1, 4)):
+            frame = rng.choice(frames)
+            roll = rng.random()
+            if frame and roll < 0.6:
+                frame[rng.randrange(len(frame))] = rng.randrange(256)
+            elif roll < 0.8:
+                del frame[rng.randrange(len(frame) + 1) :]
+            else:
+                frame.extend(rng.randbytes(rng.randrange(30)))
+        if rng.random() < 0.1:
+            frames = frames[: rng.randrange(len(frames) + 1)] or [bytearray()]
+        message = [bytes(frame) for frame in frames]
+        for decode in decoders:
+            try:
+                decode(message)
+            except ProtocolError:
+                pass

@@ -7,10 +7,26 @@ import itertools
 import pytest
 
 from tests.fakes import START_MS, FakeClock
+from workers.aof import FsyncPolicy
 from workers.idempotency import MAX_REMEMBERED_REQUESTS, RequestMemory
-from workers.shard import Shard
+from workers.persist import Durability
+from workers.shard import Shard, take_shard
 from workers.store import TTLStore
-from zkv.protocol import Dispatch, Entry, Kind, Reply, Request, Status, decode_entries
+from zkv.protocol import (
+    BatchReply,
+    Dispatch,
+    DispatchBatch,
+    Entry,
+    Kind,
+    Reply,
+    Request,
+    Status,
+    decode_batch_reply,
+    decode_entries,
+    decode_from_broker,
+    dispatch_batch_frames,
+    pack_request,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -246,3 +262,110 @@ def test_a_stale_token_is_refused_before_the_memory_is_consulted(shard: Shard) -
     shard.handle(Dispatch(7, Request(Kind.SET, 1, b"k", b"v")))
     reply = shard.handle(Dispatch(7, Request(Kind.SET, 1, b"k", b"v")))
     assert reply.status == Status.UNAVAILABLE
+
+
+# --- BATCH_DISPATCH: many requests under one token ---------------------------------------------
+
+
+def dispatch_batch(token: int, *requests: Request) -> DispatchBatch:
+    """What the worker decodes from a BATCH_DISPATCH of ``requests``."""
+    records = [pack_request(r.kind, r.request_id, r.key, r.value, r.ttl_ms) for r in requests]
+    message = decode_from_broker(dispatch_batch_frames(token, records))
+    assert isinstance(message, DispatchBatch)
+    return message
+
+
+def answers(frames: object) -> BatchReply:
+    assert isinstance(frames, list)
+    return decode_batch_reply(frames)
+
+
+def test_a_dispatched_batch_is_applied_in_order_under_one_token(shard: Shard) -> None:
+    batch = dispatch_batch(
+        10,
+        Request(Kind.SET, 1, b"k", b"v1", ttl_ms=1000),
+        Request(Kind.GET, 2, b"k"),
+        Request(Kind.DEL, 3, b"k"),
+        Request(Kind.GET, 4, b"k"),
+        Request(Kind.SET, 5, b"other", b""),
+    )
+    [frames] = shard.handle_batch([batch])
+    reply = answers(frames)
+    assert reply.token == 10 and shard.last_token == 10
+    assert [(r.request_id, r.token, r.status) for r in reply.replies] == [
+        (1, 10, Status.OK),
+        (2, 10, Status.OK),
+        (3, 10, Status.OK),
+        (4, 10, Status.NOT_FOUND),
+        (5, 10, Status.OK),
+    ]
+    assert reply.replies[0].deadline_ms == START_MS + 1000
+    assert (reply.replies[1].body, reply.replies[1].deadline_ms) == (b"v1", START_MS + 1000)
+    assert shard.store.get(b"other") == (b"", None)
+
+
+def test_batches_and_single_dispatches_mix_in_one_pass(shard: Shard) -> None:
+    single = Dispatch(5, Request(Kind.SET, 1, b"a", b"1"))
+    batch = dispatch_batch(6, Request(Kind.GET, 2, b"a"), Request(Kind.SET, 3, b"b", b"2"))
+    later = Dispatch(7, Request(Kind.GET, 4, b"b"))
+    first, second, third = shard.handle_batch([single, batch, later])
+    assert isinstance(first, Reply) and first.status == Status.OK
+    assert [r.body for r in answers(second).replies] == [b"1", None]
+    assert isinstance(third, Reply) and third.body == b"2"
+
+
+def test_a_stale_batch_is_refused_whole_and_changes_nothing(shard: Shard) -> None:
+    shard.handle(Dispatch(7, Request(Kind.SET, 1, b"k", b"current")))
+    [frames] = shard.handle_batch(
+        [dispatch_batch(7, Request(Kind.SET, 2, b"k", b"stale"), Request(Kind.DEL, 3, b"k"))]
+    )
+    reply = answers(frames)
+    assert [(r.request_id, r.status) for r in reply.replies] == [
+        (2, Status.UNAVAILABLE),
+        (3, Status.UNAVAILABLE),
+    ]
+    assert reply.replies[0].body == b"stale token 7: this shard already accepted 7"
+    assert shard.store.get(b"k") == (b"current", None) and shard.last_token == 7
+
+
+def test_a_retried_write_inside_a_batch_is_answered_from_memory(shard: Shard) -> None:
+    [first] = shard.handle_batch([dispatch_batch(1, Request(Kind.SET, 7, b"k", b"v", 1000))])
+    shard.handle(Dispatch(2, Request(Kind.SET, 8, b"k", b"newer write")))
+    [retry] = shard.handle_batch(
+        [dispatch_batch(3, Request(Kind.SET, 7, b"k", b"v", 1000), Request(Kind.DEL, 9, b"x"))]
+    )
+    assert answers(retry).replies[0] == Reply(
+        Status.OK, 7, 3, answers(first).replies[0].deadline_ms
+    )
+    assert shard.store.get(b"k") == (b"newer write", None)
+
+
+def test_a_malformed_request_in_a_batch_gets_its_own_error(shard: Shard) -> None:
+    batch = DispatchBatch(
+        4, [(Kind.SET, 1, b"k", b"v", None), (0, 2, b"unknown flags", None, None)]
+    )
+    [frames] = shard.handle_batch([batch])
+    ok_, bad = answers(frames).replies
+    assert ok_.status == Status.OK and shard.store.get(b"k") == (b"v", None)
+    assert (bad.status, bad.body) == (Status.ERROR, b"malformed request: unknown flags")
+
+
+def test_a_durable_batch_is_one_append_and_one_fsync(tmp_path) -> None:
+    calls: list[int] = []
+    durability = Durability(tmp_path / "data", FsyncPolicy.ALWAYS, fsync=calls.append)
+    shard = take_shard(0, 5, None, durability, FakeClock()).shard
+    calls.clear()
+    batch = dispatch_batch(
+        10, *(Request(Kind.SET, 100 + i, b"k%d" % i, b"v", 1000) for i in range(50))
+    )
+    sets, dels = shard.handle_batch([batch, dispatch_batch(11, Request(Kind.DEL, 1, b"k0"))])
+    assert len(calls) == 1  # group commit: the whole pass is one fsync
+    assert all(r.status == Status.OK for r in answers(sets).replies + answers(dels).replies)
+    shard.close()
+    # The idempotency memory came back from the log: the retries are recognised.
+    again = take_shard(0, 6, None, durability, FakeClock()).shard
+    assert len(again.store) == 49
+    [retry] = again.handle_batch([dispatch_batch(20, Request(Kind.SET, 101, b"k1", b"v", 1000))])
+    assert answers(retry).replies[0].status == Status.OK
+    assert len(again.memory) == 51
+    again.close()
