@@ -16,7 +16,6 @@ table of exception -> status; and :func:`render_error` writes every error respon
 
 from __future__ import annotations
 
-import email.utils
 import functools
 import inspect
 import json
@@ -55,8 +54,12 @@ SHOWN_INPUT_CHARS = 40  # at most this much of a bad parameter is echoed in an e
 _SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _LIMIT = re.compile(r"[0-9]+")
 
-# Sorted keys, as the seed's Flask jsonify wrote them.
-_dumps = functools.partial(json.dumps, sort_keys=True)
+# Sorted keys, as the seed's Flask jsonify wrote them. One encoder for every response: the same
+# text as json.dumps(obj, sort_keys=True), without building an encoder per call.
+_dumps = json.JSONEncoder(sort_keys=True).encode
+
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 class ClientLike(Protocol):
@@ -169,7 +172,7 @@ class ClientPlugin:
 
     Modelled on bottle_sqlite: routes that do not name the keyword are left untouched. Clients
     are per thread because ZeroMQ sockets are not thread-safe, and created on first use, so
-    that under gunicorn each forked worker process opens its own sockets after the fork.
+    that each forked server process, and each loop in it, opens its own socket after the fork.
 
     Args:
         client_factory: makes a new client; called once per thread that serves a request.
@@ -328,8 +331,22 @@ def _read_up_to(stream: Any, size: int) -> bytes:
 
 
 def http_date(unix_ms: int | None) -> str | None:
-    """``Thu, 11 Jan 2024 21:09:21 GMT`` for a Unix time in milliseconds; None stays None."""
-    return None if unix_ms is None else email.utils.formatdate(unix_ms / 1000, usegmt=True)
+    """``Thu, 11 Jan 2024 21:09:21 GMT`` for a Unix time in milliseconds; None stays None.
+
+    The text of ``email.utils.formatdate(unix_ms / 1000, usegmt=True)``, which drops the
+    fraction of the second; made once per second and remembered, since most responses show
+    this second (``current_time``) and the deadlines of the keys read most.
+    """
+    return None if unix_ms is None else _http_date_of_second(unix_ms // 1000)
+
+
+@functools.lru_cache(maxsize=4096)
+def _http_date_of_second(unix_s: int) -> str:
+    t = time.gmtime(unix_s)
+    return (
+        f"{_WEEKDAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    )
 
 
 def _text(data: bytes) -> str:

@@ -8,10 +8,12 @@ way the cluster does, so pagination is tested against per-shard limits.
 from __future__ import annotations
 
 import calendar
+import email.utils
 import io
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -27,7 +29,7 @@ from wsgiref.validate import validator
 import pytest
 from bottle import Bottle
 
-from gateway.app import make_app
+from gateway.app import http_date, make_app
 from gateway.server import app_factory, build_parser, gunicorn_options
 from zkv import defaults
 from zkv.client import Item, NotFound
@@ -431,6 +433,16 @@ def test_seed_shows_binary_values_and_keys_without_expiry(app: Bottle) -> None:
 
 def test_seed_ignores_unknown_parameters(app: Bottle) -> None:
     assert get(app, "/set?key=k&value=v&timeout=1&_=12345").status == 200
+
+
+def test_http_date_is_formatdate_to_the_second() -> None:
+    # Cached per second, but the very text email.utils.formatdate gives, fraction dropped.
+    samples = [0, 999, 1000, 1999, SEED_NOW * 1000, SEED_NOW * 1000 + 999, MAX_TTL_MS, -1500]
+    rng = random.Random(7)
+    samples += [rng.randrange(0, 4_000_000_000_000) for _ in range(2000)]
+    for unix_ms in samples:
+        assert http_date(unix_ms) == email.utils.formatdate(unix_ms / 1000, usegmt=True), unix_ms
+    assert http_date(None) is None
 
 
 # --- REST API ---------------------------------------------------------------------------------
