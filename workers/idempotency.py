@@ -15,12 +15,22 @@ have written (only its deadline is the first one's); a DEL answered that way may
 written since. Random 64-bit ids, as the Python client picks, make either a 2**-64 event.
 
 Bounds: the last MAX_REMEMBERED_REQUESTS writes, oldest forgotten first, so a retry is
-recognised if fewer than that many writes reached the shard since the original. An entry costs
-about 300 bytes (tracemalloc, 100,000 random ids; the key itself is shared with the store while
-the key lives), so a full memory holds about 30 MB per shard. A DEL that found nothing changed
-nothing, so it is not remembered (its retry is answered NOT_FOUND again, or deletes a value
-written since, as if the first attempt had been lost). Request id 0 means "do not remember"
-(compaction writes its snapshot with it).
+recognised if fewer than that many writes reached the shard since the original. A DEL that found
+nothing changed nothing, so it is not remembered (its retry is answered NOT_FOUND again, or
+deletes a value written since, as if the first attempt had been lost). Request id 0 means "do
+not remember" (compaction writes its snapshot with it).
+
+Memory, since a full memory is 100,000 entries per shard: each write is kept as one bytes
+object (kind, status, CRC-32 and deadline packed in 14 bytes, then the key) in a plain dict by
+request id, and the order of forgetting is a ring of the request ids, not an OrderedDict (whose
+linked list costs about 45 bytes an entry). About 160 bytes per entry with 16-byte keys
+(tracemalloc, 100,000 random 64-bit ids: the id itself is 48 of them, the dict slot about 50),
+so a full memory holds about 16 MB per shard; it was 300 bytes with a named tuple per entry.
+Measured as a whole worker's RSS (``bench/memory.py``) a full memory costs nearer 37 MB: the
+dict's table is sized for its churn, and allocator pages are shared with the store's. A key
+longer than INLINE_KEY_BYTES is not copied but kept by reference beside the packed fields, as
+the store holds it while the key lives. :class:`Memo` remains the interface: entries are
+unpacked into one only when a retry is recognised or compaction reads the memory.
 
 The memory is rebuilt on takeover: every SET and DEL record in the log carries its request id,
 and compaction writes the memory itself into the new log as MEMO records, so a request applied
@@ -29,14 +39,22 @@ by a worker that then died is answered from memory by its successor, not applied
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import struct
 from typing import NamedTuple
 
 MAX_REMEMBERED_REQUESTS = 100_000  # request ids per shard
+# Keys up to this long are copied into the packed entry (one object instead of a 2-tuple and
+# the packed fields: 64 bytes instead of 112 with a 16-byte key); longer ones are shared.
+INLINE_KEY_BYTES = 64
+
+_FIELDS = struct.Struct(">BBIQ")  # kind, status, fingerprint (CRC-32), deadline_ms (0: None)
+
+Packed = bytes | tuple[bytes, bytes]
+"""One remembered write: the packed fields followed by the key, or (fields, key)."""
 
 
 class Memo(NamedTuple):
-    """A remembered write and its reply (a tuple: 100,000 of them must stay small)."""
+    """A remembered write and its reply, as callers see it (stored packed, see above)."""
 
     kind: int  # Kind.SET or Kind.DEL
     key: bytes
@@ -45,25 +63,50 @@ class Memo(NamedTuple):
     deadline_ms: int | None  # the reply's deadline (SET), None for never or DEL
 
 
+def _pack(memo: Memo) -> Packed:
+    fields = _FIELDS.pack(memo.kind, memo.status, memo.fingerprint, memo.deadline_ms or 0)
+    if len(memo.key) <= INLINE_KEY_BYTES:
+        return fields + memo.key
+    return fields, memo.key
+
+
+def _unpack(packed: Packed) -> Memo:
+    if isinstance(packed, bytes):
+        key = packed[_FIELDS.size :]
+    else:
+        packed, key = packed
+    kind, status, fingerprint, deadline_ms = _FIELDS.unpack_from(packed)
+    return Memo(kind, key, fingerprint, status, deadline_ms or None)
+
+
 class RequestMemory:
     """Replies to the last ``capacity`` remembered writes, by request id.
 
     Args:
-        capacity: how many request ids to keep; the oldest is forgotten first.
+        capacity: how many writes to keep; the oldest is forgotten first.
     """
 
     def __init__(self, capacity: int = MAX_REMEMBERED_REQUESTS) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
-        self._memos: OrderedDict[int, Memo] = OrderedDict()
+        self._memos: dict[int, Packed] = {}
+        # Request ids in the order remembered: a ring once full, _next its oldest slot.
+        self._ring: list[int] = []
+        self._next = 0
+        # Ids remembered again while still in the ring (a reused id): how many of their older
+        # ring slots to skip when those are forgotten, so the newest write stays remembered.
+        self._reused: dict[int, int] = {}
 
     def recall(self, request_id: int, kind: int, key: bytes, fingerprint: int) -> Memo | None:
         """The remembered reply if this request (same id, kind, key and value) was applied."""
         if not request_id:
             return None
-        memo = self._memos.get(request_id)
-        if memo is None or memo.kind != kind or memo.key != key or memo.fingerprint != fingerprint:
+        packed = self._memos.get(request_id)
+        if packed is None:
+            return None
+        memo = _unpack(packed)
+        if memo.kind != kind or memo.key != key or memo.fingerprint != fingerprint:
             return None
         return memo
 
@@ -74,14 +117,37 @@ class RequestMemory:
         memos = self._memos
         if request_id in memos:
             # An id reused for another write: the newest one is what a retry would repeat.
-            memos.move_to_end(request_id)
-        memos[request_id] = memo
-        if len(memos) > self.capacity:
-            memos.popitem(last=False)
+            self._reused[request_id] = self._reused.get(request_id, 0) + 1
+        memos[request_id] = _pack(memo)
+        ring = self._ring
+        if len(ring) < self.capacity:
+            ring.append(request_id)
+            return
+        oldest = ring[self._next]
+        ring[self._next] = request_id
+        self._next = (self._next + 1) % self.capacity
+        skip = self._reused.get(oldest)
+        if skip is None:
+            del memos[oldest]
+        elif skip == 1:
+            del self._reused[oldest]
+        else:
+            self._reused[oldest] = skip - 1
 
     def snapshot(self) -> list[tuple[int, Memo]]:
         """The remembered writes, oldest first: a copy another thread may read (compaction)."""
-        return list(self._memos.items())
+        skip = dict(self._reused)
+        ring = self._ring
+        ordered = ring[self._next :] + ring[: self._next]
+        memos = self._memos
+        remembered: list[tuple[int, Memo]] = []
+        for request_id in ordered:
+            count = skip.get(request_id)
+            if count:
+                skip[request_id] = count - 1  # a newer slot holds this id's current write
+                continue
+            remembered.append((request_id, _unpack(memos[request_id])))
+        return remembered
 
     def __len__(self) -> int:
         return len(self._memos)

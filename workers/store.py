@@ -6,24 +6,30 @@ they leave the process (replies carry them to clients, who compare them with the
 
 Per-key layout, chosen to keep memory small::
 
-    _data[key] = (value, stamp)          stamp = (deadline_ms, key), or None: never expires
-    _heap      = [stamp, ...]            a heapq ordered by deadline, for background expiry
+    _data[key]       = value + deadline          one bytes object: the value, then the deadline
+                                                 as 8 big-endian bytes (0: never expires)
+    _buckets[bucket] = [(key, ...), [key, ...]]  the expiry index: keys by deadline, in pieces
+                                                 (see Bucket and "Active expiry" below)
 
-A key with a TTL costs the dict slot, one 2-tuple for the record, one 2-tuple for the stamp, the
-deadline int and one heap slot; the stamp is shared by the record and the heap, so the heap holds
-no copy of the key or the deadline. A stamp in the heap is *live* if the record of its key still
-holds that very object (``record[1] is stamp``): overwriting or deleting a key makes its old
-stamp *stale* without touching the heap. Identity is exact where comparing deadlines is not (a
-key deleted and set again within the same millisecond gets the same deadline twice).
+A key with a TTL costs its dict slot, one bytes object for value and deadline together, and
+one slot (8 bytes) in a tuple of the expiry index: no per-key tuple or int object, and nothing
+per key that the garbage collector has to visit. The 8 deadline bytes are often free: CPython
+allocates small objects in 16-byte steps, and a 16-byte value takes 49 bytes as a bytes object,
+57 with its deadline, both in the 64-byte size class. Reads pay for it with a slice (the value)
+and an unpack (the deadline), about a tenth of a microsecond; a SET copies the value once into
+the record (and a GET copies it out: for megabyte values that is a memcpy each way).
 
-Measured with tracemalloc for 100,000 keys of 16 bytes with 16-byte values: 306 bytes per key
-with a TTL, 206 without; a plain dict of the same keys and values takes 150.
+Measured with tracemalloc for 100,000 keys of 16 bytes with 16-byte values: 166 bytes per key
+with a TTL, 158 without (the layout before, a (value, (deadline, key)) tuple pair and a heap of
+the inner tuples: 306 with, 206 without); a plain dict of the same keys and values takes 150.
+``python -m bench.memory`` measures a whole worker process instead.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import struct
 import time
 from collections.abc import Callable, Iterator
 from operator import itemgetter
@@ -35,18 +41,60 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], int]
 """Returns Unix time in integer milliseconds."""
 
-Stamp = tuple[int, bytes]
-"""(deadline_ms, key): a key's entry in the expiry heap."""
+Record = bytes
+"""What the dict holds for each key: the value, then its deadline (see the module docstring)."""
 
-Record = tuple[bytes, Stamp | None]
-"""(value, stamp): what the dict holds for each key."""
+_DEADLINE = struct.Struct(">Q")
+DEADLINE_BYTES = _DEADLINE.size
+_pack_deadline = _DEADLINE.pack
+_unpack_from = _DEADLINE.unpack_from
+_NEVER = _pack_deadline(0)
+
+
+Bucket = list[tuple[bytes, ...] | list[bytes]]
+"""The keys of one bucket of the expiry index, in pieces of up to EXPIRE_CHUNK_KEYS keys: sealed
+tuples, and at the end an open list that takes new keys until it is full and sealed in turn.
+
+Why not one list of keys: the garbage collector traverses every list at each full collection,
+and a million keys in lists made each one a 20-40 ms pause on this machine. A tuple of bytes is
+untracked by the collector once a collection has seen it, so only the open tails (at most one
+per bucket) and the short lists of pieces are traversed. The dict of keys is never traversed:
+a dict that holds only bytes is not tracked at all, one more thing the record layout buys.
+"""
+
+
+def _deadline(record: Record) -> int:
+    """The deadline stored at the end of ``record`` (Unix ms), 0 for never."""
+    return _unpack_from(record, -DEADLINE_BYTES)[0]
+
 
 # Python dicts never give memory back when keys are deleted: the table keeps its peak size until
 # the next insert that triggers a resize. After a mass expiry the table is copied into a new,
 # right-sized dict once it holds less than 1/SHRINK_FACTOR of its peak. Small dicts are left
-# alone: copying them saves little and would happen often.
+# alone: copying them saves little and would happen often. The copy waits until no expiry is
+# due: a copy is one pause (tens of milliseconds per million keys left), and in the middle of a
+# wave of expiries it would copy keys that are about to go anyway.
 SHRINK_FACTOR = 4
 SHRINK_MIN_PEAK_KEYS = 1024
+
+# The expiry index: levels of buckets, see "Active expiry" below. Level 0 has one bucket per
+# millisecond; level m >= 1 has buckets WIDTH_MS[m] wide (2**(6m+6) ms: 4.1 s, 4.4 min, 4.7 h,
+# 12 days, 2.2 years, 139 years), each refined into finer buckets LEAD_MS[m] before it starts.
+# A key goes into the first level whose HORIZON_MS exceeds the time it has left.
+WIDTH_MS = (1, 1 << 12, 1 << 18, 1 << 24, 1 << 30, 1 << 36, 1 << 42)
+LEAD_MS = (0, *(width >> 2 for width in WIDTH_MS[1:]))
+HORIZON_MS = (*(WIDTH_MS[m] + LEAD_MS[m] for m in range(1, len(WIDTH_MS))),)
+TOP_LEVEL = len(WIDTH_MS) - 1
+_LEVEL_BITS = 3  # a bucket id is (due_ms << _LEVEL_BITS) | level
+_LEVEL_MASK = (1 << _LEVEL_BITS) - 1
+
+# An expiry pass checks its time budget once per chunk of this many index entries (reading the
+# monotonic clock per key would cost a sixth of the pass).
+EXPIRE_CHUNK_KEYS = 64
+# A stretch of back-to-back expiry passes that removes at least this many keys is logged when
+# its backlog is gone (how many, how long, how late): mass expiries are worth a line, the
+# steady trickle is not.
+EXPIRY_LOG_MIN_KEYS = 10_000
 
 
 def wall_clock_ms() -> int:
@@ -78,19 +126,36 @@ class TTLStore:
     def __init__(self, clock: Clock = wall_clock_ms) -> None:
         self._clock = clock
         self._data: dict[bytes, Record] = {}
-        self._heap: list[Stamp] = []
-        # How many records hold a stamp, i.e. how many heap entries are live. The heap holds
-        # len(_heap) - _timed stale stamps; knowing that lets us bound them without a scan.
+        # The expiry index: bucket id -> keys, and a min-heap of the bucket ids (ordered by
+        # due time, since the id starts with it). See "Active expiry".
+        self._buckets: dict[int, Bucket] = {}
+        self._heap: list[int] = []
+        # How many keys have a deadline, and how many entries the index holds. Entries beyond
+        # one per key are stale (the key was deleted or got another deadline); _compact_index
+        # removes them once there are too many, without scanning the dict.
         self._timed = 0
+        self._indexed = 0
+        # Entries that were legitimately left after the last index compaction beyond one per
+        # key (see _compact_index): the next compaction waits until the excess exceeds that.
+        self._irreducible = 0
         # The largest len(_data) since the dict was last rebuilt (see SHRINK_FACTOR).
         self._peak = 0
+        # The stretch of expiry passes in progress, for its log line (EXPIRY_LOG_MIN_KEYS).
+        self._wave_removed = 0
+        self._wave_passes = 0
+        self._wave_started_ms = 0
+        self._wave_ended_ms = 0
+        self._wave_late_ms = 0
+        self._longest_pass_s = 0.0  # since the last stretch ended, refinement passes included
+
+    # --- reading and writing ----------------------------------------------------------------
 
     def set(self, key: bytes, value: bytes, ttl_ms: int | None) -> int | None:
         """Store ``value`` under ``key``, replacing any previous value and deadline.
 
         Args:
             key: the key.
-            value: the value, stored as is.
+            value: the value; its bytes are copied into the key's record.
             ttl_ms: time to live from now in milliseconds (at least 1), or None for a key
                 that never expires. Overwriting a key always resets its deadline.
 
@@ -101,29 +166,31 @@ class TTLStore:
         Raises:
             ValueError: ``ttl_ms`` is below 1 (a key that is dead on arrival is a caller bug).
         """
-        stamp: Stamp | None = None
-        if ttl_ms is not None:
-            if ttl_ms < 1:
-                raise ValueError(f"ttl_ms must be at least 1, got {ttl_ms}")
-            stamp = (self._clock() + ttl_ms, key)
-        self._put(key, value, stamp)
-        return None if stamp is None else stamp[0]
+        if ttl_ms is None:
+            self._put(key, value + _NEVER, 0, 0)
+            return None
+        if ttl_ms < 1:
+            raise ValueError(f"ttl_ms must be at least 1, got {ttl_ms}")
+        now = self._clock()
+        deadline = now + ttl_ms
+        self._put(key, value + _pack_deadline(deadline), deadline, now)
+        return deadline
 
-    def _put(self, key: bytes, value: bytes, stamp: Stamp | None) -> None:
+    def _put(self, key: bytes, record: Record, deadline: int, now: int) -> None:
+        """Store ``record`` (deadline 0: none) and file the key in the expiry index."""
         data = self._data
         old = data.get(key)
-        data[key] = (value, stamp)
+        data[key] = record
         if old is None:
             if len(data) > self._peak:
                 self._peak = len(data)
-        elif old[1] is not None:
-            self._timed -= 1  # its stamp stays in the heap, stale
-        if stamp is not None:
-            heapq.heappush(self._heap, stamp)
+        elif _deadline(old):
+            self._timed -= 1  # its index entry goes stale
+        if deadline:
             self._timed += 1
-        # A write never shrinks the dict, so only the heap can need compacting.
-        if len(self._heap) > 2 * self._timed:
-            self._compact_heap()
+            self._file(key, deadline, now)
+        if self._indexed - self._timed > self._timed + 2 * self._irreducible:
+            self._compact_index()
 
     @property
     def clock(self) -> Clock:
@@ -144,20 +211,24 @@ class TTLStore:
         Returns:
             True if the key is now stored, False if it was dropped as expired.
         """
-        if deadline_ms is not None and deadline_ms <= self._clock():
+        if deadline_ms is None:
+            self._put(key, value + _NEVER, 0, 0)
+            return True
+        now = self._clock()
+        if deadline_ms <= now:
             record = self._data.get(key)
             if record is not None:
                 self._forget(key, record)
+                self._compact()
             return False
-        stamp: Stamp | None = None if deadline_ms is None else (deadline_ms, key)
-        self._put(key, value, stamp)
+        self._put(key, value + _pack_deadline(deadline_ms), deadline_ms, now)
         return True
 
     def snapshot(self) -> Snapshot:
         """A point-in-time copy of every record, for compaction to write from another thread.
 
         O(n) in the calling thread but cheap: one dict copy of references, no object per key.
-        Records are immutable tuples that writes replace rather than change, so the copy stays
+        Records are immutable bytes that writes replace rather than change, so the copy stays
         exactly as it was while the store moves on.
         """
         return Snapshot(self._data.copy())
@@ -172,14 +243,14 @@ class TTLStore:
         record = self._data.get(key)
         if record is None:
             raise Missing(key)
-        value, stamp = record
-        if stamp is None:
-            return value, None
-        if self._clock() >= stamp[0]:
+        deadline = _unpack_from(record, -DEADLINE_BYTES)[0]
+        if not deadline:
+            return record[:-DEADLINE_BYTES], None
+        if self._clock() >= deadline:
             self._forget(key, record)
             self._compact()
             raise Missing(key)
-        return value, stamp[0]
+        return record[:-DEADLINE_BYTES], deadline
 
     def delete(self, key: bytes) -> bool:
         """Remove ``key``.
@@ -192,8 +263,8 @@ class TTLStore:
         if record is None:
             return False
         self._forget(key, record)
-        stamp = record[1]
-        live = stamp is None or self._clock() < stamp[0]
+        deadline = _deadline(record)
+        live = not deadline or self._clock() < deadline
         self._compact()
         return live
 
@@ -220,8 +291,8 @@ class TTLStore:
 
         def live() -> Iterator[tuple[bytes, Record]]:
             for item in self._data.items():
-                stamp = item[1][1]
-                if stamp is not None and now >= stamp[0]:
+                deadline = _unpack_from(item[1], -DEADLINE_BYTES)[0]
+                if deadline and now >= deadline:
                     expired.append(item)
                 elif item[0] > after:
                     yield item
@@ -236,126 +307,319 @@ class TTLStore:
         if expired:
             self._compact()
         return [
-            Entry(key, b"" if keys_only else value, None if stamp is None else stamp[0])
-            for key, (value, stamp) in selected
+            Entry(
+                key,
+                b"" if keys_only else record[:-DEADLINE_BYTES],
+                _deadline(record) or None,
+            )
+            for key, record in selected
         ]
+
+    # --- active expiry ----------------------------------------------------------------------
 
     # Active expiry, the background half of "a key is gone at its deadline".
     #
-    # Reads already refuse expired keys, so this pass exists only to give back the memory of
-    # keys that expire while nobody reads them. Redis (expire.c, activeExpireCycle) has no
-    # index ordered by time, so it samples random keys with a TTL and repeats while enough of
-    # the sample was expired. Here every key with a TTL has a stamp in a min-heap ordered by
-    # deadline, so there is nothing to guess: the expired keys are exactly the stamps at the
-    # top of the heap whose deadline is <= now.
+    # Reads already refuse expired keys, so this exists to give back the memory of keys that
+    # expire while nobody reads them, promptly (within a pass or two of the deadline) and in
+    # bounded steps, even when a million keys share one second. Redis (expire.c,
+    # activeExpireCycle) has no index ordered by time: it samples keys that have a TTL, 20 a
+    # loop, and loops again while more than 10% of a sample had expired, within a CPU-time
+    # limit, so a mass expiry drains at the rate that limit allows and the last stragglers
+    # wait until a sample finds them. Here an index says exactly which keys are due.
     #
-    # How: take `now` once, then pop stamps from the top while the top is due. A popped stamp
-    # is live if the key's record still holds that very stamp object; the key is then deleted.
-    # Otherwise the key was overwritten or deleted after that stamp was pushed: the stamp is
-    # stale and simply dropped (popping it is the cleanup).
+    # The index is a hierarchical timing wheel (Varghese and Lauck; the Linux kernel's timers
+    # and Kafka's purgatory work alike), with buckets of keys (see Bucket):
     #
-    # When it stops: when the top stamp is not due (everything below it is later, so nothing
-    # else is due either); after `max_keys` stamps, stale ones included, since each costs a
-    # pop; or when `budget_s` of monotonic time has passed, checked after each stamp. A pass
-    # always examines at least one due stamp, so repeated passes always make progress.
+    #   level 0   one bucket per millisecond: the keys whose deadline is exactly that ms.
+    #   level m   buckets WIDTH_MS[m] wide, aligned to multiples of the width: the keys whose
+    #             deadline falls inside. Level 1 is 4.1 s wide, each level 64 times the last.
     #
-    # Limits: one pass does a bounded amount of work, O(max_keys * log n), so a request never
-    # waits behind a long sweep; the worker runs passes back to back (serving requests between
-    # them) while `next_deadline_ms() <= now`, i.e. while a backlog remains. Keys that become
-    # due during a pass wait for the next one. Stale stamps are bounded separately: whenever
-    # they outnumber the live ones, `_compact` rebuilds the heap from the live stamps in
-    # O(heap) time, which amortizes to O(1) per write but is one pause of that length.
+    # A key is filed at the first level whose HORIZON_MS exceeds the time it has left, so
+    # level 0 holds the next ~5 s and each level above covers 64 times more. A bucket is
+    # *due* at its deadline (level 0) or LEAD_MS[m] (a quarter of its width) before its start
+    # (level m); its id, (due << 3) | level, orders a min-heap of bucket ids by due time. So
+    # there are at most about 5,000 + 6 * 80 buckets whatever the number of keys or how their
+    # deadlines spread, and a key costs one slot of 8 bytes.
+    #
+    # A pass: take `now` once; while the top bucket of the heap is due, take its last piece
+    # (up to EXPIRE_CHUNK_KEYS keys), and for each key read its deadline from the dict (one
+    # lookup and an unpack):
+    #
+    #   * gone, or no deadline any more: the entry is stale; drop it.
+    #   * deadline <= now: delete the key (whatever bucket it was found in).
+    #   * a level-m bucket and the deadline lies inside its window: refine, i.e. file the key
+    #     again by the time it has left, which is less than the width plus the lead, so it
+    #     lands on a lower level (level 0 from level 1). Refining happens a lead ahead of the
+    #     window, so a wave of keys due in one second is sorted into millisecond buckets about
+    #     a second before the first of them is due, and then each bucket needs deletes only.
+    #   * otherwise the key was overwritten with a deadline elsewhere: stale, dropped.
+    #
+    # Whether an entry is current depends only on the key's deadline and the bucket, never on
+    # how the entry got there, so stale and duplicate entries are harmless: at worst a key is
+    # looked up twice. An emptied bucket leaves the heap and the dict.
+    #
+    # When a pass stops: when the top bucket is not due (nothing below it is either: every
+    # key's current bucket is due at or before its deadline, so no expired key is missed);
+    # after `max_keys` entries, stale ones and refinements included, since each costs a
+    # lookup; or when `budget_s` has passed, checked after each chunk. A pass always handles
+    # at least one chunk when something is due, so passes make progress.
+    #
+    # Limits: a pass does a bounded amount of work, O(max_keys), so a request never waits
+    # behind a long sweep; the worker runs passes back to back (serving requests between them)
+    # while next_deadline_ms() <= now, i.e. while a backlog remains. A key is deleted by the
+    # first pass at or after its deadline that reaches its bucket; a key far in the future is
+    # refined once per level on its way down (a one-hour TTL: twice). Writes and deletes make
+    # entries stale without touching the index (a key set again with the same bucket is not
+    # filed twice when it was the bucket's last entry); _compact_index filters the index once
+    # stale entries outnumber the live ones, one pause of O(entries) amortized to O(1) per
+    # write. No timing assumption anywhere: the clock may jump forward (a backlog, drained in
+    # passes) or back (buckets simply come due later).
+    #
+    # Measured (bench/expiry_wave.py, one worker on this 2-core machine, 1,000 or 250 keys a
+    # pass): a million keys due within one second were each removed within 50-61 ms of their
+    # deadline when written in deadline order, within 429 ms when their deadlines were
+    # scattered across the write order (each millisecond's keys spread over the whole heap:
+    # the cost is cache misses, about 1 us a key here, not the index).
     def expire(self, max_keys: int, budget_s: float | None = None) -> int:
         """Remove expired keys in one bounded pass (see the comment above for the algorithm).
 
         Args:
-            max_keys: the most heap entries to examine, so the most keys to remove.
+            max_keys: the most index entries to examine, so the most keys to remove.
             budget_s: the most monotonic seconds to spend, None for no time limit.
 
         Returns:
             How many keys were removed.
         """
-        heap = self._heap  # _compact may replace self._heap, but only after the loop
-        data = self._data  # likewise self._data
+        heap = self._heap
+        buckets = self._buckets
+        data = self._data
         now = self._clock()
         started_s = time.monotonic()
-        examined = removed = 0
+        examined = removed = refiled = late_ms = 0
         while heap and examined < max_keys:
-            stamp = heap[0]
-            if stamp[0] > now:
+            bucket_id = heap[0]
+            due = bucket_id >> _LEVEL_BITS
+            if due > now:
                 break
-            heapq.heappop(heap)
-            examined += 1
-            key = stamp[1]
-            record = data.get(key)
-            if record is not None and record[1] is stamp:
-                del data[key]
-                self._timed -= 1
-                removed += 1
+            pieces = buckets[bucket_id]
+            chunk = pieces.pop()
+            room = max_keys - examined
+            if len(chunk) > room:
+                pieces.append(chunk[:-room])
+                chunk = chunk[-room:]
+            examined += len(chunk)
+            self._indexed -= len(chunk)
+            level = bucket_id & _LEVEL_MASK
+            if level == 0:
+                # Current entries here are exactly the records ending with this deadline.
+                suffix = _pack_deadline(due)
+                before = removed
+                for key, record in zip(chunk, map(data.get, chunk), strict=True):
+                    if record is not None and record.endswith(suffix):
+                        del data[key]
+                        removed += 1
+                if removed > before and now - due > late_ms:
+                    late_ms = now - due
+            else:
+                start = due + LEAD_MS[level]
+                end = start + WIDTH_MS[level]
+                near = now + HORIZON_MS[0]  # deadlines before this go to level 0
+                for key, record in zip(chunk, map(data.get, chunk), strict=True):
+                    if record is None:
+                        continue
+                    deadline = _unpack_from(record, -DEADLINE_BYTES)[0]
+                    if not deadline:
+                        continue
+                    if deadline <= now:
+                        del data[key]
+                        removed += 1
+                        if now - deadline > late_ms:
+                            late_ms = now - deadline
+                    elif not start <= deadline < end:
+                        continue  # stale: the key was filed elsewhere since
+                    elif deadline < near:
+                        # _file() inlined for level 0, where a wave's keys go: a refinement
+                        # costs about as much as a delete this way, not twice as much.
+                        target_id = deadline << _LEVEL_BITS
+                        target = buckets.get(target_id)
+                        if target is None:
+                            buckets[target_id] = [[key]]
+                            heapq.heappush(heap, target_id)
+                            refiled += 1
+                        elif (tail := target[-1])[-1] != key:
+                            if type(tail) is list:
+                                tail.append(key)
+                                if len(tail) == EXPIRE_CHUNK_KEYS:
+                                    target[-1] = tuple(tail)
+                            else:
+                                target.append([key])
+                            refiled += 1
+                    else:
+                        self._file(key, deadline, now)
+            if not pieces:
+                heapq.heappop(heap)
+                del buckets[bucket_id]
             if budget_s is not None and time.monotonic() - started_s >= budget_s:
                 break
+        self._timed -= removed
+        self._indexed += refiled
         if examined:
             self._compact()
+            self._longest_pass_s = max(self._longest_pass_s, time.monotonic() - started_s)
+        self._note_pass(removed, late_ms, now)
         return removed
 
-    def next_deadline_ms(self) -> int | None:
-        """The earliest deadline in the expiry index (Unix ms), None if no key has a TTL.
+    def _file(self, key: bytes, deadline: int, now: int) -> None:
+        """Add ``key`` to the bucket its deadline belongs in, given the time left before it."""
+        left = deadline - now
+        if left < HORIZON_MS[0]:
+            bucket_id = deadline << _LEVEL_BITS  # level 0: due at the deadline itself
+        else:
+            level = 1
+            while level < TOP_LEVEL and left >= HORIZON_MS[level]:
+                level += 1
+            start = deadline & -WIDTH_MS[level]  # widths are powers of two
+            bucket_id = ((start - LEAD_MS[level]) << _LEVEL_BITS) | level
+        pieces = self._buckets.get(bucket_id)
+        if pieces is None:
+            self._buckets[bucket_id] = [[key]]
+            heapq.heappush(self._heap, bucket_id)
+        else:
+            tail = pieces[-1]
+            if tail[-1] == key:
+                return  # set again before anything else joined the bucket: already filed here
+            if type(tail) is list:
+                tail.append(key)
+                if len(tail) == EXPIRE_CHUNK_KEYS:
+                    pieces[-1] = tuple(tail)  # sealed: see Bucket
+            else:
+                pieces.append([key])
+        self._indexed += 1
 
-        It may belong to a stale stamp (a key overwritten or deleted since), so it is a lower
-        bound: never later than the next real expiry. That is what a scheduler needs: waking
-        early only makes :meth:`expire` drop the stale stamp.
+    def _note_pass(self, removed: int, late_ms: int, now: int) -> None:
+        """Account for one pass; log a mass expiry once a pass finds nothing left to do.
+
+        A stretch of passes runs from the first that removes a key to the first that removes
+        none with nothing due: while a wave lasts, the worker's passes 50 ms apart (or back to
+        back) keep finding keys, so one wave makes one line.
         """
-        return self._heap[0][0] if self._heap else None
+        if removed:
+            if not self._wave_removed:
+                self._wave_started_ms = now
+            self._wave_removed += removed
+            self._wave_passes += 1
+            self._wave_ended_ms = now
+            self._wave_late_ms = max(self._wave_late_ms, late_ms)
+            return
+        if not self._wave_removed or (self._heap and self._heap[0] >> _LEVEL_BITS <= now):
+            return  # no stretch in progress, or a backlog (of refinements) remains
+        if self._wave_removed >= EXPIRY_LOG_MIN_KEYS:
+            log.info(
+                "expired %d keys in %d passes over %d ms, each within %d ms of its deadline; "
+                "%d keys left; the longest pass took %.1f ms",
+                self._wave_removed,
+                self._wave_passes,
+                self._wave_ended_ms - self._wave_started_ms,
+                self._wave_late_ms,
+                len(self._data),
+                self._longest_pass_s * 1000,
+            )
+        self._wave_removed = self._wave_passes = self._wave_late_ms = 0
+        self._longest_pass_s = 0.0
+
+    def next_deadline_ms(self) -> int | None:
+        """When :meth:`expire` next has work (Unix ms), None if no key has a TTL.
+
+        The due time of the first bucket of the expiry index: never later than the earliest
+        deadline of any key (every key sits in a bucket due at or before its deadline), but
+        possibly earlier (a bucket to refine, or stale entries). That is what a scheduler
+        needs: waking early only makes :meth:`expire` refine or drop entries; while this is at
+        or before now, a backlog remains.
+        """
+        return self._heap[0] >> _LEVEL_BITS if self._heap else None
+
+    def index_size(self) -> int:
+        """Entries in the expiry index, stale ones included (tests bound it)."""
+        return self._indexed
 
     def __len__(self) -> int:
         """How many keys are stored, including expired keys that no read or :meth:`expire`
         pass has removed yet; use :meth:`entries` for an exact count of live keys."""
         return len(self._data)
 
+    # --- memory -----------------------------------------------------------------------------
+
     def _forget(self, key: bytes, record: Record) -> None:
-        """Delete ``key``, whose current record is ``record``; its stamp, if any, goes stale."""
+        """Delete ``key``, whose current record is ``record``; its index entry goes stale."""
         del self._data[key]
-        if record[1] is not None:
+        if _deadline(record):
             self._timed -= 1
 
     def _compact(self) -> None:
         """Give memory back after deletions, in time amortized to O(1) per operation.
 
-        The heap: see :meth:`_compact_heap`. The dict: see SHRINK_FACTOR; copying it costs
+        The index: see :meth:`_compact_index`. The dict: see SHRINK_FACTOR; copying it costs
         O(keys left), which is at most 1/SHRINK_FACTOR of the deletions since the last copy.
         """
-        if len(self._heap) > 2 * self._timed:
-            self._compact_heap()
-        if self._peak > SHRINK_MIN_PEAK_KEYS and len(self._data) * SHRINK_FACTOR < self._peak:
+        if self._indexed - self._timed > self._timed + 2 * self._irreducible:
+            self._compact_index()
+        if (
+            self._peak > SHRINK_MIN_PEAK_KEYS
+            and len(self._data) * SHRINK_FACTOR < self._peak
+            and not (self._heap and self._heap[0] >> _LEVEL_BITS <= self._clock())
+        ):
             log.debug("rebuilt the key dict: peak %d keys, now %d", self._peak, len(self._data))
             self._data = dict(self._data)
             self._peak = len(self._data)
 
-    def _compact_heap(self) -> None:
-        """Keep only the live stamps, once stale ones outnumber them.
+    def _compact_index(self) -> None:
+        """Keep only the current entries of the index, once stale ones outnumber the others.
 
-        Without this a key set in a loop would add a stamp per SET until its deadline. The
-        rebuild costs O(heap) and happens after at least (live + 1) new stale stamps, so it
-        amortizes to O(1) per write. (The list also shrinks by itself as heappop empties it:
-        CPython lists release memory when they fall below half their capacity.)
+        Without this a key set in a loop would add an entry per SET until its old bucket came
+        due. Each bucket's keys are filtered: a key stays if it is still stored, its deadline
+        lies in the bucket's window, and it was not met earlier in the same bucket. The filter
+        walks the index, not the dict, so it costs O(entries) and not O(keys); it runs once
+        stale entries exceed the live keys, so it amortizes to O(1) per write (but is one
+        pause of that length).
+
+        A key may remain in buckets of two levels (filed at level 2, say, then set again, with
+        a deadline in the same window, when its time left put it on level 1); each is current
+        by the rule above and the finer one wins when it comes due. That excess is bounded by
+        the number of levels per key; it is remembered so the next compaction waits until the
+        new excess is larger than the key count plus twice it, and never runs back to back.
         """
-        before = len(self._heap)
         data = self._data
-        self._heap = [
-            stamp
-            for stamp in self._heap
-            if (record := data.get(stamp[1])) is not None and record[1] is stamp
-        ]
+        before = self._indexed
+        buckets: dict[int, Bucket] = {}
+        indexed = 0
+        for bucket_id, pieces in self._buckets.items():
+            level = bucket_id & _LEVEL_MASK
+            start = (bucket_id >> _LEVEL_BITS) + LEAD_MS[level]
+            end = start + WIDTH_MS[level]
+            kept = [
+                key
+                for key in dict.fromkeys(key for piece in pieces for key in piece)
+                if (record := data.get(key)) is not None
+                and start <= _unpack_from(record, -DEADLINE_BYTES)[0] < end
+            ]
+            if kept:
+                size = EXPIRE_CHUNK_KEYS
+                buckets[bucket_id] = [tuple(kept[i : i + size]) for i in range(0, len(kept), size)]
+                indexed += len(kept)
+        self._buckets = buckets
+        self._heap = list(buckets)
         heapq.heapify(self._heap)
+        self._indexed = indexed
+        self._irreducible = max(0, indexed - self._timed)
         if before > SHRINK_MIN_PEAK_KEYS:
-            log.debug("rebuilt the expiry heap: %d stamps, %d live", before, len(self._heap))
+            log.debug("compacted the expiry index: %d entries, %d current", before, indexed)
 
 
 class Snapshot:
     """The records of a store at one moment (see :meth:`TTLStore.snapshot`).
 
     Safe to read from another thread while the store changes: it holds its own dict, whose
-    values are tuples nobody mutates.
+    values are bytes nobody mutates.
     """
 
     def __init__(self, data: dict[bytes, Record]) -> None:
@@ -363,11 +627,12 @@ class Snapshot:
 
     def live(self, now_ms: int) -> Iterator[tuple[bytes, bytes, int | None]]:
         """``(key, value, deadline_ms)`` of every key not expired at ``now_ms``, in no order."""
-        for key, (value, stamp) in self._data.items():
-            if stamp is None:
-                yield key, value, None
-            elif now_ms < stamp[0]:
-                yield key, value, stamp[0]
+        for key, record in self._data.items():
+            deadline = _unpack_from(record, -DEADLINE_BYTES)[0]
+            if not deadline:
+                yield key, record[:-DEADLINE_BYTES], None
+            elif now_ms < deadline:
+                yield key, record[:-DEADLINE_BYTES], deadline
 
     def __len__(self) -> int:
         return len(self._data)

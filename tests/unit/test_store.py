@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import logging
+import random
 import tracemalloc
 
 import pytest
 
 from tests.fakes import START_MS, FakeClock
-from workers.store import Missing, TTLStore
+from workers.store import EXPIRE_CHUNK_KEYS, EXPIRY_LOG_MIN_KEYS, Missing, TTLStore
 from zkv.protocol import Entry
 
 pytestmark = pytest.mark.unit
@@ -63,7 +65,7 @@ def test_overwrite_resets_the_deadline(store: TTLStore, clock: FakeClock) -> Non
     assert store.set(b"k", b"new", 100) == START_MS + 190
     clock.advance(50)  # past the first deadline, before the second
     assert store.get(b"k") == (b"new", START_MS + 190)
-    assert store.expire(max_keys=100) == 0  # the old deadline's heap entry is stale
+    assert store.expire(max_keys=100) == 0  # the old deadline's index entry is stale
     assert store.get(b"k") == (b"new", START_MS + 190)
     clock.advance(50)
     with pytest.raises(Missing):
@@ -107,7 +109,7 @@ def test_delete(store: TTLStore, clock: FakeClock) -> None:
 def test_key_deleted_and_set_again_in_the_same_millisecond(
     store: TTLStore, clock: FakeClock
 ) -> None:
-    # Both heap entries carry the same (deadline, key): only identity tells them apart.
+    # Two index entries for one key and one deadline: the key must be removed once.
     store.set(b"k", b"1", 50)
     store.delete(b"k")
     store.set(b"k", b"2", 50)
@@ -198,9 +200,10 @@ def test_expire_stops_at_its_time_budget(store: TTLStore, clock: FakeClock) -> N
     for i in range(1000):
         store.set(b"k%d" % i, b"", 1)
     clock.advance(1)
-    # A zero budget is spent after the first key: the pass still makes progress.
-    assert store.expire(max_keys=1000, budget_s=0.0) == 1
-    assert len(store) == 999
+    # A zero budget is spent after the first chunk of keys: the pass still makes progress.
+    removed = store.expire(max_keys=1000, budget_s=0.0)
+    assert 1 <= removed <= EXPIRE_CHUNK_KEYS
+    assert len(store) == 1000 - removed
 
 
 def test_expire_removes_keys_in_deadline_order(store: TTLStore, clock: FakeClock) -> None:
@@ -222,24 +225,25 @@ def test_next_deadline_is_the_earliest(store: TTLStore) -> None:
     assert store.next_deadline_ms() == START_MS + 100
 
 
-def test_setting_one_key_in_a_loop_does_not_grow_the_heap(store: TTLStore) -> None:
+def test_setting_one_key_in_a_loop_does_not_grow_the_index(store: TTLStore) -> None:
     for i in range(10_000):
         store.set(b"hot", b"%d" % i, 60_000)
     store.set(b"other", b"", 60_000)
     assert len(store) == 2
-    assert len(store._heap) <= 2 * 2 + 1  # O(live keys), whatever the number of writes
+    assert store.index_size() <= 2 * 2 + 1  # O(live keys), whatever the number of writes
 
 
-def test_stale_heap_entries_stay_bounded_by_live_keys(store: TTLStore) -> None:
+def test_stale_index_entries_stay_bounded_by_live_keys(store: TTLStore) -> None:
     for i in range(1000):
         store.set(b"k%d" % i, b"", 60_000)
     for round_ in range(20):
         for i in range(1000):
             store.set(b"k%d" % i, b"%d" % round_, 60_000)
-        assert len(store._heap) <= 2 * 1000 + 1
+        assert store.index_size() <= 2 * 1000 + 1
     for i in range(1000):
         store.delete(b"k%d" % i)
-    assert store._heap == []
+    assert store.index_size() == 0
+    assert store.next_deadline_ms() is None
 
 
 def test_memory_is_given_back_after_a_mass_expiry(clock: FakeClock) -> None:
@@ -259,20 +263,21 @@ def test_memory_is_given_back_after_a_mass_expiry(clock: FakeClock) -> None:
     finally:
         tracemalloc.stop()
     assert len(store) == 0
-    assert full > 4_000_000  # ~300 bytes per key
+    assert full > 2_000_000  # ~150 bytes per key
     # Without the rebuild, the dict alone would keep its ~50k-key table (several MB).
     assert after < 100_000, f"{after} bytes still held after expiring {count} keys"
 
 
 def test_memory_is_given_back_after_expiry_found_by_reads(clock: FakeClock) -> None:
-    # The other way keys die: found expired by entries(), which makes their heap stamps stale.
+    # The other way keys die: found expired by entries(), which makes their index entries stale.
     store = TTLStore(clock)
     for i in range(20_000):
         store.set(b"k%d" % i, b"v", 10)
     clock.advance(10)
     assert store.entries() == []
     assert len(store) == 0
-    assert store._heap == []
+    assert store.index_size() == 0
+    assert store.next_deadline_ms() is None
     assert len(store._data) == 0
 
 
@@ -310,3 +315,261 @@ def test_a_snapshot_does_not_change_when_the_store_does(store: TTLStore, clock: 
     clock.advance(10)
     assert len(snapshot) == 3
     assert sorted(snapshot.live(clock())) == [(b"a", b"1", None), (b"b", b"2", START_MS + 100)]
+
+
+# --- the expiry index: a hierarchical timing wheel ---------------------------------------------
+
+HOUR_MS = 3600 * 1000
+DAY_MS = 24 * HOUR_MS
+
+
+def drain(store: TTLStore, max_keys: int = 1000) -> int:
+    """Run expiry passes while a backlog remains, as the worker does; returns the passes."""
+    passes = 0
+    while (due := store.next_deadline_ms()) is not None and due <= store.clock():
+        store.expire(max_keys)
+        passes += 1
+        assert passes < 1_000_000, "expiry made no progress"
+    return passes
+
+
+def levels(store: TTLStore) -> dict[int, int]:
+    """Index entries per level (peeking: the level is the low bits of a bucket id)."""
+    counts: dict[int, int] = {}
+    for bucket_id, pieces in store._buckets.items():
+        level = bucket_id & 7
+        counts[level] = counts.get(level, 0) + sum(len(piece) for piece in pieces)
+    return counts
+
+
+@pytest.mark.parametrize("ttl_ms", [1, 999, 5_119, 5_120, 4_096 * 70, HOUR_MS, 40 * DAY_MS])
+def test_expire_removes_a_key_at_its_exact_millisecond_from_any_level(
+    store: TTLStore, clock: FakeClock, ttl_ms: int
+) -> None:
+    # Far deadlines start in coarse buckets and are refined on the way; the background pass
+    # still removes the key at its deadline, not a bucket width later, and not before.
+    deadline = store.set(b"k", b"v", ttl_ms)
+    store.set(b"forever", b"", None)
+    assert deadline is not None
+    step = max(1, ttl_ms // 7)
+    while clock.now < deadline - 1:
+        clock.now = min(clock.now + step, deadline - 1)
+        drain(store)
+        assert store._data.keys() >= {b"k"}  # peeking: a read would not tell
+    next_due = store.next_deadline_ms()
+    assert next_due is not None and next_due <= deadline
+    clock.now = deadline
+    drain(store)
+    assert b"k" not in store._data
+    assert len(store) == 1
+    assert store.index_size() == 0
+    assert store.next_deadline_ms() is None
+
+
+def test_keys_are_filed_by_time_left_and_refined_to_millisecond_buckets(
+    store: TTLStore, clock: FakeClock
+) -> None:
+    store.set(b"soon", b"", 2_000)  # level 0: one bucket per millisecond
+    store.set(b"minutes", b"", 60_000)  # level 1: 4.1 s buckets
+    store.set(b"hour", b"", HOUR_MS)  # level 2: 4.4 min buckets
+    assert levels(store) == {0: 1, 1: 1, 2: 1}
+    clock.advance(HOUR_MS - 3_000)
+    drain(store)
+    assert set(store._data) == {b"hour"}
+    assert levels(store) == {0: 1}  # refined level by level down to its millisecond
+
+
+def test_a_wave_in_one_second_is_refined_before_it_is_due(
+    store: TTLStore, clock: FakeClock
+) -> None:
+    # 20,000 keys due within one second, a minute away: one or two level-1 buckets, refined
+    # into millisecond buckets a lead ahead, so the wave itself is deletes only.
+    start = clock.now + 60_000
+    for i in range(20_000):
+        store.restore(b"k%d" % i, b"v", start + i % 1000)
+    assert set(levels(store)) == {1}
+    clock.now = start - 1
+    drain(store)
+    assert levels(store) == {0: 20_000}
+    assert len(store) == 20_000
+    clock.now = start + 999
+    drain(store)
+    assert len(store) == 0
+
+
+def test_mass_expiry_drains_in_bounded_passes(store: TTLStore, clock: FakeClock) -> None:
+    for i in range(30_000):
+        store.set(b"k%d" % i, b"v", 10_000 + i % 1000)
+    for i in range(100):
+        store.set(b"keep%d" % i, b"v", None)
+    clock.advance(20_000)  # all due at once: a backlog
+    passes = 0
+    while True:
+        due = store.next_deadline_ms()
+        if due is None or due > clock.now:
+            break
+        assert store.expire(max_keys=500) <= 500  # never more per pass than asked
+        passes += 1
+    assert len(store) == 100
+    assert 30_000 / 500 <= passes <= 30_000 / 500 + 1000  # one partial pass per bucket at most
+    assert store.index_size() == 0
+
+
+def test_memory_is_rebuilt_after_a_mass_expiry(store: TTLStore, clock: FakeClock) -> None:
+    for i in range(20_000):
+        store.set(b"k%d" % i, b"v", 5_000 + i % 2_000)
+    store.set(b"keep", b"v", None)
+    table = store._data
+    clock.advance(10_000)
+    drain(store, max_keys=1000)
+    assert store._data is not table  # the dict was copied into a right-sized one
+    assert store._data == {b"keep": b"v" + bytes(8)}
+    assert store._buckets == {}
+    assert store._heap == []
+
+
+def test_mass_expiry_does_not_copy_the_dict_while_a_backlog_remains(
+    store: TTLStore, clock: FakeClock
+) -> None:
+    for i in range(20_000):
+        store.set(b"k%d" % i, b"v", 100)
+    clock.advance(100)
+    table = store._data
+    while store.expire(max_keys=1000):
+        if store.next_deadline_ms() is not None:
+            assert store._data is table  # a copy mid-wave would be a pause for nothing
+    assert len(store) == 0
+
+
+def test_overwrite_moves_a_key_between_levels(store: TTLStore, clock: FakeClock) -> None:
+    store.set(b"k", b"far", HOUR_MS)
+    store.set(b"k", b"near", 50)  # the coarse entry goes stale
+    clock.advance(50)
+    assert store.expire(max_keys=10) == 1
+    assert len(store) == 0
+    store.set(b"k", b"near", 50)
+    store.set(b"k", b"far", HOUR_MS)  # the fine entry goes stale
+    clock.advance(50)
+    assert store.expire(max_keys=10) == 0
+    assert store.get(b"k") == (b"far", clock.now - 50 + HOUR_MS)
+    clock.advance(HOUR_MS - 50)
+    drain(store)
+    assert len(store) == 0
+    assert store.index_size() == 0
+
+
+def test_delete_then_set_in_another_bucket(store: TTLStore, clock: FakeClock) -> None:
+    store.set(b"k", b"1", 100)
+    assert store.delete(b"k")
+    store.set(b"k", b"2", 300)
+    clock.advance(100)
+    assert store.expire(max_keys=10) == 0
+    assert store.get(b"k") == (b"2", START_MS + 300)
+    clock.advance(200)
+    assert store.expire(max_keys=10) == 1
+
+
+def test_buckets_stay_few_however_deadlines_spread(store: TTLStore) -> None:
+    rng = random.Random(7)
+    for i in range(20_000):
+        store.set(b"k%d" % i, b"", rng.randrange(1, 3650 * DAY_MS))
+    # Not one bucket per key: a bounded number per level (see the comment in expire()).
+    assert len(store._buckets) < 600
+    assert store.index_size() == 20_000
+
+
+def test_sets_in_rotation_keep_the_index_bounded(store: TTLStore, clock: FakeClock) -> None:
+    # Refreshing sessions: each key set again and again with a deadline in the same bucket,
+    # interleaved with the others, so no SET finds its key last in the bucket's list.
+    for round_ in range(30):
+        for i in range(500):
+            store.set(b"session%d" % i, b"%d" % round_, 30 * 60_000)
+        clock.advance(10)
+        assert store.index_size() <= 3 * 500 + 1
+    clock.advance(30 * 60_000)
+    drain(store)
+    assert len(store) == 0
+    assert store.index_size() == 0
+
+
+def test_mass_expiry_is_logged_once_the_backlog_is_gone(
+    store: TTLStore, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(EXPIRY_LOG_MIN_KEYS):
+        store.set(b"k%d" % i, b"", 1_000 + i % 10)
+    clock.advance(1_020)
+    with caplog.at_level(logging.INFO, logger="workers.store"):
+        store.expire(max_keys=100)
+        assert "expired" not in caplog.text  # a backlog remains
+        drain(store, max_keys=100)
+        assert "expired" not in caplog.text  # the stretch ends with a pass that finds nothing
+        clock.advance(50)
+        store.expire(max_keys=100)
+    assert f"expired {EXPIRY_LOG_MIN_KEYS} keys in" in caplog.text
+    assert "each within 20 ms of its deadline; 0 keys left; the longest pass took" in caplog.text
+
+
+def test_the_index_holds_keys_in_sealed_tuples_the_collector_skips(
+    store: TTLStore, clock: FakeClock
+) -> None:
+    for i in range(1000):
+        store.set(b"k%d" % i, b"v", 60_000)
+    (pieces,) = store._buckets.values()
+    assert all(type(piece) is tuple for piece in pieces[:-1])
+    assert sum(len(piece) for piece in pieces) == 1000
+    gc.collect()
+    assert not gc.is_tracked(store._data)  # a dict of bytes: never traversed
+    assert not any(gc.is_tracked(piece) for piece in pieces[:-1])
+    clock.advance(60_000)
+    assert store.expire(max_keys=100) == 100  # pieces split to fit max_keys
+    drain(store, max_keys=30)
+    assert len(store) == 0
+
+
+def test_the_clock_going_back_loses_no_key(store: TTLStore, clock: FakeClock) -> None:
+    store.set(b"k", b"v", 10_000)
+    clock.advance(-60_000)  # a wall clock stepped back: the key lives longer, never less
+    assert store.expire(max_keys=10) == 0
+    assert store.get(b"k") == (b"v", START_MS + 10_000)
+    clock.now = START_MS + 10_000
+    drain(store)
+    assert len(store) == 0
+
+
+def test_random_operations_agree_with_a_model(clock: FakeClock) -> None:
+    # Against a plain dict of (value, deadline): reads never see a key at or after its
+    # deadline, and once the passes have drained, no expired key is left in memory.
+    rng = random.Random(2024)
+    store = TTLStore(clock)
+    model: dict[bytes, tuple[bytes, int | None]] = {}
+    ttls = [1, 2, 50, 1_000, 5_119, 5_121, 70_000, HOUR_MS, 3 * DAY_MS]
+    keys = [b"k%d" % i for i in range(60)]
+    for step in range(20_000):
+        key = rng.choice(keys)
+        action = rng.random()
+        if action < 0.45:
+            ttl = rng.choice([*ttls, None])
+            value = b"%d" % step
+            deadline = store.set(key, value, ttl)
+            model[key] = (value, deadline)
+        elif action < 0.55:
+            live = key in model and (model[key][1] or clock.now + 1) > clock.now
+            assert store.delete(key) is live
+            model.pop(key, None)
+        elif action < 0.75:
+            expected = model.get(key)
+            if expected is None or (expected[1] is not None and expected[1] <= clock.now):
+                with pytest.raises(Missing):
+                    store.get(key)
+            else:
+                assert store.get(key) == expected
+        elif action < 0.9:
+            store.expire(max_keys=rng.choice([1, 7, 100]))
+        else:
+            clock.advance(rng.choice([1, 3, 100, 2_000, 60_000, HOUR_MS]))
+            drain(store, max_keys=rng.choice([5, 100]))
+            for gone in [k for k, (_, d) in model.items() if d is not None and d <= clock.now]:
+                assert gone not in store._data
+                del model[gone]
+            assert set(store._data) == set(model)
+        assert store.index_size() <= 2 * len(model) + 8 * len(keys)
