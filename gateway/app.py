@@ -207,6 +207,10 @@ class ClientPlugin:
 
         return wrapper
 
+    def current(self) -> ClientLike | None:
+        """This thread's client if it has made one (to close it), else None."""
+        return getattr(self._local, "client", None)
+
     def client(self) -> ClientLike:
         """This thread's client, made now if it has none yet."""
         client: ClientLike | None = getattr(self._local, "client", None)

@@ -1,11 +1,19 @@
-"""Serves the gateway app with gunicorn: worker processes, each with a pool of threads.
+"""Serves the gateway app with gunicorn: worker processes, each with one event loop.
 
-gunicorn is run programmatically (a :class:`gunicorn.app.base.BaseApplication`) with the
-``gthread`` worker class. The app is not preloaded: each forked worker process builds its own app,
-and each serving thread its own zkv client, so no ZeroMQ context or socket ever crosses a fork
-or a thread. On SIGTERM (honcho's stop) gunicorn finishes in-flight requests for at most
-``GRACEFUL_TIMEOUT_S`` and exits, well before honcho's SIGKILL five seconds later; SIGINT
-(Ctrl-C) stops at once.
+gunicorn is run programmatically (a :class:`gunicorn.app.base.BaseApplication`). Its master
+binds the port, forks the worker processes and restarts any that dies. Two worker classes:
+
+* ``event`` (the default): gateway/worker.py, one asyncio loop per process serving every
+  connection, each request's app call in a greenlet, and the zkv calls of requests that arrive
+  together sent in one BATCH message. Measured on the whole path (docs/performance.md), it
+  serves several times the requests of ``gthread`` on the same cores.
+* ``gthread``: gunicorn's own threads, one zkv client (one ZeroMQ socket) per thread; a
+  request costs a thread's round trip to the broker. Kept for comparison and as a fallback.
+
+The app is not preloaded: each forked worker process builds its own app and its own zkv
+clients, so no ZeroMQ context or socket ever crosses a fork or a thread. On SIGTERM (honcho's
+stop) the workers finish in-flight requests for at most ``GRACEFUL_TIMEOUT_S`` and exit, well
+before honcho's SIGKILL five seconds later; SIGINT (Ctrl-C) stops at once.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from bottle import Bottle
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
-from gateway.app import make_app
+from gateway.app import ClientPlugin, make_app
+from gateway.bridge import LoopClient
+from gateway.http11 import ServerConfig
 from zkv import defaults, protocol
 from zkv.client import Client
 from zkv.config import add_flag, boolean, endpoint, env_default, positive_float, positive_int
@@ -33,6 +43,7 @@ GRACEFUL_TIMEOUT_S = 3  # under honcho's 5 s between SIGTERM and SIGKILL
 LIMIT_REQUEST_LINE_BYTES = 8190  # gunicorn's maximum: seed /set carries its value in the URL
 LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"  # as gunicorn's own lines
+WORKER_CLASSES = {"event": "gateway.worker.EventLoopWorker", "gthread": "gthread"}
 
 
 # --- flag types: argparse reports their ValueError/ArgumentTypeError with the flag's name ----
@@ -66,6 +77,15 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def worker_class(text: str) -> str:
+    """One of :data:`WORKER_CLASSES`."""
+    if text not in WORKER_CLASSES:
+        raise argparse.ArgumentTypeError(
+            f"must be one of {', '.join(sorted(WORKER_CLASSES))}, got {text!r}"
+        )
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; each flag's default comes from its environment variable."""
     parser = argparse.ArgumentParser(
@@ -87,11 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         parser,
+        "--worker-class",
+        "ZKV_HTTP_WORKER",
+        defaults.HTTP_WORKER,
+        worker_class,
+        "event (one event loop per process, batched zkv calls) or gthread (gunicorn's threads)",
+    )
+    add_flag(
+        parser,
         "--threads",
         "ZKV_HTTP_THREADS",
         defaults.HTTP_THREADS,
         positive_int,
-        "threads per process, each with its own ZeroMQ socket",
+        "gthread only: threads per process, each with its own ZeroMQ socket",
+    )
+    add_flag(
+        parser,
+        "--max-connections",
+        "ZKV_HTTP_MAX_CONNECTIONS",
+        defaults.HTTP_MAX_CONNECTIONS,
+        positive_int,
+        "event only: open connections per process; more are answered 503",
     )
     add_flag(
         parser,
@@ -153,9 +189,16 @@ class GatewayServer(BaseApplication):
         options: gunicorn settings by name.
     """
 
-    def __init__(self, app_factory: Callable[[], Bottle], options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        app_factory: Callable[[], Bottle],
+        options: dict[str, Any],
+        http_config: ServerConfig | None = None,
+    ) -> None:
         self.app_factory = app_factory
         self.options = options
+        self.http_config = http_config  # read by the event worker (gateway/worker.py)
+        self._app: Bottle | None = None
         super().__init__()
 
     def load_config(self) -> None:
@@ -165,7 +208,18 @@ class GatewayServer(BaseApplication):
 
     def load(self) -> Bottle:
         """The app of one worker process."""
-        return self.app_factory()
+        self._app = self.app_factory()
+        return self._app
+
+    async def close_clients(self) -> None:
+        """Close this process's event-loop zkv client, if it made one (the event worker)."""
+        if self._app is None:
+            return
+        for plugin in self._app.plugins:
+            if isinstance(plugin, ClientPlugin):
+                client = plugin.current()
+                if isinstance(client, LoopClient):
+                    await client.close()
 
 
 def gunicorn_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -173,9 +227,10 @@ def gunicorn_options(args: argparse.Namespace) -> dict[str, Any]:
     address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
     return {
         "bind": [address],
-        "worker_class": "gthread",
+        "worker_class": WORKER_CLASSES[args.worker_class],
         "workers": args.processes,
         "threads": args.threads,
+        "worker_connections": args.max_connections,
         "preload_app": False,  # sockets must be created after the fork, by each process
         "graceful_timeout": GRACEFUL_TIMEOUT_S,
         "limit_request_line": LIMIT_REQUEST_LINE_BYTES,
@@ -190,8 +245,9 @@ def gunicorn_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def app_factory(args: argparse.Namespace) -> Callable[[], Bottle]:
     """What each worker process calls to build its app; no client is made until a request."""
+    client_class = LoopClient if args.worker_class == "event" else Client
     client_factory = functools.partial(
-        Client,
+        client_class,
         endpoint=args.frontend,
         timeout_s=args.timeout,
         connect_timeout_s=args.connect_timeout,
@@ -216,15 +272,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, stream=sys.stderr
     )
     log.info(
-        "gateway on http://%s:%d, broker %s, %d process(es) x %d thread(s)",
+        "gateway on http://%s:%d, broker %s, %d %s process(es)%s",
         args.host,
         args.port,
         args.frontend,
         args.processes,
-        args.threads,
+        args.worker_class,
+        f" x {args.threads} thread(s)" if args.worker_class == "gthread" else "",
     )
+    http_config = ServerConfig(max_body_bytes=args.max_value_bytes, access_log=args.access_log)
     try:
-        GatewayServer(app_factory(args), gunicorn_options(args)).run()
+        GatewayServer(app_factory(args), gunicorn_options(args), http_config).run()
     except SystemExit as exc:  # gunicorn's master ends with sys.exit(status)
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0

@@ -29,10 +29,11 @@ from wsgiref.validate import validator
 import pytest
 from bottle import Bottle
 
-from gateway.app import http_date, make_app
+from gateway.app import ClientPlugin, http_date, make_app
+from gateway.bridge import LoopClient
 from gateway.server import app_factory, build_parser, gunicorn_options
 from zkv import defaults
-from zkv.client import Item, NotFound
+from zkv.client import Client, Item, NotFound
 from zkv.errors import RequestError, Timeout, Unavailable
 from zkv.protocol import MAX_TTL_MS, Entry
 
@@ -793,15 +794,37 @@ def test_clients_are_lazy_and_per_thread(kv: FakeClient, clock: FakeClock) -> No
 
 
 def test_server_defaults_listen_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("ZKV_HOST", "PORT", "ZKV_HTTP_PROCESSES", "ZKV_HTTP_THREADS", "ZKV_ACCESS_LOG"):
+    for name in (
+        "ZKV_HOST",
+        "PORT",
+        "ZKV_HTTP_PROCESSES",
+        "ZKV_HTTP_THREADS",
+        "ZKV_HTTP_WORKER",
+        "ZKV_ACCESS_LOG",
+    ):
         monkeypatch.delenv(name, raising=False)
     options = gunicorn_options(build_parser().parse_args([]))
     assert options["bind"] == ["127.0.0.1:5000"]
-    assert options["worker_class"] == "gthread"
+    assert options["worker_class"] == "gateway.worker.EventLoopWorker"
     assert options["preload_app"] is False
     assert options["graceful_timeout"] < 5  # honcho kills 5 s after SIGTERM
-    assert (options["workers"], options["threads"]) == (2, 16)
+    assert options["workers"] == 2
+    assert options["worker_connections"] == 1000
     assert options["accesslog"] is None
+
+
+def test_server_worker_class_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZKV_HTTP_WORKER", "gthread")
+    args = build_parser().parse_args([])
+    assert gunicorn_options(args)["worker_class"] == "gthread"
+    (plugin,) = [p for p in app_factory(args)().plugins if isinstance(p, ClientPlugin)]
+    assert plugin.client_factory.func is Client  # a blocking client per thread
+    args = build_parser().parse_args(["--worker-class", "event"])
+    assert gunicorn_options(args)["worker_class"] == "gateway.worker.EventLoopWorker"
+    (plugin,) = [p for p in app_factory(args)().plugins if isinstance(p, ClientPlugin)]
+    assert plugin.client_factory.func is LoopClient  # one batching client per process
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--worker-class", "sync"])
 
 
 def test_server_flags_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

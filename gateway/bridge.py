@@ -1,0 +1,174 @@
+"""The gateway's zkv client inside an event loop: blocking calls for the app, batches on the wire.
+
+The Bottle app is plain blocking WSGI code: a route calls ``kv.get(key)`` and uses the result.
+The event-loop server (gateway/http11.py) runs each request's app call in its own greenlet. When
+the route calls :class:`LoopClient`, the call is handed to :class:`zkv.aio.AsyncClient`, which
+queues it, and the greenlet switches back to the event loop, which goes on serving other
+connections. Every call queued in the same turn of the loop leaves in one BATCH message (that is
+what makes the gateway cheap per request: one ZeroMQ message, one broker turn and one worker
+turn for many HTTP requests). When the reply comes, the loop switches back into the greenlet and
+the route carries on as if the call had blocked.
+
+Bottle keeps the current request and response in thread-locals, and every greenlet of the loop
+runs on the same thread: a route parked in ``kv.get`` would come back to the request and
+response of whichever request Bottle bound last. :class:`LoopClient` therefore saves Bottle's
+request and response state before each switch out and puts it back when switched in.
+
+``/all`` and ``/ping`` are rare and not batched: they run on a blocking
+:class:`zkv.client.Client` in a one-thread executor, and the greenlet waits on that future the
+same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import bottle
+import greenlet
+
+from zkv.aio import AsyncClient
+from zkv.client import Client, Item
+from zkv.protocol import Entry
+
+T = TypeVar("T")
+
+# Bottle's thread-local state: the request's environ and the response's five fields.
+_RESPONSE_FIELDS = ("_status_line", "_status_code", "_cookies", "_headers", "body")
+_UNSET = object()
+
+
+def _save_bottle() -> tuple[Any, ...]:
+    """Bottle's current request and response state (whatever of it is set)."""
+    try:
+        request_environ = bottle.request.environ
+    except RuntimeError:  # no request bound on this thread yet
+        request_environ = _UNSET
+    response = bottle.response
+    fields = []
+    for name in _RESPONSE_FIELDS:
+        try:
+            fields.append(getattr(response, name))
+        except RuntimeError:
+            fields.append(_UNSET)
+    return (request_environ, *fields)
+
+
+def _restore_bottle(state: tuple[Any, ...]) -> None:
+    """Put back what :func:`_save_bottle` saved."""
+    environ = state[0]
+    if environ is not _UNSET:
+        bottle.request.environ = environ
+    response = bottle.response
+    for name, value in zip(_RESPONSE_FIELDS, state[1:], strict=True):
+        if value is not _UNSET:
+            setattr(response, name, value)
+
+
+def wait(awaitable: asyncio.Future[T] | Coroutine[Any, Any, T]) -> T:
+    """Run ``awaitable`` to its end from a request greenlet, serving others meanwhile.
+
+    A coroutine is driven step by step right here, without a Task: each step yields the
+    asyncio future it waits on, the greenlet hands that future to its parent (the event loop's
+    greenlet, see gateway/http11.py), and is switched back in once the future is done.
+    """
+    current = greenlet.getcurrent()
+    hub = current.parent
+    if hub is None:
+        raise RuntimeError("LoopClient must be called from a request greenlet of the gateway")
+    if isinstance(awaitable, asyncio.Future):
+        while not awaitable.done():
+            _park(hub, awaitable)
+        return awaitable.result()
+    coroutine = awaitable
+    try:
+        step: Any = coroutine.send(None)
+        while True:
+            if not isinstance(step, asyncio.Future):
+                coroutine.throw(RuntimeError(f"a gateway call awaited {step!r}, not a future"))
+            step._asyncio_future_blocking = False  # as asyncio.Task does with what it awaits
+            if not step.done():
+                _park(hub, step)
+            step = coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+def _park(hub: greenlet.greenlet, future: asyncio.Future[Any]) -> None:
+    """Switch to the loop until ``future`` is done, keeping Bottle's state for this request."""
+    state = _save_bottle()
+    try:
+        hub.switch(future)
+    finally:
+        _restore_bottle(state)
+
+
+class LoopClient:
+    """A :class:`gateway.app.ClientLike` for apps served by the event-loop worker.
+
+    Args:
+        endpoint, timeout_s, connect_timeout_s: as for :class:`zkv.client.Client`.
+        blocking_factory: makes the blocking client for ``all`` and ``ping`` (tests pass fakes).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        timeout_s: float,
+        connect_timeout_s: float,
+        blocking_factory: Callable[[], Client] | None = None,
+    ) -> None:
+        self.aio = AsyncClient(endpoint, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+        self._blocking_factory = blocking_factory or (
+            lambda: Client(endpoint, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+        )
+        self._blocking: Client | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def get(self, key: bytes | str) -> Item:
+        """As :meth:`zkv.client.Client.get`."""
+        return wait(self.aio.get(key))
+
+    def set(self, key: bytes | str, value: bytes | str, ttl_s: float | None = None) -> int | None:
+        """As :meth:`zkv.client.Client.set`."""
+        return wait(self.aio.set(key, value, ttl_s))
+
+    def delete(self, key: bytes | str) -> bool:
+        """As :meth:`zkv.client.Client.delete`."""
+        return wait(self.aio.delete(key))
+
+    def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
+        """As :meth:`zkv.client.Client.all`, on the blocking client's thread."""
+        return self._in_thread(lambda client: client.all(after, limit, keys_only))
+
+    def ping(self) -> dict[str, Any]:
+        """As :meth:`zkv.client.Client.ping`, on the blocking client's thread."""
+        return self._in_thread(lambda client: client.ping())
+
+    def _in_thread(self, call: Callable[[Client], T]) -> T:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="zkv-blocking"
+            )
+
+        def run() -> T:
+            if self._blocking is None:
+                self._blocking = self._blocking_factory()
+            return call(self._blocking)
+
+        return wait(asyncio.wrap_future(self._executor.submit(run)))
+
+    async def close(self) -> None:
+        """Close the asyncio client, then the blocking one on its own thread."""
+        await self.aio.close()
+        executor, self._executor = self._executor, None
+        if executor is not None:
+
+            def close_blocking() -> None:
+                if self._blocking is not None:
+                    self._blocking.close()
+
+            await asyncio.wrap_future(executor.submit(close_blocking))
+            executor.shutdown(wait=False)

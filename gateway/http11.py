@@ -1,0 +1,608 @@
+"""HTTP/1.1 on an asyncio event loop, each request's WSGI call in its own greenlet.
+
+Why: the gateway's work per request is mostly waiting for the broker. A thread per request
+(gunicorn's gthread) pays for that wait with a thread, a ZeroMQ socket and a round trip of
+its own; here one loop per process serves every connection, and the zkv calls of all requests
+that arrive together leave in one BATCH message (gateway/bridge.py). Parsing is llhttp, the
+parser of Node.js, through ``httptools``.
+
+What the server promises beyond plain HTTP/1.1 with keep-alive and pipelining (answered in
+order, one request of a connection at a time):
+
+* a declared ``Content-Length`` over ``max_body_bytes`` (or a chunked body once past it) is
+  handed to the app at once without its body, so the app's own 413 is the answer, and the
+  connection is then closed; ``Expect: 100-continue`` is honoured;
+* every error this server answers itself (a malformed request, a head too large, a stalled
+  request, an app that raised, too many connections) is ``{"error": "..."}`` JSON, as the app's;
+* request lines and heads are bounded; an idle keep-alive connection is closed after
+  ``keepalive_s``, a request that does not arrive whole within ``read_timeout_s`` gets a 408;
+* a connection that does not read its responses is not read from either (no unbounded output
+  buffer), and at most ``MAX_QUEUED_REQUESTS`` pipelined requests wait per connection;
+* :meth:`HttpServer.stop` stops accepting, closes idle connections, lets the requests in hand
+  finish for up to a grace period, and closes each connection after its response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import greenlet
+import httptools
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("gateway.access")
+
+LIMIT_REQUEST_LINE_BYTES = 8190  # the request target; seed /set carries its value in the URL
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+MAX_QUEUED_REQUESTS = 32  # pipelined requests parsed ahead per connection; reading pauses then
+SWEEP_S = 0.5  # how often timeouts are checked
+LINGER_S = 2.0  # after a refusal with input maybe unread: how long to discard what still comes
+
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding"})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """What the server needs besides its app.
+
+    Attributes:
+        max_body_bytes: bodies larger than this reach the app unread (it answers 413).
+        keepalive_s: an idle keep-alive connection is closed after this long.
+        read_timeout_s: a request begun must be complete within this long (else 408).
+        max_connections: connections beyond this many are answered 503 and closed.
+        access_log: log one line per request to ``gateway.access``.
+    """
+
+    max_body_bytes: int
+    keepalive_s: float = 5.0
+    read_timeout_s: float = 10.0
+    max_connections: int = 1000
+    access_log: bool = False
+
+
+class _DateCache:
+    """The ``Date`` header's value, formatted once per second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def get(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second)).encode()
+            self._second = second
+        return self._value
+
+
+class _Request:
+    """One request as the parser delivers it."""
+
+    __slots__ = (
+        "body",
+        "body_bytes",
+        "content_length",
+        "early",
+        "headers",
+        "keep_alive",
+        "method",
+        "target",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.early = False  # handed to the app before its body: too large, closed after
+
+
+def _call_app(app: WsgiApp, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+    """The body of a request greenlet: the whole WSGI call, its response collected."""
+    response: list[Any] = []
+
+    def start_response(
+        status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
+        if exc_info is not None and response:
+            raise exc_info[1].with_traceback(exc_info[2])
+        response[:] = [status, headers]
+        return _no_write
+
+    result = app(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        closer = getattr(result, "close", None)
+        if closer is not None:
+            closer()
+    if not response:
+        raise RuntimeError("the app returned without calling start_response")
+    return response[0], response[1], body
+
+
+def _no_write(data: bytes) -> None:
+    raise NotImplementedError("the write() callable of start_response is not supported")
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: its parser, its queued requests, the one being answered."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self.current: _Request | None = None  # being parsed
+        self.ready: deque[_Request] = deque()  # parsed, not yet answered
+        self.busy = False  # a request of this connection is in the app
+        self.closing = False  # close after the response in hand; nothing more is answered
+        self.input_ended = False  # EOF or Upgrade: answer what is parsed, then close
+        self.lingering = False  # closing with input maybe unread: discard it for a while
+        self.closed = False
+        self.reading = True
+        self.writable = True
+        self.url_too_long = False
+        self.head_too_large = False
+        self.head_bytes = 0
+        self.linger_until = 0.0
+        self.started = 0.0  # loop time the request being parsed began
+        self.last_active = server.loop.time()
+
+    # --- transport callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        if not self.server.adopt(self):
+            self._refuse(503, "too many connections")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.ready.clear()
+        self.server.forget(self)
+
+    def pause_writing(self) -> None:
+        self.writable = False
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        self._next()
+        self._maybe_resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing or self.input_ended:
+            return  # answering the last request, or lingering: what else comes is not read
+        self.last_active = self.server.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # An Upgrade (websocket, h2c) is not supported: the request is answered as plain
+            # HTTP, and the connection closed after it.
+            self.input_ended = True
+        except httptools.HttpParserError as exc:
+            self._bad_input(exc)
+            return
+        if len(self.ready) >= MAX_QUEUED_REQUESTS:
+            self._pause_reading()
+        self._next()
+        self._close_if_done()
+
+    def eof_received(self) -> bool | None:
+        # The client is done sending; what it asked for is still answered, then the connection
+        # is closed. True keeps the transport open for those answers.
+        self.input_ended = True
+        self._close_if_done()
+        return True
+
+    # --- parser callbacks (httptools calls these from feed_data) ------------------------------
+
+    def on_message_begin(self) -> None:
+        self.current = _Request()
+        self.started = self.server.loop.time()
+        self.head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        request = self.current
+        if request is not None:
+            request.target += url
+            self.head_bytes += len(url)
+            if len(request.target) > LIMIT_REQUEST_LINE_BYTES:
+                self.url_too_long = True
+                raise ValueError("request line too long")  # feed_data raises a parser error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.current is not None:
+            self.current.headers.append((name, value))
+            self.head_bytes += len(name) + len(value) + 4
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.head_too_large = True
+                raise ValueError("request head too large")  # feed_data raises a parser error
+
+    def on_headers_complete(self) -> None:
+        request = self.current
+        if request is None:
+            return
+        parser = self.parser
+        request.method = parser.get_method()
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        expect_continue = False
+        for name, value in request.headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                request.content_length = int(value)  # llhttp has checked: digits, not repeated
+            elif lowered == b"expect" and value.lower() == b"100-continue":
+                expect_continue = True
+        if request.content_length is not None and request.content_length > (
+            self.server.config.max_body_bytes
+        ):
+            request.early = True
+            self.ready.append(request)
+        elif expect_continue and request.version == "1.1" and self.transport is not None:
+            self.transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        request = self.current
+        if request is None or request.early:
+            return  # too large: the app answers without it, and the connection closes
+        limit = self.server.config.max_body_bytes
+        if request.body_bytes + len(body) > limit:
+            # Only a chunked body gets here (llhttp enforces a Content-Length): keep one byte
+            # more than the limit, enough for the app to know, and answer now.
+            body = body[: limit + 1 - request.body_bytes]
+            request.early = True
+            self.ready.append(request)
+        request.body.append(body)
+        request.body_bytes += len(body)
+
+    def on_message_complete(self) -> None:
+        request = self.current
+        self.current = None
+        if request is None or request.early:
+            return
+        request.keep_alive = self.parser.should_keep_alive()
+        self.ready.append(request)
+
+    # --- answering ----------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Start the app on the oldest parsed request, unless one is in hand already."""
+        if self.busy or not self.ready or not self.writable or self.closed or self.closing:
+            return
+        request = self.ready.popleft()
+        if request.early:  # its body is unread: nothing after it can be parsed
+            self.closing = True
+            self.lingering = True
+            self.ready.clear()
+        self.busy = True
+        self._maybe_resume_reading()
+        server = self.server
+        environ = server.environ(self, request)
+        started = server.loop.time()
+        glet = greenlet.greenlet(_call_app)
+        self._step(request, environ, started, glet, (server.app, environ))
+
+    def _step(
+        self,
+        request: _Request,
+        environ: dict[str, Any],
+        started: float,
+        glet: greenlet.greenlet,
+        args: tuple[Any, ...],
+    ) -> None:
+        """Run the request's greenlet until it parks on a future or finishes."""
+        try:
+            result = glet.switch(*args)
+        except Exception:
+            log.exception("the app failed on %s %r", environ["REQUEST_METHOD"], request.target)
+            self.busy = False
+            self._refuse(500, "internal server error")
+            return
+        if isinstance(result, asyncio.Future):
+            result.add_done_callback(lambda _: self._step(request, environ, started, glet, ()))
+            return
+        self.busy = False
+        status, headers, body = result
+        self._respond(request, environ, started, status, headers, body)
+        self._next()
+        self._close_if_done()
+
+    def _respond(
+        self,
+        request: _Request,
+        environ: dict[str, Any],
+        started: float,
+        status: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+    ) -> None:
+        if self.closed or self.transport is None:
+            return  # the client left; its answer goes nowhere
+        self.last_active = self.server.loop.time()
+        close = (
+            request.early
+            or not request.keep_alive
+            or self.closing
+            or (self.input_ended and not self.ready)  # the last answer before closing
+            or self.server.stopping
+        )
+        code = int(status[:3])
+        head = bytearray(b"HTTP/1.1 " + status.encode("latin-1") + b"\r\n")
+        has_length = has_date = False
+        for name, value in headers:
+            raw_name = name.encode("latin-1")
+            lowered = raw_name.lower()
+            if lowered in _HOP_BY_HOP:
+                continue
+            if lowered == b"content-length":
+                has_length = True
+            elif lowered == b"date":
+                has_date = True
+            head += raw_name + b": " + value.encode("latin-1") + b"\r\n"
+        if request.method == b"HEAD" or code < 200 or code in (204, 304):
+            body = b""
+        elif not has_length:
+            head += b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+        if not has_date:
+            head += b"Date: " + self.server.dates.get() + b"\r\n"
+        if close:
+            head += b"Connection: close\r\n"
+            self.closing = True
+        elif request.version == "1.0":
+            head += b"Connection: keep-alive\r\n"
+        head += b"\r\n"
+        self.transport.write(bytes(head + body) if len(body) < 65536 else bytes(head))
+        if len(body) >= 65536:
+            self.transport.write(body)
+        if self.server.config.access_log:
+            access_log.info(
+                '%s "%s %s HTTP/%s" %d %d %.1fms',
+                self.peer,
+                environ["REQUEST_METHOD"],
+                environ["RAW_URI"],
+                request.version,
+                code,
+                len(body),
+                (self.server.loop.time() - started) * 1000,
+            )
+
+    def _bad_input(self, exc: Exception) -> None:
+        if self.head_too_large:
+            self._refuse(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+        elif self.url_too_long:
+            self._refuse(414, f"request target longer than {LIMIT_REQUEST_LINE_BYTES} bytes")
+        else:
+            self._refuse(400, f"malformed HTTP request: {exc}")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer an error of this server's own as JSON, then close (after the answer in hand)."""
+        self.ready.clear()
+        self.closing = True
+        self.lingering = True
+        if self.busy or self.transport is None or self.closed:
+            return  # a request in hand is answered first, and the connection closed after it
+        body = json.dumps({"error": message}).encode()
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+        ).encode()
+        self.transport.write(
+            head + b"Date: " + self.server.dates.get() + b"\r\nConnection: close\r\n\r\n" + body
+        )
+        if self.server.config.access_log:
+            access_log.info("%s %d %d (refused: %s)", self.peer, status, len(body), message)
+        self._close_if_done()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if self.reading and self.transport is not None and not self.closed:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def _maybe_resume_reading(self) -> None:
+        if (
+            not self.reading
+            and self.writable
+            and len(self.ready) < MAX_QUEUED_REQUESTS
+            and self.transport is not None
+            and not self.closed
+        ):
+            self.reading = True
+            self.transport.resume_reading()
+
+    def _close_if_done(self) -> None:
+        """Close when closing (or out of input) and nothing is left to answer."""
+        if self.busy or self.closed or self.transport is None:
+            return
+        if self.closing or (self.input_ended and not self.ready):
+            if self.lingering and not self.input_ended and self.transport.can_write_eof():
+                # Input may still be on its way (an unread body): closing now could make the
+                # kernel reset the connection and lose the answer. Send it, shut down our
+                # side, and discard what comes until the client closes or LINGER_S passes.
+                self.transport.write_eof()
+                self.linger_until = self.server.loop.time() + LINGER_S
+                self.input_ended = True
+                return
+            self.close()
+
+    def close(self) -> None:
+        """Close once what is written has gone (asyncio flushes before it closes)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def idle(self) -> bool:
+        """Nothing in hand, nothing parsed or half-parsed."""
+        return not self.busy and not self.ready and self.current is None
+
+    def check_timeouts(self, now: float) -> None:
+        """Close an idle connection past its keep-alive, answer 408 to a stalled request."""
+        config = self.server.config
+        if self.linger_until and now > self.linger_until:
+            self.close()
+        elif self.busy or self.ready:
+            return
+        elif self.current is not None:
+            if now - self.started > config.read_timeout_s:
+                self._refuse(408, f"request not received whole within {config.read_timeout_s} s")
+        elif now - self.last_active > config.keepalive_s:
+            self.close()
+
+
+class HttpServer:
+    """One process's HTTP server: the listeners, the connections, their timeouts, the stop.
+
+    Args:
+        app: the WSGI app; each call runs in a greenlet of its own.
+        config: limits and timeouts.
+        loop: the event loop this server runs on.
+        server_name, server_port: ``SERVER_NAME`` and ``SERVER_PORT`` of every environ.
+    """
+
+    def __init__(
+        self,
+        app: WsgiApp,
+        config: ServerConfig,
+        loop: asyncio.AbstractEventLoop,
+        server_name: str = "127.0.0.1",
+        server_port: int = 0,
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.loop = loop
+        self.dates = _DateCache()
+        self.stopping = False
+        self.connections: set[HttpConnection] = set()
+        self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._base_environ: dict[str, Any] = {
+            "SCRIPT_NAME": "",
+            "SERVER_NAME": server_name,
+            "SERVER_PORT": str(server_port),
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": False,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+            "wsgi.input_terminated": True,
+        }
+
+    async def start(self, sockets: Iterable[Any]) -> None:
+        """Serve on these listening sockets (already bound and listening)."""
+        for sock in sockets:
+            server = await self.loop.create_server(lambda: HttpConnection(self), sock=sock)
+            self._servers.append(server)
+        self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
+
+    def adopt(self, connection: HttpConnection) -> bool:
+        """Take a new connection; False when over ``max_connections`` or stopping."""
+        if self.stopping or len(self.connections) >= self.config.max_connections:
+            return False
+        self.connections.add(connection)
+        return True
+
+    def forget(self, connection: HttpConnection) -> None:
+        self.connections.discard(connection)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for connection in list(self.connections):
+            connection.check_timeouts(now)
+        self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting, close idle connections, give the others ``grace_s`` to finish."""
+        self.stopping = True
+        for server in self._servers:
+            server.close()
+        deadline = self.loop.time() + grace_s
+        while True:
+            for connection in list(self.connections):
+                if connection.idle():
+                    connection.close()
+                else:
+                    connection.closing = True
+            if not self.connections or self.loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    def environ(self, connection: HttpConnection, request: _Request) -> dict[str, Any]:
+        """The WSGI environ of one request."""
+        environ = self._base_environ.copy()
+        target = request.target
+        if target[:1] != b"/" and target != b"*":
+            target = _origin_form(target)
+        path, _, query = target.partition(b"?")
+        path = path.partition(b"#")[0]
+        query = query.partition(b"#")[0]
+        environ["REQUEST_METHOD"] = request.method.decode("latin-1")
+        environ["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+        environ["QUERY_STRING"] = query.decode("latin-1")
+        environ["RAW_URI"] = request.target.decode("latin-1")
+        environ["SERVER_PROTOCOL"] = "HTTP/" + request.version
+        host, _, port = connection.peer.rpartition(":")
+        environ["REMOTE_ADDR"] = host
+        environ["REMOTE_PORT"] = port
+        for name, value in request.headers:
+            if b"_" in name:
+                continue  # HTTP_X_FOO must not be forgeable as "X_Foo" (gunicorn drops them too)
+            key = name.decode("latin-1").upper().replace("-", "_")
+            text = value.decode("latin-1")
+            if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
+                environ[key] = text
+                continue
+            key = "HTTP_" + key
+            previous = environ.get(key)
+            environ[key] = text if previous is None else previous + "," + text
+        environ["wsgi.input"] = io.BytesIO(b"".join(request.body))
+        return environ
+
+
+def _origin_form(target: bytes) -> bytes:
+    """The path and query of an absolute-form target (``http://host/path?q``)."""
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        return target
+    path = url.path or b"/"
+    return path + b"?" + url.query if url.query else path

@@ -1,0 +1,555 @@
+"""The gateway's HTTP server (gateway/http11.py), in one process: its loop in a thread, real
+sockets, raw HTTP bytes.
+
+What the server promises beyond plain HTTP/1.1: oversized bodies reach the app unread (so its
+413 comes first), chunked bodies arrive decoded, its own errors are JSON, heads are bounded,
+stalled clients time out, a graceful stop finishes what it has, and requests whose app waits on
+the broker do not hold up the others, nor see each other's Bottle request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import bottle
+import pytest
+
+from gateway import http11
+from gateway.app import make_app
+from gateway.bridge import wait
+from gateway.http11 import HttpServer, ServerConfig
+from zkv.client import Item, NotFound
+
+pytestmark = pytest.mark.integration
+
+LIMIT = 1000  # max_body_bytes of every server here
+
+
+class Server:
+    """An :class:`HttpServer` serving ``app`` on a free loopback port, its loop in a thread."""
+
+    def __init__(self, app: Callable[..., Any], **options: Any) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.loop = asyncio.new_event_loop()
+        self.http = HttpServer(app, ServerConfig(max_body_bytes=LIMIT, **options), self.loop)
+        self._done = threading.Event()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.http.start([self.listener]))
+            started.set()
+            self.loop.run_forever()
+            self._done.set()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(5), "the server did not start"
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=5)
+
+    def call(self, function: Callable[[], Any]) -> None:
+        """Run ``function`` on the server's loop."""
+        self.loop.call_soon_threadsafe(function)
+
+    def run(self, coroutine: Any, timeout_s: float = 10.0) -> Any:
+        """Run ``coroutine`` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    def stop(self, grace_s: float) -> Any:
+        """Start a graceful stop; the returned future ends with it."""
+        return asyncio.run_coroutine_threadsafe(self.http.stop(grace_s), self.loop)
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.stop(0.0).result(10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            assert not self.thread.is_alive(), "the loop did not stop"
+            self.loop.close()
+        self.listener.close()
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        assert self.headers["content-type"] == "application/json", self.headers
+        return json.loads(self.body)
+
+
+class Reader:
+    """Reads responses off a raw socket, one at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def response(self, head_request: bool = False) -> Response:
+        while b"\r\n\r\n" not in self.buffer:
+            assert self._fill(), f"connection closed before a response: {self.buffer!r}"
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = 0 if head_request else int(headers.get("content-length", "0"))
+        while len(self.buffer) < length:
+            assert self._fill(), "connection closed in a body"
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return Response(int(status_line.split()[1]), headers, body)
+
+    def closed(self) -> bool:
+        """Whether the server closed the connection (after anything still buffered)."""
+        try:
+            return not self._fill() and not self.buffer
+        except ConnectionResetError:
+            return True
+
+
+def echo(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """Answers with what it was given, as JSON."""
+    body = environ["wsgi.input"].read()
+    shown = {
+        key: value
+        for key, value in environ.items()
+        if isinstance(value, str | bool) and not key.startswith("wsgi.errors")
+    }
+    payload = json.dumps({"environ": shown, "body": body.decode("latin-1")}).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [payload]
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    running = Server(echo)
+    yield running
+    running.close()
+
+
+def request(method: str, target: str, *headers: str, body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: test", *headers]
+    if body and not any(h.lower().startswith("transfer-encoding") for h in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+# --- plain HTTP/1.1 ---------------------------------------------------------------------------
+
+
+def test_keep_alive_answers_many_requests_on_one_connection(server: Server) -> None:
+    with server.connect() as sock:
+        reader = Reader(sock)
+        for i in range(3):
+            sock.sendall(request("GET", f"/n/{i}"))
+            response = reader.response()
+            assert response.status == 200
+            assert response.json()["environ"]["PATH_INFO"] == f"/n/{i}"
+            assert "connection" not in response.headers
+            assert response.headers["date"].endswith(" GMT")
+
+
+def test_pipelined_requests_are_answered_in_order(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"".join(request("GET", f"/p/{i}") for i in range(5)))
+        reader = Reader(sock)
+        paths = [reader.response().json()["environ"]["PATH_INFO"] for _ in range(5)]
+    assert paths == [f"/p/{i}" for i in range(5)]
+
+
+def test_environ_follows_wsgi(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(
+            request(
+                "PUT",
+                "/v1/keys/a%2Fb%20c%FF?x=%20y&z",
+                "X-Thing: one",
+                "X-Thing: two",
+                "X_Forged: no",
+                "Content-Type: text/plain",
+                body=b"payload",
+            )
+        )
+        got = Reader(sock).response().json()
+    environ = got["environ"]
+    assert got["body"] == "payload"
+    assert environ["REQUEST_METHOD"] == "PUT"
+    assert environ["PATH_INFO"] == "/v1/keys/a/b c\xff"  # decoded bytes as latin-1, like gunicorn
+    assert environ["QUERY_STRING"] == "x=%20y&z"  # as sent
+    assert environ["RAW_URI"] == "/v1/keys/a%2Fb%20c%FF?x=%20y&z"
+    assert environ["CONTENT_LENGTH"] == "7"
+    assert environ["CONTENT_TYPE"] == "text/plain"
+    assert environ["HTTP_X_THING"] == "one,two"
+    assert "HTTP_X_FORGED" not in environ  # underscores would let "X_Forged" pass as "X-Forged"
+    assert environ["SERVER_PROTOCOL"] == "HTTP/1.1"
+    assert environ["REMOTE_ADDR"] == "127.0.0.1"
+    assert environ["wsgi.input_terminated"] is True
+
+
+def test_absolute_form_target(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(request("GET", "http://test/abs/path?q=1"))
+        environ = Reader(sock).response().json()["environ"]
+    assert (environ["PATH_INFO"], environ["QUERY_STRING"]) == ("/abs/path", "q=1")
+
+
+def test_head_gets_headers_without_body() -> None:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("Content-Length", "5")])
+        return [] if environ["REQUEST_METHOD"] == "HEAD" else [b"hello"]
+
+    running = Server(app)
+    try:
+        with running.connect() as sock:
+            sock.sendall(request("HEAD", "/x") + request("GET", "/x"))
+            reader = Reader(sock)
+            head = reader.response(head_request=True)
+            assert (head.status, head.headers["content-length"], head.body) == (200, "5", b"")
+            assert reader.response().body == b"hello"
+    finally:
+        running.close()
+
+
+def test_http_1_0_closes_unless_kept_alive(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"GET /old HTTP/1.0\r\n\r\n")
+        reader = Reader(sock)
+        assert reader.response().headers["connection"] == "close"
+        assert reader.closed()
+    with server.connect() as sock:
+        sock.sendall(b"GET /old HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        reader = Reader(sock)
+        assert reader.response().headers["connection"] == "keep-alive"
+        sock.sendall(b"GET /again HTTP/1.0\r\n\r\n")
+        assert reader.response().status == 200
+
+
+def test_connection_close_is_honoured(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(request("GET", "/a", "Connection: close") + request("GET", "/b"))
+        reader = Reader(sock)
+        assert reader.response().headers["connection"] == "close"
+        assert reader.closed()  # the pipelined /b is not answered
+
+
+def test_upgrade_is_answered_as_plain_http_then_closed(server: Server) -> None:
+    with server.connect() as sock:
+        upgrade = request("GET", "/ws", "Connection: Upgrade", "Upgrade: websocket")
+        sock.sendall(upgrade + b"\x81\x05hello")  # a websocket frame, not HTTP
+        reader = Reader(sock)
+        response = reader.response()
+        assert response.json()["environ"]["PATH_INFO"] == "/ws"
+        assert response.headers["connection"] == "close"
+        assert reader.closed()
+
+
+def test_large_response_is_sent_whole(server: Server) -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB: more than one send takes
+
+    def big(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [])
+        return [body]
+
+    app_server = Server(big)
+    try:
+        with app_server.connect() as sock:
+            sock.sendall(request("GET", "/big"))
+            time.sleep(0.2)  # let the server fill the socket buffer and wait for EPOLLOUT
+            response = Reader(sock).response()
+        assert response.body == body
+        assert response.headers["content-length"] == str(len(body))
+    finally:
+        app_server.close()
+
+
+# --- bodies -----------------------------------------------------------------------------------
+
+
+class FakeKv:
+    """Just enough of the zkv client for the app's PUT and GET."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+
+    def set(self, key: bytes | str, value: bytes | str, ttl_s: float | None = None) -> None:
+        key = key.encode() if isinstance(key, str) else key
+        self.data[key] = value if isinstance(value, bytes) else value.encode()
+
+    def get(self, key: bytes | str) -> Item:
+        key = key.encode() if isinstance(key, str) else key
+        if key not in self.data:
+            raise NotFound(key)
+        return Item(self.data[key], None)
+
+
+@pytest.fixture
+def gateway() -> Iterator[tuple[Server, FakeKv]]:
+    kv = FakeKv()
+    running = Server(make_app(lambda: kv, max_value_bytes=LIMIT))
+    yield running, kv
+    running.close()
+
+
+def test_declared_body_over_limit_is_refused_before_it_is_sent(
+    gateway: tuple[Server, FakeKv],
+) -> None:
+    running, kv = gateway
+    with running.connect() as sock:
+        # Only the head: the answer must come without the body.
+        sock.sendall(request("PUT", "/v1/keys/k", f"Content-Length: {LIMIT + 1}"))
+        reader = Reader(sock)
+        response = reader.response()
+        assert response.status == 413
+        assert response.json() == {
+            "error": f"value is {LIMIT + 1} bytes, more than the limit of {LIMIT} bytes"
+        }
+        assert response.headers["connection"] == "close"
+        sock.sendall(b"x" * (LIMIT + 1))  # a client that sends it anyway is not reset
+        assert reader.closed()
+    assert kv.data == {}
+
+
+def test_body_at_the_limit_is_stored(gateway: tuple[Server, FakeKv]) -> None:
+    running, kv = gateway
+    with running.connect() as sock:
+        sock.sendall(request("PUT", "/v1/keys/k", body=b"v" * LIMIT))
+        assert Reader(sock).response().status == 200
+    assert kv.data == {b"k": b"v" * LIMIT}
+
+
+def chunked(body: bytes, size: int = 100) -> bytes:
+    parts = [body[i : i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
+
+
+def test_chunked_body_arrives_decoded(gateway: tuple[Server, FakeKv]) -> None:
+    running, kv = gateway
+    value = bytes(range(256)) * 3
+    with running.connect() as sock:
+        sock.sendall(
+            request("PUT", "/v1/keys/c", "Transfer-Encoding: chunked", body=chunked(value))
+        )
+        reader = Reader(sock)
+        assert reader.response().status == 200
+        sock.sendall(request("GET", "/v1/keys/c"))  # and the connection is still usable
+        assert reader.response().body == value
+    assert kv.data == {b"c": value}
+
+
+def test_chunked_body_over_limit_is_413_and_closed(gateway: tuple[Server, FakeKv]) -> None:
+    running, kv = gateway
+    with running.connect() as sock:
+        sock.sendall(request("PUT", "/v1/keys/c", "Transfer-Encoding: chunked"))
+        sock.sendall(chunked(b"x" * (LIMIT * 3))[:-5])  # never finished
+        reader = Reader(sock)
+        response = reader.response()
+        assert response.status == 413
+        assert response.json() == {"error": f"value is more than the limit of {LIMIT} bytes"}
+        assert reader.closed()
+    assert kv.data == {}
+
+
+def test_expect_100_continue(gateway: tuple[Server, FakeKv]) -> None:
+    running, _ = gateway
+    with running.connect() as sock:
+        sock.sendall(request("PUT", "/v1/keys/e", "Content-Length: 5", "Expect: 100-continue"))
+        reader = Reader(sock)
+        assert reader.response().status == 100
+        sock.sendall(b"hello")
+        assert reader.response().status == 200
+    with running.connect() as sock:  # too large: the final answer at once, no 100
+        sock.sendall(request("PUT", "/v1/keys/e", "Content-Length: 5000", "Expect: 100-continue"))
+        assert Reader(sock).response().status == 413
+
+
+# --- the server's own errors: JSON, then closed -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "words"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "malformed HTTP request"),
+        (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400, "malformed"),
+        (
+            b"PUT / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+            "malformed",
+        ),
+        (request("GET", "/" + "a" * 9000), 414, "request target longer than 8190 bytes"),
+        (
+            request("GET", "/", *[f"X-H{i}: {'v' * 1000}" for i in range(140)]),
+            431,
+            "request head larger than",
+        ),
+    ],
+    ids=["garbage", "two-lengths", "length-and-chunked", "long-target", "large-head"],
+)
+def test_bad_requests_get_json_errors(server: Server, data: bytes, status: int, words: str) -> None:
+    with server.connect() as sock:
+        sock.sendall(data)
+        reader = Reader(sock)
+        response = reader.response()
+        assert response.status == status
+        assert words in response.json()["error"]
+        assert response.headers["connection"] == "close"
+        assert reader.closed()
+
+
+def test_app_that_raises_gets_json_500(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        raise RuntimeError("bug")
+
+    running = Server(broken)
+    try:
+        with running.connect() as sock:
+            sock.sendall(request("GET", "/"))
+            response = Reader(sock).response()
+        assert (response.status, response.json()) == (500, {"error": "internal server error"})
+    finally:
+        running.close()
+    assert any("RuntimeError" in (r.exc_text or "") for r in caplog.records)
+
+
+# --- time limits and stopping -------------------------------------------------------------------
+
+
+def test_stalled_request_gets_408_and_idle_connection_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http11, "LINGER_S", 0.3)
+    monkeypatch.setattr(http11, "SWEEP_S", 0.05)
+    running = Server(echo, read_timeout_s=0.3, keepalive_s=0.3)
+    try:
+        with running.connect() as sock:
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+            reader = Reader(sock)
+            started = time.monotonic()
+            response = reader.response()
+            assert response.status == 408 and "error" in response.json()
+            assert reader.closed()
+            assert time.monotonic() - started < 3
+        with running.connect() as sock:
+            sock.sendall(request("GET", "/"))
+            reader = Reader(sock)
+            assert reader.response().status == 200
+            assert reader.closed()  # idle after its answer: closed after keepalive_s
+    finally:
+        running.close()
+
+
+class Pending:
+    """Futures on the server's loop that the test resolves: a broker that answers on cue."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.futures: dict[str, asyncio.Future[str]] = {}
+        self.entered = threading.Event()
+
+    def wait_for(self, name: str) -> str:
+        """Called by the app, in its request greenlet: park until the test answers ``name``."""
+        future = self.server.loop.create_future()
+        self.futures[name] = future
+        self.entered.set()
+        return wait(future)
+
+    def answer(self, name: str, value: str) -> None:
+        self.server.call(lambda: self.futures[name].set_result(value))
+
+
+def test_graceful_stop_finishes_requests_in_hand_and_closes_idle_connections() -> None:
+    pending: Pending
+
+    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        body = environ["PATH_INFO"]
+        if body == "/slow":
+            body += pending.wait_for("slow")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [body.encode()]
+
+    running = Server(slow)
+    pending = Pending(running)
+    idle = running.connect()
+    busy = running.connect()
+    try:
+        idle.sendall(request("GET", "/first"))
+        idle_reader = Reader(idle)
+        assert idle_reader.response().body == b"/first"
+        busy.sendall(request("GET", "/slow"))
+        assert pending.entered.wait(5)
+        stopped = running.stop(5.0)
+        assert idle_reader.closed()  # idle: closed at once
+        with pytest.raises(OSError):  # no new connections
+            running.connect().sendall(request("GET", "/late"))
+            assert Reader(running.connect()).closed()
+            raise OSError("closed")
+        assert not stopped.done()  # the request in hand is still being waited for
+        pending.answer("slow", "+done")
+        response = Reader(busy).response()
+        assert (response.status, response.body) == (200, b"/slow+done")
+        assert response.headers["connection"] == "close"
+        stopped.result(5)
+    finally:
+        idle.close()
+        busy.close()
+        running.close()
+
+
+# --- requests that wait on the broker -------------------------------------------------------------
+
+
+def test_a_waiting_request_does_not_hold_up_others_nor_see_their_bottle_request() -> None:
+    app = bottle.Bottle()
+    running: Server
+    pending: Pending
+
+    @app.get("/wait/<name>")
+    def waiting(name: str) -> dict[str, Any]:
+        bottle.response.set_header("X-Name", name)
+        answer = pending.wait_for(name)
+        # After the switch back: Bottle's thread-local request and response must be this
+        # request's again, although others were bound meanwhile on the same thread.
+        return {"name": name, "query": bottle.request.query.get("q"), "answer": answer}
+
+    running = Server(app)
+    pending = Pending(running)
+    socks = [running.connect() for _ in range(3)]
+    try:
+        for n, sock in enumerate(socks):
+            pending.entered.clear()
+            sock.sendall(request("GET", f"/wait/r{n}?q=q{n}"))
+            assert pending.entered.wait(5)
+        assert sorted(pending.futures) == ["r0", "r1", "r2"]  # all three in the app at once
+        for n in (2, 0, 1):  # answered out of order
+            pending.answer(f"r{n}", f"a{n}")
+        for n, sock in enumerate(socks):
+            response = Reader(sock).response()
+            assert response.json() == {"name": f"r{n}", "query": f"q{n}", "answer": f"a{n}"}
+            assert response.headers["x-name"] == f"r{n}"
+    finally:
+        for sock in socks:
+            sock.close()
+        running.close()
+
+
+def test_app_outside_a_request_greenlet_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="request greenlet"):
+        wait(asyncio.Future(loop=asyncio.new_event_loop()))
