@@ -39,10 +39,19 @@ import zmq
 import zmq.asyncio
 
 from zkv import defaults
-from zkv.calls import Call, Calls, Item, NotFound, as_bytes, ttl_to_ms
-from zkv.client import BATCH_OPS, CONNECT_POLL_S
+from zkv.calls import (
+    Call,
+    Calls,
+    Item,
+    NotFound,
+    as_bytes,
+    checked_batch_ops,
+    frontend,
+    ttl_to_ms,
+)
+from zkv.client import BATCH_OPS, CONNECT_POLL_S, dealer
 from zkv.errors import ProtocolError, Unavailable, ZkvError
-from zkv.protocol import MAX_BATCH_OPS, Kind
+from zkv.protocol import Kind
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +86,11 @@ class AsyncClient:
         batch_ops: int = BATCH_OPS,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
-        self.endpoint = endpoint or os.environ.get("ZKV_FRONTEND") or defaults.FRONTEND
+        self.endpoint = frontend(endpoint)
+        self.batch_ops = checked_batch_ops(batch_ops)
         self.timeout_s = timeout_s
         self.attempt_s = attempt_s
         self.connect_timeout_s = connect_timeout_s
-        if not 1 <= batch_ops <= MAX_BATCH_OPS:
-            raise ValueError(f"batch_ops must be between 1 and {MAX_BATCH_OPS}, got {batch_ops}")
-        self.batch_ops = batch_ops
         self.retries = 0
         self.batches = 0
         self._context = context or zmq.asyncio.Context.instance()
@@ -270,13 +277,7 @@ class AsyncClient:
             self._socket = None
         if not open_new:
             return
-        socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.IMMEDIATE, 1)
-        socket.setsockopt(zmq.RECONNECT_IVL, 100)
-        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        socket.connect(self.endpoint)
-        self._socket = socket
+        self._socket = dealer(self._context, self.endpoint)
 
 
 def _settle(outcomes: list[tuple[Call, Any]]) -> None:

@@ -23,14 +23,17 @@ pipeline which keeps making progress never times out half-way.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from zkv import defaults
 from zkv.errors import RequestError, Timeout, Unavailable, ZkvError
 from zkv.protocol import (
     MAX_BATCH_BYTES,
+    MAX_BATCH_OPS,
     Kind,
     ProtocolError,
     Reply,
@@ -86,6 +89,20 @@ def as_bytes(data: bytes | str, what: str) -> bytes:
 def ttl_to_ms(ttl_s: float | None) -> int | None:
     """A time to live in whole milliseconds, at least 1 (0 would mean "expired" on the wire)."""
     return None if ttl_s is None else max(1, round(ttl_s * 1000))
+
+
+def frontend(endpoint: str | None) -> str:
+    """The broker's frontend to use: ``endpoint``, else ``$ZKV_FRONTEND``, else the default
+    (so one environment variable moves every client of a deployment)."""
+    return endpoint or os.environ.get("ZKV_FRONTEND") or defaults.FRONTEND
+
+
+def checked_batch_ops(batch_ops: int) -> int:
+    """``batch_ops`` if the protocol allows that many operations in one BATCH, else ValueError
+    (at construction, rather than a refused batch at the first send)."""
+    if not 1 <= batch_ops <= MAX_BATCH_OPS:
+        raise ValueError(f"batch_ops must be between 1 and {MAX_BATCH_OPS}, got {batch_ops}")
+    return batch_ops
 
 
 def new_id(rand: Callable[[int], int]) -> int:

@@ -60,13 +60,14 @@ from zkv.calls import (
     Op,
     as_bytes,
     check,
+    checked_batch_ops,
+    frontend,
     gave_up,
     new_id,
     ttl_to_ms,
 )
 from zkv.errors import RequestError, Timeout, ZkvError
 from zkv.protocol import (
-    MAX_BATCH_OPS,
     Entry,
     Kind,
     ProtocolError,
@@ -119,13 +120,11 @@ class Client:
         batch_ops: int = BATCH_OPS,
         window_ops: int = WINDOW_OPS,
     ) -> None:
-        self.endpoint = endpoint or os.environ.get("ZKV_FRONTEND") or defaults.FRONTEND
+        self.endpoint = frontend(endpoint)
+        self.batch_ops = checked_batch_ops(batch_ops)
         self.timeout_s = timeout_s
         self.attempt_s = attempt_s
         self.connect_timeout_s = connect_timeout_s
-        if not 1 <= batch_ops <= MAX_BATCH_OPS:
-            raise ValueError(f"batch_ops must be between 1 and {MAX_BATCH_OPS}, got {batch_ops}")
-        self.batch_ops = batch_ops
         self.window_ops = max(window_ops, batch_ops)
         self.retries = 0
         self._context = context or zmq.Context.instance()
@@ -413,12 +412,7 @@ class Client:
 
     def _connected_socket(self) -> zmq.Socket:
         if self._socket is None:
-            socket = self._context.socket(zmq.DEALER)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.IMMEDIATE, 1)
-            socket.setsockopt(zmq.RECONNECT_IVL, 100)
-            socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            socket.connect(self.endpoint)
+            socket = dealer(self._context, self.endpoint)
             self._socket = socket
             self._poller.register(socket, zmq.POLLIN)
         return self._socket
@@ -445,6 +439,20 @@ class Client:
             self._poller.unregister(self._socket)
             self._socket.close(linger=0)
             self._socket = None
+
+
+def dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A DEALER connected to the broker as both clients want it: IMMEDIATE, so nothing is
+    queued for a broker that is not connected (a send fails at once instead); LINGER 0, so
+    closing it drops what is stale; reconnecting within a second of a broker restart.
+    ``context`` may be a ``zmq.asyncio.Context``: the socket is then an asyncio one."""
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.IMMEDIATE, 1)
+    socket.setsockopt(zmq.RECONNECT_IVL, 100)
+    socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    socket.connect(endpoint)
+    return socket
 
 
 class Pipeline:
