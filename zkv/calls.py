@@ -278,6 +278,29 @@ class Calls:
         self._queue.append(request_id)
         return request_id
 
+    def add_many(
+        self, ops: Sequence[Op], start: int, stop: int, now: float
+    ) -> list[tuple[int, RequestError]]:
+        """Queue ``ops[start:stop]``, each with its position as handle (a pipeline's hot path:
+        the loop of :meth:`add` with its lookups hoisted); returns the positions refused, each
+        with its RequestError."""
+        rand = self._rand
+        calls = self._calls
+        queue_append = self._queue.append
+        deadline = now + self._lifetime
+        refused: list[tuple[int, RequestError]] = []
+        for position in range(start, stop):
+            kind, key, value, ttl = ops[position]
+            request_id = rand(64) or 1
+            try:
+                record = pack_request(kind, request_id, key, value, ttl)
+            except ProtocolError as exc:  # as in pack()
+                refused.append((position, RequestError(str(exc))))
+                continue
+            calls[request_id] = Call(kind, record, position, now, deadline)
+            queue_append(request_id)
+        return refused
+
     def next_batch(self, max_ops: int) -> Batch | None:
         """The next BATCH to send from the queue (None if it is empty); it stays queued until
         :meth:`sent` says it left."""

@@ -79,8 +79,6 @@ from zkv.protocol import (
     encode_request,
 )
 
-__all__ = ["BATCH_OPS", "WINDOW_OPS", "Client", "Item", "NotFound", "Pipeline", "PipelineOp"]
-
 CONNECT_POLL_S = 0.1  # one wait for the connection to the broker, between retries
 BATCH_OPS = 1000  # operations per BATCH message a pipeline sends
 WINDOW_OPS = 8000  # operations a pipeline keeps in flight (sent, not yet answered)
@@ -270,12 +268,11 @@ class Client:
             while True:
                 limit = min(count, added + self.batch_ops - calls.queued)
                 limit = min(limit, added + self.window_ops - len(calls))
-                for position in range(added, limit):
-                    try:
-                        calls.add(ops[position], position, now)
-                    except RequestError as exc:  # refused here, as the broker would
-                        results[position] = exc
-                added = max(added, limit)
+                if limit > added:
+                    # What is refused here, as the broker would, has its error as result.
+                    for position, refused in calls.add_many(ops, added, limit, now):
+                        results[position] = refused
+                    added = limit
                 batch = calls.next_batch(self.batch_ops)
                 if batch is None:
                     break

@@ -222,3 +222,18 @@ def test_random_ids_are_never_zero():
     calls = Calls(ENDPOINT, 5.0, 1.0, lambda bits: 0, 0.0)
     assert calls.add((GET, b"a", None, None), 0, 0.0) == 1
     assert random.Random(1).getrandbits(64)  # the real source, for contrast
+
+
+def test_add_many_queues_in_order_with_positions_and_returns_the_refused():
+    calls = make()
+    ops = [(GET, b"a", None, None), (SET, b"b", b"v", 0), (DEL, b"c", None, None)]
+    refused = calls.add_many(ops, 0, 3, 100.0)
+    assert [(position, type(err)) for position, err in refused] == [(1, RequestError)]
+    batch = calls.next_batch(10)
+    assert batch is not None and len(batch.request_ids) == 2
+    calls.sent(batch, 100.0)
+    answer = batch_reply(*(Reply(Status.OK, rid) for rid in batch.request_ids))
+    assert [(call.handle, result) for call, result in calls.receive(answer, 100.1)] == [
+        (0, Item(b"", None)),
+        (2, True),
+    ]
