@@ -47,29 +47,36 @@ import os
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import zmq
 
 from zkv import defaults
-from zkv.errors import RequestError, Timeout, Unavailable, ZkvError
+from zkv.calls import (
+    Calls,
+    Item,
+    NotFound,
+    Op,
+    as_bytes,
+    check,
+    checked_batch_ops,
+    frontend,
+    gave_up,
+    new_id,
+    ttl_to_ms,
+)
+from zkv.errors import RequestError, Timeout, ZkvError
 from zkv.protocol import (
-    MAX_BATCH_BYTES,
-    MAX_BATCH_OPS,
     Entry,
     Kind,
     ProtocolError,
     Reply,
     Request,
     Status,
-    batch_frames,
     decode_entries,
     decode_reply,
     encode_request,
-    pack_request,
-    split_batch_reply,
 )
 
 CONNECT_POLL_S = 0.1  # one wait for the connection to the broker, between retries
@@ -79,33 +86,9 @@ WINDOW_OPS = 8000  # operations a pipeline keeps in flight (sent, not yet answer
 _GET = int(Kind.GET)
 _SET = int(Kind.SET)
 _DEL = int(Kind.DEL)
-_REPLY = int(Kind.REPLY)
-_OK = int(Status.OK)
-_NOT_FOUND = int(Status.NOT_FOUND)
-_ERROR = int(Status.ERROR)
 
-PipelineOp = tuple[int, bytes, bytes | None, int | None]
+PipelineOp = Op
 """One queued operation: ``(kind, key, value, ttl_ms)``."""
-
-
-class NotFound(ZkvError, KeyError):
-    """The key does not exist or has expired."""
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """A stored value and its expiry (Unix milliseconds, None for never)."""
-
-    value: bytes
-    deadline_ms: int | None
-
-
-def _as_bytes(data: bytes | str, what: str) -> bytes:
-    if isinstance(data, bytes):
-        return data
-    if isinstance(data, str):
-        return data.encode()
-    raise TypeError(f"{what} must be bytes or str, not {type(data).__name__}")
 
 
 class Client:
@@ -135,13 +118,11 @@ class Client:
         batch_ops: int = BATCH_OPS,
         window_ops: int = WINDOW_OPS,
     ) -> None:
-        self.endpoint = endpoint or os.environ.get("ZKV_FRONTEND") or defaults.FRONTEND
+        self.endpoint = frontend(endpoint)
+        self.batch_ops = checked_batch_ops(batch_ops)
         self.timeout_s = timeout_s
         self.attempt_s = attempt_s
         self.connect_timeout_s = connect_timeout_s
-        if not 1 <= batch_ops <= MAX_BATCH_OPS:
-            raise ValueError(f"batch_ops must be between 1 and {MAX_BATCH_OPS}, got {batch_ops}")
-        self.batch_ops = batch_ops
         self.window_ops = max(window_ops, batch_ops)
         self.retries = 0
         self._context = context or zmq.Context.instance()
@@ -157,15 +138,15 @@ class Client:
         Returns:
             The key's deadline in Unix milliseconds, as the worker computed it (None: never).
         """
-        ttl_ms = _ttl_ms(ttl_s)
+        ttl_ms = ttl_to_ms(ttl_s)
         reply = self.request(
-            Request(Kind.SET, 0, _as_bytes(key, "key"), _as_bytes(value, "value"), ttl_ms)
+            Request(Kind.SET, 0, as_bytes(key, "key"), as_bytes(value, "value"), ttl_ms)
         )
         return reply.deadline_ms
 
     def get(self, key: bytes | str) -> Item:
         """The value and deadline of ``key``. Raises :class:`NotFound` if missing or expired."""
-        key_bytes = _as_bytes(key, "key")
+        key_bytes = as_bytes(key, "key")
         reply = self.request(Request(Kind.GET, 0, key_bytes))
         if reply.status == Status.NOT_FOUND:
             raise NotFound(key_bytes)
@@ -173,7 +154,7 @@ class Client:
 
     def delete(self, key: bytes | str) -> bool:
         """Remove ``key``. Returns False if there was no such (live) key."""
-        reply = self.request(Request(Kind.DEL, 0, _as_bytes(key, "key")))
+        reply = self.request(Request(Kind.DEL, 0, as_bytes(key, "key")))
         return reply.status == Status.OK
 
     def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
@@ -186,7 +167,7 @@ class Client:
             keys_only: leave values out (each entry's value is ``b""``).
         """
         reply = self.request(
-            Request(Kind.ALL, 0, _as_bytes(after, "after"), limit=limit, keys_only=keys_only)
+            Request(Kind.ALL, 0, as_bytes(after, "after"), limit=limit, keys_only=keys_only)
         )
         try:
             entries = decode_entries(reply.body or b"")
@@ -220,7 +201,7 @@ class Client:
             RequestError, Unavailable, Timeout: as :meth:`get`, for the first key that failed
                 (the others were still answered).
         """
-        return self.execute([(_GET, _as_bytes(key, "key"), None, None) for key in keys])
+        return self.execute([(_GET, as_bytes(key, "key"), None, None) for key in keys])
 
     def set_many(
         self,
@@ -229,14 +210,14 @@ class Client:
     ) -> list[int | None]:
         """Store many values, all with the same time to live; returns their deadlines."""
         pairs = items.items() if isinstance(items, Mapping) else items
-        ttl_ms = _ttl_ms(ttl_s)
+        ttl_ms = ttl_to_ms(ttl_s)
         return self.execute(
-            [(_SET, _as_bytes(k, "key"), _as_bytes(v, "value"), ttl_ms) for k, v in pairs]
+            [(_SET, as_bytes(k, "key"), as_bytes(v, "value"), ttl_ms) for k, v in pairs]
         )
 
     def delete_many(self, keys: Iterable[bytes | str]) -> list[bool]:
         """Remove many keys; for each, whether a live key was removed."""
-        return self.execute([(_DEL, _as_bytes(key, "key"), None, None) for key in keys])
+        return self.execute([(_DEL, as_bytes(key, "key"), None, None) for key in keys])
 
     def execute(self, ops: Sequence[PipelineOp], raise_on_error: bool = True) -> list[Any]:
         """Send many operations in BATCH messages and return their results, in order.
@@ -262,156 +243,88 @@ class Client:
         """The transport of :meth:`execute`: its results, with a failure as an exception
         instance in its place; never raises for one operation's failure.
 
-        The client's own work overlaps the cluster's: each message's records are packed just
-        before it is sent, and each reply is turned into results as it arrives, while the
-        broker and the workers serve the messages sent before.
+        The client's own work overlaps the cluster's: operations are packed just before their
+        message leaves (up to ``window_ops`` unanswered), and each reply is turned into results
+        as it arrives, while the broker and the workers serve the messages sent before. The
+        rules (which message next, what a reply answers, when to resend or give up) are
+        :class:`zkv.calls.Calls`'; this method only moves frames and waits.
         """
         count = len(ops)
         results: list[Any] = [_PENDING] * count
-        records: list[bytes | None] = [None] * count  # packed on first send, kept for resends
-        ids = [0] * count
-        index_of: dict[int, int] = {}  # request id -> position, while sent and unanswered
-        # (each sent position is in index_of once and counted in outstanding once)
-        todo: Sequence[int] = range(count)  # positions to send, in order, from todo[sent_upto]
-        sent_upto = 0
-        in_flight: dict[int, list[int]] = {}  # batch id -> positions (a whole-batch error)
-        outstanding = 0
-        rand = self._random.getrandbits
-        start = last_progress = last_send = time.monotonic()
-        unreachable_since: float | None = None
-        sent_any = False
-        while index_of or sent_upto < len(todo):
+        start = time.monotonic()
+        # A pipeline fails as a whole, after timeout_s without any reply (see zkv.calls).
+        calls = Calls(
+            self.endpoint,
+            self.timeout_s,
+            self.attempt_s,
+            self._random.getrandbits,
+            start,
+            recent_batches=None,
+            per_call_deadline=False,
+        )
+        added = 0  # ops[:added] are answered, refused or in calls
+        while added < count or calls:
             now = time.monotonic()
-            while sent_upto < len(todo) and outstanding < self.window_ops:
-                end = min(sent_upto + self.batch_ops, len(todo))
-                chunk: list[int] = []
-                chunk_records: list[bytes] = []
-                chunk_at: list[int] = []  # where each of chunk is in todo
-                for at in range(sent_upto, end):
-                    position = todo[at]
-                    record = records[position]
-                    if record is None:
-                        kind, key, value, ttl_ms = ops[position]
-                        request_id = rand(64) or 1
-                        try:
-                            record = pack_request(kind, request_id, key, value, ttl_ms)
-                        except ProtocolError as exc:  # refused here, as the broker would
-                            results[position] = RequestError(str(exc))
-                            continue
-                        records[position] = record
-                        ids[position] = request_id
-                    chunk.append(position)
-                    chunk_records.append(record)
-                    chunk_at.append(at)
-                if sum(map(len, chunk_records)) > MAX_BATCH_BYTES // 2:
-                    cut = _cut(chunk_records, MAX_BATCH_BYTES // 2)
-                    if cut < len(chunk):
-                        end = chunk_at[cut]
-                        del chunk[cut:], chunk_records[cut:]
-                if not chunk:  # every one of them refused
-                    sent_upto = end
-                    continue
-                batch_id = rand(64) or 1
-                socket = self._connected_socket()
-                frames = batch_frames(batch_id, chunk_records)
-                if not self._send(socket, frames, now + self.timeout_s):
-                    unreachable_since = unreachable_since or now
-                    if now - unreachable_since >= self.connect_timeout_s:
+            while True:
+                limit = min(count, added + self.batch_ops - calls.queued)
+                limit = min(limit, added + self.window_ops - len(calls))
+                if limit > added:
+                    # What is refused here, as the broker would, has its error as result.
+                    for position, refused in calls.add_many(ops, added, limit, now):
+                        results[position] = refused
+                    added = limit
+                batch = calls.next_batch(self.batch_ops)
+                if batch is None:
+                    break
+                if not self._send(self._connected_socket(), batch.frames, now + self.timeout_s):
+                    if calls.unreachable_s(now) >= self.connect_timeout_s:
                         message = (
                             f"broker at {self.endpoint} is not reachable "
                             f"(tried for {now - start:.1f} s)"
                         )
-                        return self._give_up(results, message, sent_any)
+                        return self._give_up(results, calls, gave_up(message, calls.sent_any))
                     break
-                unreachable_since = None
-                sent_any = True
-                sent_upto = end
-                for position in chunk:  # sent: now a reply can answer it
-                    index_of[ids[position]] = position
-                in_flight[batch_id] = chunk
-                outstanding += len(chunk)
-                last_send = time.monotonic()
-            if not index_of:
+                calls.sent(batch, time.monotonic())
+            if not calls.in_flight:
                 continue  # nothing sent yet: the broker is unreachable, keep trying
-            wait_s = max(last_progress, last_send) + self.attempt_s - time.monotonic()
-            answered = self._receive(ops, results, index_of, in_flight, max(0.0, wait_s))
-            if answered:
-                outstanding -= answered
-                last_progress = time.monotonic()
+            if self._receive(calls, results, max(0.0, calls.resend_in(time.monotonic()))):
                 continue
             now = time.monotonic()
-            if now - last_progress >= self.timeout_s:
+            if calls.silent_s(now) >= self.timeout_s:
                 message = f"no reply from {self.endpoint} within {self.timeout_s} s"
-                return self._give_up(results, message, True)
-            if now - max(last_progress, last_send) >= self.attempt_s:
+                return self._give_up(results, calls, gave_up(message, True))
+            if calls.resend_due(now):
                 # Nothing came back for a while: requests or replies may be lost (a broker
-                # restart). Send what is unanswered again, same ids, on a fresh socket, then
-                # what was never sent.
+                # restart). Send what is unanswered again, same ids, on a fresh socket.
                 self._reset()
                 self.retries += 1
-                todo = sorted(index_of.values()) + list(todo[sent_upto:])
-                sent_upto = 0
-                in_flight = {}
-                outstanding = 0
-                last_send = now
+                calls.resend(now)
         return results
 
-    def _receive(
-        self,
-        ops: Sequence[PipelineOp],
-        results: list[Any],
-        index_of: dict[int, int],
-        in_flight: dict[int, list[int]],
-        wait_s: float,
-    ) -> int:
-        """Wait up to ``wait_s`` for replies, take every one already queued, turn them into
-        results, and return how many operations they answered."""
+    def _receive(self, calls: Calls, results: list[Any], wait_s: float) -> bool:
+        """Wait up to ``wait_s`` for replies, take every one already queued and put what they
+        answer in ``results``; whether any message came."""
         socket = self._socket
         if socket is None or not self._poller.poll(max(0, int(wait_s * 1000))):
-            return 0
-        answered = 0
+            return False
+        came = False
         while True:
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return answered
+                return came
             try:
-                if frames and len(frames[0]) > 1 and frames[0][1] == _REPLY:
-                    reply = decode_reply(frames)
-                    subs = [(reply.status, reply.request_id, 0, reply.deadline_ms, reply.body)]
-                else:
-                    _, subs = split_batch_reply(frames)
+                answered = calls.receive(frames, time.monotonic())
             except ProtocolError:
                 continue  # not ours to fix, and not worth dying for
-            for status, request_id, _, deadline_ms, body in subs:
-                position = index_of.pop(request_id, None)
-                if position is None:
-                    if request_id in in_flight and status == _ERROR:
-                        # The broker refused a whole batch (its id is the batch id).
-                        error = _error(status, body)
-                        for refused in in_flight.pop(request_id):
-                            if results[refused] is _PENDING:
-                                results[refused] = error
-                                answered += 1
-                        for rid in [r for r, p in index_of.items() if results[p] is not _PENDING]:
-                            del index_of[rid]
-                    continue  # else: a late reply to an earlier attempt, already answered
-                answered += 1
-                if status == _OK:
-                    kind = ops[position][0]
-                    if kind == _GET:
-                        results[position] = Item(body or b"", deadline_ms)
-                    else:
-                        results[position] = deadline_ms if kind == _SET else True
-                elif status == _NOT_FOUND:
-                    results[position] = None if ops[position][0] == _GET else False
-                else:
-                    results[position] = _error(status, body)
+            came = True
+            for call, result in answered:
+                results[call.handle] = result
 
-    def _give_up(self, results: list[Any], message: str, sent: bool) -> list[Any]:
+    def _give_up(self, results: list[Any], calls: Calls, error: ZkvError) -> list[Any]:
         """Fail every operation still without a result (sent or not) and return the results."""
         self._reset()
-        error: ZkvError = Timeout(f"{message}; outcome unknown") if sent else Unavailable(message)
+        calls.fail(None, error)
         for position, result in enumerate(results):
             if result is _PENDING:
                 results[position] = error
@@ -429,7 +342,7 @@ class Client:
             Unavailable: the broker is unreachable, or the cluster could not serve the request.
             Timeout: no reply within ``timeout_s``; the request may or may not have been applied.
         """
-        request_id = self._random.getrandbits(64) or 1
+        request_id = new_id(self._random.getrandbits)
         try:
             frames = encode_request(dataclasses.replace(request, request_id=request_id))
         except ProtocolError as exc:  # refused here, as the broker would refuse it
@@ -448,16 +361,14 @@ class Client:
                         f"broker at {self.endpoint} is not reachable "
                         f"(tried for {now - start:.1f} s)"
                     )
-                    if sent:  # an earlier attempt left: it may have been applied
-                        raise Timeout(f"{message}; outcome unknown")
-                    raise Unavailable(message)
+                    raise gave_up(message, sent)  # sent: an earlier attempt may have been applied
                 continue
             sent = True
             reply = self._wait_reply(
                 socket, request_id, min(deadline, time.monotonic() + self.attempt_s)
             )
             if reply is not None:
-                return _check(reply)
+                return check(reply)
             # No reply: the request or its reply may be lost (a broker restart). Send it again
             # on a fresh socket, which also drops anything stale still queued in the old one.
             self._reset()
@@ -498,12 +409,7 @@ class Client:
 
     def _connected_socket(self) -> zmq.Socket:
         if self._socket is None:
-            socket = self._context.socket(zmq.DEALER)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.IMMEDIATE, 1)
-            socket.setsockopt(zmq.RECONNECT_IVL, 100)
-            socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            socket.connect(self.endpoint)
+            socket = dealer(self._context, self.endpoint)
             self._socket = socket
             self._poller.register(socket, zmq.POLLIN)
         return self._socket
@@ -532,6 +438,20 @@ class Client:
             self._socket = None
 
 
+def dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A DEALER connected to the broker as both clients want it: IMMEDIATE, so nothing is
+    queued for a broker that is not connected (a send fails at once instead); LINGER 0, so
+    closing it drops what is stale; reconnecting within a second of a broker restart.
+    ``context`` may be a ``zmq.asyncio.Context``: the socket is then an asyncio one."""
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.IMMEDIATE, 1)
+    socket.setsockopt(zmq.RECONNECT_IVL, 100)
+    socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    socket.connect(endpoint)
+    return socket
+
+
 class Pipeline:
     """Operations queued on a :class:`Client`, sent together by :meth:`execute`.
 
@@ -544,17 +464,17 @@ class Pipeline:
 
     def get(self, key: bytes | str) -> Pipeline:
         """Queue a GET: its result is an :class:`Item`, or None if the key is missing."""
-        self._ops.append((_GET, _as_bytes(key, "key"), None, None))
+        self._ops.append((_GET, as_bytes(key, "key"), None, None))
         return self
 
     def set(self, key: bytes | str, value: bytes | str, ttl_s: float | None = None) -> Pipeline:
         """Queue a SET: its result is the key's deadline (Unix ms, None for never)."""
-        self._ops.append((_SET, _as_bytes(key, "key"), _as_bytes(value, "value"), _ttl_ms(ttl_s)))
+        self._ops.append((_SET, as_bytes(key, "key"), as_bytes(value, "value"), ttl_to_ms(ttl_s)))
         return self
 
     def delete(self, key: bytes | str) -> Pipeline:
         """Queue a DEL: its result is whether a live key was removed."""
-        self._ops.append((_DEL, _as_bytes(key, "key"), None, None))
+        self._ops.append((_DEL, as_bytes(key, "key"), None, None))
         return self
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
@@ -579,33 +499,3 @@ class Pipeline:
 
 
 _PENDING: Any = object()  # a pipeline result not known yet
-
-
-def _cut(records: list[bytes], max_bytes: int) -> int:
-    """How many of ``records`` (at least one) fit in ``max_bytes``."""
-    size = 0
-    for index, record in enumerate(records):
-        size += len(record)
-        if size > max_bytes and index:
-            return index
-    return len(records)
-
-
-def _ttl_ms(ttl_s: float | None) -> int | None:
-    return None if ttl_s is None else max(1, round(ttl_s * 1000))
-
-
-def _error(status: int, body: bytes | None) -> ZkvError:
-    message = (body or b"").decode(errors="replace")
-    if status == _ERROR:
-        return RequestError(message)
-    return Unavailable(message)
-
-
-def _check(reply: Reply) -> Reply:
-    message = (reply.body or b"").decode(errors="replace")
-    if reply.status == Status.ERROR:
-        raise RequestError(message)
-    if reply.status == Status.UNAVAILABLE:
-        raise Unavailable(message)
-    return reply

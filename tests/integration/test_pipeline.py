@@ -17,7 +17,7 @@ from broker.server import ServerConfig, Stopper, serve
 from tests.cluster import free_port, wait_for
 from workers.worker import Worker, WorkerConfig
 from zkv import Client, NotFound, RequestError, Timeout, Unavailable
-from zkv import client as client_module
+from zkv import calls as calls_module
 from zkv.aio import AsyncClient
 from zkv.protocol import (
     BatchReply,
@@ -265,7 +265,7 @@ def test_a_pipeline_against_no_broker_is_unavailable_after_the_connect_timeout()
 
 
 def test_large_values_are_cut_into_messages_by_size(cluster, monkeypatch):
-    monkeypatch.setattr(client_module, "MAX_BATCH_BYTES", 4_000)  # so 1 KiB values split early
+    monkeypatch.setattr(calls_module, "MAX_BATCH_BYTES", 4_000)  # so 1 KiB values split early
     with cluster.client() as kv:
         values = {f"big:{n}": bytes([n]) * 1024 for n in range(20)}
         assert len(kv.set_many(values)) == 20

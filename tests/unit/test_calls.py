@@ -1,0 +1,239 @@
+"""The clients' sans-I/O core (zkv/calls.py): packing, cutting, matching, outcomes, and when
+to resend or give up, on a fake clock (every ``now`` is passed in; nothing sleeps)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from zkv import calls as calls_module
+from zkv.calls import Calls, Item, cut, gave_up, outcome, pack, replies
+from zkv.errors import RequestError, Timeout, Unavailable
+from zkv.protocol import (
+    MAX_BATCH_BYTES,
+    BatchReply,
+    Kind,
+    Reply,
+    Status,
+    encode_batch_reply,
+    encode_reply,
+    split_batch,
+)
+
+pytestmark = pytest.mark.unit
+
+GET, SET, DEL = int(Kind.GET), int(Kind.SET), int(Kind.DEL)
+ENDPOINT = "tcp://broker:1"
+
+
+def make(now: float = 100.0, **options: object) -> Calls:
+    ids = itertools.count(1)
+    return Calls(ENDPOINT, 5.0, 1.0, lambda bits: next(ids), now, **options)  # type: ignore[arg-type]
+
+
+def batch_reply(*replies_: Reply) -> list[bytes]:
+    return encode_batch_reply(BatchReply(0, tuple(replies_)))
+
+
+# --- pure functions -----------------------------------------------------------------------------
+
+
+def test_pack_refuses_what_the_broker_would_refuse_as_a_request_error():
+    assert pack((SET, b"k", b"v", 10), 7)
+    with pytest.raises(RequestError, match="non-empty key"):
+        pack((GET, b"", None, None), 7)
+    with pytest.raises(RequestError, match="ttl_ms"):
+        pack((SET, b"k", b"v", 0), 7)
+
+
+def test_cut_keeps_to_the_op_limit_and_half_the_byte_limit_but_takes_at_least_one():
+    assert cut([b"x"] * 10, 4) == 4
+    assert cut([b"x"] * 3, 4) == 3
+    third = b"x" * (MAX_BATCH_BYTES // 6 + 1)
+    assert cut([third] * 5, 100) == 2  # three thirds of a half would pass the half
+    assert cut([b"x" * MAX_BATCH_BYTES] * 2, 100) == 1  # too big alone: sent alone
+
+
+def test_replies_reads_a_single_reply_and_a_batch_reply_alike():
+    single = encode_reply(Reply(Status.OK, 9, 0, 123, b"v"))
+    assert replies(single) == [(Status.OK, 9, 0, 123, b"v")]
+    batch = batch_reply(Reply(Status.NOT_FOUND, 1), Reply(Status.OK, 2, 0, None, b"w"))
+    assert [(status, rid, body) for status, rid, _, _, body in replies(batch)] == [
+        (Status.NOT_FOUND, 1, None),
+        (Status.OK, 2, b"w"),
+    ]
+
+
+def test_outcome_per_kind_and_status():
+    assert outcome(GET, Status.OK, 5, b"v") == Item(b"v", 5)
+    assert outcome(GET, Status.NOT_FOUND, None, None) is None
+    assert outcome(SET, Status.OK, 5, None) == 5
+    assert outcome(DEL, Status.OK, None, None) is True
+    assert outcome(DEL, Status.NOT_FOUND, None, None) is False
+    refused = outcome(SET, Status.ERROR, None, b"bad ttl")
+    assert isinstance(refused, RequestError) and str(refused) == "bad ttl"
+    assert isinstance(outcome(GET, Status.UNAVAILABLE, None, b"no owner"), Unavailable)
+
+
+def test_gave_up_is_a_timeout_once_sent_and_unavailable_before():
+    assert isinstance(gave_up("x", True), Timeout) and "outcome unknown" in str(gave_up("x", True))
+    assert isinstance(gave_up("x", False), Unavailable)
+
+
+# --- Calls: sending and matching ----------------------------------------------------------------
+
+
+def test_batches_carry_the_queue_in_order_and_replies_find_their_handles():
+    calls = make()
+    ids = [calls.add((SET, b"k%d" % n, b"v", None), f"h{n}", 100.0) for n in range(5)]
+    first = calls.next_batch(3)
+    assert first is not None and first.request_ids == ids[:3]
+    assert [sub[1] for sub in split_batch(first.frames)[1]] == ids[:3]
+    again = calls.next_batch(3)  # not sent yet: offered again
+    assert again is not None and again.request_ids == first.request_ids
+    calls.sent(first, 100.5)
+    second = calls.next_batch(3)
+    assert second is not None and second.request_ids == ids[3:]
+    assert (calls.in_flight, calls.queued, len(calls)) == (3, 2, 5)
+
+    answered = calls.receive(
+        batch_reply(Reply(Status.OK, ids[1], 0, 7), Reply(Status.OK, 999)), 101
+    )
+    assert [(call.handle, result) for call, result in answered] == [("h1", 7)]
+    assert calls.receive(batch_reply(Reply(Status.OK, ids[1], 0, 7)), 101) == []  # late: ignored
+    assert (calls.in_flight, len(calls)) == (2, 4)
+
+
+def test_a_refused_operation_never_enters_and_a_refused_batch_fails_all_its_calls():
+    calls = make()
+    with pytest.raises(RequestError):
+        calls.add((GET, b"", None, None), "bad", 100.0)
+    ids = [calls.add((GET, b"k%d" % n, None, None), n, 100.0) for n in range(2)]
+    batch = calls.next_batch(10)
+    assert batch is not None and batch.request_ids == ids
+    calls.sent(batch, 100.0)
+    refusal = encode_reply(Reply(Status.ERROR, batch.batch_id, 0, None, b"bad batch"))
+    failed = calls.receive(refusal, 100.1)
+    assert [call.handle for call, _ in failed] == [0, 1]
+    assert all(isinstance(err, RequestError) and str(err) == "bad batch" for _, err in failed)
+    assert len(calls) == 0 and calls.in_flight == 0
+
+
+def test_forgotten_calls_are_skipped_when_sending(monkeypatch):
+    calls = make()
+    ids = [calls.add((GET, b"k%d" % n, None, None), n, 100.0) for n in range(3)]
+    calls.forget(ids[0])
+    batch = calls.next_batch(10)
+    assert batch is not None and batch.request_ids == ids[1:]
+
+
+def test_the_byte_limit_is_read_when_cutting(monkeypatch):
+    monkeypatch.setattr(calls_module, "MAX_BATCH_BYTES", 4_000)
+    calls = make()
+    for n in range(4):
+        calls.add((SET, b"k%d" % n, b"v" * 1024, None), n, 100.0)
+    batch = calls.next_batch(100)
+    assert batch is not None and len(batch.request_ids) == 1
+
+
+# --- Calls: the clock ---------------------------------------------------------------------------
+
+
+def send_all(calls: Calls, now: float) -> None:
+    while (batch := calls.next_batch(1000)) is not None:
+        calls.sent(batch, now)
+
+
+def test_resend_after_attempt_s_of_silence_with_the_same_ids_in_creation_order():
+    calls = make(now=0.0)
+    ids = [calls.add((GET, b"k%d" % n, None, None), n, 0.0) for n in range(3)]
+    assert not calls.resend_due(5.0)  # nothing left yet: nothing can be lost
+    send_all(calls, 0.2)
+    assert calls.resend_in(0.2) == pytest.approx(1.0)
+    assert not calls.resend_due(1.1)
+    calls.receive(batch_reply(Reply(Status.OK, ids[1], 0, None, b"v")), 1.1)  # progress
+    assert not calls.resend_due(2.0) and calls.resend_due(2.1)
+    calls.resend(2.1)
+    batch = calls.next_batch(1000)
+    assert batch is not None and batch.request_ids == [ids[0], ids[2]]
+    assert not calls.resend_due(3.0)  # the resend counts as a message leaving
+    assert calls.silent_s(3.0) == pytest.approx(1.9)  # but not as a reply
+
+
+def test_per_call_deadline_timeout_if_sent_unavailable_if_never():
+    calls = make(now=0.0)
+    sent_id = calls.add((GET, b"a", None, None), "sent", 0.0)
+    send_all(calls, 0.0)
+    calls.add((GET, b"b", None, None), "queued", 0.5)
+    assert calls.due_in(0.0) == pytest.approx(1.0)  # the resend comes before any deadline
+    assert calls.expire(4.9) == []
+    ((call, err),) = calls.expire(5.0)
+    assert call.handle == "sent" and isinstance(err, Timeout) and "within 5.0 s" in str(err)
+    ((call, err),) = calls.expire(5.5)
+    assert call.handle == "queued" and isinstance(err, Unavailable)
+    assert len(calls) == 0 and calls.due_in(6.0) is None
+    assert calls.receive(batch_reply(Reply(Status.OK, sent_id)), 6.0) == []
+
+
+def test_a_pipeline_has_no_per_call_deadline():
+    calls = make(now=0.0, per_call_deadline=False)
+    calls.add((GET, b"a", None, None), 0, 0.0)
+    send_all(calls, 0.0)
+    assert calls.expire(1e9) == []
+    assert calls.silent_s(7.0) == 7.0
+
+
+def test_calls_that_never_left_are_stuck_after_the_connect_timeout():
+    calls = make(now=0.0)
+    calls.add((GET, b"a", None, None), "old", 0.0)
+    calls.add((GET, b"b", None, None), "new", 1.0)
+    assert calls.stuck(1.4, 1.5) == []
+    ((call, err),) = calls.stuck(1.5, 1.5)
+    assert call.handle == "old" and isinstance(err, Unavailable) and "1.5 s" in str(err)
+    assert calls.queued == 1
+
+
+def test_unreachable_counts_failed_sends_in_a_row():
+    calls = make(now=0.0)
+    calls.add((GET, b"a", None, None), 0, 0.0)
+    assert calls.unreachable_s(1.0) == 0.0
+    assert calls.unreachable_s(2.5) == 1.5
+    send_all(calls, 3.0)
+    assert calls.sent_any and calls.unreachable_s(4.0) == 0.0
+
+
+def test_fail_all_empties_the_table():
+    calls = make()
+    for n in range(3):
+        calls.add((GET, b"k%d" % n, None, None), n, 100.0)
+    send_all(calls, 100.0)
+    error = Unavailable("closed")
+    assert [(call.handle, err) for call, err in calls.fail(None, error)] == [
+        (0, error),
+        (1, error),
+        (2, error),
+    ]
+    assert (len(calls), calls.queued, calls.in_flight) == (0, 0, 0)
+
+
+def test_random_ids_are_never_zero():
+    calls = Calls(ENDPOINT, 5.0, 1.0, lambda bits: 0, 0.0)
+    assert calls.add((GET, b"a", None, None), 0, 0.0) == 1
+    assert random.Random(1).getrandbits(64)  # the real source, for contrast
+
+
+def test_add_many_queues_in_order_with_positions_and_returns_the_refused():
+    calls = make()
+    ops = [(GET, b"a", None, None), (SET, b"b", b"v", 0), (DEL, b"c", None, None)]
+    refused = calls.add_many(ops, 0, 3, 100.0)
+    assert [(position, type(err)) for position, err in refused] == [(1, RequestError)]
+    batch = calls.next_batch(10)
+    assert batch is not None and len(batch.request_ids) == 2
+    calls.sent(batch, 100.0)
+    answer = batch_reply(*(Reply(Status.OK, rid) for rid in batch.request_ids))
+    assert [(call.handle, result) for call, result in calls.receive(answer, 100.1)] == [
+        (0, Item(b"", None)),
+        (2, True),
+    ]

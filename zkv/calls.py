@@ -1,0 +1,461 @@
+"""What the blocking and the asyncio clients share, without any I/O: the calls in flight.
+
+Both clients do the same things between their sockets: pack each operation into a BATCH
+record under a random request id, cut the records into BATCH messages small enough for the
+broker, match REPLY and BATCH_REPLY messages to the calls still waiting, turn a status and a
+body into a result or a :class:`ZkvError`, and decide from the clock when to send everything
+unanswered again and when to give up. :class:`Calls` does all of that and nothing else: it
+never touches a socket and never reads a clock (every method that needs the time takes
+``now``), so its rules are tested with a fake clock and no sleeps, and the clients
+(zkv/client.py, zkv/aio.py) are thin shells that move frames and wait.
+
+Each call carries an opaque ``handle`` chosen by its client (a position in a pipeline's result
+list, an asyncio future), handed back with its outcome, so the core needs to know nothing of
+how a result reaches its caller.
+
+Two timeout rules coexist because the clients promise different things: an asyncio call fails
+``timeout_s`` after it was made (:meth:`Calls.expire`) and a queued one after
+``connect_timeout_s`` without a connected broker (:meth:`Calls.stuck`); a pipeline fails
+as a whole after ``timeout_s`` without any reply (:meth:`Calls.silent_s`) or
+``connect_timeout_s`` of failed sends in a row (:meth:`Calls.unreachable_s`), so that a long
+pipeline which keeps making progress never times out half-way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from zkv import defaults
+from zkv.errors import RequestError, Timeout, Unavailable, ZkvError
+from zkv.protocol import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_OPS,
+    Kind,
+    ProtocolError,
+    Reply,
+    Status,
+    batch_frames,
+    decode_reply,
+    pack_request,
+    split_batch_reply,
+)
+
+Op = tuple[int, bytes, bytes | None, int | None]
+"""One operation: ``(kind, key, value, ttl_ms)``, kind GET, SET or DEL."""
+
+Sub = tuple[int, int, int, int | None, bytes | None]
+"""One reply as :func:`zkv.protocol.split_batch_reply` gives it:
+``(status, request_id, token, deadline_ms, body)``."""
+
+RECENT_BATCHES = 4096  # batch ids remembered by default, to fail a whole batch the broker refused
+
+_GET = int(Kind.GET)
+_SET = int(Kind.SET)
+_REPLY = int(Kind.REPLY)
+_OK = int(Status.OK)
+_NOT_FOUND = int(Status.NOT_FOUND)
+_ERROR = int(Status.ERROR)
+_NEVER = float("inf")
+
+
+class NotFound(ZkvError, KeyError):
+    """The key does not exist or has expired."""
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A stored value and its expiry (Unix milliseconds, None for never)."""
+
+    value: bytes
+    deadline_ms: int | None
+
+
+# --- arguments and results ---------------------------------------------------------------------
+
+
+def as_bytes(data: bytes | str, what: str) -> bytes:
+    """A key or value as bytes (str as UTF-8); TypeError for anything else, naming ``what``."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode()
+    raise TypeError(f"{what} must be bytes or str, not {type(data).__name__}")
+
+
+def ttl_to_ms(ttl_s: float | None) -> int | None:
+    """A time to live in whole milliseconds, at least 1 (0 would mean "expired" on the wire)."""
+    return None if ttl_s is None else max(1, round(ttl_s * 1000))
+
+
+def frontend(endpoint: str | None) -> str:
+    """The broker's frontend to use: ``endpoint``, else ``$ZKV_FRONTEND``, else the default
+    (so one environment variable moves every client of a deployment)."""
+    return endpoint or os.environ.get("ZKV_FRONTEND") or defaults.FRONTEND
+
+
+def checked_batch_ops(batch_ops: int) -> int:
+    """``batch_ops`` if the protocol allows that many operations in one BATCH, else ValueError
+    (at construction, rather than a refused batch at the first send)."""
+    if not 1 <= batch_ops <= MAX_BATCH_OPS:
+        raise ValueError(f"batch_ops must be between 1 and {MAX_BATCH_OPS}, got {batch_ops}")
+    return batch_ops
+
+
+def new_id(rand: Callable[[int], int]) -> int:
+    """A random 64-bit request or batch id; never 0, which the protocol reserves."""
+    return rand(64) or 1
+
+
+def pack(op: Op, request_id: int) -> bytes:
+    """The BATCH record of ``op``; RequestError for one the broker would refuse (so it is
+    refused here, without a round trip)."""
+    kind, key, value, ttl = op
+    try:
+        return pack_request(kind, request_id, key, value, ttl)
+    except ProtocolError as exc:
+        raise RequestError(str(exc)) from None
+
+
+def cut(records: Sequence[bytes], max_ops: int) -> int:
+    """How many of ``records``, from the first, go in one BATCH: at most ``max_ops``, and no
+    more than half of MAX_BATCH_BYTES unless the first alone is larger (half, so that the
+    replies, which carry values, are likely to fit in a broker's reply too)."""
+    limit = MAX_BATCH_BYTES // 2
+    size = 0
+    end = min(len(records), max_ops)
+    for index in range(end):
+        size += len(records[index])
+        if size > limit and index:
+            return index
+    return end
+
+
+def replies(frames: Sequence[bytes]) -> list[Sub]:
+    """The replies a REPLY or a BATCH_REPLY carries, as :data:`Sub` tuples.
+
+    Raises:
+        ProtocolError: the message is malformed.
+    """
+    if frames and len(frames[0]) > 1 and frames[0][1] == _REPLY:
+        reply = decode_reply(frames)
+        return [(reply.status, reply.request_id, 0, reply.deadline_ms, reply.body)]
+    return split_batch_reply(frames)[1]
+
+
+def error(status: int, body: bytes | None) -> ZkvError:
+    """The error of a failed status: RequestError for ERROR (retrying cannot help),
+    Unavailable otherwise (the cluster could not serve it now)."""
+    message = (body or b"").decode(errors="replace")
+    if status == _ERROR:
+        return RequestError(message)
+    return Unavailable(message)
+
+
+def outcome(kind: int, status: int, deadline_ms: int | None, body: bytes | None) -> Any:
+    """The result of a GET, SET or DEL from its reply, or the error it failed with (returned,
+    not raised: a pipeline keeps it in its operation's place).
+
+    GET: an :class:`Item`, None if missing. SET: the deadline (Unix ms, None for never).
+    DEL: whether a live key was removed.
+    """
+    if status == _OK:
+        if kind == _GET:
+            return Item(body or b"", deadline_ms)
+        return deadline_ms if kind == _SET else True
+    if status == _NOT_FOUND:
+        return None if kind == _GET else False
+    return error(status, body)
+
+
+def check(reply: Reply) -> Reply:
+    """``reply`` if it succeeded (OK or NOT_FOUND); else raise its :func:`error`."""
+    if reply.status == Status.ERROR or reply.status == Status.UNAVAILABLE:
+        raise error(reply.status, reply.body)
+    return reply
+
+
+def gave_up(message: str, sent: bool) -> ZkvError:
+    """The error of a call given up: Timeout if it ever left (it may have been applied, so the
+    outcome is unknown), Unavailable if it never did."""
+    return Timeout(f"{message}; outcome unknown") if sent else Unavailable(message)
+
+
+# --- the calls in flight -----------------------------------------------------------------------
+
+
+class Call:
+    """One operation waiting for its reply."""
+
+    __slots__ = ("deadline", "handle", "kind", "record", "sent", "started")
+
+    def __init__(self, kind: int, record: bytes, handle: Any, started: float, deadline: float):
+        self.kind = kind
+        self.record = record
+        self.handle = handle  # the client's: where the outcome goes
+        self.started = started
+        self.deadline = deadline
+        self.sent = False  # left in a message at least once: its outcome may be unknown
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A BATCH message ready to leave: its id, the request ids it carries, its frames."""
+
+    batch_id: int
+    request_ids: list[int]
+    frames: list[bytes]
+
+
+class Calls:
+    """The calls of one client that wait for a reply, and when to resend or give up.
+
+    Args:
+        endpoint: the broker's address, for error messages.
+        timeout_s: see the module docstring; with ``per_call_deadline`` False no call expires
+            by itself (a pipeline uses :meth:`silent_s` instead).
+        attempt_s: silence after which everything unanswered is sent again.
+        rand: ``random.Random.getrandbits`` of the client, for request and batch ids.
+        now: the clock at creation (the silence starts then).
+        recent_batches: how many batch ids to remember for whole-batch refusals; None for all.
+        per_call_deadline: whether each call expires ``timeout_s`` after it was added.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        timeout_s: float,
+        attempt_s: float,
+        rand: Callable[[int], int],
+        now: float,
+        recent_batches: int | None = RECENT_BATCHES,
+        per_call_deadline: bool = True,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.attempt_s = attempt_s
+        self._rand = rand
+        self._recent_max = recent_batches
+        self._lifetime = timeout_s if per_call_deadline else _NEVER
+        # Request id -> call, until answered or failed. Insertion order is creation order,
+        # which is deadline order (one timeout for all) and the order a pipeline queued them.
+        self._calls: dict[int, Call] = {}
+        self._queue: list[int] = []  # request ids to send, oldest first (may hold stale ids)
+        self._recent: OrderedDict[int, list[int]] = OrderedDict()  # batch id -> request ids
+        # When a reply last came, and when a message last left: resend only after attempt_s
+        # of silence since both (a busy client may read replies late).
+        self.last_progress = now
+        self.last_send = now
+        self._unreachable_since: float | None = None
+        self._in_flight = 0  # calls that left at least once and wait for a reply
+        self.sent_any = False
+
+    def __len__(self) -> int:
+        """How many calls wait for a reply (queued or sent)."""
+        return len(self._calls)
+
+    @property
+    def in_flight(self) -> int:
+        """How many calls left at least once and wait for a reply."""
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        """How many request ids wait to be sent; exact after :meth:`next_batch` or
+        :meth:`stuck`, else it may still count calls forgotten or expired since."""
+        return len(self._queue)
+
+    # --- adding and sending ---------------------------------------------------------------------
+
+    def add(self, op: Op, handle: Any, now: float) -> int:
+        """Queue ``op`` for sending; returns its request id. RequestError if it is refused."""
+        request_id = new_id(self._rand)
+        record = pack(op, request_id)
+        self._calls[request_id] = Call(op[0], record, handle, now, now + self._lifetime)
+        self._queue.append(request_id)
+        return request_id
+
+    def add_many(
+        self, ops: Sequence[Op], start: int, stop: int, now: float
+    ) -> list[tuple[int, RequestError]]:
+        """Queue ``ops[start:stop]``, each with its position as handle (a pipeline's hot path:
+        the loop of :meth:`add` with its lookups hoisted); returns the positions refused, each
+        with its RequestError."""
+        rand = self._rand
+        calls = self._calls
+        queue_append = self._queue.append
+        deadline = now + self._lifetime
+        refused: list[tuple[int, RequestError]] = []
+        for position in range(start, stop):
+            kind, key, value, ttl = ops[position]
+            request_id = rand(64) or 1
+            try:
+                record = pack_request(kind, request_id, key, value, ttl)
+            except ProtocolError as exc:  # as in pack()
+                refused.append((position, RequestError(str(exc))))
+                continue
+            calls[request_id] = Call(kind, record, position, now, deadline)
+            queue_append(request_id)
+        return refused
+
+    def next_batch(self, max_ops: int) -> Batch | None:
+        """The next BATCH to send from the queue (None if it is empty); it stays queued until
+        :meth:`sent` says it left."""
+        calls = self._calls
+        queue = self._queue
+        if queue and any(rid not in calls for rid in queue[:max_ops]):
+            queue[:] = [rid for rid in queue if rid in calls]
+        if not queue:
+            return None
+        records = [calls[rid].record for rid in queue[:max_ops]]
+        end = cut(records, max_ops)
+        batch_id = new_id(self._rand)
+        return Batch(batch_id, queue[:end], batch_frames(batch_id, records[:end]))
+
+    def sent(self, batch: Batch, now: float) -> None:
+        """``batch`` left: its calls are answerable, and may have been applied from now on."""
+        del self._queue[: len(batch.request_ids)]
+        calls = self._calls
+        fresh = 0
+        for rid in batch.request_ids:
+            call = calls[rid]
+            if not call.sent:
+                call.sent = True
+                fresh += 1
+        self._in_flight += fresh
+        self.last_send = now
+        self._unreachable_since = None
+        self.sent_any = True
+        recent = self._recent
+        recent[batch.batch_id] = batch.request_ids
+        if self._recent_max is not None and len(recent) > self._recent_max:
+            recent.popitem(last=False)
+
+    def unreachable_s(self, now: float) -> float:
+        """A send just failed (no broker connected): for how long sends have failed in a row."""
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        return now - self._unreachable_since
+
+    # --- replies ------------------------------------------------------------------------------
+
+    def receive(self, frames: Sequence[bytes], now: float) -> list[tuple[Call, Any]]:
+        """Match a REPLY or BATCH_REPLY to the calls it answers; per call answered, the call
+        (now forgotten) and its :func:`outcome`. Late replies to calls already answered or
+        given up are ignored.
+
+        Raises:
+            ProtocolError: the message is malformed (nothing was matched).
+        """
+        subs = replies(frames)
+        self.last_progress = now
+        calls = self._calls
+        done: list[tuple[Call, Any]] = []
+        append = done.append
+        for status, request_id, _, deadline_ms, body in subs:
+            call = calls.pop(request_id, None)
+            if call is not None:
+                self._in_flight -= call.sent
+                append((call, outcome(call.kind, status, deadline_ms, body)))
+            elif status == _ERROR and request_id in self._recent:
+                # The broker refused a whole batch (it answers under the batch id): its
+                # records are this client's bug, so every call in it fails.
+                refused = error(status, body)
+                for rid in self._recent.pop(request_id):
+                    call = calls.pop(rid, None)
+                    if call is not None:
+                        self._in_flight -= call.sent
+                        append((call, refused))
+        return done
+
+    # --- the clock ----------------------------------------------------------------------------
+
+    def silent_s(self, now: float) -> float:
+        """Seconds since the last reply (or since the calls began)."""
+        return now - self.last_progress
+
+    def resend_in(self, now: float) -> float:
+        """Seconds until :meth:`resend_due`, if nothing comes or leaves meanwhile (<= 0: due)."""
+        return max(self.last_progress, self.last_send) + self.attempt_s - now
+
+    def resend_due(self, now: float) -> bool:
+        """Whether a call that left is unanswered after ``attempt_s`` without any message in
+        either direction: the request or its reply may be lost (a broker restart)."""
+        return self._in_flight > 0 and self.resend_in(now) <= 0
+
+    def resend(self, now: float) -> None:
+        """Queue every unanswered call again, in creation order, with the same request ids
+        (the broker and workers recognise them, so nothing is applied twice). The caller
+        sends them on a fresh socket, which drops anything stale queued in the old one."""
+        self._queue = list(self._calls)
+        self._recent.clear()  # replies to the old socket can no longer come
+        self.last_send = now
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until a call expires or a resend is due, None if no call waits."""
+        if not self._calls:
+            return None
+        earliest = next(iter(self._calls.values())).deadline
+        return max(
+            0.0, min(max(self.last_progress, self.last_send) + self.attempt_s, earliest) - now
+        )
+
+    def expire(self, now: float) -> list[tuple[Call, ZkvError]]:
+        """Forget the calls whose deadline has passed; each with its error (:func:`gave_up`)."""
+        calls = self._calls
+        expired: list[int] = []
+        for rid, call in calls.items():  # creation order is deadline order
+            if call.deadline > now:
+                break
+            expired.append(rid)
+        if not expired:
+            return []
+        timeout = f"no reply from {self.endpoint} within {self.timeout_s} s"
+        unreachable = f"broker at {self.endpoint} is not reachable"
+        failed: list[tuple[Call, ZkvError]] = []
+        for rid in expired:
+            call = calls.pop(rid)
+            self._in_flight -= call.sent
+            # One error each: an exception raised in many tasks would gather their tracebacks.
+            err = gave_up(timeout, True) if call.sent else gave_up(unreachable, False)
+            failed.append((call, err))
+        return failed
+
+    def stuck(self, now: float, connect_timeout_s: float) -> list[tuple[Call, ZkvError]]:
+        """Forget the queued calls made ``connect_timeout_s`` ago or more that never left (no
+        broker connected all that time); each with Unavailable."""
+        calls = self._calls
+        self._queue = queue = [rid for rid in self._queue if rid in calls]
+        old = [rid for rid in queue if now - calls[rid].started >= connect_timeout_s]
+        if not old:
+            return []
+        message = f"broker at {self.endpoint} is not reachable (tried for {connect_timeout_s} s)"
+        failed = self.fail(old, gave_up(message, False))
+        self._queue = [rid for rid in queue if rid in calls]
+        return failed
+
+    def fail(self, request_ids: Sequence[int] | None, err: ZkvError) -> list[tuple[Call, ZkvError]]:
+        """Forget these calls (None: all of them), each with ``err``."""
+        calls = self._calls
+        if request_ids is None:
+            failed = [(call, err) for call in calls.values()]
+            calls.clear()
+            self._queue = []
+            self._in_flight = 0
+            return failed
+        failed = []
+        for rid in request_ids:
+            call = calls.pop(rid, None)
+            if call is not None:
+                self._in_flight -= call.sent
+                failed.append((call, err))
+        return failed
+
+    def forget(self, request_id: int) -> None:
+        """Stop waiting for one call (its caller went away); a late reply is ignored."""
+        call = self._calls.pop(request_id, None)
+        if call is not None:
+            self._in_flight -= call.sent
