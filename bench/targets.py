@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import peers
-from bench.scenarios import LARGE_BYTES, SMALL_BYTES, Scenario
+from bench import expiry_wave, interleaved, peers
+from bench.scenarios import INTERLEAVED_CHAINS, LARGE_BYTES, SMALL_BYTES, Scenario
+from bench.stats import LoadResult
 from bench.zmq_load import preload
 from tests.cluster import Cluster, free_port
 from zkv import defaults
@@ -44,12 +45,17 @@ class Target:
         http: ``(host, port)`` of an HTTP server (the gateway or webdis).
         redis_port: the port of a redis-server.
         settings: what the JSON records about this target (shards, fsync policy, ...).
+        expiry: the expiry-wave target: bench/expiry_wave.py's result, run when it opened.
+        measured: the interleaved target: each scenario's result by id, measured when it
+            opened (every chain's turns run together, so no row can run alone).
     """
 
     frontend: str | None = None
     http: tuple[str, int] | None = None
     redis_port: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    expiry: dict[str, Any] | None = None
+    measured: dict[str, LoadResult] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +67,16 @@ class Options:
         frontend: a running zkv broker to load instead of starting a cluster.
         http: ``(host, port)`` of a running gateway to load instead of starting one.
         workdir: where children keep their logs and data for this run.
+        full_keys: keys written by the memory and expiry-wave scenarios.
+        duration_s: seconds per scenario (the interleaved target runs its rows together).
     """
 
     keys: int
     frontend: str | None
     http: tuple[str, int] | None
     workdir: Path
+    full_keys: int = 1_000_000
+    duration_s: float = 2.0
 
     @property
     def external(self) -> bool:
@@ -89,7 +99,7 @@ def unavailable(target: str, options: Options) -> str | None:
         return peers.missing("redis-server", "redis-benchmark")
     if target == "webdis":
         return peers.missing("redis-server", "webdis")
-    if target.startswith("zkv-") and options.external:
+    if (target.startswith("zkv-") or target == "interleaved") and options.external:
         return "skipped: needs a cluster of its own (not started with --frontend/--http)"
     return None
 
@@ -127,9 +137,12 @@ def open_target(target: str, rows: Sequence[Scenario], options: Options) -> Iter
     elif target.startswith("zkv"):
         shards = {"zkv-shards1": 1, "zkv-shards4": 4}.get(target, defaults.SHARDS)
         fsync = "no" if target == "zkv-fsync-no" else "always"
-        with _zkv_cluster(workdir, shards, fsync, needs_http) as cluster:
+        ipc = target == "zkv-ipc"
+        with _zkv_cluster(workdir, shards, fsync, needs_http, ipc) as cluster:
             _fill(cluster.frontend, options.keys, needs_small, needs_large)
             settings = {"shards": shards, "workers": shards, "ZKV_FSYNC": fsync}
+            if ipc:
+                settings["transport"] = "ipc"
             if needs_http:
                 settings["gateway"] = {
                     "processes": defaults.HTTP_PROCESSES,
@@ -155,8 +168,42 @@ def open_target(target: str, rows: Sequence[Scenario], options: Options) -> Iter
             yield Target(http=("127.0.0.1", webdis.port), redis_port=webdis.redis.port)
         finally:
             webdis.stop()
+    elif target == "interleaved":
+        with contextlib.ExitStack() as stack:
+            endpoints = {}
+            for chain in INTERLEAVED_CHAINS:
+                kind, _, transport = chain.partition("-")
+                place = workdir / chain
+                place.mkdir()
+                if kind == "zkv":
+                    cluster = _zkv_cluster(
+                        place, defaults.SHARDS, "always", False, transport == "ipc"
+                    )
+                    endpoints[chain] = stack.enter_context(cluster).frontend
+                else:
+                    endpoints[chain] = stack.enter_context(_bare_chain(place, transport))
+                _fill(endpoints[chain], options.keys, small=True, large=False)
+            # Every row's share of the time, all rows at once: as long as running them apart.
+            found = interleaved.run_interleaved(
+                endpoints,
+                small_keys(options.keys),
+                b"v" * SMALL_BYTES,
+                options.duration_s * len(rows) / 2,
+            )
+            measured = {f"interleaved.{chain}.{op}.16B.c1": r for (chain, op), r in found.items()}
+            settings = {"chains": endpoints, "shards": defaults.SHARDS, "ZKV_FSYNC": "always"}
+            yield Target(settings=settings, measured=measured)
+    elif target == "memory":  # each scenario starts what it measures
+        yield Target(settings={"keys": options.full_keys})
+    elif target == "expiry-wave":
+        found = expiry_wave.run(options.full_keys, say=_say)
+        yield Target(settings={"keys": options.full_keys, "in_memory": True}, expiry=found)
     else:
         raise ValueError(f"unknown target {target!r}")
+
+
+def _say(line: str) -> None:
+    print(f"  expiry-wave: {line}", file=sys.stderr, flush=True)
 
 
 def _fill(frontend: str, keys: int, small: bool, large: bool) -> None:
@@ -171,15 +218,27 @@ def _fill(frontend: str, keys: int, small: bool, large: bool) -> None:
 
 
 @contextlib.contextmanager
-def _zkv_cluster(workdir: Path, shards: int, fsync: str, gateway: bool) -> Iterator[Cluster]:
-    """A broker, one worker per shard and, if asked, a gateway with its production defaults."""
+def _zkv_cluster(
+    workdir: Path, shards: int, fsync: str, gateway: bool, ipc: bool = False
+) -> Iterator[Cluster]:
+    """A broker, one worker per shard and, if asked, a gateway with its production defaults;
+    with ``ipc`` the broker's frontend and backend are ipc:// endpoints in ``workdir``."""
+    endpoints = {}
+    if ipc:
+        endpoints = {
+            "ZKV_FRONTEND": f"ipc://{workdir}/frontend.ipc",
+            "ZKV_BACKEND": f"ipc://{workdir}/backend.ipc",
+        }
     cluster = Cluster(
         workdir,
         shards=shards,
         ZKV_FSYNC=fsync,
         ZKV_DATA_DIR=str(workdir / "data"),
         ZKV_HEARTBEAT_INTERVAL=str(defaults.HEARTBEAT_INTERVAL_S),
+        **endpoints,
     )
+    if ipc:  # the processes read the environment; the benchmark's side uses these fields
+        cluster.frontend, cluster.backend = endpoints["ZKV_FRONTEND"], endpoints["ZKV_BACKEND"]
     with cluster:
         try:
             cluster.start_broker()
