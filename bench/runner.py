@@ -26,7 +26,7 @@ from bench.targets import unavailable as target_unavailable
 REDIS_SHARE = 0.25
 # Except redis-benchmark -c 50: the denominator of the pipelining floor (client.pipeline.*), which
 # a short run on a shared machine can halve with one scheduling hiccup.
-REDIS_C50_SHARE = 1.0
+REDIS_C50_SHARE = 0.5
 WARMUP_S = 1.0  # HTTP warm-up before a gateway's first scenario (not recorded)
 WARMUP_CONNECTIONS = 64
 

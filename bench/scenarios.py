@@ -303,7 +303,7 @@ def _client_pipeline_scenarios() -> list[Scenario]:
             peers.append(
                 Peer(f"p{CLIENT_PROCESSES}", _client_pipeline_id(op, hot, CLIENT_PROCESSES))
             )
-        if op == "set":
+        if op == "set" and not hot:
             peers.append(Peer("fsync=no", _client_pipeline_id(op, hot, processes, "fsync-no.")))
         rows.append(
             Scenario(
@@ -316,6 +316,8 @@ def _client_pipeline_scenarios() -> list[Scenario]:
                 depth=CLIENT_WINDOW,
                 peers=tuple(peers),
                 quick=(op, hot, processes) == ("get", False, CLIENT_PROCESSES),
+                # One process against two: is one Python client the limit? (docs/benchmarks.md)
+                full=processes != CLIENT_PROCESSES,
                 about=f"zkv.Client.execute {op.upper()}s of 16 bytes (BATCH messages), "
                 f"{processes} process(es), {'one hot key' if hot else 'uniform keys'} (2 shards)",
             )
@@ -558,6 +560,7 @@ def _fsync_scenarios() -> list[Scenario]:
                 connections=CLIENT_PROCESSES,
                 depth=CLIENT_WINDOW,
                 peers=(Peer("redis c50", _redis_id("set", SMALL_BYTES, 50)),),
+                full=hot,  # the hot key's SETs are coalesced: the fsync policy matters less
                 about=f"as {_client_pipeline_id('set', hot, CLIENT_PROCESSES)} on a cluster "
                 "with ZKV_FSYNC=no",
             )
