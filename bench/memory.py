@@ -249,7 +249,6 @@ def measure_redis(keys: int, ttl_ms: Callable[[int], int]) -> dict[str, float]:
         "rss_bytes_per_key": (rss_after - rss_before) / keys,
         "elapsed_s": elapsed_s,
         "sets_per_s": keys / elapsed_s,
-        "redis_version": after.get("redis_version", ""),
     }
 
 
