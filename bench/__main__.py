@@ -29,6 +29,7 @@ DEFAULT_DURATION_S = 2.0
 QUICK_DURATION_S = 1.0
 DEFAULT_KEYS = 10_000
 QUICK_KEYS = 1_000  # a smaller key space fills faster; the smoke run is about working, not speed
+FULL_KEYS = 1_000_000  # keys of the memory and expiry-wave scenarios
 LOOPBACK_NAMES = {"localhost"}
 
 
@@ -88,10 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="smoke run: one scenario of each kind (~20 s)"
     )
     parser.add_argument(
+        "--full",
+        action="store_true",
+        help="also the full-only scenarios (memory per key, the expiry wave, more pipeline "
+        "shapes): several minutes more; see --list --full",
+    )
+    parser.add_argument(
         "--only",
         metavar="PATTERN",
         help="comma-separated scenario patterns: globs (http.*.c64), exact ids "
-        "(redis.get.16B.c1) or substrings (pipe.get); see --list",
+        "(redis.get.16B.c1) or substrings (pipe.get); full-only scenarios are matched by globs, "
+        "ids or a prefix (memory,expiry); see --list",
     )
     parser.add_argument(
         "--json",
@@ -115,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"size of the uniform key space (default {DEFAULT_KEYS}, {QUICK_KEYS} with --quick)",
     )
+    parser.add_argument(
+        "--full-keys",
+        type=int,
+        default=FULL_KEYS,
+        metavar="N",
+        help=f"keys written by the memory and expiry-wave scenarios (default {FULL_KEYS:,})",
+    )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return parser
 
@@ -122,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 def list_scenarios(scenarios: Sequence[Scenario]) -> str:
     width = max(len(s.id) for s in scenarios)
     return "\n".join(
-        f"{s.id:<{width}}  {'quick ' if s.quick else '      '}{s.about}" for s in scenarios
+        f"{s.id:<{width}}  {'quick ' if s.quick else 'full  ' if s.full else '      '}{s.about}"
+        for s in scenarios
     )
 
 
@@ -133,7 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 1 <= args.keys <= 1_000_000:
         print("error: --keys must be between 1 and 1000000", file=sys.stderr)
         return 2
-    scenarios = select(all_scenarios(), args.only, args.quick)
+    if not 1_000 <= args.full_keys <= 10_000_000:
+        print("error: --full-keys must be between 1000 and 10000000", file=sys.stderr)
+        return 2
+    scenarios = select(all_scenarios(), args.only, args.quick, args.full)
     if not scenarios:
         print(f"error: no scenario matches {args.only!r} (see --list)", file=sys.stderr)
         return 2
@@ -155,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="zkv-bench-"))
     try:
-        options = Options(args.keys, args.frontend, args.http, workdir)
+        options = Options(args.keys, args.frontend, args.http, workdir, args.full_keys, duration_s)
         outcomes = run_all(scenarios, options, RunSettings(duration_s, wrk))
     except KeyboardInterrupt:  # every process started so far was stopped on the way out
         print("interrupted: no table, no JSON", file=sys.stderr)
@@ -178,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": duration_s,
         "elapsed_s": round(elapsed_s, 1),
         "keys": args.keys,
+        "full": args.full,
+        "full_keys": args.full_keys,
         "http_generator": "wrk" if wrk else "python-http",
         "fsync_honoured": honoured,
         "external": {"frontend": args.frontend, "http": args.http},

@@ -27,6 +27,10 @@ refined into millisecond buckets; *wave* runs from ``X`` until the last wave key
 is the rest. The floor: no 100 ms window of pre-wave or wave has a p99 above twice the baseline
 p99. Numbers are from one run on one machine (2 cores shared by broker, worker and this driver,
 and by whatever else runs there: the CPU and load columns say how much the worker got).
+
+``python -m bench --only expiry`` (or ``--full``) runs it once with the defaults (in memory,
+sequential order, one GET at a time, ``--full-keys`` keys) and shows the baseline, pre-wave and
+wave phases as rows of the benchmark's table (:func:`run`, :func:`phase_result`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script as well as with -m
     sys.path.insert(0, str(ROOT))
 
+from bench.stats import LoadResult  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
 from zkv.protocol import Kind, Request, Status, decode_reply, encode_request  # noqa: E402
 
@@ -56,10 +61,15 @@ PROBE_SETS = 20_000
 LOAD_IN_FLIGHT = 500  # SETs outstanding while loading: fast, and little queueing drift
 WINDOW_MS = 100
 REPLY_TIMEOUT_S = 10.0
+PHASES = ("baseline", "pre-wave", "wave", "after")
 WAVE_LINE = re.compile(
     rb"expired (\d+) keys in (\d+) passes over (\d+) ms, each within (\d+) ms of its deadline; "
     rb"(\d+) keys left; the longest pass took ([\d.]+) ms"
 )
+
+
+class Failed(RuntimeError):
+    """The wave could not be measured (no reply, a failed request, a dead worker)."""
 
 
 def now_ms() -> int:
@@ -123,14 +133,14 @@ def load(
                 dealer.send_multipart(encode_request(request))
                 sent += 1
             if not dealer.poll(REPLY_TIMEOUT_S * 1000):
-                raise SystemExit(f"no SET reply within {REPLY_TIMEOUT_S} s")
+                raise Failed(f"no SET reply within {REPLY_TIMEOUT_S} s")
             while True:
                 try:
                     reply = decode_reply(dealer.recv_multipart(zmq.NOBLOCK))
                 except zmq.Again:
                     break
                 if reply.status != Status.OK:
-                    raise SystemExit(f"SET failed: {reply}")
+                    raise Failed(f"SET failed: {reply}")
                 received += 1
                 if reply.deadline_ms is not None:
                     result.deadlines.append(reply.deadline_ms)
@@ -194,7 +204,7 @@ def get_load(
                 sent_at[request_id] = (time.perf_counter_ns(), now_ms())
                 dealer.send_multipart(frames)
             if not dealer.poll(REPLY_TIMEOUT_S * 1000):
-                raise SystemExit(f"no GET reply within {REPLY_TIMEOUT_S} s")
+                raise Failed(f"no GET reply within {REPLY_TIMEOUT_S} s")
             while True:
                 try:
                     frames = dealer.recv_multipart(zmq.NOBLOCK)
@@ -203,7 +213,7 @@ def get_load(
                 done_ns = time.perf_counter_ns()
                 reply = decode_reply(frames)
                 if reply.status != Status.OK:
-                    raise SystemExit(f"GET of a steady key failed: {reply}")
+                    raise Failed(f"GET of a steady key failed: {reply}")
                 started_ns, wall_ms = sent_at.pop(reply.request_id)
                 windows.setdefault(wall_ms // WINDOW_MS, []).append((done_ns - started_ns) / 1e6)
     finally:
@@ -227,28 +237,31 @@ def summarize(
     lo_ms: int,
     hi_ms: int,
     cpu: list[tuple[int, float, float]],
+    say: Callable[[str], None] = print,
 ) -> dict:
     chosen = {w: s for w, s in windows.items() if lo_ms <= w * WINDOW_MS < hi_ms and len(s) >= 20}
     samples = [x for s in chosen.values() for x in s]
     if not samples:
-        print(f"  {name:9} no samples")
+        say(f"  {name:9} no samples")
         return {}
     p99s = {w: percentile(s, 0.99) for w, s in chosen.items()}
     worst = max(p99s, key=p99s.__getitem__)
     result = {
         "p50": percentile(samples, 0.5),
         "p99": percentile(samples, 0.99),
+        "p999": percentile(samples, 0.999),
         "worst_window_p99": p99s[worst],
         "worst_window_at_ms": worst * WINDOW_MS,
         "gets": len(samples),
         "windows": len(chosen),
+        "cpu": cpu_between(cpu, lo_ms, hi_ms),
     }
-    print(
+    say(
         f"  {name:9} {len(chosen):4d} windows {len(samples):7d} GETs   p50 {result['p50']:.3f} ms"
         f"   p99 {result['p99']:.3f} ms   worst 100 ms window p99 {result['worst_window_p99']:.3f}"
         f" ms (at {(worst * WINDOW_MS - lo_ms) / 1000:+.1f} s, Unix {worst * WINDOW_MS / 1000:.1f})"
     )
-    print(f"  {'':9} {cpu_between(cpu, lo_ms, hi_ms)}")
+    say(f"  {'':9} {result['cpu']}")
     return result
 
 
@@ -269,13 +282,50 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", type=Path, help="copy the worker's log here")
     args = parser.parse_args(argv)
+    try:
+        found = run(
+            args.keys,
+            args.durable,
+            args.in_flight,
+            args.quiet_s,
+            args.after_s,
+            args.order,
+            args.keep,
+        )
+    except Failed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0 if found["waves"] else 1
 
+
+def run(
+    keys: int,
+    durable: bool = False,
+    in_flight: int = 1,
+    quiet_s: float = 20.0,
+    after_s: float = 3.0,
+    order: str = "sequential",
+    keep: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> dict:
+    """One wave, as the module docstring says; ``say`` gets the report's lines.
+
+    Returns:
+        ``keys``, ``waves`` (how many "expired" lines the worker logged; 0: the wave never
+        ended), ``removed``, ``passes``, ``over_ms``, ``late_ms`` (the latest removal after its
+        deadline), ``left``, ``longest_pass_ms``, ``phases`` (per phase of PHASES: p50, p99,
+        p999, worst_window_p99, gets, windows, cpu; empty without samples), ``floor_ok`` and
+        ``gone_ok`` (None when a phase is missing).
+
+    Raises:
+        Failed: the cluster did not answer as it should.
+    """
     with tempfile.TemporaryDirectory(prefix="zkv-wave-") as tmp:
         workdir = Path(tmp)
         cluster = Cluster(workdir, shards=1, ZKV_FSYNC="no", ZKV_HEARTBEAT_INTERVAL="1")
         with cluster:
             cluster.start_broker()
-            worker = cluster.start_worker(*([] if args.durable else ["--in-memory"]))
+            worker = cluster.start_worker(*([] if durable else ["--in-memory"]))
             cluster.wait_ready(gateway=False)
             log_path = next(workdir.glob("worker-*.log"))
             steady = [b"steady:%d" % i for i in range(STEADY_KEYS)]
@@ -283,80 +333,135 @@ def main(argv: list[str] | None = None) -> int:
             probe_keys = [b"probe:%d" % i for i in range(PROBE_SETS)]
             probe = load(cluster.frontend, probe_keys, None, None, 2 << 50)
             rate = PROBE_SETS / probe.elapsed_s
-            wave_ms = now_ms() + int((args.keys / rate * 1.5 + args.quiet_s) * 1000)
+            wave_ms = now_ms() + int((keys / rate * 1.5 + quiet_s) * 1000)
             wave_ms -= wave_ms % 1000  # the wave's second starts on a second
-            mode = "durable" if args.durable else "in memory"
-            print(
-                f"{args.keys:,} keys due in one second, {mode}, {args.order} order"
+            mode = "durable" if durable else "in memory"
+            say(
+                f"{keys:,} keys due in one second, {mode}, {order} order"
                 f"; probe {rate:,.0f} SET/s; the wave starts in {(wave_ms - now_ms()) / 1000:.0f} s"
             )
-            if args.order == "sequential":
-                offsets = [i * 900 // args.keys for i in range(args.keys)]
+            if order == "sequential":
+                offsets = [i * 900 // keys for i in range(keys)]
             else:
-                offsets = [(i * 7919) % 900 for i in range(args.keys)]
+                offsets = [(i * 7919) % 900 for i in range(keys)]
             wave = load(
                 cluster.frontend,
-                [b"wave:%d" % i for i in range(args.keys)],
+                [b"wave:%d" % i for i in range(keys)],
                 [wave_ms + offset for offset in offsets],
                 None,
                 3 << 50,
             )
             loaded_ms = now_ms()
             first, last = min(wave.deadlines), max(wave.deadlines)
-            print(
-                f"loaded in {wave.elapsed_s:.0f} s ({args.keys / wave.elapsed_s:,.0f} SET/s); "
+            say(
+                f"loaded in {wave.elapsed_s:.0f} s ({keys / wave.elapsed_s:,.0f} SET/s); "
                 f"deadlines from X{first - wave_ms:+d} ms to X{last - wave_ms:+d} ms; "
                 f"the load ended {(wave_ms - loaded_ms) / 1000:.1f} s before X"
             )
             if loaded_ms > wave_ms - 8000:
-                raise SystemExit("the load ended too close to the wave: raise --quiet-s")
+                raise Failed("the load ended too close to the wave: raise --quiet-s")
             stop_after: list[float] = []
 
             def until(waves: list[Wave]) -> bool:
-                if sum(wave.removed for wave in waves) < args.keys:
+                if sum(wave.removed for wave in waves) < keys:
                     return now_ms() > last + 60_000  # give up a minute after the deadlines
                 if not stop_after:
-                    stop_after.append(time.monotonic() + args.after_s)
+                    stop_after.append(time.monotonic() + after_s)
                 return time.monotonic() >= stop_after[0]
 
-            windows, waves, cpu = get_load(
-                cluster.frontend, log_path, args.in_flight, until, worker.pid
-            )
-            if args.keep:
-                args.keep.write_bytes(log_path.read_bytes())
+            windows, waves, cpu = get_load(cluster.frontend, log_path, in_flight, until, worker.pid)
+            if keep:
+                keep.write_bytes(log_path.read_bytes())
             if worker.poll() is not None:
-                raise SystemExit(f"the worker died\n{cluster.logs()}")
+                raise Failed(f"the worker died\n{cluster.logs()}")
 
+    found: dict = {"keys": keys, "waves": len(waves), "load_set_per_s": keys / wave.elapsed_s}
     if not waves:
-        print("the worker never logged the end of the wave")
-        return 1
-    removed = sum(wave.removed for wave in waves)
-    passes = sum(wave.passes for wave in waves)
-    over_ms = sum(wave.over_ms for wave in waves)
+        say("the worker never logged the end of the wave")
+        return found
     late_ms = max(wave.late_ms for wave in waves)
-    left = waves[-1].left
-    longest_ms = max(wave.longest_pass_ms for wave in waves)
-    if len(waves) > 1:
-        print(f"the worker logged the wave in {len(waves)} parts")
-    gone_ms = last + late_ms  # at the latest: each key went within late_ms of its deadline
-    print(
-        f"worker: expired {removed:,} keys in {passes:,} passes over {over_ms} ms; every key "
-        f"within {late_ms} ms of its deadline; {left} keys left; longest pass {longest_ms} ms"
+    found.update(
+        removed=sum(wave.removed for wave in waves),
+        passes=sum(wave.passes for wave in waves),
+        over_ms=sum(wave.over_ms for wave in waves),
+        late_ms=late_ms,
+        left=waves[-1].left,
+        longest_pass_ms=max(wave.longest_pass_ms for wave in waves),
     )
-    print(f"GET latency, {args.in_flight} in flight, by phase (X = the wave's first second):")
-    baseline = summarize("baseline", windows, loaded_ms + 2000, wave_ms - 6000, cpu)
-    pre = summarize("pre-wave", windows, wave_ms - 6000, wave_ms, cpu)
-    during = summarize("wave", windows, wave_ms, gone_ms + WINDOW_MS, cpu)
-    summarize("after", windows, gone_ms + WINDOW_MS, 1 << 62, cpu)
+    if len(waves) > 1:
+        say(f"the worker logged the wave in {len(waves)} parts")
+    gone_ms = last + late_ms  # at the latest: each key went within late_ms of its deadline
+    say(
+        f"worker: expired {found['removed']:,} keys in {found['passes']:,} passes over "
+        f"{found['over_ms']} ms; every key within {late_ms} ms of its deadline; "
+        f"{found['left']} keys left; longest pass {found['longest_pass_ms']} ms"
+    )
+    say(f"GET latency, {in_flight} in flight, by phase (X = the wave's first second):")
+    bounds = {
+        "baseline": (loaded_ms + 2000, wave_ms - 6000),
+        "pre-wave": (wave_ms - 6000, wave_ms),
+        "wave": (wave_ms, gone_ms + WINDOW_MS),
+        "after": (gone_ms + WINDOW_MS, 1 << 62),
+    }
+    phases = {
+        name: summarize(name, windows, lo_ms, hi_ms, cpu, say)
+        for name, (lo_ms, hi_ms) in bounds.items()
+    }
+    found["phases"] = phases
+    found["floor_ok"] = found["gone_ok"] = None
+    baseline, pre, during = phases["baseline"], phases["pre-wave"], phases["wave"]
     if baseline and pre and during:
         worst = max(pre["worst_window_p99"], during["worst_window_p99"])
-        print(
+        found["floor_ok"] = worst <= 2 * baseline["p99"]
+        found["gone_ok"] = late_ms <= 1000
+        say(
             f"floor: worst window p99 {worst:.3f} ms vs 2 x baseline p99 "
-            f"{2 * baseline['p99']:.3f} ms: {'ok' if worst <= 2 * baseline['p99'] else 'MISSED'};"
+            f"{2 * baseline['p99']:.3f} ms: {'ok' if found['floor_ok'] else 'MISSED'};"
             f" last key gone within {late_ms} ms of its deadline: "
-            f"{'ok' if late_ms <= 1000 else 'MISSED'}"
+            f"{'ok' if found['gone_ok'] else 'MISSED'}"
         )
-    return 0
+    return found
+
+
+def phase_result(found: dict, phase: str) -> LoadResult:
+    """One phase of :func:`run`'s result as a row of ``python -m bench``: GETs one at a time,
+    ops/s over the phase's windows, the phase's percentiles; the wave's notes say whether the
+    floors were met.
+
+    Raises:
+        Failed: the wave never ended, or the phase has no samples.
+    """
+    if not found.get("waves"):
+        raise Failed(f"the worker never logged the end of the wave of {found['keys']:,} keys")
+    summary = found["phases"].get(phase)
+    if not summary:
+        raise Failed(f"no GETs were measured in the {phase} phase")
+    base = found["phases"].get("baseline") or {}
+    notes = ""
+    if phase in ("pre-wave", "wave") and base:
+        worst = summary["worst_window_p99"]
+        notes = f"worst 100 ms p99 {worst:.2f} ms = {worst / base['p99']:.2f}x baseline p99"
+    if phase == "wave":
+        notes += (
+            f"; {found['removed']:,} keys expired, the last {found['late_ms']} ms after its "
+            f"deadline (floor 1000: {'ok' if found['gone_ok'] else 'MISSED'}); "
+            f"p99 floor 2x: {'ok' if found['floor_ok'] else 'MISSED'}"
+        )
+    elapsed_s = summary["windows"] * WINDOW_MS / 1000
+    details = {key: value for key, value in found.items() if key != "phases"}
+    details.update(phase=phase, worst_window_p99_ms=summary["worst_window_p99"], cpu=summary["cpu"])
+    return LoadResult(
+        generator="bench.expiry_wave",
+        ops=summary["gets"],
+        errors=0,
+        elapsed_s=elapsed_s,
+        p50_ms=summary["p50"],
+        p99_ms=summary["p99"],
+        p999_ms=summary["p999"],
+        count=summary["gets"],
+        details=details,
+        notes=notes,
+    )
 
 
 if __name__ == "__main__":

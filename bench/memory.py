@@ -27,6 +27,9 @@ Modes:
 TTLs: every key gets ``--ttl-s`` seconds, plus a uniform random extra in ``[0, --spread-s)``; a
 spread of hours scatters the deadlines the way real sessions do. Numbers are from one run on
 one machine.
+
+``python -m bench --only memory`` (or ``--full``) runs the ``memory``, ``durable`` and ``redis``
+modes as rows of the benchmark's table (:func:`scenario_result`), with a 1 h TTL and no spread.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script as well as with -m
     sys.path.insert(0, str(ROOT))
 
+from bench.stats import LoadResult  # noqa: E402
 from tests.cluster import Cluster, free_port, wait_for  # noqa: E402
 from zkv.protocol import Kind, Request, Status, decode_reply, encode_request  # noqa: E402
 
@@ -58,6 +62,11 @@ WARM_UP_REQUESTS = 20_000
 REPLY_TIMEOUT_S = 30.0
 SETTLE_S = 1.0  # RSS must hold still this long before the final reading
 SETTLE_MAX_S = 60.0
+SCENARIO_TTL_MS = 3_600_000  # the benchmark's rows: every key lives an hour
+
+
+class Failed(RuntimeError):
+    """A measurement could not be made (no reply, a failed SET, a dead worker, no Redis)."""
 
 
 def key_of(i: int) -> bytes:
@@ -117,7 +126,7 @@ def pipeline(
                 dealer.send_multipart(next(requests), copy=False)
                 sent += 1
             if not dealer.poll(REPLY_TIMEOUT_S * 1000):
-                raise SystemExit(f"no reply within {REPLY_TIMEOUT_S} s ({received}/{count})")
+                raise Failed(f"no reply within {REPLY_TIMEOUT_S} s ({received}/{count})")
             while True:
                 try:
                     frames = dealer.recv_multipart(zmq.NOBLOCK)
@@ -165,11 +174,12 @@ def measure_zkv(mode: str, keys: int, ttl_ms: Callable[[int], int]) -> dict[str,
             elapsed_s = time.monotonic() - started_s
             after = settled_rss(pid, log_path)
             if failures:
-                raise SystemExit(f"{failures} SETs failed\n{cluster.logs()}")
+                raise Failed(f"{failures} SETs failed\n{cluster.logs()}")
             if worker.poll() is not None:
-                raise SystemExit(f"the worker died\n{cluster.logs()}")
+                raise Failed(f"the worker died\n{cluster.logs()}")
     return {
         "bytes_per_key": (after - before) / keys,
+        "elapsed_s": elapsed_s,
         "rss_before_mb": before / 2**20,
         "rss_after_mb": after / 2**20,
         "sets_per_s": keys / elapsed_s,
@@ -198,7 +208,7 @@ def resp(*parts: bytes) -> bytes:
 def measure_redis(keys: int, ttl_ms: Callable[[int], int]) -> dict[str, float]:
     server = shutil.which("redis-server")
     if server is None:
-        raise SystemExit("redis-server not found: apt-get install -y redis-server")
+        raise Failed("redis-server not found: apt-get install -y redis-server")
     port = free_port()
     process = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -209,6 +219,7 @@ def measure_redis(keys: int, ttl_ms: Callable[[int], int]) -> dict[str, float]:
         with sock:
             before = redis_info(sock)
             rss_before = rss_bytes(process.pid)
+            started_s = time.monotonic()
             batch = 1000
             for start in range(0, keys, batch):
                 end = min(start + batch, keys)
@@ -223,10 +234,11 @@ def measure_redis(keys: int, ttl_ms: Callable[[int], int]) -> dict[str, float]:
                 while len(answer) < len(expected):
                     chunk = sock.recv(len(expected) - len(answer))
                     if not chunk:
-                        raise SystemExit("redis-server closed the connection")
+                        raise Failed("redis-server closed the connection")
                     answer += chunk
                 if answer != expected:
-                    raise SystemExit(f"unexpected Redis answer: {answer[:80]!r}")
+                    raise Failed(f"unexpected Redis answer: {answer[:80]!r}")
+            elapsed_s = time.monotonic() - started_s
             after = redis_info(sock)
             rss_after = rss_bytes(process.pid)
     finally:
@@ -235,7 +247,49 @@ def measure_redis(keys: int, ttl_ms: Callable[[int], int]) -> dict[str, float]:
     return {
         "bytes_per_key": (int(after["used_memory"]) - int(before["used_memory"])) / keys,
         "rss_bytes_per_key": (rss_after - rss_before) / keys,
+        "elapsed_s": elapsed_s,
+        "sets_per_s": keys / elapsed_s,
     }
+
+
+def scenario_result(mode: str, keys: int) -> LoadResult:
+    """One row of ``python -m bench``: ``mode`` is ``memory`` (an --in-memory worker),
+    ``durable`` (a data directory, fsync no) or ``redis``; every key gets a one-hour TTL and
+    its request id is remembered, as the real client's SETs are.
+
+    The row's ops/s is the SET rate while loading (one DEALER, 500 in flight; one connection
+    with batches of 1,000 for Redis), its bytes_per_key what the ratio compares: RSS growth
+    for zkv, ``used_memory`` growth for Redis (RSS growth is in the details).
+
+    Raises:
+        Failed: the measurement could not be made.
+    """
+    if mode == "redis":
+        found = measure_redis(keys, lambda i: SCENARIO_TTL_MS)
+        notes = (
+            f"{found['bytes_per_key']:.0f} B/key used_memory, "
+            f"{found['rss_bytes_per_key']:.0f} B/key RSS, {keys:,} keys"
+        )
+        generator = "bench.memory redis"
+    else:
+        found = measure_zkv(mode, keys, lambda i: SCENARIO_TTL_MS)
+        notes = (
+            f"{found['bytes_per_key']:.0f} B/key RSS (RSS {found['rss_before_mb']:.0f} -> "
+            f"{found['rss_after_mb']:.0f} MiB), {keys:,} keys"
+        )
+        generator = "bench.memory zkv"
+    return LoadResult(
+        generator=generator,
+        ops=keys,
+        errors=0,
+        elapsed_s=found["elapsed_s"],
+        p50_ms=None,
+        p99_ms=None,
+        p999_ms=None,
+        details={"keys": keys, "ttl_ms": SCENARIO_TTL_MS, **found},
+        bytes_per_key=found["bytes_per_key"],
+        notes=notes,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,22 +311,31 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.keys:,} keys, 16-byte keys and values, TTL {args.ttl_s:g} s"
         f" + [0, {args.spread_s:g}) s; python {sys.version.split()[0]}, pid {os.getpid()}"
     )
-    for mode in args.modes:
+    try:
+        report(args.modes, args.keys, ttl_ms)
+    except Failed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def report(modes: list[str], keys: int, ttl_ms: Callable[[int], int]) -> None:
+    """Measure each mode and print one line each."""
+    for mode in modes:
         if mode == "redis":
-            result = measure_redis(args.keys, ttl_ms)
+            result = measure_redis(keys, ttl_ms)
             print(
                 f"{mode:14} {result['bytes_per_key']:7.1f} bytes/key (used_memory)"
                 f"   {result['rss_bytes_per_key']:7.1f} bytes/key (RSS)"
             )
         else:
-            result = measure_zkv(mode, args.keys, ttl_ms)
+            result = measure_zkv(mode, keys, ttl_ms)
             print(
                 f"{mode:14} {result['bytes_per_key']:7.1f} bytes/key (RSS)"
                 f"   RSS {result['rss_before_mb']:.0f} -> {result['rss_after_mb']:.0f} MiB"
                 f"   {result['sets_per_s']:,.0f} SET/s",
                 flush=True,
             )
-    return 0
 
 
 if __name__ == "__main__":

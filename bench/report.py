@@ -5,7 +5,9 @@ Ratios compare a row with a peer measured in the same run (see ``Peer`` in bench
 * ``ops``: this row's ops/s divided by the peer's. ``redis 0.05x`` means zkv did 5% of what
   Redis did; above 1 means faster than the peer.
 * ``p50``: this row's median latency divided by the peer's. ``bare p50 3.1x`` means zkv's median
-  request took 3.1 times as long as the bare chain's; above 1 means slower.
+  request took 3.1 times as long as the bare chain's; above 1 means slower. ``p99`` the same
+  with the 99th percentile.
+* ``bytes``: this row's memory per key divided by the peer's; above 1 means more memory.
 
 Only ratios within one run mean anything on a shared, noisy machine: absolute numbers move from
 run to run, ratios much less.
@@ -32,6 +34,7 @@ from bench.stats import LoadResult
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("scenario", "generator", "ops/s", "p50 ms", "p99 ms", "p99.9 ms", "errors", "vs peers")
+NOTES = "notes"  # a last column, shown only when some row has notes (memory, expiry wave)
 FSYNC_PROBES = 20  # fsyncs timed to describe the disk under the clusters' data
 RIGHT_ALIGNED = {"ops/s", "p50 ms", "p99 ms", "p99.9 ms", "errors"}
 
@@ -57,11 +60,16 @@ class Ratio:
 
 
 def ratio(row: LoadResult, peer: LoadResult, metric: str) -> float | None:
-    """``row`` over ``peer`` in ``metric`` (``ops`` or ``p50``); None if either is unknown or 0."""
+    """``row`` over ``peer`` in ``metric`` (``ops``, ``p50``, ``p99`` or ``bytes``); None if
+    either is unknown or 0."""
     if metric == "ops":
         mine, theirs = row.ops_per_s, peer.ops_per_s
     elif metric == "p50":
         mine, theirs = row.p50_ms, peer.p50_ms
+    elif metric == "p99":
+        mine, theirs = row.p99_ms, peer.p99_ms
+    elif metric == "bytes":
+        mine, theirs = row.bytes_per_key, peer.bytes_per_key
     else:
         raise ValueError(f"unknown metric {metric!r}")
     if mine is None or not theirs:
@@ -132,27 +140,30 @@ def table_rows(outcomes: Sequence[Outcome]) -> list[dict[str, str]]:
                 "p99.9 ms": format_ms(result.p999_ms),
                 "errors": "n/a" if result.errors is None else str(result.errors),
                 "vs peers": format_ratios(ratios_of(outcome, by_id)),
+                NOTES: result.notes,
             }
         )
     return rows
 
 
 def format_table(rows: Sequence[dict[str, str]]) -> str:
-    """A Markdown table, padded so it also reads well in a terminal."""
-    widths = {c: max([len(c), *(len(row[c]) for row in rows)]) for c in COLUMNS}
+    """A Markdown table, padded so it also reads well in a terminal; the notes column only
+    when some row has notes."""
+    columns = COLUMNS + ((NOTES,) if any(row.get(NOTES) for row in rows) else ())
+    widths = {c: max([len(c), *(len(row[c]) for row in rows)]) for c in columns}
 
     def line(cells: dict[str, str]) -> str:
         padded = (
             cells[c].rjust(widths[c]) if c in RIGHT_ALIGNED else cells[c].ljust(widths[c])
-            for c in COLUMNS
+            for c in columns
         )
         return "| " + " | ".join(padded) + " |"
 
     rule = "|" + "|".join(
         "-" * (widths[c] + 1) + ":" if c in RIGHT_ALIGNED else "-" * (widths[c] + 2)
-        for c in COLUMNS
+        for c in columns
     )
-    return "\n".join([line({c: c for c in COLUMNS}), rule + "|", *(line(row) for row in rows)])
+    return "\n".join([line({c: c for c in columns}), rule + "|", *(line(row) for row in rows)])
 
 
 # --- the machine ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench import http_load, peers, zmq_load
+from bench import client_pipeline, expiry_wave, http_load, memory, peers, zmq_load
 from bench.report import Outcome, format_ms, format_ops
 from bench.scenarios import LARGE_BYTES, MIX_SET_PERCENT, TARGETS, Scenario, run_order
 from bench.stats import LoadResult
@@ -24,6 +24,9 @@ from bench.targets import unavailable as target_unavailable
 # redis-benchmark runs are sized to last this share of --duration: Redis's numbers settle fast,
 # and the whole default run has to stay under two minutes.
 REDIS_SHARE = 0.25
+# Except redis-benchmark -c 50: the denominator of the pipelining floor (client.pipeline.*), which
+# a short run on a shared machine can halve with one scheduling hiccup.
+REDIS_C50_SHARE = 0.5
 WARMUP_S = 1.0  # HTTP warm-up before a gateway's first scenario (not recorded)
 WARMUP_CONNECTIONS = 64
 
@@ -104,7 +107,7 @@ def _missing_address(scenario: Scenario, target: Target) -> str | None:
     """Why a scenario cannot run on a running cluster given by only one of the two flags."""
     if scenario.load == "http" and target.http is None:
         return "skipped: no --http given for the HTTP scenarios"
-    if scenario.load in ("client", "pipeline") and target.frontend is None:
+    if scenario.load in ("client", "client-pipeline", "pipeline") and target.frontend is None:
         return "skipped: no --frontend given for the ZeroMQ scenarios"
     return None
 
@@ -143,6 +146,26 @@ def run_one(
             return zmq_load.run_client(
                 target.frontend, zmq_workload(scenario, options.keys), duration_s
             )
+        case "client-pipeline":
+            assert target.frontend is not None, "a ZeroMQ target has an endpoint"
+            workload = zmq_workload(scenario, options.keys)
+            return client_pipeline.run_client_pipeline(
+                target.frontend,
+                workload.op,
+                workload.keys,
+                workload.value,
+                scenario.connections,
+                duration_s,
+            )
+        case "memory":
+            return memory.scenario_result(scenario.op, options.full_keys)
+        case "interleaved":
+            if scenario.id not in target.measured:
+                raise RuntimeError("the interleaved run measured no such chain and operation")
+            return target.measured[scenario.id]
+        case "expiry-wave":
+            assert target.expiry is not None, "the expiry-wave target ran the wave"
+            return expiry_wave.phase_result(target.expiry, scenario.op)
         case "pipeline":
             assert target.frontend is not None, "a ZeroMQ target has an endpoint"
             return zmq_load.run_pipeline(
@@ -160,7 +183,7 @@ def run_one(
                 scenario.connections,
                 scenario.depth,
                 scenario.value_bytes,
-                duration_s * REDIS_SHARE,
+                duration_s * (REDIS_C50_SHARE if scenario.connections == 50 else REDIS_SHARE),
             )
     raise ValueError(f"unknown load {scenario.load!r}")
 

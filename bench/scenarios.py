@@ -3,7 +3,8 @@
 A scenario id reads left to right: ``<family>.<operation>.<value size>.<keys>.<concurrency>``,
 e.g. ``http.get.16B.hot.c64`` is the seed ``/get`` route, 16-byte values, every request on one
 hot key, 64 connections. ``s64`` is 64 ZeroMQ sockets, ``c64.P16`` is 64 connections with 16
-requests pipelined on each (redis-benchmark's ``-P``).
+requests pipelined on each (redis-benchmark's ``-P``), ``p2`` is 2 client processes each
+handing ``zkv.Client.execute`` many operations at once.
 
 Targets are the systems a scenario runs against; the runner starts each target once, runs all of
 its selected scenarios, and stops it before the next (see ``bench/targets.py``):
@@ -12,9 +13,19 @@ its selected scenarios, and stops it before the next (see ``bench/targets.py``):
     zkv-fsync-no  the same with ZKV_FSYNC=no
     zkv-shards1   broker and 1 worker (no gateway)
     zkv-shards4   broker and 4 workers (no gateway)
+    zkv-ipc       broker and 2 workers over ipc:// endpoints in the run's temporary directory
+    interleaved   zkv over tcp:// and ipc:// (2 shards each) and the bare chain over both, all
+                  running at once; one client per chain takes turns (bench/interleaved.py)
     bare-tcp      bench/bare.py over tcp://;  bare-ipc: the same over ipc://
     redis         redis-server, loaded by redis-benchmark
     webdis        webdis in front of its own redis-server, loaded like the gateway
+    memory        nothing of its own: each scenario starts a cluster or a redis-server, writes
+                  ``--full-keys`` keys and measures memory per key (bench/memory.py)
+    expiry-wave   one run of bench/expiry_wave.py (``--full-keys`` keys due in one second);
+                  its scenarios are the phases of that run
+
+Full-only scenarios (``full``) are long or repeat what others show; they run with ``--full``, or
+when an ``--only`` pattern names them from the start of their id (see :func:`select`).
 
 Peers: a scenario lists the peer scenarios it is compared with. A ratio is only shown when the
 peer ran in the same invocation (``--only`` may leave it out).
@@ -33,6 +44,10 @@ PIPE_DEPTH_MANY_SOCKETS = 16  # requests in flight on each socket of an s64 pipe
 PIPE_DEPTH_LARGE = 4  # the same with 64 KiB values: 256 in flight, 16 MiB on the wire
 MANY = 64  # connections or sockets of the "many clients" scenarios
 MIX_SET_PERCENT = 10  # the 90/10 get/set mix
+CLIENT_PROCESSES = (
+    2  # load processes of the client.pipeline rows (one Python process is not enough)
+)
+CLIENT_WINDOW = 8000  # operations a zkv.Client pipeline keeps in flight (zkv.client.WINDOW_OPS)
 
 # Targets in the order they run. The machine is shared and its load drifts, so rows compared
 # across targets should run close together in time: the shard-scaling clusters run just before
@@ -45,8 +60,12 @@ TARGETS = (
     "zkv-fsync-no",
     "bare-tcp",
     "bare-ipc",
+    "interleaved",
+    "zkv-ipc",
     "redis",
     "webdis",
+    "memory",
+    "expiry-wave",
 )
 
 
@@ -57,8 +76,9 @@ class Peer:
     Attributes:
         label: how the table names the peer (``redis``, ``bare p50``, ``1 shard``...).
         scenario: the id of the peer's scenario.
-        metric: ``ops`` (ratio of operations per second: above 1 means faster than the peer)
-            or ``p50`` (ratio of median latency: above 1 means slower than the peer).
+        metric: ``ops`` (ratio of operations per second: above 1 means faster than the peer),
+            ``p50`` or ``p99`` (ratio of that latency percentile: above 1 means slower than the
+            peer) or ``bytes`` (ratio of memory per key: above 1 means more memory).
     """
 
     label: str
@@ -74,16 +94,22 @@ class Scenario:
         id: unique name, see the module docstring.
         target: which system it loads, one of TARGETS.
         load: which generator drives it: ``http`` (wrk, else Python threads), ``client`` (the zkv
-            client, one request at a time), ``pipeline`` (raw DEALER sockets, many requests in
-            flight), ``redis-benchmark``.
+            client, one request at a time), ``client-pipeline`` (``zkv.Client.execute`` in
+            ``connections`` processes, bench/client_pipeline.py), ``interleaved`` (one
+            request at a time, taking turns with other chains), ``pipeline`` (raw DEALER
+            sockets, one request per message, many in flight), ``redis-benchmark``, ``memory``
+            (bench/memory.py), ``expiry-wave`` (a phase of bench/expiry_wave.py's run).
         op: ``get``, ``set``, ``mix`` (90/10 get/set), ``rest-put``, ``rest-get`` or
             ``webdis-get``.
         value_bytes: size of the values read or written.
         hot: every request on one key instead of keys drawn uniformly from the key space.
-        connections: HTTP connections, ZeroMQ sockets or redis-benchmark clients.
-        depth: requests in flight per connection (pipelines, redis ``-P``); 1 otherwise.
+        connections: HTTP connections, ZeroMQ sockets, redis-benchmark clients or client
+            processes (``client-pipeline``).
+        depth: requests in flight per connection (pipelines, redis ``-P``, the client's window
+            of operations); 1 otherwise.
         peers: the scenarios this one is compared with.
         quick: part of the ``--quick`` smoke run.
+        full: only with ``--full`` (or named by ``--only`` from the start of the id).
         about: one line for the documentation and ``--list``.
     """
 
@@ -97,6 +123,7 @@ class Scenario:
     depth: int = 1
     peers: tuple[Peer, ...] = ()
     quick: bool = False
+    full: bool = False
     about: str = ""
 
 
@@ -138,6 +165,7 @@ def _http_scenarios() -> list[Scenario]:
                     connections=connections,
                     peers=tuple(peers),
                     quick=(op, hot, connections) in {("get", False, MANY), ("mix", False, 1)},
+                    full=hot and op != "get",  # the hot GET row stays, beside webdis's
                     about=f"gateway seed API, {what}, {connections} connection(s), "
                     f"{'one hot key' if hot else 'uniform keys'}",
                 )
@@ -158,6 +186,7 @@ def _http_scenarios() -> list[Scenario]:
                     connections=connections,
                     peers=tuple(peers),
                     quick=op == "rest-put" and connections == 1,
+                    full=connections == MANY,
                     about=f"gateway REST API, {what} of 64 KiB, {connections} connection(s)",
                 )
             )
@@ -243,11 +272,188 @@ def _pipeline_scenarios() -> list[Scenario]:
                 depth=depth,
                 peers=tuple(peers),
                 quick=(op, value_bytes, hot, sockets) == ("get", SMALL_BYTES, False, MANY),
+                # The default run keeps the s64 uniform 16-byte rows (the bare chain's, shard
+                # scaling's and fsync=no's points); client.pipeline.* shows pipelining.
+                full=hot or sockets == 1 or value_bytes == LARGE_BYTES,
                 about=f"DEALER pipeline {op.upper()} of {size}, {sockets} socket(s) x {depth} "
                 f"in flight, {'one hot key' if hot else 'uniform keys'} (2 shards)",
             )
         )
     return rows
+
+
+def _client_pipeline_id(op: str, hot: bool, processes: int, prefix: str = "") -> str:
+    return f"{prefix}client.pipeline.{op}.16B.{_keys(hot)}.p{processes}"
+
+
+def _client_pipeline_scenarios() -> list[Scenario]:
+    """zkv.Client.execute with many operations in flight, against redis-benchmark -c 50: the
+    issue's pipelining floor (at least 1.0x)."""
+    shapes = [
+        ("get", False, CLIENT_PROCESSES),
+        ("get", False, 1),
+        ("get", True, CLIENT_PROCESSES),
+        ("set", False, CLIENT_PROCESSES),
+        ("set", True, CLIENT_PROCESSES),
+    ]
+    rows = []
+    for op, hot, processes in shapes:
+        peers = [Peer("redis c50", _redis_id(op, SMALL_BYTES, 50))]
+        if processes != CLIENT_PROCESSES:
+            peers.append(
+                Peer(f"p{CLIENT_PROCESSES}", _client_pipeline_id(op, hot, CLIENT_PROCESSES))
+            )
+        if op == "set" and not hot:
+            peers.append(Peer("fsync=no", _client_pipeline_id(op, hot, processes, "fsync-no.")))
+        rows.append(
+            Scenario(
+                id=_client_pipeline_id(op, hot, processes),
+                target="zkv",
+                load="client-pipeline",
+                op=op,
+                hot=hot,
+                connections=processes,
+                depth=CLIENT_WINDOW,
+                peers=tuple(peers),
+                quick=(op, hot, processes) == ("get", False, CLIENT_PROCESSES),
+                # One process against two: is one Python client the limit? (docs/benchmarks.md)
+                full=processes != CLIENT_PROCESSES,
+                about=f"zkv.Client.execute {op.upper()}s of 16 bytes (BATCH messages), "
+                f"{processes} process(es), {'one hot key' if hot else 'uniform keys'} (2 shards)",
+            )
+        )
+    return rows
+
+
+def _ipc_scenarios() -> list[Scenario]:
+    """One request at a time over ipc://, next to the bare chain (ipc and tcp) and Redis."""
+    rows = []
+    for op in ("get", "set"):
+        peers = [
+            Peer("bare ipc p50", f"bare.ipc.{op}.16B.c1", "p50"),
+            Peer("bare tcp p50", f"bare.tcp.{op}.16B.c1", "p50"),
+            Peer("zkv tcp p50", f"client.{op}.16B.c1", "p50"),
+            Peer("redis p50", _redis_id(op, SMALL_BYTES, 1), "p50"),
+        ]
+        rows.append(
+            Scenario(
+                id=f"ipc.client.{op}.16B.c1",
+                target="zkv-ipc",
+                load="client",
+                op=op,
+                peers=tuple(peers),
+                full=True,  # interleaved.zkv-ipc.* measures the same beside its peers
+                about=f"zkv.Client {op.upper()} of 16 bytes, one at a time, frontend and backend "
+                "over ipc:// (2 shards, ZKV_FSYNC=always)",
+            )
+        )
+    return rows
+
+
+INTERLEAVED_CHAINS = ("zkv-ipc", "zkv-tcp", "bare-ipc", "bare-tcp")
+
+
+def _interleaved_id(chain: str, op: str) -> str:
+    return f"interleaved.{chain}.{op}.16B.c1"
+
+
+def _interleaved_scenarios() -> list[Scenario]:
+    """One request at a time on four chains taking turns: the latency floor's comparison
+    (zkv-ipc's p50 within 1.3x of the bare chain's) without the machine's drift in between."""
+    rows = []
+    for chain in INTERLEAVED_CHAINS:
+        for op in ("get", "set"):
+            peers = []
+            if chain.startswith("zkv"):
+                peers.append(Peer("bare ipc p50", _interleaved_id("bare-ipc", op), "p50"))
+                peers.append(Peer("bare tcp p50", _interleaved_id("bare-tcp", op), "p50"))
+            if chain == "zkv-ipc":
+                peers.append(Peer("zkv tcp p50", _interleaved_id("zkv-tcp", op), "p50"))
+                peers.append(Peer("redis p50", _redis_id(op, SMALL_BYTES, 1), "p50"))
+            if chain == "bare-ipc":
+                peers.append(Peer("bare tcp p50", _interleaved_id("bare-tcp", op), "p50"))
+            what = "zkv (2 shards, ZKV_FSYNC=always)" if chain.startswith("zkv") else "bare chain"
+            rows.append(
+                Scenario(
+                    id=_interleaved_id(chain, op),
+                    target="interleaved",
+                    load="interleaved",
+                    op=op,
+                    peers=tuple(peers),
+                    quick=op == "get",
+                    about=f"zkv.Client {op.upper()} of 16 bytes one at a time, {what} over "
+                    f"{chain.partition('-')[2]}://, taking turns with the other chains",
+                )
+            )
+    return rows
+
+
+def _memory_scenarios() -> list[Scenario]:
+    """Memory per key with a TTL (bench/memory.py), zkv next to Redis's used_memory."""
+    redis = "memory.redis.16B.ttl"
+    return [
+        Scenario(
+            id="memory.zkv.16B.ttl",
+            target="memory",
+            load="memory",
+            op="memory",
+            peers=(Peer("redis", redis, "bytes"),),
+            full=True,
+            about="RSS growth per key of an --in-memory worker after --full-keys SETs of "
+            "16-byte keys and values with a 1 h TTL, request ids remembered as the client sends",
+        ),
+        Scenario(
+            id="memory.zkv-durable.16B.ttl",
+            target="memory",
+            load="memory",
+            op="durable",
+            peers=(Peer("redis", redis, "bytes"),),
+            full=True,
+            about="the same with a data directory (ZKV_FSYNC=no; the page cache is not in RSS)",
+        ),
+        Scenario(
+            id=redis,
+            target="memory",
+            load="memory",
+            op="redis",
+            full=True,
+            about="the same keys and values with SET PX into redis-server: used_memory growth",
+        ),
+    ]
+
+
+def _expiry_scenarios() -> list[Scenario]:
+    """Phases of one bench/expiry_wave.py run: GETs one at a time while keys expire at once."""
+    baseline = Peer("baseline p99", "expiry.get.baseline", "p99")
+    return [
+        Scenario(
+            id="expiry.get.baseline",
+            target="expiry-wave",
+            load="expiry-wave",
+            op="baseline",
+            full=True,
+            about="GETs one at a time with --full-keys keys loaded and nothing due yet",
+        ),
+        Scenario(
+            id="expiry.get.pre-wave",
+            target="expiry-wave",
+            load="expiry-wave",
+            op="pre-wave",
+            peers=(baseline,),
+            full=True,
+            about="the 6 s before the wave's second, when its keys are refined into fine buckets",
+        ),
+        Scenario(
+            id="expiry.get.wave",
+            target="expiry-wave",
+            load="expiry-wave",
+            op="wave",
+            peers=(baseline,),
+            full=True,
+            about="from the wave's second until its last key is gone: --full-keys keys due in "
+            "one second",
+        ),
+    ]
 
 
 def _scaling_scenarios() -> list[Scenario]:
@@ -287,10 +493,20 @@ def _bare_scenarios() -> list[Scenario]:
         Scenario(
             id="bare.ipc.get.16B.c1",
             target="bare-ipc",
+            full=True,  # interleaved.bare-ipc.* measures it beside zkv-ipc
             load="client",
             op="get",
             peers=(Peer("bare tcp p50", "bare.tcp.get.16B.c1", "p50"),),
             about="bare chain over ipc://, zkv.Client GET",
+        ),
+        Scenario(
+            id="bare.ipc.set.16B.c1",
+            target="bare-ipc",
+            full=True,  # interleaved.bare-ipc.* measures it beside zkv-ipc
+            load="client",
+            op="set",
+            peers=(Peer("bare tcp p50", "bare.tcp.set.16B.c1", "p50"),),
+            about="bare chain over ipc://, zkv.Client SET",
         ),
         Scenario(
             id="bare.tcp.pipe.get.16B.uniform.s64",
@@ -319,9 +535,12 @@ def _redis_scenarios() -> list[Scenario]:
                     value_bytes=value_bytes,
                     connections=clients,
                     depth=pipeline,
+                    # Peers of full-only pipe rows are full-only too.
+                    full=(clients, pipeline) == (1, 64)
+                    or (value_bytes, clients) == (LARGE_BYTES, MANY),
                     quick=value_bytes == SMALL_BYTES
                     and op == "get"
-                    and (clients, pipeline) in {(1, 1), (MANY, 16)},
+                    and (clients, pipeline) in {(1, 1), (50, 1), (MANY, 16)},
                     about=f"redis-benchmark -t {op} -d {value_bytes} -c {clients}"
                     + (f" -P {pipeline}" if pipeline > 1 else ""),
                 )
@@ -331,6 +550,22 @@ def _redis_scenarios() -> list[Scenario]:
 
 def _fsync_scenarios() -> list[Scenario]:
     return [
+        *(
+            Scenario(
+                id=_client_pipeline_id("set", hot, CLIENT_PROCESSES, "fsync-no."),
+                target="zkv-fsync-no",
+                load="client-pipeline",
+                op="set",
+                hot=hot,
+                connections=CLIENT_PROCESSES,
+                depth=CLIENT_WINDOW,
+                peers=(Peer("redis c50", _redis_id("set", SMALL_BYTES, 50)),),
+                full=hot,  # the hot key's SETs are coalesced: the fsync policy matters less
+                about=f"as {_client_pipeline_id('set', hot, CLIENT_PROCESSES)} on a cluster "
+                "with ZKV_FSYNC=no",
+            )
+            for hot in (False, True)
+        ),
         Scenario(
             id="fsync-no.client.set.16B.c1",
             target="zkv-fsync-no",
@@ -364,12 +599,17 @@ def all_scenarios() -> list[Scenario]:
     return (
         _http_scenarios()
         + _client_scenarios()
+        + _client_pipeline_scenarios()
+        + _ipc_scenarios()
+        + _interleaved_scenarios()
         + _pipeline_scenarios()
         + _scaling_scenarios()
         + _fsync_scenarios()
         + _bare_scenarios()
         + _redis_scenarios()
         + _webdis_scenarios()
+        + _memory_scenarios()
+        + _expiry_scenarios()
     )
 
 
@@ -393,30 +633,40 @@ def run_order(scenarios: Iterable[Scenario]) -> list[Scenario]:
     return sorted(scenarios, key=lambda s: (target_index[s.target], priority(s)))
 
 
-def select(scenarios: Iterable[Scenario], only: str | None, quick: bool) -> list[Scenario]:
+def select(
+    scenarios: Iterable[Scenario], only: str | None, quick: bool, full: bool = False
+) -> list[Scenario]:
     """The scenarios to run.
 
     Args:
         only: comma-separated patterns matched against ids: a pattern with ``*``, ``?`` or
             ``[`` is a shell glob (``http.*.c64``); the id of a scenario selects exactly that
             one (``redis.get.16B.c1``, not ``redis.get.16B.c1.P64``); anything else is a
-            substring (``pipe.get``). None or empty: everything.
+            substring (``pipe.get``). None or empty: everything (but the full-only ones).
         quick: keep only the smoke-run subset (combined with ``only``).
+        full: include the full-only scenarios. Without it, ``only`` still selects a full-only
+            scenario by glob, by exact id, or by a substring the id starts with (``memory``,
+            ``expiry``, ``pipe.get.64K``): a substring inside an id (``redis``) does not start
+            a minute-long memory run.
     """
     rows = list(scenarios)
     ids = {row.id for row in rows}
     patterns = [p.strip() for p in (only or "").split(",") if p.strip()]
 
-    def matches(pattern: str, scenario_id: str) -> bool:
+    def matches(pattern: str, scenario: Scenario) -> bool:
         if any(c in pattern for c in "*?["):
-            return fnmatch.fnmatchcase(scenario_id, pattern)
+            return fnmatch.fnmatchcase(scenario.id, pattern)
         if pattern in ids:
-            return scenario_id == pattern
-        return pattern in scenario_id
+            return scenario.id == pattern
+        if scenario.full and not full:
+            return scenario.id.startswith(pattern)
+        return pattern in scenario.id
 
     def wanted(scenario: Scenario) -> bool:
         if quick and not scenario.quick:
             return False
-        return not patterns or any(matches(p, scenario.id) for p in patterns)
+        if not patterns:
+            return full or not scenario.full
+        return any(matches(p, scenario) for p in patterns)
 
     return [row for row in rows if wanted(row)]

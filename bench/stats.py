@@ -51,6 +51,8 @@ class LoadResult:
         p50_ms, p99_ms, p999_ms: latency percentiles in milliseconds; None when unknown.
         count: how many latencies the percentiles come from.
         details: anything else worth keeping in the JSON (error kinds, tool output).
+        bytes_per_key: memory scenarios: what the system under test holds per key.
+        notes: one short line for the table's notes column (floors met or missed, ...).
     """
 
     generator: str
@@ -63,6 +65,8 @@ class LoadResult:
     count: int = 0
     ops_per_s: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    bytes_per_key: float | None = None
+    notes: str = ""
 
     def __post_init__(self) -> None:
         if self.ops_per_s is None:

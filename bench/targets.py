@@ -18,12 +18,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import peers
-from bench.scenarios import LARGE_BYTES, SMALL_BYTES, Scenario
+from bench import expiry_wave, interleaved, peers
+from bench.scenarios import INTERLEAVED_CHAINS, LARGE_BYTES, SMALL_BYTES, Scenario
+from bench.stats import LoadResult
 from bench.zmq_load import preload
 from tests.cluster import Cluster, free_port
 from zkv import defaults
@@ -32,6 +34,8 @@ from zkv.client import Client
 ROOT = Path(__file__).resolve().parent.parent
 LARGE_KEYS = 256  # size of the big:N key space (64 KiB values)
 READY_TIMEOUT_S = 20.0
+INTERLEAVED_SHARE = 0.25  # of --duration per interleaved row (the default run's budget)
+INTERLEAVED_KEYS = 1_000  # one request at a time reads few keys: a small space fills fast
 READ_OPS = frozenset({"get", "mix", "rest-get", "webdis-get"})
 
 
@@ -44,12 +48,17 @@ class Target:
         http: ``(host, port)`` of an HTTP server (the gateway or webdis).
         redis_port: the port of a redis-server.
         settings: what the JSON records about this target (shards, fsync policy, ...).
+        expiry: the expiry-wave target: bench/expiry_wave.py's result, run when it opened.
+        measured: the interleaved target: each scenario's result by id, measured when it
+            opened (every chain's turns run together, so no row can run alone).
     """
 
     frontend: str | None = None
     http: tuple[str, int] | None = None
     redis_port: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    expiry: dict[str, Any] | None = None
+    measured: dict[str, LoadResult] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +70,16 @@ class Options:
         frontend: a running zkv broker to load instead of starting a cluster.
         http: ``(host, port)`` of a running gateway to load instead of starting one.
         workdir: where children keep their logs and data for this run.
+        full_keys: keys written by the memory and expiry-wave scenarios.
+        duration_s: seconds per scenario (the interleaved target runs its rows together).
     """
 
     keys: int
     frontend: str | None
     http: tuple[str, int] | None
     workdir: Path
+    full_keys: int = 1_000_000
+    duration_s: float = 2.0
 
     @property
     def external(self) -> bool:
@@ -89,7 +102,7 @@ def unavailable(target: str, options: Options) -> str | None:
         return peers.missing("redis-server", "redis-benchmark")
     if target == "webdis":
         return peers.missing("redis-server", "webdis")
-    if target.startswith("zkv-") and options.external:
+    if (target.startswith("zkv-") or target == "interleaved") and options.external:
         return "skipped: needs a cluster of its own (not started with --frontend/--http)"
     return None
 
@@ -127,9 +140,12 @@ def open_target(target: str, rows: Sequence[Scenario], options: Options) -> Iter
     elif target.startswith("zkv"):
         shards = {"zkv-shards1": 1, "zkv-shards4": 4}.get(target, defaults.SHARDS)
         fsync = "no" if target == "zkv-fsync-no" else "always"
-        with _zkv_cluster(workdir, shards, fsync, needs_http) as cluster:
+        ipc = target == "zkv-ipc"
+        with _zkv_cluster(workdir, shards, fsync, needs_http, ipc) as cluster:
             _fill(cluster.frontend, options.keys, needs_small, needs_large)
             settings = {"shards": shards, "workers": shards, "ZKV_FSYNC": fsync}
+            if ipc:
+                settings["transport"] = "ipc"
             if needs_http:
                 settings["gateway"] = {
                     "processes": defaults.HTTP_PROCESSES,
@@ -155,8 +171,31 @@ def open_target(target: str, rows: Sequence[Scenario], options: Options) -> Iter
             yield Target(http=("127.0.0.1", webdis.port), redis_port=webdis.redis.port)
         finally:
             webdis.stop()
+    elif target == "interleaved":
+        with contextlib.ExitStack() as stack:
+            endpoints = _start_together(stack, workdir, min(options.keys, INTERLEAVED_KEYS))
+            # All rows at once, a quarter of --duration per row: the turns cancel the drift
+            # that longer runs would average out, and a row still gets hundreds of samples.
+            found = interleaved.run_interleaved(
+                endpoints,
+                small_keys(min(options.keys, INTERLEAVED_KEYS)),
+                b"v" * SMALL_BYTES,
+                options.duration_s * len(rows) * INTERLEAVED_SHARE,
+            )
+            measured = {f"interleaved.{chain}.{op}.16B.c1": r for (chain, op), r in found.items()}
+            settings = {"chains": endpoints, "shards": defaults.SHARDS, "ZKV_FSYNC": "always"}
+            yield Target(settings=settings, measured=measured)
+    elif target == "memory":  # each scenario starts what it measures
+        yield Target(settings={"keys": options.full_keys})
+    elif target == "expiry-wave":
+        found = expiry_wave.run(options.full_keys, say=_say)
+        yield Target(settings={"keys": options.full_keys, "in_memory": True}, expiry=found)
     else:
         raise ValueError(f"unknown target {target!r}")
+
+
+def _say(line: str) -> None:
+    print(f"  expiry-wave: {line}", file=sys.stderr, flush=True)
 
 
 def _fill(frontend: str, keys: int, small: bool, large: bool) -> None:
@@ -170,16 +209,64 @@ def _fill(frontend: str, keys: int, small: bool, large: bool) -> None:
         raise RuntimeError(f"{failures} SETs failed while filling the key space at {frontend}")
 
 
+def _start_together(stack: contextlib.ExitStack, workdir: Path, keys: int) -> dict[str, str]:
+    """Start and fill every chain of the interleaved target at once (threads: each mostly
+    waits for its processes), each stopped when ``stack`` closes; returns their endpoints."""
+    managers: dict[str, contextlib.AbstractContextManager[Any]] = {}
+    for chain in INTERLEAVED_CHAINS:
+        kind, _, transport = chain.partition("-")
+        place = workdir / chain
+        place.mkdir()
+        if kind == "zkv":
+            managers[chain] = _zkv_cluster(
+                place, defaults.SHARDS, "always", False, ipc=transport == "ipc"
+            )
+        else:
+            managers[chain] = _bare_chain(place, transport)
+
+    def start(chain: str) -> str:
+        entered = managers[chain].__enter__()
+        endpoint = entered.frontend if isinstance(entered, Cluster) else entered
+        _fill(endpoint, keys, small=True, large=False)
+        return endpoint
+
+    endpoints, failures = {}, []
+    with ThreadPoolExecutor(len(managers)) as pool:
+        futures = {chain: pool.submit(start, chain) for chain in managers}
+    for chain, future in futures.items():
+        try:
+            endpoints[chain] = future.result()
+        except Exception as exc:
+            failures.append(f"{chain}: {exc}")
+        # A chain whose start failed after its processes began is stopped by its __exit__ too.
+        stack.push(managers[chain].__exit__)
+    if failures:
+        raise RuntimeError("; ".join(failures))
+    return endpoints
+
+
 @contextlib.contextmanager
-def _zkv_cluster(workdir: Path, shards: int, fsync: str, gateway: bool) -> Iterator[Cluster]:
-    """A broker, one worker per shard and, if asked, a gateway with its production defaults."""
+def _zkv_cluster(
+    workdir: Path, shards: int, fsync: str, gateway: bool, ipc: bool = False
+) -> Iterator[Cluster]:
+    """A broker, one worker per shard and, if asked, a gateway with its production defaults;
+    with ``ipc`` the broker's frontend and backend are ipc:// endpoints in ``workdir``."""
+    endpoints = {}
+    if ipc:
+        endpoints = {
+            "ZKV_FRONTEND": f"ipc://{workdir}/frontend.ipc",
+            "ZKV_BACKEND": f"ipc://{workdir}/backend.ipc",
+        }
     cluster = Cluster(
         workdir,
         shards=shards,
         ZKV_FSYNC=fsync,
         ZKV_DATA_DIR=str(workdir / "data"),
         ZKV_HEARTBEAT_INTERVAL=str(defaults.HEARTBEAT_INTERVAL_S),
+        **endpoints,
     )
+    if ipc:  # the processes read the environment; the benchmark's side uses these fields
+        cluster.frontend, cluster.backend = endpoints["ZKV_FRONTEND"], endpoints["ZKV_BACKEND"]
     with cluster:
         try:
             cluster.start_broker()

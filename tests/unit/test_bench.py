@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as cli
-from bench import report
+from bench import expiry_wave, report
+from bench.client_pipeline import build_ops
 from bench.http_load import HttpWorkload, parse_wrk_output, request_for, wrk_command
 from bench.peers import (
     parse_redis_csv,
@@ -41,6 +42,7 @@ from bench.scenarios import (
     size_label,
 )
 from bench.stats import LoadResult, percentile, summarize
+from zkv.protocol import Kind
 
 pytestmark = pytest.mark.unit
 
@@ -115,11 +117,20 @@ def test_ratio_of_throughput_and_of_median_latency() -> None:
     assert ratio(zkv, redis, "p50") == pytest.approx(4.0)
 
 
+def test_ratio_of_tail_latency_and_of_memory_per_key() -> None:
+    zkv, redis = result(1_000), result(1_000)
+    zkv.p99_ms, redis.p99_ms = 3.0, 2.0
+    zkv.bytes_per_key, redis.bytes_per_key = 150.0, 100.0
+    assert ratio(zkv, redis, "p99") == 1.5
+    assert ratio(zkv, redis, "bytes") == 1.5
+    assert ratio(result(1_000), result(1_000), "bytes") is None  # no memory measured
+
+
 def test_ratio_is_none_when_the_peer_has_nothing() -> None:
     assert ratio(result(10), result(0), "ops") is None
     assert ratio(result(10, p50_ms=None), result(10), "p50") is None
     with pytest.raises(ValueError):
-        ratio(result(1), result(1), "p99")
+        ratio(result(1), result(1), "p90")
 
 
 def test_ratios_only_against_peers_of_the_same_run() -> None:
@@ -182,6 +193,55 @@ def test_table_has_a_row_per_measured_scenario_and_ratios_in_one_column() -> Non
     assert set(lines[1]) <= {"|", "-", ":"}
     assert len({len(line) for line in lines}) == 1  # padded to equal widths
     assert "redis 0.05x" in lines[2]
+
+
+def test_notes_column_only_when_a_row_has_notes() -> None:
+    plain = Scenario("redis.get.16B.c1", "redis", "redis-benchmark", "get")
+    rows = table_rows([Outcome(plain, result(10))])
+    assert "notes" not in format_table(rows).splitlines()[0]
+    noted = result(10)
+    noted.notes = "64 B/key used_memory"
+    memory = Scenario("memory.redis.16B.ttl", "memory", "memory", "redis")
+    text = format_table(table_rows([Outcome(plain, result(10)), Outcome(memory, noted)]))
+    assert text.splitlines()[0].split("|")[-2].strip() == "notes"
+    assert "64 B/key used_memory" in text.splitlines()[3]
+    assert len({len(line) for line in text.splitlines()}) == 1
+
+
+def test_expiry_wave_phases_become_rows_with_the_floors_in_the_notes() -> None:
+    phase = {"p50": 0.3, "p99": 1.0, "p999": 2.0, "worst_window_p99": 1.2, "gets": 500}
+    found = {
+        "keys": 1000,
+        "waves": 1,
+        "removed": 1000,
+        "late_ms": 12,
+        "gone_ok": True,
+        "floor_ok": True,
+        "phases": {
+            "baseline": {**phase, "windows": 10, "cpu": ""},
+            "wave": {**phase, "p99": 1.5, "worst_window_p99": 1.8, "windows": 5, "cpu": ""},
+        },
+    }
+    wave = expiry_wave.phase_result(found, "wave")
+    assert (wave.p50_ms, wave.p99_ms, wave.ops_per_s) == (0.3, 1.5, 1000.0)
+    assert wave.notes.startswith("worst 100 ms p99 1.80 ms = 1.80x baseline p99")
+    assert "the last 12 ms after its deadline" in wave.notes
+    assert expiry_wave.phase_result(found, "baseline").notes == ""
+    with pytest.raises(expiry_wave.Failed):
+        expiry_wave.phase_result(found, "pre-wave")  # no samples in that phase
+    with pytest.raises(expiry_wave.Failed):
+        expiry_wave.phase_result({"keys": 1000, "waves": 0}, "wave")
+
+
+def test_client_pipeline_operations_draw_keys_or_repeat_the_hot_one() -> None:
+    rng = random.Random(1)
+    uniform = build_ops("get", [b"a", b"b", b"c"], b"v", 300, rng)
+    assert len(uniform) == 300 and {op[1] for op in uniform} == {b"a", b"b", b"c"}
+    assert {(op[0], op[2], op[3]) for op in uniform} == {(int(Kind.GET), None, None)}
+    hot = build_ops("set", [b"hot"], b"v" * 16, 5, rng)
+    assert hot == [(int(Kind.SET), b"hot", b"v" * 16, 3_600_000)] * 5
+    with pytest.raises(ValueError):
+        build_ops("mix", [b"a"], b"v", 1, rng)
 
 
 def test_errors_unknown_to_the_generator_show_as_na() -> None:
@@ -330,7 +390,7 @@ def test_scenario_ids_are_unique_and_every_peer_exists() -> None:
         assert scenario.target in TARGETS
         for peer in scenario.peers:
             assert peer.scenario in ids, (scenario.id, peer.scenario)
-            assert peer.metric in ("ops", "p50")
+            assert peer.metric in ("ops", "p50", "p99", "bytes")
 
 
 def test_select_by_glob_substring_and_quick() -> None:
@@ -347,6 +407,75 @@ def test_select_by_glob_substring_and_quick() -> None:
     assert select(scenarios, "nothing-like-this", quick=False) == []
 
 
+def test_full_only_scenarios_need_full_or_a_pattern_that_names_them() -> None:
+    scenarios = all_scenarios()
+    default = {s.id for s in select(scenarios, None, quick=False)}
+    everything = {s.id for s in select(scenarios, None, quick=False, full=True)}
+    assert everything == {s.id for s in scenarios}
+    assert "memory.zkv.16B.ttl" not in default and "expiry.get.wave" not in default
+    assert "pipe.get.64K.uniform.s64" not in default and "pipe.get.16B.uniform.s64" in default
+    # --only memory,expiry runs them without --full: the pattern names them from the start.
+    named = {s.id for s in select(scenarios, "memory,expiry", quick=False)}
+    assert named == {s.id for s in scenarios if s.target in ("memory", "expiry-wave")}
+    # A substring inside an id does not start a minute-long run ...
+    assert "memory.redis.16B.ttl" not in {s.id for s in select(scenarios, "redis", False)}
+    # ... but with --full it matches as everywhere, and globs and exact ids always do.
+    assert "memory.redis.16B.ttl" in {s.id for s in select(scenarios, "redis", False, full=True)}
+    assert {s.id for s in select(scenarios, "*.64K.*.s64", False)} == {
+        "pipe.get.64K.uniform.s64",
+        "pipe.set.64K.uniform.s64",
+    }
+    assert [s.id for s in select(scenarios, "expiry.get.wave", False)] == ["expiry.get.wave"]
+    # Every peer of a default row runs by default too: no ratio goes missing without --full.
+    by_id = {s.id: s for s in scenarios}
+    for scenario_id in default:
+        for peer in by_id[scenario_id].peers:
+            assert peer.scenario in default, (scenario_id, peer.scenario)
+
+
+def test_pipelining_floor_rows_compare_with_redis_c50_under_both_fsync_policies() -> None:
+    by_id = {s.id: s for s in all_scenarios()}
+    for scenario_id in (
+        "client.pipeline.get.16B.uniform.p2",
+        "client.pipeline.set.16B.uniform.p2",
+        "client.pipeline.set.16B.hot.p2",
+        "fsync-no.client.pipeline.set.16B.uniform.p2",
+    ):
+        scenario = by_id[scenario_id]
+        assert scenario.load == "client-pipeline" and scenario.connections == 2
+        op = scenario.op
+        assert Peer("redis c50", f"redis.{op}.16B.c50") in scenario.peers
+    assert by_id["fsync-no.client.pipeline.set.16B.uniform.p2"].target == "zkv-fsync-no"
+    ipc = by_id["ipc.client.get.16B.c1"]
+    assert ipc.target == "zkv-ipc"
+    assert [(p.scenario, p.metric) for p in ipc.peers][:2] == [
+        ("bare.ipc.get.16B.c1", "p50"),
+        ("bare.tcp.get.16B.c1", "p50"),
+    ]
+
+
+def test_interleaved_rows_compare_zkv_over_ipc_with_both_bare_chains_of_the_same_run() -> None:
+    by_id = {s.id: s for s in all_scenarios()}
+    for op in ("get", "set"):
+        zkv = by_id[f"interleaved.zkv-ipc.{op}.16B.c1"]
+        assert zkv.target == "interleaved" and zkv.load == "interleaved"
+        assert {(p.label, p.scenario, p.metric) for p in zkv.peers} >= {
+            ("bare ipc p50", f"interleaved.bare-ipc.{op}.16B.c1", "p50"),
+            ("bare tcp p50", f"interleaved.bare-tcp.{op}.16B.c1", "p50"),
+            ("zkv tcp p50", f"interleaved.zkv-tcp.{op}.16B.c1", "p50"),
+        }
+        assert all(by_id[p.scenario].target == "interleaved" for p in zkv.peers[:3])
+    default = {s.id for s in select(all_scenarios(), None, quick=False)}
+    assert {s.id for s in all_scenarios() if s.target == "interleaved"} <= default
+
+
+def test_command_line_full_flags() -> None:
+    args = cli.build_parser().parse_args(["--full", "--full-keys", "5000"])
+    assert args.full and args.full_keys == 5000
+    assert cli.build_parser().parse_args([]).full_keys == 1_000_000
+    assert cli.main(["--full-keys", "10", "--list"]) == 2
+
+
 def test_run_order_keeps_compared_rows_close_in_time() -> None:
     ordered = [s.id for s in run_order(all_scenarios())]
     assert sorted(ordered) == sorted(s.id for s in all_scenarios())
@@ -357,6 +486,8 @@ def test_run_order_keeps_compared_rows_close_in_time() -> None:
     assert main[0] == "pipe.get.16B.uniform.s64"
     assert targets.index("zkv") == targets.index("zkv-shards1") + 1
     # ... and the rows compared with fsync=no come last, right before the fsync=no cluster.
+    by_id = {s.id: s for s in all_scenarios()}
+    assert any(p.label == "fsync=no" for p in by_id[main[-1]].peers)
     assert main[-1] == "pipe.set.16B.uniform.s64"
     assert targets[len(targets) - targets[::-1].index("zkv")] == "zkv-fsync-no"
 
