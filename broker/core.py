@@ -298,12 +298,16 @@ class Broker:
         self._flush(now)
 
     def _on_keyed(
-        self, client: bytes, body: list[bytes], keyed: tuple[int, int, bytes], now: float
+        self,
+        client: bytes,
+        body: list[bytes],
+        keyed: tuple[int, int, bytes, int | None],
+        now: float,
     ) -> None:
         """A GET, SET or DEL that came alone (the one-request-at-a-time path): what
         :meth:`on_client` does for it, without a Request object, and dispatched at once
         when its key's token is free (nothing else is open during this event)."""
-        kind, request_id, key = keyed
+        kind, request_id, key, _ = keyed
         identity = (request_id, kind, key)
         by_request = self._by_request
         original = by_request.get(identity)

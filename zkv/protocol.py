@@ -343,6 +343,12 @@ def decode_request(frames: Sequence[bytes]) -> Request:
     Raises:
         ProtocolError: naming what is wrong, carrying the request id when it was readable.
     """
+    keyed = peek_keyed_request(frames)
+    if keyed is not None:  # GET, SET, DEL: the common case, checked without the branches below
+        kind_byte, request_id, key, ttl_ms = keyed
+        if kind_byte == _SET:
+            return Request(Kind.SET, request_id, bytes(key), bytes(frames[1]), ttl_ms)
+        return Request(_COMMAND_OF[kind_byte], request_id, bytes(key))
     _check_version(frames)
     header = frames[0]
     if len(header) < _REQUEST.size:
@@ -399,12 +405,12 @@ def decode_request(frames: Sequence[bytes]) -> Request:
     return Request(kind, request_id, bytes(key))
 
 
-def peek_keyed_request(frames: Sequence[bytes]) -> tuple[int, int, bytes] | None:
-    """``(kind, request_id, key)`` of a valid GET, SET or DEL, else None: the broker's hot path.
+def peek_keyed_request(frames: Sequence[bytes]) -> tuple[int, int, bytes, int | None] | None:
+    """``(kind, request_id, key, ttl_ms)`` of a valid GET, SET or DEL, else None.
 
-    The same checks as :func:`decode_request`, without building a :class:`Request` (the broker
-    reads nothing else of a keyed request). None means "not a well-formed keyed request":
-    the caller decodes it with :func:`decode_request`, which answers or raises as usual.
+    The hot path of the broker (which reads nothing else of a keyed request) and of
+    :func:`decode_request`: the same checks, without the generic path's work. None means "not
+    a well-formed keyed request", for :func:`decode_request` to answer or raise as usual.
     """
     if len(frames) == 1:
         header = frames[0]
@@ -413,7 +419,7 @@ def peek_keyed_request(frames: Sequence[bytes]) -> tuple[int, int, bytes] | None
         version, kind, flags, request_id, arg = _REQUEST.unpack_from(header)
         if version != VERSION or (kind != _GET and kind != _DEL) or flags or arg:
             return None
-        return kind, request_id, header[_REQUEST.size :]
+        return kind, request_id, header[_REQUEST.size :], None
     if len(frames) == 2:
         header = frames[0]
         if len(header) <= _REQUEST.size or len(header) - _REQUEST.size > MAX_KEY_BYTES:
@@ -424,9 +430,10 @@ def peek_keyed_request(frames: Sequence[bytes]) -> tuple[int, int, bytes] | None
         if flags == _TTL:
             if not 1 <= arg <= MAX_TTL_MS:
                 return None
-        elif flags or arg:
+            return kind, request_id, header[_REQUEST.size :], arg
+        if flags or arg:
             return None
-        return kind, request_id, header[_REQUEST.size :]
+        return kind, request_id, header[_REQUEST.size :], None
     return None
 
 

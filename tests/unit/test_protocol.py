@@ -478,6 +478,7 @@ def test_peek_keyed_request_agrees_with_decode_request() -> None:
             request.kind,
             request.request_id,
             request.key,
+            request.ttl_ms,
         )
     others = [
         protocol.encode_request(Request(Kind.PING, 6)),
@@ -505,6 +506,6 @@ def test_peek_keyed_request_agrees_with_decode_request() -> None:
             continue
         peeked = protocol.peek_keyed_request(frames)
         if request.kind in protocol.KEYED_COMMANDS:
-            assert peeked == (request.kind, request.request_id, request.key)
+            assert peeked == (request.kind, request.request_id, request.key, request.ttl_ms)
         else:
             assert peeked is None
