@@ -293,7 +293,7 @@ class Worker:
             replies = [unavailable(d, "no shard assigned") for d in batch]
         else:
             try:
-                replies = shard.handle_batch(batch)
+                replies = shard.handle_batch(batch, self._send_reply)
             except ShardMoved as exc:
                 moved = exc
                 message = f"shard {shard.number} moved to a newer owner"
@@ -308,9 +308,14 @@ class Worker:
                 return
         batch.clear()
         for reply in replies:
+            if reply is None:
+                continue  # a GET answered before the batch's write and fsync
             self._send(encode_reply(reply) if isinstance(reply, Reply) else reply)
         if moved is not None and shard is not None:
             self._moved(shard, moved)
+
+    def _send_reply(self, reply: Reply) -> None:
+        self._send(encode_reply(reply))
 
     def _moved(self, shard: Shard, exc: ShardMoved) -> None:
         """A newer owner has the shard: drop it, write nothing more, register as new."""
