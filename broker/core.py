@@ -80,6 +80,7 @@ from zkv.hashing import SLOTS, key_shard
 from zkv.protocol import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPS,
+    REPLY_HEADER_BYTES,
     VERSION,
     Assign,
     Disconnect,
@@ -100,6 +101,7 @@ from zkv.protocol import (
     encode_reply,
     error_reply,
     pack_reply,
+    peek_keyed_request,
     reply_from_record,
     reply_record_status,
     request_record,
@@ -114,6 +116,8 @@ CLAIM_WINDOW_HEARTBEATS = 1.5  # heartbeat intervals a new broker waits for shar
 
 _BATCH = int(Kind.BATCH)
 _BATCH_REPLY = int(Kind.BATCH_REPLY)
+_REPLY = int(Kind.REPLY)
+_REPLY_BYTES = REPLY_HEADER_BYTES
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _ERROR = int(Status.ERROR)
 _SLOT_MASK = SLOTS - 1
@@ -252,6 +256,10 @@ class Broker:
             self._on_batch(client, body, now)
             self._flush(now)
             return
+        keyed = peek_keyed_request(body)
+        if keyed is not None and not self.closing:
+            self._on_keyed(client, body, keyed, now)
+            return
         try:
             request = decode_request(body)
         except ProtocolError as exc:
@@ -289,9 +297,52 @@ class Broker:
             self._admit(op, key_shard(request.key, self.config.shards))
         self._flush(now)
 
+    def _on_keyed(
+        self,
+        client: bytes,
+        body: list[bytes],
+        keyed: tuple[int, int, bytes, int | None],
+        now: float,
+    ) -> None:
+        """A GET, SET or DEL that came alone (the one-request-at-a-time path): what
+        :meth:`on_client` does for it, without a Request object, and dispatched at once
+        when its key's token is free (nothing else is open during this event)."""
+        kind, request_id, key, _ = keyed
+        identity = (request_id, kind, key)
+        by_request = self._by_request
+        original = by_request.get(identity)
+        if original is not None:
+            original.client = client  # a retry: answer it on the socket the client now uses
+            return
+        origin = Origin(client, body)
+        by_request[identity] = origin
+        size = len(body[0]) + (len(body[1]) if len(body) > 1 else 0)
+        op = (origin, kind, request_id, key, None, size)
+        if b"{" in key:
+            shard = key_shard(key, self.config.shards)
+        else:
+            shard = (crc_hqx(key, 0) & _SLOT_MASK) * self.config.shards // SLOTS
+        if not self.tokens.acquire(key, op):
+            return  # waits behind the holder; dispatched when the token comes back
+        flight = Flight(shard)
+        flight.ops.append(op)
+        flight.keys.add(key)
+        flight.nbytes = size
+        self._route(flight, now)
+
     def on_worker(self, frames: list[bytes], now: float) -> None:
         """A worker's message: ``[identity, header, (body)]``."""
         worker, body = frames[0], frames[1:]
+        header = body[0] if body else b""
+        if (
+            len(header) == _REPLY_BYTES
+            and header[1] == _REPLY
+            and header[0] == VERSION
+            and len(body) <= 2
+            and header[2] <= _UNAVAILABLE
+            and self._forward_reply(worker, header, body, now)
+        ):
+            return
         if body and len(body[0]) >= 2 and body[0][1] == _BATCH_REPLY and body[0][0] == VERSION:
             # The hot path: the header is all the broker reads of a batch reply, usually.
             if self.registry.get(worker) is None:
@@ -600,6 +651,29 @@ class Broker:
                 [op[4] if op[4] is not None else request_record(op[0].frames or []) for op in ops],
             )
         self.outbox.append((Side.BACKEND, [owner, *frames]))
+
+    def _forward_reply(self, worker: bytes, header: bytes, body: list[bytes], now: float) -> bool:
+        """The REPLY to a lone request, forwarded to its client without being decoded (the
+        one-request-at-a-time path). False if it needs more than that (an ALL part, a retried
+        flight's refusal, an unknown worker or token): then :meth:`on_worker` decodes it."""
+        token = int.from_bytes(header[12:20], "big")
+        flight = self._inflight.get(token)
+        if flight is None or flight.worker != worker or len(flight.ops) != 1:
+            return False
+        record = self.registry.get(worker)
+        if record is None:
+            return False
+        origin, kind, request_id, key, _, _ = flight.ops[0]
+        if origin.gather is not None or (header[2] == _UNAVAILABLE and flight.attempts > 1):
+            return False
+        record.last_seen = now
+        del self._inflight[token]
+        self.outbox.append((Side.FRONTEND, [origin.client, *body]))
+        self._by_request.pop((request_id, kind, key), None)
+        self._release(flight)
+        if self._open or self._ready:  # waiters took the key's token: dispatch them
+            self._flush(now)
+        return True
 
     def _on_reply(self, worker: bytes, reply: Reply, frames: list[bytes], now: float) -> None:
         flight = self._inflight.get(reply.token)

@@ -471,6 +471,9 @@ class AppendLog:
         self.size = os.fstat(self.fd).st_size
         self.dirty = False  # appended bytes not yet fsynced
         self._synced_s = monotonic()
+        # The policy as booleans, read on every batch and every pass of the loop.
+        self._always = policy is FsyncPolicy.ALWAYS
+        self._everysec = policy is FsyncPolicy.EVERYSEC
 
     def append(self, data: bytes) -> None:
         """Append records (one write). Not yet durable unless :meth:`commit` says so.
@@ -490,14 +493,14 @@ class AppendLog:
         Raises:
             DurabilityError: the fsync failed.
         """
-        if self.dirty and self.policy is FsyncPolicy.ALWAYS:
+        if self.dirty and self._always:
             self.sync()
 
     def tick(self) -> None:
         """The worker's timer: under EVERYSEC, fsync if something waits and a second passed."""
         if (
             self.dirty
-            and self.policy is FsyncPolicy.EVERYSEC
+            and self._everysec
             and self._monotonic() - self._synced_s >= EVERYSEC_INTERVAL_S
         ):
             self.sync()

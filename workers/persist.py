@@ -274,14 +274,35 @@ class ShardFiles:
             ShardMoved: the epoch is no longer ours; nothing inside ran.
             LockTimeout: the lock stayed held past ``timeout_s``; nothing inside ran.
         """
-        self.owner.lock(timeout_s)
+        self.fence(timeout_s)
         try:
-            found = self.owner.read()
-            if found != self.epoch:
-                raise ShardMoved(self.number, self.epoch, found)
             yield
         finally:
-            self.owner.unlock()
+            self.unfence()
+
+    def fence(self, timeout_s: float = BATCH_LOCK_TIMEOUT_S) -> None:
+        """Enter :meth:`fenced` by hand (the batch path): lock, check the epoch is ours. On
+        success the caller must call :meth:`unfence` (in a ``finally``); on failure the lock
+        is already released.
+
+        Raises:
+            ShardMoved: the epoch is no longer ours.
+            LockTimeout: the lock stayed held past ``timeout_s``.
+        """
+        owner = self.owner
+        owner.lock(timeout_s)
+        try:
+            found = owner.read()
+        except BaseException:
+            owner.unlock()
+            raise
+        if found != self.epoch:
+            owner.unlock()
+            raise ShardMoved(self.number, self.epoch, found)
+
+    def unfence(self) -> None:
+        """Leave :meth:`fenced` entered with :meth:`fence`."""
+        self.owner.unlock()
 
     def append(self, data: bytes) -> None:
         """Append a batch's records (call inside :meth:`fenced`); not yet durable."""

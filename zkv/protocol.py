@@ -171,6 +171,7 @@ _SUB_REPLY = struct.Struct("!BBxxIQQQ")
 
 REQUEST_HEADER_BYTES = _REQUEST.size
 DISPATCH_HEADER_BYTES = _DISPATCH.size
+REPLY_HEADER_BYTES = _REPLY.size  # 28
 BATCH_HEADER_BYTES = _BATCH.size  # 16
 SUB_REQUEST_BYTES = _SUB_REQUEST.size  # 24, then the key and the value
 SUB_REPLY_BYTES = _SUB_REPLY.size  # 32, then the body
@@ -342,6 +343,12 @@ def decode_request(frames: Sequence[bytes]) -> Request:
     Raises:
         ProtocolError: naming what is wrong, carrying the request id when it was readable.
     """
+    keyed = peek_keyed_request(frames)
+    if keyed is not None:  # GET, SET, DEL: the common case, checked without the branches below
+        kind_byte, request_id, key, ttl_ms = keyed
+        if kind_byte == _SET:
+            return Request(Kind.SET, request_id, bytes(key), bytes(frames[1]), ttl_ms)
+        return Request(_COMMAND_OF[kind_byte], request_id, bytes(key))
     _check_version(frames)
     header = frames[0]
     if len(header) < _REQUEST.size:
@@ -398,7 +405,42 @@ def decode_request(frames: Sequence[bytes]) -> Request:
     return Request(kind, request_id, bytes(key))
 
 
+def peek_keyed_request(frames: Sequence[bytes]) -> tuple[int, int, bytes, int | None] | None:
+    """``(kind, request_id, key, ttl_ms)`` of a valid GET, SET or DEL, else None.
+
+    The hot path of the broker (which reads nothing else of a keyed request) and of
+    :func:`decode_request`: the same checks, without the generic path's work. None means "not
+    a well-formed keyed request", for :func:`decode_request` to answer or raise as usual.
+    """
+    if len(frames) == 1:
+        header = frames[0]
+        if len(header) <= _REQUEST.size or len(header) - _REQUEST.size > MAX_KEY_BYTES:
+            return None
+        version, kind, flags, request_id, arg = _REQUEST.unpack_from(header)
+        if version != VERSION or (kind != _GET and kind != _DEL) or flags or arg:
+            return None
+        return kind, request_id, header[_REQUEST.size :], None
+    if len(frames) == 2:
+        header = frames[0]
+        if len(header) <= _REQUEST.size or len(header) - _REQUEST.size > MAX_KEY_BYTES:
+            return None
+        version, kind, flags, request_id, arg = _REQUEST.unpack_from(header)
+        if version != VERSION or kind != _SET or len(frames[1]) > MAX_VALUE_BYTES:
+            return None
+        if flags == _TTL:
+            if not 1 <= arg <= MAX_TTL_MS:
+                return None
+            return kind, request_id, header[_REQUEST.size :], arg
+        if flags or arg:
+            return None
+        return kind, request_id, header[_REQUEST.size :], None
+    return None
+
+
 _COMMAND_OF = {int(kind): kind for kind in COMMANDS}
+_GET = int(Kind.GET)
+_SET = int(Kind.SET)
+_DEL = int(Kind.DEL)
 _KIND_OF = {int(kind): kind for kind in Kind}
 _STATUS_OF = {int(status): status for status in Status}
 _TTL = int(Flag.TTL)

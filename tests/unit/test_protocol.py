@@ -459,3 +459,53 @@ def test_fuzz_batch_decoders_raise_only_protocol_error():
                 decode(message)
             except ProtocolError:
                 pass
+
+
+def test_peek_keyed_request_agrees_with_decode_request() -> None:
+    """The broker's fast path reads (kind, id, key) of exactly the GET/SET/DEL requests that
+    decode_request accepts; anything else is left to decode_request (None)."""
+    rng = random.Random(7)
+    valid = [
+        Request(Kind.GET, 1, b"k"),
+        Request(Kind.DEL, 2**64 - 1, b"key" * 100),
+        Request(Kind.SET, 3, b"k", b""),
+        Request(Kind.SET, 4, b"k", b"v" * 100, 1),
+        Request(Kind.SET, 5, b"k", b"v", protocol.MAX_TTL_MS),
+    ]
+    for request in valid:
+        frames = protocol.encode_request(request)
+        assert protocol.peek_keyed_request(frames) == (
+            request.kind,
+            request.request_id,
+            request.key,
+            request.ttl_ms,
+        )
+    others = [
+        protocol.encode_request(Request(Kind.PING, 6)),
+        protocol.encode_request(Request(Kind.ALL, 7)),
+    ]
+    for frames in others:
+        assert protocol.peek_keyed_request(frames) is None
+    header = struct.Struct("!BBBxQQ")
+    for _ in range(5000):
+        frames = [
+            header.pack(
+                rng.choice((1, 1, 1, 2)),
+                rng.choice((0, 1, 2, 3, 4, 5, 6, 9)),
+                rng.choice((0, 0, 1, 2, 3, 4)),
+                rng.randrange(4),
+                rng.choice((0, 0, 1, protocol.MAX_TTL_MS, protocol.MAX_TTL_MS + 1)),
+            )
+            + rng.choice((b"", b"k", b"key"))
+        ]
+        frames += [b"v"] * rng.choice((0, 0, 1, 2))
+        try:
+            request = decode_request(frames)
+        except ProtocolError:
+            assert protocol.peek_keyed_request(frames) is None
+            continue
+        peeked = protocol.peek_keyed_request(frames)
+        if request.kind in protocol.KEYED_COMMANDS:
+            assert peeked == (request.kind, request.request_id, request.key, request.ttl_ms)
+        else:
+            assert peeked is None

@@ -369,3 +369,34 @@ def test_a_durable_batch_is_one_append_and_one_fsync(tmp_path) -> None:
     assert answers(retry).replies[0].status == Status.OK
     assert len(again.memory) == 51
     again.close()
+
+
+def test_gets_before_the_first_write_are_answered_before_the_fsync(tmp_path) -> None:
+    """A GET ahead of every write of its batch can only read what is on disk: it is handed to
+    ``early`` at once. A GET after a write may read that write, so it waits for the fsync."""
+    events: list[str] = []
+    durability = Durability(
+        tmp_path / "data", FsyncPolicy.ALWAYS, fsync=lambda fd: events.append("fsync")
+    )
+    shard = take_shard(0, 5, None, durability, FakeClock()).shard
+    shard.handle_batch([Dispatch(10, Request(Kind.SET, 1, b"a", b"old", None))])
+    events.clear()
+    early: list[Reply] = []
+
+    def answer_early(reply: Reply) -> None:
+        events.append("early")
+        early.append(reply)
+
+    answered = shard.handle_batch(
+        [
+            Dispatch(11, Request(Kind.GET, 2, b"a")),
+            Dispatch(12, Request(Kind.SET, 3, b"a", b"new", None)),
+            Dispatch(13, Request(Kind.GET, 4, b"a")),
+        ],
+        answer_early,
+    )
+    assert events == ["early", "fsync"]
+    assert [(r.request_id, r.body) for r in early] == [(2, b"old")]
+    assert answered[0] is None
+    assert isinstance(answered[2], Reply) and answered[2].body == b"new"
+    shard.close()
