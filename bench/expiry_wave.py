@@ -24,9 +24,13 @@ gateway; ``--in-memory`` unless ``--durable``, which uses a data directory with 
 Phases of the report: *baseline* is from 2 s after the load until 6 s before ``X`` (nothing is
 due: the wave's keys wait in coarse buckets); *pre-wave* is the 6 s before ``X``, when they are
 refined into millisecond buckets; *wave* runs from ``X`` until the last wave key is gone; *after*
-is the rest. The floor: no 100 ms window of pre-wave or wave has a p99 above twice the baseline
-p99. Numbers are from one run on one machine (2 cores shared by broker, worker and this driver,
-and by whatever else runs there: the CPU and load columns say how much the worker got).
+is the rest. The floor, in the issue's words: GET p99 does not rise above twice its baseline
+during the wave; checked for the pre-wave phase too (its refinement is expiry work). The worst
+100 ms window of each phase is reported beside it, but not judged: a window holds a few hundred
+GETs, so its p99 is nearly its maximum, and on a shared 2-core machine one descheduling sets it
+(seen: a pre-wave window at 12x the baseline p99 while nothing expired). Numbers are from one
+run on one machine (2 cores shared by broker, worker and this driver, and by whatever else runs
+there: the CPU and load columns say how much the worker got).
 
 ``python -m bench --only expiry`` (or ``--full``) runs it once with the defaults (in memory,
 sequential order, one GET at a time, ``--full-keys`` keys) and shows the baseline, pre-wave and
@@ -411,11 +415,11 @@ def run(
     found["floor_ok"] = found["gone_ok"] = None
     baseline, pre, during = phases["baseline"], phases["pre-wave"], phases["wave"]
     if baseline and pre and during:
-        worst = max(pre["worst_window_p99"], during["worst_window_p99"])
+        worst = max(pre["p99"], during["p99"])
         found["floor_ok"] = worst <= 2 * baseline["p99"]
         found["gone_ok"] = late_ms <= 1000
         say(
-            f"floor: worst window p99 {worst:.3f} ms vs 2 x baseline p99 "
+            f"floor: pre-wave and wave p99 up to {worst:.3f} ms vs 2 x baseline p99 "
             f"{2 * baseline['p99']:.3f} ms: {'ok' if found['floor_ok'] else 'MISSED'};"
             f" last key gone within {late_ms} ms of its deadline: "
             f"{'ok' if found['gone_ok'] else 'MISSED'}"
@@ -445,7 +449,8 @@ def phase_result(found: dict, phase: str) -> LoadResult:
         notes += (
             f"; {found['removed']:,} keys expired, the last {found['late_ms']} ms after its "
             f"deadline (floor 1000: {'ok' if found['gone_ok'] else 'MISSED'}); "
-            f"p99 floor 2x: {'ok' if found['floor_ok'] else 'MISSED'}"
+            f"p99 floor (pre-wave and wave p99 <= 2x baseline): "
+            f"{'ok' if found['floor_ok'] else 'MISSED'}"
         )
     elapsed_s = summary["windows"] * WINDOW_MS / 1000
     details = {key: value for key, value in found.items() if key != "phases"}
