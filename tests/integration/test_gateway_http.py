@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import threading
 import time
@@ -551,3 +552,57 @@ def test_a_waiting_request_does_not_hold_up_others_nor_see_their_bottle_request(
 def test_app_outside_a_request_greenlet_is_refused() -> None:
     with pytest.raises(RuntimeError, match="request greenlet"):
         wait(asyncio.Future(loop=asyncio.new_event_loop()))
+
+
+# --- fuzz -----------------------------------------------------------------------------------------
+
+
+def mutations(rng: random.Random, count: int) -> Iterator[bytes]:
+    """Valid requests cut, spliced and sprinkled with random bytes, and plain noise."""
+    seeds = [
+        request("GET", "/get?key=1"),
+        request("PUT", "/v1/keys/k", body=b"value"),
+        request("PUT", "/v1/keys/c", "Transfer-Encoding: chunked", body=chunked(b"x" * 300)),
+        request("GET", "/", "Expect: 100-continue", "Content-Length: 3") + b"abc",
+    ]
+    for _ in range(count):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 6)):
+            roll = rng.random()
+            at = rng.randrange(len(data) + 1)
+            if roll < 0.4:
+                data[at:at] = rng.randbytes(rng.randrange(1, 8))
+            elif roll < 0.7:
+                del data[at : at + rng.randrange(1, 8)]
+            elif roll < 0.9 and data:
+                data[min(at, len(data) - 1)] = rng.randrange(256)
+            else:
+                data = bytearray(rng.randbytes(rng.randrange(1, 200)))
+        yield bytes(data)
+
+
+def test_fuzzed_requests_get_an_http_answer_or_a_close_and_the_server_lives_on(
+    gateway: tuple[Server, FakeKv],
+) -> None:
+    running, _ = gateway
+    rng = random.Random(20261127)
+    statuses: set[int] = set()
+    for data in mutations(rng, 300):
+        with running.connect() as sock:
+            sock.settimeout(3)
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)  # no more input: whatever was sent must be answered
+            received = b""
+            while chunk := sock.recv(65536):  # the server closes; a hang times out (an error)
+                received += chunk
+        if received:
+            assert received.startswith(b"HTTP/1.1 "), (data, received[:200])
+            status = int(received[9:12])
+            statuses.add(status)
+            body = received.partition(b"\r\n\r\n")[2]
+            if status >= 400:
+                assert json.loads(body.split(b"HTTP/1.1 ")[0])["error"], (data, received)
+    assert {200, 400} <= statuses, statuses  # both paths were exercised
+    with running.connect() as sock:  # and it still serves
+        sock.sendall(request("PUT", "/v1/keys/after", body=b"ok"))
+        assert Reader(sock).response().status == 200
