@@ -42,19 +42,34 @@ class LoopHold:
         self.released.set()
 
 
-def test_requests_arriving_together_leave_in_one_batch(cluster: Cluster) -> None:
-    made: list[LoopClient] = []
+class Gateway:
+    """The gateway's app on an in-process server, its batching clients kept for inspection."""
 
-    def factory() -> LoopClient:
-        client = LoopClient(cluster.frontend, timeout_s=5.0, connect_timeout_s=3.0)
-        made.append(client)
+    def __init__(self, cluster: Cluster, connections: int) -> None:
+        self.cluster = cluster
+        self.clients: list[LoopClient] = []
+        self.server = Server(make_app(self._client))
+        self.socks = [self.server.connect() for _ in range(connections)]
+
+    def _client(self) -> LoopClient:
+        client = LoopClient(self.cluster.frontend, timeout_s=5.0, connect_timeout_s=3.0)
+        self.clients.append(client)
         return client
 
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        for client in self.clients:
+            self.server.run(client.close())
+        self.server.close()
+
+
+def test_requests_arriving_together_leave_in_one_batch(cluster: Cluster) -> None:
     kv = cluster.client()
     for n in range(CONNECTIONS):
         kv.set(f"batch:{n}", f"value-{n}", ttl_s=60)
-    server = Server(make_app(factory))
-    socks = [server.connect() for _ in range(CONNECTIONS)]
+    gateway = Gateway(cluster, CONNECTIONS)
+    server, socks, made = gateway.server, gateway.socks, gateway.clients
     try:
         # A first round, one connection at a time, makes the client and its socket and has
         # every connection accepted (the server takes one per wake-up).
@@ -74,22 +89,12 @@ def test_requests_arriving_together_leave_in_one_batch(cluster: Cluster) -> None
         # attempt (1 s) and they were sent again.
         assert 1 <= sent <= 1 + client.aio.retries, f"{CONNECTIONS} requests in {sent} BATCHes"
     finally:
-        for sock in socks:
-            sock.close()
-        for client in made:
-            server.run(client.close())
-        server.close()
+        gateway.close()
 
 
 def test_mixed_requests_in_one_batch_each_get_their_own_answer(cluster: Cluster) -> None:
-    made: list[LoopClient] = []
-
-    def factory() -> LoopClient:
-        made.append(LoopClient(cluster.frontend, timeout_s=5.0, connect_timeout_s=3.0))
-        return made[-1]
-
-    server = Server(make_app(factory))
-    socks = [server.connect() for _ in range(6)]
+    gateway = Gateway(cluster, 6)
+    server, socks = gateway.server, gateway.socks
     paths = [
         "/set?key=mix:a&value=1&timeout=60",
         "/set?key=mix:b&value=2&timeout=60",
@@ -108,11 +113,7 @@ def test_mixed_requests_in_one_batch_each_get_their_own_answer(cluster: Cluster)
             response = Reader(sock).response()
             got.append((response.status, json.loads(response.body)))
     finally:
-        for sock in socks:
-            sock.close()
-        for client in made:
-            server.run(client.close())
-        server.close()
+        gateway.close()
     assert got[0][1]["message"] == "Value set successfully" and got[0][1]["value"] == "1"
     assert got[1][1]["message"] == "Value set successfully" and got[1][1]["value"] == "2"
     assert got[2] == (200, {"error": "Data not found"})
