@@ -47,6 +47,7 @@ by a worker that then died is answered from memory by its successor, not applied
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 from zkv.protocol import Status
@@ -115,6 +116,9 @@ class RequestMemory:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self._memos: dict[int, Packed] = {}
+        # Whether anything is remembered under a request id: the cheap test before recall()
+        # on the worker's hot path (almost every write has a new id), the dict's own method.
+        self.known: Callable[[int], bool] = self._memos.__contains__
         # Request ids in the order remembered: a ring once full, _next its oldest slot.
         self._ring: list[int] = []
         self._next = 0

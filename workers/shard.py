@@ -244,6 +244,7 @@ class Shard:
         get = store.get
         put = store.set
         recall = self.memory.recall
+        known = self.memory.known
         remember = self.memory.remember_write
         keep = None if records is None else records.append
         encode_set = aof.encode_set
@@ -266,7 +267,7 @@ class Shard:
             if kind == _SET:  # the common write, inline: _apply's SET branch for a new request
                 try:
                     fingerprint = crc32(value)  # type: ignore[arg-type]  # a SET op has a value
-                    if recall(request_id, _SET, key, fingerprint) is None:
+                    if not known(request_id) or recall(request_id, _SET, key, fingerprint) is None:
                         deadline_ms = put(key, value, ttl_ms)  # type: ignore[arg-type]
                         remember(request_id, _SET, key, fingerprint, deadline_ms)
                         if keep is not None:

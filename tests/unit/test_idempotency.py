@@ -152,3 +152,12 @@ def test_packed_entries_are_the_tail_of_memo_records() -> None:
         assert aof.encode_memo_packed(request_id, entry) == aof.encode_memo(
             request_id, memo.kind, memo.status, memo.deadline_ms, memo.fingerprint, memo.key
         )
+
+
+def test_known_says_whether_an_id_is_remembered() -> None:
+    memory = RequestMemory(capacity=1)
+    assert not memory.known(7)
+    memory.remember_write(7, Kind.SET, b"k", 1, None)
+    assert memory.known(7)
+    memory.remember_write(8, Kind.DEL, b"k", 0, None)  # forgets 7
+    assert not memory.known(7) and memory.known(8)
