@@ -150,27 +150,69 @@ class DurabilityError(Exception):
 # --- encoding ---------------------------------------------------------------------------------
 
 
+# The CRC of a record starts with its four length bytes: zlib.crc32 of them, by length, so a
+# record costs one crc32 call (over its body), not two. Records of a batch mostly share a few
+# lengths; the cache is bounded so a stream of distinct lengths cannot grow it without end.
+_LENGTH_CRCS: dict[int, int] = {}
+_LENGTH_CRCS_MAX = 4096
+_pack_prefix = _PREFIX.pack
+_pack_set_head = _SET.pack
+_pack_del_head = _DEL.pack
+_pack_memo_id = struct.Struct("!BQ").pack  # type, request_id: what precedes a packed memo
+_crc32 = zlib.crc32
+_SET_TYPE = int(RecordType.SET)
+_DEL_TYPE = int(RecordType.DEL)
+_MEMO_TYPE = int(RecordType.MEMO)
+
+
+def _length_crc(length: int) -> int:
+    crc = _LENGTH_CRCS.get(length)
+    if crc is None:
+        crc = _crc32(_LENGTH.pack(length))
+        if len(_LENGTH_CRCS) < _LENGTH_CRCS_MAX:
+            _LENGTH_CRCS[length] = crc
+    return crc
+
+
 def _frame(body: bytes) -> bytes:
-    length = _LENGTH.pack(len(body))
-    return length + _LENGTH.pack(zlib.crc32(body, zlib.crc32(length))) + body
+    length = len(body)
+    crc = _LENGTH_CRCS.get(length)
+    if crc is None:
+        crc = _length_crc(length)
+    return _pack_prefix(length, _crc32(body, crc)) + body
 
 
 def encode_set(request_id: int, key: bytes, value: bytes, deadline_ms: int | None) -> bytes:
-    """One SET record, ready to append."""
-    return _frame(_SET.pack(RecordType.SET, request_id, deadline_ms or 0, len(key)) + key + value)
+    """One SET record, ready to append (the worker's hot path: _frame written out)."""
+    body = _pack_set_head(_SET_TYPE, request_id, deadline_ms or 0, len(key)) + key + value
+    length = len(body)
+    crc = _LENGTH_CRCS.get(length)
+    if crc is None:
+        crc = _length_crc(length)
+    return _pack_prefix(length, _crc32(body, crc)) + body
 
 
 def encode_del(request_id: int, key: bytes) -> bytes:
     """One DEL record, ready to append."""
-    return _frame(_DEL.pack(RecordType.DEL, request_id) + key)
+    return _frame(_pack_del_head(_DEL_TYPE, request_id) + key)
 
 
 def encode_memo(
     request_id: int, kind: int, status: int, deadline_ms: int | None, fingerprint: int, key: bytes
 ) -> bytes:
     """One MEMO record (a remembered reply), ready to append."""
-    head = _MEMO.pack(RecordType.MEMO, request_id, kind, status, deadline_ms or 0, fingerprint)
+    head = _MEMO.pack(_MEMO_TYPE, request_id, kind, status, deadline_ms or 0, fingerprint)
     return _frame(head + key)
+
+
+def encode_memo_packed(request_id: int, packed: bytes | tuple[bytes, bytes]) -> bytes:
+    """One MEMO record from an entry of the idempotency memory as it is kept packed
+    (:meth:`workers.idempotency.RequestMemory.packed`): its fields are laid out as this
+    record's tail, so compaction writes the memory without unpacking it."""
+    if isinstance(packed, bytes):
+        return _frame(_pack_memo_id(_MEMO_TYPE, request_id) + packed)
+    fields, key = packed
+    return _frame(_pack_memo_id(_MEMO_TYPE, request_id) + fields + key)
 
 
 def encode(record: Record) -> bytes:

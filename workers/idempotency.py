@@ -21,7 +21,7 @@ deletes a value written since, as if the first attempt had been lost). Request i
 not remember" (compaction writes its snapshot with it).
 
 Memory, since a full memory is 100,000 entries per shard: each write is kept as one bytes
-object (kind, status, CRC-32 and deadline packed in 14 bytes, then the key) in a plain dict by
+object (kind, status, deadline and CRC-32 packed in 14 bytes, then the key) in a plain dict by
 request id, and the order of forgetting is a ring of the request ids, not an OrderedDict (whose
 linked list costs about 45 bytes an entry). About 160 bytes per entry with 16-byte keys
 (tracemalloc, 100,000 random 64-bit ids: the id itself is 48 of them, the dict slot about 50),
@@ -30,7 +30,14 @@ Measured as a whole worker's RSS (``bench/memory.py``) a full memory costs neare
 dict's table is sized for its churn, and allocator pages are shared with the store's. A key
 longer than INLINE_KEY_BYTES is not copied but kept by reference beside the packed fields, as
 the store holds it while the key lives. :class:`Memo` remains the interface: entries are
-unpacked into one only when a retry is recognised or compaction reads the memory.
+unpacked into one only when a retry is recognised or a test reads the memory.
+
+Speed, since every SET and DEL is remembered: the worker's hot path calls
+:meth:`RequestMemory.remember_write` with the fields, not a Memo (a named tuple built per write
+cost about a tenth of a SET's time), and the packed fields are laid out as the tail of a MEMO
+log record (``kind status deadline_ms fingerprint key``, workers/aof.py), so compaction writes
+the memory as records straight from the packed entries (:meth:`RequestMemory.packed`,
+:func:`workers.aof.encode_memo_packed`) without unpacking 100,000 of them in the worker's loop.
 
 The memory is rebuilt on takeover: every SET and DEL record in the log carries its request id,
 and compaction writes the memory itself into the new log as MEMO records, so a request applied
@@ -40,14 +47,22 @@ by a worker that then died is answered from memory by its successor, not applied
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
+
+from zkv.protocol import Status
 
 MAX_REMEMBERED_REQUESTS = 100_000  # request ids per shard
 # Keys up to this long are copied into the packed entry (one object instead of a 2-tuple and
 # the packed fields: 64 bytes instead of 112 with a 16-byte key); longer ones are shared.
 INLINE_KEY_BYTES = 64
 
-_FIELDS = struct.Struct(">BBIQ")  # kind, status, fingerprint (CRC-32), deadline_ms (0: None)
+# kind, status, deadline_ms (0: None), fingerprint (CRC-32): the order of a MEMO log record's
+# fields after its request id, so an entry with its key inline is that record's tail.
+_FIELDS = struct.Struct(">BBQI")
+FIELDS_BYTES = _FIELDS.size
+
+_OK = int(Status.OK)
 
 Packed = bytes | tuple[bytes, bytes]
 """One remembered write: the packed fields followed by the key, or (fields, key)."""
@@ -63,8 +78,11 @@ class Memo(NamedTuple):
     deadline_ms: int | None  # the reply's deadline (SET), None for never or DEL
 
 
+_pack_fields = _FIELDS.pack
+
+
 def _pack(memo: Memo) -> Packed:
-    fields = _FIELDS.pack(memo.kind, memo.status, memo.fingerprint, memo.deadline_ms or 0)
+    fields = _pack_fields(memo.kind, memo.status, memo.deadline_ms or 0, memo.fingerprint)
     if len(memo.key) <= INLINE_KEY_BYTES:
         return fields + memo.key
     return fields, memo.key
@@ -75,8 +93,15 @@ def _unpack(packed: Packed) -> Memo:
         key = packed[_FIELDS.size :]
     else:
         packed, key = packed
-    kind, status, fingerprint, deadline_ms = _FIELDS.unpack_from(packed)
+    kind, status, deadline_ms, fingerprint = _FIELDS.unpack_from(packed)
     return Memo(kind, key, fingerprint, status, deadline_ms or None)
+
+
+def packed_key(packed: Packed) -> bytes:
+    """The key of a packed entry (see :meth:`RequestMemory.packed`)."""
+    if isinstance(packed, bytes):
+        return packed[_FIELDS.size :]
+    return packed[1]
 
 
 class RequestMemory:
@@ -91,6 +116,9 @@ class RequestMemory:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self._memos: dict[int, Packed] = {}
+        # Whether anything is remembered under a request id: the cheap test before recall()
+        # on the worker's hot path (almost every write has a new id), the dict's own method.
+        self.known: Callable[[int], bool] = self._memos.__contains__
         # Request ids in the order remembered: a ring once full, _next its oldest slot.
         self._ring: list[int] = []
         self._next = 0
@@ -112,13 +140,24 @@ class RequestMemory:
 
     def remember(self, request_id: int, memo: Memo) -> None:
         """Remember a write applied under ``request_id`` (0: not remembered)."""
+        if request_id:
+            self._store(request_id, _pack(memo))
+
+    def remember_write(
+        self, request_id: int, kind: int, key: bytes, fingerprint: int, deadline_ms: int | None
+    ) -> None:
+        """:meth:`remember` of an OK reply, from its fields (the worker's hot path: no Memo)."""
         if not request_id:
             return
+        fields = _pack_fields(kind, _OK, deadline_ms or 0, fingerprint)
+        self._store(request_id, fields + key if len(key) <= INLINE_KEY_BYTES else (fields, key))
+
+    def _store(self, request_id: int, packed: Packed) -> None:
         memos = self._memos
         if request_id in memos:
             # An id reused for another write: the newest one is what a retry would repeat.
             self._reused[request_id] = self._reused.get(request_id, 0) + 1
-        memos[request_id] = _pack(memo)
+        memos[request_id] = packed
         ring = self._ring
         if len(ring) < self.capacity:
             ring.append(request_id)
@@ -135,18 +174,25 @@ class RequestMemory:
             self._reused[oldest] = skip - 1
 
     def snapshot(self) -> list[tuple[int, Memo]]:
-        """The remembered writes, oldest first: a copy another thread may read (compaction)."""
-        skip = dict(self._reused)
+        """The remembered writes, oldest first, unpacked (tests and tools)."""
+        return [(request_id, _unpack(packed)) for request_id, packed in self.packed()]
+
+    def packed(self) -> list[tuple[int, Packed]]:
+        """The remembered writes, oldest first, as packed entries: a copy another thread may
+        read (compaction writes them with :func:`workers.aof.encode_memo_packed`)."""
         ring = self._ring
         ordered = ring[self._next :] + ring[: self._next]
         memos = self._memos
-        remembered: list[tuple[int, Memo]] = []
+        if not self._reused:  # the usual case: every id in the ring once
+            return [(request_id, memos[request_id]) for request_id in ordered]
+        skip = dict(self._reused)
+        remembered: list[tuple[int, Packed]] = []
         for request_id in ordered:
             count = skip.get(request_id)
             if count:
                 skip[request_id] = count - 1  # a newer slot holds this id's current write
                 continue
-            remembered.append((request_id, _unpack(memos[request_id])))
+            remembered.append((request_id, memos[request_id]))
         return remembered
 
     def __len__(self) -> int:

@@ -43,10 +43,10 @@ from workers.aof import (
     MemoRecord,
     SetRecord,
 )
-from workers.idempotency import Memo, RequestMemory
+from workers.idempotency import Memo, Packed, RequestMemory, packed_key
 from workers.ownership import OwnerFile, OwnershipError
 from workers.store import Clock, Snapshot, TTLStore
-from zkv.protocol import Kind, Status
+from zkv.protocol import Kind
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +416,7 @@ class ShardFiles:
             self._next_rewrite_s = self.durability.monotonic() + REWRITE_RETRY_S
             log.error("compaction of %s not started: %s", self.log_path, exc)
             return
-        rewrite = _Rewrite(fd, store.snapshot(), memory.snapshot(), store.clock)
+        rewrite = _Rewrite(fd, store.snapshot(), memory.packed(), store.clock)
         self._rewrite = rewrite
         self._rewrite_buffer = []
         log.info(
@@ -514,7 +514,7 @@ class _Rewrite:
     """
 
     def __init__(
-        self, fd: int, snapshot: Snapshot, memos: list[tuple[int, Memo]], clock: Clock
+        self, fd: int, snapshot: Snapshot, memos: list[tuple[int, Packed]], clock: Clock
     ) -> None:
         self.fd = fd
         self.snapshot = snapshot
@@ -557,10 +557,9 @@ class _Rewrite:
         try:
             chunk: list[bytes] = [MAGIC]
             pending = len(MAGIC)
-            for request_id, memo in self.memos:
-                record = aof.encode_memo(
-                    request_id, memo.kind, memo.status, memo.deadline_ms, memo.fingerprint, memo.key
-                )
+            encode_memo = aof.encode_memo_packed
+            for request_id, packed in self.memos:
+                record = encode_memo(request_id, packed)
                 chunk.append(record)
                 pending += len(record)
                 if pending >= aof.WRITE_CHUNK_BYTES:
@@ -593,17 +592,19 @@ class _Cancelled(Exception):
 # --- replay -----------------------------------------------------------------------------------
 
 
+_SET = int(Kind.SET)
+_DEL = int(Kind.DEL)
+
+
 def _apply(record: aof.Record, store: TTLStore, memory: RequestMemory) -> None:
     """Apply one log record to a store and memory being rebuilt."""
     match record:
         case SetRecord(request_id, key, value, deadline_ms):
             store.restore(key, value, deadline_ms)
-            memory.remember(
-                request_id, Memo(Kind.SET, key, zlib.crc32(value), Status.OK, deadline_ms)
-            )
+            memory.remember_write(request_id, _SET, key, zlib.crc32(value), deadline_ms)
         case DelRecord(request_id, key):
             store.delete(key)
-            memory.remember(request_id, Memo(Kind.DEL, key, 0, Status.OK, None))
+            memory.remember_write(request_id, _DEL, key, 0, None)
         case MemoRecord(request_id, kind, status, deadline_ms, fingerprint, key):
             memory.remember(request_id, Memo(kind, key, fingerprint, status, deadline_ms))
 
@@ -611,5 +612,5 @@ def _apply(record: aof.Record, store: TTLStore, memory: RequestMemory) -> None:
 def compact_size(snapshot: Snapshot, memory: RequestMemory, now_ms: int) -> int:
     """The size a compacted log of this data would have (an estimate within a few bytes)."""
     data = sum(SET_OVERHEAD_BYTES + len(k) + len(v) for k, v, _ in snapshot.live(now_ms))
-    memos = sum(MEMO_OVERHEAD_BYTES + len(memo.key) for _, memo in memory.snapshot())
+    memos = sum(MEMO_OVERHEAD_BYTES + len(packed_key(p)) for _, p in memory.packed())
     return len(MAGIC) + data + memos

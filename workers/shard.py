@@ -240,7 +240,15 @@ class Shard:
                 token, [pack_reply(_UNAVAILABLE, op[1], token, None, message) for op in ops]
             )
         apply = self._apply
-        get = self.store.get
+        store = self.store
+        get = store.get
+        put = store.set
+        recall = self.memory.recall
+        known = self.memory.known
+        remember = self.memory.remember_write
+        keep = None if records is None else records.append
+        encode_set = aof.encode_set
+        crc32 = zlib.crc32
         out: list[bytes] = []
         append = out.append
         for kind, request_id, key, value, ttl_ms in ops:
@@ -256,7 +264,22 @@ class Shard:
                     continue
                 append(pack_reply(_OK, request_id, token, deadline_ms, found))
                 continue
-            if not kind:  # malformed; key holds the message
+            if kind == _SET:  # the common write, inline: _apply's SET branch for a new request
+                try:
+                    fingerprint = crc32(value)  # type: ignore[arg-type]  # a SET op has a value
+                    if not known(request_id) or recall(request_id, _SET, key, fingerprint) is None:
+                        deadline_ms = put(key, value, ttl_ms)  # type: ignore[arg-type]
+                        remember(request_id, _SET, key, fingerprint, deadline_ms)
+                        if keep is not None:
+                            keep(encode_set(request_id, key, value, deadline_ms))  # type: ignore[arg-type]
+                        append(pack_reply(_OK, request_id, token, deadline_ms, None))
+                        continue
+                except Exception:  # a bug: see _handle_one
+                    log.exception("internal error on SET request %d of a batch", request_id)
+                    append(pack_reply(_ERROR, request_id, token, None, b"internal worker error"))
+                    continue
+                # A retry: _apply answers it from memory.
+            elif not kind:  # malformed; key holds the message
                 append(pack_reply(_ERROR, request_id, token, None, b"malformed request: " + key))
                 continue
             try:
@@ -293,7 +316,7 @@ class Shard:
             if memo is not None:
                 return self._from_memory(kind, request_id, memo)
             deadline_ms = store.set(key, value, ttl_ms)
-            self.memory.remember(request_id, Memo(_SET, key, fingerprint, _OK, deadline_ms))
+            self.memory.remember_write(request_id, _SET, key, fingerprint, deadline_ms)
             if records is not None:
                 records.append(aof.encode_set(request_id, key, value, deadline_ms))
             return _OK, deadline_ms, None
@@ -303,7 +326,7 @@ class Shard:
                 return self._from_memory(kind, request_id, memo)
             if not store.delete(key):
                 return _NOT_FOUND, None, None
-            self.memory.remember(request_id, Memo(_DEL, key, 0, _OK, None))
+            self.memory.remember_write(request_id, _DEL, key, 0, None)
             if records is not None:
                 records.append(aof.encode_del(request_id, key))
             return _OK, None, None

@@ -68,6 +68,29 @@ def _deadline(record: Record) -> int:
     return _unpack_from(record, -DEADLINE_BYTES)[0]
 
 
+def _same_window(old: int, new: int, now: int) -> bool:
+    """Whether a key filed in the index for deadline ``old`` needs no new entry for ``new``.
+
+    Why this is enough (a key set again with about the same TTL, the common overwrite, then
+    adds nothing to the index, and the index needs no compaction for it): the key's entry for
+    ``old`` sits in a bucket whose window contains ``old``, at the level ``old``'s time left
+    had when it was filed (or refined), which is no finer than the level it has ``now``
+    provided the clock has not gone back since (the caller checks ``now`` against the latest
+    filing time). Windows of one level are aligned powers of two, each inside one window of
+    every coarser level, so if ``new`` shares ``old``'s window at the level ``old`` has now, it
+    is in the window of the key's entry too: that entry is current for ``new`` (an expiry pass
+    refines or expires the key by its record's deadline, and _compact_index keeps it).
+    """
+    left = old - now
+    if left < HORIZON_MS[0]:
+        return new == old  # level 0: the bucket of the deadline itself
+    level = 1
+    while level < TOP_LEVEL and left >= HORIZON_MS[level]:
+        level += 1
+    mask = -WIDTH_MS[level]
+    return old & mask == new & mask
+
+
 # Python dicts never give memory back when keys are deleted: the table keeps its peak size until
 # the next insert that triggers a resize. After a mass expiry the table is copied into a new,
 # right-sized dict once it holds less than 1/SHRINK_FACTOR of its peak. Small dicts are left
@@ -138,6 +161,8 @@ class TTLStore:
         # Entries that were legitimately left after the last index compaction beyond one per
         # key (see _compact_index): the next compaction waits until the excess exceeds that.
         self._irreducible = 0
+        # The latest clock reading any key was filed at (see _same_window).
+        self._filed_ms = 0
         # The largest len(_data) since the dict was last rebuilt (see SHRINK_FACTOR).
         self._peak = 0
         # The stretch of expiry passes in progress, for its log line (EXPIRY_LOG_MIN_KEYS).
@@ -184,7 +209,9 @@ class TTLStore:
         if old is None:
             if len(data) > self._peak:
                 self._peak = len(data)
-        elif _deadline(old):
+        elif old_deadline := _unpack_from(old, -DEADLINE_BYTES)[0]:
+            if deadline and now >= self._filed_ms and _same_window(old_deadline, deadline, now):
+                return  # the key's entry for its old deadline stays current for the new one
             self._timed -= 1  # its index entry goes stale
         if deadline:
             self._timed += 1
@@ -370,7 +397,8 @@ class TTLStore:
     # first pass at or after its deadline that reaches its bucket; a key far in the future is
     # refined once per level on its way down (a one-hour TTL: twice). Writes and deletes make
     # entries stale without touching the index (a key set again with the same bucket is not
-    # filed twice when it was the bucket's last entry); _compact_index filters the index once
+    # filed twice when it was the bucket's last entry, nor when its new deadline falls in the
+    # window of its old one, see _same_window); _compact_index filters the index once
     # stale entries outnumber the live ones, one pause of O(entries) amortized to O(1) per
     # write. No timing assumption anywhere: the clock may jump forward (a backlog, drained in
     # passes) or back (buckets simply come due later).
@@ -394,6 +422,8 @@ class TTLStore:
         buckets = self._buckets
         data = self._data
         now = self._clock()
+        if now > self._filed_ms:
+            self._filed_ms = now  # refinements below file keys at this time
         started_s = time.monotonic()
         examined = removed = refiled = late_ms = 0
         while heap and examined < max_keys:
@@ -471,6 +501,8 @@ class TTLStore:
 
     def _file(self, key: bytes, deadline: int, now: int) -> None:
         """Add ``key`` to the bucket its deadline belongs in, given the time left before it."""
+        if now > self._filed_ms:
+            self._filed_ms = now
         left = deadline - now
         if left < HORIZON_MS[0]:
             bucket_id = deadline << _LEVEL_BITS  # level 0: due at the deadline itself

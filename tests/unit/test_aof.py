@@ -66,6 +66,23 @@ def test_record_layout_is_length_crc_body() -> None:
     assert crc == zlib.crc32(data[:4] + body)
 
 
+@pytest.mark.parametrize("value_bytes", [0, 16, 5000])
+def test_set_records_carry_the_crc_of_length_and_body(value_bytes: int) -> None:
+    # encode_set takes the CRC of the four length bytes from a cache: the same bytes as
+    # computing it over length and body in one go, for a first length and a repeated one.
+    for request_id in (1, 2**64 - 1):
+        data = aof.encode_set(request_id, b"key", b"v" * value_bytes, 1_700_000_000_123)
+        length, crc = struct.unpack_from("!II", data)
+        assert length == len(data) - 8 == 21 + 3 + value_bytes
+        import zlib
+
+        assert crc == zlib.crc32(data[:4] + data[8:])
+        assert aof.parse_at(memoryview(data), 0) == (
+            aof.SetRecord(request_id, b"key", b"v" * value_bytes, 1_700_000_000_123),
+            len(data),
+        )
+
+
 def test_a_log_reads_back_in_order(tmp_path: Path) -> None:
     path = tmp_path / "log"
     offsets = write_log(path, RECORDS)

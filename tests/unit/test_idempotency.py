@@ -8,7 +8,8 @@ import tracemalloc
 
 import pytest
 
-from workers.idempotency import INLINE_KEY_BYTES, Memo, RequestMemory
+from workers import aof
+from workers.idempotency import INLINE_KEY_BYTES, Memo, RequestMemory, packed_key
 from zkv.protocol import Kind, Status
 
 pytestmark = pytest.mark.unit
@@ -109,3 +110,54 @@ def test_a_full_memory_of_random_ids_stays_small() -> None:
         tracemalloc.stop()
     assert len(memory) == 100_000
     assert used / 100_000 < 200, f"{used / 100_000:.0f} bytes per remembered request"
+
+
+@pytest.mark.parametrize("key_bytes", [1, INLINE_KEY_BYTES, INLINE_KEY_BYTES + 1])
+def test_remember_write_is_remember_of_an_ok_memo(key_bytes: int) -> None:
+    key = b"k" * key_bytes
+    fast, slow = RequestMemory(capacity=2), RequestMemory(capacity=2)
+    for request_id, kind, fingerprint, deadline_ms in [
+        (1, Kind.SET, 0xDEADBEEF, 1_700_000_000_123),
+        (2, Kind.DEL, 0, None),
+        (1, Kind.SET, 7, None),  # reused
+        (3, Kind.SET, 8, 5),  # forgets the oldest
+        (0, Kind.SET, 9, 5),  # not remembered
+    ]:
+        fast.remember_write(request_id, kind, key, fingerprint, deadline_ms)
+        slow.remember(request_id, Memo(kind, key, fingerprint, Status.OK, deadline_ms))
+    assert (
+        fast.snapshot()
+        == slow.snapshot()
+        == [
+            (1, Memo(Kind.SET, key, 7, Status.OK, None)),
+            (3, Memo(Kind.SET, key, 8, Status.OK, 5)),
+        ]
+    )
+    assert fast.recall(3, Kind.SET, key, 8) == Memo(Kind.SET, key, 8, Status.OK, 5)
+
+
+def test_packed_entries_are_the_tail_of_memo_records() -> None:
+    # Compaction writes the memory from its packed entries: the records must be exactly
+    # those encode_memo makes from the unpacked memos.
+    memory = RequestMemory(capacity=3)
+    memory.remember_write(1, Kind.SET, b"a", 1, 1_700_000_000_123)
+    memory.remember_write(2, Kind.DEL, b"b" * (INLINE_KEY_BYTES + 5), 0, None)
+    memory.remember_write(1, Kind.SET, b"c", 3, None)  # a reused id: only its newest write
+    memory.remember_write(4, Kind.SET, b"d" * INLINE_KEY_BYTES, 0xFFFFFFFF, 2**64 - 1)
+    packed = memory.packed()
+    assert [request_id for request_id, _ in packed] == [2, 1, 4]
+    for (request_id, entry), (same_id, memo) in zip(packed, memory.snapshot(), strict=True):
+        assert request_id == same_id
+        assert packed_key(entry) == memo.key
+        assert aof.encode_memo_packed(request_id, entry) == aof.encode_memo(
+            request_id, memo.kind, memo.status, memo.deadline_ms, memo.fingerprint, memo.key
+        )
+
+
+def test_known_says_whether_an_id_is_remembered() -> None:
+    memory = RequestMemory(capacity=1)
+    assert not memory.known(7)
+    memory.remember_write(7, Kind.SET, b"k", 1, None)
+    assert memory.known(7)
+    memory.remember_write(8, Kind.DEL, b"k", 0, None)  # forgets 7
+    assert not memory.known(7) and memory.known(8)

@@ -573,3 +573,45 @@ def test_random_operations_agree_with_a_model(clock: FakeClock) -> None:
                 del model[gone]
             assert set(store._data) == set(model)
         assert store.index_size() <= 2 * len(model) + 8 * len(keys)
+
+
+def test_overwrites_with_about_the_same_ttl_add_no_index_entries(
+    store: TTLStore, clock: FakeClock
+) -> None:
+    # The common overwrite (same TTL, a little later): the key's entry stays current, so the
+    # index holds one entry per key and never needs compacting, however many writes come.
+    keys = [b"k%d" % i for i in range(500)]
+    for key in keys:
+        store.set(key, b"v", HOUR_MS)
+    for _ in range(20):
+        clock.advance(7)
+        for key in keys:
+            store.set(key, b"w", HOUR_MS)
+    assert store.index_size() == len(keys)
+    clock.advance(HOUR_MS)
+    drain(store)
+    assert len(store) == 0
+    assert store.index_size() == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_overwrites_across_clock_steps_leave_no_key_unexpired(clock: FakeClock, seed: int) -> None:
+    # Overwrites that reuse the key's entry (same window) mixed with a clock that steps back
+    # and forward: once every deadline has passed, the passes must find every key, which
+    # they can only do through the index.
+    rng = random.Random(seed)
+    store = TTLStore(clock)
+    keys = [b"k%d" % i for i in range(40)]
+    ttls = [1, 3, 4_000, 5_119, 5_200, 200_000, 300_000, HOUR_MS, HOUR_MS + 1, 2 * DAY_MS]
+    for _ in range(5_000):
+        action = rng.random()
+        if action < 0.8:
+            store.set(rng.choice(keys), b"v", rng.choice(ttls))
+        elif action < 0.9:
+            clock.advance(rng.choice([-HOUR_MS, -70_000, -5_000, -1, 1, 9, 4_000, 100_000]))
+        else:
+            store.expire(max_keys=rng.choice([1, 50]))
+    clock.advance(3 * DAY_MS + 2 * HOUR_MS)  # past every deadline, whatever the steps were
+    drain(store, max_keys=37)
+    assert len(store) == 0
+    assert store.index_size() == 0
