@@ -67,6 +67,7 @@ from zkv.protocol import (
     encode_reply,
     error_reply,
 )
+from zkv.zmqio import POLLIN, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,6 @@ MAX_REQUESTS_PER_PASS = 8192
 MAX_POLL_S = 0.1
 # On stop, how long to keep answering requests already queued before saying goodbye.
 DRAIN_MAX_S = 0.2
-COPY_THRESHOLD = 65_536  # frames this large are sent without a copy (pyzmq's own threshold)
-
-# Plain ints: pyzmq's flag constants are enums, slower to combine and pass on the hot path.
-POLLIN = int(zmq.POLLIN)
-NOBLOCK = int(zmq.NOBLOCK)
-SNDMORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
-RCVMORE = int(zmq.RCVMORE)
 
 EXIT_OK = 0
 EXIT_IO_ERROR = 1  # a write or fsync failed: memory may be ahead of the disk
@@ -220,13 +214,10 @@ class Worker:
         timeout_s = min(max(next_due_s - now_s, 0.0), MAX_POLL_S)
         # zmq_poll on one (socket, POLLIN) pair: socket.poll builds a zmq.Poller per call.
         polled = [(socket, POLLIN)]
-        # zmq_poll on one (socket, POLLIN) pair: socket.poll builds a zmq.Poller per call.
         if zmq_poll(polled, math.ceil(timeout_s * 1000)):
             batch: list[Dispatch | DispatchBatch] = []
             requests = 0
             received = 0
-            recv = socket.recv
-            get = socket.get
             while received < MAX_MESSAGES_PER_PASS:
                 # Is another message there? After the first, ask zmq_poll (1 us) before a
                 # receive that may raise zmq.Again (5 us of pyzmq exception machinery): one
@@ -235,11 +226,9 @@ class Worker:
                 if received == 1 and not zmq_poll(polled, 0):
                     break
                 try:
-                    frames = [recv(NOBLOCK)]
+                    frames = recv_frames(socket)
                 except zmq.Again:
                     break
-                while get(RCVMORE):
-                    frames.append(recv(NOBLOCK))
                 received += 1
                 self._last_heard_s = time.monotonic()
                 self._on_message(frames, batch)
@@ -508,20 +497,10 @@ class Worker:
         """Send without ever blocking the loop: if the queue to an absent broker is full,
         drop the message (the request times out at the broker, as it would anyway).
 
-        Frame by frame with int flags rather than send_multipart, whose per-frame checks and
-        enum flags cost more than the sends; values of COPY_THRESHOLD bytes or more go
-        without a copy. A full queue refuses the first frame (ZeroMQ queues a message whole).
+        Through zkv.zmqio.send_frames: frame by frame with int flags (see there).
         """
-        socket = self._connected()
-        send = socket.send
-        last = len(frames) - 1
         try:
-            for index, frame in enumerate(frames):
-                flags = NOBLOCK if index == last else SNDMORE_NOBLOCK
-                if len(frame) < COPY_THRESHOLD:
-                    send(frame, flags)
-                else:
-                    send(frame, flags, copy=False)
+            send_frames(self._connected(), frames)
         except zmq.Again:
             log.warning("the queue to the broker is full: dropped an outgoing message")
 
