@@ -282,6 +282,9 @@ def _pipeline_scenarios() -> list[Scenario]:
     return rows
 
 
+SCALE_PIPELINE_1 = "scale.client.pipeline.get.16B.uniform.shards1"
+
+
 def _client_pipeline_id(op: str, hot: bool, processes: int, prefix: str = "") -> str:
     return f"{prefix}client.pipeline.{op}.16B.{_keys(hot)}.p{processes}"
 
@@ -305,6 +308,8 @@ def _client_pipeline_scenarios() -> list[Scenario]:
             )
         if op == "set" and not hot:
             peers.append(Peer("fsync=no", _client_pipeline_id(op, hot, processes, "fsync-no.")))
+        if (op, hot, processes) == ("get", False, CLIENT_PROCESSES):
+            peers.append(Peer("1 shard", SCALE_PIPELINE_1))  # the 2-shard point of scaling
         rows.append(
             Scenario(
                 id=_client_pipeline_id(op, hot, processes),
@@ -468,6 +473,19 @@ def _scaling_scenarios() -> list[Scenario]:
             depth=PIPE_DEPTH_MANY_SOCKETS,
             peers=(Peer("1 shard", "scale.get.16B.uniform.shards1"),) if shards > 1 else (),
             about=f"as pipe.get.16B.uniform.s64 with {shards} shard(s) and {shards} worker(s)",
+        )
+        for shards in (1, 4)
+    ] + [
+        Scenario(
+            id=f"scale.client.pipeline.get.16B.uniform.shards{shards}",
+            target=f"zkv-shards{shards}",
+            load="client-pipeline",
+            op="get",
+            connections=CLIENT_PROCESSES,
+            depth=CLIENT_WINDOW,
+            peers=(Peer("1 shard", SCALE_PIPELINE_1),) if shards > 1 else (),
+            about=f"as client.pipeline.get.16B.uniform.p{CLIENT_PROCESSES} (BATCH messages) with "
+            f"{shards} shard(s) and {shards} worker(s): where the broker, not the workers, caps",
         )
         for shards in (1, 4)
     ]
