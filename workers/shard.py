@@ -32,6 +32,7 @@ from workers.idempotency import Memo, RequestMemory
 from workers.persist import Durability, ShardFiles
 from workers.store import Clock, Missing, TTLStore
 from zkv.protocol import (
+    SUB_REPLY,
     Dispatch,
     DispatchBatch,
     Kind,
@@ -249,6 +250,7 @@ class Shard:
         keep = None if records is None else records.append
         encode_set = aof.encode_set
         crc32 = zlib.crc32
+        pack_ok = _pack_sub_reply  # a SET's OK sub-reply: pack_reply without its call
         out: list[bytes] = []
         append = out.append
         for kind, request_id, key, value, ttl_ms in ops:
@@ -272,7 +274,7 @@ class Shard:
                         remember(request_id, _SET, key, fingerprint, deadline_ms)
                         if keep is not None:
                             keep(encode_set(request_id, key, value, deadline_ms))  # type: ignore[arg-type]
-                        append(pack_reply(_OK, request_id, token, deadline_ms, None))
+                        append(pack_ok(_OK, 0, 0, request_id, token, deadline_ms or 0))
                         continue
                 except Exception:  # a bug: see _handle_one
                     log.exception("internal error on SET request %d of a batch", request_id)
@@ -375,6 +377,7 @@ _OK = Status.OK
 _NOT_FOUND = Status.NOT_FOUND
 _ERROR = Status.ERROR
 _UNAVAILABLE = Status.UNAVAILABLE
+_pack_sub_reply = SUB_REPLY.pack  # pack_reply of a reply without a body, inline
 
 
 @dataclass(frozen=True, slots=True)
