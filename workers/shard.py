@@ -251,6 +251,9 @@ class Shard:
         encode_set = aof.encode_set
         crc32 = zlib.crc32
         pack_ok = _pack_sub_reply  # a SET's OK sub-reply: pack_reply without its call
+        # One clock read for the batch's SETs, not one per SET: their deadlines count from
+        # when the batch began to be applied, a few milliseconds at most before each SET.
+        now = store.clock()
         out: list[bytes] = []
         append = out.append
         for kind, request_id, key, value, ttl_ms in ops:
@@ -270,7 +273,7 @@ class Shard:
                 try:
                     fingerprint = crc32(value)  # type: ignore[arg-type]  # a SET op has a value
                     if not known(request_id) or recall(request_id, _SET, key, fingerprint) is None:
-                        deadline_ms = put(key, value, ttl_ms)  # type: ignore[arg-type]
+                        deadline_ms = put(key, value, ttl_ms, now)  # type: ignore[arg-type]
                         remember(request_id, _SET, key, fingerprint, deadline_ms)
                         if keep is not None:
                             keep(encode_set(request_id, key, value, deadline_ms))  # type: ignore[arg-type]
