@@ -150,7 +150,26 @@ class RequestMemory:
         if not request_id:
             return
         fields = _pack_fields(kind, _OK, deadline_ms or 0, fingerprint)
-        self._store(request_id, fields + key if len(key) <= INLINE_KEY_BYTES else (fields, key))
+        packed = fields + key if len(key) <= INLINE_KEY_BYTES else (fields, key)
+        memos = self._memos
+        ring = self._ring
+        if request_id in memos or len(ring) < self.capacity:
+            self._store(request_id, packed)
+            return
+        # _store's steady state, inline (a new id, the ring full): one call less per write.
+        memos[request_id] = packed
+        slot = self._next
+        oldest = ring[slot]
+        ring[slot] = request_id
+        self._next = slot + 1 if slot + 1 < self.capacity else 0
+        if oldest in self._reused:
+            skip = self._reused[oldest]
+            if skip == 1:
+                del self._reused[oldest]
+            else:
+                self._reused[oldest] = skip - 1
+        else:
+            del memos[oldest]
 
     def _store(self, request_id: int, packed: Packed) -> None:
         memos = self._memos

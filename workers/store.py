@@ -175,7 +175,9 @@ class TTLStore:
 
     # --- reading and writing ----------------------------------------------------------------
 
-    def set(self, key: bytes, value: bytes, ttl_ms: int | None) -> int | None:
+    def set(
+        self, key: bytes, value: bytes, ttl_ms: int | None, now: int | None = None
+    ) -> int | None:
         """Store ``value`` under ``key``, replacing any previous value and deadline.
 
         Args:
@@ -183,6 +185,10 @@ class TTLStore:
             value: the value; its bytes are copied into the key's record.
             ttl_ms: time to live from now in milliseconds (at least 1), or None for a key
                 that never expires. Overwriting a key always resets its deadline.
+            now: the store's clock as the caller read it (Unix ms), None to read it here: a
+                worker reads it once per batch of operations, not once per SET (a clock read
+                is about 0.2 us, 5% of a SET); the caller must not hold it across an expiry
+                pass or longer than a batch takes.
 
         Returns:
             The key's absolute deadline in Unix milliseconds, None if it never expires; the
@@ -196,7 +202,8 @@ class TTLStore:
             return None
         if ttl_ms < 1:
             raise ValueError(f"ttl_ms must be at least 1, got {ttl_ms}")
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         deadline = now + ttl_ms
         self._put(key, value + _pack_deadline(deadline), deadline, now)
         return deadline

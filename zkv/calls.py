@@ -355,11 +355,16 @@ class Calls:
         calls = self._calls
         done: list[tuple[Call, Any]] = []
         append = done.append
+        answered_sent = 0  # of the calls answered, how many had left (the in-flight count)
         for status, request_id, _, deadline_ms, body in subs:
             call = calls.pop(request_id, None)
             if call is not None:
-                self._in_flight -= call.sent
-                append((call, outcome(call.kind, status, deadline_ms, body)))
+                answered_sent += call.sent
+                kind = call.kind
+                if status == _OK and kind == _SET:  # outcome() of the common write, inline
+                    append((call, deadline_ms))
+                else:
+                    append((call, outcome(kind, status, deadline_ms, body)))
             elif status == _ERROR and request_id in self._recent:
                 # The broker refused a whole batch (it answers under the batch id): its
                 # records are this client's bug, so every call in it fails.
@@ -367,8 +372,9 @@ class Calls:
                 for rid in self._recent.pop(request_id):
                     call = calls.pop(rid, None)
                     if call is not None:
-                        self._in_flight -= call.sent
+                        answered_sent += call.sent
                         append((call, refused))
+        self._in_flight -= answered_sent
         return done
 
     # --- the clock ----------------------------------------------------------------------------
