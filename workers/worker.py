@@ -71,9 +71,9 @@ from zkv.zmqio import POLLIN, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
+SOCKET_HWM = 100_000  # messages queued to or from the broker before ZeroMQ pushes back
 # One expiry pass removes at most this many keys (and takes at most EXPIRE_BUDGET_S), so a
 # request never waits behind a long sweep; a backlog drains over consecutive passes.
-SOCKET_HWM = 100_000  # messages queued to or from the broker before ZeroMQ pushes back
 EXPIRE_MAX_KEYS_PER_PASS = 250  # 1000 gave the same drain time with 1.9x (not 1.4x) GET p99
 # Messages received per pass before the batch is served and the timers run again: the most
 # requests that share one fsync, and the bound that keeps a flood from starving heartbeats.
