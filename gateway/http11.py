@@ -213,7 +213,9 @@ class HttpConnection(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
         if not self.server.adopt(self):
+            # Not adopted, so no sweep would ever end a linger: answer and close at once.
             self._refuse(503, "too many connections")
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -25,6 +25,7 @@ from gateway import http11
 from gateway.app import make_app
 from gateway.bridge import wait
 from gateway.http11 import HttpServer, ServerConfig
+from tests.cluster import wait_for
 from zkv.client import Item, NotFound
 
 pytestmark = pytest.mark.integration
@@ -428,6 +429,31 @@ def test_app_that_raises_gets_json_500(caplog: pytest.LogCaptureFixture) -> None
     finally:
         running.close()
     assert any("RuntimeError" in (r.exc_text or "") for r in caplog.records)
+
+
+def test_connections_over_the_limit_get_503_and_are_closed() -> None:
+    running = Server(echo, max_connections=2)
+    try:
+        first, second = running.connect(), running.connect()
+        for sock in (first, second):  # answered: both adopted
+            sock.sendall(request("GET", "/"))
+            assert Reader(sock).response().status == 200
+        with running.connect() as third:
+            reader = Reader(third)
+            response = reader.response()
+            assert (response.status, response.json()) == (503, {"error": "too many connections"})
+            assert reader.closed()
+        first.close()
+
+        def served_again() -> bool:  # once the server has seen the close, a place is free
+            with running.connect() as fourth:
+                fourth.sendall(request("GET", "/again"))
+                return Reader(fourth).response().status == 200
+
+        wait_for(lambda: served_again() or None, "a freed connection slot", 5)
+        second.close()
+    finally:
+        running.close()
 
 
 # --- time limits and stopping -------------------------------------------------------------------
