@@ -86,12 +86,13 @@ def wait(awaitable: asyncio.Future[T] | Coroutine[Any, Any, T]) -> T:
     try:
         step: Any = coroutine.send(None)
         while True:
-            if not isinstance(step, asyncio.Future):
-                coroutine.throw(RuntimeError(f"a gateway call awaited {step!r}, not a future"))
-            step._asyncio_future_blocking = False  # as asyncio.Task does with what it awaits
-            if not step.done():
-                _park(hub, step)
-            step = coroutine.send(None)
+            if isinstance(step, asyncio.Future):
+                step._asyncio_future_blocking = False  # as asyncio.Task does with what it awaits
+                if not step.done():
+                    _park(hub, step)
+                step = coroutine.send(None)
+            else:  # a bare yield (asyncio.sleep(0)) or a foreign awaitable: not supported here
+                step = coroutine.throw(RuntimeError(f"a gateway call awaited {step!r}"))
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
 

@@ -176,7 +176,7 @@ def _runner(work: tuple[WsgiApp, dict[str, Any]]) -> None:
         app, environ = work
         try:
             result: Any = _call_app(app, environ)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:  # the greenlet must live on
             result = _Failed(exc)
         work = hub.switch(result)
 

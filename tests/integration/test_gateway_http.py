@@ -632,3 +632,37 @@ def test_fuzzed_requests_get_an_http_answer_or_a_close_and_the_server_lives_on(
     with running.connect() as sock:  # and it still serves
         sock.sendall(request("PUT", "/v1/keys/after", body=b"ok"))
         assert Reader(sock).response().status == 200
+
+
+def test_an_app_whose_call_is_cancelled_or_awaits_no_future_gets_500_not_a_stuck_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    running: Server
+
+    async def sleeps() -> None:
+        await asyncio.sleep(0)  # a bare yield: the bridge only knows futures
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ["PATH_INFO"] == "/cancelled":
+            future = running.loop.create_future()
+            running.loop.call_soon(future.cancel)
+            wait(future)
+        else:
+            wait(sleeps())
+        start_response("200 OK", [])
+        return [b"unreachable"]
+
+    running = Server(app)
+    try:
+        for path in ("/cancelled", "/bare-yield"):
+            with running.connect() as sock:
+                sock.sendall(request("GET", path))
+                response = Reader(sock).response()
+                assert response.status == 500
+                assert response.json() == {"error": "internal server error"}
+        with running.connect() as sock:  # the pooled greenlets still serve
+            sock.sendall(request("GET", "/cancelled"))
+            assert Reader(sock).response().status == 500
+    finally:
+        running.close()
+    assert "CancelledError" in caplog.text and "awaited None" in caplog.text
