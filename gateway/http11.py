@@ -253,7 +253,10 @@ class HttpConnection(asyncio.Protocol):
         # The client is done sending; what it asked for is still answered, then the connection
         # is closed. True keeps the transport open for those answers.
         self.input_ended = True
-        self._close_if_done()
+        if self.linger_until:
+            self.close()  # lingering after a refusal: the client has stopped sending
+        else:
+            self._close_if_done()
         return True
 
     # --- parser callbacks (httptools calls these from feed_data) ------------------------------
@@ -483,8 +486,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _close_if_done(self) -> None:
         """Close when closing (or out of input) and nothing is left to answer."""
-        if self.busy or self.closed or self.transport is None:
-            return
+        if self.busy or self.closed or self.transport is None or self.linger_until:
+            return  # answering, gone, or lingering (ended by the client's EOF or the sweep)
         if self.closing or (self.input_ended and not self.ready):
             if self.lingering and not self.input_ended and self.transport.can_write_eof():
                 # Input may still be on its way (an unread body): closing now could make the

@@ -330,6 +330,22 @@ def test_declared_body_over_limit_is_refused_before_it_is_sent(
     assert kv.data == {}
 
 
+def test_a_large_body_sent_after_its_413_is_read_and_discarded_not_reset(
+    gateway: tuple[Server, FakeKv],
+) -> None:
+    running, kv = gateway
+    size = 3_000_000  # far more than the socket buffers hold: the server must keep reading
+    with running.connect() as sock:
+        sock.sendall(request("PUT", "/v1/keys/k", f"Content-Length: {size}"))
+        for _ in range(size // 65536 + 1):  # a BrokenPipeError here is the failure
+            sock.sendall(b"x" * 65536)
+        reader = Reader(sock)
+        assert reader.response().status == 413
+        sock.shutdown(socket.SHUT_WR)
+        assert reader.closed()
+    assert kv.data == {}
+
+
 def test_body_at_the_limit_is_stored(gateway: tuple[Server, FakeKv]) -> None:
     running, kv = gateway
     with running.connect() as sock:
