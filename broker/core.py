@@ -747,12 +747,11 @@ class Broker:
     def _release(self, flight: Flight) -> None:
         """Pass on the tokens of an answered flight's keys: to the run of requests waiting for
         each, which joins an open flight (dispatched when the event ends)."""
-        release = self.tokens.release_run
         shard = flight.shard
-        for key in flight.keys:
-            run = release(key, MAX_BATCH_OPS, MAX_BATCH_BYTES, _size)
-            if run:
-                self._stage_run(shard, key, run)
+        for key, run in self.tokens.release_many(
+            flight.keys, MAX_BATCH_OPS, MAX_BATCH_BYTES, _size
+        ):
+            self._stage_run(shard, key, run)
 
     # --- workers ----------------------------------------------------------------------------
 
