@@ -463,6 +463,7 @@ class Broker:
         shards = self.config.shards
         open_flights = self._open
         acquire = self.tokens.acquire
+        held = self.tokens._queues  # for the hot loop's own TokenTable.acquire, inline
         origin = Origin(client, None)
         refused: list[bytes] = []
         for kind, request_id, key, record in subs:
@@ -482,17 +483,17 @@ class Broker:
             else:
                 shard = (crc_hqx(key, 0) & _SLOT_MASK) * shards // SLOTS
             flight = open_flights.get(shard)
-            if flight is not None and key in flight.keys:
-                # The token is held by this very flight: follow the holder in it.
-                if len(flight.ops) < MAX_BATCH_OPS and flight.nbytes + size <= MAX_BATCH_BYTES:
-                    flight.ops.append(op)
-                    flight.nbytes += size
-                    continue
-                self._close(shard)
-                acquire(key, op)  # the token is out now: wait behind the flight
+            if key in held:  # the token is out
+                if flight is not None and key in flight.keys:
+                    # Held by this very flight: follow the holder in it.
+                    if len(flight.ops) < MAX_BATCH_OPS and flight.nbytes + size <= MAX_BATCH_BYTES:
+                        flight.ops.append(op)
+                        flight.nbytes += size
+                        continue
+                    self._close(shard)
+                acquire(key, op)  # waits behind the holder; dispatched when it comes back
                 continue
-            if not acquire(key, op):
-                continue  # waits behind the holder; dispatched when the token comes back
+            held[key] = ()  # the token was free: TokenTable.acquire, inline
             if flight is None or (
                 len(flight.ops) >= MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES
             ):
