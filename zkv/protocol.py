@@ -170,6 +170,7 @@ _ENTRY = struct.Struct("!HIQ")
 
 _BATCH = struct.Struct("!BBxxIQ")
 _SUB_REQUEST = struct.Struct("!BBHIQQ")
+SUB_REQUEST_HEAD = _SUB_REQUEST  # kind, flags, key_len, value_len, request_id, arg
 _SUB_REPLY = struct.Struct("!BBxxIQQQ")
 
 REQUEST_HEADER_BYTES = _REQUEST.size
