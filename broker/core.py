@@ -105,7 +105,7 @@ from zkv.protocol import (
     reply_from_record,
     reply_record_status,
     request_record,
-    split_batch,
+    split_batch_tagged,
     split_reply_records,
 )
 
@@ -139,7 +139,7 @@ class Gather:
     waiting: set[int]
     bodies: dict[int, bytes] = field(default_factory=dict)
     done: bool = False
-    identity: tuple[int, Kind, bytes] | None = None
+    identity: Entry | None = None
 
 
 class Origin:
@@ -174,6 +174,10 @@ A plain tuple, not an object: the broker makes one per operation, tens of thousa
 and a tuple costs a tenth of a class instance. The parts of an ALL are ops with kind ALL and
 an empty key, which hold no token.
 """
+
+Entry = tuple["Origin | Gather", int, int, bytes, "memoryview | None", int]
+"""What the broker remembers of a request under its id, to merge a retry with it: its op (or,
+for an ALL, the same shape with the :class:`Gather` first and an empty key)."""
 
 
 class Flight:
@@ -234,8 +238,12 @@ class Broker:
         # closed (full); both are dispatched by _flush at the end of the event.
         self._open: dict[int, Flight] = {}
         self._ready: list[Flight] = []
-        # Requests here, by (request id, kind, key), so a client's retry joins its original.
-        self._by_request: dict[tuple[int, int, bytes], Origin | Gather] = {}
+        # Requests here, by request id, so a client's retry (same id, kind and key) joins its
+        # original. Ids are random 64-bit numbers, so the id alone almost always tells; a
+        # request whose id is taken by one of another kind or key waits in _by_identity,
+        # under the whole (id, kind, key), as every request did before.
+        self._by_request: dict[int, Entry] = {}
+        self._by_identity: dict[tuple[int, int, bytes], Entry] = {}
         self._next_heartbeat = now + config.heartbeat_interval_s
         # Claims first: a broker that starts (or restarts) while workers already hold shards
         # must give each shard back to the worker holding it, not to whichever worker says
@@ -275,15 +283,14 @@ class Broker:
             message = "broker is shutting down; retry on its successor"
             self._to_client(client, error_reply(request.request_id, message, Status.UNAVAILABLE))
             return
-        identity = (request.request_id, request.kind, request.key)
-        original = self._by_request.get(identity)
-        if original is not None:
-            original.client = client  # a retry: answer it on the socket the client now uses
-            return
         if request.kind == Kind.ALL:
             gather = Gather(client, request.request_id, set(range(self.config.shards)))
-            gather.identity = identity
-            self._by_request[identity] = gather
+            entry: Entry = (gather, Kind.ALL, request.request_id, b"", None, 0)
+            original = self._remember(entry)
+            if original is not entry:
+                original[0].client = client  # a retry: answer it on the socket it came from
+                return
+            gather.identity = entry
             part = Origin(client, body, gather)
             for shard in range(self.config.shards):
                 flight = Flight(shard)
@@ -291,9 +298,12 @@ class Broker:
                 self._ready.append(flight)
         else:
             origin = Origin(client, body)
-            self._by_request[identity] = origin
             size = len(body[0]) + (len(body[1]) if len(body) > 1 else 0)
             op = (origin, request.kind, request.request_id, request.key, None, size)
+            original = self._remember(op)
+            if original is not op:
+                original[0].client = client  # a retry: answer it on the socket it came from
+                return
             self._admit(op, key_shard(request.key, self.config.shards))
         self._flush(now)
 
@@ -308,16 +318,12 @@ class Broker:
         :meth:`on_client` does for it, without a Request object, and dispatched at once
         when its key's token is free (nothing else is open during this event)."""
         kind, request_id, key, _ = keyed
-        identity = (request_id, kind, key)
-        by_request = self._by_request
-        original = by_request.get(identity)
-        if original is not None:
-            original.client = client  # a retry: answer it on the socket the client now uses
-            return
-        origin = Origin(client, body)
-        by_request[identity] = origin
         size = len(body[0]) + (len(body[1]) if len(body) > 1 else 0)
-        op = (origin, kind, request_id, key, None, size)
+        op = (Origin(client, body), kind, request_id, key, None, size)
+        original = self._remember(op)
+        if original is not op:
+            original[0].client = client  # a retry: answer it on the socket the client now uses
+            return
         if b"{" in key:
             shard = key_shard(key, self.config.shards)
         else:
@@ -439,51 +445,54 @@ class Broker:
     def _on_batch(self, client: bytes, body: list[bytes], now: float) -> None:
         """A client's BATCH: each sub-request is admitted as if it came alone (see the module
         docstring); malformed ones are answered at once, the rest as their flights return."""
+        origin = Origin(client, None)
         try:
-            _, subs = split_batch(body)
+            subs = split_batch_tagged(body, origin)
         except ProtocolError as exc:
             log.warning("bad batch from client %s: %s", client.hex(), exc)
             self._to_client(client, error_reply(exc.request_id, f"bad request: {exc}"))
             return
         if self.closing:
             message = b"broker is shutting down; retry on its successor"
-            records = [pack_reply(_UNAVAILABLE, sub[1], 0, None, message) for sub in subs]
+            records = [pack_reply(_UNAVAILABLE, sub[2], 0, None, message) for sub in subs]
             self._to_client(client, batch_reply_frames(0, records))
             return
         # The hot loop of the broker: per sub-request a few dict operations and one tuple. It
         # is _admit written out, with key_shard inlined for keys without a hash tag.
         by_request = self._by_request
+        by_identity = self._by_identity
         shards = self.config.shards
         open_flights = self._open
         acquire = self.tokens.acquire
-        origin = Origin(client, None)
+        held = self.tokens._queues  # for the hot loop's own TokenTable.acquire, inline
         refused: list[bytes] = []
-        for kind, request_id, key, record in subs:
+        for op in subs:
+            _, kind, request_id, key, _, size = op
             if not kind:  # malformed: key holds the message
                 refused.append(pack_reply(_ERROR, request_id, 0, None, b"bad request: " + key))
                 continue
-            original = by_request.setdefault((request_id, kind, key), origin)
-            if original is not origin:
-                original.client = client  # a retry: answer on the socket it came from
-                continue
-            size = len(record)
-            op = (origin, kind, request_id, key, record, size)
+            original = by_request.setdefault(request_id, op)
+            if original is not op or by_identity:
+                original = self._remembered(op, original)
+                if original is not op:
+                    original[0].client = client  # a retry: answer on the socket it came from
+                    continue
             if b"{" in key:
                 shard = key_shard(key, shards)
             else:
                 shard = (crc_hqx(key, 0) & _SLOT_MASK) * shards // SLOTS
             flight = open_flights.get(shard)
-            if flight is not None and key in flight.keys:
-                # The token is held by this very flight: follow the holder in it.
-                if len(flight.ops) < MAX_BATCH_OPS and flight.nbytes + size <= MAX_BATCH_BYTES:
-                    flight.ops.append(op)
-                    flight.nbytes += size
-                    continue
-                self._close(shard)
-                acquire(key, op)  # the token is out now: wait behind the flight
+            if key in held:  # the token is out
+                if flight is not None and key in flight.keys:
+                    # Held by this very flight: follow the holder in it.
+                    if len(flight.ops) < MAX_BATCH_OPS and flight.nbytes + size <= MAX_BATCH_BYTES:
+                        flight.ops.append(op)
+                        flight.nbytes += size
+                        continue
+                    self._close(shard)
+                acquire(key, op)  # waits behind the holder; dispatched when it comes back
                 continue
-            if not acquire(key, op):
-                continue  # waits behind the holder; dispatched when the token comes back
+            held[key] = ()  # the token was free: TokenTable.acquire, inline
             if flight is None or (
                 len(flight.ops) >= MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES
             ):
@@ -576,8 +585,11 @@ class Broker:
         # Forwarded as is if every op goes to one client that sent it in a batch, and no
         # refusal needs rewriting (a retried flight's, see _regroup).
         whole = first.frames is None and flight.attempts == 1
-        for origin, kind, request_id, key, _, _ in ops:
-            forget((request_id, kind, key), None)
+        for op in ops:
+            found = forget(op[2], None)
+            if found is not op:
+                self._unforget(op, found)
+            origin = op[0]
             if origin is not first and whole and (origin.client != client or origin.frames):
                 whole = False
         if whole:
@@ -663,13 +675,14 @@ class Broker:
         record = self.registry.get(worker)
         if record is None:
             return False
-        origin, kind, request_id, key, _, _ = flight.ops[0]
+        op = flight.ops[0]
+        origin = op[0]
         if origin.gather is not None or (header[2] == _UNAVAILABLE and flight.attempts > 1):
             return False
         record.last_seen = now
         del self._inflight[token]
         self.outbox.append((Side.FRONTEND, [origin.client, *body]))
-        self._by_request.pop((request_id, kind, key), None)
+        self._forget(op)
         self._release(flight)
         if self._open or self._ready:  # waiters took the key's token: dispatch them
             self._flush(now)
@@ -683,7 +696,8 @@ class Broker:
             )
             return
         del self._inflight[reply.token]
-        origin, kind, request_id, key, _, _ = flight.ops[0]
+        op = flight.ops[0]
+        origin = op[0]
         if origin.gather is not None:
             self._gathered(origin.gather, flight.shard, reply)
             return
@@ -694,7 +708,7 @@ class Broker:
                 reply.request_id, f"{message}; outcome unknown", Status.UNAVAILABLE
             )
         self._to_client(origin.client, frames)
-        self._by_request.pop((request_id, kind, key), None)
+        self._forget(op)
         self._release(flight)
 
     def _gathered(self, gather: Gather, shard: int, reply: Reply) -> None:
@@ -718,9 +732,8 @@ class Broker:
             if not gather.done:
                 self._finish(gather, error_reply(gather.request_id, message, Status.UNAVAILABLE))
             return
-        forget = self._by_request.pop
-        for _, kind, request_id, key, _, _ in flight.ops:
-            forget((request_id, kind, key), None)
+        for op in flight.ops:
+            self._forget(op)
         self._answer(flight.ops, None, message)
         self._release(flight)
 
@@ -729,17 +742,16 @@ class Broker:
         gather.done = True
         self._to_client(gather.client, frames)
         if gather.identity is not None:
-            self._by_request.pop(gather.identity, None)
+            self._forget(gather.identity)
 
     def _release(self, flight: Flight) -> None:
         """Pass on the tokens of an answered flight's keys: to the run of requests waiting for
         each, which joins an open flight (dispatched when the event ends)."""
-        release = self.tokens.release_run
         shard = flight.shard
-        for key in flight.keys:
-            run = release(key, MAX_BATCH_OPS, MAX_BATCH_BYTES, _size)
-            if run:
-                self._stage_run(shard, key, run)
+        for key, run in self.tokens.release_many(
+            flight.keys, MAX_BATCH_OPS, MAX_BATCH_BYTES, _size
+        ):
+            self._stage_run(shard, key, run)
 
     # --- workers ----------------------------------------------------------------------------
 
@@ -808,6 +820,44 @@ class Broker:
             self._route(flight, now)
 
     # --- helpers ----------------------------------------------------------------------------
+
+    def _remember(self, entry: Entry) -> Entry:
+        """Record a request under its id, unless it retries one the broker holds.
+
+        Returns:
+            ``entry`` if it is new (now remembered), else the entry of the request it retries
+            (same request id, kind and key).
+        """
+        return self._remembered(entry, self._by_request.setdefault(entry[2], entry))
+
+    def _remembered(self, entry: Entry, original: Entry) -> Entry:
+        """The rest of :meth:`_remember` once ``original = _by_request.setdefault(id, entry)``
+        ran: the cases where the id alone does not tell (inlined away in the batch loop)."""
+        request_id, kind, key = entry[2], entry[1], entry[3]
+        if original is entry:
+            if self._by_identity:
+                found = self._by_identity.get((request_id, kind, key))
+                if found is not None:  # a retry of one whose id was taken when it came
+                    del self._by_request[request_id]
+                    return found
+            return entry
+        if original[1] == kind and original[3] == key:
+            return original
+        # The id is taken by a request of another kind or key: remember this one in full.
+        return self._by_identity.setdefault((request_id, kind, key), entry)
+
+    def _forget(self, entry: Entry) -> None:
+        """Forget an answered request (retries of it are new requests from now on)."""
+        found = self._by_request.pop(entry[2], None)
+        if found is not entry:
+            self._unforget(entry, found)
+
+    def _unforget(self, entry: Entry, found: Entry | None) -> None:
+        """The rest of :meth:`_forget` when ``_by_request`` popped ``found``, not ``entry``:
+        put that back, and forget ``entry`` where it is, in ``_by_identity``."""
+        if found is not None:
+            self._by_request[entry[2]] = found
+        self._by_identity.pop((entry[2], entry[1], entry[3]), None)
 
     def _to_client(self, client: bytes, frames: list[bytes]) -> None:
         self.outbox.append((Side.FRONTEND, [client, *frames]))

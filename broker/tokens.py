@@ -20,7 +20,7 @@ Two separate ideas live here:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -91,16 +91,26 @@ class TokenTable(Generic[T]):
             del self._queues[key]
             return ()
         assert isinstance(queue, deque)  # non-empty: a deque
-        first = queue.popleft()
-        run = [first]
-        total = weight(first)
-        while queue and len(run) < max_count:
-            size = weight(queue[0])
-            if total + size > max_weight:
-                break
-            total += size
-            run.append(queue.popleft())
-        return run
+        return _take_run(queue, max_count, max_weight, weight)
+
+    def release_many(
+        self, keys: Iterable[bytes], max_count: int, max_weight: int, weight: Callable[[T], int]
+    ) -> list[tuple[bytes, Sequence[T]]]:
+        """:meth:`release_run` for each of ``keys`` (each once), in one call: the keys of an
+        answered flight.
+
+        Returns:
+            ``(key, run)`` for each key someone waited for, in the order of ``keys``; the
+            tokens of the other keys are free again.
+        """
+        queues = self._queues
+        runs: list[tuple[bytes, Sequence[T]]] = []
+        for key in keys:
+            queue = queues.pop(key)  # KeyError: a release without an acquire, a broker bug
+            if queue:  # someone waits: the token stays out, passed to the run
+                queues[key] = queue
+                runs.append((key, _take_run(queue, max_count, max_weight, weight)))  # type: ignore[arg-type]
+        return runs
 
     def held(self, key: bytes) -> bool:
         """Whether the token of ``key`` is out."""
@@ -114,6 +124,22 @@ class TokenTable(Generic[T]):
     def __len__(self) -> int:
         """The number of keys whose token is out."""
         return len(self._queues)
+
+
+def _take_run(
+    queue: deque[T], max_count: int, max_weight: int, weight: Callable[[T], int]
+) -> list[T]:
+    """Pop the run at the front of a non-empty ``queue`` (see :meth:`TokenTable.release_run`)."""
+    first = queue.popleft()
+    run = [first]
+    total = weight(first)
+    while queue and len(run) < max_count:
+        size = weight(queue[0])
+        if total + size > max_weight:
+            break
+        total += size
+        run.append(queue.popleft())
+    return run
 
 
 class TokenIssuer:

@@ -34,6 +34,9 @@ from zkv.errors import RequestError, Timeout, Unavailable, ZkvError
 from zkv.protocol import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPS,
+    MAX_KEY_BYTES,
+    MAX_VALUE_BYTES,
+    SUB_REQUEST_HEAD,
     Kind,
     ProtocolError,
     Reply,
@@ -288,15 +291,25 @@ class Calls:
         calls = self._calls
         queue_append = self._queue.append
         deadline = now + self._lifetime
+        pack_head = SUB_REQUEST_HEAD.pack
         refused: list[tuple[int, RequestError]] = []
         for position in range(start, stop):
             kind, key, value, ttl = ops[position]
             request_id = rand(64) or 1
-            try:
-                record = pack_request(kind, request_id, key, value, ttl)
-            except ProtocolError as exc:  # as in pack()
-                refused.append((position, RequestError(str(exc))))
-                continue
+            if (
+                kind == _SET
+                and ttl is None
+                and value is not None
+                and 0 < len(key) <= MAX_KEY_BYTES
+                and len(value) <= MAX_VALUE_BYTES
+            ):  # pack_request of a SET without a TTL, inline
+                record = pack_head(_SET, 0, len(key), len(value), request_id, 0) + key + value
+            else:
+                try:
+                    record = pack_request(kind, request_id, key, value, ttl)
+                except ProtocolError as exc:  # as in pack()
+                    refused.append((position, RequestError(str(exc))))
+                    continue
             calls[request_id] = Call(kind, record, position, now, deadline)
             queue_append(request_id)
         return refused

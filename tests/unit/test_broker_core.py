@@ -378,6 +378,26 @@ def test_same_id_for_another_key_is_another_request(h):
     assert len(h.dispatched()) == 2
 
 
+def test_retries_of_two_requests_sharing_an_id_each_join_their_own_original(h):
+    a, b = key_for(0, "a"), key_for(1, "b")
+    send_batch(h, [Request(Kind.SET, 9, a, b"v")], client=b"old-a", batch_id=1)
+    send_batch(h, [Request(Kind.SET, 9, b, b"v")], client=b"old-b", batch_id=2)
+    out = {d.ops[0][2]: (w, d) for w, d, _ in batch_dispatches(h)}
+    assert set(out) == {a, b}  # same id, another key: another request
+    send_batch(h, [Request(Kind.SET, 9, a, b"v")], client=b"new-a", batch_id=3)
+    send_batch(h, [Request(Kind.SET, 9, b, b"v")], client=b"new-b", batch_id=4)
+    assert h.take() == []  # each retry joined its original
+    worker, dispatch = out[a]  # the first one remembered is answered first
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(dispatch))], h.now)
+    assert list(by_client(h)) == [b"new-a"]
+    send_batch(h, [Request(Kind.SET, 9, b, b"v")], client=b"newer-b", batch_id=5)
+    assert h.take() == []  # still joins the one left
+    worker, dispatch = out[b]
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(dispatch))], h.now)
+    assert list(by_client(h)) == [b"newer-b"]
+    assert h.broker.idle() and not h.broker._by_request and not h.broker._by_identity
+
+
 def test_an_unknown_worker_is_told_to_register():
     h = Harness()
     h.broker.on_worker([b"stranger", *HEARTBEAT], h.now)

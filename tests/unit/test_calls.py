@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 
 import pytest
 
@@ -13,12 +14,15 @@ from zkv.calls import Calls, Item, cut, gave_up, outcome, pack, replies
 from zkv.errors import RequestError, Timeout, Unavailable
 from zkv.protocol import (
     MAX_BATCH_BYTES,
+    MAX_KEY_BYTES,
     BatchReply,
     Kind,
+    ProtocolError,
     Reply,
     Status,
     encode_batch_reply,
     encode_reply,
+    pack_request,
     split_batch,
 )
 
@@ -222,6 +226,29 @@ def test_random_ids_are_never_zero():
     calls = Calls(ENDPOINT, 5.0, 1.0, lambda bits: 0, 0.0)
     assert calls.add((GET, b"a", None, None), 0, 0.0) == 1
     assert random.Random(1).getrandbits(64)  # the real source, for contrast
+
+
+def test_add_many_packs_every_op_as_pack_request_does_or_refuses_it_alike():
+    big = b"k" * (MAX_KEY_BYTES + 1)
+    ops = [
+        (SET, b"k", b"v", None),
+        (SET, b"k", b"", None),
+        (SET, b"k", b"v", 5),
+        (SET, b"k", None, None),
+        (SET, b"", b"v", None),
+        (SET, big, b"v", None),
+        (GET, b"k", None, None),
+    ]
+    calls = make()
+    refused = dict(calls.add_many(ops, 0, len(ops), 100.0))
+    assert sorted(refused) == [3, 4, 5]
+    for position, rid in enumerate(calls._queue):  # request ids 1, 2, ... in order
+        kind, key, value, ttl = ops[[p for p in range(len(ops)) if p not in refused][position]]
+        assert calls._calls[rid].record == pack_request(kind, rid, key, value, ttl)
+    for position in refused:
+        kind, key, value, ttl = ops[position]
+        with pytest.raises(ProtocolError, match=re.escape(str(refused[position]))):
+            pack_request(kind, 1, key, value, ttl)
 
 
 def test_add_many_queues_in_order_with_positions_and_returns_the_refused():
