@@ -105,7 +105,7 @@ from zkv.protocol import (
     reply_from_record,
     reply_record_status,
     request_record,
-    split_batch_tagged,
+    split_batch,
     split_reply_records,
 )
 
@@ -445,16 +445,15 @@ class Broker:
     def _on_batch(self, client: bytes, body: list[bytes], now: float) -> None:
         """A client's BATCH: each sub-request is admitted as if it came alone (see the module
         docstring); malformed ones are answered at once, the rest as their flights return."""
-        origin = Origin(client, None)
         try:
-            subs = split_batch_tagged(body, origin)
+            _, subs = split_batch(body)
         except ProtocolError as exc:
             log.warning("bad batch from client %s: %s", client.hex(), exc)
             self._to_client(client, error_reply(exc.request_id, f"bad request: {exc}"))
             return
         if self.closing:
             message = b"broker is shutting down; retry on its successor"
-            records = [pack_reply(_UNAVAILABLE, sub[2], 0, None, message) for sub in subs]
+            records = [pack_reply(_UNAVAILABLE, sub[1], 0, None, message) for sub in subs]
             self._to_client(client, batch_reply_frames(0, records))
             return
         # The hot loop of the broker: per sub-request a few dict operations and one tuple. It
@@ -465,12 +464,14 @@ class Broker:
         open_flights = self._open
         acquire = self.tokens.acquire
         held = self.tokens._queues  # for the hot loop's own TokenTable.acquire, inline
+        origin = Origin(client, None)
         refused: list[bytes] = []
-        for op in subs:
-            _, kind, request_id, key, _, size = op
+        for kind, request_id, key, record in subs:
             if not kind:  # malformed: key holds the message
                 refused.append(pack_reply(_ERROR, request_id, 0, None, b"bad request: " + key))
                 continue
+            size = len(record)
+            op = (origin, kind, request_id, key, record, size)
             original = by_request.setdefault(request_id, op)
             if original is not op or by_identity:
                 original = self._remembered(op, original)

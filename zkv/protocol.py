@@ -92,9 +92,6 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
-
-T = TypeVar("T")
 
 VERSION = 1
 
@@ -592,53 +589,6 @@ def split_batch(frames: Sequence[bytes]) -> tuple[int, list[SubRequest]]:
     """
     batch_id, count, body = _batch_parts(frames, Kind.BATCH)
     return batch_id, _split_requests(body, count, batch_id, False)
-
-
-def split_batch_tagged(
-    frames: Sequence[bytes], tag: T
-) -> list[tuple[T, int, int, bytes, memoryview, int]]:
-    """:func:`split_batch` for a broker that keeps each sub-request with what it knows of the
-    message: per sub-request ``(tag, kind, request_id, key, record, len(record))``, the tuple
-    it holds (one per operation, so not made twice). Same checks, same errors.
-    """
-    batch_id, count, body = _batch_parts(frames, Kind.BATCH)
-    size = len(body)
-    view = memoryview(body)
-    unpack = _SUB_REQUEST.unpack_from
-    head_bytes = _SUB_REQUEST.size
-    max_ttl_ms = MAX_TTL_MS
-    max_value = MAX_VALUE_BYTES
-    ops: list[tuple[T, int, int, bytes, memoryview, int]] = []
-    append = ops.append
-    offset = 0
-    for index in range(count):
-        key_start = offset + head_bytes
-        if key_start > size:
-            raise ProtocolError(f"sub-request {index} of {count} is truncated", batch_id)
-        kind, flags, key_len, value_len, request_id, arg = unpack(body, offset)
-        key_end = key_start + key_len
-        end = key_end + value_len
-        if end > size:
-            raise ProtocolError(f"sub-request {index} runs past the end of the batch", batch_id)
-        # The rules of _split_requests, written out again for this loop.
-        if key_len and (
-            ((kind == _GET or kind == _DEL) and not (flags or value_len or arg))
-            or (
-                kind == _SET
-                and value_len <= max_value
-                and ((not flags and not arg) or (flags == _TTL and 0 < arg <= max_ttl_ms))
-            )
-        ):
-            append((tag, kind, request_id, body[key_start:key_end], view[offset:end], end - offset))
-        else:
-            message = _sub_request_error(kind, flags, key_len, value_len, arg).encode()
-            append((tag, 0, request_id, message, view[0:0], 0))
-        offset = end
-    if offset != size:
-        raise ProtocolError(
-            f"{size - offset} bytes after the last of {count} sub-requests", batch_id
-        )
-    return ops
 
 
 def batch_id_of(header: bytes) -> int:

@@ -49,7 +49,6 @@ from zkv.protocol import (
     request_record,
     split_batch,
     split_batch_reply,
-    split_batch_tagged,
     split_reply_records,
 )
 
@@ -510,25 +509,3 @@ def test_peek_keyed_request_agrees_with_decode_request() -> None:
             assert peeked == (request.kind, request.request_id, request.key, request.ttl_ms)
         else:
             assert peeked is None
-
-
-@pytest.mark.parametrize("case", MALFORMED_BATCHES, ids=str)
-def test_the_tagged_split_refuses_the_same_malformed_batches(case):
-    frames, message = MALFORMED_BATCHES[case]
-    with pytest.raises(ProtocolError, match=re.escape(message)) as raised:
-        split_batch_tagged(frames, None)
-    if len(frames[0]) == 16:
-        assert raised.value.request_id == 55
-
-
-@pytest.mark.parametrize("case", MALFORMED_SUB_REQUESTS, ids=str)
-def test_the_tagged_split_agrees_with_split_batch(case):
-    good = _record(request_id=8, key=b"fine")
-    setter = _record(kind=Kind.SET, request_id=9, key=b"k", value=b"val", flags=1, arg=5)
-    frames = _batch([good, MALFORMED_SUB_REQUESTS[case][0], setter])
-    tag = object()
-    tagged = split_batch_tagged(frames, tag)
-    plain = split_batch(frames)[1]
-    assert [
-        (t, kind, rid, bytes(key), bytes(rec), size) for t, kind, rid, key, rec, size in tagged
-    ] == [(tag, kind, rid, bytes(key), bytes(rec), len(rec)) for kind, rid, key, rec in plain]
