@@ -34,6 +34,8 @@ class TokenTable(Generic[T]):
 
     A key is in ``_queues`` exactly while its token is out; the deque holds the waiters, and
     a key nobody waits for holds the empty tuple instead (most keys: no deque to allocate).
+    The broker's batch loop (broker/core.py, ``Broker._on_batch``) reads ``_queues`` and takes
+    free tokens in it directly, :meth:`acquire` written out: that loop relies on this meaning.
     """
 
     def __init__(self) -> None:
