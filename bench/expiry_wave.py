@@ -56,8 +56,9 @@ if str(ROOT) not in sys.path:  # run as a script as well as with -m
     sys.path.insert(0, str(ROOT))
 
 from bench.stats import LoadResult  # noqa: E402
+from bench.zmq_load import Failed, queued_replies  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
-from zkv.protocol import Kind, Request, Status, decode_reply, encode_request  # noqa: E402
+from zkv.protocol import Kind, Request, Status, encode_request  # noqa: E402
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 STEADY_KEYS = 1000
@@ -70,10 +71,6 @@ WAVE_LINE = re.compile(
     rb"expired (\d+) keys in (\d+) passes over (\d+) ms, each within (\d+) ms of its deadline; "
     rb"(\d+) keys left; the longest pass took ([\d.]+) ms"
 )
-
-
-class Failed(RuntimeError):
-    """The wave could not be measured (no reply, a failed request, a dead worker)."""
 
 
 def now_ms() -> int:
@@ -136,13 +133,7 @@ def load(
                 request = Request(Kind.SET, first_id + sent, keys[sent], value, ttl)
                 dealer.send_multipart(encode_request(request))
                 sent += 1
-            if not dealer.poll(REPLY_TIMEOUT_S * 1000):
-                raise Failed(f"no SET reply within {REPLY_TIMEOUT_S} s")
-            while True:
-                try:
-                    reply = decode_reply(dealer.recv_multipart(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
+            for reply in queued_replies(dealer, REPLY_TIMEOUT_S, "SET"):
                 if reply.status != Status.OK:
                     raise Failed(f"SET failed: {reply}")
                 received += 1
@@ -207,15 +198,8 @@ def get_load(
                 frames = encode_request(Request(Kind.GET, request_id, key))
                 sent_at[request_id] = (time.perf_counter_ns(), now_ms())
                 dealer.send_multipart(frames)
-            if not dealer.poll(REPLY_TIMEOUT_S * 1000):
-                raise Failed(f"no GET reply within {REPLY_TIMEOUT_S} s")
-            while True:
-                try:
-                    frames = dealer.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            for reply in queued_replies(dealer, REPLY_TIMEOUT_S, "GET"):
                 done_ns = time.perf_counter_ns()
-                reply = decode_reply(frames)
                 if reply.status != Status.OK:
                     raise Failed(f"GET of a steady key failed: {reply}")
                 started_ns, wall_ms = sent_at.pop(reply.request_id)

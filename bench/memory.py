@@ -53,8 +53,9 @@ if str(ROOT) not in sys.path:  # run as a script as well as with -m
     sys.path.insert(0, str(ROOT))
 
 from bench.stats import LoadResult  # noqa: E402
+from bench.zmq_load import Failed, queued_replies  # noqa: E402
 from tests.cluster import Cluster, free_port, wait_for  # noqa: E402
-from zkv.protocol import Kind, Request, Status, decode_reply, encode_request  # noqa: E402
+from zkv.protocol import Kind, Request, Status, encode_request  # noqa: E402
 
 MODES = ["memory", "memory-noid", "durable", "durable-noid", "redis"]
 IN_FLIGHT = 500  # requests outstanding: keeps both busy, under the 1000-message queue limits
@@ -63,10 +64,6 @@ REPLY_TIMEOUT_S = 30.0
 SETTLE_S = 1.0  # RSS must hold still this long before the final reading
 SETTLE_MAX_S = 60.0
 SCENARIO_TTL_MS = 3_600_000  # the benchmark's rows: every key lives an hour
-
-
-class Failed(RuntimeError):
-    """A measurement could not be made (no reply, a failed SET, a dead worker, no Redis)."""
 
 
 def key_of(i: int) -> bytes:
@@ -125,15 +122,8 @@ def pipeline(
             while sent < count and sent - received < in_flight:
                 dealer.send_multipart(next(requests), copy=False)
                 sent += 1
-            if not dealer.poll(REPLY_TIMEOUT_S * 1000):
-                raise Failed(f"no reply within {REPLY_TIMEOUT_S} s ({received}/{count})")
-            while True:
-                try:
-                    frames = dealer.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            for reply in queued_replies(dealer, REPLY_TIMEOUT_S, f"{received}/{count}"):
                 received += 1
-                reply = decode_reply(frames)
                 if reply.status not in (Status.OK, Status.NOT_FOUND):
                     if not failures:
                         print(f"first failure: {reply}", file=sys.stderr)

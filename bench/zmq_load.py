@@ -31,7 +31,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -39,7 +39,36 @@ import zmq
 from bench.stats import LoadResult, summarize
 from zkv.client import Client, NotFound
 from zkv.errors import ZkvError
-from zkv.protocol import Kind, ProtocolError, Request, Status, decode_reply, encode_request
+from zkv.protocol import (
+    Kind,
+    ProtocolError,
+    Reply,
+    Request,
+    Status,
+    decode_reply,
+    encode_request,
+)
+
+
+class Failed(RuntimeError):
+    """A measurement could not be made: no reply in time, a failed request, a dead process."""
+
+
+def queued_replies(dealer: zmq.Socket, timeout_s: float, what: str) -> Iterator[Reply]:
+    """Wait up to ``timeout_s`` for a reply on ``dealer``, then every reply queued there.
+
+    Raises:
+        Failed: nothing came within ``timeout_s`` (``what`` names the wait in the message).
+    """
+    if not dealer.poll(timeout_s * 1000):
+        raise Failed(f"no reply within {timeout_s} s ({what})")
+    while True:
+        try:
+            frames = dealer.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        yield decode_reply(frames)
+
 
 DRAIN_S = 5.0  # after the deadline, how long to wait for replies still in flight
 CONNECT_TIMEOUT_S = 5.0  # how long each socket may take to answer its first PING
