@@ -273,9 +273,14 @@ def test_large_response_is_sent_whole(server: Server) -> None:
 
     app_server = Server(big)
     try:
-        with app_server.connect() as sock:
+        # A small receive buffer, so that the server's socket fills and it must wait for
+        # EPOLLOUT, whatever the kernel's defaults.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", app_server.port))
+        with sock:
             sock.sendall(request("GET", "/big"))
-            time.sleep(0.2)  # let the server fill the socket buffer and wait for EPOLLOUT
             response = Reader(sock).response()
         assert response.body == body
         assert response.headers["content-length"] == str(len(body))
