@@ -6,9 +6,11 @@ started first, then one client per chain takes turns: ``BLOCK`` GETs on the firs
 ``BLOCK`` SETs, then the same on the next chain, round after round until the time is up. Each
 chain gets the same share of every minute, and its latencies are pooled per operation.
 
-Used by the ``interleaved`` target (bench/targets.py): zkv over tcp:// and over ipc://, and the
-bare chain (bench/bare.py) over both, all running during the whole measurement. Idle chains
-cost little (zkv's heartbeats), so their presence changes the numbers less than the drift would.
+Used by the ``interleaved`` target (bench/targets.py): zkv over tcp:// and over ipc://
+(ZKV_FSYNC=always), zkv over tcp:// with ZKV_FSYNC=no, and the bare chain (bench/bare.py) over
+both, all running during the whole measurement (``INTERLEAVED_CHAINS`` in bench/scenarios.py).
+Idle chains cost little (zkv's heartbeats), so their presence changes the numbers less than the
+drift would.
 """
 
 from __future__ import annotations

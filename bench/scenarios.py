@@ -14,8 +14,9 @@ its selected scenarios, and stops it before the next (see ``bench/targets.py``):
     zkv-shards1   broker and 1 worker (no gateway)
     zkv-shards4   broker and 4 workers (no gateway)
     zkv-ipc       broker and 2 workers over ipc:// endpoints in the run's temporary directory
-    interleaved   zkv over tcp:// and ipc:// (2 shards each) and the bare chain over both, all
-                  running at once; one client per chain takes turns (bench/interleaved.py)
+    interleaved   zkv over tcp:// and ipc:// (2 shards each, ZKV_FSYNC=always), zkv over tcp://
+                  with ZKV_FSYNC=no, and the bare chain over both, all running at once; one
+                  client per chain takes turns (bench/interleaved.py)
     bare-tcp      bench/bare.py over tcp://;  bare-ipc: the same over ipc://
     redis         redis-server, loaded by redis-benchmark
     webdis        webdis in front of its own redis-server, loaded like the gateway
@@ -355,7 +356,33 @@ def _ipc_scenarios() -> list[Scenario]:
     return rows
 
 
-INTERLEAVED_CHAINS = ("zkv-ipc", "zkv-tcp", "bare-ipc", "bare-tcp")
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """One chain of the interleaved target.
+
+    Attributes:
+        name: how its row ids name it: ``interleaved.<name>.<op>.16B.c1``.
+        system: ``zkv`` (a cluster of 2 shards) or ``bare`` (bench/bare.py).
+        transport: ``tcp`` or ``ipc``, for both the frontend and the backend.
+        fsync: a zkv cluster's ZKV_FSYNC; None for the bare chain.
+    """
+
+    name: str
+    system: str
+    transport: str
+    fsync: str | None = None
+
+
+# zkv-tcp-fsync-no runs over tcp://, as the sequential fsync-no.* rows and the zkv-tcp chain do:
+# it differs from zkv-tcp by the fsync policy alone, and from bare-tcp as the sequential
+# fsync-no.client.set.16B.c1 differs from bare.tcp.set.16B.c1, whose ratio it replaces.
+INTERLEAVED_CHAINS = (
+    Chain("zkv-ipc", "zkv", "ipc", "always"),
+    Chain("zkv-tcp", "zkv", "tcp", "always"),
+    Chain("zkv-tcp-fsync-no", "zkv", "tcp", "no"),
+    Chain("bare-ipc", "bare", "ipc"),
+    Chain("bare-tcp", "bare", "tcp"),
+)
 
 
 def _interleaved_id(chain: str, op: str) -> str:
@@ -363,31 +390,37 @@ def _interleaved_id(chain: str, op: str) -> str:
 
 
 def _interleaved_scenarios() -> list[Scenario]:
-    """One request at a time on four chains taking turns: the latency floor's comparison
-    (zkv-ipc's p50 within 1.3x of the bare chain's) without the machine's drift in between."""
+    """One request at a time on five chains taking turns: the latency floor's comparison
+    (zkv's p50 within 1.3x of the bare chain's, SET under both fsync policies) without the
+    machine's drift in between."""
     rows = []
     for chain in INTERLEAVED_CHAINS:
+        name = chain.name
         for op in ("get", "set"):
             peers = []
-            if chain.startswith("zkv"):
+            if chain.system == "zkv":
                 peers.append(Peer("bare ipc p50", _interleaved_id("bare-ipc", op), "p50"))
                 peers.append(Peer("bare tcp p50", _interleaved_id("bare-tcp", op), "p50"))
-            if chain == "zkv-ipc":
+            if name == "zkv-ipc":
                 peers.append(Peer("zkv tcp p50", _interleaved_id("zkv-tcp", op), "p50"))
                 peers.append(Peer("redis p50", _redis_id(op, SMALL_BYTES, 1), "p50"))
-            if chain == "bare-ipc":
+            if name == "zkv-tcp-fsync-no":
+                peers.append(Peer("fsync=always p50", _interleaved_id("zkv-tcp", op), "p50"))
+            if name == "bare-ipc":
                 peers.append(Peer("bare tcp p50", _interleaved_id("bare-tcp", op), "p50"))
-            what = "zkv (2 shards, ZKV_FSYNC=always)" if chain.startswith("zkv") else "bare chain"
+            what = "bare chain"
+            if chain.system == "zkv":
+                what = f"zkv (2 shards, ZKV_FSYNC={chain.fsync})"
             rows.append(
                 Scenario(
-                    id=_interleaved_id(chain, op),
+                    id=_interleaved_id(name, op),
                     target="interleaved",
                     load="interleaved",
                     op=op,
                     peers=tuple(peers),
                     quick=op == "get",
                     about=f"zkv.Client {op.upper()} of 16 bytes one at a time, {what} over "
-                    f"{chain.partition('-')[2]}://, taking turns with the other chains",
+                    f"{chain.transport}://, taking turns with the other chains",
                 )
             )
     return rows

@@ -183,7 +183,8 @@ def open_target(target: str, rows: Sequence[Scenario], options: Options) -> Iter
                 options.duration_s * len(rows) * INTERLEAVED_SHARE,
             )
             measured = {f"interleaved.{chain}.{op}.16B.c1": r for (chain, op), r in found.items()}
-            settings = {"chains": endpoints, "shards": defaults.SHARDS, "ZKV_FSYNC": "always"}
+            fsync = {c.name: c.fsync for c in INTERLEAVED_CHAINS if c.fsync is not None}
+            settings = {"chains": endpoints, "shards": defaults.SHARDS, "ZKV_FSYNC": fsync}
             yield Target(settings=settings, measured=measured)
     elif target == "memory":  # each scenario starts what it measures
         yield Target(settings={"keys": options.full_keys})
@@ -214,15 +215,15 @@ def _start_together(stack: contextlib.ExitStack, workdir: Path, keys: int) -> di
     waits for its processes), each stopped when ``stack`` closes; returns their endpoints."""
     managers: dict[str, contextlib.AbstractContextManager[Any]] = {}
     for chain in INTERLEAVED_CHAINS:
-        kind, _, transport = chain.partition("-")
-        place = workdir / chain
+        place = workdir / chain.name
         place.mkdir()
-        if kind == "zkv":
-            managers[chain] = _zkv_cluster(
-                place, defaults.SHARDS, "always", False, ipc=transport == "ipc"
+        if chain.system == "zkv":
+            assert chain.fsync is not None, "a zkv chain has a fsync policy"
+            managers[chain.name] = _zkv_cluster(
+                place, defaults.SHARDS, chain.fsync, False, ipc=chain.transport == "ipc"
             )
         else:
-            managers[chain] = _bare_chain(place, transport)
+            managers[chain.name] = _bare_chain(place, chain.transport)
 
     def start(chain: str) -> str:
         entered = managers[chain].__enter__()

@@ -3,10 +3,12 @@
 
 Pure logic with no sockets, so every reply, both fencing rules and the group commit are tested
 without ZeroMQ; the worker loop only gathers dispatches into a batch, calls
-:meth:`Shard.handle_batch` and sends what it returns. A dispatch is one request (DISPATCH) or
-many under one token (BATCH_DISPATCH, a :class:`DispatchBatch`): a batch is fenced once, by its
-token, and its requests are applied in order, each with its own idempotency memory, log record
-and sub-reply, in the same group commit as everything else received in the pass.
+:meth:`Shard.handle_batch` and sends what it returns. A dispatch is one request (DISPATCH:
+a plain :data:`KeyedDispatch` tuple for GET, SET and DEL, answered with REPLY frames; a
+:class:`Dispatch` for ALL and PING) or many under one token (BATCH_DISPATCH, a
+:class:`DispatchBatch`): a batch is fenced once, by its token, and its requests are applied in
+order, each with its own idempotency memory, log record and sub-reply, in the same group commit
+as everything else received in the pass.
 
 How one batch is served (durable shards)::
 
@@ -35,13 +37,16 @@ from zkv.protocol import (
     SUB_REPLY,
     Dispatch,
     DispatchBatch,
+    KeyedDispatch,
     Kind,
     Reply,
     Request,
     Status,
     batch_reply_frames,
     encode_entries,
+    encode_reply,
     pack_reply,
+    reply_frames,
 )
 
 log = logging.getLogger(__name__)
@@ -93,31 +98,33 @@ class Shard:
 
     def handle_batch(
         self,
-        dispatches: Sequence[Dispatch | DispatchBatch],
-        early: Callable[[Reply], None] | None = None,
+        dispatches: Sequence[Message],
+        early: Callable[[list[bytes]], None] | None = None,
     ) -> list[Answer | None]:
         """Apply a batch of dispatched messages and build their answers, in order.
 
-        A message is a :class:`Dispatch` (one request) or a :class:`DispatchBatch` (many
-        requests under one token, applied in order); the worker gathers every message of one
-        receive pass into one call. For a durable shard the whole call runs under the owner
+        A message is one request (a :data:`KeyedDispatch` for a GET, SET or DEL, as the worker
+        decodes them, else a :class:`Dispatch`) or a :class:`DispatchBatch` (many requests
+        under one token, applied in order); the worker gathers every message of one receive
+        pass into one call. For a durable shard the whole call runs under the owner
         lock with the epoch checked, its records are appended with one write, and they are
         fsynced per policy before this returns (see the module docstring). Reads take the same
         path: a former owner that was paused must not answer even a GET from a copy that may
         be stale, and the check costs about 3 microseconds a batch (flock, pread, unlock).
 
-        A GET that comes alone (a Dispatch) before the batch's first write need not wait for
-        that write or its fsync: everything it can read was on disk before the batch began
-        (under ALWAYS the previous batch was fsynced before its replies). With ``early``
-        given, such a GET's reply is passed to it at once, inside the fence, and its answer
-        in the returned list is None. Reads after a write still wait: they may show it.
+        A GET that comes alone (not in a DispatchBatch) before the batch's first write need
+        not wait for that write or its fsync: everything it can read was on disk before the
+        batch began (under ALWAYS the previous batch was fsynced before its replies). With
+        ``early`` given, such a GET's REPLY frames are passed to it at once, inside the fence,
+        and its answer in the returned list is None. Reads after a write still wait: they may
+        show it.
 
         Returns:
-            One answer per message: a :class:`Reply` for a Dispatch, the frames of a
-            BATCH_REPLY for a DispatchBatch (one sub-reply per request, in order), or None
-            for a reply already given to ``early``. Each echoes the request ids (so the
-            client matches them) and the token (so the broker knows which dispatch it
-            answers).
+            One answer per message: the frames of a REPLY for a KeyedDispatch, a
+            :class:`Reply` for a Dispatch, the frames of a BATCH_REPLY for a DispatchBatch
+            (one sub-reply per request, in order), or None for a reply already given to
+            ``early``. Each echoes the request ids (so the client matches them) and the token
+            (so the broker knows which dispatch it answers).
 
         Raises:
             ShardMoved: a newer owner holds the shard; nothing was applied or written.
@@ -136,12 +143,13 @@ class Shard:
             else:
                 answers = []
                 for dispatch in dispatches:
-                    if (
-                        not records  # no write yet in this batch: only durable data to read
-                        and type(dispatch) is Dispatch
-                        and dispatch.request.kind == _GET
-                    ):
-                        early(self._handle_one(dispatch, None))
+                    if records:  # a write came before: everything after it waits for it
+                        answers.append(self._handle_message(dispatch, records))
+                    elif type(dispatch) is tuple and dispatch[1] == _GET:  # only durable data
+                        early(self._handle_keyed(dispatch, None))
+                        answers.append(None)
+                    elif type(dispatch) is Dispatch and dispatch.request.kind == _GET:
+                        early(encode_reply(self._handle_one(dispatch, None)))
                         answers.append(None)
                     else:
                         answers.append(self._handle_message(dispatch, records))
@@ -172,14 +180,14 @@ class Shard:
         """Where the data lives, for log lines: the log's path, or ``memory``."""
         return "memory" if self.files is None else str(self.files.log_path)
 
-    def _handle_message(
-        self, dispatch: Dispatch | DispatchBatch, records: list[bytes] | None
-    ) -> Answer:
+    def _handle_message(self, dispatch: Message, records: list[bytes] | None) -> Answer:
+        if type(dispatch) is tuple:
+            return self._handle_keyed(dispatch, records)
         if isinstance(dispatch, DispatchBatch):
             return self._handle_ops(dispatch, records)
-        return self._handle_one(dispatch, records)
+        return self._handle_one(dispatch, records)  # type: ignore[arg-type]  # a Dispatch
 
-    def _fresh(self, token: int, what: Request | int) -> bool:
+    def _fresh(self, token: int, what: Request | KeyedDispatch | int) -> bool:
         """Fencing by token: accept ``token`` (and remember it) only if it is newer.
 
         Args:
@@ -189,12 +197,16 @@ class Shard:
         if token > self.last_token:
             self.last_token = token
             return True
+        if isinstance(what, int):
+            refused = f"a batch of {what} requests"
+        elif isinstance(what, Request):
+            refused = f"{what.kind.name} request {what.request_id}"
+        else:
+            refused = f"{Kind(what[1]).name} request {what[2]}"
         log.warning(
             "shard %d refused %s: stale token %d, already accepted %d",
             self.number,
-            f"{what.kind.name} request {what.request_id}"
-            if isinstance(what, Request)
-            else f"a batch of {what} requests",
+            refused,
             token,
             self.last_token,
         )
@@ -202,6 +214,21 @@ class Shard:
 
     def _stale_message(self, token: int) -> bytes:
         return f"stale token {token}: this shard already accepted {self.last_token}".encode()
+
+    def _handle_keyed(self, dispatch: KeyedDispatch, records: list[bytes] | None) -> list[bytes]:
+        """A lone GET, SET or DEL: what :meth:`_handle_one` does for a Dispatch, through the
+        same :meth:`_apply`, from the fields the worker decoded and to REPLY frames, with no
+        Request or Reply object in between (one request at a time, this is the whole path)."""
+        token, kind, request_id, key, value, ttl_ms = dispatch
+        if not self._fresh(token, dispatch):
+            message = self._stale_message(token)  # UNAVAILABLE: see _handle_one
+            return reply_frames(_UNAVAILABLE, request_id, token, None, message)
+        try:
+            status, deadline_ms, body = self._apply(kind, request_id, key, value, ttl_ms, records)
+        except Exception:  # a bug: see _handle_one
+            log.exception("internal error on %s request %d", Kind(kind).name, request_id)
+            return reply_frames(_ERROR, request_id, token, None, b"internal worker error")
+        return reply_frames(status, request_id, token, deadline_ms, body)
 
     def _handle_one(self, dispatch: Dispatch, records: list[bytes] | None) -> Reply:
         request = dispatch.request
@@ -317,9 +344,12 @@ class Shard:
             if value is None:  # the decoders never produce this; a caller bug
                 return _ERROR, None, b"SET needs a value"
             fingerprint = zlib.crc32(value)
-            memo = self.memory.recall(request_id, _SET, key, fingerprint)
-            if memo is not None:
-                return self._from_memory(kind, request_id, memo)
+            # known() first: almost every write has a new id, and it is a dict lookup where
+            # recall() is a call.
+            if self.memory.known(request_id):
+                memo = self.memory.recall(request_id, _SET, key, fingerprint)
+                if memo is not None:
+                    return self._from_memory(kind, request_id, memo)
             deadline_ms = store.set(key, value, ttl_ms)
             self.memory.remember_write(request_id, _SET, key, fingerprint, deadline_ms)
             if records is not None:
@@ -355,12 +385,18 @@ class Shard:
         return Status(memo.status), memo.deadline_ms, None
 
 
+Message = KeyedDispatch | Dispatch | DispatchBatch
+"""What the worker hands :meth:`Shard.handle_batch`: one decoded message from the broker."""
+
 Answer = Reply | list[bytes]
-"""What :meth:`Shard.handle_batch` returns per message: a Reply, or BATCH_REPLY frames."""
+"""What :meth:`Shard.handle_batch` returns per message: a Reply (for a Dispatch), or the frames
+of a REPLY (for a KeyedDispatch) or of a BATCH_REPLY (for a DispatchBatch)."""
 
 
-def unavailable(dispatch: Dispatch | DispatchBatch, message: str) -> Answer:
+def unavailable(dispatch: Message, message: str) -> Answer:
     """UNAVAILABLE for a message that was not applied: the route is wrong, not the request."""
+    if type(dispatch) is tuple:
+        return reply_frames(_UNAVAILABLE, dispatch[2], dispatch[0], None, message.encode())
     if isinstance(dispatch, DispatchBatch):
         body = message.encode()
         token = dispatch.token

@@ -50,7 +50,7 @@ from zmq.backend import zmq_poll
 from workers.aof import CorruptLog, DurabilityError, FsyncPolicy
 from workers.ownership import LockTimeout, OwnershipError
 from workers.persist import Durability, ShardMoved
-from workers.shard import Shard, take_shard, unavailable
+from workers.shard import Message, Shard, take_shard, unavailable
 from workers.store import Clock, wall_clock_ms
 from zkv import defaults
 from zkv.protocol import (
@@ -66,6 +66,7 @@ from zkv.protocol import (
     encode_control,
     encode_reply,
     error_reply,
+    peek_keyed_dispatch,
 )
 from zkv.zmqio import POLLIN, recv_frames, send_frames
 
@@ -215,7 +216,7 @@ class Worker:
         # zmq_poll on one (socket, POLLIN) pair: socket.poll builds a zmq.Poller per call.
         polled = [(socket, POLLIN)]
         if zmq_poll(polled, math.ceil(timeout_s * 1000)):
-            batch: list[Dispatch | DispatchBatch] = []
+            batch: list[Message] = []
             requests = 0
             received = 0
             while received < MAX_MESSAGES_PER_PASS:
@@ -240,9 +241,13 @@ class Worker:
             self._serve(batch)
         self._run_timers()
 
-    def _on_message(self, frames: Sequence[bytes], batch: list[Dispatch | DispatchBatch]) -> None:
+    def _on_message(self, frames: Sequence[bytes], batch: list[Message]) -> None:
         """Decode one message: a dispatch joins ``batch``; anything that changes what the
         worker holds first serves the batch gathered so far."""
+        keyed = peek_keyed_dispatch(frames)
+        if keyed is not None:  # a lone GET, SET or DEL: the common message, and no objects
+            batch.append(keyed)
+            return
         try:
             message = decode_from_broker(frames)
         except ProtocolError as exc:
@@ -271,7 +276,7 @@ class Worker:
             case Heartbeat():
                 pass  # liveness was noted when the message arrived, whatever it was
 
-    def _serve(self, batch: list[Dispatch | DispatchBatch]) -> None:
+    def _serve(self, batch: list[Message]) -> None:
         """Serve and answer a batch of dispatches (then empty it): a REPLY per DISPATCH, a
         BATCH_REPLY per BATCH_DISPATCH, in the order they came."""
         if not batch:
@@ -282,7 +287,7 @@ class Worker:
             replies = [unavailable(d, "no shard assigned") for d in batch]
         else:
             try:
-                replies = shard.handle_batch(batch, self._send_reply)
+                replies = shard.handle_batch(batch, self._send)
             except ShardMoved as exc:
                 moved = exc
                 message = f"shard {shard.number} moved to a newer owner"
@@ -302,9 +307,6 @@ class Worker:
             self._send(encode_reply(reply) if isinstance(reply, Reply) else reply)
         if moved is not None and shard is not None:
             self._moved(shard, moved)
-
-    def _send_reply(self, reply: Reply) -> None:
-        self._send(encode_reply(reply))
 
     def _moved(self, shard: Shard, exc: ShardMoved) -> None:
         """A newer owner has the shard: drop it, write nothing more, register as new."""
@@ -509,7 +511,7 @@ class Worker:
         socket = self._connected()
         deadline_s = time.monotonic() + DRAIN_MAX_S
         answered = 0
-        batch: list[Dispatch | DispatchBatch] = []
+        batch: list[Message] = []
         while time.monotonic() < deadline_s:
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)

@@ -1,11 +1,16 @@
-"""bench.zmq_load's reply helper on real (in-process) ZeroMQ sockets."""
+"""bench.zmq_load's reply helper and bench.interleaved's turns on real (in-process) ZeroMQ
+sockets."""
 
 from __future__ import annotations
+
+import threading
+from pathlib import Path
 
 import pytest
 import zmq
 
-from bench import zmq_load
+from bench import bare, interleaved, zmq_load
+from zkv.client import Client
 from zkv.protocol import Reply, Status, encode_reply
 
 pytestmark = pytest.mark.integration
@@ -30,3 +35,33 @@ def test_queued_replies_waits_for_one_then_takes_every_queued_reply() -> None:
         dealer.close(linger=0)
         router.close(linger=0)
         context.term()
+
+
+def test_interleaved_turns_cover_every_chain_and_operation(tmp_path: Path) -> None:
+    """bench.interleaved on three real (bare) chains, in threads: every (chain, operation) gets
+    its turns, the same number of blocks each or one fewer, whatever the chains are named."""
+    names = ("zkv-tcp", "zkv-tcp-fsync-no", "bare-ipc")
+    threads = []
+    endpoints = {}
+    for name in names:
+        frontend, backend = f"ipc://{tmp_path}/{name}-f.ipc", f"ipc://{tmp_path}/{name}-b.ipc"
+        threads.append(threading.Thread(target=bare.run_broker, args=(frontend, backend, 2.0)))
+        threads.append(threading.Thread(target=bare.run_worker, args=(backend, 2.0)))
+        endpoints[name] = frontend
+    for thread in threads:
+        thread.start()
+    try:
+        keys = [b"k1", b"k2"]
+        for frontend in endpoints.values():
+            with Client(frontend, timeout_s=2.0) as client:
+                for key in keys:
+                    client.set(key, b"v")
+        found = interleaved.run_interleaved(endpoints, keys, b"v" * 16, 0.3)
+    finally:
+        for thread in threads:
+            thread.join()
+    assert set(found) == {(name, op) for name in names for op in interleaved.OPS}
+    counts = [result.count for result in found.values()]
+    assert all(count % interleaved.BLOCK == 0 for count in counts)
+    assert max(counts) - min(counts) <= interleaved.BLOCK
+    assert all(result.errors == 0 for result in found.values())

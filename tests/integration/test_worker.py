@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -272,16 +273,33 @@ def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(
     assert broker.request(identity, Request(Kind.GET, 0, b"k")).body == b"v"
 
 
+@pytest.mark.parametrize(
+    ("request_frames", "error"),
+    [
+        pytest.param(
+            [*encode_request(Request(Kind.GET, 77, b"k")), b"stray frame"],
+            b"GET takes 1 frame(s), got 2",
+            id="get-with-two-frames",
+        ),
+        pytest.param(
+            [struct.pack("!BBBxQQ", 1, Kind.SET, 1, 77, 0) + b"k", b"v"],
+            b"ttl_ms must be between 1",
+            id="set-with-zero-ttl",
+        ),
+    ],
+)
 def test_malformed_dispatch_with_a_readable_request_id_gets_an_error_reply(
-    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+    broker: FakeBroker,
+    start_worker: Callable[..., RunningWorker],
+    request_frames: list[bytes],
+    error: bytes,
 ) -> None:
     identity = assigned(broker, start_worker)
-    # A GET with two frames: the header parses far enough to read request id 77.
-    get = encode_request(Request(Kind.GET, 77, b"k"))
-    broker.send(identity, dispatch_frames(next(broker.tokens), [*get, b"stray frame"]))
+    # The header parses far enough to read request id 77.
+    broker.send(identity, dispatch_frames(next(broker.tokens), request_frames))
     reply = broker.recv_reply(identity)
     assert (reply.request_id, reply.status) == (77, Status.ERROR)
-    assert b"GET takes 1 frame(s), got 2" in (reply.body or b"")
+    assert error in (reply.body or b"")
     assert broker.request(identity, Request(Kind.PING, 0)).status == Status.OK
 
 

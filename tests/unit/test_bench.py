@@ -6,13 +6,15 @@ No load and no timing here: speed is never asserted in tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bench import __main__ as cli
-from bench import expiry_wave, report
+from bench import expiry_wave, report, targets
 from bench.client_pipeline import build_ops
 from bench.http_load import HttpWorkload, parse_wrk_output, request_for, wrk_command
 from bench.peers import (
@@ -33,6 +35,7 @@ from bench.report import (
 )
 from bench.runner import http_workload, progress_line, zmq_workload
 from bench.scenarios import (
+    INTERLEAVED_CHAINS,
     TARGETS,
     Peer,
     Scenario,
@@ -42,6 +45,7 @@ from bench.scenarios import (
     size_label,
 )
 from bench.stats import LoadResult, percentile, summarize
+from zkv import defaults
 from zkv.protocol import Kind
 
 pytestmark = pytest.mark.unit
@@ -467,6 +471,68 @@ def test_interleaved_rows_compare_zkv_over_ipc_with_both_bare_chains_of_the_same
         assert all(by_id[p.scenario].target == "interleaved" for p in zkv.peers[:3])
     default = {s.id for s in select(all_scenarios(), None, quick=False)}
     assert {s.id for s in all_scenarios() if s.target == "interleaved"} <= default
+
+
+def test_interleaved_rows_compare_set_with_fsync_no_with_the_bare_chains_of_the_same_run() -> None:
+    """SET with ZKV_FSYNC=no against the bare chain, both in the same turns (the sequential
+    fsync-no.client.set row is minutes away from bare.tcp.set's), and against zkv-tcp, which
+    differs only by its fsync policy."""
+    by_id = {s.id: s for s in all_scenarios()}
+    for op in ("get", "set"):
+        row = by_id[f"interleaved.zkv-tcp-fsync-no.{op}.16B.c1"]
+        assert row.target == "interleaved" and row.load == "interleaved"
+        assert [(p.label, p.scenario, p.metric) for p in row.peers] == [
+            ("bare ipc p50", f"interleaved.bare-ipc.{op}.16B.c1", "p50"),
+            ("bare tcp p50", f"interleaved.bare-tcp.{op}.16B.c1", "p50"),
+            ("fsync=always p50", f"interleaved.zkv-tcp.{op}.16B.c1", "p50"),
+        ]
+        assert "ZKV_FSYNC=no" in row.about and "tcp://" in row.about
+        assert "ZKV_FSYNC=always" in by_id[f"interleaved.zkv-tcp.{op}.16B.c1"].about
+    default = {s.id for s in select(all_scenarios(), None, quick=False)}
+    assert "interleaved.zkv-tcp-fsync-no.set.16B.c1" in default
+    chains = {c.name: (c.system, c.transport, c.fsync) for c in INTERLEAVED_CHAINS}
+    assert chains == {
+        "zkv-ipc": ("zkv", "ipc", "always"),
+        "zkv-tcp": ("zkv", "tcp", "always"),
+        "zkv-tcp-fsync-no": ("zkv", "tcp", "no"),
+        "bare-ipc": ("bare", "ipc", None),
+        "bare-tcp": ("bare", "tcp", None),
+    }
+
+
+def test_interleaved_chains_start_with_their_transport_and_fsync_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """_start_together starts each chain as INTERLEAVED_CHAINS says (no process here: the
+    cluster and the bare chain are replaced by recorders)."""
+    started: dict[str, tuple[object, ...]] = {}
+
+    @contextlib.contextmanager
+    def zkv_cluster(
+        workdir: Path, shards: int, fsync: str, gateway: bool, ipc: bool = False
+    ) -> Iterator[str]:
+        started[workdir.name] = ("zkv", shards, fsync, gateway, ipc)
+        yield f"endpoint of {workdir.name}"
+
+    @contextlib.contextmanager
+    def bare_chain(workdir: Path, transport: str) -> Iterator[str]:
+        started[workdir.name] = ("bare", transport)
+        yield f"endpoint of {workdir.name}"
+
+    monkeypatch.setattr(targets, "_zkv_cluster", zkv_cluster)
+    monkeypatch.setattr(targets, "_bare_chain", bare_chain)
+    monkeypatch.setattr(targets, "_fill", lambda *args, **kwargs: None)
+    with contextlib.ExitStack() as stack:
+        endpoints = targets._start_together(stack, tmp_path, 10)
+    assert endpoints == {c.name: f"endpoint of {c.name}" for c in INTERLEAVED_CHAINS}
+    shards = defaults.SHARDS
+    assert started == {
+        "zkv-ipc": ("zkv", shards, "always", False, True),
+        "zkv-tcp": ("zkv", shards, "always", False, False),
+        "zkv-tcp-fsync-no": ("zkv", shards, "no", False, False),
+        "bare-ipc": ("bare", "ipc"),
+        "bare-tcp": ("bare", "tcp"),
+    }
 
 
 def test_command_line_full_flags() -> None:

@@ -44,6 +44,8 @@ from zkv.protocol import (
     error_reply,
     pack_reply,
     pack_request,
+    peek_keyed_dispatch,
+    reply_frames,
     reply_from_record,
     reply_token,
     request_record,
@@ -91,6 +93,21 @@ def test_dispatch_wraps_the_request_and_the_worker_unwraps_it(request_):
     assert decode_from_broker(frames) == Dispatch(0xABCDEF, request_)
 
 
+@pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: f"{r.kind.name}-{r.request_id}")
+def test_a_keyed_dispatch_is_peeked_as_a_plain_tuple(request_):
+    """The worker's fast path: the fields decode_from_broker finds, as one tuple, for GET, SET
+    and DEL; None for anything else (left to decode_from_broker)."""
+    frames = dispatch_frames(0xABCDEF, encode_request(request_))
+    peeked = peek_keyed_dispatch(frames)
+    if request_.kind not in protocol.KEYED_COMMANDS:
+        assert peeked is None
+        return
+    r = request_
+    assert peeked == (0xABCDEF, r.kind, r.request_id, r.key, r.value, r.ttl_ms)
+    if r.kind == Kind.SET:
+        assert peeked[4] is frames[1]  # the value frame, not a copy
+
+
 def test_dispatch_passes_the_value_frame_through_without_copying():
     value = b"x" * 1000
     frames = dispatch_frames(1, encode_request(Request(Kind.SET, 1, b"k", value)))
@@ -112,6 +129,24 @@ def test_reply_round_trip(reply):
     assert decode_reply(frames) == reply
     assert reply_token(frames[0]) == reply.token
     assert decode_from_worker(frames) == reply
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(Status.OK, 1, 2, 1_700_000_000_123, b"value"),
+        Reply(Status.OK, 1, 2, None, None),
+        Reply(Status.OK, 1, 2, None, b""),
+        Reply(Status.NOT_FOUND, 9, 10),
+        Reply(Status.UNAVAILABLE, protocol.U64_MAX, protocol.U64_MAX, None, b"stale"),
+    ],
+)
+def test_reply_frames_are_those_of_encode_reply(reply):
+    frames = reply_frames(
+        reply.status, reply.request_id, reply.token, reply.deadline_ms, reply.body
+    )
+    assert frames == encode_reply(reply)
+    assert decode_reply(frames) == reply
 
 
 def test_error_reply_carries_the_message():
@@ -242,7 +277,13 @@ def test_fuzz_decoders_raise_only_protocol_error():
     seeds = [f for r in REQUESTS for f in encode_request(r)]
     seeds += encode_reply(Reply(Status.OK, 1, 2, 3, b"body"))
     seeds += [f for m in (Ready(1, 2), Assign(0, 2), Heartbeat()) for f in encode_control(m)]
-    decoders = [decode_request, decode_reply, decode_from_worker, decode_from_broker]
+    decoders = [
+        decode_request,
+        decode_reply,
+        decode_from_worker,
+        decode_from_broker,
+        peek_keyed_dispatch,  # never raises: None for anything it does not take
+    ]
     for _ in range(5_000):
         frames = []
         for _ in range(rng.choice([0, 1, 1, 2, 2, 3])):
@@ -438,6 +479,7 @@ def test_fuzz_batch_decoders_raise_only_protocol_error():
         decode_batch_reply,
         decode_from_broker,
         decode_from_worker,
+        peek_keyed_dispatch,
         lambda frames: split_reply_records(frames, rng.randrange(4)),
     ]
     for _ in range(5_000):
@@ -509,3 +551,66 @@ def test_peek_keyed_request_agrees_with_decode_request() -> None:
             assert peeked == (request.kind, request.request_id, request.key, request.ttl_ms)
         else:
             assert peeked is None
+
+
+def test_peek_keyed_dispatch_agrees_with_decode_from_broker() -> None:
+    """The worker's fast path takes exactly the DISPATCHes of GET, SET and DEL that
+    decode_from_broker accepts, with the same fields; a malformed one is left to
+    decode_from_broker (None), which raises with its request id so the worker answers ERROR."""
+    rng = random.Random(11)
+    header = struct.Struct("!BBQBBBxQQ")  # DISPATCH header, then the request header
+    taken = 0
+    for _ in range(5000):
+        kind = rng.choice((Kind.GET, Kind.SET, Kind.DEL))
+        ttl_ms = rng.choice((None, 1, protocol.MAX_TTL_MS)) if kind == Kind.SET else None
+        # A valid keyed DISPATCH: version, DISPATCH, token, version, kind, flags, id, arg...
+        fields = [1, Kind.DISPATCH, rng.randrange(2**64), 1, kind, 0, rng.randrange(2**64), 0]
+        if ttl_ms is not None:
+            fields[5], fields[7] = 1, ttl_ms
+        key = rng.choice((b"k", b"key"))
+        values = [b"v"] if kind == Kind.SET else []
+        # ... then, most of the time, one thing wrong with it.
+        roll = rng.randrange(8)
+        if roll < 4:
+            field = rng.choice((0, 1, 3, 4, 5, 7))
+            fields[field] = rng.choice((0, 1, 2, 3, 4, 5, 9, Kind.BATCH_DISPATCH, 2**40))
+            fields[field] &= 0xFF if field != 7 else protocol.U64_MAX
+        elif roll == 4:
+            key = b""
+        elif roll == 5:
+            values = rng.choice(([], [b"v"], [b"v", b"w"]))
+        first = header.pack(*fields) + key
+        if roll == 6:
+            first = first[: rng.randrange(len(first))]
+        frames = [first, *values]
+        peeked = peek_keyed_dispatch(frames)
+        try:
+            message = decode_from_broker(frames)
+        except ProtocolError:
+            assert peeked is None
+            continue
+        if isinstance(message, Dispatch) and message.request.kind in protocol.KEYED_COMMANDS:
+            r = message.request
+            assert peeked == (message.token, r.kind, r.request_id, r.key, r.value, r.ttl_ms)
+            taken += 1
+        else:
+            assert peeked is None
+    assert taken > 1000  # the valid ones, and mutations that stayed valid
+
+
+@pytest.mark.parametrize(
+    ("request_frames", "error"),
+    [
+        ([_header(Kind.GET), b"stray"], "GET takes 1 frame(s), got 2"),
+        ([_header(Kind.SET)], "SET takes 2 frame(s), got 1"),
+        ([_header(Kind.SET, flags=1, arg=0), b"v"], "ttl_ms must be between 1"),
+        ([_header(Kind.DEL, key=b"")], "DEL needs a non-empty key"),
+        ([_header(Kind.DEL, arg=3)], "DEL must have arg 0"),
+    ],
+)
+def test_a_malformed_keyed_dispatch_is_left_to_decode_from_broker(request_frames, error):
+    frames = dispatch_frames(5, request_frames)
+    assert peek_keyed_dispatch(frames) is None
+    with pytest.raises(ProtocolError, match=re.escape(error)) as raised:
+        decode_from_broker(frames)
+    assert raised.value.request_id == 77

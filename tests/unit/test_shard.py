@@ -1,18 +1,26 @@
-"""Shard.handle: the reply to every command, fencing by token, batches, idempotency."""
+"""Shard.handle: the reply to every command, fencing by token, batches, idempotency.
+
+Tests of single requests run twice (the ``handle`` fixture): with Dispatch and Reply objects,
+and down the worker's path, where a lone GET, SET or DEL is decoded from its DISPATCH frames
+by peek_keyed_dispatch into a plain tuple and answered with REPLY frames.
+"""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 
 from tests.fakes import START_MS, FakeClock
+from workers import aof
 from workers.aof import FsyncPolicy
 from workers.idempotency import MAX_REMEMBERED_REQUESTS, RequestMemory
 from workers.persist import Durability
-from workers.shard import Shard, take_shard
+from workers.shard import Message, Shard, take_shard
 from workers.store import TTLStore
 from zkv.protocol import (
+    KEYED_COMMANDS,
     BatchReply,
     Dispatch,
     DispatchBatch,
@@ -24,25 +32,62 @@ from zkv.protocol import (
     decode_batch_reply,
     decode_entries,
     decode_from_broker,
+    decode_reply,
     dispatch_batch_frames,
+    dispatch_frames,
+    encode_request,
     pack_request,
+    peek_keyed_dispatch,
 )
 
 pytestmark = pytest.mark.unit
+
+Handle = Callable[[Shard, Dispatch], Reply]
+
+
+def by_objects(shard: Shard, dispatch: Dispatch) -> Reply:
+    return shard.handle(dispatch)
+
+
+def from_the_wire(dispatch: Dispatch) -> Message:
+    """What the worker decodes from the DISPATCH frames of ``dispatch``: a plain tuple for a
+    GET, SET or DEL, a Dispatch for anything else."""
+    frames = dispatch_frames(dispatch.token, encode_request(dispatch.request))
+    keyed = peek_keyed_dispatch(frames)
+    assert (keyed is not None) == (dispatch.request.kind in KEYED_COMMANDS)
+    if keyed is not None:
+        return keyed
+    message = decode_from_broker(frames)
+    assert message == dispatch
+    return message
+
+
+def by_wire(shard: Shard, dispatch: Dispatch) -> Reply:
+    [answer] = shard.handle_batch([from_the_wire(dispatch)])
+    return decode_reply(answer) if isinstance(answer, list) else answer
+
+
+@pytest.fixture(params=[by_objects, by_wire], ids=["objects", "wire"])
+def handle(request: pytest.FixtureRequest) -> Handle:
+    """One request, one way or the other (see the module docstring)."""
+    return request.param
 
 
 class Driver:
     """Sends requests to a shard with ever larger tokens, as the broker does."""
 
-    def __init__(self, shard: Shard) -> None:
+    def __init__(self, shard: Shard, handle: Handle = by_objects) -> None:
         self.shard = shard
+        self.handle = handle
         self.tokens = itertools.count(shard.last_token + 1)
         self.ids = itertools.count(100)
 
     def send(self, kind: Kind, key: bytes = b"", **fields: object) -> Reply:
-        request = Request(kind, next(self.ids), key, **fields)  # type: ignore[arg-type]
+        return self.deliver(Request(kind, next(self.ids), key, **fields))  # type: ignore[arg-type]
+
+    def deliver(self, request: Request) -> Reply:
         token = next(self.tokens)
-        reply = self.shard.handle(Dispatch(token, request))
+        reply = self.handle(self.shard, Dispatch(token, request))
         assert reply.request_id == request.request_id
         assert reply.token == token
         return reply
@@ -59,8 +104,8 @@ def shard(clock: FakeClock) -> Shard:
 
 
 @pytest.fixture
-def driver(shard: Shard) -> Driver:
-    return Driver(shard)
+def driver(shard: Shard, handle: Handle) -> Driver:
+    return Driver(shard, handle)
 
 
 def test_set_then_get(driver: Driver) -> None:
@@ -126,23 +171,25 @@ def test_ping(driver: Driver) -> None:
     assert (reply.status, reply.body) == (Status.OK, None)
 
 
-def test_accepted_token_becomes_last_token(shard: Shard) -> None:
-    shard.handle(Dispatch(7, Request(Kind.PING, 1)))
+def test_accepted_token_becomes_last_token(shard: Shard, handle: Handle) -> None:
+    handle(shard, Dispatch(7, Request(Kind.PING, 1)))
     assert shard.last_token == 7
-    shard.handle(Dispatch(1000, Request(Kind.PING, 2)))
+    handle(shard, Dispatch(1000, Request(Kind.GET, 2, b"k")))
     assert shard.last_token == 1000
 
 
 @pytest.mark.parametrize("stale", [7, 5, 0])
-def test_equal_or_lower_token_is_refused_and_changes_nothing(shard: Shard, stale: int) -> None:
-    shard.handle(Dispatch(7, Request(Kind.SET, 1, b"k", b"current")))
+def test_equal_or_lower_token_is_refused_and_changes_nothing(
+    shard: Shard, handle: Handle, stale: int
+) -> None:
+    handle(shard, Dispatch(7, Request(Kind.SET, 1, b"k", b"current")))
     for request in [
         Request(Kind.SET, 2, b"k", b"stale write"),
         Request(Kind.SET, 3, b"new", b"stale write"),
         Request(Kind.DEL, 4, b"k"),
         Request(Kind.GET, 5, b"k"),
     ]:
-        reply = shard.handle(Dispatch(stale, request))
+        reply = handle(shard, Dispatch(stale, request))
         assert reply.status == Status.UNAVAILABLE
         assert reply.request_id == request.request_id
         assert reply.token == stale
@@ -152,10 +199,11 @@ def test_equal_or_lower_token_is_refused_and_changes_nothing(shard: Shard, stale
     assert len(shard.store) == 1
 
 
-def test_higher_token_after_a_refusal_is_accepted(shard: Shard) -> None:
-    shard.handle(Dispatch(7, Request(Kind.SET, 1, b"k", b"v1")))
-    assert shard.handle(Dispatch(6, Request(Kind.SET, 2, b"k", b"v2"))).status == Status.UNAVAILABLE
-    reply = shard.handle(Dispatch(8, Request(Kind.SET, 3, b"k", b"v3")))
+def test_higher_token_after_a_refusal_is_accepted(shard: Shard, handle: Handle) -> None:
+    handle(shard, Dispatch(7, Request(Kind.SET, 1, b"k", b"v1")))
+    refused = handle(shard, Dispatch(6, Request(Kind.SET, 2, b"k", b"v2")))
+    assert refused.status == Status.UNAVAILABLE
+    reply = handle(shard, Dispatch(8, Request(Kind.SET, 3, b"k", b"v3")))
     assert reply.status == Status.OK
     assert shard.store.get(b"k") == (b"v3", None)
 
@@ -189,29 +237,25 @@ def test_a_batch_is_answered_in_order_and_later_requests_see_earlier_writes(shar
 def test_a_retried_set_is_answered_from_memory_not_applied_again(
     driver: Driver, shard: Shard, clock: FakeClock
 ) -> None:
-    first = shard.handle(Dispatch(next(driver.tokens), Request(Kind.SET, 7, b"k", b"v1", 1000)))
+    first = driver.deliver(Request(Kind.SET, 7, b"k", b"v1", 1000))
     driver.send(Kind.SET, b"k", value=b"newer write by someone else")
     clock.advance(10)
-    retry = shard.handle(Dispatch(next(driver.tokens), Request(Kind.SET, 7, b"k", b"v1", 1000)))
+    retry = driver.deliver(Request(Kind.SET, 7, b"k", b"v1", 1000))
     assert (retry.status, retry.deadline_ms) == (Status.OK, first.deadline_ms)
     assert shard.store.get(b"k") == (b"newer write by someone else", None)
 
 
 def test_a_retried_delete_is_answered_from_memory(driver: Driver, shard: Shard) -> None:
     driver.send(Kind.SET, b"k", value=b"v")
-    assert shard.handle(Dispatch(next(driver.tokens), Request(Kind.DEL, 9, b"k"))).status == (
-        Status.OK
-    )
+    assert driver.deliver(Request(Kind.DEL, 9, b"k")).status == Status.OK
     driver.send(Kind.SET, b"k", value=b"set again by someone else")
-    retry = shard.handle(Dispatch(next(driver.tokens), Request(Kind.DEL, 9, b"k")))
+    retry = driver.deliver(Request(Kind.DEL, 9, b"k"))
     assert retry.status == Status.OK
     assert shard.store.get(b"k") == (b"set again by someone else", None)
 
 
 def test_a_delete_that_found_nothing_is_not_remembered(driver: Driver, shard: Shard) -> None:
-    assert shard.handle(Dispatch(next(driver.tokens), Request(Kind.DEL, 9, b"k"))).status == (
-        Status.NOT_FOUND
-    )
+    assert driver.deliver(Request(Kind.DEL, 9, b"k")).status == Status.NOT_FOUND
     assert len(shard.memory) == 0
 
 
@@ -227,25 +271,27 @@ def test_a_delete_that_found_nothing_is_not_remembered(driver: Driver, shard: Sh
 def test_the_same_id_on_another_request_is_applied(
     driver: Driver, shard: Shard, other: Request
 ) -> None:
-    shard.handle(Dispatch(next(driver.tokens), Request(Kind.SET, 7, b"k", b"v1")))
-    shard.handle(Dispatch(next(driver.tokens), other))
+    driver.deliver(Request(Kind.SET, 7, b"k", b"v1"))
+    driver.deliver(other)
     if other.kind == Kind.DEL:
         assert shard.store.entries() == []
     else:
         assert shard.store.get(other.key) == (other.value, None)
 
 
-def test_the_memory_is_bounded_and_forgets_the_oldest_first(clock: FakeClock) -> None:
+def test_the_memory_is_bounded_and_forgets_the_oldest_first(
+    clock: FakeClock, handle: Handle
+) -> None:
     shard = Shard(0, TTLStore(clock), memory=RequestMemory(capacity=3))
-    tokens = itertools.count(1)
+    driver = Driver(shard, handle)
     for request_id in range(1, 6):
-        shard.handle(Dispatch(next(tokens), Request(Kind.SET, request_id, b"k", b"v")))
+        driver.deliver(Request(Kind.SET, request_id, b"k", b"v"))
     assert len(shard.memory) == 3
-    shard.handle(Dispatch(next(tokens), Request(Kind.SET, 99, b"k", b"latest")))
+    driver.deliver(Request(Kind.SET, 99, b"k", b"latest"))
     # Ids 1..3 are forgotten: a retry that late is applied again; 4 and 5 are still known.
-    shard.handle(Dispatch(next(tokens), Request(Kind.SET, 5, b"k", b"v")))
+    driver.deliver(Request(Kind.SET, 5, b"k", b"v"))
     assert shard.store.get(b"k") == (b"latest", None)
-    shard.handle(Dispatch(next(tokens), Request(Kind.SET, 1, b"k", b"v")))
+    driver.deliver(Request(Kind.SET, 1, b"k", b"v"))
     assert shard.store.get(b"k") == (b"v", None)
 
 
@@ -254,14 +300,37 @@ def test_the_default_memory_holds_a_hundred_thousand_requests() -> None:
 
 
 def test_request_id_zero_is_never_remembered(driver: Driver, shard: Shard) -> None:
-    shard.handle(Dispatch(next(driver.tokens), Request(Kind.SET, 0, b"k", b"v1")))
+    driver.deliver(Request(Kind.SET, 0, b"k", b"v1"))
     assert len(shard.memory) == 0
 
 
-def test_a_stale_token_is_refused_before_the_memory_is_consulted(shard: Shard) -> None:
-    shard.handle(Dispatch(7, Request(Kind.SET, 1, b"k", b"v")))
-    reply = shard.handle(Dispatch(7, Request(Kind.SET, 1, b"k", b"v")))
+def test_a_stale_token_is_refused_before_the_memory_is_consulted(
+    shard: Shard, handle: Handle
+) -> None:
+    handle(shard, Dispatch(7, Request(Kind.SET, 1, b"k", b"v")))
+    reply = handle(shard, Dispatch(7, Request(Kind.SET, 1, b"k", b"v")))
     assert reply.status == Status.UNAVAILABLE
+
+
+@pytest.mark.parametrize("kind", [Kind.GET, Kind.SET, Kind.DEL])
+def test_an_internal_error_is_answered_and_the_shard_keeps_serving(
+    driver: Driver, shard: Shard, monkeypatch: pytest.MonkeyPatch, kind: Kind
+) -> None:
+    """A bug, not bad input: the request gets ERROR at once (no client timeout) and nothing is
+    half applied."""
+    driver.send(Kind.SET, b"k", value=b"v")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    for method in ("get", "set", "delete"):
+        monkeypatch.setattr(shard.store, method, broken)
+    value = b"new" if kind == Kind.SET else None
+    reply = driver.deliver(Request(kind, 41, b"k", value))
+    assert (reply.status, reply.body) == (Status.ERROR, b"internal worker error")
+    monkeypatch.undo()
+    assert len(shard.memory) == 1  # the failed write is not remembered
+    assert driver.send(Kind.GET, b"k").body == b"v"
 
 
 # --- BATCH_DISPATCH: many requests under one token ---------------------------------------------
@@ -371,7 +440,8 @@ def test_a_durable_batch_is_one_append_and_one_fsync(tmp_path) -> None:
     again.close()
 
 
-def test_gets_before_the_first_write_are_answered_before_the_fsync(tmp_path) -> None:
+@pytest.mark.parametrize("wire", [False, True], ids=["objects", "wire"])
+def test_gets_before_the_first_write_are_answered_before_the_fsync(tmp_path, wire: bool) -> None:
     """A GET ahead of every write of its batch can only read what is on disk: it is handed to
     ``early`` at once. A GET after a write may read that write, so it waits for the fsync."""
     events: list[str] = []
@@ -383,20 +453,67 @@ def test_gets_before_the_first_write_are_answered_before_the_fsync(tmp_path) -> 
     events.clear()
     early: list[Reply] = []
 
-    def answer_early(reply: Reply) -> None:
+    def answer_early(frames: list[bytes]) -> None:
         events.append("early")
-        early.append(reply)
+        early.append(decode_reply(frames))
 
+    dispatches = [
+        Dispatch(11, Request(Kind.GET, 2, b"a")),
+        Dispatch(12, Request(Kind.SET, 3, b"a", b"new", None)),
+        Dispatch(13, Request(Kind.GET, 4, b"a")),
+    ]
     answered = shard.handle_batch(
-        [
-            Dispatch(11, Request(Kind.GET, 2, b"a")),
-            Dispatch(12, Request(Kind.SET, 3, b"a", b"new", None)),
-            Dispatch(13, Request(Kind.GET, 4, b"a")),
-        ],
-        answer_early,
+        [from_the_wire(d) if wire else d for d in dispatches], answer_early
     )
     assert events == ["early", "fsync"]
     assert [(r.request_id, r.body) for r in early] == [(2, b"old")]
     assert answered[0] is None
-    assert isinstance(answered[2], Reply) and answered[2].body == b"new"
+    last = answered[2]
+    assert (decode_reply(last) if wire else last).body == b"new"  # type: ignore[arg-type, union-attr]
     shard.close()
+
+
+def test_lone_writes_are_logged_once_each_under_one_fsync_and_retries_survive(tmp_path) -> None:
+    """Lone SETs and DELs, as the worker decodes them: one log record each, all of a pass
+    appended before its one fsync; a successor replaying the log answers a retried SET from
+    memory, with the original deadline, without applying it again."""
+    events: list[str] = []
+    durability = Durability(
+        tmp_path / "data", FsyncPolicy.ALWAYS, fsync=lambda fd: events.append("fsync")
+    )
+    clock = FakeClock()
+    shard = take_shard(0, 5, None, durability, clock).shard
+    log_path = shard.files.log_path  # type: ignore[union-attr]
+    events.clear()
+    requests = [
+        Request(Kind.SET, 7, b"k", b"v", 1000),
+        Request(Kind.SET, 8, b"gone", b"x", None),
+        Request(Kind.DEL, 9, b"gone"),
+        Request(Kind.DEL, 10, b"never there"),  # NOT_FOUND: nothing changed, nothing logged
+    ]
+    messages = [from_the_wire(Dispatch(10 + i, r)) for i, r in enumerate(requests)]
+    replies = [decode_reply(a) for a in shard.handle_batch(messages)]  # type: ignore[arg-type]
+    assert [(r.request_id, r.token, r.status) for r in replies] == [
+        (7, 10, Status.OK),
+        (8, 11, Status.OK),
+        (9, 12, Status.OK),
+        (10, 13, Status.NOT_FOUND),
+    ]
+    assert replies[0].deadline_ms == START_MS + 1000
+    assert events == ["fsync"]
+    shard.close()
+    with aof.LogReader(log_path) as reader:
+        assert [record for _, record in reader.records()] == [
+            aof.SetRecord(7, b"k", b"v", START_MS + 1000),
+            aof.SetRecord(8, b"gone", b"x", None),
+            aof.DelRecord(9, b"gone"),
+        ]
+    clock.advance(10)
+    again = take_shard(0, 6, None, durability, clock).shard
+    again.handle_batch([from_the_wire(Dispatch(20, Request(Kind.SET, 70, b"k", b"newer")))])
+    [retry] = again.handle_batch(
+        [from_the_wire(Dispatch(21, Request(Kind.SET, 7, b"k", b"v", 1000)))]
+    )
+    assert decode_reply(retry) == Reply(Status.OK, 7, 21, START_MS + 1000)  # type: ignore[arg-type]
+    assert again.store.get(b"k") == (b"newer", None)
+    again.close()
