@@ -108,7 +108,7 @@ class FastLane:
         """The response to a finished call: ``render`` of its outcome, or the app's error."""
         try:
             outcome = done.result()
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:  # cancelled: a 500, as for a bug
             status, message, headers = failure(exc, "GET", path)
             return _json(status, {"error": message}, list(headers.items()))
         return _json(200, render(outcome), [])

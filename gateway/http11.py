@@ -373,7 +373,7 @@ class HttpConnection(asyncio.Protocol):
         self.busy = False
         try:
             status, headers, body = finish(done)
-        except Exception:
+        except (Exception, asyncio.CancelledError):  # the connection must not stay busy
             log.exception("the shortcut failed on %r", request.target)
             self._refuse(500, "internal server error")
             return

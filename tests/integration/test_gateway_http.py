@@ -756,20 +756,26 @@ def test_a_shortcut_whose_answer_fails_gets_json_500_and_the_server_lives_on(
         raise RuntimeError("a bug in the shortcut")
 
     def shortcut(method: bytes, target: bytes) -> Any:
-        if target != b"/broken":
-            return None
-        future = running.loop.create_future()
-        future.set_result(None)
-        return future, finish
+        if target == b"/broken":
+            future = running.loop.create_future()
+            future.set_result(None)
+            return future, finish
+        if target == b"/cancelled":
+            future = running.loop.create_future()
+            running.loop.call_soon(future.cancel)
+            return future, lambda done: done.result()
+        return None
 
     running = Server(echo, shortcut=shortcut)
     try:
-        with running.connect() as sock:
-            sock.sendall(request("GET", "/broken"))
-            reader = Reader(sock)
-            response = reader.response()
-            assert (response.status, response.json()) == (500, {"error": "internal server error"})
-            assert reader.closed()
+        for target in ("/broken", "/cancelled"):
+            with running.connect() as sock:
+                sock.sendall(request("GET", target))
+                reader = Reader(sock)
+                response = reader.response()
+                assert response.status == 500, target
+                assert response.json() == {"error": "internal server error"}
+                assert reader.closed()
         with running.connect() as sock:
             sock.sendall(request("GET", "/fine"))
             assert Reader(sock).response().status == 200
