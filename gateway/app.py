@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 from bottle import (
     Bottle,
@@ -56,7 +57,10 @@ _LIMIT = re.compile(r"[0-9]+")
 
 # Sorted keys, as the seed's Flask jsonify wrote them. One encoder for every response: the same
 # text as json.dumps(obj, sort_keys=True), without building an encoder per call.
-_dumps = json.JSONEncoder(sort_keys=True).encode
+to_json = json.JSONEncoder(sort_keys=True).encode
+
+SEED_KEY = "zkv.seed"
+"""Where :func:`make_app` leaves its :class:`SeedApi` in the app's config, for the fast lane."""
 
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -113,6 +117,19 @@ _STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
 
 def http_error(exc: Exception) -> HTTPError:
     """The HTTP error that answers ``exc``, raised while serving the current request."""
+    status, message, headers = failure(exc, request.method, request.path)
+    return HTTPError(status, message, exc, headers=headers)
+
+
+def failure(exc: Exception, method: str, path: str) -> tuple[int, str, dict[str, str]]:
+    """``(status, message, headers)`` of the error answer to ``exc``; 5xx are logged.
+
+    Shared by :func:`http_error` and the fast lane (gateway/fastlane.py).
+
+    Args:
+        exc: what a route raised.
+        method, path: the request's, for the log line.
+    """
     status = next((status for kind, status in _STATUS_OF if isinstance(exc, kind)), None)
     if status is None:
         # Not a traceback (a multi-line log event), but enough to find the line that failed.
@@ -122,28 +139,28 @@ def http_error(exc: Exception) -> HTTPError:
         where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
         log.error(
             "%s %r -> 500: unexpected %s at %s: %s",
-            request.method,
-            request.path,
+            method,
+            path,
             type(exc).__name__,
             where,
             exc,
         )
-        return HTTPError(500, "internal server error", exc)
+        return 500, "internal server error", {}
     # KeyError's str() is the repr of the key; the message of a missing key is always the same.
     message = "key not found" if isinstance(exc, NotFound) else str(exc)
     headers: dict[str, str] = {}
     if status >= 500:
-        log.warning("%s %r -> %d: %s", request.method, request.path, status, message)
+        log.warning("%s %r -> %d: %s", method, path, status, message)
         if status == 503:
             headers["Retry-After"] = "1"
-    return HTTPError(status, message, exc, headers=headers)
+    return status, message, headers
 
 
 def render_error(error: HTTPError) -> str:
     """Body of every error response: JSON, whatever raised it, never HTML nor a traceback."""
     response.content_type = JSON_TYPE
     message = error.body if isinstance(error.body, str) and error.body else error.status_line
-    return _dumps({"error": message})
+    return to_json({"error": message})
 
 
 class ErrorPlugin:
@@ -229,14 +246,54 @@ def _shown(text: str) -> str:
     return repr(text)
 
 
-def optional_param(name: str) -> str | None:
+class Query:
+    """A query string's parameters, read exactly as Bottle's ``request.query`` reads them.
+
+    For the fast lane (gateway/fastlane.py), which answers the seed routes without a Bottle
+    request: the same split on ``&``, ``+`` as space, %-decoding to latin-1 text (one character
+    per byte), empty pairs skipped and a missing ``=`` read as an empty value, so that
+    :func:`optional_param` gives the same answer, or the same error, through either path
+    (tests/unit/test_fastlane.py compares them on fuzzed query strings).
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, query_string: str) -> None:
+        values: dict[str, list[str]] = {}
+        for pair in query_string.split("&"):
+            if not pair:
+                continue
+            name, _, value = pair.partition("=")
+            name = unquote(name.replace("+", " "), encoding="latin-1")
+            value = unquote(value.replace("+", " "), encoding="latin-1")
+            found = values.get(name)
+            if found is None:
+                values[name] = [value]
+            else:
+                found.append(value)
+        self._values = values
+
+    def getall(self, name: str) -> list[str]:
+        """Every value given for ``name``, in order; empty if none."""
+        return self._values.get(name, [])
+
+
+class _Params(Protocol):
+    def getall(self, name: str) -> list[str]: ...
+
+
+def optional_param(name: str, query: _Params | None = None) -> str | None:
     """The query parameter ``name`` decoded as UTF-8, None if absent; given twice is an error.
 
     Bottle keeps query strings as latin-1 text (one character per byte, as WSGI hands them
     over), so re-encoding gives back the bytes; decoding strictly refuses invalid UTF-8 instead
     of silently mangling a key.
+
+    Args:
+        name: the parameter.
+        query: where to read it: Bottle's ``request.query`` when None, else a :class:`Query`.
     """
-    values = request.query.getall(name)
+    values = (request.query if query is None else query).getall(name)
     if not values:
         return None
     if len(values) > 1:
@@ -247,9 +304,9 @@ def optional_param(name: str) -> str | None:
         raise BadRequest(f"parameter {name!r} is not valid UTF-8") from None
 
 
-def required_param(name: str) -> str:
+def required_param(name: str, query: _Params | None = None) -> str:
     """The query parameter ``name`` as :func:`optional_param` reads it; missing is an error."""
-    value = optional_param(name)
+    value = optional_param(name, query)
     if value is None:
         raise BadRequest(f"missing parameter {name!r}")
     return value
@@ -361,6 +418,97 @@ def _text(data: bytes) -> str:
 # --- the app ----------------------------------------------------------------------------------
 
 
+class SeedApi:
+    """What the seed routes read and answer, apart from Bottle.
+
+    The Bottle routes of :func:`make_app` and the gateway's fast lane (gateway/fastlane.py)
+    both go through this: the same parameters are accepted or refused with the same message,
+    and the same outcome is written as the same JSON, whichever path served the request.
+
+    Args:
+        max_key_bytes: largest key accepted, in UTF-8 bytes.
+        max_value_bytes: largest value accepted, in bytes.
+        clock: Unix time in seconds, for ``current_time`` (tests fake it).
+    """
+
+    def __init__(
+        self,
+        max_key_bytes: int = defaults.MAX_KEY_BYTES,
+        max_value_bytes: int = defaults.MAX_VALUE_BYTES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_key_bytes = max_key_bytes
+        self.max_value_bytes = max_value_bytes
+        self.clock = clock
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def checked_key(self, key: str, too_large: type[BadRequest], what: str) -> str:
+        """``key`` if it fits ``max_key_bytes``, else ``too_large`` naming ``what``."""
+        size = len(key.encode())
+        if size > self.max_key_bytes:
+            raise too_large(
+                f"{what} is {size} bytes, more than the limit of {self.max_key_bytes} bytes"
+            )
+        return key
+
+    def key(self, query: _Params | None = None) -> str:
+        """The ``key`` parameter of /get, /set and /delete.
+
+        Raises:
+            BadRequest: missing, given twice, empty, not UTF-8 or too long.
+        """
+        key = required_param("key", query)
+        if not key:
+            raise BadRequest("parameter 'key' must not be empty")
+        return self.checked_key(key, BadRequest, "parameter 'key'")
+
+    def set_params(self, query: _Params | None = None) -> tuple[str, str, bytes, int]:
+        """``(key, value, value as UTF-8, ttl_ms)`` of a /set.
+
+        Raises:
+            BadRequest: a parameter missing, given twice, malformed or too large.
+        """
+        key = self.key(query)
+        value = required_param("value", query)
+        ttl_ms = parse_ttl_ms("timeout", required_param("timeout", query))
+        value_bytes = value.encode()
+        if len(value_bytes) > self.max_value_bytes:
+            raise BadRequest(
+                f"parameter 'value' is {len(value_bytes)} bytes, "
+                f"more than the limit of {self.max_value_bytes} bytes"
+            )
+        return key, value, value_bytes, ttl_ms
+
+    def got(self, item: Item | None) -> dict[str, Any]:
+        """The answer of a /get: the item, or the seed's 200 for a missing key."""
+        if item is None:
+            return {"error": "Data not found"}
+        return {
+            "current_time": http_date(self.now_ms()),
+            "time_out": http_date(item.deadline_ms),
+            "value": _text(item.value),
+        }
+
+    @staticmethod
+    def was_set(key: str, value: str, deadline_ms: int | None) -> dict[str, Any]:
+        """The answer of a /set."""
+        return {
+            "key": key,
+            "message": "Value set successfully",
+            "timeout": http_date(deadline_ms),
+            "value": value,
+        }
+
+    @staticmethod
+    def deleted(found: bool) -> dict[str, Any]:
+        """The answer of a /delete."""
+        if found:
+            return {"message": "Value deleted successfully"}
+        return {"error": "Key not found"}
+
+
 def make_app(
     client_factory: Callable[[], ClientLike],
     max_key_bytes: int = defaults.MAX_KEY_BYTES,
@@ -380,25 +528,12 @@ def make_app(
     # mapping outermost, so a failing client factory or JSON encoding is mapped too.
     app.uninstall("json")
     app.install(ErrorPlugin())
-    app.install(JSONPlugin(json_dumps=_dumps))
+    app.install(JSONPlugin(json_dumps=to_json))
     app.install(ClientPlugin(client_factory))
     for status in range(400, 600):
         app.error(status)(render_error)
-
-    def now_ms() -> int:
-        return int(clock() * 1000)
-
-    def checked_key(key: str, too_large: type[BadRequest], what: str) -> str:
-        size = len(key.encode())
-        if size > max_key_bytes:
-            raise too_large(f"{what} is {size} bytes, more than the limit of {max_key_bytes} bytes")
-        return key
-
-    def seed_key() -> str:
-        key = required_param("key")
-        if not key:
-            raise BadRequest("parameter 'key' must not be empty")
-        return checked_key(key, BadRequest, "parameter 'key'")
+    seed = app.config[SEED_KEY] = SeedApi(max_key_bytes, max_value_bytes, clock)
+    now_ms = seed.now_ms
 
     def path_key(key: str) -> str:
         # Bottle decodes the path as UTF-8 but drops invalid bytes silently ("a%FFb" would
@@ -407,7 +542,7 @@ def make_app(
             request.environ["bottle.raw_path"].encode("latin-1").decode("utf-8")
         except UnicodeError:
             raise BadRequest("the key in the path is not valid UTF-8") from None
-        return checked_key(key, TooLarge, "key")
+        return seed.checked_key(key, TooLarge, "key")
 
     def ttl_s(ttl_ms: int | None) -> float | None:
         # The client takes seconds and rounds back to milliseconds; exact for every valid TTL.
@@ -417,41 +552,21 @@ def make_app(
 
     @app.get("/set")
     def seed_set(kv: ClientLike) -> dict[str, Any]:
-        key = seed_key()
-        value = required_param("value")
-        ttl_ms = parse_ttl_ms("timeout", required_param("timeout"))
-        value_bytes = value.encode()
-        if len(value_bytes) > max_value_bytes:
-            raise BadRequest(
-                f"parameter 'value' is {len(value_bytes)} bytes, "
-                f"more than the limit of {max_value_bytes} bytes"
-            )
-        deadline_ms = kv.set(key, value_bytes, ttl_s=ttl_s(ttl_ms))
-        return {
-            "key": key,
-            "message": "Value set successfully",
-            "timeout": http_date(deadline_ms),
-            "value": value,
-        }
+        key, value, value_bytes, ttl_ms = seed.set_params()
+        return seed.was_set(key, value, kv.set(key, value_bytes, ttl_s=ttl_s(ttl_ms)))
 
     @app.get("/get")
     def seed_get(kv: ClientLike) -> dict[str, Any]:
-        key = seed_key()
+        key = seed.key()
         try:
             item = kv.get(key)
         except NotFound:
-            return {"error": "Data not found"}
-        return {
-            "current_time": http_date(now_ms()),
-            "time_out": http_date(item.deadline_ms),
-            "value": _text(item.value),
-        }
+            item = None
+        return seed.got(item)
 
     @app.get("/delete")
     def seed_delete(kv: ClientLike) -> dict[str, Any]:
-        if kv.delete(seed_key()):
-            return {"message": "Value deleted successfully"}
-        return {"error": "Key not found"}
+        return seed.deleted(kv.delete(seed.key()))
 
     @app.get("/all")
     def seed_all(kv: ClientLike) -> dict[str, Any]:

@@ -63,6 +63,14 @@ _REASONS = {
 }
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+Response = tuple[str, list[tuple[str, str]], bytes]  # status line, headers, body
+Shortcut = Callable[
+    [bytes, bytes], tuple[asyncio.Future[Any], Callable[[asyncio.Future[Any]], Response]] | None
+]
+"""Serves some requests without the WSGI app: given the method and the target, None to leave
+the request to the app, or a future and what turns it, once done, into the response (see
+gateway/fastlane.py). It must not raise; what turns the future into a response may, and is
+then answered 500 as an app that raised."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,11 +350,36 @@ class HttpConnection(asyncio.Protocol):
         self.busy = True
         self._maybe_resume_reading()
         server = self.server
-        environ = server.environ(self, request)
         started = server.loop.time()
+        if server.shortcut is not None and not request.early:
+            taken = server.shortcut(request.method, request.target)
+            if taken is not None:
+                future, finish = taken
+                future.add_done_callback(lambda done: self._finish(request, started, done, finish))
+                return
+        environ = server.environ(self, request)
         runners = server.runners
         glet = runners.pop() if runners else greenlet.greenlet(_runner)
         self._step(request, environ, started, glet, ((server.app, environ),))
+
+    def _finish(
+        self,
+        request: _Request,
+        started: float,
+        done: asyncio.Future[Any],
+        finish: Callable[[asyncio.Future[Any]], Response],
+    ) -> None:
+        """Answer a request the shortcut took, now that its future is done."""
+        self.busy = False
+        try:
+            status, headers, body = finish(done)
+        except (Exception, asyncio.CancelledError):  # the connection must not stay busy
+            log.exception("the shortcut failed on %r", request.target)
+            self._refuse(500, "internal server error")
+            return
+        self._respond(request, started, status, headers, body)
+        self._next()
+        self._close_if_done()
 
     def _step(
         self,
@@ -375,14 +408,13 @@ class HttpConnection(asyncio.Protocol):
             self._refuse(500, "internal server error")
             return
         status, headers, body = result
-        self._respond(request, environ, started, status, headers, body)
+        self._respond(request, started, status, headers, body)
         self._next()
         self._close_if_done()
 
     def _respond(
         self,
         request: _Request,
-        environ: dict[str, Any],
         started: float,
         status: str,
         headers: list[tuple[str, str]],
@@ -430,8 +462,8 @@ class HttpConnection(asyncio.Protocol):
             access_log.info(
                 '%s "%s %s HTTP/%s" %d %d %.1fms',
                 self.peer,
-                environ["REQUEST_METHOD"],
-                environ["RAW_URI"],
+                request.method.decode("latin-1"),
+                request.target.decode("latin-1"),
                 request.version,
                 code,
                 len(body),
@@ -530,6 +562,7 @@ class HttpServer:
         config: limits and timeouts.
         loop: the event loop this server runs on.
         server_name, server_port: ``SERVER_NAME`` and ``SERVER_PORT`` of every environ.
+        shortcut: offered every request first (see :data:`Shortcut`); None: the app serves all.
     """
 
     def __init__(
@@ -539,8 +572,10 @@ class HttpServer:
         loop: asyncio.AbstractEventLoop,
         server_name: str = "127.0.0.1",
         server_port: int = 0,
+        shortcut: Shortcut | None = None,
     ) -> None:
         self.app = app
+        self.shortcut = shortcut
         self.config = config
         self.loop = loop
         self.dates = _DateCache()

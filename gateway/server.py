@@ -30,9 +30,10 @@ from bottle import Bottle
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
+from gateway import fastlane
 from gateway.app import ClientPlugin, make_app
 from gateway.bridge import LoopClient
-from gateway.http11 import ServerConfig
+from gateway.http11 import ServerConfig, Shortcut
 from zkv import defaults, protocol
 from zkv.client import Client
 from zkv.config import add_flag, boolean, endpoint, env_default, positive_float, positive_int
@@ -131,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         parser,
+        "--fast-lane",
+        "ZKV_HTTP_FAST_LANE",
+        defaults.HTTP_FAST_LANE,
+        boolean,
+        "event only: answer plain seed /get, /set and /delete on the event loop, without "
+        "Bottle (gateway/fastlane.py); off sends every request through the Bottle app",
+    )
+    add_flag(
+        parser,
         "--timeout",
         "ZKV_TIMEOUT",
         defaults.REQUEST_TIMEOUT_S,
@@ -194,10 +204,12 @@ class GatewayServer(BaseApplication):
         app_factory: Callable[[], Bottle],
         options: dict[str, Any],
         http_config: ServerConfig | None = None,
+        fast_lane: bool = defaults.HTTP_FAST_LANE,
     ) -> None:
         self.app_factory = app_factory
         self.options = options
         self.http_config = http_config  # read by the event worker (gateway/worker.py)
+        self.fast_lane = fast_lane
         self._app: Bottle | None = None
         super().__init__()
 
@@ -210,6 +222,12 @@ class GatewayServer(BaseApplication):
         """The app of one worker process."""
         self._app = self.app_factory()
         return self._app
+
+    def shortcut(self) -> Shortcut | None:
+        """The fast lane of this process's app for the event worker, None when it is off."""
+        if not self.fast_lane or self._app is None:
+            return None
+        return fastlane.for_app(self._app)
 
     async def close_clients(self) -> None:
         """Close this process's event-loop zkv client, if it made one (the event worker)."""
@@ -282,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     http_config = ServerConfig(max_body_bytes=args.max_value_bytes, access_log=args.access_log)
     try:
-        GatewayServer(app_factory(args), gunicorn_options(args), http_config).run()
+        GatewayServer(app_factory(args), gunicorn_options(args), http_config, args.fast_lane).run()
     except SystemExit as exc:  # gunicorn's master ends with sys.exit(status)
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0

@@ -72,7 +72,23 @@ class EventLoopWorker(Worker):
             access_log=app_config.access_log,
         )
         host, port = _server_address(self.sockets[0].sock.getsockname() if self.sockets else None)
-        server = HttpServer(self.wsgi, config, self.loop, server_name=host, server_port=port)
+        make_shortcut = getattr(self.app, "shortcut", None)  # GatewayServer's fast lane
+        shortcut = make_shortcut() if make_shortcut is not None else None
+        self.log.info(
+            "worker %d: fast lane %s",
+            self.pid,
+            "on: plain /get, /set and /delete are served without Bottle"
+            if shortcut is not None
+            else "off: the Bottle app serves every request",
+        )
+        server = HttpServer(
+            self.wsgi,
+            config,
+            self.loop,
+            server_name=host,
+            server_port=port,
+            shortcut=shortcut,
+        )
         await server.start(listener.sock for listener in self.sockets)
         parent = self.ppid
         while self.alive:

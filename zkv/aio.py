@@ -163,9 +163,38 @@ class AsyncClient:
 
     # --- queueing and sending ---------------------------------------------------------------
 
+    def submit(
+        self, kind: int, key: bytes, value: bytes | None = None, ttl_ms: int | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue one operation for the next flush; returns the future of its outcome.
+
+        For code on the loop that chains callbacks instead of awaiting (the gateway's fast
+        lane, gateway/fastlane.py): no coroutine or task is made. ``kind`` is ``Kind.GET``,
+        ``SET`` or ``DEL``; ``key`` and ``value`` are bytes, ``ttl_ms`` whole milliseconds.
+        The future gets what :func:`zkv.calls.outcome` gives (for a GET an :class:`Item` or
+        None, for a SET the deadline, for a DEL a bool) or the error the call failed with.
+        Call it from the loop's thread, inside the running loop.
+
+        Raises:
+            RequestError: the operation breaks the protocol's limits (nothing is queued).
+            Unavailable: the client was closed.
+        """
+        return self._queue(kind, key, value, ttl_ms)[1]
+
     async def _call(self, kind: int, key: bytes, value: bytes | None, ttl_ms: int | None) -> Any:
         """Queue one operation for the next flush and wait for its result
         (:func:`zkv.calls.outcome`), raising the error it failed with."""
+        request_id, future = self._queue(kind, key, value, ttl_ms)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            assert self._calls is not None
+            self._calls.forget(request_id)  # the caller went away: do not send it again
+            raise
+
+    def _queue(
+        self, kind: int, key: bytes, value: bytes | None, ttl_ms: int | None
+    ) -> tuple[int, asyncio.Future[Any]]:
         if self._closed:
             raise Unavailable("the client was closed")
         loop, calls = self._start()
@@ -175,11 +204,7 @@ class AsyncClient:
             self._flush()
         elif self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            calls.forget(request_id)  # the caller went away: do not send it again
-            raise
+        return request_id, future
 
     def _start(self) -> tuple[asyncio.AbstractEventLoop, Calls]:
         if self._loop is None or self._calls is None:

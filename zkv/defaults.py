@@ -13,6 +13,7 @@ HTTP_PORT = 5000  # PORT (honcho sets it)
 HTTP_PROCESSES = 2  # ZKV_HTTP_PROCESSES: gunicorn worker processes
 HTTP_WORKER = "event"  # ZKV_HTTP_WORKER: event (asyncio loop, batched calls) or gthread
 HTTP_MAX_CONNECTIONS = 1000  # ZKV_HTTP_MAX_CONNECTIONS: per process, event worker only
+HTTP_FAST_LANE = True  # ZKV_HTTP_FAST_LANE: plain seed /get, /set, /delete without Bottle
 HTTP_THREADS = 16  # ZKV_HTTP_THREADS: threads per process, each with its own ZeroMQ socket
 MAX_KEY_BYTES = 1024  # ZKV_MAX_KEY_BYTES: largest key the gateway accepts
 MAX_VALUE_BYTES = 1024 * 1024  # ZKV_MAX_VALUE_BYTES: largest value the gateway accepts

@@ -36,13 +36,17 @@ LIMIT = 1000  # max_body_bytes of every server here
 class Server:
     """An :class:`HttpServer` serving ``app`` on a free loopback port, its loop in a thread."""
 
-    def __init__(self, app: Callable[..., Any], **options: Any) -> None:
+    def __init__(
+        self, app: Callable[..., Any], shortcut: http11.Shortcut | None = None, **options: Any
+    ) -> None:
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(128)
         self.port = self.listener.getsockname()[1]
         self.loop = asyncio.new_event_loop()
-        self.http = HttpServer(app, ServerConfig(max_body_bytes=LIMIT, **options), self.loop)
+        self.http = HttpServer(
+            app, ServerConfig(max_body_bytes=LIMIT, **options), self.loop, shortcut=shortcut
+        )
         self._done = threading.Event()
         started = threading.Event()
 
@@ -687,3 +691,94 @@ def test_an_app_whose_call_is_cancelled_or_awaits_no_future_gets_500_not_a_stuck
     finally:
         running.close()
     assert "CancelledError" in caplog.text and "awaited None" in caplog.text
+
+
+# --- the shortcut (the gateway's fast lane) ---------------------------------------------------
+
+
+def test_a_shortcut_answers_what_it_takes_in_order_and_leaves_the_rest_to_the_app() -> None:
+    running: Server
+    offered: list[tuple[bytes, bytes]] = []
+
+    def shortcut(method: bytes, target: bytes) -> Any:
+        offered.append((method, target))
+        if not target.startswith(b"/fast/"):
+            return None
+        future = running.loop.create_future()
+        # Answered a little later, so the app's request behind it is already waiting.
+        running.loop.call_later(0.02, future.set_result, target[6:])
+        return future, lambda done: (
+            "201 Created",
+            [("Content-Type", "text/plain")],
+            b"fast " + done.result(),
+        )
+
+    running = Server(echo, shortcut=shortcut)
+    try:
+        with running.connect() as sock:
+            sock.sendall(
+                request("GET", "/fast/1") + request("GET", "/app/2") + request("GET", "/fast/3")
+            )
+            reader = Reader(sock)
+            first, second, third = (reader.response() for _ in range(3))
+    finally:
+        running.close()
+    assert (first.status, first.body, first.headers["content-length"]) == (201, b"fast 1", "6")
+    assert first.headers["date"].endswith(" GMT")
+    assert second.status == 200 and second.json()["environ"]["PATH_INFO"] == "/app/2"
+    assert (third.status, third.body) == (201, b"fast 3")
+    assert offered == [(b"GET", b"/fast/1"), (b"GET", b"/app/2"), (b"GET", b"/fast/3")]
+
+
+def test_a_shortcut_is_not_offered_a_request_whose_body_is_too_large() -> None:
+    offered: list[bytes] = []
+
+    def shortcut(method: bytes, target: bytes) -> Any:
+        offered.append(target)
+        return None
+
+    running = Server(echo, shortcut=shortcut)
+    try:
+        with running.connect() as sock:
+            sock.sendall(request("GET", "/big", f"Content-Length: {LIMIT + 1}"))
+            assert Reader(sock).response().status == 200  # echo: the app got it, unread
+    finally:
+        running.close()
+    assert offered == []
+
+
+def test_a_shortcut_whose_answer_fails_gets_json_500_and_the_server_lives_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    running: Server
+
+    def finish(done: asyncio.Future[Any]) -> Any:
+        raise RuntimeError("a bug in the shortcut")
+
+    def shortcut(method: bytes, target: bytes) -> Any:
+        if target == b"/broken":
+            future = running.loop.create_future()
+            future.set_result(None)
+            return future, finish
+        if target == b"/cancelled":
+            future = running.loop.create_future()
+            running.loop.call_soon(future.cancel)
+            return future, lambda done: done.result()
+        return None
+
+    running = Server(echo, shortcut=shortcut)
+    try:
+        for target in ("/broken", "/cancelled"):
+            with running.connect() as sock:
+                sock.sendall(request("GET", target))
+                reader = Reader(sock)
+                response = reader.response()
+                assert response.status == 500, target
+                assert response.json() == {"error": "internal server error"}
+                assert reader.closed()
+        with running.connect() as sock:
+            sock.sendall(request("GET", "/fine"))
+            assert Reader(sock).response().status == 200
+    finally:
+        running.close()
+    assert "a bug in the shortcut" in caplog.text

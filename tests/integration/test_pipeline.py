@@ -16,7 +16,7 @@ from broker.core import BrokerConfig
 from broker.server import ServerConfig, Stopper, serve
 from tests.cluster import free_port, wait_for
 from workers.worker import Worker, WorkerConfig
-from zkv import Client, NotFound, RequestError, Timeout, Unavailable
+from zkv import Client, Item, NotFound, RequestError, Timeout, Unavailable
 from zkv import calls as calls_module
 from zkv.aio import AsyncClient
 from zkv.protocol import (
@@ -142,6 +142,27 @@ def test_asyncio_calls_from_many_tasks_travel_in_few_batches(cluster):
             with pytest.raises(RequestError, match="non-empty key"):
                 await kv.get("")
             assert kv.retries == 0
+
+    asyncio.run(scenario())
+
+
+def test_asyncio_submit_gives_futures_of_outcomes_and_refuses_at_once(cluster):
+    async def scenario() -> None:
+        kv = AsyncClient(cluster.frontend)
+        deadline = kv.submit(Kind.SET, b"s:1", b"one", 30_000)
+        got, missing = kv.submit(Kind.GET, b"s:1"), kv.submit(Kind.GET, b"s:none")
+        removed = kv.submit(Kind.DEL, b"s:1")
+        assert not deadline.done()  # queued, not sent: they leave together
+        await asyncio.wait([deadline, got, missing, removed])
+        assert kv.batches == 1
+        assert abs(deadline.result() - (time.time() * 1000 + 30_000)) < 5_000
+        assert got.result() == Item(b"one", deadline.result())
+        assert missing.result() is None and removed.result() is True
+        with pytest.raises(RequestError, match="non-empty key"):
+            kv.submit(Kind.GET, b"")  # raised here, nothing queued
+        await kv.close()
+        with pytest.raises(Unavailable, match="closed"):
+            kv.submit(Kind.GET, b"s:1")
 
     asyncio.run(scenario())
 

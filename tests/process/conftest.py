@@ -11,10 +11,21 @@ from tests.cluster import Cluster
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A running cluster (broker, one worker per shard, gateway) shared by a test module."""
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """A running cluster (broker, one worker per shard, gateway) shared by a test module.
+
+    A module may run its tests on several clusters with an indirect parametrization, each
+    parameter a dict of environment variables for the cluster's processes::
+
+        pytestmark = pytest.mark.parametrize(
+            "cluster", [{}, {"ZKV_HTTP_FAST_LANE": "off"}], indirect=True, scope="module"
+        )
+    """
     path: Path = tmp_path_factory.mktemp("cluster")
-    with Cluster(path) as running:
+    env: dict[str, str] = getattr(request, "param", {})
+    with Cluster(path, **env) as running:
         try:
             running.start()
         except BaseException:

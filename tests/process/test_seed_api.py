@@ -12,7 +12,18 @@ import pytest
 from tests.cluster import Cluster, wait_for
 from zkv.hashing import key_shard
 
-pytestmark = pytest.mark.process
+pytestmark = [
+    pytest.mark.process,
+    # Every test both ways: the gateway's fast lane on (the default), and every request
+    # through the Bottle app (gateway/fastlane.py).
+    pytest.mark.parametrize(
+        "cluster",
+        [{}, {"ZKV_HTTP_FAST_LANE": "off"}],
+        ids=["fast-lane", "bottle"],
+        indirect=True,
+        scope="module",
+    ),
+]
 
 
 def http_date_s(text: str) -> float:
@@ -159,3 +170,9 @@ def test_unknown_route_and_wrong_method_are_json(cluster):
     response = cluster.http("POST", "/set?key=1&value=v&timeout=1")
     assert response.status == 405
     assert "error" in response.json()
+
+
+def test_the_gateway_says_whether_its_fast_lane_is_on(cluster):
+    off = cluster.env.get("ZKV_HTTP_FAST_LANE") == "off"
+    expected = "fast lane off" if off else "fast lane on"
+    wait_for(lambda: expected in cluster.logs() or None, f"the gateway to log {expected!r}")
