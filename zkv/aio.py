@@ -21,13 +21,21 @@ the same request ids, on a fresh socket; an operation not answered within ``time
 call fails with :class:`Timeout` (outcome unknown), or with :class:`Unavailable` if it never
 left because the broker stayed unreachable for ``connect_timeout_s``.
 
+The socket is a plain (blocking-API) ZeroMQ socket used only with ``NOBLOCK``, and the loop
+watches its file descriptor (``loop.add_reader``), not a ``zmq.asyncio`` socket: that one makes
+futures and poll registrations for every send, receive and wait, which cost the gateway about
+a fifth of its CPU per request (docs/performance.md). ZeroMQ's descriptor is edge-triggered
+(it signals "something changed", not "a message waits"), so the rules are those of the ZeroMQ
+guide: on a wake-up, receive until ``zmq.Again``; after every send, look at ``zmq.EVENTS``,
+since a send can take in replies that then raise no new edge. A timer, armed while calls are
+outstanding, does the retries and the timeouts.
+
 One ``AsyncClient`` belongs to the event loop of its first call. It is not thread-safe.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -36,7 +44,6 @@ from types import TracebackType
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from zkv import defaults
 from zkv.calls import (
@@ -70,11 +77,14 @@ class AsyncClient:
         connect_timeout_s: how long an operation may wait for an unreachable broker before
             :class:`Unavailable`.
         batch_ops: operations per BATCH message at most.
-        context: the asyncio ZeroMQ context; defaults to the process-wide one.
+        context: the ZeroMQ context (a ``zmq.asyncio.Context`` will do); defaults to the
+            process-wide one.
 
     Attributes:
         retries: how many times unanswered operations were sent again (for statistics).
         batches: how many BATCH messages were sent (for statistics).
+        late_reads: how many times the timer found replies the descriptor had not announced
+            (the loop was too busy to read them, or an edge was missed: a bug).
     """
 
     def __init__(
@@ -84,7 +94,7 @@ class AsyncClient:
         attempt_s: float = defaults.ATTEMPT_TIMEOUT_S,
         connect_timeout_s: float = defaults.CONNECT_TIMEOUT_S,
         batch_ops: int = BATCH_OPS,
-        context: zmq.asyncio.Context | None = None,
+        context: zmq.Context | None = None,
     ) -> None:
         self.endpoint = frontend(endpoint)
         self.batch_ops = checked_batch_ops(batch_ops)
@@ -93,14 +103,15 @@ class AsyncClient:
         self.connect_timeout_s = connect_timeout_s
         self.retries = 0
         self.batches = 0
-        self._context = context or zmq.asyncio.Context.instance()
+        self.late_reads = 0
+        self._context = _plain(context or zmq.Context.instance())
         self._random = random.Random(int.from_bytes(os.urandom(8), "big"))
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._socket: zmq.asyncio.Socket | None = None
+        self._socket: zmq.Socket | None = None
         self._calls: Calls | None = None  # made at the first call, on the loop's clock
         self._flush_handle: asyncio.Handle | None = None
-        self._pump: asyncio.Task | None = None
-        self._wake = asyncio.Event()
+        self._read_handle: asyncio.Handle | None = None  # a read after a send, see _flush
+        self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
     # --- commands ---------------------------------------------------------------------------
@@ -138,14 +149,10 @@ class AsyncClient:
     async def close(self) -> None:
         """Stop the reader, fail what is unanswered (:class:`Unavailable`), close the socket."""
         self._closed = True
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
-            self._pump = None
+        for handle in (self._flush_handle, self._read_handle, self._timer):
+            if handle is not None:
+                handle.cancel()
+        self._flush_handle = self._read_handle = self._timer = None
         if self._calls is not None:
             _settle(self._calls.fail(None, Unavailable("the client was closed")))
         self._reset_socket(open_new=False)
@@ -204,6 +211,8 @@ class AsyncClient:
             self._flush()
         elif self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)
+        if self._timer is None:
+            self._timer = loop.call_later(CONNECT_POLL_S, self._on_timer)
         return request_id, future
 
     def _start(self) -> tuple[asyncio.AbstractEventLoop, Calls]:
@@ -213,7 +222,6 @@ class AsyncClient:
                 self.endpoint, self.timeout_s, self.attempt_s, self._random.getrandbits, loop.time()
             )
             self._reset_socket(open_new=True)
-            self._pump = loop.create_task(self._read(), name="zkv-aio-reader")
         return self._loop, self._calls
 
     def _flush(self) -> None:
@@ -224,60 +232,60 @@ class AsyncClient:
         socket = self._socket
         if calls is None:
             return
-        while (batch := calls.next_batch(self.batch_ops)) is not None:
-            # Non-blocking through the asyncio socket itself (a future that is already done),
-            # so pyzmq keeps track of the socket's edge-triggered events for the reader's poll.
-            if socket is None or socket.send_multipart(batch.frames, flags=zmq.NOBLOCK).exception():
-                break  # zmq.Again: no broker connected (IMMEDIATE); the reader tries again
-            assert self._loop is not None
-            calls.sent(batch, self._loop.time())
-            self.batches += 1
-        self._wake.set()
-
-    # --- the reader -------------------------------------------------------------------------
-
-    async def _read(self) -> None:
-        """The background task: receive and match replies; resend, time out."""
-        assert self._loop is not None and self._calls is not None
-        loop = self._loop
-        calls = self._calls
-        while not self._closed:
-            socket = self._socket
-            if socket is None:
-                return
-            timeout_s = calls.due_in(loop.time())
-            if timeout_s is None:  # nothing outstanding: sleep until something is sent
-                self._wake.clear()
-                poll = asyncio.ensure_future(socket.poll(None, zmq.POLLIN))
-                wake = asyncio.ensure_future(self._wake.wait())
-                done, _ = await asyncio.wait({poll, wake}, return_when=asyncio.FIRST_COMPLETED)
-                for task in (poll, wake):
-                    if task not in done:
-                        task.cancel()
-                ready = poll in done and bool(poll.result())
-            else:
-                # Capped, so that sends that failed (no broker yet) are retried promptly.
-                timeout_s = min(timeout_s, CONNECT_POLL_S)
-                ready = bool(await socket.poll(max(1, int(timeout_s * 1000)), zmq.POLLIN))
-            if ready:
-                self._receive(calls)
-            self._timers(calls, loop.time())
-
-    def _receive(self, calls: Calls) -> None:
-        socket = self._socket
         if socket is None:
             return
         assert self._loop is not None
-        while True:
-            received = socket.recv_multipart(flags=zmq.NOBLOCK)  # done at once, see _flush
-            if received.exception() is not None:  # zmq.Again: nothing more queued
-                return
+        sent = False
+        while (batch := calls.next_batch(self.batch_ops)) is not None:
             try:
-                answered = calls.receive(received.result(), self._loop.time())
+                socket.send_multipart(batch.frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break  # no broker connected (IMMEDIATE): the timer tries again
+            calls.sent(batch, self._loop.time())
+            self.batches += 1
+            sent = True
+        # The edge rule (module docstring): replies taken in by the send raise no new edge.
+        if sent and self._read_handle is None and socket.get(zmq.EVENTS) & zmq.POLLIN:
+            self._read_handle = self._loop.call_soon(self._on_readable)
+
+    # --- the reader -------------------------------------------------------------------------
+
+    def _on_readable(self) -> int:
+        """The socket's descriptor signalled (or a send took replies in): read what is there.
+        Returns how many messages were read."""
+        self._read_handle = None
+        socket = self._socket
+        calls = self._calls
+        if socket is None or calls is None or self._loop is None:
+            return 0
+        loop_time = self._loop.time
+        recv = socket.recv_multipart
+        read = 0
+        while True:
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:  # nothing more: the descriptor's edge is re-armed
+                return read
+            read += 1
+            try:
+                answered = calls.receive(frames, loop_time())
             except ProtocolError as exc:
                 log.warning("malformed reply from %s ignored: %s", self.endpoint, exc)
                 continue
             _settle(answered)
+
+    def _on_timer(self) -> None:
+        """Every CONNECT_POLL_S while calls are outstanding: time out, retry, resend."""
+        self._timer = None
+        calls = self._calls
+        if self._closed or calls is None or self._loop is None:
+            return
+        if self._on_readable():  # a busy loop may not have read what came yet
+            self.late_reads += 1
+        self._timers(calls, self._loop.time())
+        due_s = calls.due_in(self._loop.time())
+        if due_s is not None:  # capped, so that sends that failed are retried promptly
+            self._timer = self._loop.call_later(min(due_s, CONNECT_POLL_S), self._on_timer)
 
     def _timers(self, calls: Calls, now: float) -> None:
         _settle(calls.expire(now))
@@ -298,11 +306,23 @@ class AsyncClient:
 
     def _reset_socket(self, open_new: bool) -> None:
         if self._socket is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._socket.FD)
             self._socket.close(linger=0)
             self._socket = None
         if not open_new:
             return
-        self._socket = dealer(self._context, self.endpoint)
+        self._socket = socket = dealer(self._context, self.endpoint)
+        assert self._loop is not None
+        self._loop.add_reader(socket.FD, self._on_readable)
+
+
+def _plain(context: zmq.Context) -> zmq.Context:
+    """``context`` as a plain ZeroMQ context (a ``zmq.asyncio.Context`` makes asyncio sockets;
+    its shadow, the same underlying context, makes plain ones)."""
+    if type(context) is zmq.Context:
+        return context
+    return zmq.Context.shadow(context.underlying)
 
 
 def _settle(outcomes: list[tuple[Call, Any]]) -> None:

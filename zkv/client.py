@@ -441,8 +441,7 @@ class Client:
 def dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:
     """A DEALER connected to the broker as both clients want it: IMMEDIATE, so nothing is
     queued for a broker that is not connected (a send fails at once instead); LINGER 0, so
-    closing it drops what is stale; reconnecting within a second of a broker restart.
-    ``context`` may be a ``zmq.asyncio.Context``: the socket is then an asyncio one."""
+    closing it drops what is stale; reconnecting within a second of a broker restart."""
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.IMMEDIATE, 1)
