@@ -445,10 +445,16 @@ class Calls:
 
     def stuck(self, now: float, connect_timeout_s: float) -> list[tuple[Call, ZkvError]]:
         """Forget the queued calls made ``connect_timeout_s`` ago or more that never left (no
-        broker connected all that time); each with Unavailable."""
+        broker connected all that time); each with Unavailable. A call queued again for a
+        resend has left before and may have been applied: it waits for its deadline, and
+        Timeout (outcome unknown), not Unavailable (not applied)."""
         calls = self._calls
         self._queue = queue = [rid for rid in self._queue if rid in calls]
-        old = [rid for rid in queue if now - calls[rid].started >= connect_timeout_s]
+        old = [
+            rid
+            for rid in queue
+            if not calls[rid].sent and now - calls[rid].started >= connect_timeout_s
+        ]
         if not old:
             return []
         message = f"broker at {self.endpoint} is not reachable (tried for {connect_timeout_s} s)"

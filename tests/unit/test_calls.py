@@ -199,6 +199,17 @@ def test_calls_that_never_left_are_stuck_after_the_connect_timeout():
     assert calls.queued == 1
 
 
+def test_a_call_queued_again_for_a_resend_is_never_stuck_but_times_out_outcome_unknown():
+    calls = make(now=0.0)  # timeout 5 s
+    calls.add((SET, b"a", b"v", None), "sent", 0.0)
+    send_all(calls, 0.0)
+    calls.resend(1.0)  # queued again; the broker is now unreachable, so it cannot leave
+    assert calls.queued == 1
+    assert calls.stuck(4.0, 1.5) == []  # it left once: it may have been applied
+    ((call, err),) = calls.expire(5.0)
+    assert call.handle == "sent" and isinstance(err, Timeout)
+
+
 def test_unreachable_counts_failed_sends_in_a_row():
     calls = make(now=0.0)
     calls.add((GET, b"a", None, None), 0, 0.0)
