@@ -10,9 +10,9 @@ How operations are coalesced. A call packs its request, registers a future under
 request id and puts the id in the send queue. The first call that finds the queue empty
 schedules a flush with ``loop.call_soon``: the flush runs once every task that was ready in the
 same turn of the event loop has had its go, so whatever they asked for leaves in one BATCH
-(or a few: a queue of ``batch_ops`` operations is flushed at once). Replies are read by one
-background task and matched to the futures by request id; BATCH_REPLY and REPLY messages are
-both accepted, in any grouping and order.
+(or a few: a queue of ``batch_ops`` operations is flushed at once). Replies are read when the
+socket's descriptor signals (below) and matched to the futures by request id; BATCH_REPLY and
+REPLY messages are both accepted, in any grouping and order.
 
 Retries and failures, as for the blocking client (zkv/client.py): a socket with
 ``ZMQ_IMMEDIATE``, so nothing is queued for an absent broker; when no reply at all has come
@@ -26,9 +26,11 @@ watches its file descriptor (``loop.add_reader``), not a ``zmq.asyncio`` socket:
 futures and poll registrations for every send, receive and wait, which cost the gateway about
 a fifth of its CPU per request (docs/performance.md). ZeroMQ's descriptor is edge-triggered
 (it signals "something changed", not "a message waits"), so the rules are those of the ZeroMQ
-guide: on a wake-up, receive until ``zmq.Again``; after every send, look at ``zmq.EVENTS``,
-since a send can take in replies that then raise no new edge. A timer, armed while calls are
-outstanding, does the retries and the timeouts.
+guide: on a wake-up, receive until ``zmq.Again``; after every send attempt and every look at
+``zmq.EVENTS``, read if a reply waits, since those calls can take in replies that then raise no
+new edge. A timer, armed while calls are outstanding, does the retries and the timeouts, and
+reads what the descriptor did not announce (counted in ``late_reads``). A socket that could
+not be made (no file descriptors left) or failed is made again at the next flush or tick.
 
 One ``AsyncClient`` belongs to the event loop of its first call. It is not thread-safe.
 """
@@ -147,15 +149,15 @@ class AsyncClient:
             return None
 
     async def close(self) -> None:
-        """Stop the reader, fail what is unanswered (:class:`Unavailable`), close the socket."""
+        """Stop the reader, close the socket, fail what is unanswered (:class:`Unavailable`)."""
         self._closed = True
         for handle in (self._flush_handle, self._read_handle, self._timer):
             if handle is not None:
                 handle.cancel()
         self._flush_handle = self._read_handle = self._timer = None
+        self._reset_socket(open_new=False)  # first: failing the futures may raise (loop closed)
         if self._calls is not None:
             _settle(self._calls.fail(None, Unavailable("the client was closed")))
-        self._reset_socket(open_new=False)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -180,7 +182,8 @@ class AsyncClient:
         ``SET`` or ``DEL``; ``key`` and ``value`` are bytes, ``ttl_ms`` whole milliseconds.
         The future gets what :func:`zkv.calls.outcome` gives (for a GET an :class:`Item` or
         None, for a SET the deadline, for a DEL a bool) or the error the call failed with.
-        Call it from the loop's thread, inside the running loop.
+        Call it from the loop's thread, inside the running loop. Cancelling the future does
+        not withdraw the operation: once queued it is sent, and may be applied.
 
         Raises:
             RequestError: the operation breaks the protocol's limits (nothing is queued).
@@ -225,28 +228,42 @@ class AsyncClient:
         return self._loop, self._calls
 
     def _flush(self) -> None:
-        """Send what is queued, in BATCH messages; what cannot leave (no broker connected)
-        stays queued for the reader's next look."""
+        """Send what is queued, in BATCH messages; what cannot leave (no broker connected, or
+        no socket) stays queued for the timer's next try. Never raises: a caller's operation
+        is queued once it is added, so an error here must not look like a refusal."""
         self._flush_handle = None
         calls = self._calls
+        if calls is None or self._closed or self._loop is None:
+            return
         socket = self._socket
-        if calls is None:
+        if socket is None and (socket := self._reset_socket(open_new=True)) is None:
             return
-        if socket is None:
-            return
-        assert self._loop is not None
-        sent = False
         while (batch := calls.next_batch(self.batch_ops)) is not None:
             try:
                 socket.send_multipart(batch.frames, flags=zmq.NOBLOCK)
             except zmq.Again:
                 break  # no broker connected (IMMEDIATE): the timer tries again
+            except zmq.ZMQError as exc:
+                log.warning("sending to %s failed (%s): a new socket next", self.endpoint, exc)
+                self._reset_socket(open_new=False)
+                return
             calls.sent(batch, self._loop.time())
             self.batches += 1
-            sent = True
-        # The edge rule (module docstring): replies taken in by the send raise no new edge.
-        if sent and self._read_handle is None and socket.get(zmq.EVENTS) & zmq.POLLIN:
+        self._readable()  # the edge rule (module docstring)
+
+    def _readable(self) -> bool:
+        """Whether replies wait to be read; if so, a read is scheduled. Looking at
+        ``zmq.EVENTS`` takes in what the descriptor would have announced (the edge rule)."""
+        socket = self._socket
+        if socket is None or self._loop is None:
+            return False
+        try:
+            waiting = bool(socket.get(zmq.EVENTS) & zmq.POLLIN)
+        except zmq.ZMQError:
+            return False
+        if waiting and self._read_handle is None:
             self._read_handle = self._loop.call_soon(self._on_readable)
+        return waiting
 
     # --- the reader -------------------------------------------------------------------------
 
@@ -278,14 +295,17 @@ class AsyncClient:
         """Every CONNECT_POLL_S while calls are outstanding: time out, retry, resend."""
         self._timer = None
         calls = self._calls
-        if self._closed or calls is None or self._loop is None:
+        loop = self._loop
+        if self._closed or calls is None or loop is None:
             return
-        if self._on_readable():  # a busy loop may not have read what came yet
-            self.late_reads += 1
-        self._timers(calls, self._loop.time())
-        due_s = calls.due_in(self._loop.time())
-        if due_s is not None:  # capped, so that sends that failed are retried promptly
-            self._timer = self._loop.call_later(min(due_s, CONNECT_POLL_S), self._on_timer)
+        try:
+            if self._on_readable():  # a busy loop may not have read what came yet
+                self.late_reads += 1
+            self._timers(calls, loop.time())
+        finally:  # whatever failed, the calls still need their timeouts
+            due_s = calls.due_in(loop.time())
+            if due_s is not None and not self._closed:  # capped: failed sends retry promptly
+                self._timer = loop.call_later(min(due_s, CONNECT_POLL_S), self._on_timer)
 
     def _timers(self, calls: Calls, now: float) -> None:
         _settle(calls.expire(now))
@@ -300,21 +320,26 @@ class AsyncClient:
             calls.resend(now)
             self._flush()
 
-    def _readable(self) -> bool:
-        """Whether replies wait to be read (the loop was too busy to read them in time)."""
-        return self._socket is not None and bool(self._socket.get(zmq.EVENTS) & zmq.POLLIN)
-
-    def _reset_socket(self, open_new: bool) -> None:
-        if self._socket is not None:
+    def _reset_socket(self, open_new: bool) -> zmq.Socket | None:
+        """Close the socket; with ``open_new``, make and watch a new one. Returns the new
+        socket, None if there is none (``open_new`` False, or it could not be made: logged,
+        and tried again at the next flush)."""
+        old = self._socket
+        self._socket = None
+        if old is not None:
             if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(self._socket.FD)
-            self._socket.close(linger=0)
-            self._socket = None
-        if not open_new:
-            return
-        self._socket = socket = dealer(self._context, self.endpoint)
-        assert self._loop is not None
+                self._loop.remove_reader(old.FD)
+            old.close(linger=0)
+        if not open_new or self._loop is None:
+            return None
+        try:
+            socket = dealer(self._context, self.endpoint)
+        except zmq.ZMQError as exc:  # EMFILE: out of file descriptors, for now
+            log.warning("no socket to %s (%s): trying again at the next send", self.endpoint, exc)
+            return None
         self._loop.add_reader(socket.FD, self._on_readable)
+        self._socket = socket
+        return socket
 
 
 def _plain(context: zmq.Context) -> zmq.Context:

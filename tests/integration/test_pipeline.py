@@ -4,6 +4,7 @@ the test process, and a fake broker (a ROUTER driven by hand) for lost messages.
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from broker.server import ServerConfig, Stopper, serve
 from tests.cluster import free_port, wait_for
 from workers.worker import Worker, WorkerConfig
 from zkv import Client, Item, NotFound, RequestError, Timeout, Unavailable
+from zkv import aio as aio_module
 from zkv import calls as calls_module
 from zkv.aio import AsyncClient
 from zkv.protocol import (
@@ -282,6 +284,41 @@ def test_asyncio_resends_a_lost_batch_and_times_out_when_nobody_answers(fake_bro
     try:
         asyncio.run(scenario())
         assert seen[0][1] == seen[1][1]  # the same request ids, resent
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_asyncio_without_file_descriptors_makes_its_socket_later_and_loses_nothing(
+    fake_broker, monkeypatch
+):
+    """A socket that cannot be made (EMFILE), at the first call or at a resend, is made at the
+    next flush or tick: the calls still get answers, or their timeouts, never silence."""
+    socket, endpoint, _ = fake_broker
+    seen: list = []
+    stop = threading.Event()
+    thread = threading.Thread(target=answer_batches, args=(socket, 1, seen, stop), daemon=True)
+    thread.start()
+    made = 0
+    real_dealer = aio_module.dealer
+
+    def flaky_dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:
+        nonlocal made
+        made += 1
+        if made in (1, 3):  # the first socket, and the first one made for the resend
+            raise zmq.ZMQError(errno.EMFILE)
+        return real_dealer(context, endpoint)
+
+    monkeypatch.setattr(aio_module, "dealer", flaky_dealer)
+
+    async def scenario() -> None:
+        async with AsyncClient(endpoint, timeout_s=3, attempt_s=0.2) as kv:
+            # The first batch is dropped by the fake broker, so it is resent on a new socket.
+            assert [i.value for i in await kv.get_many(["x", "y"])] == [b"x", b"y"]
+            assert kv.retries == 1 and made >= 4
+
+    try:
+        asyncio.run(scenario())
     finally:
         stop.set()
         thread.join(5)
