@@ -20,6 +20,10 @@ order, one request of a connection at a time):
   buffer), and at most ``MAX_QUEUED_REQUESTS`` pipelined requests wait per connection;
 * :meth:`HttpServer.stop` stops accepting, closes idle connections, lets the requests in hand
   finish for up to a grace period, and closes each connection after its response.
+
+A :data:`Shortcut` may be given: it is offered every request first and may answer it from a
+future, on the loop, without a WSGI call (the gateway's fast lane, gateway/fastlane.py); what
+it declines goes to the app. Answers keep their order on a connection either way.
 """
 
 from __future__ import annotations
@@ -250,8 +254,11 @@ class HttpConnection(asyncio.Protocol):
             # HTTP, and the connection closed after it.
             self.input_ended = True
         except httptools.HttpParserError as exc:
-            self._bad_input(exc)
-            return
+            if not self.input_ended:
+                self._bad_input(exc)
+                return
+            # Bytes after a request that closes the connection (llhttp refuses them): they
+            # are not read, as RFC 9112 says, and that request is still answered.
         if len(self.ready) >= MAX_QUEUED_REQUESTS:
             self._pause_reading()
         self._next()
@@ -335,6 +342,8 @@ class HttpConnection(asyncio.Protocol):
             return
         request.keep_alive = self.parser.should_keep_alive()
         self.ready.append(request)
+        if not request.keep_alive:
+            self.input_ended = True  # the last request of the connection: nothing after it
 
     # --- answering ----------------------------------------------------------------------------
 
@@ -352,11 +361,19 @@ class HttpConnection(asyncio.Protocol):
         server = self.server
         started = server.loop.time()
         if server.shortcut is not None and not request.early:
-            taken = server.shortcut(request.method, request.target)
+            try:
+                taken = server.shortcut(request.method, request.target)
+            except Exception:  # a bug: not the app's to answer, something may have been sent
+                log.exception("the shortcut failed on %r", request.target)
+                self.busy = False
+                self._refuse(500, "internal server error")
+                return
             if taken is not None:
+                server.shortcut_requests += 1
                 future, finish = taken
                 future.add_done_callback(lambda done: self._finish(request, started, done, finish))
                 return
+        server.app_requests += 1
         environ = server.environ(self, request)
         runners = server.runners
         glet = runners.pop() if runners else greenlet.greenlet(_runner)
@@ -576,6 +593,8 @@ class HttpServer:
     ) -> None:
         self.app = app
         self.shortcut = shortcut
+        self.shortcut_requests = 0  # requests the shortcut took, for the log
+        self.app_requests = 0  # requests the app was called for
         self.config = config
         self.loop = loop
         self.dates = _DateCache()
