@@ -10,8 +10,12 @@ Two APIs share one app:
 How a request flows: Bottle matches the route; :class:`ClientPlugin` hands the route this
 thread's zkv client; the route validates its input and calls the client; :class:`ErrorPlugin`
 turns whatever it raised into an :class:`bottle.HTTPError` through :func:`http_error`, the one
-table of exception -> status; and :func:`render_error` writes every error response, Bottle's own
-404/405/500 included, as ``{"error": "..."}`` JSON.
+table of exception -> status (:func:`failure`); and :func:`render_error` writes every error
+response, Bottle's own 404/405/500 included, as ``{"error": "..."}`` JSON.
+
+The seed routes read their parameters and write their answers through :class:`SeedApi`, which
+the gateway's fast lane (gateway/fastlane.py) shares: it answers plain ``/get``, ``/set`` and
+``/delete`` without Bottle, and leaves everything else to this app.
 """
 
 from __future__ import annotations

@@ -102,6 +102,12 @@ class EventLoopWorker(Worker):
                 pass
         self.notify()
         await server.stop(self._grace_s)
+        self.log.info(
+            "worker %d: stopped after %d requests, %d of them in the fast lane",
+            self.pid,
+            server.app_requests + server.shortcut_requests,
+            server.shortcut_requests,
+        )
         close = getattr(self.app, "close_clients", None)
         if close is not None:
             await close()

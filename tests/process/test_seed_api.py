@@ -18,7 +18,7 @@ pytestmark = [
     # through the Bottle app (gateway/fastlane.py).
     pytest.mark.parametrize(
         "cluster",
-        [{}, {"ZKV_HTTP_FAST_LANE": "off"}],
+        [{"ZKV_HTTP_FAST_LANE": "on"}, {"ZKV_HTTP_FAST_LANE": "off"}],
         ids=["fast-lane", "bottle"],
         indirect=True,
         scope="module",

@@ -81,10 +81,12 @@ class AsyncFake:
     def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
         self.store = store
         self.loop = loop
+        self.submitted = 0
 
     def submit(
         self, kind: int, key: bytes, value: bytes | None = None, ttl_ms: int | None = None
     ) -> asyncio.Future[Any]:
+        self.submitted += 1
         future = self.loop.create_future()
         try:
             future.set_result(self.store.apply(kind, key, value, ttl_ms))
@@ -128,10 +130,13 @@ def through_lane(
     app = make_app(lambda: BlockingFake(store), MAX_KEY, MAX_VALUE, clock=lambda: NOW_S)
     lane = for_app(app)
     assert lane is not None
-    lane = FastLane(lane.seed, lambda: AsyncFake(store, loop))  # type: ignore[arg-type, return-value]
+    client = AsyncFake(store, loop)
+    lane = FastLane(lane.seed, lambda: client)  # type: ignore[arg-type, return-value]
     taken = lane(method, target)
     if taken is None:
+        assert client.submitted == 0, f"{target!r}: declined after sending a call"
         return None
+    assert client.submitted == 1
     future, finish = taken
     assert future.done()
     return finish(future)
