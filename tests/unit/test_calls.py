@@ -15,6 +15,7 @@ from zkv.errors import RequestError, Timeout, Unavailable
 from zkv.protocol import (
     MAX_BATCH_BYTES,
     MAX_KEY_BYTES,
+    MAX_TTL_MS,
     BatchReply,
     Kind,
     ProtocolError,
@@ -249,10 +250,16 @@ def test_add_many_packs_every_op_as_pack_request_does_or_refuses_it_alike():
         (SET, b"", b"v", None),
         (SET, big, b"v", None),
         (GET, b"k", None, None),
+        (SET, b"k", b"v", MAX_TTL_MS),
+        (SET, b"k", b"v", MAX_TTL_MS + 1),
+        (SET, b"k", b"v", 0),
+        (GET, b"", None, None),
+        (GET, big, None, None),
+        (DEL, b"k", None, None),
     ]
     calls = make()
     refused = dict(calls.add_many(ops, 0, len(ops), 100.0))
-    assert sorted(refused) == [3, 4, 5]
+    assert sorted(refused) == [3, 4, 5, 8, 9, 10, 11]
     for position, rid in enumerate(calls._queue):  # request ids 1, 2, ... in order
         kind, key, value, ttl = ops[[p for p in range(len(ops)) if p not in refused][position]]
         assert calls._calls[rid].record == pack_request(kind, rid, key, value, ttl)
