@@ -20,6 +20,7 @@ from bench.http_load import HttpWorkload, parse_wrk_output, request_for, wrk_com
 from bench.peers import (
     parse_redis_csv,
     redis_benchmark_command,
+    redis_benchmark_requests,
     resp_command,
     webdis_config,
 )
@@ -135,6 +136,18 @@ def test_ratio_is_none_when_the_peer_has_nothing() -> None:
     assert ratio(result(10, p50_ms=None), result(10), "p50") is None
     with pytest.raises(ValueError):
         ratio(result(1), result(1), "p90")
+
+
+def test_paired_ratio_is_the_median_of_the_per_round_ratios() -> None:
+    zkv, redis = result(100), result(100)
+    zkv.round_ops_per_s, redis.round_ops_per_s = [100.0, 300.0, 90.0], [50.0, 100.0, 100.0]
+    assert report.round_ratios(zkv, redis) == [2.0, 3.0, 0.9]
+    assert ratio(zkv, redis, "paired") == 2.0  # the medians' ratio would be 100 / 100
+    redis.round_ops_per_s = [50.0, 0.0, 100.0]  # a round where the peer did nothing
+    assert ratio(zkv, redis, "paired") == pytest.approx((2.0 + 0.9) / 2)
+    redis.round_ops_per_s = [50.0]  # not the same rounds
+    assert report.round_ratios(zkv, redis) == [] and ratio(zkv, redis, "paired") is None
+    assert ratio(result(10), result(10), "paired") is None  # not paired rows
 
 
 def test_ratios_only_against_peers_of_the_same_run() -> None:
@@ -371,6 +384,12 @@ def test_redis_benchmark_command_pipelines_only_when_asked() -> None:
     piped = redis_benchmark_command(6400, "set", 64, 16, 65536, 1000)
     assert piped[-2:] == ["-P", "16"]
     assert piped[piped.index("-r") + 1] == "256"
+
+
+def test_redis_benchmark_requests_from_a_known_rate_or_the_guess() -> None:
+    assert redis_benchmark_requests(50, 1, 16, 0.5) == 30_000  # RATE_GUESS: 60,000/s
+    assert redis_benchmark_requests(50, 1, 16, 0.5, rate=110_000.0) == 55_000
+    assert redis_benchmark_requests(50, 1, 16, 0.0001, rate=110_000.0) == 500  # 10 per client
 
 
 def test_resp_command() -> None:
@@ -624,3 +643,4 @@ def test_json_document_has_every_scenario_with_ratios_or_the_reason(
     assert second["skipped"].startswith("skipped: redis-server not installed")
     assert "ops_per_s" not in second
     assert doc["zkv"] == {"commit": "abc"} and doc["machine"] == {"nproc": 2}
+
