@@ -204,11 +204,15 @@ def benchmark_keys(value_bytes: int) -> int:
     return REDIS_LARGE_KEYS if value_bytes > 1024 else REDIS_KEYS
 
 
-def redis_benchmark_requests(clients: int, pipeline: int, value_bytes: int, seconds: float) -> int:
-    """The -n that should keep redis-benchmark busy for about ``seconds``."""
-    rate = RATE_GUESS[(clients > 1, pipeline > 1)]
-    if value_bytes > 1024:
-        rate //= LARGE_RATE_DIVISOR
+def redis_benchmark_requests(
+    clients: int, pipeline: int, value_bytes: int, seconds: float, rate: float | None = None
+) -> int:
+    """The -n that should keep redis-benchmark busy for about ``seconds``, at ``rate``
+    requests per second if known (a previous run's), else at the shape's RATE_GUESS."""
+    if rate is None:
+        rate = RATE_GUESS[(clients > 1, pipeline > 1)]
+        if value_bytes > 1024:
+            rate //= LARGE_RATE_DIVISOR
     return max(clients * pipeline * 10, int(rate * seconds))
 
 
@@ -253,13 +257,22 @@ def parse_redis_csv(text: str) -> dict[str, dict[str, float]]:
 
 
 def run_redis_benchmark(
-    port: int, op: str, clients: int, pipeline: int, value_bytes: int, seconds: float
+    port: int,
+    op: str,
+    clients: int,
+    pipeline: int,
+    value_bytes: int,
+    seconds: float,
+    rate: float | None = None,
 ) -> LoadResult:
-    """One redis-benchmark run of one command; GETs find their keys (preloaded first)."""
+    """One redis-benchmark run of one command; GETs find their keys (preloaded first).
+
+    ``rate``: the requests per second to size -n with (see :func:`redis_benchmark_requests`).
+    """
     if op == "get":
         keys = [b"key:%012d" % i for i in range(benchmark_keys(value_bytes))]
         redis_set_many(port, keys, b"v" * value_bytes)
-    requests = redis_benchmark_requests(clients, pipeline, value_bytes, seconds)
+    requests = redis_benchmark_requests(clients, pipeline, value_bytes, seconds, rate)
     command = redis_benchmark_command(port, op, clients, pipeline, value_bytes, requests)
     completed = subprocess.run(
         command, capture_output=True, text=True, timeout=seconds + EXTRA_WAIT_S, check=False

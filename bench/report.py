@@ -8,6 +8,11 @@ Ratios compare a row with a peer measured in the same run (see ``Peer`` in bench
   request took 3.1 times as long as the bare chain's; above 1 means slower. ``p99`` the same
   with the 99th percentile.
 * ``bytes``: this row's memory per key divided by the peer's; above 1 means more memory.
+* ``paired``: rows measured in turns, round by round (bench/paired.py): each round's ops/s of
+  this row divided by the peer's in the same round, seconds apart, and the median of these
+  ratios. ``redis c50 (paired) 1.1x``: in the median round zkv did 1.1 times what Redis did.
+  Not the ratio of the two rows' ops/s: each is a median over rounds and may come from a
+  different round than the other's, that is from another moment of a drifting machine.
 
 Only ratios within one run mean anything on a shared, noisy machine: absolute numbers move from
 run to run, ratios much less.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -51,17 +57,34 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Ratio:
-    """One comparison of a row with a peer; ``value`` None when the peer did not run."""
+    """One comparison of a row with a peer; ``value`` None when the peer did not run.
+
+    ``by_round``: for the ``paired`` metric, each round's ratio (``value`` is their median).
+    """
 
     label: str
     peer: str
     metric: str
     value: float | None
+    by_round: tuple[float | None, ...] = ()
+
+
+def round_ratios(row: LoadResult, peer: LoadResult) -> list[float | None]:
+    """Each round's ops/s of ``row`` over ``peer``'s, for rows measured in the same rounds
+    (bench/paired.py); None for a round where the peer did nothing, and no rounds at all if the
+    two do not have the same number (not one paired run)."""
+    if len(row.round_ops_per_s) != len(peer.round_ops_per_s):
+        return []
+    pairs = zip(row.round_ops_per_s, peer.round_ops_per_s, strict=True)
+    return [mine / theirs if theirs else None for mine, theirs in pairs]
 
 
 def ratio(row: LoadResult, peer: LoadResult, metric: str) -> float | None:
-    """``row`` over ``peer`` in ``metric`` (``ops``, ``p50``, ``p99`` or ``bytes``); None if
-    either is unknown or 0."""
+    """``row`` over ``peer`` in ``metric`` (``ops``, ``p50``, ``p99``, ``bytes`` or
+    ``paired``: the median of the per-round ratios); None if either is unknown or 0."""
+    if metric == "paired":
+        known = [value for value in round_ratios(row, peer) if value is not None]
+        return statistics.median(known) if known else None
     if metric == "ops":
         mine, theirs = row.ops_per_s, peer.ops_per_s
     elif metric == "p50":
@@ -83,9 +106,12 @@ def ratios_of(outcome: Outcome, by_id: dict[str, Outcome]) -> list[Ratio]:
     for peer in outcome.scenario.peers:
         other = by_id.get(peer.scenario)
         value = None
+        by_round: tuple[float | None, ...] = ()
         if outcome.result is not None and other is not None and other.result is not None:
             value = ratio(outcome.result, other.result, peer.metric)
-        found.append(Ratio(peer.label, peer.scenario, peer.metric, value))
+            if peer.metric == "paired":
+                by_round = tuple(round_ratios(outcome.result, other.result))
+        found.append(Ratio(peer.label, peer.scenario, peer.metric, value, by_round))
     return found
 
 
@@ -288,6 +314,13 @@ def _rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def _ratio_entry(found: Ratio) -> dict[str, Any]:
+    entry = {"peer": found.peer, "metric": found.metric, "ratio": _rounded(found.value, 4)}
+    if found.by_round:
+        entry["by_round"] = [_rounded(value, 4) for value in found.by_round]
+    return entry
+
+
 def document(
     outcomes: Sequence[Outcome],
     info: dict[str, Any],
@@ -325,10 +358,7 @@ def document(
                     "elapsed_s": _rounded(result["elapsed_s"], 3),
                 }
             )
-            entry["ratios"] = {
-                r.label: {"peer": r.peer, "metric": r.metric, "ratio": _rounded(r.value, 4)}
-                for r in ratios_of(outcome, by_id)
-            }
+            entry["ratios"] = {r.label: _ratio_entry(r) for r in ratios_of(outcome, by_id)}
         scenarios.append(entry)
     return {
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -336,6 +366,8 @@ def document(
         "machine": info,
         "zkv": git_state(),
         "ratios": "ops: this row's ops/s / the peer's (above 1: faster); "
-        "p50: this row's median latency / the peer's (above 1: slower)",
+        "p50: this row's median latency / the peer's (above 1: slower); "
+        "paired: the median over rounds of this row's ops/s / the peer's in the same round "
+        "(by_round: each round's)",
         "scenarios": scenarios,
     }

@@ -159,9 +159,9 @@ def run_one(
             )
         case "memory":
             return memory.scenario_result(scenario.op, options.full_keys)
-        case "interleaved":
+        case "interleaved" | "paired":
             if scenario.id not in target.measured:
-                raise RuntimeError("the interleaved run measured no such chain and operation")
+                raise RuntimeError(f"the {scenario.load} run measured no {scenario.id}")
             return target.measured[scenario.id]
         case "expiry-wave":
             assert target.expiry is not None, "the expiry-wave target ran the wave"

@@ -17,6 +17,9 @@ its selected scenarios, and stops it before the next (see ``bench/targets.py``):
     interleaved   zkv over tcp:// and ipc:// (2 shards each, ZKV_FSYNC=always), zkv over tcp://
                   with ZKV_FSYNC=no, and the bare chain over both, all running at once; one
                   client per chain takes turns (bench/interleaved.py)
+    paired        zkv (2 shards, ZKV_FSYNC=always) and redis-server, both running; the pipelined
+                  client and redis-benchmark -c 50 take turns, round after round
+                  (bench/paired.py)
     bare-tcp      bench/bare.py over tcp://;  bare-ipc: the same over ipc://
     redis         redis-server, loaded by redis-benchmark
     webdis        webdis in front of its own redis-server, loaded like the gateway
@@ -49,6 +52,7 @@ CLIENT_PROCESSES = (
     2  # load processes of the client.pipeline rows (one Python process is not enough)
 )
 CLIENT_WINDOW = 8000  # operations a zkv.Client pipeline keeps in flight (zkv.client.WINDOW_OPS)
+REDIS_FLOOR_CLIENTS = 50  # redis-benchmark -c of the pipelining floor's peer (the issue's)
 
 # Targets in the order they run. The machine is shared and its load drifts, so rows compared
 # across targets should run close together in time: the shard-scaling clusters run just before
@@ -62,6 +66,7 @@ TARGETS = (
     "bare-tcp",
     "bare-ipc",
     "interleaved",
+    "paired",
     "zkv-ipc",
     "redis",
     "webdis",
@@ -79,7 +84,9 @@ class Peer:
         scenario: the id of the peer's scenario.
         metric: ``ops`` (ratio of operations per second: above 1 means faster than the peer),
             ``p50`` or ``p99`` (ratio of that latency percentile: above 1 means slower than the
-            peer) or ``bytes`` (ratio of memory per key: above 1 means more memory).
+            peer), ``bytes`` (ratio of memory per key: above 1 means more memory) or ``paired``
+            (rows measured in the same rounds, bench/paired.py: the median of each round's
+            ratio of ops per second).
     """
 
     label: str
@@ -97,8 +104,10 @@ class Scenario:
         load: which generator drives it: ``http`` (wrk, else Python threads), ``client`` (the zkv
             client, one request at a time), ``client-pipeline`` (``zkv.Client.execute`` in
             ``connections`` processes, bench/client_pipeline.py), ``interleaved`` (one
-            request at a time, taking turns with other chains), ``pipeline`` (raw DEALER
-            sockets, one request per message, many in flight), ``redis-benchmark``, ``memory``
+            request at a time, taking turns with other chains), ``paired``
+            (``client-pipeline`` or ``redis-benchmark`` -c 50, taking turns, bench/paired.py),
+            ``pipeline`` (raw DEALER sockets, one request per message, many in flight),
+            ``redis-benchmark``, ``memory``
             (bench/memory.py), ``expiry-wave`` (a phase of bench/expiry_wave.py's run).
         op: ``get``, ``set``, ``mix`` (90/10 get/set), ``rest-put``, ``rest-get`` or
             ``webdis-get``.
@@ -329,6 +338,49 @@ def _client_pipeline_scenarios() -> list[Scenario]:
             )
         )
     return rows
+
+
+def paired_id(system: str, op: str) -> str:
+    """The id of a paired target's row: ``zkv`` (the pipelined client) or ``redis``."""
+    if system == "zkv":
+        return _client_pipeline_id(op, False, CLIENT_PROCESSES, "paired.")
+    return "paired." + _redis_id(op, SMALL_BYTES, REDIS_FLOOR_CLIENTS)
+
+
+def _paired_scenarios() -> list[Scenario]:
+    """The pipelining floor's two uniform 16-byte rows measured in turns, seconds apart
+    (bench/paired.py): their ratio is the systems', not the drift's between two targets run a
+    minute apart, as client.pipeline.* and redis.*.c50 are."""
+    zkv = [
+        Scenario(
+            id=paired_id("zkv", op),
+            target="paired",
+            load="paired",
+            op=op,
+            connections=CLIENT_PROCESSES,
+            depth=CLIENT_WINDOW,
+            peers=(
+                Peer(f"redis c{REDIS_FLOOR_CLIENTS} (paired)", paired_id("redis", op), "paired"),
+            ),
+            about=f"as {_client_pipeline_id(op, False, CLIENT_PROCESSES)} (2 shards, "
+            f"ZKV_FSYNC=always), in turns with {paired_id('redis', op)}; ops/s and ratio: "
+            "medians over rounds",
+        )
+        for op in ("get", "set")
+    ]
+    redis = [
+        Scenario(
+            id=paired_id("redis", op),
+            target="paired",
+            load="paired",
+            op=op,
+            connections=REDIS_FLOOR_CLIENTS,
+            about=f"redis-benchmark -t {op} -d 16 -c {REDIS_FLOOR_CLIENTS}, in turns with "
+            f"{paired_id('zkv', op)}",
+        )
+        for op in ("get", "set")
+    ]
+    return zkv + redis
 
 
 def _ipc_scenarios() -> list[Scenario]:
@@ -651,6 +703,7 @@ def all_scenarios() -> list[Scenario]:
         _http_scenarios()
         + _client_scenarios()
         + _client_pipeline_scenarios()
+        + _paired_scenarios()
         + _ipc_scenarios()
         + _interleaved_scenarios()
         + _pipeline_scenarios()

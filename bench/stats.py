@@ -53,6 +53,8 @@ class LoadResult:
         details: anything else worth keeping in the JSON (error kinds, tool output).
         bytes_per_key: memory scenarios: what the system under test holds per key.
         notes: one short line for the table's notes column (floors met or missed, ...).
+        round_ops_per_s: paired rows (bench/paired.py): the ops/s of each round, in order, so
+            that a ``paired`` ratio divides round by round; empty otherwise.
     """
 
     generator: str
@@ -67,6 +69,7 @@ class LoadResult:
     details: dict[str, Any] = field(default_factory=dict)
     bytes_per_key: float | None = None
     notes: str = ""
+    round_ops_per_s: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.ops_per_s is None:

@@ -23,8 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import expiry_wave, interleaved, peers
-from bench.scenarios import INTERLEAVED_CHAINS, LARGE_BYTES, SMALL_BYTES, Scenario
+from bench import expiry_wave, interleaved, paired, peers
+from bench.scenarios import (
+    CLIENT_PROCESSES,
+    INTERLEAVED_CHAINS,
+    LARGE_BYTES,
+    REDIS_FLOOR_CLIENTS,
+    SMALL_BYTES,
+    Scenario,
+    paired_id,
+)
 from bench.stats import LoadResult
 from bench.zmq_load import preload
 from tests.cluster import Cluster, free_port
@@ -36,6 +44,11 @@ LARGE_KEYS = 256  # size of the big:N key space (64 KiB values)
 READY_TIMEOUT_S = 20.0
 INTERLEAVED_SHARE = 0.25  # of --duration per interleaved row (the default run's budget)
 INTERLEAVED_KEYS = 1_000  # one request at a time reads few keys: a small space fills fast
+# Of --duration per turn of the paired target: 3 rounds x 2 operations x 2 systems, 12 turns of
+# 0.5 s by default; each of zkv's turns also starts its 2 load processes anew (~0.25 s) and
+# overruns by up to one execute() call, and the cluster takes ~3 s to start and fill: about
+# 10-11 s in all (8 s with --duration 1), what the default run's two minutes have room for.
+PAIRED_SHARE = 0.25
 READ_OPS = frozenset({"get", "mix", "rest-get", "webdis-get"})
 
 
@@ -49,8 +62,9 @@ class Target:
         redis_port: the port of a redis-server.
         settings: what the JSON records about this target (shards, fsync policy, ...).
         expiry: the expiry-wave target: bench/expiry_wave.py's result, run when it opened.
-        measured: the interleaved target: each scenario's result by id, measured when it
-            opened (every chain's turns run together, so no row can run alone).
+        measured: the interleaved and paired targets: each scenario's result by id, measured
+            when it opened (every chain's or system's turns run together, so no row can run
+            alone).
     """
 
     frontend: str | None = None
@@ -98,12 +112,12 @@ def large_keys() -> list[bytes]:
 
 def unavailable(target: str, options: Options) -> str | None:
     """Why ``target`` cannot run here ("skipped: ..."), or None if it can."""
-    if target == "redis":
+    if (target.startswith("zkv-") or target in ("interleaved", "paired")) and options.external:
+        return "skipped: needs a cluster of its own (not started with --frontend/--http)"
+    if target in ("redis", "paired"):
         return peers.missing("redis-server", "redis-benchmark")
     if target == "webdis":
         return peers.missing("redis-server", "webdis")
-    if (target.startswith("zkv-") or target == "interleaved") and options.external:
-        return "skipped: needs a cluster of its own (not started with --frontend/--http)"
     return None
 
 
@@ -186,6 +200,41 @@ def open_target(target: str, rows: Sequence[Scenario], options: Options) -> Iter
             fsync = {c.name: c.fsync for c in INTERLEAVED_CHAINS if c.fsync is not None}
             settings = {"chains": endpoints, "shards": defaults.SHARDS, "ZKV_FSYNC": fsync}
             yield Target(settings=settings, measured=measured)
+    elif target == "paired":
+        (workdir / "zkv").mkdir(exist_ok=True)
+        (workdir / "redis").mkdir(exist_ok=True)
+        keys = small_keys(options.keys)[:-1]  # the uniform keys, as client.pipeline.*.uniform
+        value = b"v" * SMALL_BYTES
+        turn_s = options.duration_s * PAIRED_SHARE
+        ops = tuple(op for op in paired.OPS if any(row.op == op for row in rows))
+        with _zkv_cluster(workdir / "zkv", defaults.SHARDS, "always", False) as cluster:
+            _fill(cluster.frontend, options.keys, small=True, large=False)
+            redis = peers.RedisServer(free_port(), workdir / "redis")
+            try:
+                found = paired.run_paired(
+                    cluster.frontend,
+                    redis.port,
+                    keys,
+                    value,
+                    turn_s,
+                    CLIENT_PROCESSES,
+                    REDIS_FLOOR_CLIENTS,
+                    ops=ops,
+                    say=lambda line: _say(line, "paired"),
+                )
+            finally:
+                redis.stop()
+        measured = {paired_id(system, op): row for (system, op), row in found.items()}
+        settings = {
+            "shards": defaults.SHARDS,
+            "workers": defaults.SHARDS,
+            "ZKV_FSYNC": "always",
+            "redis": {"persistence": "none"},
+            "rounds": paired.ROUNDS,
+            "turn_s": turn_s,
+            "turns": [f"{t.op} {t.system}" for t in paired.schedule(paired.ROUNDS, ops)],
+        }
+        yield Target(settings=settings, measured=measured)
     elif target == "memory":  # each scenario starts what it measures
         yield Target(settings={"keys": options.full_keys})
     elif target == "expiry-wave":
@@ -195,8 +244,8 @@ def open_target(target: str, rows: Sequence[Scenario], options: Options) -> Iter
         raise ValueError(f"unknown target {target!r}")
 
 
-def _say(line: str) -> None:
-    print(f"  expiry-wave: {line}", file=sys.stderr, flush=True)
+def _say(line: str, target: str = "expiry-wave") -> None:
+    print(f"  {target}: {line}", file=sys.stderr, flush=True)
 
 
 def _fill(frontend: str, keys: int, small: bool, large: bool) -> None:

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as cli
-from bench import expiry_wave, report, targets
+from bench import expiry_wave, paired, report, targets
 from bench.client_pipeline import build_ops
 from bench.http_load import HttpWorkload, parse_wrk_output, request_for, wrk_command
 from bench.peers import (
     parse_redis_csv,
     redis_benchmark_command,
+    redis_benchmark_requests,
     resp_command,
     webdis_config,
 )
@@ -135,6 +136,18 @@ def test_ratio_is_none_when_the_peer_has_nothing() -> None:
     assert ratio(result(10, p50_ms=None), result(10), "p50") is None
     with pytest.raises(ValueError):
         ratio(result(1), result(1), "p90")
+
+
+def test_paired_ratio_is_the_median_of_the_per_round_ratios() -> None:
+    zkv, redis = result(100), result(100)
+    zkv.round_ops_per_s, redis.round_ops_per_s = [100.0, 300.0, 90.0], [50.0, 100.0, 100.0]
+    assert report.round_ratios(zkv, redis) == [2.0, 3.0, 0.9]
+    assert ratio(zkv, redis, "paired") == 2.0  # the medians' ratio would be 100 / 100
+    redis.round_ops_per_s = [50.0, 0.0, 100.0]  # a round where the peer did nothing
+    assert ratio(zkv, redis, "paired") == pytest.approx((2.0 + 0.9) / 2)
+    redis.round_ops_per_s = [50.0]  # not the same rounds
+    assert report.round_ratios(zkv, redis) == [] and ratio(zkv, redis, "paired") is None
+    assert ratio(result(10), result(10), "paired") is None  # not paired rows
 
 
 def test_ratios_only_against_peers_of_the_same_run() -> None:
@@ -373,6 +386,12 @@ def test_redis_benchmark_command_pipelines_only_when_asked() -> None:
     assert piped[piped.index("-r") + 1] == "256"
 
 
+def test_redis_benchmark_requests_from_a_known_rate_or_the_guess() -> None:
+    assert redis_benchmark_requests(50, 1, 16, 0.5) == 30_000  # RATE_GUESS: 60,000/s
+    assert redis_benchmark_requests(50, 1, 16, 0.5, rate=110_000.0) == 55_000
+    assert redis_benchmark_requests(50, 1, 16, 0.0001, rate=110_000.0) == 500  # 10 per client
+
+
 def test_resp_command() -> None:
     assert resp_command(b"SET", b"k", b"vv") == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nvv\r\n"
 
@@ -394,7 +413,7 @@ def test_scenario_ids_are_unique_and_every_peer_exists() -> None:
         assert scenario.target in TARGETS
         for peer in scenario.peers:
             assert peer.scenario in ids, (scenario.id, peer.scenario)
-            assert peer.metric in ("ops", "p50", "p99", "bytes")
+            assert peer.metric in ("ops", "p50", "p99", "bytes", "paired")
 
 
 def test_select_by_glob_substring_and_quick() -> None:
@@ -624,3 +643,177 @@ def test_json_document_has_every_scenario_with_ratios_or_the_reason(
     assert second["skipped"].startswith("skipped: redis-server not installed")
     assert "ops_per_s" not in second
     assert doc["zkv"] == {"commit": "abc"} and doc["machine"] == {"nproc": 2}
+
+
+# --- the paired target ------------------------------------------------------------------------
+
+
+def test_paired_turns_alternate_which_system_opens_each_pair() -> None:
+    """Neither system always goes first: a drift within a round, or what a turn leaves behind,
+    falls on each side in turn."""
+    turns = paired.schedule(3)
+    assert len(turns) == 3 * 2 * 2
+    assert [(t.op, t.system) for t in turns[:8]] == [
+        ("set", "zkv"),
+        ("set", "redis"),
+        ("get", "redis"),
+        ("get", "zkv"),
+        ("set", "redis"),
+        ("set", "zkv"),
+        ("get", "zkv"),
+        ("get", "redis"),
+    ]
+    for opening, closing in zip(turns[::2], turns[1::2], strict=True):  # a pair is two turns
+        assert (opening.round, opening.op) == (closing.round, closing.op)
+        assert {opening.system, closing.system} == {"zkv", "redis"}
+        assert opening.first and not closing.first
+    # Over two rounds, each system opens each operation's pair once; one operation alone too.
+    openers = [(t.op, t.system) for t in paired.schedule(2) if t.first]
+    assert sorted(openers) == [("get", "redis"), ("get", "zkv"), ("set", "redis"), ("set", "zkv")]
+    assert [t.system for t in paired.schedule(2, ["get"]) if t.first] == ["zkv", "redis"]
+
+
+def _turn(round_index: int, system: str, ops_per_s: float, p50_ms: float) -> paired.Measured:
+    redis = system == "redis"
+    found = LoadResult(
+        generator="redis-benchmark" if redis else "zkv.Client.execute",
+        ops=int(ops_per_s),
+        errors=None if redis else 1,
+        elapsed_s=1.0,
+        p50_ms=p50_ms,
+        p99_ms=2 * p50_ms,
+        p999_ms=None if redis else 3 * p50_ms,
+        count=10,
+        ops_per_s=ops_per_s,
+        details={"round": round_index},
+    )
+    return paired.Measured(paired.Turn(round_index, "set", system, round_index == 1), found, 1.5)
+
+
+def test_paired_rows_are_medians_over_rounds_with_every_round_kept() -> None:
+    measured = [
+        _turn(1, "zkv", 300.0, 2.0),  # out of order: rounds are sorted
+        _turn(0, "zkv", 100.0, 1.0),
+        _turn(2, "zkv", 90.0, 4.0),
+        _turn(0, "redis", 50.0, 0.1),
+        _turn(1, "redis", 100.0, 0.2),
+        _turn(2, "redis", 100.0, 0.3),
+    ]
+    rows = paired.rows(measured)
+    assert set(rows) == {("zkv", "set"), ("redis", "set")}
+    zkv, redis = rows[("zkv", "set")], rows[("redis", "set")]
+    assert (zkv.ops_per_s, zkv.p50_ms, zkv.p99_ms, zkv.p999_ms) == (100.0, 2.0, 4.0, 6.0)
+    assert (zkv.ops, zkv.errors, zkv.count, zkv.elapsed_s) == (490, 3, 30, 3.0)
+    assert zkv.round_ops_per_s == [100.0, 300.0, 90.0]
+    assert zkv.generator == "zkv.Client.execute"
+    assert [r["round"] for r in zkv.details["rounds"]] == [0, 1, 2]
+    assert [r["first"] for r in zkv.details["rounds"]] == [False, True, False]
+    assert zkv.details["rounds"][1]["details"] == {"round": 1}
+    assert zkv.details["rounds"][1]["turn_wall_s"] == 1.5
+    # redis-benchmark counts no errors and has no p99.9: unknown, not 0.
+    assert (redis.errors, redis.p999_ms, redis.ops_per_s) == (None, None, 100.0)
+    assert ratio(zkv, redis, "paired") == 2.0
+
+
+def test_paired_run_takes_the_turns_in_order_and_sizes_redis_from_its_last_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """run_paired without processes: both loads are replaced by recorders."""
+    calls: list[tuple[str, str, float | None]] = []
+    zkv_rates = iter([200.0, 300.0, 100.0, 400.0])
+    redis_rates = iter([100.0, 150.0, 200.0, 100.0])
+
+    def client_pipeline(
+        endpoint: str, op: str, keys: list[bytes], value: bytes, processes: int, seconds: float
+    ) -> LoadResult:
+        assert (endpoint, keys, value, processes, seconds) == ("tcp://zkv", [b"k"], b"v", 2, 0.5)
+        calls.append(("zkv", op, None))
+        return result(next(zkv_rates), generator="zkv.Client.execute")
+
+    def redis_benchmark(
+        port: int,
+        op: str,
+        clients: int,
+        pipeline: int,
+        value_bytes: int,
+        seconds: float,
+        rate: float | None = None,
+    ) -> LoadResult:
+        assert (port, clients, pipeline, value_bytes, seconds) == (6400, 50, 1, 1, 0.5)
+        calls.append(("redis", op, rate))
+        return result(next(redis_rates), generator="redis-benchmark")
+
+    monkeypatch.setattr(paired.client_pipeline, "run_client_pipeline", client_pipeline)
+    monkeypatch.setattr(paired.peers, "run_redis_benchmark", redis_benchmark)
+    said: list[str] = []
+    rows = paired.run_paired("tcp://zkv", 6400, [b"k"], b"v", 0.5, 2, 50, rounds=2, say=said.append)
+    assert calls == [
+        ("zkv", "set", None),
+        ("redis", "set", None),  # the first Redis turn: bench/peers.py's guess
+        ("redis", "get", 100.0),  # then the rate of Redis's last turn, whatever its operation
+        ("zkv", "get", None),
+        ("redis", "set", 150.0),
+        ("zkv", "set", None),
+        ("zkv", "get", None),
+        ("redis", "get", 200.0),
+    ]
+    assert len(said) == 8 and said[0].startswith("round 1/2 set zkv")
+    assert rows[("zkv", "set")].round_ops_per_s == [200.0, 100.0]
+    assert rows[("redis", "set")].round_ops_per_s == [100.0, 200.0]
+    assert ratio(rows[("zkv", "set")], rows[("redis", "set")], "paired") == pytest.approx(1.25)
+    assert ratio(rows[("zkv", "get")], rows[("redis", "get")], "paired") == pytest.approx(3.0)
+
+
+def test_paired_rows_compare_the_pipelined_client_with_redis_c50_of_the_same_rounds() -> None:
+    scenarios = all_scenarios()
+    by_id = {s.id: s for s in scenarios}
+    ids = set()
+    for op in ("get", "set"):
+        zkv, redis = f"paired.client.pipeline.{op}.16B.uniform.p2", f"paired.redis.{op}.16B.c50"
+        ids |= {zkv, redis}
+        row = by_id[zkv]
+        assert (row.target, row.load, row.op, row.connections) == ("paired", "paired", op, 2)
+        assert row.peers == (Peer("redis c50 (paired)", redis, "paired"),)
+        assert (by_id[redis].target, by_id[redis].connections) == ("paired", 50)
+    assert {s.id for s in scenarios if s.target == "paired"} == ids
+    assert ids <= {s.id for s in select(scenarios, None, quick=False)}  # in the default run
+    assert {s.id for s in select(scenarios, "paired", quick=False)} == ids
+    assert [s.id for s in select(scenarios, "paired.redis.set.16B.c50", False)] == [
+        "paired.redis.set.16B.c50"
+    ]
+    assert not any(s.target == "paired" for s in select(scenarios, None, quick=True))
+
+
+def test_paired_target_needs_redis_and_a_cluster_of_its_own(tmp_path: Path) -> None:
+    external = targets.Options(10, "tcp://127.0.0.1:5555", None, tmp_path)
+    assert targets.unavailable("paired", external) == (
+        "skipped: needs a cluster of its own (not started with --frontend/--http)"
+    )
+    own = targets.Options(10, None, None, tmp_path)
+    assert targets.unavailable("paired", own) == targets.peers.missing(
+        "redis-server", "redis-benchmark"
+    )
+
+
+def test_paired_ratio_in_the_table_and_each_round_in_the_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(report, "git_state", lambda: {"commit": "abc"})
+    by_id = {s.id: s for s in all_scenarios()}
+    zkv, redis = result(100), result(100)
+    zkv.round_ops_per_s, redis.round_ops_per_s = [100.0, 300.0, 90.0], [50.0, 100.0, 100.0]
+    outcomes = [
+        Outcome(by_id["paired.client.pipeline.set.16B.uniform.p2"], zkv),
+        Outcome(by_id["paired.redis.set.16B.c50"], redis),
+    ]
+    assert table_rows(outcomes)[0]["vs peers"] == "redis c50 (paired) 2x"
+    first = report.document(outcomes, {}, {})["scenarios"][0]
+    assert first["ratios"] == {
+        "redis c50 (paired)": {
+            "peer": "paired.redis.set.16B.c50",
+            "metric": "paired",
+            "ratio": 2.0,
+            "by_round": [2.0, 3.0, 0.9],
+        }
+    }
+    assert first["round_ops_per_s"] == [100.0, 300.0, 90.0]
