@@ -34,11 +34,6 @@ from zkv.errors import RequestError, Timeout, Unavailable, ZkvError
 from zkv.protocol import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPS,
-    MAX_KEY_BYTES,
-    MAX_TTL_MS,
-    MAX_VALUE_BYTES,
-    SUB_REQUEST_HEAD,
-    Flag,
     Kind,
     ProtocolError,
     Reply,
@@ -60,7 +55,6 @@ RECENT_BATCHES = 4096  # batch ids remembered by default, to fail a whole batch 
 
 _GET = int(Kind.GET)
 _SET = int(Kind.SET)
-_TTL = int(Flag.TTL)
 _REPLY = int(Kind.REPLY)
 _OK = int(Status.OK)
 _NOT_FOUND = int(Status.NOT_FOUND)
@@ -294,30 +288,15 @@ class Calls:
         calls = self._calls
         queue_append = self._queue.append
         deadline = now + self._lifetime
-        pack_head = SUB_REQUEST_HEAD.pack
         refused: list[tuple[int, RequestError]] = []
         for position in range(start, stop):
             kind, key, value, ttl = ops[position]
             request_id = rand(64) or 1
-            # pack_request inline for the common GET and SET (a call per operation costs as
-            # much as the rest of this loop); anything unusual goes through pack_request.
-            if kind == _GET and 0 < len(key) <= MAX_KEY_BYTES and value is None and ttl is None:
-                record = pack_head(_GET, 0, len(key), 0, request_id, 0) + key
-            elif (
-                kind == _SET
-                and value is not None
-                and 0 < len(key) <= MAX_KEY_BYTES
-                and len(value) <= MAX_VALUE_BYTES
-                and (ttl is None or 0 < ttl <= MAX_TTL_MS)
-            ):
-                flags, arg = (0, 0) if ttl is None else (_TTL, ttl)
-                record = pack_head(_SET, flags, len(key), len(value), request_id, arg) + key + value
-            else:
-                try:
-                    record = pack_request(kind, request_id, key, value, ttl)
-                except ProtocolError as exc:  # as in pack()
-                    refused.append((position, RequestError(str(exc))))
-                    continue
+            try:
+                record = pack_request(kind, request_id, key, value, ttl)
+            except ProtocolError as exc:  # as in pack()
+                refused.append((position, RequestError(str(exc))))
+                continue
             calls[request_id] = Call(kind, record, position, now, deadline)
             queue_append(request_id)
         return refused

@@ -337,6 +337,37 @@ def test_split_batch_gives_records_that_rebuild_a_dispatch():
     )
 
 
+def test_pack_request_packs_what_the_broker_accepts_and_refuses_what_it_refuses():
+    """pack_request's shortcut for the common GET and SET and its general checks agree with
+    the broker's reading of a batch (split_batch), at and around every limit."""
+    rng = random.Random(11)
+    big = protocol.MAX_KEY_BYTES
+    for _ in range(3000):
+        kind = rng.choice((Kind.GET, Kind.SET, Kind.DEL, Kind.PING))
+        key = b"k" * rng.choice((0, 1, 5, big, big + 1))
+        value = rng.choice((None, b"", b"v" * 16))
+        ttl = rng.choice((None, 0, 1, protocol.MAX_TTL_MS, protocol.MAX_TTL_MS + 1))
+        try:
+            record = pack_request(kind, 9, key, value, ttl)
+        except ProtocolError:
+            refused = True
+        else:
+            refused = False
+            ((got_kind, rid, got_key, _),) = split_batch(protocol.batch_frames(1, [record]))[1]
+            assert (got_kind, rid, got_key) == (kind, 9, key), (kind, key, value, ttl)
+            op = decode_from_broker(dispatch_batch_frames(1, [record])).ops[0]
+            expected_value = value if kind == Kind.SET else None
+            expected_ttl = ttl if kind == Kind.SET else None
+            assert op == (kind, 9, key, expected_value, expected_ttl), (kind, key, value, ttl)
+        should_refuse = (
+            not 0 < len(key) <= big
+            or kind not in (Kind.GET, Kind.SET, Kind.DEL)
+            or (kind == Kind.SET and (value is None or (ttl is not None and ttl < 1)))
+            or (kind == Kind.SET and ttl is not None and ttl > protocol.MAX_TTL_MS)
+        )
+        assert refused == should_refuse, (kind, key, value, ttl)
+
+
 def test_a_single_request_becomes_the_same_record_as_in_a_batch():
     for request in BATCHABLE:
         expected = pack_request(
