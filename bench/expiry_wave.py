@@ -43,7 +43,6 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ if str(ROOT) not in sys.path:  # run as a script as well as with -m
 
 from bench.stats import LoadResult  # noqa: E402
 from bench.zmq_load import Failed, queued_replies  # noqa: E402
-from tests.cluster import Cluster  # noqa: E402
+from tests.cluster import one_worker  # noqa: E402
 from zkv.protocol import Kind, Request, Status, encode_request  # noqa: E402
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -308,60 +307,53 @@ def run(
     Raises:
         Failed: the cluster did not answer as it should.
     """
-    with tempfile.TemporaryDirectory(prefix="zkv-wave-") as tmp:
-        workdir = Path(tmp)
-        cluster = Cluster(workdir, shards=1, ZKV_FSYNC="no", ZKV_HEARTBEAT_INTERVAL="1")
-        with cluster:
-            cluster.start_broker()
-            worker = cluster.start_worker(*([] if durable else ["--in-memory"]))
-            cluster.wait_ready(gateway=False)
-            log_path = next(workdir.glob("worker-*.log"))
-            steady = [b"steady:%d" % i for i in range(STEADY_KEYS)]
-            load(cluster.frontend, steady, None, None, 1 << 50)
-            probe_keys = [b"probe:%d" % i for i in range(PROBE_SETS)]
-            probe = load(cluster.frontend, probe_keys, None, None, 2 << 50)
-            rate = PROBE_SETS / probe.elapsed_s
-            wave_ms = now_ms() + int((keys / rate * 1.5 + quiet_s) * 1000)
-            wave_ms -= wave_ms % 1000  # the wave's second starts on a second
-            mode = "durable" if durable else "in memory"
-            say(
-                f"{keys:,} keys due in one second, {mode}, {order} order"
-                f"; probe {rate:,.0f} SET/s; the wave starts in {(wave_ms - now_ms()) / 1000:.0f} s"
-            )
-            if order == "sequential":
-                offsets = [i * 900 // keys for i in range(keys)]
-            else:
-                offsets = [(i * 7919) % 900 for i in range(keys)]
-            wave = load(
-                cluster.frontend,
-                [b"wave:%d" % i for i in range(keys)],
-                [wave_ms + offset for offset in offsets],
-                None,
-                3 << 50,
-            )
-            loaded_ms = now_ms()
-            first, last = min(wave.deadlines), max(wave.deadlines)
-            say(
-                f"loaded in {wave.elapsed_s:.0f} s ({keys / wave.elapsed_s:,.0f} SET/s); "
-                f"deadlines from X{first - wave_ms:+d} ms to X{last - wave_ms:+d} ms; "
-                f"the load ended {(wave_ms - loaded_ms) / 1000:.1f} s before X"
-            )
-            if loaded_ms > wave_ms - 8000:
-                raise Failed("the load ended too close to the wave: raise --quiet-s")
-            stop_after: list[float] = []
+    with one_worker("zkv-wave-", durable) as (cluster, worker, log_path):
+        steady = [b"steady:%d" % i for i in range(STEADY_KEYS)]
+        load(cluster.frontend, steady, None, None, 1 << 50)
+        probe_keys = [b"probe:%d" % i for i in range(PROBE_SETS)]
+        probe = load(cluster.frontend, probe_keys, None, None, 2 << 50)
+        rate = PROBE_SETS / probe.elapsed_s
+        wave_ms = now_ms() + int((keys / rate * 1.5 + quiet_s) * 1000)
+        wave_ms -= wave_ms % 1000  # the wave's second starts on a second
+        mode = "durable" if durable else "in memory"
+        say(
+            f"{keys:,} keys due in one second, {mode}, {order} order"
+            f"; probe {rate:,.0f} SET/s; the wave starts in {(wave_ms - now_ms()) / 1000:.0f} s"
+        )
+        if order == "sequential":
+            offsets = [i * 900 // keys for i in range(keys)]
+        else:
+            offsets = [(i * 7919) % 900 for i in range(keys)]
+        wave = load(
+            cluster.frontend,
+            [b"wave:%d" % i for i in range(keys)],
+            [wave_ms + offset for offset in offsets],
+            None,
+            3 << 50,
+        )
+        loaded_ms = now_ms()
+        first, last = min(wave.deadlines), max(wave.deadlines)
+        say(
+            f"loaded in {wave.elapsed_s:.0f} s ({keys / wave.elapsed_s:,.0f} SET/s); "
+            f"deadlines from X{first - wave_ms:+d} ms to X{last - wave_ms:+d} ms; "
+            f"the load ended {(wave_ms - loaded_ms) / 1000:.1f} s before X"
+        )
+        if loaded_ms > wave_ms - 8000:
+            raise Failed("the load ended too close to the wave: raise --quiet-s")
+        stop_after: list[float] = []
 
-            def until(waves: list[Wave]) -> bool:
-                if sum(wave.removed for wave in waves) < keys:
-                    return now_ms() > last + 60_000  # give up a minute after the deadlines
-                if not stop_after:
-                    stop_after.append(time.monotonic() + after_s)
-                return time.monotonic() >= stop_after[0]
+        def until(waves: list[Wave]) -> bool:
+            if sum(wave.removed for wave in waves) < keys:
+                return now_ms() > last + 60_000  # give up a minute after the deadlines
+            if not stop_after:
+                stop_after.append(time.monotonic() + after_s)
+            return time.monotonic() >= stop_after[0]
 
-            windows, waves, cpu = get_load(cluster.frontend, log_path, in_flight, until, worker.pid)
-            if keep:
-                keep.write_bytes(log_path.read_bytes())
-            if worker.poll() is not None:
-                raise Failed(f"the worker died\n{cluster.logs()}")
+        windows, waves, cpu = get_load(cluster.frontend, log_path, in_flight, until, worker.pid)
+        if keep:
+            keep.write_bytes(log_path.read_bytes())
+        if worker.poll() is not None:
+            raise Failed(f"the worker died\n{cluster.logs()}")
 
     found: dict = {"keys": keys, "waves": len(waves), "load_set_per_s": keys / wave.elapsed_s}
     if not waves:

@@ -41,7 +41,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,7 +53,7 @@ if str(ROOT) not in sys.path:  # run as a script as well as with -m
 
 from bench.stats import LoadResult  # noqa: E402
 from bench.zmq_load import Failed, queued_replies  # noqa: E402
-from tests.cluster import Cluster, free_port, wait_for  # noqa: E402
+from tests.cluster import free_port, one_worker, wait_for  # noqa: E402
 from zkv.protocol import Kind, Request, Status, encode_request  # noqa: E402
 
 MODES = ["memory", "memory-noid", "durable", "durable-noid", "redis"]
@@ -148,25 +147,18 @@ def get_requests(count: int) -> Iterator[list[bytes]]:
 def measure_zkv(mode: str, keys: int, ttl_ms: Callable[[int], int]) -> dict[str, float]:
     durable = mode.startswith("durable")
     with_ids = not mode.endswith("-noid")
-    with tempfile.TemporaryDirectory(prefix="zkv-memory-") as tmp:
-        workdir = Path(tmp)
-        cluster = Cluster(workdir, shards=1, ZKV_FSYNC="no", ZKV_HEARTBEAT_INTERVAL="1")
-        with cluster:
-            cluster.start_broker()
-            worker = cluster.start_worker(*([] if durable else ["--in-memory"]))
-            cluster.wait_ready(gateway=False)
-            pid = worker.pid
-            log_path = next(workdir.glob("worker-*.log"))
-            pipeline(cluster.frontend, get_requests(WARM_UP_REQUESTS), WARM_UP_REQUESTS)
-            before = settled_rss(pid, log_path)
-            started_s = time.monotonic()
-            failures = pipeline(cluster.frontend, set_requests(keys, ttl_ms, with_ids), keys)
-            elapsed_s = time.monotonic() - started_s
-            after = settled_rss(pid, log_path)
-            if failures:
-                raise Failed(f"{failures} SETs failed\n{cluster.logs()}")
-            if worker.poll() is not None:
-                raise Failed(f"the worker died\n{cluster.logs()}")
+    with one_worker("zkv-memory-", durable) as (cluster, worker, log_path):
+        pid = worker.pid
+        pipeline(cluster.frontend, get_requests(WARM_UP_REQUESTS), WARM_UP_REQUESTS)
+        before = settled_rss(pid, log_path)
+        started_s = time.monotonic()
+        failures = pipeline(cluster.frontend, set_requests(keys, ttl_ms, with_ids), keys)
+        elapsed_s = time.monotonic() - started_s
+        after = settled_rss(pid, log_path)
+        if failures:
+            raise Failed(f"{failures} SETs failed\n{cluster.logs()}")
+        if worker.poll() is not None:
+            raise Failed(f"the worker died\n{cluster.logs()}")
     return {
         "bytes_per_key": (after - before) / keys,
         "elapsed_s": elapsed_s,

@@ -7,6 +7,7 @@ under the test's temporary directory; readiness is polled with a deadline (never
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -14,8 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -215,3 +217,20 @@ class Cluster:
             )
         finally:
             connection.close()
+
+
+@contextlib.contextmanager
+def one_worker(
+    prefix: str, durable: bool
+) -> Iterator[tuple[Cluster, subprocess.Popen[bytes], Path]]:
+    """A broker and one worker in a temporary directory, ready, for the benchmarks that watch
+    one worker (bench/memory.py, bench/expiry_wave.py): the cluster, the worker's process and
+    its log file. The worker keeps a data directory with ``ZKV_FSYNC=no`` when ``durable``,
+    nothing on disk otherwise; heartbeats every second."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        workdir = Path(tmp)
+        with Cluster(workdir, shards=1, ZKV_FSYNC="no", ZKV_HEARTBEAT_INTERVAL="1") as cluster:
+            cluster.start_broker()
+            worker = cluster.start_worker(*([] if durable else ["--in-memory"]))
+            cluster.wait_ready(gateway=False)
+            yield cluster, worker, next(workdir.glob("worker-*.log"))
