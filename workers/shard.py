@@ -34,7 +34,6 @@ from workers.idempotency import Memo, RequestMemory
 from workers.persist import Durability, ShardFiles
 from workers.store import Clock, Missing, TTLStore
 from zkv.protocol import (
-    SUB_REPLY,
     Dispatch,
     DispatchBatch,
     KeyedDispatch,
@@ -277,7 +276,6 @@ class Shard:
         keep = None if records is None else records.append
         encode_set = aof.encode_set
         crc32 = zlib.crc32
-        pack_ok = _pack_sub_reply  # a SET's OK sub-reply: pack_reply without its call
         # One clock read for the batch's SETs, not one per SET: their deadlines count from
         # when the batch began to be applied, a few milliseconds at most before each SET.
         now = store.clock()
@@ -304,7 +302,7 @@ class Shard:
                         remember(request_id, _SET, key, fingerprint, deadline_ms)
                         if keep is not None:
                             keep(encode_set(request_id, key, value, deadline_ms))  # type: ignore[arg-type]
-                        append(pack_ok(_OK, 0, 0, request_id, token, deadline_ms or 0))
+                        append(pack_reply(_OK, request_id, token, deadline_ms, None))
                         continue
                 except Exception:  # a bug: see _handle_one
                     log.exception("internal error on SET request %d of a batch", request_id)
@@ -416,7 +414,6 @@ _OK = Status.OK
 _NOT_FOUND = Status.NOT_FOUND
 _ERROR = Status.ERROR
 _UNAVAILABLE = Status.UNAVAILABLE
-_pack_sub_reply = SUB_REPLY.pack  # pack_reply of a reply without a body, inline
 
 
 @dataclass(frozen=True, slots=True)

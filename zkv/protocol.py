@@ -175,9 +175,6 @@ REPLY_HEADER_BYTES = _REPLY.size  # 28
 BATCH_HEADER_BYTES = _BATCH.size  # 16
 SUB_REQUEST_BYTES = _SUB_REQUEST.size  # 24, then the key and the value
 SUB_REPLY_BYTES = _SUB_REPLY.size  # 32, then the body
-# A sub-reply's fixed part (status, flags, body length, request id, token, deadline_ms or 0):
-# what pack_reply packs, for a worker that inlines it on its hot path.
-SUB_REPLY = _SUB_REPLY
 
 # A batch carries 1..MAX_BATCH_OPS sub-requests in at most MAX_BATCH_BYTES (its second frame):
 # one largest SET fits, and the broker's frontend refuses larger frames outright.
