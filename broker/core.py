@@ -80,7 +80,6 @@ from zkv.hashing import SLOTS, key_shard
 from zkv.protocol import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPS,
-    REPLY_HEADER_BYTES,
     VERSION,
     Assign,
     Disconnect,
@@ -102,6 +101,7 @@ from zkv.protocol import (
     error_reply,
     pack_reply,
     peek_keyed_request,
+    peek_reply,
     reply_from_record,
     reply_record_status,
     request_record,
@@ -116,8 +116,6 @@ CLAIM_WINDOW_HEARTBEATS = 1.5  # heartbeat intervals a new broker waits for shar
 
 _BATCH = int(Kind.BATCH)
 _BATCH_REPLY = int(Kind.BATCH_REPLY)
-_REPLY = int(Kind.REPLY)
-_REPLY_BYTES = REPLY_HEADER_BYTES
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _ERROR = int(Status.ERROR)
 _SLOT_MASK = SLOTS - 1
@@ -339,15 +337,8 @@ class Broker:
     def on_worker(self, frames: list[bytes], now: float) -> None:
         """A worker's message: ``[identity, header, (body)]``."""
         worker, body = frames[0], frames[1:]
-        header = body[0] if body else b""
-        if (
-            len(header) == _REPLY_BYTES
-            and header[1] == _REPLY
-            and header[0] == VERSION
-            and len(body) <= 2
-            and header[2] <= _UNAVAILABLE
-            and self._forward_reply(worker, header, body, now)
-        ):
+        peeked = peek_reply(body)
+        if peeked is not None and self._forward_reply(worker, *peeked, body, now):
             return
         if body and len(body[0]) >= 2 and body[0][1] == _BATCH_REPLY and body[0][0] == VERSION:
             # The hot path: the header is all the broker reads of a batch reply, usually.
@@ -665,11 +656,12 @@ class Broker:
             )
         self.outbox.append((Side.BACKEND, [owner, *frames]))
 
-    def _forward_reply(self, worker: bytes, header: bytes, body: list[bytes], now: float) -> bool:
+    def _forward_reply(
+        self, worker: bytes, status: int, token: int, body: list[bytes], now: float
+    ) -> bool:
         """The REPLY to a lone request, forwarded to its client without being decoded (the
         one-request-at-a-time path). False if it needs more than that (an ALL part, a retried
         flight's refusal, an unknown worker or token): then :meth:`on_worker` decodes it."""
-        token = int.from_bytes(header[12:20], "big")
         flight = self._inflight.get(token)
         if flight is None or flight.worker != worker or len(flight.ops) != 1:
             return False
@@ -678,7 +670,7 @@ class Broker:
             return False
         op = flight.ops[0]
         origin = op[0]
-        if origin.gather is not None or (header[2] == _UNAVAILABLE and flight.attempts > 1):
+        if origin.gather is not None or (status == _UNAVAILABLE and flight.attempts > 1):
             return False
         record.last_seen = now
         del self._inflight[token]

@@ -540,9 +540,24 @@ def decode_reply(frames: Sequence[bytes]) -> Reply:
     return Reply(status, request_id, token, deadline_ms or None, body)
 
 
-def reply_token(header: bytes) -> int:
-    """The token of a reply header, read without decoding the rest (broker hot path)."""
-    return int.from_bytes(header[12:20], "big")
+def peek_reply(frames: Sequence[bytes]) -> tuple[int, int] | None:
+    """``(status, token)`` of a well-formed REPLY, read from its header alone, else None.
+
+    The broker's path for a lone request's reply, which it forwards as it came: the checks of
+    :func:`decode_reply` on the header (version, kind, size, a known status, one or two
+    frames), without building a :class:`Reply`. None: anything else, for the full decoders.
+    """
+    if not 1 <= len(frames) <= 2:
+        return None
+    header = frames[0]
+    if (
+        len(header) != _REPLY.size
+        or header[0] != VERSION
+        or header[1] != _REPLY_KIND
+        or header[2] not in _STATUS_OF
+    ):
+        return None
+    return header[2], int.from_bytes(header[12:20], "big")
 
 
 def with_status(header: bytes, request_id: int, status: Status) -> bytes:

@@ -45,9 +45,9 @@ from zkv.protocol import (
     pack_reply,
     pack_request,
     peek_keyed_dispatch,
+    peek_reply,
     reply_frames,
     reply_from_record,
-    reply_token,
     request_record,
     split_batch,
     split_batch_reply,
@@ -127,7 +127,7 @@ def test_dispatch_passes_the_value_frame_through_without_copying():
 def test_reply_round_trip(reply):
     frames = encode_reply(reply)
     assert decode_reply(frames) == reply
-    assert reply_token(frames[0]) == reply.token
+    assert peek_reply(frames) == (reply.status, reply.token)
     assert decode_from_worker(frames) == reply
 
 
@@ -645,3 +645,21 @@ def test_a_malformed_keyed_dispatch_is_left_to_decode_from_broker(request_frames
     with pytest.raises(ProtocolError, match=re.escape(error)) as raised:
         decode_from_broker(frames)
     assert raised.value.request_id == 77
+
+
+def test_peek_reply_accepts_exactly_the_replies_decode_reply_accepts():
+    rng = random.Random(5)
+    good = encode_reply(Reply(Status.OK, 77, 99, 1_700_000_000_000, b"value"))
+    cases = [good, good[:1], [good[0], b"x", b"y"], [], [good[0] + b"!"], [b""]]
+    for _ in range(2000):
+        frame = bytearray(good[0])
+        for _ in range(rng.randint(1, 3)):
+            frame[rng.randrange(len(frame))] = rng.randrange(256)
+        cases.append([bytes(frame), *good[1:]])
+    for frames in cases:
+        try:
+            reply = decode_reply(frames)
+        except ProtocolError:
+            assert peek_reply(frames) is None, frames
+        else:
+            assert peek_reply(frames) == (reply.status, reply.token), frames
