@@ -38,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -108,7 +109,8 @@ class _DateCache:
     def get(self) -> bytes:
         second = int(time.time())
         if second != self._second:
-            self._value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second)).encode()
+            # formatdate, not strftime: its day and month names do not follow the locale
+            self._value = formatdate(second, usegmt=True).encode()
             self._second = second
         return self._value
 
