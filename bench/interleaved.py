@@ -22,8 +22,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from bench.stats import LoadResult, summarize
-from zkv.client import Client, NotFound
-from zkv.errors import ZkvError
+from bench.zmq_load import call_once
+from zkv.client import Client
 
 BLOCK = 50  # requests of one kind on one chain before the next takes its turn
 TTL_S = 3600.0
@@ -56,15 +56,7 @@ def run_interleaved(
                     began = now = time.perf_counter_ns()
                     for _ in range(BLOCK):
                         key = keys[rng.randrange(len(keys))]
-                        try:
-                            if op == "get":
-                                client.get(key)
-                            else:
-                                client.set(key, value, ttl_s=TTL_S)
-                        except NotFound:
-                            failed["not found"] += 1
-                        except ZkvError as exc:
-                            failed[type(exc).__name__] += 1
+                        call_once(client, op, key, value, TTL_S, failed)
                         end = time.perf_counter_ns()
                         samples.append(end - now)
                         now = end

@@ -102,6 +102,22 @@ class Workload:
         raise ValueError(f"unknown operation {self.op!r}")
 
 
+def call_once(
+    client: Client, op: str, key: bytes, value: bytes, ttl_s: float, errors: Counter[str]
+) -> None:
+    """One GET or SET through ``client``, waiting for its answer; a failure is counted in
+    ``errors`` by kind (a GET's missing key as ``not found``), not raised."""
+    try:
+        if op == "get":
+            client.get(key)
+        else:
+            client.set(key, value, ttl_s=ttl_s)
+    except NotFound:
+        errors["not found"] += 1
+    except ZkvError as exc:
+        errors[type(exc).__name__] += 1
+
+
 def run_client(
     endpoint: str, workload: Workload, duration_s: float, max_ops: int = MAX_OPS
 ) -> LoadResult:
@@ -117,15 +133,7 @@ def run_client(
         now = start
         while now < deadline and len(latencies) < max_ops:
             key = keys[rng.randrange(len(keys))]
-            try:
-                if workload.op == "get":
-                    client.get(key)
-                else:
-                    client.set(key, value, ttl_s=TTL_MS / 1000)
-            except NotFound:
-                errors["not found"] += 1
-            except ZkvError as exc:
-                errors[type(exc).__name__] += 1
+            call_once(client, workload.op, key, value, TTL_MS / 1000, errors)
             end = time.perf_counter_ns()
             latencies.append(end - now)
             now = end
