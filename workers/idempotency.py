@@ -21,51 +21,54 @@ deletes a value written since, as if the first attempt had been lost). Request i
 not remember" (compaction writes its snapshot with it).
 
 Memory, since a full memory is 100,000 entries per shard: each write is kept as one bytes
-object (kind, status, deadline and CRC-32 packed in 14 bytes, then the key) in a plain dict by
-request id, and the order of forgetting is a ring of the request ids, not an OrderedDict (whose
-linked list costs about 45 bytes an entry). About 160 bytes per entry with 16-byte keys
-(tracemalloc, 100,000 random 64-bit ids: the id itself is 48 of them, the dict slot about 50),
-so a full memory holds about 16 MB per shard; it was 300 bytes with a named tuple per entry.
+object (request id, key length, kind, status, deadline and CRC-32 packed in 24 bytes, then the
+key: a MEMOS log entry) in a plain dict by request id, and the order of forgetting is a ring of
+the request ids, not an OrderedDict (whose linked list costs about 45 bytes an entry). About
+170 bytes per entry with 16-byte keys (tracemalloc, 100,000 random 64-bit ids: the id itself is
+48 of them, the dict slot about 50), so a full memory holds about 17 MB per shard; it was 300
+bytes with a named tuple per entry, and 160 before the entry carried its id and key length
+(10 bytes more that make compaction's MEMOS records one join each).
 Measured as a whole worker's RSS (``bench/memory.py``) a full memory costs nearer 37 MB: the
 dict's table is sized for its churn, and allocator pages are shared with the store's. A key
-longer than INLINE_KEY_BYTES is not copied but kept by reference beside the packed fields, as
+longer than INLINE_KEY_BYTES is not copied but kept by reference beside the packed head, as
 the store holds it while the key lives. :class:`Memo` remains the interface: entries are
 unpacked into one only when a retry is recognised or a test reads the memory.
 
 Speed, since every SET and DEL is remembered: the worker's hot path calls
 :meth:`RequestMemory.remember_write` with the fields, not a Memo (a named tuple built per write
-cost about a tenth of a SET's time), and the packed fields are laid out as the tail of a MEMO
-log record (``kind status deadline_ms fingerprint key``, workers/aof.py), so compaction writes
-the memory as records straight from the packed entries (:meth:`RequestMemory.packed`,
-:func:`workers.aof.encode_memo_packed`) without unpacking 100,000 of them in the worker's loop.
+cost about a tenth of a SET's time), and each entry is laid out as an entry of a MEMOS log
+record (``request_id key_len kind status deadline_ms fingerprint key``, workers/aof.py), so
+compaction writes the memory with one join per record (:meth:`RequestMemory.frozen`,
+:func:`workers.aof.encode_memos`) without a Python loop over 100,000 entries, and replay keeps
+the entries as they are read (:meth:`RequestMemory.restore`).
 
 The memory is rebuilt on takeover: every SET and DEL record in the log carries its request id,
-and compaction writes the memory itself into the new log as MEMO records, so a request applied
+and compaction writes the memory itself into the new log as MEMOS records, so a request applied
 by a worker that then died is answered from memory by its successor, not applied twice.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
+from workers.aof import MEMOS_ENTRY
 from zkv.protocol import Status
 
 MAX_REMEMBERED_REQUESTS = 100_000  # request ids per shard
 # Keys up to this long are copied into the packed entry (one object instead of a 2-tuple and
-# the packed fields: 64 bytes instead of 112 with a 16-byte key); longer ones are shared.
+# the packed head: 72 bytes instead of 120 with a 16-byte key); longer ones are shared.
 INLINE_KEY_BYTES = 64
 
-# kind, status, deadline_ms (0: None), fingerprint (CRC-32): the order of a MEMO log record's
-# fields after its request id, so an entry with its key inline is that record's tail.
-_FIELDS = struct.Struct(">BBQI")
-FIELDS_BYTES = _FIELDS.size
+# request_id, key_len, kind, status, deadline_ms (0: None), fingerprint (CRC-32): the head of
+# an entry of a MEMOS log record, so an entry with its key inline is that entry, byte for byte.
+_HEAD = MEMOS_ENTRY
+HEAD_BYTES = _HEAD.size
 
 _OK = int(Status.OK)
 
 Packed = bytes | tuple[bytes, bytes]
-"""One remembered write: the packed fields followed by the key, or (fields, key)."""
+"""One remembered write: its head followed by the key, or (head, key) for a long key."""
 
 
 class Memo(NamedTuple):
@@ -78,29 +81,32 @@ class Memo(NamedTuple):
     deadline_ms: int | None  # the reply's deadline (SET), None for never or DEL
 
 
-_pack_fields = _FIELDS.pack
+_pack_head = _HEAD.pack
 
 
-def _pack(memo: Memo) -> Packed:
-    fields = _pack_fields(memo.kind, memo.status, memo.deadline_ms or 0, memo.fingerprint)
-    if len(memo.key) <= INLINE_KEY_BYTES:
-        return fields + memo.key
-    return fields, memo.key
+def _pack(request_id: int, memo: Memo) -> Packed:
+    key = memo.key
+    head = _pack_head(
+        request_id, len(key), memo.kind, memo.status, memo.deadline_ms or 0, memo.fingerprint
+    )
+    if len(key) <= INLINE_KEY_BYTES:
+        return head + key
+    return head, key
 
 
 def _unpack(packed: Packed) -> Memo:
     if isinstance(packed, bytes):
-        key = packed[_FIELDS.size :]
+        key = packed[HEAD_BYTES:]
     else:
         packed, key = packed
-    kind, status, deadline_ms, fingerprint = _FIELDS.unpack_from(packed)
+    _, _, kind, status, deadline_ms, fingerprint = _HEAD.unpack_from(packed)
     return Memo(kind, key, fingerprint, status, deadline_ms or None)
 
 
 def packed_key(packed: Packed) -> bytes:
     """The key of a packed entry (see :meth:`RequestMemory.packed`)."""
     if isinstance(packed, bytes):
-        return packed[_FIELDS.size :]
+        return packed[HEAD_BYTES:]
     return packed[1]
 
 
@@ -141,7 +147,7 @@ class RequestMemory:
     def remember(self, request_id: int, memo: Memo) -> None:
         """Remember a write applied under ``request_id`` (0: not remembered)."""
         if request_id:
-            self._store(request_id, _pack(memo))
+            self._store(request_id, _pack(request_id, memo))
 
     def remember_write(
         self, request_id: int, kind: int, key: bytes, fingerprint: int, deadline_ms: int | None
@@ -149,8 +155,8 @@ class RequestMemory:
         """:meth:`remember` of an OK reply, from its fields (the worker's hot path: no Memo)."""
         if not request_id:
             return
-        fields = _pack_fields(kind, _OK, deadline_ms or 0, fingerprint)
-        packed = fields + key if len(key) <= INLINE_KEY_BYTES else (fields, key)
+        head = _pack_head(request_id, len(key), kind, _OK, deadline_ms or 0, fingerprint)
+        packed = head + key if len(key) <= INLINE_KEY_BYTES else (head, key)
         memos = self._memos
         ring = self._ring
         if request_id in memos or len(ring) < self.capacity:
@@ -171,11 +177,25 @@ class RequestMemory:
         else:
             del memos[oldest]
 
+    def restore(self, entry: bytes) -> None:
+        """Remember an entry read back from a MEMOS log record (replay), kept as it is unless
+        its key is too long to inline."""
+        request_id = _HEAD.unpack_from(entry)[0]
+        if not request_id:
+            return
+        if len(entry) - HEAD_BYTES > INLINE_KEY_BYTES:
+            self._store(request_id, (entry[:HEAD_BYTES], entry[HEAD_BYTES:]))
+        else:
+            self._store(request_id, entry)
+
     def _store(self, request_id: int, packed: Packed) -> None:
         memos = self._memos
         if request_id in memos:
             # An id reused for another write: the newest one is what a retry would repeat.
             self._reused[request_id] = self._reused.get(request_id, 0) + 1
+            # Removed first, so the dict's order stays the order of each id's newest write
+            # (what packed() and frozen() rely on).
+            del memos[request_id]
         memos[request_id] = packed
         ring = self._ring
         if len(ring) < self.capacity:
@@ -194,25 +214,22 @@ class RequestMemory:
 
     def snapshot(self) -> list[tuple[int, Memo]]:
         """The remembered writes, oldest first, unpacked (tests and tools)."""
-        return [(request_id, _unpack(packed)) for request_id, packed in self.packed()]
+        return [(request_id, _unpack(packed)) for request_id, packed in self._memos.items()]
 
     def packed(self) -> list[tuple[int, Packed]]:
-        """The remembered writes, oldest first, as packed entries: a copy another thread may
-        read (compaction writes them with :func:`workers.aof.encode_memo_packed`)."""
-        ring = self._ring
-        ordered = ring[self._next :] + ring[: self._next]
-        memos = self._memos
-        if not self._reused:  # the usual case: every id in the ring once
-            return [(request_id, memos[request_id]) for request_id in ordered]
-        skip = dict(self._reused)
-        remembered: list[tuple[int, Packed]] = []
-        for request_id in ordered:
-            count = skip.get(request_id)
-            if count:
-                skip[request_id] = count - 1  # a newer slot holds this id's current write
-                continue
-            remembered.append((request_id, memos[request_id]))
-        return remembered
+        """The remembered writes, oldest first, as ``(request_id, packed entry)``.
+
+        Oldest first is the dict's own order: an id enters it at the end and leaves it when
+        forgotten, and a reused id is moved to the end (:meth:`_store`), which is also where
+        the ring now holds its newest write.
+        """
+        return list(self._memos.items())
+
+    def frozen(self) -> list[Packed]:
+        """The packed entries, oldest first: a copy that compaction's thread writes out as
+        MEMOS records (:func:`workers.aof.encode_memos`) while the loop goes on. One C loop,
+        about 1 ms for a full memory; each entry holds its request id."""
+        return list(self._memos.values())
 
     def __len__(self) -> int:
         return len(self._memos)

@@ -41,6 +41,7 @@ from workers.aof import (
     FsyncPolicy,
     LogReader,
     MemoRecord,
+    MemosRecord,
     SetRecord,
 )
 from workers.idempotency import Memo, Packed, RequestMemory, packed_key
@@ -68,7 +69,6 @@ REPLAY_PROGRESS_RECORDS = 10_000  # replay calls its progress callback this ofte
 
 # Bytes a record adds to its key and value: the length and CRC, then the body's fixed fields.
 SET_OVERHEAD_BYTES = aof.PREFIX_BYTES + 21
-MEMO_OVERHEAD_BYTES = aof.PREFIX_BYTES + 31
 
 
 class ShardMoved(Exception):
@@ -365,10 +365,10 @@ class ShardFiles:
     #
     # The log only grows: every overwrite and delete leaves the older records behind, and keys
     # that expired are still there. Compaction writes a new log holding just the present: the
-    # idempotency memory as MEMO records, then one SET per live key.
+    # idempotency memory as MEMOS records, then one SET per live key.
     #
-    # How, without stopping the loop: the loop takes a snapshot (a dict copy, see
-    # TTLStore.snapshot, and the memory's list) and hands it to a thread that encodes and
+    # How, without stopping the loop: the loop takes a snapshot (dict copies, see
+    # TTLStore.snapshot and RequestMemory.frozen) and hands it to a thread that encodes and
     # writes log.rewrite. Meanwhile the loop goes on serving and appends each batch's records
     # both to the old log (which therefore stays complete) and to an in-memory rewrite buffer.
     # When the thread is done, the loop, between two batches, appends the buffer to
@@ -416,7 +416,7 @@ class ShardFiles:
             self._next_rewrite_s = self.durability.monotonic() + REWRITE_RETRY_S
             log.error("compaction of %s not started: %s", self.log_path, exc)
             return
-        rewrite = _Rewrite(fd, store.snapshot(), memory.packed(), store.clock)
+        rewrite = _Rewrite(fd, store.snapshot(), memory.frozen(), store.clock)
         self._rewrite = rewrite
         self._rewrite_buffer = []
         log.info(
@@ -513,9 +513,7 @@ class _Rewrite:
     number be reused by another open file and the thread write into that.
     """
 
-    def __init__(
-        self, fd: int, snapshot: Snapshot, memos: list[tuple[int, Packed]], clock: Clock
-    ) -> None:
+    def __init__(self, fd: int, snapshot: Snapshot, memos: list[Packed], clock: Clock) -> None:
         self.fd = fd
         self.snapshot = snapshot
         self.memos = memos
@@ -557,9 +555,7 @@ class _Rewrite:
         try:
             chunk: list[bytes] = [MAGIC]
             pending = len(MAGIC)
-            encode_memo = aof.encode_memo_packed
-            for request_id, packed in self.memos:
-                record = encode_memo(request_id, packed)
+            for record in aof.encode_memos(self.memos):
                 chunk.append(record)
                 pending += len(record)
                 if pending >= aof.WRITE_CHUNK_BYTES:
@@ -605,12 +601,18 @@ def _apply(record: aof.Record, store: TTLStore, memory: RequestMemory) -> None:
         case DelRecord(request_id, key):
             store.delete(key)
             memory.remember_write(request_id, _DEL, key, 0, None)
-        case MemoRecord(request_id, kind, status, deadline_ms, fingerprint, key):
+        case MemosRecord(entries):
+            restore = memory.restore
+            for entry in entries:
+                restore(entry)
+        case MemoRecord(request_id, kind, status, deadline_ms, fingerprint, key):  # older logs
             memory.remember(request_id, Memo(kind, key, fingerprint, status, deadline_ms))
 
 
 def compact_size(snapshot: Snapshot, memory: RequestMemory, now_ms: int) -> int:
     """The size a compacted log of this data would have (an estimate within a few bytes)."""
     data = sum(SET_OVERHEAD_BYTES + len(k) + len(v) for k, v, _ in snapshot.live(now_ms))
-    memos = sum(MEMO_OVERHEAD_BYTES + len(packed_key(p)) for _, p in memory.packed())
-    return len(MAGIC) + data + memos
+    entries = memory.packed()
+    memos = sum(aof.MEMOS_ENTRY.size + len(packed_key(p)) for _, p in entries)
+    records = -(-len(entries) // aof.MEMOS_PER_RECORD)
+    return len(MAGIC) + data + memos + records * (aof.PREFIX_BYTES + aof.MEMOS_HEAD_BYTES)

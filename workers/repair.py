@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from workers import aof
-from workers.aof import MAGIC, DelRecord, LogReader, MemoRecord, SetRecord
+from workers.aof import MAGIC, DelRecord, LogReader, MemoRecord, MemosRecord, SetRecord
 from workers.ownership import OwnerFile, OwnershipError
 from workers.persist import TAKE_LOCK_TIMEOUT_S
 
@@ -138,6 +138,8 @@ def _describe(record: aof.Record) -> str:
             return f"DEL {key!r} (request {request_id})"
         case MemoRecord(request_id, kind, _, _, _, key):
             return f"MEMO of request {request_id} (kind {kind}, key {key!r})"
+        case MemosRecord(entries):
+            return f"MEMOS: {len(entries)} remembered request(s)"
     return repr(record)
 
 

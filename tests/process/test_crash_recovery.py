@@ -24,7 +24,7 @@ import zmq
 
 from tests.cluster import ROOT, Cluster
 from workers import aof
-from workers.aof import LogReader, MemoRecord, SetRecord
+from workers.aof import LogReader, MemosRecord, SetRecord
 from workers.persist import RewriteStep
 from workers.worker import EXIT_CORRUPT_LOG
 from zkv.client import Client, NotFound
@@ -262,7 +262,7 @@ def test_a_worker_takes_over_from_a_compaction_killed_at_each_step(
             with LogReader(shard_dir / "log") as reader:
                 first = next(record for _, record in reader.records())
             assert isinstance(
-                first, MemoRecord if step.value >= RewriteStep.RENAMED.value else SetRecord
+                first, MemosRecord if step.value >= RewriteStep.RENAMED.value else SetRecord
             )
 
             worker = cluster.start_worker()

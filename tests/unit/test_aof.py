@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from workers.aof import (
     FsyncPolicy,
     LogReader,
     MemoRecord,
+    MemosRecord,
     SetRecord,
 )
 
@@ -29,6 +32,14 @@ RECORDS: list[aof.Record] = [
     DelRecord(0, b"\x00"),
     MemoRecord(4, 0x02, 0, 1_700_000_000_999, 0xDEADBEEF, b"k"),
     MemoRecord(5, 0x03, 0, None, 0, b"gone"),
+    MemosRecord((aof.MEMOS_ENTRY.pack(6, 1, 0x02, 0, 7, 0xFFFFFFFF) + b"k",)),
+    MemosRecord(
+        (
+            aof.MEMOS_ENTRY.pack(7, 0, 0x03, 0, 0, 0),
+            aof.MEMOS_ENTRY.pack(0, 65_535, 0x02, 0, 2**64 - 1, 1) + b"\x00" * 65_535,
+            aof.MEMOS_ENTRY.pack(2**64 - 1, 3, 0x02, 0, 1, 2) + b"key",
+        )
+    ),
 ]
 
 
@@ -53,6 +64,85 @@ def test_every_record_round_trips(record: aof.Record) -> None:
     data = aof.encode(record)
     parsed = aof.parse_at(memoryview(b"xx" + data), 2)
     assert parsed == (record, 2 + len(data))
+
+
+def memos_entry(request_id: int, key: bytes, deadline_ms: int = 0) -> bytes:
+    fingerprint = request_id & 0xFFFF
+    return aof.MEMOS_ENTRY.pack(request_id, len(key), 0x02, 0, deadline_ms, fingerprint) + key
+
+
+def test_encode_memos_puts_every_entry_in_order_a_few_hundred_to_a_record() -> None:
+    entries: list[bytes | tuple[bytes, bytes]] = [
+        memos_entry(i + 1, b"k%d" % i) for i in range(1300)
+    ]
+    # The idempotency memory keeps a long key beside its head: a tuple, not one bytes.
+    long_entry = memos_entry(501, b"L" * 300)
+    entries[500] = (long_entry[: aof.MEMOS_ENTRY.size], b"L" * 300)
+    records = list(aof.encode_memos(entries))
+    assert len(records) == 3  # 512 + 512 + 276
+    parsed: list[bytes] = []
+    for data in records:
+        record, end = aof.parse_at(memoryview(data), 0)  # type: ignore[misc]
+        assert isinstance(record, MemosRecord) and end == len(data)
+        assert len(record.entries) <= aof.MEMOS_PER_RECORD
+        parsed.extend(record.entries)
+    assert parsed == [e if isinstance(e, bytes) else e[0] + e[1] for e in entries]
+    assert parsed[500] == long_entry
+    assert list(aof.encode_memos([])) == []
+
+
+def test_memos_record_reads_back_as_memo_records() -> None:
+    deleted = aof.MEMOS_ENTRY.pack(10, 0, 0x03, 0, 0, 0)
+    record = MemosRecord((memos_entry(9, b"abc", 1_700_000_000_000), deleted))
+    assert record.memos() == [
+        MemoRecord(9, 0x02, 0, 1_700_000_000_000, 9, b"abc"),
+        MemoRecord(10, 0x03, 0, None, 0, b""),
+    ]
+
+
+def framed(body: bytes) -> bytes:
+    """A record with a correct length and CRC around any body."""
+    crc = zlib.crc32(body, zlib.crc32(struct.pack("!I", len(body))))
+    return struct.pack("!II", len(body), crc) + body
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"\x04\x00\x00", "MEMOS record too short"),
+        (b"\x04" + struct.pack("!I", 2) + struct.pack("!QH", 1, 0) + bytes(14), "entry 1 of 2"),
+        (b"\x04" + struct.pack("!I", 1) + struct.pack("!QH", 1, 5) + bytes(16), "entry 0 of 1"),
+        (b"\x04" + struct.pack("!I", 1) + struct.pack("!QH", 1, 0) + bytes(15), "1 bytes after"),
+        (b"\x04" + struct.pack("!I", 1) + bytes(23), "entry 0 of 1"),
+        (b"\x04" + struct.pack("!I", 0) + b"x", "1 bytes after its 0 entries"),
+    ],
+)
+def test_a_memos_record_that_does_not_add_up_is_refused_by_name(body: bytes, reason: str) -> None:
+    parsed = aof.parse_at(memoryview(framed(body)), 0)
+    assert isinstance(parsed, str) and reason in parsed
+
+
+def test_random_memos_bodies_with_valid_checksums_never_raise() -> None:
+    rng = random.Random(4)
+    good = aof.encode(RECORDS[8])[aof.PREFIX_BYTES :]
+    accepted = 0
+    for _ in range(3000):
+        body = bytearray(good)
+        mode = rng.randrange(3)
+        if mode == 0:  # bytes changed in place: valid unless a count or key length is hit
+            for _ in range(rng.randrange(1, 4)):
+                body[rng.randrange(1, len(body))] = rng.randrange(256)
+        elif mode == 1:  # cut short
+            del body[rng.randrange(1, len(body)) :]
+        else:  # bytes added
+            body += rng.randbytes(rng.randrange(1, 40))
+        parsed = aof.parse_at(memoryview(framed(bytes(body))), 0)
+        if not isinstance(parsed, str):
+            record, _ = parsed
+            assert isinstance(record, MemosRecord)
+            assert aof.encode(record) == framed(bytes(body))  # what parses re-encodes the same
+            accepted += 1
+    assert 0 < accepted < 3000
 
 
 def test_record_layout_is_length_crc_body() -> None:

@@ -136,9 +136,9 @@ def test_remember_write_is_remember_of_an_ok_memo(key_bytes: int) -> None:
     assert fast.recall(3, Kind.SET, key, 8) == Memo(Kind.SET, key, 8, Status.OK, 5)
 
 
-def test_packed_entries_are_the_tail_of_memo_records() -> None:
-    # Compaction writes the memory from its packed entries: the records must be exactly
-    # those encode_memo makes from the unpacked memos.
+def test_packed_entries_are_the_tail_of_memos_entries() -> None:
+    # Compaction writes the memory from its packed entries: read back, they must be the
+    # memos, and replay must rebuild the same memory from them.
     memory = RequestMemory(capacity=3)
     memory.remember_write(1, Kind.SET, b"a", 1, 1_700_000_000_123)
     memory.remember_write(2, Kind.DEL, b"b" * (INLINE_KEY_BYTES + 5), 0, None)
@@ -146,12 +146,50 @@ def test_packed_entries_are_the_tail_of_memo_records() -> None:
     memory.remember_write(4, Kind.SET, b"d" * INLINE_KEY_BYTES, 0xFFFFFFFF, 2**64 - 1)
     packed = memory.packed()
     assert [request_id for request_id, _ in packed] == [2, 1, 4]
+    assert memory.frozen() == [entry for _, entry in packed]
     for (request_id, entry), (same_id, memo) in zip(packed, memory.snapshot(), strict=True):
         assert request_id == same_id
         assert packed_key(entry) == memo.key
-        assert aof.encode_memo_packed(request_id, entry) == aof.encode_memo(
-            request_id, memo.kind, memo.status, memo.deadline_ms, memo.fingerprint, memo.key
-        )
+    (data,) = aof.encode_memos(memory.frozen())
+    record, _ = aof.parse_at(memoryview(data), 0)  # type: ignore[misc]
+    assert isinstance(record, aof.MemosRecord)
+    assert record.memos() == [
+        aof.MemoRecord(request_id, m.kind, m.status, m.deadline_ms, m.fingerprint, m.key)
+        for request_id, m in memory.snapshot()
+    ]
+    # Replay: restored from the record, the memory is the same, long key and all.
+    restored = RequestMemory(capacity=3)
+    for entry in record.entries:
+        restored.restore(entry)
+    assert restored.snapshot() == memory.snapshot()
+    assert restored.packed() == packed
+
+
+def test_a_frozen_memory_does_not_see_later_writes() -> None:
+    memory = RequestMemory(capacity=2)
+    memory.remember_write(1, Kind.SET, b"a", 1, None)
+    memory.remember_write(2, Kind.SET, b"b", 2, None)
+    frozen = memory.frozen()
+    memory.remember_write(3, Kind.SET, b"c", 3, None)  # forgets 1
+    memory.remember_write(2, Kind.DEL, b"b", 0, None)  # a reused id
+    assert [packed_key(entry) for entry in frozen] == [b"a", b"b"]
+    assert [request_id for request_id, _ in memory.packed()] == [3, 2]
+
+
+def test_packed_order_is_the_rings_order_of_each_ids_newest_write() -> None:
+    # packed() reads the dict's order; the ring decides what is forgotten. Random reuse of a
+    # few ids must keep the two in agreement: the ring, each id at its newest slot.
+    rng = random.Random(5)
+    for capacity in (1, 3, 10):
+        memory = RequestMemory(capacity=capacity)
+        history: list[int] = []  # every id remembered, in order
+        for _ in range(400):
+            request_id = rng.randrange(1, 15)
+            memory.remember_write(request_id, Kind.SET, b"k%d" % request_id, 0, None)
+            history.append(request_id)
+            window = history[-capacity:]  # what the ring holds, oldest first
+            newest = [rid for i, rid in enumerate(window) if rid not in window[i + 1 :]]
+            assert [request_id for request_id, _ in memory.packed()] == newest
 
 
 def test_known_says_whether_an_id_is_remembered() -> None:

@@ -222,3 +222,33 @@ def test_a_log_cut_short_in_its_magic_starts_over(
     again = take_shard(0, 2, None, durability, clock).shard
     assert again.store.get(b"k") == (b"v", None)
     again.close()
+
+
+def test_memo_records_of_earlier_versions_and_memos_records_both_replay_into_the_memory(
+    tmp_path: Path, clock: FakeClock, tokens: Iterator[int]
+) -> None:
+    # A log compacted by an earlier version holds one MEMO record per remembered write; this
+    # version writes MEMOS records. A successor must answer retries from either.
+    durability = durable(tmp_path)
+    shard_dir = durability.shard_dir(0)
+    shard_dir.mkdir(parents=True)
+    long_key = b"L" * 200  # kept beside its head in the memory, not inline
+    memos = aof.MemosRecord(
+        (
+            aof.MEMOS_ENTRY.pack(11, 1, Kind.SET, Status.OK, START_MS + 60_000, 0xAB) + b"b",
+            aof.MEMOS_ENTRY.pack(12, len(long_key), Kind.DEL, Status.OK, 0, 0) + long_key,
+        )
+    )
+    (shard_dir / "log").write_bytes(
+        aof.MAGIC
+        + aof.encode(aof.MemoRecord(10, Kind.SET, Status.OK, None, 0xCD, b"a"))
+        + aof.encode(memos)
+        + aof.encode(aof.SetRecord(0, b"b", b"value", START_MS + 60_000))
+    )
+    shard = take_shard(0, 1, None, durability, clock).shard
+    assert [request_id for request_id, _ in shard.memory.snapshot()] == [10, 11, 12]
+    assert shard.memory.recall(10, Kind.SET, b"a", 0xCD) is not None
+    assert shard.memory.recall(11, Kind.SET, b"b", 0xAB) is not None
+    assert shard.memory.recall(12, Kind.DEL, long_key, 0) is not None
+    assert shard.memory.recall(11, Kind.SET, b"b", 0xAC) is None  # another value: not a retry
+    shard.close()

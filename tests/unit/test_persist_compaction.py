@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import FakeClock
-from workers.aof import FsyncPolicy, LogReader, MemoRecord, SetRecord
+from workers.aof import FsyncPolicy, LogReader, MemosRecord, SetRecord
 from workers.persist import Durability, RewriteStep, ShardMoved, SimulatedCrash
 from workers.shard import Shard, take_shard
 from zkv.protocol import Dispatch, Kind, Request, Status
@@ -127,10 +127,11 @@ def test_the_compacted_log_holds_the_memory_then_the_live_keys(
     shard.tick()
     with LogReader(files.log_path) as reader:
         records = [record for _, record in reader.records()]
-    memos = [r for r in records if isinstance(r, MemoRecord)]
+    blocks = [r for r in records if isinstance(r, MemosRecord)]
+    memos = [memo for block in blocks for memo in block.memos()]
     sets = [r for r in records if isinstance(r, SetRecord)]
     assert len(memos) == len(history.applied)
-    assert records == memos + sets  # the memory first, oldest first, then the data
+    assert records == blocks + sets  # the memory first, oldest first, then the data
     assert [m.request_id for m in memos] == [r.request_id for r in history.applied]
     assert sorted(s.key for s in sets) == sorted(history.data)
     assert all(s.request_id == 0 for s in sets)
