@@ -10,18 +10,24 @@ The broker routes by prefixing the client's identity: ``[client, *request]`` goe
 ``[client, *reply]`` comes back. The worker announces itself with a one-frame hello; until then
 the broker does not read its frontend, so early requests wait in ZeroMQ's queues.
 
+With ``--log PATH`` the worker also appends each SET to a file and fsyncs it before replying,
+one write and one fsync per SET: the disk's own price of one durable write at a time, the floor
+under zkv's SET with ``fsync always`` as the plain chain is the floor under its GET.
+
 Run as ``python -m bench.bare broker --frontend EP --backend EP`` and ``python -m bench.bare
-worker --backend EP``; both exit after ``--max-seconds`` (default 900) whatever happens, and at
-once on SIGTERM.
+worker --backend EP [--log PATH]``; both exit after ``--max-seconds`` (default 900) whatever
+happens, and at once on SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 
@@ -81,8 +87,31 @@ def run_broker(frontend_endpoint: str, backend_endpoint: str, max_seconds: float
         context.term()
 
 
-def handle(store: dict[bytes, tuple[bytes, int | None]], frames: Sequence[bytes]) -> list[bytes]:
-    """The worker's answer to one request's frames: a dict with deadlines, nothing more."""
+_LOG_HEAD = struct.Struct("!IIQ")  # key length, value length, deadline_ms (0: never)
+
+Durable = Callable[[bytes, bytes, int | None], None]
+"""What makes one SET durable before its reply (the worker's ``--log``), or nothing."""
+
+
+def log_writer(path: str) -> Durable:
+    """Append each SET (lengths, deadline, key, value) to ``path`` and fsync it: a log with no
+    checksum, replay or compaction, only the write and the fsync that zkv's ``always`` pays."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+
+    def durable(key: bytes, value: bytes, deadline_ms: int | None) -> None:
+        os.write(fd, _LOG_HEAD.pack(len(key), len(value), deadline_ms or 0) + key + value)
+        os.fsync(fd)
+
+    return durable
+
+
+def handle(
+    store: dict[bytes, tuple[bytes, int | None]],
+    frames: Sequence[bytes],
+    durable: Durable | None = None,
+) -> list[bytes]:
+    """The worker's answer to one request's frames: a dict with deadlines, nothing more (and,
+    with ``durable``, each SET on disk before its reply)."""
     try:
         request = decode_request(frames)
     except ProtocolError as exc:
@@ -97,6 +126,8 @@ def handle(store: dict[bytes, tuple[bytes, int | None]], frames: Sequence[bytes]
         case Kind.SET:
             deadline_ms = None if request.ttl_ms is None else now_ms + request.ttl_ms
             store[request.key] = (request.value or b"", deadline_ms)
+            if durable is not None:
+                durable(request.key, request.value or b"", deadline_ms)
             return encode_reply(Reply(Status.OK, request.request_id, 0, deadline_ms))
         case Kind.PING:
             body = json.dumps({"status": "ok", "bare": True}).encode()
@@ -104,8 +135,10 @@ def handle(store: dict[bytes, tuple[bytes, int | None]], frames: Sequence[bytes]
     return error_reply(request.request_id, f"bare worker does not do {request.kind.name}")
 
 
-def run_worker(backend_endpoint: str, max_seconds: float) -> None:
-    """Answer requests from the broker out of a dict, until ``max_seconds``."""
+def run_worker(backend_endpoint: str, max_seconds: float, log_path: str | None = None) -> None:
+    """Answer requests from the broker out of a dict, until ``max_seconds``; with
+    ``log_path``, each SET is appended and fsynced there before its reply."""
+    durable = None if log_path is None else log_writer(log_path)
     context = zmq.Context()
     dealer = context.socket(zmq.DEALER)
     try:
@@ -122,7 +155,7 @@ def run_worker(backend_endpoint: str, max_seconds: float) -> None:
                     client, *frames = dealer.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                dealer.send_multipart([client, *handle(store, frames)])
+                dealer.send_multipart([client, *handle(store, frames, durable)])
     finally:
         dealer.close(linger=0)
         context.term()
@@ -137,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frontend", help="broker: endpoint to bind for clients")
     parser.add_argument("--backend", required=True, help="endpoint of the worker side")
     parser.add_argument("--max-seconds", type=float, default=MAX_SECONDS, help="exit after this")
+    parser.add_argument("--log", help="worker: append and fsync each SET to this file")
     args = parser.parse_args(argv)
     try:
         if args.role == "broker":
@@ -144,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("the broker needs --frontend")
             run_broker(args.frontend, args.backend, args.max_seconds)
         else:
-            run_worker(args.backend, args.max_seconds)
+            run_worker(args.backend, args.max_seconds, args.log)
     except KeyboardInterrupt:
         pass
     return 0

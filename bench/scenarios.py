@@ -15,8 +15,9 @@ its selected scenarios, and stops it before the next (see ``bench/targets.py``):
     zkv-shards4   broker and 4 workers (no gateway)
     zkv-ipc       broker and 2 workers over ipc:// endpoints in the run's temporary directory
     interleaved   zkv over tcp:// and ipc:// (2 shards each, ZKV_FSYNC=always), zkv over tcp://
-                  with ZKV_FSYNC=no, and the bare chain over both, all running at once; one
-                  client per chain takes turns (bench/interleaved.py)
+                  with ZKV_FSYNC=no, and the bare chain over both (and over tcp:// with its
+                  worker fsyncing each SET), all running at once; one client per chain takes
+                  turns (bench/interleaved.py)
     paired        zkv (2 shards, ZKV_FSYNC=always) and redis-server, both running; the pipelined
                   client and redis-benchmark -c 50 take turns, round after round
                   (bench/paired.py)
@@ -416,7 +417,8 @@ class Chain:
         name: how its row ids name it: ``interleaved.<name>.<op>.16B.c1``.
         system: ``zkv`` (a cluster of 2 shards) or ``bare`` (bench/bare.py).
         transport: ``tcp`` or ``ipc``, for both the frontend and the backend.
-        fsync: a zkv cluster's ZKV_FSYNC; None for the bare chain.
+        fsync: a zkv cluster's ZKV_FSYNC; for the bare chain None, or ``always`` for its
+            worker appending and fsyncing each SET before the reply (bench/bare.py ``--log``).
     """
 
     name: str
@@ -434,6 +436,7 @@ INTERLEAVED_CHAINS = (
     Chain("zkv-tcp-fsync-no", "zkv", "tcp", "no"),
     Chain("bare-ipc", "bare", "ipc"),
     Chain("bare-tcp", "bare", "tcp"),
+    Chain("bare-tcp-fsync", "bare", "tcp", "always"),
 )
 
 
@@ -453,6 +456,12 @@ def _interleaved_scenarios() -> list[Scenario]:
             if chain.system == "zkv":
                 peers.append(Peer("bare ipc p50", _interleaved_id("bare-ipc", op), "p50"))
                 peers.append(Peer("bare tcp p50", _interleaved_id("bare-tcp", op), "p50"))
+            if chain.system == "zkv" and chain.fsync == "always" and op == "set":
+                # The same chain paying one write and one fsync per SET: the disk's part.
+                fsynced = _interleaved_id("bare-tcp-fsync", op)
+                peers.append(Peer("bare tcp+fsync p50", fsynced, "p50"))
+            if name == "bare-tcp-fsync":
+                peers.append(Peer("bare tcp p50", _interleaved_id("bare-tcp", op), "p50"))
             if name == "zkv-ipc":
                 peers.append(Peer("zkv tcp p50", _interleaved_id("zkv-tcp", op), "p50"))
                 peers.append(Peer("redis p50", _redis_id(op, SMALL_BYTES, 1), "p50"))
@@ -461,6 +470,8 @@ def _interleaved_scenarios() -> list[Scenario]:
             if name == "bare-ipc":
                 peers.append(Peer("bare tcp p50", _interleaved_id("bare-tcp", op), "p50"))
             what = "bare chain"
+            if chain.fsync == "always" and chain.system == "bare":
+                what = "bare chain, its worker appending and fsyncing each SET"
             if chain.system == "zkv":
                 what = f"zkv (2 shards, ZKV_FSYNC={chain.fsync})"
             rows.append(

@@ -272,7 +272,7 @@ def _start_together(stack: contextlib.ExitStack, workdir: Path, keys: int) -> di
                 place, defaults.SHARDS, chain.fsync, False, ipc=chain.transport == "ipc"
             )
         else:
-            managers[chain.name] = _bare_chain(place, chain.transport)
+            managers[chain.name] = _bare_chain(place, chain.transport, chain.fsync == "always")
 
     def start(chain: str) -> str:
         entered = managers[chain].__enter__()
@@ -340,8 +340,9 @@ def _zkv_cluster(
 
 
 @contextlib.contextmanager
-def _bare_chain(workdir: Path, transport: str) -> Iterator[str]:
-    """bench/bare.py's broker and worker; yields the frontend endpoint."""
+def _bare_chain(workdir: Path, transport: str, fsync: bool = False) -> Iterator[str]:
+    """bench/bare.py's broker and worker (with ``fsync``, the worker appends and fsyncs each
+    SET to a file in ``workdir``); yields the frontend endpoint."""
     if transport == "ipc":
         frontend, backend = f"ipc://{workdir}/frontend.ipc", f"ipc://{workdir}/backend.ipc"
     else:
@@ -355,7 +356,10 @@ def _bare_chain(workdir: Path, transport: str) -> Iterator[str]:
             cwd=ROOT,
         ),
         peers.Child(
-            [*python, "worker", "--backend", backend], workdir / "bare-worker.log", cwd=ROOT
+            [*python, "worker", "--backend", backend]
+            + (["--log", str(workdir / "bare-sets.log")] if fsync else []),
+            workdir / "bare-worker.log",
+            cwd=ROOT,
         ),
     ]
     try:

@@ -3,6 +3,7 @@ sockets."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import zmq
 
 from bench import bare, interleaved, zmq_load
 from zkv.client import Client
-from zkv.protocol import Reply, Status, encode_reply
+from zkv.protocol import Kind, Reply, Request, Status, decode_reply, encode_reply, encode_request
 
 pytestmark = pytest.mark.integration
 
@@ -65,3 +66,32 @@ def test_interleaved_turns_cover_every_chain_and_operation(tmp_path: Path) -> No
     assert all(count % interleaved.BLOCK == 0 for count in counts)
     assert max(counts) - min(counts) <= interleaved.BLOCK
     assert all(result.errors == 0 for result in found.values())
+
+
+def test_the_bare_worker_with_a_log_puts_each_set_on_disk_before_its_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bare.py --log: a SET is written and fsynced, in that order, before handle() returns;
+    a GET writes nothing. What the fsync'd chain of the interleaved target measures."""
+    events: list[str] = []
+    real_write, real_fsync = os.write, os.fsync
+
+    def write(fd: int, data: bytes) -> int:
+        events.append("write")
+        return real_write(fd, data)
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(bare.os, "write", write)
+    monkeypatch.setattr(bare.os, "fsync", fsync)
+    durable = bare.log_writer(str(tmp_path / "sets.log"))
+    store: dict[bytes, tuple[bytes, int | None]] = {}
+    set_frames = encode_request(Request(Kind.SET, 5, b"key", b"value", ttl_ms=1000))
+    reply = decode_reply(bare.handle(store, set_frames, durable))
+    assert reply.status == Status.OK and events == ["write", "fsync"]
+    data = (tmp_path / "sets.log").read_bytes()
+    assert data.endswith(b"keyvalue") and len(data) == 16 + len(b"keyvalue")
+    bare.handle(store, encode_request(Request(Kind.GET, 6, b"key")), durable)
+    assert events == ["write", "fsync"]  # reads are not logged

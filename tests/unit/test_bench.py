@@ -516,7 +516,23 @@ def test_interleaved_rows_compare_set_with_fsync_no_with_the_bare_chains_of_the_
         "zkv-tcp-fsync-no": ("zkv", "tcp", "no"),
         "bare-ipc": ("bare", "ipc", None),
         "bare-tcp": ("bare", "tcp", None),
+        "bare-tcp-fsync": ("bare", "tcp", "always"),
     }
+
+
+def test_interleaved_durable_sets_are_compared_with_the_bare_chain_paying_an_fsync_too() -> None:
+    by_id = {s.id: s for s in all_scenarios()}
+    fsynced = ("bare tcp+fsync p50", "interleaved.bare-tcp-fsync.set.16B.c1", "p50")
+    for chain in ("zkv-tcp", "zkv-ipc"):
+        row = by_id[f"interleaved.{chain}.set.16B.c1"]
+        assert fsynced in {(p.label, p.scenario, p.metric) for p in row.peers}
+        get = by_id[f"interleaved.{chain}.get.16B.c1"]
+        assert "bare tcp+fsync p50" not in {p.label for p in get.peers}
+    no = by_id["interleaved.zkv-tcp-fsync-no.set.16B.c1"]
+    assert "bare tcp+fsync p50" not in {p.label for p in no.peers}
+    bare_fsync = by_id["interleaved.bare-tcp-fsync.set.16B.c1"]
+    assert "fsyncing each SET" in bare_fsync.about
+    assert [p.label for p in bare_fsync.peers] == ["bare tcp p50"]
 
 
 def test_interleaved_chains_start_with_their_transport_and_fsync_policy(
@@ -534,8 +550,8 @@ def test_interleaved_chains_start_with_their_transport_and_fsync_policy(
         yield f"endpoint of {workdir.name}"
 
     @contextlib.contextmanager
-    def bare_chain(workdir: Path, transport: str) -> Iterator[str]:
-        started[workdir.name] = ("bare", transport)
+    def bare_chain(workdir: Path, transport: str, fsync: bool = False) -> Iterator[str]:
+        started[workdir.name] = ("bare", transport, fsync)
         yield f"endpoint of {workdir.name}"
 
     monkeypatch.setattr(targets, "_zkv_cluster", zkv_cluster)
@@ -549,8 +565,9 @@ def test_interleaved_chains_start_with_their_transport_and_fsync_policy(
         "zkv-ipc": ("zkv", shards, "always", False, True),
         "zkv-tcp": ("zkv", shards, "always", False, False),
         "zkv-tcp-fsync-no": ("zkv", shards, "no", False, False),
-        "bare-ipc": ("bare", "ipc"),
-        "bare-tcp": ("bare", "tcp"),
+        "bare-ipc": ("bare", "ipc", False),
+        "bare-tcp": ("bare", "tcp", False),
+        "bare-tcp-fsync": ("bare", "tcp", True),
     }
 
 
