@@ -717,19 +717,29 @@ def decode_batch_reply(frames: Sequence[bytes]) -> BatchReply:
     )
 
 
-def split_batch_reply(
-    frames: Sequence[bytes],
-) -> tuple[int, list[tuple[int, int, int, int | None, bytes | None]]]:
+SubReply = tuple[int, int, int, int | None, bytes | None]
+"""A sub-reply as :func:`split_batch_reply` gives it: ``(status, request_id, token,
+deadline_ms, body)``, ``deadline_ms`` None for 0, ``body`` None when absent."""
+
+
+def split_batch_reply(frames: Sequence[bytes]) -> tuple[int, list[SubReply]]:
     """Parse a BATCH_REPLY into plain tuples (a client's hot path).
 
     Returns:
-        The header's token and, per sub-reply in order, ``(status, request_id, token,
-        deadline_ms, body)``: ``deadline_ms`` None for 0, ``body`` None when absent.
+        The header's token and one :data:`SubReply` per sub-reply, in order.
 
     Raises:
         ProtocolError: anything malformed.
     """
     token, count, body = _batch_parts(frames, Kind.BATCH_REPLY)
+    subs = _bodiless_sub_replies(body, count)
+    return token, _walk_sub_replies(body, count) if subs is None else subs
+
+
+def _walk_sub_replies(body: bytes, count: int) -> list[SubReply]:
+    """The ``count`` sub-replies of a BATCH_REPLY's body, walked record by record and every
+    field checked: the general path of :func:`split_batch_reply`, and the one that explains
+    (raises ProtocolError for) a malformed body."""
     size = len(body)
     unpack = _SUB_REPLY.unpack_from
     statuses = _STATUS_OF
@@ -757,7 +767,35 @@ def split_batch_reply(
         )
     if offset != size:
         raise ProtocolError(f"{size - offset} bytes after the last of {count} sub-replies")
-    return token, replies
+    return replies
+
+
+_SUB_REPLY_STATUSES = bytes(sorted(_STATUS_OF))
+_SUB_REPLY_ZERO_OFFSETS = (1, 4, 5, 6, 7)  # flags and body_len: all zero in a bodiless record
+
+
+def _bodiless_sub_replies(body: bytes, count: int) -> list[SubReply] | None:
+    """What :func:`_walk_sub_replies` gives for a body of ``count`` sub-replies that all have
+    no body and are well-formed, else None (then the walk answers or raises).
+
+    The common BATCH_REPLY (to SETs and DELs, to GETs of missing keys) is all such records,
+    fixed-size: checked a byte column at a time with C slices (flags and body_len zero,
+    statuses known) and unpacked by :meth:`struct.Struct.iter_unpack`, at under half the cost
+    of the walk. When they pass, the walk would find the same records at the same offsets
+    (each exactly a header, since no body_len is set) and accept every one.
+    """
+    step = _SUB_REPLY.size
+    if len(body) != count * step:
+        return None
+    for offset in _SUB_REPLY_ZERO_OFFSETS:
+        if body[offset::step].count(0) != count:
+            return None
+    if body[::step].translate(None, _SUB_REPLY_STATUSES):
+        return None  # an unknown status
+    return [
+        (status, request_id, token, deadline_ms or None, None)
+        for status, _, _, request_id, token, deadline_ms in _SUB_REPLY.iter_unpack(body)
+    ]
 
 
 def batch_reply_header(frames: Sequence[bytes]) -> tuple[int, int]:

@@ -663,3 +663,47 @@ def test_peek_reply_accepts_exactly_the_replies_decode_reply_accepts():
             assert peek_reply(frames) is None, frames
         else:
             assert peek_reply(frames) == (reply.status, reply.token), frames
+
+
+def test_bodiless_batch_reply_fast_path_agrees_with_the_walk() -> None:
+    """split_batch_reply reads an all-bodiless BATCH_REPLY by byte columns, not record by
+    record: on every body, mutated or not, it must give what the general walk gives, or
+    decline (None) and leave the walk to answer or raise."""
+    rng = random.Random(2024)
+    taken = 0
+    for _ in range(3_000):
+        count = rng.randint(1, 12)
+        records = [
+            pack_reply(
+                rng.choice([0, 0, 1, 2, 3]),
+                rng.getrandbits(64),
+                rng.getrandbits(64),
+                rng.choice([None, 0, 1, rng.getrandbits(64)]),
+                None if rng.random() < 0.9 else rng.randbytes(rng.randrange(3)),
+            )
+            for _ in range(count)
+        ]
+        body = bytearray(b"".join(records))
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            roll = rng.random()
+            if body and roll < 0.7:
+                body[rng.randrange(len(body))] = rng.choice([0, 1, 4, 32, rng.randrange(256)])
+            elif roll < 0.85:
+                del body[rng.randrange(len(body) + 1) :]
+            else:
+                body.extend(bytes(rng.randrange(40)))
+        if rng.random() < 0.1:
+            count += rng.choice([-1, 1])
+        data = bytes(body)
+        fast = protocol._bodiless_sub_replies(data, count)
+        try:
+            walked = protocol._walk_sub_replies(data, count)
+        except ProtocolError:
+            assert fast is None
+            continue
+        assert fast is None or fast == walked
+        taken += fast is not None
+        frames = [struct.pack("!BBxxIQ", 1, Kind.BATCH_REPLY, count, 9), data]
+        if count:
+            assert split_batch_reply(frames) == (9, walked)
+    assert taken > 500  # the fast path was actually exercised
