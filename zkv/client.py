@@ -318,8 +318,8 @@ class Client:
             except ProtocolError:
                 continue  # not ours to fix, and not worth dying for
             came = True
-            for call, result in answered:
-                results[call.handle] = result
+            for position, result in answered:
+                results[position] = result
 
     def _give_up(self, results: list[Any], calls: Calls, error: ZkvError) -> list[Any]:
         """Fail every operation still without a result (sent or not) and return the results."""
