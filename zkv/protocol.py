@@ -576,21 +576,28 @@ def with_status(header: bytes, request_id: int, status: Status) -> bytes:
 # the work one message can ask of the broker.
 
 
+_pack_sub_request = _SUB_REQUEST.pack
+
+
 def pack_request(
     kind: int, request_id: int, key: bytes, value: bytes | None = None, ttl_ms: int | None = None
 ) -> bytes:
     """One BATCH sub-request record. Raises ProtocolError for one the broker would refuse."""
-    # The common GET and SET first, accepted with a few integer tests: a pipeline packs every
-    # operation here, and the general checks below cost more than the packing.
-    if 0 < len(key) <= MAX_KEY_BYTES:
-        if kind == _GET and value is None:
-            return _SUB_REQUEST.pack(_GET, 0, len(key), 0, request_id, 0) + key
-        if kind == _SET and value is not None and len(value) <= MAX_VALUE_BYTES:
-            if ttl_ms is None:
-                return _SUB_REQUEST.pack(_SET, 0, len(key), len(value), request_id, 0) + key + value
-            if 0 < ttl_ms <= MAX_TTL_MS:
-                head = _SUB_REQUEST.pack(_SET, _TTL, len(key), len(value), request_id, ttl_ms)
-                return head + key + value
+    # The common cases first, accepted with a few integer tests: a pipeline packs every
+    # operation here, and the general checks below cost more than the packing. (A GET or DEL
+    # has no value nor TTL on the wire, whatever it is given: the general path drops them too.)
+    key_len = len(key)
+    if 0 < key_len <= MAX_KEY_BYTES:
+        if kind == _SET:
+            if value is not None and len(value) <= MAX_VALUE_BYTES:
+                if ttl_ms is None:
+                    head = _pack_sub_request(_SET, 0, key_len, len(value), request_id, 0)
+                    return head + key + value
+                if 0 < ttl_ms <= MAX_TTL_MS:
+                    head = _pack_sub_request(_SET, _TTL, key_len, len(value), request_id, ttl_ms)
+                    return head + key + value
+        elif kind == _GET or kind == _DEL:
+            return _pack_sub_request(kind, 0, key_len, 0, request_id, 0) + key
     flags = arg = 0
     if kind == _SET:
         if value is None:

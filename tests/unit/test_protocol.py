@@ -707,3 +707,31 @@ def test_bodiless_batch_reply_fast_path_agrees_with_the_walk() -> None:
         if count:
             assert split_batch_reply(frames) == (9, walked)
     assert taken > 500  # the fast path was actually exercised
+
+
+def test_pack_request_fast_paths_agree_with_encoding_a_request() -> None:
+    """pack_request accepts the common GET, SET and DEL with a few integer tests before its
+    general checks: for any arguments it must give the record of the request that
+    encode_request (which validates with decode_request) makes, or refuse what that refuses."""
+    rng = random.Random(11)
+    kinds = [Kind.GET, Kind.SET, Kind.DEL, Kind.ALL, Kind.PING, 0, 0x07, Kind.REPLY]
+    keys = [b"", b"k", b"x" * protocol.MAX_KEY_BYTES, b"x" * (protocol.MAX_KEY_BYTES + 1)]
+    values = [None, b"", b"v"]
+    ttls = [None, 0, 1, protocol.MAX_TTL_MS, protocol.MAX_TTL_MS + 1]
+    for _ in range(3_000):
+        kind = rng.choice(kinds)
+        key = rng.choice([*keys, rng.randbytes(rng.randint(1, 20))])
+        value = rng.choice([*values, rng.randbytes(rng.randint(1, 20))])
+        ttl = rng.choice([*ttls, rng.randint(1, 10**9)])
+        request_id = rng.getrandbits(64)
+        try:
+            record = pack_request(kind, request_id, key, value, ttl)
+        except ProtocolError:
+            record = None
+        try:
+            if kind not in protocol.KEYED_COMMANDS:
+                raise ProtocolError("not batchable")
+            expected = request_record(encode_request(Request(kind, request_id, key, value, ttl)))
+        except ProtocolError:
+            expected = None
+        assert record == expected, (kind, key[:8], value, ttl)
