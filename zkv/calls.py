@@ -75,6 +75,22 @@ class Item:
     deadline_ms: int | None
 
 
+# An Item without its frozen dataclass __init__, which sets each field through
+# object.__setattr__: 0.55 us an Item, a third of a pipelined GET's client CPU. The slots'
+# own descriptors set the fields in C, for under half that; the Item is the same.
+_new_object = object.__new__
+_set_value = Item.value.__set__  # type: ignore[attr-defined]
+_set_deadline_ms = Item.deadline_ms.__set__  # type: ignore[attr-defined]
+
+
+def new_item(value: bytes, deadline_ms: int | None) -> Item:
+    """``Item(value, deadline_ms)``, made faster (a GET's result, one per operation)."""
+    item = _new_object(Item)
+    _set_value(item, value)
+    _set_deadline_ms(item, deadline_ms)
+    return item
+
+
 # --- arguments and results ---------------------------------------------------------------------
 
 
@@ -167,7 +183,7 @@ def outcome(kind: int, status: int, deadline_ms: int | None, body: bytes | None)
     """
     if status == _OK:
         if kind == _GET:
-            return Item(body or b"", deadline_ms)
+            return new_item(body or b"", deadline_ms)
         return deadline_ms if kind == _SET else True
     if status == _NOT_FOUND:
         return None if kind == _GET else False
@@ -366,10 +382,13 @@ class Calls:
         for status, request_id, _, deadline_ms, body in subs:
             call = calls.pop(request_id, None)
             if call is not None:
-                unsent.discard(request_id)
+                if unsent:  # empty while a pipeline waits for replies: skip the lookup
+                    unsent.discard(request_id)
                 kind, _, handle, _, _ = call
-                if status == _OK and kind == _SET:  # outcome() of the common write, inline
+                if status == _OK and kind == _SET:  # outcome() of the common results, inline
                     append((handle, deadline_ms))
+                elif status == _OK and kind == _GET:
+                    append((handle, new_item(body or b"", deadline_ms)))
                 else:
                     append((handle, outcome(kind, status, deadline_ms, body)))
             elif status == _ERROR and request_id in self._recent:

@@ -3,6 +3,7 @@ to resend or give up, on a fake clock (every ``now`` is passed in; nothing sleep
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import re
@@ -10,7 +11,7 @@ import re
 import pytest
 
 from zkv import calls as calls_module
-from zkv.calls import Calls, Item, cut, gave_up, outcome, pack, replies
+from zkv.calls import Calls, Item, cut, gave_up, new_item, outcome, pack, replies
 from zkv.errors import RequestError, Timeout, Unavailable
 from zkv.protocol import (
     MAX_BATCH_BYTES,
@@ -80,6 +81,17 @@ def test_outcome_per_kind_and_status():
     refused = outcome(SET, Status.ERROR, None, b"bad ttl")
     assert isinstance(refused, RequestError) and str(refused) == "bad ttl"
     assert isinstance(outcome(GET, Status.UNAVAILABLE, None, b"no owner"), Unavailable)
+
+
+def test_new_item_is_an_item_like_any_other():
+    """new_item skips the frozen dataclass's __init__: what it makes must be indistinguishable
+    from Item(...), frozen included."""
+    for value, deadline_ms in [(b"v", 5), (b"", None), (b"x" * 100, 2**63)]:
+        made, built = new_item(value, deadline_ms), Item(value, deadline_ms)
+        assert type(made) is Item and made == built and hash(made) == hash(built)
+        assert (made.value, made.deadline_ms, repr(made)) == (value, deadline_ms, repr(built))
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            made.value = b"other"  # type: ignore[misc]
 
 
 def test_gave_up_is_a_timeout_once_sent_and_unavailable_before():
