@@ -749,29 +749,28 @@ def _walk_sub_replies(body: bytes, count: int) -> list[SubReply]:
     (raises ProtocolError for) a malformed body."""
     size = len(body)
     unpack = _SUB_REPLY.unpack_from
+    head = _SUB_REPLY.size
     statuses = _STATUS_OF
     replies = []
     append = replies.append
     offset = 0
     for index in range(count):
-        start = offset + _SUB_REPLY.size
+        start = offset + head
         if start > size:
             raise ProtocolError(f"sub-reply {index} of {count} is truncated")
         status, flags, body_len, request_id, sub_token, deadline_ms = unpack(body, offset)
         offset = start + body_len
         if offset > size:
             raise ProtocolError(f"sub-reply {index} runs past the end of the batch", request_id)
-        if status not in statuses or flags & ~HAS_BODY or (body_len and not flags):
-            raise ProtocolError(f"sub-reply {index}: bad status or flags", request_id)
-        append(
-            (
-                status,
-                request_id,
-                sub_token,
-                deadline_ms or None,
-                body[start:offset] if flags else None,
-            )
-        )
+        # With a body or without (then no body_len either), each case checked and built once.
+        if flags:
+            if flags != HAS_BODY or status not in statuses:
+                raise ProtocolError(f"sub-reply {index}: bad status or flags", request_id)
+            append((status, request_id, sub_token, deadline_ms or None, body[start:offset]))
+        else:
+            if body_len or status not in statuses:
+                raise ProtocolError(f"sub-reply {index}: bad status or flags", request_id)
+            append((status, request_id, sub_token, deadline_ms or None, None))
     if offset != size:
         raise ProtocolError(f"{size - offset} bytes after the last of {count} sub-replies")
     return replies
