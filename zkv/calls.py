@@ -35,22 +35,20 @@ from zkv.errors import RequestError, Timeout, Unavailable, ZkvError
 from zkv.protocol import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPS,
+    Answer,
     Kind,
     ProtocolError,
     Reply,
     Status,
     batch_frames,
+    batch_reply_answers,
     decode_reply,
     pack_request,
-    split_batch_reply,
 )
 
 Op = tuple[int, bytes, bytes | None, int | None]
 """One operation: ``(kind, key, value, ttl_ms)``, kind GET, SET or DEL."""
 
-Sub = tuple[int, int, int, int | None, bytes | None]
-"""One reply as :func:`zkv.protocol.split_batch_reply` gives it:
-``(status, request_id, token, deadline_ms, body)``."""
 
 RECENT_BATCHES = 4096  # batch ids remembered by default, to fail a whole batch the broker refused
 
@@ -153,16 +151,16 @@ def cut(records: Sequence[bytes], max_ops: int) -> int:
     return end
 
 
-def replies(frames: Sequence[bytes]) -> list[Sub]:
-    """The replies a REPLY or a BATCH_REPLY carries, as :data:`Sub` tuples.
+def replies(frames: Sequence[bytes]) -> list[Answer]:
+    """The replies a REPLY or a BATCH_REPLY carries, as :data:`zkv.protocol.Answer` tuples.
 
     Raises:
         ProtocolError: the message is malformed.
     """
     if frames and len(frames[0]) > 1 and frames[0][1] == _REPLY:
         reply = decode_reply(frames)
-        return [(reply.status, reply.request_id, 0, reply.deadline_ms, reply.body)]
-    return split_batch_reply(frames)[1]
+        return [(reply.status, reply.request_id, reply.deadline_ms, reply.body)]
+    return batch_reply_answers(frames)
 
 
 def error(status: int, body: bytes | None) -> ZkvError:
@@ -379,7 +377,7 @@ class Calls:
         unsent = self._unsent
         done: list[Settled] = []
         append = done.append
-        for status, request_id, _, deadline_ms, body in subs:
+        for status, request_id, deadline_ms, body in subs:
             call = calls.pop(request_id, None)
             if call is not None:
                 if unsent:  # empty while a pipeline waits for replies: skip the lookup

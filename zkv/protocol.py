@@ -728,9 +728,13 @@ SubReply = tuple[int, int, int, int | None, bytes | None]
 """A sub-reply as :func:`split_batch_reply` gives it: ``(status, request_id, token,
 deadline_ms, body)``, ``deadline_ms`` None for 0, ``body`` None when absent."""
 
+Answer = tuple[int, int, int | None, bytes | None]
+"""A sub-reply as a client reads it (:func:`batch_reply_answers`): a :data:`SubReply`
+without the token, ``(status, request_id, deadline_ms, body)``."""
+
 
 def split_batch_reply(frames: Sequence[bytes]) -> tuple[int, list[SubReply]]:
-    """Parse a BATCH_REPLY into plain tuples (a client's hot path).
+    """Parse a BATCH_REPLY into plain tuples.
 
     Returns:
         The header's token and one :data:`SubReply` per sub-reply, in order.
@@ -739,14 +743,34 @@ def split_batch_reply(frames: Sequence[bytes]) -> tuple[int, list[SubReply]]:
         ProtocolError: anything malformed.
     """
     token, count, body = _batch_parts(frames, Kind.BATCH_REPLY)
-    subs = _bodiless_sub_replies(body, count)
-    return token, _walk_sub_replies(body, count) if subs is None else subs
+    return token, _walk_sub_replies(body, count, True)
 
 
-def _walk_sub_replies(body: bytes, count: int) -> list[SubReply]:
+def batch_reply_answers(frames: Sequence[bytes]) -> list[Answer]:
+    """What :func:`split_batch_reply` gives, as a client reads it (its hot path): one
+    :data:`Answer` per sub-reply, in order, no tokens (a client has no use for them, and
+    leaving them out is 0.1 us a sub-reply less to allocate).
+
+    The common BATCH_REPLY (to SETs and DELs, to GETs of missing keys) has no bodies at all:
+    it is checked a byte column at a time (:func:`_all_bodiless`) and unpacked by
+    :meth:`struct.Struct.iter_unpack`, at under half the cost of walking it record by record.
+
+    Raises:
+        ProtocolError: anything malformed.
+    """
+    _, count, body = _batch_parts(frames, Kind.BATCH_REPLY)
+    if _all_bodiless(body, count):
+        return [
+            (status, request_id, deadline_ms or None, None)
+            for status, request_id, deadline_ms in _SUB_REPLY_ANSWER.iter_unpack(body)
+        ]
+    return _walk_sub_replies(body, count, False)
+
+
+def _walk_sub_replies(body: bytes, count: int, tokens: bool) -> list:
     """The ``count`` sub-replies of a BATCH_REPLY's body, walked record by record and every
-    field checked: the general path of :func:`split_batch_reply`, and the one that explains
-    (raises ProtocolError for) a malformed body."""
+    field checked, as :data:`SubReply` tuples (``tokens``) or :data:`Answer` ones: the
+    general path, and the one that explains (raises ProtocolError for) a malformed body."""
     size = len(body)
     unpack = _SUB_REPLY.unpack_from
     head = _SUB_REPLY.size
@@ -762,46 +786,43 @@ def _walk_sub_replies(body: bytes, count: int) -> list[SubReply]:
         offset = start + body_len
         if offset > size:
             raise ProtocolError(f"sub-reply {index} runs past the end of the batch", request_id)
-        # With a body or without (then no body_len either), each case checked and built once.
+        # With a body or without (then no body_len either), each case checked on its own.
         if flags:
             if flags != HAS_BODY or status not in statuses:
                 raise ProtocolError(f"sub-reply {index}: bad status or flags", request_id)
-            append((status, request_id, sub_token, deadline_ms or None, body[start:offset]))
+            sub_body = body[start:offset]
         else:
             if body_len or status not in statuses:
                 raise ProtocolError(f"sub-reply {index}: bad status or flags", request_id)
-            append((status, request_id, sub_token, deadline_ms or None, None))
+            sub_body = None
+        append(
+            (status, request_id, sub_token, deadline_ms or None, sub_body)
+            if tokens
+            else (status, request_id, deadline_ms or None, sub_body)
+        )
     if offset != size:
         raise ProtocolError(f"{size - offset} bytes after the last of {count} sub-replies")
     return replies
 
 
+_SUB_REPLY_ANSWER = struct.Struct("!B7xQ8xQ")  # status, request_id, deadline_ms of a sub-reply
 _SUB_REPLY_STATUSES = bytes(sorted(_STATUS_OF))
 _SUB_REPLY_ZERO_OFFSETS = (1, 4, 5, 6, 7)  # flags and body_len: all zero in a bodiless record
 
 
-def _bodiless_sub_replies(body: bytes, count: int) -> list[SubReply] | None:
-    """What :func:`_walk_sub_replies` gives for a body of ``count`` sub-replies that all have
-    no body and are well-formed, else None (then the walk answers or raises).
-
-    The common BATCH_REPLY (to SETs and DELs, to GETs of missing keys) is all such records,
-    fixed-size: checked a byte column at a time with C slices (flags and body_len zero,
-    statuses known) and unpacked by :meth:`struct.Struct.iter_unpack`, at under half the cost
-    of the walk. When they pass, the walk would find the same records at the same offsets
-    (each exactly a header, since no body_len is set) and accept every one.
-    """
+def _all_bodiless(body: bytes, count: int) -> bool:
+    """Whether a BATCH_REPLY body is ``count`` well-formed sub-replies without bodies, checked
+    with C slices a byte column at a time (flags and body_len zero, statuses known), without
+    walking it. If so, the walk would find the same records at the same offsets (each exactly
+    a header, since no body_len is set) and accept every one; if not, the walk answers or
+    raises as usual."""
     step = _SUB_REPLY.size
     if len(body) != count * step:
-        return None
+        return False
     for offset in _SUB_REPLY_ZERO_OFFSETS:
         if body[offset::step].count(0) != count:
-            return None
-    if body[::step].translate(None, _SUB_REPLY_STATUSES):
-        return None  # an unknown status
-    return [
-        (status, request_id, token, deadline_ms or None, None)
-        for status, _, _, request_id, token, deadline_ms in _SUB_REPLY.iter_unpack(body)
-    ]
+            return False
+    return not body[::step].translate(None, _SUB_REPLY_STATUSES)  # no unknown status left
 
 
 def batch_reply_header(frames: Sequence[bytes]) -> tuple[int, int]:

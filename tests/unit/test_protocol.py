@@ -24,6 +24,7 @@ from zkv.protocol import (
     Reply,
     Request,
     Status,
+    batch_reply_answers,
     batch_reply_header,
     decode_batch,
     decode_batch_reply,
@@ -507,6 +508,7 @@ def test_fuzz_batch_decoders_raise_only_protocol_error():
         split_batch,
         decode_batch,
         split_batch_reply,
+        batch_reply_answers,
         decode_batch_reply,
         decode_from_broker,
         decode_from_worker,
@@ -665,12 +667,12 @@ def test_peek_reply_accepts_exactly_the_replies_decode_reply_accepts():
             assert peek_reply(frames) == (reply.status, reply.token), frames
 
 
-def test_bodiless_batch_reply_fast_path_agrees_with_the_walk() -> None:
-    """split_batch_reply reads an all-bodiless BATCH_REPLY by byte columns, not record by
-    record: on every body, mutated or not, it must give what the general walk gives, or
-    decline (None) and leave the walk to answer or raise."""
+def test_batch_reply_answers_are_split_batch_reply_without_tokens() -> None:
+    """batch_reply_answers reads an all-bodiless BATCH_REPLY by byte columns, not record by
+    record: on every message, mutated or not, it must give what split_batch_reply gives
+    (tokens left out), or raise where that raises."""
     rng = random.Random(2024)
-    taken = 0
+    fast = 0
     for _ in range(3_000):
         count = rng.randint(1, 12)
         records = [
@@ -694,19 +696,16 @@ def test_bodiless_batch_reply_fast_path_agrees_with_the_walk() -> None:
                 body.extend(bytes(rng.randrange(40)))
         if rng.random() < 0.1:
             count += rng.choice([-1, 1])
-        data = bytes(body)
-        fast = protocol._bodiless_sub_replies(data, count)
+        frames = [struct.pack("!BBxxIQ", 1, Kind.BATCH_REPLY, count, 9), bytes(body)]
         try:
-            walked = protocol._walk_sub_replies(data, count)
+            expected = [(s, r, d, b) for s, r, _, d, b in split_batch_reply(frames)[1]]
         except ProtocolError:
-            assert fast is None
+            with pytest.raises(ProtocolError):
+                batch_reply_answers(frames)
             continue
-        assert fast is None or fast == walked
-        taken += fast is not None
-        frames = [struct.pack("!BBxxIQ", 1, Kind.BATCH_REPLY, count, 9), data]
-        if count:
-            assert split_batch_reply(frames) == (9, walked)
-    assert taken > 500  # the fast path was actually exercised
+        assert batch_reply_answers(frames) == expected
+        fast += all(body is None for *_, body in expected)
+    assert fast > 500  # the fast path was taken (it applies exactly when no record has a body)
 
 
 def test_pack_request_fast_paths_agree_with_encoding_a_request() -> None:
