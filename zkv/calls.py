@@ -49,7 +49,6 @@ from zkv.protocol import (
 Op = tuple[int, bytes, bytes | None, int | None]
 """One operation: ``(kind, key, value, ttl_ms)``, kind GET, SET or DEL."""
 
-
 RECENT_BATCHES = 4096  # batch ids remembered by default, to fail a whole batch the broker refused
 
 _GET = int(Kind.GET)
@@ -74,8 +73,8 @@ class Item:
 
 
 # An Item without its frozen dataclass __init__, which sets each field through
-# object.__setattr__: 0.55 us an Item, a third of a pipelined GET's client CPU. The slots'
-# own descriptors set the fields in C, for under half that; the Item is the same.
+# object.__setattr__: 0.55 us an Item, a third of what receive spent on a pipelined GET. The
+# slots' own descriptors set the fields in C, for under half that; the Item is the same.
 _new_object = object.__new__
 _set_value = Item.value.__set__  # type: ignore[attr-defined]
 _set_deadline_ms = Item.deadline_ms.__set__  # type: ignore[attr-defined]
