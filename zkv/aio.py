@@ -49,10 +49,10 @@ import zmq
 
 from zkv import defaults
 from zkv.calls import (
-    Call,
     Calls,
     Item,
     NotFound,
+    Settled,
     as_bytes,
     checked_batch_ops,
     frontend,
@@ -350,10 +350,11 @@ def _plain(context: zmq.Context) -> zmq.Context:
     return zmq.Context.shadow(context.underlying)
 
 
-def _settle(outcomes: list[tuple[Call, Any]]) -> None:
-    """Hand each call's result, or the error it failed with, to its waiting future."""
-    for call, result in outcomes:
-        future: asyncio.Future = call.handle
+def _settle(outcomes: list[Settled]) -> None:
+    """Hand each call's result, or the error it failed with, to its waiting future (the
+    call's handle)."""
+    future: asyncio.Future
+    for future, result in outcomes:
         if future.done():  # cancelled by its caller
             continue
         if isinstance(result, ZkvError):

@@ -233,10 +233,10 @@ class Client:
             None for never), DEL whether a live key was removed.
         """
         results = self._pipeline(ops)
-        if raise_on_error:
-            for result in results:
-                if isinstance(result, ZkvError):
-                    raise result
+        # Which types the results have is found in C; only if an error is among them are the
+        # results walked to raise the first (an isinstance per result cost 0.05 us each).
+        if raise_on_error and any(issubclass(kind, ZkvError) for kind in set(map(type, results))):
+            raise next(result for result in results if isinstance(result, ZkvError))
         return results
 
     def _pipeline(self, ops: Sequence[PipelineOp]) -> list[Any]:
@@ -318,8 +318,8 @@ class Client:
             except ProtocolError:
                 continue  # not ours to fix, and not worth dying for
             came = True
-            for call, result in answered:
-                results[call.handle] = result
+            for position, result in answered:
+                results[position] = result
 
     def _give_up(self, results: list[Any], calls: Calls, error: ZkvError) -> list[Any]:
         """Fail every operation still without a result (sent or not) and return the results."""

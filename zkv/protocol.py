@@ -576,21 +576,28 @@ def with_status(header: bytes, request_id: int, status: Status) -> bytes:
 # the work one message can ask of the broker.
 
 
+_pack_sub_request = _SUB_REQUEST.pack
+
+
 def pack_request(
     kind: int, request_id: int, key: bytes, value: bytes | None = None, ttl_ms: int | None = None
 ) -> bytes:
     """One BATCH sub-request record. Raises ProtocolError for one the broker would refuse."""
-    # The common GET and SET first, accepted with a few integer tests: a pipeline packs every
-    # operation here, and the general checks below cost more than the packing.
-    if 0 < len(key) <= MAX_KEY_BYTES:
-        if kind == _GET and value is None:
-            return _SUB_REQUEST.pack(_GET, 0, len(key), 0, request_id, 0) + key
-        if kind == _SET and value is not None and len(value) <= MAX_VALUE_BYTES:
-            if ttl_ms is None:
-                return _SUB_REQUEST.pack(_SET, 0, len(key), len(value), request_id, 0) + key + value
-            if 0 < ttl_ms <= MAX_TTL_MS:
-                head = _SUB_REQUEST.pack(_SET, _TTL, len(key), len(value), request_id, ttl_ms)
-                return head + key + value
+    # The common cases first, accepted with a few integer tests: a pipeline packs every
+    # operation here, and the general checks below cost more than the packing. (A GET or DEL
+    # has no value nor TTL on the wire, whatever it is given: the general path drops them too.)
+    key_len = len(key)
+    if 0 < key_len <= MAX_KEY_BYTES:
+        if kind == _SET:
+            if value is not None and len(value) <= MAX_VALUE_BYTES:
+                if ttl_ms is None:
+                    head = _pack_sub_request(_SET, 0, key_len, len(value), request_id, 0)
+                    return head + key + value
+                if 0 < ttl_ms <= MAX_TTL_MS:
+                    head = _pack_sub_request(_SET, _TTL, key_len, len(value), request_id, ttl_ms)
+                    return head + key + value
+        elif kind == _GET or kind == _DEL:
+            return _pack_sub_request(kind, 0, key_len, 0, request_id, 0) + key
     flags = arg = 0
     if kind == _SET:
         if value is None:
@@ -717,47 +724,105 @@ def decode_batch_reply(frames: Sequence[bytes]) -> BatchReply:
     )
 
 
-def split_batch_reply(
-    frames: Sequence[bytes],
-) -> tuple[int, list[tuple[int, int, int, int | None, bytes | None]]]:
-    """Parse a BATCH_REPLY into plain tuples (a client's hot path).
+SubReply = tuple[int, int, int, int | None, bytes | None]
+"""A sub-reply as :func:`split_batch_reply` gives it: ``(status, request_id, token,
+deadline_ms, body)``, ``deadline_ms`` None for 0, ``body`` None when absent."""
+
+Answer = tuple[int, int, int | None, bytes | None]
+"""A sub-reply as a client reads it (:func:`batch_reply_answers`): a :data:`SubReply`
+without the token, ``(status, request_id, deadline_ms, body)``."""
+
+
+def split_batch_reply(frames: Sequence[bytes]) -> tuple[int, list[SubReply]]:
+    """Parse a BATCH_REPLY into plain tuples.
 
     Returns:
-        The header's token and, per sub-reply in order, ``(status, request_id, token,
-        deadline_ms, body)``: ``deadline_ms`` None for 0, ``body`` None when absent.
+        The header's token and one :data:`SubReply` per sub-reply, in order.
 
     Raises:
         ProtocolError: anything malformed.
     """
     token, count, body = _batch_parts(frames, Kind.BATCH_REPLY)
+    return token, _walk_sub_replies(body, count, True)
+
+
+def batch_reply_answers(frames: Sequence[bytes]) -> list[Answer]:
+    """What :func:`split_batch_reply` gives, as a client reads it (its hot path): one
+    :data:`Answer` per sub-reply, in order, no tokens (a client has no use for them, and
+    leaving them out is 0.1 us a sub-reply less to allocate).
+
+    The common BATCH_REPLY (to SETs and DELs, to GETs of missing keys) has no bodies at all:
+    it is checked a byte column at a time (:func:`_all_bodiless`) and unpacked by
+    :meth:`struct.Struct.iter_unpack`, at under half the cost of walking it record by record.
+
+    Raises:
+        ProtocolError: anything malformed.
+    """
+    _, count, body = _batch_parts(frames, Kind.BATCH_REPLY)
+    if _all_bodiless(body, count):
+        return [
+            (status, request_id, deadline_ms or None, None)
+            for status, request_id, deadline_ms in _SUB_REPLY_ANSWER.iter_unpack(body)
+        ]
+    return _walk_sub_replies(body, count, False)
+
+
+def _walk_sub_replies(body: bytes, count: int, tokens: bool) -> list:
+    """The ``count`` sub-replies of a BATCH_REPLY's body, walked record by record and every
+    field checked, as :data:`SubReply` tuples (``tokens``) or :data:`Answer` ones: the
+    general path, and the one that explains (raises ProtocolError for) a malformed body."""
     size = len(body)
     unpack = _SUB_REPLY.unpack_from
+    head = _SUB_REPLY.size
     statuses = _STATUS_OF
     replies = []
     append = replies.append
     offset = 0
     for index in range(count):
-        start = offset + _SUB_REPLY.size
+        start = offset + head
         if start > size:
             raise ProtocolError(f"sub-reply {index} of {count} is truncated")
         status, flags, body_len, request_id, sub_token, deadline_ms = unpack(body, offset)
         offset = start + body_len
         if offset > size:
             raise ProtocolError(f"sub-reply {index} runs past the end of the batch", request_id)
-        if status not in statuses or flags & ~HAS_BODY or (body_len and not flags):
-            raise ProtocolError(f"sub-reply {index}: bad status or flags", request_id)
+        # With a body or without (then no body_len either), each case checked on its own.
+        if flags:
+            if flags != HAS_BODY or status not in statuses:
+                raise ProtocolError(f"sub-reply {index}: bad status or flags", request_id)
+            sub_body = body[start:offset]
+        else:
+            if body_len or status not in statuses:
+                raise ProtocolError(f"sub-reply {index}: bad status or flags", request_id)
+            sub_body = None
         append(
-            (
-                status,
-                request_id,
-                sub_token,
-                deadline_ms or None,
-                body[start:offset] if flags else None,
-            )
+            (status, request_id, sub_token, deadline_ms or None, sub_body)
+            if tokens
+            else (status, request_id, deadline_ms or None, sub_body)
         )
     if offset != size:
         raise ProtocolError(f"{size - offset} bytes after the last of {count} sub-replies")
-    return token, replies
+    return replies
+
+
+_SUB_REPLY_ANSWER = struct.Struct("!B7xQ8xQ")  # status, request_id, deadline_ms of a sub-reply
+_SUB_REPLY_STATUSES = bytes(sorted(_STATUS_OF))
+_SUB_REPLY_ZERO_OFFSETS = (1, 4, 5, 6, 7)  # flags and body_len: all zero in a bodiless record
+
+
+def _all_bodiless(body: bytes, count: int) -> bool:
+    """Whether a BATCH_REPLY body is ``count`` well-formed sub-replies without bodies, checked
+    with C slices a byte column at a time (flags and body_len zero, statuses known), without
+    walking it. If so, the walk would find the same records at the same offsets (each exactly
+    a header, since no body_len is set) and accept every one; if not, the walk answers or
+    raises as usual."""
+    step = _SUB_REPLY.size
+    if len(body) != count * step:
+        return False
+    for offset in _SUB_REPLY_ZERO_OFFSETS:
+        if body[offset::step].count(0) != count:
+            return False
+    return not body[::step].translate(None, _SUB_REPLY_STATUSES)  # no unknown status left
 
 
 def batch_reply_header(frames: Sequence[bytes]) -> tuple[int, int]:

@@ -122,11 +122,13 @@ def test_a_refused_operation_does_not_spoil_the_others(cluster):
             (Kind.SET, b"ok", b"v", None),
             (Kind.SET, b"bad", b"v", 0),
             (Kind.GET, b"ok", None, None),
+            (Kind.GET, b"", None, None),  # refused too, but the first failure is raised
         ]
         with pytest.raises(RequestError, match="ttl_ms"):
             kv.execute(ops)
-        first, refused, got = kv.execute(ops, raise_on_error=False)
+        first, refused, got, empty = kv.execute(ops, raise_on_error=False)
         assert first is None and isinstance(refused, RequestError) and got.value == b"v"
+        assert isinstance(empty, RequestError) and "non-empty key" in str(empty)
 
 
 def test_asyncio_calls_from_many_tasks_travel_in_few_batches(cluster):

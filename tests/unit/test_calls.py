@@ -3,6 +3,7 @@ to resend or give up, on a fake clock (every ``now`` is passed in; nothing sleep
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import re
@@ -10,7 +11,7 @@ import re
 import pytest
 
 from zkv import calls as calls_module
-from zkv.calls import Calls, Item, cut, gave_up, outcome, pack, replies
+from zkv.calls import Calls, Item, cut, gave_up, new_item, outcome, pack, replies
 from zkv.errors import RequestError, Timeout, Unavailable
 from zkv.protocol import (
     MAX_BATCH_BYTES,
@@ -63,9 +64,9 @@ def test_cut_keeps_to_the_op_limit_and_half_the_byte_limit_but_takes_at_least_on
 
 def test_replies_reads_a_single_reply_and_a_batch_reply_alike():
     single = encode_reply(Reply(Status.OK, 9, 0, 123, b"v"))
-    assert replies(single) == [(Status.OK, 9, 0, 123, b"v")]
+    assert replies(single) == [(Status.OK, 9, 123, b"v")]
     batch = batch_reply(Reply(Status.NOT_FOUND, 1), Reply(Status.OK, 2, 0, None, b"w"))
-    assert [(status, rid, body) for status, rid, _, _, body in replies(batch)] == [
+    assert [(status, rid, body) for status, rid, _, body in replies(batch)] == [
         (Status.NOT_FOUND, 1, None),
         (Status.OK, 2, b"w"),
     ]
@@ -80,6 +81,17 @@ def test_outcome_per_kind_and_status():
     refused = outcome(SET, Status.ERROR, None, b"bad ttl")
     assert isinstance(refused, RequestError) and str(refused) == "bad ttl"
     assert isinstance(outcome(GET, Status.UNAVAILABLE, None, b"no owner"), Unavailable)
+
+
+def test_new_item_is_an_item_like_any_other():
+    """new_item skips the frozen dataclass's __init__: what it makes must be indistinguishable
+    from Item(...), frozen included."""
+    for value, deadline_ms in [(b"v", 5), (b"", None), (b"x" * 100, 2**63)]:
+        made, built = new_item(value, deadline_ms), Item(value, deadline_ms)
+        assert type(made) is Item and made == built and hash(made) == hash(built)
+        assert (made.value, made.deadline_ms, repr(made)) == (value, deadline_ms, repr(built))
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            made.value = b"other"  # type: ignore[misc]
 
 
 def test_gave_up_is_a_timeout_once_sent_and_unavailable_before():
@@ -106,7 +118,7 @@ def test_batches_carry_the_queue_in_order_and_replies_find_their_handles():
     answered = calls.receive(
         batch_reply(Reply(Status.OK, ids[1], 0, 7), Reply(Status.OK, 999)), 101
     )
-    assert [(call.handle, result) for call, result in answered] == [("h1", 7)]
+    assert answered == [("h1", 7)]
     assert calls.receive(batch_reply(Reply(Status.OK, ids[1], 0, 7)), 101) == []  # late: ignored
     assert (calls.in_flight, len(calls)) == (2, 4)
 
@@ -121,7 +133,7 @@ def test_a_refused_operation_never_enters_and_a_refused_batch_fails_all_its_call
     calls.sent(batch, 100.0)
     refusal = encode_reply(Reply(Status.ERROR, batch.batch_id, 0, None, b"bad batch"))
     failed = calls.receive(refusal, 100.1)
-    assert [call.handle for call, _ in failed] == [0, 1]
+    assert [handle for handle, _ in failed] == [0, 1]
     assert all(isinstance(err, RequestError) and str(err) == "bad batch" for _, err in failed)
     assert len(calls) == 0 and calls.in_flight == 0
 
@@ -174,10 +186,10 @@ def test_per_call_deadline_timeout_if_sent_unavailable_if_never():
     calls.add((GET, b"b", None, None), "queued", 0.5)
     assert calls.due_in(0.0) == pytest.approx(1.0)  # the resend comes before any deadline
     assert calls.expire(4.9) == []
-    ((call, err),) = calls.expire(5.0)
-    assert call.handle == "sent" and isinstance(err, Timeout) and "within 5.0 s" in str(err)
-    ((call, err),) = calls.expire(5.5)
-    assert call.handle == "queued" and isinstance(err, Unavailable)
+    ((handle, err),) = calls.expire(5.0)
+    assert handle == "sent" and isinstance(err, Timeout) and "within 5.0 s" in str(err)
+    ((handle, err),) = calls.expire(5.5)
+    assert handle == "queued" and isinstance(err, Unavailable)
     assert len(calls) == 0 and calls.due_in(6.0) is None
     assert calls.receive(batch_reply(Reply(Status.OK, sent_id)), 6.0) == []
 
@@ -195,8 +207,8 @@ def test_calls_that_never_left_are_stuck_after_the_connect_timeout():
     calls.add((GET, b"a", None, None), "old", 0.0)
     calls.add((GET, b"b", None, None), "new", 1.0)
     assert calls.stuck(1.4, 1.5) == []
-    ((call, err),) = calls.stuck(1.5, 1.5)
-    assert call.handle == "old" and isinstance(err, Unavailable) and "1.5 s" in str(err)
+    ((handle, err),) = calls.stuck(1.5, 1.5)
+    assert handle == "old" and isinstance(err, Unavailable) and "1.5 s" in str(err)
     assert calls.queued == 1
 
 
@@ -207,8 +219,8 @@ def test_a_call_queued_again_for_a_resend_is_never_stuck_but_times_out_outcome_u
     calls.resend(1.0)  # queued again; the broker is now unreachable, so it cannot leave
     assert calls.queued == 1
     assert calls.stuck(4.0, 1.5) == []  # it left once: it may have been applied
-    ((call, err),) = calls.expire(5.0)
-    assert call.handle == "sent" and isinstance(err, Timeout)
+    ((handle, err),) = calls.expire(5.0)
+    assert handle == "sent" and isinstance(err, Timeout)
 
 
 def test_unreachable_counts_failed_sends_in_a_row():
@@ -226,7 +238,7 @@ def test_fail_all_empties_the_table():
         calls.add((GET, b"k%d" % n, None, None), n, 100.0)
     send_all(calls, 100.0)
     error = Unavailable("closed")
-    assert [(call.handle, err) for call, err in calls.fail(None, error)] == [
+    assert calls.fail(None, error) == [
         (0, error),
         (1, error),
         (2, error),
@@ -262,7 +274,7 @@ def test_add_many_packs_every_op_as_pack_request_does_or_refuses_it_alike():
     assert sorted(refused) == [3, 4, 5, 8, 9, 10, 11]
     for position, rid in enumerate(calls._queue):  # request ids 1, 2, ... in order
         kind, key, value, ttl = ops[[p for p in range(len(ops)) if p not in refused][position]]
-        assert calls._calls[rid].record == pack_request(kind, rid, key, value, ttl)
+        assert calls._calls[rid][1] == pack_request(kind, rid, key, value, ttl)  # the record
     for position in refused:
         kind, key, value, ttl = ops[position]
         with pytest.raises(ProtocolError, match=re.escape(str(refused[position]))):
@@ -278,7 +290,74 @@ def test_add_many_queues_in_order_with_positions_and_returns_the_refused():
     assert batch is not None and len(batch.request_ids) == 2
     calls.sent(batch, 100.0)
     answer = batch_reply(*(Reply(Status.OK, rid) for rid in batch.request_ids))
-    assert [(call.handle, result) for call, result in calls.receive(answer, 100.1)] == [
+    assert calls.receive(answer, 100.1) == [
         (0, Item(b"", None)),
         (2, True),
     ]
+
+
+def test_in_flight_and_errors_follow_each_calls_sent_flag_through_random_histories():
+    """Whether each call left is kept as one set of request ids, not per call: on random
+    histories of every operation, in_flight, the refusal errors and who gets Timeout rather
+    than Unavailable must match a model that keeps a flag per call."""
+    rng = random.Random(99)
+    for _ in range(200):
+        calls = make(now=0.0)
+        model: dict[int, bool] = {}  # request id -> left at least once
+        handles: dict[object, int] = {}  # handle -> request id
+        all_ops: list = []
+        now = 0.0
+        for step in range(60):
+            now += rng.choice([0.0, 0.1, 0.5, 2.0])
+            roll = rng.random()
+            if roll < 0.3:
+                ops = [(SET, b"k%d" % n, b"v", None) for n in range(rng.randint(1, 4))]
+                if rng.random() < 0.2:
+                    ops.append((GET, b"", None, None))  # refused: never enters
+                if rng.random() < 0.5:
+                    for op in ops:
+                        handle = f"{step}:{len(handles)}"
+                        try:
+                            handles[handle] = calls.add(op, handle, now)
+                        except RequestError:
+                            continue
+                        model[handles[handle]] = False
+                else:  # handles: positions in all_ops, so unique
+                    before = set(calls._calls)
+                    all_ops.extend(ops)
+                    calls.add_many(all_ops, len(all_ops) - len(ops), len(all_ops), now)
+                    for rid in set(calls._calls) - before:
+                        model[rid] = False
+                        handles[calls._calls[rid][2]] = rid
+            elif roll < 0.5:
+                batch = calls.next_batch(rng.randint(1, 5))
+                if batch is not None and rng.random() < 0.8:
+                    calls.sent(batch, now)
+                    for rid in batch.request_ids:
+                        model[rid] = True
+            elif roll < 0.65:
+                rids = rng.sample(sorted(model), min(len(model), rng.randint(0, 3)))
+                subs = [Reply(Status.OK, rid) for rid in rids] + [Reply(Status.OK, 12345)]
+                answered = calls.receive(batch_reply(*subs), now)
+                assert sorted(handles[handle] for handle, _ in answered) == sorted(rids)
+                for rid in rids:
+                    del model[rid]
+            elif roll < 0.75:
+                for handle, err in calls.expire(now):
+                    rid = handles[handle]
+                    assert isinstance(err, Timeout if model.pop(rid) else Unavailable)
+            elif roll < 0.85:
+                for handle, err in calls.stuck(now, 1.0):
+                    assert isinstance(err, Unavailable) and not model.pop(handles[handle])
+            elif roll < 0.9 and model:
+                rid = rng.choice(sorted(model))
+                calls.forget(rid)
+                del model[rid]
+            elif roll < 0.95:
+                calls.resend(now)
+            elif model:
+                rids = [rng.choice(sorted(model)), 777]  # and one unknown
+                assert [handles[h] for h, _ in calls.fail(rids, Unavailable("x"))] == rids[:1]
+                del model[rids[0]]
+            assert len(calls) == len(model)
+            assert calls.in_flight == sum(model.values())

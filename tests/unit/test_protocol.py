@@ -24,6 +24,7 @@ from zkv.protocol import (
     Reply,
     Request,
     Status,
+    batch_reply_answers,
     batch_reply_header,
     decode_batch,
     decode_batch_reply,
@@ -507,6 +508,7 @@ def test_fuzz_batch_decoders_raise_only_protocol_error():
         split_batch,
         decode_batch,
         split_batch_reply,
+        batch_reply_answers,
         decode_batch_reply,
         decode_from_broker,
         decode_from_worker,
@@ -663,3 +665,72 @@ def test_peek_reply_accepts_exactly_the_replies_decode_reply_accepts():
             assert peek_reply(frames) is None, frames
         else:
             assert peek_reply(frames) == (reply.status, reply.token), frames
+
+
+def test_batch_reply_answers_are_split_batch_reply_without_tokens() -> None:
+    """batch_reply_answers reads an all-bodiless BATCH_REPLY by byte columns, not record by
+    record: on every message, mutated or not, it must give what split_batch_reply gives
+    (tokens left out), or raise where that raises."""
+    rng = random.Random(2024)
+    fast = 0
+    for _ in range(3_000):
+        count = rng.randint(1, 12)
+        records = [
+            pack_reply(
+                rng.choice([0, 0, 1, 2, 3]),
+                rng.getrandbits(64),
+                rng.getrandbits(64),
+                rng.choice([None, 0, 1, rng.getrandbits(64)]),
+                None if rng.random() < 0.9 else rng.randbytes(rng.randrange(3)),
+            )
+            for _ in range(count)
+        ]
+        body = bytearray(b"".join(records))
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            roll = rng.random()
+            if body and roll < 0.7:
+                body[rng.randrange(len(body))] = rng.choice([0, 1, 4, 32, rng.randrange(256)])
+            elif roll < 0.85:
+                del body[rng.randrange(len(body) + 1) :]
+            else:
+                body.extend(bytes(rng.randrange(40)))
+        if rng.random() < 0.1:
+            count += rng.choice([-1, 1])
+        frames = [struct.pack("!BBxxIQ", 1, Kind.BATCH_REPLY, count, 9), bytes(body)]
+        try:
+            expected = [(s, r, d, b) for s, r, _, d, b in split_batch_reply(frames)[1]]
+        except ProtocolError:
+            with pytest.raises(ProtocolError):
+                batch_reply_answers(frames)
+            continue
+        assert batch_reply_answers(frames) == expected
+        fast += all(body is None for *_, body in expected)
+    assert fast > 500  # the fast path was taken (it applies exactly when no record has a body)
+
+
+def test_pack_request_fast_paths_agree_with_encoding_a_request() -> None:
+    """pack_request accepts the common GET, SET and DEL with a few integer tests before its
+    general checks: for any arguments it must give the record of the request that
+    encode_request (which validates with decode_request) makes, or refuse what that refuses."""
+    rng = random.Random(11)
+    kinds = [Kind.GET, Kind.SET, Kind.DEL, Kind.ALL, Kind.PING, 0, 0x07, Kind.REPLY]
+    keys = [b"", b"k", b"x" * protocol.MAX_KEY_BYTES, b"x" * (protocol.MAX_KEY_BYTES + 1)]
+    values = [None, b"", b"v"]
+    ttls = [None, 0, 1, protocol.MAX_TTL_MS, protocol.MAX_TTL_MS + 1]
+    for _ in range(3_000):
+        kind = rng.choice(kinds)
+        key = rng.choice([*keys, rng.randbytes(rng.randint(1, 20))])
+        value = rng.choice([*values, rng.randbytes(rng.randint(1, 20))])
+        ttl = rng.choice([*ttls, rng.randint(1, 10**9)])
+        request_id = rng.getrandbits(64)
+        try:
+            record = pack_request(kind, request_id, key, value, ttl)
+        except ProtocolError:
+            record = None
+        try:
+            if kind not in protocol.KEYED_COMMANDS:
+                raise ProtocolError("not batchable")
+            expected = request_record(encode_request(Request(kind, request_id, key, value, ttl)))
+        except ProtocolError:
+            expected = None
+        assert record == expected, (kind, key[:8], value, ttl)
