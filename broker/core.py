@@ -119,6 +119,9 @@ _BATCH_REPLY = int(Kind.BATCH_REPLY)
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _ERROR = int(Status.ERROR)
 _SLOT_MASK = SLOTS - 1
+# "{" as an int: ``_LBRACE in key`` is a memchr, where ``b"{" in key`` first tries the needle
+# as an int, fails and clears a TypeError (0.3 us a key against 0.03 in Python 3.11).
+_LBRACE = ord("{")
 
 
 class Side(enum.Enum):
@@ -322,7 +325,7 @@ class Broker:
         if original is not op:
             original[0].client = client  # a retry: answer it on the socket the client now uses
             return
-        if b"{" in key:
+        if _LBRACE in key:
             shard = key_shard(key, self.config.shards)
         else:
             shard = (crc_hqx(key, 0) & _SLOT_MASK) * self.config.shards // SLOTS
@@ -469,7 +472,7 @@ class Broker:
                 if original is not op:
                     original[0].client = client  # a retry: answer on the socket it came from
                     continue
-            if b"{" in key:
+            if _LBRACE in key:  # a hash tag, maybe
                 shard = key_shard(key, shards)
             else:
                 shard = (crc_hqx(key, 0) & _SLOT_MASK) * shards // SLOTS

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from binascii import crc_hqx
 
 import pytest
 
@@ -147,6 +148,31 @@ def test_request_goes_to_the_owner_of_its_shard_and_the_reply_comes_back_untouch
     h.answer(worker, dispatch, ok(dispatch, deadline_ms=123))
     [reply] = h.replies()
     assert reply == Reply(Status.OK, 7, dispatch.token, 123, None)
+
+
+def tagged_keys_for(shard: int, count: int) -> list[bytes]:
+    """Hash-tagged keys of ``shard`` whose whole bytes hash to another shard: routed right only
+    if their tag is honoured (the broker hashes untagged keys inline, without key_shard)."""
+    keys = []
+    for i in range(10_000):
+        key = f"{{t{i}}}:x".encode()
+        untagged = (crc_hqx(key, 0) % 16384) * CONFIG.shards // 16384
+        if key_shard(key, CONFIG.shards) == shard != untagged:
+            keys.append(key)
+            if len(keys) == count:
+                return keys
+    raise AssertionError("no key found")
+
+
+def test_a_hash_tagged_key_goes_to_the_shard_of_its_tag_alone_and_in_a_batch(h):
+    for shard in (0, 1):
+        alone, batched = tagged_keys_for(shard, 2)
+        h.send(Request(Kind.GET, 1 + shard, alone))
+        [(worker, _, _)] = h.dispatched()
+        assert worker == b"w%d" % shard
+        send_batch(h, [Request(Kind.GET, 10 + shard, batched)])
+        [(worker, _, _)] = batch_dispatches(h)
+        assert worker == b"w%d" % shard
 
 
 def test_requests_for_one_key_go_one_dispatch_at_a_time_in_arrival_order(h):
