@@ -71,8 +71,9 @@ import logging
 import time
 from binascii import crc_hqx
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from broker.registry import Registry
 from broker.tokens import TokenIssuer, TokenTable
@@ -456,7 +457,6 @@ class Broker:
         by_identity = self._by_identity
         shards = self.config.shards
         open_flights = self._open
-        acquire = self.tokens.acquire
         held = self.tokens._queues  # for the hot loop's own TokenTable.acquire, inline
         origin = Origin(client, None)
         refused: list[bytes] = []
@@ -477,7 +477,8 @@ class Broker:
             else:
                 shard = (crc_hqx(key, 0) & _SLOT_MASK) * shards // SLOTS
             flight = open_flights.get(shard)
-            if key in held:  # the token is out
+            waiters = held.get(key)
+            if waiters is not None:  # the token is out
                 if flight is not None and key in flight.keys:
                     # Held by this very flight: follow the holder in it.
                     if len(flight.ops) < MAX_BATCH_OPS and flight.nbytes + size <= MAX_BATCH_BYTES:
@@ -485,7 +486,11 @@ class Broker:
                         flight.nbytes += size
                         continue
                     self._close(shard)
-                acquire(key, op)  # waits behind the holder; dispatched when it comes back
+                # Wait behind the holder (dispatched when it comes back): TokenTable.acquire.
+                if waiters:
+                    waiters.append(op)
+                else:
+                    held[key] = [op]
                 continue
             held[key] = ()  # the token was free: TokenTable.acquire, inline
             if flight is None or (
@@ -527,7 +532,7 @@ class Broker:
 
     def _stage_run(self, shard: int, key: bytes, run: Sequence[Op]) -> None:
         """A run of waiters that took ``key``'s token together joins an open flight whole."""
-        size = sum(op[5] for op in run)
+        size = sum(map(_size, run))
         flight = self._open.get(shard)
         if flight is None or (
             len(flight.ops) + len(run) > MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES
@@ -877,5 +882,5 @@ def _token(flight: Flight) -> int:
     return flight.token
 
 
-def _size(op: Op) -> int:
-    return op[5]
+_size: Callable[[Op], int] = itemgetter(5)
+"""An op's size (a C call: the token table weighs every waiter of a run by it)."""
