@@ -684,6 +684,34 @@ def test_malformed_sub_requests_are_refused_alone_and_a_malformed_batch_whole(h)
     assert whole.body.startswith(b"bad request:")
 
 
+def test_the_request_that_came_second_with_an_id_is_answered_first_the_first_still_merges(h):
+    # The reply's forgetting of the second (remembered under its whole identity, its id being
+    # taken) must leave the first remembered under the id.
+    a, b = key_for(0, "a"), key_for(1, "b")
+    send_batch(h, [Request(Kind.SET, 9, a, b"v")], client=b"old-a", batch_id=1)
+    send_batch(h, [Request(Kind.SET, 9, b, b"v")], client=b"old-b", batch_id=2)
+    out = {d.ops[0][2]: (w, d) for w, d, _ in batch_dispatches(h)}
+    worker, dispatch = out[b]
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(dispatch))], h.now)
+    assert list(by_client(h)) == [b"old-b"]
+    send_batch(h, [Request(Kind.SET, 9, a, b"v")], client=b"new-a", batch_id=3)
+    assert h.take() == []  # the retry of the first joined it
+    worker, dispatch = out[a]
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(dispatch))], h.now)
+    assert list(by_client(h)) == [b"new-a"]
+    assert h.broker.idle() and not h.broker._by_identity
+
+
+def test_two_requests_sharing_an_id_in_one_flight_are_both_forgotten_at_its_reply(h):
+    a, b = key_for(0, "a"), key_for(0, "b")
+    send_batch(h, [Request(Kind.SET, 9, a, b"v"), Request(Kind.GET, 9, b)])
+    [(worker, dispatch, _)] = batch_dispatches(h)
+    assert [op[2] for op in dispatch.ops] == [a, b]
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(dispatch))], h.now)
+    assert [r.request_id for r in by_client(h)[CLIENT]] == [9, 9]
+    assert h.broker.idle() and not h.broker._by_identity
+
+
 def test_a_retried_batch_is_merged_and_answered_on_the_new_socket(h):
     keys = [key_for(0, "a"), key_for(1, "b")]
     requests = [Request(Kind.SET, i + 1, k, b"v") for i, k in enumerate(keys)]
