@@ -530,17 +530,19 @@ class Broker:
         flight.keys.add(key)
         flight.nbytes += size
 
-    def _stage_run(self, shard: int, key: bytes, run: Sequence[Op]) -> None:
-        """A run of waiters that took ``key``'s token together joins an open flight whole."""
-        size = sum(map(_size, run))
+    def _stage_runs(self, shard: int, runs: list[tuple[bytes, Sequence[Op]]]) -> None:
+        """Runs of waiters that took their key's token, each together, join the shard's open
+        flight, each whole (a full flight is closed and another opened)."""
         flight = self._open.get(shard)
-        if flight is None or (
-            len(flight.ops) + len(run) > MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES
-        ):
-            flight = self._new_open(shard)
-        flight.ops.extend(run)
-        flight.keys.add(key)
-        flight.nbytes += size
+        for key, run in runs:
+            size = run[0][5] if len(run) == 1 else sum(map(_size, run))
+            if flight is None or (
+                len(flight.ops) + len(run) > MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES
+            ):
+                flight = self._new_open(shard)
+            flight.ops.extend(run)
+            flight.keys.add(key)
+            flight.nbytes += size
 
     def _new_open(self, shard: int) -> Flight:
         self._close(shard)
@@ -748,11 +750,9 @@ class Broker:
     def _release(self, flight: Flight) -> None:
         """Pass on the tokens of an answered flight's keys: to the run of requests waiting for
         each, which joins an open flight (dispatched when the event ends)."""
-        shard = flight.shard
-        for key, run in self.tokens.release_many(
-            flight.keys, MAX_BATCH_OPS, MAX_BATCH_BYTES, _size
-        ):
-            self._stage_run(shard, key, run)
+        runs = self.tokens.release_many(flight.keys, MAX_BATCH_OPS, MAX_BATCH_BYTES, _size)
+        if runs:
+            self._stage_runs(flight.shard, runs)
 
     # --- workers ----------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ Two separate ideas live here:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from itertools import compress
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -94,23 +95,23 @@ class TokenTable(Generic[T]):
         return _take_run(self._queues, key, queue, max_count, max_weight, weight)  # type: ignore[arg-type]
 
     def release_many(
-        self, keys: Iterable[bytes], max_count: int, max_weight: int, weight: Callable[[T], int]
+        self, keys: Collection[bytes], max_count: int, max_weight: int, weight: Callable[[T], int]
     ) -> list[tuple[bytes, Sequence[T]]]:
         """:meth:`release_run` for each of ``keys`` (each once), in one call: the keys of an
-        answered flight.
+        answered flight (iterated twice: a collection, not an iterator).
 
         Returns:
             ``(key, run)`` for each key someone waited for, in the order of ``keys``; the
             tokens of the other keys are free again.
         """
         queues = self._queues
-        pop = queues.pop
-        runs: list[tuple[bytes, Sequence[T]]] = []
-        for key in keys:
-            queue = pop(key)  # KeyError: a release without an acquire, a broker bug
-            if queue:  # someone waits: the token stays out, passed to the run
-                runs.append((key, _take_run(queues, key, queue, max_count, max_weight, weight)))  # type: ignore[arg-type]
-        return runs
+        # Every key's entry popped in one C loop (KeyError: a release without an acquire, a
+        # broker bug); only the keys someone waits for reach Python, their token passed on.
+        popped = list(map(queues.pop, keys))
+        return [
+            (key, _take_run(queues, key, queue, max_count, max_weight, weight))  # type: ignore[arg-type]
+            for key, queue in compress(zip(keys, popped, strict=True), popped)
+        ]
 
     def held(self, key: bytes) -> bool:
         """Whether the token of ``key`` is out."""
@@ -136,7 +137,7 @@ def _take_run(
 ) -> list[T]:
     """Cut the run at the front of ``key``'s non-empty ``queue``, popped from ``queues``, and
     put back what keeps waiting (see :meth:`TokenTable.release_run`)."""
-    if len(queue) <= max_count and sum(map(weight, queue)) <= max_weight:
+    if len(queue) == 1 or (len(queue) <= max_count and sum(map(weight, queue)) <= max_weight):
         queues[key] = ()  # the whole queue goes, usually: the list itself is the run
         return queue
     total = weight(queue[0])
