@@ -668,6 +668,24 @@ def test_a_full_flight_is_closed_and_a_key_it_holds_waits_for_its_answer(h, monk
     assert [op[1] for op in run.ops] == [3]
 
 
+def test_a_flight_full_by_bytes_is_closed_and_a_key_it_holds_waits_for_its_answer(h, monkeypatch):
+    a, b = key_for(0, "a"), key_for(0, "b")
+    sizes = [len(pack_request(Kind.SET, i, k, b"v" * 10)) for i, k in ((1, a), (2, b))]
+    monkeypatch.setattr(core, "MAX_BATCH_BYTES", sum(sizes) - 1)  # two records do not fit
+    requests = [
+        Request(Kind.SET, 1, a, b"v" * 10),
+        Request(Kind.SET, 2, b, b"v" * 10),
+        Request(Kind.SET, 3, a, b"v" * 10),
+    ]
+    send_batch(h, requests)
+    out = batch_dispatches(h)
+    assert [[op[1] for op in d.ops] for _, d, _ in out] == [[1], [2]]
+    assert h.broker.tokens.waiting(a) == 1  # request 3 waits: a's token is in a full flight
+    h.broker.on_worker([b"w0", *encode_batch_reply(answer_all(out[0][1]))], h.now)
+    [run] = [decode_from_broker(f[1:]) for s, f in h.take() if s is Side.BACKEND]
+    assert [op[1] for op in run.ops] == [3]
+
+
 def test_malformed_sub_requests_are_refused_alone_and_a_malformed_batch_whole(h):
     good = pack_request(Kind.GET, 1, key_for(0))
     bad = pack_request(Kind.GET, 2, b"k")[:1] + b"\x80" + pack_request(Kind.GET, 2, b"k")[2:]
