@@ -167,7 +167,7 @@ class Origin:
         self.gather = gather
 
 
-Op = tuple[Origin, int, int, bytes, "memoryview | None", int]
+Op = tuple[Origin, int, int, bytes, "bytes | memoryview | None", int]
 """One request the broker holds: ``(origin, kind, request_id, key, record, size)``.
 
 ``record`` is the sub-request's wire record, a slice of the client's BATCH (None for a request
@@ -177,7 +177,7 @@ and a tuple costs a tenth of a class instance. The parts of an ALL are ops with 
 an empty key, which hold no token.
 """
 
-Entry = tuple["Origin | Gather", int, int, bytes, "memoryview | None", int]
+Entry = tuple["Origin | Gather", int, int, bytes, "bytes | memoryview | None", int]
 """What the broker remembers of a request under its id, to merge a retry with it: its op (or,
 for an ALL, the same shape with the :class:`Gather` first and an empty key)."""
 
@@ -628,7 +628,9 @@ class Broker:
                     )
         self._answer(flight.ops, records, "")
 
-    def _answer(self, ops: list[Op], records: list[memoryview] | None, message: str) -> None:
+    def _answer(
+        self, ops: list[Op], records: list[bytes | memoryview] | None, message: str
+    ) -> None:
         """Send each op its sub-reply record (or, with ``records`` None, UNAVAILABLE with
         ``message``): one BATCH_REPLY per client for ops that came in batches, a REPLY each
         for ops that came alone."""
