@@ -19,8 +19,7 @@ Two separate ideas live here:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
-from itertools import compress
+from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -95,23 +94,23 @@ class TokenTable(Generic[T]):
         return _take_run(self._queues, key, queue, max_count, max_weight, weight)  # type: ignore[arg-type]
 
     def release_many(
-        self, keys: Collection[bytes], max_count: int, max_weight: int, weight: Callable[[T], int]
+        self, keys: Iterable[bytes], max_count: int, max_weight: int, weight: Callable[[T], int]
     ) -> list[tuple[bytes, Sequence[T]]]:
         """:meth:`release_run` for each of ``keys`` (each once), in one call: the keys of an
-        answered flight (iterated twice: a collection, not an iterator).
+        answered flight.
 
         Returns:
             ``(key, run)`` for each key someone waited for, in the order of ``keys``; the
             tokens of the other keys are free again.
         """
         queues = self._queues
-        # Every key's entry popped in one C loop (KeyError: a release without an acquire, a
-        # broker bug); only the keys someone waits for reach Python, their token passed on.
-        popped = list(map(queues.pop, keys))
-        return [
-            (key, _take_run(queues, key, queue, max_count, max_weight, weight))  # type: ignore[arg-type]
-            for key, queue in compress(zip(keys, popped, strict=True), popped)
-        ]
+        pop = queues.pop
+        runs: list[tuple[bytes, Sequence[T]]] = []
+        for key in keys:
+            queue = pop(key)  # KeyError: a release without an acquire, a broker bug
+            if queue:  # someone waits: the token stays out, passed to the run
+                runs.append((key, _take_run(queues, key, queue, max_count, max_weight, weight)))  # type: ignore[arg-type]
+        return runs
 
     def held(self, key: bytes) -> bool:
         """Whether the token of ``key`` is out."""
