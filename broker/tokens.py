@@ -19,7 +19,6 @@ Two separate ideas live here:
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
@@ -32,14 +31,17 @@ SEQUENCE_MASK = (1 << SEQUENCE_BITS) - 1
 class TokenTable(Generic[T]):
     """Which keys have their token out, and who waits for each, in arrival order.
 
-    A key is in ``_queues`` exactly while its token is out; the deque holds the waiters, and
-    a key nobody waits for holds the empty tuple instead (most keys: no deque to allocate).
-    The broker's batch loop (broker/core.py, ``Broker._on_batch``) reads ``_queues`` and takes
-    free tokens in it directly, :meth:`acquire` written out: that loop relies on this meaning.
+    A key is in ``_queues`` exactly while its token is out; a list holds the waiters, oldest
+    first, and a key nobody waits for holds the empty tuple instead (most keys: nothing to
+    allocate). A list, not a deque: a deque costs 0.24 us to make against 0.05, and a run of
+    waiters leaves from the front together (usually all of them: then the list itself is the
+    run), so nothing pops them one by one. The broker's batch loop (broker/core.py,
+    ``Broker._on_batch``) reads ``_queues`` and takes tokens in it directly, :meth:`acquire`
+    written out: that loop relies on this meaning.
     """
 
     def __init__(self) -> None:
-        self._queues: dict[bytes, deque[T] | tuple[()]] = {}
+        self._queues: dict[bytes, list[T] | tuple[()]] = {}
 
     def acquire(self, key: bytes, waiter: T) -> bool:
         """Take the token of ``key`` for ``waiter``.
@@ -53,9 +55,9 @@ class TokenTable(Generic[T]):
             self._queues[key] = ()
             return True
         if queue:
-            queue.append(waiter)  # type: ignore[union-attr]  # non-empty: a deque
+            queue.append(waiter)  # type: ignore[union-attr]  # non-empty: a list
         else:
-            self._queues[key] = deque((waiter,))
+            self._queues[key] = [waiter]
         return False
 
     def release(self, key: bytes) -> T | None:
@@ -69,7 +71,7 @@ class TokenTable(Generic[T]):
         if queue is None:
             raise KeyError(key)  # a release without an acquire is a broker bug, not input
         if queue:
-            return queue.popleft()  # type: ignore[union-attr]  # non-empty: a deque
+            return queue.pop(0)  # type: ignore[union-attr]  # non-empty: a list
         del self._queues[key]
         return None
 
@@ -86,14 +88,10 @@ class TokenTable(Generic[T]):
         Returns:
             The run, or an empty sequence when nobody waited and the token is free again.
         """
-        queue = self._queues.get(key)
-        if queue is None:
-            raise KeyError(key)  # a release without an acquire is a broker bug, not input
+        queue = self._queues.pop(key)  # KeyError: a release without an acquire, a broker bug
         if not queue:
-            del self._queues[key]
             return ()
-        assert isinstance(queue, deque)  # non-empty: a deque
-        return _take_run(queue, max_count, max_weight, weight)
+        return _take_run(self._queues, key, queue, max_count, max_weight, weight)  # type: ignore[arg-type]
 
     def release_many(
         self, keys: Iterable[bytes], max_count: int, max_weight: int, weight: Callable[[T], int]
@@ -106,12 +104,12 @@ class TokenTable(Generic[T]):
             tokens of the other keys are free again.
         """
         queues = self._queues
+        pop = queues.pop
         runs: list[tuple[bytes, Sequence[T]]] = []
         for key in keys:
-            queue = queues.pop(key)  # KeyError: a release without an acquire, a broker bug
+            queue = pop(key)  # KeyError: a release without an acquire, a broker bug
             if queue:  # someone waits: the token stays out, passed to the run
-                queues[key] = queue
-                runs.append((key, _take_run(queue, max_count, max_weight, weight)))  # type: ignore[arg-type]
+                runs.append((key, _take_run(queues, key, queue, max_count, max_weight, weight)))  # type: ignore[arg-type]
         return runs
 
     def held(self, key: bytes) -> bool:
@@ -129,18 +127,30 @@ class TokenTable(Generic[T]):
 
 
 def _take_run(
-    queue: deque[T], max_count: int, max_weight: int, weight: Callable[[T], int]
+    queues: dict[bytes, list[T] | tuple[()]],
+    key: bytes,
+    queue: list[T],
+    max_count: int,
+    max_weight: int,
+    weight: Callable[[T], int],
 ) -> list[T]:
-    """Pop the run at the front of a non-empty ``queue`` (see :meth:`TokenTable.release_run`)."""
-    first = queue.popleft()
-    run = [first]
-    total = weight(first)
-    while queue and len(run) < max_count:
-        size = weight(queue[0])
+    """Cut the run at the front of ``key``'s non-empty ``queue``, popped from ``queues``, and
+    put back what keeps waiting (see :meth:`TokenTable.release_run`)."""
+    if len(queue) == 1 or (len(queue) <= max_count and sum(map(weight, queue)) <= max_weight):
+        queues[key] = ()  # the whole queue goes, usually: the list itself is the run
+        return queue
+    total = weight(queue[0])
+    end = 1
+    limit = min(len(queue), max_count)
+    while end < limit:
+        size = weight(queue[end])
         if total + size > max_weight:
             break
         total += size
-        run.append(queue.popleft())
+        end += 1
+    run = queue[:end]
+    del queue[:end]
+    queues[key] = queue
     return run
 
 

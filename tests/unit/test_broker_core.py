@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from binascii import crc_hqx
 
 import pytest
 
@@ -147,6 +148,31 @@ def test_request_goes_to_the_owner_of_its_shard_and_the_reply_comes_back_untouch
     h.answer(worker, dispatch, ok(dispatch, deadline_ms=123))
     [reply] = h.replies()
     assert reply == Reply(Status.OK, 7, dispatch.token, 123, None)
+
+
+def tagged_keys_for(shard: int, count: int) -> list[bytes]:
+    """Hash-tagged keys of ``shard`` whose whole bytes hash to another shard: routed right only
+    if their tag is honoured (the broker hashes untagged keys inline, without key_shard)."""
+    keys = []
+    for i in range(10_000):
+        key = f"{{t{i}}}:x".encode()
+        untagged = (crc_hqx(key, 0) % 16384) * CONFIG.shards // 16384
+        if key_shard(key, CONFIG.shards) == shard != untagged:
+            keys.append(key)
+            if len(keys) == count:
+                return keys
+    raise AssertionError("no key found")
+
+
+def test_a_hash_tagged_key_goes_to_the_shard_of_its_tag_alone_and_in_a_batch(h):
+    for shard in (0, 1):
+        alone, batched = tagged_keys_for(shard, 2)
+        h.send(Request(Kind.GET, 1 + shard, alone))
+        [(worker, _, _)] = h.dispatched()
+        assert worker == b"w%d" % shard
+        send_batch(h, [Request(Kind.GET, 10 + shard, batched)])
+        [(worker, _, _)] = batch_dispatches(h)
+        assert worker == b"w%d" % shard
 
 
 def test_requests_for_one_key_go_one_dispatch_at_a_time_in_arrival_order(h):
@@ -642,6 +668,24 @@ def test_a_full_flight_is_closed_and_a_key_it_holds_waits_for_its_answer(h, monk
     assert [op[1] for op in run.ops] == [3]
 
 
+def test_a_flight_full_by_bytes_is_closed_and_a_key_it_holds_waits_for_its_answer(h, monkeypatch):
+    a, b = key_for(0, "a"), key_for(0, "b")
+    sizes = [len(pack_request(Kind.SET, i, k, b"v" * 10)) for i, k in ((1, a), (2, b))]
+    monkeypatch.setattr(core, "MAX_BATCH_BYTES", sum(sizes) - 1)  # two records do not fit
+    requests = [
+        Request(Kind.SET, 1, a, b"v" * 10),
+        Request(Kind.SET, 2, b, b"v" * 10),
+        Request(Kind.SET, 3, a, b"v" * 10),
+    ]
+    send_batch(h, requests)
+    out = batch_dispatches(h)
+    assert [[op[1] for op in d.ops] for _, d, _ in out] == [[1], [2]]
+    assert h.broker.tokens.waiting(a) == 1  # request 3 waits: a's token is in a full flight
+    h.broker.on_worker([b"w0", *encode_batch_reply(answer_all(out[0][1]))], h.now)
+    [run] = [decode_from_broker(f[1:]) for s, f in h.take() if s is Side.BACKEND]
+    assert [op[1] for op in run.ops] == [3]
+
+
 def test_malformed_sub_requests_are_refused_alone_and_a_malformed_batch_whole(h):
     good = pack_request(Kind.GET, 1, key_for(0))
     bad = pack_request(Kind.GET, 2, b"k")[:1] + b"\x80" + pack_request(Kind.GET, 2, b"k")[2:]
@@ -656,6 +700,34 @@ def test_malformed_sub_requests_are_refused_alone_and_a_malformed_batch_whole(h)
     [whole] = h.replies()
     assert (whole.request_id, whole.status) == (6, Status.ERROR)  # the batch id
     assert whole.body.startswith(b"bad request:")
+
+
+def test_the_request_that_came_second_with_an_id_is_answered_first_the_first_still_merges(h):
+    # The reply's forgetting of the second (remembered under its whole identity, its id being
+    # taken) must leave the first remembered under the id.
+    a, b = key_for(0, "a"), key_for(1, "b")
+    send_batch(h, [Request(Kind.SET, 9, a, b"v")], client=b"old-a", batch_id=1)
+    send_batch(h, [Request(Kind.SET, 9, b, b"v")], client=b"old-b", batch_id=2)
+    out = {d.ops[0][2]: (w, d) for w, d, _ in batch_dispatches(h)}
+    worker, dispatch = out[b]
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(dispatch))], h.now)
+    assert list(by_client(h)) == [b"old-b"]
+    send_batch(h, [Request(Kind.SET, 9, a, b"v")], client=b"new-a", batch_id=3)
+    assert h.take() == []  # the retry of the first joined it
+    worker, dispatch = out[a]
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(dispatch))], h.now)
+    assert list(by_client(h)) == [b"new-a"]
+    assert h.broker.idle() and not h.broker._by_identity
+
+
+def test_two_requests_sharing_an_id_in_one_flight_are_both_forgotten_at_its_reply(h):
+    a, b = key_for(0, "a"), key_for(0, "b")
+    send_batch(h, [Request(Kind.SET, 9, a, b"v"), Request(Kind.GET, 9, b)])
+    [(worker, dispatch, _)] = batch_dispatches(h)
+    assert [op[2] for op in dispatch.ops] == [a, b]
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(dispatch))], h.now)
+    assert [r.request_id for r in by_client(h)[CLIENT]] == [9, 9]
+    assert h.broker.idle() and not h.broker._by_identity
 
 
 def test_a_retried_batch_is_merged_and_answered_on_the_new_socket(h):

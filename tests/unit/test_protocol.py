@@ -734,3 +734,26 @@ def test_pack_request_fast_paths_agree_with_encoding_a_request() -> None:
         except ProtocolError:
             expected = None
         assert record == expected, (kind, key[:8], value, ttl)
+
+
+def test_records_are_cut_as_copies_when_small_and_as_views_of_the_frame_when_large():
+    """split_batch and split_reply_records: the same bytes either way, each record a bytes copy
+    below COPIED_RECORD_BYTES and a memoryview (no copy of a large value) from there on."""
+    limit = protocol.COPIED_RECORD_BYTES
+    head = protocol.SUB_REQUEST_BYTES + 1  # a one-byte key
+    values = [b"", b"s" * (limit - head - 1), b"e" * (limit - head), b"L" * (limit * 4)]
+    records = [pack_request(Kind.SET, i + 1, b"k", v) for i, v in enumerate(values)]
+    assert [len(r) for r in records[1:3]] == [limit - 1, limit]
+    _, subs = split_batch(protocol.batch_frames(9, records))
+    assert [bytes(sub[3]) for sub in subs] == records
+    assert [type(sub[3]) for sub in subs] == [bytes, bytes, memoryview, memoryview]
+    joined = dispatch_batch_frames(7, [sub[3] for sub in subs])
+    assert joined == dispatch_batch_frames(7, records)
+
+    head = protocol.SUB_REPLY_BYTES
+    bodies = [b"", b"s" * (limit - head - 1), b"e" * (limit - head), b"L" * (limit * 4)]
+    replies = [pack_reply(Status.OK, i + 1, 7, None, b) for i, b in enumerate(bodies)]
+    frames = protocol.batch_reply_frames(7, replies)
+    cut = split_reply_records(frames, len(replies))
+    assert [bytes(r) for r in cut] == replies
+    assert [type(r) for r in cut] == [bytes, bytes, memoryview, memoryview]

@@ -73,3 +73,38 @@ def test_advance_past_never_goes_backwards():
     before = issuer.issue()
     issuer.advance_past(5)
     assert issuer.issue() > before
+
+
+def test_a_released_token_goes_to_the_whole_run_of_waiters_that_fits():
+    table: TokenTable[int] = TokenTable()
+    table.acquire(b"k", 0)
+    for waiter in (1, 2, 3):
+        table.acquire(b"k", waiter)
+    table.acquire(b"free", 9)
+    assert table.release_many([b"k", b"free"], 3, 100, lambda w: w) == [(b"k", [1, 2, 3])]
+    assert table.held(b"k") and table.waiting(b"k") == 0 and not table.held(b"free")
+    assert table.release_run(b"k", 3, 100, lambda w: w) == ()
+    assert len(table) == 0
+
+
+@pytest.mark.parametrize(
+    ("max_count", "max_weight", "runs"),
+    [
+        (2, 100, [[1, 2], [3, 4], [5]]),  # cut by count
+        (10, 7, [[1, 2, 3], [4], [5]]),  # cut by weight
+        (10, 0, [[1], [2], [3], [4], [5]]),  # never less than one waiter, whatever it weighs
+        (5, 15, [[1, 2, 3, 4, 5]]),  # exactly at both limits: all of them
+    ],
+)
+def test_a_run_is_cut_at_the_limits_and_the_rest_waits_in_order(max_count, max_weight, runs):
+    table: TokenTable[int] = TokenTable()
+    table.acquire(b"k", 0)
+    for waiter in range(1, 6):
+        table.acquire(b"k", waiter)
+    taken = [list(table.release_run(b"k", max_count, max_weight, lambda w: w))]
+    table.acquire(b"k", 99)  # a newcomer waits behind the rest
+    while run := table.release_run(b"k", max_count, max_weight, lambda w: w):
+        taken.append(list(run))
+    assert taken[: len(runs)] == runs
+    assert taken[len(runs) :] == [[99]]
+    assert len(table) == 0
