@@ -3,7 +3,8 @@
 docs/persistence.md specifies the same format in prose. In short::
 
     file   = magic records*
-    magic  = b"ZKVLOG1\\n"                                  8 bytes, names the format and version
+    magic  = b"ZKVLOG2\\n"                                  8 bytes, names the format and version
+                                                           (b"ZKVLOG1\\n", before MEMOS, still read)
     record = length:u32  crc:u32  body                     length = len(body)
     crc    = CRC-32 (zlib.crc32) of the four length bytes followed by the body
 
@@ -21,7 +22,8 @@ holds up to MEMOS_PER_RECORD remembered replies of the idempotency memory (see
 workers/idempotency.py), so that a retry reaching a later owner is still answered from memory.
 Compaction writes the whole memory (100,000 entries a shard when full) every time. Written as one
 MEMO record per entry, as earlier versions did (still read), that cost the worker about 110 ms
-per compaction, a tenth of its CPU under a steady stream of SETs. The memory keeps each entry
+per compaction (34 ms of snapshot on its loop, 72 of encoding in the thread; now 1.4 and 5), a
+tenth of its CPU under a steady stream of SETs. The memory keeps each entry
 in the form a MEMOS entry has, so a MEMOS record is one join, and replay keeps the entries as
 they are read.
 
@@ -52,11 +54,19 @@ from zkv.protocol import MAX_KEY_BYTES, MAX_VALUE_BYTES
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"ZKVLOG1\n"
+# Version 2 added MEMOS records. Every file this version creates says 2, so that a version-1
+# reader refuses it at its first bytes as "not a zkv log" instead of replaying a compacted log
+# up to its first MEMOS record and calling the rest damage (or, at the end, a torn tail to cut).
+# Version-1 files are read as they are; the appends to one are SET and DEL records, which both
+# versions know, until a compaction replaces it with a version-2 file.
+MAGIC = b"ZKVLOG2\n"
+MAGIC_V1 = b"ZKVLOG1\n"
+MAGICS = (MAGIC, MAGIC_V1)
 
 _PREFIX = struct.Struct("!II")  # length, crc
 _LENGTH = struct.Struct("!I")
-_KEY_LEN = struct.Struct("!H")
+_KEY_LEN = struct.Struct("!H")  # a MEMOS entry's key_len
+_KEY_LEN_AT = struct.calcsize("!Q")  # its offset in the entry: after the request id
 _SET = struct.Struct("!BQQI")  # type, request_id, deadline_ms, key_len
 _DEL = struct.Struct("!BQ")  # type, request_id
 _MEMO = struct.Struct("!BQBBQI")  # type, request_id, kind, status, deadline_ms, fingerprint
@@ -158,6 +168,13 @@ class MemosRecord:
 Record = SetRecord | DelRecord | MemoRecord | MemosRecord
 
 
+class Unreadable(str):
+    """Why a record whose checksum matched cannot be read: an unknown type (a newer version
+    wrote it), a key longer than any version writes, or a body that does not parse. Not damage
+    from a crash (the checksum rules that out), so never a torn tail to cut off, wherever it
+    stands: :func:`classify` reports it as corruption, and replay refuses the log."""
+
+
 class CorruptLog(Exception):
     """A log damaged before its end: replaying past the damage would skip acknowledged
     writes, and stopping there would silently drop the writes after it, so neither is done.
@@ -174,6 +191,13 @@ class CorruptLog(Exception):
         self.offset = offset
         self.reason = reason
         self.size = size
+        if isinstance(reason, Unreadable):  # intact, but not this version's to read
+            super().__init__(
+                f"log {path} cannot be read from byte {offset}: {reason}. Its checksums match, "
+                f"so it is not damage: run the zkv version that wrote it (`python -m "
+                f"workers.repair` would cut off everything from that byte, and refuses to)"
+            )
+            return
         super().__init__(
             f"log {path} is damaged at byte {offset} ({reason}) with valid records after it, "
             f"{size - offset} bytes from there to the end: refusing to replay it. To repair, "
@@ -306,6 +330,7 @@ def parse_at(data: memoryview, offset: int) -> tuple[Record, int] | str:
     if length == 0:
         return "empty record"
     kind = data[start]
+    unknown = False
     if kind == RecordType.SET:
         if length < _SET.size:
             return "SET record too short"
@@ -315,16 +340,24 @@ def parse_at(data: memoryview, offset: int) -> tuple[Record, int] | str:
     elif kind == RecordType.DEL:
         if length < _DEL.size:
             return "DEL record too short"
+        key_len = length - _DEL.size
     elif kind == RecordType.MEMO:
         if length < _MEMO.size:
             return "MEMO record too short"
+        key_len = length - _MEMO.size
     elif kind == RecordType.MEMOS:
         if length < _MEMOS.size:
             return "MEMOS record too short"
+        key_len = 0  # an entry's is 16 bits: never over MAX_KEY_BYTES
     else:
-        return f"unknown record type 0x{kind:02x}"
+        unknown = True  # judged after the CRC: a valid record of a newer version is not garbage
+        key_len = 0
     if zlib.crc32(data[start:end], zlib.crc32(data[offset : offset + 4])) != crc:
         return "checksum mismatch"
+    if unknown:
+        return Unreadable(f"record type 0x{kind:02x} is unknown to this version (a newer one's?)")
+    if key_len > MAX_KEY_BYTES:
+        return Unreadable(f"a key of {key_len} bytes: no version writes keys over {MAX_KEY_BYTES}")
     if kind == RecordType.SET:
         _, request_id, deadline_ms, key_len = _SET.unpack_from(data, start)
         key_end = start + _SET.size + key_len
@@ -355,9 +388,9 @@ def parse_at(data: memoryview, offset: int) -> tuple[Record, int] | str:
     return record, end
 
 
-def _parse_memos(data: memoryview, start: int, end: int) -> MemosRecord | str:
+def _parse_memos(data: memoryview, start: int, end: int) -> MemosRecord | Unreadable:
     """The body of a MEMOS record whose CRC matched, or why it does not parse (a writer's bug
-    or a crafted file: the CRC rules out damage; reported as damage all the same)."""
+    or a crafted file: the CRC rules out a crash's damage, see :class:`Unreadable`)."""
     count = _MEMOS.unpack_from(data, start)[1]
     unpack_key_len = _KEY_LEN.unpack_from
     head_bytes = MEMOS_ENTRY.size
@@ -366,14 +399,14 @@ def _parse_memos(data: memoryview, start: int, end: int) -> MemosRecord | str:
     offset = start + _MEMOS.size
     for index in range(count):
         if offset + head_bytes > end:
-            return f"MEMOS record: entry {index} of {count} runs past its end"
-        entry_end = offset + head_bytes + unpack_key_len(data, offset + 8)[0]
+            return Unreadable(f"MEMOS record: entry {index} of {count} runs past its end")
+        entry_end = offset + head_bytes + unpack_key_len(data, offset + _KEY_LEN_AT)[0]
         if entry_end > end:
-            return f"MEMOS record: entry {index} of {count} runs past its end"
+            return Unreadable(f"MEMOS record: entry {index} of {count} runs past its end")
         append(bytes(data[offset:entry_end]))
         offset = entry_end
     if offset != end:
-        return f"MEMOS record: {end - offset} bytes after its {count} entries"
+        return Unreadable(f"MEMOS record: {end - offset} bytes after its {count} entries")
     return MemosRecord(tuple(entries))
 
 
@@ -419,7 +452,10 @@ _NONZERO = re.compile(rb"[^\x00]")
 
 
 def classify(data: memoryview, offset: int, reason: str) -> Damage:
-    """Decide whether the bad record at ``offset`` is a torn tail (see the comment above)."""
+    """Decide whether the bad record at ``offset`` is a torn tail (see the comment above).
+    A record whose checksum matched (``reason`` an :class:`Unreadable`) is never one."""
+    if isinstance(reason, Unreadable):
+        return Damage(offset, reason, torn=False)
     size = len(data)
     if offset + PREFIX_BYTES <= size:
         length = _LENGTH.unpack_from(data, offset)[0]
@@ -441,13 +477,17 @@ def classify(data: memoryview, offset: int, reason: str) -> Damage:
 
 
 def check_magic(data: memoryview) -> Damage | None:
-    """None if the file starts with the magic; a torn Damage if it is a cut-short prefix of it
-    (a crash while the file was being created), else a corrupt one."""
+    """None if the file starts with a magic this version reads (:data:`MAGICS`); a torn Damage
+    if it is a cut-short prefix of one (a crash while the file was being created), else a
+    corrupt one."""
     head = bytes(data[: len(MAGIC)])
-    if head == MAGIC:
+    if head in MAGICS:
         return None
-    if len(head) < len(MAGIC) and MAGIC.startswith(head):
+    if len(head) < len(MAGIC) and any(magic.startswith(head) for magic in MAGICS):
         return Damage(0, "incomplete magic", torn=True)
+    if len(head) == len(MAGIC) and head.startswith(b"ZKVLOG"):
+        reason = Unreadable(f"a zkv log of another version ({head!r}); this one reads {MAGICS!r}")
+        return Damage(0, reason, torn=False)
     return Damage(0, f"not a zkv log: starts with {head!r}, expected {MAGIC!r}", torn=False)
 
 

@@ -13,7 +13,10 @@ This tool makes the choice explicit, as ``redis-check-aof --fix`` does:
    an operator knows which keys to check.
 
 It takes the shard's owner lock while it works, so it never races a worker appending to the
-same log, and it refuses to run if the lock stays busy. Exit status: 0 if the log is (now)
+same log, and it refuses to run if the lock stays busy. It also refuses a log whose first bad
+record has a matching checksum (:class:`workers.aof.Unreadable`: a newer version's record
+type, or a writer's bug), and a log of another format version: that is not damage, and the
+version that wrote it reads it. Exit status: 0 if the log is (now)
 sound, 1 if it could not be repaired, 2 for bad usage.
 """
 
@@ -82,6 +85,12 @@ def repair(path: Path) -> int:
     if damage is None:
         print(f"{path}: {records} records, {size} bytes, no damage found; nothing to do")
         return EXIT_OK
+    if isinstance(damage.reason, aof.Unreadable):
+        # Checksums match: a newer version's log (or a writer's bug), not a crash's damage.
+        # Cutting it off would drop acknowledged writes that the right version reads.
+        print(f"error: {path}: byte {damage.offset}: {damage.reason}", file=sys.stderr)
+        print("  not damage (its checksums match): left as it is", file=sys.stderr)
+        return EXIT_FAILED
     kind = "a torn last record" if damage.torn else "corruption with valid records after it"
     print(f"{path}: {kind} at byte {damage.offset}: {damage.reason}")
     print(f"  kept: {records} valid records, bytes 0..{damage.offset}")

@@ -281,6 +281,59 @@ def test_a_file_that_is_not_a_log_is_refused(tmp_path: Path) -> None:
     assert "not a zkv log" in caught.value.reason
 
 
+def test_new_logs_say_version_2_and_version_1_logs_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    aof.create_log(path)
+    assert path.read_bytes() == b"ZKVLOG2\n" == MAGIC
+    path.write_bytes(aof.MAGIC_V1 + aof.encode(RECORDS[0]))
+    assert read_all(path)[0] == [RECORDS[0]]
+
+
+def test_a_log_of_another_version_is_refused_as_such_not_as_damage(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    path.write_bytes(b"ZKVLOG9\n" + aof.encode(RECORDS[0]))
+    with LogReader(path) as reader, pytest.raises(CorruptLog) as caught:
+        list(reader.records())
+    assert caught.value.offset == 0 and "another version" in caught.value.reason
+    assert "run the zkv version that wrote it" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"\x7f" + bytes(20), "record type 0x7f is unknown to this version"),
+        (  # a SET whose key is longer than the wire allows
+            struct.pack("!BQQI", 0x01, 1, 0, 70_000) + bytes(70_000) + b"v",
+            "a key of 70000 bytes",
+        ),
+        (struct.pack("!BQ", 0x02, 1) + bytes(70_000), "a key of 70000 bytes"),  # a DEL's
+        (b"\x04" + struct.pack("!I", 2) + struct.pack("!QH", 1, 0) + bytes(14), "entry 1 of 2"),
+    ],
+    ids=["unknown type", "SET key too long", "DEL key too long", "MEMOS short of entries"],
+)
+def test_an_intact_record_this_version_cannot_read_is_never_a_torn_tail(
+    tmp_path: Path, body: bytes, reason: str
+) -> None:
+    # Its checksum matches, so no crash cut it short: last in the file or not, the log is
+    # refused whole (a newer version's record, or a writer's bug), never truncated.
+    path = tmp_path / "log"
+    data = MAGIC + aof.encode(RECORDS[0]) + framed(body)
+    path.write_bytes(data)
+    with LogReader(path) as reader, pytest.raises(CorruptLog) as caught:
+        list(reader.records())
+    assert reason in caught.value.reason
+    assert isinstance(caught.value.reason, aof.Unreadable)
+    assert caught.value.offset == len(MAGIC) + len(aof.encode(RECORDS[0]))
+    assert "checksums match" in str(caught.value)
+    assert path.read_bytes() == data
+    # The same bytes with a wrong checksum are a torn tail, as any damage at the end is.
+    torn = bytearray(data)
+    torn[-1] ^= 0xFF
+    path.write_bytes(bytes(torn))
+    records, reader = read_all(path)
+    assert records == [RECORDS[0]] and reader.damage is not None and reader.damage.torn
+
+
 @pytest.mark.parametrize("length", range(len(MAGIC)))
 def test_a_cut_short_magic_is_a_torn_tail(tmp_path: Path, length: int) -> None:
     path = tmp_path / "log"

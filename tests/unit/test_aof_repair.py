@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,18 @@ def test_the_command_line_entry_point(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert f"truncated to {offsets[2]} bytes" in result.stdout
+
+
+def test_repair_refuses_an_intact_record_it_cannot_read(tmp_path: Path) -> None:
+    # A newer version's record type with a matching checksum: not damage, and cutting it off
+    # would drop what that version wrote.
+    shard_dir = tmp_path / "data" / "shard-0"
+    shard_dir.mkdir(parents=True)
+    path = shard_dir / "log"
+    body = b"\x7f" + bytes(12)
+    crc = zlib.crc32(body, zlib.crc32(struct.pack("!I", len(body))))
+    data = MAGIC + aof.encode(RECORDS[0]) + struct.pack("!II", len(body), crc) + body
+    path.write_bytes(data)
+    assert repair.main([str(path)]) == repair.EXIT_FAILED
+    assert path.read_bytes() == data
+    assert not list(shard_dir.glob("log.corrupt-*"))

@@ -252,3 +252,35 @@ def test_memo_records_of_earlier_versions_and_memos_records_both_replay_into_the
     assert shard.memory.recall(12, Kind.DEL, long_key, 0) is not None
     assert shard.memory.recall(11, Kind.SET, b"b", 0xAC) is None  # another value: not a retry
     shard.close()
+
+
+# A log written by the version before MEMOS records (commit f162638, its own encoder): magic
+# ZKVLOG1, MEMO of request 10 (SET a, deadline 4102444800000, fingerprint 0xCAFE) and of 11
+# (DEL gone), SET a=alpha (snapshot, id 0), SET b=beta (request 12), DEL b (request 13).
+VERSION_1_LOG = bytes.fromhex(
+    "5a4b564c4f47310a000000183bc1854003000000000000000a0200000003bb2cc3d8000000cafe610000001b"
+    "ad1e697b03000000000000000b0300000000000000000000000000676f6e650000001b08a6a1210100000000"
+    "00000000000003bb2cc3d8000000000161616c7068610000001a3c75868201000000000000000c0000000000"
+    "0000000000000162626574610000000a21f38f4702000000000000000d62"
+)
+
+
+def test_a_log_of_the_version_before_replays_and_takes_appends(
+    tmp_path: Path, clock: FakeClock, tokens: Iterator[int]
+) -> None:
+    durability = durable(tmp_path)
+    shard_dir = durability.shard_dir(0)
+    shard_dir.mkdir(parents=True)
+    (shard_dir / "log").write_bytes(VERSION_1_LOG)
+    shard = take_shard(0, 1, None, durability, clock).shard
+    assert shard.store.get(b"a") == (b"alpha", 4_102_444_800_000)
+    assert [request_id for request_id, _ in shard.memory.snapshot()] == [10, 11, 12, 13]
+    assert shard.memory.recall(10, Kind.SET, b"a", 0xCAFE) is not None
+    assert shard.memory.recall(11, Kind.DEL, b"gone", 0) is not None
+    batch(shard, tokens, set_(20, b"c", b"gamma"))
+    shard.close()
+    log = (shard_dir / "log").read_bytes()
+    assert log.startswith(VERSION_1_LOG)  # appended to as it is, still version 1
+    again = take_shard(0, 2, None, durability, clock).shard
+    assert again.store.get(b"c") == (b"gamma", None)
+    again.close()
