@@ -93,14 +93,19 @@ Durable = Callable[[bytes, bytes, int | None], None]
 """What makes one SET durable before its reply (the worker's ``--log``), or nothing."""
 
 
-def log_writer(path: str) -> Durable:
+def log_writer(
+    path: str,
+    write: Callable[[int, bytes], int] = os.write,
+    fsync: Callable[[int], None] = os.fsync,
+) -> Durable:
     """Append each SET (lengths, deadline, key, value) to ``path`` and fsync it: a log with no
-    checksum, replay or compaction, only the write and the fsync that zkv's ``always`` pays."""
+    checksum, replay or compaction, only the write and the fsync that zkv's ``always`` pays
+    (``write`` and ``fsync``: tests pass recorders)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
 
     def durable(key: bytes, value: bytes, deadline_ms: int | None) -> None:
-        os.write(fd, _LOG_HEAD.pack(len(key), len(value), deadline_ms or 0) + key + value)
-        os.fsync(fd)
+        write(fd, _LOG_HEAD.pack(len(key), len(value), deadline_ms or 0) + key + value)
+        fsync(fd)
 
     return durable
 

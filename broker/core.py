@@ -623,8 +623,8 @@ class Broker:
                     # Refused by this worker, but an earlier worker may have applied it.
                     reply = decode_reply_record(record)
                     message = (reply.body or b"") + b"; outcome unknown"
-                    records[index] = memoryview(
-                        pack_reply(_UNAVAILABLE, reply.request_id, reply.token, None, message)
+                    records[index] = pack_reply(
+                        _UNAVAILABLE, reply.request_id, reply.token, None, message
                     )
         self._answer(flight.ops, records, "")
 

@@ -35,7 +35,8 @@ class TokenTable(Generic[T]):
     first, and a key nobody waits for holds the empty tuple instead (most keys: nothing to
     allocate). A list, not a deque: a deque costs 0.24 us to make against 0.05, and a run of
     waiters leaves from the front together (usually all of them: then the list itself is the
-    run), so nothing pops them one by one. The broker's batch loop (broker/core.py,
+    run), so the broker pops none of them one by one (:meth:`release`, which does, serves
+    tests and tools). The broker's batch loop (broker/core.py,
     ``Broker._on_batch``) reads ``_queues`` and takes tokens in it directly, :meth:`acquire`
     written out: that loop relies on this meaning.
     """

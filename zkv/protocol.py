@@ -815,7 +815,12 @@ def _walk_sub_replies(body: bytes, count: int, tokens: bool) -> list:
 
 _SUB_REPLY_ANSWER = struct.Struct("!B7xQ8xQ")  # status, request_id, deadline_ms of a sub-reply
 _SUB_REPLY_STATUSES = bytes(sorted(_STATUS_OF))
-_SUB_REPLY_ZERO_OFFSETS = (1, 4, 5, 6, 7)  # flags and body_len: all zero in a bodiless record
+# flags and body_len: all zero in a bodiless record (offsets derived from _SUB_REPLY's layout)
+_SUB_REPLY_ZERO_OFFSETS = (
+    struct.calcsize("!B"),
+    *range(struct.calcsize("!BBxx"), struct.calcsize("!BBxxI")),
+)
+assert _SUB_REPLY.format == "!BBxxIQQQ" and _SUB_REPLY_ANSWER.size == _SUB_REPLY.size
 
 
 def _all_bodiless(body: bytes, count: int) -> bool:

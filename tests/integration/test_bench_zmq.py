@@ -69,7 +69,7 @@ def test_interleaved_turns_cover_every_chain_and_operation(tmp_path: Path) -> No
 
 
 def test_the_bare_worker_with_a_log_puts_each_set_on_disk_before_its_reply(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """bare.py --log: a SET is written and fsynced, in that order, before handle() returns;
     a GET writes nothing. What the fsync'd chain of the interleaved target measures."""
@@ -84,9 +84,7 @@ def test_the_bare_worker_with_a_log_puts_each_set_on_disk_before_its_reply(
         events.append("fsync")
         real_fsync(fd)
 
-    monkeypatch.setattr(bare.os, "write", write)
-    monkeypatch.setattr(bare.os, "fsync", fsync)
-    durable = bare.log_writer(str(tmp_path / "sets.log"))
+    durable = bare.log_writer(str(tmp_path / "sets.log"), write, fsync)
     store: dict[bytes, tuple[bytes, int | None]] = {}
     set_frames = encode_request(Request(Kind.SET, 5, b"key", b"value", ttl_ms=1000))
     reply = decode_reply(bare.handle(store, set_frames, durable))

@@ -686,6 +686,24 @@ def test_a_flight_full_by_bytes_is_closed_and_a_key_it_holds_waits_for_its_answe
     assert [op[1] for op in run.ops] == [3]
 
 
+def test_batches_that_meet_open_flights_still_keep_every_flight_within_the_limits(h, monkeypatch):
+    # Between events no flight is open, so _on_batch skips its limit checks for a batch within
+    # the limits. Should a batch ever meet open flights (two in one event), the checks apply:
+    # every flight stays within MAX_BATCH_OPS, and a key in a full flight waits its turn.
+    monkeypatch.setattr(core, "MAX_BATCH_OPS", 3)
+    keys = [key_for(0, str(i)) for i in range(5)]
+    first = encode_batch(Batch(1, tuple(Request(Kind.GET, i, k) for i, k in enumerate(keys[:2]))))
+    second = encode_batch(Batch(2, tuple(Request(Kind.GET, 10 + i, k) for i, k in enumerate(keys))))
+    h.broker._on_batch(CLIENT, first, h.now)
+    h.broker._on_batch(CLIENT, second, h.now)  # meets the open flight of the first
+    h.broker._flush(h.now)
+    out = batch_dispatches(h)
+    # Request 10 follows its key's holder into the open flight, which is then full: request
+    # 11 (key 1) waits behind the token in it, and 12-14 open a flight of their own.
+    assert [[op[1] for op in d.ops] for _, d, _ in out] == [[0, 1, 10], [12, 13, 14]]
+    assert h.broker.tokens.waiting(keys[1]) == 1 and h.broker.tokens.waiting(keys[0]) == 0
+
+
 def test_malformed_sub_requests_are_refused_alone_and_a_malformed_batch_whole(h):
     good = pack_request(Kind.GET, 1, key_for(0))
     bad = pack_request(Kind.GET, 2, b"k")[:1] + b"\x80" + pack_request(Kind.GET, 2, b"k")[2:]
