@@ -410,8 +410,8 @@ class TTLStore:
     # write. No timing assumption anywhere: the clock may jump forward (a backlog, drained in
     # passes) or back (buckets simply come due later).
     #
-    # Measured (bench/expiry_wave.py, one worker on this 2-core machine, 1,000, 250 or 100 keys
-    # a pass): a million keys due within one second were each removed within 50-61 ms of their
+    # Measured (bench/expiry_wave.py, one worker on this 2-core machine, 1,000 or 250 keys a
+    # pass): a million keys due within one second were each removed within 50-61 ms of their
     # deadline when written in deadline order, within 429 ms when their deadlines were
     # scattered across the write order (each millisecond's keys spread over the whole heap:
     # the cost is cache misses, about 1 us a key here, not the index).

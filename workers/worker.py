@@ -77,7 +77,7 @@ SOCKET_HWM = 100_000  # messages queued to or from the broker before ZeroMQ push
 # request never waits behind a long sweep; a backlog drains over consecutive passes.
 # bench/expiry_wave.py, 1,000,000 keys due in one second, GET p99 in the wave over baseline: 1000
 # keys a pass gave 1.9x, 250 gave 1.4-1.7x (once 2.4x), 100 gave 1.3x and 1.4x; the last key
-# went 50-130 ms after its deadline with each (passes run back to back while a backlog remains).
+# went 50-165 ms after its deadline with each (passes run back to back while a backlog remains).
 EXPIRE_MAX_KEYS_PER_PASS = 100
 # Messages received per pass before the batch is served and the timers run again: the most
 # requests that share one fsync, and the bound that keeps a flood from starving heartbeats.
