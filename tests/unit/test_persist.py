@@ -224,14 +224,20 @@ def test_a_log_cut_short_in_its_magic_starts_over(
     again.close()
 
 
+def with_log(tmp_path: Path, data: bytes) -> tuple[Durability, Path]:
+    """A data directory whose shard 0 has ``data`` as its log (written by someone else)."""
+    durability = durable(tmp_path)
+    shard_dir = durability.shard_dir(0)
+    shard_dir.mkdir(parents=True)
+    (shard_dir / "log").write_bytes(data)
+    return durability, shard_dir
+
+
 def test_memo_records_of_earlier_versions_and_memos_records_both_replay_into_the_memory(
     tmp_path: Path, clock: FakeClock, tokens: Iterator[int]
 ) -> None:
     # A log compacted by an earlier version holds one MEMO record per remembered write; this
     # version writes MEMOS records. A successor must answer retries from either.
-    durability = durable(tmp_path)
-    shard_dir = durability.shard_dir(0)
-    shard_dir.mkdir(parents=True)
     long_key = b"L" * 200  # kept beside its head in the memory, not inline
     memos = aof.MemosRecord(
         (
@@ -239,11 +245,12 @@ def test_memo_records_of_earlier_versions_and_memos_records_both_replay_into_the
             aof.MEMOS_ENTRY.pack(12, len(long_key), Kind.DEL, Status.OK, 0, 0) + long_key,
         )
     )
-    (shard_dir / "log").write_bytes(
+    durability, _ = with_log(
+        tmp_path,
         aof.MAGIC
         + aof.encode(aof.MemoRecord(10, Kind.SET, Status.OK, None, 0xCD, b"a"))
         + aof.encode(memos)
-        + aof.encode(aof.SetRecord(0, b"b", b"value", START_MS + 60_000))
+        + aof.encode(aof.SetRecord(0, b"b", b"value", START_MS + 60_000)),
     )
     shard = take_shard(0, 1, None, durability, clock).shard
     assert [request_id for request_id, _ in shard.memory.snapshot()] == [10, 11, 12]
@@ -268,10 +275,7 @@ VERSION_1_LOG = bytes.fromhex(
 def test_a_log_of_the_version_before_replays_and_takes_appends(
     tmp_path: Path, clock: FakeClock, tokens: Iterator[int]
 ) -> None:
-    durability = durable(tmp_path)
-    shard_dir = durability.shard_dir(0)
-    shard_dir.mkdir(parents=True)
-    (shard_dir / "log").write_bytes(VERSION_1_LOG)
+    durability, shard_dir = with_log(tmp_path, VERSION_1_LOG)
     shard = take_shard(0, 1, None, durability, clock).shard
     assert shard.store.get(b"a") == (b"alpha", 4_102_444_800_000)
     assert [request_id for request_id, _ in shard.memory.snapshot()] == [10, 11, 12, 13]
