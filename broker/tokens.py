@@ -36,9 +36,9 @@ class TokenTable(Generic[T]):
     allocate). A list, not a deque: a deque costs 0.24 us to make against 0.05, and a run of
     waiters leaves from the front together (usually all of them: then the list itself is the
     run), so the broker pops none of them one by one (:meth:`release`, which does, serves
-    tests and tools). The broker's batch loop (broker/core.py,
-    ``Broker._on_batch``) reads ``_queues`` and takes tokens in it directly, :meth:`acquire`
-    written out: that loop relies on this meaning.
+    tests and tools). The broker's batch loop (broker/core.py, ``Broker._on_batch``) reads
+    ``_queues`` and takes tokens in it directly, :meth:`acquire` written out: that loop relies
+    on this meaning.
     """
 
     def __init__(self) -> None:
