@@ -31,7 +31,7 @@ from operator import itemgetter
 from typing import Any
 
 from zkv import defaults
-from zkv.errors import RequestError, Timeout, Unavailable, ZkvError
+from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
 from zkv.protocol import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPS,
@@ -57,6 +57,8 @@ _REPLY = int(Kind.REPLY)
 _OK = int(Status.OK)
 _NOT_FOUND = int(Status.NOT_FOUND)
 _ERROR = int(Status.ERROR)
+_BUSY = int(Status.BUSY)
+_NO_SPACE = int(Status.NO_SPACE)
 _NEVER = float("inf")
 
 
@@ -163,11 +165,16 @@ def replies(frames: Sequence[bytes]) -> list[Answer]:
 
 
 def error(status: int, body: bytes | None) -> ZkvError:
-    """The error of a failed status: RequestError for ERROR (retrying cannot help),
-    Unavailable otherwise (the cluster could not serve it now)."""
+    """The error of a failed status: RequestError for ERROR (retrying cannot help), Busy for
+    BUSY (not applied; the cluster shed load), StorageFull for NO_SPACE (not applied; the disk
+    is full), Unavailable otherwise (the cluster could not serve it now)."""
     message = (body or b"").decode(errors="replace")
     if status == _ERROR:
         return RequestError(message)
+    if status == _BUSY:
+        return Busy(message)
+    if status == _NO_SPACE:
+        return StorageFull(message)
     return Unavailable(message)
 
 
@@ -189,7 +196,7 @@ def outcome(kind: int, status: int, deadline_ms: int | None, body: bytes | None)
 
 def check(reply: Reply) -> Reply:
     """``reply`` if it succeeded (OK or NOT_FOUND); else raise its :func:`error`."""
-    if reply.status == Status.ERROR or reply.status == Status.UNAVAILABLE:
+    if reply.status != Status.OK and reply.status != Status.NOT_FOUND:
         raise error(reply.status, reply.body)
     return reply
 

@@ -134,6 +134,12 @@ class Status(enum.IntEnum):
     NOT_FOUND = 1
     ERROR = 2
     UNAVAILABLE = 3
+    # The cluster refused the request to protect itself (a bound on what it holds was reached)
+    # and did NOT apply it: send it again, with the same request id, after a backoff.
+    BUSY = 4
+    # The shard's disk is full: the write was NOT applied; reads still work, and writes resume
+    # by themselves once space returns.
+    NO_SPACE = 5
 
 
 class Flag(enum.IntFlag):
