@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -56,6 +54,7 @@ from zkv.calls import (
     as_bytes,
     checked_batch_ops,
     frontend,
+    new_ids,
     ttl_to_ms,
 )
 from zkv.client import BATCH_OPS, CONNECT_POLL_S, dealer
@@ -107,7 +106,6 @@ class AsyncClient:
         self.batches = 0
         self.late_reads = 0
         self._context = _plain(context or zmq.Context.instance())
-        self._random = random.Random(int.from_bytes(os.urandom(8), "big"))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket: zmq.Socket | None = None
         self._calls: Calls | None = None  # made at the first call, on the loop's clock
@@ -221,9 +219,7 @@ class AsyncClient:
     def _start(self) -> tuple[asyncio.AbstractEventLoop, Calls]:
         if self._loop is None or self._calls is None:
             self._loop = loop = asyncio.get_running_loop()
-            self._calls = Calls(
-                self.endpoint, self.timeout_s, self.attempt_s, self._random.getrandbits, loop.time()
-            )
+            self._calls = Calls(self.endpoint, self.timeout_s, self.attempt_s, new_ids, loop.time())
             self._reset_socket(open_new=True)
         return self._loop, self._calls
 

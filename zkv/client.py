@@ -3,11 +3,12 @@
 A ``Client`` is not thread-safe (ZeroMQ sockets are not): give each thread its own, as the
 gateway does.
 
-Retries (the guide's Lazy Pirate). Every request gets a random 64-bit request id, kept across its
-retries. If no reply comes within ``attempt_s`` (the broker restarted and lost it, say), the
-socket is closed, a fresh one opened, and the same request sent again, until ``timeout_s`` has
-passed; then :class:`Timeout`, whose outcome is unknown. Resending is safe for every command: the
-broker merges a retry with its original while that is still in flight, and a worker answers a
+Retries (the guide's Lazy Pirate). Every request gets a random 64-bit request id from the kernel
+(never shared with a forked process: see zkv/calls.py), kept across its retries. If no reply
+comes within ``attempt_s`` (the broker restarted and lost it, say), the socket is closed, a
+fresh one opened, and the same request sent again, until ``timeout_s`` has passed; then
+:class:`Timeout`, whose outcome is unknown. Resending is safe for every command: the broker
+merges a retry with its original while that is still in flight, and a worker answers a
 SET or DEL it already applied from its memory of request ids, so nothing is applied twice.
 
 Failing fast instead of hanging: the socket has ``ZMQ_IMMEDIATE`` set, so a request is never
@@ -43,8 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
@@ -64,6 +63,7 @@ from zkv.calls import (
     frontend,
     gave_up,
     new_id,
+    new_ids,
     ttl_to_ms,
 )
 from zkv.errors import RequestError, Timeout, ZkvError
@@ -126,7 +126,6 @@ class Client:
         self.window_ops = max(window_ops, batch_ops)
         self.retries = 0
         self._context = context or zmq.Context.instance()
-        self._random = random.Random(int.from_bytes(os.urandom(8), "big"))
         self._socket: zmq.Socket | None = None
         self._poller = zmq.Poller()
 
@@ -257,7 +256,7 @@ class Client:
             self.endpoint,
             self.timeout_s,
             self.attempt_s,
-            self._random.getrandbits,
+            new_ids,
             start,
             recent_batches=None,
             per_call_deadline=False,
@@ -342,7 +341,7 @@ class Client:
             Unavailable: the broker is unreachable, or the cluster could not serve the request.
             Timeout: no reply within ``timeout_s``; the request may or may not have been applied.
         """
-        request_id = new_id(self._random.getrandbits)
+        request_id = new_id()
         try:
             frames = encode_request(dataclasses.replace(request, request_id=request_id))
         except ProtocolError as exc:  # refused here, as the broker would refuse it
