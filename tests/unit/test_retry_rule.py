@@ -89,7 +89,9 @@ def broker_merges(first: Request, second: Request, batched: bool) -> bool:
             frames = encode_request(request)
         h.broker.on_client([client, *frames], h.now)
     applied = 0
-    while dispatches := [(f[0], decode_from_broker(f[1:])) for _, f in h.take()]:
+    while dispatches := [
+        (f[0], decode_from_broker(f[1:])) for side, f in h.take() if side is Side.BACKEND
+    ]:
         for worker, message in dispatches:
             if isinstance(message, DispatchBatch):
                 applied += len(message.ops)
