@@ -104,8 +104,19 @@ def as_bytes(data: bytes | str, what: str) -> bytes:
 
 
 def ttl_to_ms(ttl_s: float | None) -> int | None:
-    """A time to live in whole milliseconds, at least 1 (0 would mean "expired" on the wire)."""
-    return None if ttl_s is None else max(1, round(ttl_s * 1000))
+    """A time to live in whole milliseconds, at least 1 (a positive TTL under half a
+    millisecond is rounded up to the wire's resolution, not down to "expired").
+
+    Raises:
+        RequestError: ``ttl_s`` is zero, negative, NaN or infinite (None means "never"), as
+            the broker refuses a TTL over MAX_TTL_MS: the request is wrong, retrying cannot
+            help. It used to become 1 ms, a value gone before anyone could read it.
+    """
+    if ttl_s is None:
+        return None
+    if not 0 < ttl_s < _NEVER:  # NaN fails both comparisons
+        raise RequestError(f"ttl_s must be a positive, finite number of seconds, got {ttl_s!r}")
+    return max(1, round(ttl_s * 1000))
 
 
 def frontend(endpoint: str | None) -> str:
