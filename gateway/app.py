@@ -45,7 +45,7 @@ from bottle import (
 
 from zkv import defaults
 from zkv.client import Item, NotFound
-from zkv.errors import RequestError, Timeout, Unavailable
+from zkv.errors import RequestError, Timeout, Unavailable, ZkvError
 from zkv.protocol import MAX_TTL_MS, Entry
 
 log = logging.getLogger(__name__)
@@ -632,11 +632,20 @@ def make_app(
         }
 
     @app.get("/v1/health")
-    def health(kv: ClientLike) -> dict[str, Any]:
+    def health(kv: ClientLike) -> Any:
+        # A readiness check: 200 only when the broker answers and every shard has an owner,
+        # else 503 with a JSON body a monitor can read ("degraded": the broker's view, some
+        # shard without a worker; "unavailable": no answer from the broker).
         try:
             info = kv.ping()
-        except Timeout as exc:  # for a health check, silence is unavailability
-            raise Unavailable(str(exc)) from exc
-        return {**info, "status": "ok"}
+        except ZkvError as exc:  # for a health check, silence is unavailability
+            log.warning("GET '/v1/health' -> 503: %s", exc)
+            body = to_json({"status": "unavailable", "error": str(exc)})
+            return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
+        owned = info.get("owned")
+        if isinstance(owned, list) and owned and all(shard is True for shard in owned):
+            return {**info, "status": "ok"}
+        body = to_json({**info, "status": "degraded"})
+        return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
 
     return app

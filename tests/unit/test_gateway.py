@@ -34,7 +34,7 @@ from gateway.bridge import LoopClient
 from gateway.server import app_factory, build_parser, gunicorn_options
 from zkv import defaults
 from zkv.client import Client, Item, NotFound
-from zkv.errors import RequestError, Timeout, Unavailable
+from zkv.errors import RequestError, Timeout, Unavailable, ZkvError
 from zkv.protocol import MAX_TTL_MS, Entry
 
 pytestmark = [
@@ -77,7 +77,7 @@ class FakeClient:
         self.shards: list[dict[bytes, tuple[bytes, int | None]]] = [{} for _ in range(shards)]
         self.calls: list[tuple[Any, ...]] = []
         self.failure: BaseException | None = None
-        self.ping_info: Any = {"shards": shards, "owned": shards, "workers": shards}
+        self.ping_info: Any = {"shards": shards, "owned": [True] * shards, "workers": shards}
 
     def _shard(self, key: bytes) -> dict[bytes, tuple[bytes, int | None]]:
         return self.shards[zlib.crc32(key) % len(self.shards)]
@@ -751,15 +751,35 @@ def test_head_is_answered_like_get_without_body(app: Bottle) -> None:
 def test_health_ok(app: Bottle, kv: FakeClient) -> None:
     response = get(app, "/v1/health")
     assert response.status == 200
-    assert response.json() == {"status": "ok", "shards": 3, "owned": 3, "workers": 3}
-    kv.ping_info = {"status": "degraded", "shards": 2}
-    assert get(app, "/v1/health").json()["status"] == "ok"
+    assert response.json() == {"status": "ok", "shards": 3, "owned": [True] * 3, "workers": 3}
 
 
-@pytest.mark.parametrize("failure", [Unavailable("broker down"), Timeout("no reply")])
+@pytest.mark.parametrize(
+    "owned",
+    [[True, False], [False, False], [], None, 2],
+    ids=["one", "none", "empty", "null", "int"],
+)
+def test_health_with_a_shard_without_owner_is_503_degraded(
+    app: Bottle, kv: FakeClient, owned: Any
+) -> None:
+    """A readiness check: 200 only when every shard has an owner (it was 200 "ok" with none)."""
+    kv.ping_info = {"status": "degraded", "shards": 2, "owned": owned, "workers": 1}
+    response = get(app, "/v1/health")
+    assert response.status == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == {**kv.ping_info, "status": "degraded"}  # checks the content type
+    kv.ping_info = {"status": "ok", "shards": 2, "owned": [True, True], "workers": 2}
+    assert get(app, "/v1/health").status == 200
+
+
+@pytest.mark.parametrize(
+    "failure", [Unavailable("broker down"), Timeout("no reply"), ZkvError("malformed PING")]
+)
 def test_health_unavailable_is_503(app: Bottle, kv: FakeClient, failure: Exception) -> None:
     kv.failure = failure
-    assert error_of(get(app, "/v1/health"), 503) == str(failure)
+    response = get(app, "/v1/health")
+    assert response.status == 503
+    assert response.json() == {"status": "unavailable", "error": str(failure)}
 
 
 # --- clients per thread -----------------------------------------------------------------------
