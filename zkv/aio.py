@@ -14,6 +14,10 @@ same turn of the event loop has had its go, so whatever they asked for leaves in
 socket's descriptor signals (below) and matched to the futures by request id; BATCH_REPLY and
 REPLY messages are both accepted, in any grouping and order.
 
+A BUSY answer (load shed, not applied) parks the call for a backoff and sends it again with
+the same request id, until ``timeout_s`` after the call (zkv/calls.py); the timer is armed for
+the end of each backoff.
+
 Retries and failures, as for the blocking client (zkv/client.py): a socket with
 ``ZMQ_IMMEDIATE``, so nothing is queued for an absent broker; when no reply at all has come
 for ``attempt_s`` while operations are outstanding, everything unanswered is sent again, with
@@ -286,6 +290,18 @@ class AsyncClient:
                 log.warning("malformed reply from %s ignored: %s", self.endpoint, exc)
                 continue
             _settle(answered)
+            if calls.parked:  # answered BUSY: the timer must fire when a backoff ends
+                self._arm(calls.next_resend_at())
+
+    def _arm(self, at: float) -> None:
+        """Make sure the timer fires by ``at`` (loop time)."""
+        timer = self._timer
+        if timer is not None and timer.when() <= at:
+            return
+        if timer is not None:
+            timer.cancel()
+        assert self._loop is not None
+        self._timer = self._loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         """Every CONNECT_POLL_S while calls are outstanding: time out, retry, resend."""
@@ -301,11 +317,13 @@ class AsyncClient:
         finally:  # whatever failed, the calls still need their timeouts
             due_s = calls.due_in(loop.time())
             if due_s is not None and not self._closed:  # capped: failed sends retry promptly
-                self._timer = loop.call_later(min(due_s, CONNECT_POLL_S), self._on_timer)
+                # Through _arm: a read above may have armed the timer already (one timer only).
+                self._arm(loop.time() + min(due_s, CONNECT_POLL_S))
 
     def _timers(self, calls: Calls, now: float) -> None:
         _settle(calls.expire(now))
         _settle(calls.stuck(now, self.connect_timeout_s))
+        _settle(calls.unpark(now))  # calls answered BUSY whose backoff is over
         if calls.queued:
             self._flush()  # the broker may be reachable now
         if not calls.queued and calls.resend_due(now) and not self._readable():

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
@@ -58,6 +59,8 @@ from zkv.calls import (
     NotFound,
     Op,
     as_bytes,
+    busy_backoff_s,
+    busy_gave_up,
     check,
     checked_batch_ops,
     frontend,
@@ -264,6 +267,9 @@ class Client:
         added = 0  # ops[:added] are answered, refused or in calls
         while added < count or calls:
             now = time.monotonic()
+            if calls.parked:  # answered BUSY: back in the queue once their backoff is over
+                for position, result in calls.unpark(now):
+                    results[position] = result
             while True:
                 limit = min(count, added + self.batch_ops - calls.queued)
                 limit = min(limit, added + self.window_ops - len(calls))
@@ -285,8 +291,13 @@ class Client:
                     break
                 calls.sent(batch, time.monotonic())
             if not calls.in_flight:
-                continue  # nothing sent yet: the broker is unreachable, keep trying
-            if self._receive(calls, results, max(0.0, calls.resend_in(time.monotonic()))):
+                if calls.parked and not calls.queued:  # all that is left waits for a backoff
+                    time.sleep(max(0.0, calls.next_resend_at() - time.monotonic()))
+                continue  # else nothing sent yet: the broker is unreachable, keep trying
+            wait_s = calls.resend_in(time.monotonic())
+            if calls.parked:
+                wait_s = min(wait_s, calls.next_resend_at() - time.monotonic())
+            if self._receive(calls, results, max(0.0, wait_s)):
                 continue
             now = time.monotonic()
             if calls.silent_s(now) >= self.timeout_s:
@@ -338,6 +349,9 @@ class Client:
 
         Raises:
             RequestError: the request was refused as wrong.
+            Busy: answered BUSY (shed to protect the cluster) until ``timeout_s``; resent with
+                backoff meanwhile, and not applied.
+            StorageFull: the shard's disk is full; the write was not applied.
             Unavailable: the broker is unreachable, or the cluster could not serve the request.
             Timeout: no reply within ``timeout_s``; the request may or may not have been applied.
         """
@@ -349,7 +363,8 @@ class Client:
         start = time.monotonic()
         deadline = start + self.timeout_s
         unreachable_since: float | None = None
-        sent = False
+        maybe_applied = False  # an attempt left and got no answer
+        busy = 0  # BUSY answers in a row
         while True:
             socket = self._connected_socket()
             if not self._send(socket, frames, deadline):
@@ -360,16 +375,27 @@ class Client:
                         f"broker at {self.endpoint} is not reachable "
                         f"(tried for {now - start:.1f} s)"
                     )
-                    raise gave_up(message, sent)  # sent: an earlier attempt may have been applied
+                    raise gave_up(message, maybe_applied)
                 continue
-            sent = True
             reply = self._wait_reply(
                 socket, request_id, min(deadline, time.monotonic() + self.attempt_s)
             )
             if reply is not None:
-                return check(reply)
-            # No reply: the request or its reply may be lost (a broker restart). Send it again
-            # on a fresh socket, which also drops anything stale still queued in the old one.
+                if reply.status != Status.BUSY:
+                    return check(reply)
+                # Shed, not applied: wait a backoff, then send it again with the same id
+                # (zkv.calls.busy_backoff_s), unless that would come after the deadline.
+                busy += 1
+                now = time.monotonic()
+                wait_s = busy_backoff_s(busy, random.random())
+                if now + wait_s >= deadline:
+                    raise busy_gave_up(reply.body, busy, now - start, maybe_applied)
+                time.sleep(wait_s)
+                continue
+            # No reply: the request or its reply may be lost (a broker restart), or it may have
+            # been applied. Send it again on a fresh socket, which also drops anything stale
+            # still queued in the old one.
+            maybe_applied = True
             self._reset()
             if time.monotonic() >= deadline:
                 raise Timeout(
