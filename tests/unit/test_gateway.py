@@ -34,7 +34,7 @@ from gateway.bridge import LoopClient
 from gateway.server import app_factory, build_parser, gunicorn_options
 from zkv import defaults
 from zkv.client import Client, Item, NotFound
-from zkv.errors import RequestError, Timeout, Unavailable, ZkvError
+from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
 from zkv.protocol import MAX_TTL_MS, Entry
 
 pytestmark = [
@@ -684,6 +684,39 @@ def test_cluster_errors_map_to_statuses(
     response = call(app, method, target, body=b"v" if method == "PUT" else None)
     assert error_of(response, status) == str(failure)
     assert ("retry-after" in response.headers) == (status == 503)
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "says"),
+    [
+        (Busy("broker over its byte bound"), 503, "the cluster is busy, retry later"),
+        (StorageFull("shard 1: no space left on device"), 507, "the shard's disk is full"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [
+        ("GET", "/set?key=k&value=v&timeout=1"),
+        ("GET", "/get?key=k"),
+        ("PUT", "/v1/keys/k"),
+        ("DELETE", "/v1/keys/k"),
+    ],
+)
+def test_busy_is_503_with_retry_after_and_a_full_disk_507(
+    app: Bottle,
+    kv: FakeClient,
+    failure: Exception,
+    status: int,
+    says: str,
+    method: str,
+    target: str,
+) -> None:
+    kv.failure = failure
+    response = call(app, method, target, body=b"v" if method == "PUT" else None)
+    message = error_of(response, status)
+    assert message.startswith(says) and str(failure) in message and "not applied" in message
+    assert ("retry-after" in response.headers) == (status == 503)
+    assert response.headers.get("retry-after", "1") == "1"
 
 
 def test_unexpected_error_is_500_json_logged_without_traceback(
