@@ -51,7 +51,11 @@ appears in time does such a request fail, and then its message says the outcome 
 
 Retries from clients (Lazy Pirate: a client that got no reply resends the same requests, with
 the same request ids, on a fresh socket) are merged with the originals while those are still
-here, by (request id, kind, key): the reply goes to the newest socket and the request runs once.
+here: the reply goes to the newest socket and the request runs once. A retry is recognised by
+what a worker's idempotency memory compares (workers/idempotency.py): the same request id, kind
+and key, and for a SET the same value (its CRC-32, the memory's fingerprint). A request that
+reuses an id with other content is another request, here as at the worker: both are applied,
+in order, and neither is answered with the other's reply.
 
 ALL scatters one part per shard (parts hold no key token: each worker applies requests in
 order, so each part sees a consistent shard) and gathers the bodies, which concatenate by
@@ -74,6 +78,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
+from zlib import crc32
 
 from broker.registry import Registry
 from broker.tokens import TokenIssuer, TokenTable
@@ -108,6 +113,7 @@ from zkv.protocol import (
     request_record,
     split_batch,
     split_reply_records,
+    sub_request_value,
 )
 
 log = logging.getLogger(__name__)
@@ -119,6 +125,7 @@ _BATCH = int(Kind.BATCH)
 _BATCH_REPLY = int(Kind.BATCH_REPLY)
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _ERROR = int(Status.ERROR)
+_SET = int(Kind.SET)
 _SLOT_MASK = SLOTS - 1
 # "{" as an int: ``_LBRACE in key`` is a memchr, where ``b"{" in key`` first tries the needle
 # as an int, fails and clears a TypeError (0.3 us a key against 0.03 in Python 3.11).
@@ -240,12 +247,12 @@ class Broker:
         # closed (full); both are dispatched by _flush at the end of the event.
         self._open: dict[int, Flight] = {}
         self._ready: list[Flight] = []
-        # Requests here, by request id, so a client's retry (same id, kind and key) joins its
-        # original. Ids are random 64-bit numbers, so the id alone almost always tells; a
-        # request whose id is taken by one of another kind or key waits in _by_identity,
-        # under the whole (id, kind, key), as every request did before.
+        # Requests here, by request id, so a client's retry (same id, kind, key and value)
+        # joins its original. Ids are random 64-bit numbers, so the id alone almost always
+        # tells; a request whose id is taken by one of another kind, key or value waits in
+        # _by_identity, under the whole (id, kind, key, fingerprint); see _fingerprint.
         self._by_request: dict[int, Entry] = {}
-        self._by_identity: dict[tuple[int, int, bytes], Entry] = {}
+        self._by_identity: dict[tuple[int, int, bytes, int], Entry] = {}
         self._next_heartbeat = now + config.heartbeat_interval_s
         # Claims first: a broker that starts (or restarts) while workers already hold shards
         # must give each shard back to the worker holding it, not to whichever worker says
@@ -847,15 +854,16 @@ class Broker:
         request_id, kind, key = entry[2], entry[1], entry[3]
         if original is entry:
             if self._by_identity:
-                found = self._by_identity.get((request_id, kind, key))
+                found = self._by_identity.get((request_id, kind, key, _fingerprint(entry)))
                 if found is not None:  # a retry of one whose id was taken when it came
                     del self._by_request[request_id]
                     return found
             return entry
-        if original[1] == kind and original[3] == key:
+        fingerprint = _fingerprint(entry)
+        if original[1] == kind and original[3] == key and _fingerprint(original) == fingerprint:
             return original
-        # The id is taken by a request of another kind or key: remember this one in full.
-        return self._by_identity.setdefault((request_id, kind, key), entry)
+        # The id is taken by another request (kind, key or value): remember this one in full.
+        return self._by_identity.setdefault((request_id, kind, key, fingerprint), entry)
 
     def _forget(self, entry: Entry) -> None:
         """Forget an answered request (retries of it are new requests from now on)."""
@@ -868,7 +876,7 @@ class Broker:
         put that back, and forget ``entry`` where it is, in ``_by_identity``."""
         if found is not None:
             self._by_request[entry[2]] = found
-        self._by_identity.pop((entry[2], entry[1], entry[3]), None)
+        self._by_identity.pop((entry[2], entry[1], entry[3], _fingerprint(entry)), None)
 
     def _to_client(self, client: bytes, frames: list[bytes]) -> None:
         self.outbox.append((Side.FRONTEND, [client, *frames]))
@@ -886,6 +894,20 @@ class Broker:
                 "keys_in_flight": len(self.tokens),
             }
         ).encode()
+
+
+def _fingerprint(entry: Entry) -> int:
+    """What a worker's idempotency memory compares besides request id, kind and key, so that
+    the broker merges a retry exactly when the worker would answer it from memory: the CRC-32
+    of a SET's value (workers/shard.py computes the same), 0 for any other request. Computed
+    only while some request's id is taken by another (rare: ids are random), never on the
+    broker's common path."""
+    if entry[1] != _SET:
+        return 0
+    record = entry[4]
+    if record is None:  # it came alone: its frames are its origin's
+        record = request_record(entry[0].frames)  # type: ignore[union-attr, arg-type]
+    return crc32(sub_request_value(record))
 
 
 def _token(flight: Flight) -> int:

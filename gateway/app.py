@@ -45,7 +45,7 @@ from bottle import (
 
 from zkv import defaults
 from zkv.client import Item, NotFound
-from zkv.errors import RequestError, Timeout, Unavailable
+from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
 from zkv.protocol import MAX_TTL_MS, Entry
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,12 @@ _STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (LengthRequired, 411),
     (BadRequest, 400),
     (RequestError, 400),
+    (Busy, 503),  # before Unavailable, its base: its own message
     (Unavailable, 503),
+    (StorageFull, 507),
     (Timeout, 504),
 )
+BUSY_RETRY_AFTER_S = 1  # the Retry-After of every 503, a BUSY one included
 
 
 def http_error(exc: Exception) -> HTTPError:
@@ -151,12 +154,19 @@ def failure(exc: Exception, method: str, path: str) -> tuple[int, str, dict[str,
         )
         return 500, "internal server error", {}
     # KeyError's str() is the repr of the key; the message of a missing key is always the same.
-    message = "key not found" if isinstance(exc, NotFound) else str(exc)
+    if isinstance(exc, NotFound):
+        message = "key not found"
+    elif isinstance(exc, Busy):  # shed by the cluster after the client's own retries
+        message = f"the cluster is busy, retry later (not applied): {exc}"
+    elif isinstance(exc, StorageFull):
+        message = f"the shard's disk is full, the write was not applied: {exc}"
+    else:
+        message = str(exc)
     headers: dict[str, str] = {}
     if status >= 500:
         log.warning("%s %r -> %d: %s", method, path, status, message)
         if status == 503:
-            headers["Retry-After"] = "1"
+            headers["Retry-After"] = str(BUSY_RETRY_AFTER_S)
     return status, message, headers
 
 
@@ -632,11 +642,20 @@ def make_app(
         }
 
     @app.get("/v1/health")
-    def health(kv: ClientLike) -> dict[str, Any]:
+    def health(kv: ClientLike) -> Any:
+        # A readiness check: 200 only when the broker answers and every shard has an owner,
+        # else 503 with a JSON body a monitor can read ("degraded": the broker's view, some
+        # shard without a worker; "unavailable": no answer from the broker).
         try:
             info = kv.ping()
-        except Timeout as exc:  # for a health check, silence is unavailability
-            raise Unavailable(str(exc)) from exc
-        return {**info, "status": "ok"}
+        except ZkvError as exc:  # for a health check, silence is unavailability
+            log.warning("GET '/v1/health' -> 503: %s", exc)
+            body = to_json({"status": "unavailable", "error": str(exc)})
+            return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
+        owned = info.get("owned")
+        if isinstance(owned, list) and owned and all(shard is True for shard in owned):
+            return {**info, "status": "ok"}
+        body = to_json({**info, "status": "degraded"})
+        return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
 
     return app

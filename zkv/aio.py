@@ -14,6 +14,10 @@ same turn of the event loop has had its go, so whatever they asked for leaves in
 socket's descriptor signals (below) and matched to the futures by request id; BATCH_REPLY and
 REPLY messages are both accepted, in any grouping and order.
 
+A BUSY answer (load shed, not applied) parks the call for a backoff and sends it again with
+the same request id, until ``timeout_s`` after the call (zkv/calls.py); the timer is armed for
+the end of each backoff.
+
 Retries and failures, as for the blocking client (zkv/client.py): a socket with
 ``ZMQ_IMMEDIATE``, so nothing is queued for an absent broker; when no reply at all has come
 for ``attempt_s`` while operations are outstanding, everything unanswered is sent again, with
@@ -39,8 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -56,6 +58,7 @@ from zkv.calls import (
     as_bytes,
     checked_batch_ops,
     frontend,
+    new_ids,
     ttl_to_ms,
 )
 from zkv.client import BATCH_OPS, CONNECT_POLL_S, dealer
@@ -107,7 +110,6 @@ class AsyncClient:
         self.batches = 0
         self.late_reads = 0
         self._context = _plain(context or zmq.Context.instance())
-        self._random = random.Random(int.from_bytes(os.urandom(8), "big"))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket: zmq.Socket | None = None
         self._calls: Calls | None = None  # made at the first call, on the loop's clock
@@ -221,9 +223,7 @@ class AsyncClient:
     def _start(self) -> tuple[asyncio.AbstractEventLoop, Calls]:
         if self._loop is None or self._calls is None:
             self._loop = loop = asyncio.get_running_loop()
-            self._calls = Calls(
-                self.endpoint, self.timeout_s, self.attempt_s, self._random.getrandbits, loop.time()
-            )
+            self._calls = Calls(self.endpoint, self.timeout_s, self.attempt_s, new_ids, loop.time())
             self._reset_socket(open_new=True)
         return self._loop, self._calls
 
@@ -290,6 +290,18 @@ class AsyncClient:
                 log.warning("malformed reply from %s ignored: %s", self.endpoint, exc)
                 continue
             _settle(answered)
+            if calls.parked:  # answered BUSY: the timer must fire when a backoff ends
+                self._arm(calls.next_resend_at())
+
+    def _arm(self, at: float) -> None:
+        """Make sure the timer fires by ``at`` (loop time)."""
+        timer = self._timer
+        if timer is not None and timer.when() <= at:
+            return
+        if timer is not None:
+            timer.cancel()
+        assert self._loop is not None
+        self._timer = self._loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         """Every CONNECT_POLL_S while calls are outstanding: time out, retry, resend."""
@@ -305,11 +317,13 @@ class AsyncClient:
         finally:  # whatever failed, the calls still need their timeouts
             due_s = calls.due_in(loop.time())
             if due_s is not None and not self._closed:  # capped: failed sends retry promptly
-                self._timer = loop.call_later(min(due_s, CONNECT_POLL_S), self._on_timer)
+                # Through _arm: a read above may have armed the timer already (one timer only).
+                self._arm(loop.time() + min(due_s, CONNECT_POLL_S))
 
     def _timers(self, calls: Calls, now: float) -> None:
         _settle(calls.expire(now))
         _settle(calls.stuck(now, self.connect_timeout_s))
+        _settle(calls.unpark(now))  # calls answered BUSY whose backoff is over
         if calls.queued:
             self._flush()  # the broker may be reachable now
         if not calls.queued and calls.resend_due(now) and not self._readable():

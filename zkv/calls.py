@@ -19,11 +19,22 @@ Two timeout rules coexist because the clients promise different things: an async
 as a whole after ``timeout_s`` without any reply (:meth:`Calls.silent_s`) or
 ``connect_timeout_s`` of failed sends in a row (:meth:`Calls.unreachable_s`), so that a long
 pipeline which keeps making progress never times out half-way.
+
+A BUSY answer (the cluster shed the request to protect itself, and did not apply it) is not a
+failure yet: the call is parked for a backoff (:func:`busy_backoff_s`) and then sent again with
+the same request id, until its deadline (``timeout_s`` after it was made, for both kinds of
+client). When the next resend would come after the deadline it fails, with :class:`Busy` (not
+applied) if every attempt that left was answered BUSY, or with :class:`Timeout` (outcome
+unknown) if an earlier attempt got no answer and was resent: that one may have been applied.
+The clients wait for the parked calls with the timers they already have (:meth:`Calls.due_in`,
+:meth:`Calls.next_resend_at`) and put them back in the queue with :meth:`Calls.unpark`.
 """
 
 from __future__ import annotations
 
 import os
+import random
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +61,11 @@ Op = tuple[int, bytes, bytes | None, int | None]
 """One operation: ``(kind, key, value, ttl_ms)``, kind GET, SET or DEL."""
 
 RECENT_BATCHES = 4096  # batch ids remembered by default, to fail a whole batch the broker refused
+# The wait before resending a call answered BUSY: BUSY_BACKOFF_MIN_S after the first BUSY,
+# doubling with each BUSY in a row up to BUSY_BACKOFF_MAX_S, each wait drawn uniformly between
+# half and all of that (jitter, so that clients shed together do not come back together).
+BUSY_BACKOFF_MIN_S = 0.010
+BUSY_BACKOFF_MAX_S = 0.500
 
 _GET = int(Kind.GET)
 _SET = int(Kind.SET)
@@ -103,8 +119,19 @@ def as_bytes(data: bytes | str, what: str) -> bytes:
 
 
 def ttl_to_ms(ttl_s: float | None) -> int | None:
-    """A time to live in whole milliseconds, at least 1 (0 would mean "expired" on the wire)."""
-    return None if ttl_s is None else max(1, round(ttl_s * 1000))
+    """A time to live in whole milliseconds, at least 1 (a positive TTL under half a
+    millisecond is rounded up to the wire's resolution, not down to "expired").
+
+    Raises:
+        RequestError: ``ttl_s`` is zero, negative, NaN or infinite (None means "never"), as
+            the broker refuses a TTL over MAX_TTL_MS: the request is wrong, retrying cannot
+            help. It used to become 1 ms, a value gone before anyone could read it.
+    """
+    if ttl_s is None:
+        return None
+    if not 0 < ttl_s < _NEVER:  # NaN fails both comparisons
+        raise RequestError(f"ttl_s must be a positive, finite number of seconds, got {ttl_s!r}")
+    return max(1, round(ttl_s * 1000))
 
 
 def frontend(endpoint: str | None) -> str:
@@ -121,9 +148,50 @@ def checked_batch_ops(batch_ops: int) -> int:
     return batch_ops
 
 
-def new_id(rand: Callable[[int], int]) -> int:
-    """A random 64-bit request or batch id; never 0, which the protocol reserves."""
-    return rand(64) or 1
+# --- request ids -------------------------------------------------------------------------------
+#
+# Request ids come from the kernel (os.urandom), never from a seeded generator: a random.Random
+# seeded once is copied into every child forked from its process, and children that draw the
+# same ids have their writes taken for retries of each other's (a second child's DEL answered
+# from a worker's memory, never applied). The kernel's generator is not copied by fork.
+#
+# One urandom call per id costs about 0.6 us (a system call), so ids are drawn in bulk: a
+# pipeline takes the ids of a whole chunk of operations in one call (8 bytes each, about 40 ns an
+# id with the list, against 38 ns for random.getrandbits(64) before; measured on the reference
+# machine), and calls made one at a time take theirs from a pool of ID_POOL_IDS ids, shared by
+# every client of the process, which a fork empties in the child (os.register_at_fork), so a
+# child never draws an id its parent drew or will draw. list.pop and list.extend are atomic, so
+# threads can share the pool: each id popped is popped once.
+
+ID_POOL_IDS = 512  # ids drawn at once for the pool (4 KiB from os.urandom)
+BULK_IDS = 16  # from this many ids on, new_ids draws them directly instead of from the pool
+
+_id_pool: list[int] = []
+os.register_at_fork(after_in_child=_id_pool.clear)
+
+
+def random_ids(count: int) -> list[int]:
+    """``count`` random 64-bit ids from os.urandom; never 0, which the protocol reserves."""
+    ids = array("Q", os.urandom(8 * count)).tolist()  # "Q" is 8 bytes wherever CPython runs
+    if 0 in ids:  # a 2**-64 event per id, checked in C
+        ids = [rid or 1 for rid in ids]
+    return ids
+
+
+def new_id() -> int:
+    """A fresh random request or batch id (from the pool; see above)."""
+    try:
+        return _id_pool.pop()
+    except IndexError:
+        _id_pool.extend(random_ids(ID_POOL_IDS))
+        return _id_pool.pop()
+
+
+def new_ids(count: int) -> list[int]:
+    """``count`` fresh random request ids: the default id source of :class:`Calls`."""
+    if count >= BULK_IDS:
+        return random_ids(count)
+    return [new_id() for _ in range(count)]
 
 
 def pack(op: Op, request_id: int) -> bytes:
@@ -201,6 +269,26 @@ def check(reply: Reply) -> Reply:
     return reply
 
 
+def busy_backoff_s(answers: int, jitter: float) -> float:
+    """Seconds to wait before resending a call answered BUSY ``answers`` times in a row
+    (``jitter`` uniform in [0, 1)): see BUSY_BACKOFF_MIN_S."""
+    ceiling = min(BUSY_BACKOFF_MAX_S, BUSY_BACKOFF_MIN_S * 2 ** min(answers - 1, 32))
+    return ceiling * (0.5 + jitter / 2)
+
+
+def busy_gave_up(
+    body: bytes | None, answers: int, elapsed_s: float, maybe_applied: bool
+) -> ZkvError:
+    """The error of a call given up after BUSY answers: :class:`Busy` (not applied) if every
+    attempt that left was answered BUSY, else :class:`Timeout` (an attempt that got no answer
+    may have been applied)."""
+    message = (body or b"").decode(errors="replace") or "cluster busy"
+    tried = f"answered BUSY {answers} time(s) in {elapsed_s:.1f} s"
+    if maybe_applied:
+        return Timeout(f"{message} ({tried}, after an attempt without answer); outcome unknown")
+    return Busy(f"{message} ({tried}); not applied")
+
+
 def gave_up(message: str, sent: bool) -> ZkvError:
     """The error of a call given up: Timeout if it ever left (it may have been applied, so the
     outcome is unknown), Unavailable if it never did."""
@@ -242,10 +330,11 @@ class Calls:
         timeout_s: see the module docstring; with ``per_call_deadline`` False no call expires
             by itself (a pipeline uses :meth:`silent_s` instead).
         attempt_s: silence after which everything unanswered is sent again.
-        rand: ``random.Random.getrandbits`` of the client, for request and batch ids.
+        ids: makes ``count`` fresh nonzero request ids (:func:`new_ids`; tests pass their own).
         now: the clock at creation (the silence starts then).
         recent_batches: how many batch ids to remember for whole-batch refusals; None for all.
         per_call_deadline: whether each call expires ``timeout_s`` after it was added.
+        jitter: uniform in [0, 1), for the BUSY backoff (tests pass a constant).
     """
 
     def __init__(
@@ -253,15 +342,18 @@ class Calls:
         endpoint: str,
         timeout_s: float,
         attempt_s: float,
-        rand: Callable[[int], int],
+        ids: Callable[[int], list[int]],
         now: float,
         recent_batches: int | None = RECENT_BATCHES,
         per_call_deadline: bool = True,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.attempt_s = attempt_s
-        self._rand = rand
+        self._ids = ids
+        # One id at a time (an asyncio call, a batch id): from the pool, without a list.
+        self._new_id: Callable[[], int] = new_id if ids is new_ids else lambda: ids(1)[0]
         self._recent_max = recent_batches
         self._lifetime = timeout_s if per_call_deadline else _NEVER
         # Request id -> call, until answered or failed. Insertion order is creation order,
@@ -278,10 +370,26 @@ class Calls:
         # applied). Every other call in _calls is in flight and its outcome may be unknown.
         self._unsent: set[int] = set()
         self.sent_any = False
+        # Calls answered BUSY (none on the common path; see the module docstring): those
+        # waiting for their backoff, out of _calls, as request id -> (call, when to resend);
+        # how many BUSY answers each had in a row (stale entries are pruned, see _on_busy); the
+        # ids of calls resent after an attempt got no answer (it may have been applied); and,
+        # with per-call deadlines, the deadlines of calls put back in _calls out of creation
+        # order, which expire() checks apart.
+        self._jitter = jitter
+        self._parked: dict[int, tuple[Call, float]] = {}
+        self._busy: dict[int, int] = {}
+        self._tainted: set[int] = set()
+        self._requeued: dict[int, float] = {}
 
     def __len__(self) -> int:
-        """How many calls wait for a reply (queued or sent)."""
-        return len(self._calls)
+        """How many calls wait for a reply (queued, sent, or parked after a BUSY answer)."""
+        return len(self._calls) + len(self._parked)
+
+    @property
+    def parked(self) -> int:
+        """How many calls wait for their backoff after a BUSY answer."""
+        return len(self._parked)
 
     @property
     def in_flight(self) -> int:
@@ -298,7 +406,7 @@ class Calls:
 
     def add(self, op: Op, handle: Any, now: float) -> int:
         """Queue ``op`` for sending; returns its request id. RequestError if it is refused."""
-        request_id = new_id(self._rand)
+        request_id = self._new_id()
         record = pack(op, request_id)
         self._calls[request_id] = (op[0], record, handle, now, now + self._lifetime)
         self._queue.append(request_id)
@@ -311,7 +419,6 @@ class Calls:
         """Queue ``ops[start:stop]``, each with its position as handle (a pipeline's hot path:
         the loop of :meth:`add` with its lookups hoisted); returns the positions refused, each
         with its RequestError."""
-        rand = self._rand
         calls = self._calls
         queue = self._queue
         queue_append = queue.append
@@ -319,9 +426,9 @@ class Calls:
         deadline = now + self._lifetime
         refused: list[tuple[int, RequestError]] = []
         try:
-            for position in range(start, stop):
+            ids = self._ids(stop - start)
+            for position, request_id in zip(range(start, stop), ids, strict=True):
                 kind, key, value, ttl = ops[position]
-                request_id = rand(64) or 1
                 try:
                     record = pack_request(kind, request_id, key, value, ttl)
                 except ProtocolError as exc:  # as in pack()
@@ -346,7 +453,7 @@ class Calls:
             return None
         records = list(map(_record_of, waiting))
         end = cut(records, max_ops)
-        batch_id = new_id(self._rand)
+        batch_id = self._new_id()
         return Batch(batch_id, queue[:end], batch_frames(batch_id, records[:end]))
 
     def sent(self, batch: Batch, now: float) -> None:
@@ -393,6 +500,8 @@ class Calls:
                     append((handle, deadline_ms))
                 elif status == _OK and kind == _GET:
                     append((handle, new_item(body or b"", deadline_ms)))
+                elif status == _BUSY:
+                    self._on_busy(request_id, call, body, now, done)
                 else:
                     append((handle, outcome(kind, status, deadline_ms, body)))
             elif status == _ERROR and request_id in self._recent:
@@ -404,7 +513,69 @@ class Calls:
                     if call is not None:
                         unsent.discard(rid)
                         append((call[2], refused))
+            elif status == _BUSY and request_id in self._recent:
+                # A whole batch shed: every call of it waits for its backoff.
+                for rid in self._recent.pop(request_id):
+                    call = calls.pop(rid, None)
+                    if call is not None:
+                        unsent.discard(rid)
+                        self._on_busy(rid, call, body, now, done)
+            elif self._parked and status != _BUSY and request_id in self._parked:
+                # A late answer to an earlier attempt of a call parked since: it settles it.
+                call, _ = self._parked.pop(request_id)
+                append((call[2], outcome(call[0], status, deadline_ms, body)))
         return done
+
+    def _on_busy(
+        self, request_id: int, call: Call, body: bytes | None, now: float, done: list[Settled]
+    ) -> None:
+        """A call (already out of _calls) answered BUSY: park it for its backoff, or, if the
+        resend would come after its deadline, fail it (:func:`busy_gave_up`)."""
+        busy = self._busy
+        answers = busy.get(request_id, 0) + 1
+        started = call[3]
+        give_up = min(call[4], started + self.timeout_s)
+        resend_at = now + busy_backoff_s(answers, self._jitter())
+        if resend_at >= give_up:
+            busy.pop(request_id, None)
+            maybe_applied = request_id in self._tainted
+            self._tainted.discard(request_id)
+            done.append((call[2], busy_gave_up(body, answers, now - started, maybe_applied)))
+            return
+        busy[request_id] = answers
+        self._parked[request_id] = (call, resend_at)
+        if len(busy) > 2 * len(self) + 64:  # forget the counts of calls settled since
+            self._busy = {
+                rid: n for rid, n in busy.items() if rid in self._calls or rid in self._parked
+            }
+
+    def next_resend_at(self) -> float:
+        """When the first parked call is due to be sent again (inf if none is parked)."""
+        return min((at for _, at in self._parked.values()), default=_NEVER)
+
+    def unpark(self, now: float) -> list[Settled]:
+        """Queue again, with their request ids, the parked calls whose backoff is over; fail
+        those whose deadline passed meanwhile (a late caller), as :meth:`_on_busy` would."""
+        parked = self._parked
+        if not parked:
+            return []
+        failed: list[Settled] = []
+        for rid, (call, at) in list(parked.items()):
+            if at > now:
+                continue
+            del parked[rid]
+            started, deadline = call[3], call[4]
+            if now >= min(deadline, started + self.timeout_s):
+                answers = self._busy.pop(rid, 1)
+                maybe_applied = rid in self._tainted
+                self._tainted.discard(rid)
+                failed.append((call[2], busy_gave_up(None, answers, now - started, maybe_applied)))
+                continue
+            self._calls[rid] = call  # out of creation order: see _requeued
+            self._queue.append(rid)
+            if deadline < _NEVER:
+                self._requeued[rid] = deadline
+        return failed
 
     # --- the clock ----------------------------------------------------------------------------
 
@@ -428,12 +599,24 @@ class Calls:
         self._queue = list(self._calls)
         self._recent.clear()  # replies to the old socket can no longer come
         self.last_send = now
+        # The attempts that left and got no answer may have been applied: a BUSY answer to a
+        # later attempt no longer means "not applied" (see busy_gave_up). Rare (a silence of
+        # attempt_s), so rebuilt whole, which also drops the ids of calls settled since.
+        unsent = self._unsent
+        parked = self._parked
+        self._tainted = {rid for rid in self._calls if rid not in unsent} | {
+            rid for rid in self._tainted if rid in parked
+        }
 
     def due_in(self, now: float) -> float | None:
         """Seconds until a call expires or a resend is due, None if no call waits."""
         if not self._calls:
-            return None
+            if not self._parked:
+                return None
+            return max(0.0, self.next_resend_at() - now)
         _, _, _, _, earliest = next(iter(self._calls.values()))
+        if self._parked or self._requeued:  # after BUSY answers only
+            earliest = min(earliest, self.next_resend_at(), *self._requeued.values())
         return max(
             0.0, min(max(self.last_progress, self.last_send) + self.attempt_s, earliest) - now
         )
@@ -446,6 +629,14 @@ class Calls:
             if deadline > now:
                 break
             expired.append(rid)
+        if self._requeued:  # calls put back out of that order after a BUSY answer
+            for rid, deadline in list(self._requeued.items()):
+                if rid not in calls:
+                    del self._requeued[rid]  # answered or parked again since
+                elif deadline <= now:
+                    del self._requeued[rid]
+                    if rid not in expired:
+                        expired.append(rid)
         if not expired:
             return []
         timeout = f"no reply from {self.endpoint} within {self.timeout_s} s"
@@ -486,15 +677,23 @@ class Calls:
     def fail(self, request_ids: Sequence[int] | None, err: ZkvError) -> list[Settled]:
         """Forget these calls (None: all of them), each with ``err``."""
         calls = self._calls
+        parked = self._parked
         if request_ids is None:
             failed = [(handle, err) for _, _, handle, _, _ in calls.values()]
+            failed += [(call[2], err) for call, _ in parked.values()]
             calls.clear()
+            parked.clear()
             self._queue = []
             self._unsent.clear()
+            self._busy.clear()
+            self._tainted.clear()
+            self._requeued.clear()
             return failed
         failed = []
         for rid in request_ids:
             call = calls.pop(rid, None)
+            if call is None and rid in parked:
+                call = parked.pop(rid)[0]
             if call is not None:
                 self._unsent.discard(rid)
                 failed.append((call[2], err))
@@ -503,4 +702,5 @@ class Calls:
     def forget(self, request_id: int) -> None:
         """Stop waiting for one call (its caller went away); a late reply is ignored."""
         self._calls.pop(request_id, None)
+        self._parked.pop(request_id, None)
         self._unsent.discard(request_id)

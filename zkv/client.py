@@ -3,11 +3,12 @@
 A ``Client`` is not thread-safe (ZeroMQ sockets are not): give each thread its own, as the
 gateway does.
 
-Retries (the guide's Lazy Pirate). Every request gets a random 64-bit request id, kept across its
-retries. If no reply comes within ``attempt_s`` (the broker restarted and lost it, say), the
-socket is closed, a fresh one opened, and the same request sent again, until ``timeout_s`` has
-passed; then :class:`Timeout`, whose outcome is unknown. Resending is safe for every command: the
-broker merges a retry with its original while that is still in flight, and a worker answers a
+Retries (the guide's Lazy Pirate). Every request gets a random 64-bit request id from the kernel
+(never shared with a forked process: see zkv/calls.py), kept across its retries. If no reply
+comes within ``attempt_s`` (the broker restarted and lost it, say), the socket is closed, a
+fresh one opened, and the same request sent again, until ``timeout_s`` has passed; then
+:class:`Timeout`, whose outcome is unknown. Resending is safe for every command: the broker
+merges a retry with its original while that is still in flight, and a worker answers a
 SET or DEL it already applied from its memory of request ids, so nothing is applied twice.
 
 Failing fast instead of hanging: the socket has ``ZMQ_IMMEDIATE`` set, so a request is never
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -59,11 +59,14 @@ from zkv.calls import (
     NotFound,
     Op,
     as_bytes,
+    busy_backoff_s,
+    busy_gave_up,
     check,
     checked_batch_ops,
     frontend,
     gave_up,
     new_id,
+    new_ids,
     ttl_to_ms,
 )
 from zkv.errors import RequestError, Timeout, ZkvError
@@ -126,7 +129,6 @@ class Client:
         self.window_ops = max(window_ops, batch_ops)
         self.retries = 0
         self._context = context or zmq.Context.instance()
-        self._random = random.Random(int.from_bytes(os.urandom(8), "big"))
         self._socket: zmq.Socket | None = None
         self._poller = zmq.Poller()
 
@@ -257,7 +259,7 @@ class Client:
             self.endpoint,
             self.timeout_s,
             self.attempt_s,
-            self._random.getrandbits,
+            new_ids,
             start,
             recent_batches=None,
             per_call_deadline=False,
@@ -265,6 +267,9 @@ class Client:
         added = 0  # ops[:added] are answered, refused or in calls
         while added < count or calls:
             now = time.monotonic()
+            if calls.parked:  # answered BUSY: back in the queue once their backoff is over
+                for position, result in calls.unpark(now):
+                    results[position] = result
             while True:
                 limit = min(count, added + self.batch_ops - calls.queued)
                 limit = min(limit, added + self.window_ops - len(calls))
@@ -286,8 +291,13 @@ class Client:
                     break
                 calls.sent(batch, time.monotonic())
             if not calls.in_flight:
-                continue  # nothing sent yet: the broker is unreachable, keep trying
-            if self._receive(calls, results, max(0.0, calls.resend_in(time.monotonic()))):
+                if calls.parked and not calls.queued:  # all that is left waits for a backoff
+                    time.sleep(max(0.0, calls.next_resend_at() - time.monotonic()))
+                continue  # else nothing sent yet: the broker is unreachable, keep trying
+            wait_s = calls.resend_in(time.monotonic())
+            if calls.parked:
+                wait_s = min(wait_s, calls.next_resend_at() - time.monotonic())
+            if self._receive(calls, results, max(0.0, wait_s)):
                 continue
             now = time.monotonic()
             if calls.silent_s(now) >= self.timeout_s:
@@ -339,10 +349,13 @@ class Client:
 
         Raises:
             RequestError: the request was refused as wrong.
+            Busy: answered BUSY (shed to protect the cluster) until ``timeout_s``; resent with
+                backoff meanwhile, and not applied.
+            StorageFull: the shard's disk is full; the write was not applied.
             Unavailable: the broker is unreachable, or the cluster could not serve the request.
             Timeout: no reply within ``timeout_s``; the request may or may not have been applied.
         """
-        request_id = new_id(self._random.getrandbits)
+        request_id = new_id()
         try:
             frames = encode_request(dataclasses.replace(request, request_id=request_id))
         except ProtocolError as exc:  # refused here, as the broker would refuse it
@@ -350,7 +363,8 @@ class Client:
         start = time.monotonic()
         deadline = start + self.timeout_s
         unreachable_since: float | None = None
-        sent = False
+        maybe_applied = False  # an attempt left and got no answer
+        busy = 0  # BUSY answers in a row
         while True:
             socket = self._connected_socket()
             if not self._send(socket, frames, deadline):
@@ -361,16 +375,27 @@ class Client:
                         f"broker at {self.endpoint} is not reachable "
                         f"(tried for {now - start:.1f} s)"
                     )
-                    raise gave_up(message, sent)  # sent: an earlier attempt may have been applied
+                    raise gave_up(message, maybe_applied)
                 continue
-            sent = True
             reply = self._wait_reply(
                 socket, request_id, min(deadline, time.monotonic() + self.attempt_s)
             )
             if reply is not None:
-                return check(reply)
-            # No reply: the request or its reply may be lost (a broker restart). Send it again
-            # on a fresh socket, which also drops anything stale still queued in the old one.
+                if reply.status != Status.BUSY:
+                    return check(reply)
+                # Shed, not applied: wait a backoff, then send it again with the same id
+                # (zkv.calls.busy_backoff_s), unless that would come after the deadline.
+                busy += 1
+                now = time.monotonic()
+                wait_s = busy_backoff_s(busy, random.random())
+                if now + wait_s >= deadline:
+                    raise busy_gave_up(reply.body, busy, now - start, maybe_applied)
+                time.sleep(wait_s)
+                continue
+            # No reply: the request or its reply may be lost (a broker restart), or it may have
+            # been applied. Send it again on a fresh socket, which also drops anything stale
+            # still queued in the old one.
+            maybe_applied = True
             self._reset()
             if time.monotonic() >= deadline:
                 raise Timeout(

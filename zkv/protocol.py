@@ -700,6 +700,15 @@ def request_record(frames: Sequence[bytes]) -> bytes:
     return _SUB_REQUEST.pack(kind, flags, len(key), len(value), request_id, arg) + key + value
 
 
+def sub_request_value(record: bytes | memoryview) -> bytes | memoryview:
+    """The value of a validated sub-request record (empty for GET and DEL): what a broker
+    compares, as a worker's idempotency memory does, to tell a retry from another request
+    that reuses its id."""
+    _, _, key_len, value_len, _, _ = _SUB_REQUEST.unpack_from(record)
+    start = _SUB_REQUEST.size + key_len
+    return record[start : start + value_len]
+
+
 # --- batch replies ----------------------------------------------------------------------------
 
 

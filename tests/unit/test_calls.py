@@ -36,7 +36,11 @@ ENDPOINT = "tcp://broker:1"
 
 def make(now: float = 100.0, **options: object) -> Calls:
     ids = itertools.count(1)
-    return Calls(ENDPOINT, 5.0, 1.0, lambda bits: next(ids), now, **options)  # type: ignore[arg-type]
+
+    def new_ids(count: int) -> list[int]:
+        return [next(ids) for _ in range(count)]
+
+    return Calls(ENDPOINT, 5.0, 1.0, new_ids, now, **options)  # type: ignore[arg-type]
 
 
 def batch_reply(*replies_: Reply) -> list[bytes]:
@@ -246,10 +250,15 @@ def test_fail_all_empties_the_table():
     assert (len(calls), calls.queued, calls.in_flight) == (0, 0, 0)
 
 
-def test_random_ids_are_never_zero():
-    calls = Calls(ENDPOINT, 5.0, 1.0, lambda bits: 0, 0.0)
-    assert calls.add((GET, b"a", None, None), 0, 0.0) == 1
-    assert random.Random(1).getrandbits(64)  # the real source, for contrast
+def test_random_ids_are_never_zero(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(calls_module.os, "urandom", lambda size: bytes(size))
+    assert calls_module.random_ids(3) == [1, 1, 1]
+
+
+def test_new_ids_are_fresh_and_64_bit():
+    ids = calls_module.new_ids(1000) + calls_module.new_ids(3) + [calls_module.new_id()]
+    assert len(set(ids)) == len(ids)
+    assert all(0 < rid < 2**64 for rid in ids)
 
 
 def test_add_many_packs_every_op_as_pack_request_does_or_refuses_it_alike():

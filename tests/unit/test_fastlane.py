@@ -22,7 +22,7 @@ from gateway.app import Query, make_app
 from gateway.bridge import LoopClient
 from gateway.fastlane import FastLane, Response, for_app
 from zkv.client import Item, NotFound
-from zkv.errors import RequestError, Timeout, Unavailable
+from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable
 from zkv.protocol import Kind
 
 NOW_S = 1_700_000_000.25
@@ -228,6 +228,8 @@ def test_anything_but_the_plain_routes_is_left_to_the_app(loop, method, target):
         Timeout("no reply within 5.0 s"),
         Unavailable("the broker at tcp://127.0.0.1:5555 is unreachable"),
         RequestError("shard 1: value too large"),
+        Busy("broker over its byte bound"),
+        StorageFull("shard 1: no space left on device"),
         RuntimeError("a bug"),
     ],
 )

@@ -34,7 +34,7 @@ from gateway.bridge import LoopClient
 from gateway.server import app_factory, build_parser, gunicorn_options
 from zkv import defaults
 from zkv.client import Client, Item, NotFound
-from zkv.errors import RequestError, Timeout, Unavailable
+from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
 from zkv.protocol import MAX_TTL_MS, Entry
 
 pytestmark = [
@@ -77,7 +77,7 @@ class FakeClient:
         self.shards: list[dict[bytes, tuple[bytes, int | None]]] = [{} for _ in range(shards)]
         self.calls: list[tuple[Any, ...]] = []
         self.failure: BaseException | None = None
-        self.ping_info: Any = {"shards": shards, "owned": shards, "workers": shards}
+        self.ping_info: Any = {"shards": shards, "owned": [True] * shards, "workers": shards}
 
     def _shard(self, key: bytes) -> dict[bytes, tuple[bytes, int | None]]:
         return self.shards[zlib.crc32(key) % len(self.shards)]
@@ -686,6 +686,39 @@ def test_cluster_errors_map_to_statuses(
     assert ("retry-after" in response.headers) == (status == 503)
 
 
+@pytest.mark.parametrize(
+    ("failure", "status", "says"),
+    [
+        (Busy("broker over its byte bound"), 503, "the cluster is busy, retry later"),
+        (StorageFull("shard 1: no space left on device"), 507, "the shard's disk is full"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [
+        ("GET", "/set?key=k&value=v&timeout=1"),
+        ("GET", "/get?key=k"),
+        ("PUT", "/v1/keys/k"),
+        ("DELETE", "/v1/keys/k"),
+    ],
+)
+def test_busy_is_503_with_retry_after_and_a_full_disk_507(
+    app: Bottle,
+    kv: FakeClient,
+    failure: Exception,
+    status: int,
+    says: str,
+    method: str,
+    target: str,
+) -> None:
+    kv.failure = failure
+    response = call(app, method, target, body=b"v" if method == "PUT" else None)
+    message = error_of(response, status)
+    assert message.startswith(says) and str(failure) in message and "not applied" in message
+    assert ("retry-after" in response.headers) == (status == 503)
+    assert response.headers.get("retry-after", "1") == "1"
+
+
 def test_unexpected_error_is_500_json_logged_without_traceback(
     app: Bottle, kv: FakeClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -751,15 +784,35 @@ def test_head_is_answered_like_get_without_body(app: Bottle) -> None:
 def test_health_ok(app: Bottle, kv: FakeClient) -> None:
     response = get(app, "/v1/health")
     assert response.status == 200
-    assert response.json() == {"status": "ok", "shards": 3, "owned": 3, "workers": 3}
-    kv.ping_info = {"status": "degraded", "shards": 2}
-    assert get(app, "/v1/health").json()["status"] == "ok"
+    assert response.json() == {"status": "ok", "shards": 3, "owned": [True] * 3, "workers": 3}
 
 
-@pytest.mark.parametrize("failure", [Unavailable("broker down"), Timeout("no reply")])
+@pytest.mark.parametrize(
+    "owned",
+    [[True, False], [False, False], [], None, 2],
+    ids=["one", "none", "empty", "null", "int"],
+)
+def test_health_with_a_shard_without_owner_is_503_degraded(
+    app: Bottle, kv: FakeClient, owned: Any
+) -> None:
+    """A readiness check: 200 only when every shard has an owner (it was 200 "ok" with none)."""
+    kv.ping_info = {"status": "degraded", "shards": 2, "owned": owned, "workers": 1}
+    response = get(app, "/v1/health")
+    assert response.status == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == {**kv.ping_info, "status": "degraded"}  # checks the content type
+    kv.ping_info = {"status": "ok", "shards": 2, "owned": [True, True], "workers": 2}
+    assert get(app, "/v1/health").status == 200
+
+
+@pytest.mark.parametrize(
+    "failure", [Unavailable("broker down"), Timeout("no reply"), ZkvError("malformed PING")]
+)
 def test_health_unavailable_is_503(app: Bottle, kv: FakeClient, failure: Exception) -> None:
     kv.failure = failure
-    assert error_of(get(app, "/v1/health"), 503) == str(failure)
+    response = get(app, "/v1/health")
+    assert response.status == 503
+    assert response.json() == {"status": "unavailable", "error": str(failure)}
 
 
 # --- clients per thread -----------------------------------------------------------------------
