@@ -23,8 +23,9 @@ from types import FrameType
 import zmq
 from zmq.backend import zmq_poll
 
-from broker.core import Broker, BrokerConfig, Side
+from broker.core import Broker, BrokerConfig, Side, peer_log
 from zkv import protocol
+from zkv.logs import peer
 from zkv.zmqio import POLLIN, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,11 @@ def _flush(core: Broker, frontend: zmq.Socket, backend: zmq.Socket) -> None:
                 try:
                     send_frames(frontend, frames)
                 except zmq.Again:
-                    log.warning("client %s is not reading; reply dropped", frames[0].hex())
+                    peer_log.warning(
+                        "client not reading",
+                        "client %s is not reading; reply dropped",
+                        peer(frames[0]),
+                    )
                 continue
             try:
                 send_frames(backend, frames)

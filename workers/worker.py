@@ -48,11 +48,12 @@ import zmq
 from zmq.backend import zmq_poll
 
 from workers.aof import CorruptLog, DurabilityError, FsyncPolicy
-from workers.ownership import LockTimeout, OwnershipError
+from workers.ownership import LockTimeout, OwnershipError, reportable
 from workers.persist import Durability, ShardMoved
 from workers.shard import Message, Shard, take_shard, unavailable
 from workers.store import Clock, wall_clock_ms
 from zkv import defaults
+from zkv.logs import LogLimiter
 from zkv.protocol import (
     Assign,
     Disconnect,
@@ -71,6 +72,7 @@ from zkv.protocol import (
 from zkv.zmqio import POLLIN, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
+peer_log = LogLimiter(log)  # lines the broker's messages can cause, rate-limited
 
 SOCKET_HWM = 100_000  # messages queued to or from the broker before ZeroMQ pushes back
 # One expiry pass removes at most this many keys (and takes at most EXPIRE_BUDGET_S), so a
@@ -254,7 +256,7 @@ class Worker:
         try:
             message = decode_from_broker(frames)
         except ProtocolError as exc:
-            log.warning("dropped a malformed message from the broker: %s", exc)
+            peer_log.warning("bad message", "dropped a malformed message from the broker: %s", exc)
             if exc.request_id:
                 # A dispatch whose request id was readable: the client is waiting for it.
                 # Replies leave in arrival order, so the batch before it goes first.
@@ -493,9 +495,10 @@ class Worker:
         (the broker raises its token epoch past it)."""
         held = self.shard
         if held is None:
-            ready = Ready(None, self._last_token)
+            ready = Ready(None, reportable(self._last_token))
         else:
-            ready = Ready(held.number, max(self._last_token, held.last_token, held.epoch))
+            known = max(self._last_token, held.last_token, held.epoch)
+            ready = Ready(held.number, reportable(known))
         self._send(encode_control(ready))
 
     def _send(self, frames: Sequence[bytes]) -> None:
@@ -507,7 +510,9 @@ class Worker:
         try:
             send_frames(self._connected(), frames)
         except zmq.Again:
-            log.warning("the queue to the broker is full: dropped an outgoing message")
+            peer_log.warning(
+                "queue full", "the queue to the broker is full: dropped an outgoing message"
+            )
 
     def _drain(self) -> int:
         """Answer messages already queued, so their clients need not wait for a timeout."""
