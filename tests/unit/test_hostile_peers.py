@@ -181,12 +181,15 @@ def test_an_owner_file_whose_era_is_lost_or_exhausted_is_refused(durability):
 # --- fuzz -----------------------------------------------------------------------------------
 
 FUZZ_MESSAGES = 3000
+EDGE_TOKENS = [0, U64_MAX, (2**32 - 2) << 32, MAX_REPORTED_TOKEN, MAX_REPORTED_TOKEN - 1]
 
 
 def mutations(rng: random.Random) -> list[bytes]:
     """A control or reply message, damaged: bytes flipped, cut, stretched or frames added."""
     seeds = [
-        encode_control(Ready(rng.choice([None, 0, 1, 5]), rng.getrandbits(64))),
+        encode_control(
+            Ready(rng.choice([None, 0, 1, 5]), rng.choice([*EDGE_TOKENS, rng.getrandbits(64)]))
+        ),
         encode_control(Assign(rng.choice([None, 0, 1]), 2, rng.getrandbits(64))),
         encode_control(Heartbeat()),
         encode_control(Disconnect()),
