@@ -12,7 +12,14 @@ import zmq
 from broker.core import BrokerConfig
 from broker.server import ServerConfig, Stopper, serve
 from zkv import defaults
-from zkv.config import add_flag, add_heartbeat_flags, positive_float, positive_int
+from zkv.config import (
+    add_flag,
+    add_heartbeat_flags,
+    add_security_flags,
+    positive_float,
+    positive_int,
+)
+from zkv.keys import KeysError, ensure_keys
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 # The cyclic GC's first generation is collected when allocations outnumber frees by this many
@@ -49,13 +56,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "seconds to wait for a worker's reply before failing the request",
     )
     add_heartbeat_flags(parser)
+    add_security_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    keys = None
+    if not args.insecure:
+        try:
+            keys = ensure_keys(args.keys)
+        except (KeysError, OSError) as exc:
+            logging.getLogger("broker").error("cannot start: keys: %s", exc)
+            return 2
     config = ServerConfig(
+        keys=keys,
         frontend=args.frontend,
         backend=args.backend,
         broker=BrokerConfig(

@@ -83,9 +83,11 @@ from zlib import crc32
 from broker.registry import Registry
 from broker.tokens import TokenIssuer, TokenTable
 from zkv.hashing import SLOTS, key_shard
+from zkv.logs import LogLimiter, peer
 from zkv.protocol import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPS,
+    MAX_REPORTED_TOKEN,
     VERSION,
     Assign,
     Disconnect,
@@ -117,6 +119,7 @@ from zkv.protocol import (
 )
 
 log = logging.getLogger(__name__)
+peer_log = LogLimiter(log)  # every line a peer's input can cause goes through this
 
 
 CLAIM_WINDOW_HEARTBEATS = 1.5  # heartbeat intervals a new broker waits for shard claims
@@ -280,7 +283,7 @@ class Broker:
         try:
             request = decode_request(body)
         except ProtocolError as exc:
-            log.warning("bad request from client %s: %s", client.hex(), exc)
+            peer_log.warning("bad request", "bad request from client %s: %s", peer(client), exc)
             self._to_client(client, error_reply(exc.request_id, f"bad request: {exc}"))
             return
         if request.kind == Kind.PING:
@@ -360,7 +363,12 @@ class Broker:
             try:
                 token, count = batch_reply_header(body)
             except ProtocolError as exc:
-                log.warning("bad batch reply from worker %s dropped: %s", worker.hex(), exc)
+                peer_log.warning(
+                    "bad batch reply",
+                    "bad batch reply from worker %s dropped: %s",
+                    peer(worker),
+                    exc,
+                )
                 return
             self._on_batch_reply(worker, token, count, body, now)
             self._flush(now)
@@ -368,7 +376,9 @@ class Broker:
         try:
             message = decode_from_worker(body)
         except ProtocolError as exc:
-            log.warning("bad message from worker %s dropped: %s", worker.hex(), exc)
+            peer_log.warning(
+                "bad worker message", "bad message from worker %s dropped: %s", peer(worker), exc
+            )
             return
         if self.registry.get(worker) is None and not isinstance(message, Ready | Disconnect):
             self._unknown_worker(worker)
@@ -450,7 +460,7 @@ class Broker:
         try:
             _, subs = split_batch(body)
         except ProtocolError as exc:
-            log.warning("bad batch from client %s: %s", client.hex(), exc)
+            peer_log.warning("bad batch", "bad batch from client %s: %s", peer(client), exc)
             self._to_client(client, error_reply(exc.request_id, f"bad request: {exc}"))
             return
         if self.closing:
@@ -516,8 +526,11 @@ class Broker:
             flight.keys.add(key)
             flight.nbytes += size
         if refused:
-            log.warning(
-                "client %s: %d malformed sub-request(s) refused", client.hex(), len(refused)
+            peer_log.warning(
+                "bad sub-requests",
+                "client %s: %d malformed sub-request(s) refused",
+                peer(client),
+                len(refused),
             )
             self._to_client(client, batch_reply_frames(0, refused))
 
@@ -584,15 +597,21 @@ class Broker:
     ) -> None:
         flight = self._inflight.get(token)
         if flight is None or flight.worker != worker:
-            log.info("late or unexpected reply (token %d) from %s dropped", token, worker.hex())
+            peer_log.info(
+                "late reply",
+                "late or unexpected reply (token %d) from %s dropped",
+                token,
+                peer(worker),
+            )
             return
         ops = flight.ops
         if count != len(ops):
-            log.warning(
+            peer_log.warning(
+                "bad batch reply",
                 "batch reply of %d sub-replies to a dispatch of %d from %s dropped",
                 count,
                 len(ops),
-                worker.hex(),
+                peer(worker),
             )
             return  # the flight times out like any unanswered one
         del self._inflight[token]
@@ -621,7 +640,9 @@ class Broker:
         try:
             records = split_reply_records(body, count)
         except ProtocolError as exc:
-            log.warning("bad batch reply (token %d) dropped: %s", flight.token, exc)
+            peer_log.warning(
+                "bad batch reply", "bad batch reply (token %d) dropped: %s", flight.token, exc
+            )
             self._answer(flight.ops, None, "malformed reply from the worker; outcome unknown")
             return
         if flight.attempts > 1:
@@ -711,8 +732,11 @@ class Broker:
     def _on_reply(self, worker: bytes, reply: Reply, frames: list[bytes], now: float) -> None:
         flight = self._inflight.get(reply.token)
         if flight is None or flight.worker != worker or len(flight.ops) != 1:
-            log.info(
-                "late or unexpected reply (token %d) from %s dropped", reply.token, worker.hex()
+            peer_log.info(
+                "late reply",
+                "late or unexpected reply (token %d) from %s dropped",
+                reply.token,
+                peer(worker),
             )
             return
         del self._inflight[reply.token]
@@ -776,26 +800,46 @@ class Broker:
     def _unknown_worker(self, worker: bytes) -> None:
         # A worker registered with a broker before this one (we restarted): have it
         # register again now rather than after its heartbeat liveness runs out.
-        log.info("unknown worker %s: asking it to register", worker.hex())
+        peer_log.info("unknown worker", "unknown worker %s: asking it to register", peer(worker))
         self.outbox.append((Side.BACKEND, [worker, *encode_control(Disconnect())]))
 
     def _on_ready(self, worker: bytes, claimed: int | None, last_token: int, now: float) -> None:
+        if last_token >= MAX_REPORTED_TOKEN:
+            # Following it would push the issuer's epoch to where the u64 of the wire format
+            # runs out (a token of 2**64 crashed the broker). No legal worker reports one.
+            peer_log.warning(
+                "bad ready",
+                "READY from worker %s refused: last_token %d is beyond the limit %d",
+                peer(worker),
+                last_token,
+                MAX_REPORTED_TOKEN - 1,
+            )
+            return
+        if claimed is not None and claimed >= self.config.shards:
+            peer_log.warning(
+                "bad ready",
+                "worker %s claims shard %d of %d: taken as a claim of none",
+                peer(worker),
+                claimed,
+                self.config.shards,
+            )
+            claimed = None
         self.issuer.advance_past(last_token)
         if self.registry.get(worker) is not None:
             self._remove_worker(worker, "registered again", now)
         shard = self.registry.register(worker, claimed, now, hand_out=self._claims_until is None)
         self._assign(worker, shard)
         if shard is None:
-            log.info("worker %s registered as standby", worker.hex())
+            log.info("worker %s registered as standby", peer(worker))
         else:
-            log.info("worker %s owns shard %d of %d", worker.hex(), shard, self.config.shards)
+            log.info("worker %s owns shard %d of %d", peer(worker), shard, self.config.shards)
             self._drain(shard, now)
 
     def _remove_worker(self, worker: bytes, why: str, now: float) -> None:
         record = self.registry.remove(worker)
         if record is None:
             return
-        log.warning("worker %s (shard %s) removed: %s", worker.hex(), record.shard, why)
+        log.warning("worker %s (shard %s) removed: %s", peer(worker), record.shard, why)
         # Oldest first, so each shard's queue keeps dispatch order; each key is in at most one
         # flight, so flights of different keys may be reordered freely anyway.
         orphans = sorted((f for f in self._inflight.values() if f.worker == worker), key=_token)
@@ -808,7 +852,7 @@ class Broker:
             log.info(
                 "%d request(s) of worker %s wait for the next owner",
                 sum(len(f.ops) for f in orphans),
-                worker.hex(),
+                peer(worker),
             )
         if record.shard is not None and self._claims_until is None:
             self._promote(record.shard, now)
@@ -817,7 +861,7 @@ class Broker:
         """Give an unowned shard to the oldest standby, if any, and send it what waited."""
         successor = self.registry.promote(shard)
         if successor is not None:
-            log.info("standby %s takes over shard %d", successor.hex(), shard)
+            log.info("standby %s takes over shard %d", peer(successor), shard)
             self._assign(successor, shard)
             self._drain(shard, now)
 

@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from types import FrameType
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.backend import zmq_poll
 
-from broker.core import Broker, BrokerConfig, Side
+from broker.core import Broker, BrokerConfig, Side, peer_log
 from zkv import protocol
+from zkv.keys import Keys
+from zkv.logs import peer
 from zkv.zmqio import POLLIN, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ class ServerConfig:
     frontend: str
     backend: str
     broker: BrokerConfig
+    keys: Keys | None = None  # None: no CURVE on the backend (--insecure)
 
 
 class Stopper:
@@ -69,7 +73,20 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
     context = context or zmq.Context.instance()
     frontend = context.socket(zmq.ROUTER)
     backend = context.socket(zmq.ROUTER)
+    authenticator: ThreadAuthenticator | None = None
     try:
+        if config.keys is not None:
+            # CURVE on the backend: only holders of an authorised worker key get through the
+            # handshake (ZAP, in pyzmq's authenticator thread); nothing else reaches the core.
+            authenticator = ThreadAuthenticator(context, log=logging.getLogger("broker.auth"))
+            authenticator.start()
+            authenticator.configure_curve(domain="*", location=str(config.keys.authorized))
+            pair = config.keys.broker(secret=True)
+            backend.curve_secretkey = pair.secret
+            backend.curve_publickey = pair.public
+            backend.curve_server = True
+        else:
+            log.warning("backend without CURVE (--insecure): any local process can join")
         for socket in (frontend, backend):
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.SNDHWM, HWM)
@@ -79,7 +96,8 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
             zmq.MAXMSGSIZE, protocol.MAX_VALUE_BYTES + protocol.MAX_KEY_BYTES + 1024
         )
         # Sending to a worker that is gone raises instead of vanishing, so we notice at once;
-        # a worker reconnecting under its stable identity takes over its old routing entry.
+        # a worker reconnecting under its stable identity takes over its old routing entry
+        # (only an authenticated worker can connect at all, and its routing id is random).
         backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         frontend.bind(config.frontend)
@@ -94,6 +112,8 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
     finally:
         frontend.close(linger=0)
         backend.close(linger=0)
+        if authenticator is not None:
+            authenticator.stop()
 
 
 def _loop(core: Broker, frontend: zmq.Socket, backend: zmq.Socket, stopper: Stopper) -> int:
@@ -178,7 +198,11 @@ def _flush(core: Broker, frontend: zmq.Socket, backend: zmq.Socket) -> None:
                 try:
                     send_frames(frontend, frames)
                 except zmq.Again:
-                    log.warning("client %s is not reading; reply dropped", frames[0].hex())
+                    peer_log.warning(
+                        "client not reading",
+                        "client %s is not reading; reply dropped",
+                        peer(frames[0]),
+                    )
                 continue
             try:
                 send_frames(backend, frames)

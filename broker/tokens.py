@@ -15,12 +15,21 @@ Two separate ideas live here:
   Kleppmann's "How to do distributed locking"). A token is ``epoch << 32 | sequence``: the epoch
   starts at the broker's start time in Unix seconds and is pushed past any token a worker
   reports when it registers, so a restarted broker never reissues a number a worker has seen.
+  Reports are bounded (the caller refuses a token at or above ``MAX_REPORTED_TOKEN``, and
+  :meth:`TokenIssuer.advance_past` ignores one), so the epoch never passes
+  ``MAX_REPORTED_EPOCH`` (2**32 - 2**16) through a report. Above it lie 2**16 epochs of
+  headroom: the sequence overflows into the next epoch once per 2**32 tokens, so the u64 of
+  the wire format holds for 2**48 more tokens (89 years at 100,000 dispatches a second). The
+  start epoch is the Unix time (1.8e9 in 2027), so about 2.5e9 epochs remain before the limit,
+  each broker restart using one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
+
+from zkv.protocol import MAX_REPORTED_EPOCH, MAX_REPORTED_TOKEN
 
 T = TypeVar("T")
 
@@ -159,7 +168,8 @@ class TokenIssuer:
     """Issues fencing tokens: unique, strictly increasing, across broker restarts too."""
 
     def __init__(self, epoch: int) -> None:
-        self._next = epoch << SEQUENCE_BITS
+        # A clock decades ahead must not start the issuer past the headroom (see the module).
+        self._next = min(epoch, MAX_REPORTED_EPOCH - 1) << SEQUENCE_BITS
 
     @property
     def epoch(self) -> int:
@@ -174,6 +184,10 @@ class TokenIssuer:
         return token
 
     def advance_past(self, token: int) -> None:
-        """Make every future token greater than ``token`` (one a worker says it accepted)."""
-        if token >= self._next:
+        """Make every future token greater than ``token`` (one a worker says it accepted).
+
+        A token at or above MAX_REPORTED_TOKEN is ignored (the broker refuses the READY that
+        carries it before this): following it would leave no room in the u64 to issue from.
+        """
+        if self._next <= token < MAX_REPORTED_TOKEN:
             self._next = ((token >> SEQUENCE_BITS) + 1) << SEQUENCE_BITS

@@ -32,7 +32,16 @@ from types import FrameType
 from workers.aof import FsyncPolicy
 from workers.worker import WorkerConfig, run
 from zkv import defaults
-from zkv.config import add_flag, add_heartbeat_flags, boolean, endpoint, env_default, positive_int
+from zkv.config import (
+    add_flag,
+    add_heartbeat_flags,
+    add_security_flags,
+    boolean,
+    endpoint,
+    env_default,
+    positive_int,
+)
+from zkv.keys import KeysError, ensure_keys
 
 # Not __name__: run with -m, this module is "__main__", which says nothing in a log line.
 log = logging.getLogger("workers.supervisor")
@@ -106,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a pure cache: no files, no locks, nothing survives a restart "
         "(env ZKV_IN_MEMORY, default false)",
     )
+    add_security_flags(parser)
     return parser
 
 
@@ -123,7 +133,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--data-dir {args.data_dir}: cannot create it: {exc}")
         if not os.access(data_dir, os.W_OK | os.X_OK):
             parser.error(f"--data-dir {data_dir}: not writable by this user")
+    keys = None
+    if not args.insecure:
+        try:
+            keys = ensure_keys(args.keys)  # the same idempotent call as the broker's
+        except (KeysError, OSError) as exc:
+            parser.error(f"--keys {args.keys}: {exc}")
+    else:
+        log.warning("connecting without CURVE (--insecure)")
     config = WorkerConfig(
+        keys=keys,
         backend=args.backend,
         data_dir=data_dir,
         fsync=args.fsync,
@@ -147,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         str(config.heartbeat_liveness),
         "--fsync",
         config.fsync.value,
+        *(["--insecure"] if keys is None else ["--no-insecure", "--keys", str(keys.directory)]),
         *(["--in-memory"] if data_dir is None else ["--no-in-memory", "--data-dir", str(data_dir)]),
     ]
     return Supervisor(args.processes, child_argv).run()

@@ -45,7 +45,7 @@ from workers.aof import (
     SetRecord,
 )
 from workers.idempotency import Memo, Packed, RequestMemory, packed_key
-from workers.ownership import OwnerFile, OwnershipError
+from workers.ownership import OwnerFile, OwnershipError, next_epoch
 from workers.store import Clock, Snapshot, TTLStore
 from zkv.protocol import Kind
 
@@ -171,6 +171,8 @@ class ShardFiles:
         The new epoch is ``max(assigned_epoch, stored + 1)``: the broker's number when it is
         larger (so epochs follow the broker's order), and always larger than the stored one
         (so a broker that restarted with smaller numbers still fences the previous owner out).
+        A stored epoch at the limit, or a corrupt file, moves to a new era instead
+        (:func:`workers.ownership.next_epoch`): still larger, never backwards.
 
         Returns:
             The epoch that was stored before; :attr:`epoch` is the new one.
@@ -182,8 +184,8 @@ class ShardFiles:
         self._cancel_rewrite()
         self.owner.lock(TAKE_LOCK_TIMEOUT_S)
         try:
-            stored = self.owner.read()
-            epoch = max(assigned_epoch, stored + 1)
+            stored = self.owner.read_for_takeover()
+            epoch = next_epoch(stored, assigned_epoch)
             self.owner.write(epoch)
             self.epoch = epoch
             # A compaction an earlier owner left unfinished: its scratch file is worthless.

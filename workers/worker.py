@@ -38,7 +38,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +47,13 @@ import zmq
 from zmq.backend import zmq_poll
 
 from workers.aof import CorruptLog, DurabilityError, FsyncPolicy
-from workers.ownership import LockTimeout, OwnershipError
+from workers.ownership import LockTimeout, OwnershipError, reportable
 from workers.persist import Durability, ShardMoved
 from workers.shard import Message, Shard, take_shard, unavailable
 from workers.store import Clock, wall_clock_ms
 from zkv import defaults
+from zkv.keys import Keys
+from zkv.logs import LogLimiter
 from zkv.protocol import (
     Assign,
     Disconnect,
@@ -71,7 +72,9 @@ from zkv.protocol import (
 from zkv.zmqio import POLLIN, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
+peer_log = LogLimiter(log)  # lines the broker's messages can cause, rate-limited
 
+ROUTING_ID_RANDOM_BYTES = 16  # of os.urandom in a worker's routing id
 SOCKET_HWM = 100_000  # messages queued to or from the broker before ZeroMQ pushes back
 # One expiry pass removes at most this many keys (and takes at most EXPIRE_BUDGET_S), so a
 # request never waits behind a long sweep; a backlog drains over consecutive passes.
@@ -110,6 +113,8 @@ class WorkerConfig:
         expire_cycle_s: how often to run an expiry pass when there is no backlog.
         expire_budget_s: the most time one expiry pass may take.
         expire_max_keys: the most keys one expiry pass may remove.
+        keys: the cluster's keys (zkv/keys.py): the worker proves it holds the workers' secret
+            key and checks the broker's public key; None connects without CURVE.
     """
 
     backend: str = defaults.BACKEND
@@ -120,6 +125,7 @@ class WorkerConfig:
     expire_cycle_s: float = defaults.EXPIRE_CYCLE_S
     expire_budget_s: float = defaults.EXPIRE_BUDGET_S
     expire_max_keys: int = EXPIRE_MAX_KEYS_PER_PASS
+    keys: Keys | None = None  # the cluster's CURVE keys; None: plain TCP (--insecure)
 
 
 class Worker:
@@ -154,7 +160,12 @@ class Worker:
         # The largest token or epoch of shards this worker let go of, reported in READY so a
         # restarted broker issues numbers above it.
         self._last_token = 0
-        self.identity = f"worker-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
+        # Unguessable (whoever knows a routing id can take over its route) and logged only as
+        # a hash (zkv.logs.peer); a leading 0 byte is reserved by ZeroMQ, hence the "w".
+        self.identity = b"w" + os.urandom(ROUTING_ID_RANDOM_BYTES)
+        self._curve = (
+            None if config.keys is None else (config.keys.worker(), config.keys.broker().public)
+        )
         self._silence_limit_s = config.heartbeat_interval_s * config.heartbeat_liveness
         # Timers, in time.monotonic() seconds.
         self._last_heard_s = 0.0
@@ -254,7 +265,7 @@ class Worker:
         try:
             message = decode_from_broker(frames)
         except ProtocolError as exc:
-            log.warning("dropped a malformed message from the broker: %s", exc)
+            peer_log.warning("bad message", "dropped a malformed message from the broker: %s", exc)
             if exc.request_id:
                 # A dispatch whose request id was readable: the client is waiting for it.
                 # Replies leave in arrival order, so the batch before it goes first.
@@ -471,6 +482,11 @@ class Worker:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTING_ID, self.identity)
+        if self._curve is not None:
+            pair, server_key = self._curve
+            socket.curve_secretkey = pair.secret
+            socket.curve_publickey = pair.public
+            socket.curve_serverkey = server_key
         # As deep as the broker's queues: with ZeroMQ's default of 1,000, replies to a deep
         # pipeline were dropped here and their clients waited for the broker's timeout.
         socket.setsockopt(zmq.SNDHWM, SOCKET_HWM)
@@ -493,9 +509,10 @@ class Worker:
         (the broker raises its token epoch past it)."""
         held = self.shard
         if held is None:
-            ready = Ready(None, self._last_token)
+            ready = Ready(None, reportable(self._last_token))
         else:
-            ready = Ready(held.number, max(self._last_token, held.last_token, held.epoch))
+            known = max(self._last_token, held.last_token, held.epoch)
+            ready = Ready(held.number, reportable(known))
         self._send(encode_control(ready))
 
     def _send(self, frames: Sequence[bytes]) -> None:
@@ -507,7 +524,9 @@ class Worker:
         try:
             send_frames(self._connected(), frames)
         except zmq.Again:
-            log.warning("the queue to the broker is full: dropped an outgoing message")
+            peer_log.warning(
+                "queue full", "the queue to the broker is full: dropped an outgoing message"
+            )
 
     def _drain(self) -> int:
         """Answer messages already queued, so their clients need not wait for a timeout."""

@@ -7,6 +7,7 @@ Examples::
     python -m zkv del greeting
     python -m zkv all
     python -m zkv ping
+    python -m zkv keygen /path/to/keys    # a cluster's CURVE keys, for other hosts
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from zkv import defaults
 from zkv.client import Client, NotFound
 from zkv.config import add_flag, positive_float
 from zkv.errors import ZkvError
+from zkv.keys import create_keys
 
 
 def _deadline(deadline_ms: int | None) -> str:
@@ -45,7 +48,22 @@ def main(argv: list[str] | None = None) -> int:
         commands.add_parser(name, help=text).add_argument("key")
     commands.add_parser("all", help="print every live key as JSON lines")
     commands.add_parser("ping", help="print the cluster's state")
+    keygen = commands.add_parser(
+        "keygen", help="write a new cluster key set (CURVE) into DIR, which must not exist"
+    )
+    keygen.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        try:
+            create_keys(args.dir)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(
+            f"OK keys in {args.dir}: give the broker the whole directory, each worker host "
+            f"broker.key, worker.key and worker.key_secret (keep the modes: 0700, 0600)"
+        )
+        return 0
 
     with Client(args.frontend, timeout_s=args.timeout) as client:
         try:

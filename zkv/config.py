@@ -110,3 +110,28 @@ def add_heartbeat_flags(parser: argparse.ArgumentParser) -> None:
         positive_int,
         "heartbeat intervals of silence before a peer counts as dead",
     )
+
+
+def keys_default() -> str:
+    """Where every service looks for the cluster's keys unless told: ``$ZKV_KEYS``, else
+    ``keys`` inside ``$ZKV_DATA_DIR`` (so a cluster with its own data directory, as the tests
+    and the benchmark start, has its own keys), else ``./data/keys``."""
+    data_dir = os.environ.get("ZKV_DATA_DIR") or defaults.DATA_DIR
+    return os.environ.get("ZKV_KEYS") or os.path.join(data_dir, defaults.KEYS_SUBDIR)
+
+
+def add_security_flags(parser: argparse.ArgumentParser) -> None:
+    """``--keys`` and ``--insecure``, shared by the broker and the workers (zkv/keys.py)."""
+    parser.add_argument(
+        "--keys",
+        default=keys_default(),
+        help="directory of the cluster's CURVE keys, created on first start "
+        "(env ZKV_KEYS, default <ZKV_DATA_DIR>/keys)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action=argparse.BooleanOptionalAction,
+        default=env_default("ZKV_INSECURE", False, boolean),
+        help="no CURVE on the backend: any local process can join as a worker "
+        "(env ZKV_INSECURE, default false)",
+    )

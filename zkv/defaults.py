@@ -31,6 +31,7 @@ HEARTBEAT_LIVENESS = 3  # ZKV_HEARTBEAT_LIVENESS: intervals of silence before a 
 
 WORKER_PROCESSES = 1  # ZKV_WORKER_PROCESSES: worker processes one `python -m workers` runs
 DATA_DIR = "./data"  # ZKV_DATA_DIR: shard-<n>/ directories, relative to the current directory
+KEYS_SUBDIR = "keys"  # ZKV_KEYS defaults to <ZKV_DATA_DIR>/keys: the cluster's CURVE keys
 FSYNC = "always"  # ZKV_FSYNC: always | everysec | no, as Redis names them
 
 EXPIRE_CYCLE_S = 0.05  # how often a worker looks for expired keys nobody read

@@ -100,6 +100,12 @@ MAX_VALUE_BYTES = 64 * 1024 * 1024
 MAX_TTL_MS = 10 * 365 * 24 * 3600 * 1000  # ten years: longer is almost surely a unit mistake
 NO_SHARD = 0xFFFF_FFFF
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+# Fencing tokens are ``epoch << 32 | sequence`` in a u64 (broker/tokens.py). A peer may report
+# (READY's last_token) only tokens whose epoch is below MAX_REPORTED_EPOCH: the broker issues
+# tokens above what was reported, and the 2**16 epochs (2**48 tokens) above the limit are the
+# headroom that keeps every number it issues inside the u64 of the wire format.
+MAX_REPORTED_EPOCH = 2**32 - 2**16
+MAX_REPORTED_TOKEN = MAX_REPORTED_EPOCH << 32  # exclusive: the smallest token refused
 
 
 class Kind(enum.IntEnum):

@@ -110,7 +110,14 @@ class Spawner:
             process = subprocess.Popen(
                 [sys.executable, "-u", "-m", "workers", *args],
                 cwd=ROOT,
-                env={**os.environ, "ZKV_DATA_DIR": str(self.tmp_path / "data"), **(env or {})},
+                # The fake broker is a plain ROUTER: no CURVE (tests/process/test_security.py
+                # tests the keys).
+                env={
+                    **os.environ,
+                    "ZKV_DATA_DIR": str(self.tmp_path / "data"),
+                    "ZKV_INSECURE": "1",
+                    **(env or {}),
+                },
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
