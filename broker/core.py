@@ -81,6 +81,8 @@ from zkv.hashing import SLOTS, key_shard
 from zkv.protocol import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPS,
+    REQUEST_HEADER_BYTES,
+    SUB_REQUEST_BYTES,
     VERSION,
     Assign,
     Disconnect,
@@ -123,6 +125,11 @@ _SLOT_MASK = SLOTS - 1
 # "{" as an int: ``_LBRACE in key`` is a memchr, where ``b"{" in key`` first tries the needle
 # as an int, fails and clears a TypeError (0.3 us a key against 0.03 in Python 3.11).
 _LBRACE = ord("{")
+# A request that came alone weighs what it adds to a BATCH_DISPATCH: its record, whose fixed
+# part is this much longer than the REQUEST header it came with (value_len:u32). Weighing it by
+# its header undercounts 4 bytes a request, and a run cut at MAX_BATCH_BYTES by that weight
+# went over the limit, so the worker refused the whole dispatch.
+_RECORD_OVER_HEADER = SUB_REQUEST_BYTES - REQUEST_HEADER_BYTES
 
 
 class Side(enum.Enum):
@@ -300,7 +307,7 @@ class Broker:
                 self._ready.append(flight)
         else:
             origin = Origin(client, body)
-            size = len(body[0]) + (len(body[1]) if len(body) > 1 else 0)
+            size = len(body[0]) + _RECORD_OVER_HEADER + (len(body[1]) if len(body) > 1 else 0)
             op = (origin, request.kind, request.request_id, request.key, None, size)
             original = self._remember(op)
             if original is not op:
@@ -320,7 +327,7 @@ class Broker:
         :meth:`on_client` does for it, without a Request object, and dispatched at once
         when its key's token is free (nothing else is open during this event)."""
         kind, request_id, key, _ = keyed
-        size = len(body[0]) + (len(body[1]) if len(body) > 1 else 0)
+        size = len(body[0]) + _RECORD_OVER_HEADER + (len(body[1]) if len(body) > 1 else 0)
         op = (Origin(client, body), kind, request_id, key, None, size)
         original = self._remember(op)
         if original is not op:
@@ -629,16 +636,20 @@ class Broker:
         self._answer(flight.ops, records, "")
 
     def _answer(
-        self, ops: list[Op], records: list[bytes | memoryview] | None, message: str
+        self,
+        ops: Sequence[Op],
+        records: list[bytes | memoryview] | None,
+        message: str,
+        status: int = _UNAVAILABLE,
     ) -> None:
-        """Send each op its sub-reply record (or, with ``records`` None, UNAVAILABLE with
+        """Send each op its sub-reply record (or, with ``records`` None, ``status`` with
         ``message``): one BATCH_REPLY per client for ops that came in batches, a REPLY each
         for ops that came alone."""
         by_client: dict[bytes, list[bytes | memoryview]] = {}
         failure = message.encode()
         for index, (origin, _, request_id, _, _, _) in enumerate(ops):
             if records is None:
-                record: bytes | memoryview = pack_reply(_UNAVAILABLE, request_id, 0, None, failure)
+                record: bytes | memoryview = pack_reply(status, request_id, 0, None, failure)
             else:
                 record = records[index]
             if origin.frames is not None:
@@ -690,7 +701,11 @@ class Broker:
             return False
         op = flight.ops[0]
         origin = op[0]
-        if origin.gather is not None or (status == _UNAVAILABLE and flight.attempts > 1):
+        if (
+            origin.gather is not None
+            or origin.frames is None  # a REPLY to a BATCH_DISPATCH: the worker refused it
+            or (status == _UNAVAILABLE and flight.attempts > 1)
+        ):
             return False
         record.last_seen = now
         del self._inflight[token]
@@ -703,7 +718,7 @@ class Broker:
 
     def _on_reply(self, worker: bytes, reply: Reply, frames: list[bytes], now: float) -> None:
         flight = self._inflight.get(reply.token)
-        if flight is None or flight.worker != worker or len(flight.ops) != 1:
+        if flight is None or flight.worker != worker:
             log.info(
                 "late or unexpected reply (token %d) from %s dropped", reply.token, worker.hex()
             )
@@ -711,6 +726,11 @@ class Broker:
         del self._inflight[reply.token]
         op = flight.ops[0]
         origin = op[0]
+        if len(flight.ops) != 1 or reply.request_id != op[2] or origin.frames is None:
+            # A REPLY by the dispatch's token alone: the worker refused the whole dispatch
+            # (malformed or over a limit) and applied none of it.
+            self._refused(flight, reply)
+            return
         if origin.gather is not None:
             self._gathered(origin.gather, flight.shard, reply)
             return
@@ -723,6 +743,24 @@ class Broker:
         self._to_client(origin.client, frames)
         self._forget(op)
         self._release(flight)
+
+    def _refused(self, flight: Flight, reply: Reply) -> None:
+        """The worker refused a whole dispatch: answer each of its requests with the reason.
+        Nothing was applied by this worker, so the status is the worker's (ERROR: not
+        applied); only a flight that an earlier worker may have applied is "outcome unknown"."""
+        reason = (reply.body or b"").decode(errors="replace")
+        log.warning(
+            "worker %s refused a dispatch of %d request(s) (token %d): %s",
+            (flight.worker or b"").hex(),
+            len(flight.ops),
+            flight.token,
+            reason,
+        )
+        if flight.attempts > 1:
+            self._fail(flight, f"refused by the worker: {reason}; outcome unknown")
+        else:
+            status = int(reply.status) if reply.status != Status.OK else _ERROR
+            self._fail(flight, f"refused by the worker, not applied: {reason}", status)
 
     def _gathered(self, gather: Gather, shard: int, reply: Reply) -> None:
         if gather.done:
@@ -738,16 +776,17 @@ class Broker:
             body = b"".join(gather.bodies[s] for s in sorted(gather.bodies))
             self._finish(gather, encode_reply(Reply(Status.OK, gather.request_id, body=body)))
 
-    def _fail(self, flight: Flight, message: str) -> None:
-        """End a flight's ops with UNAVAILABLE and let their keys' next requests go."""
+    def _fail(self, flight: Flight, message: str, status: int = _UNAVAILABLE) -> None:
+        """End a flight's ops with ``status`` (UNAVAILABLE: retry) and let their keys' next
+        requests go."""
         gather = flight.ops[0][0].gather
         if gather is not None:
             if not gather.done:
-                self._finish(gather, error_reply(gather.request_id, message, Status.UNAVAILABLE))
+                self._finish(gather, error_reply(gather.request_id, message, Status(status)))
             return
         for op in flight.ops:
             self._forget(op)
-        self._answer(flight.ops, None, message)
+        self._answer(flight.ops, None, message, status)
         self._release(flight)
 
     def _finish(self, gather: Gather, frames: list[bytes]) -> None:

@@ -826,3 +826,49 @@ def test_a_batch_reply_with_the_wrong_count_is_dropped(h):
     h.broker.on_worker([worker, *encode_batch_reply(short)], h.now)
     assert h.take() == []
     assert not h.broker.idle()  # still waiting: it times out like an unanswered dispatch
+
+
+def test_a_run_of_lone_sets_is_weighed_by_the_records_it_is_sent_as(h, monkeypatch):
+    # A lone SET travels in a run as a batch record, 4 bytes longer than its request header:
+    # weighed by its header, three records "fit" in a limit that only two do, and the worker
+    # refused the whole dispatch as over MAX_BATCH_BYTES.
+    hot = key_for(0, "hot")
+    record = len(pack_request(Kind.SET, 1, hot, b"v" * 100))
+    monkeypatch.setattr(core, "MAX_BATCH_BYTES", 3 * record - 1)
+    for request_id in range(1, 6):
+        h.send(Request(Kind.SET, request_id, hot, b"v" * 100))
+    [(worker, first, _)] = h.dispatched()
+    h.answer(worker, first, ok(first))
+    out = h.take()
+    [reply] = [decode_reply(f[1:]) for s, f in out if s is Side.FRONTEND]
+    assert reply.request_id == 1
+    [frames] = [f for s, f in out if s is Side.BACKEND]
+    run = decode_from_broker(frames[1:])
+    assert [op[1] for op in run.ops] == [2, 3]
+    assert len(frames[2]) <= core.MAX_BATCH_BYTES
+
+
+def test_a_dispatch_the_worker_refuses_whole_fails_at_once_as_not_applied(h):
+    a, b = key_for(0, "a"), key_for(0, "b")
+    send_batch(h, [Request(Kind.SET, 1, a, b"x"), Request(Kind.SET, 2, b, b"y")])
+    [(worker, dispatch, _)] = batch_dispatches(h)
+    refusal = Reply(Status.ERROR, 0, dispatch.token, None, b"malformed request: too big")
+    h.broker.on_worker([worker, *encode_reply(refusal)], h.now)
+    [answers] = by_client(h).values()
+    assert sorted((r.request_id, r.status) for r in answers) == [
+        (1, Status.ERROR),
+        (2, Status.ERROR),
+    ]
+    assert all(b"not applied" in r.body and b"unknown" not in r.body for r in answers)
+    assert h.broker.idle() and not h.broker.tokens.held(a)
+
+
+def test_a_lone_batched_request_refused_whole_is_not_forwarded_as_a_reply_to_id_0(h):
+    key = key_for(0)
+    send_batch(h, [Request(Kind.SET, 7, key, b"x")])
+    [(worker, dispatch, _)] = batch_dispatches(h)
+    refusal = Reply(Status.ERROR, 0, dispatch.token, None, b"malformed request: too big")
+    h.broker.on_worker([worker, *encode_reply(refusal)], h.now)
+    [[answer]] = by_client(h).values()
+    assert (answer.request_id, answer.status) == (7, Status.ERROR)
+    assert h.broker.idle()
