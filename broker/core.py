@@ -99,6 +99,7 @@ from zkv.protocol import (
     decode_request,
     dispatch_batch_frames,
     dispatch_frames,
+    dispatch_token,
     encode_control,
     encode_reply,
     error_reply,
@@ -116,6 +117,9 @@ log = logging.getLogger(__name__)
 
 
 CLAIM_WINDOW_HEARTBEATS = 1.5  # heartbeat intervals a new broker waits for shard claims
+# How often messages held for a worker whose queue is full are tried again. A ROUTER socket
+# polls as always writable (it cannot say which peer has room), so this is a timer.
+HELD_RETRY_S = 0.002
 
 _BATCH = int(Kind.BATCH)
 _BATCH_REPLY = int(Kind.BATCH_REPLY)
@@ -263,6 +267,14 @@ class Broker:
             now + CLAIM_WINDOW_HEARTBEATS * config.heartbeat_interval_s
         )
         self.closing = False
+        # Messages for workers whose queue is full (the backend's send raised EAGAIN: the
+        # worker is slow, behind on an fsync, a compaction or a replay, not dead), in order:
+        # everything later for that worker waits behind them, since a dispatch sent ahead of
+        # an older one would make the worker refuse the older one's token as stale. The poll
+        # loop resends them (see :meth:`take_held`); each held dispatch's flight keeps its
+        # deadline, and a dispatch whose flight expired is dropped, never sent late.
+        self.held: dict[bytes, deque[list[bytes]]] = {}
+        self._prune_held = False
 
     # --- events -----------------------------------------------------------------------------
 
@@ -395,6 +407,8 @@ class Broker:
             _, token = self._inflight_deadlines.popleft()
             flight = self._inflight.pop(token, None)
             if flight is not None:
+                if flight.worker in self.held:
+                    self._prune_held = True
                 self._fail(
                     flight,
                     f"worker of shard {flight.shard} did not answer within "
@@ -407,11 +421,16 @@ class Broker:
                 if flight.attempts:
                     message += "; outcome unknown: the worker it reached went away"
                 self._fail(flight, message)
+        if self._prune_held:
+            self._prune_held = False
+            for worker, queue in self.held.items():
+                self.held[worker] = deque(f for f in queue if not self.expired_dispatch(f))
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             heartbeat = encode_control(Heartbeat())
             for identity in self.registry.identities():
-                self.outbox.append((Side.BACKEND, [identity, *heartbeat]))
+                if identity not in self.held:  # its queue is full of messages already
+                    self.outbox.append((Side.BACKEND, [identity, *heartbeat]))
             cutoff = now - self.config.heartbeat_interval_s * self.config.heartbeat_liveness
             for identity in self.registry.silent_since(cutoff):
                 self._remove_worker(identity, "missed heartbeats", now)
@@ -421,6 +440,25 @@ class Broker:
         """The backend could not deliver to ``worker``: its connection is gone."""
         self._remove_worker(worker, "unreachable", now)
         self._flush(now)
+
+    def on_backpressure(self, frames: list[bytes]) -> None:
+        """The backend could not queue ``frames`` (``[worker, ...]``): the worker's queue is at
+        its high-water mark. A full queue is backpressure, not death: hold the message, and
+        everything after it for that worker, until the poll loop can send them."""
+        queue = self.held.get(frames[0])
+        if queue is None:
+            log.warning(
+                "worker %s is not keeping up (its queue is full): holding its messages",
+                frames[0].hex(),
+            )
+            queue = self.held[frames[0]] = deque()
+        queue.append(frames)
+
+    def expired_dispatch(self, frames: list[bytes]) -> bool:
+        """Whether held ``frames`` are a dispatch whose flight is no longer waiting for it
+        (timed out, or sent elsewhere): it must not be sent late."""
+        token = dispatch_token(frames[1:])
+        return token != 0 and token not in self._inflight
 
     def begin_shutdown(self) -> None:
         """Stop taking requests; what is already here is still answered (see :meth:`idle`)."""
@@ -433,6 +471,8 @@ class Broker:
     def next_timer(self, now: float) -> float:
         """Seconds until ``on_timer`` has something to do (the poll timeout)."""
         due = self._next_heartbeat
+        if self.held:
+            due = min(due, now + HELD_RETRY_S)
         if self._claims_until is not None:
             due = min(due, self._claims_until)
         if self._inflight_deadlines:
@@ -825,6 +865,7 @@ class Broker:
 
     def _remove_worker(self, worker: bytes, why: str, now: float) -> None:
         record = self.registry.remove(worker)
+        self.held.pop(worker, None)  # its flights are dispatched again to the next owner
         if record is None:
             return
         log.warning("worker %s (shard %s) removed: %s", worker.hex(), record.shard, why)

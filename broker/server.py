@@ -120,6 +120,8 @@ def _loop(core: Broker, frontend: zmq.Socket, backend: zmq.Socket, stopper: Stop
             core.on_timer(now)
             _flush(core, frontend, backend)
             wait_s = core.next_timer(now)
+        if core.held:
+            _resend_held(core, frontend, backend)
         # Bounded so a stop signal (its handler runs between polls) is seen promptly.
         timeout_ms = min(int(wait_s * 1000) + 1, MAX_POLL_MS if drain_deadline is None else 20)
         try:
@@ -170,7 +172,14 @@ def _drain(
 
 
 def _flush(core: Broker, frontend: zmq.Socket, backend: zmq.Socket) -> None:
-    """Send the outbox; a send that fails may add to it (a dead worker's requests fail)."""
+    """Send the outbox; a send that fails may add to it (a dead worker's requests fail).
+
+    A worker whose queue is full (EAGAIN: ROUTER_MANDATORY reports a peer at its high-water
+    mark so, and ZeroMQ refuses a message whole at its first frame) is slow, not gone: the
+    message is held by the core, with everything after it for that worker, and resent by
+    :func:`_resend_held`. Only EHOSTUNREACH (no such peer connected) removes the worker.
+    """
+    held = core.held
     while core.outbox:
         outbox, core.outbox = core.outbox, []
         for side, frames in outbox:
@@ -180,9 +189,41 @@ def _flush(core: Broker, frontend: zmq.Socket, backend: zmq.Socket) -> None:
                 except zmq.Again:
                     log.warning("client %s is not reading; reply dropped", frames[0].hex())
                 continue
+            if held and frames[0] in held:
+                core.on_backpressure(frames)  # behind what is held already: order matters
+                continue
             try:
                 send_frames(backend, frames)
             except zmq.ZMQError as exc:
-                if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
+                if exc.errno == zmq.EAGAIN:
+                    core.on_backpressure(frames)
+                elif exc.errno == errno.EHOSTUNREACH:
+                    core.on_unroutable(frames[0], time.monotonic())
+                else:
                     raise
-                core.on_unroutable(frames[0], time.monotonic())
+
+
+def _resend_held(core: Broker, frontend: zmq.Socket, backend: zmq.Socket) -> None:
+    """Send what is held for workers whose queue was full, oldest first, until one is full
+    again; a dispatch whose flight expired meanwhile is dropped, not sent late."""
+    for worker, queue in list(core.held.items()):
+        while queue:
+            frames = queue[0]
+            if core.expired_dispatch(frames):
+                queue.popleft()
+                continue
+            try:
+                send_frames(backend, frames)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EAGAIN:
+                    break
+                if exc.errno != errno.EHOSTUNREACH:
+                    raise
+                core.on_unroutable(worker, time.monotonic())  # drops what is held for it
+                break
+            queue.popleft()
+        else:
+            if core.held.get(worker) is queue:
+                del core.held[worker]
+                log.info("worker %s caught up: its held messages are sent", worker.hex())
+    _flush(core, frontend, backend)
