@@ -73,10 +73,12 @@ from binascii import crc_hqx
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
 from operator import itemgetter
 
 from broker.registry import Registry
 from broker.tokens import TokenIssuer, TokenTable
+from zkv import defaults
 from zkv.hashing import SLOTS, key_shard
 from zkv.protocol import (
     MAX_BATCH_BYTES,
@@ -124,6 +126,7 @@ HELD_RETRY_S = 0.002
 _BATCH = int(Kind.BATCH)
 _BATCH_REPLY = int(Kind.BATCH_REPLY)
 _UNAVAILABLE = int(Status.UNAVAILABLE)
+_BUSY = int(Status.BUSY)
 _ERROR = int(Status.ERROR)
 _SLOT_MASK = SLOTS - 1
 # "{" as an int: ``_LBRACE in key`` is a memchr, where ``b"{" in key`` first tries the needle
@@ -155,6 +158,21 @@ class Gather:
     identity: Entry | None = None
 
 
+class Account:
+    """What one client socket has the broker hold: requests admitted and not yet answered.
+
+    Shared by every :class:`Origin` of that client; admission control (``Broker._charge``)
+    compares it with the per-client limits, and it is dropped when it holds nothing.
+    """
+
+    __slots__ = ("client", "nbytes", "ops")
+
+    def __init__(self, client: bytes) -> None:
+        self.client = client
+        self.nbytes = 0
+        self.ops = 0
+
+
 class Origin:
     """Whom to answer, and in which form: shared by every op of one client message.
 
@@ -166,15 +184,26 @@ class Origin:
             REPLY; None for the sub-requests of a BATCH, answered in BATCH_REPLY messages.
             A retry is answered in the form of the original (clients of batches accept both).
         gather: the ALL this is a part of, if it is one.
+        arrived: monotonic seconds when the message came: a request not dispatched within
+            ``shard_wait_s`` of it fails (it waited for its key's token, its shard, or both).
+        account: the client's :class:`Account` its ops are charged to (None: not charged,
+            an ALL's parts).
     """
 
-    __slots__ = ("client", "frames", "gather")
+    __slots__ = ("account", "arrived", "client", "frames", "gather")
 
     def __init__(
-        self, client: bytes, frames: list[bytes] | None, gather: Gather | None = None
+        self,
+        client: bytes,
+        frames: list[bytes] | None,
+        arrived: float,
+        account: Account | None = None,
+        gather: Gather | None = None,
     ) -> None:
         self.client = client
         self.frames = frames
+        self.arrived = arrived
+        self.account = account
         self.gather = gather
 
 
@@ -208,11 +237,26 @@ class Flight:
         attempts: dispatches so far; more than one after its worker went away.
         deadline: monotonic seconds; while WAITING, when to give up on the shard; while
             AT_WORKER, when to give up on the worker.
+        born: when its oldest op arrived, if that was before this event (runs of waiters);
+            None: now. Its first wait for an owner ends ``shard_wait_s`` after that.
+        account: the one :class:`Account` every op is charged to, so an answer releases the
+            charge in one step; None: look at each op's (runs of waiters, mixed clients).
     """
 
-    __slots__ = ("attempts", "deadline", "keys", "nbytes", "ops", "shard", "token", "worker")
+    __slots__ = (
+        "account",
+        "attempts",
+        "born",
+        "deadline",
+        "keys",
+        "nbytes",
+        "ops",
+        "shard",
+        "token",
+        "worker",
+    )
 
-    def __init__(self, shard: int) -> None:
+    def __init__(self, shard: int, account: Account | None = None) -> None:
         self.shard = shard
         self.ops: list[Op] = []
         self.keys: set[bytes] = set()
@@ -221,17 +265,24 @@ class Flight:
         self.worker: bytes | None = None
         self.deadline = 0.0
         self.attempts = 0
+        self.born: float | None = None
+        self.account = account
 
 
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
-    """The broker's tunables, in seconds."""
+    """The broker's tunables: seconds, and the admission limits (request bytes as dispatched,
+    and requests) on what it holds in total and for one client socket."""
 
     shards: int
     shard_wait_s: float
     worker_timeout_s: float
     heartbeat_interval_s: float
     heartbeat_liveness: int
+    max_pending_bytes: int = defaults.MAX_PENDING_BYTES
+    max_client_bytes: int = defaults.MAX_CLIENT_BYTES
+    max_pending_ops: int = defaults.MAX_PENDING_OPS
+    max_client_ops: int = defaults.MAX_CLIENT_OPS
 
 
 class Broker:
@@ -275,6 +326,15 @@ class Broker:
         # deadline, and a dispatch whose flight expired is dropped, never sent late.
         self.held: dict[bytes, deque[list[bytes]]] = {}
         self._prune_held = False
+        # Admission control: what is held, in total and by client (see _charge).
+        self.held_bytes = 0
+        self.held_ops = 0
+        self._accounts: dict[bytes, Account] = {}
+        # Keys whose token has waiters, by when the oldest of them must give up: a heap with
+        # one entry per such key (its due time in _wait_due), so waiters expire on time
+        # without any pass looking at every waiter (see _expire_waiters).
+        self._waits: list[tuple[float, bytes]] = []
+        self._wait_due: dict[bytes, float] = {}
 
     # --- events -----------------------------------------------------------------------------
 
@@ -312,20 +372,25 @@ class Broker:
                 original[0].client = client  # a retry: answer it on the socket it came from
                 return
             gather.identity = entry
-            part = Origin(client, body, gather)
+            part = Origin(client, body, now, None, gather)
             for shard in range(self.config.shards):
                 flight = Flight(shard)
                 flight.ops.append((part, Kind.ALL, request.request_id, b"", None, 0))
                 self._ready.append(flight)
         else:
-            origin = Origin(client, body)
+            origin = Origin(client, body, now)
             size = len(body[0]) + _RECORD_OVER_HEADER + (len(body[1]) if len(body) > 1 else 0)
             op = (origin, request.kind, request.request_id, request.key, None, size)
             original = self._remember(op)
             if original is not op:
                 original[0].client = client  # a retry: answer it on the socket it came from
                 return
-            self._admit(op, key_shard(request.key, self.config.shards))
+            origin.account = self._charge(client, size, 1)
+            if origin.account is None:
+                self._forget(op)
+                self._to_client(client, error_reply(request.request_id, self._busy(), Status.BUSY))
+                return
+            self._admit(op, key_shard(request.key, self.config.shards), now)
         self._flush(now)
 
     def _on_keyed(
@@ -340,18 +405,25 @@ class Broker:
         when its key's token is free (nothing else is open during this event)."""
         kind, request_id, key, _ = keyed
         size = len(body[0]) + _RECORD_OVER_HEADER + (len(body[1]) if len(body) > 1 else 0)
-        op = (Origin(client, body), kind, request_id, key, None, size)
+        origin = Origin(client, body, now)
+        op = (origin, kind, request_id, key, None, size)
         original = self._remember(op)
         if original is not op:
             original[0].client = client  # a retry: answer it on the socket the client now uses
+            return
+        account = origin.account = self._charge(client, size, 1)
+        if account is None:
+            self._forget(op)
+            self._to_client(client, error_reply(request_id, self._busy(), Status.BUSY))
             return
         if _LBRACE in key:
             shard = key_shard(key, self.config.shards)
         else:
             shard = (crc_hqx(key, 0) & _SLOT_MASK) * self.config.shards // SLOTS
         if not self.tokens.acquire(key, op):
+            self._schedule_wait(key, now)
             return  # waits behind the holder; dispatched when the token comes back
-        flight = Flight(shard)
+        flight = Flight(shard, account)
         flight.ops.append(op)
         flight.keys.add(key)
         flight.nbytes = size
@@ -403,6 +475,8 @@ class Broker:
             self._claims_until = None
             for shard in self.registry.unowned():
                 self._promote(shard, now)
+        if self._waits and self._waits[0][0] <= now:  # first: a waiter due now is not sent
+            self._expire_waiters(now)
         while self._inflight_deadlines and self._inflight_deadlines[0][0] <= now:
             _, token = self._inflight_deadlines.popleft()
             flight = self._inflight.pop(token, None)
@@ -477,6 +551,8 @@ class Broker:
             due = min(due, self._claims_until)
         if self._inflight_deadlines:
             due = min(due, self._inflight_deadlines[0][0])
+        if self._waits:
+            due = min(due, self._waits[0][0])
         for queue in self._shard_queues:
             if queue:
                 due = min(due, queue[0].deadline)
@@ -498,6 +574,17 @@ class Broker:
             records = [pack_reply(_UNAVAILABLE, sub[1], 0, None, message) for sub in subs]
             self._to_client(client, batch_reply_frames(0, records))
             return
+        # Charged whole (the records are the batch's second frame, byte for byte), and the
+        # part that is not held (malformed, or retries merged) refunded after the loop.
+        account = self._charge(client, len(body[1]), len(subs))
+        if account is None:
+            busy = self._busy().encode()
+            records = [pack_reply(_BUSY, sub[1], 0, None, busy) for sub in subs]
+            self._to_client(client, batch_reply_frames(0, records))
+            return
+        unheld_bytes = unheld_ops = 0
+        due = now + self.config.shard_wait_s
+        wait_due = self._wait_due
         # The hot loop of the broker: per sub-request a few dict operations and one tuple. It
         # is _admit written out, with key_shard inlined for keys without a hash tag.
         by_request = self._by_request
@@ -505,16 +592,21 @@ class Broker:
         shards = self.config.shards
         open_flights = self._open
         held = self.tokens._queues  # for the hot loop's own TokenTable.acquire, inline
-        origin = Origin(client, None)
+        origin = Origin(client, None, now, account)
         refused: list[bytes] = []
         # A flight holds no more than the limits allow. When no flight was open before this
         # batch (always, between events) and the batch itself is within them, no flight it
         # fills can outgrow them: its ops and bytes are some of the batch's. Then the checks
         # are skipped (about 0.1 us a sub-request).
         limited = bool(open_flights) or len(subs) > MAX_BATCH_OPS or len(body[1]) > MAX_BATCH_BYTES
+        if open_flights:  # not this batch's alone: their charges are released op by op
+            for flight in open_flights.values():
+                flight.account = None
         for kind, request_id, key, record in subs:
             if not kind:  # malformed: key holds the message
                 refused.append(pack_reply(_ERROR, request_id, 0, None, b"bad request: " + key))
+                unheld_bytes += len(record)
+                unheld_ops += 1
                 continue
             size = len(record)
             op = (origin, kind, request_id, key, record, size)
@@ -523,6 +615,8 @@ class Broker:
                 original = self._remembered(op, original)
                 if original is not op:
                     original[0].client = client  # a retry: answer on the socket it came from
+                    unheld_bytes += size
+                    unheld_ops += 1
                     continue
             if _LBRACE in key:  # a hash tag, maybe
                 shard = key_shard(key, shards)
@@ -545,42 +639,54 @@ class Broker:
                     waiters.append(op)
                 else:
                     held[key] = [op]
+                    if key not in wait_due:  # _schedule_wait, inline
+                        wait_due[key] = due
+                        heappush(self._waits, (due, key))
                 continue
             held[key] = ()  # the token was free: TokenTable.acquire, inline
             if flight is None or (
                 limited
                 and (len(flight.ops) >= MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES)
             ):
-                flight = self._new_open(shard)
+                flight = self._new_open(shard, account)
             flight.ops.append(op)
             flight.keys.add(key)
             flight.nbytes += size
+        if unheld_ops:
+            self._refund(account, unheld_bytes, unheld_ops)
         if refused:
             log.warning(
                 "client %s: %d malformed sub-request(s) refused", client.hex(), len(refused)
             )
             self._to_client(client, batch_reply_frames(0, refused))
 
-    def _admit(self, op: Op, shard: int) -> None:
+    def _admit(self, op: Op, shard: int, now: float) -> None:
         """A new keyed op (one that came alone): join the shard's open flight, or wait for
         its key's token. The same rules as the loop of :meth:`_on_batch`."""
         key = op[3]
         size = op[5]
+        account = op[0].account
         flight = self._open.get(shard)
         if flight is not None and key in flight.keys:
             if len(flight.ops) < MAX_BATCH_OPS and flight.nbytes + size <= MAX_BATCH_BYTES:
+                if flight.account is not account:
+                    flight.account = None
                 flight.ops.append(op)
                 flight.nbytes += size
                 return
             self._close(shard)
             self.tokens.acquire(key, op)
+            self._schedule_wait(key, now)
             return
         if not self.tokens.acquire(key, op):
+            self._schedule_wait(key, now)
             return
         if flight is None or (
             len(flight.ops) >= MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES
         ):
-            flight = self._new_open(shard)
+            flight = self._new_open(shard, account)
+        elif flight.account is not account:
+            flight.account = None
         flight.ops.append(op)
         flight.keys.add(key)
         flight.nbytes += size
@@ -595,13 +701,17 @@ class Broker:
                 len(flight.ops) + len(run) > MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES
             ):
                 flight = self._new_open(shard)
+            flight.account = None  # waiters of any clients: released op by op
+            born = run[0][0].arrived  # the oldest of the run, which waited longest
+            if flight.born is None or born < flight.born:
+                flight.born = born
             flight.ops.extend(run)
             flight.keys.add(key)
             flight.nbytes += size
 
-    def _new_open(self, shard: int) -> Flight:
+    def _new_open(self, shard: int, account: Account | None = None) -> Flight:
         self._close(shard)
-        flight = self._open[shard] = Flight(shard)
+        flight = self._open[shard] = Flight(shard, account)
         return flight
 
     def _close(self, shard: int) -> None:
@@ -705,7 +815,10 @@ class Broker:
         """Dispatch to the shard's owner, or wait (bounded) for the shard to get one."""
         owner = self.registry.owner(flight.shard)
         if owner is None:
-            flight.deadline = now + self.config.shard_wait_s
+            # Counted from the arrival of its oldest op: the wait for a key's token and the
+            # wait for an owner are one wait, bounded by shard_wait_s together.
+            born = flight.born
+            flight.deadline = (now if born is None else born) + self.config.shard_wait_s
             self._shard_queues[flight.shard].append(flight)
             return
         token = self.issuer.issue()
@@ -838,10 +951,111 @@ class Broker:
 
     def _release(self, flight: Flight) -> None:
         """Pass on the tokens of an answered flight's keys: to the run of requests waiting for
-        each, which joins an open flight (dispatched when the event ends)."""
+        each, which joins an open flight (dispatched when the event ends); and release what
+        its ops were charged."""
+        account = flight.account
+        if account is not None:
+            self._refund(account, flight.nbytes, len(flight.ops))
+        else:
+            self._refund_ops(flight.ops)
         runs = self.tokens.release_many(flight.keys, MAX_BATCH_OPS, MAX_BATCH_BYTES, _size)
         if runs:
             self._stage_runs(flight.shard, runs)
+
+    # --- admission and waiting -------------------------------------------------------------
+
+    def _charge(self, client: bytes, nbytes: int, ops: int) -> Account | None:
+        """Admit a message of ``ops`` requests, ``nbytes`` as dispatched, from ``client``, and
+        charge it; None: over a limit, refuse it (BUSY). A message that exceeds a limit on its
+        own is still admitted when nothing is held against that limit (so the largest legal
+        message always gets through, one at a time)."""
+        config = self.config
+        account = self._accounts.get(client)
+        if account is None:
+            account = self._accounts[client] = Account(client)
+        elif account.ops and (
+            account.nbytes + nbytes > config.max_client_bytes
+            or account.ops + ops > config.max_client_ops
+        ):
+            return None
+        if self.held_ops and (
+            self.held_bytes + nbytes > config.max_pending_bytes
+            or self.held_ops + ops > config.max_pending_ops
+        ):
+            if not account.ops:
+                del self._accounts[client]
+            return None
+        account.nbytes += nbytes
+        account.ops += ops
+        self.held_bytes += nbytes
+        self.held_ops += ops
+        return account
+
+    def _refund(self, account: Account, nbytes: int, ops: int) -> None:
+        """Release what ``ops`` requests of ``account`` held (answered, or never held)."""
+        account.nbytes -= nbytes
+        account.ops -= ops
+        self.held_bytes -= nbytes
+        self.held_ops -= ops
+        if not account.ops and self._accounts.get(account.client) is account:
+            del self._accounts[account.client]
+
+    def _refund_ops(self, ops: Sequence[Op]) -> None:
+        """:meth:`_refund` op by op, for ops of several clients."""
+        for op in ops:
+            account = op[0].account
+            if account is not None:
+                self._refund(account, op[5], 1)
+
+    def _busy(self) -> str:
+        config = self.config
+        return (
+            f"broker busy: it holds {self.held_ops} request(s), {self.held_bytes} bytes (limits:"
+            f" {config.max_pending_ops}, {config.max_pending_bytes} bytes; per client"
+            f" {config.max_client_ops}, {config.max_client_bytes} bytes); retry later"
+        )
+
+    def _schedule_wait(self, key: bytes, now: float) -> None:
+        """A request now waits for ``key``'s token: make sure the key's waiters expire."""
+        if key not in self._wait_due:
+            due = now + self.config.shard_wait_s
+            self._wait_due[key] = due
+            heappush(self._waits, (due, key))
+
+    def _expire_waiters(self, now: float) -> None:
+        """Fail the requests that waited ``shard_wait_s`` for their key's token and never got
+        it (the requests ahead of them are slow, or wait for an owner): never applied, so
+        UNAVAILABLE, and the client may retry. Waiters of a key are in arrival order, so the
+        expired ones are a prefix; each key with waiters is looked at when its oldest is due."""
+        waits = self._waits
+        queues = self.tokens._queues
+        wait_s = self.config.shard_wait_s
+        while waits and waits[0][0] <= now:
+            _, key = heappop(waits)
+            self._wait_due.pop(key, None)
+            queue = queues.get(key)
+            if not queue:
+                continue  # the waiters all took the token meanwhile
+            cut = 0
+            while cut < len(queue) and queue[cut][0].arrived + wait_s <= now:
+                cut += 1
+            if cut:
+                expired = queue[:cut]
+                del queue[:cut]  # type: ignore[union-attr]  # non-empty: a list
+                if not queue:
+                    queues[key] = ()
+                for op in expired:
+                    self._forget(op)
+                self._refund_ops(expired)
+                self._answer(
+                    expired,
+                    None,
+                    f"waited {wait_s} s for the requests before it on its key; not applied",
+                )
+            if queue:
+                due = queue[0][0].arrived + wait_s
+                self._wait_due[key] = due
+                heappush(waits, (due, key))
 
     # --- workers ----------------------------------------------------------------------------
 
