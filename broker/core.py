@@ -110,6 +110,7 @@ from zkv.protocol import (
     peek_reply,
     reply_from_record,
     reply_record_status,
+    request_id_of,
     request_record,
     split_batch,
     split_reply_records,
@@ -119,6 +120,7 @@ log = logging.getLogger(__name__)
 
 
 CLAIM_WINDOW_HEARTBEATS = 1.5  # heartbeat intervals a new broker waits for shard claims
+MAX_FRAMES = 2  # frames of the longest legal message from a client or a worker (no identity)
 # How often messages held for a worker whose queue is full are tried again. A ROUTER socket
 # polls as always writable (it cannot say which peer has room), so this is a timer.
 HELD_RETRY_S = 0.002
@@ -509,6 +511,20 @@ class Broker:
             for identity in self.registry.silent_since(cutoff):
                 self._remove_worker(identity, "missed heartbeats", now)
         self._flush(now)
+
+    def on_oversized(self, side: Side, frames: list[bytes], extra: int) -> None:
+        """A message of more frames than any legal one (``frames`` are its first ones,
+        identity first; ``extra`` more were dropped unread): a client gets an ERROR naming
+        its request (id read from the header, if it holds one); a worker's is dropped."""
+        total = len(frames) - 1 + extra
+        if side is Side.BACKEND:
+            log.warning("message of %d frames from worker %s dropped", total, frames[0].hex())
+            return
+        client = frames[0]
+        log.warning("message of %d frames from client %s refused", total, client.hex())
+        request_id = request_id_of(frames[1]) if len(frames) > 1 else 0
+        message = f"bad request: a message of {total} frames (at most {MAX_FRAMES})"
+        self._to_client(client, error_reply(request_id, message))
 
     def on_unroutable(self, worker: bytes, now: float) -> None:
         """The backend could not deliver to ``worker``: its connection is gone."""

@@ -23,9 +23,9 @@ from types import FrameType
 import zmq
 from zmq.backend import zmq_poll
 
-from broker.core import Broker, BrokerConfig, Side
+from broker.core import MAX_FRAMES, Broker, BrokerConfig, Side
 from zkv import protocol
-from zkv.zmqio import POLLIN, recv_frames, send_frames
+from zkv.zmqio import POLLIN, recv_bounded, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ DRAIN_BUDGET_S = 0.005
 DRAIN_S = 2.0  # on stop, how long to keep answering requests already here
 MAX_POLL_MS = 100  # the longest single poll
 HWM = 100_000  # messages queued per peer before ZeroMQ pushes back
+MAX_FRAME_BYTES = protocol.MAX_BATCH_BYTES  # the largest legal frame from a client
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,18 +71,7 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
     frontend = context.socket(zmq.ROUTER)
     backend = context.socket(zmq.ROUTER)
     try:
-        for socket in (frontend, backend):
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.SNDHWM, HWM)
-            socket.setsockopt(zmq.RCVHWM, HWM)
-        # A peer sending more than the largest legal message is cut off, not buffered.
-        frontend.setsockopt(
-            zmq.MAXMSGSIZE, protocol.MAX_VALUE_BYTES + protocol.MAX_KEY_BYTES + 1024
-        )
-        # Sending to a worker that is gone raises instead of vanishing, so we notice at once;
-        # a worker reconnecting under its stable identity takes over its old routing entry.
-        backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        configure(frontend, backend)
         frontend.bind(config.frontend)
         backend.bind(config.backend)
         log.info(
@@ -96,11 +86,32 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
         backend.close(linger=0)
 
 
+def configure(frontend: zmq.Socket, backend: zmq.Socket) -> None:
+    """The broker's socket options: queue bounds, the largest frame, routing behaviour."""
+    for socket in (frontend, backend):
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, HWM)
+        socket.setsockopt(zmq.RCVHWM, HWM)
+    # A client frame larger than the largest legal one (a BATCH's records, MAX_BATCH_BYTES;
+    # a value is at most MAX_VALUE_BYTES, a header MAX_KEY_BYTES + 20) gets its connection cut
+    # as soon as its length is read, before it is buffered. ZeroMQ bounds frames only, and
+    # hands over a multipart message once all of it arrived, so what one client message can
+    # make libzmq buffer is its frame count times this; _drain drops the frames past the
+    # second without copying them, and answers ERROR. The backend has no such bound: a
+    # worker's replies may legitimately be larger (an ALL), and workers are trusted peers.
+    frontend.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    # Sending to a worker that is gone raises instead of vanishing, so we notice at once;
+    # a worker reconnecting under its stable identity takes over its old routing entry.
+    backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+
+
 def _loop(core: Broker, frontend: zmq.Socket, backend: zmq.Socket, stopper: Stopper) -> int:
     # zmq_poll on a fixed list, not a zmq.Poller and a dict each pass; the backend first, so
     # replies (which free keys' tokens) are handled before new requests of the same pass.
     items = [(backend, POLLIN), (frontend, POLLIN)]
     handlers = {backend: core.on_worker, frontend: core.on_client}
+    sides = {backend: Side.BACKEND, frontend: Side.FRONTEND}
 
     def flush() -> None:
         _flush(core, frontend, backend)
@@ -133,7 +144,7 @@ def _loop(core: Broker, frontend: zmq.Socket, backend: zmq.Socket, stopper: Stop
             raise
         now = time.monotonic()
         for socket, _ in ready:
-            _drain(socket, handlers[socket], now, flush)
+            _drain(socket, handlers[socket], now, flush, core, sides[socket])
         now = time.monotonic()
     log.info("broker stopped")
     return 0
@@ -144,6 +155,8 @@ def _drain(
     handle: Callable[[list[bytes], float], None],
     now: float,
     flush: Callable[[], None],
+    core: Broker,
+    side: Side,
 ) -> None:
     """Receive and handle up to BATCH messages (the poll said one is there), or for up to
     DRAIN_BUDGET_S, sending what each one produced before looking for the next.
@@ -162,10 +175,13 @@ def _drain(
         if count == 1 and not zmq_poll(polled, 0):
             return
         try:
-            frames = recv_frames(socket)
+            frames, extra = recv_bounded(socket, MAX_FRAMES + 1)  # + the identity
         except zmq.Again:
             return
-        handle(frames, now)
+        if extra:
+            core.on_oversized(side, frames, extra)
+        else:
+            handle(frames, now)
         flush()
         if time.monotonic() >= until:
             return

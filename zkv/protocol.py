@@ -694,6 +694,16 @@ def split_batch(frames: Sequence[bytes]) -> tuple[int, list[SubRequest]]:
     return batch_id, _split_requests(body, count, batch_id, False)
 
 
+def request_id_of(header: bytes) -> int:
+    """The request id of a client's REQUEST header, or the batch id of a BATCH header; 0 if
+    the header is too short to hold it (to answer a message refused before it is parsed)."""
+    if len(header) >= 2 and header[1] == Kind.BATCH:
+        return batch_id_of(header)
+    if len(header) < _REQUEST.size:
+        return 0
+    return int.from_bytes(header[4:12], "big")
+
+
 def batch_id_of(header: bytes) -> int:
     """The batch id of a BATCH header, or 0 if the header is too short to hold it."""
     if len(header) < _BATCH.size:

@@ -4,13 +4,14 @@ core driven by hand, the sends and receives the poll loop makes."""
 from __future__ import annotations
 
 import time
+import tracemalloc
 from collections.abc import Iterator
 
 import pytest
 import zmq
 
 from broker import server
-from broker.core import CLAIM_WINDOW_HEARTBEATS, Broker, BrokerConfig
+from broker.core import CLAIM_WINDOW_HEARTBEATS, Broker, BrokerConfig, Side
 from zkv.hashing import key_shard
 from zkv.protocol import (
     Dispatch,
@@ -18,7 +19,9 @@ from zkv.protocol import (
     Kind,
     Ready,
     Request,
+    Status,
     decode_from_broker,
+    decode_reply,
     encode_control,
     encode_request,
 )
@@ -111,3 +114,48 @@ def test_a_held_dispatch_whose_flight_expired_is_dropped_not_sent_late(
     assert not core.held.get(b"w0")  # the expired dispatches are gone, not sent later
     for socket in (worker, backend, frontend):
         socket.close(linger=0)
+
+
+def test_a_client_message_of_too_many_frames_is_refused_without_copying_its_frames(
+    context: zmq.Context,
+) -> None:
+    # 16 frames of 4 MiB: libzmq holds the message whole before the broker sees any of it (it
+    # bounds frames, not messages), but the broker copies out at most the two frames a legal
+    # message has, drops the rest at once and answers ERROR with the request's id.
+    frontend = context.socket(zmq.ROUTER)
+    backend = context.socket(zmq.ROUTER)
+    server.configure(frontend, backend)
+    frontend.bind("inproc://frontend3")
+    client = context.socket(zmq.DEALER)
+    client.connect("inproc://frontend3")
+    core = Broker(CONFIG, 0.0, epoch=100)
+    frame = b"x" * (4 * 1024 * 1024)
+    header = encode_request(Request(Kind.SET, 42, b"key", b"v"))[0]
+    client.send_multipart([header, *[frame] * 15])
+    assert frontend.poll(int(DEADLINE_S * 1000))
+    tracemalloc.start()
+    try:
+        server._drain(frontend, core.on_client, 0.0, lambda: None, core, Side.FRONTEND)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(frame)  # the header and one value frame, not 15 of them
+    server._flush(core, frontend, backend)
+    assert client.poll(int(DEADLINE_S * 1000))
+    reply = decode_reply(client.recv_multipart())
+    assert (reply.status, reply.request_id) == (Status.ERROR, 42)
+    assert b"16 frames" in (reply.body or b"")
+    client.send_multipart(encode_request(Request(Kind.PING, 43)))  # and it serves on
+    assert frontend.poll(int(DEADLINE_S * 1000))
+    server._drain(frontend, core.on_client, 0.0, lambda: None, core, Side.FRONTEND)
+    server._flush(core, frontend, backend)
+    assert client.poll(int(DEADLINE_S * 1000))
+    assert decode_reply(client.recv_multipart()).request_id == 43
+    for socket in (client, backend, frontend):
+        socket.close(linger=0)
+
+
+def test_a_worker_message_of_too_many_frames_is_dropped(context: zmq.Context) -> None:
+    core = Broker(CONFIG, 0.0, epoch=100)
+    core.on_oversized(Side.BACKEND, [b"w0", b"\x01\x10", b"x", b"y"], 5)
+    assert core.outbox == []
