@@ -36,10 +36,14 @@ run of requests per round trip instead of one; the runs freed by one reply are d
 together, one message per shard. A flight of a single request that came alone is sent as a
 plain DISPATCH, so the one-request path is what it always was.
 
-Each wait is bounded, so no request can hang: a shard with no owner fails its waiting flights
-after ``shard_wait_s`` with an UNAVAILABLE reply naming the shard; a worker that does not
-answer within ``worker_timeout_s`` fails its flight's ops as UNAVAILABLE with "outcome unknown"
-(the write may or may not have been applied). Either way the keys' tokens pass on.
+Each wait is bounded, so no request can hang: a request not dispatched within
+``shard_wait_s`` of its arrival (it waited for its key's token, for an owner of its shard, or
+both) fails UNAVAILABLE, not applied (waiters expire from a heap of their keys, see
+``_expire_waiters``; a flight waits for an owner until ``shard_wait_s`` after its oldest op
+came); a worker that does not answer within ``worker_timeout_s`` fails its flight's ops as
+UNAVAILABLE with "outcome unknown" (the write may or may not have been applied). Either way
+the keys' tokens pass on. What the broker holds is bounded too (``_charge``): request bytes
+and requests, per client socket and in total; a message over a limit is answered BUSY whole.
 
 When a worker dies, its flights are not failed: each goes back, whole, to wait for the
 shard's next owner (a standby, or the worker restarted by its supervisor), which takes the
