@@ -55,6 +55,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         positive_float,
         "seconds to wait for a worker's reply before failing the request",
     )
+    for flag, env, default, what in (
+        ("--max-pending-bytes", "ZKV_MAX_PENDING_BYTES", defaults.MAX_PENDING_BYTES, "bytes"),
+        ("--max-client-bytes", "ZKV_MAX_CLIENT_BYTES", defaults.MAX_CLIENT_BYTES, "bytes"),
+        ("--max-pending-ops", "ZKV_MAX_PENDING_OPS", defaults.MAX_PENDING_OPS, "requests"),
+        ("--max-client-ops", "ZKV_MAX_CLIENT_OPS", defaults.MAX_CLIENT_OPS, "requests"),
+    ):
+        whose = "all clients together" if "pending" in flag else "one client socket"
+        add_flag(
+            parser,
+            flag,
+            env,
+            default,
+            positive_int,
+            f"{what} the broker holds (requests admitted, not yet answered) for {whose}; "
+            "more is answered BUSY",
+        )
     add_heartbeat_flags(parser)
     add_security_flags(parser)
     return parser.parse_args(argv)
@@ -80,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             worker_timeout_s=args.worker_timeout,
             heartbeat_interval_s=args.heartbeat_interval,
             heartbeat_liveness=args.heartbeat_liveness,
+            max_pending_bytes=args.max_pending_bytes,
+            max_client_bytes=args.max_client_bytes,
+            max_pending_ops=args.max_pending_ops,
+            max_client_ops=args.max_client_ops,
         ),
     )
     stopper = Stopper()

@@ -36,10 +36,14 @@ run of requests per round trip instead of one; the runs freed by one reply are d
 together, one message per shard. A flight of a single request that came alone is sent as a
 plain DISPATCH, so the one-request path is what it always was.
 
-Each wait is bounded, so no request can hang: a shard with no owner fails its waiting flights
-after ``shard_wait_s`` with an UNAVAILABLE reply naming the shard; a worker that does not
-answer within ``worker_timeout_s`` fails its flight's ops as UNAVAILABLE with "outcome unknown"
-(the write may or may not have been applied). Either way the keys' tokens pass on.
+Each wait is bounded, so no request can hang: a request not dispatched within
+``shard_wait_s`` of its arrival (it waited for its key's token, for an owner of its shard, or
+both) fails UNAVAILABLE, not applied (waiters expire from a heap of their keys, see
+``_expire_waiters``; a flight waits for an owner until ``shard_wait_s`` after its oldest op
+came); a worker that does not answer within ``worker_timeout_s`` fails its flight's ops as
+UNAVAILABLE with "outcome unknown" (the write may or may not have been applied). Either way
+the keys' tokens pass on. What the broker holds is bounded too (``_charge``): request bytes
+and requests, per client socket and in total; a message over a limit is answered BUSY whole.
 
 When a worker dies, its flights are not failed: each goes back, whole, to wait for the
 shard's next owner (a standby, or the worker restarted by its supervisor), which takes the
@@ -77,17 +81,21 @@ from binascii import crc_hqx
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
 from operator import itemgetter
 from zlib import crc32
 
 from broker.registry import Registry
 from broker.tokens import TokenIssuer, TokenTable
+from zkv import defaults
 from zkv.hashing import SLOTS, key_shard
 from zkv.logs import LogLimiter, peer
 from zkv.protocol import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPS,
     MAX_REPORTED_TOKEN,
+    REQUEST_HEADER_BYTES,
+    SUB_REQUEST_BYTES,
     VERSION,
     Assign,
     Disconnect,
@@ -104,6 +112,7 @@ from zkv.protocol import (
     decode_request,
     dispatch_batch_frames,
     dispatch_frames,
+    dispatch_token,
     encode_control,
     encode_reply,
     error_reply,
@@ -112,6 +121,7 @@ from zkv.protocol import (
     peek_reply,
     reply_from_record,
     reply_record_status,
+    request_id_of,
     request_record,
     split_batch,
     split_reply_records,
@@ -123,16 +133,26 @@ peer_log = LogLimiter(log)  # every line a peer's input can cause goes through t
 
 
 CLAIM_WINDOW_HEARTBEATS = 1.5  # heartbeat intervals a new broker waits for shard claims
+MAX_FRAMES = 2  # frames of the longest legal message from a client or a worker (no identity)
+# How often messages held for a worker whose queue is full are tried again. A ROUTER socket
+# polls as always writable (it cannot say which peer has room), so this is a timer.
+HELD_RETRY_S = 0.002
 
 _BATCH = int(Kind.BATCH)
 _BATCH_REPLY = int(Kind.BATCH_REPLY)
 _UNAVAILABLE = int(Status.UNAVAILABLE)
+_BUSY = int(Status.BUSY)
 _ERROR = int(Status.ERROR)
 _SET = int(Kind.SET)
 _SLOT_MASK = SLOTS - 1
 # "{" as an int: ``_LBRACE in key`` is a memchr, where ``b"{" in key`` first tries the needle
 # as an int, fails and clears a TypeError (0.3 us a key against 0.03 in Python 3.11).
 _LBRACE = ord("{")
+# A request that came alone weighs what it adds to a BATCH_DISPATCH: its record, whose fixed
+# part is this much longer than the REQUEST header it came with (value_len:u32). Weighing it by
+# its header undercounts 4 bytes a request, and a run cut at MAX_BATCH_BYTES by that weight
+# went over the limit, so the worker refused the whole dispatch.
+_RECORD_OVER_HEADER = SUB_REQUEST_BYTES - REQUEST_HEADER_BYTES
 
 
 class Side(enum.Enum):
@@ -154,6 +174,21 @@ class Gather:
     identity: Entry | None = None
 
 
+class Account:
+    """What one client socket has the broker hold: requests admitted and not yet answered.
+
+    Shared by every :class:`Origin` of that client; admission control (``Broker._charge``)
+    compares it with the per-client limits, and it is dropped when it holds nothing.
+    """
+
+    __slots__ = ("client", "nbytes", "ops")
+
+    def __init__(self, client: bytes) -> None:
+        self.client = client
+        self.nbytes = 0
+        self.ops = 0
+
+
 class Origin:
     """Whom to answer, and in which form: shared by every op of one client message.
 
@@ -165,15 +200,26 @@ class Origin:
             REPLY; None for the sub-requests of a BATCH, answered in BATCH_REPLY messages.
             A retry is answered in the form of the original (clients of batches accept both).
         gather: the ALL this is a part of, if it is one.
+        arrived: monotonic seconds when the message came: a request not dispatched within
+            ``shard_wait_s`` of it fails (it waited for its key's token, its shard, or both).
+        account: the client's :class:`Account` its ops are charged to (None: not charged,
+            an ALL's parts).
     """
 
-    __slots__ = ("client", "frames", "gather")
+    __slots__ = ("account", "arrived", "client", "frames", "gather")
 
     def __init__(
-        self, client: bytes, frames: list[bytes] | None, gather: Gather | None = None
+        self,
+        client: bytes,
+        frames: list[bytes] | None,
+        arrived: float,
+        account: Account | None = None,
+        gather: Gather | None = None,
     ) -> None:
         self.client = client
         self.frames = frames
+        self.arrived = arrived
+        self.account = account
         self.gather = gather
 
 
@@ -207,11 +253,26 @@ class Flight:
         attempts: dispatches so far; more than one after its worker went away.
         deadline: monotonic seconds; while WAITING, when to give up on the shard; while
             AT_WORKER, when to give up on the worker.
+        born: when its oldest op arrived, if that was before this event (runs of waiters);
+            None: now. Its first wait for an owner ends ``shard_wait_s`` after that.
+        account: the one :class:`Account` every op is charged to, so an answer releases the
+            charge in one step; None: look at each op's (runs of waiters, mixed clients).
     """
 
-    __slots__ = ("attempts", "deadline", "keys", "nbytes", "ops", "shard", "token", "worker")
+    __slots__ = (
+        "account",
+        "attempts",
+        "born",
+        "deadline",
+        "keys",
+        "nbytes",
+        "ops",
+        "shard",
+        "token",
+        "worker",
+    )
 
-    def __init__(self, shard: int) -> None:
+    def __init__(self, shard: int, account: Account | None = None) -> None:
         self.shard = shard
         self.ops: list[Op] = []
         self.keys: set[bytes] = set()
@@ -220,17 +281,24 @@ class Flight:
         self.worker: bytes | None = None
         self.deadline = 0.0
         self.attempts = 0
+        self.born: float | None = None
+        self.account = account
 
 
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
-    """The broker's tunables, in seconds."""
+    """The broker's tunables: seconds, and the admission limits (request bytes as dispatched,
+    and requests) on what it holds in total and for one client socket."""
 
     shards: int
     shard_wait_s: float
     worker_timeout_s: float
     heartbeat_interval_s: float
     heartbeat_liveness: int
+    max_pending_bytes: int = defaults.MAX_PENDING_BYTES
+    max_client_bytes: int = defaults.MAX_CLIENT_BYTES
+    max_pending_ops: int = defaults.MAX_PENDING_OPS
+    max_client_ops: int = defaults.MAX_CLIENT_OPS
 
 
 class Broker:
@@ -266,6 +334,23 @@ class Broker:
             now + CLAIM_WINDOW_HEARTBEATS * config.heartbeat_interval_s
         )
         self.closing = False
+        # Messages for workers whose queue is full (the backend's send raised EAGAIN: the
+        # worker is slow, behind on an fsync, a compaction or a replay, not dead), in order:
+        # everything later for that worker waits behind them, since a dispatch sent ahead of
+        # an older one would make the worker refuse the older one's token as stale. The poll
+        # loop resends them (see :meth:`take_held`); each held dispatch's flight keeps its
+        # deadline, and a dispatch whose flight expired is dropped, never sent late.
+        self.held: dict[bytes, deque[list[bytes]]] = {}
+        self._prune_held = False
+        # Admission control: what is held, in total and by client (see _charge).
+        self.held_bytes = 0
+        self.held_ops = 0
+        self._accounts: dict[bytes, Account] = {}
+        # Keys whose token has waiters, by when the oldest of them must give up: a heap with
+        # one entry per such key (its due time in _wait_due), so waiters expire on time
+        # without any pass looking at every waiter (see _expire_waiters).
+        self._waits: list[tuple[float, bytes]] = []
+        self._wait_due: dict[bytes, float] = {}
 
     # --- events -----------------------------------------------------------------------------
 
@@ -303,20 +388,25 @@ class Broker:
                 original[0].client = client  # a retry: answer it on the socket it came from
                 return
             gather.identity = entry
-            part = Origin(client, body, gather)
+            part = Origin(client, body, now, None, gather)
             for shard in range(self.config.shards):
                 flight = Flight(shard)
                 flight.ops.append((part, Kind.ALL, request.request_id, b"", None, 0))
                 self._ready.append(flight)
         else:
-            origin = Origin(client, body)
-            size = len(body[0]) + (len(body[1]) if len(body) > 1 else 0)
+            origin = Origin(client, body, now)
+            size = len(body[0]) + _RECORD_OVER_HEADER + (len(body[1]) if len(body) > 1 else 0)
             op = (origin, request.kind, request.request_id, request.key, None, size)
             original = self._remember(op)
             if original is not op:
                 original[0].client = client  # a retry: answer it on the socket it came from
                 return
-            self._admit(op, key_shard(request.key, self.config.shards))
+            origin.account = self._charge(client, size, 1)
+            if origin.account is None:
+                self._forget(op)
+                self._to_client(client, error_reply(request.request_id, self._busy(), Status.BUSY))
+                return
+            self._admit(op, key_shard(request.key, self.config.shards), now)
         self._flush(now)
 
     def _on_keyed(
@@ -330,19 +420,26 @@ class Broker:
         :meth:`on_client` does for it, without a Request object, and dispatched at once
         when its key's token is free (nothing else is open during this event)."""
         kind, request_id, key, _ = keyed
-        size = len(body[0]) + (len(body[1]) if len(body) > 1 else 0)
-        op = (Origin(client, body), kind, request_id, key, None, size)
+        size = len(body[0]) + _RECORD_OVER_HEADER + (len(body[1]) if len(body) > 1 else 0)
+        origin = Origin(client, body, now)
+        op = (origin, kind, request_id, key, None, size)
         original = self._remember(op)
         if original is not op:
             original[0].client = client  # a retry: answer it on the socket the client now uses
+            return
+        account = origin.account = self._charge(client, size, 1)
+        if account is None:
+            self._forget(op)
+            self._to_client(client, error_reply(request_id, self._busy(), Status.BUSY))
             return
         if _LBRACE in key:
             shard = key_shard(key, self.config.shards)
         else:
             shard = (crc_hqx(key, 0) & _SLOT_MASK) * self.config.shards // SLOTS
         if not self.tokens.acquire(key, op):
+            self._schedule_wait(key, now)
             return  # waits behind the holder; dispatched when the token comes back
-        flight = Flight(shard)
+        flight = Flight(shard, account)
         flight.ops.append(op)
         flight.keys.add(key)
         flight.nbytes = size
@@ -401,10 +498,14 @@ class Broker:
             self._claims_until = None
             for shard in self.registry.unowned():
                 self._promote(shard, now)
+        if self._waits and self._waits[0][0] <= now:  # first: a waiter due now is not sent
+            self._expire_waiters(now)
         while self._inflight_deadlines and self._inflight_deadlines[0][0] <= now:
             _, token = self._inflight_deadlines.popleft()
             flight = self._inflight.pop(token, None)
             if flight is not None:
+                if flight.worker in self.held:
+                    self._prune_held = True
                 self._fail(
                     flight,
                     f"worker of shard {flight.shard} did not answer within "
@@ -417,20 +518,58 @@ class Broker:
                 if flight.attempts:
                     message += "; outcome unknown: the worker it reached went away"
                 self._fail(flight, message)
+        if self._prune_held:
+            self._prune_held = False
+            for worker, queue in self.held.items():
+                self.held[worker] = deque(f for f in queue if not self.expired_dispatch(f))
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             heartbeat = encode_control(Heartbeat())
             for identity in self.registry.identities():
-                self.outbox.append((Side.BACKEND, [identity, *heartbeat]))
+                if identity not in self.held:  # its queue is full of messages already
+                    self.outbox.append((Side.BACKEND, [identity, *heartbeat]))
             cutoff = now - self.config.heartbeat_interval_s * self.config.heartbeat_liveness
             for identity in self.registry.silent_since(cutoff):
                 self._remove_worker(identity, "missed heartbeats", now)
         self._flush(now)
 
+    def on_oversized(self, side: Side, frames: list[bytes], extra: int) -> None:
+        """A message of more frames than any legal one (``frames`` are its first ones,
+        identity first; ``extra`` more were dropped unread): a client gets an ERROR naming
+        its request (id read from the header, if it holds one); a worker's is dropped."""
+        total = len(frames) - 1 + extra
+        if side is Side.BACKEND:
+            log.warning("message of %d frames from worker %s dropped", total, frames[0].hex())
+            return
+        client = frames[0]
+        log.warning("message of %d frames from client %s refused", total, client.hex())
+        request_id = request_id_of(frames[1]) if len(frames) > 1 else 0
+        message = f"bad request: a message of {total} frames (at most {MAX_FRAMES})"
+        self._to_client(client, error_reply(request_id, message))
+
     def on_unroutable(self, worker: bytes, now: float) -> None:
         """The backend could not deliver to ``worker``: its connection is gone."""
         self._remove_worker(worker, "unreachable", now)
         self._flush(now)
+
+    def on_backpressure(self, frames: list[bytes]) -> None:
+        """The backend could not queue ``frames`` (``[worker, ...]``): the worker's queue is at
+        its high-water mark. A full queue is backpressure, not death: hold the message, and
+        everything after it for that worker, until the poll loop can send them."""
+        queue = self.held.get(frames[0])
+        if queue is None:
+            log.warning(
+                "worker %s is not keeping up (its queue is full): holding its messages",
+                frames[0].hex(),
+            )
+            queue = self.held[frames[0]] = deque()
+        queue.append(frames)
+
+    def expired_dispatch(self, frames: list[bytes]) -> bool:
+        """Whether held ``frames`` are a dispatch whose flight is no longer waiting for it
+        (timed out, or sent elsewhere): it must not be sent late."""
+        token = dispatch_token(frames[1:])
+        return token != 0 and token not in self._inflight
 
     def begin_shutdown(self) -> None:
         """Stop taking requests; what is already here is still answered (see :meth:`idle`)."""
@@ -443,10 +582,14 @@ class Broker:
     def next_timer(self, now: float) -> float:
         """Seconds until ``on_timer`` has something to do (the poll timeout)."""
         due = self._next_heartbeat
+        if self.held:
+            due = min(due, now + HELD_RETRY_S)
         if self._claims_until is not None:
             due = min(due, self._claims_until)
         if self._inflight_deadlines:
             due = min(due, self._inflight_deadlines[0][0])
+        if self._waits:
+            due = min(due, self._waits[0][0])
         for queue in self._shard_queues:
             if queue:
                 due = min(due, queue[0].deadline)
@@ -468,6 +611,17 @@ class Broker:
             records = [pack_reply(_UNAVAILABLE, sub[1], 0, None, message) for sub in subs]
             self._to_client(client, batch_reply_frames(0, records))
             return
+        # Charged whole (the records are the batch's second frame, byte for byte), and the
+        # part that is not held (malformed, or retries merged) refunded after the loop.
+        account = self._charge(client, len(body[1]), len(subs))
+        if account is None:
+            busy = self._busy().encode()
+            records = [pack_reply(_BUSY, sub[1], 0, None, busy) for sub in subs]
+            self._to_client(client, batch_reply_frames(0, records))
+            return
+        unheld_bytes = unheld_ops = 0
+        due = now + self.config.shard_wait_s
+        wait_due = self._wait_due
         # The hot loop of the broker: per sub-request a few dict operations and one tuple. It
         # is _admit written out, with key_shard inlined for keys without a hash tag.
         by_request = self._by_request
@@ -475,16 +629,21 @@ class Broker:
         shards = self.config.shards
         open_flights = self._open
         held = self.tokens._queues  # for the hot loop's own TokenTable.acquire, inline
-        origin = Origin(client, None)
+        origin = Origin(client, None, now, account)
         refused: list[bytes] = []
         # A flight holds no more than the limits allow. When no flight was open before this
         # batch (always, between events) and the batch itself is within them, no flight it
         # fills can outgrow them: its ops and bytes are some of the batch's. Then the checks
         # are skipped (about 0.1 us a sub-request).
         limited = bool(open_flights) or len(subs) > MAX_BATCH_OPS or len(body[1]) > MAX_BATCH_BYTES
+        if open_flights:  # not this batch's alone: their charges are released op by op
+            for flight in open_flights.values():
+                flight.account = None
         for kind, request_id, key, record in subs:
             if not kind:  # malformed: key holds the message
                 refused.append(pack_reply(_ERROR, request_id, 0, None, b"bad request: " + key))
+                unheld_bytes += len(record)
+                unheld_ops += 1
                 continue
             size = len(record)
             op = (origin, kind, request_id, key, record, size)
@@ -493,6 +652,8 @@ class Broker:
                 original = self._remembered(op, original)
                 if original is not op:
                     original[0].client = client  # a retry: answer on the socket it came from
+                    unheld_bytes += size
+                    unheld_ops += 1
                     continue
             if _LBRACE in key:  # a hash tag, maybe
                 shard = key_shard(key, shards)
@@ -515,16 +676,21 @@ class Broker:
                     waiters.append(op)
                 else:
                     held[key] = [op]
+                    if key not in wait_due:  # _schedule_wait, inline
+                        wait_due[key] = due
+                        heappush(self._waits, (due, key))
                 continue
             held[key] = ()  # the token was free: TokenTable.acquire, inline
             if flight is None or (
                 limited
                 and (len(flight.ops) >= MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES)
             ):
-                flight = self._new_open(shard)
+                flight = self._new_open(shard, account)
             flight.ops.append(op)
             flight.keys.add(key)
             flight.nbytes += size
+        if unheld_ops:
+            self._refund(account, unheld_bytes, unheld_ops)
         if refused:
             peer_log.warning(
                 "bad sub-requests",
@@ -534,26 +700,33 @@ class Broker:
             )
             self._to_client(client, batch_reply_frames(0, refused))
 
-    def _admit(self, op: Op, shard: int) -> None:
+    def _admit(self, op: Op, shard: int, now: float) -> None:
         """A new keyed op (one that came alone): join the shard's open flight, or wait for
         its key's token. The same rules as the loop of :meth:`_on_batch`."""
         key = op[3]
         size = op[5]
+        account = op[0].account
         flight = self._open.get(shard)
         if flight is not None and key in flight.keys:
             if len(flight.ops) < MAX_BATCH_OPS and flight.nbytes + size <= MAX_BATCH_BYTES:
+                if flight.account is not account:
+                    flight.account = None
                 flight.ops.append(op)
                 flight.nbytes += size
                 return
             self._close(shard)
             self.tokens.acquire(key, op)
+            self._schedule_wait(key, now)
             return
         if not self.tokens.acquire(key, op):
+            self._schedule_wait(key, now)
             return
         if flight is None or (
             len(flight.ops) >= MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES
         ):
-            flight = self._new_open(shard)
+            flight = self._new_open(shard, account)
+        elif flight.account is not account:
+            flight.account = None
         flight.ops.append(op)
         flight.keys.add(key)
         flight.nbytes += size
@@ -568,13 +741,17 @@ class Broker:
                 len(flight.ops) + len(run) > MAX_BATCH_OPS or flight.nbytes + size > MAX_BATCH_BYTES
             ):
                 flight = self._new_open(shard)
+            flight.account = None  # waiters of any clients: released op by op
+            born = run[0][0].arrived  # the oldest of the run, which waited longest
+            if flight.born is None or born < flight.born:
+                flight.born = born
             flight.ops.extend(run)
             flight.keys.add(key)
             flight.nbytes += size
 
-    def _new_open(self, shard: int) -> Flight:
+    def _new_open(self, shard: int, account: Account | None = None) -> Flight:
         self._close(shard)
-        flight = self._open[shard] = Flight(shard)
+        flight = self._open[shard] = Flight(shard, account)
         return flight
 
     def _close(self, shard: int) -> None:
@@ -657,16 +834,20 @@ class Broker:
         self._answer(flight.ops, records, "")
 
     def _answer(
-        self, ops: list[Op], records: list[bytes | memoryview] | None, message: str
+        self,
+        ops: Sequence[Op],
+        records: list[bytes | memoryview] | None,
+        message: str,
+        status: int = _UNAVAILABLE,
     ) -> None:
-        """Send each op its sub-reply record (or, with ``records`` None, UNAVAILABLE with
+        """Send each op its sub-reply record (or, with ``records`` None, ``status`` with
         ``message``): one BATCH_REPLY per client for ops that came in batches, a REPLY each
         for ops that came alone."""
         by_client: dict[bytes, list[bytes | memoryview]] = {}
         failure = message.encode()
         for index, (origin, _, request_id, _, _, _) in enumerate(ops):
             if records is None:
-                record: bytes | memoryview = pack_reply(_UNAVAILABLE, request_id, 0, None, failure)
+                record: bytes | memoryview = pack_reply(status, request_id, 0, None, failure)
             else:
                 record = records[index]
             if origin.frames is not None:
@@ -682,7 +863,10 @@ class Broker:
         """Dispatch to the shard's owner, or wait (bounded) for the shard to get one."""
         owner = self.registry.owner(flight.shard)
         if owner is None:
-            flight.deadline = now + self.config.shard_wait_s
+            # Counted from the arrival of its oldest op: the wait for a key's token and the
+            # wait for an owner are one wait, bounded by shard_wait_s together.
+            born = flight.born
+            flight.deadline = (now if born is None else born) + self.config.shard_wait_s
             self._shard_queues[flight.shard].append(flight)
             return
         token = self.issuer.issue()
@@ -718,7 +902,11 @@ class Broker:
             return False
         op = flight.ops[0]
         origin = op[0]
-        if origin.gather is not None or (status == _UNAVAILABLE and flight.attempts > 1):
+        if (
+            origin.gather is not None
+            or origin.frames is None  # a REPLY to a BATCH_DISPATCH: the worker refused it
+            or (status == _UNAVAILABLE and flight.attempts > 1)
+        ):
             return False
         record.last_seen = now
         del self._inflight[token]
@@ -731,7 +919,7 @@ class Broker:
 
     def _on_reply(self, worker: bytes, reply: Reply, frames: list[bytes], now: float) -> None:
         flight = self._inflight.get(reply.token)
-        if flight is None or flight.worker != worker or len(flight.ops) != 1:
+        if flight is None or flight.worker != worker:
             peer_log.info(
                 "late reply",
                 "late or unexpected reply (token %d) from %s dropped",
@@ -742,6 +930,11 @@ class Broker:
         del self._inflight[reply.token]
         op = flight.ops[0]
         origin = op[0]
+        if len(flight.ops) != 1 or reply.request_id != op[2] or origin.frames is None:
+            # A REPLY by the dispatch's token alone: the worker refused the whole dispatch
+            # (malformed or over a limit) and applied none of it.
+            self._refused(flight, reply)
+            return
         if origin.gather is not None:
             self._gathered(origin.gather, flight.shard, reply)
             return
@@ -754,6 +947,24 @@ class Broker:
         self._to_client(origin.client, frames)
         self._forget(op)
         self._release(flight)
+
+    def _refused(self, flight: Flight, reply: Reply) -> None:
+        """The worker refused a whole dispatch: answer each of its requests with the reason.
+        Nothing was applied by this worker, so the status is the worker's (ERROR: not
+        applied); only a flight that an earlier worker may have applied is "outcome unknown"."""
+        reason = (reply.body or b"").decode(errors="replace")
+        log.warning(
+            "worker %s refused a dispatch of %d request(s) (token %d): %s",
+            (flight.worker or b"").hex(),
+            len(flight.ops),
+            flight.token,
+            reason,
+        )
+        if flight.attempts > 1:
+            self._fail(flight, f"refused by the worker: {reason}; outcome unknown")
+        else:
+            status = int(reply.status) if reply.status != Status.OK else _ERROR
+            self._fail(flight, f"refused by the worker, not applied: {reason}", status)
 
     def _gathered(self, gather: Gather, shard: int, reply: Reply) -> None:
         if gather.done:
@@ -769,16 +980,17 @@ class Broker:
             body = b"".join(gather.bodies[s] for s in sorted(gather.bodies))
             self._finish(gather, encode_reply(Reply(Status.OK, gather.request_id, body=body)))
 
-    def _fail(self, flight: Flight, message: str) -> None:
-        """End a flight's ops with UNAVAILABLE and let their keys' next requests go."""
+    def _fail(self, flight: Flight, message: str, status: int = _UNAVAILABLE) -> None:
+        """End a flight's ops with ``status`` (UNAVAILABLE: retry) and let their keys' next
+        requests go."""
         gather = flight.ops[0][0].gather
         if gather is not None:
             if not gather.done:
-                self._finish(gather, error_reply(gather.request_id, message, Status.UNAVAILABLE))
+                self._finish(gather, error_reply(gather.request_id, message, Status(status)))
             return
         for op in flight.ops:
             self._forget(op)
-        self._answer(flight.ops, None, message)
+        self._answer(flight.ops, None, message, status)
         self._release(flight)
 
     def _finish(self, gather: Gather, frames: list[bytes]) -> None:
@@ -790,10 +1002,111 @@ class Broker:
 
     def _release(self, flight: Flight) -> None:
         """Pass on the tokens of an answered flight's keys: to the run of requests waiting for
-        each, which joins an open flight (dispatched when the event ends)."""
+        each, which joins an open flight (dispatched when the event ends); and release what
+        its ops were charged."""
+        account = flight.account
+        if account is not None:
+            self._refund(account, flight.nbytes, len(flight.ops))
+        else:
+            self._refund_ops(flight.ops)
         runs = self.tokens.release_many(flight.keys, MAX_BATCH_OPS, MAX_BATCH_BYTES, _size)
         if runs:
             self._stage_runs(flight.shard, runs)
+
+    # --- admission and waiting -------------------------------------------------------------
+
+    def _charge(self, client: bytes, nbytes: int, ops: int) -> Account | None:
+        """Admit a message of ``ops`` requests, ``nbytes`` as dispatched, from ``client``, and
+        charge it; None: over a limit, refuse it (BUSY). A message that exceeds a limit on its
+        own is still admitted when nothing is held against that limit (so the largest legal
+        message always gets through, one at a time)."""
+        config = self.config
+        account = self._accounts.get(client)
+        if account is None:
+            account = self._accounts[client] = Account(client)
+        elif account.ops and (
+            account.nbytes + nbytes > config.max_client_bytes
+            or account.ops + ops > config.max_client_ops
+        ):
+            return None
+        if self.held_ops and (
+            self.held_bytes + nbytes > config.max_pending_bytes
+            or self.held_ops + ops > config.max_pending_ops
+        ):
+            if not account.ops:
+                del self._accounts[client]
+            return None
+        account.nbytes += nbytes
+        account.ops += ops
+        self.held_bytes += nbytes
+        self.held_ops += ops
+        return account
+
+    def _refund(self, account: Account, nbytes: int, ops: int) -> None:
+        """Release what ``ops`` requests of ``account`` held (answered, or never held)."""
+        account.nbytes -= nbytes
+        account.ops -= ops
+        self.held_bytes -= nbytes
+        self.held_ops -= ops
+        if not account.ops and self._accounts.get(account.client) is account:
+            del self._accounts[account.client]
+
+    def _refund_ops(self, ops: Sequence[Op]) -> None:
+        """:meth:`_refund` op by op, for ops of several clients."""
+        for op in ops:
+            account = op[0].account
+            if account is not None:
+                self._refund(account, op[5], 1)
+
+    def _busy(self) -> str:
+        config = self.config
+        return (
+            f"broker busy: it holds {self.held_ops} request(s), {self.held_bytes} bytes (limits:"
+            f" {config.max_pending_ops}, {config.max_pending_bytes} bytes; per client"
+            f" {config.max_client_ops}, {config.max_client_bytes} bytes); retry later"
+        )
+
+    def _schedule_wait(self, key: bytes, now: float) -> None:
+        """A request now waits for ``key``'s token: make sure the key's waiters expire."""
+        if key not in self._wait_due:
+            due = now + self.config.shard_wait_s
+            self._wait_due[key] = due
+            heappush(self._waits, (due, key))
+
+    def _expire_waiters(self, now: float) -> None:
+        """Fail the requests that waited ``shard_wait_s`` for their key's token and never got
+        it (the requests ahead of them are slow, or wait for an owner): never applied, so
+        UNAVAILABLE, and the client may retry. Waiters of a key are in arrival order, so the
+        expired ones are a prefix; each key with waiters is looked at when its oldest is due."""
+        waits = self._waits
+        queues = self.tokens._queues
+        wait_s = self.config.shard_wait_s
+        while waits and waits[0][0] <= now:
+            _, key = heappop(waits)
+            self._wait_due.pop(key, None)
+            queue = queues.get(key)
+            if not queue:
+                continue  # the waiters all took the token meanwhile
+            cut = 0
+            while cut < len(queue) and queue[cut][0].arrived + wait_s <= now:
+                cut += 1
+            if cut:
+                expired = queue[:cut]
+                del queue[:cut]  # type: ignore[union-attr]  # non-empty: a list
+                if not queue:
+                    queues[key] = ()
+                for op in expired:
+                    self._forget(op)
+                self._refund_ops(expired)
+                self._answer(
+                    expired,
+                    None,
+                    f"waited {wait_s} s for the requests before it on its key; not applied",
+                )
+            if queue:
+                due = queue[0][0].arrived + wait_s
+                self._wait_due[key] = due
+                heappush(waits, (due, key))
 
     # --- workers ----------------------------------------------------------------------------
 
@@ -837,6 +1150,7 @@ class Broker:
 
     def _remove_worker(self, worker: bytes, why: str, now: float) -> None:
         record = self.registry.remove(worker)
+        self.held.pop(worker, None)  # its flights are dispatched again to the next owner
         if record is None:
             return
         log.warning("worker %s (shard %s) removed: %s", peer(worker), record.shard, why)

@@ -24,11 +24,11 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.backend import zmq_poll
 
-from broker.core import Broker, BrokerConfig, Side, peer_log
+from broker.core import MAX_FRAMES, Broker, BrokerConfig, Side, peer_log
 from zkv import protocol
 from zkv.keys import Keys
 from zkv.logs import peer
-from zkv.zmqio import POLLIN, recv_frames, send_frames
+from zkv.zmqio import POLLIN, recv_bounded, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ DRAIN_BUDGET_S = 0.005
 DRAIN_S = 2.0  # on stop, how long to keep answering requests already here
 MAX_POLL_MS = 100  # the longest single poll
 HWM = 100_000  # messages queued per peer before ZeroMQ pushes back
+MAX_FRAME_BYTES = protocol.MAX_BATCH_BYTES  # the largest legal frame from a client
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,19 +88,7 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
             backend.curve_server = True
         else:
             log.warning("backend without CURVE (--insecure): any local process can join")
-        for socket in (frontend, backend):
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.SNDHWM, HWM)
-            socket.setsockopt(zmq.RCVHWM, HWM)
-        # A peer sending more than the largest legal message is cut off, not buffered.
-        frontend.setsockopt(
-            zmq.MAXMSGSIZE, protocol.MAX_VALUE_BYTES + protocol.MAX_KEY_BYTES + 1024
-        )
-        # Sending to a worker that is gone raises instead of vanishing, so we notice at once;
-        # a worker reconnecting under its stable identity takes over its old routing entry
-        # (only an authenticated worker can connect at all, and its routing id is random).
-        backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        configure(frontend, backend)
         frontend.bind(config.frontend)
         backend.bind(config.backend)
         log.info(
@@ -116,11 +105,34 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
             authenticator.stop()
 
 
+def configure(frontend: zmq.Socket, backend: zmq.Socket) -> None:
+    """The broker's socket options: queue bounds, the largest frame, routing behaviour."""
+    for socket in (frontend, backend):
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, HWM)
+        socket.setsockopt(zmq.RCVHWM, HWM)
+    # A client frame larger than the largest legal one (a BATCH's records, MAX_BATCH_BYTES;
+    # a value is at most MAX_VALUE_BYTES, a header MAX_KEY_BYTES + 20) gets its connection cut
+    # as soon as its length is read, before it is buffered. ZeroMQ bounds frames only, and
+    # hands over a multipart message once all of it arrived, so what one client message can
+    # make libzmq buffer is its frame count times this; _drain drops the frames past the
+    # second without copying them, and answers ERROR. The backend has no such bound: a
+    # worker's replies may legitimately be larger (an ALL), and workers are authenticated
+    # (CURVE) unless the broker runs --insecure.
+    frontend.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    # Sending to a worker that is gone raises instead of vanishing, so we notice at once;
+    # a worker reconnecting under its stable identity takes over its old routing entry (only
+    # an authenticated worker can connect at all, and its routing id is random).
+    backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+
+
 def _loop(core: Broker, frontend: zmq.Socket, backend: zmq.Socket, stopper: Stopper) -> int:
     # zmq_poll on a fixed list, not a zmq.Poller and a dict each pass; the backend first, so
     # replies (which free keys' tokens) are handled before new requests of the same pass.
     items = [(backend, POLLIN), (frontend, POLLIN)]
     handlers = {backend: core.on_worker, frontend: core.on_client}
+    sides = {backend: Side.BACKEND, frontend: Side.FRONTEND}
 
     def flush() -> None:
         _flush(core, frontend, backend)
@@ -140,6 +152,8 @@ def _loop(core: Broker, frontend: zmq.Socket, backend: zmq.Socket, stopper: Stop
             core.on_timer(now)
             _flush(core, frontend, backend)
             wait_s = core.next_timer(now)
+        if core.held:
+            _resend_held(core, frontend, backend)
         # Bounded so a stop signal (its handler runs between polls) is seen promptly.
         timeout_ms = min(int(wait_s * 1000) + 1, MAX_POLL_MS if drain_deadline is None else 20)
         try:
@@ -151,7 +165,7 @@ def _loop(core: Broker, frontend: zmq.Socket, backend: zmq.Socket, stopper: Stop
             raise
         now = time.monotonic()
         for socket, _ in ready:
-            _drain(socket, handlers[socket], now, flush)
+            _drain(socket, handlers[socket], now, flush, core, sides[socket])
         now = time.monotonic()
     log.info("broker stopped")
     return 0
@@ -162,6 +176,8 @@ def _drain(
     handle: Callable[[list[bytes], float], None],
     now: float,
     flush: Callable[[], None],
+    core: Broker,
+    side: Side,
 ) -> None:
     """Receive and handle up to BATCH messages (the poll said one is there), or for up to
     DRAIN_BUDGET_S, sending what each one produced before looking for the next.
@@ -180,17 +196,27 @@ def _drain(
         if count == 1 and not zmq_poll(polled, 0):
             return
         try:
-            frames = recv_frames(socket)
+            frames, extra = recv_bounded(socket, MAX_FRAMES + 1)  # + the identity
         except zmq.Again:
             return
-        handle(frames, now)
+        if extra:
+            core.on_oversized(side, frames, extra)
+        else:
+            handle(frames, now)
         flush()
         if time.monotonic() >= until:
             return
 
 
 def _flush(core: Broker, frontend: zmq.Socket, backend: zmq.Socket) -> None:
-    """Send the outbox; a send that fails may add to it (a dead worker's requests fail)."""
+    """Send the outbox; a send that fails may add to it (a dead worker's requests fail).
+
+    A worker whose queue is full (EAGAIN: ROUTER_MANDATORY reports a peer at its high-water
+    mark so, and ZeroMQ refuses a message whole at its first frame) is slow, not gone: the
+    message is held by the core, with everything after it for that worker, and resent by
+    :func:`_resend_held`. Only EHOSTUNREACH (no such peer connected) removes the worker.
+    """
+    held = core.held
     while core.outbox:
         outbox, core.outbox = core.outbox, []
         for side, frames in outbox:
@@ -204,9 +230,41 @@ def _flush(core: Broker, frontend: zmq.Socket, backend: zmq.Socket) -> None:
                         peer(frames[0]),
                     )
                 continue
+            if held and frames[0] in held:
+                core.on_backpressure(frames)  # behind what is held already: order matters
+                continue
             try:
                 send_frames(backend, frames)
             except zmq.ZMQError as exc:
-                if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
+                if exc.errno == zmq.EAGAIN:
+                    core.on_backpressure(frames)
+                elif exc.errno == errno.EHOSTUNREACH:
+                    core.on_unroutable(frames[0], time.monotonic())
+                else:
                     raise
-                core.on_unroutable(frames[0], time.monotonic())
+
+
+def _resend_held(core: Broker, frontend: zmq.Socket, backend: zmq.Socket) -> None:
+    """Send what is held for workers whose queue was full, oldest first, until one is full
+    again; a dispatch whose flight expired meanwhile is dropped, not sent late."""
+    for worker, queue in list(core.held.items()):
+        while queue:
+            frames = queue[0]
+            if core.expired_dispatch(frames):
+                queue.popleft()
+                continue
+            try:
+                send_frames(backend, frames)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EAGAIN:
+                    break
+                if exc.errno != errno.EHOSTUNREACH:
+                    raise
+                core.on_unroutable(worker, time.monotonic())  # drops what is held for it
+                break
+            queue.popleft()
+        else:
+            if core.held.get(worker) is queue:
+                del core.held[worker]
+                log.info("worker %s caught up: its held messages are sent", worker.hex())
+    _flush(core, frontend, backend)

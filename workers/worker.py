@@ -63,10 +63,11 @@ from zkv.protocol import (
     ProtocolError,
     Ready,
     Reply,
+    Status,
     decode_from_broker,
+    dispatch_token,
     encode_control,
     encode_reply,
-    error_reply,
     peek_keyed_dispatch,
 )
 from zkv.zmqio import POLLIN, recv_frames, send_frames
@@ -266,11 +267,15 @@ class Worker:
             message = decode_from_broker(frames)
         except ProtocolError as exc:
             peer_log.warning("bad message", "dropped a malformed message from the broker: %s", exc)
-            if exc.request_id:
-                # A dispatch whose request id was readable: the client is waiting for it.
-                # Replies leave in arrival order, so the batch before it goes first.
+            token = dispatch_token(frames)
+            if exc.request_id or token:
+                # A dispatch whose request id or token was readable: the client is waiting for
+                # it, and with the token the broker knows at once that nothing was applied
+                # (a BATCH_DISPATCH refused whole has no request id to answer by). Replies
+                # leave in arrival order, so the batch before it goes first.
                 self._serve(batch)
-                self._send(error_reply(exc.request_id, f"malformed request: {exc}"))
+                message = f"malformed request: {exc}".encode()
+                self._send(encode_reply(Reply(Status.ERROR, exc.request_id, token, None, message)))
             return
         match message:
             case Dispatch() | DispatchBatch():

@@ -25,6 +25,12 @@ ATTEMPT_TIMEOUT_S = 1.0  # a client resends a request (same id) after this long 
 CONNECT_TIMEOUT_S = 1.5  # ZKV_CONNECT_TIMEOUT: how long a client tries an unreachable broker
 SHARD_WAIT_S = 3.0  # ZKV_SHARD_WAIT: how long the broker holds requests for a shard with no owner
 WORKER_REPLY_TIMEOUT_S = 4.0  # ZKV_WORKER_TIMEOUT: broker gives up on a dispatched request
+# What the broker holds (requests admitted and not yet answered, waiting or at a worker), in
+# request bytes (records as dispatched) and requests; more is answered BUSY (retry later).
+MAX_PENDING_BYTES = 1024 * 1024 * 1024  # ZKV_MAX_PENDING_BYTES: all clients together
+MAX_CLIENT_BYTES = 256 * 1024 * 1024  # ZKV_MAX_CLIENT_BYTES: one client socket
+MAX_PENDING_OPS = 1_000_000  # ZKV_MAX_PENDING_OPS: requests, all clients together
+MAX_CLIENT_OPS = 250_000  # ZKV_MAX_CLIENT_OPS: requests, one client socket
 
 HEARTBEAT_INTERVAL_S = 1.0  # ZKV_HEARTBEAT_INTERVAL
 HEARTBEAT_LIVENESS = 3  # ZKV_HEARTBEAT_LIVENESS: intervals of silence before a peer is dead

@@ -497,6 +497,23 @@ def dispatch_frames(token: int, request_frames: Sequence[bytes]) -> list[bytes]:
     return [_DISPATCH.pack(VERSION, Kind.DISPATCH, token) + request_frames[0], *request_frames[1:]]
 
 
+def dispatch_token(frames: Sequence[bytes]) -> int:
+    """The token of a DISPATCH or BATCH_DISPATCH read from its header alone, 0 if unreadable.
+
+    A worker that refuses a whole dispatch (malformed, over a limit) answers with this token,
+    so the broker can tell its requests at once that nothing was applied, rather than wait
+    for them to time out as "outcome unknown".
+    """
+    if not frames:
+        return 0
+    header = frames[0]
+    if len(header) >= _DISPATCH.size and header[1] == Kind.DISPATCH:
+        return int.from_bytes(header[2:10], "big")
+    if len(header) >= _BATCH.size and header[1] == Kind.BATCH_DISPATCH:
+        return int.from_bytes(header[8:16], "big")
+    return 0
+
+
 def peek_keyed_dispatch(frames: Sequence[bytes]) -> KeyedDispatch | None:
     """A DISPATCH of a valid GET, SET or DEL as a :data:`KeyedDispatch`, else None.
 
@@ -681,6 +698,16 @@ def split_batch(frames: Sequence[bytes]) -> tuple[int, list[SubRequest]]:
     """
     batch_id, count, body = _batch_parts(frames, Kind.BATCH)
     return batch_id, _split_requests(body, count, batch_id, False)
+
+
+def request_id_of(header: bytes) -> int:
+    """The request id of a client's REQUEST header, or the batch id of a BATCH header; 0 if
+    the header is too short to hold it (to answer a message refused before it is parsed)."""
+    if len(header) >= 2 and header[1] == Kind.BATCH:
+        return batch_id_of(header)
+    if len(header) < _REQUEST.size:
+        return 0
+    return int.from_bytes(header[4:12], "big")
 
 
 def batch_id_of(header: bytes) -> int:

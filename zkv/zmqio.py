@@ -41,3 +41,27 @@ def recv_frames(socket: zmq.Socket) -> list[bytes]:
     while socket.get(RCVMORE):
         frames.append(recv(NOBLOCK))
     return frames
+
+
+def recv_bounded(socket: zmq.Socket, max_frames: int) -> tuple[list[bytes], int]:
+    """:func:`recv_frames` for a peer that may send anything: at most ``max_frames`` frames
+    are copied out; the rest of the message is received without a copy and dropped at once.
+
+    Returns:
+        The first frames, and how many more the message had (0 for a message within bounds).
+
+    libzmq delivers a multipart message only once every frame of it has arrived, and bounds
+    each frame alone (ZMQ_MAXMSGSIZE), so by the time this runs the whole message is in
+    memory already: this only keeps Python from copying the excess, and frees it at once.
+    """
+    recv = socket.recv
+    frames = [recv(NOBLOCK)]
+    while socket.get(RCVMORE):
+        if len(frames) == max_frames:
+            extra = 0
+            while socket.get(RCVMORE):
+                recv(NOBLOCK, copy=False)  # a zmq.Frame, freed as it is dropped
+                extra += 1
+            return frames, extra
+        frames.append(recv(NOBLOCK))
+    return frames, 0

@@ -31,9 +31,11 @@ from zkv.protocol import (
     Request,
     Status,
     decode_from_worker,
+    dispatch_batch_frames,
     dispatch_frames,
     encode_control,
     encode_request,
+    pack_request,
 )
 
 pytestmark = pytest.mark.integration
@@ -598,3 +600,19 @@ def test_a_damaged_owner_file_is_taken_over_in_a_new_era(
     assert broker.request(identity, Request(Kind.SET, 0, b"k", b"v")).status == Status.OK
     assert len((shard_dir / "owner").read_bytes()) == 24  # rewritten whole, era 1
     assert handle.stop() == 0
+
+
+def test_a_batch_dispatch_refused_whole_is_answered_by_its_token(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    # A BATCH_DISPATCH has no request id to answer by: the refusal carries its token, so the
+    # broker tells its requests at once that nothing was applied (not "outcome unknown" later).
+    identity = assigned(broker, start_worker)
+    token = next(broker.tokens)
+    record = pack_request(Kind.SET, 5, b"k", b"v")
+    frames = dispatch_batch_frames(token, [record])
+    broker.send(identity, [frames[0], frames[1] + b"trailing"])
+    reply = broker.recv_reply(identity)
+    assert (reply.status, reply.request_id, reply.token) == (Status.ERROR, 0, token)
+    assert b"after the last" in (reply.body or b"")
+    assert broker.request(identity, Request(Kind.GET, 0, b"k")).status == Status.NOT_FOUND

@@ -251,7 +251,12 @@ def test_waiting_requests_are_served_when_a_worker_arrives():
     assert [side for side, _ in out] == [Side.FRONTEND, Side.BACKEND]
 
 
-def test_a_worker_that_does_not_answer_fails_the_request_and_frees_the_key(h):
+def test_a_worker_that_does_not_answer_fails_the_request_and_frees_the_key():
+    # A shard wait longer than the worker timeout, so the GET waiting for the key outlives
+    # the SET's dispatch (its own wait is bounded by the shard wait: see below).
+    h = Harness(dataclasses.replace(CONFIG, shard_wait_s=5.0))
+    h.register(b"w0")
+    h.register(b"w1")
     key = key_for(0)
     h.send(Request(Kind.SET, 1, key, b"a"))
     h.send(Request(Kind.GET, 2, key))
@@ -330,7 +335,7 @@ def test_malformed_worker_messages_are_dropped(h):
 
 
 def test_silent_worker_is_removed_and_a_standby_takes_over_its_requests():
-    h = Harness(dataclasses.replace(CONFIG, worker_timeout_s=10.0))
+    h = Harness(dataclasses.replace(CONFIG, worker_timeout_s=10.0, shard_wait_s=10.0))
     h.register(b"w0")
     h.register(b"w1")
     assert h.register(b"standby").shard is None
@@ -782,7 +787,10 @@ def test_a_dead_workers_batch_goes_back_whole_and_is_dispatched_again(h):
     assert h.broker.idle() and len(h.broker.tokens) == 0
 
 
-def test_a_batch_whose_worker_does_not_answer_fails_whole_and_frees_its_keys(h):
+def test_a_batch_whose_worker_does_not_answer_fails_whole_and_frees_its_keys():
+    h = Harness(dataclasses.replace(CONFIG, shard_wait_s=5.0))  # request 3 outwaits the first
+    h.register(b"w0")
+    h.register(b"w1")
     key = key_for(1)
     send_batch(h, [Request(Kind.SET, 1, key, b"v"), Request(Kind.GET, 2, key_for(1, "x"))])
     send_batch(h, [Request(Kind.GET, 3, key)], batch_id=2)  # waits for the first flight
@@ -826,3 +834,161 @@ def test_a_batch_reply_with_the_wrong_count_is_dropped(h):
     h.broker.on_worker([worker, *encode_batch_reply(short)], h.now)
     assert h.take() == []
     assert not h.broker.idle()  # still waiting: it times out like an unanswered dispatch
+
+
+def test_a_run_of_lone_sets_is_weighed_by_the_records_it_is_sent_as(h, monkeypatch):
+    # A lone SET travels in a run as a batch record, 4 bytes longer than its request header:
+    # weighed by its header, three records "fit" in a limit that only two do, and the worker
+    # refused the whole dispatch as over MAX_BATCH_BYTES.
+    hot = key_for(0, "hot")
+    record = len(pack_request(Kind.SET, 1, hot, b"v" * 100))
+    monkeypatch.setattr(core, "MAX_BATCH_BYTES", 3 * record - 1)
+    for request_id in range(1, 6):
+        h.send(Request(Kind.SET, request_id, hot, b"v" * 100))
+    [(worker, first, _)] = h.dispatched()
+    h.answer(worker, first, ok(first))
+    out = h.take()
+    [reply] = [decode_reply(f[1:]) for s, f in out if s is Side.FRONTEND]
+    assert reply.request_id == 1
+    [frames] = [f for s, f in out if s is Side.BACKEND]
+    run = decode_from_broker(frames[1:])
+    assert [op[1] for op in run.ops] == [2, 3]
+    assert len(frames[2]) <= core.MAX_BATCH_BYTES
+
+
+def test_a_dispatch_the_worker_refuses_whole_fails_at_once_as_not_applied(h):
+    a, b = key_for(0, "a"), key_for(0, "b")
+    send_batch(h, [Request(Kind.SET, 1, a, b"x"), Request(Kind.SET, 2, b, b"y")])
+    [(worker, dispatch, _)] = batch_dispatches(h)
+    refusal = Reply(Status.ERROR, 0, dispatch.token, None, b"malformed request: too big")
+    h.broker.on_worker([worker, *encode_reply(refusal)], h.now)
+    [answers] = by_client(h).values()
+    assert sorted((r.request_id, r.status) for r in answers) == [
+        (1, Status.ERROR),
+        (2, Status.ERROR),
+    ]
+    assert all(b"not applied" in r.body and b"unknown" not in r.body for r in answers)
+    assert h.broker.idle() and not h.broker.tokens.held(a)
+
+
+def test_a_lone_batched_request_refused_whole_is_not_forwarded_as_a_reply_to_id_0(h):
+    key = key_for(0)
+    send_batch(h, [Request(Kind.SET, 7, key, b"x")])
+    [(worker, dispatch, _)] = batch_dispatches(h)
+    refusal = Reply(Status.ERROR, 0, dispatch.token, None, b"malformed request: too big")
+    h.broker.on_worker([worker, *encode_reply(refusal)], h.now)
+    [[answer]] = by_client(h).values()
+    assert (answer.request_id, answer.status) == (7, Status.ERROR)
+    assert h.broker.idle()
+
+
+# --- admission control and the deadlines of waiting requests (issue 10, item 6) -------------
+
+
+def test_a_request_waiting_for_its_keys_token_fails_after_the_shard_wait_not_applied(h):
+    key = key_for(0)
+    h.send(Request(Kind.SET, 1, key, b"a"))
+    [(worker, first, _)] = h.dispatched()  # at a slow worker (4 s timeout)
+    h.advance(0.5)
+    h.send(Request(Kind.GET, 2, key))  # waits for the SET's token
+    h.advance(2.9)
+    assert h.take() == []
+    h.advance(0.1)  # 3 s after the GET came: its wait is over, though the SET's is not
+    [reply] = h.replies()
+    assert (reply.request_id, reply.status) == (2, Status.UNAVAILABLE)
+    assert b"not applied" in reply.body
+    h.answer(worker, first, ok(first))
+    [reply] = h.replies()  # the SET's answer; the GET is not dispatched after its failure
+    assert reply.request_id == 1 and h.broker.idle() and not h.broker.tokens.held(key)
+
+
+def test_every_request_of_a_hot_key_for_a_shard_without_owner_fails_after_one_shard_wait(
+    monkeypatch,
+):
+    # 30,000 GETs of one key to a shard with no worker were answered after up to 12 s: each
+    # run of waiters took the token in turn and waited another 3 s for an owner.
+    monkeypatch.setattr(core, "MAX_BATCH_OPS", 2)
+    h = Harness()
+    h.register(b"w0")  # shard 1 has no owner
+    key = key_for(1)
+    for request_id in range(1, 8):
+        h.send(Request(Kind.GET, request_id, key))
+    h.advance(2.9)
+    assert h.take() == []
+    h.advance(0.1)
+    replies = h.replies()
+    assert sorted(r.request_id for r in replies) == list(range(1, 8))
+    assert {r.status for r in replies} == {Status.UNAVAILABLE}
+    assert h.broker.idle() and h.broker.next_timer(h.now) > 0.5
+
+
+def test_a_run_that_takes_its_keys_token_waits_for_an_owner_only_what_is_left_of_its_wait():
+    h = Harness()
+    h.register(b"w0")  # shard 1 has no owner
+    key = key_for(1)
+    h.send(Request(Kind.GET, 1, key))
+    h.advance(2.5)
+    h.send(Request(Kind.GET, 2, key))
+    h.advance(0.5)  # the first fails; the second takes the token and waits for an owner
+    assert [r.request_id for r in h.replies()] == [1]
+    h.advance(2.4)
+    assert h.take() == []
+    h.advance(0.1)  # 3 s after it came, not 3 s after it took the token
+    [reply] = h.replies()
+    assert (reply.request_id, reply.status) == (2, Status.UNAVAILABLE)
+
+
+def limited() -> Harness:
+    """Two workers, and limits of 1000 bytes held per client and 2500 in all."""
+    h = Harness(dataclasses.replace(CONFIG, max_client_bytes=1000, max_pending_bytes=2500))
+    h.register(b"w0")
+    h.register(b"w1")
+    return h
+
+
+def test_a_client_over_its_byte_limit_is_answered_busy_and_admitted_again_once_answered():
+    h = limited()
+    keys = [key_for(0, f"k{i}") for i in range(3)]
+    send_batch(h, [Request(Kind.SET, 1, keys[0], b"v" * 600)])  # 600 + header: admitted
+    [(worker, first, _)] = batch_dispatches(h)
+    send_batch(h, [Request(Kind.SET, 2, keys[1], b"v" * 600)], batch_id=2)  # over 1000 held
+    [[busy]] = by_client(h).values()
+    assert (busy.request_id, busy.status) == (2, Status.BUSY) and b"busy" in busy.body
+    h.send(Request(Kind.SET, 3, keys[2], b"v" * 600))  # a lone request too
+    [busy] = h.replies()
+    assert (busy.request_id, busy.status) == (3, Status.BUSY)
+    send_batch(h, [Request(Kind.SET, 4, keys[1], b"v" * 600)], client=b"other")  # its own bound
+    assert len(batch_dispatches(h)) == 1
+    h.broker.on_worker([worker, *encode_batch_reply(answer_all(first))], h.now)
+    h.take()
+    send_batch(h, [Request(Kind.SET, 5, keys[2], b"v" * 600)], batch_id=3)
+    assert len(batch_dispatches(h)) == 1  # the first's answer released its bytes
+
+
+def test_the_total_byte_limit_refuses_any_client_and_a_lone_large_message_still_gets_in():
+    h = limited()
+    for index in range(4):  # each client under its bound, 4 x 600+ over the total of 2500
+        client = f"c{index}".encode()
+        h.send(Request(Kind.SET, index + 1, key_for(0, f"k{index}"), b"v" * 600), client)
+    out = h.take()
+    assert len([f for s, f in out if s is Side.BACKEND]) == 3
+    [(client, busy)] = [(f[0], decode_reply(f[1:])) for s, f in out if s is Side.FRONTEND]
+    assert (client, busy.status) == (b"c3", Status.BUSY)
+    # Alone, a message larger than every limit is admitted: the largest legal one gets through.
+    h2 = limited()
+    send_batch(h2, [Request(Kind.SET, 1, key_for(0), b"v" * 5000)])
+    assert len(batch_dispatches(h2)) == 1
+
+
+def test_the_broker_holds_nothing_once_everything_is_answered_or_expired(h):
+    a, b = key_for(0, "a"), key_for(1, "b")
+    send_batch(h, [Request(Kind.SET, 1, a, b"x"), Request(Kind.SET, 2, b, b"y")])
+    send_batch(h, [Request(Kind.GET, 3, a), Request(Kind.SET, 1, a, b"x")], batch_id=2)  # 1: retry
+    h.send(Request(Kind.GET, 4, b))
+    assert h.broker.held_ops == 4 and h.broker.held_bytes > 0
+    for worker, dispatch, _ in batch_dispatches(h):
+        h.broker.on_worker([worker, *encode_batch_reply(answer_all(dispatch))], h.now)
+    h.advance(CONFIG.shard_wait_s + CONFIG.worker_timeout_s)
+    h.take()
+    assert h.broker.idle()
+    assert (h.broker.held_ops, h.broker.held_bytes, h.broker._accounts) == (0, 0, {})
