@@ -485,7 +485,7 @@ class Broker:
             case Reply():
                 self._on_reply(worker, message, body, now)
             case Ready(claimed, last_token):
-                self._on_ready(worker, claimed, last_token, now)
+                self._on_ready(worker, claimed, last_token, now, message)
             case Heartbeat():
                 pass
             case Disconnect():
@@ -1116,7 +1116,9 @@ class Broker:
         peer_log.info("unknown worker", "unknown worker %s: asking it to register", peer(worker))
         self.outbox.append((Side.BACKEND, [worker, *encode_control(Disconnect())]))
 
-    def _on_ready(self, worker: bytes, claimed: int | None, last_token: int, now: float) -> None:
+    def _on_ready(
+        self, worker: bytes, claimed: int | None, last_token: int, now: float, ready: Ready
+    ) -> None:
         if last_token >= MAX_REPORTED_TOKEN:
             # Following it would push the issuer's epoch to where the u64 of the wire format
             # runs out (a token of 2**64 crashed the broker). No legal worker reports one.
@@ -1140,9 +1142,19 @@ class Broker:
         self.issuer.advance_past(last_token)
         if self.registry.get(worker) is not None:
             self._remove_worker(worker, "registered again", now)
-        shard = self.registry.register(worker, claimed, now, hand_out=self._claims_until is None)
+        shard = self.registry.register(
+            worker,
+            claimed,
+            now,
+            hand_out=self._claims_until is None,
+            durable=ready.durable,
+            cluster=ready.cluster,
+        )
         self._assign(worker, shard)
-        if shard is None:
+        record = self.registry.get(worker)
+        if record is not None and record.refused is not None:
+            log.warning("worker %s may own no shard: %s", peer(worker), record.refused)
+        elif shard is None:
             log.info("worker %s registered as standby", peer(worker))
         else:
             log.info("worker %s owns shard %d of %d", peer(worker), shard, self.config.shards)

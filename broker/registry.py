@@ -13,16 +13,26 @@ records are the single source of truth; the index only makes ``owner()`` O(1)).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class WorkerRecord:
-    """One registered worker. ``shard`` None: a standby. ``last_seen`` is monotonic seconds."""
+    """One registered worker. ``shard`` None: a standby. ``last_seen`` is monotonic seconds.
+
+    ``durable`` and ``cluster`` are what its READY said of its storage (see
+    :meth:`Registry.refusal`); ``refused`` why it may not own a shard, or None.
+    """
 
     identity: bytes
     shard: int | None
     last_seen: float
+    durable: bool = False
+    cluster: int = 0
+    refused: str | None = None
 
 
 class Registry:
@@ -34,6 +44,9 @@ class Registry:
         self.shards = shards
         self._workers: dict[bytes, WorkerRecord] = {}  # insertion order = standby seniority
         self._owners: list[bytes | None] = [None] * shards
+        # The cluster id of the first durable worker that owned a shard (None until then): from
+        # then on only durable workers of this cluster may own one. See refusal().
+        self.cluster: int | None = None
 
     def owner(self, shard: int) -> bytes | None:
         """The worker owning ``shard``, or None while it is UNOWNED."""
@@ -44,27 +57,69 @@ class Registry:
         return self._workers.get(identity)
 
     def register(
-        self, identity: bytes, claimed: int | None, now: float, hand_out: bool = True
+        self,
+        identity: bytes,
+        claimed: int | None,
+        now: float,
+        hand_out: bool = True,
+        durable: bool = False,
+        cluster: int = 0,
     ) -> int | None:
         """Register a worker (again) and give it a shard.
 
         A worker that already holds a shard's data claims it back (after a broker restart) and
         gets it if nobody else owns it; otherwise it gets the lowest unowned shard, unless
-        ``hand_out`` is False (claims are still coming in), and else it becomes a standby.
+        ``hand_out`` is False (claims are still coming in), and else it becomes a standby. A
+        worker that may not own a shard of this cluster (:meth:`refusal`) stays a standby
+        that is never promoted; :attr:`WorkerRecord.refused` says why.
 
         Returns:
             The shard assigned, or None for a standby.
         """
         self.remove(identity)
+        record = WorkerRecord(identity, None, now, durable, cluster)
+        record.refused = self.refusal(durable, cluster)
         shard: int | None = None
-        if claimed is not None and 0 <= claimed < self.shards and self._owners[claimed] is None:
+        if record.refused is not None:
+            pass
+        elif claimed is not None and 0 <= claimed < self.shards and self._owners[claimed] is None:
             shard = claimed
         elif hand_out:
             shard = next((s for s, owner in enumerate(self._owners) if owner is None), None)
-        self._workers[identity] = WorkerRecord(identity, shard, now)
+        self._workers[identity] = record
         if shard is not None:
-            self._owners[shard] = identity
+            self._own(record, shard)
         return shard
+
+    def refusal(self, durable: bool, cluster: int) -> str | None:
+        """Why a worker with this storage may not own a shard here, or None if it may.
+
+        Nothing ties a shard to a worker but the data directory it reads: a worker in memory,
+        or one whose data directory is another (another cluster id in its manifest, or a new
+        empty directory, which gets a new id), would take a durable shard over from an empty
+        log, and every acknowledged write would vanish. So once a durable worker has owned a
+        shard, only durable workers of its cluster may own one. Until then (a new cluster, or
+        a broker just restarted: workers holding shards claim them first), anyone may.
+        """
+        if self.cluster is None:
+            return None
+        if not durable:
+            return (
+                f"it keeps data in memory only, and this cluster (id {self.cluster:016x}) keeps "
+                f"its shards on disk: it would take a shard over from an empty log"
+            )
+        if cluster != self.cluster:
+            return (
+                f"its data directory belongs to cluster {cluster:016x}, not to this cluster "
+                f"({self.cluster:016x}): it cannot see the shards' data (another --data-dir?)"
+            )
+        return None
+
+    def _own(self, record: WorkerRecord, shard: int) -> None:
+        record.shard = shard
+        self._owners[shard] = record.identity
+        if record.durable and self.cluster is None:
+            self.cluster = record.cluster
 
     def remove(self, identity: bytes) -> WorkerRecord | None:
         """Forget a worker; its shard, if any, becomes UNOWNED. Returns its last record."""
@@ -82,9 +137,14 @@ class Registry:
         if self._owners[shard] is not None:
             return None
         for record in self._workers.values():
-            if record.shard is None:
-                record.shard = shard
-                self._owners[shard] = record.identity
+            if record.shard is None and record.refused is None:
+                record.refused = self.refusal(record.durable, record.cluster)
+                if record.refused is not None:  # the cluster's identity was settled since
+                    log.warning(
+                        "worker %s may own no shard: %s", record.identity.hex(), record.refused
+                    )
+                    continue
+                self._own(record, shard)
                 return record.identity
         return None
 
@@ -107,5 +167,5 @@ class Registry:
         return [owner is not None for owner in self._owners]
 
     def standbys(self) -> int:
-        """How many workers wait for a shard."""
-        return sum(1 for r in self._workers.values() if r.shard is None)
+        """How many workers wait for a shard (refused ones not counted)."""
+        return sum(1 for r in self._workers.values() if r.shard is None and r.refused is None)

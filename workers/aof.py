@@ -211,6 +211,17 @@ class DurabilityError(Exception):
     so the worker must stop serving (fail-stop, as Redis and PostgreSQL do on fsync errors)."""
 
 
+class NoSpace(Exception):
+    """An append found the disk full (ENOSPC, or EDQUOT: over quota) and was undone: the log
+    was truncated back to where it ended before, so nothing of the batch is on disk. Unlike a
+    failed fsync (see :meth:`AppendLog.sync`), the page cache holds nothing unknown, so the
+    worker can refuse writes, keep serving reads, and try again when space returns."""
+
+
+# write() errors that mean "no room", not "the disk failed"
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 # --- encoding ---------------------------------------------------------------------------------
 
 
@@ -561,17 +572,23 @@ class LogReader:
 # --- writing ----------------------------------------------------------------------------------
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
+def write_all(
+    fd: int, data: bytes | memoryview, write: Callable[[int, memoryview], int] = os.write
+) -> None:
     """os.write until every byte is written (a regular file may take a write in parts).
+
+    Args:
+        write: the write function (tests inject one that fails with ENOSPC).
 
     Raises:
         DurabilityError: the write failed (disk full, I/O error); the file may now end with a
-            partial record, which replay treats as a torn tail.
+            partial record, which replay treats as a torn tail. Its ``__cause__`` is the
+            OSError.
     """
     view = memoryview(data)
     while view:
         try:
-            written = os.write(fd, view)
+            written = write(fd, view)
         except InterruptedError:
             continue
         except OSError as exc:
@@ -617,6 +634,7 @@ class AppendLog:
         policy: when to fsync.
         fsync: the fsync function; tests pass a counter.
         monotonic: seconds for the EVERYSEC timer; tests pass a fake clock.
+        write: the write function; tests pass one that fails with ENOSPC.
     """
 
     def __init__(
@@ -625,10 +643,12 @@ class AppendLog:
         policy: FsyncPolicy,
         fsync: Callable[[int], None] = os.fsync,
         monotonic: Callable[[], float] = time.monotonic,
+        write: Callable[[int, memoryview], int] = os.write,
     ) -> None:
         self.path = str(path)
         self.policy = policy
         self._fsync = fsync
+        self._write = write
         self._monotonic = monotonic
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self.size = os.fstat(self.fd).st_size
@@ -642,11 +662,25 @@ class AppendLog:
         """Append records (one write). Not yet durable unless :meth:`commit` says so.
 
         Raises:
-            DurabilityError: the write failed.
+            NoSpace: the disk is full; the file was truncated back to its size before, so
+                none of ``data`` is in it (a write cut short leaves no partial record).
+            DurabilityError: the write failed otherwise (an I/O error), or the truncation did.
         """
         if not data:
             return
-        write_all(self.fd, data)
+        try:
+            write_all(self.fd, data, self._write)
+        except DurabilityError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, OSError) or cause.errno not in NO_SPACE_ERRNOS:
+                raise
+            try:
+                os.ftruncate(self.fd, self.size)  # shrinking needs no space
+            except OSError as undo:
+                raise DurabilityError(
+                    f"{exc}; then truncating {self.path} back to {self.size} bytes failed: {undo}"
+                ) from undo
+            raise NoSpace(f"{cause.strerror or cause} writing {self.path}") from cause
         self.size += len(data)
         self.dirty = True
 

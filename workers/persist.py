@@ -65,6 +65,12 @@ REWRITE_MIN_BYTES = 1024 * 1024
 REWRITE_RETRY_S = 60.0  # after a failed rewrite, wait this long before the next attempt
 REWRITE_CANCEL_WAIT_S = 0.5  # on close, how long to wait for a cancelled rewrite thread
 
+# A full disk (see ShardFiles.no_space): how often the timers look at the free space, and how
+# much must be free before writes are tried again. A write that still finds no room costs one
+# replay of the shard's log (Shard.handle_batch), so at most one per NO_SPACE_CHECK_S.
+NO_SPACE_CHECK_S = 1.0
+NO_SPACE_RESUME_BYTES = 1024 * 1024
+
 REPLAY_PROGRESS_RECORDS = 10_000  # replay calls its progress callback this often (heartbeats)
 
 # Bytes a record adds to its key and value: the length and CRC, then the body's fixed fields.
@@ -120,6 +126,8 @@ class Durability:
         monotonic: seconds, for lock deadlines, EVERYSEC and rewrite retries (tests fake it).
         rewrite_min_bytes: see REWRITE_MIN_BYTES.
         rewrite_growth: see REWRITE_GROWTH.
+        write: the write function of appends (tests inject ENOSPC).
+        free_bytes: bytes free for this user on the filesystem of a path (tests fake it).
     """
 
     data_dir: Path
@@ -128,6 +136,8 @@ class Durability:
     monotonic: Callable[[], float] = time.monotonic
     rewrite_min_bytes: int = REWRITE_MIN_BYTES
     rewrite_growth: float = REWRITE_GROWTH
+    write: Callable[[int, memoryview], int] = os.write
+    free_bytes: Callable[[Path], int] = lambda path: _free_bytes(path)
 
     def shard_dir(self, number: int) -> Path:
         return self.data_dir / f"shard-{number}"
@@ -162,6 +172,9 @@ class ShardFiles:
         self._rewrite: _Rewrite | None = None
         self._rewrite_buffer: list[bytes] = []
         self._next_rewrite_s = 0.0
+        # Why writes are refused (the disk was full), or None; see refuse_writes().
+        self.no_space: str | None = None
+        self._next_space_check_s = 0.0
 
     # --- takeover ---------------------------------------------------------------------------
 
@@ -239,7 +252,11 @@ class ShardFiles:
         if damage is not None:
             self._cut_torn_tail(damage, size, valid_end)
         self.log = AppendLog(
-            self.log_path, self.durability.policy, self.durability.fsync, self.durability.monotonic
+            self.log_path,
+            self.durability.policy,
+            self.durability.fsync,
+            self.durability.monotonic,
+            self.durability.write,
         )
         self.log.sync()
         aof.fsync_dir(self.dir, self.durability.fsync)
@@ -343,6 +360,9 @@ class ShardFiles:
         if found != self.epoch:
             raise ShardMoved(self.number, self.epoch, found)
         self.log.tick()
+        if self.no_space is not None:
+            self._check_space()
+            return  # no compaction on a full disk: it needs room for a second copy
         rewrite = self._rewrite
         if rewrite is not None:
             if rewrite.done():
@@ -360,6 +380,46 @@ class ShardFiles:
                 self.log = None
         finally:
             self.owner.close()
+
+    # --- a full disk -------------------------------------------------------------------------
+
+    # A full disk (ENOSPC from write()) is not a failed disk. AppendLog.append truncates the
+    # log back to where it ended, so nothing of the batch is on disk; Shard.handle_batch then
+    # rebuilds the store from the log (undoing the batch in memory), calls refuse_writes(),
+    # and answers the batch again with writes refused (NO_SPACE) and reads served. From then
+    # on writes are refused before they are applied, and the timers look at the free space
+    # every NO_SPACE_CHECK_S: once NO_SPACE_RESUME_BYTES are free, writes are tried again. A
+    # failed fsync is different and still stops the worker (section 9 of docs/persistence.md).
+
+    def refuse_writes(self, reason: str) -> None:
+        """Refuse writes until the disk has room again (see the comment above)."""
+        if self.no_space is None:
+            log.error(
+                "shard %d: the disk is full (%s): refusing writes, serving reads; "
+                "writes resume once %d bytes are free",
+                self.number,
+                reason,
+                NO_SPACE_RESUME_BYTES,
+            )
+        self.no_space = reason
+        self._next_space_check_s = self.durability.monotonic() + NO_SPACE_CHECK_S
+        self._cancel_rewrite()
+
+    def _check_space(self) -> None:
+        now_s = self.durability.monotonic()
+        if now_s < self._next_space_check_s:
+            return
+        self._next_space_check_s = now_s + NO_SPACE_CHECK_S
+        try:
+            free = self.durability.free_bytes(self.dir)
+        except OSError as exc:
+            log.warning("shard %d: cannot read the free space: %s", self.number, exc)
+            return
+        if free >= NO_SPACE_RESUME_BYTES:
+            log.info(
+                "shard %d: %d bytes free on the disk: accepting writes again", self.number, free
+            )
+            self.no_space = None
 
     # --- compaction -------------------------------------------------------------------------
 
@@ -418,7 +478,9 @@ class ShardFiles:
             self._next_rewrite_s = self.durability.monotonic() + REWRITE_RETRY_S
             log.error("compaction of %s not started: %s", self.log_path, exc)
             return
-        rewrite = _Rewrite(fd, store.snapshot(), memory.frozen(), store.clock)
+        rewrite = _Rewrite(
+            fd, store.snapshot(), memory.frozen(), store.clock, self.durability.write
+        )
         self._rewrite = rewrite
         self._rewrite_buffer = []
         log.info(
@@ -454,7 +516,7 @@ class ShardFiles:
         self._reached(RewriteStep.SNAPSHOT_WRITTEN)
         fsync = self.durability.fsync
         try:
-            aof.write_all(rewrite.fd, b"".join(self._rewrite_buffer))
+            aof.write_all(rewrite.fd, b"".join(self._rewrite_buffer), self.durability.write)
             self._reached(RewriteStep.BUFFER_APPENDED)
             fsync(rewrite.fd)
             self._reached(RewriteStep.SYNCED)
@@ -486,6 +548,13 @@ class ShardFiles:
         self._next_rewrite_s = self.durability.monotonic() + REWRITE_RETRY_S
         if rewrite is not None:
             rewrite.cancel(0)
+        # The scratch file may be most of a disk that is now full: give the room back. Only
+        # inside the fence: a newer owner may be writing a log.rewrite of its own.
+        try:
+            with self.fenced():
+                self.rewrite_path.unlink(missing_ok=True)
+        except (OwnershipError, OSError, ShardMoved) as exc:
+            log.warning("%s left in place: %s", self.rewrite_path, exc)
         log.error(
             "compaction of %s abandoned (%s); the log is unchanged, next attempt in %.0f s",
             self.log_path,
@@ -515,8 +584,16 @@ class _Rewrite:
     number be reused by another open file and the thread write into that.
     """
 
-    def __init__(self, fd: int, snapshot: Snapshot, memos: list[Packed], clock: Clock) -> None:
+    def __init__(
+        self,
+        fd: int,
+        snapshot: Snapshot,
+        memos: list[Packed],
+        clock: Clock,
+        write: Callable[[int, memoryview], int] = os.write,
+    ) -> None:
         self.fd = fd
+        self._write_fn = write
         self.snapshot = snapshot
         self.memos = memos
         self._clock = clock
@@ -580,7 +657,7 @@ class _Rewrite:
     def _write(self, chunk: list[bytes]) -> None:
         if self._cancelled.is_set():
             raise _Cancelled
-        aof.write_all(self.fd, b"".join(chunk))
+        aof.write_all(self.fd, b"".join(chunk), self._write_fn)
 
 
 class _Cancelled(Exception):
@@ -609,6 +686,12 @@ def _apply(record: aof.Record, store: TTLStore, memory: RequestMemory) -> None:
                 restore(entry)
         case MemoRecord(request_id, kind, status, deadline_ms, fingerprint, key):  # older logs
             memory.remember(request_id, Memo(kind, key, fingerprint, status, deadline_ms))
+
+
+def _free_bytes(path: Path) -> int:
+    """Bytes an unprivileged write may still use on the filesystem holding ``path``."""
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
 
 
 def compact_size(snapshot: Snapshot, memory: RequestMemory, now_ms: int) -> int:

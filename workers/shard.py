@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from workers import aof
+from workers.aof import CorruptLog, DurabilityError, NoSpace
 from workers.idempotency import Memo, RequestMemory
 from workers.persist import Durability, ShardFiles
 from workers.store import Clock, Missing, TTLStore
@@ -88,6 +89,8 @@ class Shard:
         self.memory = memory if memory is not None else RequestMemory()
         self.files = files
         self.epoch = epoch
+        # Called now and then during a long replay (the worker heartbeats); see take_shard.
+        self.progress: Callable[[], None] | None = None
 
     def handle(self, dispatch: Dispatch) -> Reply:
         """One request as a batch of one (see :meth:`handle_batch`)."""
@@ -129,12 +132,18 @@ class Shard:
             ShardMoved: a newer owner holds the shard; nothing was applied or written.
             LockTimeout: the owner file stayed locked; nothing was applied or written.
             DurabilityError: a write or fsync failed; the batch is applied in memory but may
-                not be on disk, so the caller must stop serving without replying.
+                not be on disk, so the caller must stop serving without replying. A full disk
+                is not such a failure: the batch is undone and answered with its writes
+                refused (NO_SPACE), see :meth:`_no_space`.
         """
         files = self.files
         if files is None:
             return [self._handle_message(dispatch, None) for dispatch in dispatches]
+        if files.no_space is not None:
+            return self._refusing_writes(files, dispatches)
         records: list[bytes] = []
+        last_token = self.last_token
+        full: NoSpace | None = None
         files.fence()  # what fenced() does, without a generator's cost on every batch
         try:
             if early is None:
@@ -154,10 +163,110 @@ class Shard:
                         answers.append(self._handle_message(dispatch, records))
             if records:
                 files.append(b"".join(records))
+        except NoSpace as exc:
+            full = exc
         finally:
             files.unfence()
+        if full is not None:
+            return self._no_space(files, dispatches, answers, last_token, full)
         files.commit()
         return answers
+
+    # --- a full disk (see ShardFiles.refuse_writes) --------------------------------------------
+
+    def _no_space(
+        self,
+        files: ShardFiles,
+        dispatches: Sequence[Message],
+        answers: list[Answer | None],
+        last_token: int,
+        full: NoSpace,
+    ) -> list[Answer | None]:
+        """A batch whose append found the disk full: nothing of it is on disk (the log was
+        truncated back), so undo it in memory too, by rebuilding the store and the memory
+        from the log (one replay: no per-request undo log on the hot path), then answer it
+        again with its writes refused. GETs already answered early stay answered (None)."""
+        try:
+            store = TTLStore(self.store.clock)
+            memory = RequestMemory()
+            files.replay(store, memory, self.progress)
+        except CorruptLog as exc:  # the log was sound a batch ago: treat it as a failed disk
+            raise DurabilityError(f"rebuilding shard {self.number} from its log: {exc}") from exc
+        self.store = store
+        self.memory = memory
+        self.last_token = last_token
+        files.refuse_writes(str(full))
+        again = self._refusing_writes(files, dispatches)
+        return [
+            None if done is None else answer for done, answer in zip(answers, again, strict=True)
+        ]
+
+    def _refusing_writes(
+        self, files: ShardFiles, dispatches: Sequence[Message]
+    ) -> list[Answer | None]:
+        """A batch while the disk is full: reads served as usual, fenced like any batch;
+        writes refused before anything is applied (a retry of an applied one is answered
+        from memory, a DEL of a missing key NOT_FOUND: neither needs the disk)."""
+        files.fence()
+        try:
+            return [self._refusing_message(dispatch, files) for dispatch in dispatches]
+        finally:
+            files.unfence()
+
+    def _refusing_message(self, dispatch: Message, files: ShardFiles) -> Answer:
+        if type(dispatch) is tuple:
+            token, kind, request_id, key, value, _ = dispatch
+            if (kind != _SET and kind != _DEL) or token <= self.last_token:
+                return self._handle_keyed(dispatch, None)  # a read, or refused as stale
+            self.last_token = token
+            status, deadline_ms, body = self._refuse_write(kind, request_id, key, value, files)
+            return reply_frames(status, request_id, token, deadline_ms, body)
+        if isinstance(dispatch, DispatchBatch):
+            token = dispatch.token
+            if token <= self.last_token:
+                return self._handle_ops(dispatch, None)  # refused as stale
+            self.last_token = token
+            out = []
+            for kind, request_id, key, value, ttl_ms in dispatch.ops:
+                if kind == _SET or kind == _DEL:
+                    status, deadline_ms, body = self._refuse_write(
+                        kind, request_id, key, value, files
+                    )
+                elif not kind:  # malformed; key holds the message
+                    status, deadline_ms, body = _ERROR, None, b"malformed request: " + key
+                else:
+                    status, deadline_ms, body = self._apply(
+                        kind, request_id, key, value, ttl_ms, None
+                    )
+                out.append(pack_reply(status, request_id, token, deadline_ms, body))
+            return batch_reply_frames(token, out)
+        request = dispatch.request  # type: ignore[union-attr]  # a Dispatch
+        token = dispatch.token  # type: ignore[union-attr]
+        if request.kind not in (Kind.SET, Kind.DEL) or token <= self.last_token:
+            return self._handle_one(dispatch, None)  # type: ignore[arg-type]
+        self.last_token = token
+        status, deadline_ms, body = self._refuse_write(
+            request.kind, request.request_id, request.key, request.value, files
+        )
+        return Reply(status, request.request_id, token, deadline_ms, body)
+
+    def _refuse_write(
+        self, kind: int, request_id: int, key: bytes, value: bytes | None, files: ShardFiles
+    ) -> tuple[Status, int | None, bytes | None]:
+        fingerprint = zlib.crc32(value) if kind == _SET and value is not None else 0
+        memo = self.memory.recall(request_id, kind, key, fingerprint)
+        if memo is not None:
+            return self._from_memory(kind, request_id, memo)
+        if kind == _DEL:
+            try:
+                self.store.get(key)
+            except Missing:
+                return _NOT_FOUND, None, None
+        message = (
+            f"shard {self.number}: the disk is full ({files.no_space}); the write was not "
+            f"applied. Reads are served; writes resume by themselves once space is freed"
+        )
+        return _NO_SPACE, None, message.encode()
 
     def tick(self) -> None:
         """The worker's timers: EVERYSEC fsync and compaction (durable shards only).
@@ -414,6 +523,7 @@ _OK = Status.OK
 _NOT_FOUND = Status.NOT_FOUND
 _ERROR = Status.ERROR
 _UNAVAILABLE = Status.UNAVAILABLE
+_NO_SPACE = Status.NO_SPACE
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,4 +596,5 @@ def take_shard(
         raise
     last_token = 0 if held is None else held.last_token
     shard = Shard(number, store, last_token, memory=memory, files=files, epoch=files.epoch)
+    shard.progress = progress
     return Takeover(shard, stored, kept=False)

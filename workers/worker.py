@@ -47,6 +47,7 @@ import zmq
 from zmq.backend import zmq_poll
 
 from workers.aof import CorruptLog, DurabilityError, FsyncPolicy
+from workers.manifest import Manifest, ManifestError, bind_shards, open_manifest
 from workers.ownership import LockTimeout, OwnershipError, reportable
 from workers.persist import Durability, ShardMoved
 from workers.shard import Message, Shard, take_shard, unavailable
@@ -97,6 +98,7 @@ DRAIN_MAX_S = 0.2
 
 EXIT_OK = 0
 EXIT_IO_ERROR = 1  # a write or fsync failed: memory may be ahead of the disk
+EXIT_CONFIG = 2  # the data directory is not this cluster's (manifest): restarting cannot help
 EXIT_CORRUPT_LOG = 3  # a shard's log or owner file is damaged: a person must repair it
 
 
@@ -153,6 +155,7 @@ class Worker:
         if durability is None and config.data_dir is not None:
             durability = Durability(config.data_dir, config.fsync)
         self._durability = durability
+        self._manifest: Manifest | None = None  # the data directory's, read by run()
         self._stop = threading.Event()
         self._socket: zmq.Socket | None = None
         self.shard: Shard | None = None
@@ -194,6 +197,14 @@ class Worker:
             zmq.ZMQError: the backend endpoint is invalid (raised by the first connect).
         """
         try:
+            if self._durability is not None:
+                try:
+                    self._manifest = open_manifest(
+                        self._durability.data_dir, self._durability.fsync
+                    )
+                except (ManifestError, OSError) as exc:
+                    log.error("cannot use data directory %s: %s", self._durability.data_dir, exc)
+                    return EXIT_CONFIG
             self._register()
             log.info("registered with the broker at %s, waiting for a shard", self.config.backend)
             while not self._stop.is_set():
@@ -345,6 +356,8 @@ class Worker:
         self.stop()
 
     def _on_assign(self, number: int | None, shards: int, epoch: int) -> None:
+        if not self._shards_match(shards):
+            return
         self.shards = shards
         held = self.shard
         if number is None:
@@ -396,6 +409,22 @@ class Worker:
             len(shard.store),
             "memory" if takeover.kept else shard.source,
         )
+
+    def _shards_match(self, shards: int) -> bool:
+        """Whether the broker's shard count is the data directory's (recorded the first time).
+        If not, serving would look for keys in the wrong shards: stop with EXIT_CONFIG."""
+        manifest = self._manifest
+        durability = self._durability
+        if manifest is None or durability is None:
+            return True
+        try:
+            self._manifest = bind_shards(durability.data_dir, manifest, shards, durability.fsync)
+            return True
+        except (ManifestError, OSError) as exc:
+            log.error("refusing the broker's assignment: %s", exc)
+        self.exit_code = EXIT_CONFIG
+        self.stop()
+        return False
 
     def _leave(self, shard: Shard, reason: str, sync: bool = True) -> None:
         """Let go of ``shard``: close its files (fsync first unless ``sync`` is False)."""
@@ -513,11 +542,14 @@ class Worker:
         ownership epoch this worker knows of, so a restarted broker issues numbers above both
         (the broker raises its token epoch past it)."""
         held = self.shard
+        manifest = self._manifest
+        durable = manifest is not None
+        cluster = 0 if manifest is None else manifest.cluster
         if held is None:
-            ready = Ready(None, reportable(self._last_token))
+            ready = Ready(None, reportable(self._last_token), durable, cluster)
         else:
-            known = max(self._last_token, held.last_token, held.epoch)
-            ready = Ready(held.number, reportable(known))
+            last_token = max(self._last_token, held.last_token, held.epoch)
+            ready = Ready(held.number, reportable(last_token), durable, cluster)
         self._send(encode_control(ready))
 
     def _send(self, frames: Sequence[bytes]) -> None:

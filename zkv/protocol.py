@@ -73,7 +73,8 @@ Worker -> broker -> client (``BATCH_REPLY``): one sub-reply per record, in order
 
 Worker <-> broker control (one frame each)::
 
-    READY       version:u8 kind:u8 reserved:u16 shard:u32 last_token:u64   worker -> broker
+    READY       version:u8 kind:u8 flags:u16 shard:u32 last_token:u64 cluster:u64
+                                                                           worker -> broker
     ASSIGN      version:u8 kind:u8 reserved:u16 shard:u32 shards:u32 epoch:u64  broker -> worker
     HEARTBEAT   version:u8 kind:u8                                         both ways
     DISCONNECT  version:u8 kind:u8                                         both ways
@@ -83,7 +84,9 @@ Worker <-> broker control (one frame each)::
     heartbeat liveness to run out.
 
     shard 0xFFFFFFFF means "none": a READY from a worker that owns nothing, an ASSIGN that makes
-    the worker a standby.
+    the worker a standby. READY's flags: READY_DURABLE (bit 0) for a worker that keeps shards
+    in a data directory, whose manifest's cluster id is ``cluster`` (0 for a worker in memory).
+    A READY of 16 bytes, without ``cluster`` (earlier versions), is read with cluster 0.
 """
 
 from __future__ import annotations
@@ -172,7 +175,9 @@ class ProtocolError(ValueError):
 _REQUEST = struct.Struct("!BBBxQQ")
 _DISPATCH = struct.Struct("!BBQ")
 _REPLY = struct.Struct("!BBBxQQQ")
-_READY = struct.Struct("!BBxxIQ")
+_READY = struct.Struct("!BBHIQQ")
+_READY_V1_BYTES = 16  # a READY without its cluster id, as earlier versions send it
+READY_DURABLE = 0x0001  # READY flags: the worker keeps its shards in a data directory
 _ASSIGN = struct.Struct("!BBxxIIQ")
 _BARE = struct.Struct("!BB")
 _ENTRY = struct.Struct("!HIQ")
@@ -246,10 +251,17 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """A worker announcing itself; ``shard`` is the shard whose data it holds, if any."""
+    """A worker announcing itself; ``shard`` is the shard whose data it holds, if any.
+
+    ``durable`` and ``cluster`` say where its data lives: in a data directory whose manifest
+    names cluster ``cluster`` (durable), or in its memory only (not durable, cluster 0). The
+    broker gives a durable cluster's shards only to workers that see that cluster's data.
+    """
 
     shard: int | None = None
     last_token: int = 0
+    durable: bool = False
+    cluster: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1086,8 +1098,9 @@ def _sub_request_error(kind: int, flags: int, key_len: int, value_len: int, arg:
 def encode_control(message: Ready | Assign | Heartbeat | Disconnect) -> list[bytes]:
     """Frames of a worker/broker control message."""
     match message:
-        case Ready(shard, last_token):
-            return [_READY.pack(VERSION, Kind.READY, _shard_out(shard), last_token)]
+        case Ready(shard, last_token, durable, cluster):
+            flags = READY_DURABLE if durable else 0
+            return [_READY.pack(VERSION, Kind.READY, flags, _shard_out(shard), last_token, cluster)]
         case Assign(shard, shards, epoch):
             return [_ASSIGN.pack(VERSION, Kind.ASSIGN, _shard_out(shard), shards, epoch)]
         case Heartbeat():
@@ -1109,9 +1122,11 @@ def decode_from_worker(frames: Sequence[bytes]) -> FromWorker:
     header = frames[0]
     match kind:
         case Kind.READY:
+            if len(header) == _READY_V1_BYTES:  # an earlier version's: no cluster id
+                header = bytes(header) + bytes(_READY.size - _READY_V1_BYTES)
             _check_size(header, _READY.size, kind)
-            _, _, shard, last_token = _READY.unpack(header)
-            return Ready(_shard_in(shard), last_token)
+            _, _, flags, shard, last_token, cluster = _READY.unpack(header)
+            return Ready(_shard_in(shard), last_token, bool(flags & READY_DURABLE), cluster)
         case Kind.HEARTBEAT:
             _check_size(header, _BARE.size, kind)
             return Heartbeat()

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import zmq
 
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, bare
 from workers import aof
 from workers.store import wall_clock_ms
-from workers.worker import EXIT_CORRUPT_LOG, Worker, WorkerConfig
+from workers.worker import EXIT_CONFIG, EXIT_CORRUPT_LOG, Worker, WorkerConfig
 from zkv.protocol import (
     Assign,
     Disconnect,
@@ -187,7 +187,7 @@ def assigned(broker: FakeBroker, start_worker: Callable[..., RunningWorker], **k
     shard = kw.pop("shard", 0)
     start_worker(**kw)
     identity, message = broker.recv()
-    assert message == Ready(None, 0)
+    assert bare(message) == Ready(None, 0)
     broker.assign(identity, shard)
     return identity
 
@@ -219,7 +219,7 @@ def test_dispatch_without_a_shard_is_refused(
 ) -> None:
     start_worker()
     identity, message = broker.recv()
-    assert message == Ready(None, 0)
+    assert bare(message) == Ready(None, 0)
     reply = broker.request(identity, Request(Kind.GET, 0, b"k"))
     assert (reply.status, reply.body) == (Status.UNAVAILABLE, b"no shard assigned")
     broker.assign(identity, None)  # standby: still nothing
@@ -336,7 +336,7 @@ def test_silent_broker_makes_the_worker_reregister_claiming_its_shard(
     # The fake broker never sends heartbeats: the worker must give up on it and start over.
     new_identity, message = broker.recv(timeout_s=2.0)
     waited_s = time.monotonic() - silent_from_s
-    assert message == Ready(1, 7)
+    assert bare(message) == Ready(1, 7)
     assert new_identity == identity  # a fresh socket, the same routing id
     assert waited_s >= liveness * INTERVAL_S * 0.8
     broker.assign(new_identity, 1)
@@ -455,7 +455,7 @@ def test_a_new_worker_assigned_the_shard_serves_the_data_of_a_stopped_one(
 
     start_worker()
     second, message = broker.recv()
-    assert message == Ready(None, 0)
+    assert bare(message) == Ready(None, 0)
     broker.assign(second, 1, epoch=600)
     assert broker.request(second, Request(Kind.GET, 0, b"k0")).status == Status.NOT_FOUND
     for i in range(1, 20):
@@ -477,7 +477,7 @@ def test_disconnect_from_the_broker_makes_the_worker_register_again_at_once(
     sender, message = broker.recv()
     assert time.monotonic() - sent_s < 1.0  # at once, not after the liveness (5 s here)
     assert sender == identity  # the same routing id
-    assert message == Ready(1, 2**40)  # claiming its shard, with its last token
+    assert bare(message) == Ready(1, 2**40)  # claiming its shard, with its last token
     broker.assign(identity, 1, epoch=2**40 + 1)
     assert broker.request(identity, Request(Kind.GET, 0, b"k"), token=2**41).body == b"kept"
 
@@ -489,7 +489,8 @@ def test_ready_reports_the_ownership_epoch_when_it_is_above_the_last_token(
     broker.assign(identity, 0, epoch=2**50)
     broker.request(identity, Request(Kind.PING, 0), token=5)
     broker.send(identity, encode_control(Disconnect()))
-    assert broker.recv() == (identity, Ready(0, 2**50))
+    sender, message = broker.recv()
+    assert (sender, bare(message)) == (identity, Ready(0, 2**50))
 
 
 def test_a_worker_that_finds_a_newer_owner_refuses_the_batch_and_registers_as_new(
@@ -538,7 +539,9 @@ def test_a_worker_that_finds_a_newer_owner_refuses_the_batch_and_registers_as_ne
         (request.request_id, Status.UNAVAILABLE) for request in stale
     ]
     assert all(r.body in (b"shard 0 moved to a newer owner", b"no shard assigned") for r in replies)
-    assert readies == [Ready(None, readies[0].last_token)]  # registers as a new worker
+    assert [bare(r) for r in readies] == [
+        Ready(None, readies[0].last_token)
+    ]  # registers as a new worker
     assert readies[0].last_token >= 10
     assert log_path.read_bytes() == before
     assert "left shard 0 epoch 10: moved to a newer owner (epoch 20)" in [
@@ -616,3 +619,22 @@ def test_a_batch_dispatch_refused_whole_is_answered_by_its_token(
     assert (reply.status, reply.request_id, reply.token) == (Status.ERROR, 0, token)
     assert b"after the last" in (reply.body or b"")
     assert broker.request(identity, Request(Kind.GET, 0, b"k")).status == Status.NOT_FOUND
+
+
+def test_an_assign_with_another_shard_count_than_the_data_directory_stops_the_worker(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker], data_dir: Path
+) -> None:
+    first = start_worker()
+    identity, ready = broker.recv()
+    assert isinstance(ready, Ready) and ready.durable and ready.cluster != 0
+    broker.assign(identity, 0, shards=2)
+    assert broker.request(identity, Request(Kind.SET, 0, b"k", b"v")).status == Status.OK
+    assert first.stop() == 0
+    assert isinstance(broker.recv()[1], Disconnect)
+    second = start_worker()
+    identity, again = broker.recv()
+    assert isinstance(again, Ready) and again.cluster == ready.cluster  # the directory's id
+    broker.assign(identity, 0, shards=3)
+    second.thread.join(5.0)
+    assert second.exit_codes == [EXIT_CONFIG]
+    assert (data_dir / "shard-0" / "log").stat().st_size > len(aof.MAGIC)  # left as it was

@@ -160,6 +160,7 @@ def test_error_reply_carries_the_message():
     [
         (Ready(), decode_from_worker),
         (Ready(3, 12345), decode_from_worker),
+        (Ready(None, 7, durable=True, cluster=2**64 - 1), decode_from_worker),
         (Heartbeat(), decode_from_worker),
         (Disconnect(), decode_from_worker),
         (Assign(1, 4), decode_from_broker),
@@ -171,6 +172,13 @@ def test_error_reply_carries_the_message():
 )
 def test_control_round_trip(message, decode):
     assert decode(encode_control(message)) == message
+
+
+def test_a_ready_without_its_cluster_id_from_an_earlier_version_reads_as_in_memory():
+    earlier = bytes([1, 0x20, 0, 0]) + (3).to_bytes(4, "big") + (99).to_bytes(8, "big")
+    assert decode_from_worker([earlier]) == Ready(3, 99, durable=False, cluster=0)
+    with pytest.raises(ProtocolError):
+        decode_from_worker([earlier + b"\0"])  # neither size
 
 
 def test_entries_round_trip_and_concatenate():

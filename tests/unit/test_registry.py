@@ -60,3 +60,35 @@ def test_silent_workers_are_reported():
 def test_zero_shards_is_refused():
     with pytest.raises(ValueError, match="shards"):
         Registry(shards=0)
+
+
+CLUSTER = 0x1234_5678_9ABC_DEF0
+
+
+def test_once_a_durable_worker_owned_a_shard_only_its_cluster_may_own_one():
+    registry = Registry(shards=1)
+    assert registry.refusal(durable=False, cluster=0) is None  # nothing to protect yet
+    assert registry.register(b"owner", None, now=0, durable=True, cluster=CLUSTER) == 0
+    assert registry.cluster == CLUSTER
+    registry.register(b"memory", None, now=0)  # --in-memory: would start from an empty log
+    registry.register(b"other", None, now=0, durable=True, cluster=CLUSTER + 1)  # another dir
+    registry.register(b"same", None, now=0, durable=True, cluster=CLUSTER)
+    memory, other = registry.get(b"memory"), registry.get(b"other")
+    assert memory is not None and memory.refused is not None and "memory only" in memory.refused
+    assert other is not None and other.refused is not None and "another --data-dir" in other.refused
+    assert registry.standbys() == 1
+    registry.remove(b"owner")
+    assert registry.promote(0) == b"same"  # the older standbys were passed over
+    registry.remove(b"same")
+    assert registry.promote(0) is None  # none left that can see the data
+    assert registry.register(b"memory", 0, now=1) is None  # not even by claiming it
+
+
+def test_a_standby_registered_before_the_cluster_was_known_is_checked_when_promoted():
+    registry = Registry(shards=1)
+    registry.register(b"memory", None, now=0, hand_out=False)  # claims window: waits
+    assert registry.register(b"owner", 0, now=0, durable=True, cluster=CLUSTER) == 0
+    registry.remove(b"owner")
+    assert registry.promote(0) is None
+    record = registry.get(b"memory")
+    assert record is not None and record.refused is not None
