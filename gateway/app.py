@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Protocol
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_to_bytes
 
 from bottle import (
     Bottle,
@@ -46,7 +46,7 @@ from bottle import (
 from zkv import defaults
 from zkv.client import Item, NotFound
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
-from zkv.protocol import MAX_TTL_MS, Entry
+from zkv.protocol import MAX_TTL_MS, REPLY_TOO_LARGE, Entry
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ _LIMIT = re.compile(r"[0-9]+")
 # Sorted keys, as the seed's Flask jsonify wrote them. One encoder for every response: the same
 # text as json.dumps(obj, sort_keys=True), without building an encoder per call.
 to_json = json.JSONEncoder(sort_keys=True).encode
+
+# GET /all reads the store in pages of this many keys (per shard call), and answers 413 past
+# SEED_ALL_MAX_BYTES of keys and values (the JSON is about as large again, or 6x for binary).
+SEED_ALL_PAGE_KEYS = 1000
+SEED_ALL_MAX_BYTES = 32 * 1024 * 1024
 
 SEED_KEY = "zkv.seed"
 """Where :func:`make_app` leaves its :class:`SeedApi` in the app's config, for the fast lane."""
@@ -429,6 +434,36 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+# Keys in JSON (listings, /all). A key that is not valid UTF-8 (only the zkv library can store
+# one) is shown with each invalid byte as a lone surrogate, U+DC80..U+DCFF, which the JSON text
+# carries as an escape ("\udcff"): no valid UTF-8 key decodes to a lone surrogate, so two keys
+# never show alike (U+FFFD, as values are shown, merged them). Python gets the bytes back with
+# key.encode("utf-8", "surrogateescape").
+_INVALID_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _key_text(key: bytes) -> str:
+    """A key shown in JSON: its UTF-8 text, invalid bytes as lone surrogates (see above)."""
+    return key.decode("utf-8", errors="surrogateescape")
+
+
+def cursor_of(key: bytes) -> str:
+    """The ``next`` cursor of a listing page that ended at ``key``: its exact bytes as text.
+
+    The key's UTF-8 text with ``%`` written ``%25`` and each invalid byte ``%XX``, so a cursor
+    is the key itself for every UTF-8 key without ``%``, and :func:`key_of_cursor` inverts it
+    exactly for any key (a cursor of U+FFFD for a byte above it made the same page come back
+    forever).
+    """
+    text = _key_text(key).replace("%", "%25")
+    return _INVALID_BYTE.sub(lambda m: f"%{ord(m.group()) - 0xDC00:02X}", text)
+
+
+def key_of_cursor(cursor: str) -> bytes:
+    """The key bytes a cursor made by :func:`cursor_of` stands for."""
+    return unquote_to_bytes(cursor)
+
+
 # --- the app ----------------------------------------------------------------------------------
 
 
@@ -584,13 +619,37 @@ def make_app(
 
     @app.get("/all")
     def seed_all(kv: ClientLike) -> dict[str, Any]:
-        return {
-            _text(entry.key): {
-                "time_out": http_date(entry.deadline_ms),
-                "value": _text(entry.value),
-            }
-            for entry in kv.all()
-        }
+        # Read in pages by cursor (each costs a shard O(log n + page), see the listing), and
+        # bounded: past SEED_ALL_MAX_BYTES of keys and values, 413 (the seed had no limit: 200
+        # MiB of data took 722 MB here). A page whose values are too large for one reply is
+        # asked again with fewer keys. Not a snapshot: a key is shown at most once, as it was
+        # when its page was read.
+        listing: dict[str, Any] = {}
+        after = b""
+        page = SEED_ALL_PAGE_KEYS
+        size = 0
+        while True:
+            try:
+                entries = kv.all(after=after, limit=page + 1)
+            except RequestError as exc:
+                if REPLY_TOO_LARGE in str(exc) and page > 1:
+                    page //= 2
+                    continue
+                raise
+            for entry in entries[:page]:
+                size += len(entry.key) + len(entry.value)
+                if size > SEED_ALL_MAX_BYTES:
+                    raise TooLarge(
+                        f"/all answers at most {SEED_ALL_MAX_BYTES} bytes of keys and values; "
+                        "this store holds more: list it with GET /v1/keys"
+                    )
+                listing[_key_text(entry.key)] = {
+                    "time_out": http_date(entry.deadline_ms),
+                    "value": _text(entry.value),
+                }
+            if len(entries) <= page:
+                return listing
+            after = entries[page - 1].key
 
     # --- REST API -----------------------------------------------------------------------
 
@@ -623,22 +682,22 @@ def make_app(
     @app.get("/v1/keys")
     def rest_list(kv: ClientLike) -> dict[str, Any]:
         limit = parse_limit(optional_param("limit"))
-        after = optional_param("after") or ""
+        after = key_of_cursor(optional_param("after") or "")
         # The client's limit is per shard and its result sorted: the first limit + 1 entries
         # of the union are the next limit + 1 keys of the whole store, and the extra one only
         # says whether there is another page.
-        entries = kv.all(after=after.encode(), limit=limit + 1, keys_only=True)
+        entries = kv.all(after=after, limit=limit + 1, keys_only=True)
         page = entries[:limit]
         return {
             "keys": [
                 {
-                    "key": _text(entry.key),
+                    "key": _key_text(entry.key),
                     "expires_at": http_date(entry.deadline_ms),
                     "expires_at_ms": entry.deadline_ms,
                 }
                 for entry in page
             ],
-            "next": _text(page[-1].key) if len(entries) > limit else None,
+            "next": cursor_of(page[-1].key) if len(entries) > limit else None,
         }
 
     @app.get("/v1/health")

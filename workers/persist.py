@@ -71,7 +71,12 @@ REWRITE_CANCEL_WAIT_S = 0.5  # on close, how long to wait for a cancelled rewrit
 NO_SPACE_CHECK_S = 1.0
 NO_SPACE_RESUME_BYTES = 1024 * 1024
 
-REPLAY_PROGRESS_RECORDS = 10_000  # replay calls its progress callback this often (heartbeats)
+# A replay calls its progress callback (the worker heartbeats) once this many monotonic seconds
+# have passed since the last call, checked after every record: by time, not by a count of
+# records, whose size ranges from bytes to 64 MiB. A third of the default heartbeat interval, so
+# a heartbeat due during a replay leaves at most this late; one record is read and applied between
+# checks (a 64 MiB SET: tens of milliseconds).
+REPLAY_PROGRESS_S = 0.3
 
 # Bytes a record adds to its key and value: the length and CRC, then the body's fixed fields.
 SET_OVERHEAD_BYTES = aof.PREFIX_BYTES + 21
@@ -225,7 +230,7 @@ class ShardFiles:
         Args:
             store: an empty store to fill.
             memory: an empty idempotency memory to fill.
-            progress: called every REPLAY_PROGRESS_RECORDS records (the worker heartbeats).
+            progress: called every REPLAY_PROGRESS_S seconds (the worker heartbeats).
 
         Returns:
             How many records were replayed.
@@ -240,12 +245,15 @@ class ShardFiles:
             self.log = None
         aof.create_log(self.log_path, self.durability.fsync)
         records = 0
+        monotonic = self.durability.monotonic
+        next_progress_s = monotonic() + REPLAY_PROGRESS_S
         with LogReader(self.log_path) as reader:
             for _, record in reader.records():
                 _apply(record, store, memory)
                 records += 1
-                if progress is not None and records % REPLAY_PROGRESS_RECORDS == 0:
+                if progress is not None and (now_s := monotonic()) >= next_progress_s:
                     progress()
+                    next_progress_s = now_s + REPLAY_PROGRESS_S
             damage = reader.damage
             size = reader.size
             valid_end = reader.valid_end

@@ -33,8 +33,11 @@ from workers import aof
 from workers.aof import CorruptLog, DurabilityError, NoSpace
 from workers.idempotency import Memo, RequestMemory
 from workers.persist import Durability, ShardFiles
-from workers.store import Clock, Missing, TTLStore
+from workers.store import Clock, ListingTooLarge, Missing, TTLStore
 from zkv.protocol import (
+    MAX_LIST_KEYS,
+    MAX_REPLY_BYTES,
+    REPLY_TOO_LARGE,
     Dispatch,
     DispatchBatch,
     KeyedDispatch,
@@ -390,8 +393,16 @@ class Shard:
         now = store.clock()
         out: list[bytes] = []
         append = out.append
+        # The bytes of values the reply may still carry (MAX_REPLY_BYTES): a GET whose value
+        # does not fit, and every GET after it, is answered BUSY and its value dropped, so a
+        # batch of 1,000 GETs of a 1 MiB value holds 64 MiB here, not a gigabyte. The one value
+        # read past the bound is the most this costs beyond it.
+        room = MAX_REPLY_BYTES
         for kind, request_id, key, value, ttl_ms in ops:
             if kind == _GET:  # the common read, inline: _apply's GET branch
+                if room < 0:
+                    append(pack_reply(_BUSY, request_id, token, None, _TOO_LARGE))
+                    continue
                 try:
                     found, deadline_ms = get(key)
                 except Missing:
@@ -400,6 +411,10 @@ class Shard:
                 except Exception:  # a bug: see _handle_one
                     log.exception("internal error on GET request %d of a batch", request_id)
                     append(pack_reply(_ERROR, request_id, token, None, b"internal worker error"))
+                    continue
+                room -= len(found)
+                if room < 0:
+                    append(pack_reply(_BUSY, request_id, token, None, _TOO_LARGE))
                     continue
                 append(pack_reply(_OK, request_id, token, deadline_ms, found))
                 continue
@@ -473,7 +488,15 @@ class Shard:
                 records.append(aof.encode_del(request_id, key))
             return _OK, None, None
         if kind == _ALL and request is not None:
-            entries = store.entries(request.key, request.limit, request.keys_only)
+            # Bounded (MAX_LIST_KEYS, MAX_REPLY_BYTES) and sized before anything is copied: a
+            # listing costs O(log n + limit), never a scan of the shard (see TTLStore.entries).
+            try:
+                entries = store.entries(
+                    request.key, request.limit, request.keys_only, MAX_LIST_KEYS, MAX_REPLY_BYTES
+                )
+            except ListingTooLarge as exc:
+                message = f"{REPLY_TOO_LARGE}: shard {self.number}: {exc}; ask for fewer keys"
+                return _ERROR, None, message.encode()
             return _OK, None, encode_entries(entries)
         if kind == _PING:
             return _OK, None, None
@@ -524,6 +547,11 @@ _NOT_FOUND = Status.NOT_FOUND
 _ERROR = Status.ERROR
 _UNAVAILABLE = Status.UNAVAILABLE
 _NO_SPACE = Status.NO_SPACE
+_BUSY = Status.BUSY
+_TOO_LARGE = (
+    f"{REPLY_TOO_LARGE}: this batch's values exceed {MAX_REPLY_BYTES} bytes; "
+    "fetch fewer keys per batch (not read; retry it)"
+).encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,6 +198,13 @@ SUB_REPLY_BYTES = _SUB_REPLY.size  # 32, then the body
 # one largest SET fits, and the broker's frontend refuses larger frames outright.
 MAX_BATCH_OPS = 10_000
 MAX_BATCH_BYTES = MAX_VALUE_BYTES + MAX_KEY_BYTES + 1024
+# What a worker puts in one reply. A BATCH_REPLY carries at most MAX_REPLY_BYTES of GET values
+# (one largest value always fits): each GET past that is answered BUSY with REPLY_TOO_LARGE in its
+# body, never read. An ALL reply holds at most MAX_LIST_KEYS entries and MAX_REPLY_BYTES of
+# encoded entries per shard, else the whole ALL is answered ERROR with REPLY_TOO_LARGE.
+MAX_REPLY_BYTES = MAX_BATCH_BYTES
+MAX_LIST_KEYS = 10_000
+REPLY_TOO_LARGE = "reply too large"
 # Records cut out of a batch (split_batch, split_reply_records) shorter than this are bytes
 # copies, longer ones memoryviews of the frame. A view of a record costs more to make, join and
 # free than copying a few hundred bytes (0.3 us per pipelined SET in the broker), and it keeps

@@ -29,13 +29,14 @@ from wsgiref.validate import validator
 import pytest
 from bottle import Bottle
 
-from gateway.app import ClientPlugin, http_date, make_app
+import gateway.app as gateway_app
+from gateway.app import ClientPlugin, cursor_of, http_date, key_of_cursor, make_app
 from gateway.bridge import LoopClient
 from gateway.server import app_factory, build_parser, gunicorn_options
 from zkv import defaults
 from zkv.client import Client, Item, NotFound
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
-from zkv.protocol import MAX_TTL_MS, Entry
+from zkv.protocol import MAX_TTL_MS, REPLY_TOO_LARGE, Entry
 
 pytestmark = [
     pytest.mark.unit,
@@ -651,6 +652,82 @@ def test_listing_limit_bounds_and_bad_cursor(app: Bottle) -> None:
     assert get(app, "/v1/keys?limit=1").status == 200
     assert "'after'" in error_of(get(app, "/v1/keys?after=%FF"), 400)
     assert "'after'" in error_of(get(app, "/v1/keys?after=a&after=b"), 400)
+
+
+# Keys that are not UTF-8 (stored through the library) in listings and /all (issue 10, item 12).
+ODD_KEYS = [b"a\xff", b"a\xfe", b"a\xef\xbf\xbd", b"a%FF", b"a%", b"\xc3", b"z", b"a\xff\x00"]
+
+
+def test_cursors_are_the_exact_key_bytes() -> None:
+    for key in [*ODD_KEYS, b"", b"plain/key", "ключ%".encode()]:
+        assert key_of_cursor(cursor_of(key)) == key
+    assert cursor_of(b"plain/key") == "plain/key"  # a UTF-8 key without % is its own cursor
+    assert cursor_of(b"a\xff") == "a%FF" and cursor_of(b"a%FF") == "a%25FF"
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_listing_of_non_utf8_keys_ends_and_shows_each_key_once(
+    clock: FakeClock, limit: int
+) -> None:
+    kv = FakeClient(clock, shards=2)
+    app = make_app(lambda: kv, clock=clock)
+    for key in ODD_KEYS:
+        kv.set(key, b"v")
+    shown: list[str] = []
+    after: str | None = None
+    for _ in range(len(ODD_KEYS) + 1):  # a cursor that does not advance would loop forever
+        query = f"limit={limit}" + ("" if after is None else "&after=" + quote(after, safe=""))
+        payload = get(app, "/v1/keys?" + query).json()
+        shown.extend(entry["key"] for entry in payload["keys"])
+        after = payload["next"]
+        if after is None:
+            break
+    assert after is None, "the listing did not end"
+    keys = [key.encode("utf-8", "surrogateescape") for key in shown]
+    assert keys == sorted(ODD_KEYS)
+
+
+def test_seed_all_never_merges_distinct_keys(app: Bottle, kv: FakeClient) -> None:
+    for i, key in enumerate(ODD_KEYS):
+        kv.set(key, b"v%d" % i, ttl_s=60)
+    body = get(app, "/all").body
+    assert body.isascii()  # invalid bytes travel as \udcXX escapes
+    listing = json.loads(body)
+    assert len(listing) == len(ODD_KEYS)
+    assert {k.encode("utf-8", "surrogateescape"): v["value"] for k, v in listing.items()} == {
+        key: f"v{i}" for i, key in enumerate(ODD_KEYS)
+    }
+
+
+def test_seed_all_reads_in_pages_and_answers_413_past_its_bound(
+    app: Bottle, kv: FakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway_app, "SEED_ALL_PAGE_KEYS", 7)
+    for i in range(50):
+        kv.set(f"k{i:02d}", b"0123456789", ttl_s=60)
+    assert len(get(app, "/all").json()) == 50
+    assert {call[2] for call in kv.calls if call[0] == "all"} == {8}  # never without a limit
+    monkeypatch.setattr(gateway_app, "SEED_ALL_MAX_BYTES", 50 * 13 - 1)
+    assert "GET /v1/keys" in error_of(get(app, "/all"), 413)
+    monkeypatch.setattr(gateway_app, "SEED_ALL_MAX_BYTES", 50 * 13)
+    assert len(get(app, "/all").json()) == 50
+
+
+def test_seed_all_asks_fewer_keys_when_a_page_is_too_large(clock: FakeClock) -> None:
+    class SmallReplies(FakeClient):
+        def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False):  # type: ignore[no-untyped-def]
+            if limit > 100:
+                self.calls.append(("too large", limit))
+                raise RequestError(f"{REPLY_TOO_LARGE}: shard 0: 1000 bytes; ask for fewer keys")
+            return super().all(after, limit, keys_only)
+
+    kv = SmallReplies(clock)
+    app = make_app(lambda: kv, clock=clock)
+    for i in range(300):
+        kv.set(f"k{i:03d}", b"v", ttl_s=60)
+    assert len(get(app, "/all").json()) == 300
+    kv.failure = RequestError("something else")
+    assert get(app, "/all").status == 400
 
 
 # --- errors -----------------------------------------------------------------------------------

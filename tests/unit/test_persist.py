@@ -12,7 +12,7 @@ import pytest
 from tests.fakes import START_MS, FakeClock
 from workers import aof
 from workers.aof import CorruptLog, FsyncPolicy
-from workers.persist import Durability
+from workers.persist import REPLAY_PROGRESS_S, Durability
 from workers.shard import Shard, take_shard
 from zkv.protocol import Dispatch, Kind, Reply, Request, Status
 
@@ -288,3 +288,39 @@ def test_a_log_of_the_version_before_replays_and_takes_appends(
     again = take_shard(0, 2, None, durability, clock).shard
     assert again.store.get(b"c") == (b"gamma", None)
     again.close()
+
+
+class TickingSeconds(FakeSeconds):
+    """Monotonic seconds that pass ``step`` at every reading: a replay of slow records."""
+
+    def __init__(self, step: float) -> None:
+        super().__init__()
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+@pytest.mark.parametrize("step_s", [0.0, 0.1])
+def test_a_replay_reports_progress_by_elapsed_time_not_by_record_count(
+    tmp_path: Path, clock: FakeClock, tokens: Iterator[int], step_s: float
+) -> None:
+    # 3,000 records of 1 MiB replayed in 10 s with no heartbeat (issue 10, item 4): progress
+    # (the worker's heartbeat) must come by time. Here 60 records, each read 0.1 s apart on
+    # the fake clock: 6 s of replay, a progress call every REPLAY_PROGRESS_S.
+    first = take_shard(0, 1, None, durable(tmp_path), clock).shard
+    batch(first, tokens, *(set_(i, b"k%d" % i, b"v") for i in range(1, 61)))
+    first.close()
+    calls: list[float] = []
+    seconds = TickingSeconds(step_s)
+    durability = Durability(tmp_path / "data", FsyncPolicy.ALWAYS, monotonic=seconds)
+    second = take_shard(0, 2, None, durability, clock, lambda: calls.append(seconds.now)).shard
+    second.close()
+    assert len(second.store) == 60
+    if not step_s:
+        assert calls == []  # no time passed: nothing to report
+        return
+    assert len(calls) >= 60 * step_s / REPLAY_PROGRESS_S - 1
+    gaps = [later - earlier for earlier, later in itertools.pairwise(calls)]
+    assert max(gaps) <= REPLAY_PROGRESS_S + 2 * step_s

@@ -14,6 +14,7 @@ import pytest
 
 from tests.fakes import START_MS, FakeClock
 from workers import aof
+from workers import shard as shard_module
 from workers.aof import FsyncPolicy
 from workers.idempotency import MAX_REMEMBERED_REQUESTS, RequestMemory
 from workers.persist import Durability
@@ -21,6 +22,9 @@ from workers.shard import Message, Shard, take_shard
 from workers.store import TTLStore
 from zkv.protocol import (
     KEYED_COMMANDS,
+    MAX_LIST_KEYS,
+    MAX_REPLY_BYTES,
+    REPLY_TOO_LARGE,
     BatchReply,
     Dispatch,
     DispatchBatch,
@@ -517,3 +521,84 @@ def test_lone_writes_are_logged_once_each_under_one_fsync_and_retries_survive(tm
     assert decode_reply(retry) == Reply(Status.OK, 7, 21, START_MS + 1000)  # type: ignore[arg-type]
     assert again.store.get(b"k") == (b"newer", None)
     again.close()
+
+
+# --- bounded replies (MAX_REPLY_BYTES, MAX_LIST_KEYS) -----------------------------------------
+
+
+class OneValueStore(TTLStore):
+    """A store whose every key holds the same 1 MiB value, without a MiB per key: the fake
+    that lets a unit test ask for a gigabyte of replies."""
+
+    VALUE = b"v" * (1 << 20)
+
+    def get(self, key: bytes) -> tuple[bytes, int | None]:
+        self.reads = getattr(self, "reads", 0) + 1
+        return self.VALUE, None
+
+
+def test_a_batch_of_gets_past_the_reply_bound_is_answered_busy_not_built(clock: FakeClock) -> None:
+    # 1,000 GETs of a 1 MiB value asked for a gigabyte of reply; the shard builds at most
+    # MAX_REPLY_BYTES of values and answers the rest BUSY without reading them.
+    store = OneValueStore(clock)
+    shard = Shard(0, store)
+    requests = [Request(Kind.GET, i, b"k%d" % i) for i in range(1, 1001)]
+    [frames] = shard.handle_batch([dispatch_batch(1, *requests)])
+    assert sum(map(len, frames)) < MAX_REPLY_BYTES + 1_000 * 100
+    replies = answers(frames).replies
+    fit = MAX_REPLY_BYTES // len(OneValueStore.VALUE)
+    assert [r.status for r in replies] == [Status.OK] * fit + [Status.BUSY] * (1000 - fit)
+    assert replies[0].body == OneValueStore.VALUE
+    busy = replies[-1].body
+    assert busy is not None and busy.startswith(REPLY_TOO_LARGE.encode())
+    assert b"fetch fewer keys per batch" in busy
+    assert store.reads == fit + 1  # decided before reading: one value read past the bound
+
+
+def test_gets_past_the_bound_are_busy_while_writes_in_the_batch_still_apply(
+    shard: Shard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shard_module, "MAX_REPLY_BYTES", 10)
+    shard.store.set(b"a", b"123456", None)
+    batch = dispatch_batch(
+        1,
+        Request(Kind.GET, 1, b"a"),
+        Request(Kind.GET, 2, b"a"),
+        Request(Kind.SET, 3, b"b", b"x"),
+        Request(Kind.GET, 4, b"missing"),
+    )
+    [frames] = shard.handle_batch([batch])
+    assert [r.status for r in answers(frames).replies] == [
+        Status.OK,
+        Status.BUSY,
+        Status.OK,
+        Status.BUSY,
+    ]
+    assert shard.store.get(b"b") == (b"x", None)
+
+
+def test_all_past_the_key_bound_is_an_error_that_says_to_page(driver: Driver, shard: Shard) -> None:
+    for i in range(MAX_LIST_KEYS + 1):
+        shard.store.set(b"k%06d" % i, b"", None)
+    reply = driver.send(Kind.ALL)
+    assert reply.status == Status.ERROR
+    assert reply.body is not None and reply.body.startswith(REPLY_TOO_LARGE.encode())
+    too_many = driver.send(Kind.ALL, limit=MAX_LIST_KEYS + 1)
+    assert too_many.status == Status.ERROR
+    page = driver.send(Kind.ALL, b"k000099", limit=MAX_LIST_KEYS, keys_only=True)
+    assert page.status == Status.OK and page.body is not None
+    keys = [e.key for e in decode_entries(page.body)]
+    assert keys == [b"k%06d" % i for i in range(100, MAX_LIST_KEYS + 1)]
+
+
+def test_all_past_the_byte_bound_is_an_error(
+    driver: Driver, shard: Shard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shard_module, "MAX_REPLY_BYTES", 100)
+    shard.store.set(b"a", b"x" * 60, None)
+    shard.store.set(b"b", b"x" * 60, None)
+    reply = driver.send(Kind.ALL, limit=2)
+    assert reply.status == Status.ERROR
+    assert reply.body is not None and REPLY_TOO_LARGE.encode() in reply.body
+    assert driver.send(Kind.ALL, limit=1).status == Status.OK
+    assert driver.send(Kind.ALL, limit=2, keys_only=True).status == Status.OK

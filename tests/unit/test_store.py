@@ -10,7 +10,14 @@ import tracemalloc
 import pytest
 
 from tests.fakes import START_MS, FakeClock
-from workers.store import EXPIRE_CHUNK_KEYS, EXPIRY_LOG_MIN_KEYS, Missing, TTLStore
+from workers.store import (
+    EXPIRE_CHUNK_KEYS,
+    EXPIRY_LOG_MIN_KEYS,
+    INDEX_PIECE_KEYS,
+    ListingTooLarge,
+    Missing,
+    TTLStore,
+)
 from zkv.protocol import Entry
 
 pytestmark = pytest.mark.unit
@@ -162,6 +169,83 @@ def test_entries_with_limit_does_not_count_expired_keys(store: TTLStore, clock: 
     store.set(b"c", b"", None)
     clock.advance(5)
     assert [e.key for e in store.entries(limit=2)] == [b"b", b"c"]
+
+
+class CountingDict(dict):  # type: ignore[type-arg]
+    """The store's dict, counting the records a listing looks at (by lookup or by scan)."""
+
+    looked = 0
+
+    def get(self, key, default=None):  # type: ignore[no-untyped-def]
+        self.looked += 1
+        return super().get(key, default)
+
+    def items(self):  # type: ignore[no-untyped-def]
+        for item in super().items():
+            self.looked += 1
+            yield item
+
+
+def test_a_page_costs_its_size_not_the_size_of_the_store(store: TTLStore) -> None:
+    # The cost of a listing, counted in records looked at (no timing): a page of 100 keys
+    # out of 200,000 looks at about 100 records, not 200,000 (issue 10, item 3).
+    keys = [b"key:%07d" % i for i in range(200_000)]
+    random.Random(7).shuffle(keys)
+    for key in keys:
+        store.set(key, b"v", None)
+    data = store._data = CountingDict(store._data)
+    page = store.entries(after=b"key:0123456", limit=100, keys_only=True)
+    assert [e.key for e in page] == [b"key:%07d" % i for i in range(123457, 123557)]
+    assert data.looked <= 100 + 2 * INDEX_PIECE_KEYS
+    data.looked = 0
+    last = store.entries(after=b"key:0199990", limit=100)
+    assert len(last) == 9 and data.looked <= 9 + 2 * INDEX_PIECE_KEYS
+
+
+def test_paging_skips_deleted_keys_and_never_repeats_one(store: TTLStore, clock: FakeClock) -> None:
+    for i in range(5_000):
+        store.set(b"k%05d" % i, b"", None if i % 3 else 10)
+    for i in range(0, 5_000, 7):
+        store.delete(b"k%05d" % i)
+    for i in range(0, 5_000, 14):  # deleted, then set again: indexed once
+        store.set(b"k%05d" % i, b"again", None)
+    clock.advance(10)
+    expected = sorted(b"k%05d" % i for i in range(5_000) if (i % 3 and i % 7) or i % 14 == 0)
+    seen: list[bytes] = []
+    cursor = b""
+    while page := store.entries(after=cursor, limit=97, keys_only=True):
+        seen.extend(e.key for e in page)
+        cursor = page[-1].key
+    assert seen == expected
+    assert [e.key for e in store.entries()] == expected
+
+
+def test_stale_index_entries_are_tidied_by_expiry_passes(store: TTLStore) -> None:
+    for i in range(20_000):
+        store.set(b"k%05d" % i, b"", None)
+    for i in range(19_000):
+        store.delete(b"k%05d" % i)
+    assert store._index.entries == 20_000  # deletions leave stale entries behind
+    for _ in range(100):
+        store.expire(100)
+    assert store._index.entries <= 2 * len(store) + 2_048
+    for i in range(19_000, 20_000):
+        store.delete(b"k%05d" % i)
+    store.expire(100)
+    assert store._index.entries == 0  # an empty store drops its index at once
+
+
+def test_listing_bounds_refuse_before_copying(store: TTLStore) -> None:
+    for i in range(50):
+        store.set(b"k%02d" % i, b"x" * 100, None)
+    with pytest.raises(ListingTooLarge, match="more than 10 keys"):
+        store.entries(max_keys=10)
+    with pytest.raises(ListingTooLarge, match="over the bound"):
+        store.entries(limit=11, max_keys=10)
+    with pytest.raises(ListingTooLarge, match="bytes of entries"):
+        store.entries(limit=10, max_bytes=1_000)
+    assert len(store.entries(limit=10, keys_only=True, max_bytes=1_000)) == 10
+    assert len(store.entries(after=b"k39", max_keys=10)) == 10
 
 
 def test_expire_removes_keys_nobody_read_and_leaves_live_ones(
