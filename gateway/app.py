@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Protocol
-from urllib.parse import unquote, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 from bottle import (
     Bottle,
@@ -583,6 +583,19 @@ def make_app(
         app.error(status)(render_error)
     seed = app.config[SEED_KEY] = SeedApi(max_key_bytes, max_value_bytes, clock)
     now_ms = seed.now_ms
+
+    @app.hook("before_request")
+    def refuse_undecodable_key() -> None:
+        # REST keys are UTF-8 text (they come back as JSON strings). Bottle decodes the path
+        # dropping invalid bytes before it routes, so /v1/keys/%FF would be routed as
+        # /v1/keys/ and answered 404: refuse it here, naming the key as it was sent.
+        raw: str = request.environ["bottle.raw_path"]
+        if raw.startswith("/v1/keys/"):
+            try:
+                raw.encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                sent = quote(raw[len("/v1/keys/") :].encode("latin-1"), safe="/")
+                raise HTTPError(400, f"the key in the path is not valid UTF-8: {sent!r}") from None
 
     def path_key(key: str) -> str:
         # Bottle decodes the path as UTF-8 but drops invalid bytes silently ("a%FFb" would

@@ -14,10 +14,23 @@ order, one request of a connection at a time):
   connection is then closed; ``Expect: 100-continue`` is honoured;
 * every error this server answers itself (a malformed request, a head too large, a stalled
   request, an app that raised, too many connections) is ``{"error": "..."}`` JSON, as the app's;
-* request lines and heads are bounded; an idle keep-alive connection is closed after
-  ``keepalive_s``, a request that does not arrive whole within ``read_timeout_s`` gets a 408;
-* a connection that does not read its responses is not read from either (no unbounded output
-  buffer), and at most ``MAX_QUEUED_REQUESTS`` pipelined requests wait per connection;
+* request lines and heads are bounded (:data:`LIMIT_REQUEST_LINE_BYTES`, :data:`MAX_HEAD_BYTES`,
+  :data:`MAX_HEADERS`), and so is any run of input the parser would buffer without a callback
+  (an unfinished header line or trailer: :data:`MAX_HEAD_BYTES` plus one read); an idle
+  keep-alive connection is closed after ``keepalive_s``, a request that does not arrive whole
+  within ``read_timeout_s`` gets a 408;
+* what a connection holds is bounded: its body in one ``bytearray`` (at most ``max_body_bytes``
+  + 1), requests parsed ahead by count (:data:`MAX_QUEUED_REQUESTS`) and by bytes
+  (:data:`MAX_QUEUED_INPUT_BYTES`), unsent output by the transport's high-water mark
+  (:data:`WRITE_HIGH_WATER_BYTES`) plus the one response in hand. A connection that does not
+  read its responses is not read from either, and is aborted when its output has not drained
+  for ``write_timeout_s``;
+* a transfer coding other than ``chunked`` is answered 501; connections from one client
+  address beyond ``max_connections_per_client`` are answered 503 and closed;
+* ``Expect: 100-continue`` is answered when the request's turn comes, never ahead of a response
+  still owed to an earlier request of the connection;
+* the timeout sweep survives anything one connection does: a failure is logged, the sweep
+  always runs again;
 * :meth:`HttpServer.stop` stops accepting, closes idle connections, lets the requests in hand
   finish for up to a grace period, and closes each connection after its response.
 
@@ -50,7 +63,10 @@ access_log = logging.getLogger("gateway.access")
 
 LIMIT_REQUEST_LINE_BYTES = 8190  # the request target; seed /set carries its value in the URL
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+MAX_HEADERS = 100  # header (and trailer) fields per request, as gunicorn's limit_request_fields
 MAX_QUEUED_REQUESTS = 32  # pipelined requests parsed ahead per connection; reading pauses then
+MAX_QUEUED_INPUT_BYTES = 1024 * 1024  # bytes of requests parsed ahead; reading pauses then
+WRITE_HIGH_WATER_BYTES = 64 * 1024  # unsent output above which a connection is not read from
 MAX_IDLE_RUNNERS = 256  # request greenlets kept for reuse per process
 SWEEP_S = 0.5  # how often timeouts are checked
 ACCEPT_PAUSE_S = 0.5  # after an accept failed for want of resources (file descriptors)
@@ -61,9 +77,11 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {
     400: "Bad Request",
     408: "Request Timeout",
+    413: "Content Too Large",
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     503: "Service Unavailable",
 }
 
@@ -87,6 +105,10 @@ class ServerConfig:
         keepalive_s: an idle keep-alive connection is closed after this long.
         read_timeout_s: a request begun must be complete within this long (else 408).
         max_connections: connections beyond this many are answered 503 and closed.
+        max_connections_per_client: connections from one client address (IP) beyond this
+            many are answered 503 and closed, so that one client cannot take every slot.
+        write_timeout_s: a connection whose unsent output has not drained below the
+            high-water mark within this long is aborted (a client that does not read).
         access_log: log one line per request to ``gateway.access``.
     """
 
@@ -94,6 +116,8 @@ class ServerConfig:
     keepalive_s: float = 5.0
     read_timeout_s: float = 10.0
     max_connections: int = 1000
+    max_connections_per_client: int = 100
+    write_timeout_s: float = 10.0
     access_log: bool = False
 
 
@@ -123,6 +147,7 @@ class _Request:
         "body_bytes",
         "content_length",
         "early",
+        "expect_continue",
         "headers",
         "keep_alive",
         "method",
@@ -133,13 +158,16 @@ class _Request:
     def __init__(self) -> None:
         self.target = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
+        # One buffer, not a list of pieces: a chunked body in 2-byte chunks would otherwise
+        # cost a bytes object (about 35 bytes) and a list slot per chunk, some 20x its size.
+        self.body = bytearray()
         self.body_bytes = 0
         self.method = b""
         self.version = "1.1"
         self.keep_alive = True
         self.content_length: int | None = None
         self.early = False  # handed to the app before its body: too large, closed after
+        self.expect_continue = False  # a 100 Continue is owed when its turn comes
 
 
 def _call_app(app: WsgiApp, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
@@ -214,7 +242,15 @@ class HttpConnection(asyncio.Protocol):
         self.writable = True
         self.url_too_long = False
         self.head_too_large = False
+        self.coding_refused: bytes | None = None  # a transfer coding we do not implement
+        self.refused = False  # an answer of our own (_refuse) was written: nothing more is
         self.head_bytes = 0
+        self.headers_count = 0
+        self.progress = False  # the parser called back during the current feed
+        self.quiet_bytes = 0  # input fed since the parser last called back (see data_received)
+        self.queued_bytes = 0  # bytes (heads and bodies) of the requests in ``ready``
+        self.write_blocked_since = 0.0  # loop time output went above the high-water mark
+        self.client = ""  # the peer's address, for the per-client connection limit
         self.linger_until = 0.0
         self.started = 0.0  # loop time the request being parsed began
         self.last_active = server.loop.time()
@@ -226,9 +262,12 @@ class HttpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
-        if not self.server.adopt(self):
+            self.client = str(peer[0])
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)  # type: ignore[attr-defined]
+        refusal = self.server.adopt(self)
+        if refusal is not None:
             # Not adopted, so no sweep would ever end a linger: answer and close at once.
-            self._refuse(503, "too many connections")
+            self._refuse(503, refusal)
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -238,10 +277,12 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable = False
+        self.write_blocked_since = self.server.loop.time()
         self._pause_reading()
 
     def resume_writing(self) -> None:
         self.writable = True
+        self.write_blocked_since = 0.0
         self._next()
         self._maybe_resume_reading()
 
@@ -249,6 +290,7 @@ class HttpConnection(asyncio.Protocol):
         if self.closing or self.input_ended:
             return  # answering the last request, or lingering: what else comes is not read
         self.last_active = self.server.loop.time()
+        self.progress = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -261,7 +303,20 @@ class HttpConnection(asyncio.Protocol):
                 return
             # Bytes after a request that closes the connection (llhttp refuses them): they
             # are not read, as RFC 9112 says, and that request is still answered.
-        if len(self.ready) >= MAX_QUEUED_REQUESTS:
+        # httptools hands over a header line (or trailer) only once it ends, and keeps the
+        # unfinished one meanwhile; a client that never ends it would grow that without limit.
+        # Input fed with no callback at all belongs to such a line (or a chunk extension,
+        # which no client makes this long): past MAX_HEAD_BYTES of it, the head is refused.
+        # Checked per read, so what the parser holds is at most the limit plus one read.
+        if self.progress:
+            self.quiet_bytes = 0
+        else:
+            self.quiet_bytes += len(data)
+            if self.quiet_bytes > MAX_HEAD_BYTES and not self.closing and not self.input_ended:
+                self.head_too_large = True
+                self._bad_input(ValueError("request head too large"))
+                return
+        if len(self.ready) >= MAX_QUEUED_REQUESTS or self.queued_bytes >= MAX_QUEUED_INPUT_BYTES:
             self._pause_reading()
         self._next()
         self._close_if_done()
@@ -282,8 +337,11 @@ class HttpConnection(asyncio.Protocol):
         self.current = _Request()
         self.started = self.server.loop.time()
         self.head_bytes = 0
+        self.headers_count = 0
+        self.progress = True
 
     def on_url(self, url: bytes) -> None:
+        self.progress = True
         request = self.current
         if request is not None:
             request.target += url
@@ -293,14 +351,17 @@ class HttpConnection(asyncio.Protocol):
                 raise ValueError("request line too long")  # feed_data raises a parser error
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.progress = True
         if self.current is not None:
             self.current.headers.append((name, value))
             self.head_bytes += len(name) + len(value) + 4
-            if self.head_bytes > MAX_HEAD_BYTES:
+            self.headers_count += 1
+            if self.head_bytes > MAX_HEAD_BYTES or self.headers_count > MAX_HEADERS:
                 self.head_too_large = True
                 raise ValueError("request head too large")  # feed_data raises a parser error
 
     def on_headers_complete(self) -> None:
+        self.progress = True
         request = self.current
         if request is None:
             return
@@ -315,15 +376,33 @@ class HttpConnection(asyncio.Protocol):
                 request.content_length = int(value)  # llhttp has checked: digits, not repeated
             elif lowered == b"expect" and value.lower() == b"100-continue":
                 expect_continue = True
+            elif lowered == b"transfer-encoding":
+                # llhttp has checked that chunked comes last; any other coding (gzip, deflate)
+                # would be passed on still encoded, so it is refused (RFC 9112 6.1: 501).
+                for coding in value.split(b","):
+                    coding = coding.strip().lower()
+                    if coding and coding != b"chunked":
+                        self.coding_refused = coding
+                        raise ValueError("transfer coding not implemented")  # a parser error
         if request.content_length is not None and request.content_length > (
             self.server.config.max_body_bytes
         ):
             request.early = True
-            self.ready.append(request)
-        elif expect_continue and request.version == "1.1" and self.transport is not None:
-            self.transport.write(_CONTINUE)
+            self._queue(request)
+        elif expect_continue and request.version == "1.1":
+            # Owed when this request's turn comes (_next), never ahead of the answer to an
+            # earlier request of the connection: that would be read as this one's answer.
+            request.expect_continue = True
+            self._continue_if_due()
+
+    def on_chunk_header(self) -> None:
+        self.progress = True
+
+    def on_chunk_complete(self) -> None:
+        self.progress = True
 
     def on_body(self, body: bytes) -> None:
+        self.progress = True
         request = self.current
         if request is None or request.early:
             return  # too large: the app answers without it, and the connection closes
@@ -333,27 +412,55 @@ class HttpConnection(asyncio.Protocol):
             # more than the limit, enough for the app to know, and answer now.
             body = body[: limit + 1 - request.body_bytes]
             request.early = True
-            self.ready.append(request)
-        request.body.append(body)
+            self._queue(request)
+        request.body += body
         request.body_bytes += len(body)
 
     def on_message_complete(self) -> None:
+        self.progress = True
         request = self.current
         self.current = None
         if request is None or request.early:
             return
         request.keep_alive = self.parser.should_keep_alive()
-        self.ready.append(request)
+        self._queue(request)
         if not request.keep_alive:
             self.input_ended = True  # the last request of the connection: nothing after it
 
     # --- answering ----------------------------------------------------------------------------
 
+    def _queue(self, request: _Request) -> None:
+        """A request parsed (or handed over early): it waits in ``ready`` for its turn."""
+        self.ready.append(request)
+        self.queued_bytes += len(request.target) + request.body_bytes
+
+    def _continue_if_due(self) -> None:
+        """Send the 100 Continue owed to the request being parsed once all before it are
+        answered (nothing in hand, nothing parsed ahead of it)."""
+        request = self.current
+        if (
+            request is not None
+            and request.expect_continue
+            and not self.busy
+            and not self.ready
+            and not self.closing
+            and self.transport is not None
+            and not self.closed
+        ):
+            request.expect_continue = False
+            self.transport.write(_CONTINUE)
+
     def _next(self) -> None:
         """Start the app on the oldest parsed request, unless one is in hand already."""
-        if self.busy or not self.ready or not self.writable or self.closed or self.closing:
+        if self.busy or not self.writable or self.closed or self.closing:
+            return
+        if not self.ready:
+            self._continue_if_due()
             return
         request = self.ready.popleft()
+        self.queued_bytes = max(0, self.queued_bytes - len(request.target) - request.body_bytes)
+        if not self.ready:
+            self.queued_bytes = 0  # an early request's body grows after it is queued: no drift
         if request.early:  # its body is unread: nothing after it can be parsed
             self.closing = True
             self.lingering = True
@@ -490,20 +597,33 @@ class HttpConnection(asyncio.Protocol):
             )
 
     def _bad_input(self, exc: Exception) -> None:
-        if self.head_too_large:
-            self._refuse(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+        if self.coding_refused is not None:
+            coding = self.coding_refused.decode("latin-1")
+            self._refuse(501, f"transfer coding {coding!r} is not implemented; only chunked is")
+        elif self.head_too_large:
+            self._refuse(
+                431, f"request head larger than {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} fields"
+            )
         elif self.url_too_long:
             self._refuse(414, f"request target longer than {LIMIT_REQUEST_LINE_BYTES} bytes")
         else:
             self._refuse(400, f"malformed HTTP request: {exc}")
 
     def _refuse(self, status: int, message: str) -> None:
-        """Answer an error of this server's own as JSON, then close (after the answer in hand)."""
+        """Answer an error of this server's own as JSON, then close (after the answer in hand).
+
+        At most once per connection: after it, the connection is closing (or lingering, its
+        output shut down), and a second answer would be a write after ``write_eof()``.
+        """
         self.ready.clear()
+        self.queued_bytes = 0
         self.closing = True
         self.lingering = True
-        if self.busy or self.transport is None or self.closed:
+        if self.refused or self.linger_until:
+            return
+        if self.busy or self.transport is None or self.closed or self.transport.is_closing():
             return  # a request in hand is answered first, and the connection closed after it
+        self.refused = True
         body = json.dumps({"error": message}).encode()
         head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
@@ -529,6 +649,7 @@ class HttpConnection(asyncio.Protocol):
             not self.reading
             and self.writable
             and len(self.ready) < MAX_QUEUED_REQUESTS
+            and self.queued_bytes < MAX_QUEUED_INPUT_BYTES
             and self.transport is not None
             and not self.closed
         ):
@@ -560,12 +681,19 @@ class HttpConnection(asyncio.Protocol):
         return not self.busy and not self.ready and self.current is None
 
     def check_timeouts(self, now: float) -> None:
-        """Close an idle connection past its keep-alive, answer 408 to a stalled request."""
+        """Close an idle connection past its keep-alive, answer 408 to a stalled request,
+        abort one whose output has not drained within ``write_timeout_s``."""
         config = self.server.config
-        if self.linger_until and now > self.linger_until:
-            self.close()
-        elif self.busy or self.ready:
-            return
+        if self.write_blocked_since and now - self.write_blocked_since > config.write_timeout_s:
+            # Also when closing: asyncio's close() waits for the output to drain, forever.
+            log.info("%s: output not read for %.1f s, aborting", self.peer, config.write_timeout_s)
+            if self.transport is not None:
+                self.transport.abort()  # its buffered output goes with it
+        elif self.linger_until:
+            if now > self.linger_until:
+                self.close()
+        elif self.closing or self.busy or self.ready:
+            return  # answering, or refused already: the answer's end or the linger closes it
         elif self.current is not None:
             if now - self.started > config.read_timeout_s:
                 self._refuse(408, f"request not received whole within {config.read_timeout_s} s")
@@ -602,10 +730,12 @@ class HttpServer:
         self.dates = _DateCache()
         self.stopping = False
         self.connections: set[HttpConnection] = set()
+        self.per_client: dict[str, int] = {}  # open (adopted) connections by client address
         self.runners: list[greenlet.greenlet] = []  # idle request greenlets (see _runner)
         self._listeners: list[socket.socket] = []
         self._accept_paused_until = 0.0
         self._sweeper: asyncio.TimerHandle | None = None
+        self._swept_last = False  # stopped: the sweep is not scheduled again
         self._base_environ: dict[str, Any] = {
             "SCRIPT_NAME": "",
             "SERVER_NAME": server_name,
@@ -650,21 +780,45 @@ class HttpServer:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.loop.create_task(self.loop.connect_accepted_socket(lambda: HttpConnection(self), sock))
 
-    def adopt(self, connection: HttpConnection) -> bool:
-        """Take a new connection; False when over ``max_connections`` or stopping."""
+    def adopt(self, connection: HttpConnection) -> str | None:
+        """Take a new connection; else why not (stopping, or over a connection limit)."""
         if self.stopping or len(self.connections) >= self.config.max_connections:
-            return False
+            return "too many connections"
+        client = connection.client
+        count = self.per_client.get(client, 0)
+        if count >= self.config.max_connections_per_client:
+            limit = self.config.max_connections_per_client
+            return f"too many connections from {client} (at most {limit} per gateway process)"
+        self.per_client[client] = count + 1
         self.connections.add(connection)
-        return True
+        return None
 
     def forget(self, connection: HttpConnection) -> None:
-        self.connections.discard(connection)
+        if connection in self.connections:
+            self.connections.discard(connection)
+            client = connection.client
+            count = self.per_client.get(client, 0) - 1
+            if count > 0:
+                self.per_client[client] = count
+            else:
+                self.per_client.pop(client, None)
 
     def _sweep(self) -> None:
-        now = self.loop.time()
-        for connection in list(self.connections):
-            connection.check_timeouts(now)
-        self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
+        """Every SWEEP_S: the timeouts of every connection. One connection's failure is
+        logged and the connection aborted; the sweep always runs again, or no timeout of this
+        process would ever fire after it."""
+        try:
+            now = self.loop.time()
+            for connection in list(self.connections):
+                try:
+                    connection.check_timeouts(now)
+                except Exception:
+                    log.exception("timeout check failed on %s; aborting it", connection.peer)
+                    if connection.transport is not None:
+                        connection.transport.abort()
+        finally:
+            if not self._swept_last:
+                self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
 
     async def stop(self, grace_s: float) -> None:
         """Stop accepting, close idle connections, give the others ``grace_s`` to finish."""
@@ -686,6 +840,7 @@ class HttpServer:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abort()
+        self._swept_last = True
         if self._sweeper is not None:
             self._sweeper.cancel()
 
@@ -717,7 +872,7 @@ class HttpServer:
             key = "HTTP_" + key
             previous = environ.get(key)
             environ[key] = text if previous is None else previous + "," + text
-        environ["wsgi.input"] = io.BytesIO(b"".join(request.body))
+        environ["wsgi.input"] = io.BytesIO(request.body)
         return environ
 
 

@@ -132,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         parser,
+        "--max-connections-per-client",
+        "ZKV_HTTP_MAX_CONNECTIONS_PER_CLIENT",
+        defaults.HTTP_MAX_CONNECTIONS_PER_CLIENT,
+        positive_int,
+        "event only: open connections per process from one client IP address; more are "
+        "answered 503 (behind a reverse proxy all clients share its address: raise it)",
+    )
+    add_flag(
+        parser,
         "--fast-lane",
         "ZKV_HTTP_FAST_LANE",
         defaults.HTTP_FAST_LANE,
@@ -298,7 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.worker_class,
         f" x {args.threads} thread(s)" if args.worker_class == "gthread" else "",
     )
-    http_config = ServerConfig(max_body_bytes=args.max_value_bytes, access_log=args.access_log)
+    http_config = ServerConfig(
+        max_body_bytes=args.max_value_bytes,
+        max_connections_per_client=args.max_connections_per_client,
+        access_log=args.access_log,
+    )
     try:
         GatewayServer(app_factory(args), gunicorn_options(args), http_config, args.fast_lane).run()
     except SystemExit as exc:  # gunicorn's master ends with sys.exit(status)

@@ -69,6 +69,8 @@ class EventLoopWorker(Worker):
             keepalive_s=float(self.cfg.keepalive),
             read_timeout_s=app_config.read_timeout_s,
             max_connections=int(self.cfg.worker_connections),
+            max_connections_per_client=app_config.max_connections_per_client,
+            write_timeout_s=app_config.write_timeout_s,
             access_log=app_config.access_log,
         )
         host, port = _server_address(self.sockets[0].sock.getsockname() if self.sockets else None)

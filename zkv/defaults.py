@@ -13,6 +13,9 @@ HTTP_PORT = 5000  # PORT (honcho sets it)
 HTTP_PROCESSES = 2  # ZKV_HTTP_PROCESSES: gunicorn worker processes
 HTTP_WORKER = "event"  # ZKV_HTTP_WORKER: event (asyncio loop, batched calls) or gthread
 HTTP_MAX_CONNECTIONS = 1000  # ZKV_HTTP_MAX_CONNECTIONS: per process, event worker only
+# ZKV_HTTP_MAX_CONNECTIONS_PER_CLIENT: per process and client IP, event worker only; behind a
+# reverse proxy every client shares its address: raise it to HTTP_MAX_CONNECTIONS there
+HTTP_MAX_CONNECTIONS_PER_CLIENT = 100
 HTTP_FAST_LANE = True  # ZKV_HTTP_FAST_LANE: plain seed /get, /set, /delete without Bottle
 HTTP_THREADS = 16  # ZKV_HTTP_THREADS: threads per process, each with its own ZeroMQ socket
 MAX_KEY_BYTES = 1024  # ZKV_MAX_KEY_BYTES: largest key the gateway accepts

@@ -785,3 +785,208 @@ def test_a_shortcut_whose_answer_fails_gets_json_500_and_the_server_lives_on(
     finally:
         running.close()
     assert "a bug in the shortcut" in caplog.text
+
+
+# --- attacks (issue 10): each bounded, none stops the server's timeouts -------------------------
+
+
+def test_a_refused_client_that_stays_does_not_stop_the_timeouts_of_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # After its 408 the connection lingers (input maybe unread) with the client's socket still
+    # open; a sweep that answered it again wrote after write_eof(), raised, and was never
+    # scheduled again: no later 408 nor keep-alive close ever fired in the process.
+    monkeypatch.setattr(http11, "LINGER_S", 1.0)
+    monkeypatch.setattr(http11, "SWEEP_S", 0.05)
+    running = Server(echo, read_timeout_s=0.2, keepalive_s=0.2)
+    try:
+        with running.connect() as stays:
+            stays.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # and nothing more, ever
+            assert Reader(stays).response().status == 408
+            with running.connect() as later:  # sweeps ran while the first one lingers
+                later.sendall(b"GET /slow-too HTTP/1.1\r\nHost: x\r\n")
+                reader = Reader(later)
+                assert reader.response().status == 408
+                assert reader.closed()
+            with running.connect() as idle:
+                idle.sendall(request("GET", "/"))
+                reader = Reader(idle)
+                assert reader.response().status == 200
+                assert reader.closed()  # closed after keepalive_s
+    finally:
+        running.close()
+
+
+def test_a_sweep_survives_a_connection_whose_check_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(http11, "SWEEP_S", 0.05)
+    running = Server(echo, read_timeout_s=0.2)
+    try:
+        broken = running.connect()
+
+        def fail(now: float) -> None:
+            raise RuntimeError("a bug in one connection's timeout check")
+
+        def break_one() -> None:
+            for connection in running.http.connections:
+                connection.check_timeouts = fail  # type: ignore[method-assign]
+
+        wait_for(lambda: running.http.connections or None, "the connection adopted", 5)
+        running.call(break_one)
+        with running.connect() as sock:  # its sweep goes on: the stalled one gets its 408
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n")
+            assert Reader(sock).response().status == 408
+        assert Reader(broken).closed()  # the failing one was aborted
+        broken.close()
+    finally:
+        running.close()
+    assert "a bug in one connection's timeout check" in caplog.text
+
+
+def test_an_unfinished_header_line_is_refused_before_it_grows() -> None:
+    # httptools keeps an unfinished header line until it ends: unbounded without a check on
+    # the bytes as they arrive (the head limit used to be checked only when a line ended).
+    running = Server(echo)
+    try:
+        with running.connect() as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nX-Long: ")
+            sent = 0
+            received = b""
+            sock.settimeout(0.01)
+            while sent < 4 * 1024 * 1024 and b"\r\n\r\n" not in received:
+                try:
+                    sock.sendall(b"a" * 16384)
+                    sent += 16384
+                    received += sock.recv(65536)
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            sock.settimeout(5)
+            reader = Reader(sock)
+            reader.buffer = received
+            response = reader.response()
+        assert response.status == 431 and "request head larger than" in response.json()["error"]
+        # answered within the limit plus a read or two, not after megabytes
+        assert sent <= http11.MAX_HEAD_BYTES + 1024 * 1024, sent
+    finally:
+        running.close()
+
+
+def test_too_many_header_fields_get_431(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(request("GET", "/", *[f"X-{i}: v" for i in range(http11.MAX_HEADERS + 1)]))
+        reader = Reader(sock)
+        assert reader.response().status == 431
+        assert reader.closed()
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "deflate,chunked", "GZIP , chunked"])
+def test_a_transfer_coding_other_than_chunked_gets_501(server: Server, coding: str) -> None:
+    with server.connect() as sock:
+        body = chunked(b"\x1f\x8b compressed")
+        sock.sendall(request("PUT", "/v1/keys/z", f"Transfer-Encoding: {coding}", body=body))
+        reader = Reader(sock)
+        response = reader.response()
+        assert response.status == 501
+        first = coding.split(",")[0].strip().lower()
+        assert response.json() == {
+            "error": f"transfer coding {first!r} is not implemented; only chunked is"
+        }
+        assert reader.closed()
+
+
+def test_connections_from_one_address_over_its_limit_get_503() -> None:
+    running = Server(echo, max_connections_per_client=2)
+    try:
+        first, second = running.connect(), running.connect()
+        for sock in (first, second):
+            sock.sendall(request("GET", "/"))
+            assert Reader(sock).response().status == 200
+        with running.connect() as third:
+            reader = Reader(third)
+            response = reader.response()
+            assert response.status == 503
+            assert response.json() == {
+                "error": "too many connections from 127.0.0.1 (at most 2 per gateway process)"
+            }
+            assert reader.closed()
+        first.close()
+
+        def served_again() -> bool:
+            with running.connect() as fourth:
+                fourth.sendall(request("GET", "/again"))
+                return Reader(fourth).response().status == 200
+
+        wait_for(lambda: served_again() or None, "a freed slot for the address", 5)
+        second.close()
+    finally:
+        running.close()
+
+
+def test_a_client_that_never_reads_is_disconnected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http11, "SWEEP_S", 0.05)
+    body = b"x" * (4 * 1024 * 1024)  # far more than the socket buffers take
+
+    def big(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [])
+        return [body]
+
+    running = Server(big, write_timeout_s=0.3)
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", running.port))
+        with sock:
+            sock.sendall(request("GET", "/big") * 10)  # pipelined, and no response read
+            wait_for(lambda: running.http.connections or None, "the connection adopted", 5)
+            wait_for(lambda: not running.http.connections or None, "the non-reader disconnected", 5)
+            received = 0
+            try:  # aborted: what it had not read is thrown away, and it sees the end
+                while chunk := sock.recv(1 << 20):
+                    received += len(chunk)
+            except ConnectionResetError:
+                pass
+            assert received < len(body)
+    finally:
+        running.close()
+
+
+def test_100_continue_of_a_pipelined_request_waits_for_its_turn() -> None:
+    pending: Pending
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        answer = environ["PATH_INFO"]
+        if answer == "/slow":
+            answer += pending.wait_for("slow")
+        else:
+            answer += ":" + environ["wsgi.input"].read().decode()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [answer.encode()]
+
+    running = Server(app)
+    pending = Pending(running)
+    try:
+        with running.connect() as sock:
+            sock.sendall(
+                request("GET", "/slow")
+                + request("PUT", "/later", "Content-Length: 5", "Expect: 100-continue")
+            )
+            assert pending.entered.wait(5)
+
+            def head_parsed() -> bool | None:  # the second request's head, not its body
+                return any(c.current is not None for c in running.http.connections) or None
+
+            wait_for(head_parsed, "the pipelined head parsed", 5)
+            pending.answer("slow", "+done")
+            reader = Reader(sock)
+            first = reader.response()  # the earlier request's answer, not the 100
+            assert (first.status, first.body) == (200, b"/slow+done")
+            assert reader.response().status == 100
+            sock.sendall(b"hello")
+            last = reader.response()
+            assert (last.status, last.body) == (200, b"/later:hello")
+    finally:
+        running.close()
