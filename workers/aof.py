@@ -444,6 +444,14 @@ class Damage:
 #      garbage offset on its length and type fields before computing any checksum, runs of
 #      zero bytes (which can never start a record: its length is at least 9) are skipped at C
 #      speed, and a CRC-32 makes a false match a 2**-32 event per offset that gets that far.
+#   3. a valid record found INSIDE the bad record's declared extent (its length field, when
+#      that is possible at all) is no evidence by itself: a torn SET whose value holds the
+#      bytes of a record (a value that is a log, or a zkv record copied by a client) has one
+#      there. It counts only if the bad record's own CRC matches with the length that would end
+#      it exactly there, i.e. only its length field was damaged (a flipped bit in the middle of
+#      the log, whose real successor is then that record). Candidates past the declared extent
+#      count as before. What this gives up: a record in the middle whose length AND contents
+#      are both damaged, with a length reaching past every later record, reads as a torn tail.
 # Cost: a torn tail is scanned once, to its end, which is short (the part of the last batch
 # that made it to disk); corruption in the middle is scanned up to the next valid record, at
 # most one record away unless several are damaged.
@@ -457,11 +465,15 @@ def classify(data: memoryview, offset: int, reason: str) -> Damage:
     if isinstance(reason, Unreadable):
         return Damage(offset, reason, torn=False)
     size = len(data)
+    extent_end = offset + 1  # the bad record's declared end, if its length is possible at all
+    crc = 0
     if offset + PREFIX_BYTES <= size:
-        length = _LENGTH.unpack_from(data, offset)[0]
+        length, crc = _PREFIX.unpack_from(data, offset)
         declared_end = offset + PREFIX_BYTES + length
         if declared_end < size and not isinstance(parse_at(data, declared_end), str):
             return Damage(offset, reason, torn=False)
+        if length <= MAX_BODY_BYTES:
+            extent_end = declared_end
     candidate = offset + 1
     last = size - PREFIX_BYTES
     while candidate <= last:
@@ -470,10 +482,22 @@ def classify(data: memoryview, offset: int, reason: str) -> Damage:
             break
         # A record's four length bytes cannot all be zero: skip to where they first may not be.
         candidate = max(candidate, found.start() - 3)
-        if not isinstance(parse_at(data, candidate), str):
+        if not isinstance(parse_at(data, candidate), str) and (
+            candidate >= extent_end or _ends_at(data, offset, crc, candidate)
+        ):
             return Damage(offset, reason, torn=False)
         candidate += 1
     return Damage(offset, reason, torn=True)
+
+
+def _ends_at(data: memoryview, offset: int, crc: int, end: int) -> bool:
+    """Whether the record at ``offset`` is intact but for its length field, ending at ``end``:
+    its stored CRC matches its body cut there, with the length that cut implies (see step 3 of
+    the comment above :func:`classify`)."""
+    length = end - offset - PREFIX_BYTES
+    if length < 1:
+        return False
+    return zlib.crc32(data[offset + PREFIX_BYTES : end], zlib.crc32(_LENGTH.pack(length))) == crc
 
 
 def check_magic(data: memoryview) -> Damage | None:
