@@ -43,10 +43,11 @@ from workers.aof import (
     MemoRecord,
     MemosRecord,
     SetRecord,
+    TimeRecord,
 )
 from workers.idempotency import Memo, Packed, RequestMemory, packed_key
 from workers.ownership import OwnerFile, OwnershipError
-from workers.store import Clock, Snapshot, TTLStore
+from workers.store import Clock, HighWaterClock, Snapshot, TTLStore
 from zkv.protocol import Kind
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,9 @@ class ShardFiles:
         self.log: AppendLog | None = None
         self.epoch = 0
         self.base_bytes = 0  # the compact size of the data, see REWRITE_GROWTH
+        # The latest time a TIME record in the log vouches for (Unix ms, 0: none): the time
+        # replay starts from, and what a batch compares with (see Shard.handle_batch).
+        self.time_ms = 0
         self.crash_at: RewriteStep | None = None
         self._rewrite: _Rewrite | None = None
         self._rewrite_buffer: list[bytes] = []
@@ -225,8 +229,15 @@ class ShardFiles:
             self.log = None
         aof.create_log(self.log_path, self.durability.fsync)
         records = 0
+        clock = store.clock
+        floor = clock.raise_to if isinstance(clock, HighWaterClock) else None
+        time_ms = 0
         with LogReader(self.log_path) as reader:
             for _, record in reader.records():
+                if type(record) is TimeRecord:
+                    time_ms = max(time_ms, record.now_ms)
+                    if floor is not None:
+                        floor(time_ms)
                 _apply(record, store, memory)
                 records += 1
                 if progress is not None and records % REPLAY_PROGRESS_RECORDS == 0:
@@ -234,6 +245,7 @@ class ShardFiles:
             damage = reader.damage
             size = reader.size
             valid_end = reader.valid_end
+        self.time_ms = time_ms
         if damage is not None:
             self._cut_torn_tail(damage, size, valid_end)
         self.log = AppendLog(
@@ -303,6 +315,12 @@ class ShardFiles:
     def unfence(self) -> None:
         """Leave :meth:`fenced` entered with :meth:`fence`."""
         self.owner.unlock()
+
+    def time_record(self, now_ms: int) -> bytes:
+        """A TIME record of ``now_ms`` for the batch being written (see aof.TimeRecord)."""
+        if now_ms > self.time_ms:
+            self.time_ms = now_ms
+        return aof.encode_time(now_ms)
 
     def append(self, data: bytes) -> None:
         """Append a batch's records (call inside :meth:`fenced`); not yet durable."""
@@ -416,7 +434,7 @@ class ShardFiles:
             self._next_rewrite_s = self.durability.monotonic() + REWRITE_RETRY_S
             log.error("compaction of %s not started: %s", self.log_path, exc)
             return
-        rewrite = _Rewrite(fd, store.snapshot(), memory.frozen(), store.clock)
+        rewrite = _Rewrite(fd, store.snapshot(), memory.frozen(), store.clock, store.clock())
         self._rewrite = rewrite
         self._rewrite_buffer = []
         log.info(
@@ -513,8 +531,11 @@ class _Rewrite:
     number be reused by another open file and the thread write into that.
     """
 
-    def __init__(self, fd: int, snapshot: Snapshot, memos: list[Packed], clock: Clock) -> None:
+    def __init__(
+        self, fd: int, snapshot: Snapshot, memos: list[Packed], clock: Clock, now_ms: int
+    ) -> None:
         self.fd = fd
+        self.now_ms = now_ms  # the store's clock when the snapshot was taken
         self.snapshot = snapshot
         self.memos = memos
         self._clock = clock
@@ -553,7 +574,8 @@ class _Rewrite:
 
     def _run(self) -> None:
         try:
-            chunk: list[bytes] = [MAGIC]
+            # The high-water mark first: the time the snapshot's absence of expired keys shows.
+            chunk: list[bytes] = [MAGIC, aof.encode_time(self.now_ms)]
             pending = len(MAGIC)
             for record in aof.encode_memos(self.memos):
                 chunk.append(record)

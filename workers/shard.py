@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from workers import aof
 from workers.idempotency import Memo, RequestMemory
 from workers.persist import Durability, ShardFiles
-from workers.store import Clock, Missing, TTLStore
+from workers.store import Clock, HighWaterClock, Missing, TTLStore
 from zkv.protocol import (
     Dispatch,
     DispatchBatch,
@@ -135,8 +135,12 @@ class Shard:
         if files is None:
             return [self._handle_message(dispatch, None) for dispatch in dispatches]
         records: list[bytes] = []
+        store = self.store
         files.fence()  # what fenced() does, without a generator's cost on every batch
         try:
+            now = store.clock()
+            if store.expired_ms > files.time_ms:
+                early = None  # a key expired unlogged: no reply before the TIME record below
             if early is None:
                 answers = [self._handle_message(dispatch, records) for dispatch in dispatches]
             else:
@@ -145,13 +149,29 @@ class Shard:
                     if records:  # a write came before: everything after it waits for it
                         answers.append(self._handle_message(dispatch, records))
                     elif type(dispatch) is tuple and dispatch[1] == _GET:  # only durable data
-                        early(self._handle_keyed(dispatch, None))
-                        answers.append(None)
+                        frames = self._handle_keyed(dispatch, None)
+                        if store.expired_ms > files.time_ms:  # it saw a key expire: wait
+                            answers.append(frames)
+                        else:
+                            early(frames)
+                            answers.append(None)
                     elif type(dispatch) is Dispatch and dispatch.request.kind == _GET:
-                        early(encode_reply(self._handle_one(dispatch, None)))
-                        answers.append(None)
+                        reply = self._handle_one(dispatch, None)
+                        if store.expired_ms > files.time_ms:
+                            answers.append(reply)
+                        else:
+                            early(encode_reply(reply))
+                            answers.append(None)
                     else:
                         answers.append(self._handle_message(dispatch, records))
+            # The clock's high-water mark (aof.TimeRecord): at the head of the batch's records,
+            # at least every TIME_RECORD_INTERVAL_MS of writes, and whenever a key was seen to
+            # expire since the last one, read or not, so no reply shows a key gone that a replay
+            # with a clock stepped back would bring back.
+            if store.expired_ms > files.time_ms or (
+                records and now - files.time_ms >= aof.TIME_RECORD_INTERVAL_MS
+            ):
+                records.insert(0, files.time_record(max(now, store.expired_ms)))
             if records:
                 files.append(b"".join(records))
         finally:
@@ -467,7 +487,9 @@ def take_shard(
         if held is not None:
             held.epoch = max(assigned_epoch, held.epoch)
             return Takeover(held, 0, kept=True)
-        return Takeover(Shard(number, TTLStore(clock), epoch=assigned_epoch), 0, kept=False)
+        return Takeover(
+            Shard(number, TTLStore(HighWaterClock(clock)), epoch=assigned_epoch), 0, kept=False
+        )
     files = held.files if held is not None and held.files is not None else None
     opened = files is None
     if files is None:
@@ -477,7 +499,7 @@ def take_shard(
         if held is not None and stored == held.epoch:
             held.epoch = files.epoch
             return Takeover(held, stored, kept=True)
-        store = TTLStore(clock)
+        store = TTLStore(HighWaterClock(clock))  # time never goes back: see HighWaterClock
         memory = RequestMemory()
         files.replay(store, memory, progress)
     except BaseException:

@@ -40,6 +40,8 @@ RECORDS: list[aof.Record] = [
             aof.MEMOS_ENTRY.pack(2**64 - 1, 3, 0x02, 0, 1, 2) + b"key",
         )
     ),
+    aof.TimeRecord(1_700_000_000_000),
+    aof.TimeRecord(2**64 - 1),
 ]
 
 
@@ -314,12 +316,13 @@ def test_a_file_that_is_not_a_log_is_refused(tmp_path: Path) -> None:
     assert "not a zkv log" in caught.value.reason
 
 
-def test_new_logs_say_version_2_and_version_1_logs_are_read(tmp_path: Path) -> None:
+def test_new_logs_say_version_3_and_version_1_and_2_logs_are_read(tmp_path: Path) -> None:
     path = tmp_path / "log"
     aof.create_log(path)
-    assert path.read_bytes() == b"ZKVLOG2\n" == MAGIC
-    path.write_bytes(aof.MAGIC_V1 + aof.encode(RECORDS[0]))
-    assert read_all(path)[0] == [RECORDS[0]]
+    assert path.read_bytes() == b"ZKVLOG3\n" == MAGIC
+    for magic in (aof.MAGIC_V1, aof.MAGIC_V2):
+        path.write_bytes(magic + aof.encode(RECORDS[0]))
+        assert read_all(path)[0] == [RECORDS[0]]
 
 
 def test_a_log_of_another_version_is_refused_as_such_not_as_damage(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import FakeClock
-from workers.aof import FsyncPolicy, LogReader, MemosRecord, SetRecord
+from workers.aof import FsyncPolicy, LogReader, MemosRecord, SetRecord, TimeRecord
 from workers.persist import Durability, RewriteStep, ShardMoved, SimulatedCrash
 from workers.shard import Shard, take_shard
 from zkv.protocol import Dispatch, Kind, Request, Status
@@ -131,7 +131,8 @@ def test_the_compacted_log_holds_the_memory_then_the_live_keys(
     memos = [memo for block in blocks for memo in block.memos()]
     sets = [r for r in records if isinstance(r, SetRecord)]
     assert len(memos) == len(history.applied)
-    assert records == blocks + sets  # the memory first, oldest first, then the data
+    times = [r for r in records if isinstance(r, TimeRecord)]
+    assert records == times + blocks + sets  # the time, the memory oldest first, the data
     assert [m.request_id for m in memos] == [r.request_id for r in history.applied]
     assert sorted(s.key for s in sets) == sorted(history.data)
     assert all(s.request_id == 0 for s in sets)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -504,6 +505,7 @@ def test_lone_writes_are_logged_once_each_under_one_fsync_and_retries_survive(tm
     shard.close()
     with aof.LogReader(log_path) as reader:
         assert [record for _, record in reader.records()] == [
+            aof.TimeRecord(START_MS),  # the clock's high-water mark, first in a new log
             aof.SetRecord(7, b"k", b"v", START_MS + 1000),
             aof.SetRecord(8, b"gone", b"x", None),
             aof.DelRecord(9, b"gone"),
@@ -516,4 +518,44 @@ def test_lone_writes_are_logged_once_each_under_one_fsync_and_retries_survive(tm
     )
     assert decode_reply(retry) == Reply(Status.OK, 7, 21, START_MS + 1000)  # type: ignore[arg-type]
     assert again.store.get(b"k") == (b"newer", None)
+    again.close()
+
+
+def _one(shard: Shard, token: int, request: Request) -> Reply:
+    [answer] = shard.handle_batch([from_the_wire(Dispatch(token, request))])
+    return decode_reply(answer)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seen_by", ["get-and-del", "expiry-pass", "early-get"])
+def test_a_key_once_gone_stays_gone_when_the_clock_steps_back_and_the_log_is_replayed(
+    tmp_path: Path, seen_by: str
+) -> None:
+    # Issue 10, item 10: SET with a 10 s TTL; 11 s later GET and DEL say NOT_FOUND; the clock
+    # steps back 60 s and the shard is replayed: the value must not be served again.
+    durability = Durability(tmp_path / "data", FsyncPolicy.ALWAYS, fsync=lambda fd: None)
+    clock = FakeClock()
+    shard = take_shard(0, 5, None, durability, clock).shard
+    assert _one(shard, 10, Request(Kind.SET, 7, b"k", b"v", 10_000)).status == Status.OK
+    clock.advance(1_500)
+    _one(shard, 11, Request(Kind.SET, 8, b"other", b"w"))  # a later batch: a TIME record
+    clock.advance(9_500)  # 11 s after the SET
+    if seen_by == "get-and-del":
+        assert _one(shard, 12, Request(Kind.GET, 9, b"k")).status == Status.NOT_FOUND
+        assert _one(shard, 13, Request(Kind.DEL, 10, b"k")).status == Status.NOT_FOUND
+    elif seen_by == "expiry-pass":
+        assert shard.store.expire(100) == 1
+        assert _one(shard, 12, Request(Kind.GET, 9, b"k")).status == Status.NOT_FOUND
+    else:  # a GET alone, which may be answered before the batch's write and fsync
+        sent: list[list[bytes]] = []
+        answers = shard.handle_batch(
+            [from_the_wire(Dispatch(12, Request(Kind.GET, 9, b"k")))], early=sent.append
+        )
+        [frames] = sent or [a for a in answers if a is not None]
+        assert decode_reply(frames).status == Status.NOT_FOUND  # type: ignore[arg-type]
+        assert not sent  # it saw the key expire: its reply waited for the TIME record
+    shard.close()
+    clock.advance(-60_000)
+    again = take_shard(0, 6, None, durability, clock).shard
+    assert _one(again, 20, Request(Kind.GET, 30, b"k")).status == Status.NOT_FOUND
+    assert _one(again, 21, Request(Kind.GET, 31, b"other")).status == Status.OK
     again.close()
