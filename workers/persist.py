@@ -434,7 +434,7 @@ class ShardFiles:
             self._next_rewrite_s = self.durability.monotonic() + REWRITE_RETRY_S
             log.error("compaction of %s not started: %s", self.log_path, exc)
             return
-        rewrite = _Rewrite(fd, store.snapshot(), memory.frozen(), store.clock, store.clock())
+        rewrite = _Rewrite(fd, store.snapshot(), memory.runs(), store.clock, store.clock())
         self._rewrite = rewrite
         self._rewrite_buffer = []
         log.info(
@@ -442,7 +442,7 @@ class ShardFiles:
             self.log_path,
             self.log.size,
             len(rewrite.snapshot),
-            len(rewrite.memos),
+            rewrite.memo_count,
             self.rewrite_path.name,
         )
         rewrite.start()
@@ -532,12 +532,18 @@ class _Rewrite:
     """
 
     def __init__(
-        self, fd: int, snapshot: Snapshot, memos: list[Packed], clock: Clock, now_ms: int
+        self,
+        fd: int,
+        snapshot: Snapshot,
+        runs: list[tuple[int, list[Packed]]],
+        clock: Clock,
+        now_ms: int,
     ) -> None:
         self.fd = fd
+        self.runs = runs
+        self.memo_count = sum(len(entries) for _, entries in runs)
         self.now_ms = now_ms  # the store's clock when the snapshot was taken
         self.snapshot = snapshot
-        self.memos = memos
         self._clock = clock
         self.error: BaseException | None = None
         self._cancelled = threading.Event()
@@ -577,12 +583,17 @@ class _Rewrite:
             # The high-water mark first: the time the snapshot's absence of expired keys shows.
             chunk: list[bytes] = [MAGIC, aof.encode_time(self.now_ms)]
             pending = len(MAGIC)
-            for record in aof.encode_memos(self.memos):
-                chunk.append(record)
-                pending += len(record)
-                if pending >= aof.WRITE_CHUNK_BYTES:
-                    self._write(chunk)
-                    chunk, pending = [], 0
+            # The memory, run by run: the time its entries were remembered, then the entries.
+            for time_ms, entries in self.runs:
+                chunk.append(aof.encode_time(time_ms))
+                for record in aof.encode_memos(entries):
+                    chunk.append(record)
+                    pending += len(record)
+                    if pending >= aof.WRITE_CHUNK_BYTES:
+                        self._write(chunk)
+                        chunk, pending = [], 0
+            # The snapshot's time again: what the rewrite buffer appended after it follows it.
+            chunk.append(aof.encode_time(self.now_ms))
             for key, value, deadline_ms in self.snapshot.live(self._clock()):
                 record = aof.encode_set(0, key, value, deadline_ms)
                 chunk.append(record)
@@ -623,6 +634,10 @@ def _apply(record: aof.Record, store: TTLStore, memory: RequestMemory) -> None:
         case DelRecord(request_id, key):
             store.delete(key)
             memory.remember_write(request_id, _DEL, key, 0, None)
+        case TimeRecord(now_ms):
+            # What follows was applied less than an interval after now_ms: remembered as of
+            # the end of that interval, so an entry is never taken for older than it is.
+            memory.begin(now_ms + aof.TIME_RECORD_INTERVAL_MS)
         case MemosRecord(entries):
             restore = memory.restore
             for entry in entries:

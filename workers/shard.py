@@ -133,12 +133,14 @@ class Shard:
         """
         files = self.files
         if files is None:
+            self.memory.begin(self.store.clock())
             return [self._handle_message(dispatch, None) for dispatch in dispatches]
         records: list[bytes] = []
         store = self.store
         files.fence()  # what fenced() does, without a generator's cost on every batch
         try:
             now = store.clock()
+            self.memory.begin(now)  # the time of this batch's writes; forgets the old
             if store.expired_ms > files.time_ms:
                 early = None  # a key expired unlogged: no reply before the TIME record below
             if early is None:
@@ -290,8 +292,10 @@ class Shard:
         store = self.store
         get = store.get
         put = store.set
-        recall = self.memory.recall
-        known = self.memory.known
+        memory = self.memory
+        recall = memory.recall
+        known = memory.known
+        max_bytes = memory.max_bytes
         remember = self.memory.remember_write
         keep = None if records is None else records.append
         encode_set = aof.encode_set
@@ -318,6 +322,9 @@ class Shard:
                 try:
                     fingerprint = crc32(value)  # type: ignore[arg-type]  # a SET op has a value
                     if not known(request_id) or recall(request_id, _SET, key, fingerprint) is None:
+                        if memory.used >= max_bytes and request_id:  # see RequestMemory.full
+                            append(pack_reply(_BUSY, request_id, token, None, _MEMORY_FULL))
+                            continue
                         deadline_ms = put(key, value, ttl_ms, now)  # type: ignore[arg-type]
                         remember(request_id, _SET, key, fingerprint, deadline_ms)
                         if keep is not None:
@@ -368,6 +375,8 @@ class Shard:
                 memo = self.memory.recall(request_id, _SET, key, fingerprint)
                 if memo is not None:
                     return self._from_memory(kind, request_id, memo)
+            if request_id and self.memory.full:
+                return _BUSY, None, _MEMORY_FULL
             deadline_ms = store.set(key, value, ttl_ms)
             self.memory.remember_write(request_id, _SET, key, fingerprint, deadline_ms)
             if records is not None:
@@ -377,6 +386,8 @@ class Shard:
             memo = self.memory.recall(request_id, _DEL, key, 0)
             if memo is not None:
                 return self._from_memory(kind, request_id, memo)
+            if request_id and self.memory.full:
+                return _BUSY, None, _MEMORY_FULL
             if not store.delete(key):
                 return _NOT_FOUND, None, None
             self.memory.remember_write(request_id, _DEL, key, 0, None)
@@ -434,6 +445,11 @@ _OK = Status.OK
 _NOT_FOUND = Status.NOT_FOUND
 _ERROR = Status.ERROR
 _UNAVAILABLE = Status.UNAVAILABLE
+_BUSY = Status.BUSY
+_MEMORY_FULL = (
+    b"the shard's idempotency memory is full of writes still inside its window: "
+    b"not applied, retry with the same request id after a backoff"
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,10 +16,10 @@ import pytest
 from tests.fakes import START_MS, FakeClock
 from workers import aof
 from workers.aof import FsyncPolicy
-from workers.idempotency import MAX_REMEMBERED_REQUESTS, RequestMemory
+from workers.idempotency import RequestMemory
 from workers.persist import Durability
 from workers.shard import Message, Shard, take_shard
-from workers.store import TTLStore
+from workers.store import Missing, TTLStore
 from zkv.protocol import (
     KEYED_COMMANDS,
     BatchReply,
@@ -280,24 +280,43 @@ def test_the_same_id_on_another_request_is_applied(
         assert shard.store.get(other.key) == (other.value, None)
 
 
-def test_the_memory_is_bounded_and_forgets_the_oldest_first(
+def test_a_retry_after_a_hundred_thousand_writes_is_not_applied_again(
     clock: FakeClock, handle: Handle
 ) -> None:
-    shard = Shard(0, TTLStore(clock), memory=RequestMemory(capacity=3))
+    # Issue 10, item 1: SET k=v1 whose reply is lost, DEL k, 100,000 other writes to the
+    # shard (half a second for pipelined clients), then the SET's retry: k=v1 must not return.
+    shard = Shard(0, TTLStore(clock))
     driver = Driver(shard, handle)
-    for request_id in range(1, 6):
-        driver.deliver(Request(Kind.SET, request_id, b"k", b"v"))
-    assert len(shard.memory) == 3
-    driver.deliver(Request(Kind.SET, 99, b"k", b"latest"))
-    # Ids 1..3 are forgotten: a retry that late is applied again; 4 and 5 are still known.
-    driver.deliver(Request(Kind.SET, 5, b"k", b"v"))
-    assert shard.store.get(b"k") == (b"latest", None)
-    driver.deliver(Request(Kind.SET, 1, b"k", b"v"))
-    assert shard.store.get(b"k") == (b"v", None)
+    driver.deliver(Request(Kind.SET, 7, b"k", b"v1"))  # the reply is lost
+    driver.deliver(Request(Kind.DEL, 8, b"k"))
+    clock.advance(500)
+    ops: list = [(int(Kind.SET), rid, b"o", b"x", None) for rid in range(100, 100_100)]
+    for start in range(0, len(ops), 1000):
+        shard.handle_batch([DispatchBatch(next(driver.tokens), ops[start : start + 1000])])
+    retry = driver.deliver(Request(Kind.SET, 7, b"k", b"v1"))
+    assert retry.status == Status.OK  # answered from memory
+    with pytest.raises(Missing):
+        shard.store.get(b"k")
 
 
-def test_the_default_memory_holds_a_hundred_thousand_requests() -> None:
-    assert RequestMemory().capacity == MAX_REMEMBERED_REQUESTS == 100_000
+def test_a_memory_full_inside_its_window_refuses_new_writes_busy_not_forgetting(
+    clock: FakeClock, handle: Handle
+) -> None:
+    memory = RequestMemory(keep_ms=1_000, capacity=3)
+    shard = Shard(0, TTLStore(clock), memory=memory)
+    driver = Driver(shard, handle)
+    for request_id in range(1, 4):
+        assert driver.deliver(Request(Kind.SET, request_id, b"k%d" % request_id, b"v")).status == (
+            Status.OK
+        )
+    busy = driver.deliver(Request(Kind.SET, 4, b"k4", b"v"))
+    assert busy.status == Status.BUSY and b"idempotency memory is full" in (busy.body or b"")
+    assert driver.deliver(Request(Kind.DEL, 5, b"k1")).status == Status.BUSY
+    with pytest.raises(Missing):
+        shard.store.get(b"k4")  # not applied
+    assert driver.deliver(Request(Kind.SET, 1, b"k1", b"v")).status == Status.OK  # a retry
+    clock.advance(1_001)  # the window passes: the memory frees, writes go on
+    assert driver.deliver(Request(Kind.SET, 4, b"k4", b"v")).status == Status.OK
 
 
 def test_request_id_zero_is_never_remembered(driver: Driver, shard: Shard) -> None:
@@ -559,3 +578,28 @@ def test_a_key_once_gone_stays_gone_when_the_clock_steps_back_and_the_log_is_rep
     assert _one(again, 20, Request(Kind.GET, 30, b"k")).status == Status.NOT_FOUND
     assert _one(again, 21, Request(Kind.GET, 31, b"other")).status == Status.OK
     again.close()
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["log", "compacted"])
+def test_replayed_entries_keep_their_time_through_a_restart(tmp_path: Path, compact: bool) -> None:
+    durability = Durability(tmp_path / "data", FsyncPolicy.ALWAYS, fsync=lambda fd: None)
+    clock = FakeClock()
+    shard = take_shard(0, 5, None, durability, clock).shard
+    _one(shard, 10, Request(Kind.SET, 7, b"k", b"v1"))
+    _one(shard, 11, Request(Kind.DEL, 8, b"k"))
+    if compact:
+        assert shard.files is not None
+        shard.files.start_rewrite(shard.store, shard.memory)
+        assert shard.files.wait_rewrite(5.0)
+        shard.tick()
+    shard.close()
+    clock.advance(20_000)  # inside the window: the retry is answered from memory
+    again = take_shard(0, 6, None, durability, clock).shard
+    assert _one(again, 20, Request(Kind.SET, 7, b"k", b"v1")).status == Status.OK
+    assert _one(again, 21, Request(Kind.GET, 30, b"k")).status == Status.NOT_FOUND
+    again.close()
+    clock.advance(20_000)  # 40 s after the write: past the window, by the time in the log
+    last = take_shard(0, 7, None, durability, clock).shard
+    _one(last, 22, Request(Kind.GET, 31, b"k"))  # a batch: the memory learns the time
+    assert not last.memory.known(7) and not last.memory.known(8)
+    last.close()
