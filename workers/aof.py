@@ -3,8 +3,9 @@
 docs/persistence.md specifies the same format in prose. In short::
 
     file   = magic records*
-    magic  = b"ZKVLOG2\\n"                                  8 bytes, names the format and version
-                                                           (b"ZKVLOG1\\n", before MEMOS, still read)
+    magic  = b"ZKVLOG3\\n"                                  8 bytes, names the format and version
+                                                           (b"ZKVLOG1\\n" before MEMOS and
+                                                           b"ZKVLOG2\\n" before TIME: still read)
     record = length:u32  crc:u32  body                     length = len(body)
     crc    = CRC-32 (zlib.crc32) of the four length bytes followed by the body
 
@@ -14,6 +15,7 @@ docs/persistence.md specifies the same format in prose. In short::
                           fingerprint:u32  key
     body of MEMOS (0x04) = type:u8  count:u32  entry*     count entries, filling the body
     entry = request_id:u64  key_len:u16  kind:u8  status:u8  deadline_ms:u64  fingerprint:u32  key
+    body of TIME (0x05) = type:u8  now_ms:u64         the worker's time had reached now_ms
 
 All integers are unsigned big-endian, like the wire protocol. ``deadline_ms`` is Unix time in
 milliseconds, 0 for "never expires". ``request_id`` 0 means "not remembered" (snapshot records
@@ -59,9 +61,15 @@ log = logging.getLogger(__name__)
 # up to its first MEMOS record and calling the rest damage (or, at the end, a torn tail to cut).
 # Version-1 files are read as they are; the appends to one are SET and DEL records, which both
 # versions know, until a compaction replaces it with a version-2 file.
-MAGIC = b"ZKVLOG2\n"
+#
+# Version 3 added TIME records (a high-water mark of the worker's wall clock, see TimeRecord).
+# A version-2 reader refuses a version-3 file at its magic; TIME records are also appended to
+# version-1 and -2 files this version takes over, which a version-2 reader then refuses at the
+# first of them as a record type it does not know (never as damage to cut off).
+MAGIC = b"ZKVLOG3\n"
+MAGIC_V2 = b"ZKVLOG2\n"
 MAGIC_V1 = b"ZKVLOG1\n"
-MAGICS = (MAGIC, MAGIC_V1)
+MAGICS = (MAGIC, MAGIC_V2, MAGIC_V1)
 
 _PREFIX = struct.Struct("!II")  # length, crc
 _LENGTH = struct.Struct("!I")
@@ -71,6 +79,7 @@ _SET = struct.Struct("!BQQI")  # type, request_id, deadline_ms, key_len
 _DEL = struct.Struct("!BQ")  # type, request_id
 _MEMO = struct.Struct("!BQBBQI")  # type, request_id, kind, status, deadline_ms, fingerprint
 _MEMOS = struct.Struct("!BI")  # type, count
+_TIME = struct.Struct("!BQ")  # type, now_ms
 # A MEMOS entry's head, followed by the key: request_id, key_len, kind, status, deadline_ms,
 # fingerprint. The idempotency memory keeps its entries in this form.
 MEMOS_ENTRY = struct.Struct("!QHBBQI")
@@ -84,6 +93,9 @@ PREFIX_BYTES = _PREFIX.size
 # allows. A length field above it is damage, and is reported as such rather than trusted.
 MAX_BODY_BYTES = _SET.size + MAX_KEY_BYTES + MAX_VALUE_BYTES
 
+# A batch that writes starts with a TIME record once this long has passed since the last one,
+# so every logged write was applied less than this after the TIME record before it.
+TIME_RECORD_INTERVAL_MS = 1000
 EVERYSEC_INTERVAL_S = 1.0  # fsync policy "everysec": the most time a write stays un-synced
 WRITE_CHUNK_BYTES = 1024 * 1024  # snapshots are written in chunks of about this size
 
@@ -95,6 +107,7 @@ class RecordType(enum.IntEnum):
     DEL = 0x02
     MEMO = 0x03
     MEMOS = 0x04
+    TIME = 0x05
 
 
 class FsyncPolicy(enum.StrEnum):
@@ -165,7 +178,22 @@ class MemosRecord:
         return records
 
 
-Record = SetRecord | DelRecord | MemoRecord | MemosRecord
+@dataclass(frozen=True, slots=True)
+class TimeRecord:
+    """The worker's wall clock had reached ``now_ms`` (Unix ms) when it wrote what follows.
+
+    Why: a key that expired is not logged, so a replay with a clock stepped back would bring
+    it back; and the idempotency memory needs to know when the writes it replays were applied.
+    The worker writes one at the head of a batch's records when a second has passed since the
+    last (so every record is applied less than TIME_RECORD_INTERVAL_MS after the TIME before
+    it) and whenever a read saw a key expire since (so replay knows the time had passed that
+    key's deadline); compaction writes them with the memory. See docs/persistence.md.
+    """
+
+    now_ms: int
+
+
+Record = SetRecord | DelRecord | MemoRecord | MemosRecord | TimeRecord
 
 
 class Unreadable(str):
@@ -239,6 +267,7 @@ _SET_TYPE = int(RecordType.SET)
 _DEL_TYPE = int(RecordType.DEL)
 _MEMO_TYPE = int(RecordType.MEMO)
 _MEMOS_TYPE = int(RecordType.MEMOS)
+_TIME_TYPE = int(RecordType.TIME)
 
 
 def _length_crc(length: int) -> int:
@@ -281,6 +310,11 @@ def encode_memo(
     return _frame(head + key)
 
 
+def encode_time(now_ms: int) -> bytes:
+    """One TIME record, ready to append."""
+    return _frame(_TIME.pack(_TIME_TYPE, now_ms))
+
+
 def encode_memos(entries: Sequence[bytes | tuple[bytes, bytes]]) -> Iterator[bytes]:
     """MEMOS records holding ``entries`` in order, MEMOS_PER_RECORD to a record.
 
@@ -310,6 +344,8 @@ def encode(record: Record) -> bytes:
             return encode_memo(request_id, kind, status, deadline_ms, fingerprint, key)
         case MemosRecord(entries):
             return _frame(_pack_memos_head(_MEMOS_TYPE, len(entries)) + b"".join(entries))
+        case TimeRecord(now_ms):
+            return encode_time(now_ms)
     raise TypeError(f"not a log record: {record!r}")
 
 
@@ -360,6 +396,10 @@ def parse_at(data: memoryview, offset: int) -> tuple[Record, int] | str:
         if length < _MEMOS.size:
             return "MEMOS record too short"
         key_len = 0  # an entry's is 16 bits: never over MAX_KEY_BYTES
+    elif kind == RecordType.TIME:
+        if length != _TIME.size:
+            return "TIME record of the wrong size"
+        key_len = 0
     else:
         unknown = True  # judged after the CRC: a valid record of a newer version is not garbage
         key_len = 0
@@ -381,6 +421,8 @@ def parse_at(data: memoryview, offset: int) -> tuple[Record, int] | str:
     elif kind == RecordType.DEL:
         _, request_id = _DEL.unpack_from(data, start)
         record = DelRecord(request_id, bytes(data[start + _DEL.size : end]))
+    elif kind == RecordType.TIME:
+        record = TimeRecord(_TIME.unpack_from(data, start)[1])
     elif kind == RecordType.MEMOS:
         parsed = _parse_memos(data, start, end)
         if isinstance(parsed, str):
@@ -455,6 +497,14 @@ class Damage:
 #      garbage offset on its length and type fields before computing any checksum, runs of
 #      zero bytes (which can never start a record: its length is at least 9) are skipped at C
 #      speed, and a CRC-32 makes a false match a 2**-32 event per offset that gets that far.
+#   3. a valid record found INSIDE the bad record's declared extent (its length field, when
+#      that is possible at all) is no evidence by itself: a torn SET whose value holds the
+#      bytes of a record (a value that is a log, or a zkv record copied by a client) has one
+#      there. It counts only if the bad record's own CRC matches with the length that would end
+#      it exactly there, i.e. only its length field was damaged (a flipped bit in the middle of
+#      the log, whose real successor is then that record). Candidates past the declared extent
+#      count as before. What this gives up: a record in the middle whose length AND contents
+#      are both damaged, with a length reaching past every later record, reads as a torn tail.
 # Cost: a torn tail is scanned once, to its end, which is short (the part of the last batch
 # that made it to disk); corruption in the middle is scanned up to the next valid record, at
 # most one record away unless several are damaged.
@@ -468,11 +518,15 @@ def classify(data: memoryview, offset: int, reason: str) -> Damage:
     if isinstance(reason, Unreadable):
         return Damage(offset, reason, torn=False)
     size = len(data)
+    extent_end = offset + 1  # the bad record's declared end, if its length is possible at all
+    crc = 0
     if offset + PREFIX_BYTES <= size:
-        length = _LENGTH.unpack_from(data, offset)[0]
+        length, crc = _PREFIX.unpack_from(data, offset)
         declared_end = offset + PREFIX_BYTES + length
         if declared_end < size and not isinstance(parse_at(data, declared_end), str):
             return Damage(offset, reason, torn=False)
+        if length <= MAX_BODY_BYTES:
+            extent_end = declared_end
     candidate = offset + 1
     last = size - PREFIX_BYTES
     while candidate <= last:
@@ -481,10 +535,22 @@ def classify(data: memoryview, offset: int, reason: str) -> Damage:
             break
         # A record's four length bytes cannot all be zero: skip to where they first may not be.
         candidate = max(candidate, found.start() - 3)
-        if not isinstance(parse_at(data, candidate), str):
+        if not isinstance(parse_at(data, candidate), str) and (
+            candidate >= extent_end or _ends_at(data, offset, crc, candidate)
+        ):
             return Damage(offset, reason, torn=False)
         candidate += 1
     return Damage(offset, reason, torn=True)
+
+
+def _ends_at(data: memoryview, offset: int, crc: int, end: int) -> bool:
+    """Whether the record at ``offset`` is intact but for its length field, ending at ``end``:
+    its stored CRC matches its body cut there, with the length that cut implies (see step 3 of
+    the comment above :func:`classify`)."""
+    length = end - offset - PREFIX_BYTES
+    if length < 1:
+        return False
+    return zlib.crc32(data[offset + PREFIX_BYTES : end], zlib.crc32(_LENGTH.pack(length))) == crc
 
 
 def check_magic(data: memoryview) -> Damage | None:

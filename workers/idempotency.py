@@ -14,13 +14,15 @@ the same id on the same kind, key and value: a SET answered that way leaves the 
 have written (only its deadline is the first one's); a DEL answered that way may leave a value
 written since. Random 64-bit ids, as the Python client picks, make either a 2**-64 event.
 
-Bounds: the last MAX_REMEMBERED_REQUESTS writes, oldest forgotten first, so a retry is
-recognised if fewer than that many writes reached the shard since the original. A DEL that found
-nothing changed nothing, so it is not remembered (its retry is answered NOT_FOUND again, or
-deletes a value written since, as if the first attempt had been lost). Request id 0 means "do
-not remember" (compaction writes its snapshot with it).
+Bounds: every write of the last keep_ms (DEFAULT_WINDOW_S plus MAX_CLOCK_SKEW_S plus a
+second: 36 s) by the shard's clock, however many; past DEFAULT_MAX_BYTES (estimated) with all
+of them still inside that time, new writes are refused BUSY rather than any entry forgotten
+early (docs/persistence.md section 6). A DEL that found nothing changed nothing, so it is
+not remembered (its retry is answered NOT_FOUND again, or deletes a value written since, as
+if the first attempt had been lost). Request id 0 means "do not remember" (compaction writes
+its snapshot with it).
 
-Memory, since a full memory is 100,000 entries per shard: each write is kept as one bytes
+Memory, since a busy shard remembers about a million writes: each write is kept as one bytes
 object (request id, key length, kind, status, deadline and CRC-32 packed in 24 bytes, then the
 key: a MEMOS log entry) in a plain dict by request id, and the order of forgetting is a ring of
 the request ids, not an OrderedDict (whose linked list costs about 45 bytes an entry). About
@@ -49,13 +51,34 @@ by a worker that then died is answered from memory by its successor, not applied
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
 from workers.aof import MEMOS_ENTRY
 from zkv.protocol import Status
 
-MAX_REMEMBERED_REQUESTS = 100_000  # request ids per shard
+# How long a remembered write is kept, by the shard's clock: the idempotency window (the
+# longest a client stamps a request as young enough to apply, see docs/persistence.md section
+# 6) plus the clock skew allowed between a client and the worker, plus a second because a
+# request's stamp is in whole seconds. Entries younger than this are never forgotten.
+DEFAULT_WINDOW_S = 30.0  # --idempotency-window, ZKV_IDEMPOTENCY_WINDOW
+MAX_CLOCK_SKEW_S = 5.0  # a client's clock may be this far from the worker's
+STAMP_ROUNDING_S = 1.0
+# The memory's bound per shard, in estimated bytes (ENTRY_BYTES per entry plus its key): when
+# a new write would pass it while every entry is still inside the window, the write is
+# refused BUSY (not applied) rather than an entry forgotten early.
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # --idempotency-max-bytes, ZKV_IDEMPOTENCY_MAX_BYTES
+ENTRY_BYTES = 160  # measured: about 170 with a 16-byte key (see the module docstring)
+# Kept for callers that still name a count: the old bound, now only the tests' unit of "many".
+MAX_REMEMBERED_REQUESTS = 100_000
+
+
+def keep_ms(window_s: float) -> int:
+    """How long entries are kept for a window of ``window_s`` (see DEFAULT_WINDOW_S)."""
+    return round((window_s + MAX_CLOCK_SKEW_S + STAMP_ROUNDING_S) * 1000)
+
+
 # Keys up to this long are copied into the packed entry (one object instead of a 2-tuple and
 # the packed head: 72 bytes instead of 120 with a 16-byte key); longer ones are shared.
 INLINE_KEY_BYTES = 64
@@ -111,26 +134,94 @@ def packed_key(packed: Packed) -> bytes:
 
 
 class RequestMemory:
-    """Replies to the last ``capacity`` remembered writes, by request id.
+    """Replies to the writes of the last ``keep_ms`` milliseconds, by request id.
+
+    Time: the shard calls :meth:`begin` with its clock (Unix ms, never going back) before each
+    batch, and replay calls it with the time of each TIME record; a write is remembered under
+    the time of the last :meth:`begin`, which comes before it was applied, so entries are never
+    older than they look. :meth:`begin` forgets runs of entries older than ``keep_ms``, oldest
+    first: the forgetting costs nothing per write.
+
+    Layout: ``_memos`` the entries by request id (see the module docstring); ``_order`` the
+    request ids in the order remembered (a deque: appended right, forgotten left); ``_runs``
+    ``(time_ms, first)`` per :meth:`begin` that changed the time, ``first`` the position (in
+    ids ever appended) of its first id, so run ``i`` holds the ids from its ``first`` to the
+    next run's.
 
     Args:
-        capacity: how many writes to keep; the oldest is forgotten first.
+        keep_ms: how long an entry is kept (:func:`keep_ms` of the window).
+        max_bytes: the bound on the estimated size (see :attr:`full`).
+        capacity: a bound on the number of entries, on top of ``max_bytes`` (tests).
     """
 
-    def __init__(self, capacity: int = MAX_REMEMBERED_REQUESTS) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1, got {capacity}")
-        self.capacity = capacity
+    def __init__(
+        self,
+        keep_ms: int = keep_ms(DEFAULT_WINDOW_S),
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        capacity: int | None = None,
+    ) -> None:
+        if keep_ms < 1 or max_bytes < ENTRY_BYTES:
+            raise ValueError(f"keep_ms {keep_ms} and max_bytes {max_bytes} leave no room")
+        self.keep_ms = keep_ms
+        self.max_bytes = max_bytes
+        if capacity is not None:
+            self.max_bytes = min(max_bytes, capacity * ENTRY_BYTES)
         self._memos: dict[int, Packed] = {}
         # Whether anything is remembered under a request id: the cheap test before recall()
         # on the worker's hot path (almost every write has a new id), the dict's own method.
         self.known: Callable[[int], bool] = self._memos.__contains__
-        # Request ids in the order remembered: a ring once full, _next its oldest slot.
-        self._ring: list[int] = []
-        self._next = 0
+        self._order: deque[int] = deque()
+        self._runs: deque[tuple[int, int]] = deque()
+        self._appended = 0  # ids ever appended to _order
+        self.now_ms = 0  # the time of the last begin()
+        # Estimated bytes held: ENTRY_BYTES per entry in _order plus its key (see full).
+        self.used = 0
         # Ids remembered again while still in the ring (a reused id): how many of their older
-        # ring slots to skip when those are forgotten, so the newest write stays remembered.
+        # slots in _order to skip when those are forgotten, so the newest write stays.
         self._reused: dict[int, int] = {}
+
+    @property
+    def full(self) -> bool:
+        """Whether a new write must be refused (BUSY): the memory holds ``max_bytes`` of
+        entries, all younger than ``keep_ms``."""
+        return self.used >= self.max_bytes
+
+    def begin(self, now_ms: int) -> None:
+        """The time is now ``now_ms``: writes remembered from here on carry it, and entries
+        older than ``keep_ms`` are forgotten (whole runs, oldest first)."""
+        if now_ms > self.now_ms:
+            self.now_ms = now_ms
+        runs = self._runs
+        if not runs:  # the first run also holds what was remembered before (an old log)
+            runs.append((self.now_ms, self._appended - len(self._order)))
+        elif runs[-1][0] < self.now_ms:
+            runs.append((self.now_ms, self._appended))
+        horizon = self.now_ms - self.keep_ms
+        while len(runs) > 1 and runs[0][0] < horizon:
+            runs.popleft()
+            self._forget(runs[0][1])
+
+    def _forget(self, until: int) -> None:
+        """Forget the ids at positions before ``until`` (the start of the oldest run left)."""
+        order = self._order
+        memos = self._memos
+        reused = self._reused
+        used = 0
+        for _ in range(until - (self._appended - len(order))):
+            oldest = order.popleft()
+            skip = reused.get(oldest)
+            if skip is None:
+                packed = memos.pop(oldest)
+                used += ENTRY_BYTES + (
+                    len(packed) - HEAD_BYTES if type(packed) is bytes else len(packed[1])
+                )
+            elif skip == 1:
+                del reused[oldest]
+                used += ENTRY_BYTES
+            else:
+                reused[oldest] = skip - 1
+                used += ENTRY_BYTES
+        self.used -= used
 
     def recall(self, request_id: int, kind: int, key: bytes, fingerprint: int) -> Memo | None:
         """The remembered reply if this request (same id, kind, key and value) was applied."""
@@ -152,34 +243,24 @@ class RequestMemory:
     def remember_write(
         self, request_id: int, kind: int, key: bytes, fingerprint: int, deadline_ms: int | None
     ) -> None:
-        """:meth:`remember` of an OK reply, from its fields (the worker's hot path: no Memo)."""
+        """:meth:`remember` of an OK reply, from its fields (the worker's hot path: no Memo).
+        The caller checks :attr:`full` first for a new write (the shard answers BUSY)."""
         if not request_id:
             return
         head = _pack_head(request_id, len(key), kind, _OK, deadline_ms or 0, fingerprint)
-        packed = head + key if len(key) <= INLINE_KEY_BYTES else (head, key)
-        memos = self._memos
-        ring = self._ring
-        if request_id in memos or len(ring) < self.capacity:
-            self._store(request_id, packed)
+        if request_id in self._memos:
+            self._store(request_id, head + key if len(key) <= INLINE_KEY_BYTES else (head, key))
             return
-        # _store's steady state, inline (a new id, the ring full): one call less per write.
-        memos[request_id] = packed
-        slot = self._next
-        oldest = ring[slot]
-        ring[slot] = request_id
-        self._next = slot + 1 if slot + 1 < self.capacity else 0
-        if oldest in self._reused:
-            skip = self._reused[oldest]
-            if skip == 1:
-                del self._reused[oldest]
-            else:
-                self._reused[oldest] = skip - 1
-        else:
-            del memos[oldest]
+        # _store's common case, inline: a new id.
+        self._memos[request_id] = head + key if len(key) <= INLINE_KEY_BYTES else (head, key)
+        self._order.append(request_id)
+        self._appended += 1
+        self.used += ENTRY_BYTES + len(key)
 
     def restore(self, entry: bytes) -> None:
         """Remember an entry read back from a MEMOS log record (replay), kept as it is unless
-        its key is too long to inline."""
+        its key is too long to inline. Replay never refuses one for :attr:`full`: they were
+        all inside the bound when written."""
         request_id = _HEAD.unpack_from(entry)[0]
         if not request_id:
             return
@@ -195,22 +276,34 @@ class RequestMemory:
             self._reused[request_id] = self._reused.get(request_id, 0) + 1
             # Removed first, so the dict's order stays the order of each id's newest write
             # (what packed() and frozen() rely on).
-            del memos[request_id]
+            old = memos.pop(request_id)
+            # Its key's bytes go; its older slot in _order keeps its ENTRY_BYTES until forgotten.
+            self.used -= len(old) - HEAD_BYTES if type(old) is bytes else len(old[1])
         memos[request_id] = packed
-        ring = self._ring
-        if len(ring) < self.capacity:
-            ring.append(request_id)
-            return
-        oldest = ring[self._next]
-        ring[self._next] = request_id
-        self._next = (self._next + 1) % self.capacity
-        skip = self._reused.get(oldest)
-        if skip is None:
-            del memos[oldest]
-        elif skip == 1:
-            del self._reused[oldest]
-        else:
-            self._reused[oldest] = skip - 1
+        self._order.append(request_id)
+        self._appended += 1
+        self.used += ENTRY_BYTES + (
+            len(packed) - HEAD_BYTES if type(packed) is bytes else len(packed[1])
+        )
+
+    def runs(self) -> list[tuple[int, list[Packed]]]:
+        """The packed entries by the time they were remembered, oldest first: what compaction
+        writes (a TIME record, then the MEMOS records of the run's entries), a copy made on
+        the loop by C-speed slices. With a reused id in the memory (rare: ids are random) the
+        dict's order is no longer the runs' order, and everything goes under the newest time,
+        which only keeps entries longer."""
+        entries = list(self._memos.values())
+        runs = self._runs
+        if self._reused or not runs:
+            return [(self.now_ms, entries)] if entries else []
+        base = self._appended - len(self._order)
+        out: list[tuple[int, list[Packed]]] = []
+        for index, (time_ms, first) in enumerate(runs):
+            end = runs[index + 1][1] if index + 1 < len(runs) else self._appended
+            part = entries[max(first, base) - base : end - base]
+            if part:
+                out.append((time_ms, part))
+        return out
 
     def snapshot(self) -> list[tuple[int, Memo]]:
         """The remembered writes, oldest first, unpacked (tests and tools)."""

@@ -43,10 +43,11 @@ from workers.aof import (
     MemoRecord,
     MemosRecord,
     SetRecord,
+    TimeRecord,
 )
 from workers.idempotency import Memo, Packed, RequestMemory, packed_key
 from workers.ownership import OwnerFile, OwnershipError, next_epoch
-from workers.store import Clock, Snapshot, TTLStore
+from workers.store import Clock, HighWaterClock, Snapshot, TTLStore
 from zkv.protocol import Kind
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,9 @@ class ShardFiles:
         self.log: AppendLog | None = None
         self.epoch = 0
         self.base_bytes = 0  # the compact size of the data, see REWRITE_GROWTH
+        # The latest time a TIME record in the log vouches for (Unix ms, 0: none): the time
+        # replay starts from, and what a batch compares with (see Shard.handle_batch).
+        self.time_ms = 0
         self.crash_at: RewriteStep | None = None
         self._rewrite: _Rewrite | None = None
         self._rewrite_buffer: list[bytes] = []
@@ -247,8 +251,15 @@ class ShardFiles:
         records = 0
         monotonic = self.durability.monotonic
         next_progress_s = monotonic() + REPLAY_PROGRESS_S
+        clock = store.clock
+        floor = clock.raise_to if isinstance(clock, HighWaterClock) else None
+        time_ms = 0
         with LogReader(self.log_path) as reader:
             for _, record in reader.records():
+                if type(record) is TimeRecord:
+                    time_ms = max(time_ms, record.now_ms)
+                    if floor is not None:
+                        floor(time_ms)
                 _apply(record, store, memory)
                 records += 1
                 if progress is not None and (now_s := monotonic()) >= next_progress_s:
@@ -257,6 +268,7 @@ class ShardFiles:
             damage = reader.damage
             size = reader.size
             valid_end = reader.valid_end
+        self.time_ms = time_ms
         if damage is not None:
             self._cut_torn_tail(damage, size, valid_end)
         self.log = AppendLog(
@@ -330,6 +342,12 @@ class ShardFiles:
     def unfence(self) -> None:
         """Leave :meth:`fenced` entered with :meth:`fence`."""
         self.owner.unlock()
+
+    def time_record(self, now_ms: int) -> bytes:
+        """A TIME record of ``now_ms`` for the batch being written (see aof.TimeRecord)."""
+        if now_ms > self.time_ms:
+            self.time_ms = now_ms
+        return aof.encode_time(now_ms)
 
     def append(self, data: bytes) -> None:
         """Append a batch's records (call inside :meth:`fenced`); not yet durable."""
@@ -487,7 +505,12 @@ class ShardFiles:
             log.error("compaction of %s not started: %s", self.log_path, exc)
             return
         rewrite = _Rewrite(
-            fd, store.snapshot(), memory.frozen(), store.clock, self.durability.write
+            fd,
+            store.snapshot(),
+            memory.runs(),
+            store.clock,
+            store.clock(),
+            self.durability.write,
         )
         self._rewrite = rewrite
         self._rewrite_buffer = []
@@ -496,7 +519,7 @@ class ShardFiles:
             self.log_path,
             self.log.size,
             len(rewrite.snapshot),
-            len(rewrite.memos),
+            rewrite.memo_count,
             self.rewrite_path.name,
         )
         rewrite.start()
@@ -596,14 +619,17 @@ class _Rewrite:
         self,
         fd: int,
         snapshot: Snapshot,
-        memos: list[Packed],
+        runs: list[tuple[int, list[Packed]]],
         clock: Clock,
+        now_ms: int,
         write: Callable[[int, memoryview], int] = os.write,
     ) -> None:
         self.fd = fd
         self._write_fn = write
+        self.runs = runs
+        self.memo_count = sum(len(entries) for _, entries in runs)
+        self.now_ms = now_ms  # the store's clock when the snapshot was taken
         self.snapshot = snapshot
-        self.memos = memos
         self._clock = clock
         self.error: BaseException | None = None
         self._cancelled = threading.Event()
@@ -640,14 +666,20 @@ class _Rewrite:
 
     def _run(self) -> None:
         try:
-            chunk: list[bytes] = [MAGIC]
+            # The high-water mark first: the time the snapshot's absence of expired keys shows.
+            chunk: list[bytes] = [MAGIC, aof.encode_time(self.now_ms)]
             pending = len(MAGIC)
-            for record in aof.encode_memos(self.memos):
-                chunk.append(record)
-                pending += len(record)
-                if pending >= aof.WRITE_CHUNK_BYTES:
-                    self._write(chunk)
-                    chunk, pending = [], 0
+            # The memory, run by run: the time its entries were remembered, then the entries.
+            for time_ms, entries in self.runs:
+                chunk.append(aof.encode_time(time_ms))
+                for record in aof.encode_memos(entries):
+                    chunk.append(record)
+                    pending += len(record)
+                    if pending >= aof.WRITE_CHUNK_BYTES:
+                        self._write(chunk)
+                        chunk, pending = [], 0
+            # The snapshot's time again: what the rewrite buffer appended after it follows it.
+            chunk.append(aof.encode_time(self.now_ms))
             for key, value, deadline_ms in self.snapshot.live(self._clock()):
                 record = aof.encode_set(0, key, value, deadline_ms)
                 chunk.append(record)
@@ -688,6 +720,10 @@ def _apply(record: aof.Record, store: TTLStore, memory: RequestMemory) -> None:
         case DelRecord(request_id, key):
             store.delete(key)
             memory.remember_write(request_id, _DEL, key, 0, None)
+        case TimeRecord(now_ms):
+            # What follows was applied less than an interval after now_ms: remembered as of
+            # the end of that interval, so an entry is never taken for older than it is.
+            memory.begin(now_ms + aof.TIME_RECORD_INTERVAL_MS)
         case MemosRecord(entries):
             restore = memory.restore
             for entry in entries:

@@ -33,7 +33,7 @@ from workers import aof
 from workers.aof import CorruptLog, DurabilityError, NoSpace
 from workers.idempotency import Memo, RequestMemory
 from workers.persist import Durability, ShardFiles
-from workers.store import Clock, ListingTooLarge, Missing, TTLStore
+from workers.store import Clock, HighWaterClock, ListingTooLarge, Missing, TTLStore
 from zkv.protocol import (
     MAX_LIST_KEYS,
     MAX_REPLY_BYTES,
@@ -141,14 +141,20 @@ class Shard:
         """
         files = self.files
         if files is None:
+            self.memory.begin(self.store.clock())
             return [self._handle_message(dispatch, None) for dispatch in dispatches]
         if files.no_space is not None:
             return self._refusing_writes(files, dispatches)
         records: list[bytes] = []
         last_token = self.last_token
         full: NoSpace | None = None
+        store = self.store
         files.fence()  # what fenced() does, without a generator's cost on every batch
         try:
+            now = store.clock()
+            self.memory.begin(now)  # the time of this batch's writes; forgets the old
+            if store.expired_ms > files.time_ms:
+                early = None  # a key expired unlogged: no reply before the TIME record below
             if early is None:
                 answers = [self._handle_message(dispatch, records) for dispatch in dispatches]
             else:
@@ -157,13 +163,29 @@ class Shard:
                     if records:  # a write came before: everything after it waits for it
                         answers.append(self._handle_message(dispatch, records))
                     elif type(dispatch) is tuple and dispatch[1] == _GET:  # only durable data
-                        early(self._handle_keyed(dispatch, None))
-                        answers.append(None)
+                        frames = self._handle_keyed(dispatch, None)
+                        if store.expired_ms > files.time_ms:  # it saw a key expire: wait
+                            answers.append(frames)
+                        else:
+                            early(frames)
+                            answers.append(None)
                     elif type(dispatch) is Dispatch and dispatch.request.kind == _GET:
-                        early(encode_reply(self._handle_one(dispatch, None)))
-                        answers.append(None)
+                        reply = self._handle_one(dispatch, None)
+                        if store.expired_ms > files.time_ms:
+                            answers.append(reply)
+                        else:
+                            early(encode_reply(reply))
+                            answers.append(None)
                     else:
                         answers.append(self._handle_message(dispatch, records))
+            # The clock's high-water mark (aof.TimeRecord): at the head of the batch's records,
+            # at least every TIME_RECORD_INTERVAL_MS of writes, and whenever a key was seen to
+            # expire since the last one, read or not, so no reply shows a key gone that a replay
+            # with a clock stepped back would bring back.
+            if store.expired_ms > files.time_ms or (
+                records and now - files.time_ms >= aof.TIME_RECORD_INTERVAL_MS
+            ):
+                records.insert(0, files.time_record(max(now, store.expired_ms)))
             if records:
                 files.append(b"".join(records))
         except NoSpace as exc:
@@ -191,7 +213,7 @@ class Shard:
         again with its writes refused. GETs already answered early stay answered (None)."""
         try:
             store = TTLStore(self.store.clock)
-            memory = RequestMemory()
+            memory = RequestMemory(self.memory.keep_ms, self.memory.max_bytes)
             files.replay(store, memory, self.progress)
         except CorruptLog as exc:  # the log was sound a batch ago: treat it as a failed disk
             raise DurabilityError(f"rebuilding shard {self.number} from its log: {exc}") from exc
@@ -382,8 +404,10 @@ class Shard:
         store = self.store
         get = store.get
         put = store.set
-        recall = self.memory.recall
-        known = self.memory.known
+        memory = self.memory
+        recall = memory.recall
+        known = memory.known
+        max_bytes = memory.max_bytes
         remember = self.memory.remember_write
         keep = None if records is None else records.append
         encode_set = aof.encode_set
@@ -422,6 +446,9 @@ class Shard:
                 try:
                     fingerprint = crc32(value)  # type: ignore[arg-type]  # a SET op has a value
                     if not known(request_id) or recall(request_id, _SET, key, fingerprint) is None:
+                        if memory.used >= max_bytes and request_id:  # see RequestMemory.full
+                            append(pack_reply(_BUSY, request_id, token, None, _MEMORY_FULL))
+                            continue
                         deadline_ms = put(key, value, ttl_ms, now)  # type: ignore[arg-type]
                         remember(request_id, _SET, key, fingerprint, deadline_ms)
                         if keep is not None:
@@ -472,6 +499,8 @@ class Shard:
                 memo = self.memory.recall(request_id, _SET, key, fingerprint)
                 if memo is not None:
                     return self._from_memory(kind, request_id, memo)
+            if request_id and self.memory.full:
+                return _BUSY, None, _MEMORY_FULL
             deadline_ms = store.set(key, value, ttl_ms)
             self.memory.remember_write(request_id, _SET, key, fingerprint, deadline_ms)
             if records is not None:
@@ -481,6 +510,8 @@ class Shard:
             memo = self.memory.recall(request_id, _DEL, key, 0)
             if memo is not None:
                 return self._from_memory(kind, request_id, memo)
+            if request_id and self.memory.full:
+                return _BUSY, None, _MEMORY_FULL
             if not store.delete(key):
                 return _NOT_FOUND, None, None
             self.memory.remember_write(request_id, _DEL, key, 0, None)
@@ -552,6 +583,10 @@ _TOO_LARGE = (
     f"{REPLY_TOO_LARGE}: this batch's values exceed {MAX_REPLY_BYTES} bytes; "
     "fetch fewer keys per batch (not read; retry it)"
 ).encode()
+_MEMORY_FULL = (
+    b"the shard's idempotency memory is full of writes still inside its window: "
+    b"not applied, retry with the same request id after a backoff"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -605,7 +640,9 @@ def take_shard(
         if held is not None:
             held.epoch = max(assigned_epoch, held.epoch)
             return Takeover(held, 0, kept=True)
-        return Takeover(Shard(number, TTLStore(clock), epoch=assigned_epoch), 0, kept=False)
+        return Takeover(
+            Shard(number, TTLStore(HighWaterClock(clock)), epoch=assigned_epoch), 0, kept=False
+        )
     files = held.files if held is not None and held.files is not None else None
     opened = files is None
     if files is None:
@@ -615,7 +652,7 @@ def take_shard(
         if held is not None and stored == held.epoch:
             held.epoch = files.epoch
             return Takeover(held, stored, kept=True)
-        store = TTLStore(clock)
+        store = TTLStore(HighWaterClock(clock))  # time never goes back: see HighWaterClock
         memory = RequestMemory()
         files.replay(store, memory, progress)
     except BaseException:

@@ -260,6 +260,40 @@ class ListingTooLarge(ValueError):
     """A listing would exceed the bound it was given: the caller must ask for fewer keys."""
 
 
+class HighWaterClock:
+    """A wall clock (Unix ms) that never goes back: the largest of every reading so far and of
+    a floor raised by replay (:meth:`raise_to`, from the log's TIME records).
+
+    Why: a key whose deadline passed was answered NOT_FOUND; if the system clock then steps
+    back, the plain clock would find it alive again (in memory, or in the log at the next
+    replay). With this clock, time as the store sees it stands still until the system clock
+    catches up: keys expire late by up to the step rather than come back, and new deadlines
+    count from the high-water mark. A clock stepped forward moves the mark forward for good
+    (keys expire early by the step), as any wall clock deadline would.
+
+    Args:
+        clock: the underlying wall clock; injected for tests.
+    """
+
+    __slots__ = ("_clock", "high_ms")
+
+    def __init__(self, clock: Clock = wall_clock_ms) -> None:
+        self._clock = clock
+        self.high_ms = 0
+
+    def __call__(self) -> int:
+        now = self._clock()
+        if now > self.high_ms:
+            self.high_ms = now
+            return now
+        return self.high_ms
+
+    def raise_to(self, floor_ms: int) -> None:
+        """Time has reached at least ``floor_ms`` (replay found it in the log)."""
+        if floor_ms > self.high_ms:
+            self.high_ms = floor_ms
+
+
 class Missing(KeyError):
     """The key is absent, or its deadline has passed (which, to a reader, is the same thing)."""
 
@@ -298,6 +332,10 @@ class TTLStore:
         self._irreducible = 0
         # The latest clock reading any key was filed at (see _same_window).
         self._filed_ms = 0
+        # The latest clock reading at which a key was found or removed expired (0: none yet):
+        # a durable shard logs a TIME record at least this late before its next reply, so a
+        # key once gone stays gone through a replay with a clock stepped back (TimeRecord).
+        self.expired_ms = 0
         # The largest len(_data) since the dict was last rebuilt (see SHRINK_FACTOR).
         self._peak = 0
         # The stretch of expiry passes in progress, for its log line (EXPIRY_LOG_MIN_KEYS).
@@ -387,6 +425,8 @@ class TTLStore:
             return True
         now = self._clock()
         if deadline_ms <= now:
+            if now > self.expired_ms:
+                self.expired_ms = now
             record = self._data.get(key)
             if record is not None:
                 self._forget(key, record)
@@ -417,7 +457,10 @@ class TTLStore:
         deadline = _unpack_from(record, -DEADLINE_BYTES)[0]
         if not deadline:
             return record[:-DEADLINE_BYTES], None
-        if self._clock() >= deadline:
+        now = self._clock()
+        if now >= deadline:
+            if now > self.expired_ms:
+                self.expired_ms = now
             self._forget(key, record)
             self._compact()
             raise Missing(key)
@@ -435,7 +478,13 @@ class TTLStore:
             return False
         self._forget(key, record)
         deadline = _deadline(record)
-        live = not deadline or self._clock() < deadline
+        if not deadline:
+            live = True
+        else:
+            now = self._clock()
+            live = now < deadline
+            if not live and now > self.expired_ms:
+                self.expired_ms = now
         self._compact()
         return live
 
@@ -494,6 +543,8 @@ class TTLStore:
         for key, record in expired:
             self._forget(key, record)
         if expired:
+            if now > self.expired_ms:
+                self.expired_ms = now
             self._compact()
             self._tidy_index()
         if max_keys and not limit and len(selected) > max_keys:
@@ -667,6 +718,8 @@ class TTLStore:
         self._timed -= removed
         self._indexed += refiled
         self._tidy_index()
+        if removed and now > self.expired_ms:
+            self.expired_ms = now
         if examined:
             self._compact()
             self._longest_pass_s = max(self._longest_pass_s, time.monotonic() - started_s)

@@ -40,6 +40,8 @@ RECORDS: list[aof.Record] = [
             aof.MEMOS_ENTRY.pack(2**64 - 1, 3, 0x02, 0, 1, 2) + b"key",
         )
     ),
+    aof.TimeRecord(1_700_000_000_000),
+    aof.TimeRecord(2**64 - 1),
 ]
 
 
@@ -272,6 +274,39 @@ def test_a_length_pointing_past_the_end_is_corruption_if_records_follow(tmp_path
     assert caught.value.offset == offsets[1]
 
 
+def test_a_torn_last_record_whose_value_holds_a_record_is_a_torn_tail(tmp_path: Path) -> None:
+    # Issue 10, item 11: the value of the torn SET holds the bytes of a valid record (a value
+    # that is a log, say); the scan must not take that "record" for a successor of the damage.
+    path = tmp_path / "log"
+    inner = aof.encode(SetRecord(9, b"inner", b"x" * 40, None))
+    records = [SetRecord(1, b"a", b"1", None), SetRecord(2, b"b", b"<" + inner + b">" * 500, None)]
+    offsets = write_log(path, records)
+    full = path.read_bytes()
+    inner_end = full.index(inner) + len(inner)
+    for cut in (inner_end, inner_end + 1, inner_end + 100, len(full) - 1):
+        path.write_bytes(full[:cut])
+        found, reader = read_all(path)
+        assert found == records[:1], cut
+        assert reader.damage is not None and reader.damage.torn, cut
+        assert reader.valid_end == offsets[1], cut
+
+
+def test_a_record_inside_a_damaged_length_still_shows_corruption(tmp_path: Path) -> None:
+    # The other side of the rule above: a length made longer by a flipped bit, still inside
+    # the file, hides the next record in the declared extent; the bad record's checksum with
+    # the length that ends it there tells that only the length was damaged.
+    path = tmp_path / "log"
+    records = [SetRecord(1, b"a", b"1", None), SetRecord(2, b"b", b"22", None), *RECORDS]
+    offsets = write_log(path, records)
+    data = bytearray(path.read_bytes())
+    length = struct.unpack_from("!I", data, offsets[1])[0]
+    struct.pack_into("!I", data, offsets[1], length + 64)
+    path.write_bytes(bytes(data))
+    with LogReader(path) as reader, pytest.raises(CorruptLog) as caught:
+        list(reader.records())
+    assert caught.value.offset == offsets[1]
+
+
 def test_a_file_that_is_not_a_log_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "log"
     path.write_bytes(b"hello, I am a text file\n")
@@ -281,12 +316,13 @@ def test_a_file_that_is_not_a_log_is_refused(tmp_path: Path) -> None:
     assert "not a zkv log" in caught.value.reason
 
 
-def test_new_logs_say_version_2_and_version_1_logs_are_read(tmp_path: Path) -> None:
+def test_new_logs_say_version_3_and_version_1_and_2_logs_are_read(tmp_path: Path) -> None:
     path = tmp_path / "log"
     aof.create_log(path)
-    assert path.read_bytes() == b"ZKVLOG2\n" == MAGIC
-    path.write_bytes(aof.MAGIC_V1 + aof.encode(RECORDS[0]))
-    assert read_all(path)[0] == [RECORDS[0]]
+    assert path.read_bytes() == b"ZKVLOG3\n" == MAGIC
+    for magic in (aof.MAGIC_V1, aof.MAGIC_V2):
+        path.write_bytes(magic + aof.encode(RECORDS[0]))
+        assert read_all(path)[0] == [RECORDS[0]]
 
 
 def test_a_log_of_another_version_is_refused_as_such_not_as_damage(tmp_path: Path) -> None:

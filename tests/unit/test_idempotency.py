@@ -1,4 +1,4 @@
-"""RequestMemory on its own: packed entries, the ring that forgets the oldest, reused ids."""
+"""RequestMemory on its own: packed entries, forgetting by time, the byte bound, reused ids."""
 
 from __future__ import annotations
 
@@ -50,51 +50,6 @@ def test_request_id_zero_is_not_remembered() -> None:
     assert memory.snapshot() == []
 
 
-def test_the_oldest_is_forgotten_first() -> None:
-    memory = RequestMemory(capacity=3)
-    for request_id in range(1, 8):
-        memory.remember(request_id, memo_for(b"k%d" % request_id))
-    assert len(memory) == 3
-    assert [request_id for request_id, _ in memory.snapshot()] == [5, 6, 7]
-    assert memory.recall(4, Kind.SET, b"k4", 0xDEADBEEF) is None
-    assert memory.recall(5, Kind.SET, b"k5", 0xDEADBEEF) == memo_for(b"k5")
-
-
-def test_a_reused_id_keeps_its_newest_write_until_that_one_is_the_oldest() -> None:
-    memory = RequestMemory(capacity=3)
-    memory.remember(1, memo_for(b"first"))
-    memory.remember(2, memo_for(b"two"))
-    memory.remember(1, memo_for(b"second"))  # reused: the newest write is what counts
-    assert memory.recall(1, Kind.SET, b"first", 0xDEADBEEF) is None
-    assert memory.snapshot() == [(2, memo_for(b"two")), (1, memo_for(b"second"))]
-    memory.remember(3, memo_for(b"three"))  # forgets the ring slot of the first write of 1
-    assert memory.recall(1, Kind.SET, b"second", 0xDEADBEEF) == memo_for(b"second")
-    assert len(memory) == 3
-    memory.remember(4, memo_for(b"four"))  # forgets 2
-    memory.remember(5, memo_for(b"five"))  # forgets the newest write of 1
-    assert memory.recall(1, Kind.SET, b"second", 0xDEADBEEF) is None
-    assert [request_id for request_id, _ in memory.snapshot()] == [3, 4, 5]
-
-
-def test_random_ids_agree_with_a_simple_model() -> None:
-    # The ring and the reuse counts against the obvious model (the last `capacity` writes,
-    # each id at its newest position), with ids drawn from a small range so reuse is frequent.
-    rng = random.Random(11)
-    memory = RequestMemory(capacity=50)
-    ring_model: list[int] = []
-    latest: dict[int, Memo] = {}
-    for step in range(5000):
-        request_id = rng.randrange(1, 120)
-        memo = memo_for(b"k%d" % step, rng.choice([None, 1_700_000_000_000 + step]))
-        memory.remember(request_id, memo)
-        ring_model.append(request_id)
-        latest[request_id] = memo
-        window = ring_model[-50:]
-        expected = [(r, latest[r]) for i, r in enumerate(window) if r not in window[i + 1 :]]
-        assert memory.snapshot() == expected
-        assert len(memory) == len(set(window))
-
-
 def test_a_full_memory_of_random_ids_stays_small() -> None:
     rng = random.Random(3)
     keys = [b"key:%012d" % i for i in range(100_000)]  # kept alive by the store in real life
@@ -120,7 +75,7 @@ def test_remember_write_is_remember_of_an_ok_memo(key_bytes: int) -> None:
         (1, Kind.SET, 0xDEADBEEF, 1_700_000_000_123),
         (2, Kind.DEL, 0, None),
         (1, Kind.SET, 7, None),  # reused
-        (3, Kind.SET, 8, 5),  # forgets the oldest
+        (3, Kind.SET, 8, 5),
         (0, Kind.SET, 9, 5),  # not remembered
     ]:
         fast.remember_write(request_id, kind, key, fingerprint, deadline_ms)
@@ -129,6 +84,7 @@ def test_remember_write_is_remember_of_an_ok_memo(key_bytes: int) -> None:
         fast.snapshot()
         == slow.snapshot()
         == [
+            (2, Memo(Kind.DEL, key, 0, Status.OK, None)),
             (1, Memo(Kind.SET, key, 7, Status.OK, None)),
             (3, Memo(Kind.SET, key, 8, Status.OK, 5)),
         ]
@@ -165,37 +121,94 @@ def test_packed_entries_are_the_tail_of_memos_entries() -> None:
     assert restored.packed() == packed
 
 
-def test_a_frozen_memory_does_not_see_later_writes() -> None:
-    memory = RequestMemory(capacity=2)
+T0 = 1_700_000_000_000
+
+
+def test_entries_are_kept_for_the_whole_window_and_forgotten_after_it_oldest_first() -> None:
+    memory = RequestMemory(keep_ms=10_000)
+    memory.begin(T0)
+    for request_id in range(1, 200_001):  # far past the old bound of 100,000 writes
+        memory.remember_write(request_id, Kind.SET, b"k", 1, None)
+    memory.begin(T0 + 5_000)
+    memory.remember_write(300_000, Kind.DEL, b"k", 0, None)
+    memory.begin(T0 + 10_000)  # exactly the window: nothing is forgotten yet
+    assert len(memory) == 200_001 and memory.known(1)
+    memory.begin(T0 + 10_001)  # the first run is older than the window
+    assert len(memory) == 1 and not memory.known(200_000) and memory.known(300_000)
+    memory.begin(T0 + 15_001)
+    assert len(memory) == 0 and memory.used == 0
+
+
+def test_a_memory_full_inside_its_window_says_so_and_frees_with_time() -> None:
+    memory = RequestMemory(keep_ms=1_000, capacity=3)
+    memory.begin(T0)
+    for request_id in (1, 2, 3):
+        assert not memory.full
+        memory.remember_write(request_id, Kind.SET, b"k", 1, None)
+    assert memory.full and len(memory) == 3  # nothing forgotten: the shard answers BUSY
+    memory.begin(T0 + 1_001)
+    assert not memory.full and len(memory) == 0
+
+
+def test_a_reused_id_keeps_its_newest_write_until_that_one_is_old() -> None:
+    memory = RequestMemory(keep_ms=1_000)
+    memory.begin(T0)
+    memory.remember(1, memo_for(b"first"))
+    memory.remember(2, memo_for(b"two"))
+    memory.begin(T0 + 500)
+    memory.remember(1, memo_for(b"second"))  # reused: the newest write is what counts
+    assert memory.recall(1, Kind.SET, b"first", 0xDEADBEEF) is None
+    assert memory.snapshot() == [(2, memo_for(b"two")), (1, memo_for(b"second"))]
+    memory.begin(T0 + 1_001)  # forgets 2 and the older slot of 1
+    assert memory.snapshot() == [(1, memo_for(b"second"))]
+    memory.begin(T0 + 1_501)
+    assert memory.snapshot() == [] and memory.used == 0
+
+
+def test_random_ids_and_times_agree_with_a_simple_model() -> None:
+    # Forgetting by runs and the reuse counts against the obvious model (each id at its
+    # newest write, kept while that write is inside the window), with frequent reuse.
+    rng = random.Random(11)
+    memory = RequestMemory(keep_ms=50)
+    now = T0
+    memory.begin(now)
+    history: list[tuple[int, int]] = []  # (time, id) of every write
+    latest: dict[int, Memo] = {}
+    for step in range(3000):
+        if rng.random() < 0.2:
+            now += rng.randrange(0, 20)
+            memory.begin(now)
+        request_id = rng.randrange(1, 120)
+        memo = memo_for(b"k%d" % step, rng.choice([None, T0 + step]))
+        memory.remember(request_id, memo)
+        history.append((now, request_id))
+        latest[request_id] = memo
+        newest = {rid: i for i, (_, rid) in enumerate(history)}
+        # begin() forgets whole runs older than the window, measured at the last begin().
+        kept = [
+            (rid, latest[rid])
+            for i, (t, rid) in enumerate(history)
+            if newest[rid] == i and t >= memory.now_ms - 50
+        ]
+        assert memory.snapshot() == kept
+    runs = memory.runs()
+    assert [e for _, entries in runs for e in entries] == memory.frozen()
+
+
+def test_runs_give_each_entry_the_time_it_was_remembered() -> None:
+    memory = RequestMemory(keep_ms=10_000)
+    memory.begin(T0)
     memory.remember_write(1, Kind.SET, b"a", 1, None)
-    memory.remember_write(2, Kind.SET, b"b", 2, None)
+    memory.remember_write(2, Kind.SET, b"b", 1, None)
+    memory.begin(T0 + 7)
+    memory.begin(T0 + 9)  # a run without writes is left out
+    memory.remember_write(3, Kind.DEL, b"c", 0, None)
+    assert [(t, [packed_key(e) for e in entries]) for t, entries in memory.runs()] == [
+        (T0, [b"a", b"b"]),
+        (T0 + 9, [b"c"]),
+    ]
     frozen = memory.frozen()
-    memory.remember_write(3, Kind.SET, b"c", 3, None)  # forgets 1
-    memory.remember_write(2, Kind.DEL, b"b", 0, None)  # a reused id
-    assert [packed_key(entry) for entry in frozen] == [b"a", b"b"]
-    assert [request_id for request_id, _ in memory.packed()] == [3, 2]
-
-
-def test_packed_order_is_the_rings_order_of_each_ids_newest_write() -> None:
-    # packed() reads the dict's order; the ring decides what is forgotten. Random reuse of a
-    # few ids must keep the two in agreement: the ring, each id at its newest slot.
-    rng = random.Random(5)
-    for capacity in (1, 3, 10):
-        memory = RequestMemory(capacity=capacity)
-        history: list[int] = []  # every id remembered, in order
-        for _ in range(400):
-            request_id = rng.randrange(1, 15)
-            memory.remember_write(request_id, Kind.SET, b"k%d" % request_id, 0, None)
-            history.append(request_id)
-            window = history[-capacity:]  # what the ring holds, oldest first
-            newest = [rid for i, rid in enumerate(window) if rid not in window[i + 1 :]]
-            assert [request_id for request_id, _ in memory.packed()] == newest
-
-
-def test_known_says_whether_an_id_is_remembered() -> None:
-    memory = RequestMemory(capacity=1)
-    assert not memory.known(7)
-    memory.remember_write(7, Kind.SET, b"k", 1, None)
-    assert memory.known(7)
-    memory.remember_write(8, Kind.DEL, b"k", 0, None)  # forgets 7
-    assert not memory.known(7) and memory.known(8)
+    memory.remember_write(4, Kind.SET, b"d", 3, None)  # a copy: later writes are not in it
+    assert [packed_key(entry) for entry in frozen] == [b"a", b"b", b"c"]
+    memory.remember_write(1, Kind.SET, b"e", 3, None)  # a reused id: one run, the newest time
+    assert [(t, len(entries)) for t, entries in memory.runs()] == [(T0 + 9, 4)]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import FakeClock
-from workers.aof import FsyncPolicy, LogReader, MemosRecord, SetRecord
+from workers.aof import FsyncPolicy, LogReader, MemosRecord, SetRecord, TimeRecord
 from workers.persist import Durability, RewriteStep, ShardMoved, SimulatedCrash
 from workers.shard import Shard, take_shard
 from zkv.protocol import Dispatch, Kind, Request, Status
@@ -131,7 +131,12 @@ def test_the_compacted_log_holds_the_memory_then_the_live_keys(
     memos = [memo for block in blocks for memo in block.memos()]
     sets = [r for r in records if isinstance(r, SetRecord)]
     assert len(memos) == len(history.applied)
-    assert records == blocks + sets  # the memory first, oldest first, then the data
+    # The snapshot's time, the memory oldest first (each run under its TIME), the time again,
+    # then the data.
+    head = records[: len(records) - len(sets)]
+    assert records == head + sets
+    assert isinstance(head[0], TimeRecord) and head[-1] == head[0]
+    assert [r for r in head if not isinstance(r, TimeRecord)] == blocks
     assert [m.request_id for m in memos] == [r.request_id for r in history.applied]
     assert sorted(s.key for s in sets) == sorted(history.data)
     assert all(s.request_id == 0 for s in sets)

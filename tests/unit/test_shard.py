@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -16,10 +17,10 @@ from tests.fakes import START_MS, FakeClock
 from workers import aof
 from workers import shard as shard_module
 from workers.aof import FsyncPolicy
-from workers.idempotency import MAX_REMEMBERED_REQUESTS, RequestMemory
+from workers.idempotency import RequestMemory
 from workers.persist import Durability
 from workers.shard import Message, Shard, take_shard
-from workers.store import TTLStore
+from workers.store import Missing, TTLStore
 from zkv.protocol import (
     KEYED_COMMANDS,
     MAX_LIST_KEYS,
@@ -283,24 +284,43 @@ def test_the_same_id_on_another_request_is_applied(
         assert shard.store.get(other.key) == (other.value, None)
 
 
-def test_the_memory_is_bounded_and_forgets_the_oldest_first(
+def test_a_retry_after_a_hundred_thousand_writes_is_not_applied_again(
     clock: FakeClock, handle: Handle
 ) -> None:
-    shard = Shard(0, TTLStore(clock), memory=RequestMemory(capacity=3))
+    # Issue 10, item 1: SET k=v1 whose reply is lost, DEL k, 100,000 other writes to the
+    # shard (half a second for pipelined clients), then the SET's retry: k=v1 must not return.
+    shard = Shard(0, TTLStore(clock))
     driver = Driver(shard, handle)
-    for request_id in range(1, 6):
-        driver.deliver(Request(Kind.SET, request_id, b"k", b"v"))
-    assert len(shard.memory) == 3
-    driver.deliver(Request(Kind.SET, 99, b"k", b"latest"))
-    # Ids 1..3 are forgotten: a retry that late is applied again; 4 and 5 are still known.
-    driver.deliver(Request(Kind.SET, 5, b"k", b"v"))
-    assert shard.store.get(b"k") == (b"latest", None)
-    driver.deliver(Request(Kind.SET, 1, b"k", b"v"))
-    assert shard.store.get(b"k") == (b"v", None)
+    driver.deliver(Request(Kind.SET, 7, b"k", b"v1"))  # the reply is lost
+    driver.deliver(Request(Kind.DEL, 8, b"k"))
+    clock.advance(500)
+    ops: list = [(int(Kind.SET), rid, b"o", b"x", None) for rid in range(100, 100_100)]
+    for start in range(0, len(ops), 1000):
+        shard.handle_batch([DispatchBatch(next(driver.tokens), ops[start : start + 1000])])
+    retry = driver.deliver(Request(Kind.SET, 7, b"k", b"v1"))
+    assert retry.status == Status.OK  # answered from memory
+    with pytest.raises(Missing):
+        shard.store.get(b"k")
 
 
-def test_the_default_memory_holds_a_hundred_thousand_requests() -> None:
-    assert RequestMemory().capacity == MAX_REMEMBERED_REQUESTS == 100_000
+def test_a_memory_full_inside_its_window_refuses_new_writes_busy_not_forgetting(
+    clock: FakeClock, handle: Handle
+) -> None:
+    memory = RequestMemory(keep_ms=1_000, capacity=3)
+    shard = Shard(0, TTLStore(clock), memory=memory)
+    driver = Driver(shard, handle)
+    for request_id in range(1, 4):
+        assert driver.deliver(Request(Kind.SET, request_id, b"k%d" % request_id, b"v")).status == (
+            Status.OK
+        )
+    busy = driver.deliver(Request(Kind.SET, 4, b"k4", b"v"))
+    assert busy.status == Status.BUSY and b"idempotency memory is full" in (busy.body or b"")
+    assert driver.deliver(Request(Kind.DEL, 5, b"k1")).status == Status.BUSY
+    with pytest.raises(Missing):
+        shard.store.get(b"k4")  # not applied
+    assert driver.deliver(Request(Kind.SET, 1, b"k1", b"v")).status == Status.OK  # a retry
+    clock.advance(1_001)  # the window passes: the memory frees, writes go on
+    assert driver.deliver(Request(Kind.SET, 4, b"k4", b"v")).status == Status.OK
 
 
 def test_request_id_zero_is_never_remembered(driver: Driver, shard: Shard) -> None:
@@ -508,6 +528,7 @@ def test_lone_writes_are_logged_once_each_under_one_fsync_and_retries_survive(tm
     shard.close()
     with aof.LogReader(log_path) as reader:
         assert [record for _, record in reader.records()] == [
+            aof.TimeRecord(START_MS),  # the clock's high-water mark, first in a new log
             aof.SetRecord(7, b"k", b"v", START_MS + 1000),
             aof.SetRecord(8, b"gone", b"x", None),
             aof.DelRecord(9, b"gone"),
@@ -602,3 +623,68 @@ def test_all_past_the_byte_bound_is_an_error(
     assert reply.body is not None and REPLY_TOO_LARGE.encode() in reply.body
     assert driver.send(Kind.ALL, limit=1).status == Status.OK
     assert driver.send(Kind.ALL, limit=2, keys_only=True).status == Status.OK
+
+
+def _one(shard: Shard, token: int, request: Request) -> Reply:
+    [answer] = shard.handle_batch([from_the_wire(Dispatch(token, request))])
+    return decode_reply(answer)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seen_by", ["get-and-del", "expiry-pass", "early-get"])
+def test_a_key_once_gone_stays_gone_when_the_clock_steps_back_and_the_log_is_replayed(
+    tmp_path: Path, seen_by: str
+) -> None:
+    # Issue 10, item 10: SET with a 10 s TTL; 11 s later GET and DEL say NOT_FOUND; the clock
+    # steps back 60 s and the shard is replayed: the value must not be served again.
+    durability = Durability(tmp_path / "data", FsyncPolicy.ALWAYS, fsync=lambda fd: None)
+    clock = FakeClock()
+    shard = take_shard(0, 5, None, durability, clock).shard
+    assert _one(shard, 10, Request(Kind.SET, 7, b"k", b"v", 10_000)).status == Status.OK
+    clock.advance(1_500)
+    _one(shard, 11, Request(Kind.SET, 8, b"other", b"w"))  # a later batch: a TIME record
+    clock.advance(9_500)  # 11 s after the SET
+    if seen_by == "get-and-del":
+        assert _one(shard, 12, Request(Kind.GET, 9, b"k")).status == Status.NOT_FOUND
+        assert _one(shard, 13, Request(Kind.DEL, 10, b"k")).status == Status.NOT_FOUND
+    elif seen_by == "expiry-pass":
+        assert shard.store.expire(100) == 1
+        assert _one(shard, 12, Request(Kind.GET, 9, b"k")).status == Status.NOT_FOUND
+    else:  # a GET alone, which may be answered before the batch's write and fsync
+        sent: list[list[bytes]] = []
+        answers = shard.handle_batch(
+            [from_the_wire(Dispatch(12, Request(Kind.GET, 9, b"k")))], early=sent.append
+        )
+        [frames] = sent or [a for a in answers if a is not None]
+        assert decode_reply(frames).status == Status.NOT_FOUND  # type: ignore[arg-type]
+        assert not sent  # it saw the key expire: its reply waited for the TIME record
+    shard.close()
+    clock.advance(-60_000)
+    again = take_shard(0, 6, None, durability, clock).shard
+    assert _one(again, 20, Request(Kind.GET, 30, b"k")).status == Status.NOT_FOUND
+    assert _one(again, 21, Request(Kind.GET, 31, b"other")).status == Status.OK
+    again.close()
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["log", "compacted"])
+def test_replayed_entries_keep_their_time_through_a_restart(tmp_path: Path, compact: bool) -> None:
+    durability = Durability(tmp_path / "data", FsyncPolicy.ALWAYS, fsync=lambda fd: None)
+    clock = FakeClock()
+    shard = take_shard(0, 5, None, durability, clock).shard
+    _one(shard, 10, Request(Kind.SET, 7, b"k", b"v1"))
+    _one(shard, 11, Request(Kind.DEL, 8, b"k"))
+    if compact:
+        assert shard.files is not None
+        shard.files.start_rewrite(shard.store, shard.memory)
+        assert shard.files.wait_rewrite(5.0)
+        shard.tick()
+    shard.close()
+    clock.advance(20_000)  # inside the window: the retry is answered from memory
+    again = take_shard(0, 6, None, durability, clock).shard
+    assert _one(again, 20, Request(Kind.SET, 7, b"k", b"v1")).status == Status.OK
+    assert _one(again, 21, Request(Kind.GET, 30, b"k")).status == Status.NOT_FOUND
+    again.close()
+    clock.advance(20_000)  # 40 s after the write: past the window, by the time in the log
+    last = take_shard(0, 7, None, durability, clock).shard
+    _one(last, 22, Request(Kind.GET, 31, b"k"))  # a batch: the memory learns the time
+    assert not last.memory.known(7) and not last.memory.known(8)
+    last.close()
