@@ -171,6 +171,10 @@ class Worker:
             None if config.keys is None else (config.keys.worker(), config.keys.broker().public)
         )
         self._silence_limit_s = config.heartbeat_interval_s * config.heartbeat_liveness
+        # When the READY that has no ASSIGN yet left, and how long a DISCONNECT is taken as
+        # already answered by it (see _on_message).
+        self._ready_sent_s: float | None = None
+        self._ready_again_s = config.heartbeat_interval_s
         # Timers, in time.monotonic() seconds.
         self._last_heard_s = 0.0
         self._next_heartbeat_s = 0.0
@@ -301,6 +305,14 @@ class Worker:
                 self._on_assign(shard, shards, epoch)
             case Disconnect():
                 self._serve(batch)
+                # Every message the broker got from us after it forgot us (replies, heartbeats
+                # queued behind a large reply) earns a DISCONNECT; one READY answers them all.
+                # Sending one each made the broker re-register us as many times, sending our
+                # requests round again each time. A READY still unanswered after a heartbeat
+                # interval is sent again, in case it was lost.
+                sent_s = self._ready_sent_s
+                if sent_s is not None and time.monotonic() - sent_s < self._ready_again_s:
+                    return
                 log.info("the broker does not know this worker (it restarted): sending READY")
                 self._send_ready()
             case Heartbeat():
@@ -356,6 +368,7 @@ class Worker:
         self.stop()
 
     def _on_assign(self, number: int | None, shards: int, epoch: int) -> None:
+        self._ready_sent_s = None
         if not self._shards_match(shards):
             return
         self.shards = shards
@@ -551,6 +564,7 @@ class Worker:
             last_token = max(self._last_token, held.last_token, held.epoch)
             ready = Ready(held.number, reportable(last_token), durable, cluster)
         self._send(encode_control(ready))
+        self._ready_sent_s = time.monotonic()
 
     def _send(self, frames: Sequence[bytes]) -> None:
         """Send without ever blocking the loop: if the queue to an absent broker is full,

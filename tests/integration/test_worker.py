@@ -482,6 +482,29 @@ def test_disconnect_from_the_broker_makes_the_worker_register_again_at_once(
     assert broker.request(identity, Request(Kind.GET, 0, b"k"), token=2**41).body == b"kept"
 
 
+def test_a_burst_of_disconnects_is_answered_by_one_ready(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    # A broker that forgot the worker answers each message of it with a DISCONNECT (replies and
+    # heartbeats queued behind a large reply: many at once). One READY answers them all: a
+    # READY each made the broker re-register the worker as many times, sending its requests
+    # round again each time, and the worker lost its shard over and over.
+    handle = start_worker()
+    handle.worker._ready_again_s = 10.0  # the interval is 50 ms here: no race with a slow pass
+    identity, _ = broker.recv()
+    broker.assign(identity, 1)
+    broker.request(identity, Request(Kind.PING, 0), token=5)  # assigned and serving
+    for _ in range(5):
+        broker.send(identity, encode_control(Disconnect()))
+    sender, message = broker.recv()
+    assert (sender, bare(message)) == (identity, Ready(1, 5))
+    with pytest.raises(pytest.fail.Exception):  # one READY, not five
+        broker.recv(timeout_s=0.5)
+    broker.assign(identity, 1, epoch=7)
+    broker.send(identity, encode_control(Disconnect()))  # answered: a new DISCONNECT is news
+    assert bare(broker.recv()[1]) == Ready(1, 7)
+
+
 def test_ready_reports_the_ownership_epoch_when_it_is_above_the_last_token(
     broker: FakeBroker, start_worker: Callable[..., RunningWorker]
 ) -> None:

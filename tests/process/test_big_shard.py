@@ -17,7 +17,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.cluster import Cluster
-from zkv import Busy, RequestError, ZkvError
+from zkv import RequestError, ZkvError
 from zkv.protocol import MAX_REPLY_BYTES, REPLY_TOO_LARGE
 
 pytestmark = pytest.mark.process
@@ -27,9 +27,10 @@ LOAD_BATCH = 5_000
 VALUE_BYTES = 1 << 20
 GETS = 300  # of one 1 MiB value: 300 MiB asked for; the worker builds at most MAX_REPLY_BYTES
 # Peak resident memory the batch may add to the owner: its reply of MAX_REPLY_BYTES (64 MiB)
-# about twice over (the sub-replies, then the frame joined from them), and slack. Before the
-# bound, the 300 values were built whole: about 600 MB.
-RSS_GROWTH_MAX_BYTES = 3 * MAX_REPLY_BYTES
+# about three times over (the sub-replies, the frame joined from them, and the CURVE-encrypted
+# copy libzmq's I/O thread makes while sending), and slack. Before the bound, the 300 values
+# were built whole: about 600 MB.
+RSS_GROWTH_MAX_BYTES = 4 * MAX_REPLY_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +94,10 @@ def test_a_batch_of_a_gigabyte_of_gets_leaves_the_worker_bounded(big: Cluster) -
     kv = big.client(timeout_s=10.0)
     kv.set(b"big", b"x" * VALUE_BYTES)
     before = peak_rss_bytes(owner.pid)
-    with pytest.raises(Busy, match=REPLY_TOO_LARGE):
-        kv.get_many([b"big"] * GETS)
+    # The worker answers what fits in MAX_REPLY_BYTES and the rest BUSY; the client sends the
+    # rest again after a backoff, so the whole batch is served, a bounded reply at a time.
+    items = kv.get_many([b"big"] * GETS)
+    assert all(item is not None and len(item.value) == VALUE_BYTES for item in items)
     grown = peak_rss_bytes(owner.pid) - before
     assert grown < RSS_GROWTH_MAX_BYTES, f"the worker's peak grew by {grown} bytes"
     assert kv.get(b"big").value == b"x" * VALUE_BYTES  # one value always fits

@@ -74,7 +74,7 @@ def test_a_full_disk_refuses_writes_serves_reads_and_resumes(tmp_path: Path) -> 
     why = can_mount(tmp_path)
     if why is not None:
         pytest.skip(why)
-    data_dir = tmp_path / "data"
+    data_dir = tmp_path / "worker-data"  # not the cluster's, whose keys the tmpfs would hide
     data_dir.mkdir()
     with Cluster(tmp_path, shards=1, ZKV_FSYNC="always") as cluster:
         cluster.start_broker()
@@ -82,7 +82,12 @@ def test_a_full_disk_refuses_writes_serves_reads_and_resumes(tmp_path: Path) -> 
         worker = subprocess.Popen(
             [*namespaced(data_dir), sys.executable, "-u", "-m", "workers", "--processes", "1"],
             cwd=ROOT,
-            env={**cluster.env, "ZKV_DATA_DIR": str(data_dir)},
+            env={
+                **cluster.env,
+                "ZKV_DATA_DIR": str(data_dir),
+                # The cluster's keys, made by the broker outside the worker's tmpfs.
+                "ZKV_KEYS": str(Path(cluster.env["ZKV_DATA_DIR"]) / "keys"),
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
