@@ -539,10 +539,20 @@ class Broker:
         its request (id read from the header, if it holds one); a worker's is dropped."""
         total = len(frames) - 1 + extra
         if side is Side.BACKEND:
-            log.warning("message of %d frames from worker %s dropped", total, frames[0].hex())
+            peer_log.warning(
+                "oversized worker message",
+                "message of %d frames from worker %s dropped",
+                total,
+                peer(frames[0]),
+            )
             return
         client = frames[0]
-        log.warning("message of %d frames from client %s refused", total, client.hex())
+        peer_log.warning(
+            "oversized client message",
+            "message of %d frames from client %s refused",
+            total,
+            peer(client),
+        )
         request_id = request_id_of(frames[1]) if len(frames) > 1 else 0
         message = f"bad request: a message of {total} frames (at most {MAX_FRAMES})"
         self._to_client(client, error_reply(request_id, message))
@@ -558,9 +568,10 @@ class Broker:
         everything after it for that worker, until the poll loop can send them."""
         queue = self.held.get(frames[0])
         if queue is None:
-            log.warning(
+            peer_log.warning(
+                "worker not keeping up",
                 "worker %s is not keeping up (its queue is full): holding its messages",
-                frames[0].hex(),
+                peer(frames[0]),
             )
             queue = self.held[frames[0]] = deque()
         queue.append(frames)
@@ -955,7 +966,7 @@ class Broker:
         reason = (reply.body or b"").decode(errors="replace")
         log.warning(
             "worker %s refused a dispatch of %d request(s) (token %d): %s",
-            (flight.worker or b"").hex(),
+            peer(flight.worker or b""),
             len(flight.ops),
             flight.token,
             reason,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from zkv.logs import peer
+
 log = logging.getLogger(__name__)
 
 
@@ -141,7 +143,7 @@ class Registry:
                 record.refused = self.refusal(record.durable, record.cluster)
                 if record.refused is not None:  # the cluster's identity was settled since
                     log.warning(
-                        "worker %s may own no shard: %s", record.identity.hex(), record.refused
+                        "worker %s may own no shard: %s", peer(record.identity), record.refused
                     )
                     continue
                 self._own(record, shard)

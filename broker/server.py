@@ -266,5 +266,5 @@ def _resend_held(core: Broker, frontend: zmq.Socket, backend: zmq.Socket) -> Non
         else:
             if core.held.get(worker) is queue:
                 del core.held[worker]
-                log.info("worker %s caught up: its held messages are sent", worker.hex())
+                log.info("worker %s caught up: its held messages are sent", peer(worker))
     _flush(core, frontend, backend)

@@ -266,3 +266,20 @@ def test_a_peer_tag_is_short_stable_and_not_the_routing_id():
     identity = bytes(range(16))
     assert peer(identity) == peer(identity) and len(peer(identity)) == 8
     assert identity.hex()[:8] not in peer(identity)
+
+
+def test_no_log_line_shows_a_workers_routing_id(h, caplog):
+    # A routing id is a secret: whoever knows it can take over the worker's route. Every line a
+    # worker can cause names it by its tag (peer()), never by the id itself.
+    secret = b"w0"
+    caplog.set_level(logging.DEBUG)
+    h.broker.on_oversized(Side.BACKEND, [secret, b"x", b"y"], 5)
+    h.send(Request(Kind.GET, 7, key_for(0)))
+    [(_, _, frames)] = h.dispatched()
+    h.broker.on_backpressure([secret, *frames])
+    h.broker.on_worker([secret, *encode_reply(Reply(Status.ERROR, 0, 10**9))], h.now)
+    h.broker.on_worker([secret, b"\x01\x7f"], h.now)  # malformed
+    h.broker.on_worker([secret, *encode_control(Disconnect())], h.now)
+    text = caplog.text
+    assert peer(secret) in text
+    assert secret.hex() not in text.replace(peer(secret), "")
