@@ -94,6 +94,9 @@ class Shard:
         self.epoch = epoch
         # Called now and then during a long replay (the worker heartbeats); see take_shard.
         self.progress: Callable[[], None] | None = None
+        # The bytes of GET values the answers of one handle_batch call may still carry, shared
+        # by all its messages (see handle_batch): reset by each call.
+        self._room = MAX_REPLY_BYTES
 
     def handle(self, dispatch: Dispatch) -> Reply:
         """One request as a batch of one (see :meth:`handle_batch`)."""
@@ -124,6 +127,15 @@ class Shard:
         and its answer in the returned list is None. Reads after a write still wait: they may
         show it.
 
+        The GET values of one call, every message together (lone GETs, those of every batch,
+        those answered early), are bounded by MAX_REPLY_BYTES: the worker gathers up to 8,192
+        requests a pass (256 BATCH_DISPATCHes of GETs of a 1 MiB value once built 1 GB in one
+        call, before any reply was sent). A GET whose value does not fit, and every GET of the
+        call after it, is answered BUSY (``reply too large``; not read, the client retries it
+        after a backoff). A value is read before it is known not to fit: the one value read
+        past the bound is the most this costs beyond it, and the first value of a call always
+        fits (MAX_REPLY_BYTES >= MAX_VALUE_BYTES), so a lone GET of any value is served.
+
         Returns:
             One answer per message: the frames of a REPLY for a KeyedDispatch, a
             :class:`Reply` for a Dispatch, the frames of a BATCH_REPLY for a DispatchBatch
@@ -140,6 +152,7 @@ class Shard:
                 refused (NO_SPACE), see :meth:`_no_space`.
         """
         files = self.files
+        self._room = MAX_REPLY_BYTES  # this call's budget of GET values, see above
         if files is None:
             self.memory.begin(self.store.clock())
             return [self._handle_message(dispatch, None) for dispatch in dispatches]
@@ -357,6 +370,19 @@ class Shard:
             message = self._stale_message(token)  # UNAVAILABLE: see _handle_one
             return reply_frames(_UNAVAILABLE, request_id, token, None, message)
         try:
+            if kind == _GET:  # the common read, inline: _apply's GET branch, without the call
+                room = self._room
+                if room < 0:
+                    return reply_frames(_BUSY, request_id, token, None, _TOO_LARGE)
+                try:
+                    found, deadline_ms = self.store.get(key)
+                except Missing:
+                    return reply_frames(_NOT_FOUND, request_id, token, None, None)
+                room -= len(found)
+                self._room = room
+                if room < 0:
+                    return reply_frames(_BUSY, request_id, token, None, _TOO_LARGE)
+                return reply_frames(_OK, request_id, token, deadline_ms, found)
             status, deadline_ms, body = self._apply(kind, request_id, key, value, ttl_ms, records)
         except Exception:  # a bug: see _handle_one
             log.exception("internal error on %s request %d", Kind(kind).name, request_id)
@@ -417,11 +443,12 @@ class Shard:
         now = store.clock()
         out: list[bytes] = []
         append = out.append
-        # The bytes of values the reply may still carry (MAX_REPLY_BYTES): a GET whose value
-        # does not fit, and every GET after it, is answered BUSY and its value dropped, so a
-        # batch of 1,000 GETs of a 1 MiB value holds 64 MiB here, not a gigabyte. The one value
-        # read past the bound is the most this costs beyond it.
-        room = MAX_REPLY_BYTES
+        # The bytes of values the call's answers may still carry (handle_batch: MAX_REPLY_BYTES
+        # for all its messages): a GET whose value does not fit, and every GET after it, is
+        # answered BUSY and its value dropped, so a batch of 1,000 GETs of a 1 MiB value holds
+        # 64 MiB here, not a gigabyte. The one value read past the bound is the most this costs
+        # beyond it. Kept in a local for the loop, and given back below.
+        room = self._room
         for kind, request_id, key, value, ttl_ms in ops:
             if kind == _GET:  # the common read, inline: _apply's GET branch
                 if room < 0:
@@ -469,6 +496,7 @@ class Shard:
                 log.exception("internal error on request %d of a batch", request_id)
                 status, deadline_ms, body = _ERROR, None, b"internal worker error"
             append(pack_reply(status, request_id, token, deadline_ms, body))
+        self._room = room
         return batch_reply_frames(token, out)
 
     def _apply(
@@ -483,11 +511,18 @@ class Shard:
     ) -> tuple[Status, int | None, bytes | None]:
         """Apply one request. Returns ``(status, deadline_ms, body)`` of its reply."""
         store = self.store
-        if kind == _GET:
+        if kind == _GET:  # a lone GET (a batch's are inline in _handle_ops): the same budget
+            room = self._room
+            if room < 0:
+                return _BUSY, None, _TOO_LARGE
             try:
                 found, deadline_ms = store.get(key)
             except Missing:
                 return _NOT_FOUND, None, None
+            room -= len(found)
+            self._room = room
+            if room < 0:
+                return _BUSY, None, _TOO_LARGE
             return _OK, deadline_ms, found
         if kind == _SET:
             if value is None:  # the decoders never produce this; a caller bug
@@ -580,8 +615,8 @@ _UNAVAILABLE = Status.UNAVAILABLE
 _NO_SPACE = Status.NO_SPACE
 _BUSY = Status.BUSY
 _TOO_LARGE = (
-    f"{REPLY_TOO_LARGE}: this batch's values exceed {MAX_REPLY_BYTES} bytes; "
-    "fetch fewer keys per batch (not read; retry it)"
+    f"{REPLY_TOO_LARGE}: the values of the replies this worker is building exceed "
+    f"{MAX_REPLY_BYTES} bytes; fetch fewer keys per batch (not read; retry it)"
 ).encode()
 _MEMORY_FULL = (
     b"the shard's idempotency memory is full of writes still inside its window: "

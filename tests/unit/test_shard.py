@@ -576,6 +576,80 @@ def test_a_batch_of_gets_past_the_reply_bound_is_answered_busy_not_built(clock: 
     assert store.reads == fit + 1  # decided before reading: one value read past the bound
 
 
+LONE_GETS = 1_000  # lone GET dispatches of a 1 MiB value in one pass: a gigabyte asked for
+
+
+def _statuses(answered: list[object], early: list[list[bytes]]) -> list[Status]:
+    """The statuses of lone GET replies, those handed to ``early`` first, then the others."""
+    frames = early + [a for a in answered if a is not None]
+    return [decode_reply(f).status for f in frames]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "durable-early"])
+def test_many_lone_gets_in_one_pass_build_at_most_the_reply_bound(
+    tmp_path: Path, clock: FakeClock, durable: bool
+) -> None:
+    # The worker hands one handle_batch call every message of a pass (up to 8,192 requests):
+    # each lone GET's reply was bounded by its own value, but not the call, which read and held
+    # 1,000 copies of a 1 MiB value before one was sent. Now the call's GET values together
+    # fit in MAX_REPLY_BYTES and the rest are BUSY without being read, whether the replies are
+    # returned or handed to ``early`` (a durable shard's GETs before any write).
+    store = OneValueStore(clock)
+    shard = Shard(0, store)
+    if durable:
+        durability = Durability(tmp_path / "data", FsyncPolicy.ALWAYS, fsync=lambda fd: None)
+        shard = take_shard(0, 5, None, durability, clock).shard
+        shard.store = store
+    gets = [
+        from_the_wire(Dispatch(10 + i, Request(Kind.GET, 1 + i, b"k%d" % i)))
+        for i in range(LONE_GETS)
+    ]
+    early: list[list[bytes]] = []
+    answered = shard.handle_batch(gets, early.append if durable else None)
+    fit = MAX_REPLY_BYTES // len(OneValueStore.VALUE)
+    statuses = _statuses(answered, early)
+    assert statuses.count(Status.OK) == fit
+    assert statuses.count(Status.BUSY) == LONE_GETS - fit
+    assert store.reads == fit + 1  # decided before reading: one value read past the bound
+    # The bound is per call: the next pass serves again.
+    [again] = shard.handle_batch([from_the_wire(Dispatch(5_000, Request(Kind.GET, 9, b"k")))])
+    assert decode_reply(again).status == Status.OK  # type: ignore[arg-type]
+    shard.close()
+
+
+def test_many_batches_in_one_pass_share_the_reply_bound(clock: FakeClock) -> None:
+    # 100 BATCH_DISPATCHes of 10 GETs of a 1 MiB value, each well within the bound alone: in
+    # one call they asked for 1,000 MiB. Their values together fit in MAX_REPLY_BYTES.
+    store = OneValueStore(clock)
+    shard = Shard(0, store)
+    batches = [
+        dispatch_batch(1 + b, *(Request(Kind.GET, 1 + b * 10 + i, b"k") for i in range(10)))
+        for b in range(100)
+    ]
+    answered = shard.handle_batch(batches)
+    built = sum(len(frame) for frames in answered for frame in frames)  # type: ignore[union-attr]
+    assert built < MAX_REPLY_BYTES + 1_000 * 100
+    statuses = [r.status for frames in answered for r in answers(frames).replies]
+    fit = MAX_REPLY_BYTES // len(OneValueStore.VALUE)
+    assert statuses == [Status.OK] * fit + [Status.BUSY] * (1_000 - fit)
+    assert store.reads == fit + 1
+
+
+def test_lone_and_batched_gets_of_one_pass_share_the_reply_bound(
+    shard: Shard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shard_module, "MAX_REPLY_BYTES", 10)
+    shard.store.set(b"a", b"123456", None)
+    lone = from_the_wire(Dispatch(1, Request(Kind.GET, 1, b"a")))
+    batch = dispatch_batch(2, Request(Kind.GET, 2, b"a"), Request(Kind.SET, 3, b"b", b"x"))
+    after = Dispatch(3, Request(Kind.GET, 4, b"missing"))  # not read: past the bound
+    first, second, third = shard.handle_batch([lone, batch, after])
+    assert decode_reply(first).status == Status.OK  # type: ignore[arg-type]
+    assert [r.status for r in answers(second).replies] == [Status.BUSY, Status.OK]
+    assert isinstance(third, Reply) and third.status == Status.BUSY
+    assert third.body is not None and third.body.startswith(REPLY_TOO_LARGE.encode())
+
+
 def test_gets_past_the_bound_are_busy_while_writes_in_the_batch_still_apply(
     shard: Shard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
