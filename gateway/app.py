@@ -27,7 +27,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, unquote_to_bytes
@@ -44,9 +44,9 @@ from bottle import (
 )
 
 from zkv import defaults
-from zkv.client import Item, NotFound
+from zkv.client import ALL_PAGE_KEYS, Item, NotFound
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
-from zkv.protocol import MAX_TTL_MS, REPLY_TOO_LARGE, Entry
+from zkv.protocol import MAX_TTL_MS, Entry
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,17 @@ class ClientLike(Protocol):
         ...
 
     def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
-        """Live entries of every shard; with a limit, at most that many per shard, sorted."""
+        """Live entries after ``after``, sorted; with a limit, the smallest ``limit`` keys."""
+        ...
+
+    def pages(
+        self,
+        after: bytes | str = b"",
+        keys_only: bool = False,
+        limit: int = 0,
+        page_keys: int = ALL_PAGE_KEYS,
+    ) -> Iterator[list[Entry]]:
+        """The same entries in pages of at most ``page_keys`` (zkv.client.paged)."""
         ...
 
     def ping(self) -> dict[str, Any]:
@@ -632,24 +642,15 @@ def make_app(
 
     @app.get("/all")
     def seed_all(kv: ClientLike) -> dict[str, Any]:
-        # Read in pages by cursor (each costs a shard O(log n + page), see the listing), and
-        # bounded: past SEED_ALL_MAX_BYTES of keys and values, 413 (the seed had no limit: 200
-        # MiB of data took 722 MB here). A page whose values are too large for one reply is
-        # asked again with fewer keys. Not a snapshot: a key is shown at most once, as it was
-        # when its page was read.
+        # Read in pages by the client's cursor paging (zkv.client.paged: each page costs a
+        # shard O(log n + page), and a page too large for one reply is asked again with fewer
+        # keys), and bounded: past SEED_ALL_MAX_BYTES of keys and values, 413 (the seed had no
+        # limit: 200 MiB of data took 722 MB here). Not a snapshot: a key is shown at most
+        # once, as it was when its page was read.
         listing: dict[str, Any] = {}
-        after = b""
-        page = SEED_ALL_PAGE_KEYS
         size = 0
-        while True:
-            try:
-                entries = kv.all(after=after, limit=page + 1)
-            except RequestError as exc:
-                if REPLY_TOO_LARGE in str(exc) and page > 1:
-                    page //= 2
-                    continue
-                raise
-            for entry in entries[:page]:
+        for page in kv.pages(page_keys=SEED_ALL_PAGE_KEYS):
+            for entry in page:
                 size += len(entry.key) + len(entry.value)
                 if size > SEED_ALL_MAX_BYTES:
                     raise TooLarge(
@@ -660,9 +661,7 @@ def make_app(
                     "time_out": http_date(entry.deadline_ms),
                     "value": _text(entry.value),
                 }
-            if len(entries) <= page:
-                return listing
-            after = entries[page - 1].key
+        return listing
 
     # --- REST API -----------------------------------------------------------------------
 

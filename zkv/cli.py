@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     set_.add_argument("--ttl", type=positive_float, help="seconds until the key expires")
     for name, text in (("get", "print a value"), ("del", "delete a key")):
         commands.add_parser(name, help=text).add_argument("key")
-    commands.add_parser("all", help="print every live key as JSON lines")
+    commands.add_parser(
+        "all", help="print every live key as JSON lines, read in pages (not a snapshot)"
+    )
     commands.add_parser("ping", help="print the cluster's state")
     keygen = commands.add_parser(
         "keygen", help="write a new cluster key set (CURVE) into DIR, which must not exist"
@@ -80,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
                         return 1
                     print("OK")
                 case "all":
-                    for entry in client.all():
-                        line = {
-                            "key": entry.key.decode(errors="replace"),
-                            "value": entry.value.decode(errors="replace"),
-                            "expires_at_ms": entry.deadline_ms,
-                        }
-                        print(json.dumps(line))
+                    # Page by page (Client.pages), printed as it comes: bounded memory for any
+                    # store, and not a snapshot (keys written meanwhile may or may not show).
+                    for page in client.pages():
+                        for entry in page:
+                            line = {
+                                "key": entry.key.decode(errors="replace"),
+                                "value": entry.value.decode(errors="replace"),
+                                "expires_at_ms": entry.deadline_ms,
+                            }
+                            print(json.dumps(line))
                 case "ping":
                     print(json.dumps(client.ping()))
         except NotFound:

@@ -46,7 +46,7 @@ import dataclasses
 import json
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -71,6 +71,8 @@ from zkv.calls import (
 )
 from zkv.errors import RequestError, Timeout, ZkvError
 from zkv.protocol import (
+    MAX_LIST_KEYS,
+    REPLY_TOO_LARGE,
     Entry,
     Kind,
     ProtocolError,
@@ -85,6 +87,9 @@ from zkv.protocol import (
 CONNECT_POLL_S = 0.1  # one wait for the connection to the broker, between retries
 BATCH_OPS = 1000  # operations per BATCH message a pipeline sends
 WINDOW_OPS = 8000  # operations a pipeline keeps in flight (sent, not yet answered)
+# Keys per page of Client.all and pages (asked of every shard at once): under MAX_LIST_KEYS,
+# a shard's bound per ALL; a page of larger values is halved until it fits MAX_REPLY_BYTES.
+ALL_PAGE_KEYS = 1000
 
 _GET = int(Kind.GET)
 _SET = int(Kind.SET)
@@ -160,23 +165,44 @@ class Client:
         return reply.status == Status.OK
 
     def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
-        """Live entries of every shard.
+        """Live entries of every shard, sorted by key, read in pages (:meth:`pages`).
+
+        Not a point-in-time snapshot: each page is read as it was when it was asked for, so a
+        key written or expired meanwhile may be missing or present; no key comes twice.
 
         Args:
             after: only keys greater than this one (bytewise), for paging.
-            limit: at most this many keys *per shard*, the smallest ones; 0 for all. With a
-                limit the result is sorted by key; take the first ``limit`` for a global page.
+            limit: at most this many keys in all, the smallest ones; 0 for every key.
             keys_only: leave values out (each entry's value is ``b""``).
         """
-        reply = self.request(
-            Request(Kind.ALL, 0, as_bytes(after, "after"), limit=limit, keys_only=keys_only)
-        )
+        return [entry for page in self.pages(after, keys_only, limit) for entry in page]
+
+    def pages(
+        self,
+        after: bytes | str = b"",
+        keys_only: bool = False,
+        limit: int = 0,
+        page_keys: int = ALL_PAGE_KEYS,
+    ) -> Iterator[list[Entry]]:
+        """The live entries after ``after`` in pages, in key order (see :func:`paged`): what
+        one page costs the client, the broker and each shard is bounded, whatever the store's
+        size. Not a snapshot (see :meth:`all`)."""
+        return paged(self.all_once, as_bytes(after, "after"), keys_only, limit, page_keys)
+
+    def all_once(self, after: bytes, limit: int, keys_only: bool = False) -> list[Entry]:
+        """One ALL request: each shard's ``limit`` smallest keys after ``after`` (0: all of
+        them), the union sorted by key.
+
+        Raises:
+            RequestError: with ``REPLY_TOO_LARGE`` in its message if a shard's answer would
+                be over MAX_LIST_KEYS keys or MAX_REPLY_BYTES (ask for fewer keys).
+        """
+        reply = self.request(Request(Kind.ALL, 0, after, limit=limit, keys_only=keys_only))
         try:
             entries = decode_entries(reply.body or b"")
         except ProtocolError as exc:
             raise ZkvError(f"malformed ALL reply from {self.endpoint}: {exc}") from None
-        if limit:
-            entries.sort(key=lambda entry: entry.key)
+        entries.sort(key=_entry_key)
         return entries
 
     def ping(self) -> dict[str, Any]:
@@ -461,6 +487,58 @@ class Client:
             self._poller.unregister(self._socket)
             self._socket.close(linger=0)
             self._socket = None
+
+
+AllOnce = Callable[[bytes, int, bool], list[Entry]]
+"""One ALL request: ``(after, limit per shard, keys_only)`` -> the union, sorted by key."""
+
+
+def _entry_key(entry: Entry) -> bytes:
+    return entry.key
+
+
+def paged(
+    all_once: AllOnce,
+    after: bytes = b"",
+    keys_only: bool = False,
+    limit: int = 0,
+    page_keys: int = ALL_PAGE_KEYS,
+) -> Iterator[list[Entry]]:
+    """The entries after ``after`` in pages of at most ``page_keys``, in key order, up to
+    ``limit`` in all (0: every one), by the cursor of docs/protocol.md.
+
+    Each page asks every shard for its ``page + 1`` smallest keys after the cursor: the sorted
+    union's first ``page`` are the store's next ``page`` keys, and an extra one says another
+    page follows (its last key is the next cursor). A page a shard refuses as too large (over
+    MAX_REPLY_BYTES of values) is asked again with half as many keys, down to one key; the
+    smaller page size is kept for the rest of the listing. Shared by :class:`Client`, the
+    gateway's event-loop client and its seed ``/all`` (gateway/bridge.py, gateway/app.py).
+
+    Args:
+        all_once: makes one ALL request (:meth:`Client.all_once`).
+        page_keys: keys per page at most; capped below MAX_LIST_KEYS, a shard's bound.
+    """
+    page = max(1, min(page_keys, MAX_LIST_KEYS - 1))
+    remaining = limit
+    while True:
+        want = min(page, remaining) if limit else page
+        try:
+            entries = all_once(after, want + 1, keys_only)
+        except RequestError as exc:
+            if REPLY_TOO_LARGE in str(exc) and want > 1:
+                page = want // 2
+                continue
+            raise
+        chunk = entries[:want]
+        if chunk:
+            yield chunk
+        if len(entries) <= want:
+            return
+        if limit:
+            remaining -= len(chunk)
+            if remaining <= 0:
+                return
+        after = chunk[-1].key
 
 
 def dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:

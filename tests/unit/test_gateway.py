@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from gateway.app import ClientPlugin, cursor_of, http_date, key_of_cursor, make_
 from gateway.bridge import LoopClient
 from gateway.server import app_factory, build_parser, gunicorn_options
 from zkv import defaults
-from zkv.client import Client, Item, NotFound
+from zkv.client import ALL_PAGE_KEYS, Client, Item, NotFound, paged
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
 from zkv.protocol import MAX_TTL_MS, REPLY_TOO_LARGE, Entry
 
@@ -129,6 +129,16 @@ class FakeClient:
         if limit:
             entries.sort(key=lambda entry: entry.key)
         return entries
+
+    def pages(
+        self,
+        after: bytes | str = b"",
+        keys_only: bool = False,
+        limit: int = 0,
+        page_keys: int = ALL_PAGE_KEYS,
+    ) -> Iterator[list[Entry]]:
+        """As Client.pages: ``all`` is this fake's one ALL request (per-shard limits)."""
+        return paged(self.all, _b(after), keys_only, limit, page_keys)
 
     def ping(self) -> Any:
         self._enter("ping")
