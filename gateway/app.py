@@ -46,9 +46,14 @@ from bottle import (
 from zkv import defaults
 from zkv.client import ALL_PAGE_KEYS, Item, NotFound
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
+from zkv.logs import LogLimiter
 from zkv.protocol import MAX_TTL_MS, Entry
 
 log = logging.getLogger(__name__)
+# Every line a request can cause goes through this: at most BURST (5) lines of one kind per
+# WINDOW_S (10 s) and process, then a count of those suppressed (zkv/logs.py), so a flood of
+# failing requests cannot write unbounded logs. Kinds are fixed strings, never request input.
+limited = LogLimiter(log)
 
 JSON_TYPE = "application/json"
 BODY_CHUNK_BYTES = 64 * 1024  # read request bodies in pieces this big, to stop at the limit
@@ -159,7 +164,8 @@ def failure(exc: Exception, method: str, path: str) -> tuple[int, str, dict[str,
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
-        log.error(
+        limited.error(
+            "500",
             "%s %r -> 500: unexpected %s at %s: %s",
             method,
             path,
@@ -179,7 +185,8 @@ def failure(exc: Exception, method: str, path: str) -> tuple[int, str, dict[str,
         message = str(exc)
     headers: dict[str, str] = {}
     if status >= 500:
-        log.warning("%s %r -> %d: %s", method, path, status, message)
+        # One kind per status of _STATUS_OF: a handful, never request input.
+        limited.warning(str(status), "%s %r -> %d: %s", method, path, status, message)
         if status == 503:
             headers["Retry-After"] = str(BUSY_RETRY_AFTER_S)
     return status, message, headers
@@ -720,7 +727,7 @@ def make_app(
         try:
             info = kv.ping()
         except ZkvError as exc:  # for a health check, silence is unavailability
-            log.warning("GET '/v1/health' -> 503: %s", exc)
+            limited.warning("health", "GET '/v1/health' -> 503: %s", exc)
             body = to_json({"status": "unavailable", "error": str(exc)})
             return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
         owned = info.get("owned")
