@@ -111,7 +111,7 @@ class LoopClient:
     """A :class:`gateway.app.ClientLike` for apps served by the event-loop worker.
 
     Args:
-        endpoint, timeout_s, connect_timeout_s: as for :class:`zkv.client.Client`.
+        endpoint, timeout_s, connect_timeout_s, keys: as for :class:`zkv.client.Client`.
         blocking_factory: makes the blocking client for ``all`` and ``ping`` (tests pass fakes).
     """
 
@@ -121,10 +121,15 @@ class LoopClient:
         timeout_s: float,
         connect_timeout_s: float,
         blocking_factory: Callable[[], Client] | None = None,
+        keys: str | None = None,
     ) -> None:
-        self.aio = AsyncClient(endpoint, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+        self.aio = AsyncClient(
+            endpoint, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, keys=keys
+        )
         self._blocking_factory = blocking_factory or (
-            lambda: Client(endpoint, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+            lambda: Client(
+                endpoint, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, keys=keys
+            )
         )
         self._blocking: Client | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None

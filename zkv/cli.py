@@ -21,7 +21,7 @@ from zkv import defaults
 from zkv.client import Client, NotFound
 from zkv.config import add_flag, positive_float
 from zkv.errors import ZkvError
-from zkv.keys import create_keys
+from zkv.keys import KeysError, create_keys
 
 
 def _deadline(deadline_ms: int | None) -> str:
@@ -38,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         defaults.REQUEST_TIMEOUT_S,
         positive_float,
         "seconds to wait for a reply",
+    )
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        default=None,
+        help="talk CURVE to a broker started with --frontend-curve, with client.key, "
+        "client.key_secret and broker.key from this directory (without it: CURVE only if "
+        "ZKV_FRONTEND_CURVE=1, keys from ZKV_KEYS)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     set_ = commands.add_parser("set", help="store a value")
@@ -63,11 +71,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(
             f"OK keys in {args.dir}: give the broker the whole directory, each worker host "
-            f"broker.key, worker.key and worker.key_secret (keep the modes: 0700, 0600)"
+            f"broker.key, worker.key and worker.key_secret, each CURVE client host broker.key, "
+            f"client.key and client.key_secret (keep the modes: 0700, 0600)"
         )
         return 0
 
-    with Client(args.frontend, timeout_s=args.timeout) as client:
+    try:
+        client = Client(args.frontend, timeout_s=args.timeout, keys=args.keys)
+    except KeysError as exc:
+        print(f"error: keys: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             match args.command:
                 case "set":

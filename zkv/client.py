@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -70,6 +71,7 @@ from zkv.calls import (
     ttl_to_ms,
 )
 from zkv.errors import RequestError, Timeout, ZkvError
+from zkv.keys import ClientCurve, frontend_curve
 from zkv.protocol import (
     MAX_LIST_KEYS,
     REPLY_TOO_LARGE,
@@ -111,6 +113,10 @@ class Client:
         context: the ZeroMQ context; defaults to the process-wide one.
         batch_ops: pipelines: operations per BATCH message (at most MAX_BATCH_OPS).
         window_ops: pipelines: operations in flight at once.
+        keys: a keys directory holding ``broker.key``, ``client.key`` and
+            ``client.key_secret``: talk CURVE to a broker started with ``--frontend-curve``.
+            None: CURVE only if ``$ZKV_FRONTEND_CURVE`` is on, with ``$ZKV_KEYS``
+            (:func:`zkv.keys.frontend_curve`). Raises KeysError if they cannot be loaded.
 
     Attributes:
         retries: how many times this client has sent a request again (for statistics).
@@ -125,8 +131,10 @@ class Client:
         context: zmq.Context | None = None,
         batch_ops: int = BATCH_OPS,
         window_ops: int = WINDOW_OPS,
+        keys: str | os.PathLike[str] | None = None,
     ) -> None:
         self.endpoint = frontend(endpoint)
+        self.curve = frontend_curve(keys)
         self.batch_ops = checked_batch_ops(batch_ops)
         self.timeout_s = timeout_s
         self.attempt_s = attempt_s
@@ -460,7 +468,7 @@ class Client:
 
     def _connected_socket(self) -> zmq.Socket:
         if self._socket is None:
-            socket = dealer(self._context, self.endpoint)
+            socket = dealer(self._context, self.endpoint, self.curve)
             self._socket = socket
             self._poller.register(socket, zmq.POLLIN)
         return self._socket
@@ -541,11 +549,15 @@ def paged(
         after = chunk[-1].key
 
 
-def dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:
+def dealer(context: zmq.Context, endpoint: str, curve: ClientCurve | None = None) -> zmq.Socket:
     """A DEALER connected to the broker as both clients want it: IMMEDIATE, so nothing is
-    queued for a broker that is not connected (a send fails at once instead); LINGER 0, so
-    closing it drops what is stale; reconnecting within a second of a broker restart."""
+    queued for a broker that is not connected (a send fails at once instead: also while a
+    CURVE handshake has not succeeded, so a refused key means Unavailable, not a hang);
+    LINGER 0, so closing it drops what is stale; reconnecting within a second of a broker
+    restart. With ``curve``, a CURVE client of the broker's frontend (zkv/keys.py)."""
     socket = context.socket(zmq.DEALER)
+    if curve is not None:
+        curve.apply(socket)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.IMMEDIATE, 1)
     socket.setsockopt(zmq.RECONNECT_IVL, 100)
