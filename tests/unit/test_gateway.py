@@ -209,6 +209,13 @@ def call(
     )
 
 
+@pytest.fixture(autouse=True)
+def fresh_log_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own log rate limits: the app's limiter is per process, and lines an
+    earlier test used up would be missing from a later test's log."""
+    monkeypatch.setattr(gateway_app, "limited", LogLimiter(gateway_app.log))
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
