@@ -16,10 +16,12 @@ from zkv.config import (
     add_flag,
     add_heartbeat_flags,
     add_security_flags,
+    boolean,
+    env_default,
     positive_float,
     positive_int,
 )
-from zkv.keys import KeysError, ensure_keys
+from zkv.keys import KeysError, ensure_client_keys, ensure_keys
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 # The cyclic GC's first generation is collected when allocations outnumber frees by this many
@@ -73,6 +75,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     add_heartbeat_flags(parser)
     add_security_flags(parser)
+    parser.add_argument(
+        "--frontend-curve",
+        action=argparse.BooleanOptionalAction,
+        default=env_default("ZKV_FRONTEND_CURVE", False, boolean),
+        help="make the frontend a CURVE server: only clients holding a key listed in "
+        "<keys>/clients/ are answered (clients: ZKV_FRONTEND_CURVE=1 or keys=)"
+        " (env ZKV_FRONTEND_CURVE, default false)",
+    )
     return parser.parse_args(argv)
 
 
@@ -80,14 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     keys = None
+    if args.insecure and args.frontend_curve:
+        logging.getLogger("broker").error("cannot start: --frontend-curve needs keys")
+        return 2
     if not args.insecure:
         try:
             keys = ensure_keys(args.keys)
+            if args.frontend_curve:
+                keys = ensure_client_keys(keys)
         except (KeysError, OSError) as exc:
             logging.getLogger("broker").error("cannot start: keys: %s", exc)
             return 2
     config = ServerConfig(
         keys=keys,
+        frontend_curve=args.frontend_curve,
         frontend=args.frontend,
         backend=args.backend,
         broker=BrokerConfig(

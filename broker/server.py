@@ -26,7 +26,7 @@ from zmq.backend import zmq_poll
 
 from broker.core import MAX_FRAMES, Broker, BrokerConfig, Side, peer_log
 from zkv import protocol
-from zkv.keys import Keys
+from zkv.keys import CLIENTS_DOMAIN, Keys
 from zkv.logs import peer
 from zkv.zmqio import POLLIN, recv_bounded, send_frames
 
@@ -50,6 +50,7 @@ class ServerConfig:
     backend: str
     broker: BrokerConfig
     keys: Keys | None = None  # None: no CURVE on the backend (--insecure)
+    frontend_curve: bool = False  # CURVE on the frontend too, clients' keys in <keys>/clients
 
 
 class Stopper:
@@ -86,14 +87,24 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
             backend.curve_secretkey = pair.secret
             backend.curve_publickey = pair.public
             backend.curve_server = True
+            if config.frontend_curve:
+                # Its own ZAP domain and authorised set: a client key is no worker key.
+                authenticator.configure_curve(
+                    domain=CLIENTS_DOMAIN, location=str(config.keys.clients)
+                )
+                frontend.zap_domain = CLIENTS_DOMAIN.encode()
+                frontend.curve_secretkey = pair.secret
+                frontend.curve_publickey = pair.public
+                frontend.curve_server = True
         else:
             log.warning("backend without CURVE (--insecure): any local process can join")
         configure(frontend, backend)
         frontend.bind(config.frontend)
         backend.bind(config.backend)
         log.info(
-            "broker ready: frontend %s, backend %s, %d shards",
+            "broker ready: frontend %s%s, backend %s, %d shards",
             config.frontend,
+            " (CURVE)" if config.frontend_curve and config.keys is not None else "",
             config.backend,
             config.broker.shards,
         )

@@ -27,7 +27,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, unquote_to_bytes
@@ -44,11 +44,16 @@ from bottle import (
 )
 
 from zkv import defaults
-from zkv.client import Item, NotFound
+from zkv.client import ALL_PAGE_KEYS, Item, NotFound
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
-from zkv.protocol import MAX_TTL_MS, REPLY_TOO_LARGE, Entry
+from zkv.logs import LogLimiter
+from zkv.protocol import MAX_TTL_MS, Entry
 
 log = logging.getLogger(__name__)
+# Every line a request can cause goes through this: at most BURST (5) lines of one kind per
+# WINDOW_S (10 s) and process, then a count of those suppressed (zkv/logs.py), so a flood of
+# failing requests cannot write unbounded logs. Kinds are fixed strings, never request input.
+limited = LogLimiter(log)
 
 JSON_TYPE = "application/json"
 BODY_CHUNK_BYTES = 64 * 1024  # read request bodies in pieces this big, to stop at the limit
@@ -91,7 +96,17 @@ class ClientLike(Protocol):
         ...
 
     def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
-        """Live entries of every shard; with a limit, at most that many per shard, sorted."""
+        """Live entries after ``after``, sorted; with a limit, the smallest ``limit`` keys."""
+        ...
+
+    def pages(
+        self,
+        after: bytes | str = b"",
+        keys_only: bool = False,
+        limit: int = 0,
+        page_keys: int = ALL_PAGE_KEYS,
+    ) -> Iterator[list[Entry]]:
+        """The same entries in pages of at most ``page_keys`` (zkv.client.paged)."""
         ...
 
     def ping(self) -> dict[str, Any]:
@@ -149,7 +164,8 @@ def failure(exc: Exception, method: str, path: str) -> tuple[int, str, dict[str,
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
-        log.error(
+        limited.error(
+            "500",
             "%s %r -> 500: unexpected %s at %s: %s",
             method,
             path,
@@ -169,7 +185,8 @@ def failure(exc: Exception, method: str, path: str) -> tuple[int, str, dict[str,
         message = str(exc)
     headers: dict[str, str] = {}
     if status >= 500:
-        log.warning("%s %r -> %d: %s", method, path, status, message)
+        # One kind per status of _STATUS_OF: a handful, never request input.
+        limited.warning(str(status), "%s %r -> %d: %s", method, path, status, message)
         if status == 503:
             headers["Retry-After"] = str(BUSY_RETRY_AFTER_S)
     return status, message, headers
@@ -632,24 +649,15 @@ def make_app(
 
     @app.get("/all")
     def seed_all(kv: ClientLike) -> dict[str, Any]:
-        # Read in pages by cursor (each costs a shard O(log n + page), see the listing), and
-        # bounded: past SEED_ALL_MAX_BYTES of keys and values, 413 (the seed had no limit: 200
-        # MiB of data took 722 MB here). A page whose values are too large for one reply is
-        # asked again with fewer keys. Not a snapshot: a key is shown at most once, as it was
-        # when its page was read.
+        # Read in pages by the client's cursor paging (zkv.client.paged: each page costs a
+        # shard O(log n + page), and a page too large for one reply is asked again with fewer
+        # keys), and bounded: past SEED_ALL_MAX_BYTES of keys and values, 413 (the seed had no
+        # limit: 200 MiB of data took 722 MB here). Not a snapshot: a key is shown at most
+        # once, as it was when its page was read.
         listing: dict[str, Any] = {}
-        after = b""
-        page = SEED_ALL_PAGE_KEYS
         size = 0
-        while True:
-            try:
-                entries = kv.all(after=after, limit=page + 1)
-            except RequestError as exc:
-                if REPLY_TOO_LARGE in str(exc) and page > 1:
-                    page //= 2
-                    continue
-                raise
-            for entry in entries[:page]:
+        for page in kv.pages(page_keys=SEED_ALL_PAGE_KEYS):
+            for entry in page:
                 size += len(entry.key) + len(entry.value)
                 if size > SEED_ALL_MAX_BYTES:
                     raise TooLarge(
@@ -660,9 +668,7 @@ def make_app(
                     "time_out": http_date(entry.deadline_ms),
                     "value": _text(entry.value),
                 }
-            if len(entries) <= page:
-                return listing
-            after = entries[page - 1].key
+        return listing
 
     # --- REST API -----------------------------------------------------------------------
 
@@ -721,7 +727,7 @@ def make_app(
         try:
             info = kv.ping()
         except ZkvError as exc:  # for a health check, silence is unavailability
-            log.warning("GET '/v1/health' -> 503: %s", exc)
+            limited.warning("health", "GET '/v1/health' -> 503: %s", exc)
             body = to_json({"status": "unavailable", "error": str(exc)})
             return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
         owned = info.get("owned")

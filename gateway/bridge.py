@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import bottle
 import greenlet
 
 from zkv.aio import AsyncClient
-from zkv.client import Client, Item
+from zkv.calls import as_bytes
+from zkv.client import ALL_PAGE_KEYS, Client, Item, paged
 from zkv.protocol import Entry
 
 T = TypeVar("T")
@@ -110,7 +111,7 @@ class LoopClient:
     """A :class:`gateway.app.ClientLike` for apps served by the event-loop worker.
 
     Args:
-        endpoint, timeout_s, connect_timeout_s: as for :class:`zkv.client.Client`.
+        endpoint, timeout_s, connect_timeout_s, keys: as for :class:`zkv.client.Client`.
         blocking_factory: makes the blocking client for ``all`` and ``ping`` (tests pass fakes).
     """
 
@@ -120,10 +121,15 @@ class LoopClient:
         timeout_s: float,
         connect_timeout_s: float,
         blocking_factory: Callable[[], Client] | None = None,
+        keys: str | None = None,
     ) -> None:
-        self.aio = AsyncClient(endpoint, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+        self.aio = AsyncClient(
+            endpoint, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, keys=keys
+        )
         self._blocking_factory = blocking_factory or (
-            lambda: Client(endpoint, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+            lambda: Client(
+                endpoint, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, keys=keys
+            )
         )
         self._blocking: Client | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -143,6 +149,21 @@ class LoopClient:
     def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
         """As :meth:`zkv.client.Client.all`, on the blocking client's thread."""
         return self._in_thread(lambda client: client.all(after, limit, keys_only))
+
+    def pages(
+        self,
+        after: bytes | str = b"",
+        keys_only: bool = False,
+        limit: int = 0,
+        page_keys: int = ALL_PAGE_KEYS,
+    ) -> Iterator[list[Entry]]:
+        """As :meth:`zkv.client.Client.pages`: each page's request on the blocking client's
+        thread, the request greenlet waiting between pages."""
+        return paged(self.all_once, as_bytes(after, "after"), keys_only, limit, page_keys)
+
+    def all_once(self, after: bytes, limit: int, keys_only: bool = False) -> list[Entry]:
+        """As :meth:`zkv.client.Client.all_once`, on the blocking client's thread."""
+        return self._in_thread(lambda client: client.all_once(after, limit, keys_only))
 
     def ping(self) -> dict[str, Any]:
         """As :meth:`zkv.client.Client.ping`, on the blocking client's thread."""

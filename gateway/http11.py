@@ -58,6 +58,8 @@ from urllib.parse import unquote_to_bytes
 import greenlet
 import httptools
 
+from zkv.logs import LogLimiter
+
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
 
@@ -473,7 +475,9 @@ class HttpConnection(asyncio.Protocol):
             try:
                 taken = server.shortcut(request.method, request.target)
             except Exception:  # a bug: not the app's to answer, something may have been sent
-                log.exception("the shortcut failed on %r", request.target)
+                server.logs.error(
+                    "shortcut failed", "the shortcut failed on %r", request.target, exc_info=True
+                )
                 self.busy = False
                 self._refuse(500, "internal server error")
                 return
@@ -500,7 +504,9 @@ class HttpConnection(asyncio.Protocol):
         try:
             status, headers, body = finish(done)
         except (Exception, asyncio.CancelledError):  # the connection must not stay busy
-            log.exception("the shortcut failed on %r", request.target)
+            self.server.logs.error(
+                "shortcut failed", "the shortcut failed on %r", request.target, exc_info=True
+            )
             self._refuse(500, "internal server error")
             return
         self._respond(request, started, status, headers, body)
@@ -525,7 +531,8 @@ class HttpConnection(asyncio.Protocol):
         if len(runners) < MAX_IDLE_RUNNERS:
             runners.append(glet)
         if isinstance(result, _Failed):
-            log.error(
+            self.server.logs.error(
+                "app failed",
                 "the app failed on %s %r",
                 environ["REQUEST_METHOD"],
                 request.target,
@@ -634,7 +641,16 @@ class HttpConnection(asyncio.Protocol):
             head + b"Date: " + self.server.dates.get() + b"\r\nConnection: close\r\n\r\n" + body
         )
         if self.server.config.access_log:
-            access_log.info("%s %d %d (refused: %s)", self.peer, status, len(body), message)
+            # A refusal costs its peer nothing (no app, no cluster): rate-limited, unlike the
+            # access lines of requests served.
+            self.server.access_logs.info(
+                f"refused {status}",
+                "%s %d %d (refused: %s)",
+                self.peer,
+                status,
+                len(body),
+                message,
+            )
         self._close_if_done()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -686,7 +702,12 @@ class HttpConnection(asyncio.Protocol):
         config = self.server.config
         if self.write_blocked_since and now - self.write_blocked_since > config.write_timeout_s:
             # Also when closing: asyncio's close() waits for the output to drain, forever.
-            log.info("%s: output not read for %.1f s, aborting", self.peer, config.write_timeout_s)
+            self.server.logs.info(
+                "write timeout",
+                "%s: output not read for %.1f s, aborting",
+                self.peer,
+                config.write_timeout_s,
+            )
             if self.transport is not None:
                 self.transport.abort()  # its buffered output goes with it
         elif self.linger_until:
@@ -710,6 +731,7 @@ class HttpServer:
         loop: the event loop this server runs on.
         server_name, server_port: ``SERVER_NAME`` and ``SERVER_PORT`` of every environ.
         shortcut: offered every request first (see :data:`Shortcut`); None: the app serves all.
+        clock: monotonic seconds for the rate limits of log lines (tests inject a fake).
     """
 
     def __init__(
@@ -720,8 +742,14 @@ class HttpServer:
         server_name: str = "127.0.0.1",
         server_port: int = 0,
         shortcut: Shortcut | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.app = app
+        # Every line a peer can cause (a refusal, a parse error, a stalled reader, a bug it
+        # triggers) is rate-limited: at most BURST (5) of a kind per WINDOW_S (10 s), then a
+        # count of those suppressed (zkv/logs.py). Kinds are fixed strings, never peer input.
+        self.logs = LogLimiter(log, clock=clock)
+        self.access_logs = LogLimiter(access_log, clock=clock)
         self.shortcut = shortcut
         self.shortcut_requests = 0  # requests the shortcut took, for the log
         self.app_requests = 0  # requests the app was called for
@@ -773,7 +801,12 @@ class HttpServer:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return  # another process took it
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: out of resources; try again soon
-            log.warning("accept failed: %s; pausing accepts for %.1f s", exc, ACCEPT_PAUSE_S)
+            self.logs.warning(
+                "accept failed",
+                "accept failed: %s; pausing accepts for %.1f s",
+                exc,
+                ACCEPT_PAUSE_S,
+            )
             self._accept_paused_until = self.loop.time() + ACCEPT_PAUSE_S
             return
         sock.setblocking(False)
@@ -813,7 +846,12 @@ class HttpServer:
                 try:
                     connection.check_timeouts(now)
                 except Exception:
-                    log.exception("timeout check failed on %s; aborting it", connection.peer)
+                    self.logs.error(
+                        "timeout check failed",
+                        "timeout check failed on %s; aborting it",
+                        connection.peer,
+                        exc_info=True,
+                    )
                     if connection.transport is not None:
                         connection.transport.abort()
         finally:

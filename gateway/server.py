@@ -36,7 +36,15 @@ from gateway.bridge import LoopClient
 from gateway.http11 import ServerConfig, Shortcut
 from zkv import defaults, protocol
 from zkv.client import Client
-from zkv.config import add_flag, boolean, endpoint, env_default, positive_float, positive_int
+from zkv.config import (
+    add_flag,
+    boolean,
+    endpoint,
+    env_default,
+    keys_default,
+    positive_float,
+    positive_int,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
         "largest value accepted, in bytes",
     )
     parser.add_argument(
+        "--frontend-curve",
+        action=argparse.BooleanOptionalAction,
+        default=env_default("ZKV_FRONTEND_CURVE", False, boolean),
+        help="talk CURVE to a broker started with --frontend-curve (keys from --keys)"
+        " (env ZKV_FRONTEND_CURVE, default false)",
+    )
+    parser.add_argument(
+        "--keys",
+        default=keys_default(),
+        help="with --frontend-curve: the directory holding broker.key, client.key and "
+        "client.key_secret (env ZKV_KEYS, default <ZKV_DATA_DIR>/keys)",
+    )
+    parser.add_argument(
         "--access-log",
         action="store_true",
         default=env_default("ZKV_ACCESS_LOG", False, boolean),
@@ -278,6 +299,7 @@ def app_factory(args: argparse.Namespace) -> Callable[[], Bottle]:
         endpoint=args.frontend,
         timeout_s=args.timeout,
         connect_timeout_s=args.connect_timeout,
+        keys=args.keys if args.frontend_curve else None,
     )
     return functools.partial(
         make_app,

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -63,6 +64,7 @@ from zkv.calls import (
 )
 from zkv.client import BATCH_OPS, CONNECT_POLL_S, dealer
 from zkv.errors import ProtocolError, Unavailable, ZkvError
+from zkv.keys import frontend_curve
 from zkv.protocol import Kind
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class AsyncClient:
         batch_ops: operations per BATCH message at most.
         context: the ZeroMQ context (a ``zmq.asyncio.Context`` will do); defaults to the
             process-wide one.
+        keys: CURVE keys for the frontend, as for :class:`zkv.client.Client`.
 
     Attributes:
         retries: how many times unanswered operations were sent again (for statistics).
@@ -100,8 +103,10 @@ class AsyncClient:
         connect_timeout_s: float = defaults.CONNECT_TIMEOUT_S,
         batch_ops: int = BATCH_OPS,
         context: zmq.Context | None = None,
+        keys: str | os.PathLike[str] | None = None,
     ) -> None:
         self.endpoint = frontend(endpoint)
+        self.curve = frontend_curve(keys)
         self.batch_ops = checked_batch_ops(batch_ops)
         self.timeout_s = timeout_s
         self.attempt_s = attempt_s
@@ -347,7 +352,7 @@ class AsyncClient:
         if not open_new or self._loop is None:
             return None
         try:
-            socket = dealer(self._context, self.endpoint)
+            socket = dealer(self._context, self.endpoint, self.curve)
         except zmq.ZMQError as exc:  # EMFILE: out of file descriptors, for now
             log.warning("no socket to %s (%s): trying again at the next send", self.endpoint, exc)
             return None

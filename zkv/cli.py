@@ -21,7 +21,7 @@ from zkv import defaults
 from zkv.client import Client, NotFound
 from zkv.config import add_flag, positive_float
 from zkv.errors import ZkvError
-from zkv.keys import create_keys
+from zkv.keys import KeysError, create_keys
 
 
 def _deadline(deadline_ms: int | None) -> str:
@@ -39,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         positive_float,
         "seconds to wait for a reply",
     )
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        default=None,
+        help="talk CURVE to a broker started with --frontend-curve, with client.key, "
+        "client.key_secret and broker.key from this directory (without it: CURVE only if "
+        "ZKV_FRONTEND_CURVE=1, keys from ZKV_KEYS)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     set_ = commands.add_parser("set", help="store a value")
     set_.add_argument("key")
@@ -46,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     set_.add_argument("--ttl", type=positive_float, help="seconds until the key expires")
     for name, text in (("get", "print a value"), ("del", "delete a key")):
         commands.add_parser(name, help=text).add_argument("key")
-    commands.add_parser("all", help="print every live key as JSON lines")
+    commands.add_parser(
+        "all", help="print every live key as JSON lines, read in pages (not a snapshot)"
+    )
     commands.add_parser("ping", help="print the cluster's state")
     keygen = commands.add_parser(
         "keygen", help="write a new cluster key set (CURVE) into DIR, which must not exist"
@@ -61,11 +71,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(
             f"OK keys in {args.dir}: give the broker the whole directory, each worker host "
-            f"broker.key, worker.key and worker.key_secret (keep the modes: 0700, 0600)"
+            f"broker.key, worker.key and worker.key_secret, each CURVE client host broker.key, "
+            f"client.key and client.key_secret (keep the modes: 0700, 0600)"
         )
         return 0
 
-    with Client(args.frontend, timeout_s=args.timeout) as client:
+    try:
+        client = Client(args.frontend, timeout_s=args.timeout, keys=args.keys)
+    except KeysError as exc:
+        print(f"error: keys: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             match args.command:
                 case "set":
@@ -80,13 +96,16 @@ def main(argv: list[str] | None = None) -> int:
                         return 1
                     print("OK")
                 case "all":
-                    for entry in client.all():
-                        line = {
-                            "key": entry.key.decode(errors="replace"),
-                            "value": entry.value.decode(errors="replace"),
-                            "expires_at_ms": entry.deadline_ms,
-                        }
-                        print(json.dumps(line))
+                    # Page by page (Client.pages), printed as it comes: bounded memory for any
+                    # store, and not a snapshot (keys written meanwhile may or may not show).
+                    for page in client.pages():
+                        for entry in page:
+                            line = {
+                                "key": entry.key.decode(errors="replace"),
+                                "value": entry.value.decode(errors="replace"),
+                                "expires_at_ms": entry.deadline_ms,
+                            }
+                            print(json.dumps(line))
                 case "ping":
                     print(json.dumps(client.ping()))
         except NotFound:

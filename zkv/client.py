@@ -44,9 +44,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -70,7 +71,10 @@ from zkv.calls import (
     ttl_to_ms,
 )
 from zkv.errors import RequestError, Timeout, ZkvError
+from zkv.keys import ClientCurve, frontend_curve
 from zkv.protocol import (
+    MAX_LIST_KEYS,
+    REPLY_TOO_LARGE,
     Entry,
     Kind,
     ProtocolError,
@@ -85,6 +89,9 @@ from zkv.protocol import (
 CONNECT_POLL_S = 0.1  # one wait for the connection to the broker, between retries
 BATCH_OPS = 1000  # operations per BATCH message a pipeline sends
 WINDOW_OPS = 8000  # operations a pipeline keeps in flight (sent, not yet answered)
+# Keys per page of Client.all and pages (asked of every shard at once): under MAX_LIST_KEYS,
+# a shard's bound per ALL; a page of larger values is halved until it fits MAX_REPLY_BYTES.
+ALL_PAGE_KEYS = 1000
 
 _GET = int(Kind.GET)
 _SET = int(Kind.SET)
@@ -106,6 +113,10 @@ class Client:
         context: the ZeroMQ context; defaults to the process-wide one.
         batch_ops: pipelines: operations per BATCH message (at most MAX_BATCH_OPS).
         window_ops: pipelines: operations in flight at once.
+        keys: a keys directory holding ``broker.key``, ``client.key`` and
+            ``client.key_secret``: talk CURVE to a broker started with ``--frontend-curve``.
+            None: CURVE only if ``$ZKV_FRONTEND_CURVE`` is on, with ``$ZKV_KEYS``
+            (:func:`zkv.keys.frontend_curve`). Raises KeysError if they cannot be loaded.
 
     Attributes:
         retries: how many times this client has sent a request again (for statistics).
@@ -120,8 +131,10 @@ class Client:
         context: zmq.Context | None = None,
         batch_ops: int = BATCH_OPS,
         window_ops: int = WINDOW_OPS,
+        keys: str | os.PathLike[str] | None = None,
     ) -> None:
         self.endpoint = frontend(endpoint)
+        self.curve = frontend_curve(keys)
         self.batch_ops = checked_batch_ops(batch_ops)
         self.timeout_s = timeout_s
         self.attempt_s = attempt_s
@@ -160,23 +173,44 @@ class Client:
         return reply.status == Status.OK
 
     def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
-        """Live entries of every shard.
+        """Live entries of every shard, sorted by key, read in pages (:meth:`pages`).
+
+        Not a point-in-time snapshot: each page is read as it was when it was asked for, so a
+        key written or expired meanwhile may be missing or present; no key comes twice.
 
         Args:
             after: only keys greater than this one (bytewise), for paging.
-            limit: at most this many keys *per shard*, the smallest ones; 0 for all. With a
-                limit the result is sorted by key; take the first ``limit`` for a global page.
+            limit: at most this many keys in all, the smallest ones; 0 for every key.
             keys_only: leave values out (each entry's value is ``b""``).
         """
-        reply = self.request(
-            Request(Kind.ALL, 0, as_bytes(after, "after"), limit=limit, keys_only=keys_only)
-        )
+        return [entry for page in self.pages(after, keys_only, limit) for entry in page]
+
+    def pages(
+        self,
+        after: bytes | str = b"",
+        keys_only: bool = False,
+        limit: int = 0,
+        page_keys: int = ALL_PAGE_KEYS,
+    ) -> Iterator[list[Entry]]:
+        """The live entries after ``after`` in pages, in key order (see :func:`paged`): what
+        one page costs the client, the broker and each shard is bounded, whatever the store's
+        size. Not a snapshot (see :meth:`all`)."""
+        return paged(self.all_once, as_bytes(after, "after"), keys_only, limit, page_keys)
+
+    def all_once(self, after: bytes, limit: int, keys_only: bool = False) -> list[Entry]:
+        """One ALL request: each shard's ``limit`` smallest keys after ``after`` (0: all of
+        them), the union sorted by key.
+
+        Raises:
+            RequestError: with ``REPLY_TOO_LARGE`` in its message if a shard's answer would
+                be over MAX_LIST_KEYS keys or MAX_REPLY_BYTES (ask for fewer keys).
+        """
+        reply = self.request(Request(Kind.ALL, 0, after, limit=limit, keys_only=keys_only))
         try:
             entries = decode_entries(reply.body or b"")
         except ProtocolError as exc:
             raise ZkvError(f"malformed ALL reply from {self.endpoint}: {exc}") from None
-        if limit:
-            entries.sort(key=lambda entry: entry.key)
+        entries.sort(key=_entry_key)
         return entries
 
     def ping(self) -> dict[str, Any]:
@@ -434,7 +468,7 @@ class Client:
 
     def _connected_socket(self) -> zmq.Socket:
         if self._socket is None:
-            socket = dealer(self._context, self.endpoint)
+            socket = dealer(self._context, self.endpoint, self.curve)
             self._socket = socket
             self._poller.register(socket, zmq.POLLIN)
         return self._socket
@@ -463,11 +497,67 @@ class Client:
             self._socket = None
 
 
-def dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:
+AllOnce = Callable[[bytes, int, bool], list[Entry]]
+"""One ALL request: ``(after, limit per shard, keys_only)`` -> the union, sorted by key."""
+
+
+def _entry_key(entry: Entry) -> bytes:
+    return entry.key
+
+
+def paged(
+    all_once: AllOnce,
+    after: bytes = b"",
+    keys_only: bool = False,
+    limit: int = 0,
+    page_keys: int = ALL_PAGE_KEYS,
+) -> Iterator[list[Entry]]:
+    """The entries after ``after`` in pages of at most ``page_keys``, in key order, up to
+    ``limit`` in all (0: every one), by the cursor of docs/protocol.md.
+
+    Each page asks every shard for its ``page + 1`` smallest keys after the cursor: the sorted
+    union's first ``page`` are the store's next ``page`` keys, and an extra one says another
+    page follows (its last key is the next cursor). A page a shard refuses as too large (over
+    MAX_REPLY_BYTES of values) is asked again with half as many keys, down to one key; the
+    smaller page size is kept for the rest of the listing. Shared by :class:`Client`, the
+    gateway's event-loop client and its seed ``/all`` (gateway/bridge.py, gateway/app.py).
+
+    Args:
+        all_once: makes one ALL request (:meth:`Client.all_once`).
+        page_keys: keys per page at most; capped below MAX_LIST_KEYS, a shard's bound.
+    """
+    page = max(1, min(page_keys, MAX_LIST_KEYS - 1))
+    remaining = limit
+    while True:
+        want = min(page, remaining) if limit else page
+        try:
+            entries = all_once(after, want + 1, keys_only)
+        except RequestError as exc:
+            if REPLY_TOO_LARGE in str(exc) and want > 1:
+                page = want // 2
+                continue
+            raise
+        chunk = entries[:want]
+        if chunk:
+            yield chunk
+        if len(entries) <= want:
+            return
+        if limit:
+            remaining -= len(chunk)
+            if remaining <= 0:
+                return
+        after = chunk[-1].key
+
+
+def dealer(context: zmq.Context, endpoint: str, curve: ClientCurve | None = None) -> zmq.Socket:
     """A DEALER connected to the broker as both clients want it: IMMEDIATE, so nothing is
-    queued for a broker that is not connected (a send fails at once instead); LINGER 0, so
-    closing it drops what is stale; reconnecting within a second of a broker restart."""
+    queued for a broker that is not connected (a send fails at once instead: also while a
+    CURVE handshake has not succeeded, so a refused key means Unavailable, not a hang);
+    LINGER 0, so closing it drops what is stale; reconnecting within a second of a broker
+    restart. With ``curve``, a CURVE client of the broker's frontend (zkv/keys.py)."""
     socket = context.socket(zmq.DEALER)
+    if curve is not None:
+        curve.apply(socket)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.IMMEDIATE, 1)
     socket.setsockopt(zmq.RECONNECT_IVL, 100)

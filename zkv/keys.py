@@ -8,6 +8,16 @@ directory (owner-only: the directory 0700, every file 0600)::
     <keys>/worker.key            the workers' public key
     <keys>/worker.key_secret     the workers' secret key (every worker)
     <keys>/authorized/*.key      the public keys the broker lets join its backend
+    <keys>/client.key            a clients' public key (optional frontend CURVE)
+    <keys>/client.key_secret     its secret key (every client that uses CURVE)
+    <keys>/clients/*.key         the public keys the broker lets use its frontend (--frontend-curve)
+
+With ``--frontend-curve`` (``ZKV_FRONTEND_CURVE=1``) the frontend is a CURVE server too, under
+the ZAP domain ``clients`` with its own authorised set, ``clients/``: a client key never lets
+anyone join the backend as a worker, and a worker key never opens the frontend. Clients load
+``broker.key``, ``client.key`` and ``client.key_secret`` (:func:`client_curve`). A key set made
+before client keys existed gets them at the broker's first start with ``--frontend-curve``
+(:func:`ensure_client_keys`).
 
 The broker's backend is a CURVE server: a worker proves it holds the secret of a key listed in
 ``authorized/`` (ZeroMQ's ZAP, run by pyzmq's ``zmq.auth`` ThreadAuthenticator), and it checks
@@ -34,11 +44,16 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
+from zkv.config import boolean, env_default, keys_default
+
 log = logging.getLogger(__name__)
 
 BROKER = "broker"
 WORKER = "worker"
 AUTHORIZED = "authorized"
+CLIENT = "client"
+CLIENTS = "clients"
+CLIENTS_DOMAIN = "clients"  # the ZAP domain of the frontend, whose keys are in clients/
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -64,6 +79,14 @@ class Keys:
     @property
     def authorized(self) -> Path:
         return self.directory / AUTHORIZED
+
+    @property
+    def clients(self) -> Path:
+        return self.directory / CLIENTS
+
+    def client(self) -> KeyPair:
+        """The clients' keypair, secret included."""
+        return self._load(CLIENT, True)
 
     def broker(self, secret: bool = False) -> KeyPair:
         """The broker's keypair (``secret``: with its secret key)."""
@@ -105,6 +128,9 @@ def create_keys(directory: Path) -> None:
         zmq.auth.create_certificates(scratch, WORKER)
         (scratch / AUTHORIZED).mkdir(mode=DIR_MODE)
         shutil.copyfile(scratch / f"{WORKER}.key", scratch / AUTHORIZED / f"{WORKER}.key")
+        zmq.auth.create_certificates(scratch, CLIENT)
+        (scratch / CLIENTS).mkdir(mode=DIR_MODE)
+        shutil.copyfile(scratch / f"{CLIENT}.key", scratch / CLIENTS / f"{CLIENT}.key")
         for path in scratch.rglob("*"):
             os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
         try:
@@ -141,3 +167,76 @@ def ensure_keys(directory: Path | str) -> Keys:
     if directory.stat().st_mode & 0o077:
         log.warning("%s is readable by other users: anyone who can read it can join", directory)
     return Keys(directory)
+
+
+def ensure_client_keys(keys: Keys) -> Keys:
+    """``keys`` with a clients' keypair and ``clients/``, added if the set predates them (the
+    broker calls this at start with ``--frontend-curve``). Made in a private temporary
+    directory; ``clients/`` is renamed into place first, so a racer that loses keeps nothing.
+    """
+    directory = keys.directory
+    if keys.clients.is_dir() and (directory / f"{CLIENT}.key_secret").is_file():
+        return keys
+    scratch = Path(tempfile.mkdtemp(prefix=".clients-", dir=directory))
+    try:
+        zmq.auth.create_certificates(scratch, CLIENT)
+        (scratch / CLIENTS).mkdir(mode=DIR_MODE)
+        shutil.copyfile(scratch / f"{CLIENT}.key", scratch / CLIENTS / f"{CLIENT}.key")
+        for path in scratch.rglob("*"):
+            os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
+        try:
+            os.rename(scratch / CLIENTS, keys.clients)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                return keys  # made by another process meanwhile
+            raise
+        for name in (f"{CLIENT}.key", f"{CLIENT}.key_secret"):
+            os.rename(scratch / name, directory / name)
+        log.info("created the clients' keys in %s (owner-only)", directory)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return keys
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCurve:
+    """What a client socket needs for CURVE: its keypair and the broker's public key."""
+
+    public: bytes
+    secret: bytes
+    server_key: bytes
+
+    def apply(self, socket: zmq.Socket) -> None:
+        """Make ``socket`` a CURVE client of the broker (before it connects)."""
+        socket.curve_secretkey = self.secret
+        socket.curve_publickey = self.public
+        socket.curve_serverkey = self.server_key
+
+
+def client_curve(directory: Path | str) -> ClientCurve:
+    """The CURVE keys a client reads from a keys directory: ``client.key``,
+    ``client.key_secret`` and ``broker.key`` (a client host needs only those three).
+
+    Raises:
+        KeysError: one of them is missing or unreadable.
+    """
+    keys = Keys(Path(directory))
+    pair = keys.client()
+    assert pair.secret is not None  # _load checked it
+    return ClientCurve(pair.public, pair.secret, keys.broker().public)
+
+
+def frontend_curve(keys: Path | str | None = None) -> ClientCurve | None:
+    """A client's CURVE keys for the frontend: from ``keys`` if given; else, if
+    ``$ZKV_FRONTEND_CURVE`` is on, from ``$ZKV_KEYS`` (default ``<ZKV_DATA_DIR>/keys``); else
+    None, a plain connection (the default: the frontend is plain unless the broker was started
+    with ``--frontend-curve``).
+
+    Raises:
+        KeysError: the keys cannot be loaded.
+    """
+    if keys is None:
+        if not env_default("ZKV_FRONTEND_CURVE", False, boolean):
+            return None
+        keys = keys_default()
+    return client_curve(keys)

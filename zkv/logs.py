@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 WINDOW_S = 10.0  # length of one rate-limiting window, seconds
 BURST = 5  # lines of one kind let through per window; the rest are counted
@@ -59,11 +60,12 @@ class LogLimiter:
         self._clock = clock
         self._windows: dict[str, _Window] = {}
 
-    def log(self, level: int, kind: str, message: str, *args: object) -> bool:
+    def log(self, level: int, kind: str, message: str, *args: object, exc_info: Any = None) -> bool:
         """Log ``message % args`` at ``level`` unless ``kind`` used up its window.
 
         Args:
             kind: the event's kind (a fixed string of the call site, never peer input).
+            exc_info: as for :meth:`logging.Logger.log` (a traceback, for a bug's line).
 
         Returns:
             Whether the line was written.
@@ -83,12 +85,16 @@ class LogLimiter:
             window.suppressed += 1
             return False
         window.emitted += 1
-        self.logger.log(level, message, *args)
+        self.logger.log(level, message, *args, exc_info=exc_info)
         return True
 
     def warning(self, kind: str, message: str, *args: object) -> bool:
         """:meth:`log` at WARNING."""
         return self.log(logging.WARNING, kind, message, *args)
+
+    def error(self, kind: str, message: str, *args: object, exc_info: Any = None) -> bool:
+        """:meth:`log` at ERROR."""
+        return self.log(logging.ERROR, kind, message, *args, exc_info=exc_info)
 
     def info(self, kind: str, message: str, *args: object) -> bool:
         """:meth:`log` at INFO."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import socket
 import threading
@@ -27,17 +28,23 @@ from gateway.bridge import wait
 from gateway.http11 import HttpServer, ServerConfig
 from tests.cluster import wait_for
 from zkv.client import Item, NotFound
+from zkv.logs import BURST, WINDOW_S
 
 pytestmark = pytest.mark.integration
 
 LIMIT = 1000  # max_body_bytes of every server here
+FLOOD = 40  # malformed requests that must not write as many log lines
 
 
 class Server:
     """An :class:`HttpServer` serving ``app`` on a free loopback port, its loop in a thread."""
 
     def __init__(
-        self, app: Callable[..., Any], shortcut: http11.Shortcut | None = None, **options: Any
+        self,
+        app: Callable[..., Any],
+        shortcut: http11.Shortcut | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        **options: Any,
     ) -> None:
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
@@ -45,7 +52,11 @@ class Server:
         self.port = self.listener.getsockname()[1]
         self.loop = asyncio.new_event_loop()
         self.http = HttpServer(
-            app, ServerConfig(max_body_bytes=LIMIT, **options), self.loop, shortcut=shortcut
+            app,
+            ServerConfig(max_body_bytes=LIMIT, **options),
+            self.loop,
+            shortcut=shortcut,
+            clock=clock,
         )
         self._done = threading.Event()
         started = threading.Event()
@@ -457,6 +468,39 @@ def test_app_that_raises_gets_json_500(caplog: pytest.LogCaptureFixture) -> None
     finally:
         running.close()
     assert any("RuntimeError" in (r.exc_text or "") for r in caplog.records)
+
+
+def test_a_flood_of_refused_requests_writes_a_bounded_number_of_log_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A refusal costs its peer nothing: one access-log line each let a client write lines
+    # without bound. Now at most BURST a window per kind, then a count of those suppressed.
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    now = [0.0]
+    running = Server(echo, clock=lambda: now[0], access_log=True, max_connections=1000)
+
+    def refused() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+
+    def send_garbage() -> None:
+        with running.connect() as sock:
+            sock.sendall(b"\x00\x01 nonsense\r\n\r\n")
+            reader = Reader(sock)
+            assert reader.response().status == 400
+            assert reader.closed()  # the server logs (or not) before it shuts its side
+
+    try:
+        for _ in range(FLOOD):
+            send_garbage()
+        wait_for(lambda: len(refused()) >= BURST or None, "the first refusals logged", 5)
+        now[0] += WINDOW_S  # the next window: one line, with the count of the rest
+        send_garbage()
+        wait_for(lambda: len(refused()) > BURST or None, "the next window's line", 5)
+    finally:
+        running.close()
+    lines = refused()
+    assert len(lines) == BURST + 1
+    assert f"({FLOOD - BURST} similar message(s) suppressed" in lines[-1]
 
 
 def test_connections_over_the_limit_get_503_and_are_closed() -> None:

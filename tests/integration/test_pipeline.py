@@ -22,6 +22,7 @@ from zkv import Client, Item, NotFound, RequestError, Timeout, Unavailable
 from zkv import aio as aio_module
 from zkv import calls as calls_module
 from zkv.aio import AsyncClient
+from zkv.keys import ClientCurve
 from zkv.protocol import (
     BatchReply,
     Kind,
@@ -304,12 +305,14 @@ def test_asyncio_without_file_descriptors_makes_its_socket_later_and_loses_nothi
     made = 0
     real_dealer = aio_module.dealer
 
-    def flaky_dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    def flaky_dealer(
+        context: zmq.Context, endpoint: str, curve: ClientCurve | None = None
+    ) -> zmq.Socket:
         nonlocal made
         made += 1
         if made in (1, 3):  # the first socket, and the first one made for the resend
             raise zmq.ZMQError(errno.EMFILE)
-        return real_dealer(context, endpoint)
+        return real_dealer(context, endpoint, curve)
 
     monkeypatch.setattr(aio_module, "dealer", flaky_dealer)
 

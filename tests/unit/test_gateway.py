@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,9 @@ from gateway.app import ClientPlugin, cursor_of, http_date, key_of_cursor, make_
 from gateway.bridge import LoopClient
 from gateway.server import app_factory, build_parser, gunicorn_options
 from zkv import defaults
-from zkv.client import Client, Item, NotFound
+from zkv.client import ALL_PAGE_KEYS, Client, Item, NotFound, paged
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
+from zkv.logs import BURST, WINDOW_S, LogLimiter
 from zkv.protocol import MAX_TTL_MS, REPLY_TOO_LARGE, Entry
 
 pytestmark = [
@@ -130,6 +131,16 @@ class FakeClient:
             entries.sort(key=lambda entry: entry.key)
         return entries
 
+    def pages(
+        self,
+        after: bytes | str = b"",
+        keys_only: bool = False,
+        limit: int = 0,
+        page_keys: int = ALL_PAGE_KEYS,
+    ) -> Iterator[list[Entry]]:
+        """As Client.pages: ``all`` is this fake's one ALL request (per-shard limits)."""
+        return paged(self.all, _b(after), keys_only, limit, page_keys)
+
     def ping(self) -> Any:
         self._enter("ping")
         return self.ping_info
@@ -196,6 +207,13 @@ def call(
         data,
         header_list,
     )
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own log rate limits: the app's limiter is per process, and lines an
+    earlier test used up would be missing from a later test's log."""
+    monkeypatch.setattr(gateway_app, "limited", LogLimiter(gateway_app.log))
 
 
 @pytest.fixture
@@ -733,6 +751,29 @@ def test_seed_all_asks_fewer_keys_when_a_page_is_too_large(clock: FakeClock) -> 
 
 
 # --- errors -----------------------------------------------------------------------------------
+
+
+def test_a_flood_of_failing_requests_logs_a_bounded_number_of_lines(
+    app: Bottle, kv: FakeClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every 5xx wrote a WARNING: a client repeating a failing request wrote a line each time.
+    ticks = FakeClock(0.0)
+    monkeypatch.setattr(gateway_app, "limited", LogLimiter(gateway_app.log, clock=ticks))
+    caplog.set_level(logging.WARNING, logger="gateway.app")
+    kv.failure = Unavailable("no worker owns shard 1")
+    for _ in range(200):
+        assert get(app, "/v1/keys/k").status == 503
+        assert get(app, "/get?key=k").status == 503
+    kv.failure = RuntimeError("a bug a request can reach")
+    for _ in range(200):
+        assert get(app, "/v1/keys/k").status == 500
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.app"]
+    assert len(lines) == 2 * BURST  # one budget per kind: 503, 500
+    ticks.now += WINDOW_S
+    kv.failure = Unavailable("no worker owns shard 1")
+    assert get(app, "/v1/keys/k").status == 503
+    last = caplog.records[-1].getMessage()
+    assert "-> 503" in last and f"({400 - BURST} similar message(s) suppressed" in last
 
 
 @pytest.mark.parametrize(
