@@ -320,20 +320,23 @@ class Worker:
 
     def _serve(self, batch: list[Message]) -> None:
         """Serve and answer a batch of dispatches (then empty it): a REPLY per DISPATCH, a
-        BATCH_REPLY per BATCH_DISPATCH, in the order they came."""
+        BATCH_REPLY per BATCH_DISPATCH, in the order they came; or, for a shard this worker
+        does not hold (any more), hand them back to the broker (:meth:`_reroute`)."""
         if not batch:
             return
         shard = self.shard
-        moved: ShardMoved | None = None
-        if shard is None:
+        if shard is None and not self.stopping:
+            self._reroute(batch, "no shard assigned")
+            return
+        if shard is None:  # stopping: the DISCONNECT that follows hands the rest back
             replies = [unavailable(d, "no shard assigned") for d in batch]
         else:
             try:
                 replies = shard.handle_batch(batch, self._send)
             except ShardMoved as exc:
-                moved = exc
-                message = f"shard {shard.number} moved to a newer owner"
-                replies = [unavailable(d, message) for d in batch]
+                self._moved(shard, exc)
+                self._reroute(batch, f"shard {shard.number} moved to a newer owner")
+                return
             except OwnershipError as exc:
                 log.warning("shard %d: %s: batch of %d refused", shard.number, exc, len(batch))
                 message = f"shard {shard.number}: owner file unusable now; nothing applied"
@@ -347,13 +350,31 @@ class Worker:
             if reply is None:
                 continue  # a GET answered before the batch's write and fsync
             self._send(encode_reply(reply) if isinstance(reply, Reply) else reply)
-        if moved is not None and shard is not None:
-            self._moved(shard, moved)
 
     def _moved(self, shard: Shard, exc: ShardMoved) -> None:
         """A newer owner has the shard: drop it, write nothing more, register as new."""
         self._leave(shard, f"moved to a newer owner (epoch {exc.found})", sync=False)
         self._send_ready()
+
+    def _reroute(self, batch: list[Message], why: str) -> None:
+        """Dispatches for a shard this worker does not hold (the broker's view of it is
+        stale): none is applied, and none is answered. An answer (UNAVAILABLE) would fail
+        them, as "outcome unknown" if an earlier worker had them; instead the READY that
+        tells the broker what this worker holds makes it take back every dispatch it had
+        sent here and route them to the shard's owner (a worker registering again loses its
+        flights to the shard's queue, protocol.md section 5)."""
+        count = len(batch)
+        batch.clear()
+        peer_log.warning(
+            "rerouted",
+            "%d dispatch(es) for a shard this worker does not hold (%s): not applied, handed "
+            "back to the broker",
+            count,
+            why,
+        )
+        sent_s = self._ready_sent_s
+        if sent_s is None or time.monotonic() - sent_s >= self._ready_again_s:
+            self._send_ready()
 
     def _fail_stop(self, shard: Shard, exc: Exception) -> None:
         """A write or fsync failed: memory may be ahead of the disk, so serve nothing more.

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import zmq
@@ -16,14 +17,24 @@ import zmq
 from tests.cluster import ROOT, Cluster, free_port, wait_for
 from zkv import Unavailable
 from zkv.hashing import key_shard
+from zkv.keys import Keys
 from zkv.protocol import Kind, Request, Status, decode_reply, encode_request
 
 pytestmark = pytest.mark.process
 
 
-def raw_socket(endpoint: str) -> zmq.Socket:
+def raw_socket(endpoint: str, keys: Keys | None = None) -> zmq.Socket:
+    """A DEALER on ``endpoint``; with ``keys``, a CURVE client holding the workers' key (the
+    backend lets nothing else in). Sends time out rather than block: a DEALER with no peer
+    (a handshake refused) would wait forever."""
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDTIMEO, 5000)
+    if keys is not None:
+        pair = keys.worker()
+        socket.curve_secretkey = pair.secret
+        socket.curve_publickey = pair.public
+        socket.curve_serverkey = keys.broker().public
     socket.connect(endpoint)
     return socket
 
@@ -47,7 +58,10 @@ GARBAGE = [
 
 def test_malformed_frames_at_the_broker_get_errors_and_it_keeps_serving(cluster: Cluster):
     socket = raw_socket(cluster.frontend)
-    worker_side = raw_socket(cluster.backend)  # a rogue "worker" too
+    # A "worker" sending garbage too: one that holds the cluster's keys, since the backend
+    # lets nothing else in (tests/process/test_security.py tries those without).
+    keys = Keys(Path(cluster.env["ZKV_DATA_DIR"]) / "keys")
+    worker_side = raw_socket(cluster.backend, keys)
     try:
         for frames in GARBAGE:
             socket.send_multipart(frames)
@@ -59,6 +73,10 @@ def test_malformed_frames_at_the_broker_get_errors_and_it_keeps_serving(cluster:
         assert decode_reply(recv(socket)).request_id == 99
         for frames in GARBAGE:
             worker_side.send_multipart(frames)
+        wait_for(
+            lambda: "from worker" in cluster.logs() and "dropped" in cluster.logs(),
+            "the broker to drop the garbage of an authenticated worker",
+        )
         # Still serving, through the client and the gateway.
         client = cluster.client()
         key = f"after-garbage-{uuid.uuid4().hex[:6]}"

@@ -364,6 +364,28 @@ def test_silent_worker_is_removed_and_a_standby_takes_over_its_requests():
     ]
 
 
+def test_a_worker_that_registers_again_hands_its_requests_back_to_be_routed_anew():
+    # A worker that finds its shard moved (or that holds none) answers nothing and sends
+    # READY: the requests it had are routed to the shard's owner, never failed.
+    h = Harness()
+    h.register(b"w0")
+    h.register(b"w1")
+    assert h.register(b"standby").shard is None
+    h.send(Request(Kind.SET, 1, key_for(0), b"a"))
+    [(worker, first, _)] = h.dispatched()
+    assert worker == b"w0"
+    h.broker.on_worker([b"w0", *encode_control(Ready(None, first.token))], h.now)
+    out = h.take()
+    assert [f for s, f in out if s is Side.FRONTEND] == []  # nothing failed
+    back = [(f[0], decode_from_broker(f[1:])) for s, f in out if s is Side.BACKEND]
+    [(owner, assign)] = [(w, m) for w, m in back if isinstance(m, Assign) and m.shard == 0]
+    [(again, dispatch)] = [(w, m) for w, m in back if isinstance(m, Dispatch)]
+    assert again == owner and dispatch.request == first.request
+    assert dispatch.token > first.token
+    h.answer(again, dispatch, ok(dispatch))
+    assert [r.status for r in h.replies()] == [Status.OK]
+
+
 def test_requests_of_a_dead_worker_fail_as_unknown_if_no_owner_comes():
     h = Harness()
     h.register(b"w0")
