@@ -56,13 +56,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from workers.aof import MEMOS_ENTRY
+from zkv import defaults
 from zkv.protocol import Status, stamp_range
 
 # How long a remembered write is kept, by the shard's clock: the idempotency window (the
 # longest a client stamps a request as young enough to apply, see docs/persistence.md section
 # 6) plus the clock skew allowed between a client and the worker, plus a second because a
 # request's stamp is in whole seconds. Entries younger than this are never forgotten.
-DEFAULT_WINDOW_S = 30.0  # --idempotency-window, ZKV_IDEMPOTENCY_WINDOW
+DEFAULT_WINDOW_S = defaults.IDEMPOTENCY_WINDOW_S  # --idempotency-window
 MIN_WINDOW_S = 1.0
 MAX_WINDOW_S = 86_400.0  # a day: stamps wrap after 194 days (zkv.protocol.STAMP_MODULUS)
 MAX_CLOCK_SKEW_S = 5.0  # a client's clock may be this far from the worker's
@@ -71,8 +72,9 @@ SLACK_MS = round((MAX_CLOCK_SKEW_S + STAMP_ROUNDING_S) * 1000)  # keep_ms - wind
 # The memory's bound per shard, in estimated bytes (ENTRY_BYTES per entry plus its key): when
 # a new write would pass it while every entry is still inside the window, the write is
 # refused BUSY (not applied) rather than an entry forgotten early.
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # --idempotency-max-bytes, ZKV_IDEMPOTENCY_MAX_BYTES
+DEFAULT_MAX_BYTES = defaults.IDEMPOTENCY_MAX_BYTES  # --idempotency-max-bytes
 ENTRY_BYTES = 160  # measured: about 170 with a 16-byte key (see the module docstring)
+MIN_MAX_BYTES = 1024 * 1024  # the smallest --idempotency-max-bytes taken: about 6,500 writes
 
 
 def keep_ms(window_s: float) -> int:

@@ -698,6 +698,7 @@ def take_shard(
     durability: Durability | None,
     clock: Clock,
     progress: Callable[[], None] | None = None,
+    memory: Callable[[], RequestMemory] = RequestMemory,
 ) -> Takeover:
     """Take shard ``number``, as ASSIGN says, with ownership epoch ``assigned_epoch``.
 
@@ -714,6 +715,8 @@ def take_shard(
         durability: where shards are stored; None for a worker kept in memory.
         clock: the wall clock of the new store (Unix ms).
         progress: called now and then during a long replay (the worker heartbeats).
+        memory: makes the shard's empty idempotency memory (its window and bound: the
+            worker's settings), before a replay fills it.
 
     Raises:
         aof.CorruptLog: the log is damaged before its end.
@@ -727,9 +730,8 @@ def take_shard(
         if held is not None:
             held.epoch = max(assigned_epoch, held.epoch)
             return Takeover(held, 0, kept=True)
-        return Takeover(
-            Shard(number, TTLStore(HighWaterClock(clock)), epoch=assigned_epoch), 0, kept=False
-        )
+        store = TTLStore(HighWaterClock(clock))
+        return Takeover(Shard(number, store, epoch=assigned_epoch, memory=memory()), 0, kept=False)
     files = held.files if held is not None and held.files is not None else None
     opened = files is None
     if files is None:
@@ -740,13 +742,13 @@ def take_shard(
             held.epoch = files.epoch
             return Takeover(held, stored, kept=True)
         store = TTLStore(HighWaterClock(clock))  # time never goes back: see HighWaterClock
-        memory = RequestMemory()
-        files.replay(store, memory, progress)
+        remembered = memory()
+        files.replay(store, remembered, progress)
     except BaseException:
         if opened:
             files.close(sync=False)
         raise
     last_token = 0 if held is None else held.last_token
-    shard = Shard(number, store, last_token, memory=memory, files=files, epoch=files.epoch)
+    shard = Shard(number, store, last_token, memory=remembered, files=files, epoch=files.epoch)
     shard.progress = progress
     return Takeover(shard, stored, kept=False)
