@@ -27,7 +27,8 @@ object (request id, key length, kind, status, deadline and CRC-32 packed in 24 b
 key: a MEMOS log entry) in a plain dict by request id, and the order of forgetting is a ring of
 the request ids, not an OrderedDict (whose linked list costs about 45 bytes an entry). About
 170 bytes per entry with 16-byte keys (tracemalloc, 100,000 random 64-bit ids: the id itself is
-48 of them, the dict slot about 50), so a full memory holds about 17 MB per shard; it was 300
+48 of them, the dict slot about 50), so 100,000 entries hold about 17 MB (a full memory,
+DEFAULT_MAX_BYTES, about 1.6 million entries with short keys); it was 300
 bytes with a named tuple per entry, and 160 before the entry carried its id and key length
 (10 bytes more that make compaction's MEMOS records one join each).
 Measured as a whole worker's RSS (``bench/memory.py``) a full memory costs nearer 37 MB: the
@@ -41,7 +42,7 @@ Speed, since every SET and DEL is remembered: the worker's hot path calls
 cost about a tenth of a SET's time), and each entry is laid out as an entry of a MEMOS log
 record (``request_id key_len kind status deadline_ms fingerprint key``, workers/aof.py), so
 compaction writes the memory with one join per record (:meth:`RequestMemory.frozen`,
-:func:`workers.aof.encode_memos`) without a Python loop over 100,000 entries, and replay keeps
+:func:`workers.aof.encode_memos`) without a Python loop over the entries, and replay keeps
 the entries as they are read (:meth:`RequestMemory.restore`).
 
 The memory is rebuilt on takeover: every SET and DEL record in the log carries its request id,
