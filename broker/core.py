@@ -413,13 +413,13 @@ class Broker:
         self,
         client: bytes,
         body: list[bytes],
-        keyed: tuple[int, int, bytes, int | None],
+        keyed: tuple[int, int, bytes, int | None, int | None],
         now: float,
     ) -> None:
         """A GET, SET or DEL that came alone (the one-request-at-a-time path): what
         :meth:`on_client` does for it, without a Request object, and dispatched at once
         when its key's token is free (nothing else is open during this event)."""
-        kind, request_id, key, _ = keyed
+        kind, request_id, key, _, _ = keyed
         size = len(body[0]) + _RECORD_OVER_HEADER + (len(body[1]) if len(body) > 1 else 0)
         origin = Origin(client, body, now)
         op = (origin, kind, request_id, key, None, size)

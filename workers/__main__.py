@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 
 from workers.aof import FsyncPolicy
+from workers.idempotency import MAX_WINDOW_S, MIN_MAX_BYTES, MIN_WINDOW_S
 from workers.worker import WorkerConfig, run
 from zkv import defaults
 from zkv.config import (
@@ -67,6 +68,31 @@ def fsync_policy(text: str) -> FsyncPolicy:
     except ValueError:
         names = ", ".join(policy.value for policy in FsyncPolicy)
         raise argparse.ArgumentTypeError(f"must be one of {names}, got {text!r}") from None
+
+
+def idempotency_window(text: str) -> float:
+    """argparse type: an idempotency window in seconds, MIN_WINDOW_S to MAX_WINDOW_S (stamps
+    are read modulo 194 days, and a longer window would hold a day of writes in memory)."""
+    value = float(text)
+    if not MIN_WINDOW_S <= value <= MAX_WINDOW_S:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"must be {MIN_WINDOW_S:.0f} to {MAX_WINDOW_S:.0f} seconds, got {text}"
+        )
+    return value
+
+
+def idempotency_max_bytes(text: str) -> int:
+    """argparse type: a bound of at least MIN_MAX_BYTES bytes."""
+    value = int(text)
+    if value < MIN_MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_MAX_BYTES} bytes, got {value}")
+    return value
+
+
+def retry_reach_s() -> float:
+    """How late a retry can reach a worker with the default timings: the client's timeout
+    plus the broker's wait for a shard and for a worker (docs/persistence.md section 6)."""
+    return defaults.REQUEST_TIMEOUT_S + defaults.SHARD_WAIT_S + defaults.WORKER_REPLY_TIMEOUT_S
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="a pure cache: no files, no locks, nothing survives a restart "
         "(env ZKV_IN_MEMORY, default false)",
     )
+    add_flag(
+        parser,
+        "--idempotency-window",
+        "ZKV_IDEMPOTENCY_WINDOW",
+        defaults.IDEMPOTENCY_WINDOW_S,
+        idempotency_window,
+        help="seconds each shard remembers writes, so that a retry is not applied twice; a "
+        "stamped retry older than this gets 'outcome unknown' (1 to 86400)",
+    )
+    add_flag(
+        parser,
+        "--idempotency-max-bytes",
+        "ZKV_IDEMPOTENCY_MAX_BYTES",
+        defaults.IDEMPOTENCY_MAX_BYTES,
+        idempotency_max_bytes,
+        help="bound of each shard's memory of writes (estimated bytes); past it, new writes "
+        "inside the window are answered BUSY",
+    )
     add_security_flags(parser)
     return parser
 
@@ -141,6 +185,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--keys {args.keys}: {exc}")
     else:
         log.warning("connecting without CURVE (--insecure)")
+    if args.idempotency_window < retry_reach_s():
+        log.warning(
+            "--idempotency-window %.1f s is shorter than a retry can take with the default "
+            "timings (%.0f s: client timeout, shard wait, worker timeout): late retries will "
+            "fail as 'outcome unknown'",
+            args.idempotency_window,
+            retry_reach_s(),
+        )
     config = WorkerConfig(
         keys=keys,
         backend=args.backend,
@@ -148,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fsync=args.fsync,
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_liveness=args.heartbeat_liveness,
+        idempotency_window_s=args.idempotency_window,
+        idempotency_max_bytes=args.idempotency_max_bytes,
     )
     if args.processes == 1:
         return run(config)
@@ -166,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         str(config.heartbeat_liveness),
         "--fsync",
         config.fsync.value,
+        "--idempotency-window",
+        repr(config.idempotency_window_s),
+        "--idempotency-max-bytes",
+        str(config.idempotency_max_bytes),
         *(["--insecure"] if keys is None else ["--no-insecure", "--keys", str(keys.directory)]),
         *(["--in-memory"] if data_dir is None else ["--no-in-memory", "--data-dir", str(data_dir)]),
     ]

@@ -27,7 +27,8 @@ object (request id, key length, kind, status, deadline and CRC-32 packed in 24 b
 key: a MEMOS log entry) in a plain dict by request id, and the order of forgetting is a ring of
 the request ids, not an OrderedDict (whose linked list costs about 45 bytes an entry). About
 170 bytes per entry with 16-byte keys (tracemalloc, 100,000 random 64-bit ids: the id itself is
-48 of them, the dict slot about 50), so a full memory holds about 17 MB per shard; it was 300
+48 of them, the dict slot about 50), so 100,000 entries hold about 17 MB (a full memory,
+DEFAULT_MAX_BYTES, about 1.6 million entries with short keys); it was 300
 bytes with a named tuple per entry, and 160 before the entry carried its id and key length
 (10 bytes more that make compaction's MEMOS records one join each).
 Measured as a whole worker's RSS (``bench/memory.py``) a full memory costs nearer 37 MB: the
@@ -41,7 +42,7 @@ Speed, since every SET and DEL is remembered: the worker's hot path calls
 cost about a tenth of a SET's time), and each entry is laid out as an entry of a MEMOS log
 record (``request_id key_len kind status deadline_ms fingerprint key``, workers/aof.py), so
 compaction writes the memory with one join per record (:meth:`RequestMemory.frozen`,
-:func:`workers.aof.encode_memos`) without a Python loop over 100,000 entries, and replay keeps
+:func:`workers.aof.encode_memos`) without a Python loop over the entries, and replay keeps
 the entries as they are read (:meth:`RequestMemory.restore`).
 
 The memory is rebuilt on takeover: every SET and DEL record in the log carries its request id,
@@ -56,27 +57,30 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from workers.aof import MEMOS_ENTRY
-from zkv.protocol import Status
+from zkv import defaults
+from zkv.protocol import Status, stamp_range
 
 # How long a remembered write is kept, by the shard's clock: the idempotency window (the
 # longest a client stamps a request as young enough to apply, see docs/persistence.md section
 # 6) plus the clock skew allowed between a client and the worker, plus a second because a
 # request's stamp is in whole seconds. Entries younger than this are never forgotten.
-DEFAULT_WINDOW_S = 30.0  # --idempotency-window, ZKV_IDEMPOTENCY_WINDOW
+DEFAULT_WINDOW_S = defaults.IDEMPOTENCY_WINDOW_S  # --idempotency-window
+MIN_WINDOW_S = 1.0
+MAX_WINDOW_S = 86_400.0  # a day: stamps wrap after 194 days (zkv.protocol.STAMP_MODULUS)
 MAX_CLOCK_SKEW_S = 5.0  # a client's clock may be this far from the worker's
 STAMP_ROUNDING_S = 1.0
+SLACK_MS = round((MAX_CLOCK_SKEW_S + STAMP_ROUNDING_S) * 1000)  # keep_ms - window
 # The memory's bound per shard, in estimated bytes (ENTRY_BYTES per entry plus its key): when
 # a new write would pass it while every entry is still inside the window, the write is
 # refused BUSY (not applied) rather than an entry forgotten early.
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # --idempotency-max-bytes, ZKV_IDEMPOTENCY_MAX_BYTES
+DEFAULT_MAX_BYTES = defaults.IDEMPOTENCY_MAX_BYTES  # --idempotency-max-bytes
 ENTRY_BYTES = 160  # measured: about 170 with a 16-byte key (see the module docstring)
-# Kept for callers that still name a count: the old bound, now only the tests' unit of "many".
-MAX_REMEMBERED_REQUESTS = 100_000
+MIN_MAX_BYTES = 1024 * 1024  # the smallest --idempotency-max-bytes taken: about 6,500 writes
 
 
 def keep_ms(window_s: float) -> int:
     """How long entries are kept for a window of ``window_s`` (see DEFAULT_WINDOW_S)."""
-    return round((window_s + MAX_CLOCK_SKEW_S + STAMP_ROUNDING_S) * 1000)
+    return round(window_s * 1000) + SLACK_MS
 
 
 # Keys up to this long are copied into the packed entry (one object instead of a 2-tuple and
@@ -148,6 +152,16 @@ class RequestMemory:
     ids ever appended) of its first id, so run ``i`` holds the ids from its ``first`` to the
     next run's.
 
+    The window: a write stamped by its client (zkv.protocol flag STAMPED) is applied only if
+    its stamp is at most ``window_ms`` (``keep_ms`` less SLACK_MS) in the past and at most
+    MAX_CLOCK_SKEW_S in the future by this clock. :meth:`begin` makes the bounds of that test
+    for the batch (:attr:`stamp_low`, :attr:`stamp_span`, see zkv.protocol.stamp_range), and
+    the shard tests each stamped write it does not remember against them. Why it is safe:
+    a retry accepted arrives at most ``window_ms`` after its stamp, the stamp is at most
+    MAX_CLOCK_SKEW_S after the first attempt reached this shard (clocks within the skew,
+    stamps floored), and that attempt's entry is kept ``window_ms`` + SLACK_MS: a retry is
+    answered from memory or refused, never applied a second time.
+
     Args:
         keep_ms: how long an entry is kept (:func:`keep_ms` of the window).
         max_bytes: the bound on the estimated size (see :attr:`full`).
@@ -174,6 +188,9 @@ class RequestMemory:
         self._runs: deque[tuple[int, int]] = deque()
         self._appended = 0  # ids ever appended to _order
         self.now_ms = 0  # the time of the last begin()
+        # The idempotency window, and the bounds of the stamp test for the current batch.
+        self.window_ms = max(0, keep_ms - SLACK_MS)
+        self.stamp_low, self.stamp_span = stamp_range(0, self.window_ms, SLACK_MS)
         # Estimated bytes held: ENTRY_BYTES per entry in _order plus its key (see full).
         self.used = 0
         # Ids remembered again while still in the ring (a reused id): how many of their older
@@ -191,6 +208,9 @@ class RequestMemory:
         older than ``keep_ms`` are forgotten (whole runs, oldest first)."""
         if now_ms > self.now_ms:
             self.now_ms = now_ms
+            self.stamp_low, self.stamp_span = stamp_range(
+                now_ms, self.window_ms, round(MAX_CLOCK_SKEW_S * 1000)
+            )
         runs = self._runs
         if not runs:  # the first run also holds what was remembered before (an old log)
             runs.append((self.now_ms, self._appended - len(self._order)))

@@ -31,13 +31,16 @@ from dataclasses import dataclass
 
 from workers import aof
 from workers.aof import CorruptLog, DurabilityError, NoSpace
-from workers.idempotency import Memo, RequestMemory
+from workers.idempotency import MAX_CLOCK_SKEW_S, Memo, RequestMemory
 from workers.persist import Durability, ShardFiles
 from workers.store import Clock, HighWaterClock, ListingTooLarge, Missing, TTLStore
+from zkv.logs import LogLimiter
 from zkv.protocol import (
     MAX_LIST_KEYS,
     MAX_REPLY_BYTES,
+    OUTCOME_UNKNOWN,
     REPLY_TOO_LARGE,
+    STAMP_MASK,
     Dispatch,
     DispatchBatch,
     KeyedDispatch,
@@ -50,9 +53,11 @@ from zkv.protocol import (
     encode_reply,
     pack_reply,
     reply_frames,
+    stamp_age_ms,
 )
 
 log = logging.getLogger(__name__)
+client_log = LogLimiter(log)  # lines that clients' requests can cause, rate-limited
 
 
 class Shard:
@@ -253,11 +258,13 @@ class Shard:
 
     def _refusing_message(self, dispatch: Message, files: ShardFiles) -> Answer:
         if type(dispatch) is tuple:
-            token, kind, request_id, key, value, _ = dispatch
+            token, kind, request_id, key, value, _, stamp = dispatch
             if (kind != _SET and kind != _DEL) or token <= self.last_token:
                 return self._handle_keyed(dispatch, None)  # a read, or refused as stale
             self.last_token = token
-            status, deadline_ms, body = self._refuse_write(kind, request_id, key, value, files)
+            status, deadline_ms, body = self._refuse_write(
+                kind, request_id, key, value, stamp, files
+            )
             return reply_frames(status, request_id, token, deadline_ms, body)
         if isinstance(dispatch, DispatchBatch):
             token = dispatch.token
@@ -265,16 +272,16 @@ class Shard:
                 return self._handle_ops(dispatch, None)  # refused as stale
             self.last_token = token
             out = []
-            for kind, request_id, key, value, ttl_ms in dispatch.ops:
+            for kind, request_id, key, value, ttl_ms, stamp in dispatch.ops:
                 if kind == _SET or kind == _DEL:
                     status, deadline_ms, body = self._refuse_write(
-                        kind, request_id, key, value, files
+                        kind, request_id, key, value, stamp, files
                     )
                 elif not kind:  # malformed; key holds the message
                     status, deadline_ms, body = _ERROR, None, b"malformed request: " + key
                 else:
                     status, deadline_ms, body = self._apply(
-                        kind, request_id, key, value, ttl_ms, None
+                        kind, request_id, key, value, ttl_ms, stamp, None
                     )
                 out.append(pack_reply(status, request_id, token, deadline_ms, body))
             return batch_reply_frames(token, out)
@@ -284,17 +291,25 @@ class Shard:
             return self._handle_one(dispatch, None)  # type: ignore[arg-type]
         self.last_token = token
         status, deadline_ms, body = self._refuse_write(
-            request.kind, request.request_id, request.key, request.value, files
+            request.kind, request.request_id, request.key, request.value, request.stamp, files
         )
         return Reply(status, request.request_id, token, deadline_ms, body)
 
     def _refuse_write(
-        self, kind: int, request_id: int, key: bytes, value: bytes | None, files: ShardFiles
+        self,
+        kind: int,
+        request_id: int,
+        key: bytes,
+        value: bytes | None,
+        stamp: int | None,
+        files: ShardFiles,
     ) -> tuple[Status, int | None, bytes | None]:
         fingerprint = zlib.crc32(value) if kind == _SET and value is not None else 0
         memo = self.memory.recall(request_id, kind, key, fingerprint)
         if memo is not None:
             return self._from_memory(kind, request_id, memo)
+        if stamp is not None and self._out_of_window(stamp):
+            return self._stamp_refusal(kind, request_id, stamp)
         if kind == _DEL:
             try:
                 self.store.get(key)
@@ -365,7 +380,7 @@ class Shard:
         """A lone GET, SET or DEL: what :meth:`_handle_one` does for a Dispatch, through the
         same :meth:`_apply`, from the fields the worker decoded and to REPLY frames, with no
         Request or Reply object in between (one request at a time, this is the whole path)."""
-        token, kind, request_id, key, value, ttl_ms = dispatch
+        token, kind, request_id, key, value, ttl_ms, stamp = dispatch
         if not self._fresh(token, dispatch):
             message = self._stale_message(token)  # UNAVAILABLE: see _handle_one
             return reply_frames(_UNAVAILABLE, request_id, token, None, message)
@@ -383,7 +398,9 @@ class Shard:
                 if room < 0:
                     return reply_frames(_BUSY, request_id, token, None, _TOO_LARGE)
                 return reply_frames(_OK, request_id, token, deadline_ms, found)
-            status, deadline_ms, body = self._apply(kind, request_id, key, value, ttl_ms, records)
+            status, deadline_ms, body = self._apply(
+                kind, request_id, key, value, ttl_ms, stamp, records
+            )
         except Exception:  # a bug: see _handle_one
             log.exception("internal error on %s request %d", Kind(kind).name, request_id)
             return reply_frames(_ERROR, request_id, token, None, b"internal worker error")
@@ -403,6 +420,7 @@ class Shard:
                 request.key,
                 request.value,
                 request.ttl_ms,
+                request.stamp,
                 records,
                 request,
             )
@@ -434,6 +452,11 @@ class Shard:
         recall = memory.recall
         known = memory.known
         max_bytes = memory.max_bytes
+        # The stamp test of a new stamped write, bounds made once per batch (begin): one
+        # subtraction, one mask, one comparison (see RequestMemory and zkv.protocol.stamp_range).
+        stamp_low = memory.stamp_low
+        stamp_span = memory.stamp_span
+        stamp_mask = STAMP_MASK
         remember = self.memory.remember_write
         keep = None if records is None else records.append
         encode_set = aof.encode_set
@@ -449,7 +472,7 @@ class Shard:
         # 64 MiB here, not a gigabyte. The one value read past the bound is the most this costs
         # beyond it. Kept in a local for the loop, and given back below.
         room = self._room
-        for kind, request_id, key, value, ttl_ms in ops:
+        for kind, request_id, key, value, ttl_ms, stamp in ops:
             if kind == _GET:  # the common read, inline: _apply's GET branch
                 if room < 0:
                     append(pack_reply(_BUSY, request_id, token, None, _TOO_LARGE))
@@ -473,6 +496,10 @@ class Shard:
                 try:
                     fingerprint = crc32(value)  # type: ignore[arg-type]  # a SET op has a value
                     if not known(request_id) or recall(request_id, _SET, key, fingerprint) is None:
+                        if stamp is not None and (stamp - stamp_low) & stamp_mask > stamp_span:
+                            status, _, body = self._stamp_refusal(_SET, request_id, stamp)
+                            append(pack_reply(status, request_id, token, None, body))
+                            continue
                         if memory.used >= max_bytes and request_id:  # see RequestMemory.full
                             append(pack_reply(_BUSY, request_id, token, None, _MEMORY_FULL))
                             continue
@@ -491,7 +518,9 @@ class Shard:
                 append(pack_reply(_ERROR, request_id, token, None, b"malformed request: " + key))
                 continue
             try:
-                status, deadline_ms, body = apply(kind, request_id, key, value, ttl_ms, records)
+                status, deadline_ms, body = apply(
+                    kind, request_id, key, value, ttl_ms, stamp, records
+                )
             except Exception:  # a bug: see _handle_one
                 log.exception("internal error on request %d of a batch", request_id)
                 status, deadline_ms, body = _ERROR, None, b"internal worker error"
@@ -506,10 +535,15 @@ class Shard:
         key: bytes,
         value: bytes | None,
         ttl_ms: int | None,
+        stamp: int | None,
         records: list[bytes] | None,
         request: Request | None = None,
     ) -> tuple[Status, int | None, bytes | None]:
-        """Apply one request. Returns ``(status, deadline_ms, body)`` of its reply."""
+        """Apply one request. Returns ``(status, deadline_ms, body)`` of its reply.
+
+        A write is answered from memory if it was applied before; else, if stamped outside the
+        window, refused (:meth:`_stamp_refusal`); else BUSY if the memory is full; else applied.
+        """
         store = self.store
         if kind == _GET:  # a lone GET (a batch's are inline in _handle_ops): the same budget
             room = self._room
@@ -534,6 +568,8 @@ class Shard:
                 memo = self.memory.recall(request_id, _SET, key, fingerprint)
                 if memo is not None:
                     return self._from_memory(kind, request_id, memo)
+            if stamp is not None and self._out_of_window(stamp):
+                return self._stamp_refusal(kind, request_id, stamp)
             if request_id and self.memory.full:
                 return _BUSY, None, _MEMORY_FULL
             deadline_ms = store.set(key, value, ttl_ms)
@@ -545,6 +581,8 @@ class Shard:
             memo = self.memory.recall(request_id, _DEL, key, 0)
             if memo is not None:
                 return self._from_memory(kind, request_id, memo)
+            if stamp is not None and self._out_of_window(stamp):
+                return self._stamp_refusal(kind, request_id, stamp)
             if request_id and self.memory.full:
                 return _BUSY, None, _MEMORY_FULL
             if not store.delete(key):
@@ -567,6 +605,55 @@ class Shard:
         if kind == _PING:
             return _OK, None, None
         message = f"{Kind(kind).name} is not a request a shard serves"
+        return _ERROR, None, message.encode()
+
+    def _out_of_window(self, stamp: int) -> bool:
+        """Whether a stamped write that is not remembered must be refused: its stamp is
+        more than the window in the past or more than the clock skew in the future."""
+        memory = self.memory
+        return (stamp - memory.stamp_low) & STAMP_MASK > memory.stamp_span
+
+    def _stamp_refusal(
+        self, kind: int, request_id: int, stamp: int
+    ) -> tuple[Status, int | None, bytes | None]:
+        """The reply to a stamped write outside the window (:meth:`_out_of_window`), not
+        applied. Too old: UNAVAILABLE, body starting OUTCOME_UNKNOWN (it is a retry this
+        shard no longer remembers, so an earlier attempt may or may not have been applied;
+        applying it now could undo what was written since). In the future: ERROR, the
+        client's clock is wrong (retrying cannot help)."""
+        memory = self.memory
+        age_ms = stamp_age_ms(stamp, memory.now_ms)
+        window_s = memory.window_ms / 1000
+        name = Kind(kind).name
+        if age_ms > 0:
+            client_log.warning(
+                "late retry",
+                "shard %d refused %s request %d: first sent %.1f s ago, past the idempotency "
+                "window of %.0f s; outcome unknown",
+                self.number,
+                name,
+                request_id,
+                age_ms / 1000,
+                window_s,
+            )
+            message = (
+                f"{OUTCOME_UNKNOWN}: shard {self.number}: this {name} was first sent "
+                f"{age_ms / 1000:.1f} s ago, past the idempotency window of {window_s:.0f} s; "
+                "not applied now, but an earlier attempt may have been"
+            )
+            return _UNAVAILABLE, None, message.encode()
+        client_log.warning(
+            "stamp ahead",
+            "shard %d refused %s request %d: stamped %.1f s ahead of this clock",
+            self.number,
+            name,
+            request_id,
+            -age_ms / 1000,
+        )
+        message = (
+            f"{name} stamped {-age_ms / 1000:.1f} s ahead of shard {self.number}'s clock, more "
+            f"than the {MAX_CLOCK_SKEW_S:.0f} s allowed: the client's clock is wrong; not applied"
+        )
         return _ERROR, None, message.encode()
 
     def _from_memory(
@@ -646,6 +733,7 @@ def take_shard(
     durability: Durability | None,
     clock: Clock,
     progress: Callable[[], None] | None = None,
+    memory: Callable[[], RequestMemory] = RequestMemory,
 ) -> Takeover:
     """Take shard ``number``, as ASSIGN says, with ownership epoch ``assigned_epoch``.
 
@@ -662,6 +750,8 @@ def take_shard(
         durability: where shards are stored; None for a worker kept in memory.
         clock: the wall clock of the new store (Unix ms).
         progress: called now and then during a long replay (the worker heartbeats).
+        memory: makes the shard's empty idempotency memory (its window and bound: the
+            worker's settings), before a replay fills it.
 
     Raises:
         aof.CorruptLog: the log is damaged before its end.
@@ -675,9 +765,8 @@ def take_shard(
         if held is not None:
             held.epoch = max(assigned_epoch, held.epoch)
             return Takeover(held, 0, kept=True)
-        return Takeover(
-            Shard(number, TTLStore(HighWaterClock(clock)), epoch=assigned_epoch), 0, kept=False
-        )
+        store = TTLStore(HighWaterClock(clock))
+        return Takeover(Shard(number, store, epoch=assigned_epoch, memory=memory()), 0, kept=False)
     files = held.files if held is not None and held.files is not None else None
     opened = files is None
     if files is None:
@@ -688,13 +777,13 @@ def take_shard(
             held.epoch = files.epoch
             return Takeover(held, stored, kept=True)
         store = TTLStore(HighWaterClock(clock))  # time never goes back: see HighWaterClock
-        memory = RequestMemory()
-        files.replay(store, memory, progress)
+        remembered = memory()
+        files.replay(store, remembered, progress)
     except BaseException:
         if opened:
             files.close(sync=False)
         raise
     last_token = 0 if held is None else held.last_token
-    shard = Shard(number, store, last_token, memory=memory, files=files, epoch=files.epoch)
+    shard = Shard(number, store, last_token, memory=remembered, files=files, epoch=files.epoch)
     shard.progress = progress
     return Takeover(shard, stored, kept=False)

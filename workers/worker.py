@@ -47,6 +47,7 @@ import zmq
 from zmq.backend import zmq_poll
 
 from workers.aof import CorruptLog, DurabilityError, FsyncPolicy
+from workers.idempotency import RequestMemory, keep_ms
 from workers.manifest import Manifest, ManifestError, bind_shards, open_manifest
 from workers.ownership import LockTimeout, OwnershipError, reportable
 from workers.persist import Durability, ShardMoved
@@ -118,6 +119,9 @@ class WorkerConfig:
         expire_max_keys: the most keys one expiry pass may remove.
         keys: the cluster's keys (zkv/keys.py): the worker proves it holds the workers' secret
             key and checks the broker's public key; None connects without CURVE.
+        idempotency_window_s: how long each shard remembers writes, and how old a stamped
+            retry may be (workers/idempotency.py).
+        idempotency_max_bytes: the bound of each shard's memory of writes (estimated bytes).
     """
 
     backend: str = defaults.BACKEND
@@ -129,6 +133,8 @@ class WorkerConfig:
     expire_budget_s: float = defaults.EXPIRE_BUDGET_S
     expire_max_keys: int = EXPIRE_MAX_KEYS_PER_PASS
     keys: Keys | None = None  # the cluster's CURVE keys; None: plain TCP (--insecure)
+    idempotency_window_s: float = defaults.IDEMPOTENCY_WINDOW_S
+    idempotency_max_bytes: int = defaults.IDEMPOTENCY_MAX_BYTES
 
 
 class Worker:
@@ -406,7 +412,13 @@ class Worker:
             held = None
         try:
             takeover = take_shard(
-                number, epoch, held, self._durability, self._clock, self._heartbeat_if_due
+                number,
+                epoch,
+                held,
+                self._durability,
+                self._clock,
+                self._heartbeat_if_due,
+                memory=self._new_memory,
             )
         except CorruptLog as exc:
             log.error("cannot take shard %d: %s", number, exc)
@@ -517,6 +529,11 @@ class Worker:
                 else f"shard {held.number} ({len(held.store)} keys, last token {held.last_token})",
             )
             self._register()
+
+    def _new_memory(self) -> RequestMemory:
+        """A shard's empty idempotency memory, with this worker's window and bound."""
+        config = self.config
+        return RequestMemory(keep_ms(config.idempotency_window_s), config.idempotency_max_bytes)
 
     def _heartbeat_if_due(self) -> None:
         """Heartbeat from inside a long step (a replay), so the broker does not count a

@@ -28,12 +28,20 @@ applied) if every attempt that left was answered BUSY, or with :class:`Timeout` 
 unknown) if an earlier attempt got no answer and was resent: that one may have been applied.
 The clients wait for the parked calls with the timers they already have (:meth:`Calls.due_in`,
 :meth:`Calls.next_resend_at`) and put them back in the queue with :meth:`Calls.unpark`.
+
+Every SET and DEL is stamped with the wall-clock time it was made (flag STAMPED, see
+zkv.protocol.stamp_of), read from an injected wall clock when the call is added: the stamp is
+part of the call's record, packed once, so every resend of a request id carries the same one.
+A worker refuses a stamped write older than its idempotency window that it does not remember
+(a retry later than its memory reaches) with UNAVAILABLE "outcome unknown", which fails the
+call with :class:`Timeout`, never applying it a second time.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -46,6 +54,7 @@ from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, Zk
 from zkv.protocol import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPS,
+    OUTCOME_UNKNOWN,
     Answer,
     Kind,
     ProtocolError,
@@ -55,6 +64,7 @@ from zkv.protocol import (
     batch_reply_answers,
     decode_reply,
     pack_request,
+    stamp_of,
 )
 
 Op = tuple[int, bytes, bytes | None, int | None]
@@ -75,6 +85,8 @@ _NOT_FOUND = int(Status.NOT_FOUND)
 _ERROR = int(Status.ERROR)
 _BUSY = int(Status.BUSY)
 _NO_SPACE = int(Status.NO_SPACE)
+_UNAVAILABLE = int(Status.UNAVAILABLE)
+_OUTCOME_UNKNOWN = OUTCOME_UNKNOWN.encode()
 _NEVER = float("inf")
 
 
@@ -194,12 +206,13 @@ def new_ids(count: int) -> list[int]:
     return [new_id() for _ in range(count)]
 
 
-def pack(op: Op, request_id: int) -> bytes:
-    """The BATCH record of ``op``; RequestError for one the broker would refuse (so it is
-    refused here, without a round trip)."""
+def pack(op: Op, request_id: int, stamp: int | None = None) -> bytes:
+    """The BATCH record of ``op`` (a SET or DEL stamped with ``stamp``, Unix seconds, if
+    given); RequestError for one the broker would refuse (so it is refused here, without a
+    round trip)."""
     kind, key, value, ttl = op
     try:
-        return pack_request(kind, request_id, key, value, ttl)
+        return pack_request(kind, request_id, key, value, ttl, stamp)
     except ProtocolError as exc:
         raise RequestError(str(exc)) from None
 
@@ -235,7 +248,9 @@ def replies(frames: Sequence[bytes]) -> list[Answer]:
 def error(status: int, body: bytes | None) -> ZkvError:
     """The error of a failed status: RequestError for ERROR (retrying cannot help), Busy for
     BUSY (not applied; the cluster shed load), StorageFull for NO_SPACE (not applied; the disk
-    is full), Unavailable otherwise (the cluster could not serve it now)."""
+    is full), Timeout for UNAVAILABLE with a body starting "outcome unknown" (a worker refused
+    a retry later than its idempotency window: an earlier attempt may have been applied),
+    Unavailable otherwise (the cluster could not serve it now)."""
     message = (body or b"").decode(errors="replace")
     if status == _ERROR:
         return RequestError(message)
@@ -243,6 +258,8 @@ def error(status: int, body: bytes | None) -> ZkvError:
         return Busy(message)
     if status == _NO_SPACE:
         return StorageFull(message)
+    if status == _UNAVAILABLE and body is not None and body.startswith(_OUTCOME_UNKNOWN):
+        return Timeout(message)
     return Unavailable(message)
 
 
@@ -335,6 +352,8 @@ class Calls:
         recent_batches: how many batch ids to remember for whole-batch refusals; None for all.
         per_call_deadline: whether each call expires ``timeout_s`` after it was added.
         jitter: uniform in [0, 1), for the BUSY backoff (tests pass a constant).
+        wall: the wall clock, Unix seconds, read once per :meth:`add` or :meth:`add_many` to
+            stamp the writes added (tests pass a fake).
     """
 
     def __init__(
@@ -347,8 +366,10 @@ class Calls:
         recent_batches: int | None = RECENT_BATCHES,
         per_call_deadline: bool = True,
         jitter: Callable[[], float] = random.random,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.endpoint = endpoint
+        self._wall = wall
         self.timeout_s = timeout_s
         self.attempt_s = attempt_s
         self._ids = ids
@@ -407,7 +428,7 @@ class Calls:
     def add(self, op: Op, handle: Any, now: float) -> int:
         """Queue ``op`` for sending; returns its request id. RequestError if it is refused."""
         request_id = self._new_id()
-        record = pack(op, request_id)
+        record = pack(op, request_id, stamp_of(self._wall()))
         self._calls[request_id] = (op[0], record, handle, now, now + self._lifetime)
         self._queue.append(request_id)
         self._unsent.add(request_id)
@@ -424,13 +445,14 @@ class Calls:
         queue_append = queue.append
         first = len(queue)
         deadline = now + self._lifetime
+        stamp = stamp_of(self._wall())  # one for the chunk: made together, sent together
         refused: list[tuple[int, RequestError]] = []
         try:
             ids = self._ids(stop - start)
             for position, request_id in zip(range(start, stop), ids, strict=True):
                 kind, key, value, ttl = ops[position]
                 try:
-                    record = pack_request(kind, request_id, key, value, ttl)
+                    record = pack_request(kind, request_id, key, value, ttl, stamp)
                 except ProtocolError as exc:  # as in pack()
                     refused.append((position, RequestError(str(exc))))
                     continue

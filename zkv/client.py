@@ -84,6 +84,7 @@ from zkv.protocol import (
     decode_entries,
     decode_reply,
     encode_request,
+    stamp_of,
 )
 
 CONNECT_POLL_S = 0.1  # one wait for the connection to the broker, between retries
@@ -390,8 +391,12 @@ class Client:
             Timeout: no reply within ``timeout_s``; the request may or may not have been applied.
         """
         request_id = new_id()
+        # A SET or DEL is stamped now, once: every resend carries the same first-send time.
+        stamp = stamp_of(time.time())
         try:
-            frames = encode_request(dataclasses.replace(request, request_id=request_id))
+            frames = encode_request(
+                dataclasses.replace(request, request_id=request_id, stamp=stamp)
+            )
         except ProtocolError as exc:  # refused here, as the broker would refuse it
             raise RequestError(str(exc)) from None
         start = time.monotonic()

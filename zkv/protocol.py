@@ -27,6 +27,10 @@ Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING)::
     SET      key non-empty, two frames (the value, any bytes, may be empty). With flag TTL the
              key expires ``arg`` milliseconds after the worker applies the write; without it the
              key never expires.
+    STAMPED  (SET, DEL) arg's top STAMP_BITS bits carry the client's first-send time, Unix
+             seconds mod STAMP_MODULUS, the same in every resend; the rest of arg is as above.
+             A worker refuses a stamped write older than its idempotency window that it does
+             not remember: UNAVAILABLE, body starting OUTCOME_UNKNOWN (never a second apply).
     ALL      key = cursor: only keys strictly greater (bytewise) are returned; arg = limit per
              shard (0 = no limit, and then no ordering either); flag KEYS_ONLY omits values.
     PING     key empty, arg 0.
@@ -157,6 +161,7 @@ class Flag(enum.IntFlag):
     NONE = 0
     TTL = 0x01  # SET: arg is a time to live in milliseconds
     KEYS_ONLY = 0x02  # ALL: leave the values out of the entries
+    STAMPED = 0x04  # SET, DEL: arg's top STAMP_BITS bits are the first-send time (see below)
 
 
 class ProtocolError(ValueError):
@@ -212,6 +217,26 @@ REPLY_TOO_LARGE = "reply too large"
 COPIED_RECORD_BYTES = 2048
 HAS_BODY = 0x01  # sub-reply flag: a body follows (GET's value may be empty yet present)
 
+# The first-send stamp of a write (flag STAMPED). A worker remembers writes for a window of
+# time (workers/idempotency.py); a retry later than that cannot be told from a new request by
+# the worker alone, only the client knows when it first sent it. So the client puts that time
+# in the request, and the worker refuses a stamped write older than its window that it does not
+# remember, with UNAVAILABLE and a body starting OUTCOME_UNKNOWN, instead of applying it again.
+#
+# Where: the top STAMP_BITS bits of ``arg``, which a TTL never uses (MAX_TTL_MS < 2**39, so
+# bits 0..39 are the TTL's and bit 39 is always 0): no new bytes on the wire, the same header
+# and record layouts, and a request without the flag reads exactly as before.
+# What: Unix seconds mod STAMP_MODULUS (2**24 s, 194 days). Whole seconds are enough (the
+# worker keeps writes for its window plus the clock skew plus STAMP_ROUNDING_S), and a stamp
+# is read relative to the worker's clock (:func:`stamp_age_ms`), as the nearest time with those
+# low bits: unambiguous while |age| < 97 days, far above any window (at most a day).
+STAMP_BITS = 24
+STAMP_SHIFT = 40
+STAMP_MODULUS = 1 << STAMP_BITS  # seconds
+STAMP_MASK = STAMP_MODULUS - 1
+ARG_MASK = (1 << STAMP_SHIFT) - 1  # the bits of arg below the stamp
+OUTCOME_UNKNOWN = "outcome unknown"  # the body's start of a refused late retry
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -226,6 +251,9 @@ class Request:
         ttl_ms: SET only; None stores the key without expiry.
         limit: ALL only; most entries per shard, 0 for all of them.
         keys_only: ALL only; leave values out.
+        stamp: SET and DEL only: the first-send time in Unix seconds (flag STAMPED; only its
+            low STAMP_BITS bits travel, so a decoded stamp is mod STAMP_MODULUS), None for an
+            unstamped request.
     """
 
     kind: Kind
@@ -235,6 +263,7 @@ class Request:
     ttl_ms: int | None = None
     limit: int = 0
     keys_only: bool = False
+    stamp: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,17 +349,19 @@ frame (bytes if shorter than :data:`COPIED_RECORD_BYTES`, else a memoryview, see
 to be joined into a BATCH_DISPATCH without being decoded. ``kind`` 0 marks a malformed
 sub-request; then ``key`` is the error message (UTF-8) and ``record`` is empty."""
 
-Op = tuple[int, int, bytes, bytes | None, int | None]
-"""A worker's view of a BATCH_DISPATCH sub-request: ``(kind, request_id, key, value, ttl_ms)``;
-``value`` is None except for SET. ``kind`` 0 marks a malformed one; then ``key`` is the error
-message (UTF-8). Plain tuples, not :class:`Request`: a worker builds one per operation."""
+Op = tuple[int, int, bytes, bytes | None, int | None, int | None]
+"""A worker's view of a BATCH_DISPATCH sub-request: ``(kind, request_id, key, value, ttl_ms,
+stamp)``; ``value`` is None except for SET, ``stamp`` (mod STAMP_MODULUS) None unless flag
+STAMPED. ``kind`` 0 marks a malformed one; then ``key`` is the error message (UTF-8). Plain
+tuples, not :class:`Request`: a worker builds one per operation."""
 
 
-KeyedDispatch = tuple[int, int, int, bytes, bytes | None, int | None]
+KeyedDispatch = tuple[int, int, int, bytes, bytes | None, int | None, int | None]
 """A worker's view of a DISPATCH of a GET, SET or DEL: ``(token, kind, request_id, key, value,
-ttl_ms)``, an :data:`Op` behind its token (see :func:`peek_keyed_dispatch`). A plain tuple, not
-a :class:`Dispatch` of a :class:`Request`: one request at a time, decoding into those two
-objects took 5 us of the 11 (GET) to 20 (SET) a worker spent per request; peeking takes 1."""
+ttl_ms, stamp)``, an :data:`Op` behind its token (see :func:`peek_keyed_dispatch`). A plain
+tuple, not a :class:`Dispatch` of a :class:`Request`: one request at a time, decoding into
+those two objects took 5 us of the 11 (GET) to 20 (SET) a worker spent per request; peeking
+takes 1."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +402,9 @@ def encode_request(request: Request) -> list[bytes]:
         arg = request.limit
         if request.keys_only:
             flags |= Flag.KEYS_ONLY
+    if request.stamp is not None and request.kind in _WRITES:  # GET and the rest: dropped
+        flags |= Flag.STAMPED
+        arg |= (request.stamp & STAMP_MASK) << STAMP_SHIFT
     header = _REQUEST.pack(VERSION, request.kind, flags, request.request_id, arg) + request.key
     frames = (
         [header, request.value]
@@ -390,10 +424,10 @@ def decode_request(frames: Sequence[bytes]) -> Request:
     """
     keyed = peek_keyed_request(frames)
     if keyed is not None:  # GET, SET, DEL: the common case, checked without the branches below
-        kind_byte, request_id, key, ttl_ms = keyed
+        kind_byte, request_id, key, ttl_ms, stamp = keyed
         if kind_byte == _SET:
-            return Request(Kind.SET, request_id, bytes(key), bytes(frames[1]), ttl_ms)
-        return Request(_COMMAND_OF[kind_byte], request_id, bytes(key))
+            return Request(Kind.SET, request_id, bytes(key), bytes(frames[1]), ttl_ms, stamp=stamp)
+        return Request(_COMMAND_OF[kind_byte], request_id, bytes(key), stamp=stamp)
     _check_version(frames)
     header = frames[0]
     if len(header) < _REQUEST.size:
@@ -408,6 +442,13 @@ def decode_request(frames: Sequence[bytes]) -> Request:
         raise ProtocolError(f"unknown command 0x{kind_byte:02x}", request_id)
     if flags & ~_KNOWN_FLAGS:
         raise ProtocolError(f"unknown flags 0x{flags:02x}", request_id)
+    stamp = None
+    if flags & _STAMPED:
+        if kind != Kind.SET and kind != Kind.DEL:
+            raise ProtocolError(f"flag STAMPED does not apply to {kind.name}", request_id)
+        stamp = arg >> STAMP_SHIFT
+        arg &= ARG_MASK
+        flags ^= _STAMPED
     key = header[_REQUEST.size :]
     if len(key) > MAX_KEY_BYTES:
         raise ProtocolError(f"key of {len(key)} bytes exceeds {MAX_KEY_BYTES}", request_id)
@@ -436,7 +477,7 @@ def decode_request(frames: Sequence[bytes]) -> Request:
             ttl_ms = arg
         elif arg:
             raise ProtocolError("SET without flag TTL must have arg 0", request_id)
-        return Request(kind, request_id, bytes(key), bytes(value), ttl_ms)
+        return Request(kind, request_id, bytes(key), bytes(value), ttl_ms, stamp=stamp)
     if flags & _TTL:
         raise ProtocolError(f"flag TTL does not apply to {kind.name}", request_id)
     if kind == Kind.ALL:
@@ -447,13 +488,14 @@ def decode_request(frames: Sequence[bytes]) -> Request:
         raise ProtocolError("PING takes no key", request_id)
     if flags:
         raise ProtocolError(f"flags 0x{flags:02x} do not apply to {kind.name}", request_id)
-    return Request(kind, request_id, bytes(key))
+    return Request(kind, request_id, bytes(key), stamp=stamp)
 
 
 def peek_keyed_request(
     frames: Sequence[bytes], offset: int = 0
-) -> tuple[int, int, bytes, int | None] | None:
-    """``(kind, request_id, key, ttl_ms)`` of a valid GET, SET or DEL, else None.
+) -> tuple[int, int, bytes, int | None, int | None] | None:
+    """``(kind, request_id, key, ttl_ms, stamp)`` of a valid GET, SET or DEL, else None
+    (``stamp`` mod STAMP_MODULUS, None without flag STAMPED).
 
     The hot path of the broker (which reads nothing else of a keyed request), of
     :func:`decode_request` and of :func:`peek_keyed_dispatch`: the same checks, without the
@@ -471,9 +513,15 @@ def peek_keyed_request(
         if len(header) <= start or len(header) - start > MAX_KEY_BYTES:
             return None
         version, kind, flags, request_id, arg = _REQUEST.unpack_from(header, offset)
-        if version != VERSION or (kind != _GET and kind != _DEL) or flags or arg:
+        if version != VERSION:
             return None
-        return kind, request_id, header[start:], None
+        if not (flags or arg):
+            if kind == _GET or kind == _DEL:
+                return kind, request_id, header[start:], None, None
+            return None
+        if kind == _DEL and flags == _STAMPED and not arg & ARG_MASK:
+            return kind, request_id, header[start:], None, arg >> STAMP_SHIFT
+        return None
     if len(frames) == 2:
         header = frames[0]
         if len(header) <= start or len(header) - start > MAX_KEY_BYTES:
@@ -481,13 +529,18 @@ def peek_keyed_request(
         version, kind, flags, request_id, arg = _REQUEST.unpack_from(header, offset)
         if version != VERSION or kind != _SET or len(frames[1]) > MAX_VALUE_BYTES:
             return None
+        stamp = None
+        if flags & _STAMPED:
+            stamp = arg >> STAMP_SHIFT
+            arg &= ARG_MASK
+            flags ^= _STAMPED
         if flags == _TTL:
             if not 1 <= arg <= MAX_TTL_MS:
                 return None
-            return kind, request_id, header[start:], arg
+            return kind, request_id, header[start:], arg, stamp
         if flags or arg:
             return None
-        return kind, request_id, header[start:], None
+        return kind, request_id, header[start:], None, stamp
     return None
 
 
@@ -501,7 +554,34 @@ _KIND_OF = {int(kind): kind for kind in Kind}
 _STATUS_OF = {int(status): status for status in Status}
 _TTL = int(Flag.TTL)
 _KEYS_ONLY = int(Flag.KEYS_ONLY)
-_KNOWN_FLAGS = _TTL | _KEYS_ONLY
+_STAMPED = int(Flag.STAMPED)
+_KNOWN_FLAGS = _TTL | _KEYS_ONLY | _STAMPED
+_WRITES = frozenset({Kind.SET, Kind.DEL})  # the commands a stamp applies to
+
+
+def stamp_of(unix_s: float) -> int:
+    """The stamp of a wall-clock time (Unix seconds): its whole seconds, floored, so a stamp
+    is never later than the send it stamps, mod STAMP_MODULUS."""
+    return int(unix_s // 1) & STAMP_MASK
+
+
+def stamp_age_ms(stamp: int, now_ms: int) -> int:
+    """How long before ``now_ms`` (Unix ms) the stamp's second began, negative if after:
+    the stamp read as the Unix second nearest ``now_ms`` with those low STAMP_BITS bits."""
+    now_s = now_ms // 1000
+    half = STAMP_MODULUS // 2
+    delta_s = ((stamp - now_s + half) & STAMP_MASK) - half
+    return now_ms - (now_s + delta_s) * 1000
+
+
+def stamp_range(now_ms: int, before_ms: int, after_ms: int) -> tuple[int, int]:
+    """``(low, span)`` such that ``(stamp - low) & STAMP_MASK <= span`` exactly when
+    ``-after_ms <= stamp_age_ms(stamp, now_ms) <= before_ms``: the test a worker makes per
+    stamped write, one subtraction, one mask and one comparison, with the bounds made once
+    per batch. (``span`` < 0, nothing in range, when the bounds hold no whole second.)"""
+    low_s = -((before_ms - now_ms) // 1000)  # ceil((now_ms - before_ms) / 1000)
+    high_s = (now_ms + after_ms) // 1000
+    return low_s & STAMP_MASK, high_s - low_s
 
 
 # --- dispatch ---------------------------------------------------------------------------------
@@ -553,8 +633,8 @@ def peek_keyed_dispatch(frames: Sequence[bytes]) -> KeyedDispatch | None:
     keyed = peek_keyed_request(frames, _DISPATCH.size)
     if keyed is None:
         return None
-    kind, request_id, key, ttl_ms = keyed
-    return token, kind, request_id, key, frames[1] if kind == _SET else None, ttl_ms
+    kind, request_id, key, ttl_ms, stamp = keyed
+    return token, kind, request_id, key, frames[1] if kind == _SET else None, ttl_ms, stamp
 
 
 # --- replies ----------------------------------------------------------------------------------
@@ -636,9 +716,18 @@ _pack_sub_request = _SUB_REQUEST.pack
 
 
 def pack_request(
-    kind: int, request_id: int, key: bytes, value: bytes | None = None, ttl_ms: int | None = None
+    kind: int,
+    request_id: int,
+    key: bytes,
+    value: bytes | None = None,
+    ttl_ms: int | None = None,
+    stamp: int | None = None,
 ) -> bytes:
-    """One BATCH sub-request record. Raises ProtocolError for one the broker would refuse."""
+    """One BATCH sub-request record. Raises ProtocolError for one the broker would refuse.
+
+    ``stamp``: for a SET or DEL, the first-send time in Unix seconds (:func:`stamp_of`; only
+    its low STAMP_BITS bits travel), set with flag STAMPED; None: unstamped. A GET drops it.
+    """
     # The common cases first, accepted with a few integer tests: a pipeline packs every
     # operation here, and the general checks below cost more than the packing. (A GET or DEL
     # has no value nor TTL on the wire, whatever it is given: the general path drops them too.)
@@ -646,14 +735,24 @@ def pack_request(
     if 0 < key_len <= MAX_KEY_BYTES:
         if kind == _SET:
             if value is not None and len(value) <= MAX_VALUE_BYTES:
+                if stamp is None:
+                    flags = arg = 0
+                else:
+                    flags = _STAMPED
+                    arg = (stamp & STAMP_MASK) << STAMP_SHIFT
                 if ttl_ms is None:
-                    head = _pack_sub_request(_SET, 0, key_len, len(value), request_id, 0)
+                    head = _pack_sub_request(_SET, flags, key_len, len(value), request_id, arg)
                     return head + key + value
                 if 0 < ttl_ms <= MAX_TTL_MS:
-                    head = _pack_sub_request(_SET, _TTL, key_len, len(value), request_id, ttl_ms)
+                    flags |= _TTL
+                    arg |= ttl_ms
+                    head = _pack_sub_request(_SET, flags, key_len, len(value), request_id, arg)
                     return head + key + value
-        elif kind == _GET or kind == _DEL:
+        elif kind == _GET or (kind == _DEL and stamp is None):
             return _pack_sub_request(kind, 0, key_len, 0, request_id, 0) + key
+        elif kind == _DEL:
+            arg = (stamp & STAMP_MASK) << STAMP_SHIFT
+            return _pack_sub_request(_DEL, _STAMPED, key_len, 0, request_id, arg) + key
     flags = arg = 0
     if kind == _SET:
         if value is None:
@@ -674,6 +773,9 @@ def pack_request(
     ):
         message = _sub_request_error(kind, flags, key_len, value_len, arg)
         raise ProtocolError(message or "not a request a batch can carry", request_id)
+    if stamp is not None and kind != _GET:
+        flags |= _STAMPED
+        arg |= (stamp & STAMP_MASK) << STAMP_SHIFT
     return _SUB_REQUEST.pack(kind, flags, key_len, value_len, request_id, arg) + key + value
 
 
@@ -684,7 +786,10 @@ def batch_frames(batch_id: int, records: Sequence[bytes]) -> list[bytes]:
 
 def encode_batch(batch: Batch) -> list[bytes]:
     """Frames of a BATCH. Raises ProtocolError for a request or a batch this spec forbids."""
-    records = [pack_request(r.kind, r.request_id, r.key, r.value, r.ttl_ms) for r in batch.requests]
+    records = [
+        pack_request(r.kind, r.request_id, r.key, r.value, r.ttl_ms, r.stamp)
+        for r in batch.requests
+    ]
     if not 1 <= len(records) <= MAX_BATCH_OPS:
         raise ProtocolError(
             f"a batch holds 1 to {MAX_BATCH_OPS} requests, got {len(records)}", batch.batch_id
@@ -697,10 +802,10 @@ def decode_batch(frames: Sequence[bytes]) -> Batch:
     its request id). The broker uses :func:`split_batch`, which answers each on its own."""
     batch_id, count, body = _batch_parts(frames, Kind.BATCH)
     requests = []
-    for kind, request_id, key, value, ttl_ms in _split_requests(body, count, batch_id, True):
+    for kind, request_id, key, value, ttl_ms, stamp in _split_requests(body, count, batch_id, True):
         if not kind:
             raise ProtocolError(key.decode(), request_id)
-        requests.append(Request(_COMMAND_OF[kind], request_id, key, value, ttl_ms))
+        requests.append(Request(_COMMAND_OF[kind], request_id, key, value, ttl_ms, stamp=stamp))
     return Batch(batch_id, tuple(requests))
 
 
@@ -1014,6 +1119,10 @@ def _split_requests(body: bytes, count: int, error_id: int, values: bool) -> lis
     max_ttl_ms = MAX_TTL_MS
     max_value = MAX_VALUE_BYTES
     copied = COPIED_RECORD_BYTES
+    stamped = _STAMPED
+    get = _GET
+    shift = STAMP_SHIFT
+    arg_mask = ARG_MASK
     ops: list = []
     append = ops.append
     offset = 0
@@ -1026,6 +1135,12 @@ def _split_requests(body: bytes, count: int, error_id: int, values: bool) -> lis
         end = key_end + value_len
         if end > size:
             raise ProtocolError(f"sub-request {index} runs past the end of the batch", error_id)
+        # A stamp (SET, DEL) is taken off arg and flags first; the rest is read as without it.
+        stamp = None
+        if flags & stamped and kind != get:
+            stamp = arg >> shift
+            arg &= arg_mask
+            flags ^= stamped
         # The common cases, accepted with a few integer tests; anything else is explained by
         # _sub_request_error (the one place the rules are spelled out).
         if key_len and (
@@ -1039,9 +1154,9 @@ def _split_requests(body: bytes, count: int, error_id: int, values: bool) -> lis
             key = body[key_start:key_end]
             if values:
                 if kind == _SET:
-                    append((kind, request_id, key, body[key_end:end], arg or None))
+                    append((kind, request_id, key, body[key_end:end], arg or None, stamp))
                 else:
-                    append((kind, request_id, key, None, None))
+                    append((kind, request_id, key, None, None, stamp))
             else:
                 append(
                     (
@@ -1054,7 +1169,7 @@ def _split_requests(body: bytes, count: int, error_id: int, values: bool) -> lis
         else:
             message = _sub_request_error(kind, flags, key_len, value_len, arg).encode()
             append(
-                (0, request_id, message, None, None)
+                (0, request_id, message, None, None, None)
                 if values
                 else (0, request_id, message, view[0:0])
             )
@@ -1081,6 +1196,8 @@ def _sub_request_error(kind: int, flags: int, key_len: int, value_len: int, arg:
         return f"{name} needs a non-empty key"
     if flags & _KEYS_ONLY:
         return f"flag KEYS_ONLY does not apply to {name}"
+    if flags & _STAMPED:  # taken off SET and DEL before this is called
+        return f"flag STAMPED does not apply to {name}"
     if command == Kind.SET:
         if value_len > MAX_VALUE_BYTES:
             return f"value of {value_len} bytes exceeds {MAX_VALUE_BYTES}"

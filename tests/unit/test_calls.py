@@ -26,12 +26,14 @@ from zkv.protocol import (
     encode_reply,
     pack_request,
     split_batch,
+    stamp_of,
 )
 
 pytestmark = pytest.mark.unit
 
 GET, SET, DEL = int(Kind.GET), int(Kind.SET), int(Kind.DEL)
 ENDPOINT = "tcp://broker:1"
+WALL_S = 1_700_000_000.75  # the fake wall clock's time, Unix seconds
 
 
 def make(now: float = 100.0, **options: object) -> Calls:
@@ -40,6 +42,7 @@ def make(now: float = 100.0, **options: object) -> Calls:
     def new_ids(count: int) -> list[int]:
         return [next(ids) for _ in range(count)]
 
+    options.setdefault("wall", lambda: WALL_S)
     return Calls(ENDPOINT, 5.0, 1.0, new_ids, now, **options)  # type: ignore[arg-type]
 
 
@@ -283,7 +286,8 @@ def test_add_many_packs_every_op_as_pack_request_does_or_refuses_it_alike():
     assert sorted(refused) == [3, 4, 5, 8, 9, 10, 11]
     for position, rid in enumerate(calls._queue):  # request ids 1, 2, ... in order
         kind, key, value, ttl = ops[[p for p in range(len(ops)) if p not in refused][position]]
-        assert calls._calls[rid][1] == pack_request(kind, rid, key, value, ttl)  # the record
+        stamp = stamp_of(WALL_S)
+        assert calls._calls[rid][1] == pack_request(kind, rid, key, value, ttl, stamp)
     for position in refused:
         kind, key, value, ttl = ops[position]
         with pytest.raises(ProtocolError, match=re.escape(str(refused[position]))):

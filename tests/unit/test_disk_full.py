@@ -166,8 +166,8 @@ def test_a_batch_dispatch_and_lone_dispatches_are_refused_op_by_op(
 ) -> None:
     shard = take_shard(0, 1, None, durability, FakeClock()).shard
     disk.fill()
-    ops = ((int(Kind.SET), 1, b"k", b"v", None), (int(Kind.GET), 2, b"k", None, None))
-    keyed = (5, int(Kind.SET), 3, b"j", b"v", None)
+    ops = ((int(Kind.SET), 1, b"k", b"v", None, None), (int(Kind.GET), 2, b"k", None, None, None))
+    keyed = (5, int(Kind.SET), 3, b"j", b"v", None, None)
     answers = shard.handle_batch([DispatchBatch(4, ops), keyed])  # type: ignore[list-item]
     assert isinstance(answers[0], list) and isinstance(answers[1], list)
     assert [r.status for r in decode_batch_reply(answers[0]).replies] == [

@@ -64,6 +64,11 @@ REQUESTS = [
     Request(Kind.SET, 3, b"key", b"", ttl_ms=None),
     Request(Kind.SET, 4, b"k", b"\x00" * 100_000, ttl_ms=protocol.MAX_TTL_MS),
     Request(Kind.DEL, 5, "ключ".encode()),
+    # Stamped writes (flag STAMPED): the stamp in arg's top bits, beside a TTL or alone.
+    Request(Kind.SET, 9, b"k", b"v", ttl_ms=protocol.MAX_TTL_MS, stamp=protocol.STAMP_MASK),
+    Request(Kind.SET, 10, b"k", b"", stamp=0),
+    Request(Kind.SET, 11, b"k", b"v", ttl_ms=1, stamp=1_700_000_000 & protocol.STAMP_MASK),
+    Request(Kind.DEL, 12, b"k", stamp=12345),
     Request(Kind.ALL, 6),
     Request(Kind.ALL, 7, b"cursor", limit=100, keys_only=True),
     Request(Kind.PING, 8),
@@ -104,7 +109,7 @@ def test_a_keyed_dispatch_is_peeked_as_a_plain_tuple(request_):
         assert peeked is None
         return
     r = request_
-    assert peeked == (0xABCDEF, r.kind, r.request_id, r.key, r.value, r.ttl_ms)
+    assert peeked == (0xABCDEF, r.kind, r.request_id, r.key, r.value, r.ttl_ms, r.stamp)
     if r.kind == Kind.SET:
         assert peeked[4] is frames[1]  # the value frame, not a copy
 
@@ -342,7 +347,7 @@ def test_split_batch_gives_records_that_rebuild_a_dispatch():
     ]
     dispatch = decode_from_broker(dispatch_batch_frames(99, [record for *_, record in subs]))
     assert dispatch == DispatchBatch(
-        99, [(r.kind, r.request_id, r.key, r.value, r.ttl_ms) for r in BATCHABLE]
+        99, [(r.kind, r.request_id, r.key, r.value, r.ttl_ms, r.stamp) for r in BATCHABLE]
     )
 
 
@@ -356,8 +361,9 @@ def test_pack_request_packs_what_the_broker_accepts_and_refuses_what_it_refuses(
         key = b"k" * rng.choice((0, 1, 5, big, big + 1))
         value = rng.choice((None, b"", b"v" * 16))
         ttl = rng.choice((None, 0, 1, protocol.MAX_TTL_MS, protocol.MAX_TTL_MS + 1))
+        stamp = rng.choice((None, None, 0, 1, protocol.STAMP_MASK, 2**40 + 5))
         try:
-            record = pack_request(kind, 9, key, value, ttl)
+            record = pack_request(kind, 9, key, value, ttl, stamp)
         except ProtocolError:
             refused = True
         else:
@@ -367,7 +373,17 @@ def test_pack_request_packs_what_the_broker_accepts_and_refuses_what_it_refuses(
             op = decode_from_broker(dispatch_batch_frames(1, [record])).ops[0]
             expected_value = value if kind == Kind.SET else None
             expected_ttl = ttl if kind == Kind.SET else None
-            assert op == (kind, 9, key, expected_value, expected_ttl), (kind, key, value, ttl)
+            # Only a write carries a stamp, and only its low STAMP_BITS bits travel.
+            expected_stamp = (
+                None if stamp is None or kind == Kind.GET else stamp & protocol.STAMP_MASK
+            )
+            assert op == (kind, 9, key, expected_value, expected_ttl, expected_stamp), (
+                kind,
+                key,
+                value,
+                ttl,
+                stamp,
+            )
         should_refuse = (
             not 0 < len(key) <= big
             or kind not in (Kind.GET, Kind.SET, Kind.DEL)
@@ -380,7 +396,12 @@ def test_pack_request_packs_what_the_broker_accepts_and_refuses_what_it_refuses(
 def test_a_single_request_becomes_the_same_record_as_in_a_batch():
     for request in BATCHABLE:
         expected = pack_request(
-            request.kind, request.request_id, request.key, request.value, request.ttl_ms
+            request.kind,
+            request.request_id,
+            request.key,
+            request.value,
+            request.ttl_ms,
+            request.stamp,
         )
         assert request_record(encode_request(request)) == expected
 
@@ -484,7 +505,7 @@ def test_a_malformed_sub_request_in_a_dispatch_reaches_the_worker_marked():
     frames = [struct.pack("!BBxxIQ", 1, Kind.BATCH_DISPATCH, 2, 5), _record() + _record(kind=9)]
     dispatch = decode_from_broker(frames)
     assert isinstance(dispatch, DispatchBatch) and dispatch.token == 5
-    assert dispatch.ops[0] == (Kind.GET, 7, b"k", None, None)
+    assert dispatch.ops[0] == (Kind.GET, 7, b"k", None, None, None)
     assert dispatch.ops[1][:2] == (0, 7) and b"unknown command" in dispatch.ops[1][2]
 
 
@@ -554,6 +575,9 @@ def test_peek_keyed_request_agrees_with_decode_request() -> None:
         Request(Kind.SET, 3, b"k", b""),
         Request(Kind.SET, 4, b"k", b"v" * 100, 1),
         Request(Kind.SET, 5, b"k", b"v", protocol.MAX_TTL_MS),
+        Request(Kind.SET, 6, b"k", b"v", protocol.MAX_TTL_MS, stamp=protocol.STAMP_MASK),
+        Request(Kind.SET, 7, b"k", b"v", stamp=1),
+        Request(Kind.DEL, 8, b"k", stamp=0),
     ]
     for request in valid:
         frames = protocol.encode_request(request)
@@ -562,6 +586,7 @@ def test_peek_keyed_request_agrees_with_decode_request() -> None:
             request.request_id,
             request.key,
             request.ttl_ms,
+            request.stamp,
         )
     others = [
         protocol.encode_request(Request(Kind.PING, 6)),
@@ -575,9 +600,10 @@ def test_peek_keyed_request_agrees_with_decode_request() -> None:
             header.pack(
                 rng.choice((1, 1, 1, 2)),
                 rng.choice((0, 1, 2, 3, 4, 5, 6, 9)),
-                rng.choice((0, 0, 1, 2, 3, 4)),
+                rng.choice((0, 0, 1, 2, 3, 4, 5, 6, 8)),
                 rng.randrange(4),
-                rng.choice((0, 0, 1, protocol.MAX_TTL_MS, protocol.MAX_TTL_MS + 1)),
+                rng.choice((0, 0, 1, protocol.MAX_TTL_MS, protocol.MAX_TTL_MS + 1))
+                | rng.choice((0, 0, 1 << 39, 7 << protocol.STAMP_SHIFT)),
             )
             + rng.choice((b"", b"k", b"key"))
         ]
@@ -589,7 +615,13 @@ def test_peek_keyed_request_agrees_with_decode_request() -> None:
             continue
         peeked = protocol.peek_keyed_request(frames)
         if request.kind in protocol.KEYED_COMMANDS:
-            assert peeked == (request.kind, request.request_id, request.key, request.ttl_ms)
+            assert peeked == (
+                request.kind,
+                request.request_id,
+                request.key,
+                request.ttl_ms,
+                request.stamp,
+            )
         else:
             assert peeked is None
 
@@ -608,6 +640,9 @@ def test_peek_keyed_dispatch_agrees_with_decode_from_broker() -> None:
         fields = [1, Kind.DISPATCH, rng.randrange(2**64), 1, kind, 0, rng.randrange(2**64), 0]
         if ttl_ms is not None:
             fields[5], fields[7] = 1, ttl_ms
+        if kind != Kind.GET and rng.random() < 0.5:  # stamped
+            fields[5] |= 4
+            fields[7] |= rng.randrange(protocol.STAMP_MODULUS) << protocol.STAMP_SHIFT
         key = rng.choice((b"k", b"key"))
         values = [b"v"] if kind == Kind.SET else []
         # ... then, most of the time, one thing wrong with it.
@@ -632,7 +667,15 @@ def test_peek_keyed_dispatch_agrees_with_decode_from_broker() -> None:
             continue
         if isinstance(message, Dispatch) and message.request.kind in protocol.KEYED_COMMANDS:
             r = message.request
-            assert peeked == (message.token, r.kind, r.request_id, r.key, r.value, r.ttl_ms)
+            assert peeked == (
+                message.token,
+                r.kind,
+                r.request_id,
+                r.key,
+                r.value,
+                r.ttl_ms,
+                r.stamp,
+            )
             taken += 1
         else:
             assert peeked is None

@@ -294,7 +294,7 @@ def test_a_retry_after_a_hundred_thousand_writes_is_not_applied_again(
     driver.deliver(Request(Kind.SET, 7, b"k", b"v1"))  # the reply is lost
     driver.deliver(Request(Kind.DEL, 8, b"k"))
     clock.advance(500)
-    ops: list = [(int(Kind.SET), rid, b"o", b"x", None) for rid in range(100, 100_100)]
+    ops: list = [(int(Kind.SET), rid, b"o", b"x", None, None) for rid in range(100, 100_100)]
     for start in range(0, len(ops), 1000):
         shard.handle_batch([DispatchBatch(next(driver.tokens), ops[start : start + 1000])])
     retry = driver.deliver(Request(Kind.SET, 7, b"k", b"v1"))
@@ -435,7 +435,7 @@ def test_a_retried_write_inside_a_batch_is_answered_from_memory(shard: Shard) ->
 
 def test_a_malformed_request_in_a_batch_gets_its_own_error(shard: Shard) -> None:
     batch = DispatchBatch(
-        4, [(Kind.SET, 1, b"k", b"v", None), (0, 2, b"unknown flags", None, None)]
+        4, [(Kind.SET, 1, b"k", b"v", None, None), (0, 2, b"unknown flags", None, None, None)]
     )
     [frames] = shard.handle_batch([batch])
     ok_, bad = answers(frames).replies
