@@ -181,8 +181,15 @@ class _Request:
         self.expect_continue = False  # a 100 Continue is owed when its turn comes
 
 
-def _call_app(app: WsgiApp, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
-    """The body of a request greenlet: the whole WSGI call, its response collected."""
+def _call_app(
+    app: WsgiApp, environ: dict[str, Any]
+) -> tuple[str, list[tuple[str, str]], bytes, Callable[[], None] | None]:
+    """The body of a request greenlet: the whole WSGI call, its response collected.
+
+    The result's ``close()`` is handed back, not called: WSGI calls it once the response is
+    sent, and the app may hold something until then (seed ``/all`` holds one of its few slots
+    until its answer has left, so that unread answers cannot pile up: gateway/app.py).
+    """
     response: list[Any] = []
 
     def start_response(
@@ -194,15 +201,16 @@ def _call_app(app: WsgiApp, environ: dict[str, Any]) -> tuple[str, list[tuple[st
         return _no_write
 
     result = app(environ, start_response)
+    closer: Callable[[], None] | None = getattr(result, "close", None)
     try:
         body = b"".join(result)
-    finally:
-        closer = getattr(result, "close", None)
+        if not response:
+            raise RuntimeError("the app returned without calling start_response")
+    except BaseException:
         if closer is not None:
             closer()
-    if not response:
-        raise RuntimeError("the app returned without calling start_response")
-    return response[0], response[1], body
+        raise
+    return response[0], response[1], body, closer
 
 
 def _no_write(data: bytes) -> None:
@@ -227,11 +235,14 @@ def _runner(work: tuple[WsgiApp, dict[str, Any]]) -> None:
     hub = greenlet.getcurrent().parent
     while True:
         app, environ = work
+        work = None
+        out: list[Any]  # emptied by the hub (_step): a parked runner holds no response
         try:
-            result: Any = _call_app(app, environ)
+            out = [_call_app(app, environ)]
         except (Exception, asyncio.CancelledError) as exc:  # the greenlet must live on
-            result = _Failed(exc)
-        work = hub.switch(result)
+            out = [_Failed(exc)]
+        del app, environ  # nor the last request's environ (its body)
+        work = hub.switch(out)
 
 
 class HttpConnection(asyncio.Protocol):
@@ -265,6 +276,7 @@ class HttpConnection(asyncio.Protocol):
         self.linger_until = 0.0
         self.started = 0.0  # loop time the request being parsed began
         self.last_active = server.loop.time()
+        self.after_sent: list[Callable[[], None]] = []  # WSGI close() of responses in the buffer
 
     # --- transport callbacks ------------------------------------------------------------------
 
@@ -285,6 +297,17 @@ class HttpConnection(asyncio.Protocol):
         self.closed = True
         self.ready.clear()
         self.server.forget(self)
+        self._sent()
+
+    def _sent(self) -> None:
+        """The responses written are out of the transport's buffer (or will never be): close
+        their WSGI results. A close that fails is logged; the others still run."""
+        closers, self.after_sent = self.after_sent, []
+        for closer in closers:
+            try:
+                closer()
+            except Exception:
+                log.exception("closing a response of %s failed", self.peer)
 
     def pause_writing(self) -> None:
         self.writable = False
@@ -294,6 +317,7 @@ class HttpConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writable = True
         self.write_blocked_since = 0.0
+        self._sent()
         self._next()
         self._maybe_resume_reading()
 
@@ -528,6 +552,8 @@ class HttpConnection(asyncio.Protocol):
     ) -> None:
         """Run the request's greenlet until it parks on a future or finishes."""
         result = glet.switch(*args)
+        if isinstance(result, list):  # the runner's answer (see _runner), taken out of it
+            result = result.pop()
         if isinstance(result, asyncio.Future):
             result.add_done_callback(lambda _: self._step(request, environ, started, glet, ()))
             return
@@ -544,8 +570,14 @@ class HttpConnection(asyncio.Protocol):
             )
             self._refuse(500, "internal server error")
             return
-        status, headers, body = result
+        status, headers, body, closer = result
+        del result
         self._respond(request, started, status, headers, body)
+        del body
+        if closer is not None:
+            self.after_sent.append(closer)
+            if self.writable or self.closed:
+                self._sent()  # out of the buffer already (or going nowhere)
         self._next()
         self._close_if_done()
 
@@ -594,7 +626,10 @@ class HttpConnection(asyncio.Protocol):
         head += b"\r\n"
         self.transport.write(bytes(head + body) if len(body) < 65536 else bytes(head))
         if len(body) >= 65536:
-            self.transport.write(body)
+            # A view: what the socket does not take at once is copied into the transport's
+            # buffer from it, without a slice of the body first (one copy of a large answer,
+            # not two, once the caller lets go of the body).
+            self.transport.write(memoryview(body))
         if self.server.config.access_log:
             access_log.info(
                 '%s "%s %s HTTP/%s" %d %d %.1fms',
