@@ -68,10 +68,18 @@ _LIMIT = re.compile(r"[0-9]+")
 # text as json.dumps(obj, sort_keys=True), without building an encoder per call.
 to_json = json.JSONEncoder(sort_keys=True).encode
 
-# GET /all reads the store in pages of this many keys (per shard call), and answers 413 past
-# SEED_ALL_MAX_BYTES of keys and values (the JSON is about as large again, or 6x for binary).
+# GET /all reads the store in pages (per shard call) of at most SEED_ALL_PAGE_KEYS keys: the
+# first of SEED_ALL_FIRST_PAGE_KEYS, the next sized to about SEED_ALL_PAGE_BYTES of keys and
+# values by what the pages so far weighed. It answers 413 once its JSON passes
+# SEED_ALL_MAX_BYTES as rendered (counted while it is built: a byte that is not UTF-8 is the
+# 6 bytes of "\ufffd", so raw bytes undercount up to 6x), and a gateway process builds or sends
+# at most SEED_ALL_CONCURRENT at once (more: 503, Retry-After). What /all holds per process is
+# then about SEED_ALL_CONCURRENT x (2 x SEED_ALL_MAX_BYTES + a page): 2 x 80 MiB.
 SEED_ALL_PAGE_KEYS = 1000
+SEED_ALL_FIRST_PAGE_KEYS = 16
+SEED_ALL_PAGE_BYTES = 4 * 1024 * 1024
 SEED_ALL_MAX_BYTES = 32 * 1024 * 1024
+SEED_ALL_CONCURRENT = 2
 
 SEED_KEY = "zkv.seed"
 """Where :func:`make_app` leaves its :class:`SeedApi` in the app's config, for the fast lane."""
@@ -575,6 +583,76 @@ class SeedApi:
         return {"error": "Key not found"}
 
 
+class _SentRelease:
+    """A WSGI response body of one piece whose ``close()`` (called by the server once the
+    response is sent) releases what the route held for it: a slot of /all."""
+
+    def __init__(self, body: bytes, release: Callable[[], None]) -> None:
+        self._body: bytes | None = body
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Iterator[bytes]:
+        body, self._body = self._body, None  # handed over once, not held here too
+        if body is not None:
+            yield body
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        self._body = None
+        if release is not None:
+            release()
+
+
+def _seed_all_json(kv: ClientLike) -> bytes:
+    """The JSON of /all, as bytes, rendered an entry at a time and counted as it grows.
+
+    Read in pages by cursor (each costs a shard O(log n + page), see the listing), sized by
+    what the pages before weighed so that one holds about SEED_ALL_PAGE_BYTES. The answer is
+    exactly ``to_json`` of the dict of entries, keys sorted (as the seed's Flask wrote it), but
+    built from bytes: the whole dict, its text and its bytes were three copies (of up to 6x
+    the data). Not a snapshot: a key is shown at most once, as it was when its page was read.
+
+    Raises:
+        TooLarge: the JSON would pass SEED_ALL_MAX_BYTES (the seed had no limit: 200 MiB of
+            data took 722 MB here).
+    """
+    rendered: list[tuple[str, bytes]] = []
+    size = 2  # the braces
+    after = b""
+    page = min(SEED_ALL_FIRST_PAGE_KEYS, SEED_ALL_PAGE_KEYS)
+    raw_bytes = raw_entries = 0
+    while True:
+        # The store's next ``page`` keys: the first page of the client's pager, which halves
+        # a page that a shard finds too large for one reply (zkv.client.paged).
+        entries = next(iter(kv.pages(after=after, page_keys=page)), [])
+        for entry in entries:
+            key = _key_text(entry.key)
+            item = (
+                to_json(key)
+                + ": "
+                + to_json({"time_out": http_date(entry.deadline_ms), "value": _text(entry.value)})
+            )
+            # ASCII (to_json escapes the rest): a char is a byte; ", " before all but the first
+            size += len(item) + (2 if rendered else 0)
+            if size > SEED_ALL_MAX_BYTES:
+                raise TooLarge(
+                    f"/all answers at most {SEED_ALL_MAX_BYTES} bytes of JSON; this store "
+                    "holds more: list it with GET /v1/keys"
+                )
+            rendered.append((key, item.encode("ascii")))
+            raw_bytes += len(entry.key) + len(entry.value)
+            raw_entries += 1
+        if not entries:  # past the last key (a short page need not be the last: the pager
+            break  # yields fewer keys when a shard found a page too large)
+        after = entries[-1].key
+        entries = []
+        by_size = SEED_ALL_PAGE_BYTES * raw_entries // max(1, raw_bytes)
+        page = max(1, min(SEED_ALL_PAGE_KEYS, by_size))
+    rendered.sort(key=lambda pair: pair[0])
+    body = b"{" + b", ".join(item for _, item in rendered) + b"}"
+    return body
+
+
 def make_app(
     client_factory: Callable[[], ClientLike],
     max_key_bytes: int = defaults.MAX_KEY_BYTES,
@@ -647,28 +725,29 @@ def make_app(
     def seed_delete(kv: ClientLike) -> dict[str, Any]:
         return seed.deleted(kv.delete(seed.key()))
 
+    all_slots = threading.BoundedSemaphore(SEED_ALL_CONCURRENT)
+
     @app.get("/all")
-    def seed_all(kv: ClientLike) -> dict[str, Any]:
-        # Read in pages by the client's cursor paging (zkv.client.paged: each page costs a
-        # shard O(log n + page), and a page too large for one reply is asked again with fewer
-        # keys), and bounded: past SEED_ALL_MAX_BYTES of keys and values, 413 (the seed had no
-        # limit: 200 MiB of data took 722 MB here). Not a snapshot: a key is shown at most
-        # once, as it was when its page was read.
-        listing: dict[str, Any] = {}
-        size = 0
-        for page in kv.pages(page_keys=SEED_ALL_PAGE_KEYS):
-            for entry in page:
-                size += len(entry.key) + len(entry.value)
-                if size > SEED_ALL_MAX_BYTES:
-                    raise TooLarge(
-                        f"/all answers at most {SEED_ALL_MAX_BYTES} bytes of keys and values; "
-                        "this store holds more: list it with GET /v1/keys"
-                    )
-                listing[_key_text(entry.key)] = {
-                    "time_out": http_date(entry.deadline_ms),
-                    "value": _text(entry.value),
-                }
-        return listing
+    def seed_all(kv: ClientLike) -> Any:
+        # A slot per /all being built or sent: its answer is up to SEED_ALL_MAX_BYTES, and
+        # clients that never read theirs would otherwise pile them up (8 unread /all took a
+        # process to 2.2 GB). The slot is let go when the server has sent the answer (WSGI
+        # close(), see _SentRelease), or at once if building it fails.
+        if not all_slots.acquire(blocking=False):
+            raise HTTPError(
+                503,
+                f"busy: this gateway process serves at most {SEED_ALL_CONCURRENT} /all at once, "
+                "retry later",
+                headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+            )
+        try:
+            body = _seed_all_json(kv)
+        except BaseException:
+            all_slots.release()
+            raise
+        response.content_type = JSON_TYPE
+        response.content_length = len(body)
+        return _SentRelease(body, all_slots.release)
 
     # --- REST API -----------------------------------------------------------------------
 

@@ -25,8 +25,13 @@ order, one request of a connection at a time):
   (:data:`WRITE_HIGH_WATER_BYTES`) plus the one response in hand. A connection that does not
   read its responses is not read from either, and is aborted when its output has not drained
   for ``write_timeout_s``;
-* a transfer coding other than ``chunked`` is answered 501; connections from one client
-  address beyond ``max_connections_per_client`` are answered 503 and closed;
+* a transfer coding other than ``chunked`` is answered 501;
+* a new connection over a limit (``max_connections`` per process, or
+  ``max_connections_per_client`` from one client address) first evicts the connection, of that
+  address or of any, that has waited longest on an unfinished request or as idle keep-alive, if
+  that wait is over ``evict_after_s``; only when none has waited that long is the newcomer
+  answered 503 and closed. So connections held open by a slow or idle client (slowloris, even
+  from 127.0.0.1 where every local client shares one address) cannot lock others out;
 * ``Expect: 100-continue`` is answered when the request's turn comes, never ahead of a response
   still owed to an earlier request of the connection;
 * the timeout sweep survives anything one connection does: a failure is logged, the sweep
@@ -109,6 +114,9 @@ class ServerConfig:
         max_connections: connections beyond this many are answered 503 and closed.
         max_connections_per_client: connections from one client address (IP) beyond this
             many are answered 503 and closed, so that one client cannot take every slot.
+        evict_after_s: over a connection limit, a connection that has waited this long on
+            an unfinished request (or idle on keep-alive) is closed to make room for the new
+            one; legitimate requests arrive whole in milliseconds.
         write_timeout_s: a connection whose unsent output has not drained below the
             high-water mark within this long is aborted (a client that does not read).
         access_log: log one line per request to ``gateway.access``.
@@ -119,6 +127,7 @@ class ServerConfig:
     read_timeout_s: float = 10.0
     max_connections: int = 1000
     max_connections_per_client: int = 100
+    evict_after_s: float = 1.0
     write_timeout_s: float = 10.0
     access_log: bool = False
 
@@ -172,8 +181,15 @@ class _Request:
         self.expect_continue = False  # a 100 Continue is owed when its turn comes
 
 
-def _call_app(app: WsgiApp, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
-    """The body of a request greenlet: the whole WSGI call, its response collected."""
+def _call_app(
+    app: WsgiApp, environ: dict[str, Any]
+) -> tuple[str, list[tuple[str, str]], bytes, Callable[[], None] | None]:
+    """The body of a request greenlet: the whole WSGI call, its response collected.
+
+    The result's ``close()`` is handed back, not called: WSGI calls it once the response is
+    sent, and the app may hold something until then (seed ``/all`` holds one of its few slots
+    until its answer has left, so that unread answers cannot pile up: gateway/app.py).
+    """
     response: list[Any] = []
 
     def start_response(
@@ -185,15 +201,16 @@ def _call_app(app: WsgiApp, environ: dict[str, Any]) -> tuple[str, list[tuple[st
         return _no_write
 
     result = app(environ, start_response)
+    closer: Callable[[], None] | None = getattr(result, "close", None)
     try:
         body = b"".join(result)
-    finally:
-        closer = getattr(result, "close", None)
+        if not response:
+            raise RuntimeError("the app returned without calling start_response")
+    except BaseException:
         if closer is not None:
             closer()
-    if not response:
-        raise RuntimeError("the app returned without calling start_response")
-    return response[0], response[1], body
+        raise
+    return response[0], response[1], body, closer
 
 
 def _no_write(data: bytes) -> None:
@@ -218,11 +235,14 @@ def _runner(work: tuple[WsgiApp, dict[str, Any]]) -> None:
     hub = greenlet.getcurrent().parent
     while True:
         app, environ = work
+        work = None
+        out: list[Any]  # emptied by the hub (_step): a parked runner holds no response
         try:
-            result: Any = _call_app(app, environ)
+            out = [_call_app(app, environ)]
         except (Exception, asyncio.CancelledError) as exc:  # the greenlet must live on
-            result = _Failed(exc)
-        work = hub.switch(result)
+            out = [_Failed(exc)]
+        del app, environ  # nor the last request's environ (its body)
+        work = hub.switch(out)
 
 
 class HttpConnection(asyncio.Protocol):
@@ -256,6 +276,7 @@ class HttpConnection(asyncio.Protocol):
         self.linger_until = 0.0
         self.started = 0.0  # loop time the request being parsed began
         self.last_active = server.loop.time()
+        self.after_sent: list[Callable[[], None]] = []  # WSGI close() of responses in the buffer
 
     # --- transport callbacks ------------------------------------------------------------------
 
@@ -276,6 +297,17 @@ class HttpConnection(asyncio.Protocol):
         self.closed = True
         self.ready.clear()
         self.server.forget(self)
+        self._sent()
+
+    def _sent(self) -> None:
+        """The responses written are out of the transport's buffer (or will never be): close
+        their WSGI results. A close that fails is logged; the others still run."""
+        closers, self.after_sent = self.after_sent, []
+        for closer in closers:
+            try:
+                closer()
+            except Exception:
+                log.exception("closing a response of %s failed", self.peer)
 
     def pause_writing(self) -> None:
         self.writable = False
@@ -285,6 +317,7 @@ class HttpConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writable = True
         self.write_blocked_since = 0.0
+        self._sent()
         self._next()
         self._maybe_resume_reading()
 
@@ -523,6 +556,8 @@ class HttpConnection(asyncio.Protocol):
     ) -> None:
         """Run the request's greenlet until it parks on a future or finishes."""
         result = glet.switch(*args)
+        if isinstance(result, list):  # the runner's answer (see _runner), taken out of it
+            result = result.pop()
         if isinstance(result, asyncio.Future):
             result.add_done_callback(lambda _: self._step(request, environ, started, glet, ()))
             return
@@ -540,8 +575,14 @@ class HttpConnection(asyncio.Protocol):
             )
             self._refuse(500, "internal server error")
             return
-        status, headers, body = result
+        status, headers, body, closer = result
+        del result
         self._respond(request, started, status, headers, body)
+        del body
+        if closer is not None:
+            self.after_sent.append(closer)
+            if self.writable or self.closed:
+                self._sent()  # out of the buffer already (or going nowhere)
         self._next()
         self._close_if_done()
 
@@ -590,7 +631,10 @@ class HttpConnection(asyncio.Protocol):
         head += b"\r\n"
         self.transport.write(bytes(head + body) if len(body) < 65536 else bytes(head))
         if len(body) >= 65536:
-            self.transport.write(body)
+            # A view: what the socket does not take at once is copied into the transport's
+            # buffer from it, without a slice of the body first (one copy of a large answer,
+            # not two, once the caller lets go of the body).
+            self.transport.write(memoryview(body))
         if self.server.config.access_log:
             access_log.info(
                 '%s "%s %s HTTP/%s" %d %d %.1fms',
@@ -696,6 +740,23 @@ class HttpConnection(asyncio.Protocol):
         """Nothing in hand, nothing parsed or half-parsed."""
         return not self.busy and not self.ready and self.current is None
 
+    def waiting_since(self) -> float | None:
+        """Since when this connection has waited on its client (a request begun and not
+        finished, or idle on keep-alive), None when the server owes it something: it may then
+        be evicted to make room for another (see :meth:`HttpServer.adopt`)."""
+        if self.busy or self.ready or self.closing or self.closed or self.linger_until:
+            return None
+        if self.current is not None:
+            return self.started
+        return self.last_active
+
+    def evict(self) -> None:
+        """Close this waiting connection for a newcomer; a request begun gets a 408 first."""
+        if self.current is not None:
+            self._refuse(408, "request not received whole; its connection was needed by another")
+        self.closing = True
+        self.close()  # once the 408 has gone
+
     def check_timeouts(self, now: float) -> None:
         """Close an idle connection past its keep-alive, answer 408 to a stalled request,
         abort one whose output has not drained within ``write_timeout_s``."""
@@ -758,8 +819,9 @@ class HttpServer:
         self.dates = _DateCache()
         self.stopping = False
         self.connections: set[HttpConnection] = set()
-        self.per_client: dict[str, int] = {}  # open (adopted) connections by client address
+        self.per_client: dict[str, set[HttpConnection]] = {}  # adopted connections by address
         self.runners: list[greenlet.greenlet] = []  # idle request greenlets (see _runner)
+        self.limited_log = LogLimiter(log)  # evictions: one line each, rate-limited
         self._listeners: list[socket.socket] = []
         self._accept_paused_until = 0.0
         self._sweeper: asyncio.TimerHandle | None = None
@@ -814,27 +876,64 @@ class HttpServer:
         self.loop.create_task(self.loop.connect_accepted_socket(lambda: HttpConnection(self), sock))
 
     def adopt(self, connection: HttpConnection) -> str | None:
-        """Take a new connection; else why not (stopping, or over a connection limit)."""
-        if self.stopping or len(self.connections) >= self.config.max_connections:
-            return "too many connections"
+        """Take a new connection; else why not (stopping, or over a limit with no connection
+        to evict: see :meth:`_evict_for`)."""
+        if self.stopping:
+            return "the server is stopping"
         client = connection.client
-        count = self.per_client.get(client, 0)
-        if count >= self.config.max_connections_per_client:
-            limit = self.config.max_connections_per_client
+        mine = self.per_client.get(client)
+        limit = self.config.max_connections_per_client
+        if mine is not None and len(mine) >= limit and not self._evict_for(mine):
             return f"too many connections from {client} (at most {limit} per gateway process)"
-        self.per_client[client] = count + 1
+        if len(self.connections) >= self.config.max_connections and not self._evict_for(
+            self.connections
+        ):
+            return "too many connections"
+        if mine is None:
+            mine = self.per_client[client] = set()
+        mine.add(connection)
         self.connections.add(connection)
         return None
+
+    def _evict_for(self, candidates: set[HttpConnection]) -> bool:
+        """Make room for a new connection: close the one of ``candidates`` that has waited
+        longest on its client, if that is over ``evict_after_s``; whether one was closed.
+
+        A limit that refuses newcomers lets whoever holds the slots keep everyone else out: a
+        slowloris from 127.0.0.1, where every local client shares one address, took the 100
+        slots of the address and 95 of 100 other local requests got 503. A connection waiting
+        on an unfinished request or idle on keep-alive is the cheapest to lose (its client
+        sent a request that was slow to arrive, or nothing), and one that has waited over a
+        second is no request arriving at the pace of a working client. A scan of the
+        candidates, only when a limit is reached: at most ``max_connections`` steps.
+        """
+        deadline = self.loop.time() - self.config.evict_after_s
+        victim: HttpConnection | None = None
+        oldest = deadline
+        for candidate in candidates:
+            since = candidate.waiting_since()
+            if since is not None and since <= oldest:
+                victim, oldest = candidate, since
+        if victim is None:
+            return False
+        self.limited_log.info(
+            "evict",
+            "%s: closed after waiting %.1f s on its client, for a new connection over a limit",
+            victim.peer,
+            self.loop.time() - oldest,
+        )
+        victim.evict()
+        self.forget(victim)
+        return True
 
     def forget(self, connection: HttpConnection) -> None:
         if connection in self.connections:
             self.connections.discard(connection)
-            client = connection.client
-            count = self.per_client.get(client, 0) - 1
-            if count > 0:
-                self.per_client[client] = count
-            else:
-                self.per_client.pop(client, None)
+            mine = self.per_client.get(connection.client)
+            if mine is not None:
+                mine.discard(connection)
+                if not mine:
+                    del self.per_client[connection.client]
 
     def _sweep(self) -> None:
         """Every SWEEP_S: the timeouts of every connection. One connection's failure is

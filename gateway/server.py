@@ -149,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(
         parser,
+        "--evict-after",
+        "ZKV_HTTP_EVICT_AFTER",
+        defaults.HTTP_EVICT_AFTER_S,
+        positive_float,
+        "event only: over a connection limit, close the connection that has waited longest "
+        "(on an unfinished request, or idle) if over this many seconds, instead of refusing "
+        "the new one",
+    )
+    add_flag(
+        parser,
         "--fast-lane",
         "ZKV_HTTP_FAST_LANE",
         defaults.HTTP_FAST_LANE,
@@ -332,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     http_config = ServerConfig(
         max_body_bytes=args.max_value_bytes,
         max_connections_per_client=args.max_connections_per_client,
+        evict_after_s=args.evict_after,
         access_log=args.access_log,
     )
     try:

@@ -70,6 +70,7 @@ class EventLoopWorker(Worker):
             read_timeout_s=app_config.read_timeout_s,
             max_connections=int(self.cfg.worker_connections),
             max_connections_per_client=app_config.max_connections_per_client,
+            evict_after_s=app_config.evict_after_s,
             write_timeout_s=app_config.write_timeout_s,
             access_log=app_config.access_log,
         )

@@ -16,6 +16,9 @@ HTTP_MAX_CONNECTIONS = 1000  # ZKV_HTTP_MAX_CONNECTIONS: per process, event work
 # ZKV_HTTP_MAX_CONNECTIONS_PER_CLIENT: per process and client IP, event worker only; behind a
 # reverse proxy every client shares its address: raise it to HTTP_MAX_CONNECTIONS there
 HTTP_MAX_CONNECTIONS_PER_CLIENT = 100
+# ZKV_HTTP_EVICT_AFTER: over a connection limit, the connection waiting longest on its client
+# (unfinished request or idle keep-alive) is closed for the newcomer once it has waited this long
+HTTP_EVICT_AFTER_S = 1.0
 HTTP_FAST_LANE = True  # ZKV_HTTP_FAST_LANE: plain seed /get, /set, /delete without Bottle
 HTTP_THREADS = 16  # ZKV_HTTP_THREADS: threads per process, each with its own ZeroMQ socket
 MAX_KEY_BYTES = 1024  # ZKV_MAX_KEY_BYTES: largest key the gateway accepts

@@ -1034,3 +1034,37 @@ def test_100_continue_of_a_pipelined_request_waits_for_its_turn() -> None:
             assert (last.status, last.body) == (200, b"/later:hello")
     finally:
         running.close()
+
+
+@pytest.mark.parametrize("limit", ["max_connections", "max_connections_per_client"])
+def test_over_a_limit_the_longest_waiting_connection_is_evicted_not_the_newcomer(
+    limit: str,
+) -> None:
+    running = Server(echo, **{limit: 2}, evict_after_s=0.2)
+    try:
+        stalled = running.connect()
+        stalled.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+        wait_for(lambda: running.http.connections or None, "the stalled connection adopted", 5)
+        idle = running.connect()
+        idle.sendall(request("GET", "/"))
+        idle_reader = Reader(idle)
+        assert idle_reader.response().status == 200  # now idle on keep-alive
+        with running.connect() as early:  # neither has waited evict_after_s yet: refused
+            assert Reader(early).response().status == 503
+        evictable_at = time.monotonic() + 0.2
+        wait_for(lambda: time.monotonic() > evictable_at or None, "the eviction grace", 5)
+        newcomer = running.connect()  # the stalled one waited longest: it goes
+        newcomer.sendall(request("GET", "/new"))
+        assert Reader(newcomer).response().status == 200
+        stalled_reader = Reader(stalled)
+        response = stalled_reader.response()
+        assert response.status == 408 and "needed by another" in response.json()["error"]
+        assert stalled_reader.closed()
+        with running.connect() as another:  # then the idle keep-alive one, not the newcomer
+            another.sendall(request("GET", "/another"))
+            assert Reader(another).response().status == 200
+        assert idle_reader.closed()
+        for sock in (stalled, idle, newcomer):
+            sock.close()
+    finally:
+        running.close()

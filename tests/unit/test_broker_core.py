@@ -378,7 +378,7 @@ def test_a_worker_that_registers_again_hands_its_requests_back_to_be_routed_anew
     out = h.take()
     assert [f for s, f in out if s is Side.FRONTEND] == []  # nothing failed
     back = [(f[0], decode_from_broker(f[1:])) for s, f in out if s is Side.BACKEND]
-    [(owner, assign)] = [(w, m) for w, m in back if isinstance(m, Assign) and m.shard == 0]
+    [(owner, _)] = [(w, m) for w, m in back if isinstance(m, Assign) and m.shard == 0]
     [(again, dispatch)] = [(w, m) for w, m in back if isinstance(m, Dispatch)]
     assert again == owner and dispatch.request == first.request
     assert dispatch.token > first.token

@@ -235,6 +235,19 @@ def get(app: Bottle, target: str) -> Response:
     return call(app, "GET", target)
 
 
+def call_unclosed(
+    app: Bottle, target: str
+) -> tuple[str, list[tuple[str, str]], bytes, Callable[[], None]]:
+    """A GET whose WSGI result is read but not closed: a server still sending it. Returns the
+    status, headers, body and the result's close()."""
+    environ: dict[str, Any] = {"REQUEST_METHOD": "GET", "PATH_INFO": target}
+    setup_testing_defaults(environ)
+    started: list[Any] = []
+    result = app(environ, lambda status, headers, exc_info=None: started.extend([status, headers]))
+    body = b"".join(result)
+    return started[0], started[1], body, getattr(result, "close", lambda: None)
+
+
 def error_of(response: Response, status: int) -> str:
     """The message of a JSON error response, after checking its status and shape."""
     assert response.status == status, (response.status, response.body)
@@ -725,12 +738,46 @@ def test_seed_all_reads_in_pages_and_answers_413_past_its_bound(
     monkeypatch.setattr(gateway_app, "SEED_ALL_PAGE_KEYS", 7)
     for i in range(50):
         kv.set(f"k{i:02d}", b"0123456789", ttl_s=60)
-    assert len(get(app, "/all").json()) == 50
+    whole = get(app, "/all").body
+    assert len(json.loads(whole)) == 50
     assert {call[2] for call in kv.calls if call[0] == "all"} == {8}  # never without a limit
-    monkeypatch.setattr(gateway_app, "SEED_ALL_MAX_BYTES", 50 * 13 - 1)
+    # The bound is on the JSON as rendered, not on the data's bytes.
+    monkeypatch.setattr(gateway_app, "SEED_ALL_MAX_BYTES", len(whole) - 1)
     assert "GET /v1/keys" in error_of(get(app, "/all"), 413)
-    monkeypatch.setattr(gateway_app, "SEED_ALL_MAX_BYTES", 50 * 13)
-    assert len(get(app, "/all").json()) == 50
+    monkeypatch.setattr(gateway_app, "SEED_ALL_MAX_BYTES", len(whole))
+    assert get(app, "/all").body == whole
+
+
+def test_seed_all_bounds_its_json_not_its_raw_bytes(
+    app: Bottle, kv: FakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: 30 values of 1 MiB of 0xFF passed a bound on raw bytes and rendered 189 MB of
+    # "\ufffd". Here 4 KiB of raw data, 24 KiB of JSON, against a bound of 16 KiB.
+    monkeypatch.setattr(gateway_app, "SEED_ALL_MAX_BYTES", 16 * 1024)
+    for i in range(4):
+        kv.set(f"ff{i}", b"\xff" * 1024, ttl_s=60)
+    assert "at most 16384 bytes of JSON" in error_of(get(app, "/all"), 413)
+    kv.delete("ff3")
+    kv.delete("ff2")
+    listing = get(app, "/all")
+    assert len(listing.body) <= 16 * 1024
+    assert listing.json()["ff0"]["value"] == "\ufffd" * 1024
+    assert listing.body == gateway_app.to_json(json.loads(listing.body)).encode()  # as before
+
+
+def test_seed_all_runs_at_most_its_slots_at_once_and_frees_them_when_sent(
+    app: Bottle, kv: FakeClient
+) -> None:
+    kv.set("k", b"v", ttl_s=60)
+    held = []
+    for _ in range(gateway_app.SEED_ALL_CONCURRENT):  # answered, not yet sent: slots held
+        held.append(call_unclosed(app, "/all"))
+        assert held[-1][0].startswith("200")
+    status, headers, body, _ = call_unclosed(app, "/all")
+    assert status.startswith("503") and ("Retry-After", "1") in headers
+    assert "at most 2 /all at once" in json.loads(body)["error"]
+    held[0][3]()  # the server has sent one: its slot is free
+    assert call_unclosed(app, "/all")[0].startswith("200")
 
 
 def test_seed_all_asks_fewer_keys_when_a_page_is_too_large(clock: FakeClock) -> None:
