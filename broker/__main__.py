@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("--max-client-bytes", "ZKV_MAX_CLIENT_BYTES", defaults.MAX_CLIENT_BYTES, "bytes"),
         ("--max-pending-ops", "ZKV_MAX_PENDING_OPS", defaults.MAX_PENDING_OPS, "requests"),
         ("--max-client-ops", "ZKV_MAX_CLIENT_OPS", defaults.MAX_CLIENT_OPS, "requests"),
+        ("--max-pending-alls", "ZKV_MAX_PENDING_ALLS", defaults.MAX_PENDING_ALLS, "ALL requests"),
+        ("--max-client-alls", "ZKV_MAX_CLIENT_ALLS", defaults.MAX_CLIENT_ALLS, "ALL requests"),
     ):
         whose = "all clients together" if "pending" in flag else "one client socket"
         add_flag(
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             max_client_bytes=args.max_client_bytes,
             max_pending_ops=args.max_pending_ops,
             max_client_ops=args.max_client_ops,
+            max_pending_alls=args.max_pending_alls,
+            max_client_alls=args.max_client_alls,
         ),
     )
     stopper = Stopper()

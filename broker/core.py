@@ -64,7 +64,13 @@ in order, and neither is answered with the other's reply.
 ALL scatters one part per shard (parts hold no key token: each worker applies requests in
 order, so each part sees a consistent shard) and gathers the bodies, which concatenate by
 design of the wire format. The first part that fails fails the whole ALL: never a silent
-partial answer.
+partial answer. ALLs are bounded apart from other requests, because a 20-byte ALL costs every
+worker a listing of up to MAX_REPLY_BYTES and the broker the gathered parts: at most
+``max_client_alls`` unanswered ALLs per client socket and ``max_pending_alls`` in total (more
+is answered BUSY at once), each charged to its client's account like any request, and its
+gathered parts charged too as they arrive (so the broker refuses other work while it holds
+them), until it is answered. The broker thus gathers at most
+``max_pending_alls x shards x MAX_REPLY_BYTES`` (the workers refuse larger parts).
 
 Limits: a flight holds at most MAX_BATCH_OPS ops and MAX_BATCH_BYTES bytes of sub-requests
 (a full open flight is closed and a new one opened); a run passed on by a key is cut to the
@@ -164,7 +170,14 @@ class Side(enum.Enum):
 
 @dataclass(slots=True)
 class Gather:
-    """An ALL request collecting one body per shard."""
+    """An ALL request collecting one body per shard.
+
+    Attributes:
+        client: the socket to answer (a retry moves it to the retry's socket).
+        admitted_by: the socket it was admitted from, whose count of ALLs it holds.
+        account: what it is charged to: its request, and the bytes of the parts gathered so
+            far (``nbytes``); None once answered (released).
+    """
 
     client: bytes
     request_id: int
@@ -172,6 +185,9 @@ class Gather:
     bodies: dict[int, bytes] = field(default_factory=dict)
     done: bool = False
     identity: Entry | None = None
+    admitted_by: bytes = b""
+    account: Account | None = None
+    nbytes: int = 0
 
 
 class Account:
@@ -299,6 +315,8 @@ class BrokerConfig:
     max_client_bytes: int = defaults.MAX_CLIENT_BYTES
     max_pending_ops: int = defaults.MAX_PENDING_OPS
     max_client_ops: int = defaults.MAX_CLIENT_OPS
+    max_pending_alls: int = defaults.MAX_PENDING_ALLS
+    max_client_alls: int = defaults.MAX_CLIENT_ALLS
 
 
 class Broker:
@@ -346,6 +364,9 @@ class Broker:
         self.held_bytes = 0
         self.held_ops = 0
         self._accounts: dict[bytes, Account] = {}
+        # ALLs admitted and not yet answered, in total and by the socket that sent them.
+        self.held_alls = 0
+        self._alls_by_client: dict[bytes, int] = {}
         # Keys whose token has waiters, by when the oldest of them must give up: a heap with
         # one entry per such key (its due time in _wait_due), so waiters expire on time
         # without any pass looking at every waiter (see _expire_waiters).
@@ -386,6 +407,12 @@ class Broker:
             original = self._remember(entry)
             if original is not entry:
                 original[0].client = client  # a retry: answer it on the socket it came from
+                return
+            if not self._admit_all(gather, sum(map(len, body))):
+                self._forget(entry)
+                self._to_client(
+                    client, error_reply(request.request_id, self._busy_all(), Status.BUSY)
+                )
                 return
             gather.identity = entry
             part = Origin(client, body, now, None, gather)
@@ -985,7 +1012,13 @@ class Broker:
                 gather, encode_reply(Reply(reply.status, gather.request_id, body=reply.body))
             )
             return
-        gather.bodies[shard] = reply.body or b""
+        part = reply.body or b""
+        account = gather.account
+        if account is not None:  # charged as gathered: see _admit_all
+            account.nbytes += len(part)
+            self.held_bytes += len(part)
+            gather.nbytes += len(part)
+        gather.bodies[shard] = part
         gather.waiting.discard(shard)
         if not gather.waiting:
             body = b"".join(gather.bodies[s] for s in sorted(gather.bodies))
@@ -1007,9 +1040,21 @@ class Broker:
     def _finish(self, gather: Gather, frames: list[bytes]) -> None:
         """Answer an ALL once; parts still out are ignored when they come back."""
         gather.done = True
+        gather.bodies = {}  # parts still out are dropped when they come: nothing stays held
         self._to_client(gather.client, frames)
         if gather.identity is not None:
             self._forget(gather.identity)
+        account = gather.account
+        if account is not None:
+            gather.account = None
+            self._refund(account, gather.nbytes, 1)
+            self.held_alls -= 1
+            by_client = self._alls_by_client
+            left = by_client[gather.admitted_by] - 1
+            if left:
+                by_client[gather.admitted_by] = left
+            else:
+                del by_client[gather.admitted_by]
 
     def _release(self, flight: Flight) -> None:
         """Pass on the tokens of an answered flight's keys: to the run of requests waiting for
@@ -1052,6 +1097,36 @@ class Broker:
         self.held_bytes += nbytes
         self.held_ops += ops
         return account
+
+    def _admit_all(self, gather: Gather, nbytes: int) -> bool:
+        """Admit an ALL of ``nbytes`` from ``gather.client`` and charge it, or refuse it
+        (False: answer BUSY). An ALL is a 20-byte request that makes every worker list up to
+        MAX_REPLY_BYTES on its only loop and the broker gather the parts, so its count is
+        bounded per client socket and in total (a flood of them took every shard's heartbeats
+        down), and it is charged like any request, its gathered parts included (see
+        :meth:`_gathered`), until :meth:`_finish` releases it."""
+        config = self.config
+        client = gather.client
+        held = self._alls_by_client.get(client, 0)
+        if self.held_alls >= config.max_pending_alls or held >= config.max_client_alls:
+            return False
+        account = self._charge(client, nbytes, 1)
+        if account is None:
+            return False
+        gather.account = account
+        gather.admitted_by = client
+        gather.nbytes = nbytes
+        self.held_alls += 1
+        self._alls_by_client[client] = held + 1
+        return True
+
+    def _busy_all(self) -> str:
+        config = self.config
+        return (
+            f"broker busy: {self.held_alls} ALL request(s) unanswered (limits:"
+            f" {config.max_pending_alls}, per client {config.max_client_alls}), or"
+            f" {self.held_bytes} bytes held (limit {config.max_pending_bytes}); retry later"
+        )
 
     def _refund(self, account: Account, nbytes: int, ops: int) -> None:
         """Release what ``ops`` requests of ``account`` held (answered, or never held)."""

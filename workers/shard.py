@@ -33,7 +33,14 @@ from workers import aof
 from workers.aof import CorruptLog, DurabilityError, NoSpace
 from workers.idempotency import MAX_CLOCK_SKEW_S, Memo, RequestMemory
 from workers.persist import Durability, ShardFiles
-from workers.store import Clock, HighWaterClock, ListingTooLarge, Missing, TTLStore
+from workers.store import (
+    Clock,
+    HighWaterClock,
+    ListingOverRoom,
+    ListingTooLarge,
+    Missing,
+    TTLStore,
+)
 from zkv.logs import LogLimiter
 from zkv.protocol import (
     MAX_LIST_KEYS,
@@ -594,14 +601,32 @@ class Shard:
         if kind == _ALL and request is not None:
             # Bounded (MAX_LIST_KEYS, MAX_REPLY_BYTES) and sized before anything is copied: a
             # listing costs O(log n + limit), never a scan of the shard (see TTLStore.entries).
+            # Its encoded entries come out of the pass's reply budget, like GET values (see
+            # handle_batch): a listing larger than a whole budget is an ERROR (page it), one
+            # larger than what this pass has left is BUSY (retry later), so a flood of ALLs
+            # builds at most MAX_REPLY_BYTES a pass (tens of ms) and the loop keeps its
+            # heartbeats; one ALL that fits a whole budget is served as the first of a pass.
             try:
                 entries = store.entries(
-                    request.key, request.limit, request.keys_only, MAX_LIST_KEYS, MAX_REPLY_BYTES
+                    request.key,
+                    request.limit,
+                    request.keys_only,
+                    MAX_LIST_KEYS,
+                    MAX_REPLY_BYTES,
+                    self._room,
                 )
             except ListingTooLarge as exc:
                 message = f"{REPLY_TOO_LARGE}: shard {self.number}: {exc}; ask for fewer keys"
                 return _ERROR, None, message.encode()
-            return _OK, None, encode_entries(entries)
+            except ListingOverRoom as exc:
+                message = (
+                    f"busy: shard {self.number} has built its {MAX_REPLY_BYTES} bytes of "
+                    f"replies for this pass ({exc}); not listed, retry later"
+                )
+                return _BUSY, None, message.encode()
+            body = encode_entries(entries)
+            self._room -= len(body)
+            return _OK, None, body
         if kind == _PING:
             return _OK, None, None
         message = f"{Kind(kind).name} is not a request a shard serves"

@@ -260,6 +260,15 @@ class ListingTooLarge(ValueError):
     """A listing would exceed the bound it was given: the caller must ask for fewer keys."""
 
 
+class ListingOverRoom(Exception):
+    """A listing within its bound does not fit in the room left (``TTLStore.entries``): the
+    caller may ask again later, when that room is back. ``size`` is its encoded size."""
+
+    def __init__(self, size: int, room: int) -> None:
+        super().__init__(f"{size} bytes of entries, {max(room, 0)} bytes of room left")
+        self.size = size
+
+
 class HighWaterClock:
     """A wall clock (Unix ms) that never goes back: the largest of every reading so far and of
     a floor raised by replay (:meth:`raise_to`, from the log's TIME records).
@@ -495,6 +504,7 @@ class TTLStore:
         keys_only: bool = False,
         max_keys: int = 0,
         max_bytes: int = 0,
+        room: int | None = None,
     ) -> list[Entry]:
         """The live keys greater than ``after``, sorted by key, for listing and paging.
 
@@ -514,10 +524,15 @@ class TTLStore:
                 walk stops there); 0 for no bound.
             max_bytes: if above 0, the most bytes :func:`zkv.protocol.encode_entries` may
                 make of the answer; 0 for no bound.
+            room: if given, what is left of the caller's budget for replies (its worker pass's,
+                see workers/shard.py): an answer within ``max_bytes`` but larger than this is
+                refused before anything is copied, so the caller may answer "later", not
+                "never".
 
         Raises:
             ValueError: ``limit`` is negative.
             ListingTooLarge: the answer would exceed ``max_keys`` or ``max_bytes``.
+            ListingOverRoom: it would not, but it exceeds ``room``.
         """
         if limit < 0:
             raise ValueError(f"limit must be 0 or more, got {limit}")
@@ -551,6 +566,8 @@ class TTLStore:
             raise ListingTooLarge(f"more than {max_keys} keys: list them in pages (a limit)")
         if max_bytes and size > max_bytes:
             raise ListingTooLarge(f"{size} bytes of entries, over the bound of {max_bytes}")
+        if room is not None and size > max(room, 0):
+            raise ListingOverRoom(size, room)
         return [
             Entry(
                 key,

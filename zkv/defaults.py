@@ -41,6 +41,11 @@ MAX_PENDING_BYTES = 1024 * 1024 * 1024  # ZKV_MAX_PENDING_BYTES: all clients tog
 MAX_CLIENT_BYTES = 256 * 1024 * 1024  # ZKV_MAX_CLIENT_BYTES: one client socket
 MAX_PENDING_OPS = 1_000_000  # ZKV_MAX_PENDING_OPS: requests, all clients together
 MAX_CLIENT_OPS = 250_000  # ZKV_MAX_CLIENT_OPS: requests, one client socket
+# ALL requests the broker has scattered to the shards and not yet answered (each gathers up to
+# shards x MAX_REPLY_BYTES of entries, and costs every worker an encoding on its only loop);
+# more is answered BUSY at once. Clients page: one ALL a page, so 1 is what a client needs.
+MAX_PENDING_ALLS = 8  # ZKV_MAX_PENDING_ALLS: all clients together
+MAX_CLIENT_ALLS = 2  # ZKV_MAX_CLIENT_ALLS: one client socket
 
 HEARTBEAT_INTERVAL_S = 1.0  # ZKV_HEARTBEAT_INTERVAL
 HEARTBEAT_LIVENESS = 3  # ZKV_HEARTBEAT_LIVENESS: intervals of silence before a peer is dead

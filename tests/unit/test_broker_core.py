@@ -309,6 +309,67 @@ def test_all_fails_whole_when_a_shard_has_no_owner():
     assert [f for s, f in h.take() if s is Side.FRONTEND] == []  # failed once only
 
 
+def test_alls_are_bounded_per_client_and_the_excess_is_busy_at_once(h):
+    for request_id in (1, 2, 3):  # the limit is 2 per client socket
+        h.send(Request(Kind.ALL, request_id))
+    out = h.take()
+    parts = [(f[0], decode_from_broker(f[1:])) for s, f in out if s is Side.BACKEND]
+    assert sorted(p.request.request_id for _, p in parts) == [1, 1, 2, 2]
+    [busy] = [decode_reply(f[1:]) for s, f in out if s is Side.FRONTEND]
+    assert (busy.request_id, busy.status) == (3, Status.BUSY) and b"ALL" in busy.body
+    h.send(Request(Kind.ALL, 4), b"other")  # another socket has its own bound
+    assert len(h.dispatched()) == 2
+    h.send(Request(Kind.ALL, 1), b"retry-socket")  # a retry joins its original: no new ALL
+    assert h.take() == []
+    for worker, part in parts:  # answer ALL 1: its client may send another
+        if part.request.request_id == 1:
+            h.answer(worker, part, ok(part, body=b""))
+    [done] = h.replies(b"retry-socket")
+    assert (done.request_id, done.status) == (1, Status.OK)
+    h.send(Request(Kind.ALL, 5))
+    assert len(h.dispatched()) == 2
+
+
+def test_alls_are_bounded_in_total():
+    h = Harness(dataclasses.replace(CONFIG, max_pending_alls=3))
+    h.register(b"w0")
+    h.register(b"w1")
+    for index in range(4):
+        h.send(Request(Kind.ALL, index + 1), f"c{index}".encode())
+    out = h.take()
+    assert len([f for s, f in out if s is Side.BACKEND]) == 6
+    [(client, busy)] = [(f[0], decode_reply(f[1:])) for s, f in out if s is Side.FRONTEND]
+    assert (client, busy.status) == (b"c3", Status.BUSY)
+
+
+def test_an_all_is_charged_with_its_gathered_parts_until_answered(h):
+    h.send(Request(Kind.ALL, 9))
+    parts = h.dispatched()
+    assert h.broker.held_ops == 1 and h.broker.held_alls == 1
+    charged = h.broker.held_bytes
+    body = encode_entries([Entry(b"k", b"v" * 1000, None)])
+    worker, dispatch, _ = parts[0]
+    h.answer(worker, dispatch, ok(dispatch, body=body))
+    assert h.broker.held_bytes == charged + len(body)  # the part held is charged
+    worker, dispatch, _ = parts[1]
+    h.answer(worker, dispatch, ok(dispatch, body=body))
+    [reply] = h.replies()
+    assert reply.status == Status.OK
+    assert (h.broker.held_ops, h.broker.held_bytes, h.broker.held_alls) == (0, 0, 0)
+    assert h.broker._accounts == {} and h.broker._alls_by_client == {}
+
+
+def test_an_all_failed_by_one_part_releases_everything_and_a_late_part_is_not_held(h):
+    h.send(Request(Kind.ALL, 9))
+    [(w0, first, _), (w1, second, _)] = h.dispatched()
+    h.answer(w0, first, Reply(Status.BUSY, 9, first.token, body=b"reply too large"))
+    [reply] = h.replies()
+    assert reply.status == Status.BUSY
+    assert (h.broker.held_ops, h.broker.held_bytes, h.broker.held_alls) == (0, 0, 0)
+    h.answer(w1, second, ok(second, body=encode_entries([Entry(b"k", b"v", None)])))
+    assert h.take() == [] and h.broker.held_bytes == 0
+
+
 def test_malformed_client_messages_get_an_error_reply(h):
     cases = [
         [b""],

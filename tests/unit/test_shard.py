@@ -699,6 +699,47 @@ def test_all_past_the_byte_bound_is_an_error(
     assert driver.send(Kind.ALL, limit=2, keys_only=True).status == Status.OK
 
 
+BIG_LISTING = 20 << 20  # bytes of one key's value: ALLs of it fill a pass's budget in 4
+
+
+def test_alls_share_the_pass_reply_budget_with_gets(clock: FakeClock) -> None:
+    # A flood of ALLs made each worker encode up to MAX_REPLY_BYTES per ALL on its only loop,
+    # several in one pass, and miss its heartbeats. Now an ALL's entries come out of the same
+    # budget as GET values: one that does not fit in what is left of it is BUSY (retry later),
+    # not built; one that fits a whole budget is served as the first of a pass.
+    store = OneValueStore(clock)
+    store.set(b"big", b"b" * BIG_LISTING, None)
+    shard = Shard(0, store)
+    tokens = itertools.count(10)
+
+    def listing() -> Message:
+        return from_the_wire(Dispatch(next(tokens), Request(Kind.ALL, 7)))
+
+    def gets(count: int) -> list[Message]:
+        return [
+            from_the_wire(Dispatch(next(tokens), Request(Kind.GET, 1 + i, b"k%d" % i)))
+            for i in range(count)
+        ]
+
+    replies = shard.handle_batch([listing() for _ in range(10)])
+    assert all(isinstance(r, Reply) for r in replies)
+    fit = MAX_REPLY_BYTES // (BIG_LISTING + 17)  # 14 bytes of lengths and deadline, the key
+    assert [r.status for r in replies] == [Status.OK] * fit + [Status.BUSY] * (10 - fit)  # type: ignore[union-attr]
+    assert [e.key for e in decode_entries(replies[0].body or b"")] == [b"big"]  # type: ignore[union-attr]
+    busy = replies[-1].body  # type: ignore[union-attr]
+    assert busy is not None and b"retry later" in busy
+    # GETs first: 60 MiB of values leave too little for the listing, which is BUSY.
+    *got, listed = shard.handle_batch([*gets(60), listing()])
+    assert {decode_reply(g).status for g in got} == {Status.OK}  # type: ignore[arg-type]
+    assert isinstance(listed, Reply) and listed.status == Status.BUSY
+    # The next pass has a whole budget: the ALL is served, and GETs after it share what is left.
+    listed, *got = shard.handle_batch([listing(), *gets(50)])
+    assert isinstance(listed, Reply) and listed.status == Status.OK
+    statuses = [decode_reply(g).status for g in got]  # type: ignore[arg-type]
+    left = (MAX_REPLY_BYTES - len(listed.body or b"")) // len(OneValueStore.VALUE)
+    assert statuses == [Status.OK] * left + [Status.BUSY] * (50 - left)
+
+
 def _one(shard: Shard, token: int, request: Request) -> Reply:
     [answer] = shard.handle_batch([from_the_wire(Dispatch(token, request))])
     return decode_reply(answer)  # type: ignore[arg-type]
