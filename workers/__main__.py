@@ -39,6 +39,7 @@ from zkv.config import (
     boolean,
     endpoint,
     env_default,
+    non_negative_int,
     positive_int,
 )
 from zkv.keys import KeysError, ensure_keys
@@ -107,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
         fsync_policy,
         help="when writes reach the disk: always (before the reply), everysec, or no",
     )
+    add_flag(
+        parser,
+        "--disk-reserve",
+        "ZKV_DISK_RESERVE",
+        defaults.DISK_RESERVE_BYTES,
+        non_negative_int,
+        help="bytes of free disk that writes (SET) leave for deletes and compaction; below "
+        "it SETs get NO_SPACE (see docs/persistence.md, section 9)",
+    )
     # A switch (no value), so not add_flag; same rule: flag > environment > default.
     parser.add_argument(
         "--in-memory",
@@ -146,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend=args.backend,
         data_dir=data_dir,
         fsync=args.fsync,
+        disk_reserve_bytes=args.disk_reserve,
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_liveness=args.heartbeat_liveness,
     )
@@ -166,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         str(config.heartbeat_liveness),
         "--fsync",
         config.fsync.value,
+        "--disk-reserve",
+        str(config.disk_reserve_bytes),
         *(["--insecure"] if keys is None else ["--no-insecure", "--keys", str(keys.directory)]),
         *(["--in-memory"] if data_dir is None else ["--no-in-memory", "--data-dir", str(data_dir)]),
     ]
