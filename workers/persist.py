@@ -523,6 +523,10 @@ class ShardFiles:
 
     def _check_space(self) -> None:
         self._read_free()
+        reserve = self.durability.reserve_bytes
+        if self.no_space is None and self._free < reserve:
+            why = f"{max(self._free, 0)} bytes free, less than the {reserve} kept in reserve"
+            self._start_refusing(why, reserve + BATCH_SLACK_BYTES)
         if self.no_space is not None and self._free >= self._resume_bytes:
             log.info(
                 "shard %d: %d bytes free on the disk: accepting writes again",
@@ -683,7 +687,10 @@ class ShardFiles:
 
     def _skip_rewrite(self, why: str) -> None:
         """A measured compaction that found it would not fit or not help: nothing was written
-        but the empty scratch file; no error, the next attempt comes with the timer."""
+        but the empty scratch file; no error, the next attempt in NO_SPACE_REWRITE_S."""
+        self._next_rewrite_s = self._next_squeeze_s = (
+            self.durability.monotonic() + NO_SPACE_REWRITE_S
+        )
         rewrite = self._rewrite
         self._rewrite = None
         self._rewrite_buffer = []
