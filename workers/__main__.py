@@ -40,6 +40,7 @@ from zkv.config import (
     boolean,
     endpoint,
     env_default,
+    non_negative_int,
     positive_int,
 )
 from zkv.keys import KeysError, ensure_keys
@@ -133,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
         fsync_policy,
         help="when writes reach the disk: always (before the reply), everysec, or no",
     )
+    add_flag(
+        parser,
+        "--disk-reserve",
+        "ZKV_DISK_RESERVE",
+        defaults.DISK_RESERVE_BYTES,
+        non_negative_int,
+        help="bytes of free disk that writes (SET) leave for deletes and compaction; below "
+        "it SETs get NO_SPACE (see docs/persistence.md, section 9)",
+    )
     # A switch (no value), so not add_flag; same rule: flag > environment > default.
     parser.add_argument(
         "--in-memory",
@@ -198,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend=args.backend,
         data_dir=data_dir,
         fsync=args.fsync,
+        disk_reserve_bytes=args.disk_reserve,
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_liveness=args.heartbeat_liveness,
         idempotency_window_s=args.idempotency_window,
@@ -224,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         repr(config.idempotency_window_s),
         "--idempotency-max-bytes",
         str(config.idempotency_max_bytes),
+        "--disk-reserve",
+        str(config.disk_reserve_bytes),
         *(["--insecure"] if keys is None else ["--no-insecure", "--keys", str(keys.directory)]),
         *(["--in-memory"] if data_dir is None else ["--no-in-memory", "--data-dir", str(data_dir)]),
     ]

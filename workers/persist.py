@@ -48,6 +48,7 @@ from workers.aof import (
 from workers.idempotency import Memo, Packed, RequestMemory, packed_key
 from workers.ownership import OwnerFile, OwnershipError, next_epoch
 from workers.store import Clock, HighWaterClock, Snapshot, TTLStore
+from zkv import defaults
 from zkv.protocol import Kind
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,21 @@ REWRITE_MIN_BYTES = 1024 * 1024
 REWRITE_RETRY_S = 60.0  # after a failed rewrite, wait this long before the next attempt
 REWRITE_CANCEL_WAIT_S = 0.5  # on close, how long to wait for a cancelled rewrite thread
 
-# A full disk (see ShardFiles.no_space): how often the timers look at the free space, and how
-# much must be free before writes are tried again. A write that still finds no room costs one
-# replay of the shard's log (Shard.handle_batch), so at most one per NO_SPACE_CHECK_S.
+# A full disk (see "a full disk" in ShardFiles). The free space is read with statvfs on the
+# timer every NO_SPACE_CHECK_S and, between two readings, estimated as that reading minus the
+# bytes appended since. A batch whose SETs would leave less than the reserve free
+# (Durability.reserve_bytes, ZKV_DISK_RESERVE) has them refused before anything is applied;
+# DELs may use the reserve (they are how users free space) down to DEL_FLOOR_BYTES, and so may
+# compaction (it is how the log shrinks). While the estimate is more than TIGHT_MARGIN_BYTES
+# above the reserve, batches are not even measured: one comparison per batch.
 NO_SPACE_CHECK_S = 1.0
-NO_SPACE_RESUME_BYTES = 1024 * 1024
+DISK_RESERVE_BYTES = defaults.DISK_RESERVE_BYTES
+TIGHT_MARGIN_BYTES = 1024 * 1024 * 1024
+DEL_FLOOR_BYTES = 64 * 1024  # DELs stop this far above a full disk (block rounding, metadata)
+BATCH_SLACK_BYTES = 4096  # a batch's TIME record, and a block's rounding, on top of its records
+# On a short disk, how often a compaction is tried (its thread first measures the compacted
+# size and writes nothing unless it fits in the free space and shrinks the log).
+NO_SPACE_REWRITE_S = 5.0
 
 # A replay calls its progress callback (the worker heartbeats) once this many monotonic seconds
 # have passed since the last call, checked after every record: by time, not by a count of
@@ -134,6 +145,8 @@ class Durability:
         rewrite_growth: see REWRITE_GROWTH.
         write: the write function of appends (tests inject ENOSPC).
         free_bytes: bytes free for this user on the filesystem of a path (tests fake it).
+        reserve_bytes: free space writes (SETs) leave for DELs and compaction, see
+            DISK_RESERVE_BYTES.
     """
 
     data_dir: Path
@@ -144,6 +157,7 @@ class Durability:
     rewrite_growth: float = REWRITE_GROWTH
     write: Callable[[int, memoryview], int] = os.write
     free_bytes: Callable[[Path], int] = lambda path: _free_bytes(path)
+    reserve_bytes: int = DISK_RESERVE_BYTES
 
     def shard_dir(self, number: int) -> Path:
         return self.data_dir / f"shard-{number}"
@@ -181,9 +195,15 @@ class ShardFiles:
         self._rewrite: _Rewrite | None = None
         self._rewrite_buffer: list[bytes] = []
         self._next_rewrite_s = 0.0
-        # Why writes are refused (the disk was full), or None; see refuse_writes().
+        # A full disk, see "a full disk" below. Why writes are refused (None: they are not),
+        # and the free space that ends it.
         self.no_space: str | None = None
+        self._resume_bytes = 0
         self._next_space_check_s = 0.0
+        self._next_squeeze_s = 0.0
+        self._free = 0  # estimated free bytes: the last statvfs minus what was appended since
+        self._tight_below = durability.reserve_bytes + TIGHT_MARGIN_BYTES
+        self.tight = True  # _free is below _tight_below: batches are measured (refusal())
 
     # --- takeover ---------------------------------------------------------------------------
 
@@ -281,6 +301,7 @@ class ShardFiles:
         self.log.sync()
         aof.fsync_dir(self.dir, self.durability.fsync)
         self.base_bytes = compact_size(store.snapshot(), memory, store.clock())
+        self._read_free()
         return records
 
     def _cut_torn_tail(self, damage: aof.Damage, size: int, valid_end: int) -> None:
@@ -354,6 +375,10 @@ class ShardFiles:
         if self.log is None:
             raise RuntimeError("append() before replay(): a bug in the caller")
         self.log.append(data)
+        free = self._free - len(data)
+        self._free = free
+        if free < self._tight_below:
+            self.tight = True
         if self._rewrite is not None:
             self._rewrite_buffer.append(data)
 
@@ -386,15 +411,23 @@ class ShardFiles:
         if found != self.epoch:
             raise ShardMoved(self.number, self.epoch, found)
         self.log.tick()
-        if self.no_space is not None:
+        now_s = self.durability.monotonic()
+        if now_s >= self._next_space_check_s:
+            self._next_space_check_s = now_s + NO_SPACE_CHECK_S
             self._check_space()
-            return  # no compaction on a full disk: it needs room for a second copy
         rewrite = self._rewrite
         if rewrite is not None:
             if rewrite.done():
                 self._finish_rewrite(rewrite)
         elif self._rewrite_due():
             self.start_rewrite(store, memory)
+        elif (self.no_space is not None or self._free < self.durability.reserve_bytes) and (
+            now_s >= self._next_squeeze_s
+        ):
+            # Short of space: expired keys and DELs may have left a log that compacts to far
+            # less. The thread measures first and writes only if that fits and is worth it.
+            self._next_squeeze_s = now_s + NO_SPACE_REWRITE_S
+            self.start_rewrite(store, memory, measure=True)
 
     def close(self, sync: bool = True) -> None:
         """Stop using the files: cancel a compaction, fsync the log (unless ``sync`` is False,
@@ -409,41 +442,96 @@ class ShardFiles:
 
     # --- a full disk -------------------------------------------------------------------------
 
-    # A full disk (ENOSPC from write()) is not a failed disk. AppendLog.append truncates the
-    # log back to where it ended, so nothing of the batch is on disk; Shard.handle_batch then
-    # rebuilds the store from the log (undoing the batch in memory), calls refuse_writes(),
-    # and answers the batch again with writes refused (NO_SPACE) and reads served. From then
-    # on writes are refused before they are applied, and the timers look at the free space
-    # every NO_SPACE_CHECK_S: once NO_SPACE_RESUME_BYTES are free, writes are tried again. A
-    # failed fsync is different and still stops the worker (section 9 of docs/persistence.md).
+    # A full disk is not a failed disk: writes are refused (NO_SPACE), reads served, and writes
+    # resume by themselves. Three layers (section 9 of docs/persistence.md):
+    #
+    # 1. Up front (refusal(), called by Shard.handle_batch while `tight`): a batch's records
+    #    are bounded from its requests' sizes before anything is applied. If its SETs would
+    #    leave less than the reserve free (by the estimate, then by a fresh statvfs), they are
+    #    refused and nothing of them is applied: no undo, no replay. DELs may go on into the
+    #    reserve. Free space below the reserve itself starts "refusing mode" (no_space).
+    # 2. Refusing mode: every SET is refused until the free space is at least the reserve plus
+    #    the largest write refused meanwhile (hysteresis: a refused 8 MiB SET does not resume
+    #    writes at 1 MiB free only to be refused again), checked by the timer.
+    # 3. An ENOSPC the estimate did not foresee (another process filled the disk):
+    #    AppendLog.append truncates the log back, Shard._no_space undoes the batch in memory by
+    #    a replay (heartbeating), and refuse_writes() starts refusing mode with the same
+    #    hysteresis over the failed write, from the real free space; so a replay needs the
+    #    disk to be filled behind the worker's back again, never once a second by itself.
+    # A failed fsync is different and still stops the worker.
 
-    def refuse_writes(self, reason: str) -> None:
-        """Refuse writes until the disk has room again (see the comment above)."""
+    def refusal(self, set_bytes: int, del_bytes: int) -> tuple[str, bool] | None:
+        """Whether a batch whose records are at most ``set_bytes`` (of SETs) plus ``del_bytes``
+        (of DELs) may be applied (None), or why its SETs are refused and whether its DELs may
+        still be applied (they fit above DEL_FLOOR_BYTES). Reads are never refused."""
+        reserve = self.durability.reserve_bytes
+        need = set_bytes + del_bytes + BATCH_SLACK_BYTES
+        if self.no_space is None:
+            if not set_bytes and not del_bytes:
+                return None
+            if self._free - need >= (reserve if set_bytes else DEL_FLOOR_BYTES):
+                return None
+            self._read_free()  # near the line: look at the real free space once
+            if self._free - need >= (reserve if set_bytes else DEL_FLOOR_BYTES):
+                return None
+            reason = (
+                f"{need} bytes to write, {max(self._free, 0)} free of which {reserve} are kept "
+                f"for deletes and compaction"
+            )
+            if self._free < reserve:
+                self._start_refusing(reason, reserve + need)
+        else:
+            reason = self.no_space
+            if set_bytes:
+                self._resume_bytes = max(self._resume_bytes, reserve + need)
+        deletes = self._free - del_bytes - BATCH_SLACK_BYTES >= DEL_FLOOR_BYTES
+        return reason, deletes
+
+    def refuse_writes(self, reason: str, failed_bytes: int) -> None:
+        """An append found no room (layer 3 above): refuse writes until the real free space is
+        the reserve plus ``failed_bytes``."""
+        self._read_free()
+        self._start_refusing(reason, self.durability.reserve_bytes + failed_bytes)
+        self._next_space_check_s = self.durability.monotonic() + NO_SPACE_CHECK_S
+
+    def _start_refusing(self, reason: str, resume_bytes: int) -> None:
         if self.no_space is None:
             log.error(
-                "shard %d: the disk is full (%s): refusing writes, serving reads; "
+                "shard %d: the disk is full (%s): refusing writes, serving reads and deletes; "
                 "writes resume once %d bytes are free",
                 self.number,
                 reason,
-                NO_SPACE_RESUME_BYTES,
+                resume_bytes,
             )
-        self.no_space = reason
-        self._next_space_check_s = self.durability.monotonic() + NO_SPACE_CHECK_S
-        self._cancel_rewrite()
+            self.no_space = reason
+            self._resume_bytes = resume_bytes
+        else:
+            self._resume_bytes = max(self._resume_bytes, resume_bytes)
 
-    def _check_space(self) -> None:
-        now_s = self.durability.monotonic()
-        if now_s < self._next_space_check_s:
-            return
-        self._next_space_check_s = now_s + NO_SPACE_CHECK_S
+    def _read_free(self) -> None:
+        """Read the free space (statvfs), less what a running compaction may still write."""
         try:
             free = self.durability.free_bytes(self.dir)
         except OSError as exc:
             log.warning("shard %d: cannot read the free space: %s", self.number, exc)
             return
-        if free >= NO_SPACE_RESUME_BYTES:
+        rewrite = self._rewrite
+        if rewrite is not None:
+            free -= rewrite.pending()
+        self._free = free
+        self.tight = free < self._tight_below
+
+    def _check_space(self) -> None:
+        self._read_free()
+        reserve = self.durability.reserve_bytes
+        if self.no_space is None and self._free < reserve:
+            why = f"{max(self._free, 0)} bytes free, less than the {reserve} kept in reserve"
+            self._start_refusing(why, reserve + BATCH_SLACK_BYTES)
+        if self.no_space is not None and self._free >= self._resume_bytes:
             log.info(
-                "shard %d: %d bytes free on the disk: accepting writes again", self.number, free
+                "shard %d: %d bytes free on the disk: accepting writes again",
+                self.number,
+                self._free,
             )
             self.no_space = None
 
@@ -480,8 +568,12 @@ class ShardFiles:
         )
         return log_.size >= threshold
 
-    def start_rewrite(self, store: TTLStore, memory: RequestMemory) -> None:
+    def start_rewrite(self, store: TTLStore, memory: RequestMemory, measure: bool = False) -> None:
         """Start compacting the log now (the loop calls it via :meth:`tick` when due).
+
+        With ``measure`` (and whenever the disk is `tight`), the thread first measures the
+        compacted size and writes nothing unless it fits in the free space (the reserve
+        included: compaction is what frees the disk) and shrinks the log (see _Rewrite.measure).
 
         Raises:
             ShardMoved: the shard moved; nothing was started.
@@ -512,6 +604,9 @@ class ShardFiles:
             store.clock(),
             self.durability.write,
         )
+        rewrite.log_bytes = self.log.size
+        if measure or self.tight:
+            rewrite.fits = self._compaction_fits
         self._rewrite = rewrite
         self._rewrite_buffer = []
         log.info(
@@ -544,6 +639,9 @@ class ShardFiles:
         if rewrite.error is not None:
             self._abandon_rewrite(f"the thread failed: {rewrite.error}")
             return
+        if rewrite.skipped is not None:
+            self._skip_rewrite(rewrite.skipped)
+            return
         self._reached(RewriteStep.SNAPSHOT_WRITTEN)
         fsync = self.durability.fsync
         try:
@@ -571,6 +669,39 @@ class ShardFiles:
         self.base_bytes = size
         log.info("compacted %s: %d bytes -> %d bytes", self.log_path, old_size, size)
         self._reached(RewriteStep.SWITCHED)
+        self._check_space()  # the old log's room is free now: writes may resume at once
+
+    def _compaction_fits(self, size: int, log_bytes: int) -> str | None:
+        """For the measuring thread: None if a compacted log of ``size`` bytes fits in the free
+        space now (the reserve included) and frees at least an eighth of the ``log_bytes`` log
+        (and 64 KiB), else why not. Runs on the thread: a statvfs, nothing of the loop's."""
+        try:
+            free = self.durability.free_bytes(self.dir)
+        except OSError as exc:
+            return f"cannot read the free space: {exc}"
+        if size + BATCH_SLACK_BYTES + DEL_FLOOR_BYTES > free:
+            return f"{size} bytes compacted do not fit in the {free} bytes free"
+        if log_bytes - size < max(DEL_FLOOR_BYTES, log_bytes // 8):
+            return f"{size} bytes compacted would not shrink the log of {log_bytes} bytes enough"
+        return None
+
+    def _skip_rewrite(self, why: str) -> None:
+        """A measured compaction that found it would not fit or not help: nothing was written
+        but the empty scratch file; no error, the next attempt in NO_SPACE_REWRITE_S."""
+        self._next_rewrite_s = self._next_squeeze_s = (
+            self.durability.monotonic() + NO_SPACE_REWRITE_S
+        )
+        rewrite = self._rewrite
+        self._rewrite = None
+        self._rewrite_buffer = []
+        if rewrite is not None:
+            rewrite.cancel(0)
+        try:
+            with self.fenced():
+                self.rewrite_path.unlink(missing_ok=True)
+        except (OwnershipError, OSError, ShardMoved) as exc:
+            log.warning("%s left in place: %s", self.rewrite_path, exc)
+        log.info("compaction of %s not done: %s", self.log_path, why)
 
     def _abandon_rewrite(self, why: str) -> None:
         rewrite = self._rewrite
@@ -632,6 +763,14 @@ class _Rewrite:
         self.snapshot = snapshot
         self._clock = clock
         self.error: BaseException | None = None
+        # Measuring first (a short disk): the size of the log when started, the check that
+        # the compacted size fits and helps (None: no measuring), its size once measured, why
+        # it wrote nothing (None: it did not give up), and the bytes written so far.
+        self.log_bytes = 0
+        self.fits: Callable[[int, int], str | None] | None = None
+        self.size: int | None = None
+        self.skipped: str | None = None
+        self.written = 0
         self._cancelled = threading.Event()
         self._fd_lock = threading.Lock()
         self._fd_open = True
@@ -645,6 +784,17 @@ class _Rewrite:
 
     def join(self, timeout_s: float) -> None:
         self._thread.join(timeout_s)
+
+    def pending(self) -> int:
+        """Bytes the thread may still write: of the measured size; none while it measures or
+        once it gave up (it writes only what fits, checked against the real free space); of
+        the old log's size if it does not measure (a compacted log is not larger than the
+        log it compacts, give or take a few records)."""
+        if self.fits is None:
+            return max(0, self.log_bytes - self.written)
+        if self.size is None or self.skipped is not None:
+            return 0
+        return max(0, self.size - self.written)
 
     def take_fd(self) -> int:
         """The finished file's descriptor, now the caller's to close."""
@@ -666,6 +816,11 @@ class _Rewrite:
 
     def _run(self) -> None:
         try:
+            if self.fits is not None:
+                self.size = self._measure()
+                self.skipped = self.fits(self.size, self.log_bytes)
+                if self.skipped is not None:
+                    return
             # The high-water mark first: the time the snapshot's absence of expired keys shows.
             chunk: list[bytes] = [MAGIC, aof.encode_time(self.now_ms)]
             pending = len(MAGIC)
@@ -694,10 +849,25 @@ class _Rewrite:
             if self._cancelled.is_set():
                 self._close_fd()
 
+    def _measure(self) -> int:
+        """The size of the file :meth:`_run` would write (as compact_size, from the snapshot)."""
+        data = sum(
+            SET_OVERHEAD_BYTES + len(k) + len(v) for k, v, _ in self.snapshot.live(self._clock())
+        )
+        memos = 0
+        head = aof.PREFIX_BYTES + aof.MEMOS_HEAD_BYTES
+        for _, run in self.runs:
+            memos += sum(len(e) if type(e) is bytes else len(e[0]) + len(e[1]) for e in run)
+            memos += -(-len(run) // aof.MEMOS_PER_RECORD) * head
+        times = (len(self.runs) + 2) * len(aof.encode_time(self.now_ms))
+        return len(MAGIC) + data + memos + times
+
     def _write(self, chunk: list[bytes]) -> None:
         if self._cancelled.is_set():
             raise _Cancelled
-        aof.write_all(self.fd, b"".join(chunk), self._write_fn)
+        data = b"".join(chunk)
+        aof.write_all(self.fd, data, self._write_fn)
+        self.written += len(data)
 
 
 class _Cancelled(Exception):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from workers import aof
 from workers.aof import CorruptLog, DurabilityError, NoSpace
 from workers.idempotency import MAX_CLOCK_SKEW_S, Memo, RequestMemory
-from workers.persist import Durability, ShardFiles
+from workers.persist import SET_OVERHEAD_BYTES, Durability, ShardFiles
 from workers.store import (
     Clock,
     HighWaterClock,
@@ -160,16 +160,19 @@ class Shard:
             LockTimeout: the owner file stayed locked; nothing was applied or written.
             DurabilityError: a write or fsync failed; the batch is applied in memory but may
                 not be on disk, so the caller must stop serving without replying. A full disk
-                is not such a failure: the batch is undone and answered with its writes
-                refused (NO_SPACE), see :meth:`_no_space`.
+                is not such a failure: a batch that would not fit has its SETs refused
+                (NO_SPACE) before anything is applied (ShardFiles.refusal), and one the
+                estimate missed is undone and answered so, see :meth:`_no_space`.
         """
         files = self.files
         self._room = MAX_REPLY_BYTES  # this call's budget of GET values, see above
         if files is None:
             self.memory.begin(self.store.clock())
             return [self._handle_message(dispatch, None) for dispatch in dispatches]
-        if files.no_space is not None:
-            return self._refusing_writes(files, dispatches)
+        if files.tight or files.no_space is not None:  # a short disk: measure, see refusal()
+            refused = files.refusal(*write_bytes(dispatches))
+            if refused is not None:
+                return self._refusing_writes(files, dispatches, *refused)
         records: list[bytes] = []
         last_token = self.last_token
         full: NoSpace | None = None
@@ -222,7 +225,7 @@ class Shard:
         files.commit()
         return answers
 
-    # --- a full disk (see ShardFiles.refuse_writes) --------------------------------------------
+    # --- a full disk (see "a full disk" in workers/persist.py) -------------------------------
 
     def _no_space(
         self,
@@ -232,10 +235,14 @@ class Shard:
         last_token: int,
         full: NoSpace,
     ) -> list[Answer | None]:
-        """A batch whose append found the disk full: nothing of it is on disk (the log was
+        """A batch whose append found the disk full although the free space estimate said it
+        would fit (another process filled the disk): nothing of it is on disk (the log was
         truncated back), so undo it in memory too, by rebuilding the store and the memory
-        from the log (one replay: no per-request undo log on the hot path), then answer it
-        again with its writes refused. GETs already answered early stay answered (None)."""
+        from the log (one replay, heartbeating: no per-request undo log on the hot path), then
+        answer it again with its writes refused. GETs already answered early stay answered.
+        refuse_writes() then holds writes off until the real free space has room for this
+        batch above the reserve, so this cannot come back once a second."""
+        failed = sum(write_bytes(dispatches))
         try:
             store = TTLStore(self.store.clock)
             memory = RequestMemory(self.memory.keep_ms, self.memory.max_bytes)
@@ -245,32 +252,58 @@ class Shard:
         self.store = store
         self.memory = memory
         self.last_token = last_token
-        files.refuse_writes(str(full))
-        again = self._refusing_writes(files, dispatches)
+        files.refuse_writes(str(full), failed)
+        again = self._refusing_writes(files, dispatches, str(full), False)
         return [
             None if done is None else answer for done, answer in zip(answers, again, strict=True)
         ]
 
     def _refusing_writes(
-        self, files: ShardFiles, dispatches: Sequence[Message]
+        self, files: ShardFiles, dispatches: Sequence[Message], reason: str, deletes: bool
     ) -> list[Answer | None]:
-        """A batch while the disk is full: reads served as usual, fenced like any batch;
-        writes refused before anything is applied (a retry of an applied one is answered
-        from memory, a DEL of a missing key NOT_FOUND: neither needs the disk)."""
+        """A batch on a short disk: reads served as usual, fenced like any batch; SETs refused
+        before anything is applied (a retry of an applied one is answered from memory); DELs
+        applied and logged if ``deletes`` (they fit in the reserve: how users free space),
+        else refused like SETs (a DEL of a missing key is NOT_FOUND: it needs no disk)."""
+        records: list[bytes] | None = [] if deletes else None
+        last_token = self.last_token
+        full: NoSpace | None = None
+        store = self.store
         files.fence()
         try:
-            return [self._refusing_message(dispatch, files) for dispatch in dispatches]
+            if records is not None:
+                self.memory.begin(store.clock())
+            answers: list[Answer | None] = [
+                self._refusing_message(dispatch, reason, records) for dispatch in dispatches
+            ]
+            if records:
+                # As in handle_batch; only with DELs: a batch that logs nothing logs no TIME.
+                now = store.clock()
+                if store.expired_ms > files.time_ms or (
+                    now - files.time_ms >= aof.TIME_RECORD_INTERVAL_MS
+                ):
+                    records.insert(0, files.time_record(max(now, store.expired_ms)))
+                files.append(b"".join(records))
+        except NoSpace as exc:
+            full = exc
         finally:
             files.unfence()
+        if full is not None:
+            return self._no_space(files, dispatches, answers, last_token, full)
+        if records:
+            files.commit()
+        return answers
 
-    def _refusing_message(self, dispatch: Message, files: ShardFiles) -> Answer:
+    def _refusing_message(
+        self, dispatch: Message, reason: str, records: list[bytes] | None
+    ) -> Answer:
         if type(dispatch) is tuple:
-            token, kind, request_id, key, value, _, stamp = dispatch
+            token, kind, request_id, key, value, ttl_ms, stamp = dispatch
             if (kind != _SET and kind != _DEL) or token <= self.last_token:
                 return self._handle_keyed(dispatch, None)  # a read, or refused as stale
             self.last_token = token
             status, deadline_ms, body = self._refuse_write(
-                kind, request_id, key, value, stamp, files
+                kind, request_id, key, value, ttl_ms, stamp, reason, records
             )
             return reply_frames(status, request_id, token, deadline_ms, body)
         if isinstance(dispatch, DispatchBatch):
@@ -282,7 +315,7 @@ class Shard:
             for kind, request_id, key, value, ttl_ms, stamp in dispatch.ops:
                 if kind == _SET or kind == _DEL:
                     status, deadline_ms, body = self._refuse_write(
-                        kind, request_id, key, value, stamp, files
+                        kind, request_id, key, value, ttl_ms, stamp, reason, records
                     )
                 elif not kind:  # malformed; key holds the message
                     status, deadline_ms, body = _ERROR, None, b"malformed request: " + key
@@ -298,7 +331,14 @@ class Shard:
             return self._handle_one(dispatch, None)  # type: ignore[arg-type]
         self.last_token = token
         status, deadline_ms, body = self._refuse_write(
-            request.kind, request.request_id, request.key, request.value, request.stamp, files
+            request.kind,
+            request.request_id,
+            request.key,
+            request.value,
+            request.ttl_ms,
+            request.stamp,
+            reason,
+            records,
         )
         return Reply(status, request.request_id, token, deadline_ms, body)
 
@@ -308,9 +348,17 @@ class Shard:
         request_id: int,
         key: bytes,
         value: bytes | None,
+        ttl_ms: int | None,
         stamp: int | None,
-        files: ShardFiles,
+        reason: str,
+        records: list[bytes] | None,
     ) -> tuple[Status, int | None, bytes | None]:
+        if kind == _DEL and records is not None:  # room for it: applied and logged
+            try:
+                return self._apply(kind, request_id, key, value, ttl_ms, stamp, records)
+            except Exception:  # a bug: see _handle_one
+                log.exception("internal error on DEL request %d", request_id)
+                return _ERROR, None, b"internal worker error"
         fingerprint = zlib.crc32(value) if kind == _SET and value is not None else 0
         memo = self.memory.recall(request_id, kind, key, fingerprint)
         if memo is not None:
@@ -323,8 +371,9 @@ class Shard:
             except Missing:
                 return _NOT_FOUND, None, None
         message = (
-            f"shard {self.number}: the disk is full ({files.no_space}); the write was not "
-            f"applied. Reads are served; writes resume by themselves once space is freed"
+            f"shard {self.number}: the disk is full ({reason}); the write was not "
+            f"applied. Reads and deletes are served; writes resume by themselves once space "
+            f"is freed"
         )
         return _NO_SPACE, None, message.encode()
 
@@ -701,6 +750,34 @@ Answer = Reply | list[bytes]
 of a REPLY (for a KeyedDispatch) or of a BATCH_REPLY (for a DispatchBatch)."""
 
 
+def write_bytes(dispatches: Sequence[Message]) -> tuple[int, int]:
+    """The most bytes of log records the SETs, and the DELs, of a batch may append (a retry
+    appends nothing; counted all the same): bounded from the requests before any is applied,
+    so a batch that would not fit is refused without being applied (ShardFiles.refusal). Runs
+    only on a short disk (ShardFiles.tight)."""
+    sets = dels = 0
+    for dispatch in dispatches:
+        if type(dispatch) is tuple:
+            kind, key, value = dispatch[1], dispatch[3], dispatch[4]
+            if kind == _SET:
+                sets += _SET_BYTES + len(key) + len(value or b"")
+            elif kind == _DEL:
+                dels += _DEL_BYTES + len(key)
+        elif isinstance(dispatch, DispatchBatch):
+            for kind, _, key, value, _, _ in dispatch.ops:
+                if kind == _SET:
+                    sets += _SET_BYTES + len(key) + len(value or b"")
+                elif kind == _DEL:
+                    dels += _DEL_BYTES + len(key)
+        else:
+            request = dispatch.request
+            if request.kind == Kind.SET:
+                sets += _SET_BYTES + len(request.key) + len(request.value or b"")
+            elif request.kind == Kind.DEL:
+                dels += _DEL_BYTES + len(request.key)
+    return sets, dels
+
+
 def unavailable(dispatch: Message, message: str) -> Answer:
     """UNAVAILABLE for a message that was not applied: the route is wrong, not the request."""
     if type(dispatch) is tuple:
@@ -720,6 +797,8 @@ _SET = int(Kind.SET)
 _DEL = int(Kind.DEL)
 _ALL = int(Kind.ALL)
 _PING = int(Kind.PING)
+_SET_BYTES = SET_OVERHEAD_BYTES  # a SET record beyond its key and value
+_DEL_BYTES = aof.PREFIX_BYTES + 9  # a DEL record beyond its key: type, request id
 _OK = Status.OK
 _NOT_FOUND = Status.NOT_FOUND
 _ERROR = Status.ERROR
@@ -800,6 +879,7 @@ def take_shard(
         stored = files.take(assigned_epoch)
         if held is not None and stored == held.epoch:
             held.epoch = files.epoch
+            held.progress = progress
             return Takeover(held, stored, kept=True)
         store = TTLStore(HighWaterClock(clock))  # time never goes back: see HighWaterClock
         remembered = memory()

@@ -127,6 +127,7 @@ class WorkerConfig:
     backend: str = defaults.BACKEND
     data_dir: Path | None = None
     fsync: FsyncPolicy = FsyncPolicy.ALWAYS
+    disk_reserve_bytes: int = defaults.DISK_RESERVE_BYTES
     heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = defaults.HEARTBEAT_LIVENESS
     expire_cycle_s: float = defaults.EXPIRE_CYCLE_S
@@ -159,7 +160,9 @@ class Worker:
         self._context = context if context is not None else zmq.Context()
         self._clock = clock
         if durability is None and config.data_dir is not None:
-            durability = Durability(config.data_dir, config.fsync)
+            durability = Durability(
+                config.data_dir, config.fsync, reserve_bytes=config.disk_reserve_bytes
+            )
         self._durability = durability
         self._manifest: Manifest | None = None  # the data directory's, read by run()
         self._stop = threading.Event()

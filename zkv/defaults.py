@@ -54,6 +54,8 @@ WORKER_PROCESSES = 1  # ZKV_WORKER_PROCESSES: worker processes one `python -m wo
 DATA_DIR = "./data"  # ZKV_DATA_DIR: shard-<n>/ directories, relative to the current directory
 KEYS_SUBDIR = "keys"  # ZKV_KEYS defaults to <ZKV_DATA_DIR>/keys: the cluster's CURVE keys
 FSYNC = "always"  # ZKV_FSYNC: always | everysec | no, as Redis names them
+# ZKV_DISK_RESERVE: bytes of free disk that SETs leave for DELs and compaction (a full disk)
+DISK_RESERVE_BYTES = 16 * 1024 * 1024
 
 EXPIRE_CYCLE_S = 0.05  # how often a worker looks for expired keys nobody read
 EXPIRE_BUDGET_S = 0.002  # the most one expiry pass may take before requests run again

@@ -26,6 +26,7 @@ from zkv.errors import StorageFull
 pytestmark = pytest.mark.process
 
 TMPFS_BYTES = 4 * 1024 * 1024
+RESERVE_BYTES = 512 * 1024  # ZKV_DISK_RESERVE of the worker: the default is more than the tmpfs
 VALUE = b"x" * 1000
 
 
@@ -85,6 +86,7 @@ def test_a_full_disk_refuses_writes_serves_reads_and_resumes(tmp_path: Path) -> 
             env={
                 **cluster.env,
                 "ZKV_DATA_DIR": str(data_dir),
+                "ZKV_DISK_RESERVE": str(RESERVE_BYTES),
                 # The cluster's keys, made by the broker outside the worker's tmpfs.
                 "ZKV_KEYS": str(Path(cluster.env["ZKV_DATA_DIR"]) / "keys"),
             },
@@ -136,3 +138,35 @@ def test_a_full_disk_refuses_writes_serves_reads_and_resumes(tmp_path: Path) -> 
         assert worker.poll() is None
         text = (tmp_path / "worker-ns.log").read_text(errors="replace")
         assert "the disk is full" in text and "accepting writes again" in text, text
+
+        # Fill about 1 MiB through zkv, then let another program leave less than the reserve
+        # free: the worker sees it on its timer and refuses writes. DELs are still accepted
+        # (they may use the reserve), compaction shrinks the log, and writes come back with no
+        # operator action. Before, DELs were refused and compaction was off: stuck for good.
+        filled = [b"fill-%d" % i for i in range(1000)]
+        for key in filled:
+            client.set(key, VALUE)
+        free = os.statvfs(seen).f_bavail * os.statvfs(seen).f_frsize
+        with open(seen / "ballast", "wb") as ballast:
+            ballast.write(b"\0" * (free - RESERVE_BYTES + 64 * 1024))
+        worker_log = tmp_path / "worker-ns.log"
+        wait_for(
+            lambda: worker_log.read_text(errors="replace").count("refusing writes") == 2,
+            "the worker to see the free space fall below its reserve",
+        )
+        with pytest.raises(StorageFull):
+            client.set(b"refused", VALUE)
+        for key in filled:
+            assert client.delete(key), key
+        wait_for(resumed, "writes to resume once deletes and compaction freed space", 15.0)
+        assert "compacted" in worker_log.read_text(errors="replace")
+
+        # A SET larger than the free space (about 1 MiB now) is refused up front, answered at
+        # once, where it was applied, then undone by a replay of the whole log that stalled the
+        # worker until the broker gave up on it (finding F3: Unavailable, not StorageFull).
+        with pytest.raises(StorageFull) as refused:
+            client.set(b"huge", b"h" * (3 * 1024 * 1024))
+        assert "kept for deletes and compaction" in str(refused.value)  # up front: no ENOSPC
+        assert client.get(b"before-3").value == VALUE
+        client.set(b"small", VALUE)  # one refused SET does not stop the writes that fit
+        assert worker.poll() is None
