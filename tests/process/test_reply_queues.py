@@ -106,3 +106,62 @@ def test_a_flood_of_big_gets_leaves_the_worker_bounded(cluster: Cluster) -> None
     grown = status_kb(pid, "VmHWM") - before
     assert grown < WORKER_GROWTH_MAX_BYTES, f"the worker's peak grew by {grown} bytes"
     assert owners(cluster) == [owner], cluster.logs()  # no failover
+
+
+CLIENT_LIMIT_BYTES = 32 * 1024 * 1024
+# The client's limit of queued replies, and worker replies being received, decrypted and cut
+# (measured: 9 to 141 MiB; 123 MiB before replies were counted, but 157 values queued).
+BROKER_GROWTH_MAX_BYTES = CLIENT_LIMIT_BYTES + 3 * MAX_REPLY_BYTES
+VALUES_MAX_BYTES = CLIENT_LIMIT_BYTES + MAX_REPLY_BYTES
+ROUNDS = 10  # GETs of every key, never read: 1,600 replies of 1 MiB
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[Cluster]:
+    """One shard, one worker, a per-client limit of 32 MiB."""
+    env = {"ZKV_FSYNC": "no", "ZKV_MAX_CLIENT_BYTES": str(CLIENT_LIMIT_BYTES)}
+    with Cluster(tmp_path, shards=1, **env) as cluster:
+        cluster.start(workers=1, gateway=False)
+        yield cluster
+
+
+def test_a_client_that_does_not_read_leaves_the_broker_bounded(limited: Cluster) -> None:
+    kv = limited.client(timeout_s=20.0)
+    for start in range(0, len(KEYS), 16):
+        kv.set_many({key: b"x" * VALUE_BYTES for key in KEYS[start : start + 16]})
+    assert limited.broker is not None
+    pid = limited.broker.pid
+    before = status_kb(pid, "VmHWM")
+    context = zmq.Context()
+    # RCVHWM 1: libzmq in this process takes little off the connection, so what is not read
+    # waits in the kernel's buffers and in the broker.
+    socket = raw_socket(context, limited.frontend, rcvhwm=1)
+    socket.setsockopt(zmq.RCVBUF, 65536)
+    try:
+        ids = []
+        for _ in range(ROUNDS):
+            for key in KEYS:
+                request_id = random.getrandbits(63) + 1
+                socket.send_multipart(encode_request(Request(Kind.GET, request_id, key)))
+                ids.append(request_id)
+        # Not read: wait until the broker answered everything (it holds no request), by ping.
+        deadline = time.monotonic() + DEADLINE_S
+        while time.monotonic() < deadline:
+            if kv.ping().get("keys_in_flight") == 0 == kv.ping().get("keys_in_flight"):
+                break
+        grown = status_kb(pid, "VmHWM") - before
+        # Now read: every GET was answered, the excess BUSY (not read, retry).
+        statuses: dict[int, int] = {}
+        for _ in ids:
+            if not socket.poll(int(DEADLINE_S * 1000)):
+                break
+            reply = decode_reply(socket.recv_multipart())
+            statuses[reply.status] = statuses.get(reply.status, 0) + 1
+    finally:
+        socket.close(linger=0)
+        context.term()
+    assert statuses.get(Status.BUSY, 0) > 0, statuses
+    assert sum(statuses.values()) == len(ids), statuses
+    assert grown < BROKER_GROWTH_MAX_BYTES, f"the broker's peak grew by {grown} bytes"
+    # Values queued to it: its limit, and what was on its way when it was reached (157 before).
+    assert statuses.get(Status.OK, 0) * VALUE_BYTES <= VALUES_MAX_BYTES, statuses
