@@ -108,7 +108,7 @@ class Shard:
         self,
         dispatches: Sequence[Message],
         early: Callable[[list[bytes]], None] | None = None,
-        room: int = MAX_REPLY_BYTES,
+        room: int | None = None,
     ) -> list[Answer | None]:
         """Apply a batch of dispatched messages and build their answers, in order.
 
@@ -136,8 +136,9 @@ class Shard:
         after a backoff). A value is read before it is known not to fit: the one value read
         past the bound is the most this costs beyond it, and the first value of a call always
         fits (MAX_REPLY_BYTES >= MAX_VALUE_BYTES), so a lone GET of any value is served.
-        ``room`` is that budget: the worker passes MAX_REPLY_BYTES less the reply bytes still
-        queued in its socket (zkv.zmqio.SendLedger), so GETs are BUSY while that queue is full.
+        ``room`` is that budget (None: MAX_REPLY_BYTES); the worker passes MAX_REPLY_BYTES less
+        the reply bytes still queued in its socket (zkv.zmqio.SendLedger), so GETs are BUSY
+        while that queue is full.
 
         Returns:
             One answer per message: the frames of a REPLY for a KeyedDispatch, a
@@ -155,7 +156,8 @@ class Shard:
                 refused (NO_SPACE), see :meth:`_no_space`.
         """
         files = self.files
-        self._room = room  # this call's budget of GET values, see above
+        # This call's budget of GET values, see above (None: all of it).
+        self._room = MAX_REPLY_BYTES if room is None else room
         if files is None:
             self.memory.begin(self.store.clock())
             return [self._handle_message(dispatch, None) for dispatch in dispatches]
@@ -618,7 +620,7 @@ _UNAVAILABLE = Status.UNAVAILABLE
 _NO_SPACE = Status.NO_SPACE
 _BUSY = Status.BUSY
 _TOO_LARGE = (
-    f"{REPLY_TOO_LARGE}: the values of the replies this worker is building or sending exceed "
+    f"{REPLY_TOO_LARGE}: the values of the replies this worker is building exceed "
     f"{MAX_REPLY_BYTES} bytes; fetch fewer keys per batch (not read; retry it)"
 ).encode()
 _MEMORY_FULL = (
