@@ -133,6 +133,7 @@ from zkv.protocol import (
     split_reply_records,
     sub_request_value,
 )
+from zkv.zmqio import SendLedger
 
 log = logging.getLogger(__name__)
 peer_log = LogLimiter(log)  # every line a peer's input can cause goes through this
@@ -143,6 +144,14 @@ MAX_FRAMES = 2  # frames of the longest legal message from a client or a worker 
 # How often messages held for a worker whose queue is full are tried again. A ROUTER socket
 # polls as always writable (it cannot say which peer has room), so this is a timer.
 HELD_RETRY_S = 0.002
+# How often the ledgers of replies still queued to clients are settled while any are (they are
+# settled too when their client's next request is admitted).
+SETTLE_S = 0.01
+# Ledgers of clients with nothing tracked kept at most: past this, those are dropped, and the
+# untracked bytes they counted (under zkv.zmqio.TRACK_EVERY_BYTES each) are no longer counted.
+MAX_IDLE_LEDGERS = 4096
+_GET = int(Kind.GET)
+_OK = int(Status.OK)
 
 _BATCH = int(Kind.BATCH)
 _BATCH_REPLY = int(Kind.BATCH_REPLY)
@@ -367,6 +376,13 @@ class Broker:
         # ALLs admitted and not yet answered, in total and by the socket that sent them.
         self.held_alls = 0
         self._alls_by_client: dict[bytes, int] = {}
+        # Reply bytes handed to the frontend that libzmq may still hold, by client (the poll
+        # loop sends through them, zkv.zmqio.send_counted): they count against the client's
+        # limit and, once tracked, the total (queued_bytes), so a client that does not read
+        # is answered BUSY instead of the broker holding its replies without bound.
+        self.sending: dict[bytes, SendLedger] = {}
+        self.queued_bytes = 0
+        self._next_settle = now
         # Keys whose token has waiters, by when the oldest of them must give up: a heap with
         # one entry per such key (its due time in _wait_due), so waiters expire on time
         # without any pass looking at every waiter (see _expire_waiters).
@@ -545,6 +561,9 @@ class Broker:
                 if flight.attempts:
                     message += "; outcome unknown: the worker it reached went away"
                 self._fail(flight, message)
+        if self.queued_bytes and now >= self._next_settle:
+            self._next_settle = now + SETTLE_S
+            self.settle()
         if self._prune_held:
             self._prune_held = False
             for worker, queue in self.held.items():
@@ -622,6 +641,8 @@ class Broker:
         due = self._next_heartbeat
         if self.held:
             due = min(due, now + HELD_RETRY_S)
+        if self.queued_bytes:
+            due = min(due, self._next_settle)
         if self._claims_until is not None:
             due = min(due, self._claims_until)
         if self._inflight_deadlines:
@@ -843,7 +864,7 @@ class Broker:
             origin = op[0]
             if origin is not first and whole and (origin.client != client or origin.frames):
                 whole = False
-        if whole:
+        if whole and not self._not_reading(client):
             # Every sub-reply goes to one client that sent them in batches: forward as is.
             self.outbox.append((Side.FRONTEND, [client, *body]))
         else:
@@ -860,6 +881,11 @@ class Broker:
             )
             self._answer(flight.ops, None, "malformed reply from the worker; outcome unknown")
             return
+        for index, op in enumerate(flight.ops if self.queued_bytes else ()):
+            # A GET's value for a client whose queue is full is not sent: BUSY, not read.
+            if op[1] == _GET and reply_record_status(records[index]) == _OK:
+                if self._not_reading(op[0].client):
+                    records[index] = pack_reply(_BUSY, op[2], flight.token, None, _NOT_READING_B)
         if flight.attempts > 1:
             for index, record in enumerate(records):
                 if reply_record_status(record) == _UNAVAILABLE:
@@ -948,6 +974,8 @@ class Broker:
             return False
         record.last_seen = now
         del self._inflight[token]
+        if len(body) > 1 and op[1] == _GET and status == _OK and self._not_reading(origin.client):
+            body = self._not_read(op[2])
         self.outbox.append((Side.FRONTEND, [origin.client, *body]))
         self._forget(op)
         self._release(flight)
@@ -982,6 +1010,8 @@ class Broker:
             frames = error_reply(
                 reply.request_id, f"{message}; outcome unknown", Status.UNAVAILABLE
             )
+        elif op[1] == _GET and reply.status == Status.OK and self._not_reading(origin.client):
+            frames = self._not_read(reply.request_id)
         self._to_client(origin.client, frames)
         self._forget(op)
         self._release(flight)
@@ -1077,16 +1107,25 @@ class Broker:
         own is still admitted when nothing is held against that limit (so the largest legal
         message always gets through, one at a time)."""
         config = self.config
+        queued = tracked = 0
+        ledger = self.sending.get(client)
+        if ledger is not None:  # replies to it may still be queued: they count too
+            if ledger.trackers:
+                self.queued_bytes -= ledger.settle()
+            tracked = ledger.tracked
+            queued = tracked + ledger.untracked
         account = self._accounts.get(client)
         if account is None:
+            if tracked and queued + nbytes > config.max_client_bytes:
+                return None
             account = self._accounts[client] = Account(client)
-        elif account.ops and (
-            account.nbytes + nbytes > config.max_client_bytes
+        elif (account.ops or tracked) and (
+            account.nbytes + queued + nbytes > config.max_client_bytes
             or account.ops + ops > config.max_client_ops
         ):
             return None
-        if self.held_ops and (
-            self.held_bytes + nbytes > config.max_pending_bytes
+        if (self.held_ops or self.queued_bytes) and (
+            self.held_bytes + self.queued_bytes + nbytes > config.max_pending_bytes
             or self.held_ops + ops > config.max_pending_ops
         ):
             if not account.ops:
@@ -1127,6 +1166,39 @@ class Broker:
             f" {config.max_pending_alls}, per client {config.max_client_alls}), or"
             f" {self.held_bytes} bytes held (limit {config.max_pending_bytes}); retry later"
         )
+
+    def ledger(self, client: bytes) -> SendLedger:
+        """The ledger of replies to ``client`` (made if it has none): the poll loop sends
+        through it. Past MAX_IDLE_LEDGERS ledgers, those with nothing tracked are dropped."""
+        sending = self.sending
+        if len(sending) >= MAX_IDLE_LEDGERS:
+            self.settle()
+            for other in [c for c, led in sending.items() if not led.trackers]:
+                del sending[other]
+        ledger = sending[client] = SendLedger()
+        return ledger
+
+    def settle(self) -> None:
+        """Settle every client's ledger that has trackers (see SendLedger.settle)."""
+        for ledger in self.sending.values():
+            if ledger.trackers:
+                self.queued_bytes -= ledger.settle()
+
+    def _not_reading(self, client: bytes) -> bool:
+        """Whether replies queued to ``client`` reached its byte limit (or all clients' reached
+        the total): then the values of its GET replies are not sent, the GETs are BUSY."""
+        ledger = self.sending.get(client)
+        if ledger is None or not self.queued_bytes:
+            return False  # nothing tracked anywhere: nothing it holds can be over a limit
+        if ledger.trackers:
+            self.queued_bytes -= ledger.settle()
+        return (
+            ledger.tracked + ledger.untracked >= self.config.max_client_bytes
+            or self.queued_bytes >= self.config.max_pending_bytes
+        )
+
+    def _not_read(self, request_id: int) -> list[bytes]:
+        return error_reply(request_id, _NOT_READING, Status.BUSY)
 
     def _refund(self, account: Account, nbytes: int, ops: int) -> None:
         """Release what ``ops`` requests of ``account`` held (answered, or never held)."""
@@ -1369,6 +1441,12 @@ def _fingerprint(entry: Entry) -> int:
 def _token(flight: Flight) -> int:
     return flight.token
 
+
+_NOT_READING = (
+    "client not reading its replies: those queued to it reached the broker's limit;"
+    " GET not answered, retry after reading"
+)
+_NOT_READING_B = _NOT_READING.encode()
 
 _size: Callable[[Op], int] = itemgetter(5)
 """An op's size (a C call: the token table weighs every waiter of a run by it)."""

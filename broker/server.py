@@ -28,7 +28,7 @@ from broker.core import MAX_FRAMES, Broker, BrokerConfig, Side, peer_log
 from zkv import protocol
 from zkv.keys import CLIENTS_DOMAIN, Keys
 from zkv.logs import peer
-from zkv.zmqio import POLLIN, recv_bounded, send_frames
+from zkv.zmqio import POLLIN, recv_bounded, send_counted, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -226,14 +226,18 @@ def _flush(core: Broker, frontend: zmq.Socket, backend: zmq.Socket) -> None:
     mark so, and ZeroMQ refuses a message whole at its first frame) is slow, not gone: the
     message is held by the core, with everything after it for that worker, and resent by
     :func:`_resend_held`. Only EHOSTUNREACH (no such peer connected) removes the worker.
+    A reply to a client is counted in its ledger (zkv.zmqio.send_counted) until sent.
     """
     held = core.held
+    sending = core.sending
     while core.outbox:
         outbox, core.outbox = core.outbox, []
         for side, frames in outbox:
             if side is Side.FRONTEND:
+                # Counted by client until libzmq is done with it (see Broker.sending).
+                ledger = sending.get(frames[0]) or core.ledger(frames[0])
                 try:
-                    send_frames(frontend, frames)
+                    core.queued_bytes += send_counted(frontend, frames, ledger)
                 except zmq.Again:
                     peer_log.warning(
                         "client not reading",

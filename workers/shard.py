@@ -120,6 +120,7 @@ class Shard:
         self,
         dispatches: Sequence[Message],
         early: Callable[[list[bytes]], None] | None = None,
+        room: int | None = None,
     ) -> list[Answer | None]:
         """Apply a batch of dispatched messages and build their answers, in order.
 
@@ -147,6 +148,9 @@ class Shard:
         after a backoff). A value is read before it is known not to fit: the one value read
         past the bound is the most this costs beyond it, and the first value of a call always
         fits (MAX_REPLY_BYTES >= MAX_VALUE_BYTES), so a lone GET of any value is served.
+        ``room`` is that budget (None: MAX_REPLY_BYTES); the worker passes MAX_REPLY_BYTES less
+        the reply bytes still queued in its socket (zkv.zmqio.SendLedger), so GETs are BUSY
+        while that queue is full.
 
         Returns:
             One answer per message: the frames of a REPLY for a KeyedDispatch, a
@@ -165,7 +169,8 @@ class Shard:
                 estimate missed is undone and answered so, see :meth:`_no_space`.
         """
         files = self.files
-        self._room = MAX_REPLY_BYTES  # this call's budget of GET values, see above
+        # This call's budget of GET values, see above (None: all of it).
+        self._room = MAX_REPLY_BYTES if room is None else room
         if files is None:
             self.memory.begin(self.store.clock())
             return [self._handle_message(dispatch, None) for dispatch in dispatches]

@@ -57,6 +57,7 @@ from zkv import defaults
 from zkv.keys import Keys
 from zkv.logs import LogLimiter
 from zkv.protocol import (
+    MAX_REPLY_BYTES,
     Assign,
     Disconnect,
     Dispatch,
@@ -72,7 +73,7 @@ from zkv.protocol import (
     encode_reply,
     peek_keyed_dispatch,
 )
-from zkv.zmqio import POLLIN, recv_frames, send_frames
+from zkv.zmqio import POLLIN, SendLedger, recv_frames, send_counted
 
 log = logging.getLogger(__name__)
 peer_log = LogLimiter(log)  # lines the broker's messages can cause, rate-limited
@@ -167,6 +168,10 @@ class Worker:
         self._manifest: Manifest | None = None  # the data directory's, read by run()
         self._stop = threading.Event()
         self._socket: zmq.Socket | None = None
+        # What this worker sent to the broker that libzmq may still hold (a fresh one with
+        # each socket): replies are built while the last ones are still being encrypted and
+        # sent, so GETs are given a budget of MAX_REPLY_BYTES less these bytes (see _serve).
+        self.ledger = SendLedger()
         self.shard: Shard | None = None
         self.shards = 0
         self.exit_code = EXIT_OK
@@ -340,8 +345,11 @@ class Worker:
         if shard is None:  # stopping: the DISCONNECT that follows hands the rest back
             replies = [unavailable(d, "no shard assigned") for d in batch]
         else:
+            ledger = self.ledger
+            if ledger.trackers:
+                ledger.settle()
             try:
-                replies = shard.handle_batch(batch, self._send)
+                replies = shard.handle_batch(batch, self._send, MAX_REPLY_BYTES - ledger.tracked)
             except ShardMoved as exc:
                 self._moved(shard, exc)
                 self._reroute(batch, f"shard {shard.number} moved to a newer owner")
@@ -585,6 +593,7 @@ class Worker:
             socket.close(linger=0)
             raise
         self._socket = socket
+        self.ledger = SendLedger()  # the old socket's queue was dropped with it (LINGER 0)
         now_s = time.monotonic()
         self._last_heard_s = now_s
         self._next_heartbeat_s = now_s + self.config.heartbeat_interval_s
@@ -611,10 +620,11 @@ class Worker:
         """Send without ever blocking the loop: if the queue to an absent broker is full,
         drop the message (the request times out at the broker, as it would anyway).
 
-        Through zkv.zmqio.send_frames: frame by frame with int flags (see there).
+        Through zkv.zmqio.send_counted: frame by frame with int flags, every byte counted in
+        :attr:`ledger` until libzmq is done with it.
         """
         try:
-            send_frames(self._connected(), frames)
+            send_counted(self._connected(), frames, self.ledger)
         except zmq.Again:
             peer_log.warning(
                 "queue full", "the queue to the broker is full: dropped an outgoing message"

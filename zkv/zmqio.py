@@ -9,6 +9,7 @@ bookkeeping costs less than the memcpy.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 import zmq
@@ -65,3 +66,89 @@ def recv_bounded(socket: zmq.Socket, max_frames: int) -> tuple[list[bytes], int]
             return frames, extra
         frames.append(recv(NOBLOCK))
     return frames, 0
+
+
+# A sender counts every byte it hands to libzmq for one peer in a SendLedger until libzmq is
+# known to be done with it. ZeroMQ's high-water marks count messages, not bytes, so without
+# this what waits in a pipe is bounded by 100,000 messages of up to 64 MiB each.
+TRACK_EVERY_BYTES = 1024 * 1024  # untracked bytes (small frames) that make the next send tracked
+
+
+class SendLedger:
+    """Bytes sent to one peer (one pipe: ZeroMQ sends a peer's messages in order) that libzmq
+    may still hold.
+
+    A message whose last frame is COPY_THRESHOLD bytes or more is sent with a
+    :class:`zmq.MessageTracker` (pyzmq's zero-copy send, which it is anyway; tracking costs
+    nothing measurable there). Smaller messages are copied into libzmq and cannot be
+    tracked, so their bytes gather in :attr:`untracked` until they reach TRACK_EVERY_BYTES;
+    then the next message's last frame is sent tracked (zero-copy, however small) and carries
+    them: libzmq takes a pipe's messages in order, so when it is done with that frame it is
+    done with every message before it.
+
+    A tracker is done once libzmq has released the frame: written to the kernel on plain TCP,
+    or encrypted into the connection's own copy under CURVE (the one message being written);
+    pyzmq's garbage-collector thread then drops Python's reference and sets it.
+
+    Attributes:
+        tracked: bytes carried by trackers not yet seen done.
+        untracked: bytes of small messages since the last tracked one (< TRACK_EVERY_BYTES).
+        trackers: ``(tracker, nbytes)`` in send order.
+    """
+
+    __slots__ = ("tracked", "trackers", "untracked")
+
+    def __init__(self) -> None:
+        self.tracked = 0
+        self.untracked = 0
+        self.trackers: deque[tuple[zmq.MessageTracker, int]] = deque()
+
+    @property
+    def queued(self) -> int:
+        """Every byte that may still be in libzmq: tracked and untracked."""
+        return self.tracked + self.untracked
+
+    def settle(self) -> int:
+        """Drop the trackers libzmq is done with (a prefix: sends complete in order); returns
+        the bytes they carried. Costs one ``done`` (about 1 us) when the oldest is not done."""
+        trackers = self.trackers
+        freed = 0
+        while trackers and trackers[0][0].done:
+            freed += trackers.popleft()[1]
+        self.tracked -= freed
+        return freed
+
+
+def send_counted(socket: zmq.Socket, frames: Sequence[bytes], ledger: SendLedger) -> int:
+    """:func:`send_frames`, counting the message in ``ledger`` (see :class:`SendLedger`).
+
+    Returns:
+        The bytes that became tracked with this message (0 if it was not tracked): what the
+        caller adds to any total it keeps of tracked bytes.
+
+    Raises:
+        zmq.Again: as send_frames; then nothing was queued or counted.
+    """
+    send = socket.send
+    last = len(frames) - 1
+    nbytes = 0
+    for index in range(last):
+        frame = frames[index]
+        size = len(frame)
+        nbytes += size
+        if size < COPY_THRESHOLD:
+            send(frame, SNDMORE_NOBLOCK)
+        else:
+            send(frame, SNDMORE_NOBLOCK, copy=False)
+    frame = frames[last]
+    size = len(frame)
+    carried = ledger.untracked + nbytes + size
+    if size >= COPY_THRESHOLD or carried >= TRACK_EVERY_BYTES:
+        tracker = send(frame, NOBLOCK, copy=False, track=True)
+        ledger.trackers.append((tracker, carried))
+        ledger.tracked += carried
+        ledger.untracked = 0
+        return carried
+    send(frame, NOBLOCK)
+    ledger.untracked = carried
+    return 0
