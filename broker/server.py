@@ -18,16 +18,18 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.backend import zmq_poll
+from zmq.utils.monitor import recv_monitor_message
 
 from broker.core import MAX_FRAMES, Broker, BrokerConfig, Side, peer_log
 from zkv import protocol
 from zkv.keys import CLIENTS_DOMAIN, Keys
-from zkv.logs import peer
+from zkv.logs import LogLimiter, peer
 from zkv.zmqio import POLLIN, recv_bounded, send_counted, send_frames
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
     frontend = context.socket(zmq.ROUTER)
     backend = context.socket(zmq.ROUTER)
     authenticator: ThreadAuthenticator | None = None
+    auth_failures: AuthFailures | None = None
     try:
         if config.keys is not None:
             # CURVE on the backend: only holders of an authorised worker key get through the
@@ -87,6 +90,7 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
             backend.curve_secretkey = pair.secret
             backend.curve_publickey = pair.public
             backend.curve_server = True
+            auth_failures = AuthFailures(backend, config.backend, config.keys.directory)
             if config.frontend_curve:
                 # Its own ZAP domain and authorised set: a client key is no worker key.
                 authenticator.configure_curve(
@@ -108,12 +112,77 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
             config.backend,
             config.broker.shards,
         )
-        return _loop(Broker(config.broker, time.monotonic()), frontend, backend, stopper)
+        core = Broker(config.broker, time.monotonic())
+        return _loop(core, frontend, backend, stopper, auth_failures)
     finally:
+        if auth_failures is not None:
+            auth_failures.close()
         frontend.close(linger=0)
         backend.close(linger=0)
         if authenticator is not None:
             authenticator.stop()
+
+
+# Failed worker handshakes on the backend, read from a socket monitor on the broker's timer
+# (never per message): pyzmq's authenticator logs denials at DEBUG only, and a worker holding
+# another cluster's broker.key never reaches it (the broker cannot decrypt its HELLO).
+AUTH_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+AUTH_EVENTS_PER_CHECK = 256  # read per timer pass; libzmq drops events past the monitor's HWM
+AUTH_LOG_WINDOW_S = 10.0  # one WARNING line per window and kind, with a count of the rest
+_AUTH_KINDS = {  # LogLimiter kinds, one per way a handshake fails
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused worker key",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "refused worker protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "refused worker closed",
+}
+
+
+class AuthFailures:
+    """A monitor of the backend's failed handshakes: one rate-limited WARNING on broker.auth."""
+
+    def __init__(self, backend: zmq.Socket, endpoint: str, keys: Path) -> None:
+        self.monitor = backend.get_monitor_socket(AUTH_EVENTS)
+        self.monitor.setsockopt(zmq.LINGER, 0)
+        self._backend = backend
+        self._endpoint = endpoint
+        self._keys = keys
+        auth_log = logging.getLogger("broker.auth")
+        self._log = LogLimiter(auth_log, window_s=AUTH_LOG_WINDOW_S, burst=1)
+
+    def check(self) -> None:
+        """Read the failures waiting (never blocks) and log the last one, rate-limited."""
+        for _ in range(AUTH_EVENTS_PER_CHECK):
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            kind = int(event["event"])
+            self._log.warning(
+                _AUTH_KINDS.get(kind, "refused worker"),
+                "refused a worker's handshake on %s (%s): it does not hold this cluster's "
+                "keys (%s) or runs --insecure; the worker's log says what to do",
+                self._endpoint,
+                _auth_detail(kind, int(event["value"])),
+                self._keys,
+            )
+
+    def close(self) -> None:
+        try:
+            self._backend.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
+
+
+def _auth_detail(event: int, value: int) -> str:
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"its CURVE key is not in authorized/, ZAP status {value}"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return f"protocol error {value:#x}: another broker key, or no CURVE"
+    return f"closed during the handshake, errno {value}"
 
 
 def configure(frontend: zmq.Socket, backend: zmq.Socket) -> None:
@@ -138,7 +207,13 @@ def configure(frontend: zmq.Socket, backend: zmq.Socket) -> None:
     backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
 
 
-def _loop(core: Broker, frontend: zmq.Socket, backend: zmq.Socket, stopper: Stopper) -> int:
+def _loop(
+    core: Broker,
+    frontend: zmq.Socket,
+    backend: zmq.Socket,
+    stopper: Stopper,
+    auth_failures: AuthFailures | None = None,
+) -> int:
     # zmq_poll on a fixed list, not a zmq.Poller and a dict each pass; the backend first, so
     # replies (which free keys' tokens) are handled before new requests of the same pass.
     items = [(backend, POLLIN), (frontend, POLLIN)]
@@ -163,6 +238,8 @@ def _loop(core: Broker, frontend: zmq.Socket, backend: zmq.Socket, stopper: Stop
             core.on_timer(now)
             _flush(core, frontend, backend)
             wait_s = core.next_timer(now)
+            if auth_failures is not None:
+                auth_failures.check()
         if core.held:
             _resend_held(core, frontend, backend)
         # Bounded so a stop signal (its handler runs between polls) is seen promptly.

@@ -31,6 +31,7 @@ from types import FrameType
 
 from workers.aof import FsyncPolicy
 from workers.idempotency import MAX_WINDOW_S, MIN_MAX_BYTES, MIN_WINDOW_S
+from workers.manifest import durable_data
 from workers.worker import WorkerConfig, run
 from zkv import defaults
 from zkv.config import (
@@ -43,7 +44,7 @@ from zkv.config import (
     non_negative_int,
     positive_int,
 )
-from zkv.keys import KeysError, ensure_keys
+from zkv.keys import KeysError, wait_for_keys
 
 # Not __name__: run with -m, this module is "__main__", which says nothing in a log line.
 log = logging.getLogger("workers.supervisor")
@@ -179,8 +180,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     data_dir: Path | None = None
-    if not args.in_memory:
-        data_dir = Path(args.data_dir).absolute()
+    directory = Path(args.data_dir).absolute()
+    if args.in_memory:
+        # The broker refuses a worker in memory a durable cluster's shard only while it knows a
+        # durable worker of that cluster; on a full restart in memory it does not, so refuse here.
+        refusal = durable_data(directory)
+        if refusal is not None:
+            log.error("cannot start: %s", refusal)
+            return EXIT_CONFIG
+    else:
+        data_dir = directory
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -190,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys = None
     if not args.insecure:
         try:
-            keys = ensure_keys(args.keys)  # the same idempotent call as the broker's
+            # Waits for the broker's keys rather than making its own: see zkv/keys.py.
+            keys = wait_for_keys(args.keys)
         except (KeysError, OSError) as exc:
             parser.error(f"--keys {args.keys}: {exc}")
     else:
@@ -238,7 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--disk-reserve",
         str(config.disk_reserve_bytes),
         *(["--insecure"] if keys is None else ["--no-insecure", "--keys", str(keys.directory)]),
-        *(["--in-memory"] if data_dir is None else ["--no-in-memory", "--data-dir", str(data_dir)]),
+        "--in-memory" if data_dir is None else "--no-in-memory",
+        "--data-dir",  # in memory too: a child checks it holds no durable data
+        str(directory),
     ]
     return Supervisor(args.processes, child_argv).run()
 

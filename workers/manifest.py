@@ -14,7 +14,12 @@ shards (12 of 20 keys lost in a test, one listed twice). So::
 * ``shards``: the shard count of the first ASSIGN the directory saw. An ASSIGN with another
   count is refused: the worker exits with status 2 (a configuration error; its supervisor then
   stops every worker) and says why. Until resharding exists, a changed count is never guessed.
-* ``durable``: always true here (a worker in memory has no directory); READY says it.
+* ``durable``: always true here; READY says it. A worker ``--in-memory`` writes no manifest
+  (it writes nothing: its data directory only holds the keys), but it refuses to start on a
+  directory holding a durable cluster's data (:func:`durable_data`): the broker's refusal
+  works only while it knows a durable worker of the cluster, and on a full restart the
+  workers in memory took every shard with 0 keys. A durable worker may later start on a
+  directory an in-memory cluster used: it finds no manifest and makes one.
 
 A directory written by an earlier version (shard directories, no manifest) is given a manifest
 with a new cluster id, and takes the first ASSIGN's count unless it holds a shard directory at
@@ -134,6 +139,29 @@ def open_manifest(data_dir: Path, fsync: Callable[[int], None] = os.fsync) -> Ma
             else "",
         )
         return manifest
+
+
+def durable_data(data_dir: Path) -> str | None:
+    """Why a worker ``--in-memory`` must not use ``data_dir``, or None if it may.
+
+    A directory holding a manifest (readable or not) or shard directories holds a durable
+    cluster's data: serving its shards from memory would answer every key "not found" until
+    the next durable start. Only names are looked at, so this is cheap and never fails on a
+    damaged file (an unreadable directory counts as empty: nothing there to protect from us).
+    """
+    try:
+        names = sorted(p.name for p in data_dir.iterdir())
+    except OSError:
+        return None
+    shards = [name for name in names if _SHARD_DIR.fullmatch(name)]
+    if MANIFEST_NAME not in names and not shards:
+        return None
+    found = f"manifest {data_dir / MANIFEST_NAME}" if MANIFEST_NAME in names else ", ".join(shards)
+    return (
+        f"data directory {data_dir} holds a durable cluster's data ({found}): an --in-memory "
+        f"worker would serve it empty; use another --data-dir (ZKV_DATA_DIR) for a cache, or "
+        f"drop --in-memory (ZKV_IN_MEMORY)"
+    )
 
 
 def bind_shards(

@@ -47,6 +47,7 @@ import zmq
 from zmq.backend import zmq_poll
 
 from workers.aof import CorruptLog, DurabilityError, FsyncPolicy
+from workers.handshake import HandshakeWatch
 from workers.idempotency import RequestMemory, keep_ms
 from workers.manifest import Manifest, ManifestError, bind_shards, open_manifest
 from workers.ownership import LockTimeout, OwnershipError, reportable
@@ -77,6 +78,10 @@ from zkv.zmqio import POLLIN, SendLedger, recv_frames, send_counted
 
 log = logging.getLogger(__name__)
 peer_log = LogLimiter(log)  # lines the broker's messages can cause, rate-limited
+# A failed handshake repeats (ZeroMQ retries within 100 ms, the worker re-registers every
+# liveness * interval): one ERROR line per HANDSHAKE_LOG_WINDOW_S, with a count of the rest.
+HANDSHAKE_LOG_WINDOW_S = 10.0
+handshake_log = LogLimiter(log, window_s=HANDSHAKE_LOG_WINDOW_S, burst=1)
 
 ROUTING_ID_RANDOM_BYTES = 16  # of os.urandom in a worker's routing id
 SOCKET_HWM = 100_000  # messages queued to or from the broker before ZeroMQ pushes back
@@ -184,6 +189,14 @@ class Worker:
         self._curve = (
             None if config.keys is None else (config.keys.worker(), config.keys.broker().public)
         )
+        # The socket's handshake monitor (workers/handshake.py), what zmq_poll watches (the
+        # monitor too until a handshake succeeded), and what the monitor said on this socket.
+        self._watch: HandshakeWatch | None = None
+        self._polled: list[tuple[zmq.Socket, int]] = []
+        self._socket_polled: list[tuple[zmq.Socket, int]] = []
+        self._handshake_ok = False
+        self._handshake_failed = False
+        self._ever_registered = False
         self._silence_limit_s = config.heartbeat_interval_s * config.heartbeat_liveness
         # When the READY that has no ASSIGN yet left, and how long a DISCONNECT is taken as
         # already answered by it (see _on_message).
@@ -223,8 +236,13 @@ class Worker:
                 except (ManifestError, OSError) as exc:
                     log.error("cannot use data directory %s: %s", self._durability.data_dir, exc)
                     return EXIT_CONFIG
+            keys = self.config.keys
+            log.info(
+                "connecting to the broker at %s (%s)",
+                self.config.backend,
+                "without CURVE" if keys is None else f"CURVE, keys {keys.directory}",
+            )
             self._register()
-            log.info("registered with the broker at %s, waiting for a shard", self.config.backend)
             while not self._stop.is_set():
                 self._pass()
             answered = self._drain()
@@ -257,9 +275,13 @@ class Worker:
             self._last_heard_s + self._silence_limit_s,
         )
         timeout_s = min(max(next_due_s - now_s, 0.0), MAX_POLL_S)
-        # zmq_poll on one (socket, POLLIN) pair: socket.poll builds a zmq.Poller per call.
-        polled = [(socket, POLLIN)]
-        if zmq_poll(polled, math.ceil(timeout_s * 1000)):
+        # zmq_poll on a prebuilt list, the socket first: socket.poll builds a zmq.Poller per
+        # call. Until the handshake succeeded the list holds the monitor too (_on_handshake).
+        ready = zmq_poll(self._polled, math.ceil(timeout_s * 1000))
+        if ready and ready[-1][0] is not socket:
+            self._on_handshake()
+        if ready and ready[0][0] is socket:
+            polled = self._socket_polled
             batch: list[Message] = []
             requests = 0
             received = 0
@@ -413,7 +435,16 @@ class Worker:
         held = self.shard
         if number is None:
             if held is None:
-                log.info("standby: the broker has no shard for this worker yet")
+                # ASSIGN carries no reason (the broker logs it): say what the reason can be.
+                log.info(
+                    "standby: the broker has no shard for this worker yet (%s; the broker's "
+                    'log says why, "may own no shard")',
+                    "every shard has an owner, or this worker keeps data in memory and the "
+                    "cluster's shards are durable"
+                    if self._manifest is None
+                    else "every shard has an owner, or this worker's data directory is not "
+                    "the cluster's",
+                )
             else:
                 # Serving our copy later could return data that is no longer current.
                 self._leave(held, "the broker gave it to another worker")
@@ -528,8 +559,12 @@ class Worker:
         if now_s >= self._next_heartbeat_s:
             self._send(encode_control(Heartbeat()))
             self._next_heartbeat_s = now_s + self.config.heartbeat_interval_s
+            if self._handshake_ok:
+                self._on_handshake()  # a reconnection of this socket handshakes again
         silent_s = now_s - self._last_heard_s
-        if silent_s >= self._silence_limit_s:
+        if silent_s >= self._silence_limit_s and self._handshake_failed:
+            self._register()  # the handshake's ERROR line said why; a new socket tries again
+        elif silent_s >= self._silence_limit_s:
             held = self.shard
             log.warning(
                 "no word from the broker at %s for %.2f s: reconnecting, claiming %s",
@@ -578,6 +613,8 @@ class Worker:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTING_ID, self.identity)
+        keys_dir = None if self.config.keys is None else self.config.keys.directory
+        watch = HandshakeWatch(socket, self.config.backend, keys_dir)
         if self._curve is not None:
             pair, server_key = self._curve
             socket.curve_secretkey = pair.secret
@@ -590,10 +627,16 @@ class Worker:
         try:
             socket.connect(self.config.backend)
         except zmq.ZMQError:
+            watch.close()
             socket.close(linger=0)
             raise
         self._socket = socket
         self.ledger = SendLedger()  # the old socket's queue was dropped with it (LINGER 0)
+        self._watch = watch
+        self._socket_polled = [(socket, POLLIN)]
+        self._polled = [(socket, POLLIN), (watch.monitor, POLLIN)]
+        self._handshake_ok = False
+        self._handshake_failed = False
         now_s = time.monotonic()
         self._last_heard_s = now_s
         self._next_heartbeat_s = now_s + self.config.heartbeat_interval_s
@@ -626,9 +669,10 @@ class Worker:
         try:
             send_counted(self._connected(), frames, self.ledger)
         except zmq.Again:
-            peer_log.warning(
-                "queue full", "the queue to the broker is full: dropped an outgoing message"
-            )
+            if not self._handshake_failed:  # else the handshake's ERROR line says why
+                peer_log.warning(
+                    "queue full", "the queue to the broker is full: dropped an outgoing message"
+                )
 
     def _drain(self) -> int:
         """Answer messages already queued, so their clients need not wait for a timeout."""
@@ -653,7 +697,31 @@ class Worker:
             raise RuntimeError("the worker has no socket: run() was not called")
         return self._socket
 
+    def _on_handshake(self) -> None:
+        """Read the socket's handshake events: say once that registering worked, or why the
+        broker refuses this worker (an ERROR line, at most one per HANDSHAKE_LOG_WINDOW_S).
+        After a success the monitor leaves the poll list: it is read on the heartbeat timer."""
+        watch, socket = self._watch, self._socket
+        if watch is None or socket is None:
+            return
+        found = watch.check()
+        if found.succeeded and not self._handshake_ok:
+            if not self._ever_registered or self._handshake_failed:
+                log.info(
+                    "registered with the broker at %s, waiting for a shard", self.config.backend
+                )
+            self._ever_registered = True
+            self._handshake_ok, self._handshake_failed = True, False
+            self._polled = self._socket_polled
+        elif found.failure is not None:
+            handshake_log.error("handshake refused", "%s", found.failure)
+            self._handshake_ok, self._handshake_failed = False, True
+            self._polled = [(socket, POLLIN), (watch.monitor, POLLIN)]
+
     def _close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None

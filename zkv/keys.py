@@ -24,9 +24,13 @@ The broker's backend is a CURVE server: a worker proves it holds the secret of a
 the broker's public key in turn. A process that cannot read the directory cannot join, so it
 cannot get a shard, read a shard's keys, forge replies, or take over a worker's route.
 
-The first start of a cluster creates the directory (:func:`ensure_keys`): the broker and the
-workers all call it, and it is race-free (keys made in a private temporary directory, renamed
-into place in one step; a loser of the race uses the winner's). ``python -m zkv keygen DIR``
+The first start of a cluster creates the directory (:func:`ensure_keys`): the broker calls
+it, and it is race-free (keys made in a private temporary directory, renamed into place in one
+step; a loser of the race uses the winner's). Workers never create keys: they wait up to
+``WORKER_KEYS_WAIT_S`` for the broker's (:func:`wait_for_keys`), since a key set a worker made
+could only be one the broker does not know (a worker pointed at another directory, or on
+another host) and its handshake would fail; under honcho the broker, started with them,
+creates the set within milliseconds. ``python -m zkv keygen DIR``
 writes the same set for other hosts: copy it (or, for a worker host, ``broker.key``,
 ``worker.key`` and ``worker.key_secret``) with its permissions.
 """
@@ -38,6 +42,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +62,10 @@ CLIENTS = "clients"
 CLIENTS_DOMAIN = "clients"  # the ZAP domain of the frontend, whose keys are in clients/
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+# How long a worker waits for the broker to create the cluster's keys at a first start, and
+# how often it looks; then it exits with a message (status 2).
+WORKER_KEYS_WAIT_S = 10.0
+KEYS_POLL_S = 0.05
 
 
 class KeysError(Exception):
@@ -164,6 +174,40 @@ def ensure_keys(directory: Path | str) -> Keys:
                 ) from None
         else:
             log.info("created the cluster's keys in %s (owner-only)", directory)
+    if directory.stat().st_mode & 0o077:
+        log.warning("%s is readable by other users: anyone who can read it can join", directory)
+    return Keys(directory)
+
+
+def wait_for_keys(
+    directory: Path | str,
+    timeout_s: float = WORKER_KEYS_WAIT_S,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Keys:
+    """The key set in ``directory``, waiting up to ``timeout_s`` for the broker to create it.
+
+    Raises:
+        KeysError: no whole key set appeared in time; the message says where to find one.
+    """
+    directory = Path(directory).absolute()
+    deadline_s = clock() + timeout_s
+    logged = False
+    while not complete(directory):
+        if clock() >= deadline_s:
+            raise KeysError(
+                f"no cluster keys in {directory} after {timeout_s:.0f} s. Workers do not create "
+                f"keys: the broker does at its first start, in its --keys/ZKV_KEYS (default "
+                f"<ZKV_DATA_DIR>/keys). Start the broker first, or give this worker the "
+                f"broker's keys: the same ZKV_DATA_DIR or ZKV_KEYS as the broker; on another "
+                f"host copy the broker's keys directory (cp -rp), or write one set for all with "
+                f"python -m zkv keygen DIR. A broker run with --insecure needs workers with "
+                f"--insecure"
+            )
+        if not logged:
+            log.info("waiting up to %.0f s for the broker's keys in %s", timeout_s, directory)
+            logged = True
+        sleep(KEYS_POLL_S)
     if directory.stat().st_mode & 0o077:
         log.warning("%s is readable by other users: anyone who can read it can join", directory)
     return Keys(directory)

@@ -46,7 +46,9 @@ def test_a_standby_that_cannot_see_the_shards_data_is_never_given_the_shard(
         cluster.wait_ready(gateway=False)
         write_keys(cluster)
         cluster.start_worker("--data-dir", str(tmp_path / "another-data"))
-        cluster.start_worker("--in-memory")
+        # In memory on the cluster's own directory it would refuse to start (test below); a
+        # cache's own directory lets it register, and the broker refuses it the shard.
+        cluster.start_worker("--in-memory", "--data-dir", str(tmp_path / "cache"))
         client = cluster.client(timeout_s=1.0)
         wait_for(lambda: client.ping()["workers"] == 3, "both standbys to register")
         cluster.kill(owner)
