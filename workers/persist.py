@@ -688,26 +688,26 @@ class ShardFiles:
     def _skip_rewrite(self, why: str) -> None:
         """A measured compaction that found it would not fit or not help: nothing was written
         but the empty scratch file; no error, the next attempt in NO_SPACE_REWRITE_S."""
-        self._next_rewrite_s = self._next_squeeze_s = (
-            self.durability.monotonic() + NO_SPACE_REWRITE_S
-        )
-        rewrite = self._rewrite
-        self._rewrite = None
-        self._rewrite_buffer = []
-        if rewrite is not None:
-            rewrite.cancel(0)
-        try:
-            with self.fenced():
-                self.rewrite_path.unlink(missing_ok=True)
-        except (OwnershipError, OSError, ShardMoved) as exc:
-            log.warning("%s left in place: %s", self.rewrite_path, exc)
+        self._drop_rewrite(NO_SPACE_REWRITE_S)
+        self._next_squeeze_s = self._next_rewrite_s
         log.info("compaction of %s not done: %s", self.log_path, why)
 
     def _abandon_rewrite(self, why: str) -> None:
+        self._drop_rewrite(REWRITE_RETRY_S)
+        log.error(
+            "compaction of %s abandoned (%s); the log is unchanged, next attempt in %.0f s",
+            self.log_path,
+            why,
+            REWRITE_RETRY_S,
+        )
+
+    def _drop_rewrite(self, retry_s: float) -> None:
+        """Stop the compaction under way, if any, and delete its scratch file; the next one
+        may start ``retry_s`` from now."""
         rewrite = self._rewrite
         self._rewrite = None
         self._rewrite_buffer = []
-        self._next_rewrite_s = self.durability.monotonic() + REWRITE_RETRY_S
+        self._next_rewrite_s = self.durability.monotonic() + retry_s
         if rewrite is not None:
             rewrite.cancel(0)
         # The scratch file may be most of a disk that is now full: give the room back. Only
@@ -717,12 +717,6 @@ class ShardFiles:
                 self.rewrite_path.unlink(missing_ok=True)
         except (OwnershipError, OSError, ShardMoved) as exc:
             log.warning("%s left in place: %s", self.rewrite_path, exc)
-        log.error(
-            "compaction of %s abandoned (%s); the log is unchanged, next attempt in %.0f s",
-            self.log_path,
-            why,
-            REWRITE_RETRY_S,
-        )
 
     def _cancel_rewrite(self) -> None:
         rewrite = self._rewrite
