@@ -15,7 +15,8 @@ armed while calls are outstanding, does the timeouts, the BUSY backoffs and the 
 plain socket used only with NOBLOCK, read until ``zmq.Again``, and ``zmq.EVENTS`` looked at
 after every send. The answers are the fast lane's own (gateway/fastlane.py :class:`FastLane`,
 through gateway.app.SeedApi), as in bench/asgi_candidate.py, so only the HTTP server and the
-event loop differ. Not used in production; run as, e.g.::
+event loop differ. Not used in production, and gevent is not in requirements.txt
+(``pip install gevent``); run as, e.g.::
 
     ZKV_FRONTEND=tcp://127.0.0.1:5555 gunicorn -k gevent -w 2 --worker-connections 1000 \
         -b 127.0.0.1:5002 bench.gevent_candidate:app
