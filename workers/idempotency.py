@@ -15,7 +15,7 @@ have written (only its deadline is the first one's); a DEL answered that way may
 written since. Random 64-bit ids, as the Python client picks, make either a 2**-64 event.
 
 Bounds: every write of the last keep_ms (DEFAULT_WINDOW_S plus MAX_CLOCK_SKEW_S plus a
-second: 36 s) by the shard's clock, however many; past DEFAULT_MAX_BYTES (estimated) with all
+second: 21 s) by the shard's clock, however many; past DEFAULT_MAX_BYTES (estimated) with all
 of them still inside that time, new writes are refused BUSY rather than any entry forgotten
 early (docs/persistence.md section 6). A DEL that found nothing changed nothing, so it is
 not remembered (its retry is answered NOT_FOUND again, or deletes a value written since, as
@@ -25,17 +25,17 @@ its snapshot with it).
 Memory, since a busy shard remembers about a million writes: each write is kept as one bytes
 object (request id, key length, kind, status, deadline and CRC-32 packed in 24 bytes, then the
 key: a MEMOS log entry) in a plain dict by request id, and the order of forgetting is a ring of
-the request ids, not an OrderedDict (whose linked list costs about 45 bytes an entry). About
-170 bytes per entry with 16-byte keys (tracemalloc, 100,000 random 64-bit ids: the id itself is
-48 of them, the dict slot about 50), so 100,000 entries hold about 17 MB (a full memory,
-DEFAULT_MAX_BYTES, about 1.6 million entries with short keys); it was 300
-bytes with a named tuple per entry, and 160 before the entry carried its id and key length
-(10 bytes more that make compaction's MEMOS records one join each).
+the request ids (8 bytes each in arrays, see ORDER_CHUNK_IDS), not an OrderedDict (whose linked
+list costs about 45 bytes an entry). About 170 bytes per entry with 16-byte keys (tracemalloc,
+100,000 random 64-bit ids: the id itself is 48 of them, the dict slot about 50), so 100,000
+entries hold about 17 MB (a full memory, DEFAULT_MAX_BYTES, about 1.6 million entries with
+short keys); it was 300 bytes with a named tuple per entry, and 160 before the entry carried
+its id and key length (10 bytes more that make compaction's MEMOS records one join each).
 Measured as a whole worker's RSS (``bench/memory.py``) a full memory costs nearer 37 MB: the
 dict's table is sized for its churn, and allocator pages are shared with the store's. A key
-longer than INLINE_KEY_BYTES is not copied but kept by reference beside the packed head, as
-the store holds it while the key lives. :class:`Memo` remains the interface: entries are
-unpacked into one only when a retry is recognised or a test reads the memory.
+longer than INLINE_KEY_BYTES is not copied but kept by reference beside the packed head, as the
+store holds it while the key lives. :class:`Memo` remains the interface: entries are unpacked
+into one only when a retry is recognised or a test reads the memory.
 
 Speed, since every SET and DEL is remembered: the worker's hot path calls
 :meth:`RequestMemory.remember_write` with the fields, not a Memo (a named tuple built per write
