@@ -18,7 +18,7 @@ Modes:
 * ``memory``: ``--in-memory``; ``durable``: a data directory with ``ZKV_FSYNC=no`` (the log is
   written, the page cache is not in RSS).
 * ``-noid`` suffix: every SET carries request id 0, which the worker never remembers, so the
-  idempotency memory (every write of the last 36 s per shard, bounded in bytes) stays empty.
+  idempotency memory (every write of the last 21 s per shard, bounded in bytes) stays empty.
   The difference between a mode and its ``-noid`` twin is that memory.
 * ``redis``: the same keys and values with ``SET key value PX ttl`` into a ``redis-server`` on a
   free port (no persistence), pipelined; reported as ``INFO memory`` ``used_memory`` growth (what

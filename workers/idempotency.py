@@ -15,7 +15,7 @@ have written (only its deadline is the first one's); a DEL answered that way may
 written since. Random 64-bit ids, as the Python client picks, make either a 2**-64 event.
 
 Bounds: every write of the last keep_ms (DEFAULT_WINDOW_S plus MAX_CLOCK_SKEW_S plus a
-second: 36 s) by the shard's clock, however many; past DEFAULT_MAX_BYTES (estimated) with all
+second: 21 s) by the shard's clock, however many; past DEFAULT_MAX_BYTES (estimated) with all
 of them still inside that time, new writes are refused BUSY rather than any entry forgotten
 early (docs/persistence.md section 6). A DEL that found nothing changed nothing, so it is
 not remembered (its retry is answered NOT_FOUND again, or deletes a value written since, as
@@ -25,17 +25,17 @@ its snapshot with it).
 Memory, since a busy shard remembers about a million writes: each write is kept as one bytes
 object (request id, key length, kind, status, deadline and CRC-32 packed in 24 bytes, then the
 key: a MEMOS log entry) in a plain dict by request id, and the order of forgetting is a ring of
-the request ids, not an OrderedDict (whose linked list costs about 45 bytes an entry). About
-170 bytes per entry with 16-byte keys (tracemalloc, 100,000 random 64-bit ids: the id itself is
-48 of them, the dict slot about 50), so 100,000 entries hold about 17 MB (a full memory,
-DEFAULT_MAX_BYTES, about 1.6 million entries with short keys); it was 300
-bytes with a named tuple per entry, and 160 before the entry carried its id and key length
-(10 bytes more that make compaction's MEMOS records one join each).
+the request ids (8 bytes each in arrays, see ORDER_CHUNK_IDS), not an OrderedDict (whose linked
+list costs about 45 bytes an entry). About 170 bytes per entry with 16-byte keys (tracemalloc,
+100,000 random 64-bit ids: the id itself is 48 of them, the dict slot about 50), so 100,000
+entries hold about 17 MB (a full memory, DEFAULT_MAX_BYTES, about 1.6 million entries with
+short keys); it was 300 bytes with a named tuple per entry, and 160 before the entry carried
+its id and key length (10 bytes more that make compaction's MEMOS records one join each).
 Measured as a whole worker's RSS (``bench/memory.py``) a full memory costs nearer 37 MB: the
 dict's table is sized for its churn, and allocator pages are shared with the store's. A key
-longer than INLINE_KEY_BYTES is not copied but kept by reference beside the packed head, as
-the store holds it while the key lives. :class:`Memo` remains the interface: entries are
-unpacked into one only when a retry is recognised or a test reads the memory.
+longer than INLINE_KEY_BYTES is not copied but kept by reference beside the packed head, as the
+store holds it while the key lives. :class:`Memo` remains the interface: entries are unpacked
+into one only when a retry is recognised or a test reads the memory.
 
 Speed, since every SET and DEL is remembered: the worker's hot path calls
 :meth:`RequestMemory.remember_write` with the fields, not a Memo (a named tuple built per write
@@ -52,6 +52,7 @@ by a worker that then died is answered from memory by its successor, not applied
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
@@ -76,6 +77,20 @@ SLACK_MS = round((MAX_CLOCK_SKEW_S + STAMP_ROUNDING_S) * 1000)  # keep_ms - wind
 DEFAULT_MAX_BYTES = defaults.IDEMPOTENCY_MAX_BYTES  # --idempotency-max-bytes
 ENTRY_BYTES = 160  # measured: about 170 with a 16-byte key (see the module docstring)
 MIN_MAX_BYTES = 1024 * 1024  # the smallest --idempotency-max-bytes taken: about 6,500 writes
+
+
+# The order of forgetting is kept in arrays of request ids (8 bytes each, no reference to the
+# int objects), a new array begun by the first begin() after the last one holds this many:
+# a deque of int objects was traversed at every full garbage collection, 7-10 ms with a
+# million entries on this machine (a GET stalled behind it), against ~250 arrays here.
+ORDER_CHUNK_IDS = 4096
+# The most entries one begin() forgets beyond the writes remembered since the previous one:
+# forgetting a second's worth of writes at once (after an idle second, or a replay) was one
+# pause of ~25,000 pops; this way a backlog drains by at least this many per batch (about
+# 0.2 ms), always faster than writes arrive, and entries live at least keep_ms, a little
+# longer while a backlog drains. A memory that is full forgets its whole backlog at once
+# (a write refused BUSY for want of forgetting would be worse than the pause).
+FORGET_STEP_IDS = 1024
 
 
 def keep_ms(window_s: float) -> int:
@@ -143,11 +158,14 @@ class RequestMemory:
     Time: the shard calls :meth:`begin` with its clock (Unix ms, never going back) before each
     batch, and replay calls it with the time of each TIME record; a write is remembered under
     the time of the last :meth:`begin`, which comes before it was applied, so entries are never
-    older than they look. :meth:`begin` forgets runs of entries older than ``keep_ms``, oldest
-    first: the forgetting costs nothing per write.
+    older than they look. :meth:`begin` forgets entries of runs older than ``keep_ms``, oldest
+    first, at most FORGET_STEP_IDS more than were remembered since the previous :meth:`begin`
+    (a backlog drains over the next batches): the forgetting costs nothing per write, and a
+    bounded amount per batch.
 
     Layout: ``_memos`` the entries by request id (see the module docstring); ``_order`` the
-    request ids in the order remembered (a deque: appended right, forgotten left); ``_runs``
+    request ids in the order remembered, in arrays (see ORDER_CHUNK_IDS: appended to the last,
+    ``_tail``, forgotten from the first, from index ``_head``); ``_runs``
     ``(time_ms, first)`` per :meth:`begin` that changed the time, ``first`` the position (in
     ids ever appended) of its first id, so run ``i`` holds the ids from its ``first`` to the
     next run's.
@@ -184,9 +202,13 @@ class RequestMemory:
         # Whether anything is remembered under a request id: the cheap test before recall()
         # on the worker's hot path (almost every write has a new id), the dict's own method.
         self.known: Callable[[int], bool] = self._memos.__contains__
-        self._order: deque[int] = deque()
+        self._tail = array("Q")
+        self._order: deque[array[int]] = deque((self._tail,))
+        self._head = 0  # the index in _order[0] of the oldest id not forgotten
         self._runs: deque[tuple[int, int]] = deque()
         self._appended = 0  # ids ever appended to _order
+        self._forgotten = 0  # ids ever forgotten from _order: the position of the oldest left
+        self._appended_at_begin = 0  # _appended at the last begin() (see FORGET_STEP_IDS)
         self.now_ms = 0  # the time of the last begin()
         # The idempotency window, and the bounds of the stamp test for the current batch.
         self.window_ms = max(0, keep_ms - SLACK_MS)
@@ -205,42 +227,67 @@ class RequestMemory:
 
     def begin(self, now_ms: int) -> None:
         """The time is now ``now_ms``: writes remembered from here on carry it, and entries
-        older than ``keep_ms`` are forgotten (whole runs, oldest first)."""
+        older than ``keep_ms`` are forgotten, oldest first, within the step (FORGET_STEP_IDS)."""
         if now_ms > self.now_ms:
             self.now_ms = now_ms
             self.stamp_low, self.stamp_span = stamp_range(
                 now_ms, self.window_ms, round(MAX_CLOCK_SKEW_S * 1000)
             )
         runs = self._runs
+        appended = self._appended
         if not runs:  # the first run also holds what was remembered before (an old log)
-            runs.append((self.now_ms, self._appended - len(self._order)))
+            runs.append((self.now_ms, self._forgotten))
         elif runs[-1][0] < self.now_ms:
-            runs.append((self.now_ms, self._appended))
+            runs.append((self.now_ms, appended))
+        if len(self._tail) >= ORDER_CHUNK_IDS:
+            self._tail = array("Q")
+            self._order.append(self._tail)
+        # Room to forget: the step, plus what was remembered since the last begin() so a
+        # backlog never grows; everything due if the memory is full (see FORGET_STEP_IDS).
+        step = FORGET_STEP_IDS + appended - self._appended_at_begin
+        self._appended_at_begin = appended
+        if self.used >= self.max_bytes:
+            step = appended
         horizon = self.now_ms - self.keep_ms
-        while len(runs) > 1 and runs[0][0] < horizon:
-            runs.popleft()
-            self._forget(runs[0][1])
+        while len(runs) > 1 and runs[0][0] < horizon and step > 0:
+            end = runs[1][1]  # run 0 holds the ids up to run 1's first
+            count = min(end - self._forgotten, step)
+            self._forget(count)
+            step -= count
+            if self._forgotten >= end:
+                runs.popleft()
 
-    def _forget(self, until: int) -> None:
-        """Forget the ids at positions before ``until`` (the start of the oldest run left)."""
+    def _forget(self, count: int) -> None:
+        """Forget the ``count`` oldest ids of the ring (all due: see :meth:`begin`)."""
         order = self._order
         memos = self._memos
         reused = self._reused
         used = 0
-        for _ in range(until - (self._appended - len(order))):
-            oldest = order.popleft()
-            skip = reused.get(oldest)
-            if skip is None:
-                packed = memos.pop(oldest)
-                used += ENTRY_BYTES + (
-                    len(packed) - HEAD_BYTES if type(packed) is bytes else len(packed[1])
-                )
-            elif skip == 1:
-                del reused[oldest]
-                used += ENTRY_BYTES
+        self._forgotten += count
+        while count > 0:
+            chunk = order[0]
+            head = self._head
+            take = min(count, len(chunk) - head)
+            ids = chunk[head : head + take]
+            count -= take
+            if head + take < len(chunk) or chunk is self._tail:
+                self._head = head + take
             else:
-                reused[oldest] = skip - 1
-                used += ENTRY_BYTES
+                order.popleft()
+                self._head = 0
+            for oldest in ids:
+                skip = reused.get(oldest)
+                if skip is None:
+                    packed = memos.pop(oldest)
+                    used += ENTRY_BYTES + (
+                        len(packed) - HEAD_BYTES if type(packed) is bytes else len(packed[1])
+                    )
+                elif skip == 1:
+                    del reused[oldest]
+                    used += ENTRY_BYTES
+                else:
+                    reused[oldest] = skip - 1
+                    used += ENTRY_BYTES
         self.used -= used
 
     def recall(self, request_id: int, kind: int, key: bytes, fingerprint: int) -> Memo | None:
@@ -273,7 +320,7 @@ class RequestMemory:
             return
         # _store's common case, inline: a new id.
         self._memos[request_id] = head + key if len(key) <= INLINE_KEY_BYTES else (head, key)
-        self._order.append(request_id)
+        self._tail.append(request_id)
         self._appended += 1
         self.used += ENTRY_BYTES + len(key)
 
@@ -300,7 +347,7 @@ class RequestMemory:
             # Its key's bytes go; its older slot in _order keeps its ENTRY_BYTES until forgotten.
             self.used -= len(old) - HEAD_BYTES if type(old) is bytes else len(old[1])
         memos[request_id] = packed
-        self._order.append(request_id)
+        self._tail.append(request_id)
         self._appended += 1
         self.used += ENTRY_BYTES + (
             len(packed) - HEAD_BYTES if type(packed) is bytes else len(packed[1])
@@ -316,7 +363,7 @@ class RequestMemory:
         runs = self._runs
         if self._reused or not runs:
             return [(self.now_ms, entries)] if entries else []
-        base = self._appended - len(self._order)
+        base = self._forgotten
         out: list[tuple[int, list[Packed]]] = []
         for index, (time_ms, first) in enumerate(runs):
             end = runs[index + 1][1] if index + 1 < len(runs) else self._appended

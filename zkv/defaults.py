@@ -33,7 +33,7 @@ SHARD_WAIT_S = 3.0  # ZKV_SHARD_WAIT: how long the broker holds requests for a s
 WORKER_REPLY_TIMEOUT_S = 4.0  # ZKV_WORKER_TIMEOUT: broker gives up on a dispatched request
 # A worker's idempotency memory (workers/idempotency.py): every write of the window is
 # remembered (a stamped retry older than it gets "outcome unknown"), within a bound in bytes.
-IDEMPOTENCY_WINDOW_S = 30.0  # ZKV_IDEMPOTENCY_WINDOW: 1 to 86,400
+IDEMPOTENCY_WINDOW_S = 15.0  # ZKV_IDEMPOTENCY_WINDOW: 1 to 86,400; covers a retry's 12 s reach
 IDEMPOTENCY_MAX_BYTES = 256 * 1024 * 1024  # ZKV_IDEMPOTENCY_MAX_BYTES: per shard, estimated
 # What the broker holds (requests admitted and not yet answered, waiting or at a worker), in
 # request bytes (records as dispatched) and requests; more is answered BUSY (retry later).

@@ -8,8 +8,14 @@ import tracemalloc
 
 import pytest
 
-from workers import aof
-from workers.idempotency import INLINE_KEY_BYTES, Memo, RequestMemory, packed_key
+from workers import aof, idempotency
+from workers.idempotency import (
+    FORGET_STEP_IDS,
+    INLINE_KEY_BYTES,
+    Memo,
+    RequestMemory,
+    packed_key,
+)
 from zkv.protocol import Kind, Status
 
 pytestmark = pytest.mark.unit
@@ -133,10 +139,77 @@ def test_entries_are_kept_for_the_whole_window_and_forgotten_after_it_oldest_fir
     memory.remember_write(300_000, Kind.DEL, b"k", 0, None)
     memory.begin(T0 + 10_000)  # exactly the window: nothing is forgotten yet
     assert len(memory) == 200_001 and memory.known(1)
-    memory.begin(T0 + 10_001)  # the first run is older than the window
-    assert len(memory) == 1 and not memory.known(200_000) and memory.known(300_000)
+    memory.begin(T0 + 10_001)  # the first run is older than the window: forgotten in steps
+    assert len(memory) == 200_001 - FORGET_STEP_IDS and not memory.known(FORGET_STEP_IDS)
+    assert memory.known(FORGET_STEP_IDS + 1)  # oldest first
+    batches = 1
+    while memory.known(200_000):
+        memory.begin(T0 + 10_001)
+        batches += 1
+    assert batches == -(-200_000 // FORGET_STEP_IDS)
+    assert len(memory) == 1 and memory.known(300_000)
     memory.begin(T0 + 15_001)
     assert len(memory) == 0 and memory.used == 0
+
+
+def test_a_backlog_is_forgotten_a_bounded_step_per_batch_never_before_its_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 10 follow-up: forgetting a second's worth of writes in one begin() was one pause
+    # on the worker's loop (GETs waited behind it). Now each begin() forgets at most the step
+    # plus the writes since the previous one, and never an entry younger than keep_ms.
+    monkeypatch.setattr(idempotency, "FORGET_STEP_IDS", 10)
+    monkeypatch.setattr(idempotency, "ORDER_CHUNK_IDS", 7)  # many chunks of the ring
+    rng = random.Random(5)
+    keep = 100
+    memory = RequestMemory(keep_ms=keep)
+    now = T0
+    written: dict[int, int] = {}  # request id -> time remembered
+    next_id = 1
+    since_begin = 0  # writes since the previous begin()
+    for _ in range(2000):
+        now += rng.choice([0, 1, 3, 40, 150])  # idle gaps leave whole windows due at once
+        before = len(memory)
+        memory.begin(now)
+        assert before - len(memory) <= 10 + since_begin
+        since_begin = rng.randrange(0, 15)
+        for request_id, time_ms in written.items():
+            if time_ms >= now - keep:  # inside keep_ms: never forgotten
+                assert memory.known(request_id)
+        for _ in range(since_begin):
+            memory.remember_write(next_id, Kind.SET, b"k", 1, None)
+            written[next_id] = now
+            next_id += 1
+    # Oldest first: what is left is a suffix of the writes, in order.
+    left = [request_id for request_id, _ in memory.packed()]
+    assert left == list(range(next_id - len(left), next_id))
+    for _ in range(next_id):  # idle batches drain the rest
+        memory.begin(now + keep + 1)
+    assert len(memory) == 0 and memory.used == 0
+
+
+def test_a_full_memory_forgets_its_whole_backlog_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A write refused BUSY while due entries wait to be forgotten would be a needless refusal.
+    monkeypatch.setattr(idempotency, "FORGET_STEP_IDS", 10)
+    memory = RequestMemory(keep_ms=1_000, capacity=100)
+    memory.begin(T0)
+    for request_id in range(1, 101):
+        memory.remember_write(request_id, Kind.SET, b"k", 1, None)
+    assert memory.full
+    memory.begin(T0 + 1_001)
+    assert len(memory) == 0 and not memory.full
+
+
+def test_the_order_of_forgetting_is_not_walked_by_the_garbage_collector() -> None:
+    # Issue 10 follow-up: the ring of request ids was a deque of int objects, traversed at
+    # every full collection: 7-10 ms with a million entries, a stall of the worker's loop.
+    memory = RequestMemory()
+    memory.begin(T0)
+    for request_id in range(1, 100_001):
+        memory.remember_write(request_id * 7919, Kind.SET, b"k", 1, None)
+    tracked = [value for value in vars(memory).values() if gc.is_tracked(value)]
+    walked = gc.get_referents(*tracked)
+    assert len(walked) < 1_000  # ~25 arrays of ids, a run, a few attributes
 
 
 def test_a_memory_full_inside_its_window_says_so_and_frees_with_time() -> None:

@@ -112,7 +112,7 @@ def clock() -> FakeClock:
 
 def test_a_stamped_write_older_than_the_window_is_refused_outcome_unknown(send, clock) -> None:
     shard = send.shard
-    old = NOW_S - DEFAULT_WINDOW_S - 1  # first sent 31 s ago by a clock in step
+    old = NOW_S - DEFAULT_WINDOW_S - 1  # first sent the window + 1 s ago, a clock in step
     for request in (
         Request(Kind.SET, 1, b"k", b"v", stamp=int(old)),
         Request(Kind.SET, 2, b"k", b"v", ttl_ms=5000, stamp=int(old)),
@@ -130,9 +130,11 @@ def test_a_stamped_write_older_than_the_window_is_refused_outcome_unknown(send, 
 def test_a_stamped_write_at_the_edges_of_the_window(send, clock) -> None:
     shard = send.shard
     clock.advance(999)  # mid-second: the stamp's rounding must not widen the window
-    # Exactly the window ago (the stamp's second began 30.999 s before): refused.
-    assert send(Request(Kind.SET, 1, b"a", b"v", stamp=NOW_S - 30)).status == Status.UNAVAILABLE
-    assert send(Request(Kind.SET, 2, b"b", b"v", stamp=NOW_S - 29)).status == Status.OK
+    # Exactly the window ago (the stamp's second began the window + 0.999 s before): refused.
+    window_s = round(DEFAULT_WINDOW_S)
+    refused = send(Request(Kind.SET, 1, b"a", b"v", stamp=NOW_S - window_s))
+    assert refused.status == Status.UNAVAILABLE
+    assert send(Request(Kind.SET, 2, b"b", b"v", stamp=NOW_S - window_s + 1)).status == Status.OK
     # The clock skew allowed ahead (5 s): applied; further: ERROR, the client's clock is wrong.
     assert send(Request(Kind.SET, 3, b"c", b"v", stamp=NOW_S + 5)).status == Status.OK
     ahead = send(Request(Kind.SET, 4, b"d", b"v", stamp=NOW_S + 7))
@@ -146,7 +148,7 @@ def test_a_remembered_write_is_answered_from_memory_even_past_the_window(send, c
     shard = send.shard
     stamp = NOW_S
     assert send(Request(Kind.SET, 1, b"k", b"v1", stamp=stamp)).status == Status.OK
-    clock.advance(WINDOW_MS + 3_000)  # past the window, still inside what is kept (36 s)
+    clock.advance(WINDOW_MS + 3_000)  # past the window, still inside what is kept (+6 s)
     retry = send(Request(Kind.SET, 1, b"k", b"v1", stamp=stamp))
     assert retry.status == Status.OK  # the outcome is known: the memory answers
     assert shard.store.get(b"k")[0] == b"v1"
@@ -209,7 +211,7 @@ def test_a_set_retried_after_the_window_after_a_del_is_not_applied(clock) -> Non
 
     clock.advance(keep_ms(DEFAULT_WINDOW_S) + 1_000)  # the memory forgets the SET
     wall[0] += 37.0
-    shard.handle_batch([])  # a batch passes: the memory forgets what is older than 36 s
+    shard.handle_batch([])  # a batch passes: the memory forgets what is older than keep_ms
     assert not shard.memory.known(first.request_ids[0])
     calls.resend(1.0)
     again = calls.next_batch(100)

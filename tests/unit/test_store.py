@@ -699,3 +699,35 @@ def test_overwrites_across_clock_steps_leave_no_key_unexpired(clock: FakeClock, 
     drain(store, max_keys=37)
     assert len(store) == 0
     assert store.index_size() == 0
+
+
+def test_a_mass_expiry_tidies_the_key_index_a_little_per_pass_and_the_rest_when_idle(
+    store: TTLStore, clock: FakeClock
+) -> None:
+    # Issue 10 follow-up: every pass of a mass expiry filtered 64 pieces of the key index once
+    # half the keys had gone, 5-8 times the pass's own work, and GETs waited behind it. A pass
+    # that expires keys now tidies INDEX_TIDY_PIECES_BUSY pieces; idle passes do the rest.
+    from workers.store import INDEX_PIECE_KEYS, INDEX_TIDY_MIN_STALE, INDEX_TIDY_PIECES_BUSY
+
+    for i in range(40_000):
+        store.set(b"wave:%08d" % i, b"v", 10)
+    for i in range(1_000):
+        store.set(b"steady:%06d" % i, b"v", None)
+    clock.advance(10)
+    most = INDEX_TIDY_PIECES_BUSY * 2 * INDEX_PIECE_KEYS  # a piece holds up to twice the keys
+    tidied = 0
+    while store.next_deadline_ms() is not None:
+        before = store._index.entries
+        removed = store.expire(100)
+        assert removed
+        assert before - store._index.entries <= most
+        tidied += before - store._index.entries
+    assert tidied  # the passes did tidy
+    passes = 0
+    while store._index.entries > 2 * 1_000 + INDEX_TIDY_MIN_STALE:  # stale > live + min
+        before = store._index.entries  # idle passes, no key due: the whole tidy
+        store.expire(100)
+        assert before - store._index.entries > most
+        passes += 1
+    assert passes
+    assert [entry.key for entry in store.entries(limit=2)] == [b"steady:000000", b"steady:000001"]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 def test_the_flags_default_to_the_environment_then_to_the_defaults(monkeypatch) -> None:
     args = worker_main.build_parser().parse_args([])
-    assert (args.idempotency_window, args.idempotency_max_bytes) == (30.0, 256 * 1024 * 1024)
+    assert (args.idempotency_window, args.idempotency_max_bytes) == (15.0, 256 * 1024 * 1024)
     monkeypatch.setenv("ZKV_IDEMPOTENCY_WINDOW", "60")
     monkeypatch.setenv("ZKV_IDEMPOTENCY_MAX_BYTES", "2000000")
     args = worker_main.build_parser().parse_args([])
