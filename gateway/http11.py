@@ -119,6 +119,8 @@ class ServerConfig:
             one; legitimate requests arrive whole in milliseconds.
         write_timeout_s: a connection whose unsent output has not drained below the
             high-water mark within this long is aborted (a client that does not read).
+        evict_grace_s: an evicted connection still open this long after its close began
+            (its client does not read the 408) is aborted.
         access_log: log one line per request to ``gateway.access``.
     """
 
@@ -129,6 +131,7 @@ class ServerConfig:
     max_connections_per_client: int = 100
     evict_after_s: float = 1.0
     write_timeout_s: float = 10.0
+    evict_grace_s: float = 1.0
     access_log: bool = False
 
 
@@ -751,11 +754,29 @@ class HttpConnection(asyncio.Protocol):
         return self.last_active
 
     def evict(self) -> None:
-        """Close this waiting connection for a newcomer; a request begun gets a 408 first."""
+        """Close this waiting connection for a newcomer; a request begun gets a 408 first.
+
+        An evicted connection leaves the server's tables at once (its slot is the newcomer's),
+        so no sweep watches its output any more: a client that has not read what it was sent
+        is aborted now, and the rest are aborted ``evict_grace_s`` later if their close has
+        not finished (asyncio's close() waits for the output to drain, forever). Evicting
+        slow readers that way once pinned 6 MiB answers per connection for good.
+        """
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size():
+            self.closing = True
+            transport.abort()
+            return
         if self.current is not None:
             self._refuse(408, "request not received whole; its connection was needed by another")
         self.closing = True
         self.close()  # once the 408 has gone
+        if transport is not None:
+            self.server.loop.call_later(self.server.config.evict_grace_s, self._abort_unless_closed)
+
+    def _abort_unless_closed(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
 
     def check_timeouts(self, now: float) -> None:
         """Close an idle connection past its keep-alive, answer 408 to a stalled request,

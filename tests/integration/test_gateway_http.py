@@ -1068,3 +1068,34 @@ def test_over_a_limit_the_longest_waiting_connection_is_evicted_not_the_newcomer
             sock.close()
     finally:
         running.close()
+
+
+def test_an_evicted_connection_that_does_not_read_is_aborted_not_left_open() -> None:
+    # An evicted connection leaves the server's tables (its slot is the newcomer's): no sweep
+    # watched its output any more, and asyncio's close() waits for a client that never reads.
+    # 400 evicted slow readers held 6 MiB answers each for as long as they stayed connected.
+    body = b"x" * (8 << 20)
+
+    def big(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [])
+        return [body]
+
+    running = Server(big, max_connections_per_client=1, evict_after_s=0.2, write_timeout_s=60.0)
+    try:
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.settimeout(5)
+        reader.connect(("127.0.0.1", running.port))
+        reader.sendall(request("GET", "/big"))  # and never reads the answer
+        [held] = wait_for(lambda: list(running.http.connections) or None, "adopted", 5)
+        wait_for(lambda: not held.busy or None, "the answer handed to the transport", 5)
+        evictable_at = time.monotonic() + 0.3
+        wait_for(lambda: time.monotonic() > evictable_at or None, "the eviction grace", 5)
+        with running.connect() as newcomer:
+            newcomer.sendall(request("GET", "/new"))
+            assert Reader(newcomer).response().status == 200
+        # Aborted at once, not after the 60 s write timeout nor never.
+        wait_for(lambda: held.closed or None, "the evicted slow reader aborted", 2)
+        reader.close()
+    finally:
+        running.close()
