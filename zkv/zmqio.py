@@ -144,7 +144,12 @@ def send_counted(socket: zmq.Socket, frames: Sequence[bytes], ledger: SendLedger
     size = len(frame)
     carried = ledger.untracked + nbytes + size
     if size >= COPY_THRESHOLD or carried >= TRACK_EVERY_BYTES:
-        tracker = send(frame, NOBLOCK, copy=False, track=True)
+        # A zmq.Frame made with copy_threshold 0, not the bytes: pyzmq copies anything under
+        # its copy threshold (64 KiB), zero-copy asked or not, and hands back a tracker that
+        # is done at once, so a small message standing for a MiB of replies released it at
+        # once and a client reading nothing of its 60 KB values grew the broker by a GB.
+        tracked = zmq.Frame(frame, track=True, copy=False, copy_threshold=0)
+        tracker = send(tracked, NOBLOCK, copy=False, track=True)
         ledger.trackers.append((tracker, carried))
         ledger.tracked += carried
         ledger.untracked = 0
