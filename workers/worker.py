@@ -562,6 +562,11 @@ class Worker:
             if self._handshake_ok:
                 self._on_handshake()  # a reconnection of this socket handshakes again
         silent_s = now_s - self._last_heard_s
+        if silent_s >= self._silence_limit_s and self._input_waiting():
+            # Not silence: this loop was busy (an undo replay on a full disk, a long batch)
+            # while the broker's messages queued up. Reconnecting would drop them all.
+            self._last_heard_s = now_s
+            silent_s = 0.0
         if silent_s >= self._silence_limit_s and self._handshake_failed:
             self._register()  # the handshake's ERROR line said why; a new socket tries again
         elif silent_s >= self._silence_limit_s:
@@ -642,6 +647,16 @@ class Worker:
         self._next_heartbeat_s = now_s + self.config.heartbeat_interval_s
         self._next_expire_s = min(self._next_expire_s, now_s + self.config.expire_cycle_s)
         self._send_ready()
+
+    def _input_waiting(self) -> bool:
+        """Whether a message from the broker waits in the socket, unread."""
+        socket = self._socket
+        if socket is None:
+            return False
+        try:
+            return bool(socket.get(zmq.EVENTS) & zmq.POLLIN)
+        except zmq.ZMQError:
+            return False
 
     def _send_ready(self) -> None:
         """READY claiming the shard held, if any. ``last_token`` is the largest token or

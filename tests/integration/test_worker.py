@@ -656,3 +656,41 @@ def test_an_assign_with_another_shard_count_than_the_data_directory_stops_the_wo
     second.thread.join(5.0)
     assert second.exit_codes == [EXIT_CONFIG]
     assert (data_dir / "shard-0" / "log").stat().st_size > len(aof.MAGIC)  # left as it was
+
+
+def test_a_loop_busy_past_the_liveness_with_messages_waiting_does_not_reconnect(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    # A batch that held the loop (an undo replay on a full disk took 4 s) while the broker's
+    # messages queued: the broker was not silent, and reconnecting dropped everything queued.
+    handle = start_worker(liveness=2)  # silent for 0.1 s: reconnect
+    identity, _ = broker.recv()
+    broker.assign(identity, 0)
+    broker.request(identity, Request(Kind.SET, 0, b"k", b"v"))
+    shard = handle.worker.shard
+    assert shard is not None
+    handle_batch = shard.handle_batch
+    busy = threading.Event()
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        busy.set()
+        time.sleep(0.5)  # ten liveness periods
+        return handle_batch(*args, **kwargs)
+
+    shard.handle_batch = slow  # type: ignore[method-assign]
+    request_id = next(broker.ids)
+    request = Request(Kind.GET, request_id, b"k")
+    broker.send(identity, dispatch_frames(next(broker.tokens), encode_request(request)))
+    assert busy.wait(RECV_TIMEOUT_S)
+    broker.send(identity, encode_control(Heartbeat()))  # queued while the loop is busy
+    sender, message = broker.recv()
+    assert isinstance(message, Reply) and message.body == b"v", message
+    # The broker keeps beating; the worker must not register again (a READY on a new socket).
+    deadline_s = time.monotonic() + 0.5
+    while time.monotonic() < deadline_s:
+        broker.send(identity, encode_control(Heartbeat()))
+        try:
+            _, message = broker.recv(timeout_s=0.02)
+        except pytest.fail.Exception:
+            continue
+        assert not isinstance(message, Ready), "the worker reconnected"
