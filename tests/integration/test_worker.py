@@ -683,7 +683,7 @@ def test_a_loop_busy_past_the_liveness_with_messages_waiting_does_not_reconnect(
     broker.send(identity, dispatch_frames(next(broker.tokens), encode_request(request)))
     assert busy.wait(RECV_TIMEOUT_S)
     broker.send(identity, encode_control(Heartbeat()))  # queued while the loop is busy
-    sender, message = broker.recv()
+    _, message = broker.recv()
     assert isinstance(message, Reply) and message.body == b"v", message
     # The broker keeps beating; the worker must not register again (a READY on a new socket).
     deadline_s = time.monotonic() + 0.5
