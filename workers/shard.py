@@ -281,14 +281,17 @@ class Shard:
             answers: list[Answer | None] = [
                 self._refusing_message(dispatch, reason, records) for dispatch in dispatches
             ]
-            if records:
-                # As in handle_batch; only with DELs: a batch that logs nothing logs no TIME.
+            if records is not None:
+                # As in handle_batch, within the reserve (``deletes``: there is room for it):
+                # a batch that saw a key expire logs TIME before its replies even with no DEL,
+                # so a key answered gone stays gone after a replay with the clock stepped back.
                 now = store.clock()
                 if store.expired_ms > files.time_ms or (
-                    now - files.time_ms >= aof.TIME_RECORD_INTERVAL_MS
+                    records and now - files.time_ms >= aof.TIME_RECORD_INTERVAL_MS
                 ):
                     records.insert(0, files.time_record(max(now, store.expired_ms)))
-                files.append(b"".join(records))
+                if records:
+                    files.append(b"".join(records))
         except NoSpace as exc:
             full = exc
         finally:

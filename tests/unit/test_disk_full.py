@@ -359,6 +359,25 @@ def test_deletes_are_accepted_into_the_reserve(
     assert [e.key for e in again.store.entries()] == [b"b"]  # the DEL was logged
 
 
+def test_a_key_seen_expired_on_a_short_disk_stays_gone_after_the_clock_steps_back(
+    durability: Durability, disk: Disk, seconds: Seconds, tokens: Iterator[int]
+) -> None:
+    # Refusing writes, a batch that saw a key expire logged no TIME unless it also held a
+    # DEL: the key answered NOT_FOUND came back after a replay with the clock stepped back.
+    clock = FakeClock()
+    shard = take_shard(0, 1, None, durability, clock).shard
+    batch(shard, tokens, Request(Kind.SET, 1, b"k", b"v", ttl_ms=10_000))
+    disk.leave_free(RESERVE // 2)
+    look(shard, seconds)
+    clock.advance(11_000)
+    assert [r.status for r in batch(shard, tokens, get(b"k"))] == [Status.NOT_FOUND]
+    shard.close()
+    clock.advance(-60_000)
+    again = take_shard(0, 2, None, durability, clock).shard
+    assert batch(again, tokens, get(b"k"))[0].status == Status.NOT_FOUND
+    again.close()
+
+
 def test_expired_keys_and_deletes_compact_the_log_and_writes_resume(
     durability: Durability, disk: Disk, seconds: Seconds, tokens: Iterator[int]
 ) -> None:
