@@ -92,14 +92,18 @@ def repair(path: Path) -> int:
         print("  not damage (its checksums match): left as it is", file=sys.stderr)
         return EXIT_FAILED
     kind = "a torn last record" if damage.torn else "corruption with valid records after it"
-    print(f"{path}: {kind} at byte {damage.offset}: {damage.reason}")
-    print(f"  kept: {records} valid records, bytes 0..{damage.offset}")
-    print(f"  dropped: bytes {damage.offset}..{size} ({size - damage.offset} bytes)")
-    _describe_dropped(path, damage.offset)
+    # The report is made first and printed after the repair: a reader that goes away (piped
+    # to head) used to kill the tool with a broken pipe before the backup and the truncation.
+    report = [
+        f"{path}: {kind} at byte {damage.offset}: {damage.reason}",
+        f"  kept: {records} valid records, bytes 0..{damage.offset}",
+        f"  dropped: bytes {damage.offset}..{size} ({size - damage.offset} bytes)",
+        *_describe_dropped(path, damage.offset),
+    ]
     backup = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
     shutil.copy2(path, backup)
     _fsync_path(backup)
-    print(f"  original saved as {backup}")
+    report.append(f"  original saved as {backup}")
     with open(path, "r+b") as file:
         file.truncate(damage.offset)
         if damage.offset < len(MAGIC):
@@ -109,12 +113,21 @@ def repair(path: Path) -> int:
         file.flush()
         os.fsync(file.fileno())
     aof.fsync_dir(path.parent)
-    print(f"{path}: truncated to {max(damage.offset, len(MAGIC))} bytes; the shard can start")
+    report.append(
+        f"{path}: truncated to {max(damage.offset, len(MAGIC))} bytes; the shard can start"
+    )
+    try:
+        print("\n".join(report))
+        sys.stdout.flush()
+    except BrokenPipeError:  # the repair is done; only its report had no reader
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 
-def _describe_dropped(path: Path, offset: int) -> None:
-    """Print the records still recognisable in the dropped part (scanning byte by byte)."""
+def _describe_dropped(path: Path, offset: int) -> list[str]:
+    """Lines naming the records still recognisable in the dropped part (scanning byte by
+    byte)."""
+    lines: list[str] = []
     with open(path, "rb") as file:
         file.seek(offset)
         data = file.read()
@@ -129,13 +142,14 @@ def _describe_dropped(path: Path, offset: int) -> None:
         record, end = parsed
         found += 1
         if shown < SHOWN_RECORDS_MAX:
-            print(f"    at byte {offset + position}: {_describe(record)}")
+            lines.append(f"    at byte {offset + position}: {_describe(record)}")
             shown += 1
         position = end
     view.release()
     if found > shown:
-        print(f"    ... and {found - shown} more")
-    print(f"  recognisable records in the dropped part: {found}")
+        lines.append(f"    ... and {found - shown} more")
+    lines.append(f"  recognisable records in the dropped part: {found}")
+    return lines
 
 
 def _describe(record: aof.Record) -> str:

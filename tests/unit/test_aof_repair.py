@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
@@ -124,3 +125,25 @@ def test_repair_refuses_an_intact_record_it_cannot_read(tmp_path: Path) -> None:
     assert repair.main([str(path)]) == repair.EXIT_FAILED
     assert path.read_bytes() == data
     assert not list(shard_dir.glob("log.corrupt-*"))
+
+
+def test_a_reader_that_goes_away_does_not_stop_the_repair(tmp_path: Path) -> None:
+    # `python -m workers.repair LOG | head -1`: the report is printed after the backup and the
+    # truncation; before, a closed pipe killed the tool first and left the log as it was.
+    path, offsets, original = damaged_log(tmp_path, flip_record=1)
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody reads the report at all
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "workers.repair", str(path)],
+            cwd=ROOT,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            timeout=30,
+        )
+    finally:
+        os.close(writer)
+    assert result.returncode == 0, result.stderr
+    assert path.read_bytes() == original[: offsets[1]]
+    (backup,) = backups(path)
+    assert backup.read_bytes() == original
