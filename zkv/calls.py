@@ -54,6 +54,7 @@ from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, Zk
 from zkv.protocol import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPS,
+    MAX_TTL_MS,
     OUTCOME_UNKNOWN,
     Answer,
     Kind,
@@ -141,8 +142,12 @@ def ttl_to_ms(ttl_s: float | None) -> int | None:
     """
     if ttl_s is None:
         return None
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float):
+        raise TypeError(f"ttl_s must be a number of seconds, not {type(ttl_s).__name__}")
     if not 0 < ttl_s < _NEVER:  # NaN fails both comparisons
         raise RequestError(f"ttl_s must be a positive, finite number of seconds, got {ttl_s!r}")
+    if ttl_s * 1000 > MAX_TTL_MS:
+        raise RequestError(f"ttl_s must be at most {MAX_TTL_MS // 1000} seconds, got {ttl_s!r}")
     return max(1, round(ttl_s * 1000))
 
 

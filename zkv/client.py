@@ -531,6 +531,8 @@ def paged(
         all_once: makes one ALL request (:meth:`Client.all_once`).
         page_keys: keys per page at most; capped below MAX_LIST_KEYS, a shard's bound.
     """
+    if limit < 0:
+        raise RequestError(f"limit must be 0 (every key) or a positive number, got {limit}")
     page = max(1, min(page_keys, MAX_LIST_KEYS - 1))
     remaining = limit
     while True:

@@ -68,3 +68,9 @@ def test_other_errors_and_one_key_too_large_are_raised() -> None:
     with pytest.raises(RequestError, match=REPLY_TOO_LARGE):
         list(paged(fake.all_once))
     assert fake.limits[-1] == 2  # down to one key a page (plus the one that says "more")
+
+
+def test_a_negative_limit_is_refused_not_taken_as_a_slice() -> None:
+    # limit=-1 listed every key but one, as a Python [:-1] would.
+    with pytest.raises(RequestError, match="limit must be 0"):
+        list(paged(lambda after, limit, keys_only: [], limit=-1))

@@ -65,3 +65,12 @@ def test_the_asyncio_client_refuses_a_bad_ttl(ttl_s: float) -> None:
             await kv.close()
 
     asyncio.run(run())
+
+
+def test_ttl_to_ms_names_seconds_and_the_type_in_its_errors() -> None:
+    # "5" gave "'<' not supported between int and str", and a TTL over ten years a message
+    # in milliseconds for an argument given in seconds.
+    with pytest.raises(TypeError, match="ttl_s must be a number of seconds, not str"):
+        ttl_to_ms("5")  # type: ignore[arg-type]
+    with pytest.raises(RequestError, match="at most 315360000 seconds"):
+        ttl_to_ms(400_000_000)
