@@ -211,16 +211,7 @@ class Shard:
                             answers.append(None)
                     else:
                         answers.append(self._handle_message(dispatch, records))
-            # The clock's high-water mark (aof.TimeRecord): at the head of the batch's records,
-            # at least every TIME_RECORD_INTERVAL_MS of writes, and whenever a key was seen to
-            # expire since the last one, read or not, so no reply shows a key gone that a replay
-            # with a clock stepped back would bring back.
-            if store.expired_ms > files.time_ms or (
-                records and now - files.time_ms >= aof.TIME_RECORD_INTERVAL_MS
-            ):
-                records.insert(0, files.time_record(max(now, store.expired_ms)))
-            if records:
-                files.append(b"".join(records))
+            self._append(files, records, now)
         except NoSpace as exc:
             full = exc
         finally:
@@ -263,6 +254,19 @@ class Shard:
             None if done is None else answer for done, answer in zip(answers, again, strict=True)
         ]
 
+    def _append(self, files: ShardFiles, records: list[bytes], now: int) -> None:
+        """Append a batch's records (inside the fence), headed by the clock's high-water mark
+        (aof.TimeRecord) when due: at least every TIME_RECORD_INTERVAL_MS of writes, and
+        whenever a key was seen to expire since the last one, read or not, so no reply shows
+        a key gone that a replay with a clock stepped back would bring back."""
+        expired_ms = self.store.expired_ms
+        if expired_ms > files.time_ms or (
+            records and now - files.time_ms >= aof.TIME_RECORD_INTERVAL_MS
+        ):
+            records.insert(0, files.time_record(max(now, expired_ms)))
+        if records:
+            files.append(b"".join(records))
+
     def _refusing_writes(
         self, files: ShardFiles, dispatches: Sequence[Message], reason: str, deletes: bool
     ) -> list[Answer | None]:
@@ -283,15 +287,8 @@ class Shard:
             ]
             if records is not None:
                 # As in handle_batch, within the reserve (``deletes``: there is room for it):
-                # a batch that saw a key expire logs TIME before its replies even with no DEL,
-                # so a key answered gone stays gone after a replay with the clock stepped back.
-                now = store.clock()
-                if store.expired_ms > files.time_ms or (
-                    records and now - files.time_ms >= aof.TIME_RECORD_INTERVAL_MS
-                ):
-                    records.insert(0, files.time_record(max(now, store.expired_ms)))
-                if records:
-                    files.append(b"".join(records))
+                # a batch that saw a key expire logs TIME before its replies even with no DEL.
+                self._append(files, records, store.clock())
         except NoSpace as exc:
             full = exc
         finally:
