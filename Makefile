@@ -9,9 +9,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint format bench clean
 
-$(STAMP): requirements.txt
+# The project itself is installed too (editable, its dependencies already pinned above), so
+# `zkv` and `import zkv` work from any directory with the venv's Python.
+$(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 # The whole cluster under honcho on http://127.0.0.1:5000; Ctrl-C stops it.
