@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, wait_for
 from zkv import RequestError, ZkvError
 from zkv.protocol import MAX_REPLY_BYTES, REPLY_TOO_LARGE
 
@@ -102,7 +102,9 @@ def small(tmp_path: Path) -> Iterator[Cluster]:
 
 def test_a_batch_of_a_gigabyte_of_gets_leaves_the_worker_bounded(small: Cluster) -> None:
     big = small
-    [owner] = owners(big)
+    # The broker counts a shard owned at its ASSIGN; the owner logs "took shard" once its
+    # takeover is done, a moment later.
+    [owner] = wait_for(lambda: owners(big) or None, "the owner's takeover logged", 10.0)
     kv = big.client(timeout_s=20.0)
     kv.set(b"big", b"x" * VALUE_BYTES)
     before = peak_rss_bytes(owner.pid)
