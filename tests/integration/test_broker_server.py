@@ -41,25 +41,32 @@ def context() -> Iterator[zmq.Context]:
     context.destroy(linger=0)
 
 
-def test_a_worker_whose_queue_is_full_is_held_back_not_evicted(context: zmq.Context) -> None:
-    # inproc: the pipe holds SNDHWM + RCVHWM messages, so the worker's queue fills after 2.
+def slow_worker(
+    context: zmq.Context, name: str
+) -> tuple[Broker, zmq.Socket, zmq.Socket, zmq.Socket, float]:
+    """A broker core whose one worker (``w0``, shard 0) has the smallest queue there is:
+    inproc pipes hold SNDHWM + RCVHWM messages, so it is full after 2. The ASSIGN is read."""
     backend = context.socket(zmq.ROUTER)
     backend.setsockopt(zmq.SNDHWM, 1)
     backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    backend.bind("inproc://backend")
+    backend.bind(f"inproc://backend{name}")
     frontend = context.socket(zmq.ROUTER)
-    frontend.bind("inproc://frontend")
+    frontend.bind(f"inproc://frontend{name}")
     worker = context.socket(zmq.DEALER)
     worker.setsockopt(zmq.RCVHWM, 1)
     worker.setsockopt(zmq.IDENTITY, b"w0")
-    worker.connect("inproc://backend")
-    now = 0.0
-    core = Broker(CONFIG, now, epoch=100)
-    now += CLAIM_WINDOW_HEARTBEATS * CONFIG.heartbeat_interval_s
+    worker.connect(f"inproc://backend{name}")
+    now = CLAIM_WINDOW_HEARTBEATS * CONFIG.heartbeat_interval_s
+    core = Broker(CONFIG, 0.0, epoch=100)
     core.on_timer(now)
     core.on_worker([b"w0", *encode_control(Ready(None, 0))], now)
     server._flush(core, frontend, backend)
     assert worker.recv_multipart()  # the ASSIGN
+    return core, frontend, backend, worker, now
+
+
+def test_a_worker_whose_queue_is_full_is_held_back_not_evicted(context: zmq.Context) -> None:
+    core, frontend, backend, worker, now = slow_worker(context, "1")
     keys = [f"key{i}".encode() for i in range(10)]
     assert {key_shard(key, 1) for key in keys} == {0}
     for request_id, key in enumerate(keys, 1):
@@ -84,23 +91,7 @@ def test_a_worker_whose_queue_is_full_is_held_back_not_evicted(context: zmq.Cont
 def test_a_held_dispatch_whose_flight_expired_is_dropped_not_sent_late(
     context: zmq.Context,
 ) -> None:
-    backend = context.socket(zmq.ROUTER)
-    backend.setsockopt(zmq.SNDHWM, 1)
-    backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    backend.bind("inproc://backend2")
-    frontend = context.socket(zmq.ROUTER)
-    frontend.bind("inproc://frontend2")
-    worker = context.socket(zmq.DEALER)
-    worker.setsockopt(zmq.RCVHWM, 1)
-    worker.setsockopt(zmq.IDENTITY, b"w0")
-    worker.connect("inproc://backend2")
-    now = 0.0
-    core = Broker(CONFIG, now, epoch=100)
-    now += CLAIM_WINDOW_HEARTBEATS * CONFIG.heartbeat_interval_s
-    core.on_timer(now)
-    core.on_worker([b"w0", *encode_control(Ready(None, 0))], now)
-    server._flush(core, frontend, backend)
-    assert worker.recv_multipart()  # the ASSIGN
+    core, frontend, backend, worker, now = slow_worker(context, "2")
     for request_id in range(1, 6):
         request = Request(Kind.GET, request_id, f"key{request_id}".encode())
         core.on_client([b"client", *encode_request(request)], now)
