@@ -135,7 +135,7 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keys",
         default=keys_default(),
-        help="directory of the cluster's CURVE keys, created on first start "
+        help="directory of the cluster's CURVE keys, created by the broker's first start "
         "(env ZKV_KEYS, default <ZKV_DATA_DIR>/keys)",
     )
     parser.add_argument(
