@@ -92,10 +92,11 @@ def test_listing_a_big_shard_in_pages_costs_no_failover(big: Cluster) -> None:
 
 @pytest.fixture
 def small(tmp_path: Path) -> Iterator[Cluster]:
-    """One shard, an owner and a standby, default heartbeats (1 s, liveness 3): large replies
-    under CURVE take a while to cross, and the 0.1 s heartbeats of ``big`` would make a loaded
-    machine's test about heartbeats rather than memory."""
-    with Cluster(tmp_path, shards=1, ZKV_FSYNC="no") as cluster:
+    """One shard, an owner and a standby, heartbeats every second (liveness 3 s, the
+    services' default): large replies under CURVE take a while to cross, and the 0.2 s
+    heartbeats that ``Cluster`` sets for speed (0.6 s of silence drops a worker) made a loaded
+    machine's run of this test about heartbeats rather than memory (CI, 2026-12-06)."""
+    with Cluster(tmp_path, shards=1, ZKV_FSYNC="no", ZKV_HEARTBEAT_INTERVAL="1") as cluster:
         cluster.start(workers=2)
         yield cluster
 
