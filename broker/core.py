@@ -326,6 +326,9 @@ class BrokerConfig:
     max_client_ops: int = defaults.MAX_CLIENT_OPS
     max_pending_alls: int = defaults.MAX_PENDING_ALLS
     max_client_alls: int = defaults.MAX_CLIENT_ALLS
+    # Cluster mode (docs/cluster.md): etcd says which worker leads each shard, through
+    # :meth:`Broker.set_leaders`; the broker sends no ASSIGN and promotes no standby.
+    cluster_mode: bool = False
 
 
 class Broker:
@@ -358,8 +361,14 @@ class Broker:
         # heartbeat gets a DISCONNECT back) and claim at once; until then, unclaimed READYs
         # wait as standbys and unowned shards are handed out only when the window closes.
         self._claims_until: float | None = (
-            now + CLAIM_WINDOW_HEARTBEATS * config.heartbeat_interval_s
+            None
+            if config.cluster_mode
+            else now + CLAIM_WINDOW_HEARTBEATS * config.heartbeat_interval_s
         )
+        # Cluster mode: the leader of each shard by etcd (routing identity = worker id), and
+        # whether etcd answered the last time it was asked (broker/cluster.py).
+        self.leaders: dict[int, bytes] = {}
+        self.coordinator_ok = True
         self.closing = False
         # Messages for workers whose queue is full (the backend's send raised EAGAIN: the
         # worker is slow, behind on an fsync, a compaction or a replay, not dead), in order:
@@ -1300,6 +1309,9 @@ class Broker:
         self.issuer.advance_past(last_token)
         if self.registry.get(worker) is not None:
             self._remove_worker(worker, "registered again", now)
+        if self.config.cluster_mode:
+            self._on_cluster_ready(worker, now)
+            return
         shard = self.registry.register(
             worker,
             claimed,
@@ -1324,6 +1336,12 @@ class Broker:
         if record is None:
             return
         log.warning("worker %s (shard %s) removed: %s", peer(worker), record.shard, why)
+        self._requeue(worker, now)
+        if record.shard is not None and self._claims_until is None and not self.config.cluster_mode:
+            self._promote(record.shard, now)
+
+    def _requeue(self, worker: bytes, now: float) -> None:
+        """The flights out at ``worker`` wait for their shard's next owner."""
         # Oldest first, so each shard's queue keeps dispatch order; each key is in at most one
         # flight, so flights of different keys may be reordered freely anyway.
         orphans = sorted((f for f in self._inflight.values() if f.worker == worker), key=_token)
@@ -1338,8 +1356,40 @@ class Broker:
                 sum(len(f.ops) for f in orphans),
                 peer(worker),
             )
-        if record.shard is not None and self._claims_until is None:
-            self._promote(record.shard, now)
+
+    # --- cluster mode (docs/cluster.md) -----------------------------------------------------
+
+    def set_leaders(self, leaders: dict[int, bytes], now: float) -> None:
+        """etcd's view of who leads each shard changed (broker/cluster.py polls it): route
+        each shard to its leader if that worker is registered here, else hold its requests
+        (for up to --shard-wait) until it is. A leader that lost its shard keeps nothing:
+        what it had in flight goes to the next leader, whose idempotency memory (replicated
+        with the log) answers a request the old one had applied."""
+        self.leaders = {s: w for s, w in leaders.items() if 0 <= s < self.config.shards}
+        for shard in range(self.config.shards):
+            want = self.leaders.get(shard)
+            have = self.registry.owner(shard)
+            if want == have:
+                continue
+            if have is not None:
+                self.registry.set_owner(shard, None)
+                self._requeue(have, now)
+                log.info("shard %d: worker %s no longer leads it", shard, peer(have))
+            if want is not None and self.registry.get(want) is not None:
+                self.registry.set_owner(shard, want)
+                log.info("shard %d: routed to its leader, worker %s", shard, peer(want))
+                self._drain(shard, now)
+        self._flush(now)
+
+    def _on_cluster_ready(self, worker: bytes, now: float) -> None:
+        self.registry.register(worker, None, now, hand_out=False)
+        for shard, leader in self.leaders.items():
+            if leader == worker:
+                self.registry.set_owner(shard, worker)
+                log.info("worker %s registered: leader of shard %d", peer(worker), shard)
+                self._drain(shard, now)
+                return
+        log.info("worker %s registered (leads no shard)", peer(worker))
 
     def _promote(self, shard: int, now: float) -> None:
         """Give an unowned shard to the oldest standby, if any, and send it what waited."""
@@ -1413,7 +1463,10 @@ class Broker:
         owned = self.registry.owned()
         return json.dumps(
             {
-                "status": "ok" if all(owned) else "degraded",
+                "status": "ok" if all(owned) and self.coordinator_ok else "degraded",
+                "coordinator": None
+                if not self.config.cluster_mode
+                else ("ok" if self.coordinator_ok else "unreachable"),
                 "shards": self.config.shards,
                 "owned": owned,
                 "workers": len(self.registry.identities()),
