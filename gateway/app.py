@@ -801,8 +801,9 @@ def make_app(
     @app.get("/v1/health")
     def health(kv: ClientLike) -> Any:
         # A readiness check: 200 only when the broker answers, every shard has an owner (and,
-        # in cluster mode, the broker reaches etcd), else 503 with a JSON body a monitor can read ("degraded": the broker's view, some
-        # shard without a worker; "unavailable": no answer from the broker).
+        # in cluster mode, the broker reaches etcd), else 503 with a JSON body a monitor can
+        # read ("degraded": the broker's view, some shard without a worker or etcd out of
+        # reach; "unavailable": no answer from the broker).
         try:
             info = kv.ping()
         except ZkvError as exc:  # for a health check, silence is unavailability
