@@ -76,10 +76,9 @@ def next_step(view: View, me: str, role: str, shard: int | None) -> Step:
     longer acknowledge anything, whatever it believes). A follower of a shard whose leader key
     is gone campaigns if it is in the ISR; a follower that lost its slot steps down. A standby
     campaigns for a shard that never had data and has no leader (lowest first), else claims a
-    follower slot of a led shard that has fewer followers than wanted and no copy on its host
-    (two copies of a shard never share a host while another host is free: a host that holds
-    none of the shard's copies is preferred, and one that does is taken only when no live
-    worker elsewhere stands by... which a standby cannot see, so it simply never doubles up).
+    follower slot of a led shard that has fewer followers than wanted and no copy on its host:
+    two copies of a shard never share a host (a shard short of followers for want of another
+    host stays short, and /v1/health shows it).
     """
     if role == "leader":
         leader = view.leaders.get(shard) if shard is not None else None
