@@ -37,11 +37,12 @@ START_ATTEMPTS = 3  # new ports each time: another process may take a free port 
 HEARTBEAT_MS = 10
 ELECTION_MS = 100
 MIN_LEASE_TTL_S = 1  # what etcd grants at least, with the election timeout above
+DEBIAN_ETCD = "/usr/bin/etcd"  # where etcd-server installs it, should PATH not include it
 
 
 def etcd_binary() -> str:
     """The etcd executable; fails the calling test, with how to install it, when missing."""
-    path = shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
+    path = shutil.which("etcd") or (DEBIAN_ETCD if os.path.exists(DEBIAN_ETCD) else None)
     if path is None:
         pytest.fail(
             "etcd is not installed, and the coordination tests need a real one: "

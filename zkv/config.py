@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from zkv import defaults
+from zkv.coordination import check_id
+from zkv.etcd import parse_endpoint
 
 
 def env_default(name: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
@@ -144,4 +147,99 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
         default=env_default("ZKV_INSECURE", False, boolean),
         help="no CURVE on the backend: any local process can join as a worker "
         "(env ZKV_INSECURE, default false)",
+    )
+
+
+def coordinator_urls(text: str) -> list[str]:
+    """argparse/environment type: etcd client URLs, comma-separated (``http://HOST:PORT``);
+    empty means no coordinator (single-host mode)."""
+    urls = [part.strip() for part in text.split(",") if part.strip()]
+    if len(urls) > 16:
+        raise argparse.ArgumentTypeError(f"at most 16 etcd endpoints, got {len(urls)}")
+    for url in urls:
+        try:
+            parse_endpoint(url)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return urls
+
+
+def _identifier(what: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        try:
+            return check_id(text, what)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    check.__name__ = what.replace(" ", "_")
+    return check
+
+
+def _bounded(
+    kind: Callable[[str], Any], low: float, high: float, unit: str
+) -> Callable[[str], Any]:
+    def check(text: str) -> Any:
+        value = kind(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high}{unit}, got {text}")
+        return value
+
+    check.__name__ = kind.__name__
+    return check
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of cluster mode (docs/cluster.md), shared by the broker and the workers.
+
+    ``--coordinator`` set (a list of etcd client URLs) puts a service in cluster mode; unset, it
+    runs on one host as ever. Every value is checked here, so a typo stops the service at once
+    with a message that names the flag (or the environment variable).
+    """
+    add_flag(
+        parser,
+        "--coordinator",
+        "ZKV_COORDINATOR",
+        defaults.COORDINATOR,
+        coordinator_urls,
+        "etcd client URLs, comma-separated (http://HOST:PORT,...): cluster mode; empty: one host",
+    )
+    add_flag(
+        parser,
+        "--cluster-name",
+        "ZKV_CLUSTER_NAME",
+        defaults.CLUSTER_NAME,
+        _identifier("cluster name"),
+        "this cluster's name: its keys in etcd live under /zkv/<name>/",
+    )
+    add_flag(
+        parser,
+        "--replicas",
+        "ZKV_REPLICAS",
+        defaults.REPLICAS,
+        _bounded(int, 0, defaults.MAX_REPLICAS, ""),
+        f"followers per shard in cluster mode (0 to {defaults.MAX_REPLICAS})",
+    )
+    add_flag(
+        parser,
+        "--host-id",
+        "ZKV_HOST_ID",
+        socket.gethostname(),
+        _identifier("host id"),
+        "this machine's name for placement: two copies of a shard go to different hosts",
+    )
+    add_flag(
+        parser,
+        "--lease-ttl",
+        "ZKV_LEASE_TTL",
+        defaults.LEASE_TTL_S,
+        _bounded(int, 1, defaults.MAX_LEASE_TTL_S, " s"),
+        "seconds of an etcd lease: how long a dead leader holds its shard",
+    )
+    add_flag(
+        parser,
+        "--replica-lag",
+        "ZKV_REPLICA_LAG",
+        defaults.REPLICA_LAG_S,
+        _bounded(positive_float, 0.001, defaults.MAX_REPLICA_LAG_S, " s"),
+        "seconds a follower may be silent or behind before it leaves the in-sync set",
     )

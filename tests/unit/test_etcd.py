@@ -328,3 +328,13 @@ def test_endpoints_must_be_a_list() -> None:
         Etcd("http://127.0.0.1:2379")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Etcd([])
+
+
+def test_a_test_needing_etcd_fails_when_there_is_none(monkeypatch, tmp_path) -> None:
+    """Fails, not skips: a suite that skipped the coordination tests would pass untested."""
+    from tests import etcd as fixture
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(fixture, "DEBIAN_ETCD", str(tmp_path / "etcd"))
+    with pytest.raises(pytest.fail.Exception, match="apt-get install etcd-server"):
+        fixture.EtcdServer(tmp_path).start()
