@@ -13,13 +13,17 @@ from broker.core import BrokerConfig
 from broker.server import ServerConfig, Stopper, serve
 from zkv import defaults
 from zkv.config import (
+    add_advertise_flag,
     add_flag,
     add_heartbeat_flags,
     add_security_flags,
+    bind_refusal,
     boolean,
     env_default,
+    is_loopback,
     positive_float,
     positive_int,
+    tcp_endpoint,
 )
 from zkv.keys import KeysError, ensure_client_keys, ensure_keys
 
@@ -38,8 +42,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m broker",
         description="zkv broker: routes client requests to the worker owning each key's shard.",
     )
-    add_flag(parser, "--frontend", "ZKV_FRONTEND", defaults.FRONTEND, help="endpoint for clients")
-    add_flag(parser, "--backend", "ZKV_BACKEND", defaults.BACKEND, help="endpoint for workers")
+    # No fixed default: without the flag or its variable, tcp://<advertise>:<port> (see below).
+    for flag, env, port, whom in (
+        ("--frontend", "ZKV_FRONTEND", defaults.FRONTEND_PORT, "clients"),
+        ("--backend", "ZKV_BACKEND", defaults.BACKEND_PORT, "workers"),
+    ):
+        parser.add_argument(
+            flag,
+            default=env_default(env, None),
+            help=f"endpoint to bind for {whom} (env {env}, default tcp://<advertise>:{port})",
+        )
+    add_advertise_flag(parser)
     add_flag(parser, "--shards", "ZKV_SHARDS", defaults.SHARDS, positive_int, "number of shards")
     add_flag(
         parser,
@@ -85,13 +98,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "<keys>/clients/ are answered (clients: ZKV_FRONTEND_CURVE=1 or keys=)"
         " (env ZKV_FRONTEND_CURVE, default false)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Where each endpoint came from, for the refusal's message: a flag, or --advertise.
+    advertised = f"from --advertise/ZKV_ADVERTISE {args.advertise}"
+    args.frontend_source = "--frontend/ZKV_FRONTEND" if args.frontend else advertised
+    args.backend_source = "--backend/ZKV_BACKEND" if args.backend else advertised
+    args.frontend = args.frontend or tcp_endpoint(args.advertise, defaults.FRONTEND_PORT)
+    args.backend = args.backend or tcp_endpoint(args.advertise, defaults.BACKEND_PORT)
+    return args
+
+
+def bind_refusal_of(args: argparse.Namespace) -> str | None:
+    """Why the broker must not bind its endpoints (zkv.config.bind_refusal), or None. Only the
+    frontend can be refused: the backend is CURVE unless --insecure, which allows it."""
+    return bind_refusal(
+        "frontend",
+        args.frontend,
+        args.frontend_source,
+        args.frontend_curve,
+        args.insecure,
+        "--frontend-curve (ZKV_FRONTEND_CURVE=1; clients then need broker.key, client.key and "
+        "client.key_secret, see the README's Keys)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     keys = None
+    refusal = bind_refusal_of(args)
+    if refusal is not None:
+        logging.getLogger("broker").error("cannot start: %s", refusal)
+        return 2
+    if args.insecure:
+        for what, bound in (("frontend", args.frontend), ("backend", args.backend)):
+            if not is_loopback(bound):
+                logging.getLogger("broker").warning(
+                    "the %s binds %s without CURVE (--insecure): any host that reaches it can "
+                    "use it, and its traffic is in clear",
+                    what,
+                    bound,
+                )
     if args.insecure and args.frontend_curve:
         logging.getLogger("broker").error("cannot start: --frontend-curve needs keys")
         return 2

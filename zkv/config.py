@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 from collections.abc import Callable
@@ -52,6 +53,100 @@ def endpoint(text: str) -> str:
         if not port.isdigit() or not 1 <= int(port) <= 65535:
             raise argparse.ArgumentTypeError(f"{text!r} needs a port between 1 and 65535")
     return text
+
+
+# Bound there, a socket is reachable from this machine only: a loopback address, the name
+# localhost, or the loopback interface (ZeroMQ binds an interface by its name too). Anything
+# else (a wildcard, another address or interface, a host name, a multicast transport) counts as
+# reachable from other hosts, the safe side of the rule below.
+_LOOPBACK_NAMES = frozenset({"localhost", "lo"})
+_LOCAL_TRANSPORTS = frozenset({"ipc", "inproc"})  # a path or a name inside this machine
+_HOST_TRANSPORTS = frozenset({"tcp", "ws", "wss"})  # HOST:PORT, then a path for ws
+_WILDCARDS = frozenset({"*", "0.0.0.0", "::"})
+
+
+def endpoint_host(text: str) -> str | None:
+    """The host of a tcp://, ws:// or wss:// endpoint, IPv6 brackets removed; else None."""
+    transport, sep, address = text.partition("://")
+    if not sep or transport not in _HOST_TRANSPORTS:
+        return None
+    host = address.split("/", 1)[0].rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def is_loopback(text: str) -> bool:
+    """Whether a socket bound at endpoint ``text`` is reachable from this machine only."""
+    transport = text.partition("://")[0]
+    if transport in _LOCAL_TRANSPORTS:
+        return True
+    host = endpoint_host(text)
+    if host is None:
+        return False
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def advertise_host(text: str) -> str:
+    """argparse type: the address (or host name) other hosts reach this one at, without a
+    scheme or port; an IPv6 address with or without brackets."""
+    host = text.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or "://" in host or any(c.isspace() or c in "/[]" for c in host):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host: write an address, e.g. 10.0.0.1")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a host: write the address alone, without a port"
+            ) from None
+    if host in _WILDCARDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a wildcard, not an address other hosts can reach: give this host's own"
+        )
+    return host
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    """``tcp://host:port``, an IPv6 host in brackets."""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def advertised(bound: str, advertise: str) -> str:
+    """The endpoint other hosts connect to for a socket bound at ``bound``: a wildcard host
+    (``*``, ``0.0.0.0``, ``::``) becomes ``advertise``; any other endpoint is its own."""
+    host = endpoint_host(bound)
+    if host not in _WILDCARDS:
+        return bound
+    port = bound.partition("://")[2].split("/", 1)[0].rpartition(":")[2]
+    return tcp_endpoint(advertise, int(port))
+
+
+def bind_refusal(
+    what: str, bound: str, source: str, curve: bool, insecure: bool, cure: str
+) -> str | None:
+    """Why a service must not bind ``bound`` (its ``what``, set by ``source``), or None.
+
+    The rule (issue 11): a socket that other hosts can reach uses CURVE, or the operator says
+    ``--insecure``. Without it a plain socket on a non-loopback address would serve anyone who
+    can reach the address (a worker joining the backend, a client reading every key) and carry
+    every value in clear. ``cure`` names the flag that gives this socket CURVE.
+    """
+    if curve or insecure or is_loopback(bound):
+        return None
+    return (
+        f"the {what} would bind {bound} ({source}), an address other hosts can reach, without "
+        f"CURVE: add {cure}, or --insecure (ZKV_INSECURE=1) to serve it in plain text anyway, "
+        f"or bind a loopback address"
+    )
 
 
 def boolean(text: str) -> bool:
@@ -133,6 +228,19 @@ def keys_default() -> str:
     return os.environ.get("ZKV_KEYS") or os.path.join(data_dir, defaults.KEYS_SUBDIR)
 
 
+def add_advertise_flag(parser: argparse.ArgumentParser) -> None:
+    """``--advertise``: the address other hosts reach this service at (zkv.defaults.ADVERTISE)."""
+    add_flag(
+        parser,
+        "--advertise",
+        "ZKV_ADVERTISE",
+        defaults.ADVERTISE,
+        advertise_host,
+        "the address other hosts reach this host at; what it binds by default (not loopback: "
+        "CURVE or --insecure)",
+    )
+
+
 def add_security_flags(parser: argparse.ArgumentParser) -> None:
     """``--keys`` and ``--insecure``, shared by the broker and the workers (zkv/keys.py)."""
     parser.add_argument(
@@ -145,7 +253,8 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
         "--insecure",
         action=argparse.BooleanOptionalAction,
         default=env_default("ZKV_INSECURE", False, boolean),
-        help="no CURVE on the backend: any local process can join as a worker "
+        help="no CURVE on the backend: any process that reaches it can join as a worker; "
+        "also lets a socket without CURVE bind a non-loopback address "
         "(env ZKV_INSECURE, default false)",
     )
 

@@ -6,6 +6,12 @@ module), so one environment moves the whole cluster, under honcho or anywhere el
 
 FRONTEND = "tcp://127.0.0.1:5555"  # ZKV_FRONTEND: clients (gateway, zkv client) <-> broker
 BACKEND = "tcp://127.0.0.1:5556"  # ZKV_BACKEND: broker <-> workers
+# ZKV_ADVERTISE: the address other hosts reach this one at. A broker without --frontend or
+# --backend binds tcp://<advertise>:FRONTEND_PORT and :BACKEND_PORT, so one command line serves
+# every host with only its environment changed. Not loopback: CURVE, or --insecure (README).
+ADVERTISE = "127.0.0.1"
+FRONTEND_PORT = 5555
+BACKEND_PORT = 5556
 SHARDS = 2  # ZKV_SHARDS
 
 HTTP_HOST = "127.0.0.1"  # ZKV_HOST
