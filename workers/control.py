@@ -16,10 +16,20 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from workers.roles import View
+from workers.roles import Leader, View
+from zkv.coordination import (
+    BadValue,
+    ClusterConfig,
+    Coordinator,
+    Isr,
+    Lease,
+    WorkerInfo,
+    check_id,
+    parse_isr,
+    parse_leader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,41 +50,32 @@ class Outcome:
 
 
 class Control(threading.Thread):
-    """etcd on a thread of its own. Everything the loop reads is replaced whole (a snapshot),
-    so the loop reads it without a lock.
+    """etcd on a thread of its own. What the loop reads (:attr:`view`, :attr:`brokers`) is
+    replaced whole, never changed in place, so the loop reads it without a lock.
 
     Args:
-        read_view: reads the cluster's state (raises on failure).
-        do: carries out one named step; returns its Outcome.
-        keepalive: renews the lease; returns the monotonic deadline until which it is valid.
+        plane: the etcd calls (:class:`EtcdPlane`; a fake in unit tests).
     """
 
-    def __init__(
-        self,
-        read_view: Callable[[], tuple[View, dict[str, str]]],
-        do: Callable[[str, int | None, dict], Outcome],
-        keepalive: Callable[[], float],
-        lease_interval_s: float,
-    ) -> None:
+    def __init__(self, plane: EtcdPlane) -> None:
         super().__init__(name="zkv-control", daemon=True)
-        self._read_view = read_view
-        self._do = do
-        self._keepalive = keepalive
-        self._lease_interval_s = lease_interval_s
+        self.plane = plane
         self._steps: queue.Queue[tuple[str, int | None, dict]] = queue.Queue(MAX_PENDING_STEPS)
         self._outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self._stop = threading.Event()
         self.view: View | None = None
         self.brokers: dict[str, str] = {}
         self.reachable = True
-        self._valid_until = 0.0
+        # Bumped when the lease was lost and a new one taken: whatever this worker held
+        # under the old one (a leader key, a follower slot) is gone.
+        self.generation = 0
         self._pending: set[tuple[str, int | None]] = set()
         self._lock = threading.Lock()
 
-    def lease_valid(self, now_s: float | None = None) -> bool:
+    def lease_valid(self) -> bool:
         """Whether this worker may still act as what etcd made it: its lease cannot have
-        expired in etcd yet (see zkv.coordination.Lease for why the deadline is safe)."""
-        return (time.monotonic() if now_s is None else now_s) < self._valid_until
+        expired in etcd yet (zkv.coordination.Lease says why the deadline is safe)."""
+        return self.plane.lease.valid()
 
     def ask(self, action: str, shard: int | None, **args: object) -> None:
         """Queue a step unless the same one is already queued or running."""
@@ -100,20 +101,20 @@ class Control(threading.Thread):
         self._stop.set()
 
     def run(self) -> None:
-        next_lease = 0.0
         next_read = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= next_lease:
+            if self.plane.lease.lost:
                 try:
-                    self._valid_until = self._keepalive()
-                    next_lease = now + self._lease_interval_s
-                except Exception as exc:  # any failure is "not renewed"
-                    log.warning("lease keepalive failed: %s", exc)
-                    next_lease = now + min(0.5, self._lease_interval_s)
+                    self.plane.renew_membership()
+                    self.generation += 1
+                except Exception as exc:  # etcd out of reach: try again soon
+                    log.warning("cannot take a new lease: %s", exc)
+                    self._stop.wait(0.5)
+                    continue
             if now >= next_read:
                 try:
-                    self.view, self.brokers = self._read_view()
+                    self.view, self.brokers = self.plane.read()
                     if not self.reachable:
                         log.info("etcd reachable again")
                     self.reachable = True
@@ -127,7 +128,7 @@ class Control(threading.Thread):
             except queue.Empty:
                 continue
             try:
-                outcome = self._do(action, shard, args)
+                outcome = self.plane.do(action, shard, args)
             except Exception as exc:
                 outcome = Outcome(action, shard, False, error=str(exc))
             with self._lock:
@@ -136,15 +137,134 @@ class Control(threading.Thread):
             next_read = 0.0  # read again at once: the step changed the state
 
 
+class EtcdPlane:
+    """The worker's etcd calls, on the control thread: its lease and registration, one
+    reading of the cluster (three range requests), and the steps.
+
+    Args:
+        coordinator: the cluster's schema in etcd.
+        worker_id: this worker's id (also its routing identity at the brokers).
+        info: what others need to know of it (host, replication endpoint, durability).
+        config: the cluster's shape (read once at start).
+        ttl_s: the lease's TTL.
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        worker_id: str,
+        info: WorkerInfo,
+        config: ClusterConfig,
+        ttl_s: int,
+    ) -> None:
+        self.coordinator = coordinator
+        self.worker_id = worker_id
+        self.info = info
+        self.config = config
+        self.ttl_s = ttl_s
+        self.lease = Lease(coordinator.etcd, ttl_s)
+
+    def join(self) -> None:
+        """Take the lease and register (raises EtcdError)."""
+        self.lease.start()
+        self.coordinator.register_worker(self.worker_id, self.info, self.lease)
+
+    def renew_membership(self) -> None:
+        """After the lease was lost: a new lease, registered again."""
+        self.lease.close(revoke=False)
+        self.lease = Lease(self.coordinator.etcd, self.ttl_s)
+        self.join()
+        log.info("took a new lease after losing the old one; registered again")
+
+    def leave(self) -> None:
+        """Revoke the lease: etcd deletes this worker's keys at once (a clean stop)."""
+        self.lease.close(revoke=True)
+
+    def read(self) -> tuple[View, dict[str, str]]:
+        coordinator = self.coordinator
+        workers = coordinator.workers()
+        brokers = {name: info.backend for name, info in coordinator.brokers().items()}
+        leaders, isr, followers = read_shards(coordinator)
+        view = View(
+            shards=self.config.shards,
+            replicas=self.config.replicas,
+            hosts={name: info.host for name, info in workers.items()},
+            leaders=leaders,
+            isr={shard: found.members for shard, found in isr.items()},
+            followers=followers,
+        )
+        return view, brokers
+
+    def do(self, action: str, shard: int | None, args: dict) -> Outcome:
+        coordinator = self.coordinator
+        if shard is None:
+            return Outcome(action, shard, False, error="no shard")
+        if action == "campaign":
+            epoch = coordinator.campaign(shard, self.worker_id, self.info.replication, self.lease)
+            return Outcome(action, shard, epoch is not None, epoch or 0)
+        if action == "follow":
+            ok = coordinator.claim_replica(shard, self.worker_id, self.lease, self.config.replicas)
+            return Outcome(action, shard, ok)
+        if action == "release":
+            coordinator.release_replica(shard, self.worker_id)
+            return Outcome(action, shard, True)
+        if action == "resign":
+            return Outcome(action, shard, coordinator.resign(shard, int(args["epoch"])))
+        if action in ("shrink", "expand"):
+            seen = coordinator.read_isr(shard)
+            if seen is None:
+                return Outcome(action, shard, False, error="no in-sync set")
+            members = [str(m) for m in args["members"]]
+            change = coordinator.shrink_isr if action == "shrink" else coordinator.expand_isr
+            epoch = int(args["epoch"])
+            if action == "shrink":
+                members = [m for m in seen.members if m in members]
+            else:
+                members = list(seen.members) + [m for m in members if m not in seen.members]
+            done = change(shard, epoch, seen, members)
+            return Outcome(action, shard, done is not None, epoch)
+        return Outcome(action, shard, False, error=f"unknown step {action}")
+
+
+def read_shards(
+    coordinator: Coordinator,
+) -> tuple[dict[int, Leader], dict[int, Isr], dict[int, frozenset[str]]]:
+    """Every shard's leader, in-sync set and follower slots, in one range request (malformed
+    keys left out and logged once, as the coordinator's listings do)."""
+    prefix = coordinator.key("shards") + "/"
+    leaders: dict[int, Leader] = {}
+    isr: dict[int, Isr] = {}
+    followers: dict[int, set[str]] = {}
+    for kv in coordinator.etcd.range_prefix(prefix):
+        shard_text, _, rest = kv.key[len(prefix) :].partition(b"/")
+        if not (shard_text.isdigit() and len(shard_text) <= 6):
+            continue
+        shard = int(shard_text)
+        try:
+            if rest == b"leader":
+                found = parse_leader(kv)
+                leaders[shard] = Leader(found.worker, found.epoch, found.endpoint)
+            elif rest == b"isr":
+                isr[shard] = parse_isr(kv)
+            elif rest.startswith(b"replica/"):
+                name = rest[len(b"replica/") :].decode("utf-8", "replace")
+                followers.setdefault(shard, set()).add(check_id(name, "worker id"))
+        except (BadValue, ValueError) as exc:
+            coordinator._report(kv, exc)
+    return leaders, isr, {shard: frozenset(names) for shard, names in followers.items()}
+
+
 # --- the worker ---------------------------------------------------------------------------
 
 from workers.aof import CorruptLog, DurabilityError  # noqa: E402
 from workers.cluster import LinkedWorker  # noqa: E402
+from workers.manifest import ManifestError, bind_cluster, open_manifest  # noqa: E402
 from workers.ownership import OwnershipError  # noqa: E402
 from workers.persist import ShardMoved  # noqa: E402
 from workers.roles import next_step  # noqa: E402
 from workers.shard import Message, take_shard, unavailable  # noqa: E402
 from workers.worker import EXIT_CONFIG, EXIT_CORRUPT_LOG, EXIT_IO_ERROR  # noqa: E402
+from zkv.etcd import EtcdError  # noqa: E402
 from zkv.protocol import Heartbeat, Reply, encode_control, encode_reply  # noqa: E402
 
 FIRST_VIEW_WAIT_S = 30.0  # how long a starting worker waits for etcd before giving up
@@ -167,21 +287,58 @@ class ClusterWorker(LinkedWorker):
         self.role_shard: int | None = None
 
     def run(self) -> int:
-        self.control.start()
+        """Join the cluster (lease, registration, the data directory bound to the cluster),
+        then serve until :meth:`stop`; on stop, revoke the lease so etcd frees whatever this
+        worker held at once rather than after the lease's TTL."""
+        plane = self.control.plane
         try:
-            deadline = time.monotonic() + FIRST_VIEW_WAIT_S
-            while self.control.view is None and not self.stopping:
-                if time.monotonic() > deadline:
-                    log.error("no answer from etcd in %.0f s: giving up", FIRST_VIEW_WAIT_S)
+            if self._durability is not None:
+                try:
+                    manifest = open_manifest(self._durability.data_dir, self._durability.fsync)
+                    self._manifest = bind_cluster(
+                        self._durability.data_dir,
+                        manifest,
+                        int(plane.config.cluster_id, 16),
+                        plane.config.shards,
+                        self._durability.fsync,
+                    )
+                except (ManifestError, OSError) as exc:
+                    log.error("cannot use data directory %s: %s", self._durability.data_dir, exc)
                     return EXIT_CONFIG
-                time.sleep(0.05)
+            self.shards = plane.config.shards
+            deadline = time.monotonic() + FIRST_VIEW_WAIT_S
+            while True:
+                try:
+                    plane.join()
+                    break
+                except EtcdError as exc:
+                    if time.monotonic() > deadline or self.stopping:
+                        log.error("cannot join the cluster in etcd: %s", exc)
+                        return EXIT_CONFIG
+                    time.sleep(0.2)
+            log.info(
+                "worker %s joined cluster %s (host %s, replication %s)",
+                self.worker_id,
+                plane.config.cluster_id,
+                plane.info.host,
+                plane.info.replication,
+            )
+            self.control.start()
+            generation = self.control.generation
             while not self.stopping:
+                if self.control.generation != generation:
+                    generation = self.control.generation
+                    self._step_down("the lease was lost: etcd dropped what it held")
                 self._control_pass()
                 self.links_pass()
             self._step_down("stopping")
             return self.exit_code
         finally:
             self.control.stop()
+            try:
+                plane.leave()
+            except Exception as exc:  # leaving is a courtesy: the lease lapses anyway
+                log.warning("could not revoke the lease: %s", exc)
             if self.shard is not None:
                 self.shard.close(sync=False)
                 self.shard = None
