@@ -895,9 +895,13 @@ def compacted_log(
     # The high-water mark first: the time the snapshot's absence of expired keys shows.
     chunk: list[bytes] = [MAGIC, aof.encode_time(now_ms)]
     pending = len(MAGIC)
-    # The memory, run by run: the time its entries were remembered, then the entries.
+    # The memory, run by run: the time its entries were remembered, then the entries. Never
+    # past now_ms: a memory rebuilt by replay (or by a follower) dates its entries at the end
+    # of their TIME record's interval, up to TIME_RECORD_INTERVAL_MS ahead of the clock, and a
+    # TIME record that far ahead would raise the next replay's clock (HighWaterClock) and
+    # expire keys early. Every entry was applied by now_ms, so it is never taken for older.
     for time_ms, entries in runs:
-        chunk.append(aof.encode_time(time_ms))
+        chunk.append(aof.encode_time(min(time_ms, now_ms)))
         for record in aof.encode_memos(entries):
             chunk.append(record)
             pending += len(record)
