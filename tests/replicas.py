@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from workers.aof import LogReader, TimeRecord
+from workers.aof import FsyncPolicy, LogReader, TimeRecord
 from workers.idempotency import RequestMemory
 from workers.persist import Durability, ShardFiles, apply_record
 from workers.shard import Shard, take_shard
@@ -30,8 +30,10 @@ def tap(shard: Shard) -> list[bytes]:
     return appended
 
 
-def leader_shard(data_dir: Path, clock: Clock, epoch: int = 1) -> tuple[Shard, list[bytes]]:
-    shard = take_shard(0, epoch, None, Durability(data_dir), clock).shard
+def leader_shard(
+    data_dir: Path, clock: Clock, policy: FsyncPolicy = FsyncPolicy.ALWAYS
+) -> tuple[Shard, list[bytes]]:
+    shard = take_shard(0, 1, None, Durability(data_dir, policy), clock).shard
     return shard, tap(shard)
 
 
