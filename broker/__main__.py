@@ -9,14 +9,17 @@ import sys
 
 import zmq
 
+from broker.cluster import join_cluster
 from broker.core import BrokerConfig
 from broker.server import ServerConfig, Stopper, serve
 from zkv import defaults
 from zkv.config import (
     add_advertise_flag,
+    add_cluster_flags,
     add_flag,
     add_heartbeat_flags,
     add_security_flags,
+    advertised,
     bind_refusal,
     boolean,
     env_default,
@@ -25,6 +28,8 @@ from zkv.config import (
     positive_int,
     tcp_endpoint,
 )
+from zkv.coordination import BrokerInfo, ConfigMismatch
+from zkv.etcd import EtcdError
 from zkv.keys import KeysError, ensure_client_keys, ensure_keys
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
@@ -90,6 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     add_heartbeat_flags(parser)
     add_security_flags(parser)
+    add_cluster_flags(parser)
     parser.add_argument(
         "--frontend-curve",
         action=argparse.BooleanOptionalAction,
@@ -167,17 +173,43 @@ def main(argv: list[str] | None = None) -> int:
             max_client_ops=args.max_client_ops,
             max_pending_alls=args.max_pending_alls,
             max_client_alls=args.max_client_alls,
+            cluster_mode=bool(args.coordinator),
         ),
     )
+    membership = view = None
+    if args.coordinator:
+        try:
+            public = None if keys is None else keys.broker().public.decode()
+            membership, view = join_cluster(
+                args.coordinator,
+                args.cluster_name,
+                args.shards,
+                args.replicas,
+                args.host_id,
+                args.lease_ttl,
+                BrokerInfo(
+                    advertised(args.backend, args.advertise),
+                    advertised(args.frontend, args.advertise),
+                    public,
+                ),
+            )
+        except (ConfigMismatch, EtcdError, ValueError) as exc:
+            logging.getLogger("broker").error("cannot join the cluster: %s", exc)
+            return 2
     stopper = Stopper()
     stopper.install()
     gc.freeze()  # what importing made lives for good: no collection need walk it
     gc.set_threshold(GC_THRESHOLD)
     try:
-        return serve(config, stopper)
+        return serve(config, stopper, view=view)
     except zmq.ZMQError as exc:  # a bad or busy endpoint is configuration, not a crash to dump
         logging.getLogger("broker").error("cannot start: %s", exc)
         return 2
+    finally:
+        if view is not None:
+            view.stop()
+        if membership is not None:
+            membership.leave()  # workers drop this broker at once, not after its lease
 
 
 if __name__ == "__main__":

@@ -15,9 +15,13 @@ no failover can happen meanwhile (nobody can win a leader key), and /v1/health s
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+
+from zkv.coordination import BrokerInfo, Coordinator, Lease
+from zkv.etcd import Etcd
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +94,76 @@ class LeaderView(threading.Thread):
             if changed:
                 self.version += 1
             self._stop.wait(POLL_S)
+
+
+class Membership:
+    """The broker's registration in etcd under a lease of its own, taken again (and the
+    broker registered again) if etcd ever reports the lease gone, so workers always find it.
+    """
+
+    def __init__(
+        self, coordinator: Coordinator, broker_id: str, info: BrokerInfo, ttl_s: int
+    ) -> None:
+        self.coordinator = coordinator
+        self.broker_id = broker_id
+        self.info = info
+        self.ttl_s = ttl_s
+        self.lease = Lease(coordinator.etcd, ttl_s)
+
+    def join(self) -> None:
+        self.lease.start()
+        self.coordinator.register_broker(self.broker_id, self.info, self.lease)
+
+    def keep(self) -> None:
+        """On the view's thread: a lost lease is replaced and the broker registered again."""
+        if self.lease.lost:
+            self.lease.close(revoke=False)
+            self.lease = Lease(self.coordinator.etcd, self.ttl_s)
+            self.join()
+            log.info("broker %s registered again under a new lease", self.broker_id)
+
+    def leave(self) -> None:
+        self.lease.close(revoke=True)
+
+    def leaders(self) -> dict[int, bytes]:
+        return {
+            shard: leader.worker.encode() for shard, leader in self.coordinator.leaders().items()
+        }
+
+
+def join_cluster(
+    urls: list[str],
+    cluster_name: str,
+    shards: int,
+    replicas: int,
+    host_id: str,
+    lease_ttl_s: int,
+    info: BrokerInfo,
+) -> tuple[Membership, LeaderView]:
+    """Cluster mode's start for a broker: write the cluster's shape into etcd, or check it
+    against this broker's (ConfigMismatch), register, and start the leader view.
+
+    Raises:
+        ConfigMismatch: another shard count or replica count than the cluster's.
+        EtcdError: etcd could not be reached.
+    """
+    coordinator = Coordinator(Etcd(urls), cluster_name)
+    config = coordinator.bootstrap(shards, replicas)
+    broker_id = f"{host_id}-{os.urandom(BROKER_ID_RANDOM_BYTES).hex()}"
+    membership = Membership(coordinator, broker_id, info, lease_ttl_s)
+    membership.join()
+    log.info(
+        "broker %s joined cluster %s (%d shards, %d replicas) at %s",
+        broker_id,
+        config.cluster_id,
+        config.shards,
+        config.replicas,
+        ",".join(urls),
+    )
+    view = LeaderView(membership.leaders, membership.keep, KEEP_EVERY_S)
+    view.start()
+    return membership, view
+
+
+BROKER_ID_RANDOM_BYTES = 6
+KEEP_EVERY_S = 0.5  # how often the view's thread checks that the broker's lease still stands

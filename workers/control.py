@@ -12,7 +12,9 @@ own clock, then stops acknowledging (see :meth:`Control.lease_valid`).
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import queue
 import threading
 import time
@@ -47,6 +49,7 @@ class Outcome:
     ok: bool
     epoch: int = 0
     error: str = ""
+    members: frozenset[str] = frozenset()  # an ISR change's followers (the set less the leader)
 
 
 class Control(threading.Thread):
@@ -214,15 +217,16 @@ class EtcdPlane:
             seen = coordinator.read_isr(shard)
             if seen is None:
                 return Outcome(action, shard, False, error="no in-sync set")
-            members = [str(m) for m in args["members"]]
-            change = coordinator.shrink_isr if action == "shrink" else coordinator.expand_isr
+            followers = frozenset(str(m) for m in args["members"]) - {self.worker_id}
+            wanted = [self.worker_id, *sorted(followers)]
             epoch = int(args["epoch"])
-            if action == "shrink":
-                members = [m for m in seen.members if m in members]
+            if action == "shrink" and set(wanted) <= set(seen.members):
+                done = coordinator.shrink_isr(shard, epoch, seen, wanted)
+            elif action == "expand" and set(seen.members) <= set(wanted):
+                done = coordinator.expand_isr(shard, epoch, seen, wanted)
             else:
-                members = list(seen.members) + [m for m in members if m not in seen.members]
-            done = change(shard, epoch, seen, members)
-            return Outcome(action, shard, done is not None, epoch)
+                return Outcome(action, shard, False, error="the in-sync set changed meanwhile")
+            return Outcome(action, shard, done is not None, epoch, members=followers)
         return Outcome(action, shard, False, error=f"unknown step {action}")
 
 
@@ -256,35 +260,78 @@ def read_shards(
 
 # --- the worker ---------------------------------------------------------------------------
 
-from workers.aof import CorruptLog, DurabilityError  # noqa: E402
-from workers.cluster import LinkedWorker  # noqa: E402
-from workers.manifest import ManifestError, bind_cluster, open_manifest  # noqa: E402
-from workers.ownership import OwnershipError  # noqa: E402
-from workers.persist import ShardMoved  # noqa: E402
-from workers.roles import next_step  # noqa: E402
-from workers.shard import Message, take_shard, unavailable  # noqa: E402
-from workers.worker import EXIT_CONFIG, EXIT_CORRUPT_LOG, EXIT_IO_ERROR  # noqa: E402
-from zkv.etcd import EtcdError  # noqa: E402
-from zkv.protocol import Heartbeat, Reply, encode_control, encode_reply  # noqa: E402
+import zmq  # noqa: E402
 
-FIRST_VIEW_WAIT_S = 30.0  # how long a starting worker waits for etcd before giving up
+from workers.aof import CorruptLog, DurabilityError  # noqa: E402
+from workers.cluster import Link, LinkedWorker  # noqa: E402
+from workers.manifest import ManifestError, bind_cluster, open_manifest  # noqa: E402
+from workers.ownership import LockTimeout, OwnershipError  # noqa: E402
+from workers.persist import ShardMoved  # noqa: E402
+from workers.replication import Follower, FollowerSocket, LeaderSocket, Replicator  # noqa: E402
+from workers.roles import next_step  # noqa: E402
+from workers.shard import Message, Shard, take_shard, unavailable  # noqa: E402
+from workers.worker import (  # noqa: E402
+    EXIT_CONFIG,
+    EXIT_CORRUPT_LOG,
+    EXIT_IO_ERROR,
+    WorkerConfig,
+    run_until_signalled,
+)
+from zkv.coordination import ConfigMismatch, ConfigMissing  # noqa: E402
+from zkv.etcd import Etcd, EtcdError  # noqa: E402
+from zkv.protocol import (  # noqa: E402
+    MAX_REPLY_BYTES,
+    Heartbeat,
+    Reply,
+    Status,
+    encode_control,
+    encode_reply,
+)
+
+FIRST_VIEW_WAIT_S = 30.0  # how long a starting worker tries to join etcd before giving up
 
 
 class ClusterWorker(LinkedWorker):
     """A worker whose role etcd decides (see the module docstring and workers/roles.py).
 
+    Replication (workers/replication.py): the worker binds one ROUTER for its followers at
+    start (its endpoint is in its etcd registration). Leading, it ships every batch of records
+    its shard appends (ShardFiles.tap) and holds the batch's replies until every in-sync
+    follower has them (Replicator); following, it installs the leader's snapshot and appends
+    and applies its records (Follower). Stepping down drops the held replies unanswered: the
+    brokers send those requests to the next leader when etcd names it, and its idempotency
+    memory (replicated with the log) answers any that were applied.
+
     Args:
+        config: as the single-host worker's.
+        worker_id: this worker's id in etcd and its routing identity at brokers and leaders.
         control: the etcd thread (not started yet).
-        replication: makes the leader's and the follower's replication objects; None for a
-            cluster without followers.
+        replication_endpoint: where to bind the followers' ROUTER (port 0: any free port).
+        replica_lag_s: how long a follower may lag before it leaves the in-sync set.
     """
 
-    def __init__(self, config, worker_id: str, control: Control, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(  # type: ignore[no-untyped-def]
+        self,
+        config: WorkerConfig,
+        worker_id: str,
+        control: Control,
+        replication_endpoint: str = "tcp://127.0.0.1:0",
+        replica_lag_s: float = 1.0,
+        **kwargs,
+    ) -> None:
         super().__init__(config, worker_id, **kwargs)
         self.worker_id = worker_id
         self.control = control
         self.role = "standby"
         self.role_shard: int | None = None
+        self._replication_endpoint = replication_endpoint
+        self._replica_lag_s = replica_lag_s
+        self._leader_socket: LeaderSocket | None = None
+        self.replicator: Replicator | None = None
+        self.follower: Follower | None = None
+        self._follower_socket: FollowerSocket | None = None
+        self._followed: tuple[int, str] | None = None  # (epoch, endpoint) being followed
+        self._isr_done: dict[str, frozenset[str]] = {}  # ISR changes etcd confirmed
 
     def run(self) -> int:
         """Join the cluster (lease, registration, the data directory bound to the cluster),
@@ -292,20 +339,27 @@ class ClusterWorker(LinkedWorker):
         worker held at once rather than after the lease's TTL."""
         plane = self.control.plane
         try:
-            if self._durability is not None:
-                try:
-                    manifest = open_manifest(self._durability.data_dir, self._durability.fsync)
-                    self._manifest = bind_cluster(
-                        self._durability.data_dir,
-                        manifest,
-                        int(plane.config.cluster_id, 16),
-                        plane.config.shards,
-                        self._durability.fsync,
-                    )
-                except (ManifestError, OSError) as exc:
-                    log.error("cannot use data directory %s: %s", self._durability.data_dir, exc)
-                    return EXIT_CONFIG
+            durability = self._durability
+            if durability is None:
+                log.error("cluster mode needs a data directory (--in-memory is one host only)")
+                return EXIT_CONFIG
+            try:
+                manifest = open_manifest(durability.data_dir, durability.fsync)
+                self._manifest = bind_cluster(
+                    durability.data_dir,
+                    manifest,
+                    int(plane.config.cluster_id, 16),
+                    plane.config.shards,
+                    durability.fsync,
+                )
+            except (ManifestError, OSError) as exc:
+                log.error("cannot use data directory %s: %s", durability.data_dir, exc)
+                return EXIT_CONFIG
             self.shards = plane.config.shards
+            self._leader_socket = LeaderSocket(
+                self._context, self._replication_endpoint, self.config.keys
+            )
+            plane.info = WorkerInfo(plane.info.host, self._leader_socket.endpoint, True)
             deadline = time.monotonic() + FIRST_VIEW_WAIT_S
             while True:
                 try:
@@ -330,7 +384,7 @@ class ClusterWorker(LinkedWorker):
                     generation = self.control.generation
                     self._step_down("the lease was lost: etcd dropped what it held")
                 self._control_pass()
-                self.links_pass()
+                self._replication_pass()
             self._step_down("stopping")
             return self.exit_code
         finally:
@@ -339,9 +393,12 @@ class ClusterWorker(LinkedWorker):
                 plane.leave()
             except Exception as exc:  # leaving is a courtesy: the lease lapses anyway
                 log.warning("could not revoke the lease: %s", exc)
+            self._drop_follower()
             if self.shard is not None:
                 self.shard.close(sync=False)
                 self.shard = None
+            if self._leader_socket is not None:
+                self._leader_socket.close()
             self.close_links()
             if self._own_context:
                 self._context.term()
@@ -358,6 +415,15 @@ class ClusterWorker(LinkedWorker):
         view = control.view
         if view is None or not control.reachable:
             return  # no step on a stale reading: etcd decides, and it is out of reach
+        if self.role == "follower" and self.role_shard is not None:
+            leader = view.leaders.get(self.role_shard)
+            if leader is not None and leader.worker != self.worker_id:
+                self._follow_leader(leader.epoch, leader.replication)
+        if self.role == "leader" and self.replicator is not None and self.role_shard is not None:
+            members = view.isr.get(self.role_shard, ())
+            followers = frozenset(m for m in members if m != self.worker_id)
+            if self.worker_id in members and followers != self.replicator.isr:
+                self.replicator.set_followers(sorted(followers))
         step = next_step(view, self.worker_id, self.role, self.role_shard)
         if step.action == "step_down":
             self._step_down(step.why)
@@ -365,84 +431,334 @@ class ClusterWorker(LinkedWorker):
             control.ask(step.action, step.shard)
 
     def _on_outcome(self, outcome: Outcome) -> None:
+        if outcome.action in ("shrink", "expand"):
+            if outcome.ok and self.role == "leader" and outcome.epoch == self.led_epoch:
+                self._isr_done[outcome.action] = outcome.members
+            return
         if not outcome.ok:
             if outcome.error:
                 log.info("%s shard %s failed: %s", outcome.action, outcome.shard, outcome.error)
             return
         if outcome.action == "campaign" and outcome.shard is not None:
+            if self.role == "follower" and self.role_shard != outcome.shard:
+                return  # a stale campaign: this worker follows another shard now
             self._lead(outcome.shard, outcome.epoch)
         elif outcome.action == "follow" and outcome.shard is not None:
+            if self.role != "standby":
+                self.control.ask("release", outcome.shard)
+                return
             self.role, self.role_shard = "follower", outcome.shard
             log.info("following shard %d", outcome.shard)
+            view = self.control.view
+            leader = None if view is None else view.leaders.get(outcome.shard)
+            if leader is not None:
+                self._follow_leader(leader.epoch, leader.replication)
+
+    # --- leading ----------------------------------------------------------------------------
 
     def _lead(self, number: int, epoch: int) -> None:
         """Won shard ``number``'s leader key at ``epoch``: take the shard (replaying the log
-        this host holds), then tell every broker."""
+        this host holds), start shipping it, then tell every broker."""
+        self._drop_follower()
         if self.shard is not None and self.shard.number != number:
             self._leave(self.shard, f"leading shard {number} instead")
-        try:
-            takeover = take_shard(
-                number,
-                epoch,
-                self.shard,
-                self._durability,
-                self._clock,
-                self._heartbeat_if_due,
-                memory=self._new_memory,
-            )
-        except (CorruptLog, OwnershipError) as exc:
-            log.error("cannot take shard %d: %s", number, exc)
-            self.exit_code = EXIT_CORRUPT_LOG
-            self.stop()
+        shard = self._take(number, epoch)
+        if shard is None:
             return
-        except (DurabilityError, OSError, ShardMoved) as exc:
-            log.error("cannot take shard %d: %s", number, exc)
-            self.exit_code = EXIT_IO_ERROR
-            self.stop()
-            return
-        self.shard = takeover.shard
+        self.shard = shard
         self.role, self.role_shard, self.led_epoch = "leader", number, epoch
+        self._isr_done.clear()
+        view = self.control.view
+        members = () if view is None else view.isr.get(number, ())
+        self.replicator = Replicator(
+            number,
+            epoch,
+            followers=sorted(m for m in members if m != self.worker_id),
+            source=lambda: (shard.store, shard.memory),
+            send=self._leader_socket.send if self._leader_socket is not None else _nowhere,
+            release=self._release,
+            shrink=lambda followers: self._change_isr("shrink", followers),
+            expand=lambda followers: self._change_isr("expand", followers),
+            lease_valid=self.control.lease_valid,
+            deposed=lambda newer: self._step_down(f"a follower knows a newer epoch {newer}"),
+            lag_s=self._replica_lag_s,
+        )
+        if shard.files is not None:
+            shard.files.tap = self.replicator.ship
         for link in self.links.values():
             link.last_token = 0
         log.info(
             "took shard %d epoch %d (%d keys replayed from %s)",
             number,
             epoch,
-            len(self.shard.store),
-            "memory" if takeover.kept else self.shard.source,
+            len(shard.store),
+            shard.source,
         )
         self.announce()
+
+    def _take(self, number: int, epoch: int) -> Shard | None:
+        try:
+            return take_shard(
+                number,
+                epoch,
+                None,
+                self._durability,
+                self._clock,
+                self._heartbeat_if_due,
+                memory=self._new_memory,
+            ).shard
+        except (CorruptLog, OwnershipError) as exc:
+            log.error("cannot take shard %d: %s", number, exc)
+            self.exit_code = EXIT_CORRUPT_LOG
+        except (LockTimeout, ShardMoved) as exc:
+            log.error("cannot take shard %d now: %s", number, exc)
+            return None
+        except (DurabilityError, OSError) as exc:
+            log.error("cannot take shard %d: %s", number, exc)
+            self.exit_code = EXIT_IO_ERROR
+        self.stop()
+        return None
+
+    def _change_isr(self, action: str, followers: frozenset[str]) -> bool:
+        """The Replicator's shrink/expand: asynchronous on the control thread. False (keep
+        waiting, ask again later) until etcd confirmed exactly this change."""
+        if self._isr_done.get(action) == followers:
+            del self._isr_done[action]
+            return True
+        members = sorted(followers | {self.worker_id})
+        self.control.ask(action, self.role_shard, epoch=self.led_epoch, members=members)
+        return False
+
+    def _release(self, item: tuple[Link, list[list[bytes]]]) -> None:
+        """A held pass's replies, now that the in-sync followers have its records."""
+        link, replies = item
+        if link.broker not in self.links:
+            return  # that broker is gone; its client resends through another
+        current = self._socket, self.ledger, self._watch
+        self._use(link)
+        for frames in replies:
+            self._send(frames)
+        self._socket, self.ledger, self._watch = current
 
     def _step_down(self, why: str) -> None:
         if self.role == "standby":
             return
         log.info("no longer %s of shard %s: %s", self.role, self.role_shard, why)
-        if self.shard is not None:
-            self._leave(self.shard, why)
         was_leader = self.role == "leader"
+        if self.replicator is not None:
+            dropped = self.replicator.drain_held()
+            if dropped:
+                log.info("%d held passes of replies dropped (the next leader answers)", len(dropped))
+            self.replicator = None
+        self._drop_follower()
+        if self.shard is not None:
+            if self.shard.files is not None:
+                self.shard.files.tap = None
+            self._leave(self.shard, why)
+        if self.role == "follower" and self.role_shard is not None:
+            self.control.ask("release", self.role_shard)
         self.role, self.role_shard, self.led_epoch = "standby", None, 0
         if was_leader:
             self.announce()
 
+    # --- following --------------------------------------------------------------------------
+
+    def _follow_leader(self, epoch: int, endpoint: str) -> None:
+        """Follow the shard's leader at ``endpoint`` in ``epoch`` (again when either changes)."""
+        if self._followed == (epoch, endpoint) or self.role_shard is None:
+            return
+        number = self.role_shard
+        if self.follower is None:
+            shard = self._take(number, epoch)
+            if shard is None or shard.files is None:
+                self._step_down("cannot take the shard's files")
+                return
+            self._follower_socket = FollowerSocket(self._context, self.worker_id, self.config.keys)
+            socket = self._follower_socket
+            self.follower = Follower(
+                number, self.worker_id, shard.files, shard.store, shard.memory, send=socket.send
+            )
+        assert self._follower_socket is not None
+        self._follower_socket.connect(endpoint)
+        self.follower.follow(epoch)
+        self._followed = (epoch, endpoint)
+        log.info("shard %d: following the leader at %s in epoch %d", number, endpoint, epoch)
+
+    def _drop_follower(self) -> None:
+        follower, self.follower = self.follower, None
+        if follower is not None:
+            try:
+                follower.close()
+            except (DurabilityError, OSError) as exc:
+                log.warning("closing the follower's files: %s", exc)
+        if self._follower_socket is not None:
+            self._follower_socket.socket.close(linger=0)
+            self._follower_socket = None
+        self._followed = None
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _replication_pass(self) -> None:
+        extra = []
+        if self._leader_socket is not None:
+            extra.append(self._leader_socket.socket)
+        if self._follower_socket is not None:
+            extra.append(self._follower_socket.socket)
+        readable = self.links_pass(extra)
+        try:
+            if self._leader_socket is not None and self._leader_socket.socket in readable:
+                if self.replicator is not None:
+                    self._leader_socket.drain(self.replicator)
+                else:
+                    _discard(self._leader_socket.socket)
+            if self.replicator is not None:
+                self.replicator.tick()
+            follower = self.follower
+            if follower is not None and self._follower_socket is not None:
+                if self._follower_socket.socket in readable:
+                    self._follower_socket.drain(follower)
+                follower.tick()
+        except (ShardMoved, LockTimeout) as exc:
+            self._step_down(f"the shard's files: {exc}")
+        except DurabilityError as exc:
+            log.error("shard %s: %s: stopping", self.role_shard, exc)
+            self.exit_code = EXIT_IO_ERROR
+            self._step_down(str(exc))
+            self.stop()
+
     def _heartbeat_if_due(self) -> None:
         """During a long replay: heartbeat every broker."""
         now_s = time.monotonic()
+        current = self._socket, self.ledger, self._watch
         for link in self.links.values():
             if now_s >= link.next_heartbeat_s:
                 self._use(link)
                 self._send(encode_control(Heartbeat()))
                 link.next_heartbeat_s = now_s + self.config.heartbeat_interval_s
-
-    # --- serving ----------------------------------------------------------------------------
+        self._socket, self.ledger, self._watch = current
 
     def _serve(self, batch: list[Message]) -> None:
-        """Serve as the single-host worker does, but only as the leader with a valid lease:
-        anything else is answered UNAVAILABLE (not applied), so a worker whose lease may have
-        lapsed in etcd acknowledges nothing."""
-        if batch and self.role == "leader" and not self.control.lease_valid():
-            for dispatch in batch:
-                reply = unavailable(dispatch, "this worker's lease lapsed: not applied")
-                self._send(encode_reply(reply) if isinstance(reply, Reply) else reply)
-            batch.clear()
+        """Serve as the single-host worker does, but only as the leader with a valid lease
+        (anything else is answered UNAVAILABLE, not applied: a worker whose lease may have
+        lapsed in etcd acknowledges nothing), and with the replies held until the in-sync
+        followers have the pass's records."""
+        if not batch:
             return
-        super()._serve(batch)
+        replicator = self.replicator
+        if self.role == "leader" and not self.control.lease_valid():
+            self._answer_all(batch, Status.UNAVAILABLE, "this worker's lease lapsed: not applied")
+            return
+        shard = self.shard
+        if replicator is None or shard is None:
+            super()._serve(batch)
+            return
+        if replicator.full:
+            self._answer_all(batch, Status.BUSY, "replies wait for the followers: not applied")
+            return
+        ledger = self.ledger
+        if ledger.trackers:
+            ledger.settle()
+        try:
+            answers = shard.handle_batch(batch, None, MAX_REPLY_BYTES - ledger.tracked)
+        except ShardMoved as exc:
+            batch.clear()
+            self._step_down(f"the owner file moved to epoch {exc.found}")
+            return
+        except OwnershipError as exc:
+            log.warning("shard %d: %s: batch of %d refused", shard.number, exc, len(batch))
+            self._answer_all(batch, Status.UNAVAILABLE, "owner file unusable now; not applied")
+            return
+        except (DurabilityError, OSError) as exc:
+            batch.clear()
+            self._fail_stop(shard, exc)
+            return
+        batch.clear()
+        replies = [
+            encode_reply(answer) if isinstance(answer, Reply) else answer
+            for answer in answers
+            if answer is not None
+        ]
+        nbytes = sum(len(frame) for frames in replies for frame in frames)
+        link = self._current_link()
+        if link is not None:
+            replicator.hold((link, replies), nbytes)
+
+    def _answer_all(self, batch: list[Message], status: Status, message: str) -> None:
+        for dispatch in batch:
+            reply = unavailable(dispatch, message)
+            if status is not Status.UNAVAILABLE and isinstance(reply, Reply):
+                reply = Reply(status, reply.request_id, reply.token, None, reply.body)
+            self._send(encode_reply(reply) if isinstance(reply, Reply) else reply)
+        batch.clear()
+
+    def _current_link(self) -> Link | None:
+        for link in self.links.values():
+            if link.socket is self._socket:
+                return link
+        return None
+
+
+def _nowhere(follower_id: str, frames: list[bytes]) -> bool:
+    return False
+
+
+def _discard(socket: zmq.Socket) -> None:
+    """Messages from followers while this worker leads nothing: read and dropped."""
+    for _ in range(256):
+        try:
+            socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
+# --- the entry point ----------------------------------------------------------------------
+
+CONFIG_WAIT_S = 30.0  # how long a worker waits for a broker to write the cluster's config
+
+
+def cluster_argv(args: argparse.Namespace) -> list[str]:
+    """The cluster flags a supervisor passes on to its children (empty on one host)."""
+    if not args.coordinator:
+        return []
+    return [
+        "--coordinator",
+        ",".join(args.coordinator),
+        "--cluster-name",
+        args.cluster_name,
+        "--replicas",
+        str(args.replicas),
+        "--host-id",
+        args.host_id,
+        "--lease-ttl",
+        str(args.lease_ttl),
+        "--replica-lag",
+        repr(args.replica_lag),
+        "--advertise",
+        args.advertise,
+    ]
+
+
+def run_cluster(config: WorkerConfig, args: argparse.Namespace) -> int:
+    """Run one cluster-mode worker in this process until SIGTERM or SIGINT."""
+    etcd = Etcd(args.coordinator)
+    coordinator = Coordinator(etcd, args.cluster_name)
+    try:
+        cluster = coordinator.read_config(CONFIG_WAIT_S)
+        cluster.check(cluster.shards, args.replicas)
+    except (ConfigMissing, ConfigMismatch, EtcdError) as exc:
+        log.error("cannot join the cluster: %s", exc)
+        return EXIT_CONFIG
+    worker_id = f"{args.host_id}-{os.urandom(WORKER_ID_RANDOM_BYTES).hex()}"
+    info = WorkerInfo(args.host_id, "", config.data_dir is not None)
+    plane = EtcdPlane(coordinator, worker_id, info, cluster, args.lease_ttl)
+    worker = ClusterWorker(
+        config,
+        worker_id,
+        Control(plane),
+        replication_endpoint=f"tcp://{args.advertise}:0",
+        replica_lag_s=args.replica_lag,
+    )
+    return run_until_signalled(worker, config)
+
+
+WORKER_ID_RANDOM_BYTES = 6

@@ -204,6 +204,8 @@ class ShardFiles:
         self._free = 0  # estimated free bytes: the last statvfs minus what was appended since
         self._tight_below = durability.reserve_bytes + TIGHT_MARGIN_BYTES
         self.tight = True  # _free is below _tight_below: batches are measured (refusal())
+        # Cluster mode: called with each appended batch of records (workers/replication.py).
+        self.tap: Callable[[bytes], None] | None = None
 
     # --- takeover ---------------------------------------------------------------------------
 
@@ -410,6 +412,8 @@ class ShardFiles:
         if self.log is None:
             raise RuntimeError("append() before replay(): a bug in the caller")
         self.log.append(data)
+        if self.tap is not None:  # cluster mode: the leader ships exactly these bytes
+            self.tap(data)
         free = self._free - len(data)
         self._free = free
         if free < self._tight_below:
