@@ -548,7 +548,7 @@ class ClusterWorker(LinkedWorker):
         if self.replicator is not None:
             dropped = self.replicator.drain_held()
             if dropped:
-                log.info("%d held passes of replies dropped (the next leader answers)", len(dropped))
+                log.info("%d held replies dropped (the next leader answers)", len(dropped))
             self.replicator = None
         self._drop_follower()
         if self.shard is not None:
