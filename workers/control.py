@@ -13,6 +13,7 @@ own clock, then stops acknowledging (see :meth:`Control.lease_valid`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import queue
@@ -50,6 +51,7 @@ class Outcome:
     epoch: int = 0
     error: str = ""
     members: frozenset[str] = frozenset()  # an ISR change's followers (the set less the leader)
+    reading: int = 0  # Control.readings when it was done
 
 
 class Control(threading.Thread):
@@ -69,6 +71,9 @@ class Control(threading.Thread):
         self.view: View | None = None
         self.brokers: dict[str, str] = {}
         self.reachable = True
+        # Readings taken so far; an outcome carries the count at its end, so the loop acts
+        # only on a reading taken after the step it asked for (not one from before it).
+        self.readings = 0
         # Bumped when the lease was lost and a new one taken: whatever this worker held
         # under the old one (a leader key, a follower slot) is gone.
         self.generation = 0
@@ -118,6 +123,7 @@ class Control(threading.Thread):
             if now >= next_read:
                 try:
                     self.view, self.brokers = self.plane.read()
+                    self.readings += 1
                     if not self.reachable:
                         log.info("etcd reachable again")
                     self.reachable = True
@@ -136,7 +142,7 @@ class Control(threading.Thread):
                 outcome = Outcome(action, shard, False, error=str(exc))
             with self._lock:
                 self._pending.discard((action, shard))
-            self._outcomes.put(outcome)
+            self._outcomes.put(dataclasses.replace(outcome, reading=self.readings))
             next_read = 0.0  # read again at once: the step changed the state
 
 
@@ -332,6 +338,7 @@ class ClusterWorker(LinkedWorker):
         self._follower_socket: FollowerSocket | None = None
         self._followed: tuple[int, str] | None = None  # (epoch, endpoint) being followed
         self._isr_done: dict[str, frozenset[str]] = {}  # ISR changes etcd confirmed
+        self._stale_before = 0  # readings numbered below this predate our last step
 
     def run(self) -> int:
         """Join the cluster (lease, registration, the data directory bound to the cluster),
@@ -409,12 +416,16 @@ class ClusterWorker(LinkedWorker):
         control = self.control
         self.set_brokers(control.brokers)
         for outcome in control.outcomes():
+            if outcome.ok and outcome.action in ("campaign", "follow", "release"):
+                self._stale_before = outcome.reading + 1
             self._on_outcome(outcome)
         if self.role == "leader" and not control.lease_valid():
             self._step_down("its lease is no longer valid by this worker's clock")
         view = control.view
-        if view is None or not control.reachable:
-            return  # no step on a stale reading: etcd decides, and it is out of reach
+        if view is None or not control.reachable or control.readings < self._stale_before:
+            # No step on a stale reading: etcd decides, and it is out of reach, or this
+            # reading was taken before a step of ours that changed what it shows.
+            return
         if self.role == "follower" and self.role_shard is not None:
             leader = view.leaders.get(self.role_shard)
             if leader is not None and leader.worker != self.worker_id:
