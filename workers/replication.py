@@ -105,7 +105,7 @@ SNAPSHOT_WINDOW_CHUNKS = 8  # snapshot chunks sent and not yet acked: 8 MiB in f
 RESEND_S = 0.5  # a stream that got no ack for this long is sent again from its last ack
 SNAPSHOT_STALL_S = 2.0  # a snapshot with no chunk acked for this long starts over
 SHRINK_RETRY_S = 0.2  # after a failed shrink (etcd unreachable), the next attempt
-EXPAND_RETRY_S = 1.0  # after a failed expand, the next attempt
+EXPAND_RETRY_S = 0.2  # after a failed (or not yet confirmed) expand, the next attempt
 FOLLOW_RETRY_S = 1.0  # a follower waiting for a snapshot sends FOLLOW again after this long
 EXPIRE_KEYS_PER_TICK = 1000  # keys a follower's tick may examine for expiry
 SNAPSHOT_FILE = "log.snapshot"  # where a follower writes a snapshot before it replaces its log
@@ -656,7 +656,9 @@ class Replicator:
         remaining = frozenset(self.isr - laggards)
         if not self._shrink(remaining):
             self._next_shrink_s = now + SHRINK_RETRY_S
-            log.warning(
+            # Not an event: the change is asked of etcd asynchronously (cluster mode's control
+            # thread), so the first calls say "not yet"; the success is logged below.
+            log.debug(
                 "shard %d: could not remove %s from the in-sync set: holding replies, next "
                 "attempt in %.1f s",
                 self.shard,
@@ -684,7 +686,7 @@ class Replicator:
             members = frozenset(self.isr | {name})
             if not self._expand(members):
                 self._next_expand_s = now + EXPAND_RETRY_S
-                log.warning("shard %d: could not add %s to the in-sync set", self.shard, name)
+                log.debug("shard %d: could not add %s to the in-sync set yet", self.shard, name)
                 return
             self.isr.add(name)
             link.behind_since_s = None
