@@ -470,9 +470,12 @@ class ClusterWorker(LinkedWorker):
     def _lead(self, number: int, epoch: int) -> None:
         """Won shard ``number``'s leader key at ``epoch``: take the shard (replaying the log
         this host holds), start shipping it, then tell every broker."""
+        was_follower = self.role == "follower"
         self._drop_follower()
         if self.shard is not None and self.shard.number != number:
             self._leave(self.shard, f"leading shard {number} instead")
+        if was_follower:  # its follower slot would count as one of its own followers
+            self.control.ask("release", number)
         shard = self._take(number, epoch)
         if shard is None:
             return

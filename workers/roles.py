@@ -102,7 +102,8 @@ def next_step(view: View, me: str, role: str, shard: int | None) -> Step:
         leader = view.leaders.get(number)
         if leader is None:
             continue
-        followers = view.followers.get(number, frozenset())
+        # A follower that became leader may still hold its follower slot for a moment.
+        followers = view.followers.get(number, frozenset()) - {leader.worker}
         if len(followers) >= view.replicas:
             continue
         copies = {view.hosts.get(leader.worker)} | {view.hosts.get(w) for w in followers}

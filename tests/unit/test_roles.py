@@ -66,3 +66,15 @@ def test_a_leader_whose_key_is_gone_or_taken_steps_down() -> None:
 def test_a_follower_that_lost_its_slot_steps_down() -> None:
     v = view(leaders={0: Leader("a1", 9, "tcp://a:1")}, isr={0: ("a1",)})
     assert next_step(v, "b1", "follower", 0).action == "step_down"
+
+
+def test_a_new_leader_still_holding_its_follower_slot_does_not_count_as_its_own_follower() -> None:
+    v = view(
+        leaders={0: Leader("b1", 9, "tcp://b:1"), 1: Leader("c1", 9, "tcp://c:1")},
+        isr={0: ("b1",), 1: ("c1",)},
+        followers={0: frozenset({"b1"}), 1: frozenset({"a1"})},
+    )
+    assert (
+        next_step(v, "a2", "standby", None).action,
+        next_step(v, "a2", "standby", None).shard,
+    ) == ("follow", 0)
