@@ -274,6 +274,7 @@ from workers.manifest import ManifestError, bind_cluster, open_manifest  # noqa:
 from workers.ownership import LockTimeout, OwnershipError  # noqa: E402
 from workers.persist import ShardMoved  # noqa: E402
 from workers.replication import Follower, FollowerSocket, LeaderSocket, Replicator  # noqa: E402
+from workers.member import Member, MemberError  # noqa: E402
 from workers.roles import next_step  # noqa: E402
 from workers.shard import Message, Shard, take_shard, unavailable  # noqa: E402
 from workers.worker import (  # noqa: E402
@@ -762,8 +763,16 @@ def run_cluster(config: WorkerConfig, args: argparse.Namespace) -> int:
     except (ConfigMissing, ConfigMismatch, EtcdError) as exc:
         log.error("cannot join the cluster: %s", exc)
         return EXIT_CONFIG
-    worker_id = f"{args.host_id}-{os.urandom(WORKER_ID_RANDOM_BYTES).hex()}"
-    info = WorkerInfo(args.host_id, "", config.data_dir is not None)
+    if config.data_dir is None:
+        log.error("cluster mode needs a data directory (--in-memory is for one host only)")
+        return EXIT_CONFIG
+    try:
+        member = Member(config.data_dir)
+    except (MemberError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_CONFIG
+    worker_id = f"{args.host_id}-{member.id}"
+    info = WorkerInfo(args.host_id, "", True)
     plane = EtcdPlane(coordinator, worker_id, info, cluster, args.lease_ttl)
     worker = ClusterWorker(
         config,
@@ -772,7 +781,7 @@ def run_cluster(config: WorkerConfig, args: argparse.Namespace) -> int:
         replication_endpoint=f"tcp://{args.advertise}:0",
         replica_lag_s=args.replica_lag,
     )
-    return run_until_signalled(worker, config)
-
-
-WORKER_ID_RANDOM_BYTES = 6
+    try:
+        return run_until_signalled(worker, config)
+    finally:
+        member.close()

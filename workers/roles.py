@@ -96,6 +96,10 @@ def next_step(view: View, me: str, role: str, shard: int | None) -> Step:
         return IDLE
     host = view.hosts.get(me)
     for number in range(view.shards):
+        if number not in view.leaders and me in view.isr.get(number, ()):
+            # Restarted on the disk that holds every acknowledged write (workers/member.py).
+            return Step("campaign", number, "its leader is gone and this worker's data is in sync")
+    for number in range(view.shards):
         if number not in view.leaders and not view.isr.get(number):
             return Step("campaign", number, "the shard has no data and no leader yet")
     for number in range(view.shards):

@@ -78,3 +78,14 @@ def test_a_new_leader_still_holding_its_follower_slot_does_not_count_as_its_own_
         next_step(v, "a2", "standby", None).action,
         next_step(v, "a2", "standby", None).shard,
     ) == ("follow", 0)
+
+
+def test_a_standby_restarted_on_the_disk_of_an_in_sync_member_campaigns_for_its_shard() -> None:
+    # Every worker of a cluster restarted (a power cut): their ids come back with their data
+    # (workers/member.py), so the in-sync members find their shards again.
+    v = view(isr={0: ("a1",), 1: ("b1",)})
+    assert (
+        next_step(v, "b1", "standby", None).action,
+        next_step(v, "b1", "standby", None).shard,
+    ) == ("campaign", 1)
+    assert next_step(v, "c1", "standby", None).action == "idle"
