@@ -30,7 +30,7 @@ from pathlib import Path
 from types import FrameType
 
 from workers.aof import FsyncPolicy
-from workers.control import cluster_argv, run_cluster
+from workers.cluster import cluster_argv, run_cluster
 from workers.idempotency import MAX_WINDOW_S, MIN_MAX_BYTES, MIN_WINDOW_S
 from workers.manifest import durable_data
 from workers.worker import WorkerConfig, run
