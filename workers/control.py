@@ -1,4 +1,5 @@
 """The cluster-mode worker's control plane: a thread that talks to etcd (docs/cluster.md).
+
 etcd calls block (an HTTP round trip, seconds when etcd is far or down), so none runs on the
 worker's loop: :class:`Control` runs them on its own thread. It keeps the worker's lease
 alive, reads the cluster's state every ``POLL_S`` into a :class:`workers.roles.View`, and
