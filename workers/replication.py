@@ -50,6 +50,7 @@ DurabilityError (a failed write or fsync of its log: fail-stop, as the worker do
 from __future__ import annotations
 
 import enum
+import hmac
 import logging
 import os
 import time
@@ -1026,8 +1027,8 @@ def _parse(body: bytes) -> list[aof.Record] | str:
 
 class LeaderSocket:
     """The leader's ROUTER: bound where followers connect, a CURVE server with the cluster's
-    worker keypair when ``keys`` are given (followers must hold a key listed in
-    ``<keys>/authorized``, as the broker's backend checks workers). One per ZeroMQ context:
+    worker keypair when ``keys`` are given (followers must hold the workers' keypair: the
+    only client key let in is the worker public key). One per ZeroMQ context:
     it starts the context's ZAP authenticator.
 
     Args:
@@ -1052,8 +1053,13 @@ class LeaderSocket:
                     context, log=logging.getLogger("workers.replication.auth")
                 )
                 self._authenticator.start()
-                self._authenticator.configure_curve(domain="*", location=str(keys.authorized))
                 pair = keys.worker()
+                # Followers are workers: they prove they hold the workers' secret key. Only
+                # that key is let in, compared here rather than read from <keys>/authorized,
+                # which holds the broker's list and is not copied to worker hosts.
+                self._authenticator.configure_curve_callback(
+                    domain="*", credentials_provider=_OnlyKey(pair.public)
+                )
                 socket.curve_secretkey = pair.secret
                 socket.curve_publickey = pair.public
                 socket.curve_server = True
@@ -1101,6 +1107,16 @@ class LeaderSocket:
         if self._authenticator is not None:
             self._authenticator.stop()
             self._authenticator = None
+
+
+class _OnlyKey:
+    """A ZAP credentials provider that lets in one CURVE public key (z85)."""
+
+    def __init__(self, public: bytes) -> None:
+        self._public = public
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return hmac.compare_digest(key, self._public)
 
 
 class FollowerSocket:
