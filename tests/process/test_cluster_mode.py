@@ -191,3 +191,47 @@ def test_a_worker_whose_data_belongs_to_another_cluster_refuses_to_start(
     worker = hosts.cluster.start_worker("--host-id", "h9", "--data-dir", str(foreign))
     assert worker.wait(timeout=15) == 2
     assert "holds data of cluster 00000000000000ab" in hosts.cluster.logs()
+
+
+def test_etcd_out_of_reach_stops_no_acknowledged_write_and_health_says_degraded(
+    hosts: Hosts,
+) -> None:
+    cluster = hosts.cluster
+    cluster.start_gateway()
+    wait_for(lambda: cluster.http("GET", "/v1/health").status == 200, "the gateway")
+    kv = hosts.client(timeout_s=2.0)
+    acked: dict[bytes, bytes] = {}
+    for i in range(50):
+        kv.set(b"e%d" % i, b"before")
+        acked[b"e%d" % i] = b"before"
+    hosts.etcd.pause()
+    try:
+        # The brokers notice within their etcd timeout (1 s) and say so; the leaders serve
+        # until their 1 s leases run out by their own clocks, then acknowledge nothing.
+        wait_for(
+            lambda: (
+                cluster.http("GET", "/v1/health", timeout_s=3).json()["coordinator"]
+                == "unreachable"
+            ),
+            "health to say etcd is out of reach",
+            10.0,
+        )
+        health = cluster.http("GET", "/v1/health", timeout_s=3)
+        assert health.status == 503 and health.json()["status"] == "degraded"
+        refused = 0
+        hasty = hosts.client(timeout_s=1.0)  # a refused write is retried until its timeout
+        for i in range(50, 53):
+            try:
+                hasty.set(b"e%d" % i, b"during")
+                acked[b"e%d" % i] = b"during"
+            except ZkvError:
+                refused += 1
+        assert refused > 0  # past the leases, no leader acknowledges
+    finally:
+        hosts.etcd.resume()
+    probe = hosts.client(timeout_s=1.0)
+    wait_for(lambda: all(probe.ping()["owned"]), "every shard led again", 20.0)
+    wait_for(lambda: cluster.http("GET", "/v1/health").status == 200, "health back to ok", 20.0)
+    kv.set(b"after", b"ok")
+    for key, value in acked.items():
+        assert kv.get(key).value == value, (key, cluster.logs())
