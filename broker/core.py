@@ -368,6 +368,7 @@ class Broker:
         # Cluster mode: the leader of each shard by etcd (routing identity = worker id), and
         # whether etcd answered the last time it was asked (broker/cluster.py).
         self.leaders: dict[int, bytes] = {}
+        self._claims: dict[bytes, int | None] = {}  # what each worker's last READY claimed
         self.coordinator_ok = True
         self.closing = False
         # Messages for workers whose queue is full (the backend's send raised EAGAIN: the
@@ -1307,11 +1308,11 @@ class Broker:
             )
             claimed = None
         self.issuer.advance_past(last_token)
+        if self.config.cluster_mode:
+            self._on_cluster_ready(worker, claimed, now)
+            return
         if self.registry.get(worker) is not None:
             self._remove_worker(worker, "registered again", now)
-        if self.config.cluster_mode:
-            self._on_cluster_ready(worker, now)
-            return
         shard = self.registry.register(
             worker,
             claimed,
@@ -1336,6 +1337,7 @@ class Broker:
         if record is None:
             return
         log.warning("worker %s (shard %s) removed: %s", peer(worker), record.shard, why)
+        self._claims.pop(worker, None)
         self._requeue(worker, now)
         if record.shard is not None and self._claims_until is None and not self.config.cluster_mode:
             self._promote(record.shard, now)
@@ -1360,14 +1362,24 @@ class Broker:
     # --- cluster mode (docs/cluster.md) -----------------------------------------------------
 
     def set_leaders(self, leaders: dict[int, bytes], now: float) -> None:
-        """etcd's view of who leads each shard changed (broker/cluster.py polls it): route
-        each shard to its leader if that worker is registered here, else hold its requests
-        (for up to --shard-wait) until it is. A leader that lost its shard keeps nothing:
-        what it had in flight goes to the next leader, whose idempotency memory (replicated
-        with the log) answers a request the old one had applied."""
+        """etcd's view of who leads each shard changed (broker/cluster.py polls it)."""
         self.leaders = {s: w for s, w in leaders.items() if 0 <= s < self.config.shards}
+        self._apply_leaders(now)
+
+    def _apply_leaders(self, now: float) -> None:
+        """Route each shard to its leader when etcd names it AND the worker itself, in its
+        last READY, claims to lead it (a leader that stepped down says so before etcd's
+        reading reaches the broker; a new one may be named before it has taken the shard
+        over); else hold the shard's requests (for up to --shard-wait) until both agree. A
+        leader that lost its shard keeps nothing: what it had in flight goes to the next
+        leader, whose idempotency memory (replicated with the log) answers a request the old
+        one had applied."""
         for shard in range(self.config.shards):
             want = self.leaders.get(shard)
+            if want is not None and (
+                self.registry.get(want) is None or self._claims.get(want) != shard
+            ):
+                want = None
             have = self.registry.owner(shard)
             if want == have:
                 continue
@@ -1375,21 +1387,23 @@ class Broker:
                 self.registry.set_owner(shard, None)
                 self._requeue(have, now)
                 log.info("shard %d: worker %s no longer leads it", shard, peer(have))
-            if want is not None and self.registry.get(want) is not None:
+            if want is not None:
                 self.registry.set_owner(shard, want)
                 log.info("shard %d: routed to its leader, worker %s", shard, peer(want))
                 self._drain(shard, now)
         self._flush(now)
 
-    def _on_cluster_ready(self, worker: bytes, now: float) -> None:
-        self.registry.register(worker, None, now, hand_out=False)
-        for shard, leader in self.leaders.items():
-            if leader == worker:
-                self.registry.set_owner(shard, worker)
-                log.info("worker %s registered: leader of shard %d", peer(worker), shard)
-                self._drain(shard, now)
-                return
-        log.info("worker %s registered (leads no shard)", peer(worker))
+    def _on_cluster_ready(self, worker: bytes, claimed: int | None, now: float) -> None:
+        """Cluster mode: a READY registers a worker, or updates what it claims to lead."""
+        if self.registry.get(worker) is None:
+            self.registry.register(worker, None, now, hand_out=False)
+            log.info(
+                "worker %s registered%s",
+                peer(worker),
+                "" if claimed is None else f", claiming shard {claimed}",
+            )
+        self._claims[worker] = claimed
+        self._apply_leaders(now)
 
     def _promote(self, shard: int, now: float) -> None:
         """Give an unowned shard to the oldest standby, if any, and send it what waited."""

@@ -313,8 +313,8 @@ class ClusterWorker(LinkedWorker):
     def _release(self, item: tuple[Link, list[list[bytes]]]) -> None:
         """A held pass's replies, now that the in-sync followers have its records."""
         link, replies = item
-        if link.broker not in self.links:
-            return  # that broker is gone; its client resends through another
+        if self.links.get(link.broker) is not link:
+            return  # that broker (or that connection to it) is gone; the client resends
         current = self._socket, self.ledger, self._watch
         self._use(link)
         for frames in replies:

@@ -75,15 +75,17 @@ def test_a_leader_named_before_it_registers_gets_its_shard_when_it_does() -> Non
     c.broker.set_leaders({1: b"w-b"}, c.now)
     c.get(key_for(1))
     assert c.dispatched() == []
-    c.ready(b"w-b")
+    c.ready(b"w-b")  # registered, not yet claiming: it has not taken the shard over
+    assert c.dispatched() == []
+    c.ready(b"w-b", claimed=1)  # its takeover is done
     [(worker, _)] = c.dispatched()
     assert worker == b"w-b"
 
 
 def test_a_new_leader_gets_what_the_old_one_had_in_flight_and_the_old_one_gets_nothing() -> None:
     c = Cluster()
-    c.ready(b"old")
-    c.ready(b"new")
+    c.ready(b"old", claimed=0)
+    c.ready(b"new", claimed=0)
     c.broker.set_leaders({0: b"old"}, c.now)
     c.get(key_for(0), request_id=7)
     [(worker, first)] = c.dispatched()
@@ -103,7 +105,7 @@ def test_a_new_leader_gets_what_the_old_one_had_in_flight_and_the_old_one_gets_n
 
 def test_a_silent_leader_is_dropped_from_routing_but_no_standby_is_promoted() -> None:
     c = Cluster()
-    c.ready(b"leader")
+    c.ready(b"leader", claimed=0)
     c.ready(b"standby")
     c.broker.set_leaders({0: b"leader"}, c.now)
     c.now += CLUSTER.heartbeat_interval_s * (CLUSTER.heartbeat_liveness + 1)
@@ -113,14 +115,14 @@ def test_a_silent_leader_is_dropped_from_routing_but_no_standby_is_promoted() ->
     assert c.broker.registry.owner(0) is None  # etcd names the next leader, not the broker
     c.take()
     # The leader comes back (a long pause): etcd still says it leads, so it is routed again.
-    c.ready(b"leader")
+    c.ready(b"leader", claimed=0)
     assert c.broker.registry.owner(0) == b"leader"
 
 
 def test_info_says_degraded_while_etcd_is_unreachable() -> None:
     c = Cluster()
-    c.ready(b"a")
-    c.ready(b"b")
+    c.ready(b"a", claimed=0)
+    c.ready(b"b", claimed=1)
     c.broker.set_leaders({0: b"a", 1: b"b"}, c.now)
     ping = Request(Kind.PING, 9)
     c.broker.on_client([CLIENT, *encode_request(ping)], c.now)
@@ -139,3 +141,19 @@ def test_leaders_outside_the_shard_range_are_ignored() -> None:
     c.ready(b"a")
     c.broker.set_leaders({5: b"a", -1: b"a"}, c.now)
     assert c.broker.registry.owned() == [False, False]
+
+
+def test_a_leader_that_steps_down_is_unrouted_before_etcd_says_so_and_nothing_is_lost() -> None:
+    c = Cluster()
+    c.ready(b"a", claimed=0)
+    c.broker.set_leaders({0: b"a"}, c.now)
+    c.get(key_for(0), request_id=3)
+    [(worker, first)] = c.dispatched()
+    assert worker == b"a"
+    c.ready(b"a")  # its lease lapsed: it claims nothing now; etcd's reading is not here yet
+    assert c.broker.registry.owner(0) is None
+    assert c.dispatched() == []  # the request waits for the next leader
+    c.ready(b"b", claimed=0)
+    c.broker.set_leaders({0: b"b"}, c.now)
+    [(worker, again)] = c.dispatched()
+    assert worker == b"b" and again.request.request_id == 3 and again.token != first.token
