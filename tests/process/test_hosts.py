@@ -19,6 +19,20 @@ pytestmark = [
 ANSWER_MARGIN_S = 1.0
 
 
+def test_the_hosts_reach_each_other_only_and_die_whole(tmp_path: Path) -> None:
+    """The harness's own promises, which every scenario relies on."""
+    result = run_scenario("tests.netns.harness", tmp_path, timeout_s=30)
+    assert result["addresses"] == ["10.77.0.11", "10.77.0.12"]
+    assert "Network is unreachable" in result["outside"]  # no route out of the test's network
+    assert "Connection refused" in result["loopback_is_its_own"]  # h2's loopback is h2's
+    assert "timed out" in result["cut"]  # a cut host is silent, not refusing
+    assert result["healed"] is True
+    assert result["pids_before_kill"] == 3  # the server, the escaper, its child elsewhere
+    assert result["pids_after_kill"] == 0
+    assert result["disk_after_wipe"] == []
+    assert result["h2_lives"] == 1  # the other host's agent: a host's kill is its own
+
+
 def test_three_hosts_with_curve_survive_a_cut_of_the_workers_host(tmp_path: Path) -> None:
     """Broker on h1 (CURVE frontend and backend on its address), workers on h2, gateway and
     client on h3: the seed API and the client work; cut h2 off and every request fails
