@@ -29,12 +29,20 @@ traceback and every log on stderr (:func:`scenario` does both)::
     @scenario
     def main(workdir: Path) -> dict[str, Any]:
         with Hosts(2, workdir) as (server, client):
-            server.python("broker", env={"ZKV_FRONTEND_CURVE": "1"})
-            ...
-            client.cut()     # its link down: a partition
-            client.heal()
+            plain = {"ZKV_INSECURE": "1", "ZKV_BACKEND": f"tcp://{server.address}:5556"}
+            broker = server.python("broker", env=plain)  # binds its address: 10.77.0.11
+            server.python("workers", "--processes", "2", env=plain)  # 2 shards
+            agent = client.agent()  # makes requests from inside the client host
+            frontend = f"tcp://{server.address}:5555"
+            wait_for(lambda: all(agent.client("ping", frontend=frontend).result()["owned"]),
+                     "an owner for every shard")
+            agent.client("set", "k", "v", frontend=frontend).result()
+            server.cut()     # its link down: a partition
+            failed = agent.client("get", "k", frontend=frontend)  # an Outcome: .error
+            server.heal()
+            server.stop(broker)  # one process (its group) killed, the host lives on
             server.kill()    # SIGKILL every process of the host (wipe=True: and its disk)
-            return {"answered": 3}
+            return {"failed": failed.error}
 
     if __name__ == "__main__":
         main()

@@ -109,9 +109,15 @@ def main(workdir: Path) -> dict[str, Any]:
         seen["plain_client"] = [plain.error, plain.elapsed_s]
         result["seen"] = seen
 
-        # A partition: h2 (both workers) cut off for CUT_S; every request fails cleanly.
+        # A partition: h2 (both workers) cut off for CUT_S; every request fails cleanly. The
+        # requests start once the broker has seen the workers fall silent: one sent in the
+        # instant of the cut waits for an owner from the moment they are dropped, which can
+        # end on a whole second and meet the resend race above.
         h2.cut()
-        cut_until_s = time.monotonic() + CUT_S
+        cut_s = time.monotonic()
+        cut_until_s = cut_s + CUT_S
+        wait_for(lambda: not any(call("ping").result()["owned"]), "the broker to see the cut")
+        result["noticed_after_s"] = round(time.monotonic() - cut_s, 2)
         failures: list[list[Any]] = []
         while time.monotonic() < cut_until_s:
             status, body, elapsed_s = seed(agent, "/set", key="a", value="cut", timeout="60")

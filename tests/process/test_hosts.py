@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.hosts import can_run_scenarios, run_scenario
-from tests.netns.three_hosts import CUT_S, REQUEST_TIMEOUT_S
+from tests.netns.three_hosts import REQUEST_TIMEOUT_S
 
 pytestmark = [
     pytest.mark.process,
@@ -65,7 +65,7 @@ def test_three_hosts_with_curve_survive_a_cut_of_the_workers_host(tmp_path: Path
 
     # While h2 is cut off: every request answered, 503 or Unavailable, within its deadline.
     cut = result["cut"]
-    assert len(cut) >= 2, cut
+    assert {attempt[0] for attempt in cut} == {"http", "client"}, cut
     for attempt in cut:
         if attempt[0] == "http":
             _, status, _, elapsed_s = attempt
@@ -74,7 +74,6 @@ def test_three_hosts_with_curve_survive_a_cut_of_the_workers_host(tmp_path: Path
             _, error, _, elapsed_s = attempt
             assert error == "Unavailable", attempt
         assert elapsed_s < REQUEST_TIMEOUT_S + ANSWER_MARGIN_S, attempt
-    assert sum(a[-1] for a in cut) >= CUT_S - REQUEST_TIMEOUT_S - ANSWER_MARGIN_S
 
     # Healed: the value written before the cut (or the cut's write, whose outcome was unknown).
     status, body = result["after_heal"]["http"]
