@@ -136,15 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     if refusal is not None:
         logging.getLogger("broker").error("cannot start: %s", refusal)
         return 2
-    if args.insecure:
-        for what, bound in (("frontend", args.frontend), ("backend", args.backend)):
-            if not is_loopback(bound):
-                logging.getLogger("broker").warning(
-                    "the %s binds %s without CURVE (--insecure): any host that reaches it can "
-                    "use it, and its traffic is in clear",
-                    what,
-                    bound,
-                )
+    if args.insecure and not is_loopback(args.frontend):  # the backend's line: broker.server
+        logging.getLogger("broker").warning(
+            "the frontend binds %s without CURVE (--insecure): any host that reaches it can "
+            "use it, and its traffic is in clear",
+            args.frontend,
+        )
     if args.insecure and args.frontend_curve:
         logging.getLogger("broker").error("cannot start: --frontend-curve needs keys")
         return 2

@@ -109,7 +109,7 @@ def serve(
                 frontend.curve_publickey = pair.public
                 frontend.curve_server = True
         else:
-            log.warning("backend without CURVE (--insecure): any local process can join")
+            log.warning("backend without CURVE (--insecure): any process that reaches it can join")
         configure(frontend, backend)
         frontend.bind(config.frontend)
         backend.bind(config.backend)

@@ -127,6 +127,8 @@ def complete(directory: Path) -> bool:
 # workers' keypair to prove itself. Not the broker's secret, nor authorized/: an operator copies
 # only these three files to a worker host, and a worker that waited for the rest never started.
 WORKER_FILES = (f"{BROKER}.key", f"{WORKER}.key", f"{WORKER}.key_secret")
+# What a client host needs for the frontend's CURVE (client_curve reads these three).
+CLIENT_FILES = (f"{BROKER}.key", f"{CLIENT}.key", f"{CLIENT}.key_secret")
 
 
 def worker_complete(directory: Path) -> bool:
