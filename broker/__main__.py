@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " (env ZKV_FRONTEND_CURVE, default false)",
     )
     args = parser.parse_args(argv)
+    if args.frontend and "," in args.frontend:
+        args.frontend = own_frontend(parser, args.frontend, args.advertise)
     # Where each endpoint came from, for the refusal's message: a flag, or --advertise.
     advertised = f"from --advertise/ZKV_ADVERTISE {args.advertise}"
     args.frontend_source = "--frontend/ZKV_FRONTEND" if args.frontend else advertised
@@ -112,6 +114,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.frontend = args.frontend or tcp_endpoint(args.advertise, defaults.FRONTEND_PORT)
     args.backend = args.backend or tcp_endpoint(args.advertise, defaults.BACKEND_PORT)
     return args
+
+
+def own_frontend(parser: argparse.ArgumentParser, listed: str, advertise: str) -> str:
+    """The broker's own endpoint out of a list of frontends (clients read ``ZKV_FRONTEND`` as
+    every broker's, so one environment may serve a whole cluster): the one entry on this
+    broker's --advertise address. None or several: refused, saying what to set."""
+    entries = [part.strip() for part in listed.split(",") if part.strip()]
+    mine = [e for e in entries if e.partition("://")[2].rpartition(":")[0].strip("[]") == advertise]
+    if len(mine) != 1:
+        parser.error(
+            f"--frontend/ZKV_FRONTEND lists {len(entries)} endpoints ({listed}), for clients; "
+            f"a broker binds one, the one on its --advertise address ({advertise}), and "
+            f"{len(mine)} are: give this broker --frontend with its own endpoint"
+        )
+    return mine[0]
 
 
 def bind_refusal_of(args: argparse.Namespace) -> str | None:

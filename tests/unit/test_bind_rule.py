@@ -121,3 +121,15 @@ def test_the_broker_refuses_a_plain_frontend_other_hosts_reach(
 def test_insecure_lets_a_plain_socket_bind_other_addresses() -> None:
     args = parse_args(["--advertise", "10.77.0.11", "--insecure"])
     assert bind_refusal_of(args) is None
+
+
+def test_a_broker_given_the_clients_list_of_frontends_binds_its_own(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from broker.__main__ import parse_args
+
+    monkeypatch.setenv("ZKV_FRONTEND", "tcp://10.0.0.1:5555,tcp://10.0.0.2:5555")
+    assert parse_args(["--advertise", "10.0.0.2"]).frontend == "tcp://10.0.0.2:5555"
+    with pytest.raises(SystemExit):
+        parse_args(["--advertise", "10.0.0.3"])
+    assert "lists 2 endpoints" in capsys.readouterr().err
