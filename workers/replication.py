@@ -27,7 +27,7 @@ Leader of shard ``n`` in epoch ``E`` (``E`` = its etcd leader key's create_revis
 
 ``records_appended_by_this_pass`` are the exact bytes ShardFiles.append wrote (one call per
 pass: capture them there, e.g. a ShardFiles subclass whose append also keeps ``data``, as
-tests/integration/test_replication.py does). Replies are released, in order, through
+tests/integration/test_replication_sockets.py does). Replies are released, in order, through
 ``release(item)`` from inside hold(), drain() or tick(). ``shrink``/``expand`` are called from
 tick() only, synchronously (an etcd transaction with its timeout), with the new set of
 followers; a False return keeps everything held and is retried (SHRINK_RETRY_S).
@@ -182,7 +182,8 @@ class _Link:
     follower_id: str
     state: LinkState = LinkState.WAITING
     acked: int = -1  # newest batch it holds (applied and logged) in this epoch; -1: nothing
-    sent: int = -1  # newest batch queued to it
+    sent: int = -1  # newest batch queued to it in this stream (what it may ack)
+    cursor: int = -1  # the batch after which the next RECORDS starts (sent, or lower to resend)
     behind_since_s: float | None = None  # since when it lacks a shipped batch (None: it doesn't)
     progress_s: float = 0.0  # its last ack, or when its stream (re)started
     snapshot: _SnapshotSource | None = None
@@ -260,6 +261,8 @@ class Replicator:
         self.newer_epoch = 0  # a newer epoch a follower reported (0: none): deposed
         self._next_shrink_s = 0.0
         self._next_expand_s = 0.0
+        self._joining: set[str] = set()  # followers catching up, see _check_caught_up
+        self._released_seq = -1  # the tag of the newest reply released
         self.isr: set[str] = set()
         self.set_followers(followers)
 
@@ -275,14 +278,16 @@ class Replicator:
         return len(self._held)
 
     def commit_seq(self) -> int:
-        """The newest batch every ISR follower holds (-1: not even the epoch's start)."""
+        """The newest batch every ISR (and joining) follower holds (-1: not even the epoch's
+        start)."""
         links = self._links
         commit = self.head
-        for member in self.isr:
-            link = links.get(member)
-            acked = -1 if link is None else link.acked
-            if acked < commit:
-                commit = acked
+        for members in (self.isr, self._joining):
+            for member in members:
+                link = links.get(member)
+                acked = -1 if link is None else link.acked
+                if acked < commit:
+                    commit = acked
         return commit
 
     def ship(self, data: bytes) -> int:
@@ -348,7 +353,7 @@ class Replicator:
                 if link.sent > link.acked and now - link.progress_s >= RESEND_S:
                     # Nothing acked for a while: maybe lost (a reconnection drops a pipe).
                     # The follower takes batches it already has as duplicates.
-                    link.sent = link.acked
+                    link.cursor = link.acked
                     link.progress_s = now
                 self._pump(link)
             elif link.state is LinkState.SNAPSHOT:
@@ -371,6 +376,7 @@ class Replicator:
         """The ISR (without this leader) as etcd now says."""
         now = self._monotonic()
         self.isr = set(followers)
+        self._joining -= self.isr
         for member in self.isr:
             if member not in self._links:
                 self._links[member] = _Link(member, behind_since_s=now, progress_s=now)
@@ -421,7 +427,7 @@ class Replicator:
             log.info("shard %d: %s resumes after batch %d", self.shard, name, have)
             link.state = LinkState.STREAMING
             link.acked = have  # what it holds now (maybe less than it acked: its fsync policy)
-            link.sent = have
+            link.sent = link.cursor = have
             link.snapshot = None
             link.progress_s = self._monotonic()
             self._pump(link)
@@ -459,7 +465,7 @@ class Replicator:
             )
             link.state = LinkState.STREAMING
             link.snapshot = None
-            link.acked = link.sent = ack.seq
+            link.acked = link.sent = link.cursor = ack.seq
         elif link.state is LinkState.STREAMING:
             if ack.seq > link.sent:
                 peer_log.warning(
@@ -536,9 +542,9 @@ class Replicator:
 
     def _pump(self, link: _Link) -> None:
         """Send a STREAMING follower what it lacks, in RECORDS of at most MAX_RECORDS_BYTES."""
-        if link.sent >= self.head or self.newer_epoch:
+        if link.cursor >= self.head or self.newer_epoch:
             return
-        if not self._has_after(link.sent) or self._over_bound(link.acked):
+        if not self._has_after(link.cursor) or self._over_bound(link.acked):
             log.warning(
                 "shard %d: %s is %d batches behind (past %d MiB or %d batches): restarting "
                 "it from a snapshot",
@@ -552,7 +558,7 @@ class Replicator:
             return
         window = self._window
         first = self._first_seq()
-        index = link.sent + 1 - first
+        index = link.cursor + 1 - first
         while index < len(window):
             start = window[index]
             parts = [start.data]
@@ -567,14 +573,16 @@ class Replicator:
             message = Records(self.shard, self.epoch, start.seq, count, body)
             if not self._send(link.follower_id, encode_replication(message)):
                 return  # the socket is full or the follower gone: tick() tries again
-            link.sent = start.seq + count - 1
+            link.cursor = start.seq + count - 1
+            if link.cursor > link.sent:
+                link.sent = link.cursor
 
     def _start_snapshot(self, link: _Link) -> None:
         """(Re)start a follower from a snapshot of the shard at the last batch shipped."""
         store, memory = self._source()
         link.state = LinkState.SNAPSHOT
         link.snapshot = _SnapshotSource(store, memory, self.head)
-        link.sent = self.head
+        link.sent = link.cursor = self.head
         link.chunk_next = 0
         link.chunk_acked = -1
         link.chunk_pending = None
@@ -673,21 +681,38 @@ class Replicator:
             ", ".join(sorted(remaining)) or "the leader alone",
         )
 
+    # Rejoining the ISR. A follower outside it that streams without lagging first JOINS
+    # locally: the commit rule waits for its acks too (waiting for more copies is always
+    # safe), so it cannot fall behind what is released, even under a steady stream of writes
+    # (waiting for it to ack the very last batch at a timer tick might never happen while
+    # the broker keeps the pipeline full). Once it holds every batch any released reply
+    # depended on (acked >= the newest released tag), it is proposed to ``expand``: from
+    # then on it may be elected, and it holds everything ever acknowledged. A joining
+    # follower that lags, or whose stream breaks, leaves the joining set (no etcd call: etcd
+    # never listed it).
     def _check_caught_up(self, now: float) -> None:
-        if now < self._next_expand_s:
-            return
+        joining = self._joining
         for name, link in self._links.items():
-            if name in self.isr or link.state is not LinkState.STREAMING:
+            if name in self.isr:
                 continue
-            if link.acked != self.head:
+            since = link.behind_since_s
+            lagging = since is not None and now - since > self.lag_s
+            if link.state is not LinkState.STREAMING or lagging:
+                if name in joining:
+                    joining.discard(name)
+                    log.info("shard %d: %s stopped catching up", self.shard, name)
                 continue
-            members = frozenset(self.isr | {name})
-            if not self._expand(members):
+            if name not in joining:
+                joining.add(name)
+                log.info("shard %d: %s is catching up: replies wait for it", self.shard, name)
+            if link.acked < self._released_seq or now < self._next_expand_s:
+                continue
+            if not self._expand(frozenset(self.isr | {name})):
                 self._next_expand_s = now + EXPAND_RETRY_S
                 log.warning("shard %d: could not add %s to the in-sync set", self.shard, name)
-                return
+                continue
             self.isr.add(name)
-            link.behind_since_s = None
+            joining.discard(name)
             log.info("shard %d: %s caught up: back in the in-sync set", self.shard, name)
 
     def _release_committed(self) -> None:
@@ -699,8 +724,9 @@ class Replicator:
             return
         release = self._release
         while held and held[0][0] <= commit:
-            _, item, nbytes = held.popleft()
+            seq, item, nbytes = held.popleft()
             self.held_bytes -= nbytes
+            self._released_seq = seq
             release(item)
 
 
