@@ -2,8 +2,8 @@
 
 Independent of etcd: the caller gives the epoch, the in-sync replica set (ISR) and callbacks,
 and wires the callbacks to workers/cluster.py's etcd calls. The frames are zkv/protocol.py's
-(FOLLOW, SNAPSHOT, RECORDS, ACK, REFUSE; docs/protocol.md section 7); the contract is in
-docs/cluster.md ("Replication").
+(FOLLOW, SNAPSHOT, RECORDS, ACK, REFUSE); docs/protocol.md section 7 specifies them, the
+exchange, the commit rule and every bound.
 
 Integration API (what a cluster worker loop calls)
 --------------------------------------------------
