@@ -26,11 +26,13 @@ Leader of shard ``n`` in epoch ``E`` (``E`` = its etcd leader key's create_revis
     stepping down: rep.drain_held() -> the replies never released (answer them UNAVAILABLE)
 
 ``records_appended_by_this_pass`` are the exact bytes ShardFiles.append wrote (one call per
-pass: capture them there, e.g. a ShardFiles subclass whose append also keeps ``data``, as
-tests/integration/test_replication_sockets.py does). Replies are released, in order, through
-``release(item)`` from inside hold(), drain() or tick(). ``shrink``/``expand`` are called from
-tick() only, synchronously (an etcd transaction with its timeout), with the new set of
-followers; a False return keeps everything held and is retried (SHRINK_RETRY_S).
+pass that writes: capture them there, as tests/replicas.py ``tap`` does). Replies are
+released, in order, through ``release(item)`` from inside hold(), drain() or tick(), never
+while ``lease_valid()`` is False. ``shrink``/``expand`` are called from tick() only,
+synchronously (an etcd transaction with its timeout), with the new set of followers (the
+leader not included); a False return keeps everything held and is retried (SHRINK_RETRY_S,
+EXPAND_RETRY_S). ``source`` is read when a snapshot starts: the shard's store and memory as
+they are after the last pass shipped (Shard replaces them after a full disk's undo).
 
 Follower of shard ``n``, its files taken and replayed (``files``, ``store``, ``memory``)::
 
@@ -206,8 +208,10 @@ class Replicator:
 
     Lag: an ISR follower that lacks a batch shipped more than ``lag_s`` ago (or has no state of
     this epoch for that long) is removed by ``shrink`` FIRST; only when it returned True does
-    the commit rule stop waiting for it. A follower outside the ISR whose ack reaches the last
-    shipped batch is proposed to ``expand``. An idle shard asks nothing of its followers.
+    the commit rule stop waiting for it. A follower outside the ISR that streams without
+    lagging joins the commit rule locally, then is proposed to ``expand`` once it holds every
+    batch a released reply depended on (see _check_caught_up). An idle shard asks nothing of
+    its followers: a dead follower is noticed at the first write it leaves unacked.
 
     Args:
         shard: the shard number.
@@ -219,7 +223,8 @@ class Replicator:
         shrink: given the ISR's new followers (fewer), True once etcd has them.
         expand: given the ISR's new followers (one more), True once etcd has them.
         lease_valid: whether this leader may still acknowledge (its etcd lease holds).
-        deposed: called once with a newer epoch a follower reported.
+        deposed: called once with a newer epoch a follower reported (a hint from a peer:
+            the caller may check etcd; nothing is released or sent any more either way).
         lag_s: see REPLICA_LAG_S.
         monotonic: seconds; tests pass a fake clock.
     """
