@@ -812,15 +812,18 @@ class Follower:
         self._snapshot_seq = 0
         self._chunk_next = 0
         self._next_follow_s = 0.0
+        self._next_resume_s = 0.0  # a gap asks to resume at most once per FOLLOW_RETRY_S
 
     def follow(self, epoch: int) -> None:
-        """The shard's leader is in ``epoch`` (from etcd): ask it for the shard. Call it again
-        after connecting to a new endpoint; an older epoch than one known is ignored."""
-        if epoch < self.epoch:
+        """The shard's leader is in ``epoch`` (from etcd): ask it for the shard, once per
+        epoch. Calling it again with the epoch it follows changes nothing (the caller may pass
+        every etcd reading; lost messages are made up by tick()'s retries and the leader's
+        resends, and one epoch has one leader, at one endpoint); an older epoch is ignored."""
+        if epoch < self.epoch or (epoch == self.epoch and self.state is not FollowerState.IDLE):
             return
         if epoch > self.epoch:
             self._new_epoch(epoch)
-        self._send_follow(resume=self.state is FollowerState.SYNCED)
+        self._send_follow(resume=False)
 
     def on_message(self, frames: Sequence[bytes]) -> None:
         """A message from the leader."""
@@ -957,13 +960,19 @@ class Follower:
             self._send_message(Ack(self.shard, self.epoch, self.seq))  # a resend: ack again
             return
         if records.first_seq != self.seq + 1:
-            log.warning(
-                "shard %d: batch %d came after %d: a gap, asking to resume",
-                self.shard,
-                records.first_seq,
-                self.seq,
-            )
-            self._send_follow(resume=True)
+            # A gap: messages were lost (a reconnection drops what a pipe held). Ask once to
+            # resume after what we hold; the rest of the stream sent before the leader heard
+            # us has the same gap, and asking at each would restart its resend each time.
+            now = self._monotonic()
+            if now >= self._next_resume_s:
+                self._next_resume_s = now + FOLLOW_RETRY_S
+                log.warning(
+                    "shard %d: batch %d came after %d: a gap, asking to resume",
+                    self.shard,
+                    records.first_seq,
+                    self.seq,
+                )
+                self._send_follow(resume=True)
             return
         parsed = _parse(records.body)
         if isinstance(parsed, str):

@@ -481,3 +481,35 @@ def test_an_ack_that_crosses_a_resend_is_taken(
         net.rep.on_message(identity, frames)
     assert net.released == [tag]
     assert "acked batch" not in caplog.text
+
+
+def test_following_the_same_epoch_again_changes_nothing(tmp_path: Path) -> None:
+    """The cluster worker may pass every etcd reading (5 a second): a FOLLOW each time would
+    restart the snapshot on its way each time."""
+    net = Net(tmp_path, names=("f1",))
+    follower = net.followers["f1"]
+    follower.follow(1)
+    follower.follow(1)
+    assert [m for _, m in net.seen] == [Follow(0, 1, "f1")]
+    net.pump()
+    follower.follow(1)
+    assert follower.state is FollowerState.SYNCED and len(net.seen) == 3  # FOLLOW, 2 ACKs
+
+
+def test_a_stream_with_a_gap_asks_to_resume_once(tmp_path: Path) -> None:
+    net = Net(tmp_path, names=("f1",))
+    w = net.writer
+    net.follow_all()
+    net.cut.add("f1")
+    net.write(w.set(b"lost", b"1"))
+    net.cut.discard("f1")
+    for i in range(5):
+        net.write(w.set(b"k%d" % i, b"v"))
+    follower = net.followers["f1"]
+    net.seen.clear()
+    for frames in net.to_follower["f1"]:  # five RECORDS, each after the gap
+        follower.on_message(frames)
+    net.to_follower["f1"].clear()
+    assert [m for _, m in net.seen] == [Follow(0, 1, "f1", 0)]
+    net.pump()
+    assert follower.seq == net.rep.head == 6 and len(net.released) == 6
