@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -54,27 +55,32 @@ def passes(count: int, ops: int, value: bytes) -> list[list[Dispatch]]:
     ]
 
 
-def leader(data_dir: Path, policy: FsyncPolicy) -> tuple[Shard, list[bytes]]:
+def leader(
+    data_dir: Path, policy: FsyncPolicy, ship: Callable[[bytes], object] | None = None
+) -> Shard:
+    """The leader's shard; each pass's records go to ``ship`` as soon as they are appended,
+    before the leader's own fsync, so the follower's write and fsync overlap it (safe: the
+    replies still wait for both; a leader that dies before its fsync leaves a write it never
+    acknowledged on the follower, which is allowed to survive)."""
     shard = take_shard(0, 1, None, Durability(data_dir, policy), wall_clock_ms).shard
     files = shard.files
     assert files is not None
-    appended: list[bytes] = []
-    append = files.append
+    if ship is not None:
+        append = files.append
 
-    def tapped(data: bytes) -> None:
-        append(data)
-        appended.append(data)
+        def tapped(data: bytes) -> None:
+            append(data)
+            ship(data)
 
-    files.append = tapped  # type: ignore[method-assign]
-    return shard, appended
+        files.append = tapped  # type: ignore[method-assign]
+    return shard
 
 
 def unreplicated(work: list[list[Dispatch]], data_dir: Path, policy: FsyncPolicy) -> float:
-    shard, appended = leader(data_dir, policy)
+    shard = leader(data_dir, policy)
     started = time.perf_counter()
     for dispatches in work:
         shard.handle_batch(dispatches)
-        appended.clear()
     elapsed = time.perf_counter() - started
     shard.close()
     return elapsed
@@ -83,7 +89,7 @@ def unreplicated(work: list[list[Dispatch]], data_dir: Path, policy: FsyncPolicy
 def replicated(
     work: list[list[Dispatch]], data_dir: Path, policy: FsyncPolicy, in_flight: int, keys: Path
 ) -> float:
-    shard, appended = leader(data_dir / "leader", policy)
+    holder: list[Shard] = []
     context = zmq.Context()
     link = LeaderSocket(context, "tcp://127.0.0.1:0", Keys(keys) if CURVE else None)
     released = [0]
@@ -91,13 +97,15 @@ def replicated(
         0,
         1,
         [FOLLOWER_ID],
-        source=lambda: (shard.store, shard.memory),
+        source=lambda: (holder[0].store, holder[0].memory),
         send=link.send,
         release=lambda item: released.__setitem__(0, released[0] + item),
         shrink=lambda members: True,
         expand=lambda members: True,
         lag_s=60.0,  # the bench measures throughput, never a follower dropped
     )
+    shard = leader(data_dir / "leader", policy, rep.ship)
+    holder.append(shard)
     follower = subprocess.Popen(
         [
             sys.executable,
@@ -130,10 +138,7 @@ def replicated(
             while rep.held >= in_flight:
                 if poller.poll(100):
                     link.drain(rep)
-            shard.handle_batch(dispatches)
-            for data in appended:
-                rep.ship(data)
-            appended.clear()
+            shard.handle_batch(dispatches)  # ships its records before its fsync
             rep.hold(len(dispatches), 64 * len(dispatches))
             if poller.poll(0):
                 link.drain(rep)

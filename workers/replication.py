@@ -26,7 +26,11 @@ Leader of shard ``n`` in epoch ``E`` (``E`` = its etcd leader key's create_revis
     stepping down: rep.drain_held() -> the replies never released (answer them UNAVAILABLE)
 
 ``records_appended_by_this_pass`` are the exact bytes ShardFiles.append wrote (one call per
-pass that writes: capture them there, as tests/replicas.py ``tap`` does). Replies are
+pass that writes: capture them there, as tests/replicas.py ``tap`` does). Better, call
+``rep.ship(data)`` from that tap: the records leave before the leader's own fsync, so the
+follower's write and fsync overlap it (bench/replication.py does; safe, since the replies
+still wait for both, and a leader that dies before its fsync leaves on a follower only a
+write it never acknowledged, which may survive or not like any unacknowledged write). Replies are
 released, in order, through ``release(item)`` from inside hold(), drain() or tick(), never
 while ``lease_valid()`` is False. ``shrink``/``expand`` are called from tick() only,
 synchronously (an etcd transaction with its timeout), with the new set of followers (the
