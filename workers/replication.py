@@ -848,8 +848,7 @@ class Follower:
             self._new_epoch(message.epoch)  # learnt from the leader itself: newer than etcd's
         if type(message) is SnapshotChunk:
             self._on_chunk(message)
-        else:
-            assert type(message) is Records  # decode_to_follower returns nothing else
+        elif type(message) is Records:
             self._on_records(message)
 
     def tick(self) -> None:
