@@ -456,7 +456,7 @@ class Brokers:
             (index for index in order if avoid_until[index] <= now),
             min(order, key=avoid_until.__getitem__),  # all avoided: the first free again
         )
-        self._opened_at = -_NEVER  # the client closes its socket and makes one to the next
+        self._opened_at = now  # the client closes its socket and makes one to the next now
         self.moves += 1
         self.resend_s = self._draw()
         return True
