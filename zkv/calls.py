@@ -350,8 +350,8 @@ def gave_up(message: str, sent: bool) -> ZkvError:
 # broker as long as it answers: its requests keep the order it sent them in (a pipeline's SET
 # then GET of one key is answered in that order: a broker keeps one client socket's order per
 # key, two brokers would not), and it pays for one connection, not one per broker. Spreading
-# one client's batches over the brokers bought nothing measurable either: the client's own
-# packing is its bottleneck (docs/protocol.md, section 3.2).
+# one client's batches over several brokers could not be measured against this yet (workers
+# serve one broker until cluster mode), and it would give up that order: not done.
 #
 # When the current broker gives no answer at all for the resend interval while requests are
 # out (the rule of Calls.resend_due), or cannot be reached (a send refused because the
