@@ -32,7 +32,16 @@ from zkv import Client
 from zkv import calls as calls_module
 from zkv.aio import AsyncClient
 from zkv.config import endpoints
-from zkv.protocol import Kind, decode_request, split_batch
+from zkv.keys import Keys, create_keys
+from zkv.protocol import (
+    BatchReply,
+    Kind,
+    Reply,
+    Status,
+    decode_request,
+    encode_batch_reply,
+    split_batch,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -250,3 +259,50 @@ def test_a_malformed_list_is_refused_by_the_clients_naming_the_entry():
         AsyncClient(",tcp://b:1")
     with pytest.raises(argparse.ArgumentTypeError):
         endpoints("tcp://a:1,tcp://a:1")
+
+
+def test_the_curve_keys_serve_every_broker_of_the_list(tmp_path):
+    """With --frontend-curve every broker of a cluster holds its key set: the client's one
+    set of keys opens the first broker (a black hole here) and the next alike."""
+    create_keys(tmp_path / "keys")
+    broker = Keys(tmp_path / "keys").broker(secret=True)
+    context = zmq.Context()
+    servers = []
+    for _ in range(2):
+        server = context.socket(zmq.ROUTER)
+        server.setsockopt(zmq.LINGER, 0)
+        server.curve_secretkey = broker.secret
+        server.curve_publickey = broker.public
+        server.curve_server = True
+        servers.append((server, f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}"))
+    (hole, hole_endpoint), (live, live_endpoint) = servers
+    stop = threading.Event()
+
+    def answer() -> None:  # every GET of a BATCH gets its key as value
+        while not stop.is_set():
+            if live.poll(20):
+                identity, *frames = live.recv_multipart()
+                subs = split_batch(frames)[1]
+                replies = tuple(Reply(Status.OK, sub[1], 0, None, sub[2]) for sub in subs)
+                live.send_multipart([identity, *encode_batch_reply(BatchReply(0, replies))])
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        with Client(
+            f"{hole_endpoint},{live_endpoint}",
+            timeout_s=TIMEOUT_S,
+            attempt_s=ATTEMPT_S,
+            context=context,
+            keys=tmp_path / "keys",
+            first_broker=0,
+        ) as kv:
+            assert [item.value for item in kv.get_many(["a", "b"])] == [b"a", b"b"]
+            assert kv.retries == 1
+        assert hole.poll(0)  # the first broker took the batch: its CURVE handshake passed
+    finally:
+        stop.set()
+        thread.join(5)
+        for server, _ in servers:
+            server.close(linger=0)
+        context.term()
