@@ -551,9 +551,14 @@ class Calls:
         self._queue: list[int] = []  # request ids to send, oldest first (may hold stale ids)
         self._recent: OrderedDict[int, list[int]] = OrderedDict()  # batch id -> request ids
         # When a reply last came, and when a message last left: resend only after attempt_s
-        # of silence since both (a busy client may read replies late).
+        # of silence since both (a busy client may read replies late). With several brokers,
+        # the silence counts from the first message sent since the last reply instead of the
+        # last one: a client that keeps sending (a gateway under steady load) would otherwise
+        # never leave a broker that takes everything and answers nothing (a host cut off).
         self.last_progress = now
         self.last_send = now
+        self._several = self.brokers.several
+        self._first_unanswered_send: float | None = None
         self._unreachable_since: float | None = None
         # Request ids of the calls that never left in a message: their outcome is known (not
         # applied). Every other call in _calls is in flight and its outcome may be unknown.
@@ -656,6 +661,8 @@ class Calls:
         del self._queue[: len(batch.request_ids)]
         self._unsent.difference_update(batch.request_ids)
         self.last_send = now
+        if self._first_unanswered_send is None:
+            self._first_unanswered_send = now
         self._unreachable_since = None
         self.sent_any = True
         recent = self._recent
@@ -681,6 +688,7 @@ class Calls:
         """
         subs = replies(frames)
         self.last_progress = now
+        self._first_unanswered_send = None
         self.brokers.answered()
         calls = self._calls
         unsent = self._unsent
@@ -781,11 +789,18 @@ class Calls:
 
     def resend_in(self, now: float) -> float:
         """Seconds until :meth:`resend_due`, if nothing comes or leaves meanwhile (<= 0: due)."""
-        return max(self.last_progress, self.last_send) + self.attempt_s - now
+        return self._resend_at() - now
+
+    def _resend_at(self) -> float:
+        sent = self.last_send
+        if self._several and self._first_unanswered_send is not None:
+            sent = self._first_unanswered_send  # see __init__
+        return max(self.last_progress, sent) + self.attempt_s
 
     def resend_due(self, now: float) -> bool:
         """Whether a call that left is unanswered after ``attempt_s`` without any message in
-        either direction: the request or its reply may be lost (a broker restart)."""
+        either direction (with several brokers: without a reply since the first message that
+        left after the last one): the request or its reply may be lost (a broker restart)."""
         return self.in_flight > 0 and self.resend_in(now) <= 0
 
     def resend(self, now: float) -> None:
@@ -813,6 +828,7 @@ class Calls:
         self._queue = list(self._calls)
         self._recent.clear()  # replies to the old socket can no longer come
         self.last_send = now
+        self._first_unanswered_send = None
         # The attempts that left and got no answer may have been applied: a BUSY answer to a
         # later attempt no longer means "not applied" (see busy_gave_up). Rare (a silence of
         # attempt_s), so rebuilt whole, which also drops the ids of calls settled since.
@@ -831,9 +847,7 @@ class Calls:
         _, _, _, _, earliest = next(iter(self._calls.values()))
         if self._parked or self._requeued:  # after BUSY answers only
             earliest = min(earliest, self.next_resend_at(), *self._requeued.values())
-        return max(
-            0.0, min(max(self.last_progress, self.last_send) + self.attempt_s, earliest) - now
-        )
+        return max(0.0, min(self._resend_at(), earliest) - now)
 
     def expire(self, now: float) -> list[Settled]:
         """Forget the calls whose deadline has passed; each with its error (:func:`gave_up`)."""

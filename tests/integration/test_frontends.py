@@ -306,3 +306,23 @@ def test_the_curve_keys_serve_every_broker_of_the_list(tmp_path):
         for server, _ in servers:
             server.close(linger=0)
         context.term()
+
+
+def test_asyncio_under_steady_load_leaves_a_broker_that_answers_nothing(setup):
+    """Calls keep coming (a gateway's load) while the first broker takes them all and answers
+    none: the client still moves on after one resend interval, and no call times out."""
+    hole = setup.black_hole
+
+    async def scenario() -> None:
+        async with AsyncClient(
+            f"{hole.endpoint},{setup.live}", timeout_s=1.2, attempt_s=ATTEMPT_S, first_broker=0
+        ) as kv:
+            calls = []
+            for n in range(30):  # one call every 50 ms for 1.5 s: longer than the timeout
+                calls.append(asyncio.ensure_future(kv.set(f"steady:{n}", b"v")))
+                await asyncio.sleep(0.05)
+            await asyncio.gather(*calls)  # a Timeout would raise here
+            assert kv.brokers.endpoint == setup.live
+
+    asyncio.run(scenario())
+    assert {setup.applied[b"steady:%d" % n] for n in range(30)} == {1}

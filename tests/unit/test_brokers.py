@@ -217,3 +217,33 @@ def test_one_broker_the_calls_keep_todays_rules():
     assert not calls.resend_due(0.99) and calls.resend_due(1.0)
     calls.resend(1.0)
     assert calls.brokers.endpoint == A and calls.brokers.moves == 0
+
+
+def test_with_several_brokers_sends_that_keep_leaving_do_not_hide_a_silent_broker():
+    """A gateway under steady load sends a call every few milliseconds: with several brokers
+    the silence counts from the first send after the last reply, so a broker that takes
+    everything and answers nothing (its host cut off) is left after one resend interval."""
+    calls = make_calls(brokers(A, B), [1_700_000_000.0])
+    now = 0.0
+    while now < 0.99:
+        calls.add((GET, b"k%d" % int(now * 100), None, None), now, now)
+        send_all(calls, now)
+        assert not calls.resend_due(now)
+        now = round(now + 0.05, 2)
+    calls.add((GET, b"last", None, None), "last", 1.0)
+    send_all(calls, 1.0)
+    assert calls.resend_due(1.0) and calls.due_in(1.0) == 0.0
+    calls.resend(1.0)
+    assert calls.brokers.endpoint == B
+    calls.receive(ok(1), 1.1)  # B answers one: the silence starts again from its next send
+    send_all(calls, 1.2)
+    assert not calls.resend_due(2.09) and calls.resend_due(2.2)
+
+
+def test_with_one_broker_the_silence_counts_from_the_last_send_as_ever():
+    calls = make_calls(Brokers((A,), 1.0, 5.0), [1_700_000_000.0])
+    for step in range(40):
+        calls.add((GET, b"k%d" % step, None, None), step, step * 0.05)
+        send_all(calls, step * 0.05)
+        assert not calls.resend_due(step * 0.05)
+    assert calls.resend_due(39 * 0.05 + 1.0)
