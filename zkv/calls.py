@@ -354,7 +354,8 @@ def gave_up(message: str, sent: bool) -> ZkvError:
 # serve one broker until cluster mode), and it would give up that order: not done.
 #
 # When the current broker gives no answer at all for the resend interval while requests are
-# out (the rule of Calls.resend_due), or cannot be reached (a send refused because the
+# out (the rule of Calls.resend_due: counted from the first request sent since its last
+# answer), or cannot be reached (a send refused because the
 # socket, given UNSENDABLE_GRACE_S to connect, is not connected), it is marked failed: avoided
 # for a back-off of BROKER_BACKOFF_MIN_S, doubling with each failure in a row up to
 # BROKER_BACKOFF_MAX_S (an answer resets the count), and the next broker of the list that is
