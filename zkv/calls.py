@@ -29,6 +29,10 @@ unknown) if an earlier attempt got no answer and was resent: that one may have b
 The clients wait for the parked calls with the timers they already have (:meth:`Calls.due_in`,
 :meth:`Calls.next_resend_at`) and put them back in the queue with :meth:`Calls.unpark`.
 
+A client given several brokers talks to one at a time and moves to the next when the current
+one stays silent or cannot be reached, resending what is unanswered through it with the same
+request ids and records: :class:`Brokers` decides, for both clients (section "several brokers").
+
 Every SET and DEL is stamped with the wall-clock time it was made (flag STAMPED, see
 zkv.protocol.stamp_of), read from an injected wall clock when the call is added: the stamp is
 part of the call's record, packed once, so every resend of a request id carries the same one.
@@ -355,11 +359,11 @@ def gave_up(message: str, sent: bool) -> ZkvError:
 #
 # When the current broker gives no answer at all for the resend interval while requests are
 # out (the rule of Calls.resend_due: counted from the first request sent since its last
-# answer), or cannot be reached (a send refused because the
-# socket, given UNSENDABLE_GRACE_S to connect, is not connected), it is marked failed: avoided
-# for a back-off of BROKER_BACKOFF_MIN_S, doubling with each failure in a row up to
-# BROKER_BACKOFF_MAX_S (an answer resets the count), and the next broker of the list that is
-# not avoided becomes current (if all are, the one whose back-off ends first). Everything
+# answer), or cannot be reached (a send refused because the socket, given UNSENDABLE_GRACE_S
+# to connect, is not connected), it is marked failed: avoided for a back-off of
+# BROKER_BACKOFF_MIN_S, doubling with each failure in a row up to BROKER_BACKOFF_MAX_S (an
+# answer resets the count), and the next broker of the list that is not avoided becomes
+# current (if all are, the one whose back-off ends first). Everything
 # unanswered is sent to it again, with the same request ids and the same records (so the same
 # first-send stamps): a write that the failed broker did get through is answered from the
 # worker's idempotency memory, not applied twice. The failed broker's socket is closed, which
