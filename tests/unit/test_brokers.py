@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 
+from zkv import cli
 from zkv.calls import (
     BROKER_BACKOFF_MAX_S,
     BROKER_BACKOFF_MIN_S,
@@ -247,3 +248,10 @@ def test_with_one_broker_the_silence_counts_from_the_last_send_as_ever():
         send_all(calls, step * 0.05)
         assert not calls.resend_due(step * 0.05)
     assert calls.resend_due(39 * 0.05 + 1.0)
+
+
+def test_the_command_line_client_takes_the_list_and_names_a_bad_entry(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--frontend", "tcp://a:1,localhost:1", "ping"])
+    assert exited.value.code == 2
+    assert "entry 2 of 'tcp://a:1,localhost:1': 'localhost:1'" in capsys.readouterr().err
