@@ -19,7 +19,7 @@ from pathlib import Path
 
 from zkv import defaults
 from zkv.client import Client, NotFound
-from zkv.config import add_flag, positive_float
+from zkv.config import add_flag, endpoints, positive_float
 from zkv.errors import ZkvError
 from zkv.keys import KeysError, create_keys
 
@@ -30,7 +30,14 @@ def _deadline(deadline_ms: int | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zkv", description="zkv command-line client")
-    add_flag(parser, "--frontend", "ZKV_FRONTEND", defaults.FRONTEND, help="broker endpoint")
+    add_flag(
+        parser,
+        "--frontend",
+        "ZKV_FRONTEND",
+        defaults.FRONTEND,
+        endpoints,
+        "broker endpoint, or several separated by commas (tried in turn)",
+    )
     add_flag(
         parser,
         "--timeout",

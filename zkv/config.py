@@ -149,6 +149,46 @@ def bind_refusal(
     )
 
 
+MAX_FRONTENDS = 64  # brokers one client or gateway may be given in a list (--frontend a,b,...)
+
+
+def endpoint_list(text: str) -> list[str]:
+    """The endpoints of a comma-separated list (``tcp://a:5555,tcp://b:5555``), each checked
+    by :func:`endpoint`; spaces around an entry are ignored. One entry is a list of one.
+
+    Raises:
+        argparse.ArgumentTypeError: an entry is empty, malformed or listed twice, or there are
+            more than MAX_FRONTENDS; the message names the entry.
+    """
+    entries = [entry.strip() for entry in text.split(",")]
+    if len(entries) > MAX_FRONTENDS:
+        raise argparse.ArgumentTypeError(
+            f"{len(entries)} endpoints listed, at most {MAX_FRONTENDS} are allowed"
+        )
+    seen: set[str] = set()
+    for number, entry in enumerate(entries, 1):
+        where = f"entry {number} of {text!r}"
+        if not entry:
+            raise argparse.ArgumentTypeError(f"{where} is empty (a stray comma?)")
+        try:
+            endpoint(entry)
+        except argparse.ArgumentTypeError as exc:
+            if len(entries) == 1:
+                raise
+            raise argparse.ArgumentTypeError(f"{where}: {exc}") from None
+        if entry in seen:
+            raise argparse.ArgumentTypeError(f"{where}: {entry!r} is listed twice")
+        seen.add(entry)
+    return entries
+
+
+def endpoints(text: str) -> str:
+    """argparse type: one endpoint, or several separated by commas (a client's or a gateway's
+    brokers, tried in turn: zkv/calls.py), each checked by :func:`endpoint_list`; returns the
+    list joined again with commas, without spaces."""
+    return ",".join(endpoint_list(text))
+
+
 def boolean(text: str) -> bool:
     """argparse/environment type: a yes/no value (1/0, true/false, yes/no, on/off)."""
     value = text.strip().lower()
