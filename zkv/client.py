@@ -157,6 +157,11 @@ class Client:
         self.retries = 0
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        # The socket a single request left before it was resent on a fresh one, kept for one
+        # more resend interval: an answer the broker sent it just as the client moved on (a
+        # "no worker" failure at --shard-wait, a whole number of resend intervals) still
+        # arrives, instead of the resend waiting out the client's timeout (504 for a 503).
+        self._previous: zmq.Socket | None = None
         self._poller = zmq.Poller()
 
     # --- commands ---------------------------------------------------------------------------
@@ -301,6 +306,7 @@ class Client:
         """
         count = len(ops)
         results: list[Any] = [_PENDING] * count
+        self._drop_previous()  # read by single requests only (see _previous)
         start = time.monotonic()
         # A pipeline fails as a whole, after timeout_s without any reply (see zkv.calls).
         calls = Calls(
@@ -456,9 +462,9 @@ class Client:
             # No reply: the request or its reply may be lost (a broker restart), or it may have
             # been applied. Send it again (the same frames: the same id and stamp) on a fresh
             # socket, which also drops anything stale still queued in the old one, to the next
-            # broker if there are several.
+            # broker if there are several; the old one is still read for one more interval.
             maybe_applied = True
-            self._reset()
+            self._reset(keep_previous=True)
             brokers.failed(time.monotonic())
             if time.monotonic() >= deadline:
                 raise Timeout(
@@ -467,18 +473,25 @@ class Client:
             self.retries += 1
 
     def _wait_reply(self, socket: zmq.Socket, request_id: int, until: float) -> Reply | None:
-        """The reply to ``request_id`` if it comes before ``until`` (monotonic), else None."""
+        """The reply to ``request_id`` if it comes before ``until`` (monotonic), else None:
+        on ``socket`` or on the socket the request left before (see ``_previous``)."""
         while True:
             remaining_ms = int((until - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._poller.poll(remaining_ms):
+            if remaining_ms <= 0:
                 return None
-            try:
-                reply = decode_reply(socket.recv_multipart())
-            except ProtocolError:
-                continue  # not ours to fix, and not worth dying for
-            if reply.request_id == request_id:
-                return reply
-            # else: a late reply to an earlier request that timed out
+            ready = dict(self._poller.poll(remaining_ms))
+            if not ready:
+                return None
+            for readable in (socket, self._previous):
+                if readable is None or readable not in ready:
+                    continue
+                try:
+                    reply = decode_reply(readable.recv_multipart())
+                except ProtocolError:
+                    continue  # not ours to fix, and not worth dying for
+                if reply.request_id == request_id:
+                    return reply
+                # else: a late reply to an earlier request that timed out
 
     def close(self) -> None:
         """Close the socket; the client can still be used and opens a new one."""
@@ -520,11 +533,23 @@ class Client:
         except zmq.Again:
             return False
 
-    def _reset(self) -> None:
+    def _reset(self, keep_previous: bool = False) -> None:
+        """Drop the socket (a fresh one is opened when next needed); with ``keep_previous``
+        it is read for one more resend interval (see ``_previous``), at most one such."""
+        self._drop_previous()
         if self._socket is not None:
-            self._poller.unregister(self._socket)
-            self._socket.close(linger=0)
+            if keep_previous:
+                self._previous = self._socket
+            else:
+                self._poller.unregister(self._socket)
+                self._socket.close(linger=0)
             self._socket = None
+
+    def _drop_previous(self) -> None:
+        if self._previous is not None:
+            self._poller.unregister(self._previous)
+            self._previous.close(linger=0)
+            self._previous = None
 
 
 AllOnce = Callable[[bytes, int, bool], list[Entry]]
