@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 
 import zmq
@@ -40,6 +41,9 @@ LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 # (about 1 us of 6 per SET). Above one batch's churn, collections are rare; reference counting
 # frees the broker's garbage anyway (it makes almost no cycles).
 GC_THRESHOLD = 10_000
+# Cluster mode: by default a request waits for a shard without a leader this long past the
+# lease's TTL (the next leader is found by an etcd poll of 0.2 s and takes the shard over).
+FAILOVER_MARGIN_S = 2.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -105,6 +109,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " (env ZKV_FRONTEND_CURVE, default false)",
     )
     args = parser.parse_args(argv)
+    explicit_wait = "ZKV_SHARD_WAIT" in os.environ or any(
+        arg == "--shard-wait" or arg.startswith("--shard-wait=") for arg in (argv or sys.argv[1:])
+    )
+    if args.coordinator and args.shard_wait < args.lease_ttl + FAILOVER_MARGIN_S:
+        # A request for a shard whose leader died waits for the next one: that takes the
+        # lease's TTL plus an etcd poll and a takeover (docs/cluster.md).
+        if explicit_wait:
+            logging.getLogger("broker").warning(
+                "--shard-wait %.1f s is shorter than a failover (--lease-ttl %d s + %.0f s): "
+                "requests for a shard whose leader died will fail before the next one leads",
+                args.shard_wait,
+                args.lease_ttl,
+                FAILOVER_MARGIN_S,
+            )
+        else:
+            args.shard_wait = args.lease_ttl + FAILOVER_MARGIN_S
     if args.frontend and "," in args.frontend:
         args.frontend = own_frontend(parser, args.frontend, args.advertise)
     # Where each endpoint came from, for the refusal's message: a flag, or --advertise.
