@@ -98,8 +98,9 @@ def test_an_option_left_out_keeps_its_environment_default(
     assert (args.frontend, args.ttl, args.timeout) == ("tcp://127.0.0.1:6555", 1000.0, 5.0)
 
 
-def test_every_argument_and_command_has_help() -> None:
-    for parser in walk(cli.build_parser()):
+@pytest.mark.parametrize("name", PARSERS)
+def test_every_argument_and_command_has_help(name: str) -> None:
+    for parser in walk(PARSERS[name]()):
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 assert all(choice.help for choice in action._choices_actions)
