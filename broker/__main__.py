@@ -16,10 +16,12 @@ from zkv.config import (
     add_flag,
     add_heartbeat_flags,
     add_security_flags,
+    bind_endpoint,
     boolean,
     env_default,
     positive_float,
     positive_int,
+    program_name,
 )
 from zkv.keys import KeysError, ensure_client_keys, ensure_keys
 
@@ -33,13 +35,28 @@ LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 GC_THRESHOLD = 10_000
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every default comes from an environment variable, then zkv.defaults."""
     parser = argparse.ArgumentParser(
-        prog="python -m broker",
+        prog=program_name("broker"),
         description="zkv broker: routes client requests to the worker owning each key's shard.",
     )
-    add_flag(parser, "--frontend", "ZKV_FRONTEND", defaults.FRONTEND, help="endpoint for clients")
-    add_flag(parser, "--backend", "ZKV_BACKEND", defaults.BACKEND, help="endpoint for workers")
+    add_flag(
+        parser,
+        "--frontend",
+        "ZKV_FRONTEND",
+        defaults.FRONTEND,
+        bind_endpoint,
+        "endpoint to bind for clients, tcp://HOST:PORT",
+    )
+    add_flag(
+        parser,
+        "--backend",
+        "ZKV_BACKEND",
+        defaults.BACKEND,
+        bind_endpoint,
+        "endpoint to bind for workers, tcp://HOST:PORT",
+    )
     add_flag(parser, "--shards", "ZKV_SHARDS", defaults.SHARDS, positive_int, "number of shards")
     add_flag(
         parser,
@@ -80,15 +97,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--frontend-curve",
         action=argparse.BooleanOptionalAction,
-        default=env_default("ZKV_FRONTEND_CURVE", False, boolean),
+        default=env_default("ZKV_FRONTEND_CURVE", False, boolean, "--frontend-curve", parser.prog),
         help="make the frontend a CURVE server: only clients holding a key listed in "
         "<keys>/clients/ are answered (clients: ZKV_FRONTEND_CURVE=1 or keys=)"
         " (env ZKV_FRONTEND_CURVE, default false)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m broker`` and ``zkv-broker``; returns the exit status."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     keys = None

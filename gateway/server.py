@@ -44,6 +44,8 @@ from zkv.config import (
     keys_default,
     positive_float,
     positive_int,
+    program_name,
+    whole_number,
 )
 
 log = logging.getLogger(__name__)
@@ -60,10 +62,7 @@ WORKER_CLASSES = {"event": "gateway.worker.EventLoopWorker", "gthread": "gthread
 
 def port(text: str) -> int:
     """A TCP port; 0 lets the OS choose (gunicorn logs the one it got)."""
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {value}")
-    return value
+    return whole_number(text, 0, 65535)
 
 
 def host(text: str) -> str:
@@ -77,10 +76,7 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
     """argparse type: an integer from ``low`` to ``high``."""
 
     def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
-        return value
+        return whole_number(text, low, high)
 
     parse.__name__ = "integer"
     return parse
@@ -98,7 +94,7 @@ def worker_class(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command line; each flag's default comes from its environment variable."""
     parser = argparse.ArgumentParser(
-        prog="python -m gateway",
+        prog=program_name("gateway"),
         description="zkv HTTP gateway: the seed API and the REST API over the zkv broker.",
     )
     add_flag(parser, "--host", "ZKV_HOST", defaults.HTTP_HOST, host, "address to listen on")
@@ -201,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--frontend-curve",
         action=argparse.BooleanOptionalAction,
-        default=env_default("ZKV_FRONTEND_CURVE", False, boolean),
+        default=env_default("ZKV_FRONTEND_CURVE", False, boolean, "--frontend-curve", parser.prog),
         help="talk CURVE to a broker started with --frontend-curve (keys from --keys)"
         " (env ZKV_FRONTEND_CURVE, default false)",
     )
@@ -214,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--access-log",
         action="store_true",
-        default=env_default("ZKV_ACCESS_LOG", False, boolean),
+        default=env_default("ZKV_ACCESS_LOG", False, boolean, "--access-log", parser.prog),
         help="log one line per request to stderr (env ZKV_ACCESS_LOG, default off)",
     )
     return parser
