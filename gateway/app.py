@@ -44,6 +44,7 @@ from bottle import (
     response,
 )
 
+from gateway.auth import AUTH_KEY, AuthPlugin, Tokens, is_admin
 from zkv import defaults
 from zkv.client import ALL_PAGE_KEYS, Item, NotFound
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
@@ -689,6 +690,7 @@ def make_app(
     max_key_bytes: int = defaults.MAX_KEY_BYTES,
     max_value_bytes: int = defaults.MAX_VALUE_BYTES,
     clock: Callable[[], float] = time.time,
+    tokens: Tokens | None = None,
 ) -> Bottle:
     """The gateway's WSGI app.
 
@@ -697,12 +699,17 @@ def make_app(
         max_key_bytes: largest key accepted, in UTF-8 bytes.
         max_value_bytes: largest value accepted, in bytes.
         clock: Unix time in seconds, for ``current_time`` and remaining TTLs (tests fake it).
+        tokens: who may do what (gateway/auth.py); None serves everyone.
     """
     app = Bottle()
     # Plugins apply in reverse order of installation: the client is innermost, the error
-    # mapping outermost, so a failing client factory or JSON encoding is mapped too.
+    # mapping outermost, so a failing client factory or JSON encoding is mapped too; the
+    # check of the token comes before anything else a route does.
     app.uninstall("json")
     app.install(ErrorPlugin())
+    app.config[AUTH_KEY] = tokens
+    if tokens is not None:
+        app.install(AuthPlugin(tokens))
     app.install(JSONPlugin(json_dumps=to_json))
     app.install(ClientPlugin(client_factory))
     for status in range(400, 600):
@@ -841,7 +848,10 @@ def make_app(
             body = to_json({"status": "unavailable", "error": str(exc)})
             return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
         owned = info.get("owned")
-        if isinstance(owned, list) and owned and all(shard is True for shard in owned):
+        healthy = isinstance(owned, list) and owned and all(shard is True for shard in owned)
+        if not is_admin(request.environ):  # with tokens, the cluster's layout is admin's
+            info = {}
+        if healthy:
             return {**info, "status": "ok"}
         body = to_json({**info, "status": "degraded"})
         return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})

@@ -95,9 +95,11 @@ _REASONS = {
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 Response = tuple[str, list[tuple[str, str]], bytes]  # status line, headers, body
 Shortcut = Callable[
-    [bytes, bytes], tuple[asyncio.Future[Any], Callable[[asyncio.Future[Any]], Response]] | None
+    [bytes, bytes, list[tuple[bytes, bytes]]],
+    tuple[asyncio.Future[Any], Callable[[asyncio.Future[Any]], Response]] | None,
 ]
-"""Serves some requests without the WSGI app: given the method and the target, None to leave
+"""Serves some requests without the WSGI app: given the method, the target and the header
+fields, None to leave
 the request to the app, or a future and what turns it, once done, into the response (see
 gateway/fastlane.py). It must not raise; what turns the future into a response may, and is
 then answered 500 as an app that raised."""
@@ -509,7 +511,7 @@ class HttpConnection(asyncio.Protocol):
         started = server.loop.time()
         if server.shortcut is not None and not request.early:
             try:
-                taken = server.shortcut(request.method, request.target)
+                taken = server.shortcut(request.method, request.target, request.headers)
             except Exception:  # a bug: not the app's to answer, something may have been sent
                 server.logs.error(
                     "shortcut failed", "the shortcut failed on %r", request.target, exc_info=True
