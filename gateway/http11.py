@@ -50,6 +50,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import socket
 import sys
 import time
@@ -68,17 +69,23 @@ from zkv.logs import LogLimiter
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
 
-LIMIT_REQUEST_LINE_BYTES = 8190  # the request target; seed /set carries its value in the URL
-MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+LIMIT_REQUEST_LINE_BYTES = 8190  # the request target, but for seed /set (below)
+# Seed /set carries its value in the URL, and the seed (Flask) took any value up to the limit:
+# its target may be 3 bytes per byte of key and value (each %-escaped) plus this much for the
+# rest ("/set?key=&value=&timeout=" and the timeout); see set_target_limit().
+SET_TARGET_SLACK_BYTES = 1024
+MAX_HEAD_BYTES = 64 * 1024  # header (and trailer) fields together; the target has its own limit
 MAX_HEADERS = 100  # header (and trailer) fields per request, as gunicorn's limit_request_fields
 MAX_QUEUED_REQUESTS = 32  # pipelined requests parsed ahead per connection; reading pauses then
 MAX_QUEUED_INPUT_BYTES = 1024 * 1024  # bytes of requests parsed ahead; reading pauses then
 WRITE_HIGH_WATER_BYTES = 64 * 1024  # unsent output above which a connection is not read from
 MAX_IDLE_RUNNERS = 256  # request greenlets kept for reuse per process
+SHOWN_TARGET_BYTES = 2048  # at most this much of a target in a log line
 SWEEP_S = 0.5  # how often timeouts are checked
 ACCEPT_PAUSE_S = 0.5  # after an accept failed for want of resources (file descriptors)
 LINGER_S = 2.0  # after a refusal with input maybe unread: how long to discard what still comes
 
+_HIGH_BYTES = re.compile(rb"[\x80-\xff]+")
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {
@@ -105,6 +112,12 @@ gateway/fastlane.py). It must not raise; what turns the future into a response m
 then answered 500 as an app that raised."""
 
 
+def set_target_limit(max_key_bytes: int, max_value_bytes: int) -> int:
+    """The longest target of a seed ``/set`` accepted: any key and value within their limits
+    fit, sent raw or %-escaped (3 bytes each); 3,152,896 bytes with the default limits."""
+    return 3 * (max_key_bytes + max_value_bytes) + SET_TARGET_SLACK_BYTES
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """What the server needs besides its app.
@@ -124,6 +137,8 @@ class ServerConfig:
         evict_grace_s: an evicted connection still open this long after its close began
             (its client does not read the 408) is aborted.
         access_log: log one line per request to ``gateway.access``.
+        max_set_target_bytes: the longest target of a seed ``/set`` (``/set?...``); every
+            other target is at most :data:`LIMIT_REQUEST_LINE_BYTES`.
     """
 
     max_body_bytes: int
@@ -135,6 +150,7 @@ class ServerConfig:
     write_timeout_s: float = 10.0
     evict_grace_s: float = 1.0
     access_log: bool = False
+    max_set_target_bytes: int = LIMIT_REQUEST_LINE_BYTES
 
 
 class _DateCache:
@@ -161,18 +177,25 @@ class _Request:
     __slots__ = (
         "body",
         "body_bytes",
+        "body_left",
         "content_length",
         "early",
         "expect_continue",
         "headers",
+        "in_body",
         "keep_alive",
         "method",
         "target",
+        "target_buffer",
         "version",
     )
 
     def __init__(self) -> None:
-        self.target = b""
+        self.target = b""  # set from target_buffer once the head is complete
+        # Appended to as the parser hands the target over, piece by piece: a bytes object
+        # grown by += would copy it whole for every piece (a /set target of megabytes, sent a
+        # few bytes at a time, would cost the square of its size).
+        self.target_buffer: bytearray | None = bytearray()
         self.headers: list[tuple[bytes, bytes]] = []
         # One buffer, not a list of pieces: a chunked body in 2-byte chunks would otherwise
         # cost a bytes object (about 35 bytes) and a list slot per chunk, some 20x its size.
@@ -182,6 +205,8 @@ class _Request:
         self.version = "1.1"
         self.keep_alive = True
         self.content_length: int | None = None
+        self.in_body = False  # the head is parsed: what comes is its body (see _feed_carefully)
+        self.body_left: int | None = None  # of a Content-Length body, bytes still to come
         self.early = False  # handed to the app before its body: too large, closed after
         self.expect_continue = False  # a 100 Continue is owed when its turn comes
 
@@ -332,7 +357,10 @@ class HttpConnection(asyncio.Protocol):
         self.last_active = self.server.loop.time()
         self.progress = False
         try:
-            self.parser.feed_data(data)
+            if data.isascii():  # nearly always: a C scan, no copy
+                self.parser.feed_data(data)
+            else:
+                self._feed_carefully(data)
         except httptools.HttpParserUpgrade:
             # An Upgrade (websocket, h2c) is not supported: the request is answered as plain
             # HTTP, and the connection closed after it.
@@ -361,6 +389,36 @@ class HttpConnection(asyncio.Protocol):
         self._next()
         self._close_if_done()
 
+    def _feed_carefully(self, data: bytes) -> None:
+        """Feed input holding bytes above 0x7F, %-escaping those of request heads.
+
+        llhttp refuses any byte above 0x7F in a request target ("Invalid char in url query"),
+        where the seed's Flask app took raw UTF-8 (``/get?key=ключ``) as it came. So those
+        bytes of a request head are written %XX, as a browser would have sent them, before
+        the parser sees them: the app reads the same path and query either way (what it
+        decodes of ``%D0%BA`` and of the raw bytes is the same). Header fields are part of the
+        head and escaped too (zkv reads no header where that matters: a token is ASCII).
+        Bodies must pass untouched, so the input is fed in pieces that never straddle the end
+        of a head or of a body: a head line at a time (a head ends with a line, as a chunked
+        body does), a Content-Length body exactly to its end. Only reads holding such bytes
+        come here; every other read is fed whole.
+        """
+        parser = self.parser
+        size = len(data)
+        start = 0
+        while start < size and not self.input_ended:
+            request = self.current
+            if request is not None and request.in_body and request.body_left:
+                end = start + request.body_left
+            else:
+                newline = data.find(b"\n", start)
+                end = size if newline < 0 else newline + 1
+            piece = data[start:end]
+            if (request is None or not request.in_body) and not piece.isascii():
+                piece = _HIGH_BYTES.sub(_escaped, piece)
+            parser.feed_data(piece)
+            start = end
+
     def eof_received(self) -> bool | None:
         # The client is done sending; what it asked for is still answered, then the connection
         # is closed. True keeps the transport open for those answers.
@@ -383,10 +441,13 @@ class HttpConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.progress = True
         request = self.current
-        if request is not None:
-            request.target += url
-            self.head_bytes += len(url)
-            if len(request.target) > LIMIT_REQUEST_LINE_BYTES:
+        if request is not None and request.target_buffer is not None:
+            target = request.target_buffer
+            target += url
+            if len(target) > LIMIT_REQUEST_LINE_BYTES and (
+                len(target) > self.server.config.max_set_target_bytes
+                or not target.startswith(b"/set?")
+            ):
                 self.url_too_long = True
                 raise ValueError("request line too long")  # feed_data raises a parser error
 
@@ -406,10 +467,14 @@ class HttpConnection(asyncio.Protocol):
         if request is None:
             return
         parser = self.parser
+        if request.target_buffer is not None:
+            request.target = bytes(request.target_buffer)
+            request.target_buffer = None
+        request.in_body = True
         request.method = parser.get_method()
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
-        expect_continue = False
+        expect_continue = chunked = False
         for name, value in request.headers:
             lowered = name.lower()
             if lowered == b"content-length":
@@ -417,6 +482,7 @@ class HttpConnection(asyncio.Protocol):
             elif lowered == b"expect" and value.lower() == b"100-continue":
                 expect_continue = True
             elif lowered == b"transfer-encoding":
+                chunked = True
                 # llhttp has checked that chunked comes last; any other coding (gzip, deflate)
                 # would be passed on still encoded, so it is refused (RFC 9112 6.1: 501).
                 for coding in value.split(b","):
@@ -424,6 +490,8 @@ class HttpConnection(asyncio.Protocol):
                     if coding and coding != b"chunked":
                         self.coding_refused = coding
                         raise ValueError("transfer coding not implemented")  # a parser error
+        if not chunked:
+            request.body_left = request.content_length or 0  # what _feed_carefully feeds
         if request.content_length is not None and request.content_length > (
             self.server.config.max_body_bytes
         ):
@@ -444,6 +512,8 @@ class HttpConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.progress = True
         request = self.current
+        if request is not None and request.body_left is not None:
+            request.body_left -= len(body)
         if request is None or request.early:
             return  # too large: the app answers without it, and the connection closes
         limit = self.server.config.max_body_bytes
@@ -514,7 +584,10 @@ class HttpConnection(asyncio.Protocol):
                 taken = server.shortcut(request.method, request.target, request.headers)
             except Exception:  # a bug: not the app's to answer, something may have been sent
                 server.logs.error(
-                    "shortcut failed", "the shortcut failed on %r", request.target, exc_info=True
+                    "shortcut failed",
+                    "the shortcut failed on %r",
+                    request.target[:SHOWN_TARGET_BYTES],
+                    exc_info=True,
                 )
                 self.busy = False
                 self._refuse(500, "internal server error")
@@ -543,7 +616,10 @@ class HttpConnection(asyncio.Protocol):
             status, headers, body = finish(done)
         except (Exception, asyncio.CancelledError):  # the connection must not stay busy
             self.server.logs.error(
-                "shortcut failed", "the shortcut failed on %r", request.target, exc_info=True
+                "shortcut failed",
+                "the shortcut failed on %r",
+                request.target[:SHOWN_TARGET_BYTES],
+                exc_info=True,
             )
             self._refuse(500, "internal server error")
             return
@@ -575,7 +651,7 @@ class HttpConnection(asyncio.Protocol):
                 "app failed",
                 "the app failed on %s %r",
                 environ["REQUEST_METHOD"],
-                request.target,
+                request.target[:SHOWN_TARGET_BYTES],
                 exc_info=result.error,
             )
             self._refuse(500, "internal server error")
@@ -645,7 +721,7 @@ class HttpConnection(asyncio.Protocol):
                 '%s "%s %s HTTP/%s" %d %d %.1fms',
                 self.peer,
                 request.method.decode("latin-1"),
-                request.target.decode("latin-1"),
+                request.target[:SHOWN_TARGET_BYTES].decode("latin-1"),
                 request.version,
                 code,
                 len(body),
@@ -661,7 +737,12 @@ class HttpConnection(asyncio.Protocol):
                 431, f"request head larger than {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} fields"
             )
         elif self.url_too_long:
-            self._refuse(414, f"request target longer than {LIMIT_REQUEST_LINE_BYTES} bytes")
+            limit = self.server.config.max_set_target_bytes
+            self._refuse(
+                414,
+                f"request target longer than {LIMIT_REQUEST_LINE_BYTES} bytes (seed /set: "
+                f"{limit} bytes)",
+            )
         else:
             self._refuse(400, f"malformed HTTP request: {exc}")
 
@@ -1034,6 +1115,11 @@ class HttpServer:
             environ[key] = text if previous is None else previous + "," + text
         environ["wsgi.input"] = io.BytesIO(request.body)
         return environ
+
+
+def _escaped(run: re.Match[bytes]) -> bytes:
+    """A run of bytes above 0x7F, each as %XX (one C call for the run, not one per byte)."""
+    return b"%" + run.group().hex("%").upper().encode()
 
 
 def _origin_form(target: bytes) -> bytes:

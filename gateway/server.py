@@ -36,7 +36,7 @@ from gateway import fastlane
 from gateway.app import ClientPlugin, make_app
 from gateway.auth import Tokens, TokensFileError, load_tokens
 from gateway.bridge import LoopClient
-from gateway.http11 import ServerConfig, Shortcut
+from gateway.http11 import ServerConfig, Shortcut, set_target_limit
 from zkv import defaults, protocol
 from zkv.client import Client
 from zkv.config import (
@@ -430,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_connections_per_client=args.max_connections_per_client,
         evict_after_s=args.evict_after,
         access_log=args.access_log,
+        max_set_target_bytes=set_target_limit(args.max_key_bytes, args.max_value_bytes),
     )
     try:
         GatewayServer(
