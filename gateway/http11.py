@@ -114,7 +114,7 @@ then answered 500 as an app that raised."""
 
 def set_target_limit(max_key_bytes: int, max_value_bytes: int) -> int:
     """The longest target of a seed ``/set`` accepted: any key and value within their limits
-    fit, sent raw or %-escaped (3 bytes each); 3,152,896 bytes with the default limits."""
+    fit, sent raw or %-escaped (3 bytes each); 3,149,824 bytes with the default limits."""
     return 3 * (max_key_bytes + max_value_bytes) + SET_TARGET_SLACK_BYTES
 
 

@@ -55,7 +55,11 @@ GRACEFUL_TIMEOUT_S = 3  # under honcho's 5 s between SIGTERM and SIGKILL
 LIMIT_REQUEST_LINE_BYTES = 8190  # gunicorn's maximum: seed /set carries its value in the URL
 LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"  # as gunicorn's own lines
-WORKER_CLASSES = {"event": "gateway.worker.EventLoopWorker", "gthread": "gthread"}
+# gthread is gunicorn's thread worker with zkv's request line and JSON errors (gateway/gthread.py)
+WORKER_CLASSES = {
+    "event": "gateway.worker.EventLoopWorker",
+    "gthread": "gateway.gthread.ThreadWorker",
+}
 
 
 # --- flag types: argparse reports their ValueError/ArgumentTypeError with the flag's name ----

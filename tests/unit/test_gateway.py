@@ -1067,7 +1067,7 @@ def test_server_defaults_listen_on_loopback(monkeypatch: pytest.MonkeyPatch) -> 
 def test_server_worker_class_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZKV_HTTP_WORKER", "gthread")
     args = build_parser().parse_args([])
-    assert gunicorn_options(args)["worker_class"] == "gthread"
+    assert gunicorn_options(args)["worker_class"] == "gateway.gthread.ThreadWorker"
     (plugin,) = [p for p in app_factory(args)().plugins if isinstance(p, ClientPlugin)]
     assert plugin.client_factory.func is Client  # a blocking client per thread
     args = build_parser().parse_args(["--worker-class", "event"])
