@@ -5,6 +5,7 @@ it answered differently from gateway/http11.py: its errors were HTML pages, a ra
 a request target (``/get?key=ключ``, which the seed's Flask took) was a 400, and no request
 line could pass 8190 bytes, so a seed ``/set`` of a value over about 8 KB was a 414. Here:
 
+* a transfer coding other than ``chunked`` is refused (501), as by the event worker;
 * every error gunicorn answers itself is ``{"error": "..."}`` JSON with the status gunicorn
   chose (:meth:`ThreadWorker.handle_error`), its log lines rate-limited (zkv/logs.py);
 * the request line is read by :meth:`ZkvRequest.read_line`: bytes above 0x7F are written %XX
@@ -149,6 +150,16 @@ class ThreadWorker(gthread.ThreadWorker):
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
+
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        """gunicorn's, after refusing a transfer coding other than chunked as the event worker
+        does (gunicorn passes ``gzip, chunked`` bodies on still compressed)."""
+        for name, value in req.headers:
+            if name == "TRANSFER-ENCODING" and any(
+                coding.strip(" \t").lower() not in ("chunked", "") for coding in value.split(",")
+            ):
+                raise errors.UnsupportedTransferCoding(value)
+        return bool(super().handle_request(req, conn))
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """Answer an error of gunicorn's own as JSON (it wrote an HTML page), then close."""

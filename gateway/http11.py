@@ -52,6 +52,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -897,6 +898,8 @@ class HttpServer:
         server_name, server_port: ``SERVER_NAME`` and ``SERVER_PORT`` of every environ.
         shortcut: offered every request first (see :data:`Shortcut`); None: the app serves all.
         clock: monotonic seconds for the rate limits of log lines (tests inject a fake).
+        tls: serve HTTPS with this context (its handshake within ``read_timeout_s``); None:
+            plain HTTP.
     """
 
     def __init__(
@@ -908,8 +911,10 @@ class HttpServer:
         server_port: int = 0,
         shortcut: Shortcut | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.app = app
+        self.tls = tls
         # Every line a peer can cause (a refusal, a parse error, a stalled reader, a bug it
         # triggers) is rate-limited: at most BURST (5) of a kind per WINDOW_S (10 s), then a
         # count of those suppressed (zkv/logs.py). Kinds are fixed strings, never peer input.
@@ -935,7 +940,7 @@ class HttpServer:
             "SERVER_NAME": server_name,
             "SERVER_PORT": str(server_port),
             "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
+            "wsgi.url_scheme": "http" if tls is None else "https",
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": False,
             "wsgi.multiprocess": True,
@@ -977,7 +982,25 @@ class HttpServer:
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.loop.create_task(self.loop.connect_accepted_socket(lambda: HttpConnection(self), sock))
+        if self.tls is None:
+            made = self.loop.connect_accepted_socket(lambda: HttpConnection(self), sock)
+        else:
+            made = self.loop.connect_accepted_socket(
+                lambda: HttpConnection(self),
+                sock,
+                ssl=self.tls,
+                ssl_handshake_timeout=self.config.read_timeout_s,
+            )
+        self.loop.create_task(self._connected(made, sock))
+
+    async def _connected(self, made: Any, sock: socket.socket) -> None:
+        """Await a new connection's setup; a failed TLS handshake (a plain HTTP client on the
+        HTTPS port, a scanner) closes it with one rate-limited line, not a task error."""
+        try:
+            await made
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            self.logs.info("handshake failed", "a TLS handshake failed: %s", exc)
+            sock.close()
 
     def adopt(self, connection: HttpConnection) -> str | None:
         """Take a new connection; else why not (stopping, or over a limit with no connection
