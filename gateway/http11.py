@@ -422,13 +422,14 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # The client is done sending; what it asked for is still answered, then the connection
-        # is closed. True keeps the transport open for those answers.
+        # is closed. True keeps the transport open for those answers; under TLS the transport
+        # closes anyway (a TLS close is both ways: asyncio warns of a True, per connection).
         self.input_ended = True
         if self.linger_until:
             self.close()  # lingering after a refusal: the client has stopped sending
         else:
             self._close_if_done()
-        return True
+        return True if self.server.tls is None else None
 
     # --- parser callbacks (httptools calls these from feed_data) ------------------------------
 
