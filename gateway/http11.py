@@ -14,8 +14,10 @@ order, one request of a connection at a time):
   connection is then closed; ``Expect: 100-continue`` is honoured;
 * every error this server answers itself (a malformed request, a head too large, a stalled
   request, an app that raised, too many connections) is ``{"error": "..."}`` JSON, as the app's;
-* request lines and heads are bounded (:data:`LIMIT_REQUEST_LINE_BYTES`, :data:`MAX_HEAD_BYTES`,
-  :data:`MAX_HEADERS`), and so is any run of input the parser would buffer without a callback
+* request targets and heads are bounded (:data:`LIMIT_REQUEST_LINE_BYTES`, but a seed ``/set``
+  target up to ``max_set_target_bytes``, grown in one buffer; :data:`MAX_HEAD_BYTES` of header
+  fields, :data:`MAX_HEADERS`), and so is any run of input the parser would buffer without a
+  callback
   (an unfinished header line or trailer: :data:`MAX_HEAD_BYTES` plus one read); an idle
   keep-alive connection is closed after ``keepalive_s``, a request that does not arrive whole
   within ``read_timeout_s`` gets a 408;
@@ -26,6 +28,9 @@ order, one request of a connection at a time):
   read its responses is not read from either, and is aborted when its output has not drained
   for ``write_timeout_s``;
 * a transfer coding other than ``chunked`` is answered 501;
+* raw bytes above 0x7F in a request head (``/get?key=ключ``, which llhttp refuses) are read as
+  their ``%XX`` escapes, bodies untouched (:meth:`HttpConnection._feed_carefully`);
+* TLS, when given a context: the handshake is bounded by ``read_timeout_s``;
 * a new connection over a limit (``max_connections`` per process, or
   ``max_connections_per_client`` from one client address) first evicts the connection, of that
   address or of any, that has waited longest on an unfinished request or as idle keep-alive, if
