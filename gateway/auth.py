@@ -15,7 +15,7 @@ digested the same way and looked up in a dict of digests, and the entry found is
 with :func:`hmac.compare_digest`. The time of the lookup depends only on the digest, which the
 client can neither choose nor see (the key is secret and new at each start), so it tells
 nothing about how much of a token was right, nor which of the tokens came closest; and it costs
-one HMAC whatever the number of tokens (about 1 us), where comparing with every token in turn
+one HMAC whatever the number of tokens (about 2 us), where comparing with every token in turn
 would cost one comparison per token on every request.
 """
 

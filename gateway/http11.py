@@ -1005,7 +1005,7 @@ class HttpServer:
         try:
             await made
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            self.logs.info("handshake failed", "a TLS handshake failed: %s", exc)
+            self.logs.info("setup failed", "a new connection failed to set up: %s", exc)
             sock.close()
 
     def adopt(self, connection: HttpConnection) -> str | None:
