@@ -127,6 +127,19 @@ def test_the_tokens_file_flag_stops_the_gateway_naming_the_line(
     assert "chmod 600" in capsys.readouterr().err
 
 
+def test_a_half_given_or_unloadable_certificate_stops_the_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--certfile", str(tmp_path / "cert.pem"), "--port", "0"])
+    assert stop.value.code == 2
+    assert "--certfile and --keyfile: give both or neither" in capsys.readouterr().err
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    with pytest.raises(SystemExit):
+        main(["--certfile", str(tmp_path / "cert.pem"), "--keyfile", str(tmp_path / "cert.pem")])
+    assert f"cannot load {tmp_path / 'cert.pem'}" in capsys.readouterr().err
+
+
 def test_listening_beyond_loopback_warns_without_tokens_or_without_tls(tokens: Tokens) -> None:
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         assert exposure_warning(host, None, tls=False) is None
