@@ -86,6 +86,10 @@ MAX_QUEUED_REQUESTS = 32  # pipelined requests parsed ahead per connection; read
 MAX_QUEUED_INPUT_BYTES = 1024 * 1024  # bytes of requests parsed ahead; reading pauses then
 WRITE_HIGH_WATER_BYTES = 64 * 1024  # unsent output above which a connection is not read from
 MAX_IDLE_RUNNERS = 256  # request greenlets kept for reuse per process
+# Parser calls for one read holding bytes above 0x7F: MAX_CAREFUL_PIECES + its size divided by
+# CAREFUL_BYTES_PER_PIECE (see HttpConnection._feed_carefully).
+MAX_CAREFUL_PIECES = 256
+CAREFUL_BYTES_PER_PIECE = 8
 SHOWN_TARGET_BYTES = 2048  # at most this much of a target in a log line
 SWEEP_S = 0.5  # how often timeouts are checked
 ACCEPT_PAUSE_S = 0.5  # after an accept failed for want of resources (file descriptors)
@@ -313,6 +317,8 @@ class HttpConnection(asyncio.Protocol):
         self.started = 0.0  # loop time the request being parsed began
         self.last_active = server.loop.time()
         self.after_sent: list[Callable[[], None]] = []  # WSGI close() of responses in the buffer
+        self.advancing = False  # in _next: a call from within only asks for another round
+        self.advance_again = False
 
     # --- transport callbacks ------------------------------------------------------------------
 
@@ -408,14 +414,30 @@ class HttpConnection(asyncio.Protocol):
         of a head or of a body: a head line at a time (a head ends with a line, as a chunked
         body does), a Content-Length body exactly to its end. Only reads holding such bytes
         come here; every other read is fed whole.
+
+        The pieces of one read are at most MAX_CAREFUL_PIECES plus one per
+        CAREFUL_BYTES_PER_PIECE of the read (a head line is longer than that; empty lines
+        between requests, which llhttp skips, go in one piece); past them the rest of the read
+        is fed whole, as it came. Else a chunked body of short lines would cost a parser call
+        per 2 bytes (256 KiB of empty lines held the loop some 150 ms that way; llhttp's own
+        callbacks for chunks of 1 byte cost about as much as these calls). The price: a
+        request with raw UTF-8 in its target pipelined in the same read behind a chunked body
+        of very short lines is refused 400, as it was before.
         """
         parser = self.parser
         size = len(data)
         start = 0
+        pieces = MAX_CAREFUL_PIECES + size // CAREFUL_BYTES_PER_PIECE
         while start < size and not self.input_ended:
+            pieces -= 1
+            if pieces < 0:
+                parser.feed_data(data[start:])
+                return
             request = self.current
             if request is not None and request.in_body and request.body_left:
                 end = start + request.body_left
+            elif request is None and data[start] in b"\r\n":  # empty lines between requests
+                end = size - len(data[start:].lstrip(b"\r\n"))
             else:
                 newline = data.find(b"\n", start)
                 end = size if newline < 0 else newline + 1
@@ -568,7 +590,27 @@ class HttpConnection(asyncio.Protocol):
             self.transport.write(_CONTINUE)
 
     def _next(self) -> None:
-        """Start the app on the oldest parsed request, unless one is in hand already."""
+        """Start the app on the oldest parsed request, unless one is in hand already.
+
+        A loop, not a recursion: a request answered at once (a 400 that needs no broker)
+        calls this again from its answer, and one read of a few hundred pipelined such
+        requests went that many calls deep, to a RecursionError that killed the connection
+        with a traceback in the log. A call made while this runs only asks it to go round
+        once more.
+        """
+        if self.advancing:
+            self.advance_again = True
+            return
+        self.advancing = True
+        try:
+            self.advance_again = True
+            while self.advance_again:
+                self.advance_again = False
+                self._start_next()
+        finally:
+            self.advancing = False
+
+    def _start_next(self) -> None:
         if self.busy or not self.writable or self.closed or self.closing:
             return
         if not self.ready:

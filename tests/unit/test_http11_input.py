@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from gateway.http11 import (
+    CAREFUL_BYTES_PER_PIECE,
     LIMIT_REQUEST_LINE_BYTES,
+    MAX_CAREFUL_PIECES,
     HttpConnection,
     HttpServer,
     ServerConfig,
@@ -85,16 +87,42 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def feed(loop: asyncio.AbstractEventLoop, pieces: list[bytes]) -> list[tuple[int, Any]]:
-    """Feed ``pieces`` as successive reads of one connection; the answers, in order."""
+class CountingParser:
+    """The connection's parser, counting the calls that feed it."""
+
+    def __init__(self, parser: Any) -> None:
+        self.parser = parser
+        self.feeds = 0
+
+    def feed_data(self, data: bytes) -> None:
+        self.feeds += 1
+        self.parser.feed_data(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.parser, name)
+
+
+def feed(
+    loop: asyncio.AbstractEventLoop, pieces: list[bytes], counted: list[int] | None = None
+) -> list[tuple[int, Any]]:
+    """Feed ``pieces`` as successive reads of one connection; the answers, in order.
+
+    Args:
+        counted: if given, receives the number of parser calls of each read.
+    """
     server = HttpServer(
         echo, ServerConfig(max_body_bytes=MAX_BODY, max_set_target_bytes=SET_LIMIT), loop
     )
     connection = HttpConnection(server)
+    parser = CountingParser(connection.parser)
+    connection.parser = parser  # type: ignore[assignment]
     transport = Transport()
     connection.connection_made(transport)  # type: ignore[arg-type]
     for piece in pieces:
+        before = parser.feeds
         connection.data_received(piece)
+        if counted is not None:
+            counted.append(parser.feeds - before)
     answers = []
     out = bytes(transport.written)
     while out:
@@ -147,6 +175,16 @@ def test_raw_utf8_in_targets_reaches_the_app_escaped_and_bodies_untouched(loop) 
     assert feed(loop, [b"".join(STREAM)]) == expected()
 
 
+def test_many_pipelined_requests_answered_at_once_in_one_read(loop) -> None:
+    """Each answered by the app at once (as a 400 is): answering them used to recurse once
+    per request, and a few hundred in one read ended in a RecursionError."""
+    one = "GET /get?key=ключ HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+    seen = {"path": "/get", "query": "key=%D0%BA%D0%BB%D1%8E%D1%87", "thing": None, "body": ""}
+    assert feed(loop, [one * 2000]) == [(200, seen)] * 2000
+    ascii_only = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n" * 2000
+    assert len(feed(loop, [ascii_only])) == 2000
+
+
 def test_the_same_split_into_reads_anywhere(loop) -> None:
     data = b"".join(STREAM)
     assert feed(loop, [data[i : i + 1] for i in range(len(data))]) == expected()
@@ -190,3 +228,20 @@ def test_a_long_target_grows_in_linear_time(loop) -> None:
     target = b"/set?key=k&timeout=1&value=" + b"v" * 1000
     data = request(target)
     assert feed(loop, [data[i : i + 3] for i in range(0, len(data), 3)])[0][0] == 200
+
+
+def test_a_read_costs_a_bounded_number_of_parser_calls(loop) -> None:
+    """Reads holding bytes above 0x7F are fed in pieces, but never one per line unbounded: a
+    read of empty lines, or a chunked body of short lines, would cost a call per 2 bytes."""
+    counted: list[int] = []
+    lines = b"\r\n" * 30_000 + request("/get?key=ü".encode())
+    assert feed(loop, [lines], counted)[0][0] == 200  # llhttp skips empty lines between requests
+    body = (b"\n\x80" * 20_000)[:MAX_BODY]
+    chunked = request(b"/v1/keys/c", body=body, chunked=True)
+    [(status, seen)] = feed(loop, [chunked], counted)
+    assert (status, seen["body"]) == (200, body.hex())
+    bound = MAX_CAREFUL_PIECES + len(chunked) // CAREFUL_BYTES_PER_PIECE + 1
+    assert counted[-1] <= bound < len(chunked.split(b"\n")), counted
+    assert counted[0] <= 20, counted  # the empty lines in one piece
+    feed(loop, [request(b"/v1/keys/c", body=body)], counted)
+    assert counted[-1] <= 20, counted  # a head a line at a time, the body in one call
