@@ -127,3 +127,20 @@ def test_numbers_in_any_form_float_reads(cluster: Cluster) -> None:
         message = json_error(get(cluster, f"/set?key=n&value=v&timeout={timeout}"), 400)
         assert message.startswith("parameter 'timeout' must be a finite number")
     assert get(cluster, "/v1/keys?limit=1e1")[0] == 200
+
+
+def test_hundreds_of_pipelined_refusals_in_one_write_are_all_answered(cluster: Cluster) -> None:
+    """Each a 400 the app answers at once, without the broker: the event server answered them
+    by recursion, and a few hundred in one read killed the connection (RecursionError)."""
+    count = 600
+    one = b"GET /get?nokey=1 HTTP/1.1\r\nHost: t\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", cluster.http_port), timeout=30) as sock:
+        sock.sendall(
+            one * count + b"GET /get?key=none HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        received = b""
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    assert received.count(b"HTTP/1.1 400 ") == count
+    assert received.count(b"missing parameter 'key'") == count
+    assert received.endswith(b'{"error": "Data not found"}')
