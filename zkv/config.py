@@ -387,8 +387,11 @@ def _identifier(what: str) -> Callable[[str], str]:
     def check(text: str) -> str:
         try:
             return check_id(text, what)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a {what} of letters, digits and _.:@- (starting with a letter or "
+                f"digit, at most 128 characters), got {text!r}"
+            ) from None
 
     check.__name__ = what.replace(" ", "_")
     return check
@@ -398,7 +401,9 @@ def _bounded(
     kind: Callable[[str], Any], low: float, high: float, unit: str
 ) -> Callable[[str], Any]:
     def check(text: str) -> Any:
-        value = kind(text)
+        if kind is int:
+            return whole_number(text, int(low), int(high))
+        value = kind(text)  # positive_float: its own readable errors
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be {low} to {high}{unit}, got {text}")
         return value
