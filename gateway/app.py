@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from decimal import ROUND_HALF_UP, Decimal
+from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, unquote_to_bytes
 
@@ -83,6 +84,10 @@ SEED_ALL_CONCURRENT = 2
 
 SEED_KEY = "zkv.seed"
 """Where :func:`make_app` leaves its :class:`SeedApi` in the app's config, for the fast lane."""
+
+OPENAPI_PATH = "/v1/openapi.json"
+"""Where the app serves gateway/openapi.json, the OpenAPI 3.1 description of every route
+(tests/unit/test_openapi.py checks it against the routes both ways)."""
 
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -653,6 +658,11 @@ def _seed_all_json(kv: ClientLike) -> bytes:
     return body
 
 
+def openapi_document() -> bytes:
+    """The OpenAPI description (gateway/openapi.json, package data), as served."""
+    return resources.files("gateway").joinpath("openapi.json").read_bytes()
+
+
 def make_app(
     client_factory: Callable[[], ClientLike],
     max_key_bytes: int = defaults.MAX_KEY_BYTES,
@@ -814,5 +824,11 @@ def make_app(
             return {**info, "status": "ok"}
         body = to_json({**info, "status": "degraded"})
         return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
+
+    openapi = openapi_document()  # read once per app, not per request
+
+    @app.get(OPENAPI_PATH)
+    def openapi_json() -> HTTPResponse:
+        return HTTPResponse(openapi, 200, {"Content-Type": JSON_TYPE})
 
     return app
