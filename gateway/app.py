@@ -85,6 +85,11 @@ SEED_ALL_CONCURRENT = 2
 SEED_KEY = "zkv.seed"
 """Where :func:`make_app` leaves its :class:`SeedApi` in the app's config, for the fast lane."""
 
+# The REST routes' key: the rest of the path, whatever it holds. Not Bottle's <key:path>: its
+# ".+?" stops at a newline (PUT /v1/keys/a%0Ab was a 404) and, the route's pattern ending in
+# "$", which matches before a final newline, /v1/keys/a%0A was the key "a" (Schemathesis).
+KEY_RULE = "/v1/keys/<key:re:(?s:.+)>"
+
 OPENAPI_PATH = "/v1/openapi.json"
 """Where the app serves gateway/openapi.json, the OpenAPI 3.1 description of every route
 (tests/unit/test_openapi.py checks it against the routes both ways)."""
@@ -761,7 +766,7 @@ def make_app(
 
     # --- REST API -----------------------------------------------------------------------
 
-    @app.put("/v1/keys/<key:path>")
+    @app.put(KEY_RULE)
     def rest_put(key: str, kv: ClientLike) -> dict[str, Any]:
         key = path_key(key)
         ttl = optional_param("ttl")
@@ -770,7 +775,7 @@ def make_app(
         deadline_ms = kv.set(key, value, ttl_s=ttl_s(ttl_ms))
         return {"key": key, "expires_at": http_date(deadline_ms), "expires_at_ms": deadline_ms}
 
-    @app.get("/v1/keys/<key:path>")
+    @app.get(KEY_RULE)
     def rest_get(key: str, kv: ClientLike) -> HTTPResponse:
         item = kv.get(path_key(key))
         headers = {"Content-Type": "application/octet-stream"}
@@ -780,7 +785,7 @@ def make_app(
             headers["X-Zkv-Ttl-Ms"] = str(max(0, item.deadline_ms - now_ms()))
         return HTTPResponse(item.value, 200, headers)
 
-    @app.delete("/v1/keys/<key:path>")
+    @app.delete(KEY_RULE)
     def rest_delete(key: str, kv: ClientLike) -> dict[str, Any]:
         key = path_key(key)
         if not kv.delete(key):
