@@ -39,6 +39,7 @@ def _child(name: str, libfuzzer_args: list[str]) -> None:
     # Instrumented as they are imported, so nothing of ours may be imported before this.
     with atheris.instrument_imports(include=["zkv", "gateway", "tests.fuzz"]):
         from tests.fuzz import targets
+    targets.quiet_logs()
     target = targets.TARGETS[name][0]
     atheris.Setup([sys.argv[0], *libfuzzer_args], target)
     atheris.Fuzz()

@@ -24,6 +24,7 @@ inputs that once found a bug and the seeds of :func:`seeds`. Nothing here import
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -404,14 +405,33 @@ class _Failures(logging.Handler):
         self.records.append(record)
 
 
-_LOOP = asyncio.new_event_loop()
+_LOOP = asyncio.new_event_loop()  # never running but in _run_ready_callbacks; never set as current
 _KV = MemoryKv()
 _FAILURES = _Failures()
 _APP = make_app(lambda: _KV, max_key_bytes=MAX_KEY_BYTES, max_value_bytes=MAX_VALUE_BYTES)
 _LANE = FastLane(SeedApi(MAX_KEY_BYTES, MAX_VALUE_BYTES), lambda: _KV)  # type: ignore[arg-type]
-for _name in ("gateway", "zkv"):
-    logging.getLogger(_name).addHandler(_FAILURES)
-    logging.getLogger(_name).propagate = False  # no flood of expected warnings on stderr
+_WATCHED = ("gateway", "zkv")  # the loggers whose ERROR lines are findings
+
+
+@contextlib.contextmanager
+def _watching() -> Iterator[None]:
+    """Collect the ERROR lines of the gateway and zkv while one input runs, then stop (the
+    targets also run inside the test suite, whose logging they must leave as it was)."""
+    _FAILURES.records.clear()
+    for name in _WATCHED:
+        logging.getLogger(name).addHandler(_FAILURES)
+    try:
+        yield
+    finally:
+        for name in _WATCHED:
+            logging.getLogger(name).removeHandler(_FAILURES)
+
+
+def quiet_logs() -> None:
+    """For a fuzzing process: no flood of the warnings refused input causes on stderr (the
+    targets still see the errors, through their own handler)."""
+    for name in _WATCHED:
+        logging.getLogger(name).propagate = False
 
 
 class _RecordingConnection(HttpConnection):
@@ -490,13 +510,17 @@ def http_target(data: bytes) -> None:
     """The fuzz target of gateway/http11.py: the first byte chooses the fast lane (odd) or
     the app alone (even), and an EOF at the end (bit 1); the second how the rest is cut into
     reads (pieces of 1 to 256 bytes)."""
+    with _watching():
+        _http(data)
+
+
+def _http(data: bytes) -> None:
     global last_server
     source = Input(data)
     control = source.byte()
     piece = 1 + source.byte()
     payload = source.rest()
     _KV.data.clear()
-    _FAILURES.records.clear()
     server = HttpServer(
         _APP,
         ServerConfig(max_body_bytes=MAX_VALUE_BYTES),
@@ -507,7 +531,6 @@ def http_target(data: bytes) -> None:
     connection = _RecordingConnection(server)
     connection.answers = []
     transport = FakeTransport()
-    asyncio.set_event_loop(_LOOP)
     connection.connection_made(transport)
     for start in range(0, len(payload), piece):
         if transport.closed:
@@ -518,6 +541,10 @@ def http_target(data: bytes) -> None:
         if control & 2:
             connection.eof_received()
         _run_ready_callbacks()
+        if control & 2 and not (transport.closed or transport.eof):
+            # The client is done and everything ran: what it asked is answered, so the
+            # connection must be closing; open, it would wait for the keep-alive sweep at best.
+            raise Finding("the connection stays open after the client's EOF and every answer")
     if _FAILURES.records:
         record = _FAILURES.records[0]
         raise Finding(f"logged {record.levelname}: {record.getMessage()}") from (
@@ -570,6 +597,11 @@ def wsgi_target(data: bytes) -> None:
     """The fuzz target of the Bottle app: a method, a path (one of the routes' or not) with
     fuzzed bytes after it, a query string, up to 4 headers, a body and a Content-Length that
     may not be its length."""
+    with _watching():
+        _wsgi(data)
+
+
+def _wsgi(data: bytes) -> None:
     source = Input(data)
     method_byte = source.byte()
     method = _METHODS[method_byte % len(_METHODS)] if method_byte < 224 else source.sized()
@@ -582,7 +614,6 @@ def wsgi_target(data: bytes) -> None:
         headers[name if name in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + name] = value
     body = source.rest()
     _KV.data.clear()
-    _FAILURES.records.clear()
     environ: dict[str, Any] = {
         "REQUEST_METHOD": method.decode("latin-1"),
         "SCRIPT_NAME": "",
