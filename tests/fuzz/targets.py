@@ -650,7 +650,15 @@ def _wsgi(data: bytes) -> None:
         record = _FAILURES.records[0]
         raise Finding(f"logged {record.levelname}: {record.getMessage()}")
     status, response_headers = started
-    _check_answer(method, int(status[:3]), response_headers, answer)
+    code = int(status[:3])
+    _check_answer(method, code, response_headers, answer)
+    if method == b"PUT" and path.startswith(b"/v1/keys/") and len(path) > len(b"/v1/keys/"):
+        # A REST key is the rest of the path, whatever it holds: stored under exactly that.
+        key = path[len(b"/v1/keys/") :]
+        if code in (404, 405):
+            raise Finding(f"PUT of the key {key!r} answered {code}: {answer[:200]!r}")
+        if code == 200 and json.loads(answer)["key"].encode("utf-8", "surrogatepass") != key:
+            raise Finding(f"PUT of the key {key!r} stored {json.loads(answer)['key']!r}")
 
 
 def wsgi_seeds() -> Iterator[bytes]:

@@ -17,7 +17,15 @@ pytestmark = pytest.mark.unit
 
 # Inputs that found a bug, by target: each passes since its fix. Add what a fuzz run finds
 # (python -m tests.fuzz writes it to fuzz-findings/), as bytes, with what it found.
-REGRESSIONS: list[tuple[str, bytes, str]] = []
+REGRESSIONS: list[tuple[str, bytes, str]] = [
+    (
+        "wsgi",
+        b"2\x04\x00\x06\x00\x06\x05a\n\n\n\n\n\n\n\n\n\n\n%",
+        # Found by atheris within seconds on the routes before 8686f44 (and by Schemathesis):
+        # PUT /v1/keys/<a key with a newline> answered 404 (tests/unit/test_gateway_found.py).
+        "PUT of the key b'\\x00\\x06\\x05a\\n\\n' answered 404",
+    ),
+]
 
 _REPLY = int(protocol.Kind.REPLY)  # a seed's kind byte: its count byte, then version, kind
 
@@ -32,11 +40,11 @@ def test_every_seed_passes(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "data"), [(name, data) for name, data, _ in REGRESSIONS] or [pytest.param("", b"")]
+    ("name", "data", "found"),
+    REGRESSIONS,
+    ids=[f"{name}-{number}" for number, (name, _, _) in enumerate(REGRESSIONS)],
 )
-def test_what_fuzzing_found_passes(name: str, data: bytes) -> None:
-    if not name:
-        pytest.skip("nothing found yet")
+def test_what_fuzzing_found_passes(name: str, data: bytes, found: str) -> None:
     TARGETS[name][0](data)
 
 
