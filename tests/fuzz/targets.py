@@ -633,6 +633,27 @@ def _wsgi(data: bytes) -> None:
         "wsgi.input_terminated": bool(method_byte & 1),
         **headers,
     }
+    code, _, answer = _call(environ)
+    if method == b"PUT" and path.startswith(b"/v1/keys/") and len(path) > len(b"/v1/keys/"):
+        # A REST key is the rest of the path, whatever it holds: stored under exactly that.
+        key = path[len(b"/v1/keys/") :]
+        if code in (404, 405):
+            raise Finding(f"PUT of the key {key!r} answered {code}: {answer[:200]!r}")
+        if code == 200 and json.loads(answer)["key"].encode("utf-8", "surrogatepass") != key:
+            raise Finding(f"PUT of the key {key!r} stored {json.loads(answer)['key']!r}")
+    if method == b"GET" and path == b"/set" and code == 200:
+        # What /set stored, /get of the same query string reads back (its other parameters
+        # are ignored): the two routes read a query string alike.
+        stored = json.loads(answer)
+        code, _, again = _call({**environ, "PATH_INFO": "/get", "wsgi.input": io.BytesIO()})
+        got = json.loads(again) if code == 200 else None
+        if not got or got.get("value") != stored["value"]:
+            raise Finding(f"/set stored {stored!r}, /get of the same query read {again[:200]!r}")
+
+
+def _call(environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The app's answer to one environ: its status, headers and body; an ERROR line logged
+    meanwhile is a finding, and so is an answer that is not 2xx or 4xx JSON."""
     started: list[Any] = []
 
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -649,16 +670,9 @@ def _wsgi(data: bytes) -> None:
     if _FAILURES.records:
         record = _FAILURES.records[0]
         raise Finding(f"logged {record.levelname}: {record.getMessage()}")
-    status, response_headers = started
-    code = int(status[:3])
-    _check_answer(method, code, response_headers, answer)
-    if method == b"PUT" and path.startswith(b"/v1/keys/") and len(path) > len(b"/v1/keys/"):
-        # A REST key is the rest of the path, whatever it holds: stored under exactly that.
-        key = path[len(b"/v1/keys/") :]
-        if code in (404, 405):
-            raise Finding(f"PUT of the key {key!r} answered {code}: {answer[:200]!r}")
-        if code == 200 and json.loads(answer)["key"].encode("utf-8", "surrogatepass") != key:
-            raise Finding(f"PUT of the key {key!r} stored {json.loads(answer)['key']!r}")
+    code = int(started[0][:3])
+    _check_answer(environ["REQUEST_METHOD"].encode("latin-1"), code, started[1], answer)
+    return code, started[1], answer
 
 
 def wsgi_seeds() -> Iterator[bytes]:
