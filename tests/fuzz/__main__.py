@@ -8,7 +8,8 @@ each run start where the last one stopped. An input that breaks a promise is wri
 naming it; ``python -m tests.fuzz --replay FILE --target NAME`` runs the target on it alone,
 with its traceback, and the input becomes a case of tests/unit/test_fuzz.py once fixed.
 
-The test suite runs it briefly (tests/process/test_fuzz_run.py: 10 s in all); by hand::
+The test suite runs it briefly (tests/process/test_fuzz_run.py: the three targets at once for
+8 s); by hand::
 
     .venv/bin/python -m tests.fuzz --seconds 600 --corpus fuzz-corpus
 
@@ -45,45 +46,54 @@ def _child(name: str, libfuzzer_args: list[str]) -> None:
     atheris.Fuzz()
 
 
-def run(names: Sequence[str], seconds: float, corpus: Path | None, artifacts: Path) -> int:
-    """Fuzz each target for its share of ``seconds``; 0 when none found anything."""
+def run(
+    names: Sequence[str], seconds: float, corpus: Path | None, artifacts: Path, jobs: int = 1
+) -> int:
+    """Fuzz the targets, ``jobs`` at a time, all within about ``seconds``; 0 when none found
+    anything. Each gets ``seconds`` divided by the number of rounds the jobs take."""
     from tests.fuzz.targets import MAX_INPUT_BYTES, TARGETS
 
-    share = max(1, round(seconds / len(names)))
+    rounds = -(-len(names) // jobs)
+    share = max(1, round(seconds / rounds))
     artifacts.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="zkv-fuzz-") as scratch:
-        for name in names:
-            directory = (corpus or Path(scratch)) / name
-            directory.mkdir(parents=True, exist_ok=True)
-            for number, seed in enumerate(TARGETS[name][1]()):
-                (directory / f"seed-{number}").write_bytes(seed)
-            command = [
-                sys.executable,
-                "-m",
-                "tests.fuzz",
-                "--child",
-                name,
-                f"-max_total_time={share}",
-                f"-max_len={MAX_INPUT_BYTES}",
-                f"-timeout={PER_INPUT_TIMEOUT_S}",
-                f"-rss_limit_mb={RSS_LIMIT_MB}",
-                f"-artifact_prefix={artifacts}/{name}-",
-                "-print_final_stats=1",
-                str(directory),
-            ]
-            print(f"fuzzing {name} for {share} s: {' '.join(command)}", flush=True)
-            before = set(artifacts.iterdir())
-            status = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "0"})
-            found = sorted(set(artifacts.iterdir()) - before)
-            if status.returncode != 0 or found:
-                failed.append(name)
-                print(
-                    f"FUZZ FINDING in {name} (exit status {status.returncode}): "
-                    + (", ".join(map(str, found)) or "no input saved")
-                    + f"; replay: python -m tests.fuzz --target {name} --replay FILE",
-                    flush=True,
-                )
+        for first in range(0, len(names), jobs):
+            running: list[tuple[str, set[Path], subprocess.Popen[bytes]]] = []
+            for name in names[first : first + jobs]:
+                directory = (corpus or Path(scratch)) / name
+                directory.mkdir(parents=True, exist_ok=True)
+                for number, seed in enumerate(TARGETS[name][1]()):
+                    (directory / f"seed-{number}").write_bytes(seed)
+                command = [
+                    sys.executable,
+                    "-m",
+                    "tests.fuzz",
+                    "--child",
+                    name,
+                    f"-max_total_time={share}",
+                    f"-max_len={MAX_INPUT_BYTES}",
+                    f"-timeout={PER_INPUT_TIMEOUT_S}",
+                    f"-rss_limit_mb={RSS_LIMIT_MB}",
+                    f"-artifact_prefix={artifacts}/{name}-",
+                    "-print_final_stats=1",
+                    str(directory),
+                ]
+                print(f"fuzzing {name} for {share} s: {' '.join(command)}", flush=True)
+                before = set(artifacts.glob(f"{name}-*"))
+                env = {**os.environ, "PYTHONHASHSEED": "0"}
+                running.append((name, before, subprocess.Popen(command, cwd=ROOT, env=env)))
+            for name, before, process in running:
+                status = process.wait()
+                found = sorted(set(artifacts.glob(f"{name}-*")) - before)
+                if status != 0 or found:
+                    failed.append(name)
+                    print(
+                        f"FUZZ FINDING in {name} (exit status {status}): "
+                        + (", ".join(map(str, found)) or "no input saved")
+                        + f"; replay: python -m tests.fuzz --target {name} --replay FILE",
+                        flush=True,
+                    )
     if failed:
         print(f"fuzzing found problems in: {', '.join(failed)}", flush=True)
         return 1
@@ -110,7 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gateway's HTTP request handling.",
     )
     parser.add_argument(
-        "--seconds", type=float, default=60.0, help="total time, split between the targets"
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="about how long the whole run takes, shared by the rounds of --jobs targets",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="targets fuzzed at once, each in its own process"
     )
     parser.add_argument(
         "--target",
@@ -134,9 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(names) != 1:
             parser.error("--replay needs exactly one --target")
         return replay(names[0], args.replay)
-    if args.seconds <= 0:
-        parser.error("--seconds must be positive")
-    return run(names, args.seconds, args.corpus, args.artifacts.resolve())
+    if args.seconds <= 0 or args.jobs < 1:
+        parser.error("--seconds and --jobs must be positive")
+    return run(names, args.seconds, args.corpus, args.artifacts.resolve(), args.jobs)
 
 
 if __name__ == "__main__":
