@@ -3,22 +3,25 @@
 Each target turns its input into something a hostile peer could send and feeds it to the code
 that reads it, then checks what that code promises:
 
-* :func:`protocol`: frames for every decoder of zkv/protocol.py. Only ProtocolError may escape,
-  and the fast paths agree with the general ones they shortcut (``peek_keyed_request`` with
+* :func:`protocol_target`: frames for every decoder of zkv/protocol.py. Only ProtocolError may
+  escape, and the fast paths agree with the general ones they shortcut (``peek_keyed_request`` with
   ``decode_request``, ``peek_reply`` with ``decode_reply``, ``batch_reply_answers`` with
   ``split_batch_reply``, ``split_batch`` with ``decode_batch``, ``peek_keyed_dispatch`` with
   ``decode_from_broker``); what decodes re-encodes to the same message.
-* :func:`http`: raw bytes, in pieces, into one connection of gateway/http11.py's server in
+* :func:`http_target`: raw bytes, in pieces, into one connection of gateway/http11.py's server in
   front of the gateway's Bottle app and fast lane (over an in-memory store, no sockets, no
   cluster). Every answer is 2xx or 4xx (501 for a transfer coding), errors are
   ``{"error": "..."}`` JSON, nothing is logged as a failure, and what is written on the wire
-  parses as HTTP responses.
-* :func:`wsgi`: a WSGI environ built from the input (method, path bytes, query, headers, body,
-  a Content-Length that may lie) straight into the Bottle app: the same promises.
+  parses as HTTP responses; after the client's EOF the connection closes.
+* :func:`wsgi_target`: a WSGI environ built from the input (method, path bytes, query,
+  headers, body, a Content-Length that may lie) straight into the Bottle app: the same
+  promises, and a REST PUT stores exactly the key of its path, a seed /set what /get of the
+  same query string reads back.
 
 They run under atheris (tests/fuzz/__main__.py: ``python -m tests.fuzz``), which gives them
 coverage-guided inputs, and as plain functions in tests/unit/test_fuzz.py, which replays the
-inputs that once found a bug and the seeds of :func:`seeds`. Nothing here imports atheris.
+inputs that once found a bug and each target's seeds (:data:`TARGETS`). Nothing here
+imports atheris.
 """
 
 from __future__ import annotations
@@ -33,9 +36,6 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httptools
-
-from gateway import http11
 from gateway.app import SeedApi, make_app
 from gateway.fastlane import FastLane
 from gateway.http11 import HttpConnection, HttpServer, ServerConfig
@@ -700,5 +700,3 @@ TARGETS: dict[str, tuple[Target, Callable[[], Iterator[bytes]]]] = {
     "wsgi": (wsgi_target, wsgi_seeds),
 }
 """Each target by name, with its seed inputs (written into the corpus before a run)."""
-
-_ = (http11, httptools)  # imported first here, so that atheris instruments them (see __main__)
