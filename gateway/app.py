@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from decimal import ROUND_HALF_UP, Decimal
+from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, unquote_to_bytes
 
@@ -86,6 +87,15 @@ SEED_ALL_CONCURRENT = 2
 
 SEED_KEY = "zkv.seed"
 """Where :func:`make_app` leaves its :class:`SeedApi` in the app's config, for the fast lane."""
+
+# The REST routes' key: the rest of the path, whatever it holds. Not Bottle's <key:path>: its
+# ".+?" stops at a newline (PUT /v1/keys/a%0Ab was a 404) and, the route's pattern ending in
+# "$", which matches before a final newline, /v1/keys/a%0A was the key "a" (Schemathesis).
+KEY_RULE = "/v1/keys/<key:re:(?s:.+)>"
+
+OPENAPI_PATH = "/v1/openapi.json"
+"""Where the app serves gateway/openapi.json, the OpenAPI 3.1 description of every route
+(tests/unit/test_openapi.py checks it against the routes both ways)."""
 
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -685,6 +695,11 @@ def _seed_all_json(kv: ClientLike) -> bytes:
     return body
 
 
+def openapi_document() -> bytes:
+    """The OpenAPI description (gateway/openapi.json, package data), as served."""
+    return resources.files("gateway").joinpath("openapi.json").read_bytes()
+
+
 def make_app(
     client_factory: Callable[[], ClientLike],
     max_key_bytes: int = defaults.MAX_KEY_BYTES,
@@ -789,7 +804,7 @@ def make_app(
 
     # --- REST API -----------------------------------------------------------------------
 
-    @app.put("/v1/keys/<key:path>")
+    @app.put(KEY_RULE)
     def rest_put(key: str, kv: ClientLike) -> dict[str, Any]:
         key = path_key(key)
         ttl = optional_param("ttl")
@@ -798,7 +813,7 @@ def make_app(
         deadline_ms = kv.set(key, value, ttl_s=ttl_s(ttl_ms))
         return {"key": key, "expires_at": http_date(deadline_ms), "expires_at_ms": deadline_ms}
 
-    @app.get("/v1/keys/<key:path>")
+    @app.get(KEY_RULE)
     def rest_get(key: str, kv: ClientLike) -> HTTPResponse:
         item = kv.get(path_key(key))
         headers = {"Content-Type": "application/octet-stream"}
@@ -808,7 +823,7 @@ def make_app(
             headers["X-Zkv-Ttl-Ms"] = str(max(0, item.deadline_ms - now_ms()))
         return HTTPResponse(item.value, 200, headers)
 
-    @app.delete("/v1/keys/<key:path>")
+    @app.delete(KEY_RULE)
     def rest_delete(key: str, kv: ClientLike) -> dict[str, Any]:
         key = path_key(key)
         if not kv.delete(key):
@@ -855,5 +870,11 @@ def make_app(
             return {**info, "status": "ok"}
         body = to_json({**info, "status": "degraded"})
         return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
+
+    openapi = openapi_document()  # read once per app, not per request
+
+    @app.get(OPENAPI_PATH)
+    def openapi_json() -> HTTPResponse:
+        return HTTPResponse(openapi, 200, {"Content-Type": JSON_TYPE})
 
     return app
