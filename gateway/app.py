@@ -45,7 +45,7 @@ from bottle import (
     response,
 )
 
-from gateway.auth import AUTH_KEY, AuthPlugin, Tokens, is_admin
+from gateway.auth import AUTH_KEY, KEY_RULE, AuthPlugin, Tokens, is_admin
 from zkv import defaults
 from zkv.client import ALL_PAGE_KEYS, Item, NotFound
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
@@ -88,10 +88,6 @@ SEED_ALL_CONCURRENT = 2
 SEED_KEY = "zkv.seed"
 """Where :func:`make_app` leaves its :class:`SeedApi` in the app's config, for the fast lane."""
 
-# The REST routes' key: the rest of the path, whatever it holds. Not Bottle's <key:path>: its
-# ".+?" stops at a newline (PUT /v1/keys/a%0Ab was a 404) and, the route's pattern ending in
-# "$", which matches before a final newline, /v1/keys/a%0A was the key "a" (Schemathesis).
-KEY_RULE = "/v1/keys/<key:re:(?s:.+)>"
 
 OPENAPI_PATH = "/v1/openapi.json"
 """Where the app serves gateway/openapi.json, the OpenAPI 3.1 description of every route

@@ -10,6 +10,7 @@ gateway by Schemathesis (tests/process/test_openapi_live.py).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import tomllib
@@ -102,7 +103,9 @@ def test_the_description_is_package_data() -> None:
     # A wheel holds only the package data it is told of: without this line, pip install .
     # gives a gateway that cannot start (make_app reads the file).
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert "openapi.json" in pyproject["tool"]["setuptools"]["package-data"]["gateway"]
+    data = pyproject["tool"]["setuptools"]["package-data"]
+    patterns = [*data.get("gateway", []), *data.get("*", [])]
+    assert any(fnmatch.fnmatch("openapi.json", p.removeprefix("**/")) for p in patterns), data
 
 
 def test_every_operation_declares_the_servers_own_errors_and_every_error_is_json() -> None:
