@@ -169,6 +169,10 @@ class LoopClient:
         """As :meth:`zkv.client.Client.ping`, on the blocking client's thread."""
         return self._in_thread(lambda client: client.ping())
 
+    def stats(self) -> dict[str, Any]:
+        """As :meth:`zkv.client.Client.stats`, on the blocking client's thread."""
+        return self._in_thread(lambda client: client.stats())
+
     def _in_thread(self, call: Callable[[Client], T]) -> T:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
