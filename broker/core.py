@@ -345,16 +345,18 @@ class BrokerCounters:
         answered: requests the broker answered itself, by status (BUSY when over a limit,
             UNAVAILABLE when no owner came or a worker did not answer, ERROR when malformed).
         owner_losses: per shard, times its owner was removed (a failover begins).
-        promotions: per shard, times a standby took it over.
+        failovers: per shard, times it got an owner again after losing one (a standby took
+            it over, or a worker claimed it), not its first owner.
         removed: workers removed, by reason ("missed heartbeats", "disconnected", ...).
     """
 
     __slots__ = (
         "answered",
         "batched",
+        "failovers",
         "messages",
+        "orphaned",
         "owner_losses",
-        "promotions",
         "removed",
         "started",
     )
@@ -365,8 +367,15 @@ class BrokerCounters:
         self.batched = 0
         self.answered = [0] * 256
         self.owner_losses = [0] * shards
-        self.promotions = [0] * shards
+        self.failovers = [0] * shards
+        self.orphaned: set[int] = set()  # shards that lost their owner and have none yet
         self.removed: dict[str, int] = {}
+
+    def owned(self, shard: int) -> None:
+        """``shard`` got an owner: a failover if it had lost one."""
+        if shard in self.orphaned:
+            self.orphaned.discard(shard)
+            self.failovers[shard] += 1
 
 
 class Broker:
@@ -1379,6 +1388,7 @@ class Broker:
         elif shard is None:
             log.info("worker %s registered as standby", peer(worker))
         else:
+            self.counters.owned(shard)
             log.info("worker %s owns shard %d of %d", peer(worker), shard, self.config.shards)
             self._drain(shard, now)
 
@@ -1391,6 +1401,7 @@ class Broker:
         self.counters.removed[why] = self.counters.removed.get(why, 0) + 1
         if record.shard is not None:
             self.counters.owner_losses[record.shard] += 1
+            self.counters.orphaned.add(record.shard)
         log.warning("worker %s (shard %s) removed: %s", peer(worker), record.shard, why)
         # Oldest first, so each shard's queue keeps dispatch order; each key is in at most one
         # flight, so flights of different keys may be reordered freely anyway.
@@ -1413,7 +1424,7 @@ class Broker:
         """Give an unowned shard to the oldest standby, if any, and send it what waited."""
         successor = self.registry.promote(shard)
         if successor is not None:
-            self.counters.promotions[shard] += 1
+            self.counters.owned(shard)
             log.info("standby %s takes over shard %d", peer(successor), shard)
             self._assign(successor, shard)
             self._drain(shard, now)
@@ -1485,7 +1496,8 @@ class Broker:
         counters = self.counters
         registry = self.registry
         at_workers = sum(len(flight.ops) for flight in self._inflight.values())
-        owners = {registry.owner(shard): shard for shard in range(self.config.shards)}
+        shards = range(self.config.shards)
+        owners = {registry.owner(shard): shard for shard in shards}
         workers = []
         # Owners first, then standbys: the bound never drops a shard's owner.
         listed = sorted(self.reports.items(), key=lambda item: item[0] not in owners)
@@ -1508,6 +1520,7 @@ class Broker:
                     "shards": self.config.shards,
                     "epoch": self.issuer.epoch,
                     "owned": registry.owned(),
+                    "owners": [None if o is None else peer(o) for o in map(registry.owner, shards)],
                     "workers": len(registry.identities()),
                     "standbys": registry.standbys(),
                     "messages": kinds,
@@ -1524,7 +1537,7 @@ class Broker:
                         sum(len(flight.ops) for flight in queue) for queue in self._shard_queues
                     ],
                     "owner_losses": list(counters.owner_losses),
-                    "promotions": list(counters.promotions),
+                    "failovers": list(counters.failovers),
                     "workers_removed": dict(counters.removed),
                 },
                 "workers": workers,

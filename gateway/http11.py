@@ -122,6 +122,7 @@ class ServerConfig:
         evict_grace_s: an evicted connection still open this long after its close began
             (its client does not read the 408) is aborted.
         access_log: log one line per request to ``gateway.access``.
+        stats: counts every answer (gateway.metrics.HttpStats.record); None: nothing counted.
     """
 
     max_body_bytes: int
@@ -133,6 +134,7 @@ class ServerConfig:
     write_timeout_s: float = 10.0
     evict_grace_s: float = 1.0
     access_log: bool = False
+    stats: Any = None
 
 
 class _DateCache:
@@ -638,6 +640,9 @@ class HttpConnection(asyncio.Protocol):
             # buffer from it, without a slice of the body first (one copy of a large answer,
             # not two, once the caller lets go of the body).
             self.transport.write(memoryview(body))
+        stats = self.server.config.stats
+        if stats is not None:
+            stats.record(request.method, request.target, code, self.server.loop.time() - started)
         if self.server.config.access_log:
             access_log.info(
                 '%s "%s %s HTTP/%s" %d %d %.1fms',
@@ -687,6 +692,8 @@ class HttpConnection(asyncio.Protocol):
         self.transport.write(
             head + b"Date: " + self.server.dates.get() + b"\r\nConnection: close\r\n\r\n" + body
         )
+        if self.server.config.stats is not None:  # counted as route "other", without a time
+            self.server.config.stats.record(b"", b"", status, 0.0)
         if self.server.config.access_log:
             # A refusal costs its peer nothing (no app, no cluster): rate-limited, unlike the
             # access lines of requests served.

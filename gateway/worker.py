@@ -73,6 +73,7 @@ class EventLoopWorker(Worker):
             evict_after_s=app_config.evict_after_s,
             write_timeout_s=app_config.write_timeout_s,
             access_log=app_config.access_log,
+            stats=app_config.stats,
         )
         host, port = _server_address(self.sockets[0].sock.getsockname() if self.sockets else None)
         make_shortcut = getattr(self.app, "shortcut", None)  # GatewayServer's fast lane

@@ -22,14 +22,12 @@ class WorkerCounters:
     """The worker's own counts, beyond its shard's (which go with the shard).
 
     Attributes:
-        expired: keys removed by the active expiry pass since the worker started.
         broker_silences: times the broker was silent for the liveness and the worker
             reconnected (heartbeats missed, seen from this side).
         last_ops: the tally total at the last report, and ``last_s`` its monotonic time, for
             the report's ops_per_s.
     """
 
-    expired: int = 0
     broker_silences: int = 0
     last_ops: int = 0
     last_s: float = 0.0
@@ -61,7 +59,7 @@ def figures(shard: Shard | None, counters: WorkerCounters, now_s: float) -> dict
         "epoch": 0 if shard is None else shard.epoch,
         "keys": 0 if store is None else len(store),
         "keys_with_ttl": 0 if store is None else store._timed,
-        "expired": counters.expired,
+        "expired": 0 if shard is None else shard.expired,
         "log_bytes": None if log_ is None else log_.size,
         "fsync_count": 0 if log_ is None else sum(log_.fsync_buckets),
         "fsync_seconds": 0.0 if log_ is None else round(log_.fsync_seconds, 6),

@@ -113,6 +113,7 @@ class Shard:
         # REPORT. The batch loop counts its common answers in locals and adds them here once a
         # batch; other paths add here directly (one list increment, tens of ns).
         self.tally = [0] * TALLY_SIZE
+        self.expired = 0  # keys the worker's active expiry removed since it took the shard
 
     def handle(self, dispatch: Dispatch) -> Reply:
         """One request as a batch of one (see :meth:`handle_batch`)."""

@@ -604,9 +604,7 @@ class Worker:
         if self.shard is None:
             return False
         store = self.shard.store
-        self.counters.expired += store.expire(
-            self.config.expire_max_keys, self.config.expire_budget_s
-        )
+        self.shard.expired += store.expire(self.config.expire_max_keys, self.config.expire_budget_s)
         next_deadline_ms = store.next_deadline_ms()
         return next_deadline_ms is not None and next_deadline_ms <= self._clock()
 

@@ -1325,11 +1325,11 @@ _REPORT_FIELDS = {
     "epoch": "count",  # its ownership epoch (0: none)
     "keys": "count",  # keys in the shard, expired ones not yet removed included
     "keys_with_ttl": "count",  # of which have a deadline
-    "expired": "count",  # keys removed by the active expiry since the worker started
+    "expired": "count",  # keys removed by the active expiry since the worker took the shard
     "log_bytes": "count?",  # the shard's log size (null: in memory)
     "fsync_count": "count",  # fsyncs of the log since this worker took the shard
     "fsync_seconds": "rate",  # their total duration
-    "compactions": "count",  # log compactions since the worker started
+    "compactions": "count",  # log compactions since the worker took the shard
     "broker_silences": "count",  # times the worker heard nothing from the broker for its
     # liveness and reconnected (missed heartbeats, seen from the worker)
     "ops_per_s": "rate",  # requests served per second over the last report interval
