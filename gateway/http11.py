@@ -982,6 +982,8 @@ class HttpServer:
                     if connection.transport is not None:
                         connection.transport.abort()
         finally:
+            if self.config.stats is not None:
+                self.config.stats.flush()  # publish this process's HTTP counts
             if not self._swept_last:
                 self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
 

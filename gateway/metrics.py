@@ -1,15 +1,17 @@
 """The gateway's figures, and the cluster's as Prometheus metrics and as the status page's JSON.
 
 Counting (the hot path). The gateway runs several processes (gunicorn workers), and a scrape
-reaches one of them, so each process counts its HTTP requests into its own *slot* of one
+reaches one of them, so each process publishes its HTTP counts in its own *slot* of one
 anonymous shared memory map that the master makes before it forks (:class:`HttpStats`); any
-process reads every slot. A slot has one writer (its process, on its event loop), so no lock
-is needed: a request costs a path lookup, a bisect and three integer increments (under a
-microsecond). The master hands slots out as it forks workers and takes them back when one
+process reads every slot. A request costs a path lookup, a bisect and three increments of a
+plain list (:meth:`HttpStats.record`); the list is copied into the process's slot in one C
+call by :meth:`HttpStats.flush`, which the server's timeout sweep runs every 0.5 s and every
+read runs first, so another process's figures are at most FLUSH_S old and a slot has one
+writer (no lock). The master hands slots out as it forks workers and takes them back when one
 exits (gunicorn's ``pre_fork``/``child_exit`` hooks): a respawned worker continues its
-predecessor's counts, so counters never go down. Only the event worker class counts (its
-server, gateway/http11.py, calls :meth:`HttpStats.record`); under ``gthread`` the HTTP series
-stay at zero.
+predecessor's counts, so counters never go down (a worker that dies loses its last half
+second). Only the event worker class counts (its server, gateway/http11.py); under
+``gthread`` the HTTP series stay at zero.
 
 Exposition (once a scrape). ``/metrics`` asks the broker for STATS (zkv/protocol.py: its own
 figures and each worker's last REPORT, kept by the broker, so a scrape asks no worker
@@ -28,6 +30,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import time
+from array import array
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -81,6 +84,7 @@ _SUMS = _BUCKETS + len(ROUTES) * _NBUCKETS
 SLOT_WORDS = _SUMS + len(ROUTES)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST  # Prometheus's text format, as prometheus-client writes it
+FLUSH_S = 0.5  # the server's sweep (gateway/http11.SWEEP_S) publishes a process's counts
 STATUS_SAMPLE_S = 1.0  # the status page's latency samples: at most one a second per process
 HISTORY_S = 600.0  # ... kept for ten minutes (600 samples at most)
 RECENT_S = 60.0  # the "recent" latency of /v1/status: over about the last minute
@@ -100,6 +104,9 @@ class HttpStats:
         self._words = memoryview(self._map).cast("Q")
         self._free = list(range(slots))  # the master's bookkeeping (see claim/release)
         self.base = 0  # where this process's slot starts, in words
+        # This process's counts since it began using its slot (the slot's value then, plus
+        # what record() added), published by flush().
+        self._local = [0] * SLOT_WORDS
         self._samples: deque[tuple[float, list[int]]] = deque()
 
     # --- the master: slots for its workers ---------------------------------------------------
@@ -115,14 +122,21 @@ class HttpStats:
             self._free.append(slot)
 
     def use(self, slot: int) -> None:
-        """Count into ``slot`` from now on (the worker process, after the fork)."""
+        """Count into ``slot`` from now on (the worker process, after the fork), continuing
+        from what the slot holds (a respawned worker keeps its predecessor's counts)."""
         self.base = min(max(slot, 0), self.slots - 1) * SLOT_WORDS
+        self._local = self._words[self.base : self.base + SLOT_WORDS].tolist()
+
+    def flush(self) -> None:
+        """Publish this process's counts in its slot (one copy, C speed)."""
+        self._words[self.base : self.base + SLOT_WORDS] = array("Q", self._local)
 
     # --- the hot path ------------------------------------------------------------------------
 
     def record(self, method: bytes, target: bytes, code: int, took_s: float) -> None:
         """Count one answered request (gateway/http11.py, as it writes the response)."""
-        path = target.split(b"?", 1)[0]
+        end = target.find(b"?")
+        path = target if end < 0 else target[:end]
         route = _ROUTE_OF.get((method, path))
         if route is None:
             if path.startswith(b"/v1/keys/"):
@@ -133,17 +147,17 @@ class HttpStats:
                     if method == b"HEAD"
                     else _OTHER_ROUTE
                 )
-        words = self._words
-        base = self.base
-        words[base + route * _NCODES + _CODE_OF.get(code, _NCODES - 1)] += 1
-        bucket = bisect.bisect_left(LATENCY_BUCKETS_S, took_s)
-        words[base + _BUCKETS + route * _NBUCKETS + bucket] += 1
-        words[base + _SUMS + route] += int(took_s * 1e6)
+        local = self._local
+        local[route * _NCODES + _CODE_OF.get(code, _NCODES - 1)] += 1
+        local[_BUCKETS + route * _NBUCKETS + bisect.bisect_left(LATENCY_BUCKETS_S, took_s)] += 1
+        local[_SUMS + route] += int(took_s * 1e6)
 
     # --- reading -----------------------------------------------------------------------------
 
     def totals(self) -> list[int]:
-        """Every slot's words added up: the counts of the whole gateway."""
+        """Every slot's words added up: the counts of the whole gateway (this process's own
+        published first, so they are current)."""
+        self.flush()
         words = self._words.tolist()
         total = words[:SLOT_WORDS]
         for slot in range(1, self.slots):

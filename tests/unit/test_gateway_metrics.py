@@ -137,6 +137,7 @@ def test_every_process_counts_into_its_own_slot_of_one_shared_map() -> None:
             http.use(second)
             for _ in range(3):
                 http.record(b"GET", b"/set?key=a&value=b", 200, 0.001)
+            http.flush()  # as the server's sweep does every 0.5 s
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
