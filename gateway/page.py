@@ -119,11 +119,13 @@ function draw(now) {
   const W = 640, H = 180, PAD = 30, NS = "http://www.w3.org/2000/svg";
   svg.replaceChildren();
   const series = [...points.values()].sort((a, b) => a.t - b.t);
+  // The span shown: what history there is, from two minutes up to HISTORY_S.
+  const span = Math.min(HISTORY_S, Math.max(120, series.length ? now - series[0].t : 0));
   const y = ms => {  // log scale, 0.1 ms to 10 s
     const v = Math.log10(Math.min(Math.max(ms, 0.1), 10000));
     return H - PAD / 2 - (v + 1) / 5 * (H - PAD);
   };
-  const x = t => PAD + (t - (now - HISTORY_S)) / HISTORY_S * (W - PAD - 5);
+  const x = t => PAD + (t - (now - span)) / span * (W - PAD - 5);
   for (const ms of [0.1, 1, 10, 100, 1000, 10000]) {
     const line = document.createElementNS(NS, "line");
     line.setAttribute("x1", PAD); line.setAttribute("x2", W);
@@ -135,6 +137,13 @@ function draw(now) {
     label.setAttribute("font-size", "10"); label.setAttribute("fill", "#656d76");
     label.textContent = ms >= 1000 ? ms / 1000 + "s" : String(ms);
     svg.appendChild(label);
+  }
+  for (const [t, label] of [[now - span, "-" + Math.round(span / 60) + " min"], [now, "now"]]) {
+    const mark = document.createElementNS(NS, "text");
+    mark.setAttribute("x", t === now ? W - 25 : PAD); mark.setAttribute("y", H - 2);
+    mark.setAttribute("font-size", "10"); mark.setAttribute("fill", "#656d76");
+    mark.textContent = label;
+    svg.appendChild(mark);
   }
   for (const key of ["p50_ms", "p99_ms"]) {
     const pts = series.filter(p => p[key] !== null)

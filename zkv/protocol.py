@@ -18,7 +18,7 @@ bytes, ``version`` and ``kind``, so a peer can reject an unknown version before 
 
 Frames, per message (``|`` separates frames):
 
-Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING)::
+Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING, STATS)::
 
     header(20 + len(key) bytes) [| value]
     header = version:u8  kind:u8  flags:u8  reserved:u8(0)  request_id:u64  arg:u64  key:bytes
@@ -34,6 +34,8 @@ Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING)::
     ALL      key = cursor: only keys strictly greater (bytewise) are returned; arg = limit per
              shard (0 = no limit, and then no ordering either); flag KEYS_ONLY omits values.
     PING     key empty, arg 0.
+    STATS    key empty, arg 0: answered by the broker with UTF-8 JSON, its figures and each
+             worker's last REPORT (see "worker reports and STATS" below).
 
 Broker -> worker (``DISPATCH``), a request header wrapped with the token that fences it::
 
@@ -82,6 +84,7 @@ Worker <-> broker control (one frame each)::
     ASSIGN      version:u8 kind:u8 reserved:u16 shard:u32 shards:u32 epoch:u64  broker -> worker
     HEARTBEAT   version:u8 kind:u8                                         both ways
     DISCONNECT  version:u8 kind:u8                                         both ways
+    REPORT      version:u8 kind:u8 | UTF-8 JSON (MAX_REPORT_BYTES)      worker -> broker
 
     DISCONNECT from a worker: it leaves, free its shard now. From the broker: "I do not know
     you" (it restarted), so the worker sends READY again at once instead of waiting for the
