@@ -63,6 +63,9 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("GET", "/"),
     ("other", "other"),
 )
+# The label values the broker's counts may have (docs/protocol.md, STATS).
+MESSAGE_KINDS = ("GET", "SET", "DEL", "ALL", "PING", "BATCH", "STATS", "malformed")
+REMOVAL_REASONS = ("missed heartbeats", "disconnected", "unreachable", "registered again")
 # The routes whose latency the status page shows: the data routes (not the page's own polls).
 DATA_ROUTES = tuple(range(8))
 # Status codes counted each on its own; any other is counted as "other".
@@ -268,6 +271,15 @@ def _list(value: object) -> list[Any]:
     return value
 
 
+def _known(value: object, names: tuple[str, ...]) -> dict[str, int]:
+    """The counts of an object whose keys must be among ``names`` (label values are a fixed
+    set, whatever the broker sends)."""
+    counts = _dict(value)
+    if not set(counts) <= set(names):
+        raise BadStats(f"unknown names {sorted(map(str, set(counts) - set(names)))[:3]}")
+    return {name: _int(count) for name, count in counts.items()}
+
+
 def cluster_view(stats: dict[str, Any]) -> dict[str, Any]:
     """The broker's STATS checked and reduced to what the metrics and the page use: the
     broker's figures and, per shard, its owner's report (a former owner's stale report is
@@ -340,9 +352,9 @@ def cluster_view(stats: dict[str, Any]) -> dict[str, Any]:
         "workers": _int(broker.get("workers")),
         "standbys": standbys,
         "standby_count": _int(broker.get("standbys")),
-        "messages": {str(k)[:16]: _int(v) for k, v in _dict(broker.get("messages")).items()},
+        "messages": _known(broker.get("messages"), MESSAGE_KINDS),
         "batched_requests": _int(broker.get("batched_requests")),
-        "answered": {str(k)[:16]: _int(v) for k, v in _dict(broker.get("answered")).items()},
+        "answered": _known(broker.get("answered"), REPORT_STATUSES),
         "gauges": {
             name: _int(broker.get(name))
             for name in (
@@ -354,9 +366,7 @@ def cluster_view(stats: dict[str, Any]) -> dict[str, Any]:
                 "requests_waiting_for_token",
             )
         },
-        "workers_removed": {
-            str(k)[:32]: _int(v) for k, v in _dict(broker.get("workers_removed")).items()
-        },
+        "workers_removed": _known(broker.get("workers_removed"), REMOVAL_REASONS),
         **per_shard,
         "owners": owners,
     }

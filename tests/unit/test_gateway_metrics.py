@@ -195,6 +195,8 @@ def test_a_former_owners_report_makes_no_series() -> None:
         {**stats(), "workers": [worker(0, 0, keys=True)]},
         {**stats(), "workers": [worker(0, 0, fsync_buckets=[1])]},
         {**stats(), "workers": "x"},
+        {"broker": {**stats()["broker"], "messages": {f"kind{i}": 1 for i in range(1000)}}},
+        {"broker": {**stats()["broker"], "workers_removed": {"eaten": 1}}},
     ],
 )
 def test_a_malformed_stats_answer_is_refused(bad: dict[str, Any]) -> None:
