@@ -478,6 +478,7 @@ class Broker:
             )
             return
         if self.closing:
+            self.counters.answered[_UNAVAILABLE] += 1
             message = "broker is shutting down; retry on its successor"
             self._to_client(client, error_reply(request.request_id, message, Status.UNAVAILABLE))
             return
@@ -489,6 +490,7 @@ class Broker:
                 original[0].client = client  # a retry: answer it on the socket it came from
                 return
             if not self._admit_all(gather, sum(map(len, body))):
+                self.counters.answered[_BUSY] += 1
                 self._forget(entry)
                 self._to_client(
                     client, error_reply(request.request_id, self._busy_all(), Status.BUSY)
@@ -735,6 +737,7 @@ class Broker:
             self._to_client(client, error_reply(exc.request_id, f"bad request: {exc}"))
             return
         if self.closing:
+            self.counters.answered[_UNAVAILABLE] += len(subs)
             message = b"broker is shutting down; retry on its successor"
             records = [pack_reply(_UNAVAILABLE, sub[1], 0, None, message) for sub in subs]
             self._to_client(client, batch_reply_frames(0, records))

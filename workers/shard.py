@@ -111,7 +111,8 @@ class Shard:
         self._room = MAX_REPLY_BYTES
         # Requests answered, by ``kind << 3 | status`` (TALLY_SIZE entries), for the worker's
         # REPORT. The batch loop counts its common answers in locals and adds them here once a
-        # batch; other paths add here directly (one list increment, tens of ns).
+        # batch; other paths add here directly (one list increment, tens of ns). A batch whose
+        # append met an unforeseen full disk is answered twice (see _no_space): tallied twice.
         self.tally = [0] * TALLY_SIZE
         self.expired = 0  # keys the worker's active expiry removed since it took the shard
 
@@ -315,6 +316,7 @@ class Shard:
             status, deadline_ms, body = self._refuse_write(
                 kind, request_id, key, value, ttl_ms, stamp, reason, records
             )
+            self.tally[kind << 3 | status] += 1
             return reply_frames(status, request_id, token, deadline_ms, body)
         if isinstance(dispatch, DispatchBatch):
             token = dispatch.token
@@ -333,6 +335,7 @@ class Shard:
                     status, deadline_ms, body = self._apply(
                         kind, request_id, key, value, ttl_ms, stamp, None
                     )
+                self.tally[kind << 3 | status] += 1
                 out.append(pack_reply(status, request_id, token, deadline_ms, body))
             return batch_reply_frames(token, out)
         request = dispatch.request  # type: ignore[union-attr]  # a Dispatch
@@ -350,6 +353,7 @@ class Shard:
             reason,
             records,
         )
+        self.tally[request.kind << 3 | status] += 1
         return Reply(status, request.request_id, token, deadline_ms, body)
 
     def _refuse_write(
@@ -481,6 +485,7 @@ class Shard:
         return reply_frames(status, request_id, token, deadline_ms, body)
 
     def _handle_one(self, dispatch: Dispatch, records: list[bytes] | None) -> Reply:
+        """A Dispatch (ALL, PING, or a request the peek did not take), tallied."""
         reply = self._handle_request(dispatch, records)
         self.tally[dispatch.request.kind << 3 | reply.status] += 1
         return reply

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from broker import core
+from tests.fakes import FakeClock
 from tests.unit.test_broker_core import CONFIG, Harness, key_for
+from tests.unit.test_disk_full import Disk, disk, durability, seconds, tokens
+from tests.unit.test_disk_full import batch as full_batch
+from tests.unit.test_disk_full import set_ as full_set
 from workers.aof import AppendLog, FsyncPolicy, create_log
 from workers.figures import WorkerCounters, figures
-from workers.shard import Shard
+from workers.persist import Durability
+from workers.shard import Shard, take_shard
 from workers.store import TTLStore
 from zkv.protocol import (
     FSYNC_BUCKETS_S,
@@ -35,6 +41,7 @@ from zkv.protocol import (
 )
 
 pytestmark = pytest.mark.unit
+__all__ = ["disk", "durability", "seconds", "tokens"]  # fixtures of test_disk_full.py, reused
 
 
 def report(**changes: object) -> dict[str, object]:
@@ -273,3 +280,18 @@ def test_the_log_times_each_fsync_into_its_bucket(tmp_path: Path) -> None:
     assert sum(log.fsync_buckets) == 2 and log.fsync_buckets[0] == 2  # well under 0.5 ms
     assert len(log.fsync_buckets) == len(FSYNC_BUCKETS_S) + 1
     log.close()
+
+
+def test_writes_refused_on_a_full_disk_are_tallied_no_space(
+    durability: Durability, disk: Disk, tokens: Iterator[int]
+) -> None:
+    shard = take_shard(0, 1, None, durability, FakeClock()).shard
+    full_batch(shard, tokens, full_set(1, b"a"))
+    disk.fill()
+    full_batch(shard, tokens, full_set(2, b"b"))  # refused, nothing applied
+    full_batch(shard, tokens, full_set(3, b"c"))  # refused up front, before any write
+    full_batch(shard, tokens, Request(Kind.GET, 0, b"a"))
+    made = figures(shard, WorkerCounters(), 1.0)
+    assert made["requests"]["SET"]["NO_SPACE"] == 2
+    assert made["requests"]["GET"] == {"OK": 1}
+    assert made["log_bytes"] is not None and made["fsync_count"] >= 1
