@@ -561,7 +561,7 @@ class Worker:
             self._next_expire_s = now_s if backlog else now_s + self.config.expire_cycle_s
         if now_s >= self._next_heartbeat_s:
             self._send(encode_control(Heartbeat()))
-            self._send(encode_report(figures(self.shard, self.counters, now_s)))
+            self._report(now_s)
             self._next_heartbeat_s = now_s + self.config.heartbeat_interval_s
             if self._handshake_ok:
                 self._on_handshake()  # a reconnection of this socket handshakes again
@@ -585,6 +585,16 @@ class Worker:
                 else f"shard {held.number} ({len(held.store)} keys, last token {held.last_token})",
             )
             self._register()
+
+    def _report(self, now_s: float) -> None:
+        """Send the REPORT that goes with each heartbeat; a report that cannot be made is
+        logged and skipped (it is for watching, never a reason to stop serving)."""
+        try:
+            frames = encode_report(figures(self.shard, self.counters, now_s))
+        except (ProtocolError, ValueError, TypeError) as exc:
+            peer_log.warning("report", "no REPORT sent: %s", exc)
+            return
+        self._send(frames)
 
     def _new_memory(self) -> RequestMemory:
         """A shard's empty idempotency memory, with this worker's window and bound."""

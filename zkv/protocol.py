@@ -1314,7 +1314,7 @@ def decode_from_broker(frames: Sequence[bytes]) -> FromBroker:
 # exactly the fields below, each of its type and range, and refuses the whole report otherwise.
 
 MAX_REPORT_BYTES = 4096  # a REPORT's JSON body; a full one is about 1 KiB
-MAX_FIGURE = 2**63 - 1  # every count in a report is an integer from 0 to this
+MAX_FIGURE = U64_MAX  # every count in a report is an integer from 0 to this (epochs are u64)
 # fsync latency buckets (upper bounds, seconds) of a report's fsync_buckets: one count per
 # bucket, not cumulative, then one for the fsyncs slower than the last bound.
 FSYNC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -98,6 +98,7 @@ def test_report_round_trips() -> None:
         (json.dumps(report(keys=-1)).encode(), "'keys' is not an integer"),
         (json.dumps(report(keys=True)).encode(), "'keys' is not an integer"),
         (json.dumps(report(keys=2**64)).encode(), "'keys' is not an integer"),
+        (json.dumps(report(epoch=-5)).encode(), "'epoch' is not an integer"),
         (json.dumps(report(keys="3")).encode(), "'keys' is not an integer"),
         (json.dumps(report(shard=1.5)).encode(), "'shard' is not an integer"),
         (json.dumps(report(ops_per_s=float("nan"))).encode(), "'ops_per_s' is not a finite"),
@@ -112,6 +113,12 @@ def test_report_round_trips() -> None:
 def test_a_hostile_report_is_refused_with_a_reason(body: bytes, why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
         decode_report([bytes([1, Kind.REPORT]), body])
+
+
+def test_a_report_carries_any_u64_epoch() -> None:
+    # Epochs are fencing numbers from the token sequence: u64, past 2**63 after a damaged
+    # owner file is taken over in a new era (a report refused that once stopped a worker).
+    assert check_report(report(epoch=2**64 - 1))["epoch"] == 2**64 - 1
 
 
 def test_a_report_keeps_only_the_fields_it_knows() -> None:
