@@ -559,12 +559,15 @@ class Shard:
         # 64 MiB here, not a gigabyte. The one value read past the bound is the most this costs
         # beyond it. Kept in a local for the loop, and given back below.
         room = self._room
-        # The common answers, counted in locals (added to the tally after the loop).
-        get_ok = get_miss = set_ok = 0
+        # The answers, counted per batch: a GET that found its key (the hottest path) adds
+        # nothing; a miss or a new SET adds 1 to a local; every other path, rarer, tallies
+        # itself and adds 1 to ``others``. The found GETs are what is left, after the loop.
+        get_miss = set_ok = others = 0
         for kind, request_id, key, value, ttl_ms, stamp in ops:
             if kind == _GET:  # the common read, inline: _apply's GET branch
                 if room < 0:
                     tally[_GET_BUSY] += 1
+                    others += 1
                     append(pack_reply(_BUSY, request_id, token, None, _TOO_LARGE))
                     continue
                 try:
@@ -576,14 +579,15 @@ class Shard:
                 except Exception:  # a bug: see _handle_one
                     log.exception("internal error on GET request %d of a batch", request_id)
                     tally[_GET << 3 | _ERROR] += 1
+                    others += 1
                     append(pack_reply(_ERROR, request_id, token, None, b"internal worker error"))
                     continue
                 room -= len(found)
                 if room < 0:
                     tally[_GET_BUSY] += 1
+                    others += 1
                     append(pack_reply(_BUSY, request_id, token, None, _TOO_LARGE))
                     continue
-                get_ok += 1
                 append(pack_reply(_OK, request_id, token, deadline_ms, found))
                 continue
             if kind == _SET:  # the common write, inline: _apply's SET branch for a new request
@@ -593,10 +597,12 @@ class Shard:
                         if stamp is not None and (stamp - stamp_low) & stamp_mask > stamp_span:
                             status, _, body = self._stamp_refusal(_SET, request_id, stamp)
                             tally[_SET << 3 | status] += 1
+                            others += 1
                             append(pack_reply(status, request_id, token, None, body))
                             continue
                         if memory.used >= max_bytes and request_id:  # see RequestMemory.full
                             tally[_SET << 3 | _BUSY] += 1
+                            others += 1
                             append(pack_reply(_BUSY, request_id, token, None, _MEMORY_FULL))
                             continue
                         deadline_ms = put(key, value, ttl_ms, now)  # type: ignore[arg-type]
@@ -609,11 +615,13 @@ class Shard:
                 except Exception:  # a bug: see _handle_one
                     log.exception("internal error on SET request %d of a batch", request_id)
                     tally[_SET << 3 | _ERROR] += 1
+                    others += 1
                     append(pack_reply(_ERROR, request_id, token, None, b"internal worker error"))
                     continue
                 # A retry: _apply answers it from memory.
             elif not kind:  # malformed; key holds the message (tallied as kind 0)
                 tally[_ERROR] += 1
+                others += 1
                 append(pack_reply(_ERROR, request_id, token, None, b"malformed request: " + key))
                 continue
             try:
@@ -624,8 +632,9 @@ class Shard:
                 log.exception("internal error on request %d of a batch", request_id)
                 status, deadline_ms, body = _ERROR, None, b"internal worker error"
             tally[kind << 3 | status] += 1
+            others += 1
             append(pack_reply(status, request_id, token, deadline_ms, body))
-        tally[_GET_OK] += get_ok
+        tally[_GET_OK] += len(ops) - get_miss - set_ok - others
         tally[_GET_MISS] += get_miss
         tally[_SET_OK] += set_ok
         self._room = room
