@@ -180,6 +180,20 @@ def test_a_workers_report_is_dropped_with_the_worker() -> None:
     assert body["broker"]["owner_losses"] == [1, 0]
 
 
+def test_a_malformed_report_is_dropped_and_the_last_good_one_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    harness = Harness()
+    harness.register(b"w0", 0)
+    harness.broker.on_worker([b"w0", *encode_report(report(keys=5))], harness.now)
+    for body in (b"{", json.dumps(report(keys=-1)).encode(), b"x" * (MAX_REPORT_BYTES + 1)):
+        harness.broker.on_worker([b"w0", bytes([1, Kind.REPORT]), body], harness.now)
+    harness.take()
+    (worker,) = stats(harness)["workers"]
+    assert worker["keys"] == 5
+    assert "bad message from worker" in caplog.text
+
+
 def test_a_report_from_an_unknown_worker_is_not_kept() -> None:
     harness = Harness()
     harness.broker.on_worker([b"stranger", *encode_report(report())], harness.now)
