@@ -85,6 +85,10 @@ _COUNTS = 0
 _BUCKETS = _COUNTS + len(ROUTES) * _NCODES
 _SUMS = _BUCKETS + len(ROUTES) * _NBUCKETS
 SLOT_WORDS = _SUMS + len(ROUTES)
+# Per route: where its counts, its buckets and its sum start in a slot.
+_OFFSETS = [
+    (route * _NCODES, _BUCKETS + route * _NBUCKETS, _SUMS + route) for route in range(len(ROUTES))
+]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST  # Prometheus's text format, as prometheus-client writes it
 FLUSH_S = 0.5  # the server's sweep (gateway/http11.SWEEP_S) publishes a process's counts
@@ -150,10 +154,11 @@ class HttpStats:
                     if method == b"HEAD"
                     else _OTHER_ROUTE
                 )
+        counts, buckets, sums = _OFFSETS[route]
         local = self._local
-        local[route * _NCODES + _CODE_OF.get(code, _NCODES - 1)] += 1
-        local[_BUCKETS + route * _NBUCKETS + bisect.bisect_left(LATENCY_BUCKETS_S, took_s)] += 1
-        local[_SUMS + route] += int(took_s * 1e6)
+        local[counts + _CODE_OF.get(code, _NCODES - 1)] += 1
+        local[buckets + bisect.bisect_left(LATENCY_BUCKETS_S, took_s)] += 1
+        local[sums] += int(took_s * 1e6)
 
     # --- reading -----------------------------------------------------------------------------
 
