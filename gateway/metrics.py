@@ -119,9 +119,11 @@ class HttpStats:
     # --- the master: slots for its workers ---------------------------------------------------
 
     def claim(self) -> int:
-        """A free slot for a worker about to be forked (the master's ``pre_fork``); slot 0 is
-        shared when none is free (it cannot happen with one slot per worker)."""
-        return self._free.pop(0) if self._free else 0
+        """A free slot for a worker about to be forked (the master's ``pre_fork``), or -1 when
+        none is free: that worker's counts then stay its own, unpublished (two writers of one
+        slot would overwrite each other's counts). The gateway makes twice as many slots as
+        processes, for the new workers of a reload that overlap the old ones."""
+        return self._free.pop(0) if self._free else -1
 
     def release(self, slot: int) -> None:
         """A worker exited (the master's ``child_exit``): its slot, counts kept, is free."""
@@ -130,13 +132,19 @@ class HttpStats:
 
     def use(self, slot: int) -> None:
         """Count into ``slot`` from now on (the worker process, after the fork), continuing
-        from what the slot holds (a respawned worker keeps its predecessor's counts)."""
-        self.base = min(max(slot, 0), self.slots - 1) * SLOT_WORDS
+        from what the slot holds (a respawned worker keeps its predecessor's counts); -1 (no
+        slot free): count without publishing."""
+        if not 0 <= slot < self.slots:
+            self.base = -1
+            self._local = [0] * SLOT_WORDS
+            return
+        self.base = slot * SLOT_WORDS
         self._local = self._words[self.base : self.base + SLOT_WORDS].tolist()
 
     def flush(self) -> None:
         """Publish this process's counts in its slot (one copy, C speed)."""
-        self._words[self.base : self.base + SLOT_WORDS] = array("Q", self._local)
+        if self.base >= 0:
+            self._words[self.base : self.base + SLOT_WORDS] = array("Q", self._local)
 
     # --- the hot path ------------------------------------------------------------------------
 

@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" x {args.threads} thread(s)" if args.worker_class == "gthread" else "",
     )
     # Made before the fork: every worker process counts into its slot of the same memory.
-    http_stats = HttpStats(args.processes)
+    http_stats = HttpStats(2 * args.processes)  # see HttpStats.claim
     http_config = ServerConfig(
         max_body_bytes=args.max_value_bytes,
         max_connections_per_client=args.max_connections_per_client,

@@ -144,13 +144,17 @@ def test_every_process_counts_into_its_own_slot_of_one_shared_map() -> None:
     http.use(first)
     http.record(b"GET", b"/set?key=a&value=b", 200, 0.001)
     found = samples(render(http, None))
-    assert (
-        found[("zkv_http_requests_total", (("code", "200"), ("method", "GET"), ("route", "/set")))]
-        == 4
-    )
+    set_ok = (("code", "200"), ("method", "GET"), ("route", "/set"))
+    assert found[("zkv_http_requests_total", set_ok)] == 4
     # A slot freed by an exited worker is handed to the next one, its counts kept.
     http.release(second)
     assert http.claim() == second
+    # With no slot free, a process counts without publishing: never two writers of a slot.
+    assert http.claim() == -1
+    http.use(-1)
+    http.record(b"GET", b"/set?key=a", 200, 0.001)
+    http.use(first)
+    assert samples(render(http, None))[("zkv_http_requests_total", set_ok)] == 4
 
 
 # --- the cluster's metrics ------------------------------------------------------------------------
