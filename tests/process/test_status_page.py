@@ -131,6 +131,13 @@ def test_one_scrape_gathers_the_gateway_the_broker_and_every_worker(tmp_path: Pa
         # Missed heartbeats, or its connection gone when the broker next sent to it.
         assert sum(removed.values()) == 1, removed
         assert set(removed) <= {"missed heartbeats", "unreachable"}, removed
+        # Without a broker the scrape still answers, with the gateway's figures.
+        cluster.kill(cluster.broker)
+        down = scrape(cluster)
+        assert down[("zkv_broker_up", ())] == 0
+        assert down[("zkv_http_requests_total", route)] == 10
+        status = cluster.http("GET", "/v1/status")
+        assert status.status == 200 and status.json()["status"] == "unavailable"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
