@@ -45,6 +45,7 @@ from bottle import (
     response,
 )
 
+from gateway import metrics, page
 from gateway.auth import AUTH_KEY, KEY_RULE, AuthPlugin, Tokens, is_admin
 from zkv import defaults
 from zkv.client import ALL_PAGE_KEYS, Item, NotFound
@@ -124,6 +125,10 @@ class ClientLike(Protocol):
         page_keys: int = ALL_PAGE_KEYS,
     ) -> Iterator[list[Entry]]:
         """The same entries in pages of at most ``page_keys`` (zkv.client.paged)."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """The cluster's figures (STATS): the broker's and each worker's last report."""
         ...
 
     def ping(self) -> dict[str, Any]:
@@ -702,6 +707,7 @@ def make_app(
     max_value_bytes: int = defaults.MAX_VALUE_BYTES,
     clock: Callable[[], float] = time.time,
     tokens: Tokens | None = None,
+    http_stats: metrics.HttpStats | None = None,
 ) -> Bottle:
     """The gateway's WSGI app.
 
@@ -711,7 +717,10 @@ def make_app(
         max_value_bytes: largest value accepted, in bytes.
         clock: Unix time in seconds, for ``current_time`` and remaining TTLs (tests fake it).
         tokens: who may do what (gateway/auth.py); None serves everyone.
+        http_stats: the gateway's HTTP counts, shared by its processes (gateway/metrics.py);
+            a private one if None.
     """
+    stats = metrics.HttpStats() if http_stats is None else http_stats
     app = Bottle()
     # Plugins apply in reverse order of installation: the client is innermost, the error
     # mapping outermost, so a failing client factory or JSON encoding is mapped too; the
@@ -872,5 +881,37 @@ def make_app(
     @app.get(OPENAPI_PATH)
     def openapi_json() -> HTTPResponse:
         return HTTPResponse(openapi, 200, {"Content-Type": JSON_TYPE})
+
+    # --- watching the cluster (gateway/metrics.py, docs/operations.md) -----------------------
+
+    def cluster(kv: ClientLike) -> tuple[dict[str, Any] | None, str | None]:
+        """The broker's STATS, checked; (None, why) when it cannot be had."""
+        try:
+            return metrics.cluster_view(kv.stats()), None
+        except ZkvError as exc:
+            limited.warning("stats", "STATS for the metrics or status page failed: %s", exc)
+            return None, str(exc)
+        except metrics.BadStats as exc:
+            limited.warning("stats", "malformed STATS from the broker: %s", exc)
+            return None, f"malformed STATS from the broker: {exc}"
+
+    @app.get("/metrics")
+    def prometheus(kv: ClientLike) -> HTTPResponse:
+        view, _ = cluster(kv)
+        body = metrics.render(stats, view)
+        return HTTPResponse(body, 200, {"Content-Type": metrics.CONTENT_TYPE})
+
+    @app.get("/v1/status")
+    def status(kv: ClientLike) -> dict[str, Any]:
+        view, error = cluster(kv)
+        return metrics.status_document(stats, view, error, clock())
+
+    @app.get("/")
+    def status_page() -> HTTPResponse:
+        return HTTPResponse(
+            page.HTML,
+            200,
+            {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache"},
+        )
 
     return app
