@@ -110,6 +110,7 @@ from zkv.protocol import (
     ProtocolError,
     Ready,
     Reply,
+    Report,
     Status,
     batch_reply_frames,
     batch_reply_header,
@@ -150,6 +151,9 @@ SETTLE_S = 0.01
 # Ledgers of clients with nothing tracked kept at most: past this, those are dropped, and the
 # untracked bytes they counted (under zkv.zmqio.TRACK_EVERY_BYTES each) are no longer counted.
 MAX_IDLE_LEDGERS = 4096
+# A STATS answer lists at most this many workers' reports (owners first): with reports of at
+# most MAX_REPORT_BYTES, the answer stays under about 1.2 MiB whatever joins the backend.
+MAX_STATS_WORKERS = 256
 _GET = int(Kind.GET)
 _OK = int(Status.OK)
 
@@ -331,6 +335,52 @@ class BrokerConfig:
     cluster_mode: bool = False
 
 
+class BrokerCounters:
+    """What the broker counts for STATS (docs/operations.md lists the metrics made of them).
+
+    Counted per client message, never per request of a batch (a batch adds its size once),
+    so the hot loops pay one list increment a message. Counters only grow.
+
+    Attributes:
+        started: monotonic seconds when the broker started (for its uptime).
+        messages: client messages by kind byte (0: malformed, refused before its kind mattered).
+        batched: requests carried in BATCH messages.
+        answered: requests the broker answered itself, by status (BUSY when over a limit,
+            UNAVAILABLE when no owner came or a worker did not answer, ERROR when malformed).
+        owner_losses: per shard, times its owner was removed (a failover begins).
+        failovers: per shard, times it got an owner again after losing one (a standby took
+            it over, or a worker claimed it), not its first owner.
+        removed: workers removed, by reason ("missed heartbeats", "disconnected", ...).
+    """
+
+    __slots__ = (
+        "answered",
+        "batched",
+        "failovers",
+        "messages",
+        "orphaned",
+        "owner_losses",
+        "removed",
+        "started",
+    )
+
+    def __init__(self, shards: int, now: float) -> None:
+        self.started = now
+        self.messages = [0] * 256
+        self.batched = 0
+        self.answered = [0] * 256
+        self.owner_losses = [0] * shards
+        self.failovers = [0] * shards
+        self.orphaned: set[int] = set()  # shards that lost their owner and have none yet
+        self.removed: dict[str, int] = {}
+
+    def owned(self, shard: int) -> None:
+        """``shard`` got an owner: a failover if it had lost one."""
+        if shard in self.orphaned:
+            self.orphaned.discard(shard)
+            self.failovers[shard] += 1
+
+
 class Broker:
     """Routing state: tokens, workers, requests in flight. Drive it with the ``on_*`` methods."""
 
@@ -398,6 +448,10 @@ class Broker:
         # without any pass looking at every waiter (see _expire_waiters).
         self._waits: list[tuple[float, bytes]] = []
         self._wait_due: dict[bytes, float] = {}
+        self.counters = BrokerCounters(config.shards, now)
+        # The last REPORT of each registered worker (checked by zkv.protocol.check_report)
+        # and when it came: what STATS answers with, so a scrape asks no worker anything.
+        self.reports: dict[bytes, tuple[float, dict[str, object]]] = {}
 
     # --- events -----------------------------------------------------------------------------
 
@@ -405,18 +459,28 @@ class Broker:
         """A client's message: ``[identity, header, (value or batch body)]``."""
         client, body = frames[0], frames[1:]
         if body and len(body[0]) >= 2 and body[0][1] == _BATCH and body[0][0] == VERSION:
+            self.counters.messages[_BATCH] += 1
             self._on_batch(client, body, now)
             self._flush(now)
             return
         keyed = peek_keyed_request(body)
         if keyed is not None and not self.closing:
+            self.counters.messages[keyed[0]] += 1
             self._on_keyed(client, body, keyed, now)
             return
         try:
             request = decode_request(body)
         except ProtocolError as exc:
             peer_log.warning("bad request", "bad request from client %s: %s", peer(client), exc)
+            self.counters.messages[0] += 1  # malformed
+            self.counters.answered[_ERROR] += 1
             self._to_client(client, error_reply(exc.request_id, f"bad request: {exc}"))
+            return
+        self.counters.messages[request.kind] += 1
+        if request.kind == Kind.STATS:
+            self._to_client(
+                client, encode_reply(Reply(Status.OK, request.request_id, body=self.stats(now)))
+            )
             return
         if request.kind == Kind.PING:
             self._to_client(
@@ -424,6 +488,7 @@ class Broker:
             )
             return
         if self.closing:
+            self.counters.answered[_UNAVAILABLE] += 1
             message = "broker is shutting down; retry on its successor"
             self._to_client(client, error_reply(request.request_id, message, Status.UNAVAILABLE))
             return
@@ -435,6 +500,7 @@ class Broker:
                 original[0].client = client  # a retry: answer it on the socket it came from
                 return
             if not self._admit_all(gather, sum(map(len, body))):
+                self.counters.answered[_BUSY] += 1
                 self._forget(entry)
                 self._to_client(
                     client, error_reply(request.request_id, self._busy_all(), Status.BUSY)
@@ -456,6 +522,7 @@ class Broker:
                 return
             origin.account = self._charge(client, size, 1)
             if origin.account is None:
+                self.counters.answered[_BUSY] += 1
                 self._forget(op)
                 self._to_client(client, error_reply(request.request_id, self._busy(), Status.BUSY))
                 return
@@ -482,6 +549,7 @@ class Broker:
             return
         account = origin.account = self._charge(client, size, 1)
         if account is None:
+            self.counters.answered[_BUSY] += 1
             self._forget(op)
             self._to_client(client, error_reply(request_id, self._busy(), Status.BUSY))
             return
@@ -541,6 +609,8 @@ class Broker:
                 self._on_ready(worker, claimed, last_token, now, message)
             case Heartbeat():
                 pass
+            case Report(figures):
+                self.reports[worker] = (now, figures)
             case Disconnect():
                 self._remove_worker(worker, "disconnected", now)
         self._flush(now)
@@ -672,18 +742,22 @@ class Broker:
         try:
             _, subs = split_batch(body)
         except ProtocolError as exc:
+            self.counters.answered[_ERROR] += 1
             peer_log.warning("bad batch", "bad batch from client %s: %s", peer(client), exc)
             self._to_client(client, error_reply(exc.request_id, f"bad request: {exc}"))
             return
         if self.closing:
+            self.counters.answered[_UNAVAILABLE] += len(subs)
             message = b"broker is shutting down; retry on its successor"
             records = [pack_reply(_UNAVAILABLE, sub[1], 0, None, message) for sub in subs]
             self._to_client(client, batch_reply_frames(0, records))
             return
         # Charged whole (the records are the batch's second frame, byte for byte), and the
         # part that is not held (malformed, or retries merged) refunded after the loop.
+        self.counters.batched += len(subs)
         account = self._charge(client, len(body[1]), len(subs))
         if account is None:
+            self.counters.answered[_BUSY] += len(subs)
             busy = self._busy().encode()
             records = [pack_reply(_BUSY, sub[1], 0, None, busy) for sub in subs]
             self._to_client(client, batch_reply_frames(0, records))
@@ -761,6 +835,7 @@ class Broker:
         if unheld_ops:
             self._refund(account, unheld_bytes, unheld_ops)
         if refused:
+            self.counters.answered[_ERROR] += len(refused)
             peer_log.warning(
                 "bad sub-requests",
                 "client %s: %d malformed sub-request(s) refused",
@@ -1074,6 +1149,7 @@ class Broker:
             return
         for op in flight.ops:
             self._forget(op)
+        self.counters.answered[status] += len(flight.ops)
         self._answer(flight.ops, None, message, status)
         self._release(flight)
 
@@ -1328,14 +1404,20 @@ class Broker:
         elif shard is None:
             log.info("worker %s registered as standby", peer(worker))
         else:
+            self.counters.owned(shard)
             log.info("worker %s owns shard %d of %d", peer(worker), shard, self.config.shards)
             self._drain(shard, now)
 
     def _remove_worker(self, worker: bytes, why: str, now: float) -> None:
         record = self.registry.remove(worker)
         self.held.pop(worker, None)  # its flights are dispatched again to the next owner
+        self.reports.pop(worker, None)
         if record is None:
             return
+        self.counters.removed[why] = self.counters.removed.get(why, 0) + 1
+        if record.shard is not None:
+            self.counters.owner_losses[record.shard] += 1
+            self.counters.orphaned.add(record.shard)
         log.warning("worker %s (shard %s) removed: %s", peer(worker), record.shard, why)
         self._claims.pop(worker, None)
         self._requeue(worker, now)
@@ -1409,6 +1491,7 @@ class Broker:
         """Give an unowned shard to the oldest standby, if any, and send it what waited."""
         successor = self.registry.promote(shard)
         if successor is not None:
+            self.counters.owned(shard)
             log.info("standby %s takes over shard %d", peer(successor), shard)
             self._assign(successor, shard)
             self._drain(shard, now)
@@ -1472,6 +1555,62 @@ class Broker:
 
     def _to_client(self, client: bytes, frames: list[bytes]) -> None:
         self.outbox.append((Side.FRONTEND, [client, *frames]))
+
+    def stats(self, now: float) -> bytes:
+        """The body of a STATS reply: the broker's figures and each worker's last report
+        (docs/protocol.md, section 4). Costs one pass over the flights and the workers, once a
+        scrape; nothing on the request path."""
+        counters = self.counters
+        registry = self.registry
+        at_workers = sum(len(flight.ops) for flight in self._inflight.values())
+        shards = range(self.config.shards)
+        owners = {registry.owner(shard): shard for shard in shards}
+        workers = []
+        # Owners first, then standbys: the bound never drops a shard's owner.
+        listed = sorted(self.reports.items(), key=lambda item: item[0] not in owners)
+        for identity, (received, figures) in listed[:MAX_STATS_WORKERS]:
+            record = registry.get(identity)
+            workers.append(
+                {
+                    **figures,
+                    "worker": peer(identity),
+                    "age_s": round(now - received, 3),
+                    "assigned": None if record is None else record.shard,
+                }
+            )
+        kinds = {kind.name: counters.messages[kind] for kind in Kind if kind < Kind.REPLY}
+        kinds["malformed"] = counters.messages[0]
+        return json.dumps(
+            {
+                "broker": {
+                    "uptime_s": round(now - counters.started, 3),
+                    "shards": self.config.shards,
+                    "epoch": self.issuer.epoch,
+                    "owned": registry.owned(),
+                    "owners": [None if o is None else peer(o) for o in map(registry.owner, shards)],
+                    "workers": len(registry.identities()),
+                    "standbys": registry.standbys(),
+                    "messages": kinds,
+                    "batched_requests": counters.batched,
+                    "answered": {s.name: counters.answered[s] for s in Status},
+                    "held_requests": self.held_ops,
+                    "held_bytes": self.held_bytes,
+                    "requests_at_workers": at_workers,
+                    "dispatches_at_workers": len(self._inflight),
+                    "keys_in_flight": len(self.tokens),
+                    # map(len) in C: about 30 ns a key whose token is out, once a scrape.
+                    "requests_waiting_for_token": sum(map(len, self.tokens._queues.values())),
+                    "waiting_for_owner": [
+                        sum(len(flight.ops) for flight in queue) for queue in self._shard_queues
+                    ],
+                    "owner_losses": list(counters.owner_losses),
+                    "failovers": list(counters.failovers),
+                    "workers_removed": dict(counters.removed),
+                },
+                "workers": workers,
+            },
+            separators=(",", ":"),
+        ).encode()
 
     def _info(self) -> bytes:
         owned = self.registry.owned()

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from decimal import ROUND_HALF_UP, Decimal
+from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, unquote_to_bytes
 
@@ -44,7 +45,8 @@ from bottle import (
     response,
 )
 
-from gateway.auth import AUTH_KEY, AuthPlugin, Tokens, is_admin
+from gateway import metrics, page
+from gateway.auth import AUTH_KEY, KEY_RULE, AuthPlugin, Tokens, is_admin
 from zkv import defaults
 from zkv.client import ALL_PAGE_KEYS, Item, NotFound
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
@@ -87,6 +89,11 @@ SEED_ALL_CONCURRENT = 2
 SEED_KEY = "zkv.seed"
 """Where :func:`make_app` leaves its :class:`SeedApi` in the app's config, for the fast lane."""
 
+
+OPENAPI_PATH = "/v1/openapi.json"
+"""Where the app serves gateway/openapi.json, the OpenAPI 3.1 description of every route
+(tests/unit/test_openapi.py checks it against the routes both ways)."""
+
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -118,6 +125,10 @@ class ClientLike(Protocol):
         page_keys: int = ALL_PAGE_KEYS,
     ) -> Iterator[list[Entry]]:
         """The same entries in pages of at most ``page_keys`` (zkv.client.paged)."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """The cluster's figures (STATS): the broker's and each worker's last report."""
         ...
 
     def ping(self) -> dict[str, Any]:
@@ -685,12 +696,18 @@ def _seed_all_json(kv: ClientLike) -> bytes:
     return body
 
 
+def openapi_document() -> bytes:
+    """The OpenAPI description (gateway/openapi.json, package data), as served."""
+    return resources.files("gateway").joinpath("openapi.json").read_bytes()
+
+
 def make_app(
     client_factory: Callable[[], ClientLike],
     max_key_bytes: int = defaults.MAX_KEY_BYTES,
     max_value_bytes: int = defaults.MAX_VALUE_BYTES,
     clock: Callable[[], float] = time.time,
     tokens: Tokens | None = None,
+    http_stats: metrics.HttpStats | None = None,
 ) -> Bottle:
     """The gateway's WSGI app.
 
@@ -700,7 +717,10 @@ def make_app(
         max_value_bytes: largest value accepted, in bytes.
         clock: Unix time in seconds, for ``current_time`` and remaining TTLs (tests fake it).
         tokens: who may do what (gateway/auth.py); None serves everyone.
+        http_stats: the gateway's HTTP counts, shared by its processes (gateway/metrics.py);
+            a private one if None.
     """
+    stats = metrics.HttpStats() if http_stats is None else http_stats
     app = Bottle()
     # Plugins apply in reverse order of installation: the client is innermost, the error
     # mapping outermost, so a failing client factory or JSON encoding is mapped too; the
@@ -789,7 +809,7 @@ def make_app(
 
     # --- REST API -----------------------------------------------------------------------
 
-    @app.put("/v1/keys/<key:path>")
+    @app.put(KEY_RULE)
     def rest_put(key: str, kv: ClientLike) -> dict[str, Any]:
         key = path_key(key)
         ttl = optional_param("ttl")
@@ -798,7 +818,7 @@ def make_app(
         deadline_ms = kv.set(key, value, ttl_s=ttl_s(ttl_ms))
         return {"key": key, "expires_at": http_date(deadline_ms), "expires_at_ms": deadline_ms}
 
-    @app.get("/v1/keys/<key:path>")
+    @app.get(KEY_RULE)
     def rest_get(key: str, kv: ClientLike) -> HTTPResponse:
         item = kv.get(path_key(key))
         headers = {"Content-Type": "application/octet-stream"}
@@ -808,7 +828,7 @@ def make_app(
             headers["X-Zkv-Ttl-Ms"] = str(max(0, item.deadline_ms - now_ms()))
         return HTTPResponse(item.value, 200, headers)
 
-    @app.delete("/v1/keys/<key:path>")
+    @app.delete(KEY_RULE)
     def rest_delete(key: str, kv: ClientLike) -> dict[str, Any]:
         key = path_key(key)
         if not kv.delete(key):
@@ -861,5 +881,43 @@ def make_app(
             return {**info, "status": "ok"}
         body = to_json({**info, "status": "degraded"})
         return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
+
+    openapi = openapi_document()  # read once per app, not per request
+
+    @app.get(OPENAPI_PATH)
+    def openapi_json() -> HTTPResponse:
+        return HTTPResponse(openapi, 200, {"Content-Type": JSON_TYPE})
+
+    # --- watching the cluster (gateway/metrics.py, docs/operations.md) -----------------------
+
+    def cluster(kv: ClientLike) -> tuple[dict[str, Any] | None, str | None]:
+        """The broker's STATS, checked; (None, why) when it cannot be had."""
+        try:
+            return metrics.cluster_view(kv.stats()), None
+        except ZkvError as exc:
+            limited.warning("stats", "STATS for the metrics or status page failed: %s", exc)
+            return None, str(exc)
+        except metrics.BadStats as exc:
+            limited.warning("stats", "malformed STATS from the broker: %s", exc)
+            return None, f"malformed STATS from the broker: {exc}"
+
+    @app.get("/metrics")
+    def prometheus(kv: ClientLike) -> HTTPResponse:
+        view, _ = cluster(kv)
+        body = metrics.render(stats, view)
+        return HTTPResponse(body, 200, {"Content-Type": metrics.CONTENT_TYPE})
+
+    @app.get("/v1/status")
+    def status(kv: ClientLike) -> dict[str, Any]:
+        view, error = cluster(kv)
+        return metrics.status_document(stats, view, error, clock())
+
+    @app.get("/")
+    def status_page() -> HTTPResponse:
+        return HTTPResponse(
+            page.HTML,
+            200,
+            {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache"},
+        )
 
     return app

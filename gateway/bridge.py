@@ -23,16 +23,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import bottle
 import greenlet
+import zmq
 
 from zkv.aio import AsyncClient
-from zkv.calls import as_bytes
-from zkv.client import ALL_PAGE_KEYS, Client, Item, paged
-from zkv.protocol import Entry
+from zkv.calls import as_bytes, new_id
+from zkv.client import ALL_PAGE_KEYS, Client, Item, dealer, paged
+from zkv.errors import Unavailable, ZkvError
+from zkv.keys import frontend_curve
+from zkv.protocol import Entry, Kind, ProtocolError, Request, Status, decode_reply, encode_request
+
+STATS_RESEND_S = 0.05  # a STATS not sent yet (no broker connected) is tried again this often
 
 T = TypeVar("T")
 
@@ -134,6 +140,12 @@ class LoopClient:
         )
         self._blocking: Client | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._endpoint = endpoint
+        self._curve = frontend_curve(keys)
+        self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._stats_socket: zmq.Socket | None = None
+        self._stats_waiting: dict[int, asyncio.Future[Any]] = {}
 
     def get(self, key: bytes | str) -> Item:
         """As :meth:`zkv.client.Client.get`."""
@@ -170,6 +182,74 @@ class LoopClient:
         """As :meth:`zkv.client.Client.ping`, on the blocking client's thread."""
         return self._in_thread(lambda client: client.ping())
 
+    def stats(self) -> dict[str, Any]:
+        """As :meth:`zkv.client.Client.stats`, but on the event loop, not the blocking
+        client's thread: a scrape once a second through that thread cost the benchmark's
+        throughput far more than its CPU (the loop and the thread handing the GIL to each
+        other; measured in bench/scrape_cost.py, docs/operations.md)."""
+        return wait(self._stats())
+
+    async def _stats(self) -> dict[str, Any]:
+        """One STATS on a DEALER of its own, watched by the loop: sent once a broker is
+        connected (within ``connect_timeout_s``), answered within ``timeout_s``, else
+        Unavailable. No retry: a scrape that fails says so (``zkv_broker_up 0``) and the next
+        one asks again."""
+        loop = asyncio.get_running_loop()
+        socket = self._stats_socket
+        if socket is None:
+            socket = self._stats_socket = dealer(
+                zmq.Context.instance(), self._endpoint, self._curve
+            )
+            loop.add_reader(socket.FD, self._on_stats_readable)
+        request_id = new_id()
+        frames = encode_request(Request(Kind.STATS, request_id))
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._stats_waiting[request_id] = answer
+        started = loop.time()
+        deadline = started + self._timeout_s
+        try:
+            while True:
+                try:
+                    socket.send_multipart(frames, flags=zmq.NOBLOCK)
+                    break
+                except zmq.Again:  # no broker connected yet (IMMEDIATE)
+                    if loop.time() >= started + self._connect_timeout_s:
+                        raise Unavailable(f"no broker at {self._endpoint}") from None
+                    await asyncio.sleep(STATS_RESEND_S)
+            self._on_stats_readable()  # the edge rule: a send may take a reply in
+            try:
+                reply = await asyncio.wait_for(answer, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise Unavailable(f"no STATS reply from {self._endpoint}") from None
+        finally:
+            self._stats_waiting.pop(request_id, None)
+        if reply.status != Status.OK:
+            raise ZkvError(f"STATS answered {reply.status.name}: {reply.body!r}")
+        try:
+            info = json.loads(reply.body or b"{}")
+        except ValueError as exc:
+            raise ZkvError(f"malformed STATS reply: {exc}") from None
+        if not isinstance(info, dict):
+            raise ZkvError("malformed STATS reply: not an object")
+        return info
+
+    def _on_stats_readable(self) -> None:
+        """Read every reply waiting on the STATS socket; each settles its request's future
+        (late or unknown ones are dropped)."""
+        socket = self._stats_socket
+        while socket is not None:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = decode_reply(frames)
+            except ProtocolError:
+                continue
+            future = self._stats_waiting.get(reply.request_id)
+            if future is not None and not future.done():
+                future.set_result(reply)
+
     def _in_thread(self, call: Callable[[Client], T]) -> T:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -184,8 +264,12 @@ class LoopClient:
         return wait(asyncio.wrap_future(self._executor.submit(run)))
 
     async def close(self) -> None:
-        """Close the asyncio client, then the blocking one on its own thread."""
+        """Close the asyncio client, the STATS socket, then the blocking one on its thread."""
         await self.aio.close()
+        socket, self._stats_socket = self._stats_socket, None
+        if socket is not None:
+            asyncio.get_running_loop().remove_reader(socket.FD)
+            socket.close(linger=0)
         executor, self._executor = self._executor, None
         if executor is not None:
 

@@ -149,6 +149,7 @@ class ServerConfig:
         access_log: log one line per request to ``gateway.access``.
         max_set_target_bytes: the longest target of a seed ``/set`` (``/set?...``); every
             other target is at most :data:`LIMIT_REQUEST_LINE_BYTES`.
+        stats: counts every answer (gateway.metrics.HttpStats.record); None: nothing counted.
     """
 
     max_body_bytes: int
@@ -161,6 +162,7 @@ class ServerConfig:
     evict_grace_s: float = 1.0
     access_log: bool = False
     max_set_target_bytes: int = LIMIT_REQUEST_LINE_BYTES
+    stats: Any = None
 
 
 class _DateCache:
@@ -765,6 +767,9 @@ class HttpConnection(asyncio.Protocol):
             # buffer from it, without a slice of the body first (one copy of a large answer,
             # not two, once the caller lets go of the body).
             self.transport.write(memoryview(body))
+        stats = self.server.config.stats
+        if stats is not None:
+            stats.record(request.method, request.target, code, self.server.loop.time() - started)
         if self.server.config.access_log:
             access_log.info(
                 '%s "%s %s HTTP/%s" %d %d %.1fms',
@@ -819,6 +824,8 @@ class HttpConnection(asyncio.Protocol):
         self.transport.write(
             head + b"Date: " + self.server.dates.get() + b"\r\nConnection: close\r\n\r\n" + body
         )
+        if self.server.config.stats is not None:  # counted as route "other", without a time
+            self.server.config.stats.record(b"", b"", status, 0.0)
         if self.server.config.access_log:
             # A refusal costs its peer nothing (no app, no cluster): rate-limited, unlike the
             # access lines of requests served.
@@ -1129,6 +1136,8 @@ class HttpServer:
                     if connection.transport is not None:
                         connection.transport.abort()
         finally:
+            if self.config.stats is not None:
+                self.config.stats.flush()  # publish this process's HTTP counts
             if not self._swept_last:
                 self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
 

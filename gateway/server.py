@@ -37,6 +37,7 @@ from gateway.app import ClientPlugin, make_app
 from gateway.auth import Tokens, TokensFileError, load_tokens
 from gateway.bridge import LoopClient
 from gateway.http11 import ServerConfig, Shortcut, set_target_limit
+from gateway.metrics import HttpStats
 from zkv import defaults, protocol
 from zkv.client import Client
 from zkv.config import (
@@ -310,6 +311,23 @@ class GatewayServer(BaseApplication):
                     await client.close()
 
 
+def slot_hooks(stats: HttpStats) -> dict[str, Any]:
+    """gunicorn hooks that give each worker process its own slot of the shared HTTP counts
+    (gateway/metrics.py): the master claims one before each fork and frees it when that
+    worker exits; the worker counts into it."""
+
+    def pre_fork(server: Any, worker: Any) -> None:
+        worker.zkv_slot = stats.claim()
+
+    def post_fork(server: Any, worker: Any) -> None:
+        stats.use(worker.zkv_slot)
+
+    def child_exit(server: Any, worker: Any) -> None:
+        stats.release(getattr(worker, "zkv_slot", -1))
+
+    return {"pre_fork": pre_fork, "post_fork": post_fork, "child_exit": child_exit}
+
+
 def gunicorn_options(args: argparse.Namespace) -> dict[str, Any]:
     """gunicorn settings for the parsed flags."""
     address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
@@ -333,7 +351,11 @@ def gunicorn_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def app_factory(args: argparse.Namespace, tokens: Tokens | None = None) -> Callable[[], Bottle]:
+def app_factory(
+    args: argparse.Namespace,
+    tokens: Tokens | None = None,
+    http_stats: HttpStats | None = None,
+) -> Callable[[], Bottle]:
     """What each worker process calls to build its app; no client is made until a request."""
     client_class = LoopClient if args.worker_class == "event" else Client
     client_factory = functools.partial(
@@ -349,6 +371,7 @@ def app_factory(args: argparse.Namespace, tokens: Tokens | None = None) -> Calla
         max_key_bytes=args.max_key_bytes,
         max_value_bytes=args.max_value_bytes,
         tokens=tokens,
+        http_stats=http_stats,
     )
 
 
@@ -430,16 +453,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" x {args.threads} thread(s)" if args.worker_class == "gthread" else "",
         f"{len(tokens)} token(s) from {args.tokens}" if tokens else "no tokens: open to all",
     )
+    # Made before the fork: every worker process counts into its slot of the same memory.
+    http_stats = HttpStats(2 * args.processes)  # see HttpStats.claim
     http_config = ServerConfig(
         max_body_bytes=args.max_value_bytes,
         max_connections_per_client=args.max_connections_per_client,
         evict_after_s=args.evict_after,
         access_log=args.access_log,
         max_set_target_bytes=set_target_limit(args.max_key_bytes, args.max_value_bytes),
+        stats=http_stats,
     )
+    options = {**gunicorn_options(args), **slot_hooks(http_stats)}
     try:
         GatewayServer(
-            app_factory(args, tokens), gunicorn_options(args), http_config, args.fast_lane
+            app_factory(args, tokens, http_stats), options, http_config, args.fast_lane
         ).run()
     except SystemExit as exc:  # gunicorn's master ends with sys.exit(status)
         if exc.code is None or isinstance(exc.code, int):

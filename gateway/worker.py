@@ -75,6 +75,7 @@ class EventLoopWorker(Worker):
             write_timeout_s=app_config.write_timeout_s,
             access_log=app_config.access_log,
             max_set_target_bytes=app_config.max_set_target_bytes,
+            stats=app_config.stats,
         )
         host, port = _server_address(self.sockets[0].sock.getsockname() if self.sockets else None)
         make_shortcut = getattr(self.app, "shortcut", None)  # GatewayServer's fast lane

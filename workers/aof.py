@@ -48,11 +48,12 @@ import re
 import struct
 import time
 import zlib
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from zkv.protocol import MAX_KEY_BYTES, MAX_VALUE_BYTES
+from zkv.protocol import FSYNC_BUCKETS_S, MAX_KEY_BYTES, MAX_VALUE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -720,6 +721,10 @@ class AppendLog:
         self.size = os.fstat(self.fd).st_size
         self.dirty = False  # appended bytes not yet fsynced
         self._synced_s = monotonic()
+        # fsync latencies for the worker's REPORT: counts per zkv.protocol.FSYNC_BUCKETS_S
+        # bucket (the last for slower ones), and their total; two clock reads an fsync.
+        self.fsync_buckets = [0] * (len(FSYNC_BUCKETS_S) + 1)
+        self.fsync_seconds = 0.0
         # The policy as booleans, read on every batch and every pass of the loop.
         self._always = policy is FsyncPolicy.ALWAYS
         self._everysec = policy is FsyncPolicy.EVERYSEC
@@ -776,10 +781,14 @@ class AppendLog:
                 dirty pages and marked them clean, so retrying cannot tell whether the data is
                 on disk: the caller must stop.
         """
+        started = time.perf_counter()
         try:
             self._fsync(self.fd)
         except OSError as exc:
             raise DurabilityError(f"fsync of {self.path} failed: {exc}") from exc
+        took_s = time.perf_counter() - started
+        self.fsync_buckets[bisect_left(FSYNC_BUCKETS_S, took_s)] += 1
+        self.fsync_seconds += took_s
         self.dirty = False
         self._synced_s = self._monotonic()
 

@@ -192,6 +192,7 @@ class ShardFiles:
         # replay starts from, and what a batch compares with (see Shard.handle_batch).
         self.time_ms = 0
         self.crash_at: RewriteStep | None = None
+        self.compactions = 0  # finished since this process took the shard (its REPORT)
         self._rewrite: _Rewrite | None = None
         self._rewrite_buffer: list[bytes] = []
         self._next_rewrite_s = 0.0
@@ -706,6 +707,7 @@ class ShardFiles:
         self._rewrite = None
         self._rewrite_buffer = []
         self.base_bytes = size
+        self.compactions += 1
         log.info("compacted %s: %d bytes -> %d bytes", self.log_path, old_size, size)
         self._reached(RewriteStep.SWITCHED)
         self._check_space()  # the old log's room is free now: writes may resume at once

@@ -109,6 +109,12 @@ class Shard:
         # The bytes of GET values the answers of one handle_batch call may still carry, shared
         # by all its messages (see handle_batch): reset by each call.
         self._room = MAX_REPLY_BYTES
+        # Requests answered, by ``kind << 3 | status`` (TALLY_SIZE entries), for the worker's
+        # REPORT. The batch loop counts its common answers in locals and adds them here once a
+        # batch; other paths add here directly (one list increment, tens of ns). A batch whose
+        # append met an unforeseen full disk is answered twice (see _no_space): tallied twice.
+        self.tally = [0] * TALLY_SIZE
+        self.expired = 0  # keys the worker's active expiry removed since it took the shard
 
     def handle(self, dispatch: Dispatch) -> Reply:
         """One request as a batch of one (see :meth:`handle_batch`)."""
@@ -310,6 +316,7 @@ class Shard:
             status, deadline_ms, body = self._refuse_write(
                 kind, request_id, key, value, ttl_ms, stamp, reason, records
             )
+            self.tally[kind << 3 | status] += 1
             return reply_frames(status, request_id, token, deadline_ms, body)
         if isinstance(dispatch, DispatchBatch):
             token = dispatch.token
@@ -328,6 +335,7 @@ class Shard:
                     status, deadline_ms, body = self._apply(
                         kind, request_id, key, value, ttl_ms, stamp, None
                     )
+                self.tally[kind << 3 | status] += 1
                 out.append(pack_reply(status, request_id, token, deadline_ms, body))
             return batch_reply_frames(token, out)
         request = dispatch.request  # type: ignore[union-attr]  # a Dispatch
@@ -345,6 +353,7 @@ class Shard:
             reason,
             records,
         )
+        self.tally[request.kind << 3 | status] += 1
         return Reply(status, request.request_id, token, deadline_ms, body)
 
     def _refuse_write(
@@ -442,32 +451,46 @@ class Shard:
         same :meth:`_apply`, from the fields the worker decoded and to REPLY frames, with no
         Request or Reply object in between (one request at a time, this is the whole path)."""
         token, kind, request_id, key, value, ttl_ms, stamp = dispatch
+        tally = self.tally
         if not self._fresh(token, dispatch):
+            tally[kind << 3 | _UNAVAILABLE] += 1
             message = self._stale_message(token)  # UNAVAILABLE: see _handle_one
             return reply_frames(_UNAVAILABLE, request_id, token, None, message)
         try:
             if kind == _GET:  # the common read, inline: _apply's GET branch, without the call
                 room = self._room
                 if room < 0:
+                    tally[_GET_BUSY] += 1
                     return reply_frames(_BUSY, request_id, token, None, _TOO_LARGE)
                 try:
                     found, deadline_ms = self.store.get(key)
                 except Missing:
+                    tally[_GET_MISS] += 1
                     return reply_frames(_NOT_FOUND, request_id, token, None, None)
                 room -= len(found)
                 self._room = room
                 if room < 0:
+                    tally[_GET_BUSY] += 1
                     return reply_frames(_BUSY, request_id, token, None, _TOO_LARGE)
+                tally[_GET_OK] += 1
                 return reply_frames(_OK, request_id, token, deadline_ms, found)
             status, deadline_ms, body = self._apply(
                 kind, request_id, key, value, ttl_ms, stamp, records
             )
         except Exception:  # a bug: see _handle_one
             log.exception("internal error on %s request %d", Kind(kind).name, request_id)
+            tally[kind << 3 | _ERROR] += 1
             return reply_frames(_ERROR, request_id, token, None, b"internal worker error")
+        tally[kind << 3 | status] += 1
         return reply_frames(status, request_id, token, deadline_ms, body)
 
     def _handle_one(self, dispatch: Dispatch, records: list[bytes] | None) -> Reply:
+        """A Dispatch (ALL, PING, or a request the peek did not take), tallied."""
+        reply = self._handle_request(dispatch, records)
+        self.tally[dispatch.request.kind << 3 | reply.status] += 1
+        return reply
+
+    def _handle_request(self, dispatch: Dispatch, records: list[bytes] | None) -> Reply:
         request = dispatch.request
         token = dispatch.token
         if not self._fresh(token, request):
@@ -500,7 +523,10 @@ class Shard:
         objects are made: this runs once per operation at full speed."""
         token = batch.token
         ops = batch.ops
+        tally = self.tally
         if not self._fresh(token, len(ops)):
+            for op in ops:
+                tally[op[0] << 3 | _UNAVAILABLE] += 1
             message = self._stale_message(token)
             return batch_reply_frames(
                 token, [pack_reply(_UNAVAILABLE, op[1], token, None, message) for op in ops]
@@ -533,22 +559,33 @@ class Shard:
         # 64 MiB here, not a gigabyte. The one value read past the bound is the most this costs
         # beyond it. Kept in a local for the loop, and given back below.
         room = self._room
+        # The answers, counted per batch: a GET that found its key (the hottest path) adds
+        # nothing; a miss or a new SET adds 1 to a local; every other path, rarer, tallies
+        # itself and adds 1 to ``others``. The found GETs are what is left, after the loop.
+        get_miss = set_ok = others = 0
         for kind, request_id, key, value, ttl_ms, stamp in ops:
             if kind == _GET:  # the common read, inline: _apply's GET branch
                 if room < 0:
+                    tally[_GET_BUSY] += 1
+                    others += 1
                     append(pack_reply(_BUSY, request_id, token, None, _TOO_LARGE))
                     continue
                 try:
                     found, deadline_ms = get(key)
                 except Missing:
+                    get_miss += 1
                     append(pack_reply(_NOT_FOUND, request_id, token, None, None))
                     continue
                 except Exception:  # a bug: see _handle_one
                     log.exception("internal error on GET request %d of a batch", request_id)
+                    tally[_GET << 3 | _ERROR] += 1
+                    others += 1
                     append(pack_reply(_ERROR, request_id, token, None, b"internal worker error"))
                     continue
                 room -= len(found)
                 if room < 0:
+                    tally[_GET_BUSY] += 1
+                    others += 1
                     append(pack_reply(_BUSY, request_id, token, None, _TOO_LARGE))
                     continue
                 append(pack_reply(_OK, request_id, token, deadline_ms, found))
@@ -559,23 +596,32 @@ class Shard:
                     if not known(request_id) or recall(request_id, _SET, key, fingerprint) is None:
                         if stamp is not None and (stamp - stamp_low) & stamp_mask > stamp_span:
                             status, _, body = self._stamp_refusal(_SET, request_id, stamp)
+                            tally[_SET << 3 | status] += 1
+                            others += 1
                             append(pack_reply(status, request_id, token, None, body))
                             continue
                         if memory.used >= max_bytes and request_id:  # see RequestMemory.full
+                            tally[_SET << 3 | _BUSY] += 1
+                            others += 1
                             append(pack_reply(_BUSY, request_id, token, None, _MEMORY_FULL))
                             continue
                         deadline_ms = put(key, value, ttl_ms, now)  # type: ignore[arg-type]
                         remember(request_id, _SET, key, fingerprint, deadline_ms)
                         if keep is not None:
                             keep(encode_set(request_id, key, value, deadline_ms))  # type: ignore[arg-type]
+                        set_ok += 1
                         append(pack_reply(_OK, request_id, token, deadline_ms, None))
                         continue
                 except Exception:  # a bug: see _handle_one
                     log.exception("internal error on SET request %d of a batch", request_id)
+                    tally[_SET << 3 | _ERROR] += 1
+                    others += 1
                     append(pack_reply(_ERROR, request_id, token, None, b"internal worker error"))
                     continue
                 # A retry: _apply answers it from memory.
-            elif not kind:  # malformed; key holds the message
+            elif not kind:  # malformed; key holds the message (tallied as kind 0)
+                tally[_ERROR] += 1
+                others += 1
                 append(pack_reply(_ERROR, request_id, token, None, b"malformed request: " + key))
                 continue
             try:
@@ -585,7 +631,12 @@ class Shard:
             except Exception:  # a bug: see _handle_one
                 log.exception("internal error on request %d of a batch", request_id)
                 status, deadline_ms, body = _ERROR, None, b"internal worker error"
+            tally[kind << 3 | status] += 1
+            others += 1
             append(pack_reply(status, request_id, token, deadline_ms, body))
+        tally[_GET_OK] += len(ops) - get_miss - set_ok - others
+        tally[_GET_MISS] += get_miss
+        tally[_SET_OK] += set_ok
         self._room = room
         return batch_reply_frames(token, out)
 
@@ -802,6 +853,11 @@ _SET = int(Kind.SET)
 _DEL = int(Kind.DEL)
 _ALL = int(Kind.ALL)
 _PING = int(Kind.PING)
+_GET_OK = _GET << 3 | Status.OK
+_GET_MISS = _GET << 3 | Status.NOT_FOUND
+_GET_BUSY = _GET << 3 | Status.BUSY
+_SET_OK = _SET << 3 | Status.OK
+TALLY_SIZE = 64  # kind << 3 | status: kinds up to 7, statuses up to 7
 _SET_BYTES = SET_OVERHEAD_BYTES  # a SET record beyond its key and value
 _DEL_BYTES = aof.PREFIX_BYTES + 9  # a DEL record beyond its key: type, request id
 _OK = Status.OK

@@ -47,6 +47,7 @@ import zmq
 from zmq.backend import zmq_poll
 
 from workers.aof import CorruptLog, DurabilityError, FsyncPolicy
+from workers.figures import WorkerCounters, figures
 from workers.handshake import HandshakeWatch
 from workers.idempotency import RequestMemory, keep_ms
 from workers.manifest import Manifest, ManifestError, bind_shards, open_manifest
@@ -72,6 +73,7 @@ from zkv.protocol import (
     dispatch_token,
     encode_control,
     encode_reply,
+    encode_report,
     peek_keyed_dispatch,
 )
 from zkv.zmqio import POLLIN, SendLedger, recv_frames, send_counted
@@ -206,6 +208,7 @@ class Worker:
         self._last_heard_s = 0.0
         self._next_heartbeat_s = 0.0
         self._next_expire_s = 0.0
+        self.counters = WorkerCounters()  # for the REPORT sent with each heartbeat
 
     @property
     def stopping(self) -> bool:
@@ -558,6 +561,7 @@ class Worker:
             self._next_expire_s = now_s if backlog else now_s + self.config.expire_cycle_s
         if now_s >= self._next_heartbeat_s:
             self._send(encode_control(Heartbeat()))
+            self._report(now_s)
             self._next_heartbeat_s = now_s + self.config.heartbeat_interval_s
             if self._handshake_ok:
                 self._on_handshake()  # a reconnection of this socket handshakes again
@@ -570,6 +574,7 @@ class Worker:
         if silent_s >= self._silence_limit_s and self._handshake_failed:
             self._register()  # the handshake's ERROR line said why; a new socket tries again
         elif silent_s >= self._silence_limit_s:
+            self.counters.broker_silences += 1
             held = self.shard
             log.warning(
                 "no word from the broker at %s for %.2f s: reconnecting, claiming %s",
@@ -580,6 +585,16 @@ class Worker:
                 else f"shard {held.number} ({len(held.store)} keys, last token {held.last_token})",
             )
             self._register()
+
+    def _report(self, now_s: float) -> None:
+        """Send the REPORT that goes with each heartbeat; a report that cannot be made is
+        logged and skipped (it is for watching, never a reason to stop serving)."""
+        try:
+            frames = encode_report(figures(self.shard, self.counters, now_s))
+        except (ProtocolError, ValueError, TypeError) as exc:
+            peer_log.warning("report", "no REPORT sent: %s", exc)
+            return
+        self._send(frames)
 
     def _new_memory(self) -> RequestMemory:
         """A shard's empty idempotency memory, with this worker's window and bound."""
@@ -599,7 +614,7 @@ class Worker:
         if self.shard is None:
             return False
         store = self.shard.store
-        store.expire(self.config.expire_max_keys, self.config.expire_budget_s)
+        self.shard.expired += store.expire(self.config.expire_max_keys, self.config.expire_budget_s)
         next_deadline_ms = store.next_deadline_ms()
         return next_deadline_ms is not None and next_deadline_ms <= self._clock()
 

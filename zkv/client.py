@@ -243,6 +243,18 @@ class Client:
             raise ZkvError(f"malformed PING reply from {self.endpoint}: not an object")
         return info
 
+    def stats(self) -> dict[str, Any]:
+        """The cluster's figures (STATS): the broker's and each worker's last report, as
+        docs/protocol.md section 4 describes; what the gateway's /metrics is made of."""
+        reply = self.request(Request(Kind.STATS, 0))
+        try:
+            info = json.loads(reply.body or b"{}")
+        except ValueError as exc:
+            raise ZkvError(f"malformed STATS reply from {self.endpoint}: {exc}") from None
+        if not isinstance(info, dict):
+            raise ZkvError(f"malformed STATS reply from {self.endpoint}: not an object")
+        return info
+
     # --- pipelines --------------------------------------------------------------------------
 
     def pipeline(self) -> Pipeline:

@@ -18,7 +18,7 @@ bytes, ``version`` and ``kind``, so a peer can reject an unknown version before 
 
 Frames, per message (``|`` separates frames):
 
-Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING)::
+Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING, STATS)::
 
     header(20 + len(key) bytes) [| value]
     header = version:u8  kind:u8  flags:u8  reserved:u8(0)  request_id:u64  arg:u64  key:bytes
@@ -34,6 +34,8 @@ Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING)::
     ALL      key = cursor: only keys strictly greater (bytewise) are returned; arg = limit per
              shard (0 = no limit, and then no ordering either); flag KEYS_ONLY omits values.
     PING     key empty, arg 0.
+    STATS    key empty, arg 0: answered by the broker with UTF-8 JSON, its figures and each
+             worker's last REPORT (see "worker reports and STATS" below).
 
 Broker -> worker (``DISPATCH``), a request header wrapped with the token that fences it::
 
@@ -82,6 +84,7 @@ Worker <-> broker control (one frame each)::
     ASSIGN      version:u8 kind:u8 reserved:u16 shard:u32 shards:u32 epoch:u64  broker -> worker
     HEARTBEAT   version:u8 kind:u8                                         both ways
     DISCONNECT  version:u8 kind:u8                                         both ways
+    REPORT      version:u8 kind:u8 | UTF-8 JSON (MAX_REPORT_BYTES)      worker -> broker
 
     DISCONNECT from a worker: it leaves, free its shard now. From the broker: "I do not know
     you" (it restarted), so the worker sends READY again at once instead of waiting for the
@@ -120,6 +123,8 @@ Leader <-> follower replication (kinds 0x30..0x3F; cluster mode, workers/replica
 from __future__ import annotations
 
 import enum
+import json
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,6 +153,7 @@ class Kind(enum.IntEnum):
     ALL = 0x04
     PING = 0x05
     BATCH = 0x06
+    STATS = 0x07
     REPLY = 0x10
     DISPATCH = 0x11
     BATCH_REPLY = 0x12
@@ -156,6 +162,7 @@ class Kind(enum.IntEnum):
     ASSIGN = 0x21
     HEARTBEAT = 0x22
     DISCONNECT = 0x23
+    REPORT = 0x24
     FOLLOW = 0x30
     SNAPSHOT = 0x31
     RECORDS = 0x32
@@ -163,7 +170,7 @@ class Kind(enum.IntEnum):
     REFUSE = 0x34
 
 
-COMMANDS = frozenset({Kind.GET, Kind.SET, Kind.DEL, Kind.ALL, Kind.PING})
+COMMANDS = frozenset({Kind.GET, Kind.SET, Kind.DEL, Kind.ALL, Kind.PING, Kind.STATS})
 KEYED_COMMANDS = frozenset({Kind.GET, Kind.SET, Kind.DEL})  # also: what a BATCH may carry
 
 
@@ -355,6 +362,14 @@ class Disconnect:
 
 
 @dataclass(frozen=True, slots=True)
+class Report:
+    """Worker -> broker, once a heartbeat interval: the worker's figures (see
+    :func:`check_report` for the fields), which the broker keeps and answers STATS with."""
+
+    figures: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One key of an ALL listing."""
 
@@ -411,7 +426,7 @@ class BatchReply:
 
 
 FromBroker = Dispatch | DispatchBatch | Assign | Heartbeat | Disconnect
-FromWorker = Reply | BatchReply | Ready | Heartbeat | Disconnect
+FromWorker = Reply | BatchReply | Ready | Heartbeat | Disconnect | Report
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -513,8 +528,8 @@ def decode_request(frames: Sequence[bytes]) -> Request:
         return Request(kind, request_id, bytes(key), limit=arg, keys_only=bool(flags & _KEYS_ONLY))
     if arg:
         raise ProtocolError(f"{kind.name} must have arg 0", request_id)
-    if kind == Kind.PING and key:
-        raise ProtocolError("PING takes no key", request_id)
+    if (kind == Kind.PING or kind == Kind.STATS) and key:
+        raise ProtocolError(f"{kind.name} takes no key", request_id)
     if flags:
         raise ProtocolError(f"flags 0x{flags:02x} do not apply to {kind.name}", request_id)
     return Request(kind, request_id, bytes(key), stamp=stamp)
@@ -1270,6 +1285,8 @@ def decode_from_worker(frames: Sequence[bytes]) -> FromWorker:
         return decode_reply(frames)
     if kind == Kind.BATCH_REPLY:
         return decode_batch_reply(frames)
+    if kind == Kind.REPORT:
+        return decode_report(frames)
     if len(frames) != 1:
         raise ProtocolError(f"{kind.name} takes 1 frame, got {len(frames)}")
     header = frames[0]
@@ -1315,6 +1332,121 @@ def decode_from_broker(frames: Sequence[bytes]) -> FromBroker:
             _check_size(header, _BARE.size, kind)
             return Heartbeat() if kind == Kind.HEARTBEAT else Disconnect()
     raise ProtocolError(f"the broker may not send {kind.name}")
+
+
+# --- worker reports and STATS -------------------------------------------------------------
+#
+# A worker sends REPORT once a heartbeat interval (two frames: the 2-byte header, then a UTF-8
+# JSON object of at most MAX_REPORT_BYTES); the broker keeps the last one of each worker and
+# answers a client's STATS from them and its own figures, so a scrape costs the broker a JSON
+# encoding and no worker anything. Nothing a worker reports is trusted: check_report takes
+# exactly the fields below, each of its type and range, and refuses the whole report otherwise.
+
+MAX_REPORT_BYTES = 4096  # a REPORT's JSON body; a full one is about 1 KiB
+MAX_FIGURE = U64_MAX  # every count in a report is an integer from 0 to this (epochs are u64)
+# fsync latency buckets (upper bounds, seconds) of a report's fsync_buckets: one count per
+# bucket, not cumulative, then one for the fsyncs slower than the last bound.
+FSYNC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# A report's counts of requests served by command and status (names of Kind and Status).
+REPORT_COMMANDS = ("GET", "SET", "DEL", "ALL", "PING")
+REPORT_STATUSES = tuple(status.name for status in Status)
+# Field -> kind of value: "count" an integer 0..MAX_FIGURE, "count?" the same or null,
+# "rate" a finite float >= 0.
+_REPORT_FIELDS = {
+    "shard": "count?",  # the shard the worker owns, null for a standby
+    "epoch": "count",  # its ownership epoch (0: none)
+    "keys": "count",  # keys in the shard, expired ones not yet removed included
+    "keys_with_ttl": "count",  # of which have a deadline
+    "expired": "count",  # keys removed by the active expiry since the worker took the shard
+    "log_bytes": "count?",  # the shard's log size (null: in memory)
+    "fsync_count": "count",  # fsyncs of the log since this worker took the shard
+    "fsync_seconds": "rate",  # their total duration
+    "compactions": "count",  # log compactions since the worker took the shard
+    "broker_silences": "count",  # times the worker heard nothing from the broker for its
+    # liveness and reconnected (missed heartbeats, seen from the worker)
+    "ops_per_s": "rate",  # requests served per second over the last report interval
+}
+
+
+def encode_report(figures: dict[str, object]) -> list[bytes]:
+    """Frames of a REPORT. Raises ProtocolError if ``figures`` would be refused."""
+    body = json.dumps(figures, separators=(",", ":")).encode()
+    frames = [_BARE.pack(VERSION, Kind.REPORT), body]
+    decode_report(frames)  # what we send is what the broker accepts
+    return frames
+
+
+def decode_report(frames: Sequence[bytes]) -> Report:
+    """Parse and check a REPORT (see :func:`check_report`). Raises ProtocolError."""
+    _check_frames(frames, 2, Kind.REPORT)
+    _check_size(frames[0], _BARE.size, Kind.REPORT)
+    body = frames[1]
+    if len(body) > MAX_REPORT_BYTES:
+        raise ProtocolError(f"REPORT of {len(body)} bytes exceeds {MAX_REPORT_BYTES}")
+    try:
+        figures = json.loads(bytes(body).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"REPORT is not UTF-8 JSON: {exc}") from None
+    return Report(check_report(figures))
+
+
+def check_report(figures: object) -> dict[str, object]:
+    """A worker's figures, checked field by field; raises ProtocolError naming the first bad one.
+
+    Fields (all required; others are ignored, so a newer worker may add some): those of
+    ``_REPORT_FIELDS`` above, plus ``fsync_buckets`` (len(FSYNC_BUCKETS_S) + 1 counts) and
+    ``requests`` (``{command: {status: count}}`` with names from REPORT_COMMANDS and
+    REPORT_STATUSES, any subset).
+    """
+    if not isinstance(figures, dict):
+        raise ProtocolError("REPORT is not a JSON object")
+    checked: dict[str, object] = {}
+    for name, form in _REPORT_FIELDS.items():
+        if name not in figures:
+            raise ProtocolError(f"REPORT lacks {name!r}")
+        value = figures[name]
+        if form == "rate":
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or not 0 <= value <= MAX_FIGURE
+            ):
+                raise ProtocolError(f"REPORT field {name!r} is not a finite number >= 0")
+            checked[name] = float(value)
+        elif value is None and form == "count?":
+            checked[name] = None
+        else:
+            checked[name] = _count(value, name)
+    buckets = figures.get("fsync_buckets")
+    if not isinstance(buckets, list) or len(buckets) != len(FSYNC_BUCKETS_S) + 1:
+        raise ProtocolError(
+            f"REPORT field 'fsync_buckets' is not {len(FSYNC_BUCKETS_S) + 1} counts"
+        )
+    checked["fsync_buckets"] = [_count(count, "fsync_buckets") for count in buckets]
+    requests = figures.get("requests")
+    if not isinstance(requests, dict):
+        raise ProtocolError("REPORT field 'requests' is not an object")
+    served: dict[str, dict[str, int]] = {}
+    for command, by_status in requests.items():
+        if command not in REPORT_COMMANDS or not isinstance(by_status, dict):
+            raise ProtocolError(f"REPORT field 'requests' has a bad command {str(command)[:20]!r}")
+        counts: dict[str, int] = {}
+        for status, count in by_status.items():
+            if status not in REPORT_STATUSES:
+                raise ProtocolError(
+                    f"REPORT field 'requests' has a bad status {str(status)[:20]!r}"
+                )
+            counts[status] = _count(count, "requests")
+        served[command] = counts
+    checked["requests"] = served
+    return checked
+
+
+def _count(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_FIGURE:
+        raise ProtocolError(f"REPORT field {name!r} is not an integer from 0 to {MAX_FIGURE}")
+    return value
 
 
 # --- ALL entries ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from zkv.protocol import (
     Kind,
     Ready,
     Reply,
+    Report,
     Request,
     Status,
     decode_from_worker,
@@ -77,7 +78,8 @@ class FakeBroker:
     def recv(
         self, timeout_s: float = RECV_TIMEOUT_S, skip_heartbeats: bool = True
     ) -> tuple[bytes, FromWorker]:
-        """The next decoded message (by default not a heartbeat) before the deadline."""
+        """The next decoded message (by default not a heartbeat, nor the REPORT that comes
+        with each) before the deadline."""
         deadline_s = time.monotonic() + timeout_s
         while True:
             remaining_s = deadline_s - time.monotonic()
@@ -85,7 +87,7 @@ class FakeBroker:
                 pytest.fail(f"no message from the worker within {timeout_s} s")
             identity, frames = self.recv_raw(remaining_s)
             message = decode_from_worker(frames)
-            if not (skip_heartbeats and isinstance(message, Heartbeat)):
+            if not (skip_heartbeats and isinstance(message, Heartbeat | Report)):
                 return identity, message
 
     def recv_reply(self, identity: bytes) -> Reply:
@@ -95,14 +97,14 @@ class FakeBroker:
         return message
 
     def expect_silence(self, seconds: float) -> None:
-        """Fail if anything but heartbeats arrives within ``seconds``."""
+        """Fail if anything but heartbeats (and their REPORTs) arrives within ``seconds``."""
         deadline_s = time.monotonic() + seconds
         while (remaining_s := deadline_s - time.monotonic()) > 0:
             if not self.socket.poll(int(remaining_s * 1000) + 1, zmq.POLLIN):
                 return
             _, *frames = self.socket.recv_multipart()
             message = decode_from_worker(frames)
-            assert isinstance(message, Heartbeat), f"unexpected {message}"
+            assert isinstance(message, Heartbeat | Report), f"unexpected {message}"
 
     def send(self, identity: bytes, frames: list[bytes]) -> None:
         self.socket.send_multipart([identity, *frames])

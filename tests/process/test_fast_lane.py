@@ -125,6 +125,13 @@ def test_with_the_broker_gone_both_paths_answer_the_same_503(gateways):
     finally:
         cluster.start_broker()  # for the tests after this one
         cluster.wait_ready(gateway=False)
+        for port in (on_port, off_port):  # each gateway's socket finds the new broker
+            wait_for(
+                lambda port=port: exchange(port, request(b"/get?key=fl-ready")).startswith(
+                    b"HTTP/1.1 200"
+                ),
+                f"the gateway on port {port} after the broker's restart",
+            )
     assert fast.startswith(b"HTTP/1.1 503"), fast
     assert fast == bottle
 

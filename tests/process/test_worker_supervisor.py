@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from tests.fakes import bare
-from zkv.protocol import Disconnect, FromWorker, Heartbeat, Ready, decode_from_worker
+from zkv.protocol import Disconnect, FromWorker, Heartbeat, Ready, Report, decode_from_worker
 
 pytestmark = [
     pytest.mark.process,
@@ -49,7 +49,7 @@ class FakeBroker:
                 break
             identity, *frames = self.socket.recv_multipart()
             message = decode_from_worker(frames)
-            if not isinstance(message, Heartbeat):
+            if not isinstance(message, Heartbeat | Report):  # a REPORT comes with each
                 return identity, message
         pytest.fail(f"no message from a worker within {timeout_s} s")
 

@@ -13,6 +13,7 @@ from bottle import Bottle
 
 from gateway.app import make_app
 from gateway.auth import (
+    KEY_RULE,
     MISSING,
     ROUTE_ROLES,
     Denial,
@@ -195,7 +196,7 @@ def test_every_route_of_the_app_is_in_the_role_table() -> None:
     assert role_of_route("GET", "/nope") == Role.ADMIN
     assert role_of_route("HEAD", "/get") == Role.READ
     writes = {rule for (method, rule), role in ROUTE_ROLES.items() if role == Role.WRITE}
-    assert writes == {"/set", "/delete", "/v1/keys/<key:path>"}
+    assert writes == {"/set", "/delete", KEY_RULE}
 
 
 # --- the app ------------------------------------------------------------------------------------

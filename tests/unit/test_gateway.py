@@ -946,7 +946,7 @@ def test_failing_client_factory_is_500_json(clock: FakeClock) -> None:
     ("method", "target", "status"),
     [
         ("GET", "/nope", 404),
-        ("GET", "/", 404),
+        ("POST", "/", 405),  # GET / is the status page
         ("GET", "/v1/keys/", 404),
         ("GET", "/v1", 404),
         ("POST", "/set?key=k&value=v&timeout=1", 405),
