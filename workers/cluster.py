@@ -62,6 +62,7 @@ from zkv.protocol import (
 log = logging.getLogger(__name__)
 
 FIRST_VIEW_WAIT_S = 30.0  # how long a starting worker tries to join etcd before giving up
+STEP_RETRY_S = 1.0  # a step etcd refused is asked again after this long
 
 
 class ClusterWorker(LinkedWorker):
@@ -106,6 +107,7 @@ class ClusterWorker(LinkedWorker):
         self._followed: tuple[int, str] | None = None  # (epoch, endpoint) being followed
         self._isr_done: dict[str, frozenset[str]] = {}  # ISR changes etcd confirmed
         self._stale_before = 0  # readings numbered below this predate our last step
+        self._retry_at: dict[tuple[str, int | None], float] = {}  # failed steps wait
 
     def run(self) -> int:
         """Join the cluster (lease, registration, the data directory bound to the cluster),
@@ -183,7 +185,7 @@ class ClusterWorker(LinkedWorker):
         control = self.control
         self.set_brokers(control.brokers)
         for outcome in control.outcomes():
-            if outcome.ok and outcome.action in ("campaign", "follow", "release"):
+            if outcome.ok and outcome.action in ("campaign", "follow", "release", "resign"):
                 self._stale_before = outcome.reading + 1
             self._on_outcome(outcome)
         if self.role == "leader" and not control.lease_valid():
@@ -205,10 +207,22 @@ class ClusterWorker(LinkedWorker):
         step = next_step(view, self.worker_id, self.role, self.role_shard)
         if step.action == "step_down":
             self._step_down(step.why)
-        elif step.action in ("campaign", "follow"):
+        elif step.action == "resign" and step.shard is not None:
+            epoch = view.leaders[step.shard].epoch
+            if self._may_ask(step.action, step.shard):
+                log.info("shard %d: resigning epoch %d: %s", step.shard, epoch, step.why)
+                control.ask("resign", step.shard, epoch=epoch)
+        elif step.action in ("campaign", "follow") and self._may_ask(step.action, step.shard):
             control.ask(step.action, step.shard)
 
+    def _may_ask(self, action: str, shard: int | None) -> bool:
+        """Whether a step may be asked of etcd now: one that failed is asked again only after
+        STEP_RETRY_S (a refused campaign was retried 30 to 50 times a second)."""
+        return time.monotonic() >= self._retry_at.get((action, shard), 0.0)
+
     def _on_outcome(self, outcome: Outcome) -> None:
+        if not outcome.ok:
+            self._retry_at[(outcome.action, outcome.shard)] = time.monotonic() + STEP_RETRY_S
         if outcome.action in ("shrink", "expand"):
             if outcome.ok and self.role == "leader" and outcome.epoch == self.led_epoch:
                 self._isr_done[outcome.action] = outcome.members
@@ -326,6 +340,10 @@ class ClusterWorker(LinkedWorker):
             return
         log.info("no longer %s of shard %s: %s", self.role, self.role_shard, why)
         was_leader = self.role == "leader"
+        if was_leader and self.role_shard is not None:
+            # Its key lives on while its lease does (a stall, a restart of etcd): delete it,
+            # fenced by the epoch, so the shard gets a leader now, not when the process dies.
+            self.control.ask("resign", self.role_shard, epoch=self.led_epoch)
         if self.replicator is not None:
             dropped = self.replicator.drain_held()
             if dropped:
@@ -357,7 +375,13 @@ class ClusterWorker(LinkedWorker):
             self._follower_socket = FollowerSocket(self._context, self.worker_id, self.config.keys)
             socket = self._follower_socket
             self.follower = Follower(
-                number, self.worker_id, shard.files, shard.store, shard.memory, send=socket.send
+                number,
+                self.worker_id,
+                shard.files,
+                shard.store,
+                shard.memory,
+                send=socket.send,
+                progress=self._heartbeat_if_due,  # a snapshot's install replays the shard
             )
         assert self._follower_socket is not None
         self._follower_socket.connect(endpoint)

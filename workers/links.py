@@ -197,6 +197,7 @@ class LinkedWorker(Worker):
             if now_s >= link.next_heartbeat_s:
                 self._use(link)
                 self._send(encode_control(Heartbeat()))
+                self._report(now_s)  # the figures /metrics shows, as the one-broker worker
                 link.next_heartbeat_s = now_s + self.config.heartbeat_interval_s
                 found = link.watch.check()
                 if found.succeeded and not link.handshake_ok:

@@ -111,8 +111,15 @@ MAX_FOLLOWERS = 8  # followers a leader serves at once (FOLLOWs past it are drop
 SNAPSHOT_WINDOW_CHUNKS = 8  # snapshot chunks sent and not yet acked: 8 MiB in flight
 RESEND_S = 0.5  # a stream that got no ack for this long is sent again from its last ack
 SNAPSHOT_STALL_S = 2.0  # a snapshot with no chunk acked for this long starts over
+# ... but once every chunk is acked the follower is installing it (a replay of the whole shard:
+# seconds for a few hundred thousand keys), so the final ack may take this long.
+SNAPSHOT_INSTALL_S = 60.0
+# A follower outside the in-sync set not heard from for this long is forgotten (its stream or
+# snapshot stops), so dead followers never fill the MAX_FOLLOWERS table.
+IDLE_FOLLOWER_S = 10.0
 SHRINK_RETRY_S = 0.2  # after a failed shrink (etcd unreachable), the next attempt
 EXPAND_RETRY_S = 0.2  # after a failed (or not yet confirmed) expand, the next attempt
+LEADER_SILENCE_S = 30.0  # a follower says once that its leader has been silent this long
 FOLLOW_RETRY_S = 1.0  # a follower waiting for a snapshot sends FOLLOW again after this long
 EXPIRE_KEYS_PER_TICK = 1000  # keys a follower's tick may examine for expiry
 SNAPSHOT_FILE = "log.snapshot"  # where a follower writes a snapshot before it replaces its log
@@ -124,6 +131,10 @@ MAX_TO_LEADER_BYTES = 4096
 MAX_TO_FOLLOWER_BYTES = MAX_RECORD_BYTES
 FOLLOWER_RCVHWM = 1000
 DRAIN_MESSAGES = 256  # messages one drain() reads before returning to the loop
+# ZMTP heartbeats on the replication connections: a dead peer's connection is closed after
+# HEARTBEAT_TIMEOUT_MS without traffic, so its id is free for its reconnection.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
 
 
 # --- leader -----------------------------------------------------------------------------------
@@ -198,6 +209,7 @@ class _Link:
     chunk_acked: int = -1  # the newest chunk acked
     chunk_pending: tuple[bytes, bool] | None = None  # a chunk a full socket refused
     snapshot_done: bool = False  # every chunk is sent
+    heard_s: float = 0.0  # when a message of this follower last came (monotonic)
 
 
 class Replicator:
@@ -358,6 +370,13 @@ class Replicator:
         """Timers: resend stalled streams, restart stalled snapshots, remove laggards from
         the ISR (shrink first), propose caught-up followers (expand), release replies."""
         now = self._monotonic()
+        for name in [
+            name
+            for name, link in self._links.items()
+            if name not in self.isr and now - link.heard_s >= IDLE_FOLLOWER_S
+        ]:
+            log.info("shard %d: %s silent for %.0f s: forgotten", self.shard, name, IDLE_FOLLOWER_S)
+            del self._links[name]
         for link in self._links.values():
             if link.state is LinkState.STREAMING:
                 if link.sent > link.acked and now - link.progress_s >= RESEND_S:
@@ -367,7 +386,9 @@ class Replicator:
                     link.progress_s = now
                 self._pump(link)
             elif link.state is LinkState.SNAPSHOT:
-                if now - link.progress_s >= SNAPSHOT_STALL_S:
+                installing = link.snapshot_done and link.chunk_acked >= link.chunk_next - 1
+                stall_s = SNAPSHOT_INSTALL_S if installing else SNAPSHOT_STALL_S
+                if now - link.progress_s >= stall_s:
                     log.warning(
                         "shard %d: snapshot to %s stalled: starting over",
                         self.shard,
@@ -427,6 +448,7 @@ class Replicator:
                 return
             now = self._monotonic()
             link = self._links[name] = _Link(name, behind_since_s=now, progress_s=now)
+        link.heard_s = self._monotonic()
         have = follow.have_seq
         if (
             have is not None
@@ -451,6 +473,7 @@ class Replicator:
         if link is None:
             return
         now = self._monotonic()
+        link.heard_s = now
         if ack.chunk is not None:
             if (
                 link.state is LinkState.SNAPSHOT
@@ -803,9 +826,13 @@ class Follower:
         memory: RequestMemory,
         send: Callable[[list[bytes]], bool],
         monotonic: Callable[[], float] = time.monotonic,
+        progress: Callable[[], None] | None = None,
     ) -> None:
         self.shard = shard
         self.follower_id = follower_id
+        self._progress = progress  # called now and then while a snapshot is installed
+        self._heard_s = monotonic()  # when the leader's last message came
+        self._silence_logged = False
         self.files = files
         self.store = store
         self.memory = memory
@@ -839,6 +866,10 @@ class Follower:
         except ProtocolError as exc:
             peer_log.warning("bad leader message", "leader message dropped: %s", exc)
             return
+        self._heard_s = self._monotonic()
+        if self._silence_logged:
+            self._silence_logged = False
+            log.info("shard %d: the leader is heard again", self.shard)
         if message.shard != self.shard:
             peer_log.warning("wrong shard", "leader speaks of shard %d: dropped", message.shard)
             return
@@ -855,7 +886,20 @@ class Follower:
             self._on_records(message)
 
     def tick(self) -> None:
-        """Timers: FOLLOW again if no snapshot comes, fsync per policy, compaction, expiry."""
+        """Timers: FOLLOW again if no snapshot comes, fsync per policy, compaction, expiry;
+        say once when the leader has been silent for LEADER_SILENCE_S (it sends nothing while
+        no write comes, so silence alone is no fault, but a follower whose place another
+        connection took hears nothing either: the log line tells an operator where to look)."""
+        now = self._monotonic()
+        if not self._silence_logged and now - self._heard_s >= LEADER_SILENCE_S:
+            self._silence_logged = True
+            log.warning(
+                "shard %d: nothing from the leader for %.0f s (epoch %d, %s)",
+                self.shard,
+                now - self._heard_s,
+                self.epoch,
+                self.state.name.lower(),
+            )
         if (
             self.state in (FollowerState.AWAITING, FollowerState.RECEIVING)
             and self._monotonic() >= self._next_follow_s
@@ -938,7 +982,7 @@ class Follower:
         store = TTLStore(self.store.clock)
         memory = RequestMemory(self.memory.keep_ms, self.memory.max_bytes)
         try:
-            records = self.files.install(self._snapshot_path, store, memory)
+            records = self.files.install(self._snapshot_path, store, memory, self._progress)
         except aof.CorruptLog as exc:
             log.error("shard %d: the snapshot is damaged (%s): asking again", self.shard, exc)
             self._wait_for_snapshot()
@@ -1090,7 +1134,14 @@ class LeaderSocket:
             socket.setsockopt(zmq.RCVHWM, HWM)
             socket.setsockopt(zmq.MAXMSGSIZE, MAX_TO_LEADER_BYTES)
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone follower: a failed send
-            socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a follower reconnecting keeps its id
+            # A second connection claiming a connected follower's id is refused, not handed
+            # the follower's stream (a peer holding the worker keys could otherwise take a
+            # live follower's place and acknowledge what it never wrote). A follower that
+            # really reconnects finds its old connection gone: ZMTP heartbeats close a dead
+            # one within HEARTBEAT_TIMEOUT_MS.
+            socket.setsockopt(zmq.ROUTER_HANDOVER, 0)
+            socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
             if keys is not None:
                 self._authenticator = ThreadAuthenticator(
                     context, log=logging.getLogger("workers.replication.auth")
@@ -1186,6 +1237,8 @@ class FollowerSocket:
         socket.setsockopt(zmq.RCVHWM, FOLLOWER_RCVHWM)
         socket.setsockopt(zmq.MAXMSGSIZE, MAX_TO_FOLLOWER_BYTES)
         socket.setsockopt(zmq.ROUTING_ID, self._follower_id.encode())
+        socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         if self._keys is not None:
             pair = self._keys.worker()
             socket.curve_secretkey = pair.secret

@@ -58,7 +58,8 @@ class View:
 class Step:
     """One thing to do: ``campaign`` (become leader of ``shard``), ``follow`` (claim a
     follower slot of ``shard``), ``step_down`` (give up what this worker has: its leader or
-    follower role is over), or ``idle``."""
+    follower role is over), ``resign`` (delete a leader key naming this worker, which leads
+    nothing), or ``idle``."""
 
     action: str
     shard: int | None = None
@@ -95,6 +96,11 @@ def next_step(view: View, me: str, role: str, shard: int | None) -> Step:
             return Step("step_down", shard, "its follower slot is gone")
         return IDLE
     host = view.hosts.get(me)
+    for number, leader in view.leaders.items():
+        if leader.worker == me:
+            # It stepped down (its lease seemed to lapse, a stall, a restart of etcd) but the
+            # key under its lease lives on: brokers would route to a worker serving nothing.
+            return Step("resign", number, "a leader key names this worker, which leads nothing")
     for number in range(view.shards):
         if number not in view.leaders and me in view.isr.get(number, ()):
             # Restarted on the disk that holds every acknowledged write (workers/member.py).

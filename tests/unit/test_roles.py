@@ -89,3 +89,11 @@ def test_a_standby_restarted_on_the_disk_of_an_in_sync_member_campaigns_for_its_
         next_step(v, "b1", "standby", None).shard,
     ) == ("campaign", 1)
     assert next_step(v, "c1", "standby", None).action == "idle"
+
+
+def test_a_standby_named_by_a_live_leader_key_resigns_it() -> None:
+    # It stepped down (a stall made its lease look lapsed, etcd restarted and kept the lease):
+    # brokers would route the shard to a worker that serves nothing, for as long as it lives.
+    v = view(leaders={0: Leader("a1", 9, "tcp://a:1")}, isr={0: ("a1", "b1")})
+    step = next_step(v, "a1", "standby", None)
+    assert (step.action, step.shard) == ("resign", 0)
