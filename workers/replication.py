@@ -208,6 +208,11 @@ class Replicator:
     this epoch for that long) is removed by ``shrink`` FIRST; only when it returned True does
     the commit rule stop waiting for it. A follower outside the ISR whose ack reaches the last
     shipped batch is proposed to ``expand``. An idle shard asks nothing of its followers.
+    Under steady writes a follower's ack always trails the newest batch, so a streaming
+    follower that lacks nothing shipped more than ``lag_s`` ago first *joins*: the commit rule
+    waits for it as for a member (no reply is released without it from then on), and once it
+    holds every batch whose replies went out, it is proposed to ``expand``. A joiner that
+    falls ``lag_s`` behind before it was proposed stops being waited for.
 
     Args:
         shard: the shard number.
@@ -261,6 +266,9 @@ class Replicator:
         self.newer_epoch = 0  # a newer epoch a follower reported (0: none): deposed
         self._next_shrink_s = 0.0
         self._next_expand_s = 0.0
+        self._released = -1  # the batch of the last reply released (replies go in order)
+        self._joining: dict[str, bool] = {}  # followers waited for before they are in the ISR
+        # (True: proposed to ``expand``, waited for until etcd has it)
         self.isr: set[str] = set()
         self.set_followers(followers)
 
@@ -282,6 +290,10 @@ class Replicator:
         for member in self.isr:
             link = links.get(member)
             acked = -1 if link is None else link.acked
+            if acked < commit:
+                commit = acked
+        for member in self._joining:  # usually none
+            acked = links[member].acked
             if acked < commit:
                 commit = acked
         return commit
@@ -372,6 +384,8 @@ class Replicator:
         """The ISR (without this leader) as etcd now says."""
         now = self._monotonic()
         self.isr = set(followers)
+        for member in self.isr:
+            self._joining.pop(member, None)
         for member in self.isr:
             if member not in self._links:
                 self._links[member] = _Link(member, behind_since_s=now, progress_s=now)
@@ -677,18 +691,33 @@ class Replicator:
         )
 
     def _check_caught_up(self, now: float) -> None:
-        if now < self._next_expand_s:
-            return
+        joining = self._joining
         for name, link in self._links.items():
-            if name in self.isr or link.state is not LinkState.STREAMING:
+            if name in self.isr:
                 continue
-            if link.acked != self.head:
-                continue
+            streaming = link.state is LinkState.STREAMING
+            since = link.behind_since_s
+            close = streaming and (
+                link.acked >= self.head or since is None or now - since <= self.lag_s
+            )
+            if name not in joining:
+                if close:
+                    joining[name] = False  # waited for from now on
+            elif not joining[name] and not close:
+                del joining[name]  # fell behind before it was proposed: not waited for
+        if now < self._next_expand_s or not joining:
+            return
+        for name, proposed in list(joining.items()):
+            link = self._links[name]
+            if not proposed and link.acked < max(self._released, 0):
+                continue  # replies went out for batches it lacks: not yet
+            joining[name] = True
             members = frozenset(self.isr | {name})
             if not self._expand(members):
                 self._next_expand_s = now + EXPAND_RETRY_S
                 log.debug("shard %d: could not add %s to the in-sync set yet", self.shard, name)
                 return
+            del joining[name]
             self.isr.add(name)
             link.behind_since_s = None
             log.info("shard %d: %s caught up: back in the in-sync set", self.shard, name)
@@ -702,8 +731,9 @@ class Replicator:
             return
         release = self._release
         while held and held[0][0] <= commit:
-            _, item, nbytes = held.popleft()
+            batch, item, nbytes = held.popleft()
             self.held_bytes -= nbytes
+            self._released = batch
             release(item)
 
 
