@@ -86,27 +86,27 @@ def _one_at_a_time(client: Any, duration_s: float) -> dict[str, float]:
     }
 
 
-def measure_sets(workdir: Path, replicas: int) -> dict[str, Any]:
-    from tests.hosts import Hosts
+def measure_sets(hosts: Any, replicas: int) -> dict[str, Any]:
     from tests.netns.cluster_kit import ClusterOnHosts
 
-    with Hosts(5, workdir, operator=True) as hosts:
-        h1, h2, h3, h4, h5 = hosts
-        cluster = ClusterOnHosts(
-            hosts, etcd=h1, brokers=[h2, h3], workers=[h2, h3, h4, h5], replicas=replicas
-        ).start()
-        try:
-            client = cluster.client(timeout_s=10.0)
-            _pipelined(client, "set", 0.5, "warm")  # connections, CURVE, first snapshots
-            piped = _pipelined(client, "set", DURATION_S, "p") / DURATION_S
-            one = _one_at_a_time(client, DURATION_S)
-            found: dict[str, Any] = {"set_pipelined_ops_s": round(piped, 1), "set_one": one}
-            if replicas:
-                found.update(measure_gets(cluster))
-                found["failover_s"] = measure_failover(cluster)
-            return found
-        finally:
-            cluster.close()
+    for host in hosts:  # a cluster of its own: nothing left of the previous one
+        host.kill(wipe=True)
+    h1, h2, h3, h4, h5 = hosts
+    cluster = ClusterOnHosts(
+        hosts, etcd=h1, brokers=[h2, h3], workers=[h2, h3, h4, h5], replicas=replicas
+    ).start()
+    try:
+        client = cluster.client(timeout_s=10.0)
+        _pipelined(client, "set", 0.5, "warm")  # connections, CURVE, first snapshots
+        piped = _pipelined(client, "set", DURATION_S, "p") / DURATION_S
+        one = _one_at_a_time(client, DURATION_S)
+        found: dict[str, Any] = {"set_pipelined_ops_s": round(piped, 1), "set_one": one}
+        if replicas:
+            found.update(measure_gets(cluster))
+            found["failover_s"] = measure_failover(cluster)
+        return found
+    finally:
+        cluster.close()
 
 
 def measure_gets(cluster: Any) -> dict[str, Any]:
@@ -175,8 +175,11 @@ def measure_failover(cluster: Any) -> list[float]:
 
 
 def inner(workdir: Path) -> dict[str, Any]:
-    plain = measure_sets(workdir / "r0", 0)
-    replicated = measure_sets(workdir / "r1", 1)
+    from tests.hosts import Hosts
+
+    with Hosts(5, workdir, operator=True) as hosts:
+        plain = measure_sets(hosts, 0)
+        replicated = measure_sets(hosts, 1)
     return {"replicas_0": plain, "replicas_1": replicated}
 
 
