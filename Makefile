@@ -17,9 +17,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
-# The whole cluster under honcho on http://127.0.0.1:5000; Ctrl-C stops it.
+# The whole cluster under honcho on http://127.0.0.1:5000; Ctrl-C stops it. The Procfile runs
+# the services with $VIRTUAL_ENV's Python: this venv's, even if another one is activated.
 run: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start
+	VIRTUAL_ENV="$(CURDIR)/$(VENV)" $(BIN)/honcho start
 
 # The test suite: unit, integration and process tests.
 test: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 
 import zmq
@@ -20,12 +21,14 @@ from zkv.config import (
     add_heartbeat_flags,
     add_security_flags,
     advertised,
+    bind_endpoint,
     bind_refusal,
     boolean,
     env_default,
     is_loopback,
     positive_float,
     positive_int,
+    program_name,
     tcp_endpoint,
 )
 from zkv.coordination import BrokerInfo, ConfigMismatch
@@ -40,11 +43,15 @@ LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 # (about 1 us of 6 per SET). Above one batch's churn, collections are rare; reference counting
 # frees the broker's garbage anyway (it makes almost no cycles).
 GC_THRESHOLD = 10_000
+# Cluster mode: by default a request waits for a shard without a leader this long past the
+# lease's TTL (the next leader is found by an etcd poll of 0.2 s and takes the shard over).
+FAILOVER_MARGIN_S = 2.0
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every default comes from an environment variable, then zkv.defaults."""
     parser = argparse.ArgumentParser(
-        prog="python -m broker",
+        prog=program_name("broker"),
         description="zkv broker: routes client requests to the worker owning each key's shard.",
     )
     # No fixed default: without the flag or its variable, tcp://<advertise>:<port> (see below).
@@ -99,12 +106,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--frontend-curve",
         action=argparse.BooleanOptionalAction,
-        default=env_default("ZKV_FRONTEND_CURVE", False, boolean),
+        default=env_default("ZKV_FRONTEND_CURVE", False, boolean, "--frontend-curve", parser.prog),
         help="make the frontend a CURVE server: only clients holding a key listed in "
         "<keys>/clients/ are answered (clients: ZKV_FRONTEND_CURVE=1 or keys=)"
         " (env ZKV_FRONTEND_CURVE, default false)",
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    explicit_wait = "ZKV_SHARD_WAIT" in os.environ or any(
+        arg == "--shard-wait" or arg.startswith("--shard-wait=") for arg in (argv or sys.argv[1:])
+    )
+    if args.coordinator and args.shard_wait < args.lease_ttl + FAILOVER_MARGIN_S:
+        # A request for a shard whose leader died waits for the next one: that takes the
+        # lease's TTL plus an etcd poll and a takeover (docs/cluster.md).
+        if explicit_wait:
+            logging.getLogger("broker").warning(
+                "--shard-wait %.1f s is shorter than a failover (--lease-ttl %d s + %.0f s): "
+                "requests for a shard whose leader died will fail before the next one leads",
+                args.shard_wait,
+                args.lease_ttl,
+                FAILOVER_MARGIN_S,
+            )
+        else:
+            args.shard_wait = args.lease_ttl + FAILOVER_MARGIN_S
     if args.frontend and "," in args.frontend:
         args.frontend = own_frontend(parser, args.frontend, args.advertise)
     # Where each endpoint came from, for the refusal's message: a flag, or --advertise.
@@ -113,6 +141,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.backend_source = "--backend/ZKV_BACKEND" if args.backend else advertised
     args.frontend = args.frontend or tcp_endpoint(args.advertise, defaults.FRONTEND_PORT)
     args.backend = args.backend or tcp_endpoint(args.advertise, defaults.BACKEND_PORT)
+    for flag, value in (("--frontend", args.frontend), ("--backend", args.backend)):
+        try:
+            bind_endpoint(value)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument {flag}: {exc}")
     return args
 
 
@@ -146,6 +179,7 @@ def bind_refusal_of(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m broker`` and ``zkv-broker``; returns the exit status."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     keys = None

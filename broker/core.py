@@ -1475,20 +1475,18 @@ class Broker:
 
     def _info(self) -> bytes:
         owned = self.registry.owned()
-        return json.dumps(
-            {
-                "status": "ok" if all(owned) and self.coordinator_ok else "degraded",
-                "coordinator": None
-                if not self.config.cluster_mode
-                else ("ok" if self.coordinator_ok else "unreachable"),
-                "shards": self.config.shards,
-                "owned": owned,
-                "workers": len(self.registry.identities()),
-                "standbys": self.registry.standbys(),
-                "epoch": self.issuer.epoch,
-                "keys_in_flight": len(self.tokens),
-            }
-        ).encode()
+        info: dict[str, object] = {
+            "status": "ok" if all(owned) and self.coordinator_ok else "degraded",
+            "shards": self.config.shards,
+            "owned": owned,
+            "workers": len(self.registry.identities()),
+            "standbys": self.registry.standbys(),
+            "epoch": self.issuer.epoch,
+            "keys_in_flight": len(self.tokens),
+        }
+        if self.config.cluster_mode:  # whether this broker reaches etcd (docs/cluster.md)
+            info["coordinator"] = "ok" if self.coordinator_ok else "unreachable"
+        return json.dumps(info).encode()
 
 
 def _fingerprint(entry: Entry) -> int:

@@ -24,6 +24,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -43,6 +44,7 @@ from bottle import (
     response,
 )
 
+from gateway.auth import AUTH_KEY, AuthPlugin, Tokens, is_admin
 from zkv import defaults
 from zkv.client import ALL_PAGE_KEYS, Item, NotFound
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
@@ -59,8 +61,9 @@ JSON_TYPE = "application/json"
 BODY_CHUNK_BYTES = 64 * 1024  # read request bodies in pieces this big, to stop at the limit
 SHOWN_INPUT_CHARS = 40  # at most this much of a bad parameter is echoed in an error message
 
-# Digits with an optional decimal part, nothing else: no sign, exponent, spaces, "nan" or "inf",
-# and only ASCII digits (a bare \d would accept any Unicode digit).
+# Numbers in parameters: whatever Python's float() reads ("1e3", " 5", "1_000", ".5", Unicode
+# digits), as the seed's Flask app took them, provided the value is finite and in range. The
+# common plain forms take a regex instead of float() + Decimal (the /set hot path).
 _SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _LIMIT = re.compile(r"[0-9]+")
 
@@ -359,19 +362,20 @@ def required_param(name: str, query: _Params | None = None) -> str:
 def parse_ttl_ms(name: str, text: str) -> int:
     """A time to live given in seconds, as whole milliseconds (rounded half up).
 
-    Decimal arithmetic, so "0.1" is exactly 100 ms and huge inputs cannot overflow a float.
+    Any number Python's ``float()`` reads is accepted; the arithmetic is Decimal, so "0.1" is
+    exactly 100 ms and huge inputs cannot overflow a float.
 
     Raises:
-        BadRequest: not a plain positive decimal number, below 1 ms, or above MAX_TTL_MS.
+        BadRequest: not a number, not finite, below 1 ms, or above MAX_TTL_MS.
     """
-    if not _SECONDS.fullmatch(text):
-        raise BadRequest(
-            f"parameter {name!r} must be a positive number of seconds, got {_shown(text)}"
-        )
-    ttl_ms = Decimal(text) * 1000
+    ttl_ms = _number(name, text, "a positive number of seconds") * 1000
     if ttl_ms > MAX_TTL_MS:
         raise BadRequest(
             f"parameter {name!r} must be at most {MAX_TTL_MS // 1000} seconds, got {_shown(text)}"
+        )
+    if ttl_ms < 0:
+        raise BadRequest(
+            f"parameter {name!r} must be a positive number of seconds, got {_shown(text)}"
         )
     rounded = int(ttl_ms.quantize(Decimal(1), rounding=ROUND_HALF_UP))
     if rounded < 1:
@@ -379,16 +383,44 @@ def parse_ttl_ms(name: str, text: str) -> int:
     return rounded
 
 
+def _number(name: str, text: str, expected: str) -> Decimal:
+    """``text`` as an exact Decimal, if ``float()`` reads it as a finite number.
+
+    float() decides what is a number (Decimal alone is more liberal: "1__0", "1_"), Decimal
+    gives its exact value. A value beyond a float's range ("1e400") is not finite.
+
+    Raises:
+        BadRequest: not a number (``expected`` says what was), or NaN or infinite.
+    """
+    if _SECONDS.fullmatch(text):
+        return Decimal(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequest(f"parameter {name!r} must be {expected}, got {_shown(text)}") from None
+    if not math.isfinite(value):
+        raise BadRequest(
+            f"parameter {name!r} must be a finite number, got {_shown(text)}"
+            + (" (out of range)" if "inf" not in text.lower() and value == value else "")
+        )
+    return Decimal(text.strip())
+
+
 def parse_limit(text: str | None) -> int:
-    """The page size of a listing: LIST_LIMIT when not given, at most LIST_LIMIT_MAX."""
+    """The page size of a listing: LIST_LIMIT when not given, at most LIST_LIMIT_MAX.
+
+    Written as any number float() reads ("1e2" is 100), but a whole one.
+    """
     if text is None:
         return defaults.LIST_LIMIT
-    if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= defaults.LIST_LIMIT_MAX:
-        raise BadRequest(
-            f"parameter 'limit' must be an integer from 1 to {defaults.LIST_LIMIT_MAX}, "
-            f"got {_shown(text)}"
-        )
-    return int(text)
+    expected = f"an integer from 1 to {defaults.LIST_LIMIT_MAX}"
+    if _LIMIT.fullmatch(text) and len(text) < 10:
+        limit = Decimal(int(text))
+    else:
+        limit = _number("limit", text, expected)
+    if limit != limit.to_integral_value() or not 1 <= limit <= defaults.LIST_LIMIT_MAX:
+        raise BadRequest(f"parameter 'limit' must be {expected}, got {_shown(text)}")
+    return int(limit)
 
 
 def read_body(limit: int) -> bytes:
@@ -658,6 +690,7 @@ def make_app(
     max_key_bytes: int = defaults.MAX_KEY_BYTES,
     max_value_bytes: int = defaults.MAX_VALUE_BYTES,
     clock: Callable[[], float] = time.time,
+    tokens: Tokens | None = None,
 ) -> Bottle:
     """The gateway's WSGI app.
 
@@ -666,12 +699,17 @@ def make_app(
         max_key_bytes: largest key accepted, in UTF-8 bytes.
         max_value_bytes: largest value accepted, in bytes.
         clock: Unix time in seconds, for ``current_time`` and remaining TTLs (tests fake it).
+        tokens: who may do what (gateway/auth.py); None serves everyone.
     """
     app = Bottle()
     # Plugins apply in reverse order of installation: the client is innermost, the error
-    # mapping outermost, so a failing client factory or JSON encoding is mapped too.
+    # mapping outermost, so a failing client factory or JSON encoding is mapped too; the
+    # check of the token comes before anything else a route does.
     app.uninstall("json")
     app.install(ErrorPlugin())
+    app.config[AUTH_KEY] = tokens
+    if tokens is not None:
+        app.install(AuthPlugin(tokens))
     app.install(JSONPlugin(json_dumps=to_json))
     app.install(ClientPlugin(client_factory))
     for status in range(400, 600):
@@ -814,7 +852,12 @@ def make_app(
         # Cluster mode: a broker that cannot reach etcd keeps routing to the leaders it knows,
         # but no failover can happen meanwhile: degraded (docs/cluster.md).
         coordinator_ok = info.get("coordinator") in (None, "ok")
-        if isinstance(owned, list) and owned and all(s is True for s in owned) and coordinator_ok:
+        healthy = (
+            isinstance(owned, list) and owned and all(s is True for s in owned) and coordinator_ok
+        )
+        if not is_admin(request.environ):  # with tokens, the cluster's layout is admin's
+            info = {}
+        if healthy:
             return {**info, "status": "ok"}
         body = to_json({**info, "status": "degraded"})
         return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})

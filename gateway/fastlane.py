@@ -23,12 +23,15 @@ What makes it safe to have two paths:
   answer the same raw request sequences with the same bytes (tests/process/test_fast_lane.py).
 * It is one flag away: ``--fast-lane off`` (``ZKV_HTTP_FAST_LANE``) sends everything through
   Bottle.
+* With tokens (gateway/auth.py), it checks the request's ``Authorization`` against the role
+  :data:`gateway.auth.ROUTE_ROLES` gives its route, as the app does, and declines a request
+  that fails, so that the app answers its 401 or 403.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bottle import HTTP_CODES, Bottle
@@ -43,6 +46,7 @@ from gateway.app import (
     failure,
     to_json,
 )
+from gateway.auth import AUTH_KEY, Role, Tokens, role_of_route
 from gateway.bridge import LoopClient
 from gateway.http11 import Response
 from zkv.aio import AsyncClient
@@ -67,12 +71,27 @@ class FastLane:
             event-loop kind: the app path knows what to do).
     """
 
-    def __init__(self, seed: SeedApi, client: Callable[[], AsyncClient | None]) -> None:
+    def __init__(
+        self,
+        seed: SeedApi,
+        client: Callable[[], AsyncClient | None],
+        tokens: Tokens | None = None,
+    ) -> None:
         self.seed = seed
         self.client = client
+        self.tokens = tokens
+        self._needed: dict[int, Role] = {
+            kind: role_of_route("GET", path.decode()) for path, kind in _ROUTES.items()
+        }
 
-    def __call__(self, method: bytes, target: bytes) -> tuple[asyncio.Future[Any], Finish] | None:
+    def __call__(
+        self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> tuple[asyncio.Future[Any], Finish] | None:
         """Start serving the request, or decline it (None) for the app to serve.
+
+        Args:
+            method, target: the request's.
+            headers: the request's header fields, as parsed (only read with tokens).
 
         Returns:
             The zkv call's future and what turns it, once done, into the response.
@@ -83,6 +102,9 @@ class FastLane:
         kind = _ROUTES.get(path)
         if kind is None or b"#" in query_string:
             return None
+        tokens = self.tokens
+        if tokens is not None and not self._allowed(tokens, kind, headers):
+            return None  # the app answers 401 or 403, in its words
         seed = self.seed
         query = Query(query_string.decode("latin-1"))
         try:
@@ -102,6 +124,16 @@ class FastLane:
             return client.submit(_DEL, key.encode()), self._deleted
         except (BadRequest, ZkvError):  # refused input, or a closed client: nothing was queued,
             return None  # and the app answers it, in its words
+
+    def _allowed(self, tokens: Tokens, kind: int, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        """Whether the request's one Authorization header gives a role its route allows."""
+        authorization: bytes | None = None
+        for name, value in headers:
+            if len(name) == 13 and name.lower() == b"authorization":
+                if authorization is not None:
+                    return False  # two: the app refuses them (joined, they are no token)
+                authorization = value
+        return isinstance(tokens.check(authorization, self._needed[kind]), Role)
 
     def _got(self, done: asyncio.Future[Any]) -> Response:
         return self._answer(done, "/get", self.seed.got)
@@ -139,4 +171,4 @@ def for_app(app: Bottle) -> FastLane | None:
         made = plugin.client()
         return made.aio if isinstance(made, LoopClient) else None
 
-    return FastLane(seed, client)
+    return FastLane(seed, client, app.config.get(AUTH_KEY))

@@ -14,8 +14,10 @@ order, one request of a connection at a time):
   connection is then closed; ``Expect: 100-continue`` is honoured;
 * every error this server answers itself (a malformed request, a head too large, a stalled
   request, an app that raised, too many connections) is ``{"error": "..."}`` JSON, as the app's;
-* request lines and heads are bounded (:data:`LIMIT_REQUEST_LINE_BYTES`, :data:`MAX_HEAD_BYTES`,
-  :data:`MAX_HEADERS`), and so is any run of input the parser would buffer without a callback
+* request targets and heads are bounded (:data:`LIMIT_REQUEST_LINE_BYTES`, but a seed ``/set``
+  target up to ``max_set_target_bytes``, grown in one buffer; :data:`MAX_HEAD_BYTES` of header
+  fields, :data:`MAX_HEADERS`), and so is any run of input the parser would buffer without a
+  callback
   (an unfinished header line or trailer: :data:`MAX_HEAD_BYTES` plus one read); an idle
   keep-alive connection is closed after ``keepalive_s``, a request that does not arrive whole
   within ``read_timeout_s`` gets a 408;
@@ -26,6 +28,9 @@ order, one request of a connection at a time):
   read its responses is not read from either, and is aborted when its output has not drained
   for ``write_timeout_s``;
 * a transfer coding other than ``chunked`` is answered 501;
+* raw bytes above 0x7F in a request head (``/get?key=ключ``, which llhttp refuses) are read as
+  their ``%XX`` escapes, bodies untouched (:meth:`HttpConnection._feed_carefully`);
+* TLS, when given a context: the handshake is bounded by ``read_timeout_s``;
 * a new connection over a limit (``max_connections`` per process, or
   ``max_connections_per_client`` from one client address) first evicts the connection, of that
   address or of any, that has waited longest on an unfinished request or as idle keep-alive, if
@@ -50,7 +55,9 @@ import asyncio
 import io
 import json
 import logging
+import re
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -68,17 +75,27 @@ from zkv.logs import LogLimiter
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
 
-LIMIT_REQUEST_LINE_BYTES = 8190  # the request target; seed /set carries its value in the URL
-MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+LIMIT_REQUEST_LINE_BYTES = 8190  # the request target, but for seed /set (below)
+# Seed /set carries its value in the URL, and the seed (Flask) took any value up to the limit:
+# its target may be 3 bytes per byte of key and value (each %-escaped) plus this much for the
+# rest ("/set?key=&value=&timeout=" and the timeout); see set_target_limit().
+SET_TARGET_SLACK_BYTES = 1024
+MAX_HEAD_BYTES = 64 * 1024  # header (and trailer) fields together; the target has its own limit
 MAX_HEADERS = 100  # header (and trailer) fields per request, as gunicorn's limit_request_fields
 MAX_QUEUED_REQUESTS = 32  # pipelined requests parsed ahead per connection; reading pauses then
 MAX_QUEUED_INPUT_BYTES = 1024 * 1024  # bytes of requests parsed ahead; reading pauses then
 WRITE_HIGH_WATER_BYTES = 64 * 1024  # unsent output above which a connection is not read from
 MAX_IDLE_RUNNERS = 256  # request greenlets kept for reuse per process
+# Parser calls for one read holding bytes above 0x7F: MAX_CAREFUL_PIECES + its size divided by
+# CAREFUL_BYTES_PER_PIECE (see HttpConnection._feed_carefully).
+MAX_CAREFUL_PIECES = 256
+CAREFUL_BYTES_PER_PIECE = 8
+SHOWN_TARGET_BYTES = 2048  # at most this much of a target in a log line
 SWEEP_S = 0.5  # how often timeouts are checked
 ACCEPT_PAUSE_S = 0.5  # after an accept failed for want of resources (file descriptors)
 LINGER_S = 2.0  # after a refusal with input maybe unread: how long to discard what still comes
 
+_HIGH_BYTES = re.compile(rb"[\x80-\xff]+")
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {
@@ -95,12 +112,20 @@ _REASONS = {
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 Response = tuple[str, list[tuple[str, str]], bytes]  # status line, headers, body
 Shortcut = Callable[
-    [bytes, bytes], tuple[asyncio.Future[Any], Callable[[asyncio.Future[Any]], Response]] | None
+    [bytes, bytes, list[tuple[bytes, bytes]]],
+    tuple[asyncio.Future[Any], Callable[[asyncio.Future[Any]], Response]] | None,
 ]
-"""Serves some requests without the WSGI app: given the method and the target, None to leave
+"""Serves some requests without the WSGI app: given the method, the target and the header
+fields, None to leave
 the request to the app, or a future and what turns it, once done, into the response (see
 gateway/fastlane.py). It must not raise; what turns the future into a response may, and is
 then answered 500 as an app that raised."""
+
+
+def set_target_limit(max_key_bytes: int, max_value_bytes: int) -> int:
+    """The longest target of a seed ``/set`` accepted: any key and value within their limits
+    fit, sent raw or %-escaped (3 bytes each); 3,149,824 bytes with the default limits."""
+    return 3 * (max_key_bytes + max_value_bytes) + SET_TARGET_SLACK_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +147,8 @@ class ServerConfig:
         evict_grace_s: an evicted connection still open this long after its close began
             (its client does not read the 408) is aborted.
         access_log: log one line per request to ``gateway.access``.
+        max_set_target_bytes: the longest target of a seed ``/set`` (``/set?...``); every
+            other target is at most :data:`LIMIT_REQUEST_LINE_BYTES`.
     """
 
     max_body_bytes: int
@@ -133,6 +160,7 @@ class ServerConfig:
     write_timeout_s: float = 10.0
     evict_grace_s: float = 1.0
     access_log: bool = False
+    max_set_target_bytes: int = LIMIT_REQUEST_LINE_BYTES
 
 
 class _DateCache:
@@ -159,18 +187,25 @@ class _Request:
     __slots__ = (
         "body",
         "body_bytes",
+        "body_left",
         "content_length",
         "early",
         "expect_continue",
         "headers",
+        "in_body",
         "keep_alive",
         "method",
         "target",
+        "target_buffer",
         "version",
     )
 
     def __init__(self) -> None:
-        self.target = b""
+        self.target = b""  # set from target_buffer once the head is complete
+        # Appended to as the parser hands the target over, piece by piece: a bytes object
+        # grown by += would copy it whole for every piece (a /set target of megabytes, sent a
+        # few bytes at a time, would cost the square of its size).
+        self.target_buffer: bytearray | None = bytearray()
         self.headers: list[tuple[bytes, bytes]] = []
         # One buffer, not a list of pieces: a chunked body in 2-byte chunks would otherwise
         # cost a bytes object (about 35 bytes) and a list slot per chunk, some 20x its size.
@@ -180,6 +215,8 @@ class _Request:
         self.version = "1.1"
         self.keep_alive = True
         self.content_length: int | None = None
+        self.in_body = False  # the head is parsed: what comes is its body (see _feed_carefully)
+        self.body_left: int | None = None  # of a Content-Length body, bytes still to come
         self.early = False  # handed to the app before its body: too large, closed after
         self.expect_continue = False  # a 100 Continue is owed when its turn comes
 
@@ -280,6 +317,8 @@ class HttpConnection(asyncio.Protocol):
         self.started = 0.0  # loop time the request being parsed began
         self.last_active = server.loop.time()
         self.after_sent: list[Callable[[], None]] = []  # WSGI close() of responses in the buffer
+        self.advancing = False  # in _next: a call from within only asks for another round
+        self.advance_again = False
 
     # --- transport callbacks ------------------------------------------------------------------
 
@@ -330,7 +369,10 @@ class HttpConnection(asyncio.Protocol):
         self.last_active = self.server.loop.time()
         self.progress = False
         try:
-            self.parser.feed_data(data)
+            if data.isascii():  # nearly always: a C scan, no copy
+                self.parser.feed_data(data)
+            else:
+                self._feed_carefully(data)
         except httptools.HttpParserUpgrade:
             # An Upgrade (websocket, h2c) is not supported: the request is answered as plain
             # HTTP, and the connection closed after it.
@@ -359,15 +401,62 @@ class HttpConnection(asyncio.Protocol):
         self._next()
         self._close_if_done()
 
+    def _feed_carefully(self, data: bytes) -> None:
+        """Feed input holding bytes above 0x7F, %-escaping those of request heads.
+
+        llhttp refuses any byte above 0x7F in a request target ("Invalid char in url query"),
+        where the seed's Flask app took raw UTF-8 (``/get?key=ключ``) as it came. So those
+        bytes of a request head are written %XX, as a browser would have sent them, before
+        the parser sees them: the app reads the same path and query either way (what it
+        decodes of ``%D0%BA`` and of the raw bytes is the same). Header fields are part of the
+        head and escaped too (zkv reads no header where that matters: a token is ASCII).
+        Bodies must pass untouched, so the input is fed in pieces that never straddle the end
+        of a head or of a body: a head line at a time (a head ends with a line, as a chunked
+        body does), a Content-Length body exactly to its end. Only reads holding such bytes
+        come here; every other read is fed whole.
+
+        The pieces of one read are at most MAX_CAREFUL_PIECES plus one per
+        CAREFUL_BYTES_PER_PIECE of the read (a head line is longer than that; empty lines
+        between requests, which llhttp skips, go in one piece); past them the rest of the read
+        is fed whole, as it came. Else a chunked body of short lines would cost a parser call
+        per 2 bytes (256 KiB of empty lines held the loop some 150 ms that way; llhttp's own
+        callbacks for chunks of 1 byte cost about as much as these calls). The price: a
+        request with raw UTF-8 in its target pipelined in the same read behind a chunked body
+        of very short lines is refused 400, as it was before.
+        """
+        parser = self.parser
+        size = len(data)
+        start = 0
+        pieces = MAX_CAREFUL_PIECES + size // CAREFUL_BYTES_PER_PIECE
+        while start < size and not self.input_ended:
+            pieces -= 1
+            if pieces < 0:
+                parser.feed_data(data[start:])
+                return
+            request = self.current
+            if request is not None and request.in_body and request.body_left:
+                end = start + request.body_left
+            elif request is None and data[start] in b"\r\n":  # empty lines between requests
+                end = size - len(data[start:].lstrip(b"\r\n"))
+            else:
+                newline = data.find(b"\n", start)
+                end = size if newline < 0 else newline + 1
+            piece = data[start:end]
+            if (request is None or not request.in_body) and not piece.isascii():
+                piece = _HIGH_BYTES.sub(_escaped, piece)
+            parser.feed_data(piece)
+            start = end
+
     def eof_received(self) -> bool | None:
         # The client is done sending; what it asked for is still answered, then the connection
-        # is closed. True keeps the transport open for those answers.
+        # is closed. True keeps the transport open for those answers; under TLS the transport
+        # closes anyway (a TLS close is both ways: asyncio warns of a True, per connection).
         self.input_ended = True
         if self.linger_until:
             self.close()  # lingering after a refusal: the client has stopped sending
         else:
             self._close_if_done()
-        return True
+        return True if self.server.tls is None else None
 
     # --- parser callbacks (httptools calls these from feed_data) ------------------------------
 
@@ -381,10 +470,13 @@ class HttpConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.progress = True
         request = self.current
-        if request is not None:
-            request.target += url
-            self.head_bytes += len(url)
-            if len(request.target) > LIMIT_REQUEST_LINE_BYTES:
+        if request is not None and request.target_buffer is not None:
+            target = request.target_buffer
+            target += url
+            if len(target) > LIMIT_REQUEST_LINE_BYTES and (
+                len(target) > self.server.config.max_set_target_bytes
+                or not target.startswith(b"/set?")
+            ):
                 self.url_too_long = True
                 raise ValueError("request line too long")  # feed_data raises a parser error
 
@@ -404,10 +496,14 @@ class HttpConnection(asyncio.Protocol):
         if request is None:
             return
         parser = self.parser
+        if request.target_buffer is not None:
+            request.target = bytes(request.target_buffer)
+            request.target_buffer = None
+        request.in_body = True
         request.method = parser.get_method()
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
-        expect_continue = False
+        expect_continue = chunked = False
         for name, value in request.headers:
             lowered = name.lower()
             if lowered == b"content-length":
@@ -415,6 +511,7 @@ class HttpConnection(asyncio.Protocol):
             elif lowered == b"expect" and value.lower() == b"100-continue":
                 expect_continue = True
             elif lowered == b"transfer-encoding":
+                chunked = True
                 # llhttp has checked that chunked comes last; any other coding (gzip, deflate)
                 # would be passed on still encoded, so it is refused (RFC 9112 6.1: 501).
                 for coding in value.split(b","):
@@ -422,6 +519,8 @@ class HttpConnection(asyncio.Protocol):
                     if coding and coding != b"chunked":
                         self.coding_refused = coding
                         raise ValueError("transfer coding not implemented")  # a parser error
+        if not chunked:
+            request.body_left = request.content_length or 0  # what _feed_carefully feeds
         if request.content_length is not None and request.content_length > (
             self.server.config.max_body_bytes
         ):
@@ -442,6 +541,8 @@ class HttpConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.progress = True
         request = self.current
+        if request is not None and request.body_left is not None:
+            request.body_left -= len(body)
         if request is None or request.early:
             return  # too large: the app answers without it, and the connection closes
         limit = self.server.config.max_body_bytes
@@ -489,7 +590,27 @@ class HttpConnection(asyncio.Protocol):
             self.transport.write(_CONTINUE)
 
     def _next(self) -> None:
-        """Start the app on the oldest parsed request, unless one is in hand already."""
+        """Start the app on the oldest parsed request, unless one is in hand already.
+
+        A loop, not a recursion: a request answered at once (a 400 that needs no broker)
+        calls this again from its answer, and one read of a few hundred pipelined such
+        requests went that many calls deep, to a RecursionError that killed the connection
+        with a traceback in the log. A call made while this runs only asks it to go round
+        once more.
+        """
+        if self.advancing:
+            self.advance_again = True
+            return
+        self.advancing = True
+        try:
+            self.advance_again = True
+            while self.advance_again:
+                self.advance_again = False
+                self._start_next()
+        finally:
+            self.advancing = False
+
+    def _start_next(self) -> None:
         if self.busy or not self.writable or self.closed or self.closing:
             return
         if not self.ready:
@@ -509,10 +630,13 @@ class HttpConnection(asyncio.Protocol):
         started = server.loop.time()
         if server.shortcut is not None and not request.early:
             try:
-                taken = server.shortcut(request.method, request.target)
+                taken = server.shortcut(request.method, request.target, request.headers)
             except Exception:  # a bug: not the app's to answer, something may have been sent
                 server.logs.error(
-                    "shortcut failed", "the shortcut failed on %r", request.target, exc_info=True
+                    "shortcut failed",
+                    "the shortcut failed on %r",
+                    request.target[:SHOWN_TARGET_BYTES],
+                    exc_info=True,
                 )
                 self.busy = False
                 self._refuse(500, "internal server error")
@@ -541,7 +665,10 @@ class HttpConnection(asyncio.Protocol):
             status, headers, body = finish(done)
         except (Exception, asyncio.CancelledError):  # the connection must not stay busy
             self.server.logs.error(
-                "shortcut failed", "the shortcut failed on %r", request.target, exc_info=True
+                "shortcut failed",
+                "the shortcut failed on %r",
+                request.target[:SHOWN_TARGET_BYTES],
+                exc_info=True,
             )
             self._refuse(500, "internal server error")
             return
@@ -573,7 +700,7 @@ class HttpConnection(asyncio.Protocol):
                 "app failed",
                 "the app failed on %s %r",
                 environ["REQUEST_METHOD"],
-                request.target,
+                request.target[:SHOWN_TARGET_BYTES],
                 exc_info=result.error,
             )
             self._refuse(500, "internal server error")
@@ -643,7 +770,7 @@ class HttpConnection(asyncio.Protocol):
                 '%s "%s %s HTTP/%s" %d %d %.1fms',
                 self.peer,
                 request.method.decode("latin-1"),
-                request.target.decode("latin-1"),
+                request.target[:SHOWN_TARGET_BYTES].decode("latin-1"),
                 request.version,
                 code,
                 len(body),
@@ -659,7 +786,12 @@ class HttpConnection(asyncio.Protocol):
                 431, f"request head larger than {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} fields"
             )
         elif self.url_too_long:
-            self._refuse(414, f"request target longer than {LIMIT_REQUEST_LINE_BYTES} bytes")
+            limit = self.server.config.max_set_target_bytes
+            self._refuse(
+                414,
+                f"request target longer than {LIMIT_REQUEST_LINE_BYTES} bytes (seed /set: "
+                f"{limit} bytes)",
+            )
         else:
             self._refuse(400, f"malformed HTTP request: {exc}")
 
@@ -814,6 +946,8 @@ class HttpServer:
         server_name, server_port: ``SERVER_NAME`` and ``SERVER_PORT`` of every environ.
         shortcut: offered every request first (see :data:`Shortcut`); None: the app serves all.
         clock: monotonic seconds for the rate limits of log lines (tests inject a fake).
+        tls: serve HTTPS with this context (its handshake within ``read_timeout_s``); None:
+            plain HTTP.
     """
 
     def __init__(
@@ -825,8 +959,10 @@ class HttpServer:
         server_port: int = 0,
         shortcut: Shortcut | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.app = app
+        self.tls = tls
         # Every line a peer can cause (a refusal, a parse error, a stalled reader, a bug it
         # triggers) is rate-limited: at most BURST (5) of a kind per WINDOW_S (10 s), then a
         # count of those suppressed (zkv/logs.py). Kinds are fixed strings, never peer input.
@@ -852,7 +988,7 @@ class HttpServer:
             "SERVER_NAME": server_name,
             "SERVER_PORT": str(server_port),
             "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
+            "wsgi.url_scheme": "http" if tls is None else "https",
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": False,
             "wsgi.multiprocess": True,
@@ -894,7 +1030,25 @@ class HttpServer:
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.loop.create_task(self.loop.connect_accepted_socket(lambda: HttpConnection(self), sock))
+        if self.tls is None:
+            made = self.loop.connect_accepted_socket(lambda: HttpConnection(self), sock)
+        else:
+            made = self.loop.connect_accepted_socket(
+                lambda: HttpConnection(self),
+                sock,
+                ssl=self.tls,
+                ssl_handshake_timeout=self.config.read_timeout_s,
+            )
+        self.loop.create_task(self._connected(made, sock))
+
+    async def _connected(self, made: Any, sock: socket.socket) -> None:
+        """Await a new connection's setup; a failed TLS handshake (a plain HTTP client on the
+        HTTPS port, a scanner) closes it with one rate-limited line, not a task error."""
+        try:
+            await made
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            self.logs.info("setup failed", "a new connection failed to set up: %s", exc)
+            sock.close()
 
     def adopt(self, connection: HttpConnection) -> str | None:
         """Take a new connection; else why not (stopping, or over a limit with no connection
@@ -1032,6 +1186,11 @@ class HttpServer:
             environ[key] = text if previous is None else previous + "," + text
         environ["wsgi.input"] = io.BytesIO(request.body)
         return environ
+
+
+def _escaped(run: re.Match[bytes]) -> bytes:
+    """A run of bytes above 0x7F, each as %XX (one C call for the run, not one per byte)."""
+    return b"%" + run.group().hex("%").upper().encode()
 
 
 def _origin_form(target: bytes) -> bytes:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import ipaddress
 import logging
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,18 +34,21 @@ from gunicorn.app.base import BaseApplication
 
 from gateway import fastlane
 from gateway.app import ClientPlugin, make_app
+from gateway.auth import Tokens, TokensFileError, load_tokens
 from gateway.bridge import LoopClient
-from gateway.http11 import ServerConfig, Shortcut
+from gateway.http11 import ServerConfig, Shortcut, set_target_limit
 from zkv import defaults, protocol
 from zkv.client import Client
 from zkv.config import (
     add_flag,
     boolean,
-    endpoint,
+    endpoints,
     env_default,
     keys_default,
     positive_float,
     positive_int,
+    program_name,
+    whole_number,
 )
 
 log = logging.getLogger(__name__)
@@ -52,7 +57,11 @@ GRACEFUL_TIMEOUT_S = 3  # under honcho's 5 s between SIGTERM and SIGKILL
 LIMIT_REQUEST_LINE_BYTES = 8190  # gunicorn's maximum: seed /set carries its value in the URL
 LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"  # as gunicorn's own lines
-WORKER_CLASSES = {"event": "gateway.worker.EventLoopWorker", "gthread": "gthread"}
+# gthread is gunicorn's thread worker with zkv's request line and JSON errors (gateway/gthread.py)
+WORKER_CLASSES = {
+    "event": "gateway.worker.EventLoopWorker",
+    "gthread": "gateway.gthread.ThreadWorker",
+}
 
 
 # --- flag types: argparse reports their ValueError/ArgumentTypeError with the flag's name ----
@@ -60,10 +69,7 @@ WORKER_CLASSES = {"event": "gateway.worker.EventLoopWorker", "gthread": "gthread
 
 def port(text: str) -> int:
     """A TCP port; 0 lets the OS choose (gunicorn logs the one it got)."""
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {value}")
-    return value
+    return whole_number(text, 0, 65535)
 
 
 def host(text: str) -> str:
@@ -77,10 +83,7 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
     """argparse type: an integer from ``low`` to ``high``."""
 
     def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
-        return value
+        return whole_number(text, low, high)
 
     parse.__name__ = "integer"
     return parse
@@ -98,13 +101,18 @@ def worker_class(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command line; each flag's default comes from its environment variable."""
     parser = argparse.ArgumentParser(
-        prog="python -m gateway",
+        prog=program_name("gateway"),
         description="zkv HTTP gateway: the seed API and the REST API over the zkv broker.",
     )
     add_flag(parser, "--host", "ZKV_HOST", defaults.HTTP_HOST, host, "address to listen on")
     add_flag(parser, "--port", "PORT", defaults.HTTP_PORT, port, "TCP port to listen on")
     add_flag(
-        parser, "--frontend", "ZKV_FRONTEND", defaults.FRONTEND, endpoint, "the broker's frontend"
+        parser,
+        "--frontend",
+        "ZKV_FRONTEND",
+        defaults.FRONTEND,
+        endpoints,
+        "the broker's frontend, or several brokers' separated by commas (tried in turn)",
     )
     add_flag(
         parser,
@@ -201,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--frontend-curve",
         action=argparse.BooleanOptionalAction,
-        default=env_default("ZKV_FRONTEND_CURVE", False, boolean),
+        default=env_default("ZKV_FRONTEND_CURVE", False, boolean, "--frontend-curve", parser.prog),
         help="talk CURVE to a broker started with --frontend-curve (keys from --keys)"
         " (env ZKV_FRONTEND_CURVE, default false)",
     )
@@ -212,9 +220,31 @@ def build_parser() -> argparse.ArgumentParser:
         "client.key_secret (env ZKV_KEYS, default <ZKV_DATA_DIR>/keys)",
     )
     parser.add_argument(
+        "--tokens",
+        default=env_default("ZKV_HTTP_TOKENS", None),
+        metavar="FILE",
+        help="a file of 'ROLE TOKEN' lines (roles read, write, admin): every request then needs "
+        "'Authorization: Bearer TOKEN' of a role its route allows, else 401 or 403; the file "
+        "must be private to its owner (chmod 600) (env ZKV_HTTP_TOKENS, default none: anyone "
+        "who can connect may read and write)",
+    )
+    parser.add_argument(
+        "--certfile",
+        default=env_default("ZKV_TLS_CERTFILE", None),
+        metavar="FILE",
+        help="serve HTTPS with this certificate chain (PEM); needs --keyfile "
+        "(env ZKV_TLS_CERTFILE, default none: plain HTTP)",
+    )
+    parser.add_argument(
+        "--keyfile",
+        default=env_default("ZKV_TLS_KEYFILE", None),
+        metavar="FILE",
+        help="the private key of --certfile (PEM) (env ZKV_TLS_KEYFILE, default none)",
+    )
+    parser.add_argument(
         "--access-log",
         action="store_true",
-        default=env_default("ZKV_ACCESS_LOG", False, boolean),
+        default=env_default("ZKV_ACCESS_LOG", False, boolean, "--access-log", parser.prog),
         help="log one line per request to stderr (env ZKV_ACCESS_LOG, default off)",
     )
     return parser
@@ -283,7 +313,9 @@ class GatewayServer(BaseApplication):
 def gunicorn_options(args: argparse.Namespace) -> dict[str, Any]:
     """gunicorn settings for the parsed flags."""
     address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+    tls = {"certfile": args.certfile, "keyfile": args.keyfile} if args.certfile else {}
     return {
+        **tls,
         "bind": [address],
         "worker_class": WORKER_CLASSES[args.worker_class],
         "workers": args.processes,
@@ -301,7 +333,7 @@ def gunicorn_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def app_factory(args: argparse.Namespace) -> Callable[[], Bottle]:
+def app_factory(args: argparse.Namespace, tokens: Tokens | None = None) -> Callable[[], Bottle]:
     """What each worker process calls to build its app; no client is made until a request."""
     client_class = LoopClient if args.worker_class == "event" else Client
     client_factory = functools.partial(
@@ -316,7 +348,54 @@ def app_factory(args: argparse.Namespace) -> Callable[[], Bottle]:
         client_factory,
         max_key_bytes=args.max_key_bytes,
         max_value_bytes=args.max_value_bytes,
+        tokens=tokens,
     )
+
+
+def loopback_only(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback address (127.0.0.0/8, ::1)."""
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    addresses = {info[4][0].partition("%")[0] for info in found}
+    try:
+        return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, tokens: Tokens | None, tls: bool) -> str | None:
+    """What to warn about the address the gateway listens on, given its tokens and TLS."""
+    if loopback_only(host):
+        return None
+    if tokens is None:
+        return (
+            f"listening on {host}, beyond loopback, without tokens: anyone who can reach it "
+            "may read and write every key (set --tokens / ZKV_HTTP_TOKENS)"
+        )
+    if not tls:
+        return (
+            f"listening on {host}, beyond loopback, without TLS: bearer tokens cross the "
+            "network in clear text (set --certfile and --keyfile)"
+        )
+    return None
+
+
+def check_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse at start a half-given or unloadable certificate, naming the flag."""
+    if bool(args.certfile) != bool(args.keyfile):
+        parser.error("arguments --certfile and --keyfile: give both or neither")
+    if args.certfile:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                args.certfile, args.keyfile
+            )
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(
+                f"arguments --certfile/--keyfile: cannot load {args.certfile} with "
+                f"{args.keyfile}: {exc}"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -327,26 +406,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
     except OSError as exc:
         parser.error(f"argument --host: cannot listen on {args.host!r}: {exc}")
+    tokens: Tokens | None = None
+    if args.tokens:
+        try:
+            tokens = load_tokens(args.tokens)
+        except TokensFileError as exc:
+            parser.error(f"argument --tokens: {exc}")
+    check_tls(parser, args)
     logging.basicConfig(
         level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, stream=sys.stderr
     )
+    warning = exposure_warning(args.host, tokens, bool(args.certfile))
+    if warning is not None:
+        log.warning("%s", warning)
     log.info(
-        "gateway on http://%s:%d, broker %s, %d %s process(es)%s",
+        "gateway on %s://%s:%d, broker %s, %d %s process(es)%s, %s",
+        "https" if args.certfile else "http",
         args.host,
         args.port,
         args.frontend,
         args.processes,
         args.worker_class,
         f" x {args.threads} thread(s)" if args.worker_class == "gthread" else "",
+        f"{len(tokens)} token(s) from {args.tokens}" if tokens else "no tokens: open to all",
     )
     http_config = ServerConfig(
         max_body_bytes=args.max_value_bytes,
         max_connections_per_client=args.max_connections_per_client,
         evict_after_s=args.evict_after,
         access_log=args.access_log,
+        max_set_target_bytes=set_target_limit(args.max_key_bytes, args.max_value_bytes),
     )
     try:
-        GatewayServer(app_factory(args), gunicorn_options(args), http_config, args.fast_lane).run()
+        GatewayServer(
+            app_factory(args, tokens), gunicorn_options(args), http_config, args.fast_lane
+        ).run()
     except SystemExit as exc:  # gunicorn's master ends with sys.exit(status)
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0

@@ -17,6 +17,7 @@ import os
 import signal
 from typing import Any
 
+from gunicorn.sock import ssl_context
 from gunicorn.workers.base import Worker
 
 from gateway.http11 import HttpServer, ServerConfig
@@ -73,6 +74,7 @@ class EventLoopWorker(Worker):
             evict_after_s=app_config.evict_after_s,
             write_timeout_s=app_config.write_timeout_s,
             access_log=app_config.access_log,
+            max_set_target_bytes=app_config.max_set_target_bytes,
         )
         host, port = _server_address(self.sockets[0].sock.getsockname() if self.sockets else None)
         make_shortcut = getattr(self.app, "shortcut", None)  # GatewayServer's fast lane
@@ -84,6 +86,10 @@ class EventLoopWorker(Worker):
             if shortcut is not None
             else "off: the Bottle app serves every request",
         )
+        # TLS (--certfile/--keyfile): gunicorn's own context for its settings, the handshake
+        # by asyncio on this loop, bounded by the read timeout (else a client that connects
+        # and says nothing would hold its slot for asyncio's default of 60 s).
+        tls = ssl_context(self.cfg) if self.cfg.is_ssl else None
         server = HttpServer(
             self.wsgi,
             config,
@@ -91,6 +97,7 @@ class EventLoopWorker(Worker):
             server_name=host,
             server_port=port,
             shortcut=shortcut,
+            tls=tls,
         )
         await server.start(listener.sock for listener in self.sockets)
         parent = self.ppid

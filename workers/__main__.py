@@ -46,6 +46,8 @@ from zkv.config import (
     env_default,
     non_negative_int,
     positive_int,
+    program_name,
+    whole_number,
 )
 from zkv.keys import KeysError, wait_for_keys
 
@@ -78,20 +80,19 @@ def fsync_policy(text: str) -> FsyncPolicy:
 def idempotency_window(text: str) -> float:
     """argparse type: an idempotency window in seconds, MIN_WINDOW_S to MAX_WINDOW_S (stamps
     are read modulo 194 days, and a longer window would hold a day of writes in memory)."""
-    value = float(text)
+    expected = f"must be {MIN_WINDOW_S:.0f} to {MAX_WINDOW_S:.0f} seconds, got {text!r}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(expected) from None
     if not MIN_WINDOW_S <= value <= MAX_WINDOW_S:  # NaN fails too
-        raise argparse.ArgumentTypeError(
-            f"must be {MIN_WINDOW_S:.0f} to {MAX_WINDOW_S:.0f} seconds, got {text}"
-        )
+        raise argparse.ArgumentTypeError(expected)
     return value
 
 
 def idempotency_max_bytes(text: str) -> int:
     """argparse type: a bound of at least MIN_MAX_BYTES bytes."""
-    value = int(text)
-    if value < MIN_MAX_BYTES:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_MAX_BYTES} bytes, got {value}")
-    return value
+    return whole_number(text, MIN_MAX_BYTES)
 
 
 def retry_reach_s() -> float:
@@ -103,7 +104,7 @@ def retry_reach_s() -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every default comes from an environment variable, then zkv.defaults."""
     parser = argparse.ArgumentParser(
-        prog="python -m workers",
+        prog=program_name("workers"),
         description="zkv shard worker: holds one shard's keys, served through the broker.",
     )
     add_flag(
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--in-memory",
         action=argparse.BooleanOptionalAction,
-        default=env_default("ZKV_IN_MEMORY", False, boolean),
+        default=env_default("ZKV_IN_MEMORY", False, boolean, "--in-memory", parser.prog),
         help="a pure cache: no files, no locks, nothing survives a restart "
         "(env ZKV_IN_MEMORY, default false)",
     )

@@ -2,8 +2,8 @@
 
 Independent of etcd: the caller gives the epoch, the in-sync replica set (ISR) and callbacks,
 and wires the callbacks to workers/cluster.py's etcd calls. The frames are zkv/protocol.py's
-(FOLLOW, SNAPSHOT, RECORDS, ACK, REFUSE; docs/protocol.md section 7); the contract is in
-docs/cluster.md ("Replication").
+(FOLLOW, SNAPSHOT, RECORDS, ACK, REFUSE); docs/protocol.md section 7 specifies them, the
+exchange, the commit rule and every bound.
 
 Integration API (what a cluster worker loop calls)
 --------------------------------------------------
@@ -26,11 +26,17 @@ Leader of shard ``n`` in epoch ``E`` (``E`` = its etcd leader key's create_revis
     stepping down: rep.drain_held() -> the replies never released (answer them UNAVAILABLE)
 
 ``records_appended_by_this_pass`` are the exact bytes ShardFiles.append wrote (one call per
-pass: capture them there, e.g. a ShardFiles subclass whose append also keeps ``data``, as
-tests/integration/test_replication.py does). Replies are released, in order, through
-``release(item)`` from inside hold(), drain() or tick(). ``shrink``/``expand`` are called from
-tick() only, synchronously (an etcd transaction with its timeout), with the new set of
-followers; a False return keeps everything held and is retried (SHRINK_RETRY_S).
+pass that writes: capture them there, as tests/replicas.py ``tap`` does). Better, call
+``rep.ship(data)`` from that tap: the records leave before the leader's own fsync, so the
+follower's write and fsync overlap it (bench/replication.py does; safe, since the replies
+still wait for both, and a leader that dies before its fsync leaves on a follower only a
+write it never acknowledged, which may survive or not like any unacknowledged write). Replies are
+released, in order, through ``release(item)`` from inside hold(), drain() or tick(), never
+while ``lease_valid()`` is False. ``shrink``/``expand`` are called from tick() only,
+synchronously (an etcd transaction with its timeout), with the new set of followers (the
+leader not included); a False return keeps everything held and is retried (SHRINK_RETRY_S,
+EXPAND_RETRY_S). ``source`` is read when a snapshot starts: the shard's store and memory as
+they are after the last pass shipped (Shard replaces them after a full disk's undo).
 
 Follower of shard ``n``, its files taken and replayed (``files``, ``store``, ``memory``)::
 
@@ -183,7 +189,8 @@ class _Link:
     follower_id: str
     state: LinkState = LinkState.WAITING
     acked: int = -1  # newest batch it holds (applied and logged) in this epoch; -1: nothing
-    sent: int = -1  # newest batch queued to it
+    sent: int = -1  # newest batch queued to it in this stream (what it may ack)
+    cursor: int = -1  # the batch after which the next RECORDS starts (sent, or lower to resend)
     behind_since_s: float | None = None  # since when it lacks a shipped batch (None: it doesn't)
     progress_s: float = 0.0  # its last ack, or when its stream (re)started
     snapshot: _SnapshotSource | None = None
@@ -206,13 +213,10 @@ class Replicator:
 
     Lag: an ISR follower that lacks a batch shipped more than ``lag_s`` ago (or has no state of
     this epoch for that long) is removed by ``shrink`` FIRST; only when it returned True does
-    the commit rule stop waiting for it. A follower outside the ISR whose ack reaches the last
-    shipped batch is proposed to ``expand``. An idle shard asks nothing of its followers.
-    Under steady writes a follower's ack always trails the newest batch, so a streaming
-    follower that lacks nothing shipped more than ``lag_s`` ago first *joins*: the commit rule
-    waits for it as for a member (no reply is released without it from then on), and once it
-    holds every batch whose replies went out, it is proposed to ``expand``. A joiner that
-    falls ``lag_s`` behind before it was proposed stops being waited for.
+    the commit rule stop waiting for it. A follower outside the ISR that streams without
+    lagging joins the commit rule locally, then is proposed to ``expand`` once it holds every
+    batch a released reply depended on (see _check_caught_up). An idle shard asks nothing of
+    its followers: a dead follower is noticed at the first write it leaves unacked.
 
     Args:
         shard: the shard number.
@@ -224,7 +228,8 @@ class Replicator:
         shrink: given the ISR's new followers (fewer), True once etcd has them.
         expand: given the ISR's new followers (one more), True once etcd has them.
         lease_valid: whether this leader may still acknowledge (its etcd lease holds).
-        deposed: called once with a newer epoch a follower reported.
+        deposed: called once with a newer epoch a follower reported (a hint from a peer:
+            the caller may check etcd; nothing is released or sent any more either way).
         lag_s: see REPLICA_LAG_S.
         monotonic: seconds; tests pass a fake clock.
     """
@@ -266,9 +271,8 @@ class Replicator:
         self.newer_epoch = 0  # a newer epoch a follower reported (0: none): deposed
         self._next_shrink_s = 0.0
         self._next_expand_s = 0.0
-        self._released = -1  # the batch of the last reply released (replies go in order)
-        self._joining: dict[str, bool] = {}  # followers waited for before they are in the ISR
-        # (True: proposed to ``expand``, waited for until etcd has it)
+        self._joining: set[str] = set()  # followers catching up, see _check_caught_up
+        self._released_seq = -1  # the tag of the newest reply released
         self.isr: set[str] = set()
         self.set_followers(followers)
 
@@ -284,18 +288,16 @@ class Replicator:
         return len(self._held)
 
     def commit_seq(self) -> int:
-        """The newest batch every ISR follower holds (-1: not even the epoch's start)."""
+        """The newest batch every ISR (and joining) follower holds (-1: not even the epoch's
+        start)."""
         links = self._links
         commit = self.head
-        for member in self.isr:
-            link = links.get(member)
-            acked = -1 if link is None else link.acked
-            if acked < commit:
-                commit = acked
-        for member in self._joining:  # usually none
-            acked = links[member].acked
-            if acked < commit:
-                commit = acked
+        for members in (self.isr, self._joining):
+            for member in members:
+                link = links.get(member)
+                acked = -1 if link is None else link.acked
+                if acked < commit:
+                    commit = acked
         return commit
 
     def ship(self, data: bytes) -> int:
@@ -361,7 +363,7 @@ class Replicator:
                 if link.sent > link.acked and now - link.progress_s >= RESEND_S:
                     # Nothing acked for a while: maybe lost (a reconnection drops a pipe).
                     # The follower takes batches it already has as duplicates.
-                    link.sent = link.acked
+                    link.cursor = link.acked
                     link.progress_s = now
                 self._pump(link)
             elif link.state is LinkState.SNAPSHOT:
@@ -384,8 +386,7 @@ class Replicator:
         """The ISR (without this leader) as etcd now says."""
         now = self._monotonic()
         self.isr = set(followers)
-        for member in self.isr:
-            self._joining.pop(member, None)
+        self._joining -= self.isr
         for member in self.isr:
             if member not in self._links:
                 self._links[member] = _Link(member, behind_since_s=now, progress_s=now)
@@ -436,7 +437,7 @@ class Replicator:
             log.info("shard %d: %s resumes after batch %d", self.shard, name, have)
             link.state = LinkState.STREAMING
             link.acked = have  # what it holds now (maybe less than it acked: its fsync policy)
-            link.sent = have
+            link.sent = link.cursor = have
             link.snapshot = None
             link.progress_s = self._monotonic()
             self._pump(link)
@@ -474,7 +475,7 @@ class Replicator:
             )
             link.state = LinkState.STREAMING
             link.snapshot = None
-            link.acked = link.sent = ack.seq
+            link.acked = link.sent = link.cursor = ack.seq
         elif link.state is LinkState.STREAMING:
             if ack.seq > link.sent:
                 peer_log.warning(
@@ -551,9 +552,9 @@ class Replicator:
 
     def _pump(self, link: _Link) -> None:
         """Send a STREAMING follower what it lacks, in RECORDS of at most MAX_RECORDS_BYTES."""
-        if link.sent >= self.head or self.newer_epoch:
+        if link.cursor >= self.head or self.newer_epoch:
             return
-        if not self._has_after(link.sent) or self._over_bound(link.acked):
+        if not self._has_after(link.cursor) or self._over_bound(link.acked):
             log.warning(
                 "shard %d: %s is %d batches behind (past %d MiB or %d batches): restarting "
                 "it from a snapshot",
@@ -567,7 +568,7 @@ class Replicator:
             return
         window = self._window
         first = self._first_seq()
-        index = link.sent + 1 - first
+        index = link.cursor + 1 - first
         while index < len(window):
             start = window[index]
             parts = [start.data]
@@ -582,14 +583,16 @@ class Replicator:
             message = Records(self.shard, self.epoch, start.seq, count, body)
             if not self._send(link.follower_id, encode_replication(message)):
                 return  # the socket is full or the follower gone: tick() tries again
-            link.sent = start.seq + count - 1
+            link.cursor = start.seq + count - 1
+            if link.cursor > link.sent:
+                link.sent = link.cursor
 
     def _start_snapshot(self, link: _Link) -> None:
         """(Re)start a follower from a snapshot of the shard at the last batch shipped."""
         store, memory = self._source()
         link.state = LinkState.SNAPSHOT
         link.snapshot = _SnapshotSource(store, memory, self.head)
-        link.sent = self.head
+        link.sent = link.cursor = self.head
         link.chunk_next = 0
         link.chunk_acked = -1
         link.chunk_pending = None
@@ -690,36 +693,38 @@ class Replicator:
             ", ".join(sorted(remaining)) or "the leader alone",
         )
 
+    # Rejoining the ISR. A follower outside it that streams without lagging first JOINS
+    # locally: the commit rule waits for its acks too (waiting for more copies is always
+    # safe), so it cannot fall behind what is released, even under a steady stream of writes
+    # (waiting for it to ack the very last batch at a timer tick might never happen while
+    # the broker keeps the pipeline full). Once it holds every batch any released reply
+    # depended on (acked >= the newest released tag), it is proposed to ``expand``: from
+    # then on it may be elected, and it holds everything ever acknowledged. A joining
+    # follower that lags, or whose stream breaks, leaves the joining set (no etcd call: etcd
+    # never listed it).
     def _check_caught_up(self, now: float) -> None:
         joining = self._joining
         for name, link in self._links.items():
             if name in self.isr:
                 continue
-            streaming = link.state is LinkState.STREAMING
             since = link.behind_since_s
-            close = streaming and (
-                link.acked >= self.head or since is None or now - since <= self.lag_s
-            )
+            lagging = since is not None and now - since > self.lag_s
+            if link.state is not LinkState.STREAMING or lagging:
+                if name in joining:
+                    joining.discard(name)
+                    log.info("shard %d: %s stopped catching up", self.shard, name)
+                continue
             if name not in joining:
-                if close:
-                    joining[name] = False  # waited for from now on
-            elif not joining[name] and not close:
-                del joining[name]  # fell behind before it was proposed: not waited for
-        if now < self._next_expand_s or not joining:
-            return
-        for name, proposed in list(joining.items()):
-            link = self._links[name]
-            if not proposed and link.acked < max(self._released, 0):
-                continue  # replies went out for batches it lacks: not yet
-            joining[name] = True
-            members = frozenset(self.isr | {name})
-            if not self._expand(members):
+                joining.add(name)
+                log.info("shard %d: %s is catching up: replies wait for it", self.shard, name)
+            if link.acked < self._released_seq or now < self._next_expand_s:
+                continue
+            if not self._expand(frozenset(self.isr | {name})):
                 self._next_expand_s = now + EXPAND_RETRY_S
                 log.debug("shard %d: could not add %s to the in-sync set yet", self.shard, name)
-                return
-            del joining[name]
+                continue
             self.isr.add(name)
-            link.behind_since_s = None
+            joining.discard(name)
             log.info("shard %d: %s caught up: back in the in-sync set", self.shard, name)
 
     def _release_committed(self) -> None:
@@ -731,9 +736,9 @@ class Replicator:
             return
         release = self._release
         while held and held[0][0] <= commit:
-            batch, item, nbytes = held.popleft()
+            seq, item, nbytes = held.popleft()
             self.held_bytes -= nbytes
-            self._released = batch
+            self._released_seq = seq
             release(item)
 
 
@@ -814,15 +819,18 @@ class Follower:
         self._snapshot_seq = 0
         self._chunk_next = 0
         self._next_follow_s = 0.0
+        self._next_resume_s = 0.0  # a gap asks to resume at most once per FOLLOW_RETRY_S
 
     def follow(self, epoch: int) -> None:
-        """The shard's leader is in ``epoch`` (from etcd): ask it for the shard. Call it again
-        after connecting to a new endpoint; an older epoch than one known is ignored."""
-        if epoch < self.epoch:
+        """The shard's leader is in ``epoch`` (from etcd): ask it for the shard, once per
+        epoch. Calling it again with the epoch it follows changes nothing (the caller may pass
+        every etcd reading; lost messages are made up by tick()'s retries and the leader's
+        resends, and one epoch has one leader, at one endpoint); an older epoch is ignored."""
+        if epoch < self.epoch or (epoch == self.epoch and self.state is not FollowerState.IDLE):
             return
         if epoch > self.epoch:
             self._new_epoch(epoch)
-        self._send_follow(resume=self.state is FollowerState.SYNCED)
+        self._send_follow(resume=False)
 
     def on_message(self, frames: Sequence[bytes]) -> None:
         """A message from the leader."""
@@ -843,8 +851,7 @@ class Follower:
             self._new_epoch(message.epoch)  # learnt from the leader itself: newer than etcd's
         if type(message) is SnapshotChunk:
             self._on_chunk(message)
-        else:
-            assert type(message) is Records  # decode_to_follower returns nothing else
+        elif type(message) is Records:
             self._on_records(message)
 
     def tick(self) -> None:
@@ -959,13 +966,19 @@ class Follower:
             self._send_message(Ack(self.shard, self.epoch, self.seq))  # a resend: ack again
             return
         if records.first_seq != self.seq + 1:
-            log.warning(
-                "shard %d: batch %d came after %d: a gap, asking to resume",
-                self.shard,
-                records.first_seq,
-                self.seq,
-            )
-            self._send_follow(resume=True)
+            # A gap: messages were lost (a reconnection drops what a pipe held). Ask once to
+            # resume after what we hold; the rest of the stream sent before the leader heard
+            # us has the same gap, and asking at each would restart its resend each time.
+            now = self._monotonic()
+            if now >= self._next_resume_s:
+                self._next_resume_s = now + FOLLOW_RETRY_S
+                log.warning(
+                    "shard %d: batch %d came after %d: a gap, asking to resume",
+                    self.shard,
+                    records.first_seq,
+                    self.seq,
+                )
+                self._send_follow(resume=True)
             return
         parsed = _parse(records.body)
         if isinstance(parsed, str):

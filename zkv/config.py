@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,11 +15,35 @@ from zkv.coordination import check_id
 from zkv.etcd import parse_endpoint
 
 
-def env_default(name: str, default: Any, kind: Callable[[str], Any] = str) -> Any:
+def program_name(module: str) -> str:
+    """The name a service's usage and error lines give it: the console script's own name
+    (``zkv``, ``zkv-broker``, ...) when started as one, else ``python -m <module>``.
+
+    argparse's default is the basename of ``sys.argv[0]``, which under ``-m`` is
+    ``__main__.py``: a name nobody can type.
+    """
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not name or name.endswith(".py") or name == "-c":
+        return f"python -m {module}"
+    return name
+
+
+def env_default(
+    name: str,
+    default: Any,
+    kind: Callable[[str], Any] = str,
+    flag: str | None = None,
+    prog: str | None = None,
+) -> Any:
     """The value of environment variable ``name`` converted by ``kind``, else ``default``.
 
+    Args:
+        flag: the command-line flag this variable is the default of, named in the error.
+        prog: the program, named in the error as argparse does.
+
     Raises:
-        SystemExit: with a message naming the variable, when its value cannot be converted.
+        SystemExit: status 2 (as argparse's errors), after a message naming the variable, its
+            flag and what it expects, when its value cannot be converted.
     """
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -26,21 +51,33 @@ def env_default(name: str, default: Any, kind: Callable[[str], Any] = str) -> An
     try:
         return kind(raw)
     except (ValueError, argparse.ArgumentTypeError) as exc:
-        raise SystemExit(f"error: environment variable {name}={raw!r}: {exc}") from None
+        where = f"{prog}: error: " if prog else "error: "
+        of_flag = f" (the default of {flag})" if flag else ""
+        print(f"{where}environment variable {name}={raw!r}{of_flag}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 _TRANSPORTS = ("tcp", "ipc", "inproc", "ws", "wss", "pgm", "epgm", "tipc", "vmci")
 
 
-def endpoint(text: str) -> str:
+def endpoint(text: str, bind: bool = False) -> str:
     """argparse type: an endpoint ZeroMQ accepts for connect, e.g. ``tcp://127.0.0.1:5556``.
 
     Checked by its form (transport, then a host and port for tcp), so that a typo fails at
     startup with a clear message rather than later, or in a child restarted forever. Not by
     connecting a throwaway socket, as before: that reached the broker, whose CURVE backend
     logged a refused handshake for every worker that started.
+
+    Args:
+        bind: the endpoint is bound, where ZeroMQ also takes ``*`` for any port.
     """
     transport, sep, address = text.partition("://")
+    if not sep:
+        host, colon, port = text.rpartition(":")
+        if colon and host and port.isdigit():  # HOST:PORT, the usual slip: say what to write
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a ZeroMQ endpoint: write tcp://{text}"
+            )
     if not sep or transport not in _TRANSPORTS or not address:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a ZeroMQ endpoint: write tcp://HOST:PORT (or ipc://PATH, "
@@ -49,7 +86,11 @@ def endpoint(text: str) -> str:
     if transport == "tcp":
         host, colon, port = address.rpartition(":")
         if not colon or not host:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a ZeroMQ endpoint: no HOST:PORT")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a ZeroMQ endpoint: no HOST:PORT (write tcp://HOST:PORT)"
+            )
+        if bind and port == "*":
+            return text
         if not port.isdigit() or not 1 <= int(port) <= 65535:
             raise argparse.ArgumentTypeError(f"{text!r} needs a port between 1 and 65535")
     return text
@@ -149,6 +190,51 @@ def bind_refusal(
     )
 
 
+MAX_FRONTENDS = 64  # brokers one client or gateway may be given in a list (--frontend a,b,...)
+
+
+def endpoint_list(text: str) -> list[str]:
+    """The endpoints of a comma-separated list (``tcp://a:5555,tcp://b:5555``), each checked
+    by :func:`endpoint`; spaces around an entry are ignored. One entry is a list of one.
+
+    Raises:
+        argparse.ArgumentTypeError: an entry is empty, malformed or listed twice, or there are
+            more than MAX_FRONTENDS; the message names the entry.
+    """
+    entries = [entry.strip() for entry in text.split(",")]
+    if len(entries) > MAX_FRONTENDS:
+        raise argparse.ArgumentTypeError(
+            f"{len(entries)} endpoints listed, at most {MAX_FRONTENDS} are allowed"
+        )
+    seen: set[str] = set()
+    for number, entry in enumerate(entries, 1):
+        where = f"entry {number} of {text!r}"
+        if not entry:
+            raise argparse.ArgumentTypeError(f"{where} is empty (a stray comma?)")
+        try:
+            endpoint(entry)
+        except argparse.ArgumentTypeError as exc:
+            if len(entries) == 1:
+                raise
+            raise argparse.ArgumentTypeError(f"{where}: {exc}") from None
+        if entry in seen:
+            raise argparse.ArgumentTypeError(f"{where}: {entry!r} is listed twice")
+        seen.add(entry)
+    return entries
+
+
+def endpoints(text: str) -> str:
+    """argparse type: one endpoint, or several separated by commas (a client's or a gateway's
+    brokers, tried in turn: zkv/calls.py), each checked by :func:`endpoint_list`; returns the
+    list joined again with commas, without spaces."""
+    return ",".join(endpoint_list(text))
+
+
+def bind_endpoint(text: str) -> str:
+    """argparse type: an endpoint to bind, as :func:`endpoint` (``tcp://HOST:*`` allowed)."""
+    return endpoint(text, bind=True)
+
+
 def boolean(text: str) -> bool:
     """argparse/environment type: a yes/no value (1/0, true/false, yes/no, on/off)."""
     value = text.strip().lower()
@@ -159,27 +245,51 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"must be one of 1/0, true/false, yes/no, on/off: {text!r}")
 
 
+# The number types below raise ArgumentTypeError with a sentence: argparse prints a bare
+# ValueError as "invalid positive_int value: 'abc'", and env_default would print Python's
+# "invalid literal for int() with base 10".
+
+
+def whole_number(text: str, low: int, high: int | None = None) -> int:
+    """``text`` as an integer from ``low`` to ``high`` (None: no upper bound).
+
+    Raises:
+        argparse.ArgumentTypeError: saying what is expected and what was given.
+    """
+    expected = (
+        f"a whole number of at least {low}"
+        if high is None
+        else (f"a whole number from {low} to {high}")
+    )
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return whole_number(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+    return whole_number(text, 0)
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    """argparse type: a finite number > 0, in any form Python's float reads (``0.5``, ``1e3``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    if value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text!r}")
     return value
 
 
@@ -195,7 +305,7 @@ def add_flag(
     parser.add_argument(
         flag,
         type=kind,
-        default=env_default(env, default, kind),
+        default=env_default(env, default, kind, flag=flag, prog=parser.prog),
         help=f"{help} (env {env}, default {default})",
     )
 
@@ -252,7 +362,7 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--insecure",
         action=argparse.BooleanOptionalAction,
-        default=env_default("ZKV_INSECURE", False, boolean),
+        default=env_default("ZKV_INSECURE", False, boolean, "--insecure", parser.prog),
         help="no CURVE on the backend: any process that reaches it can join as a worker; "
         "also lets a socket without CURVE bind a non-loopback address "
         "(env ZKV_INSECURE, default false)",
@@ -277,8 +387,11 @@ def _identifier(what: str) -> Callable[[str], str]:
     def check(text: str) -> str:
         try:
             return check_id(text, what)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a {what} of letters, digits and _.:@- (starting with a letter or "
+                f"digit, at most 128 characters), got {text!r}"
+            ) from None
 
     check.__name__ = what.replace(" ", "_")
     return check
@@ -288,7 +401,9 @@ def _bounded(
     kind: Callable[[str], Any], low: float, high: float, unit: str
 ) -> Callable[[str], Any]:
     def check(text: str) -> Any:
-        value = kind(text)
+        if kind is int:
+            return whole_number(text, int(low), int(high))
+        value = kind(text)  # positive_float: its own readable errors
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be {low} to {high}{unit}, got {text}")
         return value

@@ -747,7 +747,7 @@ def test_a_shortcut_answers_what_it_takes_in_order_and_leaves_the_rest_to_the_ap
     running: Server
     offered: list[tuple[bytes, bytes]] = []
 
-    def shortcut(method: bytes, target: bytes) -> Any:
+    def shortcut(method: bytes, target: bytes, headers: Any) -> Any:
         offered.append((method, target))
         if not target.startswith(b"/fast/"):
             return None
@@ -780,7 +780,7 @@ def test_a_shortcut_answers_what_it_takes_in_order_and_leaves_the_rest_to_the_ap
 def test_a_shortcut_is_not_offered_a_request_whose_body_is_too_large() -> None:
     offered: list[bytes] = []
 
-    def shortcut(method: bytes, target: bytes) -> Any:
+    def shortcut(method: bytes, target: bytes, headers: Any) -> Any:
         offered.append(target)
         return None
 
@@ -802,7 +802,7 @@ def test_a_shortcut_whose_answer_fails_gets_json_500_and_the_server_lives_on(
     def finish(done: asyncio.Future[Any]) -> Any:
         raise RuntimeError("a bug in the shortcut")
 
-    def shortcut(method: bytes, target: bytes) -> Any:
+    def shortcut(method: bytes, target: bytes, headers: Any) -> Any:
         if target == b"/broken":
             future = running.loop.create_future()
             future.set_result(None)

@@ -209,3 +209,53 @@ def test_a_follower_without_the_clusters_keys_gets_nothing(cluster: Cluster, tmp
         files.close()
     finally:
         socket.close()
+
+
+def test_a_dead_follower_is_shrunk_away_then_returns_and_rejoins(tmp_path: Path) -> None:
+    """f2's process dies mid-stream: the leader holds replies until the shrink callback said
+    yes (after --replica-lag, 1 s), then goes on with f1. f2 restarts from its own log,
+    follows again, catches up from a snapshot and the tail, and is proposed back."""
+    context = zmq.Context()
+    create_keys(tmp_path / "keys")
+    cluster = Cluster(tmp_path, context, Keys(tmp_path / "keys"))
+    shrunk: list[tuple[frozenset[str], int]] = []
+
+    def shrink(members: frozenset[str]) -> bool:
+        shrunk.append((members, cluster.released))
+        return True
+
+    cluster.rep._shrink = shrink
+    try:
+        cluster.add_follower("f1", in_isr=True)
+        f2 = cluster.add_follower("f2", in_isr=True)
+        rng = random.Random(5)
+        work = list(requests(cluster.writer, rng, 3000))
+        for batch in work[:10]:
+            cluster.write(batch)
+            cluster.turn()
+        cluster.wait(lambda: cluster.rep.held == 0, "the first writes acknowledged")
+        # f2 dies: its socket and files close without a word to the leader.
+        _, socket = cluster.followers.pop("f2")
+        cluster.poller.unregister(socket.socket)
+        socket.close()
+        f2.files.close()
+        before = cluster.released
+        for batch in work[10:20]:
+            cluster.write(batch)
+            cluster.turn()
+        cluster.wait(lambda: cluster.rep.held == 0, "writes acknowledged without f2")
+        assert shrunk == [(frozenset({"f1"}), before)]  # nothing released before the shrink
+        # f2 comes back: a new process replays its own log, then follows.
+        back = cluster.add_follower("f2", in_isr=False)
+        for batch in work[20:]:
+            cluster.write(batch)
+            cluster.turn()
+        cluster.wait(lambda: synced(cluster), "f2 caught up")
+        cluster.wait(lambda: "f2" in cluster.rep.isr, "f2 back in the in-sync set")
+        now = cluster.clock.now
+        expected = contents(cluster.leader.store, cluster.leader.memory, now)
+        assert contents(back.store, back.memory, now) == expected
+        assert cluster.released == 3000
+    finally:
+        cluster.close()
+        context.term()

@@ -235,3 +235,22 @@ def test_etcd_out_of_reach_stops_no_acknowledged_write_and_health_says_degraded(
     kv.set(b"after", b"ok")
     for key, value in acked.items():
         assert kv.get(key).value == value, (key, cluster.logs())
+
+
+def test_a_broker_killed_costs_clients_latency_not_errors(hosts: Hosts) -> None:
+    both = ",".join(hosts.frontends)
+    kv = Client(both, timeout_s=10.0, first_broker=0)
+    hosts.cluster._clients.append(kv)
+    written: dict[bytes, bytes] = {}
+    slowest = 0.0
+    for i in range(300):
+        if i == 100:
+            hosts.cluster.kill(hosts.brokers[0], signal.SIGKILL)  # the one this client uses
+        started = time.monotonic()
+        kv.set(b"b%d" % i, b"v%d" % i)  # raises on an error: none is allowed
+        slowest = max(slowest, time.monotonic() - started)
+        written[b"b%d" % i] = b"v%d" % i
+    for key, value in written.items():
+        assert kv.get(key).value == value
+    assert kv.brokers.endpoint == hosts.frontends[1]  # it moved to the live broker
+    assert slowest < 10.0

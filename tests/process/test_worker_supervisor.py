@@ -216,7 +216,7 @@ def test_children_stop_when_the_supervisor_is_killed(broker: FakeBroker, spawn: 
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (["--processes", "0"], {}, "must be at least 1"),
+        (["--processes", "0"], {}, "must be a whole number of at least 1"),
         (["--heartbeat-interval", "-1"], {}, "must be a positive number"),
         (["--backend", "not an endpoint"], {}, "is not a ZeroMQ endpoint"),
         (["--backend", "tcp://127.0.0.1:0"], {}, "needs a port between 1 and 65535"),

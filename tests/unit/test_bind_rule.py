@@ -133,3 +133,16 @@ def test_a_broker_given_the_clients_list_of_frontends_binds_its_own(
     with pytest.raises(SystemExit):
         parse_args(["--advertise", "10.0.0.3"])
     assert "lists 2 endpoints" in capsys.readouterr().err
+
+
+def test_in_cluster_mode_a_request_waits_through_a_failover_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from broker.__main__ import parse_args
+
+    monkeypatch.delenv("ZKV_SHARD_WAIT", raising=False)
+    monkeypatch.setenv("ZKV_COORDINATOR", "http://127.0.0.1:2379")
+    assert parse_args(["--lease-ttl", "3"]).shard_wait == 5.0
+    assert parse_args(["--lease-ttl", "3", "--shard-wait", "1"]).shard_wait == 1.0  # as told
+    monkeypatch.delenv("ZKV_COORDINATOR")
+    assert parse_args([]).shard_wait == 3.0  # one host: as before

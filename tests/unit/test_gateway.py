@@ -337,6 +337,19 @@ def test_seed_all_lists_every_shard(app: Bottle, kv: FakeClient) -> None:
         ("007", 7000, "Thu, 11 Jan 2024 21:09:28 GMT"),
         ("10.25", 10250, "Thu, 11 Jan 2024 21:09:31 GMT"),
         (str(MAX_TTL_MS // 1000), MAX_TTL_MS, None),
+        # Any number Python's float() reads, as the seed's Flask app took them (issue 13):
+        ("1e3", 1_000_000, None),
+        ("1E-3", 1, None),
+        ("2.5e0", 2500, None),
+        ("%205", 5000, None),  # " 5"
+        ("5%20", 5000, None),  # "5 "
+        ("+5", 5000, None),  # "+" is a space in a query string
+        ("%2B5", 5000, None),
+        ("1.", 1000, None),
+        (".5", 500, None),
+        ("1_000", 1_000_000, None),
+        ("%D9%A1", 1000, None),  # ARABIC-INDIC DIGIT ONE: float() reads Unicode digits
+        ("3.1536e8", MAX_TTL_MS, None),
     ],
 )
 def test_seed_timeout_in_seconds_to_milliseconds(
@@ -353,24 +366,24 @@ def test_seed_timeout_in_seconds_to_milliseconds(
     "timeout",
     [
         "nan",
+        "NaN",
         "inf",
         "-inf",
-        "1e3",
-        "%205",  # " 5"
-        "5%20",  # "5 "
-        "+5",  # "+" is a space in a query string; %2B is a real plus
-        "%2B5",
+        "Infinity",
+        "1e400",  # beyond a float: not finite
         "-1",
+        "-1e3",
         "0",
         "0.0",
         "0.0001",
+        "1e-400",
         "",
         "abc",
-        "1.",
-        ".5",
         "1,5",
         "0x10",
-        "%D9%A1",  # ARABIC-INDIC DIGIT ONE: a Unicode digit, not an ASCII one
+        "1__0",  # Decimal would read it, float() does not
+        "1_",
+        "%005",
         str(MAX_TTL_MS // 1000 + 1),
         str(MAX_TTL_MS // 1000) + ".001",
         "9" * 400,
@@ -535,7 +548,9 @@ def test_rest_empty_value(app: Bottle) -> None:
     assert (response.status, response.body) == (200, b"")
 
 
-@pytest.mark.parametrize("ttl", ["abc", "0", "-1", "nan", "1e3", "", "0.0001", "999999999999"])
+@pytest.mark.parametrize(
+    "ttl", ["abc", "0", "-1", "nan", "inf", "1e400", "", "0.0001", "999999999999"]
+)
 def test_rest_bad_ttl_is_400_naming_it(app: Bottle, kv: FakeClient, ttl: str) -> None:
     assert "'ttl'" in error_of(call(app, "PUT", f"/v1/keys/k?ttl={ttl}", body=b"v"), 400)
     assert error_of(call(app, "PUT", "/v1/keys/k?ttl=1&ttl=2", body=b"v"), 400) == (
@@ -673,11 +688,27 @@ def test_listing_empty_store(app: Bottle) -> None:
 
 
 @pytest.mark.parametrize(
-    "limit", ["0", "-1", "abc", "", "1.5", str(defaults.LIST_LIMIT_MAX + 1), "9" * 50]
+    "limit",
+    ["0", "-1", "abc", "", "1.5", "nan", "inf", "1e400", str(defaults.LIST_LIMIT_MAX + 1), "9" * 9],
 )
 def test_listing_bad_limit_is_400_naming_it(app: Bottle, kv: FakeClient, limit: str) -> None:
     assert "'limit'" in error_of(get(app, f"/v1/keys?limit={limit}"), 400)
     assert kv.calls == []
+
+
+def test_listing_limit_in_any_form_float_reads(app: Bottle, kv: FakeClient) -> None:
+    for limit in ("1e1", "10.0", "%2010", "1_0"):
+        assert get(app, f"/v1/keys?limit={limit}").status == 200
+    assert [call[2] for call in kv.calls if call[0] == "all"] == [11] * 4  # limit + 1
+
+
+def test_nan_and_inf_are_400_naming_the_parameter(app: Bottle) -> None:
+    assert error_of(get(app, "/set?key=k&value=v&timeout=nan"), 400) == (
+        "parameter 'timeout' must be a finite number, got 'nan'"
+    )
+    assert error_of(get(app, "/v1/keys?limit=inf"), 400) == (
+        "parameter 'limit' must be a finite number, got 'inf'"
+    )
 
 
 def test_listing_limit_bounds_and_bad_cursor(app: Bottle) -> None:
@@ -1036,7 +1067,7 @@ def test_server_defaults_listen_on_loopback(monkeypatch: pytest.MonkeyPatch) -> 
 def test_server_worker_class_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZKV_HTTP_WORKER", "gthread")
     args = build_parser().parse_args([])
-    assert gunicorn_options(args)["worker_class"] == "gthread"
+    assert gunicorn_options(args)["worker_class"] == "gateway.gthread.ThreadWorker"
     (plugin,) = [p for p in app_factory(args)().plugins if isinstance(p, ClientPlugin)]
     assert plugin.client_factory.func is Client  # a blocking client per thread
     args = build_parser().parse_args(["--worker-class", "event"])

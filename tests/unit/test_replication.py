@@ -53,6 +53,7 @@ class Net:
         self.to_leader: deque[tuple[bytes, list[bytes]]] = deque()
         self.to_follower: dict[str, deque[list[bytes]]] = {}
         self.cut: set[str] = set()
+        self.full: set[str] = set()
         self.seen: list = []  # (follower, message) of everything followers sent
         self.released: list = []
         self.events: list = []
@@ -94,6 +95,8 @@ class Net:
         return send
 
     def _to_follower(self, name: str, frames: list[bytes]) -> bool:
+        if name in self.full:
+            return False  # its socket's queue is full: nothing queued
         if name not in self.cut:
             self.to_follower.setdefault(name, deque()).append(frames)
         return True
@@ -238,6 +241,38 @@ def test_a_follower_that_catches_up_is_proposed_back(tmp_path: Path) -> None:
     assert len(net.released) == 2  # waits for f2 again
 
 
+def test_a_follower_rejoins_under_a_steady_stream_of_writes(tmp_path: Path) -> None:
+    """The broker keeps a leader's pipeline full: at every timer tick the follower has acked
+    all but the newest batch. It still rejoins: first locally (replies wait for it), then in
+    etcd once it holds every batch a released reply depended on."""
+    net = Net(tmp_path, names=("f1",), isr=())
+    w = net.writer
+    net.follow_all()
+    proposals = []
+
+    def expand(members: frozenset[str]) -> bool:
+        acked = net.rep.link_state("f1")[1]
+        released = max(int(tag.split("-")[1]) for tag in net.released)
+        proposals.append((members, acked, released))
+        return True
+
+    net.rep._expand = expand
+    for i in range(10):
+        net.write(w.set(b"k", b"%d" % i))
+        for frames in net.to_follower["f1"]:
+            net.followers["f1"].on_message(frames)  # f1 applies and acks every batch so far
+        net.to_follower["f1"].clear()
+        net.write(w.set(b"j", b"%d" % i))  # the next pass goes out before the ack comes back
+        net.to_leader_only()
+        net.rep.tick()
+        assert net.rep.link_state("f1")[1] == net.rep.head - 1
+        if proposals:
+            break
+    assert net.rep.isr == {"f1"}
+    ((members, acked, released),) = proposals
+    assert members == {"f1"} and acked >= released  # it holds everything acknowledged
+
+
 def test_followers_hold_what_the_leader_holds_in_memory_and_on_disk(tmp_path: Path) -> None:
     net = Net(tmp_path)
     w = net.writer
@@ -364,7 +399,7 @@ def test_a_large_snapshot_travels_in_chunks_a_few_at_a_time(tmp_path: Path) -> N
 def test_the_in_flight_snapshot_chunks_are_bounded(tmp_path: Path) -> None:
     net = Net(tmp_path, names=("f1",))
     w = net.writer
-    for i in range(30):  # 30 MB: 30 chunks
+    for i in range(12):  # 12 MB: 12 chunks, more than the window
         net.write(w.set(b"key%d" % i, bytes(1_000_000)))
     net.followers["f1"].follow(1)
     net.to_leader_only()
@@ -460,3 +495,55 @@ def test_a_follower_one_batch_behind_under_steady_writes_rejoins_without_a_gap(
             break
     assert net.rep.isr == {"f2"}, net.events[-5:]
     assert checked and all(acked >= released for acked, released in checked), checked
+
+
+def test_an_ack_that_crosses_a_resend_is_taken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    net = Net(tmp_path, names=("f1",))
+    net.follow_all()
+    tag = net.write(net.writer.set(b"k", b"v"))
+    for frames in net.to_follower["f1"]:
+        net.followers["f1"].on_message(frames)
+    net.to_follower["f1"].clear()
+    late_ack = list(net.to_leader)  # the ack is slow to come back
+    net.to_leader.clear()
+    net.seconds.now += replication.RESEND_S
+    net.full.add("f1")
+    net.rep.tick()  # would resend batch 1, but the socket takes nothing now
+    for identity, frames in late_ack:
+        net.rep.on_message(identity, frames)
+    assert net.released == [tag]
+    assert "acked batch" not in caplog.text
+
+
+def test_following_the_same_epoch_again_changes_nothing(tmp_path: Path) -> None:
+    """The cluster worker may pass every etcd reading (5 a second): a FOLLOW each time would
+    restart the snapshot on its way each time."""
+    net = Net(tmp_path, names=("f1",))
+    follower = net.followers["f1"]
+    follower.follow(1)
+    follower.follow(1)
+    assert [m for _, m in net.seen] == [Follow(0, 1, "f1")]
+    net.pump()
+    follower.follow(1)
+    assert follower.state is FollowerState.SYNCED and len(net.seen) == 3  # FOLLOW, 2 ACKs
+
+
+def test_a_stream_with_a_gap_asks_to_resume_once(tmp_path: Path) -> None:
+    net = Net(tmp_path, names=("f1",))
+    w = net.writer
+    net.follow_all()
+    net.cut.add("f1")
+    net.write(w.set(b"lost", b"1"))
+    net.cut.discard("f1")
+    for i in range(5):
+        net.write(w.set(b"k%d" % i, b"v"))
+    follower = net.followers["f1"]
+    net.seen.clear()
+    for frames in net.to_follower["f1"]:  # five RECORDS, each after the gap
+        follower.on_message(frames)
+    net.to_follower["f1"].clear()
+    assert [m for _, m in net.seen] == [Follow(0, 1, "f1", 0)]
+    net.pump()
+    assert follower.seq == net.rep.head == 6 and len(net.released) == 6
