@@ -6,7 +6,7 @@ Hosts (tests/netns/cluster_kit.py): h1 etcd and the gateway (never harmed: etcd'
 is tests/process/test_cluster_mode.py's), h2 and h3 a broker and a worker each, h4 and h5 a
 worker each; 2 shards, ZKV_REPLICAS=1, CURVE everywhere, 1 s leases, 0.2 s heartbeats, fsync
 always. The workload is tests/chaos.py's (writers owning their keys, readers, through the
-client, the seed API and the REST API); each thread's client talks to one broker, in turn.
+client, the seed API and the REST API); every client and the gateway know both brokers.
 
 The nemesis (seeded), one fault at a time, a pause of up to ``fault_interval_s`` between:
 
@@ -257,7 +257,10 @@ class ClusterChaos:
 
     def _api(self, n: int) -> Api:
         cluster = self.cluster
-        frontend = cluster.frontends[n % len(cluster.frontends)]
+        # Every broker, each thread's list starting with another: both carry load, and a
+        # client whose broker dies moves to the other.
+        k = n % len(cluster.frontends)
+        frontend = ",".join(cluster.frontends[k:] + cluster.frontends[:k])
         api = Api(
             frontend,
             HTTP_PORT,

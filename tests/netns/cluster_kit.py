@@ -53,7 +53,7 @@ class ClusterOnHosts:
         etcd: the host of etcd (alone there unless a test wants otherwise).
         brokers: the hosts of the brokers, one each, in frontend order.
         workers: the hosts of the workers, one worker each.
-        gateway: the host of an HTTP gateway (its frontend: the first broker), or None.
+        gateway: the host of an HTTP gateway (given every broker's frontend), or None.
         shards: ZKV_SHARDS.
         replicas: ZKV_REPLICAS.
         env: more environment for every zkv process (ZKV_FSYNC, say).
@@ -198,7 +198,7 @@ class ClusterOnHosts:
             str(HTTP_PORT),
             "--processes",
             "1",
-            env={**self.env, "ZKV_FRONTEND": self.frontends[0]},
+            env={**self.env, "ZKV_FRONTEND": ",".join(self.frontends)},  # either broker
         )
         return self.gateway
 

@@ -81,11 +81,6 @@ def test_a_leader_cut_off_for_10_s_and_healed_loses_nothing_and_never_shares_an_
     assert not new[0].startswith(cut["host"] + "-"), leaders
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the multi-broker client (ZKV_FRONTEND=a,b; branch h/frontends), "
-    "not yet merged into h/cluster",
-)
 def test_a_broker_killed_under_clients_with_both_frontends_costs_latency_not_errors(
     partition: dict[str, Any],
 ) -> None:
