@@ -383,7 +383,9 @@ class Host:
         """The host dies: SIGKILL every process in it, until none is left (and, with ``wipe``,
         its disk is lost: an empty data directory in its place)."""
         deadline_s = time.monotonic() + KILL_TIMEOUT_S
-        while pids := self.pids():
+        # Our own children too: one started a moment ago may still be `ip netns exec` that has
+        # not entered the namespace yet, so `ip netns pids` misses it (and it would live on).
+        while pids := set(self.pids()) | {p.pid for p in self.processes if p.poll() is None}:
             if time.monotonic() > deadline_s:
                 raise HostsError(f"{self.name}: processes {pids} survive SIGKILL")
             for pid in pids:
