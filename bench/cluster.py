@@ -4,8 +4,9 @@ The layout of tests/netns/cluster_kit.py: five network namespaces on a bridge, e
 brokers on h2 and h3, a worker on each of h2..h5, 2 shards, CURVE on every socket, 1 s leases,
 fsync always; the load comes from the operator's address on the bridge. Measured, in one run:
 
-* ``set.pipelined``: SETs pipelined in batches of PIPELINE ops through one broker, with
-  ZKV_REPLICAS=1 (every write on two hosts before its reply) against ZKV_REPLICAS=0;
+* ``set.pipelined``: SETs pipelined in batches of PIPELINE ops from LOADERS processes through
+  one broker, with ZKV_REPLICAS=1 (every write on two hosts before its reply) against
+  ZKV_REPLICAS=0;
 * ``set.one``: one SET at a time, the same two ways (ops/s and p50/p99 latency);
 * ``get.brokers``: pipelined GETs from LOADERS processes, all through one broker, then half
   through each of the two (ZKV_REPLICAS=1);
@@ -58,15 +59,24 @@ def _pipelined(client: Any, op: str, duration_s: float, prefix: str) -> int:
     return done
 
 
-def _get_loader(args: tuple[str, str, float]) -> int:
+def _loader(args: tuple[str, str, str, float, str]) -> int:
+    """One load process: pipelined ``op`` batches for ``duration_s``; how many ops done."""
     from zkv.client import Client
 
-    frontend, keys, duration_s = args
+    op, frontend, keys, duration_s, prefix = args
     client = Client(frontend, timeout_s=10.0, keys=keys)
     try:
-        return _pipelined(client, "get", duration_s, "p")
+        return _pipelined(client, op, duration_s, prefix)
     finally:
         client.close()
+
+
+def _load(op: str, frontends: list[str], keys: str, duration_s: float) -> float:
+    """ops/s of one load process per entry of ``frontends``, all at once."""
+    context = multiprocessing.get_context("fork")
+    work = [(op, f, keys, duration_s, f"set{i}-") for i, f in enumerate(frontends)]  # GETs hit
+    with context.Pool(len(frontends)) as pool:
+        return sum(pool.map(_loader, work)) / duration_s
 
 
 def _one_at_a_time(client: Any, duration_s: float) -> dict[str, float]:
@@ -98,7 +108,8 @@ def measure_sets(hosts: Any, replicas: int) -> dict[str, Any]:
     try:
         client = cluster.client(timeout_s=10.0)
         _pipelined(client, "set", 0.5, "warm")  # connections, CURVE, first snapshots
-        piped = _pipelined(client, "set", DURATION_S, "p") / DURATION_S
+        keys = str(cluster.client_keys)
+        piped = _load("set", [cluster.frontends[0]] * LOADERS, keys, DURATION_S)
         one = _one_at_a_time(client, DURATION_S)
         found: dict[str, Any] = {"set_pipelined_ops_s": round(piped, 1), "set_one": one}
         if replicas:
@@ -111,16 +122,12 @@ def measure_sets(hosts: Any, replicas: int) -> dict[str, Any]:
 
 def measure_gets(cluster: Any) -> dict[str, Any]:
     keys = str(cluster.client_keys)
-    context = multiprocessing.get_context("fork")
-    found = {}
-    for name, frontends in (
-        ("get_one_broker_ops_s", [cluster.frontends[0]] * LOADERS),
-        ("get_two_brokers_ops_s", [cluster.frontends[i % 2] for i in range(LOADERS)]),
-    ):
-        with context.Pool(LOADERS) as pool:
-            counts = pool.map(_get_loader, [(f, keys, DURATION_S) for f in frontends])
-        found[name] = round(sum(counts) / DURATION_S, 1)
-    return found
+    one = [cluster.frontends[0]] * LOADERS
+    two = [cluster.frontends[i % 2] for i in range(LOADERS)]
+    return {
+        "get_one_broker_ops_s": round(_load("get", one, keys, DURATION_S), 1),
+        "get_two_brokers_ops_s": round(_load("get", two, keys, DURATION_S), 1),
+    }
 
 
 def measure_failover(cluster: Any) -> list[float]:
