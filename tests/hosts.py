@@ -75,6 +75,7 @@ from zkv.keys import DIR_MODE, FILE_MODE
 SUBNET = "10.77.0"  # the hosts' /24, private, existing only inside the scenario's namespace
 PREFIX_LEN = 24
 HOST_OFFSET = 10  # host i is SUBNET.(HOST_OFFSET + i): h1 is 10.77.0.11
+OPERATOR_ADDRESS = f"{SUBNET}.1"  # the scenario's own address on the bridge, if it asks for one
 MAX_HOSTS = 200
 BRIDGE = "zkvbr0"
 IP = shutil.which("ip") or "/usr/sbin/ip"
@@ -288,6 +289,8 @@ class Host:
         self.log_dir = workdir / "logs"
         self.processes: list[subprocess.Popen[bytes]] = []
         self._agents: list[Agent] = []
+        self._started = 0  # processes ever started here: names their logs (never reused)
+        self.log_paths: dict[int, Path] = {}  # each process's log, by pid
 
     def __repr__(self) -> str:
         return f"Host({self.name}, {self.address})"
@@ -313,9 +316,10 @@ class Host:
         self, argv: list[str], env: dict[str, str] | None = None, log_name: str = "process"
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` on this host, its output in ``logs/h<i>-<log_name>-<n>.log``."""
-        log = self.log_dir / f"{self.name}-{log_name}-{len(self.processes)}.log"
+        log = self.log_dir / f"{self.name}-{log_name}-{self._count()}.log"
         process = spawn_logged(self.command(argv), self.env(env), log)
         self.processes.append(process)
+        self.log_paths[process.pid] = log
         return process
 
     def python(
@@ -343,7 +347,7 @@ class Host:
 
     def agent(self, env: dict[str, str] | None = None) -> Agent:
         """A new :class:`Agent` on this host."""
-        log = self.log_dir / f"{self.name}-agent-{len(self.processes)}.log"
+        log = self.log_dir / f"{self.name}-agent-{self._count()}.log"
         with open(log, "wb") as stderr:
             process = subprocess.Popen(
                 self.command([sys.executable, "-u", "-m", "tests.netns.agent"]),
@@ -359,6 +363,12 @@ class Host:
         self._agents.append(agent)
         return agent
 
+    def _count(self) -> int:
+        """The next process's number on this host: a restarted host's processes log to new
+        files, so the logs of the ones that died (their last lines) survive for the checks."""
+        self._started += 1
+        return self._started - 1
+
     def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         """Signal one process of this host (its process group) and reap it: a broker killed,
         say, while its host lives on. A workers supervisor's children, in groups of their own,
@@ -373,7 +383,9 @@ class Host:
         """The host dies: SIGKILL every process in it, until none is left (and, with ``wipe``,
         its disk is lost: an empty data directory in its place)."""
         deadline_s = time.monotonic() + KILL_TIMEOUT_S
-        while pids := self.pids():
+        # Our own children too: one started a moment ago may still be `ip netns exec` that has
+        # not entered the namespace yet, so `ip netns pids` misses it (and it would live on).
+        while pids := set(self.pids()) | {p.pid for p in self.processes if p.poll() is None}:
             if time.monotonic() > deadline_s:
                 raise HostsError(f"{self.name}: processes {pids} survive SIGKILL")
             for pid in pids:
@@ -415,14 +427,19 @@ class Host:
 class Hosts:
     """``n`` test hosts on one bridge (see the module's docstring). A context manager: on
     exit, however it exits, every process of every host is killed, every namespace deleted.
-    Iterable, and indexable from 0 (``hosts[0]`` is ``h1``)."""
+    Iterable, and indexable from 0 (``hosts[0]`` is ``h1``).
 
-    def __init__(self, n: int, workdir: Path) -> None:
+    With ``operator``, the bridge itself gets :data:`OPERATOR_ADDRESS`: the scenario process
+    is then a machine on the hosts' switch (clients, load, etcd reads straight from it, no
+    agent); a cut host is cut off from it too. Still nothing outside the test's namespace."""
+
+    def __init__(self, n: int, workdir: Path, operator: bool = False) -> None:
         if not 1 <= n <= MAX_HOSTS:
             raise ValueError(f"1 to {MAX_HOSTS} hosts, not {n}")
         self.workdir = Path(workdir).absolute()
         self.hosts = [Host(i, self.workdir) for i in range(1, n + 1)]
         self._made: list[Host] = []
+        self.operator = operator
         self._bridge = False
         self._run_mounted = False
 
@@ -461,6 +478,8 @@ class Hosts:
         ip("link", "add", BRIDGE, "type", "bridge")
         self._bridge = True
         ip("link", "set", BRIDGE, "up")
+        if self.operator:  # the scenario reaches every host (and they it) as a client machine
+            ip("addr", "add", f"{OPERATOR_ADDRESS}/{PREFIX_LEN}", "dev", BRIDGE)
         for host in self.hosts:
             host.disk.mkdir(parents=True, exist_ok=True)
             ip("netns", "add", host.name)

@@ -189,7 +189,7 @@ class EtcdPlane:
     def read(self) -> tuple[View, dict[str, str]]:
         coordinator = self.coordinator
         workers = coordinator.workers()
-        brokers = {name: info.backend for name, info in coordinator.brokers().items()}
+        brokers = {name: info.backend for name, info in coordinator.live_brokers().items()}
         leaders, isr, followers = read_shards(coordinator)
         view = View(
             shards=self.config.shards,

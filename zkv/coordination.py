@@ -486,6 +486,28 @@ class Coordinator:
         """Every registered broker by id (malformed entries left out and logged once)."""
         return self._listing("brokers", parse_broker)
 
+    def live_brokers(self) -> dict[str, BrokerInfo]:
+        """:meth:`brokers`, but of brokers sharing one backend endpoint only the newest
+        registration (largest create revision). A broker restarted on its address registers
+        under a new id while its predecessor's key lingers until that lease runs out (up to
+        the TTL): a worker linked to both holds two sockets with one routing id to one
+        ROUTER, which refuses the second; when the first closes, the broker drops the worker
+        and the other socket never registers."""
+        prefix = self.key("brokers") + "/"
+        newest: dict[str, tuple[int, str, BrokerInfo]] = {}
+        for kv in self.etcd.range_prefix(prefix):
+            name = kv.key[len(prefix) :].decode("utf-8", "replace")
+            try:
+                info = parse_broker(kv)
+                check_id(name, "brokers id")
+            except (BadValue, ValueError) as exc:
+                self._report(kv, exc)
+                continue
+            seen = newest.get(info.backend)
+            if seen is None or kv.create_revision > seen[0]:
+                newest[info.backend] = (kv.create_revision, name, info)
+        return {name: info for _, name, info in newest.values()}
+
     def workers(self) -> dict[str, WorkerInfo]:
         """Every registered worker by id (malformed entries left out and logged once)."""
         return self._listing("workers", parse_worker)

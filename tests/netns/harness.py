@@ -14,6 +14,7 @@ from tests.hosts import Agent, Hosts, scenario
 
 PORT = 7000
 PROBE_TIMEOUT_S = 1.0
+KILL_AT_START = 5  # hosts killed right after a process is started in them
 # A process that leaves a child in a process group of its own: a group kill misses it.
 ESCAPER = (
     "import os, subprocess, sys, time\n"
@@ -60,6 +61,12 @@ def main(workdir: Path) -> dict[str, Any]:
         result["pids_after_kill"] = len(h1.pids())
         result["disk_after_wipe"] = sorted(p.name for p in h1.disk.iterdir())
         result["h2_lives"] = len(h2.pids())
+        # A host killed the instant after a start: the child may not be in the namespace yet
+        # (still `ip netns exec`), so only our own list of children finds it.
+        for _ in range(KILL_AT_START):
+            h1.spawn([sys.executable, "-c", "import time; time.sleep(300)"], log_name="young")
+            h1.kill()
+        result["pids_after_young_kills"] = len(h1.pids())
     return result
 
 

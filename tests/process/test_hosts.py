@@ -31,6 +31,7 @@ def test_the_hosts_reach_each_other_only_and_die_whole(tmp_path: Path) -> None:
     assert result["pids_after_kill"] == 0
     assert result["disk_after_wipe"] == []
     assert result["h2_lives"] == 1  # the other host's agent: a host's kill is its own
+    assert result["pids_after_young_kills"] == 0  # a kill right after a start leaves nothing
 
 
 def test_three_hosts_with_curve_survive_a_cut_of_the_workers_host(tmp_path: Path) -> None:

@@ -257,3 +257,36 @@ def test_a_campaign_recognises_its_own_win_after_a_lost_answer() -> None:
 def test_another_holder_of_the_leader_key_is_a_lost_race(lease_id: int, worker: str) -> None:
     coordinator = Coordinator(LostAnswer(lease_id, worker))  # type: ignore[arg-type]
     assert coordinator.campaign(0, "w1", "tcp://h:1", 42) is None
+
+
+class Listing:
+    """An Etcd whose range_prefix answers fixed KVs."""
+
+    def __init__(self, kvs: list[KV]) -> None:
+        self.kvs = kvs
+
+    def range_prefix(self, prefix: str | bytes) -> list[KV]:
+        return self.kvs
+
+
+def test_of_two_brokers_on_one_backend_workers_link_to_the_newest_only() -> None:
+    """A broker restarted on its address has a new id; its predecessor's key lingers until
+    its lease runs out. Workers must link to the new one only (one routing id, one ROUTER)."""
+
+    def broker(name: str, backend: str, create: int) -> KV:
+        value = {"backend": backend, "frontend": "tcp://10.0.0.1:5555", "public_key": None}
+        return kv(value, key=b"/zkv/zkv/brokers/" + name.encode(), create=create)
+
+    listing = Listing(
+        [
+            broker("h2-new", "tcp://10.0.0.2:5556", 40),  # keys sort by name, not by age
+            broker("h2-old", "tcp://10.0.0.2:5556", 12),
+            broker("h3-one", "tcp://10.0.0.3:5556", 20),
+        ]
+    )
+    coordinator = Coordinator(listing, "zkv")  # type: ignore[arg-type]
+    assert sorted(coordinator.brokers()) == ["h2-new", "h2-old", "h3-one"]
+    assert {n: i.backend for n, i in coordinator.live_brokers().items()} == {
+        "h2-new": "tcp://10.0.0.2:5556",
+        "h3-one": "tcp://10.0.0.3:5556",
+    }

@@ -463,6 +463,40 @@ def test_passes_over_16_mib_are_cut_at_record_boundaries(tmp_path: Path) -> None
     ]
 
 
+def test_a_follower_one_batch_behind_under_steady_writes_rejoins_without_a_gap(
+    tmp_path: Path,
+) -> None:
+    """One-at-a-time writes: each reply goes out before the follower's ack of its batch
+    arrives, so the ack always trails the newest batch by one. The follower still rejoins,
+    and only once it holds every batch whose replies were released."""
+    net = Net(tmp_path, names=("f2",), isr=())
+    w = net.writer
+    checked: list[tuple[int, int]] = []  # (f2's ack, newest batch released) at each proposal
+
+    def expand(members: frozenset[str]) -> bool:
+        released = [int(tag.split("-")[1]) for tag in net.released]
+        checked.append((net.rep.link_state("f2")[1], max(released, default=-1)))
+        return Net._expand(net, members)
+
+    net._expand = expand  # type: ignore[method-assign]
+    net.rep._expand = expand
+    net.write(w.set(b"k0", b"v"))
+    net.follow_all()  # the snapshot of batch 1 installed
+    net.write(w.set(b"k1", b"v"))
+    for i in range(2, 40):
+        for name, queue in net.to_follower.items():  # f2 gets the newest batch, acks it...
+            while queue:
+                net.followers[name].on_message(queue.popleft())
+        net.write(w.set(b"k%d" % i, b"v"))  # ...but the next one ships before the ack lands
+        net.to_leader_only()
+        net.seconds.now += 0.01
+        net.rep.tick()
+        if net.rep.isr:
+            break
+    assert net.rep.isr == {"f2"}, net.events[-5:]
+    assert checked and all(acked >= released for acked, released in checked), checked
+
+
 def test_an_ack_that_crosses_a_resend_is_taken(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
