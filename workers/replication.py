@@ -373,7 +373,7 @@ class Replicator:
         for name in [
             name
             for name, link in self._links.items()
-            if name not in self.isr and now - link.heard_s >= IDLE_FOLLOWER_S
+            if name not in self.isr and now - link.heard_s >= _idle_limit_s(link)
         ]:
             log.info("shard %d: %s silent for %.0f s: forgotten", self.shard, name, IDLE_FOLLOWER_S)
             del self._links[name]
@@ -386,8 +386,7 @@ class Replicator:
                     link.progress_s = now
                 self._pump(link)
             elif link.state is LinkState.SNAPSHOT:
-                installing = link.snapshot_done and link.chunk_acked >= link.chunk_next - 1
-                stall_s = SNAPSHOT_INSTALL_S if installing else SNAPSHOT_STALL_S
+                stall_s = SNAPSHOT_INSTALL_S if _installing(link) else SNAPSHOT_STALL_S
                 if now - link.progress_s >= stall_s:
                     log.warning(
                         "shard %d: snapshot to %s stalled: starting over",
@@ -765,6 +764,21 @@ class Replicator:
             release(item)
 
 
+def _installing(link: _Link) -> bool:
+    """Whether the follower holds every chunk of its snapshot and is installing it (a replay
+    of the whole shard) before it acks."""
+    return (
+        link.state is LinkState.SNAPSHOT
+        and link.snapshot_done
+        and link.chunk_acked >= link.chunk_next - 1
+    )
+
+
+def _idle_limit_s(link: _Link) -> float:
+    """How long a follower outside the ISR may be silent before it is forgotten."""
+    return SNAPSHOT_INSTALL_S if _installing(link) else IDLE_FOLLOWER_S
+
+
 def _cut(data: bytes) -> list[bytes]:
     """Cut a pass's records into pieces of at most MAX_RECORDS_BYTES at record boundaries (a
     record larger than that is a piece alone). Only passes over 16 MiB come here."""
@@ -833,6 +847,7 @@ class Follower:
         self._progress = progress  # called now and then while a snapshot is installed
         self._heard_s = monotonic()  # when the leader's last message came
         self._silence_logged = False
+        self.failures = 0  # writes of the copy that failed in a row (a full disk)
         self.files = files
         self.store = store
         self.memory = memory
@@ -965,6 +980,7 @@ class Follower:
                 self.files.durability.fsync(fd)
         except (DurabilityError, OSError) as exc:
             log.error("shard %d: writing the snapshot failed: %s", self.shard, exc)
+            self.failures += 1
             self._drop_snapshot()
             self._wait_for_snapshot()
             return
@@ -991,6 +1007,7 @@ class Follower:
         self.memory = memory
         self.seq = seq
         self.state = FollowerState.SYNCED
+        self.failures = 0
         log.info(
             "shard %d: installed the snapshot of epoch %d at batch %d: %d keys, %d records",
             self.shard,
@@ -1043,6 +1060,7 @@ class Follower:
             files.append(records.body)
         except NoSpace as exc:
             files.unfence()
+            self.failures += 1
             log.error("shard %d: %s: not following until there is room", self.shard, exc)
             self._wait_for_snapshot()
             return

@@ -254,4 +254,3 @@ def test_a_broker_killed_costs_clients_latency_not_errors(hosts: Hosts) -> None:
         assert kv.get(key).value == value
     assert kv.brokers.endpoint == hosts.frontends[1]  # it moved to the live broker
     assert slowest < 10.0
-

@@ -547,3 +547,42 @@ def test_a_stream_with_a_gap_asks_to_resume_once(tmp_path: Path) -> None:
     assert [m for _, m in net.seen] == [Follow(0, 1, "f1", 0)]
     net.pump()
     assert follower.seq == net.rep.head == 6 and len(net.released) == 6
+
+
+def test_silent_followers_outside_the_isr_are_forgotten_so_new_ones_fit(tmp_path: Path) -> None:
+    # Followers that died (a new id each, on a new disk) filled the table for good, and every
+    # later FOLLOW was dropped: the shard kept one copy (a hostile test, 2026-12-07).
+    net = Net(tmp_path, names=())
+    for i in range(replication.MAX_FOLLOWERS):
+        net.rep.on_message(b"dead%d" % i, encode_replication(Follow(0, 1, f"dead{i}")))
+    net.rep.on_message(b"live", encode_replication(Follow(0, 1, "live")))
+    assert net.rep.link_state("live") is None  # full
+    net.seconds.now += replication.IDLE_FOLLOWER_S
+    net.rep.tick()
+    net.rep.on_message(b"live", encode_replication(Follow(0, 1, "live")))
+    assert net.rep.link_state("live") is not None
+    assert all(net.rep.link_state(f"dead{i}") is None for i in range(replication.MAX_FOLLOWERS))
+
+
+def test_a_snapshot_being_installed_is_not_taken_for_a_stalled_one(tmp_path: Path) -> None:
+    # A follower acks a snapshot only once installed: a replay of a big shard took 2 to 3 s,
+    # past SNAPSHOT_STALL_S, and the leader started over, for ever (a hostile test).
+    net = Net(tmp_path, names=("f1",))
+    net.writer.apply([net.writer.set(b"k%d" % i, b"v") for i in range(10)])
+    net.rep.on_message(b"f1", encode_replication(Follow(0, 1, "f1")))
+    chunks = [m for m in net.to_follower["f1"]]
+    net.to_follower["f1"].clear()
+    assert chunks  # the snapshot went out whole (one chunk)
+    from zkv.protocol import Ack
+
+    net.rep.on_message(b"f1", encode_replication(Ack(0, 1, 0, 0)))  # every chunk acked
+    net.seconds.now += replication.SNAPSHOT_STALL_S * 2  # installing: a long replay
+    net.rep.tick()
+    assert net.to_follower["f1"] == deque()  # not sent again
+    net.seconds.now += replication.IDLE_FOLLOWER_S  # nor forgotten while it installs
+    net.rep.tick()
+    assert net.to_follower["f1"] == deque() and net.rep.link_state("f1") is not None
+    net.seconds.now += replication.SNAPSHOT_INSTALL_S
+    net.rep.tick()
+    # Past the install bound, silent: given up (forgotten; its next FOLLOW starts over).
+    assert net.rep.link_state("f1") is None
