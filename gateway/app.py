@@ -44,6 +44,7 @@ from bottle import (
     request,
     response,
 )
+from gunicorn.http import errors as gunicorn_errors
 
 from gateway import metrics, page
 from gateway.auth import AUTH_KEY, KEY_RULE, AuthPlugin, Tokens, is_admin
@@ -156,6 +157,10 @@ _STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (LengthRequired, 411),
     (BadRequest, 400),
     (RequestError, 400),
+    # A body gunicorn's parser could not read (the gthread worker class: a malformed chunk
+    # size or terminator, a client gone mid-body): the client's fault, never a 500.
+    (gunicorn_errors.ParseException, 400),
+    (gunicorn_errors.NoMoreData, 400),
     (Busy, 503),  # before Unavailable, its base: its own message
     (Unavailable, 503),
     (StorageFull, 507),

@@ -52,6 +52,7 @@ ROLE_ENVIRON = "zkv.role"
 class Role(enum.IntEnum):
     """What a token may do; each role may do all that the roles below it may."""
 
+    PUBLIC = 0  # no token needed: the status page's HTML shell, which holds no data
     READ = 1  # the GET routes
     WRITE = 2  # reads, and everything that changes data
     ADMIN = 3  # everything: metrics, the status API, the detail of the health check
@@ -67,7 +68,10 @@ KEY_RULE = "/v1/keys/<key:re:(?s:.+)>"
 # the app that is not listed here needs ADMIN (tests/unit/test_auth.py checks that every route
 # of make_app is listed, so a new route is a decision, not an accident). HEAD is GET's.
 ROUTE_ROLES: dict[tuple[str, str], Role] = {
-    ("GET", "/"): Role.READ,  # the status page's HTML shell (its figures come from /v1/status)
+    # The status page's shell: a browser cannot send a bearer token from its address bar, and
+    # the shell holds no data (its figures come from /v1/status, with the token the page is
+    # given in its URL's fragment: docs/operations.md).
+    ("GET", "/"): Role.PUBLIC,
     ("GET", "/get"): Role.READ,
     ("GET", "/all"): Role.READ,
     ("GET", "/set"): Role.WRITE,  # a GET that changes data, as the seed's API was
@@ -255,6 +259,8 @@ class AuthPlugin:
         """Wrap the route's callback in the check of the role its rule and method need."""
         needed = role_of_route(route.method, route.rule)
         tokens = self.tokens
+        if needed is Role.PUBLIC:
+            return callback
 
         @functools.wraps(callback)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

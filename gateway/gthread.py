@@ -22,7 +22,9 @@ import functools
 import json
 import logging
 import re
+import socket
 import ssl
+import struct
 from typing import Any
 
 from gunicorn import util
@@ -99,11 +101,46 @@ class ZkvRequest(Request):
         return line, buf[end + 2 :]
 
 
+# A request begun must arrive whole within this long between two reads (the event worker's
+# read_timeout_s bounds the whole request): without it a client that stopped half-way held one
+# of the worker's threads for ever, and as many such clients as threads locked everyone out (a
+# hostile test: 8 connections froze a gateway of 8 threads). Past it the connection closes.
+READ_TIMEOUT_S = 10.0
+
+
+class _TimedSource:
+    """The connection's socket as gunicorn's parser reads it: each recv waits at most
+    READ_TIMEOUT_S (SO_RCVTIMEO, set on the connection), and a wait that ran out ends the
+    request as a client gone away (gunicorn's NoMoreData: the connection closes quietly)."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def recv(self, size: int) -> bytes:
+        try:
+            return self._sock.recv(size)
+        except (BlockingIOError, TimeoutError) as exc:  # SO_RCVTIMEO ran out (EAGAIN)
+            limited.info("read timeout", "a request did not arrive whole within %.0f s: %s",
+                         READ_TIMEOUT_S, exc)  # fmt: skip
+            raise errors.NoMoreData(b"") from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _bound_reads(sock: Any) -> None:
+    """Make a blocking recv on ``sock`` give up after READ_TIMEOUT_S (the kernel's
+    SO_RCVTIMEO: it holds whatever Python's setblocking() says later)."""
+    seconds = int(READ_TIMEOUT_S)
+    micros = int((READ_TIMEOUT_S - seconds) * 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
+
+
 class ZkvRequestParser(RequestParser):
     """gunicorn's HTTP/1.x parser making :class:`ZkvRequest` objects."""
 
     def __init__(self, cfg: Any, source: Any, source_addr: Any, max_set_target_bytes: int):
-        super().__init__(cfg, source, source_addr)
+        super().__init__(cfg, _TimedSource(source), source_addr)
         self.mesg_class = functools.partial(ZkvRequest, max_set_target_bytes=max_set_target_bytes)
 
 
@@ -117,6 +154,8 @@ class ZkvConn(gthread.TConn):
     def init(self) -> None:
         fresh = not self.initialized
         super().init()  # wraps TLS, makes gunicorn's parser
+        if fresh:
+            _bound_reads(self.sock)
         if fresh and type(self.parser) is RequestParser:  # not HTTP/2, nothing read yet
             self.parser = ZkvRequestParser(
                 self.cfg, self.sock, self.client, self.max_set_target_bytes

@@ -92,6 +92,12 @@ MAX_CAREFUL_PIECES = 256
 CAREFUL_BYTES_PER_PIECE = 8
 SHOWN_TARGET_BYTES = 2048  # at most this much of a target in a log line
 SWEEP_S = 0.5  # how often timeouts are checked
+# TLS handshakes under way in one process, and from one client address: new connections past
+# either are closed at once (each costs about 300 KB until its handshake ends), and a
+# handshake ends within HANDSHAKE_TIMEOUT_S (or the read timeout, if shorter).
+MAX_PENDING_HANDSHAKES = 256
+MAX_CLIENT_HANDSHAKES = 32
+HANDSHAKE_TIMEOUT_S = 5.0
 ACCEPT_PAUSE_S = 0.5  # after an accept failed for want of resources (file descriptors)
 LINGER_S = 2.0  # after a refusal with input maybe unread: how long to discard what still comes
 
@@ -983,6 +989,8 @@ class HttpServer:
         self.dates = _DateCache()
         self.stopping = False
         self.connections: set[HttpConnection] = set()
+        self.handshakes = 0  # TLS handshakes under way, and by client address (see _accept)
+        self.handshaking: dict[str, int] = {}
         self.per_client: dict[str, set[HttpConnection]] = {}  # adopted connections by address
         self.runners: list[greenlet.greenlet] = []  # idle request greenlets (see _runner)
         self.limited_log = LogLimiter(log)  # evictions: one line each, rate-limited
@@ -1023,7 +1031,7 @@ class HttpServer:
         if self.loop.time() < self._accept_paused_until:
             return
         try:
-            sock, _ = listener.accept()
+            sock, address = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return  # another process took it
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: out of resources; try again soon
@@ -1039,23 +1047,52 @@ class HttpServer:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is None:
             made = self.loop.connect_accepted_socket(lambda: HttpConnection(self), sock)
-        else:
-            made = self.loop.connect_accepted_socket(
-                lambda: HttpConnection(self),
-                sock,
-                ssl=self.tls,
-                ssl_handshake_timeout=self.config.read_timeout_s,
+            self.loop.create_task(self._connected(made, sock, None))
+            return
+        # A TLS connection costs its buffers (about 300 KB in asyncio) from the accept on, but
+        # counts against the connection limits only once its handshake is done: connections
+        # that never finished one took 1.6 GB (a hostile test). So pending handshakes have
+        # limits of their own; past them the connection is closed at once, before any TLS.
+        client = str(address[0]) if isinstance(address, tuple) and address else "-"
+        pending = self.handshaking.get(client, 0)
+        if self.handshakes >= MAX_PENDING_HANDSHAKES or pending >= MAX_CLIENT_HANDSHAKES:
+            self.logs.warning(
+                "handshakes",
+                "closed a new TLS connection from %s: %d handshakes pending (%d from it; "
+                "at most %d, %d from one address)",
+                client,
+                self.handshakes,
+                pending,
+                MAX_PENDING_HANDSHAKES,
+                MAX_CLIENT_HANDSHAKES,
             )
-        self.loop.create_task(self._connected(made, sock))
+            sock.close()
+            return
+        self.handshakes += 1
+        self.handshaking[client] = pending + 1
+        made = self.loop.connect_accepted_socket(
+            lambda: HttpConnection(self),
+            sock,
+            ssl=self.tls,
+            ssl_handshake_timeout=min(self.config.read_timeout_s, HANDSHAKE_TIMEOUT_S),
+        )
+        self.loop.create_task(self._connected(made, sock, client))
 
-    async def _connected(self, made: Any, sock: socket.socket) -> None:
+    async def _connected(self, made: Any, sock: socket.socket, client: str | None) -> None:
         """Await a new connection's setup; a failed TLS handshake (a plain HTTP client on the
-        HTTPS port, a scanner) closes it with one rate-limited line, not a task error."""
+        HTTPS port, a scanner) closes it with one rate-limited line, not a task error.
+        ``client``: a TLS connection's address, whose pending handshake ends here."""
         try:
             await made
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             self.logs.info("setup failed", "a new connection failed to set up: %s", exc)
             sock.close()
+        finally:
+            if client is not None:
+                self.handshakes -= 1
+                left = self.handshaking.pop(client, 1) - 1
+                if left > 0:
+                    self.handshaking[client] = left
 
     def adopt(self, connection: HttpConnection) -> str | None:
         """Take a new connection; else why not (stopping, or over a limit with no connection

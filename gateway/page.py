@@ -158,9 +158,21 @@ function draw(now) {
   }
 }
 
+// With bearer tokens (--tokens), open the page as /#token=<an admin token>: the fragment never
+// leaves the browser; it is kept for this tab only and taken out of the address bar.
+const TOKEN = (() => {
+  const found = /(?:^#|&)token=([^&]+)/.exec(location.hash);
+  if (found) {
+    sessionStorage.setItem("zkv-token", decodeURIComponent(found[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("zkv-token");
+})();
+
 async function poll() {
   try {
-    const answer = await fetch("/v1/status", {cache: "no-store"});
+    const headers = TOKEN ? {"Authorization": "Bearer " + TOKEN} : {};
+    const answer = await fetch("/v1/status", {cache: "no-store", headers});
     const status = await answer.json();
     show(status);
   } catch (error) {

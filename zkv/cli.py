@@ -90,6 +90,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "keys": None,
     }
     _add_connection_options(parser, values)
+    ttl_help = "seconds until the key expires, e.g. 10 or 0.25 (default: never); set only"
+    parser.add_argument("--ttl", type=positive_float, metavar="SECONDS", help=ttl_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
@@ -97,14 +99,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         _add_connection_options(sub, None)
         return sub
 
-    set_ = command("set", "store a value under a key, replacing any")
+    set_ = command("set", "store a value under a key, replacing the one it had")
     set_.add_argument("key", help="the key (text, stored as UTF-8)")
     set_.add_argument("value", help="the value (text, stored as UTF-8)")
+    # As the connection options, --ttl may come before the command too (the main parser's
+    # value stands unless it is given again after the command).
     set_.add_argument(
-        "--ttl",
-        type=positive_float,
-        metavar="SECONDS",
-        help="seconds until the key expires, e.g. 10 or 0.25 (default: never)",
+        "--ttl", type=positive_float, metavar="SECONDS", default=argparse.SUPPRESS, help=ttl_help
     )
     command("get", "print a key's value").add_argument("key", help="the key to read")
     command("delete", "delete a key", aliases=("del",)).add_argument(
@@ -119,7 +120,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``zkv`` and ``python -m zkv``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ttl is not None and args.command != "set":
+        parser.error(f"argument --ttl: only set takes a time to live, not {args.command}")
     if args.command == "keygen":
         try:
             create_keys(args.dir)

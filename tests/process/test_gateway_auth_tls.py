@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from gateway import http11
 from tests.cluster import READY_TIMEOUT_S, Cluster, wait_for
 
 pytestmark = pytest.mark.process
@@ -165,3 +166,29 @@ def test_a_bad_tokens_file_stops_the_gateway_naming_the_line(tmp_path: Path) -> 
         gateway = cluster.start_gateway()
         assert gateway.wait(timeout=30) == 2
         assert f"tokens file {tokens}, line 3: expected 'ROLE TOKEN'" in cluster.logs()
+
+
+@pytest.mark.parametrize("gateway", ["event"], indirect=True)  # the event worker's bound
+def test_handshakes_never_finished_are_bounded_and_the_gateway_serves_on(
+    gateway: Gateway,
+) -> None:
+    # Connections that never finish a TLS handshake cost memory and were not counted by any
+    # limit: thousands took 1.6 GB (a hostile test). Past MAX_CLIENT_HANDSHAKES from one
+    # address, new ones are closed at once.
+    idle = []
+    try:
+        for _ in range(http11.MAX_CLIENT_HANDSHAKES + 8):
+            idle.append(socket.create_connection(("127.0.0.1", gateway.cluster.http_port)))
+        closed = 0
+        for sock in idle[-8:]:  # the ones past the bound: closed by the gateway, unanswered
+            sock.settimeout(5)
+            try:
+                closed += sock.recv(1) == b""
+            except (ConnectionResetError, TimeoutError):
+                closed += 0
+        assert closed == 8, gateway.cluster.logs()
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_for(lambda: gateway.request("GET", "/v1/health", READER)[0] == 200, "serving again", 10)
+    assert "handshakes pending" in gateway.cluster.logs()

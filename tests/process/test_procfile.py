@@ -40,14 +40,18 @@ def ready(honcho: subprocess.Popen[bytes], port: int) -> bool:
     return health(port) == 200
 
 
-def honcho_env(tmp_path: Path, activated: bool) -> dict[str, str]:
-    """The environment of a shell: PATH without the venv unless it is activated."""
+def honcho_env(tmp_path: Path, activated: bool, other: Path | None = None) -> dict[str, str]:
+    """The environment of a shell: PATH without the venv unless it is activated; ``other``:
+    another (empty) virtual environment is activated instead."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     path = [p for p in env.get("PATH", "").split(os.pathsep) if p and not p.startswith(str(VENV))]
     path = [p for p in path if not p.startswith(sys.prefix)]
     if activated:  # what bin/activate does
         env["VIRTUAL_ENV"] = str(VENV)
         path.insert(0, str(VENV / "bin"))
+    elif other is not None:
+        env["VIRTUAL_ENV"] = str(other)
+        path.insert(0, str(other / "bin"))
     env.update(
         PATH=os.pathsep.join(path),
         PORT=str(free_port()),
@@ -62,9 +66,17 @@ def honcho_env(tmp_path: Path, activated: bool) -> dict[str, str]:
 
 
 @pytest.mark.skipif(not (VENV / "bin" / "honcho").exists(), reason="no .venv: run `make test`")
-@pytest.mark.parametrize("activated", [False, True], ids=["venv-honcho", "activated-venv"])
-def test_honcho_starts_the_cluster(tmp_path: Path, activated: bool) -> None:
-    env = honcho_env(tmp_path, activated)
+@pytest.mark.parametrize(
+    ("activated", "another"),
+    [(False, False), (True, False), (False, True)],
+    ids=["venv-honcho", "activated-venv", "venv-honcho-another-venv-active"],
+)
+def test_honcho_starts_the_cluster(tmp_path: Path, activated: bool, another: bool) -> None:
+    other = None
+    if another:  # a newcomer's unrelated venv, active: its python has no zmq
+        other = tmp_path / "other-venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(other)], check=True)
+    env = honcho_env(tmp_path, activated, other)
     command = ["honcho", "start"] if activated else [str(VENV / "bin" / "honcho"), "start"]
     log_path = tmp_path / "honcho.log"
     with open(log_path, "wb") as log:

@@ -113,8 +113,14 @@ def test_a_target_over_its_bound_is_a_json_414(cluster: Cluster, target: bytes) 
         (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-Big: " + b"v" * 70000 + b"\r\n\r\n", 431),
         (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(150)) + b"\r\n", 431),
         (b"PUT /v1/keys/k HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        # A malformed chunk size (gthread: gunicorn's parser raised it in the app: a 500).
+        (
+            b"PUT /v1/keys/k HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\nabc\r\n",
+            400,
+        ),
     ],
-    ids=["garbage", "space-in-target", "long-header", "many-headers", "gzip"],
+    ids=["garbage", "space-in-target", "long-header", "many-headers", "gzip", "bad-chunk"],
 )
 def test_malformed_requests_get_json_never_html(cluster: Cluster, data: bytes, status: int) -> None:
     assert json_error(raw(cluster, data), status)

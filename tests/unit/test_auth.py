@@ -320,3 +320,14 @@ def test_the_fast_lane_serves_a_role_that_may(
 def test_without_tokens_the_fast_lane_reads_no_header(loop: asyncio.AbstractEventLoop) -> None:
     lane = lane_of(None, Store({}, None), loop)
     assert lane(b"GET", b"/get?key=k") is not None
+
+
+def test_the_status_pages_shell_needs_no_token_and_its_figures_need_admin(app: Bottle) -> None:
+    # A browser cannot send a bearer token from its address bar: with tokens, the page was a
+    # 401 (a newcomer's test). Its shell holds no data; the page sends the token it is given
+    # in its URL's fragment (/#token=...) with each /v1/status request.
+    page = call(app, "GET", "/")
+    assert page.status == 200 and b"zkv-token" in page.body
+    assert call(app, "GET", "/v1/status").status == 401
+    assert call(app, "GET", "/v1/status", extra=bearer(READER)).status == 403
+    assert call(app, "GET", "/v1/status", extra=bearer(ADMIN)).status not in (401, 403)

@@ -252,3 +252,15 @@ def test_a_host_port_endpoint_is_told_to_add_tcp() -> None:
     assert endpoint("tcp://*:5555", bind=True) == "tcp://*:5555"
     with pytest.raises(argparse.ArgumentTypeError, match="needs a port"):
         endpoint("tcp://127.0.0.1:*")
+
+
+def test_the_ttl_may_come_before_the_command_too(capsys: pytest.CaptureFixture[str]) -> None:
+    from zkv.cli import build_parser, main
+
+    assert build_parser().parse_args(["--ttl", "10", "set", "k", "v"]).ttl == 10.0
+    assert build_parser().parse_args(["--ttl", "10", "set", "k", "v", "--ttl", "2"]).ttl == 2.0
+    assert build_parser().parse_args(["set", "k", "v"]).ttl is None
+    with pytest.raises(SystemExit) as exited:
+        main(["--ttl", "10", "get", "k"])
+    assert exited.value.code == 2
+    assert "only set takes a time to live" in capsys.readouterr().err

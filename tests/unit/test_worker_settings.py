@@ -59,11 +59,16 @@ def test_the_settings_reach_every_shards_memory(tmp_path) -> None:
     assert default.window_ms == DEFAULT_WINDOW_S * 1000 and default.max_bytes == DEFAULT_MAX_BYTES
 
 
-def test_a_window_shorter_than_a_retry_can_take_is_warned_about(monkeypatch, caplog) -> None:
+def test_a_window_shorter_than_a_retry_can_take_is_warned_about(
+    monkeypatch, caplog, tmp_path
+) -> None:
     started: list[WorkerConfig] = []
     monkeypatch.setattr(worker_main, "run", lambda config: started.append(config) or 0)
     monkeypatch.setattr(logging, "basicConfig", lambda **_: None)
+    # A data directory of its own: the checkout's ./data (the default) may hold a durable
+    # cluster after `make run`, which a worker --in-memory refuses (a newcomer's make test).
     argv = ["--in-memory", "--insecure", "--idempotency-max-bytes", "3000000"]
+    argv += ["--data-dir", str(tmp_path)]
     with caplog.at_level(logging.WARNING, logger="workers.supervisor"):
         assert worker_main.main([*argv, "--idempotency-window", "8"]) == 0
     assert "shorter than a retry can take" in caplog.text
