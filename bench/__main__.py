@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"keys written by the memory and expiry-wave scenarios (default {FULL_KEYS:,})",
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead: cluster mode on test hosts (python -m bench.cluster; needs root)",
+    )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return parser
 
@@ -144,6 +149,10 @@ def list_scenarios(scenarios: Sequence[Scenario]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cluster:  # its own hosts, clusters and table (docs/benchmarks.md)
+        from bench import cluster
+
+        return cluster.main([])
     if args.keys is None:
         args.keys = QUICK_KEYS if args.quick else DEFAULT_KEYS
     if not 1 <= args.keys <= 1_000_000:

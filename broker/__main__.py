@@ -5,24 +5,34 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 
 import zmq
 
+from broker.cluster import join_cluster
 from broker.core import BrokerConfig
 from broker.server import ServerConfig, Stopper, serve
 from zkv import defaults
 from zkv.config import (
+    add_advertise_flag,
+    add_cluster_flags,
     add_flag,
     add_heartbeat_flags,
     add_security_flags,
+    advertised,
     bind_endpoint,
+    bind_refusal,
     boolean,
     env_default,
+    is_loopback,
     positive_float,
     positive_int,
     program_name,
+    tcp_endpoint,
 )
+from zkv.coordination import BrokerInfo, ConfigMismatch
+from zkv.etcd import EtcdError
 from zkv.keys import KeysError, ensure_client_keys, ensure_keys
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
@@ -33,6 +43,9 @@ LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 # (about 1 us of 6 per SET). Above one batch's churn, collections are rare; reference counting
 # frees the broker's garbage anyway (it makes almost no cycles).
 GC_THRESHOLD = 10_000
+# Cluster mode: by default a request waits for a shard without a leader this long past the
+# lease's TTL (the next leader is found by an etcd poll of 0.2 s and takes the shard over).
+FAILOVER_MARGIN_S = 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,22 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog=program_name("broker"),
         description="zkv broker: routes client requests to the worker owning each key's shard.",
     )
-    add_flag(
-        parser,
-        "--frontend",
-        "ZKV_FRONTEND",
-        defaults.FRONTEND,
-        bind_endpoint,
-        "endpoint to bind for clients, tcp://HOST:PORT",
-    )
-    add_flag(
-        parser,
-        "--backend",
-        "ZKV_BACKEND",
-        defaults.BACKEND,
-        bind_endpoint,
-        "endpoint to bind for workers, tcp://HOST:PORT",
-    )
+    # No fixed default: without the flag or its variable, tcp://<advertise>:<port> (see below).
+    for flag, env, port, whom in (
+        ("--frontend", "ZKV_FRONTEND", defaults.FRONTEND_PORT, "clients"),
+        ("--backend", "ZKV_BACKEND", defaults.BACKEND_PORT, "workers"),
+    ):
+        parser.add_argument(
+            flag,
+            default=env_default(env, None),
+            help=f"endpoint to bind for {whom} (env {env}, default tcp://<advertise>:{port})",
+        )
+    add_advertise_flag(parser)
     add_flag(parser, "--shards", "ZKV_SHARDS", defaults.SHARDS, positive_int, "number of shards")
     add_flag(
         parser,
@@ -94,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     add_heartbeat_flags(parser)
     add_security_flags(parser)
+    add_cluster_flags(parser)
     parser.add_argument(
         "--frontend-curve",
         action=argparse.BooleanOptionalAction,
@@ -106,7 +115,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit_wait = "ZKV_SHARD_WAIT" in os.environ or any(
+        arg == "--shard-wait" or arg.startswith("--shard-wait=") for arg in (argv or sys.argv[1:])
+    )
+    if args.coordinator and args.shard_wait < args.lease_ttl + FAILOVER_MARGIN_S:
+        # A request for a shard whose leader died waits for the next one: that takes the
+        # lease's TTL plus an etcd poll and a takeover (docs/cluster.md).
+        if explicit_wait:
+            logging.getLogger("broker").warning(
+                "--shard-wait %.1f s is shorter than a failover (--lease-ttl %d s + %.0f s): "
+                "requests for a shard whose leader died will fail before the next one leads",
+                args.shard_wait,
+                args.lease_ttl,
+                FAILOVER_MARGIN_S,
+            )
+        else:
+            args.shard_wait = args.lease_ttl + FAILOVER_MARGIN_S
+    if args.frontend and "," in args.frontend:
+        args.frontend = own_frontend(parser, args.frontend, args.advertise)
+    # Where each endpoint came from, for the refusal's message: a flag, or --advertise.
+    advertised = f"from --advertise/ZKV_ADVERTISE {args.advertise}"
+    args.frontend_source = "--frontend/ZKV_FRONTEND" if args.frontend else advertised
+    args.backend_source = "--backend/ZKV_BACKEND" if args.backend else advertised
+    args.frontend = args.frontend or tcp_endpoint(args.advertise, defaults.FRONTEND_PORT)
+    args.backend = args.backend or tcp_endpoint(args.advertise, defaults.BACKEND_PORT)
+    for flag, value in (("--frontend", args.frontend), ("--backend", args.backend)):
+        try:
+            bind_endpoint(value)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument {flag}: {exc}")
+    return args
+
+
+def own_frontend(parser: argparse.ArgumentParser, listed: str, advertise: str) -> str:
+    """The broker's own endpoint out of a list of frontends (clients read ``ZKV_FRONTEND`` as
+    every broker's, so one environment may serve a whole cluster): the one entry on this
+    broker's --advertise address. None or several: refused, saying what to set."""
+    entries = [part.strip() for part in listed.split(",") if part.strip()]
+    mine = [e for e in entries if e.partition("://")[2].rpartition(":")[0].strip("[]") == advertise]
+    if len(mine) != 1:
+        parser.error(
+            f"--frontend/ZKV_FRONTEND lists {len(entries)} endpoints ({listed}), for clients; "
+            f"a broker binds one, the one on its --advertise address ({advertise}), and "
+            f"{len(mine)} are: give this broker --frontend with its own endpoint"
+        )
+    return mine[0]
+
+
+def bind_refusal_of(args: argparse.Namespace) -> str | None:
+    """Why the broker must not bind its endpoints (zkv.config.bind_refusal), or None. Only the
+    frontend can be refused: the backend is CURVE unless --insecure, which allows it."""
+    return bind_refusal(
+        "frontend",
+        args.frontend,
+        args.frontend_source,
+        args.frontend_curve,
+        args.insecure,
+        "--frontend-curve (ZKV_FRONTEND_CURVE=1; clients then need broker.key, client.key and "
+        "client.key_secret, see the README's Keys)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     keys = None
+    refusal = bind_refusal_of(args)
+    if refusal is not None:
+        logging.getLogger("broker").error("cannot start: %s", refusal)
+        return 2
+    if args.insecure and not is_loopback(args.frontend):  # the backend's line: broker.server
+        logging.getLogger("broker").warning(
+            "the frontend binds %s without CURVE (--insecure): any host that reaches it can "
+            "use it, and its traffic is in clear",
+            args.frontend,
+        )
     if args.insecure and args.frontend_curve:
         logging.getLogger("broker").error("cannot start: --frontend-curve needs keys")
         return 2
@@ -142,17 +221,43 @@ def main(argv: list[str] | None = None) -> int:
             max_client_ops=args.max_client_ops,
             max_pending_alls=args.max_pending_alls,
             max_client_alls=args.max_client_alls,
+            cluster_mode=bool(args.coordinator),
         ),
     )
+    membership = view = None
+    if args.coordinator:
+        try:
+            public = None if keys is None else keys.broker().public.decode()
+            membership, view = join_cluster(
+                args.coordinator,
+                args.cluster_name,
+                args.shards,
+                args.replicas,
+                args.host_id,
+                args.lease_ttl,
+                BrokerInfo(
+                    advertised(args.backend, args.advertise),
+                    advertised(args.frontend, args.advertise),
+                    public,
+                ),
+            )
+        except (ConfigMismatch, EtcdError, ValueError) as exc:
+            logging.getLogger("broker").error("cannot join the cluster: %s", exc)
+            return 2
     stopper = Stopper()
     stopper.install()
     gc.freeze()  # what importing made lives for good: no collection need walk it
     gc.set_threshold(GC_THRESHOLD)
     try:
-        return serve(config, stopper)
+        return serve(config, stopper, view=view)
     except zmq.ZMQError as exc:  # a bad or busy endpoint is configuration, not a crash to dump
         logging.getLogger("broker").error("cannot start: %s", exc)
         return 2
+    finally:
+        if view is not None:
+            view.stop()
+        if membership is not None:
+            membership.leave()  # workers drop this broker at once, not after its lease
 
 
 if __name__ == "__main__":

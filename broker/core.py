@@ -330,6 +330,9 @@ class BrokerConfig:
     max_client_ops: int = defaults.MAX_CLIENT_OPS
     max_pending_alls: int = defaults.MAX_PENDING_ALLS
     max_client_alls: int = defaults.MAX_CLIENT_ALLS
+    # Cluster mode (docs/cluster.md): etcd says which worker leads each shard, through
+    # :meth:`Broker.set_leaders`; the broker sends no ASSIGN and promotes no standby.
+    cluster_mode: bool = False
 
 
 class BrokerCounters:
@@ -408,8 +411,15 @@ class Broker:
         # heartbeat gets a DISCONNECT back) and claim at once; until then, unclaimed READYs
         # wait as standbys and unowned shards are handed out only when the window closes.
         self._claims_until: float | None = (
-            now + CLAIM_WINDOW_HEARTBEATS * config.heartbeat_interval_s
+            None
+            if config.cluster_mode
+            else now + CLAIM_WINDOW_HEARTBEATS * config.heartbeat_interval_s
         )
+        # Cluster mode: the leader of each shard by etcd (routing identity = worker id), and
+        # whether etcd answered the last time it was asked (broker/cluster.py).
+        self.leaders: dict[int, bytes] = {}
+        self._claims: dict[bytes, int | None] = {}  # what each worker's last READY claimed
+        self.coordinator_ok = True
         self.closing = False
         # Messages for workers whose queue is full (the backend's send raised EAGAIN: the
         # worker is slow, behind on an fsync, a compaction or a replay, not dead), in order:
@@ -1374,6 +1384,9 @@ class Broker:
             )
             claimed = None
         self.issuer.advance_past(last_token)
+        if self.config.cluster_mode:
+            self._on_cluster_ready(worker, claimed, now)
+            return
         if self.registry.get(worker) is not None:
             self._remove_worker(worker, "registered again", now)
         shard = self.registry.register(
@@ -1406,6 +1419,13 @@ class Broker:
             self.counters.owner_losses[record.shard] += 1
             self.counters.orphaned.add(record.shard)
         log.warning("worker %s (shard %s) removed: %s", peer(worker), record.shard, why)
+        self._claims.pop(worker, None)
+        self._requeue(worker, now)
+        if record.shard is not None and self._claims_until is None and not self.config.cluster_mode:
+            self._promote(record.shard, now)
+
+    def _requeue(self, worker: bytes, now: float) -> None:
+        """The flights out at ``worker`` wait for their shard's next owner."""
         # Oldest first, so each shard's queue keeps dispatch order; each key is in at most one
         # flight, so flights of different keys may be reordered freely anyway.
         orphans = sorted((f for f in self._inflight.values() if f.worker == worker), key=_token)
@@ -1420,8 +1440,52 @@ class Broker:
                 sum(len(f.ops) for f in orphans),
                 peer(worker),
             )
-        if record.shard is not None and self._claims_until is None:
-            self._promote(record.shard, now)
+
+    # --- cluster mode (docs/cluster.md) -----------------------------------------------------
+
+    def set_leaders(self, leaders: dict[int, bytes], now: float) -> None:
+        """etcd's view of who leads each shard changed (broker/cluster.py polls it)."""
+        self.leaders = {s: w for s, w in leaders.items() if 0 <= s < self.config.shards}
+        self._apply_leaders(now)
+
+    def _apply_leaders(self, now: float) -> None:
+        """Route each shard to its leader when etcd names it AND the worker itself, in its
+        last READY, claims to lead it (a leader that stepped down says so before etcd's
+        reading reaches the broker; a new one may be named before it has taken the shard
+        over); else hold the shard's requests (for up to --shard-wait) until both agree. A
+        leader that lost its shard keeps nothing: what it had in flight goes to the next
+        leader, whose idempotency memory (replicated with the log) answers a request the old
+        one had applied."""
+        for shard in range(self.config.shards):
+            want = self.leaders.get(shard)
+            if want is not None and (
+                self.registry.get(want) is None or self._claims.get(want) != shard
+            ):
+                want = None
+            have = self.registry.owner(shard)
+            if want == have:
+                continue
+            if have is not None:
+                self.registry.set_owner(shard, None)
+                self._requeue(have, now)
+                log.info("shard %d: worker %s no longer leads it", shard, peer(have))
+            if want is not None:
+                self.registry.set_owner(shard, want)
+                log.info("shard %d: routed to its leader, worker %s", shard, peer(want))
+                self._drain(shard, now)
+        self._flush(now)
+
+    def _on_cluster_ready(self, worker: bytes, claimed: int | None, now: float) -> None:
+        """Cluster mode: a READY registers a worker, or updates what it claims to lead."""
+        if self.registry.get(worker) is None:
+            self.registry.register(worker, None, now, hand_out=False)
+            log.info(
+                "worker %s registered%s",
+                peer(worker),
+                "" if claimed is None else f", claiming shard {claimed}",
+            )
+        self._claims[worker] = claimed
+        self._apply_leaders(now)
 
     def _promote(self, shard: int, now: float) -> None:
         """Give an unowned shard to the oldest standby, if any, and send it what waited."""
@@ -1550,17 +1614,18 @@ class Broker:
 
     def _info(self) -> bytes:
         owned = self.registry.owned()
-        return json.dumps(
-            {
-                "status": "ok" if all(owned) else "degraded",
-                "shards": self.config.shards,
-                "owned": owned,
-                "workers": len(self.registry.identities()),
-                "standbys": self.registry.standbys(),
-                "epoch": self.issuer.epoch,
-                "keys_in_flight": len(self.tokens),
-            }
-        ).encode()
+        info: dict[str, object] = {
+            "status": "ok" if all(owned) and self.coordinator_ok else "degraded",
+            "shards": self.config.shards,
+            "owned": owned,
+            "workers": len(self.registry.identities()),
+            "standbys": self.registry.standbys(),
+            "epoch": self.issuer.epoch,
+            "keys_in_flight": len(self.tokens),
+        }
+        if self.config.cluster_mode:  # whether this broker reaches etcd (docs/cluster.md)
+            info["coordinator"] = "ok" if self.coordinator_ok else "unreachable"
+        return json.dumps(info).encode()
 
 
 def _fingerprint(entry: Entry) -> int:

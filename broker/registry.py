@@ -150,6 +150,25 @@ class Registry:
                 return record.identity
         return None
 
+    def set_owner(self, shard: int, identity: bytes | None) -> None:
+        """Cluster mode: make ``identity`` (a registered worker) the owner of ``shard``, or
+        leave the shard UNOWNED (None). etcd, not this broker, decides who leads a shard
+        (broker/cluster.py); this only mirrors that decision for routing. A worker owns at
+        most one shard: one it owned before is left UNOWNED."""
+        old = self._owners[shard]
+        if old is not None:
+            record = self._workers.get(old)
+            if record is not None:
+                record.shard = None
+            self._owners[shard] = None
+        if identity is None:
+            return
+        record = self._workers[identity]
+        if record.shard is not None:
+            self._owners[record.shard] = None
+        record.shard = shard
+        self._owners[shard] = identity
+
     def seen(self, identity: bytes, now: float) -> None:
         """Note that a worker is alive."""
         record = self._workers.get(identity)

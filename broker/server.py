@@ -26,6 +26,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.backend import zmq_poll
 from zmq.utils.monitor import recv_monitor_message
 
+from broker.cluster import LeaderView
 from broker.core import MAX_FRAMES, Broker, BrokerConfig, Side, peer_log
 from zkv import protocol
 from zkv.keys import CLIENTS_DOMAIN, Keys
@@ -72,8 +73,15 @@ class Stopper:
         self.stopping = True
 
 
-def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = None) -> int:
-    """Run the broker until ``stopper.stopping``. Returns the exit code."""
+def serve(
+    config: ServerConfig,
+    stopper: Stopper,
+    context: zmq.Context | None = None,
+    view: LeaderView | None = None,
+) -> int:
+    """Run the broker until ``stopper.stopping``. Returns the exit code.
+
+    ``view`` (cluster mode) reads the shards' leaders from etcd; the loop routes by it."""
     context = context or zmq.Context.instance()
     frontend = context.socket(zmq.ROUTER)
     backend = context.socket(zmq.ROUTER)
@@ -101,7 +109,7 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
                 frontend.curve_publickey = pair.public
                 frontend.curve_server = True
         else:
-            log.warning("backend without CURVE (--insecure): any local process can join")
+            log.warning("backend without CURVE (--insecure): any process that reaches it can join")
         configure(frontend, backend)
         frontend.bind(config.frontend)
         backend.bind(config.backend)
@@ -113,7 +121,7 @@ def serve(config: ServerConfig, stopper: Stopper, context: zmq.Context | None = 
             config.broker.shards,
         )
         core = Broker(config.broker, time.monotonic())
-        return _loop(core, frontend, backend, stopper, auth_failures)
+        return _loop(core, frontend, backend, stopper, auth_failures, view)
     finally:
         if auth_failures is not None:
             auth_failures.close()
@@ -213,6 +221,7 @@ def _loop(
     backend: zmq.Socket,
     stopper: Stopper,
     auth_failures: AuthFailures | None = None,
+    view: LeaderView | None = None,
 ) -> int:
     # zmq_poll on a fixed list, not a zmq.Poller and a dict each pass; the backend first, so
     # replies (which free keys' tokens) are handled before new requests of the same pass.
@@ -240,6 +249,12 @@ def _loop(
             wait_s = core.next_timer(now)
             if auth_failures is not None:
                 auth_failures.check()
+        if view is not None and view.version != view.taken:
+            reading = view.take()
+            if reading is not None:
+                core.coordinator_ok = reading[1]
+                core.set_leaders(reading[0], now)
+                _flush(core, frontend, backend)
         if core.held:
             _resend_held(core, frontend, backend)
         # Bounded so a stop signal (its handler runs between polls) is seen promptly.

@@ -863,9 +863,10 @@ def make_app(
 
     @app.get("/v1/health")
     def health(kv: ClientLike) -> Any:
-        # A readiness check: 200 only when the broker answers and every shard has an owner,
-        # else 503 with a JSON body a monitor can read ("degraded": the broker's view, some
-        # shard without a worker; "unavailable": no answer from the broker).
+        # A readiness check: 200 only when the broker answers, every shard has an owner (and,
+        # in cluster mode, the broker reaches etcd), else 503 with a JSON body a monitor can
+        # read ("degraded": the broker's view, some shard without a worker or etcd out of
+        # reach; "unavailable": no answer from the broker).
         try:
             info = kv.ping()
         except ZkvError as exc:  # for a health check, silence is unavailability
@@ -873,7 +874,12 @@ def make_app(
             body = to_json({"status": "unavailable", "error": str(exc)})
             return HTTPResponse(body, 503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
         owned = info.get("owned")
-        healthy = isinstance(owned, list) and owned and all(shard is True for shard in owned)
+        # Cluster mode: a broker that cannot reach etcd keeps routing to the leaders it knows,
+        # but no failover can happen meanwhile: degraded (docs/cluster.md).
+        coordinator_ok = info.get("coordinator") in (None, "ok")
+        healthy = (
+            isinstance(owned, list) and owned and all(s is True for s in owned) and coordinator_ok
+        )
         if not is_admin(request.environ):  # with tokens, the cluster's layout is admin's
             info = {}
         if healthy:

@@ -117,7 +117,8 @@ class LoopClient:
     """A :class:`gateway.app.ClientLike` for apps served by the event-loop worker.
 
     Args:
-        endpoint, timeout_s, connect_timeout_s, keys: as for :class:`zkv.client.Client`.
+        endpoint, timeout_s, connect_timeout_s, keys: as for :class:`zkv.client.Client`
+            (``endpoint`` may list several brokers, comma-separated: both clients take it).
         blocking_factory: makes the blocking client for ``all`` and ``ping`` (tests pass fakes).
     """
 

@@ -43,7 +43,7 @@ from zkv.client import Client
 from zkv.config import (
     add_flag,
     boolean,
-    endpoint,
+    endpoints,
     env_default,
     keys_default,
     positive_float,
@@ -108,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--host", "ZKV_HOST", defaults.HTTP_HOST, host, "address to listen on")
     add_flag(parser, "--port", "PORT", defaults.HTTP_PORT, port, "TCP port to listen on")
     add_flag(
-        parser, "--frontend", "ZKV_FRONTEND", defaults.FRONTEND, endpoint, "the broker's frontend"
+        parser,
+        "--frontend",
+        "ZKV_FRONTEND",
+        defaults.FRONTEND,
+        endpoints,
+        "the broker's frontend, or several brokers' separated by commas (tried in turn)",
     )
     add_flag(
         parser,

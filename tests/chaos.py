@@ -348,8 +348,16 @@ class Api:
     :class:`Failure`.
     """
 
-    def __init__(self, frontend: str, http_port: int, timeout_s: float) -> None:
-        self.client = Client(frontend, timeout_s=timeout_s)
+    def __init__(
+        self,
+        frontend: str,
+        http_port: int,
+        timeout_s: float,
+        http_host: str = "127.0.0.1",
+        keys: str | None = None,
+    ) -> None:
+        self.client = Client(frontend, timeout_s=timeout_s, keys=keys)
+        self.http_host = http_host
         self.http_port = http_port
         self.http_timeout_s = timeout_s + HTTP_GRACE_S
 
@@ -433,7 +441,7 @@ class Api:
     def _http(self, method: str, path: str, body: bytes | None = None) -> HttpAnswer:
         """One request on a fresh connection. Failing to connect means nothing was sent."""
         connection = http.client.HTTPConnection(
-            "127.0.0.1", self.http_port, timeout=self.http_timeout_s
+            self.http_host, self.http_port, timeout=self.http_timeout_s
         )
         try:
             try:
@@ -744,9 +752,12 @@ def check_history(
 
 # --- ownership: who believed it owned which shard, when ----------------------------------------
 
+# A cluster-mode leader also logs "no longer leader of shard N: REASON" the moment it stops
+# acknowledging (its "left" line follows after closing the shard's files): that ends it.
 _OWNERSHIP = re.compile(
     r"^(?P<when>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*?"
-    r"\b(?P<event>took|left) shard (?P<shard>\d+) epoch (?P<epoch>\d+)"
+    r"\b(?:(?P<event>took|left) shard (?P<shard>\d+) epoch (?P<epoch>\d+)"
+    r"|no longer leader of shard (?P<stepped>\d+))"
 )
 
 
@@ -784,8 +795,11 @@ def parse_ownership(
                 continue
             seen_any = True
             when = datetime.strptime(match["when"], "%Y-%m-%d %H:%M:%S,%f").timestamp() * 1000
-            shard, epoch = int(match["shard"]), int(match["epoch"])
-            if match["event"] == "took":
+            if match["stepped"] is not None:
+                event, shard, epoch = "left", int(match["stepped"]), 0
+            else:
+                event, shard, epoch = match["event"], int(match["shard"]), int(match["epoch"])
+            if event == "took":
                 if held is not None:  # a worker owns one shard: a new "took" ends the old
                     how = "took it again" if held[0] == shard else "took another shard"
                     intervals.append(Ownership(name, *held, when, how))
@@ -797,6 +811,19 @@ def parse_ownership(
             end_ms, how = ends_ms.get(name, (run_end_ms, "end of run"))
             intervals.append(Ownership(name, *held, max(end_ms, held[2]), how))
     return intervals if seen_any else None
+
+
+def shared_epochs(intervals: Iterable[Ownership]) -> list[dict[str, Any]]:
+    """(shard, epoch) pairs taken by more than one process: two leaders of one epoch (in
+    cluster mode an epoch is an etcd revision, so each must have exactly one leader)."""
+    takers: dict[tuple[int, int], set[str]] = {}
+    for interval in intervals:
+        takers.setdefault((interval.shard, interval.epoch), set()).add(interval.log)
+    return [
+        {"shard": shard, "epoch": epoch, "logs": sorted(logs)}
+        for (shard, epoch), logs in sorted(takers.items())
+        if len(logs) > 1
+    ]
 
 
 def double_owners(intervals: Iterable[Ownership]) -> list[dict[str, Any]]:
@@ -1441,6 +1468,49 @@ def format_summary(report: dict[str, Any]) -> str:
 # --- command line -------------------------------------------------------------------------------
 
 
+# --- cluster mode (tests/netns/cluster_chaos.py, on test hosts) ---------------------------------
+
+CLUSTER_SETUP_S = 120.0  # a cluster run's start, recovery and final reads, at most
+
+
+def run_cluster_chaos(config: Any, workdir: Path) -> dict[str, Any]:
+    """Run tests/netns/cluster_chaos.py with ``config`` (a ClusterChaosConfig) in namespaces
+    of its own (tests.hosts.run_scenario); its report. AssertionError if it failed to run."""
+    from tests.hosts import run_scenario  # tests.netns.cluster_chaos imports this module
+
+    run_scenario(
+        "tests.netns.cluster_chaos",
+        workdir,
+        timeout_s=config.duration_s + CLUSTER_SETUP_S,
+        args=["--config", json.dumps(dataclasses.asdict(config))],
+    )
+    return json.loads((workdir / "report.json").read_text())
+
+
+def format_cluster_summary(report: dict[str, Any]) -> str:
+    """:func:`format_summary` of a cluster run, with the cluster's own counts."""
+    c, s = report["config"], report["summary"]
+    config = {**c, "shards": 2, "workers": 4, "kill_interval_s": c["fault_interval_s"]}
+    lines = format_summary({**report, "config": config}).splitlines()
+    lines[0] = (
+        f"zkv chaos, cluster mode on 5 test hosts: seed {c['seed']}, {c['duration_s']} s, "
+        f"faults {'/'.join(c['faults'])} every <= {c['fault_interval_s']} s "
+        f"(script {c['script']}), {c['writers']} writers, {c['readers']} readers"
+    )
+    lines.insert(
+        -1,
+        f"  {'cluster':<18} {'':>8}  host kills {s['host_kills']}, cuts {s['cuts']}, broker "
+        f"kills {s['broker_kills']}, away {s['away']}; leader epochs {s['epochs']}, "
+        f"shared epochs {s['shared_epochs']}",
+    )
+    for shared in report.get("shared_epochs") or []:
+        lines.append(
+            f"  shared epoch: shard {shared['shard']} epoch {shared['epoch']}: "
+            f"{', '.join(shared['logs'])}"
+        )
+    return "\n".join(lines)
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -1485,6 +1555,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=_positive, default=defaults.timeout_s, help="request timeout, seconds"
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="cluster mode on test hosts (needs root): host kills, cuts, broker kills",
+    )
+    parser.add_argument(
+        "--faults",
+        default="kill,cut,broker",
+        help="--cluster: the nemesis's faults, among kill, cut, broker (default all)",
+    )
+    parser.add_argument(
+        "--cut", type=_positive, default=4.0, help="--cluster: longest cut, seconds"
+    )
+    parser.add_argument(
+        "--away",
+        type=_not_negative,
+        default=60.0,
+        help="--cluster: one worker host kept down this long while writes go on (0: never)",
+    )
     parser.add_argument("--json", type=Path, help="write the full report here")
     parser.add_argument(
         "--keep", action="store_true", help="keep the logs and data even if the run passes"
@@ -1503,6 +1592,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; exit status 0 passed, 1 a check failed, 2 the run failed, 130 interrupted."""
     args = parse_args(argv)
+    if args.cluster:
+        return _main_cluster(args)
     config = ChaosConfig(
         duration_s=args.duration,
         seed=args.seed,
@@ -1541,6 +1632,42 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(report))
     if args.json:
         print(f"report written to {args.json}")
+    passed = bool(report["summary"]["passed"])
+    _remove_unless(args.keep or not passed, workdir)
+    return 0 if passed else 1
+
+
+def _main_cluster(args: argparse.Namespace) -> int:
+    from tests.netns.cluster_chaos import ClusterChaosConfig
+
+    faults = tuple(f for f in args.faults.split(",") if f)
+    unknown = set(faults) - {"kill", "cut", "broker"}
+    if unknown or not faults:
+        print(f"--faults: kill, cut or broker, not {args.faults!r}", file=sys.stderr)
+        return 2
+    config = ClusterChaosConfig(
+        duration_s=args.duration,
+        seed=args.seed,
+        faults=faults,
+        fault_interval_s=args.kill_interval or 3.0,
+        cut_s=args.cut,
+        away_s=args.away if args.away < args.duration / 2 else 0.0,
+        final_kill=not args.no_final_kill,
+        writers=args.writers,
+        readers=args.readers,
+        keys_per_writer=args.keys_per_writer,
+        timeout_s=args.timeout,
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="zkv-chaos-cluster-"))
+    try:
+        report = run_cluster_chaos(config, workdir)
+    except AssertionError as exc:
+        print(f"chaos run failed: {exc}", file=sys.stderr)
+        _remove_unless(True, workdir)
+        return 2
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    print(format_cluster_summary(report))
     passed = bool(report["summary"]["passed"])
     _remove_unless(args.keep or not passed, workdir)
     return 0 if passed else 1

@@ -54,6 +54,39 @@ def wait_for(check: Callable[[], T | None], what: str, timeout_s: float = READY_
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last_error!r})")
 
 
+def spawn_logged(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session (a signal to its group reaches nothing else) from the
+    project's root, stdout and stderr into ``log_path``."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def logs_of(directory: Path, tail_chars: int = 4000) -> str:
+    """The end of every ``*.log`` file in ``directory``, for a failing test's report."""
+    return "\n".join(
+        f"--- {path.name}\n{path.read_text(errors='replace')[-tail_chars:]}"
+        for path in sorted(directory.glob("*.log"))
+    )
+
+
+def kill_group(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGKILL) -> None:
+    """Signal a process started by :func:`spawn_logged` (its whole group) and reap it."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
 class HttpResponse:
     """What a test needs of an HTTP response."""
 
@@ -95,16 +128,11 @@ class Cluster:
     # --- processes --------------------------------------------------------------------------
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp_path / f"{name}-{len(self._all)}.log", "wb")
-        process = subprocess.Popen(
+        process = spawn_logged(
             [sys.executable, "-u", "-m", *args],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            self.env,
+            self.tmp_path / f"{name}-{len(self._all)}.log",
         )
-        log.close()
         self._all.append(process)
         return process
 
@@ -149,20 +177,11 @@ class Cluster:
 
     def kill(self, process: subprocess.Popen[bytes] | None, sig: int = signal.SIGKILL) -> None:
         """Signal a process (its whole session) and reap it."""
-        if process is None or process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=10)
+        kill_group(process, sig)
 
     def logs(self) -> str:
         """Every process's output, for a failing test's report."""
-        return "\n".join(
-            f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}"
-            for path in sorted(self.tmp_path.glob("*.log"))
-        )
+        return logs_of(self.tmp_path)
 
     def close(self) -> None:
         for client in self._clients:

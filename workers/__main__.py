@@ -30,11 +30,14 @@ from pathlib import Path
 from types import FrameType
 
 from workers.aof import FsyncPolicy
+from workers.cluster import cluster_argv, run_cluster
 from workers.idempotency import MAX_WINDOW_S, MIN_MAX_BYTES, MIN_WINDOW_S
 from workers.manifest import durable_data
 from workers.worker import WorkerConfig, run
 from zkv import defaults
 from zkv.config import (
+    add_advertise_flag,
+    add_cluster_flags,
     add_flag,
     add_heartbeat_flags,
     add_security_flags,
@@ -172,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "inside the window are answered BUSY",
     )
     add_security_flags(parser)
+    add_cluster_flags(parser)
+    add_advertise_flag(parser)
     return parser
 
 
@@ -226,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         idempotency_max_bytes=args.idempotency_max_bytes,
     )
     if args.processes == 1:
+        if args.coordinator:
+            return run_cluster(config, args)
         return run(config)
     child_argv = [
         sys.executable,
@@ -252,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--in-memory" if data_dir is None else "--no-in-memory",
         "--data-dir",  # in memory too: a child checks it holds no durable data
         str(directory),
+        *cluster_argv(args),
     ]
     return Supervisor(args.processes, child_argv).run()
 

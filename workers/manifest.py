@@ -213,6 +213,44 @@ def bind_shards(
         return current
 
 
+def bind_cluster(
+    data_dir: Path,
+    manifest: Manifest,
+    cluster: int,
+    shards: int,
+    fsync: Callable[[int], None] = os.fsync,
+) -> Manifest:
+    """Cluster mode: tie the directory to the cluster etcd names (its ``cluster_id``), then
+    check the shard count as :func:`bind_shards` does.
+
+    A directory that holds no shard yet (a new one, or one whose manifest was just made)
+    adopts the cluster's id; one that holds shard data of another cluster is refused, since
+    serving from it would mix two clusters' data (and a follower of this cluster must not
+    start from it either).
+
+    Raises:
+        ManifestError: the directory belongs to another cluster, or the counts differ.
+    """
+    path = data_dir / MANIFEST_NAME
+    if manifest.cluster != cluster:
+        with _DirLock(data_dir):
+            current = parse(path, path.read_bytes())
+            if current.cluster != cluster:
+                held = sorted(p.name for p in data_dir.iterdir() if _SHARD_DIR.fullmatch(p.name))
+                if held:
+                    raise ManifestError(
+                        f"data directory {data_dir} holds data of cluster {current.cluster:016x} "
+                        f"({', '.join(held[:4])}), but the coordinator's cluster is "
+                        f"{cluster:016x}: refusing to start (give this worker an empty "
+                        f"--data-dir, or the coordinator of the cluster this data belongs to)"
+                    )
+                current = Manifest(cluster, current.shards)
+                _write(data_dir, current, fsync)
+                log.info("data directory %s: joined cluster %016x", data_dir, cluster)
+        manifest = current
+    return bind_shards(data_dir, manifest, shards, fsync)
+
+
 def _new_cluster_id() -> int:
     while True:
         cluster = secrets.randbits(64)

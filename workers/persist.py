@@ -205,6 +205,8 @@ class ShardFiles:
         self._free = 0  # estimated free bytes: the last statvfs minus what was appended since
         self._tight_below = durability.reserve_bytes + TIGHT_MARGIN_BYTES
         self.tight = True  # _free is below _tight_below: batches are measured (refusal())
+        # Cluster mode: called with each appended batch of records (workers/replication.py).
+        self.tap: Callable[[bytes], None] | None = None
 
     # --- takeover ---------------------------------------------------------------------------
 
@@ -305,6 +307,41 @@ class ShardFiles:
         self._read_free()
         return records
 
+    def install(
+        self,
+        path: Path,
+        store: TTLStore,
+        memory: RequestMemory,
+        progress: Callable[[], None] | None = None,
+    ) -> int:
+        """Replace the log with the whole log at ``path`` (in this directory, written and
+        fsynced by the caller: a snapshot a follower got from its leader), then rebuild
+        ``store`` and ``memory`` from it as :meth:`replay` does.
+
+        A compaction under way is cancelled first: its rename would put the old data back.
+        The rename happens inside :meth:`fenced` and the directory is fsynced after it, so a
+        crash leaves either the old log or the new one, never a mix.
+
+        Returns:
+            How many records were replayed.
+
+        Raises:
+            ShardMoved, LockTimeout: the owner file says another process holds the shard.
+            aof.CorruptLog: the new log is damaged (the old one is gone: ask for another).
+            DurabilityError: the rename, a write or an fsync failed.
+        """
+        self._cancel_rewrite()
+        if self.log is not None:
+            self.log.close(sync=False)  # replaced whole: nothing of it needs to reach the disk
+            self.log = None
+        with self.fenced(TAKE_LOCK_TIMEOUT_S):
+            try:
+                os.rename(path, self.log_path)
+            except OSError as exc:
+                raise DurabilityError(f"renaming {path} over {self.log_path}: {exc}") from exc
+        aof.fsync_dir(self.dir, self.durability.fsync)
+        return self.replay(store, memory, progress)
+
     def _cut_torn_tail(self, damage: aof.Damage, size: int, valid_end: int) -> None:
         if size > 0:  # an empty file is one created by a crash before its magic: not worth a word
             log.warning(
@@ -376,6 +413,8 @@ class ShardFiles:
         if self.log is None:
             raise RuntimeError("append() before replay(): a bug in the caller")
         self.log.append(data)
+        if self.tap is not None:  # cluster mode: the leader ships exactly these bytes
+            self.tap(data)
         free = self._free - len(data)
         self._free = free
         if free < self._tight_below:
@@ -817,28 +856,8 @@ class _Rewrite:
                 self.skipped = self.fits(self.size, self.log_bytes)
                 if self.skipped is not None:
                     return
-            # The high-water mark first: the time the snapshot's absence of expired keys shows.
-            chunk: list[bytes] = [MAGIC, aof.encode_time(self.now_ms)]
-            pending = len(MAGIC)
-            # The memory, run by run: the time its entries were remembered, then the entries.
-            for time_ms, entries in self.runs:
-                chunk.append(aof.encode_time(time_ms))
-                for record in aof.encode_memos(entries):
-                    chunk.append(record)
-                    pending += len(record)
-                    if pending >= aof.WRITE_CHUNK_BYTES:
-                        self._write(chunk)
-                        chunk, pending = [], 0
-            # The snapshot's time again: what the rewrite buffer appended after it follows it.
-            chunk.append(aof.encode_time(self.now_ms))
-            for key, value, deadline_ms in self.snapshot.live(self._clock()):
-                record = aof.encode_set(0, key, value, deadline_ms)
-                chunk.append(record)
-                pending += len(record)
-                if pending >= aof.WRITE_CHUNK_BYTES:
-                    self._write(chunk)
-                    chunk, pending = [], 0
-            self._write(chunk)
+            for data in compacted_log(self.snapshot, self.runs, self._clock, self.now_ms):
+                self._write(data)
         except BaseException as exc:  # reported to the loop, which abandons the rewrite
             self.error = exc
         finally:
@@ -858,12 +877,53 @@ class _Rewrite:
         times = (len(self.runs) + 2) * len(aof.encode_time(self.now_ms))
         return len(MAGIC) + data + memos + times
 
-    def _write(self, chunk: list[bytes]) -> None:
+    def _write(self, data: bytes) -> None:
         if self._cancelled.is_set():
             raise _Cancelled
-        data = b"".join(chunk)
         aof.write_all(self.fd, data, self._write_fn)
         self.written += len(data)
+
+
+def compacted_log(
+    snapshot: Snapshot, runs: list[tuple[int, list[Packed]]], clock: Clock, now_ms: int
+) -> Iterator[bytes]:
+    """The bytes of a compacted log of this data, in pieces of about aof.WRITE_CHUNK_BYTES
+    (more for a record larger than that): what compaction writes to log.rewrite, and what a
+    leader sends a follower as a SNAPSHOT (workers/replication.py). Lazy, so a large store is
+    never encoded whole in memory.
+
+    Args:
+        snapshot: the store's records (TTLStore.snapshot), read as ``live(clock())``.
+        runs: the idempotency memory (RequestMemory.runs).
+        clock: the store's clock, read once the memory is written.
+        now_ms: the store's clock when the snapshot was taken.
+    """
+    # The high-water mark first: the time the snapshot's absence of expired keys shows.
+    chunk: list[bytes] = [MAGIC, aof.encode_time(now_ms)]
+    pending = len(MAGIC)
+    # The memory, run by run: the time its entries were remembered, then the entries. Never
+    # past now_ms: a memory rebuilt by replay (or by a follower) dates its entries at the end
+    # of their TIME record's interval, up to TIME_RECORD_INTERVAL_MS ahead of the clock, and a
+    # TIME record that far ahead would raise the next replay's clock (HighWaterClock) and
+    # expire keys early. Every entry was applied by now_ms, so it is never taken for older.
+    for time_ms, entries in runs:
+        chunk.append(aof.encode_time(min(time_ms, now_ms)))
+        for record in aof.encode_memos(entries):
+            chunk.append(record)
+            pending += len(record)
+            if pending >= aof.WRITE_CHUNK_BYTES:
+                yield b"".join(chunk)
+                chunk, pending = [], 0
+    # The snapshot's time again: what the rewrite buffer appended after it follows it.
+    chunk.append(aof.encode_time(now_ms))
+    for key, value, deadline_ms in snapshot.live(clock()):
+        record = aof.encode_set(0, key, value, deadline_ms)
+        chunk.append(record)
+        pending += len(record)
+        if pending >= aof.WRITE_CHUNK_BYTES:
+            yield b"".join(chunk)
+            chunk, pending = [], 0
+    yield b"".join(chunk)
 
 
 class _Cancelled(Exception):
@@ -896,6 +956,11 @@ def _apply(record: aof.Record, store: TTLStore, memory: RequestMemory) -> None:
                 restore(entry)
         case MemoRecord(request_id, kind, status, deadline_ms, fingerprint, key):  # older logs
             memory.remember(request_id, Memo(kind, key, fingerprint, status, deadline_ms))
+
+
+# The public name of :func:`_apply`, for a follower applying the records its leader ships
+# (workers/replication.py): the same decoding as replay, never a second copy of it.
+apply_record = _apply
 
 
 def _free_bytes(path: Path) -> int:

@@ -764,7 +764,11 @@ def run(config: WorkerConfig) -> int:
     and exits 0. A second signal exits at once (status 128 + signal number), for a worker
     that does not stop quickly enough.
     """
-    worker = Worker(config)
+    return run_until_signalled(Worker(config), config)
+
+
+def run_until_signalled(worker: Worker, config: WorkerConfig) -> int:
+    """Run ``worker`` until SIGTERM or SIGINT (see :func:`run`); returns the exit code."""
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name

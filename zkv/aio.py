@@ -18,6 +18,10 @@ A BUSY answer (load shed, not applied) parks the call for a backoff and sends it
 the same request id, until ``timeout_s`` after the call (zkv/calls.py); the timer is armed for
 the end of each backoff.
 
+Several brokers, as for the blocking client: one at a time, and everything unanswered goes
+again, with the same request ids, through the next one when the current one stays silent for the
+resend interval or cannot be reached (zkv/calls.py, :class:`zkv.calls.Brokers`).
+
 Retries and failures, as for the blocking client (zkv/client.py): a socket with
 ``ZMQ_IMMEDIATE``, so nothing is queued for an absent broker; when no reply at all has come
 for ``attempt_s`` while operations are outstanding, everything unanswered is sent again, with
@@ -44,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -52,13 +56,14 @@ import zmq
 
 from zkv import defaults
 from zkv.calls import (
+    Brokers,
     Calls,
     Item,
     NotFound,
     Settled,
     as_bytes,
     checked_batch_ops,
-    frontend,
+    frontends,
     new_ids,
     ttl_to_ms,
 )
@@ -78,15 +83,19 @@ class AsyncClient:
     """An asyncio client of the zkv broker (see the module docstring).
 
     Args:
-        endpoint: the broker's frontend; defaults to ``$ZKV_FRONTEND`` or ``tcp://127.0.0.1:5555``.
+        endpoint: the broker's frontend, or several brokers' (comma-separated, or a sequence),
+            as for :class:`zkv.client.Client`; defaults to ``$ZKV_FRONTEND`` or
+            ``tcp://127.0.0.1:5555``.
         timeout_s: the most one operation may take, retries included, before :class:`Timeout`.
-        attempt_s: how long without any reply before everything unanswered is sent again.
+        attempt_s: how long without any reply before everything unanswered is sent again
+            (with several brokers, through the next one: :class:`zkv.calls.Brokers`).
         connect_timeout_s: how long an operation may wait for an unreachable broker before
             :class:`Unavailable`.
         batch_ops: operations per BATCH message at most.
         context: the ZeroMQ context (a ``zmq.asyncio.Context`` will do); defaults to the
             process-wide one.
         keys: CURVE keys for the frontend, as for :class:`zkv.client.Client`.
+        first_broker: as for :class:`zkv.client.Client`.
 
     Attributes:
         retries: how many times unanswered operations were sent again (for statistics).
@@ -97,15 +106,17 @@ class AsyncClient:
 
     def __init__(
         self,
-        endpoint: str | None = None,
+        endpoint: str | Sequence[str] | None = None,
         timeout_s: float = defaults.REQUEST_TIMEOUT_S,
         attempt_s: float = defaults.ATTEMPT_TIMEOUT_S,
         connect_timeout_s: float = defaults.CONNECT_TIMEOUT_S,
         batch_ops: int = BATCH_OPS,
         context: zmq.Context | None = None,
         keys: str | os.PathLike[str] | None = None,
+        first_broker: int | None = None,
     ) -> None:
-        self.endpoint = frontend(endpoint)
+        self.brokers = Brokers(frontends(endpoint), attempt_s, timeout_s, first_broker)
+        self.endpoint = self.brokers.description
         self.curve = frontend_curve(keys)
         self.batch_ops = checked_batch_ops(batch_ops)
         self.timeout_s = timeout_s
@@ -228,7 +239,7 @@ class AsyncClient:
     def _start(self) -> tuple[asyncio.AbstractEventLoop, Calls]:
         if self._loop is None or self._calls is None:
             self._loop = loop = asyncio.get_running_loop()
-            self._calls = Calls(self.endpoint, self.timeout_s, self.attempt_s, new_ids, loop.time())
+            self._calls = Calls(self.brokers, self.timeout_s, self.attempt_s, new_ids, loop.time())
             self._reset_socket(open_new=True)
         return self._loop, self._calls
 
@@ -246,8 +257,11 @@ class AsyncClient:
         while (batch := calls.next_batch(self.batch_ops)) is not None:
             try:
                 socket.send_multipart(batch.frames, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                break  # no broker connected (IMMEDIATE): the timer tries again
+            except zmq.Again:  # no broker connected (IMMEDIATE): the timer tries again,
+                if calls.unsendable(self._loop.time()):  # through the next broker if several
+                    self.retries += 1
+                    self._reset_socket(open_new=True)
+                break
             except zmq.ZMQError as exc:
                 log.warning("sending to %s failed (%s): a new socket next", self.endpoint, exc)
                 self._reset_socket(open_new=False)
@@ -333,10 +347,11 @@ class AsyncClient:
             self._flush()  # the broker may be reachable now
         if not calls.queued and calls.resend_due(now) and not self._readable():
             # Nothing came back for a while: requests or replies may be lost (a broker
-            # restart). Send everything unanswered again, same ids, on a fresh socket.
+            # restart). Send everything unanswered again, same ids, on a fresh socket (to the
+            # next broker if there are several: zkv.calls.Brokers).
             self.retries += 1
-            self._reset_socket(open_new=True)
             calls.resend(now)
+            self._reset_socket(open_new=True)
             self._flush()
 
     def _reset_socket(self, open_new: bool) -> zmq.Socket | None:
@@ -351,11 +366,13 @@ class AsyncClient:
             old.close(linger=0)
         if not open_new or self._loop is None:
             return None
+        endpoint = self.brokers.endpoint
         try:
-            socket = dealer(self._context, self.endpoint, self.curve)
+            socket = dealer(self._context, endpoint, self.curve)
         except zmq.ZMQError as exc:  # EMFILE: out of file descriptors, for now
-            log.warning("no socket to %s (%s): trying again at the next send", self.endpoint, exc)
+            log.warning("no socket to %s (%s): trying again at the next send", endpoint, exc)
             return None
+        self.brokers.opened(self._loop.time())
         self._loop.add_reader(socket.FD, self._on_readable)
         self._socket = socket
         return socket

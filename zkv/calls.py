@@ -29,6 +29,10 @@ unknown) if an earlier attempt got no answer and was resent: that one may have b
 The clients wait for the parked calls with the timers they already have (:meth:`Calls.due_in`,
 :meth:`Calls.next_resend_at`) and put them back in the queue with :meth:`Calls.unpark`.
 
+A client given several brokers talks to one at a time and moves to the next when the current
+one stays silent or cannot be reached, resending what is unanswered through it with the same
+request ids and records: :class:`Brokers` decides, for both clients (section "several brokers").
+
 Every SET and DEL is stamped with the wall-clock time it was made (flag STAMPED, see
 zkv.protocol.stamp_of), read from an injected wall clock when the call is added: the stamp is
 part of the call's record, packed once, so every resend of a request id carries the same one.
@@ -39,6 +43,7 @@ call with :class:`Timeout`, never applying it a second time.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import time
@@ -50,6 +55,7 @@ from operator import itemgetter
 from typing import Any
 
 from zkv import defaults
+from zkv.config import endpoint_list
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
 from zkv.protocol import (
     MAX_BATCH_BYTES,
@@ -155,6 +161,23 @@ def frontend(endpoint: str | None) -> str:
     """The broker's frontend to use: ``endpoint``, else ``$ZKV_FRONTEND``, else the default
     (so one environment variable moves every client of a deployment)."""
     return endpoint or os.environ.get("ZKV_FRONTEND") or defaults.FRONTEND
+
+
+def frontends(endpoint: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The brokers' frontends to use (:func:`frontend`): one endpoint, a comma-separated list
+    of them, or a sequence of endpoints; each checked by its form (zkv.config.endpoint_list).
+
+    Raises:
+        ValueError: an entry is empty, malformed or listed twice (the message names it), or
+            more than MAX_FRONTENDS are given.
+    """
+    if endpoint is not None and not isinstance(endpoint, str):
+        endpoint = ",".join(endpoint)
+    text = frontend(endpoint)
+    try:
+        return tuple(endpoint_list(text))
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"frontend: {exc}") from None
 
 
 def checked_batch_ops(batch_ops: int) -> int:
@@ -317,6 +340,147 @@ def gave_up(message: str, sent: bool) -> ZkvError:
     return Timeout(f"{message}; outcome unknown") if sent else Unavailable(message)
 
 
+# --- several brokers -------------------------------------------------------------------------
+#
+# A client may be given several brokers (ZKV_FRONTEND=tcp://a:5555,tcp://b:5555), each a way
+# into the same cluster. :class:`Brokers` decides which one a request goes to and when to move
+# on; the blocking client's single requests and pipelines and the asyncio client (so the
+# gateway too) all follow it, and only it.
+#
+# One broker at a time: every request goes to the current broker, through one DEALER
+# connected to it alone (a DEALER connected to several brokers deals its messages round-robin
+# and cannot be told to resend through another one). The first current broker is drawn at
+# random, so the clients of a deployment spread over the brokers, and a client stays with its
+# broker as long as it answers: its requests keep the order it sent them in (a pipeline's SET
+# then GET of one key is answered in that order: a broker keeps one client socket's order per
+# key, two brokers would not), and it pays for one connection, not one per broker. Spreading
+# one client's batches over several brokers could not be measured against this yet (workers
+# serve one broker until cluster mode), and it would give up that order: not done.
+#
+# When the current broker gives no answer at all for the resend interval while requests are
+# out (the rule of Calls.resend_due: counted from the first request sent since its last
+# answer), or cannot be reached (a send refused because the socket, given UNSENDABLE_GRACE_S
+# to connect, is not connected), it is marked failed: avoided for a back-off of
+# BROKER_BACKOFF_MIN_S, doubling with each failure in a row up to BROKER_BACKOFF_MAX_S (an
+# answer resets the count), and the next broker of the list that is not avoided becomes
+# current (if all are, the one whose back-off ends first). Everything
+# unanswered is sent to it again, with the same request ids and the same records (so the same
+# first-send stamps): a write that the failed broker did get through is answered from the
+# worker's idempotency memory, not applied twice. The failed broker's socket is closed, which
+# drops what it still queued and any reply it would send late (a reply to a call already
+# answered is dropped anyway: Calls.receive ignores ids it no longer waits for).
+#
+# The resend interval, with several brokers: min(attempt_s, timeout_s / RESEND_SHARE), so that
+# a request's timeout leaves room for RESEND_SHARE brokers, times a factor drawn uniformly in
+# [1 - RESEND_JITTER, 1] at each move (clients left by one broker do not all give up on the
+# next at the same instant). With 5 s timeouts and 1 s attempts: 0.75 to 1 s. With one broker
+# nothing changes: attempt_s, and a resend on a fresh socket to the same broker.
+
+BROKER_BACKOFF_MIN_S = 1.0  # a failed broker is avoided this long after one failure,
+BROKER_BACKOFF_MAX_S = 30.0  # doubling with each failure in a row, up to this
+RESEND_SHARE = 3  # with several brokers, the resend interval is at most timeout_s / 3
+RESEND_JITTER = 0.25  # ... times a factor drawn in [0.75, 1] at each move
+UNSENDABLE_GRACE_S = 0.1  # a socket this young that cannot send is connecting, not failed
+
+
+class Brokers:
+    """Which of a client's brokers gets its requests, and when to move to another (see the
+    block comment above). No I/O and no clock: every method that needs the time takes ``now``.
+
+    Args:
+        endpoints: the brokers' frontends, at least one.
+        attempt_s: the client's wait for an answer before resending.
+        timeout_s: the client's timeout of a request.
+        first: which broker is current at first; None: one at random.
+        jitter: uniform in [0, 1), for the resend interval (tests pass a constant).
+
+    Attributes:
+        current: the index of the broker requests go to.
+        resend_s: the resend interval (see above).
+        moves: how many times the client moved to another broker (for statistics).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        attempt_s: float,
+        timeout_s: float,
+        first: int | None = None,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one broker endpoint is needed")
+        self.endpoints = tuple(endpoints)
+        count = len(self.endpoints)
+        self.several = count > 1
+        self.description = ",".join(self.endpoints)  # for messages: as ZKV_FRONTEND says it
+        self.current = random.randrange(count) if first is None else first % count
+        self._attempt_s = attempt_s
+        self._interval_s = min(attempt_s, timeout_s / RESEND_SHARE)
+        self._jitter = jitter
+        self._failures = [0] * count  # failures in a row, per broker
+        self._avoid_until = [-_NEVER] * count  # monotonic time, per broker
+        self._opened_at = -_NEVER  # when the client's socket to the current broker was made
+        self.moves = 0
+        self.resend_s = self._draw()
+
+    @property
+    def endpoint(self) -> str:
+        """The current broker's frontend: where the client's socket connects."""
+        return self.endpoints[self.current]
+
+    def _draw(self) -> float:
+        if not self.several:
+            return self._attempt_s  # one broker: as ever
+        return self._interval_s * (1.0 - RESEND_JITTER * self._jitter())
+
+    def opened(self, now: float) -> None:
+        """The client made a socket to the current broker (it is connecting from now on)."""
+        self._opened_at = now
+
+    def answered(self) -> None:
+        """A message came from the current broker: it works (its failures are forgotten)."""
+        failures = self._failures
+        if failures[self.current]:
+            failures[self.current] = 0
+
+    def failed(self, now: float) -> bool:
+        """The current broker gave no answer within :attr:`resend_s`: avoid it for a back-off
+        and make the next one current. Returns whether the client moved (never with a single
+        broker, which gets the resend on a fresh socket)."""
+        if not self.several:
+            return False
+        failed = self.current
+        failures = self._failures[failed] = self._failures[failed] + 1
+        backoff_s = min(BROKER_BACKOFF_MAX_S, BROKER_BACKOFF_MIN_S * 2 ** min(failures - 1, 32))
+        self._avoid_until[failed] = now + backoff_s
+        count = len(self.endpoints)
+        order = [(failed + step) % count for step in range(1, count + 1)]  # itself last
+        avoid_until = self._avoid_until
+        self.current = next(
+            (index for index in order if avoid_until[index] <= now),
+            min(order, key=avoid_until.__getitem__),  # all avoided: the first free again
+        )
+        self._opened_at = now  # the client closes its socket and makes one to the next now
+        self.moves += 1
+        self.resend_s = self._draw()
+        return True
+
+    def unsendable(self, now: float) -> bool:
+        """A send to the current broker was refused (its socket is not connected): whether
+        the client moved to another (:meth:`failed`). Not before the socket had
+        UNSENDABLE_GRACE_S to connect, and never with a single broker (which the client keeps
+        trying for its connect timeout, as ever)."""
+        if not self.several or now - self._opened_at < UNSENDABLE_GRACE_S:
+            return False
+        return self.failed(now)
+
+    def avoided(self, now: float) -> list[str]:
+        """The brokers avoided at ``now`` (for messages and tests)."""
+        pairs = zip(self.endpoints, self._avoid_until, strict=True)
+        return [endpoint for endpoint, until in pairs if until > now]
+
+
 # --- the calls in flight -----------------------------------------------------------------------
 
 
@@ -348,10 +512,12 @@ class Calls:
     """The calls of one client that wait for a reply, and when to resend or give up.
 
     Args:
-        endpoint: the broker's address, for error messages.
+        endpoint: the client's :class:`Brokers` (which broker gets the calls, and the resend
+            interval), or one broker's address, for a client of a single broker.
         timeout_s: see the module docstring; with ``per_call_deadline`` False no call expires
             by itself (a pipeline uses :meth:`silent_s` instead).
-        attempt_s: silence after which everything unanswered is sent again.
+        attempt_s: silence after which everything unanswered is sent again (with
+            ``endpoint`` a Brokers, its own :attr:`Brokers.resend_s` is used instead).
         ids: makes ``count`` fresh nonzero request ids (:func:`new_ids`; tests pass their own).
         now: the clock at creation (the silence starts then).
         recent_batches: how many batch ids to remember for whole-batch refusals; None for all.
@@ -363,7 +529,7 @@ class Calls:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | Brokers,
         timeout_s: float,
         attempt_s: float,
         ids: Callable[[int], list[int]],
@@ -373,10 +539,12 @@ class Calls:
         jitter: Callable[[], float] = random.random,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self.endpoint = endpoint
+        if isinstance(endpoint, str):
+            endpoint = Brokers((endpoint,), attempt_s, timeout_s, first=0)
+        self.brokers = endpoint
+        self.endpoint = endpoint.description  # for messages
         self._wall = wall
         self.timeout_s = timeout_s
-        self.attempt_s = attempt_s
         self._ids = ids
         # One id at a time (an asyncio call, a batch id): from the pool, without a list.
         self._new_id: Callable[[], int] = new_id if ids is new_ids else lambda: ids(1)[0]
@@ -388,9 +556,14 @@ class Calls:
         self._queue: list[int] = []  # request ids to send, oldest first (may hold stale ids)
         self._recent: OrderedDict[int, list[int]] = OrderedDict()  # batch id -> request ids
         # When a reply last came, and when a message last left: resend only after attempt_s
-        # of silence since both (a busy client may read replies late).
+        # of silence since both (a busy client may read replies late). With several brokers,
+        # the silence counts from the first message sent since the last reply instead of the
+        # last one: a client that keeps sending (a gateway under steady load) would otherwise
+        # never leave a broker that takes everything and answers nothing (a host cut off).
         self.last_progress = now
         self.last_send = now
+        self._several = self.brokers.several
+        self._first_unanswered_send: float | None = None
         self._unreachable_since: float | None = None
         # Request ids of the calls that never left in a message: their outcome is known (not
         # applied). Every other call in _calls is in flight and its outcome may be unknown.
@@ -407,6 +580,11 @@ class Calls:
         self._busy: dict[int, int] = {}
         self._tainted: set[int] = set()
         self._requeued: dict[int, float] = {}
+
+    @property
+    def attempt_s(self) -> float:
+        """Silence after which everything unanswered is sent again (Brokers.resend_s)."""
+        return self.brokers.resend_s
 
     def __len__(self) -> int:
         """How many calls wait for a reply (queued, sent, or parked after a BUSY answer)."""
@@ -488,6 +666,8 @@ class Calls:
         del self._queue[: len(batch.request_ids)]
         self._unsent.difference_update(batch.request_ids)
         self.last_send = now
+        if self._first_unanswered_send is None:
+            self._first_unanswered_send = now
         self._unreachable_since = None
         self.sent_any = True
         recent = self._recent
@@ -513,6 +693,8 @@ class Calls:
         """
         subs = replies(frames)
         self.last_progress = now
+        self._first_unanswered_send = None
+        self.brokers.answered()
         calls = self._calls
         unsent = self._unsent
         done: list[Settled] = []
@@ -612,20 +794,46 @@ class Calls:
 
     def resend_in(self, now: float) -> float:
         """Seconds until :meth:`resend_due`, if nothing comes or leaves meanwhile (<= 0: due)."""
-        return max(self.last_progress, self.last_send) + self.attempt_s - now
+        return self._resend_at() - now
+
+    def _resend_at(self) -> float:
+        sent = self.last_send
+        if self._several and self._first_unanswered_send is not None:
+            sent = self._first_unanswered_send  # see __init__
+        return max(self.last_progress, sent) + self.attempt_s
 
     def resend_due(self, now: float) -> bool:
         """Whether a call that left is unanswered after ``attempt_s`` without any message in
-        either direction: the request or its reply may be lost (a broker restart)."""
+        either direction (with several brokers: without a reply since the first message that
+        left after the last one): the request or its reply may be lost (a broker restart)."""
         return self.in_flight > 0 and self.resend_in(now) <= 0
 
     def resend(self, now: float) -> None:
-        """Queue every unanswered call again, in creation order, with the same request ids
-        (the broker and workers recognise them, so nothing is applied twice). The caller
-        sends them on a fresh socket, which drops anything stale queued in the old one."""
+        """The current broker gave no answer for :attr:`attempt_s`: mark it failed (with
+        several brokers, another becomes current: :meth:`Brokers.failed`) and queue every
+        unanswered call again, in creation order, with the same request ids and records (the
+        brokers and workers recognise them, so nothing is applied twice). The caller sends them
+        on a fresh socket to ``brokers.endpoint``, which drops anything stale queued in the old
+        one."""
+        self.brokers.failed(now)
+        self._queue_again(now)
+
+    def unsendable(self, now: float) -> bool:
+        """A send was refused (the current broker is not connected): with several brokers,
+        once the socket had its grace to connect, move to the next broker
+        (:meth:`Brokers.unsendable`) and queue every unanswered call again, as :meth:`resend`
+        does; the caller then makes a socket to ``brokers.endpoint``. Returns whether it moved;
+        with one broker it never does (the caller keeps trying for its connect timeout)."""
+        if not self.brokers.unsendable(now):
+            return False
+        self._queue_again(now)
+        return True
+
+    def _queue_again(self, now: float) -> None:
         self._queue = list(self._calls)
         self._recent.clear()  # replies to the old socket can no longer come
         self.last_send = now
+        self._first_unanswered_send = None
         # The attempts that left and got no answer may have been applied: a BUSY answer to a
         # later attempt no longer means "not applied" (see busy_gave_up). Rare (a silence of
         # attempt_s), so rebuilt whole, which also drops the ids of calls settled since.
@@ -644,9 +852,7 @@ class Calls:
         _, _, _, _, earliest = next(iter(self._calls.values()))
         if self._parked or self._requeued:  # after BUSY answers only
             earliest = min(earliest, self.next_resend_at(), *self._requeued.values())
-        return max(
-            0.0, min(max(self.last_progress, self.last_send) + self.attempt_s, earliest) - now
-        )
+        return max(0.0, min(self._resend_at(), earliest) - now)
 
     def expire(self, now: float) -> list[Settled]:
         """Forget the calls whose deadline has passed; each with its error (:func:`gave_up`)."""

@@ -51,8 +51,8 @@ def _add_connection_options(parser: argparse.ArgumentParser, values: dict[str, A
         type=endpoints,
         default=default("frontend"),
         metavar="ENDPOINT",
-        help="the broker's frontend, tcp://HOST:PORT "
-        f"(env ZKV_FRONTEND, default {defaults.FRONTEND})",
+        help="the broker's frontend, tcp://HOST:PORT, or several brokers separated by commas "
+        f"(tried in turn) (env ZKV_FRONTEND, default {defaults.FRONTEND})",
     )
     parser.add_argument(
         "--timeout",

@@ -11,6 +11,10 @@ fresh one opened, and the same request sent again, until ``timeout_s`` has passe
 merges a retry with its original while that is still in flight, and a worker answers a
 SET or DEL it already applied from its memory of request ids, so nothing is applied twice.
 
+Several brokers (``Client("tcp://a:5555,tcp://b:5555")``, or ``ZKV_FRONTEND`` so): the client
+talks to one at a time, and a request without answer is sent again, with the same id, through
+the next one, while the silent broker is avoided for a back-off (:class:`zkv.calls.Brokers`).
+
 Failing fast instead of hanging: the socket has ``ZMQ_IMMEDIATE`` set, so a request is never
 queued for a broker that is not connected. While the broker is unreachable the client keeps
 trying for ``connect_timeout_s`` (long enough to ride through a broker restart), then raises
@@ -55,6 +59,7 @@ import zmq
 
 from zkv import defaults
 from zkv.calls import (
+    Brokers,
     Calls,
     Item,
     NotFound,
@@ -64,7 +69,7 @@ from zkv.calls import (
     busy_gave_up,
     check,
     checked_batch_ops,
-    frontend,
+    frontends,
     gave_up,
     new_id,
     new_ids,
@@ -106,9 +111,12 @@ class Client:
     """A blocking client of the zkv broker.
 
     Args:
-        endpoint: the broker's frontend; defaults to ``$ZKV_FRONTEND`` or ``tcp://127.0.0.1:5555``.
+        endpoint: the broker's frontend, or several brokers' (comma-separated, or a sequence):
+            see :class:`zkv.calls.Brokers`; defaults to ``$ZKV_FRONTEND`` or
+            ``tcp://127.0.0.1:5555``. ValueError if an entry is malformed.
         timeout_s: the most a request may take, retries included, before :class:`Timeout`.
-        attempt_s: how long to wait for a reply before sending the request again.
+        attempt_s: how long to wait for a reply before sending the request again (with
+            several brokers, through the next one, after at most ``timeout_s / 3``).
         connect_timeout_s: how long to keep trying to reach an unreachable broker before
             :class:`Unavailable` (never longer than ``timeout_s``).
         context: the ZeroMQ context; defaults to the process-wide one.
@@ -118,6 +126,9 @@ class Client:
             ``client.key_secret``: talk CURVE to a broker started with ``--frontend-curve``.
             None: CURVE only if ``$ZKV_FRONTEND_CURVE`` is on, with ``$ZKV_KEYS``
             (:func:`zkv.keys.frontend_curve`). Raises KeysError if they cannot be loaded.
+            With several brokers, the same keys serve for each (they share the cluster's).
+        first_broker: with several brokers, the index of the one to use first; None: one
+            at random, so that clients spread over the brokers.
 
     Attributes:
         retries: how many times this client has sent a request again (for statistics).
@@ -125,7 +136,7 @@ class Client:
 
     def __init__(
         self,
-        endpoint: str | None = None,
+        endpoint: str | Sequence[str] | None = None,
         timeout_s: float = defaults.REQUEST_TIMEOUT_S,
         attempt_s: float = defaults.ATTEMPT_TIMEOUT_S,
         connect_timeout_s: float = defaults.CONNECT_TIMEOUT_S,
@@ -133,8 +144,10 @@ class Client:
         batch_ops: int = BATCH_OPS,
         window_ops: int = WINDOW_OPS,
         keys: str | os.PathLike[str] | None = None,
+        first_broker: int | None = None,
     ) -> None:
-        self.endpoint = frontend(endpoint)
+        self.brokers = Brokers(frontends(endpoint), attempt_s, timeout_s, first_broker)
+        self.endpoint = self.brokers.description
         self.curve = frontend_curve(keys)
         self.batch_ops = checked_batch_ops(batch_ops)
         self.timeout_s = timeout_s
@@ -144,6 +157,11 @@ class Client:
         self.retries = 0
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        # The socket a single request left before it was resent on a fresh one, kept for one
+        # more resend interval: an answer the broker sent it just as the client moved on (a
+        # "no worker" failure at --shard-wait, a whole number of resend intervals) still
+        # arrives, instead of the resend waiting out the client's timeout (504 for a 503).
+        self._previous: zmq.Socket | None = None
         self._poller = zmq.Poller()
 
     # --- commands ---------------------------------------------------------------------------
@@ -300,10 +318,11 @@ class Client:
         """
         count = len(ops)
         results: list[Any] = [_PENDING] * count
+        self._drop_previous()  # read by single requests only (see _previous)
         start = time.monotonic()
         # A pipeline fails as a whole, after timeout_s without any reply (see zkv.calls).
         calls = Calls(
-            self.endpoint,
+            self.brokers,
             self.timeout_s,
             self.attempt_s,
             new_ids,
@@ -329,12 +348,16 @@ class Client:
                 if batch is None:
                     break
                 if not self._send(self._connected_socket(), batch.frames, now + self.timeout_s):
+                    now = time.monotonic()
                     if calls.unreachable_s(now) >= self.connect_timeout_s:
                         message = (
                             f"broker at {self.endpoint} is not reachable "
                             f"(tried for {now - start:.1f} s)"
                         )
                         return self._give_up(results, calls, gave_up(message, calls.sent_any))
+                    if calls.unsendable(now):  # several brokers: on to the next, same ids
+                        self._reset()
+                        self.retries += 1
                     break
                 calls.sent(batch, time.monotonic())
             if not calls.in_flight:
@@ -352,7 +375,8 @@ class Client:
                 return self._give_up(results, calls, gave_up(message, True))
             if calls.resend_due(now):
                 # Nothing came back for a while: requests or replies may be lost (a broker
-                # restart). Send what is unanswered again, same ids, on a fresh socket.
+                # restart). Send what is unanswered again, same ids, on a fresh socket (to the
+                # next broker if there are several: zkv.calls.Brokers).
                 self._reset()
                 self.retries += 1
                 calls.resend(now)
@@ -416,6 +440,7 @@ class Client:
         unreachable_since: float | None = None
         maybe_applied = False  # an attempt left and got no answer
         busy = 0  # BUSY answers in a row
+        brokers = self.brokers  # which broker, and when to move on: zkv.calls.Brokers
         while True:
             socket = self._connected_socket()
             if not self._send(socket, frames, deadline):
@@ -427,11 +452,14 @@ class Client:
                         f"(tried for {now - start:.1f} s)"
                     )
                     raise gave_up(message, maybe_applied)
+                if brokers.unsendable(now):  # several brokers: on to the next, same frames
+                    self._reset()
                 continue
             reply = self._wait_reply(
-                socket, request_id, min(deadline, time.monotonic() + self.attempt_s)
+                socket, request_id, min(deadline, time.monotonic() + brokers.resend_s)
             )
             if reply is not None:
+                brokers.answered()
                 if reply.status != Status.BUSY:
                     return check(reply)
                 # Shed, not applied: wait a backoff, then send it again with the same id
@@ -444,10 +472,12 @@ class Client:
                 time.sleep(wait_s)
                 continue
             # No reply: the request or its reply may be lost (a broker restart), or it may have
-            # been applied. Send it again on a fresh socket, which also drops anything stale
-            # still queued in the old one.
+            # been applied. Send it again (the same frames: the same id and stamp) on a fresh
+            # socket, which also drops anything stale still queued in the old one, to the next
+            # broker if there are several; the old one is still read for one more interval.
             maybe_applied = True
-            self._reset()
+            self._reset(keep_previous=True)
+            brokers.failed(time.monotonic())
             if time.monotonic() >= deadline:
                 raise Timeout(
                     f"no reply from {self.endpoint} within {self.timeout_s} s; outcome unknown"
@@ -455,18 +485,25 @@ class Client:
             self.retries += 1
 
     def _wait_reply(self, socket: zmq.Socket, request_id: int, until: float) -> Reply | None:
-        """The reply to ``request_id`` if it comes before ``until`` (monotonic), else None."""
+        """The reply to ``request_id`` if it comes before ``until`` (monotonic), else None:
+        on ``socket`` or on the socket the request left before (see ``_previous``)."""
         while True:
             remaining_ms = int((until - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._poller.poll(remaining_ms):
+            if remaining_ms <= 0:
                 return None
-            try:
-                reply = decode_reply(socket.recv_multipart())
-            except ProtocolError:
-                continue  # not ours to fix, and not worth dying for
-            if reply.request_id == request_id:
-                return reply
-            # else: a late reply to an earlier request that timed out
+            ready = dict(self._poller.poll(remaining_ms))
+            if not ready:
+                return None
+            for readable in (socket, self._previous):
+                if readable is None or readable not in ready:
+                    continue
+                try:
+                    reply = decode_reply(readable.recv_multipart())
+                except ProtocolError:
+                    continue  # not ours to fix, and not worth dying for
+                if reply.request_id == request_id:
+                    return reply
+                # else: a late reply to an earlier request that timed out
 
     def close(self) -> None:
         """Close the socket; the client can still be used and opens a new one."""
@@ -485,7 +522,8 @@ class Client:
 
     def _connected_socket(self) -> zmq.Socket:
         if self._socket is None:
-            socket = dealer(self._context, self.endpoint, self.curve)
+            socket = dealer(self._context, self.brokers.endpoint, self.curve)
+            self.brokers.opened(time.monotonic())
             self._socket = socket
             self._poller.register(socket, zmq.POLLIN)
         return self._socket
@@ -507,11 +545,23 @@ class Client:
         except zmq.Again:
             return False
 
-    def _reset(self) -> None:
+    def _reset(self, keep_previous: bool = False) -> None:
+        """Drop the socket (a fresh one is opened when next needed); with ``keep_previous``
+        it is read for one more resend interval (see ``_previous``), at most one such."""
+        self._drop_previous()
         if self._socket is not None:
-            self._poller.unregister(self._socket)
-            self._socket.close(linger=0)
+            if keep_previous:
+                self._previous = self._socket
+            else:
+                self._poller.unregister(self._socket)
+                self._socket.close(linger=0)
             self._socket = None
+
+    def _drop_previous(self) -> None:
+        if self._previous is not None:
+            self._poller.unregister(self._previous)
+            self._previous.close(linger=0)
+            self._previous = None
 
 
 AllOnce = Callable[[bytes, int, bool], list[Entry]]

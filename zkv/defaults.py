@@ -6,6 +6,12 @@ module), so one environment moves the whole cluster, under honcho or anywhere el
 
 FRONTEND = "tcp://127.0.0.1:5555"  # ZKV_FRONTEND: clients (gateway, zkv client) <-> broker
 BACKEND = "tcp://127.0.0.1:5556"  # ZKV_BACKEND: broker <-> workers
+# ZKV_ADVERTISE: the address other hosts reach this one at. A broker without --frontend or
+# --backend binds tcp://<advertise>:FRONTEND_PORT and :BACKEND_PORT, so one command line serves
+# every host with only its environment changed. Not loopback: CURVE, or --insecure (README).
+ADVERTISE = "127.0.0.1"
+FRONTEND_PORT = 5555
+BACKEND_PORT = 5556
 SHARDS = 2  # ZKV_SHARDS
 
 HTTP_HOST = "127.0.0.1"  # ZKV_HOST
@@ -59,3 +65,13 @@ DISK_RESERVE_BYTES = 16 * 1024 * 1024
 
 EXPIRE_CYCLE_S = 0.05  # how often a worker looks for expired keys nobody read
 EXPIRE_BUDGET_S = 0.002  # the most one expiry pass may take before requests run again
+
+# Cluster mode (docs/cluster.md): set ZKV_COORDINATOR and the services coordinate through etcd.
+COORDINATOR = ""  # ZKV_COORDINATOR: etcd client URLs, comma-separated; empty: one host, as ever
+CLUSTER_NAME = "zkv"  # ZKV_CLUSTER_NAME: this cluster's keys live under /zkv/<name>/ in etcd
+REPLICAS = 1  # ZKV_REPLICAS: followers per shard in cluster mode, at most MAX_REPLICAS
+MAX_REPLICAS = 8
+LEASE_TTL_S = 3  # ZKV_LEASE_TTL: whole seconds (etcd's unit); 1 to MAX_LEASE_TTL_S
+MAX_LEASE_TTL_S = 300
+REPLICA_LAG_S = 1.0  # ZKV_REPLICA_LAG: a follower silent or behind this long leaves the ISR
+MAX_REPLICA_LAG_S = 60.0

@@ -123,6 +123,19 @@ def complete(directory: Path) -> bool:
     return all((directory / n).is_file() for n in names) and (directory / AUTHORIZED).is_dir()
 
 
+# What a worker host needs (the README's list): the broker's public key to check it, and the
+# workers' keypair to prove itself. Not the broker's secret, nor authorized/: an operator copies
+# only these three files to a worker host, and a worker that waited for the rest never started.
+WORKER_FILES = (f"{BROKER}.key", f"{WORKER}.key", f"{WORKER}.key_secret")
+# What a client host needs for the frontend's CURVE (client_curve reads these three).
+CLIENT_FILES = (f"{BROKER}.key", f"{CLIENT}.key", f"{CLIENT}.key_secret")
+
+
+def worker_complete(directory: Path) -> bool:
+    """Whether ``directory`` holds what a worker needs (:data:`WORKER_FILES`)."""
+    return all((directory / name).is_file() for name in WORKER_FILES)
+
+
 def create_keys(directory: Path) -> None:
     """Write a new key set into ``directory``, which must not exist (or be empty).
 
@@ -185,7 +198,8 @@ def wait_for_keys(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Keys:
-    """The key set in ``directory``, waiting up to ``timeout_s`` for the broker to create it.
+    """The worker's keys in ``directory`` (:data:`WORKER_FILES`), waiting up to ``timeout_s``
+    for the broker to create them (a whole set appears in one rename, so a subset never shows).
 
     Raises:
         KeysError: no whole key set appeared in time; the message says where to find one.
@@ -193,7 +207,7 @@ def wait_for_keys(
     directory = Path(directory).absolute()
     deadline_s = clock() + timeout_s
     logged = False
-    while not complete(directory):
+    while not worker_complete(directory):
         if clock() >= deadline_s:
             raise KeysError(
                 f"no cluster keys in {directory} after {timeout_s:.0f} s. Workers do not create "

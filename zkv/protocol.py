@@ -94,6 +94,30 @@ Worker <-> broker control (one frame each)::
     the worker a standby. READY's flags: READY_DURABLE (bit 0) for a worker that keeps shards
     in a data directory, whose manifest's cluster id is ``cluster`` (0 for a worker in memory).
     A READY of 16 bytes, without ``cluster`` (earlier versions), is read with cluster 0.
+
+Leader <-> follower replication (kinds 0x30..0x3F; cluster mode, workers/replication.py)::
+
+    FOLLOW    version:u8 kind:u8 flags:u8 id_len:u8 shard:u32 epoch:u64 have_seq:u64 follower_id
+                                                                        follower -> leader
+    SNAPSHOT  version:u8 kind:u8 flags:u8 reserved:u8 shard:u32 epoch:u64 seq:u64 chunk_no:u32
+              | body                                                    leader -> follower
+    RECORDS   version:u8 kind:u8 reserved:u16 shard:u32 epoch:u64 first_seq:u64 count:u32
+              | body                                                    leader -> follower
+    ACK       version:u8 kind:u8 flags:u8 reserved:u8 shard:u32 epoch:u64 seq:u64 chunk_no:u32
+                                                                        follower -> leader
+    REFUSE    version:u8 kind:u8 reserved:u16 shard:u32 epoch:u64 | reason   follower -> leader
+
+    epoch >= 1 everywhere; shard below 0xFFFFFFFF. FOLLOW: follower_id is 1..255 bytes of
+    UTF-8; flag RESUME (bit 0) says the follower holds the shard's state of ``epoch`` at
+    ``have_seq`` (else have_seq is 0). SNAPSHOT: a slice (1..MAX_SNAPSHOT_CHUNK_BYTES) of the
+    compacted log of the shard at ``seq``, chunks numbered from 0, flag LAST (bit 0) on the
+    final one. RECORDS: the log records of batches first_seq..first_seq+count-1 (first_seq
+    >= 1), exactly as the leader appended them; body at most MAX_RECORDS_BYTES, or one record
+    of at most MAX_RECORD_BYTES when count is 1; count >= 1 and at most one batch per
+    MIN_RECORD_BYTES of body. ACK: flag CHUNK (bit 0): chunk ``chunk_no`` of the snapshot at
+    ``seq`` is written (flow control); without it, every record up to ``seq`` is appended and
+    applied (chunk_no 0). REFUSE: the follower follows the newer ``epoch``; reason is 0..1024
+    bytes of UTF-8.
 """
 
 from __future__ import annotations
@@ -139,6 +163,11 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 0x22
     DISCONNECT = 0x23
     REPORT = 0x24
+    FOLLOW = 0x30
+    SNAPSHOT = 0x31
+    RECORDS = 0x32
+    ACK = 0x33
+    REFUSE = 0x34
 
 
 COMMANDS = frozenset({Kind.GET, Kind.SET, Kind.DEL, Kind.ALL, Kind.PING, Kind.STATS})
@@ -1500,3 +1529,243 @@ def _shard_out(shard: int | None) -> int:
 
 def _shard_in(shard: int) -> int | None:
     return None if shard == NO_SHARD else shard
+
+
+# --- replication (leader <-> follower) --------------------------------------------------------
+
+# Bounds of the replication messages (docs/protocol.md section 7). A follower id is a worker
+# id as registered in etcd; a snapshot travels in chunks of at most a MiB (the leader sends a
+# few at a time, see workers/replication.py); RECORDS carry at most 16 MiB of batches, or one
+# batch that is a single record larger than that (a SET of the largest key and value).
+MAX_FOLLOWER_ID_BYTES = 255
+MAX_SNAPSHOT_CHUNK_BYTES = 1024 * 1024
+MAX_RECORDS_BYTES = 16 * 1024 * 1024
+# One log record of the largest SET: length and CRC (8), type, request id, deadline and key
+# length (21), key, value (workers/aof.py). A record is at least 17 bytes (a DEL of an empty
+# key: the prefix and 9 bytes of body), so a RECORDS body holds at most len/17 batches.
+MAX_RECORD_BYTES = 8 + 21 + MAX_KEY_BYTES + MAX_VALUE_BYTES
+MIN_RECORD_BYTES = 17
+MAX_REFUSE_REASON_BYTES = 1024
+FOLLOW_RESUME = 0x01  # FOLLOW flags: have_seq is meaningful
+SNAPSHOT_LAST = 0x01  # SNAPSHOT flags: the final chunk
+ACK_CHUNK = 0x01  # ACK flags: a snapshot chunk is written (not records applied)
+
+_FOLLOW = struct.Struct("!BBBBIQQ")
+_SNAPSHOT = struct.Struct("!BBBxIQQI")
+_RECORDS = struct.Struct("!BBxxIQQI")
+_ACK = struct.Struct("!BBBxIQQI")
+_REFUSE = struct.Struct("!BBxxIQ")
+
+
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """Follower -> leader: "I follow you in ``epoch``; send me the shard".
+
+    ``have_seq`` None: send a snapshot. Otherwise the follower holds the shard's state of
+    ``epoch`` at that sequence number (after a reconnection) and the leader may resume from
+    the next batch if it still has it, else it sends a snapshot anyway."""
+
+    shard: int
+    epoch: int
+    follower_id: str
+    have_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    """Leader -> follower: chunk ``chunk_no`` of the shard's compacted log at batch ``seq``."""
+
+    shard: int
+    epoch: int
+    seq: int
+    chunk_no: int
+    last: bool
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Records:
+    """Leader -> follower: the log records of batches ``first_seq .. first_seq + count - 1``."""
+
+    shard: int
+    epoch: int
+    first_seq: int
+    count: int
+    body: bytes
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + self.count - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Follower -> leader: records up to ``seq`` are appended and applied (``chunk`` None), or
+    snapshot chunk ``chunk`` of the snapshot at ``seq`` is written."""
+
+    shard: int
+    epoch: int
+    seq: int
+    chunk: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Follower -> leader: I follow the newer ``epoch``; you are not my leader (fencing)."""
+
+    shard: int
+    epoch: int
+    reason: str = ""
+
+
+ToLeader = Follow | Ack | Refuse
+ToFollower = SnapshotChunk | Records
+
+
+def encode_replication(message: ToLeader | ToFollower) -> list[bytes]:
+    """Frames of a replication message. Raises ProtocolError for one this spec forbids (the
+    same checks as the decoders: a sender never puts on the wire what a receiver refuses)."""
+    match message:
+        case Follow(shard, epoch, follower_id, have_seq):
+            name = follower_id.encode()
+            _check_link(shard, epoch, Kind.FOLLOW)
+            if not 1 <= len(name) <= MAX_FOLLOWER_ID_BYTES:
+                raise ProtocolError(f"FOLLOW: follower id of {len(name)} bytes, 1..255 allowed")
+            flags = 0 if have_seq is None else FOLLOW_RESUME
+            seq = 0 if have_seq is None else have_seq
+            _check_u64(seq, "FOLLOW have_seq")
+            return [_FOLLOW.pack(VERSION, Kind.FOLLOW, flags, len(name), shard, epoch, seq) + name]
+        case SnapshotChunk(shard, epoch, seq, chunk_no, last, body):
+            _check_link(shard, epoch, Kind.SNAPSHOT)
+            _check_u64(seq, "SNAPSHOT seq")
+            _check_snapshot_body(len(body), chunk_no)
+            flags = SNAPSHOT_LAST if last else 0
+            header = _SNAPSHOT.pack(VERSION, Kind.SNAPSHOT, flags, shard, epoch, seq, chunk_no)
+            return [header, body]
+        case Records(shard, epoch, first_seq, count, body):
+            _check_link(shard, epoch, Kind.RECORDS)
+            _check_records(first_seq, count, len(body))
+            return [_RECORDS.pack(VERSION, Kind.RECORDS, shard, epoch, first_seq, count), body]
+        case Ack(shard, epoch, seq, chunk):
+            _check_link(shard, epoch, Kind.ACK)
+            _check_u64(seq, "ACK seq")
+            flags = 0 if chunk is None else ACK_CHUNK
+            number = 0 if chunk is None else chunk
+            if not 0 <= number <= 0xFFFF_FFFF:
+                raise ProtocolError(f"ACK chunk {number} out of range")
+            return [_ACK.pack(VERSION, Kind.ACK, flags, shard, epoch, seq, number)]
+        case Refuse(shard, epoch, reason):
+            _check_link(shard, epoch, Kind.REFUSE)
+            text = reason.encode()[:MAX_REFUSE_REASON_BYTES]
+            return [_REFUSE.pack(VERSION, Kind.REFUSE, shard, epoch), text]
+    raise TypeError(f"not a replication message: {message!r}")
+
+
+def decode_to_leader(frames: Sequence[bytes]) -> ToLeader:
+    """Parse what a follower sends its leader (FOLLOW, ACK, REFUSE); anything else, or any
+    field out of range, raises ProtocolError."""
+    kind = _peek_kind(frames)
+    header = frames[0]
+    match kind:
+        case Kind.FOLLOW:
+            _check_frames(frames, 1, kind)
+            if len(header) < _FOLLOW.size:
+                raise ProtocolError(f"FOLLOW header of {len(header)} bytes, expected more")
+            _, _, flags, id_len, shard, epoch, have_seq = _FOLLOW.unpack_from(header)
+            _check_link(shard, epoch, kind)
+            if flags & ~FOLLOW_RESUME:
+                raise ProtocolError(f"FOLLOW: unknown flags 0x{flags:02x}")
+            if id_len == 0 or len(header) != _FOLLOW.size + id_len:
+                raise ProtocolError(
+                    f"FOLLOW: id_len {id_len} with {len(header) - _FOLLOW.size} id bytes"
+                )
+            if not flags and have_seq:
+                raise ProtocolError("FOLLOW: have_seq without flag RESUME")
+            try:
+                name = bytes(header[_FOLLOW.size :]).decode()
+            except UnicodeDecodeError:
+                raise ProtocolError("FOLLOW: follower id is not UTF-8") from None
+            return Follow(shard, epoch, name, have_seq if flags else None)
+        case Kind.ACK:
+            _check_frames(frames, 1, kind)
+            _check_size(header, _ACK.size, kind)
+            _, _, flags, shard, epoch, seq, chunk = _ACK.unpack(header)
+            _check_link(shard, epoch, kind)
+            if flags & ~ACK_CHUNK:
+                raise ProtocolError(f"ACK: unknown flags 0x{flags:02x}")
+            if not flags and chunk:
+                raise ProtocolError("ACK: chunk_no without flag CHUNK")
+            return Ack(shard, epoch, seq, chunk if flags else None)
+        case Kind.REFUSE:
+            _check_frames(frames, 2, kind)
+            _check_size(header, _REFUSE.size, kind)
+            _, _, shard, epoch = _REFUSE.unpack(header)
+            _check_link(shard, epoch, kind)
+            text = frames[1]
+            if len(text) > MAX_REFUSE_REASON_BYTES:
+                raise ProtocolError(f"REFUSE: reason of {len(text)} bytes, at most 1024")
+            try:
+                reason = bytes(text).decode()
+            except UnicodeDecodeError:
+                raise ProtocolError("REFUSE: reason is not UTF-8") from None
+            return Refuse(shard, epoch, reason)
+    raise ProtocolError(f"a follower may not send {kind.name}")
+
+
+def decode_to_follower(frames: Sequence[bytes]) -> ToFollower:
+    """Parse what a leader sends a follower (SNAPSHOT, RECORDS); anything else, or any field
+    out of range, raises ProtocolError. The body is returned as received, not parsed: the
+    follower parses records with the log reader (workers/aof.py) before applying any."""
+    kind = _peek_kind(frames)
+    header = frames[0]
+    match kind:
+        case Kind.SNAPSHOT:
+            _check_frames(frames, 2, kind)
+            _check_size(header, _SNAPSHOT.size, kind)
+            _, _, flags, shard, epoch, seq, chunk_no = _SNAPSHOT.unpack(header)
+            _check_link(shard, epoch, kind)
+            if flags & ~SNAPSHOT_LAST:
+                raise ProtocolError(f"SNAPSHOT: unknown flags 0x{flags:02x}")
+            body = frames[1]
+            _check_snapshot_body(len(body), chunk_no)
+            return SnapshotChunk(shard, epoch, seq, chunk_no, bool(flags), body)
+        case Kind.RECORDS:
+            _check_frames(frames, 2, kind)
+            _check_size(header, _RECORDS.size, kind)
+            _, _, shard, epoch, first_seq, count = _RECORDS.unpack(header)
+            _check_link(shard, epoch, kind)
+            body = frames[1]
+            _check_records(first_seq, count, len(body))
+            return Records(shard, epoch, first_seq, count, body)
+    raise ProtocolError(f"a leader may not send {kind.name}")
+
+
+def _check_link(shard: int, epoch: int, kind: Kind) -> None:
+    if not 0 <= shard < NO_SHARD:
+        raise ProtocolError(f"{kind.name}: shard {shard} out of range")
+    if not 1 <= epoch <= U64_MAX:
+        raise ProtocolError(f"{kind.name}: epoch {epoch} out of range (1..2**64-1)")
+
+
+def _check_u64(value: int, what: str) -> None:
+    if not 0 <= value <= U64_MAX:
+        raise ProtocolError(f"{what} {value} out of range")
+
+
+def _check_snapshot_body(size: int, chunk_no: int) -> None:
+    if not 1 <= size <= MAX_SNAPSHOT_CHUNK_BYTES:
+        raise ProtocolError(f"SNAPSHOT: chunk of {size} bytes, 1..{MAX_SNAPSHOT_CHUNK_BYTES}")
+    if not 0 <= chunk_no <= 0xFFFF_FFFF:
+        raise ProtocolError(f"SNAPSHOT: chunk_no {chunk_no} out of range")
+
+
+def _check_records(first_seq: int, count: int, size: int) -> None:
+    if count < 1 or count > 0xFFFF_FFFF or count > size // MIN_RECORD_BYTES:
+        raise ProtocolError(f"RECORDS: count {count} for a body of {size} bytes")
+    if first_seq < 1 or first_seq + count - 1 > U64_MAX:
+        raise ProtocolError(f"RECORDS: batches {first_seq}+{count} out of range")
+    if size > MAX_RECORDS_BYTES and (count != 1 or size > MAX_RECORD_BYTES):
+        raise ProtocolError(
+            f"RECORDS: body of {size} bytes in {count} batch(es): at most {MAX_RECORDS_BYTES}, "
+            f"or one batch of at most {MAX_RECORD_BYTES}"
+        )

@@ -136,3 +136,29 @@ def test_request_ids_are_random_64_bit(context, broker):
     finally:
         stop.set()
         thread.join(5)
+
+
+def test_an_answer_sent_to_the_socket_the_client_just_left_still_reaches_it(context, broker):
+    # The broker fails a request at --shard-wait (a whole number of resend intervals) and
+    # answers the socket it last heard the request on, just as the client resends on a fresh
+    # one: that answer must not be lost (it was, and the client waited out its timeout: 504
+    # for what was a 503).
+    socket, endpoint = broker
+
+    def answer_the_old_socket() -> None:
+        first, *frames = socket.recv_multipart()
+        request_id = decode_request(frames).request_id
+        second, *_ = socket.recv_multipart()  # the resend, on a fresh socket
+        assert second != first
+        failure = Reply(Status.UNAVAILABLE, request_id, body=b"shard 0 has no worker")
+        socket.send_multipart([first, *encode_reply(failure)])
+
+    thread = threading.Thread(target=answer_the_old_socket, daemon=True)
+    thread.start()
+    client = Client(endpoint, timeout_s=5, attempt_s=0.3, context=context)
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="no worker"):
+        client.get("k")
+    assert time.monotonic() - started < 2.0  # not the 5 s timeout
+    thread.join(5)
+    client.close()

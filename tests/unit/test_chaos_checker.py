@@ -21,6 +21,7 @@ from tests.chaos import (
     double_owners,
     http_failure,
     parse_ownership,
+    shared_epochs,
 )
 from zkv.errors import RequestError, Timeout, Unavailable
 
@@ -379,3 +380,39 @@ def test_two_processes_owning_a_shard_at_once_are_counted_with_both_epochs():
     assert overlap["shard"] == 1
     assert (overlap["first"]["epoch"], overlap["second"]["epoch"]) == (5, 9)
     assert overlap["overlap_ms"] == pytest.approx(1000, abs=1)
+
+
+def test_a_cluster_leader_ends_when_it_logs_no_longer_leader_not_when_it_leaves_later():
+    """A cut-off cluster leader stops acknowledging when it logs "no longer leader"; its
+    "left" line comes after its files are closed. The new leader's "took" lies between: no
+    overlap. Had it logged nothing, its interval would run on and overlap."""
+    stepped = log_line(T0 + 2000, "no longer leader of shard 0: its lease is no longer valid")
+    old = [
+        log_line(T0, "took shard 0 epoch 5 (0 keys replayed from log)"),
+        stepped,
+        log_line(T0 + 2600, "left shard 0 epoch 5: its lease is no longer valid"),
+    ]
+    new = log_line(T0 + 2300, "took shard 0 epoch 9 (7 keys replayed from log)")
+    intervals = parse_ownership(
+        {"h1-workers-1.log": "\n".join(old), "h2-workers-2.log": new}, {}, T0 + 9000
+    )
+    assert intervals is not None
+    assert [(i.epoch, i.end_ms - T0, i.ended_by) for i in intervals] == [
+        (5, 2000, "left"),
+        (9, 9000, "end of run"),
+    ]
+    assert double_owners(intervals) == [] and shared_epochs(intervals) == []
+    old.remove(stepped)
+    late = parse_ownership(
+        {"h1-workers-1.log": "\n".join(old), "h2-workers-2.log": new}, {}, T0 + 9000
+    )
+    assert late is not None and len(double_owners(late)) == 1
+
+
+def test_two_processes_taking_one_epoch_are_found():
+    line = log_line(T0, "took shard 1 epoch 12 (0 keys replayed from log)")
+    intervals = parse_ownership(
+        {"a.log": line, "b.log": line}, {"a.log": (T0 + 1, "killed")}, T0 + 9000
+    )
+    assert intervals is not None
+    assert shared_epochs(intervals) == [{"shard": 1, "epoch": 12, "logs": ["a.log", "b.log"]}]

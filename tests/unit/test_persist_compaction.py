@@ -205,3 +205,27 @@ def test_a_former_owner_cannot_finish_its_compaction_after_the_shard_moved(
     assert Path(successor_log).read_bytes() == snapshot  # nothing renamed over the log
     history.check(successor)
     successor.close()
+
+
+def test_a_compaction_after_a_replay_does_not_move_the_next_replays_clock(
+    durability: Durability, clock: FakeClock
+) -> None:
+    """A memory rebuilt by replay dates its writes at the end of their TIME record's interval
+    (up to a second ahead of the clock); compaction used to write those dates as TIME records,
+    and the next replay raised its clock to them: a key with 800 ms left was gone at once.
+    Followers rebuild their memory that way from every record their leader ships."""
+    first = take_shard(0, 1, None, durability, clock).shard
+    state = Acknowledged(first)
+    state.set(b"soon", b"800 ms left", ttl_ms=800)
+    first.close()
+    clock.advance(100)
+    second = take_from_disk(durability, clock)  # replay: the memory's run is dated +1 s
+    files = second.files
+    assert files is not None
+    files.start_rewrite(second.store, second.memory)
+    assert files.wait_rewrite(WAIT_S)
+    second.tick()
+    second.close()
+    third = take_shard(0, 200, None, durability, clock).shard
+    assert {e.key for e in third.store.entries()} == {b"soon"}
+    third.close()

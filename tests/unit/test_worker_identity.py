@@ -84,6 +84,20 @@ def test_a_worker_takes_the_keys_the_broker_made_meanwhile(tmp_path: Path) -> No
     assert keys.worker().secret is not None and clock.now_s < 1.2
 
 
+def test_a_worker_host_needs_only_the_three_files_the_readme_lists(tmp_path: Path) -> None:
+    """An operator copies broker.key, worker.key and worker.key_secret to a worker host (README,
+    Keys); before, the worker also waited for the broker's secret and authorized/, never came."""
+    create_keys(tmp_path / "broker")
+    directory = tmp_path / "worker-host"
+    directory.mkdir(mode=0o700)
+    for name in ("broker.key", "worker.key", "worker.key_secret"):
+        (directory / name).write_bytes((tmp_path / "broker" / name).read_bytes())
+    clock = FakeClock()
+    keys = wait_for_keys(directory, 10.0, clock, clock.sleep)
+    assert clock.now_s == 0.0
+    assert keys.worker().secret is not None and keys.broker().secret is None
+
+
 def test_a_durable_data_directory_is_refused_to_a_worker_in_memory(tmp_path: Path) -> None:
     assert durable_data(tmp_path / "missing") is None
     assert durable_data(tmp_path) is None
