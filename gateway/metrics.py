@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import threading
 import time
 from array import array
 from collections import deque
@@ -96,6 +97,41 @@ STATUS_SAMPLE_S = 1.0  # the status page's latency samples: at most one a second
 HISTORY_S = 600.0  # ... kept for ten minutes (600 samples at most)
 RECENT_S = 60.0  # the "recent" latency of /v1/status: over about the last minute
 MAX_HISTORY_POINTS = 120  # points of the latency graph in one /v1/status answer
+
+
+class CountedWsgi:
+    """The ``gthread`` worker class's HTTP counts: a WSGI wrapper that records each answered
+    request as the event worker's server does (gateway/http11.py), under a lock (the app runs
+    on several threads), publishing the process's counts at most every FLUSH_S. The latency is
+    the app's time, from the call to its return (the body is sent after)."""
+
+    FLUSH_S = 0.5
+
+    def __init__(self, app: Any, stats: HttpStats) -> None:
+        self.app = app
+        self.stats = stats
+        self._lock = threading.Lock()
+        self._next_flush = 0.0
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        started = time.monotonic()
+        code = [500]
+
+        def start(status: str, headers: Any, exc_info: Any = None) -> Any:
+            code[0] = int(status[:3]) if status[:3].isdigit() else 500
+            return start_response(status, headers, exc_info)
+
+        try:
+            return self.app(environ, start)
+        finally:
+            now = time.monotonic()
+            method = str(environ.get("REQUEST_METHOD", "")).encode("latin-1", "replace")
+            path = str(environ.get("PATH_INFO", "")).encode("latin-1", "replace")
+            with self._lock:
+                self.stats.record(method, path, code[0], now - started)
+                if now >= self._next_flush:
+                    self._next_flush = now + self.FLUSH_S
+                    self.stats.flush()
 
 
 class HttpStats:

@@ -37,7 +37,7 @@ from gateway.app import ClientPlugin, make_app
 from gateway.auth import Tokens, TokensFileError, load_tokens
 from gateway.bridge import LoopClient
 from gateway.http11 import ServerConfig, Shortcut, set_target_limit
-from gateway.metrics import HttpStats
+from gateway.metrics import CountedWsgi, HttpStats
 from zkv import defaults, protocol
 from zkv.client import Client
 from zkv.config import (
@@ -289,9 +289,13 @@ class GatewayServer(BaseApplication):
         for name, value in self.options.items():
             self.cfg.set(name, value)
 
-    def load(self) -> Bottle:
-        """The app of one worker process."""
+    def load(self) -> Any:
+        """The app of one worker process; under ``gthread``, wrapped to count its requests
+        for /metrics (the event worker's server counts them itself)."""
         self._app = self.app_factory()
+        stats = None if self.http_config is None else self.http_config.stats
+        if self.options.get("worker_class") == WORKER_CLASSES["gthread"] and stats is not None:
+            return CountedWsgi(self._app, stats)
         return self._app
 
     def shortcut(self) -> Shortcut | None:

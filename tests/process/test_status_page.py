@@ -168,3 +168,24 @@ def test_the_status_page_shows_a_shard_that_lost_its_worker(tmp_path: Path) -> N
         shot = tmp_path / "status-page.png"
         browse(url, tmp_path / "profile-3", "--window-size=900,700", f"--screenshot={shot}")
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_gthread_worker_class_counts_its_http_requests_too(tmp_path: Path) -> None:
+    # Its series stayed at zero: only the event worker's server counted (a helper's report).
+    with Cluster(tmp_path, shards=1, ZKV_HTTP_WORKER="gthread") as cluster:
+        cluster.start(workers=1)
+        for i in range(5):
+            assert cluster.http("GET", f"/set?key=g{i}&value=v&timeout=100").status == 200
+
+        def counted() -> float | None:
+            found = scrape(cluster)
+            sets = sum(
+                value
+                for (name, labels), value in found.items()
+                if name == "zkv_http_requests_total"
+                and ("route", "/set") in labels
+                and ("code", "200") in labels
+            )
+            return sets if sets >= 5 else None
+
+        assert wait_for(counted, "the gthread gateway's /set counts", 10.0) >= 5
