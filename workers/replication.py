@@ -1055,6 +1055,15 @@ class Follower:
             self._send_follow(resume=False)
             return
         files = self.files
+        if files.tight or files.no_space is not None:
+            # A copy keeps the disk's reserve as the leader does (ZKV_DISK_RESERVE: room for
+            # deletes and compaction): it stops taking records before the disk is full.
+            refused = files.refusal(len(records.body), 0)
+            if refused is not None:
+                self.failures += 1
+                log.error("shard %d: %s: not following until there is room", self.shard, refused[0])
+                self._wait_for_snapshot()
+                return
         files.fence()
         try:
             files.append(records.body)

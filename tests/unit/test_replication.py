@@ -9,6 +9,7 @@ refused, a gap makes the follower resume (or start over from a snapshot), and th
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.fakes import FakeClock
 from tests.replicas import Writer, contents, follower_files, leader_shard, replay_log
 from workers import aof, replication
 from workers.replication import Follower, FollowerState, LinkState, Replicator
+from workers.store import Missing
 from zkv import protocol
 from zkv.protocol import (
     Ack,
@@ -586,3 +588,30 @@ def test_a_snapshot_being_installed_is_not_taken_for_a_stalled_one(tmp_path: Pat
     net.rep.tick()
     # Past the install bound, silent: given up (forgotten; its next FOLLOW starts over).
     assert net.rep.link_state("f1") is None
+
+
+def test_a_follower_keeps_the_disk_reserve_and_stops_taking_records_before_the_disk_fills(
+    tmp_path: Path,
+) -> None:
+    # Replicated writes ignored the reserve: the follower's log write failed with 0 bytes free
+    # (a hostile test on a small tmpfs); a copy now stops at the reserve as the leader does.
+    net = Net(tmp_path, names=("f1",))
+    net.follow_all()
+    free = {"bytes": 10 * 1024 * 1024}
+    files = net.followers["f1"].files
+    files.durability = dataclasses.replace(
+        files.durability, free_bytes=lambda path: free["bytes"], reserve_bytes=1024 * 1024
+    )
+    files._read_free()
+    files.tight = True
+    net.write(net.writer.set(b"a", b"1"))
+    net.pump()
+    assert net.followers["f1"].seq == 1 and net.followers["f1"].failures == 0
+    free["bytes"] = 1024 * 1024 + 100  # just above the reserve: a batch would cross it
+    files._read_free()
+    net.write(net.writer.set(b"b", b"x" * 1000))
+    net.pump()
+    follower = net.followers["f1"]
+    assert follower.failures == 1 and follower.seq != 2  # not appended, not acked
+    with pytest.raises(Missing):
+        follower.store.get(b"b")
