@@ -593,7 +593,7 @@ def run_cluster(config: WorkerConfig, args: argparse.Namespace) -> int:
         log.error("cluster mode needs a data directory (--in-memory is for one host only)")
         return EXIT_CONFIG
     try:
-        member = Member(config.data_dir)
+        member = Member(config.data_dir, args.host_id)
     except (MemberError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG

@@ -25,6 +25,7 @@ from pathlib import Path
 MEMBERS_DIR = "members"
 MAX_SLOTS = 64  # worker processes that may share one data directory in cluster mode
 ID_HEX = 12
+HOST_FILE = "host"
 
 
 class MemberError(Exception):
@@ -32,11 +33,21 @@ class MemberError(Exception):
 
 
 class Member:
-    """A claimed slot: its id, held for as long as this object is open."""
+    """A claimed slot: its id, held for as long as this object is open.
 
-    def __init__(self, data_dir: Path) -> None:
+    Args:
+        data_dir: the worker's data directory.
+        host: this worker's host id (``ZKV_HOST_ID``), recorded in ``members/host`` the first
+            time: a directory is on one host, and two copies of a shard must never share one,
+            so a worker started on the directory under another host id is refused (two
+            processes with different ids on one directory defeated the placement rule).
+    """
+
+    def __init__(self, data_dir: Path, host: str | None = None) -> None:
         directory = data_dir / MEMBERS_DIR
         directory.mkdir(parents=True, exist_ok=True)
+        if host is not None:
+            _check_host(directory / HOST_FILE, host)
         for slot in range(MAX_SLOTS):
             path = directory / str(slot)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -72,3 +83,23 @@ def _read_or_draw(fd: int, path: Path) -> str:
     os.pwrite(fd, text.encode() + b"\n", 0)
     os.fsync(fd)
     return text
+
+
+def _check_host(path: Path, host: str) -> None:
+    """Record ``host`` in ``path`` (first use), or refuse another one."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        recorded = path.read_text(encoding="utf-8", errors="replace").strip()
+        if recorded != host:
+            raise MemberError(
+                f"{path.parent.parent} belongs to host {recorded!r} (its {path}), not "
+                f"{host!r}: a data directory is one host's disk (two copies of a shard must "
+                f"never share one); give this worker its own --data-dir, or --host-id {recorded}"
+            ) from None
+        return
+    try:
+        os.write(fd, host.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -42,3 +42,12 @@ def test_slots_are_bounded(tmp_path: Path) -> None:
         Member(tmp_path)
     for member in held:
         member.close()
+
+
+def test_a_directory_belongs_to_one_host(tmp_path: Path) -> None:
+    first = Member(tmp_path, "h1")
+    second = Member(tmp_path, "h1")  # another worker process of the same host: fine
+    with pytest.raises(MemberError, match="belongs to host 'h1'"):
+        Member(tmp_path, "h2")
+    first.close()
+    second.close()
