@@ -313,6 +313,7 @@ class HttpConnection(asyncio.Protocol):
         self.url_too_long = False
         self.head_too_large = False
         self.coding_refused: bytes | None = None  # a transfer coding we do not implement
+        self.coding_unframed = False  # a Transfer-Encoding that does not end with chunked
         self.refused = False  # an answer of our own (_refuse) was written: nothing more is
         self.head_bytes = 0
         self.headers_count = 0
@@ -520,11 +521,15 @@ class HttpConnection(asyncio.Protocol):
                 expect_continue = True
             elif lowered == b"transfer-encoding":
                 chunked = True
-                # llhttp has checked that chunked comes last; any other coding (gzip, deflate)
-                # would be passed on still encoded, so it is refused (RFC 9112 6.1: 501).
-                for coding in value.split(b","):
-                    coding = coding.strip().lower()
-                    if coding and coding != b"chunked":
+                # A coding list that does not end with chunked leaves the body's length unknown:
+                # 400 (RFC 9112 6.3, as gunicorn's parser answers under gthread). Any other
+                # coding (gzip, chunked) would be passed on still encoded: 501 (RFC 9112 6.1).
+                codings = [c.strip().lower() for c in value.split(b",") if c.strip()]
+                if not codings or codings[-1] != b"chunked":
+                    self.coding_unframed = True
+                    raise ValueError("transfer coding does not end with chunked")
+                for coding in codings:
+                    if coding != b"chunked":
                         self.coding_refused = coding
                         raise ValueError("transfer coding not implemented")  # a parser error
         if not chunked:
@@ -789,7 +794,9 @@ class HttpConnection(asyncio.Protocol):
             )
 
     def _bad_input(self, exc: Exception) -> None:
-        if self.coding_refused is not None:
+        if self.coding_unframed:
+            self._refuse(400, "Transfer-Encoding must end with chunked (the body's length)")
+        elif self.coding_refused is not None:
             coding = self.coding_refused.decode("latin-1")
             self._refuse(501, f"transfer coding {coding!r} is not implemented; only chunked is")
         elif self.head_too_large:

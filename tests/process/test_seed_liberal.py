@@ -119,8 +119,18 @@ def test_a_target_over_its_bound_is_a_json_414(cluster: Cluster, target: bytes) 
             b"zz\r\nabc\r\n",
             400,
         ),
+        # A coding list not ending with chunked: no body length (RFC 9112 6.3), 400 under both.
+        (b"PUT /v1/keys/k HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
     ],
-    ids=["garbage", "space-in-target", "long-header", "many-headers", "gzip", "bad-chunk"],
+    ids=[
+        "garbage",
+        "space-in-target",
+        "long-header",
+        "many-headers",
+        "gzip",
+        "bad-chunk",
+        "gzip-alone",
+    ],
 )
 def test_malformed_requests_get_json_never_html(cluster: Cluster, data: bytes, status: int) -> None:
     assert json_error(raw(cluster, data), status)
