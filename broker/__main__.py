@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import sys
+from pathlib import Path
 
 import zmq
 
@@ -33,7 +34,7 @@ from zkv.config import (
 )
 from zkv.coordination import BrokerInfo, ConfigMismatch
 from zkv.etcd import EtcdError
-from zkv.keys import KeysError, ensure_client_keys, ensure_keys
+from zkv.keys import KeysError, complete, ensure_client_keys, ensure_keys
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 # The cyclic GC's first generation is collected when allocations outnumber frees by this many
@@ -197,6 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("broker").error("cannot start: --frontend-curve needs keys")
         return 2
     if not args.insecure:
+        if args.coordinator and not complete(Path(args.keys)):
+            # On one host the first broker makes the keys; across machines every broker must
+            # share one set, made once (a broker given a wrong path made a set of its own, and
+            # every worker then blamed its own, correct, keys).
+            logging.getLogger("broker").error(
+                "cannot start: cluster mode needs the cluster's keys in %s (--keys/ZKV_KEYS): "
+                "make them once with `zkv keygen DIR` and copy the directory to every broker "
+                "host (docs/cluster.md, step 3)",
+                Path(args.keys).absolute(),
+            )
+            return 2
         try:
             keys = ensure_keys(args.keys)
             if args.frontend_curve:

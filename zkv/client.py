@@ -446,6 +446,10 @@ class Client:
             if not self._send(socket, frames, deadline):
                 now = time.monotonic()
                 unreachable_since = now if unreachable_since is None else unreachable_since
+                if now >= deadline and maybe_applied:  # a broker took it, none answered
+                    raise Timeout(
+                        f"no reply from {self.endpoint} within {self.timeout_s} s; outcome unknown"
+                    )
                 if now - unreachable_since >= self.connect_timeout_s or now >= deadline:
                     message = (
                         f"broker at {self.endpoint} is not reachable "
@@ -455,6 +459,7 @@ class Client:
                 if brokers.unsendable(now):  # several brokers: on to the next, same frames
                     self._reset()
                 continue
+            unreachable_since = None  # sends failed in a row only, as in zkv.calls.Calls
             reply = self._wait_reply(
                 socket, request_id, min(deadline, time.monotonic() + brokers.resend_s)
             )

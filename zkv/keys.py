@@ -214,9 +214,9 @@ def wait_for_keys(
                 f"keys: the broker does at its first start, in its --keys/ZKV_KEYS (default "
                 f"<ZKV_DATA_DIR>/keys). Start the broker first, or give this worker the "
                 f"broker's keys: the same ZKV_DATA_DIR or ZKV_KEYS as the broker; on another "
-                f"host copy the broker's keys directory (cp -rp), or write one set for all with "
-                f"python -m zkv keygen DIR. A broker run with --insecure needs workers with "
-                f"--insecure"
+                f"host copy {', '.join(WORKER_FILES)} from the cluster's keys (cp -p; made once "
+                f"with zkv keygen DIR, docs/cluster.md). A broker run with --insecure needs "
+                f"workers with --insecure"
             )
         if not logged:
             log.info("waiting up to %.0f s for the broker's keys in %s", timeout_s, directory)

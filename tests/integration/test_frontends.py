@@ -28,7 +28,7 @@ from gateway.app import ClientPlugin
 from tests.cluster import free_port, wait_for
 from workers import store as store_module
 from workers.worker import Worker, WorkerConfig
-from zkv import Client
+from zkv import Client, Timeout
 from zkv import calls as calls_module
 from zkv.aio import AsyncClient
 from zkv.config import endpoints
@@ -326,3 +326,22 @@ def test_asyncio_under_steady_load_leaves_a_broker_that_answers_nothing(setup):
 
     asyncio.run(scenario())
     assert {setup.applied[b"steady:%d" % n] for n in range(30)} == {1}
+
+
+def test_a_dead_broker_beside_one_that_waits_does_not_cut_the_timeout_short(setup):
+    # One broker dead, the other up but without an answer yet (its shard has no leader): the
+    # client went back and forth and gave up after connect_timeout_s with "not reachable",
+    # counting every failed send since the first as failures in a row (a newcomer's test).
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    with Client(
+        f"{nobody},{setup.black_hole.endpoint}",
+        timeout_s=TIMEOUT_S,
+        attempt_s=ATTEMPT_S,
+        connect_timeout_s=0.5,
+        context=setup.context,
+        first_broker=0,
+    ) as kv:
+        started = time.monotonic()
+        with pytest.raises(Timeout, match="no reply"):
+            kv.set("waits", b"v")
+        assert time.monotonic() - started >= TIMEOUT_S * 0.9  # its whole timeout, not 0.5 s

@@ -30,7 +30,7 @@ from workers.aof import DelRecord, LogReader, SetRecord
 from zkv.client import Client
 from zkv.coordination import Coordinator, Isr, Leader
 from zkv.etcd import Etcd, EtcdError
-from zkv.keys import CLIENT_FILES, WORKER_FILES, complete
+from zkv.keys import CLIENT_FILES, WORKER_FILES, complete, create_keys
 
 ETCD_PORT = 2379
 ETCD_PEER_PORT = 2380  # on the etcd host's loopback: a one-member cluster has no peers
@@ -103,12 +103,14 @@ class ClusterOnHosts:
     # --- starting ---------------------------------------------------------------------------
 
     def start(self) -> ClusterOnHosts:
-        """etcd, the first broker (it makes the keys), the keys copied, the rest; then wait
+        """etcd, the keys made once, the first broker, the keys copied, the rest; then wait
         until every broker routes every shard and every shard has its followers."""
         self.start_etcd()
         first = self.broker_hosts[0]
-        self.start_broker(first)
         keys = first.disk / "keys"
+        if not complete(keys):  # made once, as docs/cluster.md says (`zkv keygen DIR`)
+            create_keys(keys)
+        self.start_broker(first)
         wait_for(lambda: complete(keys) and (keys / "client.key_secret").exists(), "keys")
         for host in self.broker_hosts[1:]:
             if not (host.disk / "keys").exists():

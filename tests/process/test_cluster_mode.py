@@ -20,6 +20,7 @@ from tests.etcd import EtcdServer, etcd_server  # noqa: F401  (a fixture)
 from zkv import Client, ZkvError
 from zkv.coordination import Coordinator
 from zkv.hashing import key_shard
+from zkv.keys import create_keys
 
 pytestmark = pytest.mark.process
 
@@ -65,6 +66,7 @@ class Hosts:
 @pytest.fixture
 def hosts(tmp_path: Path, etcd_server: EtcdServer) -> Iterator[Hosts]:  # noqa: F811
     name = f"t{time.monotonic_ns() % 10**9}"
+    create_keys(tmp_path / "keys")  # cluster mode: made once (docs/cluster.md, step 3)
     with Cluster(
         tmp_path,
         shards=2,
@@ -254,3 +256,23 @@ def test_a_broker_killed_costs_clients_latency_not_errors(hosts: Hosts) -> None:
         assert kv.get(key).value == value
     assert kv.brokers.endpoint == hosts.frontends[1]  # it moved to the live broker
     assert slowest < 10.0
+
+
+def test_a_broker_without_the_clusters_keys_refuses_to_make_its_own(
+    hosts: Hosts, tmp_path: Path
+) -> None:
+    # On one host the first broker makes the keys; across machines a broker given a wrong
+    # path made a set of its own, and every worker blamed its own, correct, keys.
+    cluster = hosts.cluster
+    cluster.env = {**cluster.env, "ZKV_KEYS": str(tmp_path / "no-such-keys")}
+    broker = cluster.spawn(
+        "broker",
+        "broker",
+        "--frontend",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--backend",
+        f"tcp://127.0.0.1:{free_port()}",
+    )
+    assert broker.wait(timeout=15) == 2
+    assert "cluster mode needs the cluster's keys" in cluster.logs()
+    assert not (tmp_path / "no-such-keys").exists()
