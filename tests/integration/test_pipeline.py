@@ -189,7 +189,10 @@ def test_asyncio_replies_are_read_when_they_come_not_when_the_timer_looks(cluste
 
             # 20 chains: replies come while the client sends the next calls.
             await asyncio.gather(*(chain() for _ in range(20)))
-            assert kv.late_reads == 0 and kv.retries == 0
+            # A descriptor that missed its edges leaves every reply to the timer: hundreds of
+            # late reads in 2,300 calls. A loaded machine can let the timer run first once or
+            # twice (its callback and the descriptor's due in one loop pass: CI, 2026-12-07).
+            assert kv.late_reads <= 3 and kv.retries == 0, kv.late_reads
 
     asyncio.run(scenario())
 
