@@ -539,7 +539,8 @@ class Coordinator:
 
         One txn: the leader key is absent AND the in-sync set is as I just read it (absent, or
         listing me). Only then the leader key is created under my lease and the set becomes
-        me first, then its other members (the leader shrinks it later, fenced by its epoch).
+        me first, then its other members but the previous leader (its first member, whose key
+        lapsed); the new leader shrinks the rest later if they lag, fenced by its epoch.
         Requiring membership means only a worker holding every acknowledged write can win.
 
         Returns:
@@ -559,7 +560,11 @@ class Coordinator:
             isr = parse_isr(isr_kv)
             if worker_id not in isr.members:
                 return None
-            members += [m for m in isr.members if m != worker_id]
+            # The set's first member is the leader that wrote it, whose key has lapsed: it is
+            # dead or cut off, and waiting for it to be removed for lagging held every first
+            # write of the new epoch for --replica-lag. It follows again to come back.
+            previous = isr.members[0]
+            members += [m for m in isr.members if m not in (worker_id, previous)]
         leader_value = _dump({"worker": worker_id, "replication": endpoint})
         isr_value = _dump({"members": members, "epoch": 0})  # 0: this txn's revision, see Isr
         result = self.etcd.txn(
