@@ -30,11 +30,8 @@ import zmq
 from zmq.backend import zmq_poll
 
 from workers.handshake import HandshakeWatch
-from workers.shard import Message
 from workers.worker import (
-    MAX_MESSAGES_PER_PASS,
     MAX_POLL_S,
-    MAX_REQUESTS_PER_PASS,
     SOCKET_HWM,
     Worker,
     WorkerConfig,
@@ -42,8 +39,8 @@ from workers.worker import (
 from workers.worker import (
     log as worker_log,
 )
-from zkv.protocol import DispatchBatch, Heartbeat, Ready, encode_control
-from zkv.zmqio import POLLIN, SendLedger, recv_frames
+from zkv.protocol import Heartbeat, Ready, encode_control
+from zkv.zmqio import POLLIN, SendLedger
 
 log = logging.getLogger(__name__)
 
@@ -171,21 +168,10 @@ class LinkedWorker(Worker):
         shard = self.shard
         if shard is not None:
             shard.last_token = link.last_token
-        batch: list[Message] = []
-        requests = received = 0
-        while received < MAX_MESSAGES_PER_PASS:
-            try:
-                frames = recv_frames(link.socket)
-            except zmq.Again:
-                break
-            received += 1
-            link.last_heard_s = time.monotonic()
-            self._on_message(frames, batch)
-            if batch:
-                last = batch[-1]
-                requests += len(last.ops) if isinstance(last, DispatchBatch) else 1
-                if requests >= MAX_REQUESTS_PER_PASS:
-                    break
+        heard_s = self._last_heard_s
+        batch = self._gather(link.socket, [(link.socket, POLLIN)])
+        if self._last_heard_s != heard_s:  # _gather notes the time a message came
+            link.last_heard_s = self._last_heard_s
         self._serve(batch)
         shard = self.shard
         if shard is not None:

@@ -284,31 +284,36 @@ class Worker:
         if ready and ready[-1][0] is not socket:
             self._on_handshake()
         if ready and ready[0][0] is socket:
-            polled = self._socket_polled
-            batch: list[Message] = []
-            requests = 0
-            received = 0
-            while received < MAX_MESSAGES_PER_PASS:
-                # Is another message there? After the first, ask zmq_poll (1 us) before a
-                # receive that may raise zmq.Again (5 us of pyzmq exception machinery): one
-                # request at a time, every pass would otherwise end with an Again. Once a
-                # second message came, the socket is busy and receiving until Again is cheaper.
-                if received == 1 and not zmq_poll(polled, 0):
-                    break
-                try:
-                    frames = recv_frames(socket)
-                except zmq.Again:
-                    break
-                received += 1
-                self._last_heard_s = time.monotonic()
-                self._on_message(frames, batch)
-                if batch:
-                    last = batch[-1]
-                    requests += len(last.ops) if isinstance(last, DispatchBatch) else 1
-                    if requests >= MAX_REQUESTS_PER_PASS:
-                        break
-            self._serve(batch)
+            self._serve(self._gather(socket, self._socket_polled))
         self._run_timers()
+
+    def _gather(self, socket: zmq.Socket, polled: list[tuple[zmq.Socket, int]]) -> list[Message]:
+        """The dispatches of one pass from ``socket`` (readable): up to MAX_MESSAGES_PER_PASS
+        messages or MAX_REQUESTS_PER_PASS requests; notes the broker heard in
+        ``_last_heard_s``. Control messages are handled as they come (see _on_message)."""
+        batch: list[Message] = []
+        requests = 0
+        received = 0
+        while received < MAX_MESSAGES_PER_PASS:
+            # Is another message there? After the first, ask zmq_poll (1 us) before a
+            # receive that may raise zmq.Again (5 us of pyzmq exception machinery): one
+            # request at a time, every pass would otherwise end with an Again. Once a
+            # second message came, the socket is busy and receiving until Again is cheaper.
+            if received == 1 and not zmq_poll(polled, 0):
+                break
+            try:
+                frames = recv_frames(socket)
+            except zmq.Again:
+                break
+            received += 1
+            self._last_heard_s = time.monotonic()
+            self._on_message(frames, batch)
+            if batch:
+                last = batch[-1]
+                requests += len(last.ops) if isinstance(last, DispatchBatch) else 1
+                if requests >= MAX_REQUESTS_PER_PASS:
+                    break
+        return batch
 
     def _on_message(self, frames: Sequence[bytes], batch: list[Message]) -> None:
         """Decode one message: a dispatch joins ``batch``; anything that changes what the

@@ -96,6 +96,12 @@ def hosts(tmp_path: Path, etcd_server: EtcdServer) -> Iterator[Hosts]:  # noqa: 
         yield h
 
 
+def another_broker(cluster: Cluster):  # type: ignore[no-untyped-def]
+    """One more broker of the cluster, on endpoints of its own (the environment's settings)."""
+    frontend, backend = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    return cluster.spawn("broker", "broker", "--frontend", frontend, "--backend", backend)
+
+
 def keys_of(shard: int, count: int, prefix: str = "k") -> list[bytes]:
     found = []
     i = 0
@@ -170,14 +176,7 @@ def test_every_worker_restarted_on_its_disk_brings_every_shard_back(hosts: Hosts
 def test_a_broker_with_another_shard_count_refuses_to_start_and_says_why(hosts: Hosts) -> None:
     cluster = hosts.cluster
     cluster.env = {**cluster.env, "ZKV_SHARDS": "3"}
-    broker = cluster.spawn(
-        "broker",
-        "broker",
-        "--frontend",
-        f"tcp://127.0.0.1:{free_port()}",
-        "--backend",
-        f"tcp://127.0.0.1:{free_port()}",
-    )
+    broker = another_broker(cluster)
     assert broker.wait(timeout=15) == 2
     assert "ZKV_SHARDS is 3 here but 2 in the cluster" in cluster.logs()
 
@@ -265,14 +264,7 @@ def test_a_broker_without_the_clusters_keys_refuses_to_make_its_own(
     # path made a set of its own, and every worker blamed its own, correct, keys.
     cluster = hosts.cluster
     cluster.env = {**cluster.env, "ZKV_KEYS": str(tmp_path / "no-such-keys")}
-    broker = cluster.spawn(
-        "broker",
-        "broker",
-        "--frontend",
-        f"tcp://127.0.0.1:{free_port()}",
-        "--backend",
-        f"tcp://127.0.0.1:{free_port()}",
-    )
+    broker = another_broker(cluster)
     assert broker.wait(timeout=15) == 2
     assert "cluster mode needs the cluster's keys" in cluster.logs()
     assert not (tmp_path / "no-such-keys").exists()
