@@ -58,6 +58,13 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("PUT", "/v1/keys/{key}"),
     ("DELETE", "/v1/keys/{key}"),
     ("GET", "/v1/keys"),
+    # Issue 12: counters, deadlines, locks (README.md, REST API).
+    ("POST", "/v1/keys/{key}/incr"),
+    ("PATCH", "/v1/keys/{key}"),
+    ("POST", "/v1/locks/{name}/refresh"),
+    ("DELETE", "/v1/locks/{name}"),
+    ("POST", "/v1/locks/{name}"),  # waits up to ?wait= by design: not a data route's latency
+    ("GET", "/v1/watch"),  # a stream: its "latency" is how long it was watched
     ("GET", "/v1/health"),
     ("GET", "/v1/status"),
     ("GET", "/metrics"),
@@ -68,14 +75,29 @@ ROUTES: tuple[tuple[str, str], ...] = (
 MESSAGE_KINDS = ("GET", "SET", "DEL", "ALL", "PING", "BATCH", "STATS", "malformed")
 REMOVAL_REASONS = ("missed heartbeats", "disconnected", "unreachable", "registered again")
 # The routes whose latency the status page shows: the data routes (not the page's own polls).
-DATA_ROUTES = tuple(range(8))
+DATA_ROUTES = tuple(range(12))  # up to DELETE /v1/locks/{name}
 # Status codes counted each on its own; any other is counted as "other".
-CODES = (200, 400, 401, 403, 404, 405, 408, 411, 413, 414, 415, 429, 431, 500, 501, 503, 504)
+# fmt: off
+CODES = (
+    200, 304, 400, 401, 403, 404, 405, 408, 409, 411, 412, 413, 414, 415, 429, 431,
+    500, 501, 503, 504, 507,
+)
+# fmt: on
 # Latency buckets, upper bounds in seconds (then +Inf).
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 _ROUTE_OF = {(m.encode(), r.encode()): i for i, (m, r) in enumerate(ROUTES) if "{" not in r}
-_KEYS_ROUTE = {b"GET": 4, b"HEAD": 4, b"PUT": 5, b"DELETE": 6}
+_KEYS_ROUTE = {
+    method.encode(): ROUTES.index((method, "/v1/keys/{key}")) for method in ("GET", "PUT", "DELETE")
+}
+_KEYS_ROUTE[b"HEAD"] = _KEYS_ROUTE[b"GET"]
+_KEYS_ROUTE[b"PATCH"] = ROUTES.index(("PATCH", "/v1/keys/{key}"))
+_INCR_ROUTE = ROUTES.index(("POST", "/v1/keys/{key}/incr"))
+_LOCK_ROUTE = {
+    b"POST": ROUTES.index(("POST", "/v1/locks/{name}")),
+    b"DELETE": ROUTES.index(("DELETE", "/v1/locks/{name}")),
+}
+_REFRESH_ROUTE = ROUTES.index(("POST", "/v1/locks/{name}/refresh"))
 _OTHER_ROUTE = len(ROUTES) - 1
 _CODE_OF = {code: i for i, code in enumerate(CODES)}
 _NCODES = len(CODES) + 1  # and "other"
@@ -191,7 +213,15 @@ class HttpStats:
         route = _ROUTE_OF.get((method, path))
         if route is None:
             if path.startswith(b"/v1/keys/"):
-                route = _KEYS_ROUTE.get(method, _OTHER_ROUTE)
+                if method == b"POST":  # the one POST under /v1/keys/ (the app routes it so)
+                    route = _INCR_ROUTE if path.endswith(b"/incr") else _OTHER_ROUTE
+                else:
+                    route = _KEYS_ROUTE.get(method, _OTHER_ROUTE)
+            elif path.startswith(b"/v1/locks/"):
+                if method == b"POST" and path.endswith(b"/refresh"):  # routed first, as here
+                    route = _REFRESH_ROUTE
+                else:
+                    route = _LOCK_ROUTE.get(method, _OTHER_ROUTE)
             else:
                 route = (
                     _ROUTE_OF.get((b"GET", path), _OTHER_ROUTE)
