@@ -6,8 +6,7 @@ follow the links between operations), checking every answer: no 5xx, status code
 types, headers and JSON bodies as described, invalid input refused with a 4xx, 405 with
 ``Allow`` for undescribed methods (tests/schemathesis.toml says which checks). A bounded run
 here, EXAMPLE_BUDGET examples shared by the operations, one connection at a time, 10 to 30 s;
-a longer one by hand
-(docs/testing.md). Both tests share one cluster (tests/process/conftest.py).
+a longer one by hand (docs/testing.md). Both tests share one cluster (tests/process/conftest.py).
 """
 
 from __future__ import annotations
