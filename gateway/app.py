@@ -63,7 +63,7 @@ from zkv import defaults
 from zkv.client import ALL_PAGE_KEYS, Item, NotFound
 from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
 from zkv.logs import LogLimiter
-from zkv.protocol import MAX_TTL_MS, Entry
+from zkv.protocol import MAX_LOCK_WAIT_MS, MAX_TTL_MS, Entry
 
 try:
     from zkv.errors import Conflict, PreconditionFailed
@@ -521,7 +521,6 @@ def parse_limit(text: str | None) -> int:
 
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1  # what ?by= may be: the store's counters are signed 64 bit
 U64_MAX = 2**64 - 1  # versions and lock tokens are unsigned 64 bit
-MAX_LOCK_WAIT_MS = 300_000  # ?wait= of a lock: 300 s at most (the protocol's MAX_LOCK_WAIT_MS)
 _INTEGER = re.compile(r"[+-]?[0-9]{1,20}")  # by: decimal, an optional sign, nothing else
 _TOKEN_NUMBER = re.compile(r"[0-9]{1,20}")  # token, fence: plain decimal digits
 # One entity-tag of RFC 9110 (section 8.8.3): an optional W/ then a quoted opaque-tag, and
