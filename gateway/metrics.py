@@ -45,7 +45,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from zkv.protocol import FSYNC_BUCKETS_S, REPORT_COMMANDS, REPORT_STATUSES
+from zkv.protocol import FSYNC_BUCKETS_S, REPORT_COMMANDS, REPORT_STATUSES, Kind
 
 # What a request is, for its labels: (method, route), route being the path template. Anything
 # else is ("other", "other"), so a client cannot make new series (bounded label values).
@@ -72,7 +72,10 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("other", "other"),
 )
 # The label values the broker's counts may have (docs/protocol.md, STATS).
-MESSAGE_KINDS = ("GET", "SET", "DEL", "ALL", "PING", "BATCH", "STATS", "malformed")
+# Every client request kind of the protocol (issue 12 added INCR, EXPIRE and the lock kinds:
+# a fixed list here refused the whole STATS, and /metrics said zkv_broker_up 0), as the broker
+# counts them (broker/core.py), and the malformed ones.
+MESSAGE_KINDS = (*(kind.name for kind in Kind if kind < Kind.REPLY), "malformed")
 REMOVAL_REASONS = ("missed heartbeats", "disconnected", "unreachable", "registered again")
 # The routes whose latency the status page shows: the data routes (not the page's own polls).
 DATA_ROUTES = tuple(range(12))  # up to DELETE /v1/locks/{name}
@@ -518,7 +521,7 @@ def _cluster_metrics(cluster: dict[str, Any] | None) -> Iterator[Metric]:
     messages = CounterMetricFamily(
         "zkv_zmq_messages",
         "Client messages the broker received, by kind (GET, SET, DEL, ALL, PING, STATS, BATCH, "
-        "malformed).",
+        "INCR, EXPIRE, LOCK, REFRESH, UNLOCK, FENCE_CHECK, malformed).",
         labels=["kind"],
     )
     for kind, count in sorted(cluster["messages"].items()):

@@ -210,6 +210,16 @@ def test_the_cluster_is_rendered_from_stats() -> None:
     assert found[("zkv_broker_requests_waiting_for_token", ())] == 0
 
 
+def test_the_message_kinds_of_issue_12_are_counted() -> None:
+    """The broker counts every request kind by name; INCR, EXPIRE and the lock kinds made the
+    gateway refuse the whole STATS (zkv_broker_up 0) while its list of kinds was fixed."""
+    kinds = {"GET": 1, "INCR": 2, "EXPIRE": 3, "LOCK": 4, "REFRESH": 5, "UNLOCK": 6}
+    found = samples(render(HttpStats(), cluster_view(stats(messages={**kinds, "FENCE_CHECK": 7}))))
+    assert found[("zkv_broker_up", ())] == 1
+    for kind, count in [*kinds.items(), ("FENCE_CHECK", 7)]:
+        assert found[("zkv_zmq_messages_total", (("kind", kind),))] == count
+
+
 def test_a_former_owners_report_makes_no_series() -> None:
     answer = stats()
     answer["workers"].append(worker(0, 0, keys=999))  # a second report for shard 0
