@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, wait_for
 
 pytestmark = [
     pytest.mark.process,
@@ -187,8 +187,13 @@ def test_a_lock_waiter_is_answered_when_the_holder_releases(cluster: Cluster) ->
     started = time.monotonic()
     waiter.start()
     try:
-        # The waiter is parked at the broker (nothing answered it yet) ...
-        time.sleep(0.2)  # not a readiness wait: gives the waiter's request time to arrive
+        # The waiter is parked at the broker (its STATS count it), nothing answered it ...
+        with cluster.client() as kv:
+            wait_for(
+                lambda: kv.stats()["broker"]["lock_waiters"] >= 1 or None,
+                "the waiter parked at the broker",
+                ANSWER_TIMEOUT_S,
+            )
         assert not waited
         status, _, body = raw(cluster, "DELETE", f"/v1/locks/{name}?token={holder['token']}")
         assert (status, json.loads(body)["released"]) == (200, True)
