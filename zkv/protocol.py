@@ -1845,6 +1845,7 @@ def _split_requests(body: bytes, count: int, error_id: int, values: bool) -> lis
     copied = COPIED_RECORD_BYTES
     stamped = _STAMPED
     get = _GET
+    first_key = _FIRST_KEY
     shift = STAMP_SHIFT
     arg_mask = ARG_MASK
     ops: list = []
@@ -1865,64 +1866,61 @@ def _split_requests(body: bytes, count: int, error_id: int, values: bool) -> lis
             stamp = arg >> shift
             arg &= arg_mask
             flags ^= stamped
-        # The common cases (a plain GET, SET or DEL whose key does not start with NUL),
-        # accepted with a few integer tests; anything else, the issue-12 commands and flags
-        # included, is read (or explained) by _record_request, the one place for the rules.
-        if (
-            key_len
-            and body[key_start]
-            and (
-                ((kind == _GET or kind == _DEL) and not (flags or value_len or arg))
-                or (
-                    kind == _SET
-                    and value_len <= max_value
-                    and ((not flags and not arg) or (flags == _TTL and 0 < arg <= max_ttl_ms))
-                )
-            )
+        # The common cases (a plain GET, SET or DEL), accepted with a few integer tests and,
+        # on the key they copy anyway, one bytes comparison (``key >= first_key``: neither
+        # empty nor starting with NUL, reserved); anything else, the issue-12 commands and
+        # flags included, is read (or explained) by _record_request, the one place for the
+        # rules.
+        if ((kind == _GET or kind == _DEL) and not (flags or value_len or arg)) or (
+            kind == _SET
+            and value_len <= max_value
+            and ((not flags and not arg) or (flags == _TTL and 0 < arg <= max_ttl_ms))
         ):
             key = body[key_start:key_end]
-            if values:
-                if kind == _SET:
-                    append((kind, request_id, key, body[key_end:end], arg or None, stamp))
-                else:
-                    append((kind, request_id, key, None, None, stamp))
-            else:
-                append(
-                    (
-                        kind,
-                        request_id,
-                        key,
-                        body[offset:end] if end - offset < copied else view[offset:end],
-                    )
-                )
-        else:
-            if stamp is not None:  # put back: _record_request reads the record as it came
-                flags |= stamped
-                arg |= stamp << shift
-            try:
-                request = _record_request(
-                    kind, flags, arg, view[key_start:key_end], view[key_end:end], request_id
-                )
-            except ProtocolError as exc:
-                message = str(exc).encode()
-                append(
-                    (0, request_id, message, None, None, None)
-                    if values
-                    else (0, request_id, message, view[0:0])
-                )
-            else:
+            if key >= first_key:
                 if values:
-                    key = request.key
-                    append((EXTENDED_OP, request_id, key, request, request.ttl_ms, request.stamp))
+                    if kind == _SET:
+                        append((kind, request_id, key, body[key_end:end], arg or None, stamp))
+                    else:
+                        append((kind, request_id, key, None, None, stamp))
                 else:
                     append(
                         (
                             kind,
                             request_id,
-                            request.key,
+                            key,
                             body[offset:end] if end - offset < copied else view[offset:end],
                         )
                     )
+                offset = end
+                continue
+        if stamp is not None:  # put back: _record_request reads the record as it came
+            flags |= stamped
+            arg |= stamp << shift
+        try:
+            request = _record_request(
+                kind, flags, arg, view[key_start:key_end], view[key_end:end], request_id
+            )
+        except ProtocolError as exc:
+            message = str(exc).encode()
+            append(
+                (0, request_id, message, None, None, None)
+                if values
+                else (0, request_id, message, view[0:0])
+            )
+        else:
+            if values:
+                key = request.key
+                append((EXTENDED_OP, request_id, key, request, request.ttl_ms, request.stamp))
+            else:
+                append(
+                    (
+                        kind,
+                        request_id,
+                        request.key,
+                        body[offset:end] if end - offset < copied else view[offset:end],
+                    )
+                )
         offset = end
     if offset != size:
         raise ProtocolError(
