@@ -448,6 +448,9 @@ def cluster_view(stats: dict[str, Any]) -> dict[str, Any]:
                 "requests_waiting_for_token",
             )
         },
+        # LOCKs parked at the broker until their lock frees or their wait runs out (at most
+        # MAX_LOCK_WAITERS, 10,000); 0 from a broker that has no lock waits.
+        "lock_waiters": _int(broker.get("lock_waiters", 0)),
         "workers_removed": _known(broker.get("workers_removed"), REMOVAL_REASONS),
         **per_shard,
         "owners": owners,
@@ -551,6 +554,11 @@ def _cluster_metrics(cluster: dict[str, Any] | None) -> Iterator[Metric]:
         ("requests_waiting_for_token", "Requests waiting for their key's token."),
     ):
         yield GaugeMetricFamily(f"zkv_broker_{name}", text, value=gauges[name])
+    yield GaugeMetricFamily(
+        "zkv_broker_lock_waiters",
+        "LOCK requests parked at the broker until their lock frees or their wait runs out.",
+        value=cluster["lock_waiters"],
+    )
     yield GaugeMetricFamily(
         "zkv_broker_workers", "Workers registered with the broker.", value=cluster["workers"]
     )

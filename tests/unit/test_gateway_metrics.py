@@ -218,6 +218,11 @@ def test_the_message_kinds_of_issue_12_are_counted() -> None:
     assert found[("zkv_broker_up", ())] == 1
     for kind, count in [*kinds.items(), ("FENCE_CHECK", 7)]:
         assert found[("zkv_zmq_messages_total", (("kind", kind),))] == count
+    assert found[("zkv_broker_lock_waiters", ())] == 0  # a broker that reports none
+    found = samples(render(HttpStats(), cluster_view(stats(lock_waiters=3))))
+    assert found[("zkv_broker_lock_waiters", ())] == 3
+    with pytest.raises(BadStats):
+        cluster_view(stats(lock_waiters=-1))
 
 
 def test_a_former_owners_report_makes_no_series() -> None:
