@@ -30,11 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from workers import aof
+from workers import store as store_module
 from workers.aof import CorruptLog, DurabilityError, NoSpace
 from workers.idempotency import MAX_CLOCK_SKEW_S, Memo, RequestMemory
 from workers.persist import SET_OVERHEAD_BYTES, Durability, ShardFiles
 from workers.store import (
     Clock,
+    Event,
     HighWaterClock,
     ListingOverRoom,
     ListingTooLarge,
@@ -65,6 +67,13 @@ from zkv.protocol import (
 
 log = logging.getLogger(__name__)
 client_log = LogLimiter(log)  # lines that clients' requests can cause, rate-limited
+
+# Event codes of the events hook (Shard.events; zkv.protocol.EventKind has the same numbers).
+EVENT_SET = 1
+EVENT_DELETE = 2
+EVENT_INCR = 4
+EVENT_TTL = 5  # EXPIRE, persist, GET touch
+EVENT_EXPIRE = store_module.EVENT_EXPIRE  # a key removed at its deadline (by the store)
 
 
 class Shard:
@@ -115,6 +124,30 @@ class Shard:
         # append met an unforeseen full disk is answered twice (see _no_space): tallied twice.
         self.tally = [0] * TALLY_SIZE
         self.expired = 0  # keys the worker's active expiry removed since it took the shard
+        self._events: list[Event] | None = None  # see the events property
+
+    # --- the events hook (design section 8) ---------------------------------------------------
+
+    @property
+    def events(self) -> list[Event] | None:
+        """The changes applied since the owner last drained this list, in apply order, or None
+        (the default: events off, and no cost beyond one test per write).
+
+        Each is ``(event_code, key, version, deadline_ms or 0)``: EVENT_SET, EVENT_DELETE,
+        EVENT_INCR, EVENT_TTL (EXPIRE, persist, GET touch) for the writes this shard applies,
+        EVENT_EXPIRE for each key removed at its deadline, by the worker's active expiry
+        (``store.expire``) or by a read that found it expired, with the version the key had.
+        Never for the worker's own keys (0x00 first: locks, fence tokens). Nothing is added
+        for a write that was refused or answered from memory. The loop that owns the shard
+        drains it (and publishes) once the pass's replies are sent, so an event never announces
+        a write that was not acknowledged; it must bound the list by draining every pass.
+        """
+        return self._events
+
+    @events.setter
+    def events(self, events: list[Event] | None) -> None:
+        self._events = events
+        self.store.events = events  # expiries are found by the store
 
     def handle(self, dispatch: Dispatch) -> Reply:
         """One request as a batch of one (see :meth:`handle_batch`)."""
@@ -251,6 +284,7 @@ class Shard:
             files.replay(store, memory, self.progress)
         except CorruptLog as exc:  # the log was sound a batch ago: treat it as a failed disk
             raise DurabilityError(f"rebuilding shard {self.number} from its log: {exc}") from exc
+        store.events = self._events
         self.store = store
         self.memory = memory
         self.last_token = last_token
@@ -546,8 +580,9 @@ class Shard:
         stamp_mask = STAMP_MASK
         remember = self.memory.remember_write
         keep = None if records is None else records.append
-        encode_set = aof.encode_set
+        encode_setv = aof.encode_setv
         crc32 = zlib.crc32
+        events = self._events  # the events hook: None (off) costs one test per SET
         # One clock read for the batch's SETs, not one per SET: their deadlines count from
         # when the batch began to be applied, a few milliseconds at most before each SET.
         now = store.clock()
@@ -608,7 +643,10 @@ class Shard:
                         deadline_ms = put(key, value, ttl_ms, now)  # type: ignore[arg-type]
                         remember(request_id, _SET, key, fingerprint, deadline_ms)
                         if keep is not None:
-                            keep(encode_set(request_id, key, value, deadline_ms))  # type: ignore[arg-type]
+                            version = store.last_version
+                            keep(encode_setv(request_id, key, value, deadline_ms, version))  # type: ignore[arg-type]
+                        if events is not None:
+                            events.append((EVENT_SET, key, store.last_version, deadline_ms or 0))
                         set_ok += 1
                         append(pack_reply(_OK, request_id, token, deadline_ms, None))
                         continue
@@ -687,7 +725,11 @@ class Shard:
             deadline_ms = store.set(key, value, ttl_ms)
             self.memory.remember_write(request_id, _SET, key, fingerprint, deadline_ms)
             if records is not None:
-                records.append(aof.encode_set(request_id, key, value, deadline_ms))
+                records.append(
+                    aof.encode_setv(request_id, key, value, deadline_ms, store.last_version)
+                )
+            if self._events is not None:
+                self._events.append((EVENT_SET, key, store.last_version, deadline_ms or 0))
             return _OK, deadline_ms, None
         if kind == _DEL:
             memo = self.memory.recall(request_id, _DEL, key, 0)
@@ -701,7 +743,9 @@ class Shard:
                 return _NOT_FOUND, None, None
             self.memory.remember_write(request_id, _DEL, key, 0, None)
             if records is not None:
-                records.append(aof.encode_del(request_id, key))
+                records.append(aof.encode_delv(request_id, key, store.last_version))
+            if self._events is not None:
+                self._events.append((EVENT_DELETE, key, store.last_version, 0))
             return _OK, None, None
         if kind == _ALL and request is not None:
             # Bounded (MAX_LIST_KEYS, MAX_REPLY_BYTES) and sized before anything is copied: a
@@ -857,9 +901,9 @@ _GET_OK = _GET << 3 | Status.OK
 _GET_MISS = _GET << 3 | Status.NOT_FOUND
 _GET_BUSY = _GET << 3 | Status.BUSY
 _SET_OK = _SET << 3 | Status.OK
-TALLY_SIZE = 64  # kind << 3 | status: kinds up to 7, statuses up to 7
+TALLY_SIZE = 128  # kind << 3 | status: kinds up to 15, statuses up to 7
 _SET_BYTES = SET_OVERHEAD_BYTES  # a SET record beyond its key and value
-_DEL_BYTES = aof.PREFIX_BYTES + 9  # a DEL record beyond its key: type, request id
+_DEL_BYTES = aof.PREFIX_BYTES + 17  # a DELV record beyond its key: type, request id, version
 _OK = Status.OK
 _NOT_FOUND = Status.NOT_FOUND
 _ERROR = Status.ERROR
