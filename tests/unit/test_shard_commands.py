@@ -324,7 +324,7 @@ def test_fence_check_is_ok_only_for_the_newest_token(wire: Wire, clock: FakeCloc
 
 def test_the_newest_token_outlives_the_lock_for_a_day(shard: Shard, wire: Wire) -> None:
     token = token_of(lock(wire, b"job", 100))
-    value, version, deadline = shard.store.item(LOCK_PREFIX + b"job")
+    _, version, deadline = shard.store.item(LOCK_PREFIX + b"job")
     assert (version, deadline) == (token, START_MS + 100 + LOCK_MEMORY_MS)
 
 
@@ -395,9 +395,7 @@ def test_retries_are_answered_from_memory_and_applied_once(wire: Wire) -> None:
         ), request
 
 
-def test_a_stamped_write_past_the_window_is_refused_as_set_is(
-    wire: Wire, clock: FakeClock
-) -> None:
+def test_a_stamped_write_past_the_window_is_refused_as_set_is(wire: Wire, clock: FakeClock) -> None:
     stamp = stamp_of(clock() / 1000 - 3600)
     for kind, fields in [
         (Kind.INCR, {"by": 1}),
