@@ -468,9 +468,9 @@ class TTLStore:
         if now is None:
             now = self._clock()
         # next_version() inlined: this is every SET's path.
-        version = self.last_version + 1
-        if now * 1000 > version:
-            version = now * 1000
+        version = now * 1000
+        if version <= self.last_version:
+            version = self.last_version + 1
         if ttl_ms is None:
             self.last_version = version
             self._put(key, value + _pack_tail(version, 0), 0, 0)
