@@ -309,13 +309,20 @@ class RequestMemory:
             self._store(request_id, _pack(request_id, memo))
 
     def remember_write(
-        self, request_id: int, kind: int, key: bytes, fingerprint: int, deadline_ms: int | None
+        self,
+        request_id: int,
+        kind: int,
+        key: bytes,
+        fingerprint: int,
+        deadline_ms: int | None,
+        status: int = _OK,
     ) -> None:
-        """:meth:`remember` of an OK reply, from its fields (the worker's hot path: no Memo).
-        The caller checks :attr:`full` first for a new write (the shard answers BUSY)."""
+        """:meth:`remember` of a reply (OK unless ``status`` says otherwise: a DEL that found
+        nothing), from its fields (the worker's hot path: no Memo). The caller checks
+        :attr:`full` first for a new write (the shard answers BUSY)."""
         if not request_id:
             return
-        head = _pack_head(request_id, len(key), kind, _OK, deadline_ms or 0, fingerprint)
+        head = _pack_head(request_id, len(key), kind, status, deadline_ms or 0, fingerprint)
         if request_id in self._memos:
             self._store(request_id, head + key if len(key) <= INLINE_KEY_BYTES else (head, key))
             return

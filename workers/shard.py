@@ -704,7 +704,7 @@ class Shard:
                 # broker while the first holds it, as in a failover), and applied after the
                 # client, answered NOT_FOUND, wrote the key again, it would delete that write.
                 if request_id:
-                    self.memory.remember(request_id, Memo(_DEL, key, 0, _NOT_FOUND, None))
+                    self.memory.remember_write(request_id, _DEL, key, 0, None, _NOT_FOUND)
                     if records is not None:
                         records.append(aof.encode_memo(request_id, _DEL, _NOT_FOUND, None, 0, key))
                 return _NOT_FOUND, None, None
