@@ -17,10 +17,11 @@ written since. Random 64-bit ids, as the Python client picks, make either a 2**-
 Bounds: every write of the last keep_ms (DEFAULT_WINDOW_S plus MAX_CLOCK_SKEW_S plus a
 second: 21 s) by the shard's clock, however many; past DEFAULT_MAX_BYTES (estimated) with all
 of them still inside that time, new writes are refused BUSY rather than any entry forgotten
-early (docs/persistence.md section 6). A DEL that found nothing changed nothing, so it is
-not remembered (its retry is answered NOT_FOUND again, or deletes a value written since, as
-if the first attempt had been lost). Request id 0 means "do not remember" (compaction writes
-its snapshot with it).
+early (docs/persistence.md section 6). A DEL that found nothing is remembered too, with its
+NOT_FOUND (workers/shard.py logs it as a MEMO record): a second copy of it, resent through
+another broker and reaching the shard after the client wrote the key again, would otherwise
+delete that newer value. Request id 0 means "do not remember" (compaction writes its snapshot
+with it).
 
 Memory, since a busy shard remembers about a million writes: each write is kept as one bytes
 object (request id, key length, kind, status, deadline and CRC-32 packed in 24 bytes, then the
@@ -349,13 +350,20 @@ class RequestMemory:
         return packed if type(packed) is bytes else packed[0] + packed[1]
 
     def remember_write(
-        self, request_id: int, kind: int, key: bytes, fingerprint: int, deadline_ms: int | None
+        self,
+        request_id: int,
+        kind: int,
+        key: bytes,
+        fingerprint: int,
+        deadline_ms: int | None,
+        status: int = _OK,
     ) -> None:
-        """:meth:`remember` of an OK reply, from its fields (the worker's hot path: no Memo).
-        The caller checks :attr:`full` first for a new write (the shard answers BUSY)."""
+        """:meth:`remember` of a reply (OK unless ``status`` says otherwise: a DEL that found
+        nothing), from its fields (the worker's hot path: no Memo). The caller checks
+        :attr:`full` first for a new write (the shard answers BUSY)."""
         if not request_id:
             return
-        head = _pack_head(request_id, len(key), kind, _OK, deadline_ms or 0, fingerprint)
+        head = _pack_head(request_id, len(key), kind, status, deadline_ms or 0, fingerprint)
         if request_id in self._memos:
             self._store(request_id, head + key if len(key) <= INLINE_KEY_BYTES else (head, key))
             return

@@ -331,7 +331,8 @@ class Shard:
         """A batch on a short disk: reads served as usual, fenced like any batch; SETs refused
         before anything is applied (a retry of an applied one is answered from memory); DELs
         applied and logged if ``deletes`` (they fit in the reserve: how users free space),
-        else refused like SETs (a DEL of a missing key is NOT_FOUND: it needs no disk)."""
+        else refused like SETs (a DEL of a missing key is NOT_FOUND, and not remembered: there
+        is no room to log its MEMO record, see _apply)."""
         records: list[bytes] | None = [] if deletes else None
         last_token = self.last_token
         full: NoSpace | None = None
@@ -809,6 +810,14 @@ class Shard:
             if request_id and self.memory.full:
                 return _BUSY, None, _MEMORY_FULL
             if not store.delete(key):
+                # Remembered and logged (a MEMO record) although nothing changed: a second
+                # copy of this DEL may still be on its way (a client resends through another
+                # broker while the first holds it, as in a failover), and applied after the
+                # client, answered NOT_FOUND, wrote the key again, it would delete that write.
+                if request_id:
+                    self.memory.remember_write(request_id, _DEL, key, 0, None, _NOT_FOUND)
+                    if records is not None:
+                        records.append(aof.encode_memo(request_id, _DEL, _NOT_FOUND, None, 0, key))
                 return _NOT_FOUND, None, None
             self.memory.remember_write(request_id, _DEL, key, 0, None)
             if records is not None:
@@ -1378,7 +1387,9 @@ _GET_BUSY = _GET << 3 | Status.BUSY
 _SET_OK = _SET << 3 | Status.OK
 TALLY_SIZE = 128  # kind << 3 | status: kinds up to 15, statuses up to 7
 _SET_BYTES = SET_OVERHEAD_BYTES  # a SET record beyond its key and value
-_DEL_BYTES = aof.PREFIX_BYTES + 17  # a DELV record beyond its key: type, request id, version
+# A DEL's record beyond its key: a DELV record (type, request id, version), or, for a DEL that
+# finds nothing, the larger MEMO record (type, request id, kind, status, deadline, fingerprint).
+_DEL_BYTES = max(aof.PREFIX_BYTES + 17, len(aof.encode_memo(0, 0, 0, None, 0, b"")))
 # A MEMOS record of one entry beyond its key field: prefix, head (type, count), entry head.
 _MEMO_RECORD_BYTES = aof.PREFIX_BYTES + aof.MEMOS_HEAD_BYTES + aof.MEMOS_ENTRY.size + 2
 _OK = Status.OK
