@@ -908,7 +908,7 @@ class Shard:
             Kind(kind).name,
             request_id,
         )
-        if memo.body == NOT_REMEMBERED:  # a rich entry whose reply was too long to keep
+        if memo.body == NOT_REMEMBERED or memo.status == _CONFLICT:  # a reply not kept
             message = (
                 f"this {Kind(kind).name} was applied by an earlier attempt; its reply (over "
                 f"{MAX_MEMO_BODY_BYTES} bytes) was not remembered: read the key"

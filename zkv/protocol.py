@@ -2183,10 +2183,11 @@ def _shard_in(shard: int) -> int | None:
 MAX_FOLLOWER_ID_BYTES = 255
 MAX_SNAPSHOT_CHUNK_BYTES = 1024 * 1024
 MAX_RECORDS_BYTES = 16 * 1024 * 1024
-# One log record of the largest SET: length and CRC (8), type, request id, deadline and key
-# length (21), key, value (workers/aof.py). A record is at least 17 bytes (a DEL of an empty
-# key: the prefix and 9 bytes of body), so a RECORDS body holds at most len/17 batches.
-MAX_RECORD_BYTES = 8 + 21 + MAX_KEY_BYTES + MAX_VALUE_BYTES
+# One log record of the largest SET: length and CRC (8), type, request id, deadline, version
+# and key length (29: a SETV, issue 12), key, value (workers/aof.py). A record is at least 17
+# bytes (a DEL of an empty key: the prefix and 9 bytes of body), so a RECORDS body holds at
+# most len/17 batches.
+MAX_RECORD_BYTES = 8 + 29 + MAX_KEY_BYTES + MAX_VALUE_BYTES
 MIN_RECORD_BYTES = 17
 MAX_REFUSE_REASON_BYTES = 1024
 FOLLOW_RESUME = 0x01  # FOLLOW flags: have_seq is meaningful

@@ -34,6 +34,9 @@ from workers.shard import (
 from workers.store import TTLStore
 from zkv.protocol import (
     EXTENDED_OP,
+    MAX_KEY_BYTES,
+    MAX_RECORD_BYTES,
+    MAX_VALUE_BYTES,
     Dispatch,
     Kind,
     Reply,
@@ -610,3 +613,62 @@ def test_a_full_disk_refuses_issue_12_writes_before_applying_them(
     assert wire.send(Kind.GET, b"n").body == b"1"
     assert wire.deliver(Request(Kind.EXPIRE, 14, b"n")).status == Status.NO_SPACE
     shard.close()
+
+
+def test_a_lock_and_a_fence_of_the_longest_name_replay(
+    durability: Durability, clock: FakeClock
+) -> None:
+    """The worker's own keys are a prefix longer than the client's name: the log must take
+    them back (a reader that refused keys over MAX_KEY_BYTES refused this shard's log)."""
+    name = b"n" * MAX_KEY_BYTES
+    shard = take_shard(0, 1, None, durability, clock).shard
+    wire = Wire(shard)
+    token = token_of(wire.send(Kind.LOCK, name, ttl_ms=1000))
+    assert wire.send(Kind.SET, b"k", value=b"v", fence=(name, token)).status == Status.OK
+    shard.close()
+    again = take_shard(0, 2, None, durability, clock).shard
+    assert Wire(again).send(Kind.FENCE_CHECK, name, token=token).status == Status.OK
+    assert Wire(again).send(Kind.SET, b"k", value=b"w", fence=(name, token - 1)).status == (
+        Status.CONFLICT
+    )
+    again.close()
+
+
+def test_a_follower_takes_the_largest_setv_record() -> None:
+    """Replication ships log records whole: its bound must hold the largest SETV."""
+    largest = aof.PREFIX_BYTES + aof.encode_setv(0, b"", b"", None, 1).__len__() - 8
+    assert largest + MAX_KEY_BYTES + MAX_VALUE_BYTES <= MAX_RECORD_BYTES
+
+
+def test_a_retry_of_a_return_old_set_whose_old_value_was_large_is_refused_not_applied(
+    wire: Wire,
+) -> None:
+    wire.send(Kind.SET, b"k", value=b"x" * 5000)
+    request = Request(Kind.SET, 4242, b"k", b"new", return_old=True)
+    first = wire.deliver(request)
+    assert decode_old_item(first.body)[1] is not None
+    wire.send(Kind.SET, b"k", value=b"newer")
+    again = wire.deliver(request)
+    assert again.status == Status.CONFLICT
+    assert again.body is not None and b"applied by an earlier attempt" in again.body
+    assert wire.send(Kind.GET, b"k").body == b"newer"
+
+
+def test_a_compacted_log_keeps_the_replies_of_issue_12_writes(
+    durability: Durability, clock: FakeClock
+) -> None:
+    shard = take_shard(0, 1, None, durability, clock).shard
+    wire = Wire(shard)
+    incr = Request(Kind.INCR, 5151, b"n", by=2)
+    first = wire.deliver(incr)
+    files = shard.files
+    assert files is not None
+    files.start_rewrite(shard.store, shard.memory)
+    assert files.wait_rewrite(10.0)
+    shard.tick()
+    shard.close()
+    again = take_shard(0, 2, None, durability, clock).shard
+    retried = Wire(again).deliver(incr)
+    assert (retried.status, retried.body) == (Status.OK, first.body)
+    assert again.store.item(b"n")[0] == b"2"
+    again.close()
