@@ -18,7 +18,8 @@ bytes, ``version`` and ``kind``, so a peer can reject an unknown version before 
 
 Frames, per message (``|`` separates frames):
 
-Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING, STATS)::
+Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING, STATS, and the keyed commands
+of issue 12: INCR, EXPIRE, LOCK, REFRESH, UNLOCK, FENCE_CHECK, below)::
 
     header(20 + len(key) bytes) [| value]
     header = version:u8  kind:u8  flags:u8  reserved:u8(0)  request_id:u64  arg:u64  key:bytes
@@ -37,6 +38,20 @@ Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING, STATS)::
     STATS    key empty, arg 0: answered by the broker with UTF-8 JSON, its figures and each
              worker's last REPORT (see "worker reports and STATS" below).
 
+    Issue 12 (docs/protocol.md section 3.2). Flags NX 0x08, XX 0x10 (SET), EXT 0x20 (SET, DEL,
+    INCR, EXPIRE: the value frame starts with an extension block, :func:`encode_ext`),
+    VERSIONED 0x40 (GET, SET, DEL, INCR, EXPIRE: the OK body starts with version:u64),
+    RETURN_OLD 0x80 (SET: the OK body holds the previous item); TTL on GET is a touch (a
+    write: STAMPED allowed), KEYS_ONLY on GET answers without the value. Each kind takes only
+    its flags (_ALLOWED_FLAGS); NX with XX is an error; no key may start with 0x00.
+
+    INCR         key, arg ttl ms with TTL; value [ext] by:i64.
+    EXPIRE       key, arg ttl ms with TTL (without: remove the deadline); value [ext] with EXT.
+    LOCK         lock name, TTL required; value wait_ms:u32 (0..MAX_LOCK_WAIT_MS).
+    REFRESH      lock name, TTL required; value token:u64 (>= 1).
+    UNLOCK       lock name, arg 0; value token:u64 (>= 1).
+    FENCE_CHECK  lock name, arg 0, no flags; value token:u64 (>= 1).
+
 Broker -> worker (``DISPATCH``), a request header wrapped with the token that fences it::
 
     header(10 bytes + request header) [| value]
@@ -50,7 +65,9 @@ Worker -> broker -> client (``REPLY``)::
 
     deadline_ms is the key's expiry as Unix time in milliseconds, 0 for "never expires" or "not
     applicable". body: GET/OK the value; ALL/OK the entries (see :func:`encode_entries`); PING/OK
-    a UTF-8 JSON object describing the cluster; ERROR/UNAVAILABLE a UTF-8 message; otherwise none.
+    a UTF-8 JSON object describing the cluster; ERROR/UNAVAILABLE/CONFLICT/PRECONDITION a UTF-8
+    message; the issue-12 bodies (:func:`versioned_body`, :func:`encode_old_item`,
+    :func:`incr_body`, :func:`token_body`); otherwise none.
 
 Client -> broker (``BATCH``): many GET/SET/DEL requests, each answered on its own::
 
@@ -94,6 +111,15 @@ Worker <-> broker control (one frame each)::
     the worker a standby. READY's flags: READY_DURABLE (bit 0) for a worker that keeps shards
     in a data directory, whose manifest's cluster id is ``cluster`` (0 for a worker in memory).
     A READY of 16 bytes, without ``cluster`` (earlier versions), is read with cluster 0.
+
+Worker -> broker's events proxy -> subscriber (``EVENT``, docs/protocol.md section 8)::
+
+    key | header(32 bytes)
+    header = version:u8  kind:u8(EVENT)  event:u8  reserved:u8(0)  shard:u32  seq:u64
+             key_version:u64  deadline_ms:u64
+
+    The key first: ZeroMQ subscriptions filter on the first frame's prefix. seq is
+    ``stream << 32 | n`` (:func:`event_seq`), n = 1, 2, ... per shard and stream.
 
 Leader <-> follower replication (kinds 0x30..0x3F; cluster mode, workers/replication.py)::
 
@@ -1269,6 +1295,17 @@ def event_seq(stream: int, n: int) -> int:
     return stream << 32 | n
 
 
+def event_stream(epoch: int) -> int:
+    """The 32-bit ``stream`` of a shard owner's epoch (a u64): the epoch itself below 2**32
+    (cluster mode's leader epochs), else its two halves XORed. An ownership epoch is a broker
+    token, ``broker_epoch << 32 | sequence``: successive owners under one broker differ in the
+    low half, owners under a restarted broker in the high half, so consecutive streams of a
+    shard differ (what a subscriber needs to see a change of owner)."""
+    if not 0 <= epoch <= U64_MAX:
+        raise ProtocolError(f"epoch {epoch} out of range (u64)")
+    return (epoch >> 32 ^ epoch) & 0xFFFF_FFFF
+
+
 def split_event_seq(seq: int) -> tuple[int, int]:
     """``(stream, n)`` of an event's ``seq``."""
     return seq >> 32, seq & 0xFFFF_FFFF
@@ -1335,6 +1372,7 @@ def _check_event_key(key: bytes) -> None:
 
 
 _pack_sub_request = _SUB_REQUEST.pack
+_FIRST_KEY = bytes((RESERVED_KEY_BYTE + 1,))  # the smallest key a client may use
 
 
 def pack_request(
@@ -1357,8 +1395,10 @@ def pack_request(
     # The common cases first, accepted with a few integer tests: a pipeline packs every
     # operation here, and the general checks below cost more than the packing. (A GET or DEL
     # has no value on the wire, whatever it is given: the general path drops it too.)
+    # ``key >= _FIRST_KEY``: a key neither empty nor starting with NUL (reserved), in one
+    # bytes comparison (20 ns less than ``key_len and key[0]``: a pipeline packs every op here).
     key_len = len(key)
-    if 0 < key_len <= MAX_KEY_BYTES and extra is None and key[0]:
+    if key_len <= MAX_KEY_BYTES and key >= _FIRST_KEY and extra is None:
         if kind == _SET:
             if value is not None and len(value) <= MAX_VALUE_BYTES:
                 if stamp is None:
@@ -1379,8 +1419,21 @@ def pack_request(
         elif kind == _DEL:
             arg = (stamp & STAMP_MASK) << STAMP_SHIFT
             return _pack_sub_request(_DEL, _STAMPED, key_len, 0, request_id, arg) + key
-    # The general path: every command and option, through the fields of a Request, checked
-    # by the broker's own rules before anything is returned.
+    return _pack_any(kind, request_id, key, value, ttl_ms, stamp, extra)
+
+
+def _pack_any(
+    kind: int,
+    request_id: int,
+    key: bytes,
+    value: bytes | None,
+    ttl_ms: int | None,
+    stamp: int | None,
+    extra: RequestExtra | None,
+) -> bytes:
+    """:func:`pack_request`'s general path: every command and option, through the fields of a
+    Request, checked by the broker's own rules before anything is returned. (A function of
+    its own: its locals would make every call of the fast path build a larger frame.)"""
     command = _COMMAND_OF.get(kind)
     if command is None:
         raise ProtocolError(f"unknown command 0x{kind:02x}", request_id)
@@ -1391,7 +1444,7 @@ def pack_request(
     if wire_value is None:
         wire_value = b""
     _record_request(kind, flags, arg, key, wire_value, request_id)
-    head = _SUB_REQUEST.pack(kind, flags, key_len, len(wire_value), request_id, arg)
+    head = _SUB_REQUEST.pack(kind, flags, len(key), len(wire_value), request_id, arg)
     return head + key + wire_value
 
 
