@@ -16,8 +16,9 @@ A key with a TTL costs its dict slot, one bytes object for value, version and de
 one slot (8 bytes) in a tuple of the expiry index: no per-key tuple or int object, and nothing
 per key that the garbage collector has to visit. The 8 deadline bytes are often free: CPython
 allocates small objects in 16-byte steps, and a 16-byte value takes 49 bytes as a bytes object,
-57 with its deadline, both in the 64-byte size class (65 with the version, issue 12: the next
-class, 16 bytes more per key for 16-byte values). Reads pay for it with a slice (the value)
+57 with its deadline, both in the 64-byte size class (65 with the version of issue 12: the
+next class, so 16 bytes more per key for 16-byte values, 0 for values of 1 to 7 bytes; the
+8 bytes a record grew measure as 8 with tracemalloc). Reads pay for it with a slice (the value)
 and an unpack (the deadline), about a tenth of a microsecond; a SET copies the value once into
 the record (and a GET copies it out: for megabyte values that is a memcpy each way).
 
