@@ -398,6 +398,12 @@ def encode_memos(entries: Sequence[bytes | tuple[bytes, bytes]]) -> Iterator[byt
         yield _frame(pack_head(_MEMOS_TYPE, len(part)) + body)
 
 
+def encode_memo_entry(entry: bytes) -> bytes:
+    """A MEMOS record of one entry (the shard logs a reply with a body so, see
+    workers/idempotency.py): :func:`encode_memos` of one entry, without its loop."""
+    return _frame(_pack_memos_head(_MEMOS_TYPE, 1) + entry)
+
+
 def encode(record: Record) -> bytes:
     """Any record, ready to append (tests and tools; the worker calls the typed encoders)."""
     match record:

@@ -933,11 +933,11 @@ class Shard:
     ) -> tuple[Status, int | None, bytes | None]:
         """Apply one issue-12 request (see the comment above); ``(status, deadline, body)``."""
         kind = request.kind
-        if kind == Kind.FENCE_CHECK:
+        if kind == _FENCE_CHECK:
             return self._fence_check(request)
-        if kind == Kind.GET and request.ttl_ms is None:
+        if kind == _GET and request.ttl_ms is None:
             return self._read_ext(request)
-        if kind == Kind.GET:  # touch: a write, not remembered (applying it again is harmless)
+        if kind == _GET:  # touch: a write, not remembered (applying it again is harmless)
             if request.stamp is not None and self._out_of_window(request.stamp):
                 return self._stamp_refusal(kind, request.request_id, request.stamp)
             return self._touch(request, records)
@@ -968,7 +968,7 @@ class Shard:
         if status != _OK:
             return status, deadline_ms, body
         event, written, value, version, stored_ms = outcome[3:]
-        plain = body is None and (kind == Kind.SET or kind == Kind.DEL)
+        plain = body is None and (kind == _SET or kind == _DEL)
         logged_id = request_id if plain else 0
         out: list[bytes] = []
         if value is None:
@@ -983,7 +983,7 @@ class Shard:
             memo = Memo(kind, key, fingerprint, _OK, deadline_ms, body)
             entry = memory.remember(request_id, memo)
             if entry is not None:
-                out.extend(aof.encode_memos([entry]))
+                out.append(aof.encode_memo_entry(entry))
         if records is not None:
             records.extend(out)
         events = self._events
@@ -1250,14 +1250,15 @@ def _condition(request: Request, old: tuple[bytes, int, int | None] | None) -> s
 
 def _fingerprint(request: Request) -> int:
     """What a retry must repeat besides id, kind and key (see workers/idempotency.py): a SET's
-    value as on the inline path (its CRC-32), the arguments of the other commands."""
+    value as on the inline path (its CRC-32), the arguments of the other commands (mixed into
+    32 bits by arithmetic: deterministic across processes, unlike hash())."""
     kind = request.kind
-    if kind == Kind.SET:
+    if kind == _SET:
         return zlib.crc32(request.value or b"")
-    if kind == Kind.DEL:
+    if kind == _DEL:
         return 0
-    args = b"%d|%d|%d" % (request.by, request.token, request.ttl_ms or 0)
-    return zlib.crc32(args)
+    mixed = request.by * 1_000_003 + request.token * 8_191 + (request.ttl_ms or 0)
+    return (mixed ^ (mixed >> 32)) & 0xFFFF_FFFF
 
 
 def _is_extended(request: Request) -> bool:
@@ -1372,6 +1373,7 @@ _SET = int(Kind.SET)
 _DEL = int(Kind.DEL)
 _ALL = int(Kind.ALL)
 _PING = int(Kind.PING)
+_FENCE_CHECK = int(Kind.FENCE_CHECK)
 _GET_OK = _GET << 3 | Status.OK
 _GET_MISS = _GET << 3 | Status.NOT_FOUND
 _GET_BUSY = _GET << 3 | Status.BUSY
