@@ -139,6 +139,7 @@ class Shard:
         self.tally = [0] * TALLY_SIZE
         self.expired = 0  # keys the worker's active expiry removed since it took the shard
         self._events: list[Event] | None = None  # see the events property
+        self._events_mark = 0  # len(events) when the current handle_batch call began
 
     # --- the events hook (design section 8) ---------------------------------------------------
 
@@ -224,6 +225,8 @@ class Shard:
         files = self.files
         # This call's budget of GET values, see above (None: all of it).
         self._room = MAX_REPLY_BYTES if room is None else room
+        if self._events is not None:  # where this call's events start (_no_space undoes them)
+            self._events_mark = len(self._events)
         if files is None:
             self.memory.begin(self.store.clock())
             return [self._handle_message(dispatch, None) for dispatch in dispatches]
@@ -296,6 +299,8 @@ class Shard:
         refuse_writes() then holds writes off until the real free space has room for this
         batch above the reserve, so this cannot come back once a second."""
         failed = sum(write_bytes(dispatches))
+        if self._events is not None:  # the batch's changes are undone: announce none of them
+            del self._events[self._events_mark :]
         try:
             store = TTLStore(self.store.clock)
             memory = RequestMemory(self.memory.keep_ms, self.memory.max_bytes)

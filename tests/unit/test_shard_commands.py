@@ -9,7 +9,9 @@ FakeClock: nothing sleeps.
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -672,3 +674,29 @@ def test_a_compacted_log_keeps_the_replies_of_issue_12_writes(
     assert (retried.status, retried.body) == (Status.OK, first.body)
     assert again.store.item(b"n")[0] == b"2"
     again.close()
+
+
+def test_a_batch_undone_by_a_full_disk_announces_no_event(tmp_path: Path, clock: FakeClock) -> None:
+    """An append that meets ENOSPC undoes the batch (a replay of the log): its changes were
+    never acknowledged, so the events hook must not keep them."""
+    full = [False]
+
+    def write(fd: int, data: memoryview) -> int:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data)
+
+    durability = Durability(
+        tmp_path / "data", FsyncPolicy.ALWAYS, fsync=lambda fd: None, write=write
+    )
+    shard = take_shard(0, 1, None, durability, clock).shard
+    events: list[tuple[int, bytes, int, int]] = []
+    shard.events = events
+    wire = Wire(shard)
+    assert wire.send(Kind.SET, b"kept", value=b"1").status == Status.OK
+    full[0] = True
+    replies = wire.batch(Request(Kind.SET, 1, b"lost", b"2"), Request(Kind.INCR, 2, b"n", by=1))
+    assert [r.status for r in replies] == [Status.NO_SPACE, Status.NO_SPACE]
+    assert [key for _, key, _, _ in events] == [b"kept"]
+    assert shard.store.events is events  # the rebuilt store still feeds the hook
+    shard.close(sync=False)
