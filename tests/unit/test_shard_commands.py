@@ -700,3 +700,29 @@ def test_a_batch_undone_by_a_full_disk_announces_no_event(tmp_path: Path, clock:
     assert [key for _, key, _, _ in events] == [b"kept"]
     assert shard.store.events is events  # the rebuilt store still feeds the hook
     shard.close(sync=False)
+
+
+def test_a_follower_applying_the_shipped_records_holds_the_same_keys_versions_and_replies(
+    durability: Durability, clock: FakeClock
+) -> None:
+    """Cluster mode ships the bytes the leader appends; a follower applies them with replay's
+    code (persist.apply_record): versions, locks and remembered replies come along."""
+    from workers.idempotency import RequestMemory
+    from workers.persist import apply_record
+
+    shard = take_shard(0, 1, None, durability, clock).shard
+    wire = Wire(shard)
+    incr = Request(Kind.INCR, 6161, b"n", by=9)
+    first = wire.deliver(incr)
+    token_of(wire.send(Kind.LOCK, b"job", ttl_ms=100))
+    wire.send(Kind.SET, b"k", value=b"v", fence=(b"job", 3), nx=True)
+    wire.send(Kind.EXPIRE, b"k", ttl_ms=500)
+    shard.close()
+    store, memory = TTLStore(clock), RequestMemory()
+    with LogReader(durability.shard_dir(0) / "log") as reader:
+        for _, record in reader.records():
+            apply_record(record, store, memory)
+    assert store._data == shard.store._data and store.last_version == shard.store.last_version
+    follower = Shard(0, store, memory=memory)
+    retried = Wire(follower).deliver(incr)
+    assert (retried.status, retried.body) == (Status.OK, first.body)
