@@ -726,3 +726,19 @@ def test_a_follower_applying_the_shipped_records_holds_the_same_keys_versions_an
     follower = Shard(0, store, memory=memory)
     retried = Wire(follower).deliver(incr)
     assert (retried.status, retried.body) == (Status.OK, first.body)
+
+
+def test_key_counts_leave_the_workers_own_keys_out(
+    shard: Shard, wire: Wire, clock: FakeClock
+) -> None:
+    from workers.figures import WorkerCounters, figures
+
+    wire.send(Kind.SET, b"a", value=b"1", ttl_ms=10)
+    token = token_of(lock(wire, b"job", 5))
+    wire.send(Kind.SET, b"b", value=b"2", fence=(b"job", token))
+    assert len(shard.store) == 4 and shard.store.reserved == 2
+    assert figures(shard, WorkerCounters(), 1.0)["keys"] == 2
+    clock.advance(LOCK_MEMORY_MS + FENCE_MEMORY_MS)
+    while shard.store.expire(1000):  # the expiry pass removes the reserved keys too
+        pass
+    assert shard.store.reserved == 0 and figures(shard, WorkerCounters(), 1.0)["keys"] == 1
