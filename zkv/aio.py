@@ -77,7 +77,7 @@ from zkv.calls import (
     lock_op,
     meta_op,
     new_ids,
-    new_item,
+    new_versioned_item,
     persist_op,
     refresh_op,
     remaining_ms,
@@ -194,7 +194,7 @@ class AsyncClient:
         """:meth:`set`, returning the new :class:`Item` with its version."""
         op = set_op(key, value, ttl_s, nx, xx, if_version, False, fence, versioned=True)
         version, deadline_ms = await self._call_op(op)
-        return new_item(op[2][1], deadline_ms, version)
+        return new_versioned_item(op[2][1], deadline_ms, version)
 
     async def delete(
         self,

@@ -87,7 +87,7 @@ from zkv.calls import (
     meta_op,
     new_id,
     new_ids,
-    new_item,
+    new_versioned_item,
     op_wait_s,
     outcome,
     persist_op,
@@ -245,7 +245,7 @@ class Client:
         """:meth:`set`, returning the new :class:`Item` with its version (REST's ETag)."""
         op = set_op(key, value, ttl_s, nx, xx, if_version, False, fence, versioned=True)
         version, deadline_ms = self._call(op)
-        return new_item(op[2][1], deadline_ms, version)
+        return new_versioned_item(op[2][1], deadline_ms, version)
 
     def get(self, key: bytes | str, touch_s: float | None = None) -> Item:
         """The value, deadline and version of ``key``; with ``touch_s``, its deadline moves to
@@ -472,14 +472,17 @@ class Client:
         return Pipeline(self)
 
     def get_many(self, keys: Iterable[bytes | str]) -> list[Item | None]:
-        """The items of many keys (with their versions), in order; None for a key that is
-        missing or expired.
+        """The items of many keys, in order; None for a key that is missing or expired.
+
+        The plain GETs of the hot path: values and deadlines, each Item's version 0 (not
+        asked for; a versioned GET is packed by zkv.protocol's general path, several times
+        slower). For versions, ``pipeline().get(key)`` each, or :meth:`get`.
 
         Raises:
             RequestError, Unavailable, Timeout: as :meth:`get`, for the first key that failed
                 (the others were still answered).
         """
-        return self._execute([get_op(key) for key in keys], True, plain=False)
+        return self.execute([(_GET, as_bytes(key, "key"), None, None) for key in keys])
 
     def set_many(
         self,
@@ -939,7 +942,7 @@ class Pipeline:
         """Queue a SET whose result is the new :class:`Item` with its version."""
         op = set_op(key, value, ttl_s, nx, xx, if_version, False, fence, versioned=True)
         value_bytes = op[2][1]
-        return self._add(op, lambda result: new_item(value_bytes, result[1], result[0]))
+        return self._add(op, lambda result: new_versioned_item(value_bytes, result[1], result[0]))
 
     def delete(
         self,
