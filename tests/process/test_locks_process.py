@@ -86,7 +86,9 @@ def test_zkv_lock_runs_a_command_holding_the_lock_and_releases_it_after(cluster,
         "open(sys.argv[1], 'w').write(os.environ['ZKV_LOCK_TOKEN'] + ' ' + str(inner)); "
         "sys.exit(3)"
     )
-    result = zkv(cluster, "lock", "cli", "--ttl", "5", "--", sys.executable, "-c", child, str(report))
+    result = zkv(
+        cluster, "lock", "cli", "--ttl", "5", "--", sys.executable, "-c", child, str(report)
+    )
     assert result.returncode == 3, result.stderr
     token, inner = report.read_text().split()
     assert int(token) > 0 and inner == "1"
