@@ -48,6 +48,15 @@ the entries as they are read (:meth:`RequestMemory.restore`).
 The memory is rebuilt on takeover: every SET and DEL record in the log carries its request id,
 and compaction writes the memory itself into the new log as MEMOS records, so a request applied
 by a worker that then died is answered from memory by its successor, not applied twice.
+
+Replies with a body (issue 12: an INCR's value, a LOCK's token, a VERSIONED or RETURN_OLD
+SET's version and previous item) are remembered with it, as "rich" entries: the kind byte has
+RICH_KIND set and the key field is ``body_len:u16 body key`` (so the MEMOS entry layout, and
+every bound on it, stays as it is). The shard logs such an entry as a MEMOS record of its own
+right after the write's SETV/DELV (which then carries request id 0), so replay, and a follower,
+rebuild it. A body longer than MAX_MEMO_BODY_BYTES (only a RETURN_OLD of a large value) is not
+kept: the entry says so, and a retry is answered CONFLICT ("applied by an earlier attempt; its
+previous item was not remembered") rather than with a wrong previous item.
 """
 
 from __future__ import annotations
@@ -109,6 +118,12 @@ HEAD_BYTES = _HEAD.size
 
 _OK = int(Status.OK)
 
+# Rich entries (see the module docstring): the kind byte's flag, and the longest body kept.
+RICH_KIND = 0x80
+MAX_MEMO_BODY_BYTES = 4096
+_BODY_LEN = 2  # body_len:u16 at the front of a rich entry's key field
+NOT_REMEMBERED = b""  # the body of a rich entry whose reply was too long to keep
+
 Packed = bytes | tuple[bytes, bytes]
 """One remembered write: its head followed by the key, or (head, key) for a long key."""
 
@@ -121,6 +136,7 @@ class Memo(NamedTuple):
     fingerprint: int  # CRC-32 of a SET's value, 0 for DEL
     status: int  # Status of the reply
     deadline_ms: int | None  # the reply's deadline (SET), None for never or DEL
+    body: bytes | None = None  # the reply's body (a rich entry), None for none
 
 
 _pack_head = _HEAD.pack
@@ -128,8 +144,15 @@ _pack_head = _HEAD.pack
 
 def _pack(request_id: int, memo: Memo) -> Packed:
     key = memo.key
+    kind = memo.kind
+    if memo.body is not None:
+        body = memo.body
+        if len(body) > MAX_MEMO_BODY_BYTES or _BODY_LEN + len(body) + len(key) > 0xFFFF:
+            body = NOT_REMEMBERED
+        key = len(body).to_bytes(_BODY_LEN, "big") + body + key
+        kind |= RICH_KIND
     head = _pack_head(
-        request_id, len(key), memo.kind, memo.status, memo.deadline_ms or 0, memo.fingerprint
+        request_id, len(key), kind, memo.status, memo.deadline_ms or 0, memo.fingerprint
     )
     if len(key) <= INLINE_KEY_BYTES:
         return head + key
@@ -142,7 +165,17 @@ def _unpack(packed: Packed) -> Memo:
     else:
         packed, key = packed
     _, _, kind, status, deadline_ms, fingerprint = _HEAD.unpack_from(packed)
+    if kind & RICH_KIND:
+        end = _BODY_LEN + int.from_bytes(key[:_BODY_LEN], "big")
+        body = key[_BODY_LEN:end]
+        return Memo(kind & ~RICH_KIND, key[end:], fingerprint, status, deadline_ms or None, body)
     return Memo(kind, key, fingerprint, status, deadline_ms or None)
+
+
+def pack_memo(request_id: int, memo: Memo) -> bytes:
+    """The entry of ``memo`` as a MEMOS record holds it (the shard logs a rich entry so)."""
+    packed = _pack(request_id, memo)
+    return packed if type(packed) is bytes else packed[0] + packed[1]
 
 
 def packed_key(packed: Packed) -> bytes:
@@ -302,10 +335,18 @@ class RequestMemory:
             return None
         return memo
 
-    def remember(self, request_id: int, memo: Memo) -> None:
-        """Remember a write applied under ``request_id`` (0: not remembered)."""
-        if request_id:
-            self._store(request_id, _pack(request_id, memo))
+    def remember(self, request_id: int, memo: Memo) -> bytes | None:
+        """Remember a write applied under ``request_id`` (0: not remembered).
+
+        Returns:
+            The entry as a MEMOS record holds it (what the shard logs for a rich entry), None
+            for request id 0.
+        """
+        if not request_id:
+            return None
+        packed = _pack(request_id, memo)
+        self._store(request_id, packed)
+        return packed if type(packed) is bytes else packed[0] + packed[1]
 
     def remember_write(
         self, request_id: int, kind: int, key: bytes, fingerprint: int, deadline_ms: int | None

@@ -529,9 +529,9 @@ def test_lone_writes_are_logged_once_each_under_one_fsync_and_retries_survive(tm
     with aof.LogReader(log_path) as reader:
         assert [record for _, record in reader.records()] == [
             aof.TimeRecord(START_MS),  # the clock's high-water mark, first in a new log
-            aof.SetRecord(7, b"k", b"v", START_MS + 1000),
-            aof.SetRecord(8, b"gone", b"x", None),
-            aof.DelRecord(9, b"gone"),
+            aof.SetRecord(7, b"k", b"v", START_MS + 1000, START_MS * 1000),
+            aof.SetRecord(8, b"gone", b"x", None, START_MS * 1000 + 1),
+            aof.DelRecord(9, b"gone", START_MS * 1000 + 2),
         ]
     clock.advance(10)
     again = take_shard(0, 6, None, durability, clock).shard
