@@ -65,6 +65,7 @@ from zkv.calls import (
     Op,
     Refresher,
     Settled,
+    as_bytes,
     checked_batch_ops,
     delete_op,
     expire_op,
@@ -278,14 +279,10 @@ class AsyncClient:
         return AsyncHeldLock(self, name, ttl_s, wait_s, refresh)
 
     async def get_many(self, keys: Iterable[bytes | str]) -> list[Item | None]:
-        """The items of many keys, in order; None for a missing key."""
-        return list(await asyncio.gather(*(self._get_or_none(key) for key in keys)))
-
-    async def _get_or_none(self, key: bytes | str) -> Item | None:
-        try:
-            return await self.get(key)
-        except NotFound:
-            return None
+        """The items of many keys, in order; None for a missing key. Plain GETs, as
+        :meth:`zkv.client.Client.get_many`: each Item's version is 0 (:meth:`get` reads it)."""
+        calls = (self._call(_GET, as_bytes(key, "key"), None, None) for key in keys)
+        return list(await asyncio.gather(*calls))
 
     async def _call_op(self, op: Op) -> Any:
         """One operation (after its fence's pre-check): its outcome, or its error raised."""
