@@ -31,6 +31,14 @@ replies by request id. Retries follow the same rule as for one request: when no 
 has come for ``attempt_s``, the operations still unanswered are sent again, with the same ids,
 on a fresh socket; when none has come for ``timeout_s``, they fail with :class:`Timeout`.
 
+Issue 12's commands (conditional and fenced writes, versions, INCR, EXPIRE/persist/TTL, locks)
+are methods of the same names on :class:`Client`, :class:`Pipeline` and
+:class:`zkv.aio.AsyncClient`, built and read by zkv/calls.py ("extended operations", "locks"):
+every write among them is stamped and resent with its request id as SET is, so it is applied
+once. A fenced write is preceded by a FENCE_CHECK at the lock's shard; a LOCK that waits in
+the broker's line gets its wait added to its deadline and to the silence allowed before a
+resend.
+
 Example::
 
     with Client("tcp://127.0.0.1:5555") as kv:

@@ -210,3 +210,8 @@ def test_lock_of_a_command_that_cannot_start_exits_127_and_releases(tmp_path, ca
     assert cli.main(["lock", "job", "--ttl", "5", "--", missing]) == cli.EXIT_NOT_RUN
     assert "cannot run" in capsys.readouterr().err
     assert events()[-1] == ("released", "job")
+
+
+def test_a_double_dash_outside_lock_keeps_its_argparse_meaning():
+    assert cli.main(["set", "--", "-k", "-v"]) == 0  # a key and a value starting with '-'
+    assert events()[-1][:3] == ("set", "-k", "-v")
