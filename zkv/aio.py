@@ -316,7 +316,7 @@ class AsyncClient:
     # --- queueing and sending ---------------------------------------------------------------
 
     def submit(
-        self, kind: int, key: bytes, value: bytes | None = None, ttl_ms: int | None = None
+        self, kind: int, key: bytes, value: Any = None, ttl_ms: int | None = None
     ) -> asyncio.Future[Any]:
         """Queue one operation for the next flush; returns the future of its outcome.
 
@@ -325,6 +325,9 @@ class AsyncClient:
         ``SET`` or ``DEL``; ``key`` and ``value`` are bytes, ``ttl_ms`` whole milliseconds.
         The future gets what :func:`zkv.calls.outcome` gives (for a GET an :class:`Item` or
         None, for a SET the deadline, for a DEL a bool) or the error the call failed with.
+        An issue-12 operation goes the same way as the op that zkv.calls builds for it
+        (``submit(*zkv.calls.get_op(key))``: a GET with its version; see RESULTS there for
+        what each code's future gets; a fenced op is sent without its FENCE_CHECK).
         Call it from the loop's thread, inside the running loop. Cancelling the future does
         not withdraw the operation: once queued it is sent, and may be applied.
 
