@@ -60,25 +60,20 @@ from gateway.auth import (
     require_role,
 )
 from zkv import defaults
+from zkv.calls import Lock
 from zkv.client import ALL_PAGE_KEYS, Item, NotFound
-from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
+from zkv.errors import (
+    Busy,
+    Conflict,
+    PreconditionFailed,
+    RequestError,
+    StorageFull,
+    Timeout,
+    Unavailable,
+    ZkvError,
+)
 from zkv.logs import LogLimiter
 from zkv.protocol import MAX_LOCK_WAIT_MS, MAX_TTL_MS, Entry
-
-try:
-    from zkv.errors import Conflict, PreconditionFailed
-except ImportError:  # pragma: no cover - until the client's branch (issue 12) is merged
-
-    class PreconditionFailed(ZkvError):  # type: ignore[no-redef]
-        """Stand-in for zkv.errors.PreconditionFailed (design contract, section 9)."""
-
-    class Conflict(ZkvError):  # type: ignore[no-redef]
-        """Stand-in for zkv.errors.Conflict (design contract, section 9)."""
-
-        def __init__(self, message: str, deadline_ms: int | None = None) -> None:
-            super().__init__(message)
-            self.deadline_ms = deadline_ms
-
 
 log = logging.getLogger(__name__)
 # Every line a request can cause goes through this: at most BURST (5) lines of one kind per
@@ -177,7 +172,7 @@ class ClientLike(Protocol):
         """No deadline any more; the new version. NotFound when missing."""
         ...
 
-    def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Any:
+    def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Lock:
         """Take a lock (``.token``, ``.expires_at_ms``); Conflict when held past the wait."""
         ...
 

@@ -32,7 +32,7 @@ import greenlet
 import zmq
 
 from zkv.aio import AsyncClient
-from zkv.calls import as_bytes, new_id
+from zkv.calls import Lock, as_bytes, new_id
 from zkv.client import ALL_PAGE_KEYS, Client, Item, dealer, paged
 from zkv.errors import Unavailable, ZkvError
 from zkv.keys import frontend_curve
@@ -201,7 +201,7 @@ class LoopClient:
         """As :meth:`zkv.client.Client.persist`: the new version."""
         return wait(self.aio.persist(key))
 
-    def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Any:
+    def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Lock:
         """As :meth:`zkv.client.Client.acquire_lock`. The wait is the broker's (LOCK wait_ms):
         this request's greenlet is parked meanwhile, the loop serves the others."""
         return wait(self.aio.acquire_lock(name, ttl_s, wait_s=wait_s))

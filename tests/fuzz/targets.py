@@ -44,6 +44,7 @@ from gateway.app import SeedApi, make_app
 from gateway.fastlane import FastLane
 from gateway.http11 import HttpConnection, HttpServer, ServerConfig
 from zkv import protocol
+from zkv.calls import Lock
 from zkv.client import Item, NotFound
 from zkv.protocol import (
     Batch,
@@ -376,22 +377,6 @@ def protocol_seeds() -> Iterator[bytes]:
 # --- gateway/http11.py and the app ------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Versioned:
-    """An Item with the version issue 12 adds (what the REST routes read for the ETag)."""
-
-    value: bytes
-    deadline_ms: int | None
-    version: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Lock:
-    name: bytes
-    token: int
-    expires_at_ms: int
-
-
 class MemoryKv:
     """The zkv client interface over one dict, for the app (sync) and the fast lane (futures);
     nothing expires. Emptied before each input, so no run depends on the ones before."""
@@ -412,7 +397,7 @@ class MemoryKv:
         found = self.data.get(self._b(key))
         if found is None:
             raise NotFound(self._b(key))
-        return _Versioned(*found, 1)
+        return Item(*found, 1)
 
     def delete(self, key: bytes | str, if_version: int | None = None, fence: Any = None) -> bool:
         return self.data.pop(self._b(key), None) is not None
@@ -422,7 +407,7 @@ class MemoryKv:
     def put(
         self, key: bytes | str, value: bytes | str, ttl_s: float | None = None, **_: Any
     ) -> Any:
-        return _Versioned(self._b(value), self.set(key, value, ttl_s), 1)
+        return Item(self._b(value), self.set(key, value, ttl_s), 1)
 
     def incr_item(self, key: bytes | str, by: int = 1, **_: Any) -> tuple[int, int, None]:
         return by, 1, None
@@ -434,7 +419,7 @@ class MemoryKv:
         return 1
 
     def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Any:
-        return _Lock(self._b(name), 1, 1_700_000_000_000 + round(ttl_s * 1000))
+        return Lock(self._b(name), 1, 1_700_000_000_000 + round(ttl_s * 1000))
 
     def refresh_lock(self, name: bytes | str, token: int, ttl_s: float) -> int:
         return 1_700_000_000_000 + round(ttl_s * 1000)

@@ -17,7 +17,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import bottle
@@ -28,7 +27,7 @@ from gateway.app import make_app
 from gateway.bridge import wait
 from gateway.http11 import HttpServer, ServerConfig
 from tests.cluster import wait_for
-from zkv.client import NotFound
+from zkv.client import Item, NotFound
 from zkv.logs import BURST, WINDOW_S
 
 pytestmark = pytest.mark.integration
@@ -325,13 +324,13 @@ class FakeKv:
     ) -> Any:
         """PUT /v1/keys/... stores through put() (issue 12): the new item with its version."""
         self.set(key, value, ttl_s)
-        return SimpleNamespace(value=value, deadline_ms=None, version=1)
+        return Item(value if isinstance(value, bytes) else value.encode(), None, 1)
 
     def get(self, key: bytes | str) -> Any:
         key = key.encode() if isinstance(key, str) else key
         if key not in self.data:
             raise NotFound(key)
-        return SimpleNamespace(value=self.data[key], deadline_ms=None, version=1)
+        return Item(self.data[key], None, 1)
 
 
 @pytest.fixture

@@ -32,8 +32,6 @@ from bottle import Bottle
 import gateway.app as gateway_app
 from gateway.app import (
     ClientPlugin,
-    Conflict,
-    PreconditionFailed,
     cursor_of,
     http_date,
     key_of_cursor,
@@ -42,8 +40,18 @@ from gateway.app import (
 from gateway.bridge import LoopClient
 from gateway.server import app_factory, build_parser, gunicorn_options
 from zkv import defaults
-from zkv.client import ALL_PAGE_KEYS, Client, NotFound, paged
-from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
+from zkv.calls import Lock
+from zkv.client import ALL_PAGE_KEYS, Client, Item, NotFound, paged
+from zkv.errors import (
+    Busy,
+    Conflict,
+    PreconditionFailed,
+    RequestError,
+    StorageFull,
+    Timeout,
+    Unavailable,
+    ZkvError,
+)
 from zkv.logs import BURST, WINDOW_S, LogLimiter
 from zkv.protocol import MAX_TTL_MS, REPLY_TOO_LARGE, Entry
 
@@ -73,24 +81,6 @@ class FakeClock:
 
     def ms(self) -> int:
         return int(self.now * 1000)
-
-
-@dataclass(frozen=True)
-class VersionedItem:
-    """zkv.calls.Item with the version the client adds in issue 12 (design contract, 9)."""
-
-    value: bytes
-    deadline_ms: int | None
-    version: int = 0
-
-
-@dataclass(frozen=True)
-class FakeLock:
-    """zkv's Lock as the gateway reads it."""
-
-    name: bytes
-    token: int
-    expires_at_ms: int
 
 
 class FakeClient:
@@ -162,7 +152,7 @@ class FakeClient:
         xx: bool = False,
         if_version: int | None = None,
         fence: tuple[bytes, int] | None = None,
-    ) -> VersionedItem:
+    ) -> Item:
         key, value = _b(key), _b(value)
         ttl_ms = None if ttl_s is None else max(1, round(ttl_s * 1000))
         conditions = {"nx": nx, "xx": xx, "if_version": if_version, "fence": fence}
@@ -179,9 +169,9 @@ class FakeClient:
         if if_version is not None and self.versions[key] != if_version:
             raise PreconditionFailed(f"version is {self.versions[key]}, not {if_version}")
         deadline_ms = None if ttl_ms is None else self.clock.ms() + ttl_ms
-        return VersionedItem(value, deadline_ms, self._store(key, value, deadline_ms))
+        return Item(value, deadline_ms, self._store(key, value, deadline_ms))
 
-    def get(self, key: bytes | str, touch_s: float | None = None) -> VersionedItem:
+    def get(self, key: bytes | str, touch_s: float | None = None) -> Item:
         key = _b(key)
         if touch_s is None:
             self._enter("get", key)
@@ -193,7 +183,7 @@ class FakeClient:
         if touch_s is not None:
             found = (found[0], self.clock.ms() + round(touch_s * 1000))
             self._store(key, *found)
-        return VersionedItem(*found, self.versions.get(key, 0))
+        return Item(*found, self.versions.get(key, 0))
 
     def delete(
         self,
@@ -256,7 +246,7 @@ class FakeClient:
             raise NotFound(key)
         return self._store(key, found[0], None)
 
-    def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> FakeLock:
+    def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Lock:
         name = _b(name)
         self._enter("lock", name, round(ttl_s * 1000), round(wait_s * 1000))
         token, expires_at_ms, held = self.locks.get(name, (0, 0, False))
@@ -264,7 +254,7 @@ class FakeClient:
             raise Conflict("lock is held", deadline_ms=expires_at_ms)
         token, expires_at_ms = self._version(), self.clock.ms() + round(ttl_s * 1000)
         self.locks[name] = (token, expires_at_ms, True)
-        return FakeLock(name, token, expires_at_ms)
+        return Lock(name, token, expires_at_ms)
 
     def refresh_lock(self, name: bytes | str, token: int, ttl_s: float) -> int:
         name = _b(name)
