@@ -47,12 +47,33 @@ from bottle import (
 from gunicorn.http import errors as gunicorn_errors
 
 from gateway import metrics, page
-from gateway.auth import AUTH_KEY, KEY_RULE, AuthPlugin, Tokens, is_admin
+from gateway.auth import (
+    AUTH_KEY,
+    INCR_RULE,
+    KEY_RULE,
+    LOCK_REFRESH_RULE,
+    LOCK_RULE,
+    AuthPlugin,
+    Role,
+    Tokens,
+    is_admin,
+    require_role,
+)
 from zkv import defaults
+from zkv.calls import Lock
 from zkv.client import ALL_PAGE_KEYS, Item, NotFound
-from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
+from zkv.errors import (
+    Busy,
+    Conflict,
+    PreconditionFailed,
+    RequestError,
+    StorageFull,
+    Timeout,
+    Unavailable,
+    ZkvError,
+)
 from zkv.logs import LogLimiter
-from zkv.protocol import MAX_TTL_MS, Entry
+from zkv.protocol import MAX_LOCK_WAIT_MS, MAX_TTL_MS, Entry
 
 log = logging.getLogger(__name__)
 # Every line a request can cause goes through this: at most BURST (5) lines of one kind per
@@ -106,12 +127,61 @@ class ClientLike(Protocol):
         """Store a value; returns its deadline in Unix milliseconds, None for never."""
         ...
 
-    def get(self, key: bytes | str) -> Item:
-        """The value and deadline of a key; raises NotFound when missing or expired."""
+    def get(self, key: bytes | str, touch_s: float | None = None) -> Item:
+        """The value, deadline and version of a key; raises NotFound when missing or expired.
+        With ``touch_s``, its deadline moves to that many seconds from now, atomically."""
         ...
 
-    def delete(self, key: bytes | str) -> bool:
+    def put(
+        self,
+        key: bytes | str,
+        value: bytes | str,
+        ttl_s: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        if_version: int | None = None,
+        fence: tuple[bytes, int] | None = None,
+    ) -> Item:
+        """Store a value under conditions (PreconditionFailed, Conflict); the new item."""
+        ...
+
+    def delete(
+        self,
+        key: bytes | str,
+        if_version: int | None = None,
+        fence: tuple[bytes, int] | None = None,
+    ) -> bool:
         """Remove a key; False when there was no live key."""
+        ...
+
+    def incr_item(
+        self,
+        key: bytes | str,
+        by: int = 1,
+        ttl_s: float | None = None,
+        fence: tuple[bytes, int] | None = None,
+    ) -> tuple[int, int, int | None]:
+        """Add ``by`` to a counter: ``(value, version, deadline_ms)``; Conflict if refused."""
+        ...
+
+    def expire(self, key: bytes | str, ttl_s: float) -> int:
+        """A new deadline ``ttl_s`` from now, returned; NotFound when missing."""
+        ...
+
+    def persist(self, key: bytes | str) -> int:
+        """No deadline any more; the new version. NotFound when missing."""
+        ...
+
+    def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Lock:
+        """Take a lock (``.token``, ``.expires_at_ms``); Conflict when held past the wait."""
+        ...
+
+    def refresh_lock(self, name: bytes | str, token: int, ttl_s: float) -> int:
+        """Extend a lock held with ``token``: its new expiry; Conflict when not current."""
+        ...
+
+    def release_lock(self, name: bytes | str, token: int) -> None:
+        """Release a lock held with ``token``; Conflict when not current."""
         ...
 
     def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
@@ -153,6 +223,9 @@ class LengthRequired(BadRequest):
 # come before their bases. Anything not listed is a bug: 500, logged with its location.
 _STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (NotFound, 404),
+    # Refused conditions: definite, nothing changed (never a 500).
+    (PreconditionFailed, 412),  # If-Match / If-None-Match: * (the store's NX/XX/IF_VERSION)
+    (Conflict, 409),  # a stale fence or lock token, a held lock, an INCR of a non-integer
     (TooLarge, 413),
     (LengthRequired, 411),
     (BadRequest, 400),
@@ -439,6 +512,161 @@ def parse_limit(text: str | None) -> int:
     return int(limit)
 
 
+# --- the parameters and headers of issue 12 (README.md, REST API) --------------------------------
+
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1  # what ?by= may be: the store's counters are signed 64 bit
+U64_MAX = 2**64 - 1  # versions and lock tokens are unsigned 64 bit
+_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")  # by: decimal, an optional sign, nothing else
+_TOKEN_NUMBER = re.compile(r"[0-9]{1,20}")  # token, fence: plain decimal digits
+# One entity-tag of RFC 9110 (section 8.8.3): an optional W/ then a quoted opaque-tag, and
+# around it the list syntax's optional whitespace and commas (empty list elements allowed).
+_ENTITY_TAG = re.compile(r'[ \t]*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"[ \t]*(?:,|$)')
+_LIST_GAP = re.compile(r"[ \t,]*")
+_CANONICAL_VERSION = re.compile(r"0|[1-9][0-9]{0,19}")  # how our ETags write a version
+
+
+def parse_by(text: str | None) -> int:
+    """The ``by`` of an incr: 1 when not given, else a signed 64-bit decimal integer.
+
+    Only ``[+-]digits`` (at most 20 digits): "1e3", "1.0" and spaces are refused, since an
+    increment read loosely would silently count wrong.
+
+    Raises:
+        BadRequest: not such an integer, or outside -2**63 .. 2**63-1.
+    """
+    if text is None:
+        return 1
+    if not _INTEGER.fullmatch(text) or not I64_MIN <= int(text) <= I64_MAX:
+        raise BadRequest(
+            f"parameter 'by' must be an integer from {I64_MIN} to {I64_MAX}, got {_shown(text)}"
+        )
+    return int(text)
+
+
+def parse_token(name: str, text: str) -> int:
+    """A lock token (``token``, the token of a ``fence``): decimal digits, below 2**64.
+
+    Raises:
+        BadRequest: naming ``name``.
+    """
+    if not _TOKEN_NUMBER.fullmatch(text) or int(text) > U64_MAX:
+        raise BadRequest(
+            f"parameter {name!r} must be a lock token, an integer from 0 to {U64_MAX}, "
+            f"got {_shown(text)}"
+        )
+    return int(text)
+
+
+def parse_wait_ms(text: str | None) -> int:
+    """The ``wait`` of a lock in whole milliseconds: 0 when not given, at most 300 s.
+
+    Seconds as ``ttl`` reads them (any number float() reads), but 0 is allowed.
+
+    Raises:
+        BadRequest: not a number, negative, or above MAX_LOCK_WAIT_MS.
+    """
+    if text is None:
+        return 0
+    wait = _number("wait", text, "a number of seconds from 0 to 300") * 1000
+    if not 0 <= wait <= MAX_LOCK_WAIT_MS:
+        raise BadRequest(
+            f"parameter 'wait' must be from 0 to {MAX_LOCK_WAIT_MS // 1000} seconds, "
+            f"got {_shown(text)}"
+        )
+    return int(wait.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+ANY = "*"
+"""What :func:`parse_etags` gives for ``*``."""
+_CONDITIONS = (("HTTP_IF_MATCH", "If-Match"), ("HTTP_IF_NONE_MATCH", "If-None-Match"))
+
+
+def parse_etags(header: str, text: str) -> str | list[tuple[bool, str]]:
+    """A conditional header's value: :data:`ANY` for ``*``, else its entity-tags in order,
+    each ``(weak, opaque text)``.
+
+    Our ETags are versions, ``"<decimal>"``: a tag whose text is not digits cannot have come
+    from this gateway and is refused rather than compared (an If-Match that could never match
+    by mistake, e.g. a quoted key, is a client bug worth a 400, not a silent 412).
+
+    Raises:
+        BadRequest: naming ``header``: not ``*`` nor a list of quoted numbers (``"5"``,
+            ``W/"5"``), or ``*`` inside a list.
+    """
+    if text.strip(" \t") == "*":
+        return ANY
+    tags: list[tuple[bool, str]] = []
+    at = _gap_end(text, 0)
+    while at < len(text):
+        match = _ENTITY_TAG.match(text, at)
+        if match is None or not match.group(2).isdigit() or not match.group(2).isascii():
+            raise BadRequest(
+                f"header {header!r} must be * or quoted versions as ETag gives them "
+                f'(like "5", or "5", "7"), got {_shown(text)}'
+            )
+        tags.append((match.group(1) is not None, match.group(2)))
+        at = _gap_end(text, match.end())
+    if not tags:
+        raise BadRequest(f"header {header!r} is empty: give * or a quoted version")
+    return tags
+
+
+def _gap_end(text: str, at: int) -> int:
+    """Where the list syntax's whitespace and commas from ``at`` end."""
+    gap = _LIST_GAP.match(text, at)
+    return at if gap is None else gap.end()
+
+
+def strong_versions(tags: list[tuple[bool, str]]) -> set[int]:
+    """The versions an If-Match list can match: RFC 9110's strong comparison, under which a
+    weak tag (``W/"5"``) matches nothing, nor does a number not written as our ETags write it
+    (``"05"``, or one above 2**64 - 1)."""
+    return {
+        int(opaque)
+        for weak, opaque in tags
+        if not weak and _CANONICAL_VERSION.fullmatch(opaque) and int(opaque) <= U64_MAX
+    }
+
+
+def weakly_matches(tags: str | list[tuple[bool, str]], version: int) -> bool:
+    """Whether If-None-Match's value matches a current version (RFC 9110's weak comparison:
+    ``W/"5"`` and ``"5"`` both match version 5; ``*`` matches any)."""
+    if isinstance(tags, str):  # ANY
+        return True
+    text = str(version)
+    return any(opaque == text for _, opaque in tags)
+
+
+def etag(version: int) -> str:
+    """The strong ETag of a version: ``"<version>"``."""
+    return f'"{version}"'
+
+
+def parse_fence(text: str | None, max_name_bytes: int) -> tuple[bytes, int] | None:
+    """``?fence=<lock>:<token>`` as ``(lock name, token)``; None when not given.
+
+    Split at the last ``:``, so a lock name may hold colons; the token is decimal digits.
+
+    Raises:
+        BadRequest: not ``lock:token``, an empty or reserved (NUL-led) or too long name, or a
+            token that is not an integer from 0 to 2**64 - 1.
+    """
+    if text is None:
+        return None
+    name, colon, token = text.rpartition(":")
+    if not colon or not name:
+        raise BadRequest(f"parameter 'fence' must be <lock>:<token>, got {_shown(text)}")
+    name_bytes = name.encode()
+    if name_bytes[:1] == b"\x00":
+        raise BadRequest("parameter 'fence' names a reserved lock (starting with NUL)")
+    if len(name_bytes) > max_name_bytes:
+        raise BadRequest(
+            f"parameter 'fence' names a lock of {len(name_bytes)} bytes, more than the limit "
+            f"of {max_name_bytes} bytes"
+        )
+    return name_bytes, parse_token("fence", token)
+
+
 def read_body(limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
 
@@ -567,7 +795,11 @@ class SeedApi:
         return int(self.clock() * 1000)
 
     def checked_key(self, key: str, too_large: type[BadRequest], what: str) -> str:
-        """``key`` if it fits ``max_key_bytes``, else ``too_large`` naming ``what``."""
+        """``key`` if it fits ``max_key_bytes``, else ``too_large`` naming ``what``; a key
+        starting with NUL is refused (400): the store keeps its own records (locks, fences)
+        under such keys (docs/protocol.md)."""
+        if key[:1] == "\x00":
+            raise BadRequest(f"{what} starts with NUL, which is reserved")
         size = len(key.encode())
         if size > self.max_key_bytes:
             raise too_large(
@@ -748,21 +980,24 @@ def make_app(
         # dropping invalid bytes before it routes, so /v1/keys/%FF would be routed as
         # /v1/keys/ and answered 404: refuse it here, naming the key as it was sent.
         raw: str = request.environ["bottle.raw_path"]
-        if raw.startswith("/v1/keys/"):
-            try:
-                raw.encode("latin-1").decode("utf-8")
-            except UnicodeError:
-                sent = quote(raw[len("/v1/keys/") :].encode("latin-1"), safe="/")
-                raise HTTPError(400, f"the key in the path is not valid UTF-8: {sent!r}") from None
+        for prefix, what in (("/v1/keys/", "key"), ("/v1/locks/", "lock name")):
+            if raw.startswith(prefix):
+                try:
+                    raw.encode("latin-1").decode("utf-8")
+                except UnicodeError:
+                    sent = quote(raw[len(prefix) :].encode("latin-1"), safe="/")
+                    raise HTTPError(
+                        400, f"the {what} in the path is not valid UTF-8: {sent!r}"
+                    ) from None
 
-    def path_key(key: str) -> str:
+    def path_key(key: str, what: str = "key") -> str:
         # Bottle decodes the path as UTF-8 but drops invalid bytes silently ("a%FFb" would
         # become the key "ab"), so the raw path is checked first.
         try:
             request.environ["bottle.raw_path"].encode("latin-1").decode("utf-8")
         except UnicodeError:
-            raise BadRequest("the key in the path is not valid UTF-8") from None
-        return seed.checked_key(key, TooLarge, "key")
+            raise BadRequest(f"the {what} in the path is not valid UTF-8") from None
+        return seed.checked_key(key, TooLarge, what)
 
     def ttl_s(ttl_ms: int | None) -> float | None:
         # The client takes seconds and rounds back to milliseconds; exact for every valid TTL.
@@ -814,19 +1049,109 @@ def make_app(
 
     # --- REST API -----------------------------------------------------------------------
 
+    # Conditional requests (RFC 9110, section 13). A key's ETag is its version, "<n>" (strong:
+    # the bytes stored are the bytes sent). The store checks a condition atomically with the
+    # write (SET NX/XX/IF_VERSION, DEL IF_VERSION: docs/protocol.md), so a gateway never reads
+    # first. What is accepted (README.md, REST API): If-Match: * or a list of quoted versions,
+    # of which the store can check ONE (more distinct strong ones: 400); weak tags never match
+    # (strong comparison), nor does a number written otherwise than our ETags ("05"). On PUT,
+    # If-None-Match: * only (write if absent). GET compares after its read: If-None-Match ->
+    # 304, If-Match -> 412. Every other route refuses both headers (400) rather than ignore
+    # them, the seed routes excepted (they stay as the seed was).
+
+    def if_match() -> tuple[bool, int | None] | None:
+        """None without If-Match; else ``(exists, version)``: ``(True, None)`` for ``*``,
+        ``(True, n)`` for one strong version. A list that can match nothing is 412 at once."""
+        text = request.environ.get("HTTP_IF_MATCH")
+        if text is None:
+            return None
+        tags = parse_etags("If-Match", text)
+        if isinstance(tags, str):  # ANY
+            return True, None
+        versions = strong_versions(tags)
+        if not versions:
+            raise PreconditionFailed(
+                "If-Match holds no strong version (weak W/ tags never match): nothing changed"
+            )
+        if len(versions) > 1:
+            raise BadRequest(
+                "header 'If-Match' lists several versions; the store checks one: send one"
+            )
+        return True, versions.pop()
+
+    def if_none_match_star(method: str) -> bool:
+        """Whether a write has If-None-Match: * (write only if absent); any other value is
+        400: the store cannot check 'unless the version is n' atomically."""
+        text = request.environ.get("HTTP_IF_NONE_MATCH")
+        if text is None:
+            return False
+        if method == "PUT" and parse_etags("If-None-Match", text) is ANY:
+            return True
+        raise BadRequest(
+            "header 'If-None-Match' is only honoured as If-None-Match: * on PUT"
+            if method == "PUT"
+            else f"header 'If-None-Match' is not honoured on {method}: leave it out"
+        )
+
+    def no_conditions(method: str) -> None:
+        """Refuse If-Match / If-None-Match on a route that cannot honour them (400)."""
+        for header, name in _CONDITIONS:
+            if header in request.environ:
+                raise BadRequest(f"header {name!r} is not honoured on {method} here: leave it out")
+
+    def fence_param() -> tuple[bytes, int] | None:
+        return parse_fence(optional_param("fence"), max_key_bytes)
+
     @app.put(KEY_RULE)
     def rest_put(key: str, kv: ClientLike) -> dict[str, Any]:
         key = path_key(key)
         ttl = optional_param("ttl")
         ttl_ms = None if ttl is None else parse_ttl_ms("ttl", ttl)
+        fence = fence_param()
+        condition = if_match()
+        nx = if_none_match_star("PUT")
+        if condition is not None and nx:
+            raise PreconditionFailed(
+                "If-Match and If-None-Match: * can never both hold: nothing changed"
+            )
         value = read_body(max_value_bytes)  # parameters first: no body read for a bad request
-        deadline_ms = kv.set(key, value, ttl_s=ttl_s(ttl_ms))
+        item = kv.put(
+            key,
+            value,
+            ttl_s=ttl_s(ttl_ms),
+            nx=nx,
+            xx=condition is not None and condition[1] is None,
+            if_version=None if condition is None else condition[1],
+            fence=fence,
+        )
+        response.set_header("ETag", etag(item.version))
+        deadline_ms = item.deadline_ms
         return {"key": key, "expires_at": http_date(deadline_ms), "expires_at_ms": deadline_ms}
 
     @app.get(KEY_RULE)
     def rest_get(key: str, kv: ClientLike) -> HTTPResponse:
-        item = kv.get(path_key(key))
-        headers = {"Content-Type": "application/octet-stream"}
+        key = path_key(key)
+        touch = optional_param("touch")
+        none_match_text = request.environ.get("HTTP_IF_NONE_MATCH")
+        none_match = (
+            None if none_match_text is None else parse_etags("If-None-Match", none_match_text)
+        )
+        match_text = request.environ.get("HTTP_IF_MATCH")
+        match = None if match_text is None else parse_etags("If-Match", match_text)
+        if touch is None:
+            item = kv.get(key)
+        else:
+            touch_ms = parse_ttl_ms("touch", touch)
+            if match is not None:  # a 412 must change nothing, and the touch would have
+                raise BadRequest("header 'If-Match' is not honoured with ?touch=: leave it out")
+            require_role(request.environ, Role.WRITE)  # a touch moves the deadline
+            item = kv.get(key, touch_s=ttl_s(touch_ms))
+        tag = etag(item.version)
+        if isinstance(match, list) and item.version not in strong_versions(match):
+            raise PreconditionFailed(f"the key's version is {item.version}: If-Match failed")
+        if none_match is not None and weakly_matches(none_match, item.version):
+            return HTTPResponse(b"", 304, {"ETag": tag})
+        headers = {"Content-Type": "application/octet-stream", "ETag": tag}
         if item.deadline_ms is not None:
             headers["X-Zkv-Expires-At"] = str(http_date(item.deadline_ms))
             headers["X-Zkv-Expires-At-Ms"] = str(item.deadline_ms)
@@ -836,9 +1161,82 @@ def make_app(
     @app.delete(KEY_RULE)
     def rest_delete(key: str, kv: ClientLike) -> dict[str, Any]:
         key = path_key(key)
-        if not kv.delete(key):
+        fence = fence_param()
+        condition = if_match()
+        if_none_match_star("DELETE")
+        version = None if condition is None else condition[1]
+        if not kv.delete(key, if_version=version, fence=fence):
+            if condition is not None:  # If-Match: * of a missing key
+                raise PreconditionFailed("the key does not exist: If-Match failed")
             raise NotFound(key.encode())
         return {"deleted": key}
+
+    @app.post(INCR_RULE)
+    def rest_incr(key: str, kv: ClientLike) -> dict[str, Any]:
+        key = path_key(key)
+        by = parse_by(optional_param("by"))
+        ttl = optional_param("ttl")
+        ttl_ms = None if ttl is None else parse_ttl_ms("ttl", ttl)
+        fence = fence_param()
+        no_conditions("POST")
+        value, version, deadline_ms = kv.incr_item(key, by=by, ttl_s=ttl_s(ttl_ms), fence=fence)
+        response.set_header("ETag", etag(version))
+        return {"key": key, "value": value, "expires_at_ms": deadline_ms}
+
+    @app.route(KEY_RULE, method="PATCH")
+    def rest_patch(key: str, kv: ClientLike) -> dict[str, Any]:
+        key = path_key(key)
+        ttl = required_param("ttl")
+        ttl_ms = None if ttl == "none" else parse_ttl_ms("ttl", ttl)
+        no_conditions("PATCH")
+        if ttl_ms is None:
+            kv.persist(key)
+            deadline_ms = None
+        else:
+            deadline_ms = kv.expire(key, ttl_s(ttl_ms))
+        return {"key": key, "expires_at": http_date(deadline_ms), "expires_at_ms": deadline_ms}
+
+    # --- locks (README.md, REST API; the refresh route first: see gateway/auth.py) ----------
+
+    def lock_conflict(exc: Conflict) -> HTTPResponse:
+        """The 409 of a refused lock call, with the holder's expiry when the store gave it."""
+        body = {"error": str(exc), "expires_at_ms": exc.deadline_ms}
+        return HTTPResponse(to_json(body), 409, {"Content-Type": JSON_TYPE})
+
+    @app.post(LOCK_REFRESH_RULE)
+    def lock_refresh(name: str, kv: ClientLike) -> Any:
+        name = path_key(name, "lock name")
+        token = parse_token("token", required_param("token"))
+        ttl_ms = parse_ttl_ms("ttl", required_param("ttl"))
+        no_conditions("POST")
+        try:
+            expires_at_ms = kv.refresh_lock(name, token, ttl_s(ttl_ms))
+        except Conflict as exc:
+            return lock_conflict(exc)
+        return {"name": name, "token": token, "expires_at_ms": expires_at_ms}
+
+    @app.post(LOCK_RULE)
+    def lock_acquire(name: str, kv: ClientLike) -> Any:
+        name = path_key(name, "lock name")
+        ttl_ms = parse_ttl_ms("ttl", required_param("ttl"))
+        wait_ms = parse_wait_ms(optional_param("wait"))
+        no_conditions("POST")
+        try:
+            lock = kv.acquire_lock(name, ttl_s(ttl_ms), wait_s=wait_ms / 1000)
+        except Conflict as exc:
+            return lock_conflict(exc)
+        return {"name": name, "token": lock.token, "expires_at_ms": lock.expires_at_ms}
+
+    @app.delete(LOCK_RULE)
+    def lock_release(name: str, kv: ClientLike) -> Any:
+        name = path_key(name, "lock name")
+        token = parse_token("token", required_param("token"))
+        no_conditions("DELETE")
+        try:
+            kv.release_lock(name, token)
+        except Conflict as exc:
+            return lock_conflict(exc)
+        return {"name": name, "token": token, "released": True}
 
     @app.get("/v1/keys")
     def rest_list(kv: ClientLike) -> dict[str, Any]:

@@ -63,6 +63,12 @@ class Role(enum.IntEnum):
 # "$", which matches before a final newline, /v1/keys/a%0A was the key "a" (Schemathesis).
 # Here, beside the table of roles keyed by rule; gateway/app.py routes by it.
 KEY_RULE = "/v1/keys/<key:re:(?s:.+)>"
+INCR_RULE = KEY_RULE + "/incr"  # POST only: no other route takes POST under /v1/keys/
+# Locks by name, the same rule as keys. POST .../refresh is always the refresh of the lock
+# named by what comes before it (routed first): a lock whose name ends in "/refresh" cannot be
+# taken over REST (README, REST API).
+LOCK_RULE = "/v1/locks/<name:re:(?s:.+)>"
+LOCK_REFRESH_RULE = LOCK_RULE + "/refresh"
 
 # The one table of what each route needs: (method, Bottle's rule) -> the least role. A route of
 # the app that is not listed here needs ADMIN (tests/unit/test_auth.py checks that every route
@@ -80,6 +86,14 @@ ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("GET", KEY_RULE): Role.READ,
     ("PUT", KEY_RULE): Role.WRITE,
     ("DELETE", KEY_RULE): Role.WRITE,
+    ("PATCH", KEY_RULE): Role.WRITE,  # a new deadline
+    ("POST", INCR_RULE): Role.WRITE,
+    # Locks change data (a lock record, its token): all write, taking one included. GET of a
+    # key with ?touch= is a write on a read route: the route itself asks for WRITE then
+    # (require_role below).
+    ("POST", LOCK_RULE): Role.WRITE,
+    ("POST", LOCK_REFRESH_RULE): Role.WRITE,
+    ("DELETE", LOCK_RULE): Role.WRITE,
     ("GET", "/v1/health"): Role.READ,  # its detail (shards, owners) for admin only
     ("GET", "/v1/openapi.json"): Role.READ,
     ("GET", "/v1/status"): Role.ADMIN,
@@ -272,6 +286,24 @@ class AuthPlugin:
             return callback(*args, **kwargs)
 
         return wrapper
+
+
+def require_role(environ: dict[str, Any], needed: Role) -> None:
+    """Refuse (403) a request whose token's role, checked by :class:`AuthPlugin` against its
+    route's, is below ``needed``: for what one route does only with some parameters (GET of a
+    key with ``?touch=`` moves its deadline: a write). Without tokens, everyone may.
+
+    Raises:
+        HTTPError: 403, as :meth:`Tokens.check` words it.
+    """
+    role = environ.get(ROLE_ENVIRON)
+    if role is None or role >= needed:
+        return
+    raise HTTPError(
+        403,
+        f"this token's role ({role.name.lower()}) may not do this: it needs {needed.name.lower()}",
+        headers={"WWW-Authenticate": _CHALLENGE + ', error="insufficient_scope"'},
+    )
 
 
 def is_admin(environ: dict[str, Any]) -> bool:

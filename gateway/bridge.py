@@ -32,7 +32,7 @@ import greenlet
 import zmq
 
 from zkv.aio import AsyncClient
-from zkv.calls import as_bytes, new_id
+from zkv.calls import Lock, as_bytes, new_id
 from zkv.client import ALL_PAGE_KEYS, Client, Item, dealer, paged
 from zkv.errors import Unavailable, ZkvError
 from zkv.keys import frontend_curve
@@ -147,17 +147,72 @@ class LoopClient:
         self._stats_socket: zmq.Socket | None = None
         self._stats_waiting: dict[int, asyncio.Future[Any]] = {}
 
-    def get(self, key: bytes | str) -> Item:
-        """As :meth:`zkv.client.Client.get`."""
-        return wait(self.aio.get(key))
+    def get(self, key: bytes | str, touch_s: float | None = None) -> Item:
+        """As :meth:`zkv.client.Client.get` (``touch_s``: move the deadline, atomically)."""
+        if touch_s is None:  # the plain read as before: no keyword for the hot path
+            return wait(self.aio.get(key))
+        return wait(self.aio.get(key, touch_s=touch_s))
 
     def set(self, key: bytes | str, value: bytes | str, ttl_s: float | None = None) -> int | None:
         """As :meth:`zkv.client.Client.set`."""
         return wait(self.aio.set(key, value, ttl_s))
 
-    def delete(self, key: bytes | str) -> bool:
+    def put(
+        self,
+        key: bytes | str,
+        value: bytes | str,
+        ttl_s: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        if_version: int | None = None,
+        fence: tuple[bytes, int] | None = None,
+    ) -> Item:
+        """As :meth:`zkv.client.Client.put`: the new item, its version included (the ETag)."""
+        return wait(
+            self.aio.put(key, value, ttl_s, nx=nx, xx=xx, if_version=if_version, fence=fence)
+        )
+
+    def delete(
+        self,
+        key: bytes | str,
+        if_version: int | None = None,
+        fence: tuple[bytes, int] | None = None,
+    ) -> bool:
         """As :meth:`zkv.client.Client.delete`."""
-        return wait(self.aio.delete(key))
+        if if_version is None and fence is None:
+            return wait(self.aio.delete(key))
+        return wait(self.aio.delete(key, if_version=if_version, fence=fence))
+
+    def incr_item(
+        self,
+        key: bytes | str,
+        by: int = 1,
+        ttl_s: float | None = None,
+        fence: tuple[bytes, int] | None = None,
+    ) -> tuple[int, int, int | None]:
+        """As :meth:`zkv.client.Client.incr_item`: ``(value, version, deadline_ms)``."""
+        return wait(self.aio.incr_item(key, by=by, ttl_s=ttl_s, fence=fence))
+
+    def expire(self, key: bytes | str, ttl_s: float) -> int:
+        """As :meth:`zkv.client.Client.expire`: the new deadline."""
+        return wait(self.aio.expire(key, ttl_s))
+
+    def persist(self, key: bytes | str) -> int:
+        """As :meth:`zkv.client.Client.persist`: the new version."""
+        return wait(self.aio.persist(key))
+
+    def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Lock:
+        """As :meth:`zkv.client.Client.acquire_lock`. The wait is the broker's (LOCK wait_ms):
+        this request's greenlet is parked meanwhile, the loop serves the others."""
+        return wait(self.aio.acquire_lock(name, ttl_s, wait_s=wait_s))
+
+    def refresh_lock(self, name: bytes | str, token: int, ttl_s: float) -> int:
+        """As :meth:`zkv.client.Client.refresh_lock`: the lock's new expiry."""
+        return wait(self.aio.refresh_lock(name, token, ttl_s))
+
+    def release_lock(self, name: bytes | str, token: int) -> None:
+        """As :meth:`zkv.client.Client.release_lock`."""
+        wait(self.aio.release_lock(name, token))
 
     def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
         """As :meth:`zkv.client.Client.all`, on the blocking client's thread."""

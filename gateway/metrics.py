@@ -45,7 +45,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from zkv.protocol import FSYNC_BUCKETS_S, REPORT_COMMANDS, REPORT_STATUSES
+from zkv.protocol import FSYNC_BUCKETS_S, REPORT_COMMANDS, REPORT_STATUSES, Kind
 
 # What a request is, for its labels: (method, route), route being the path template. Anything
 # else is ("other", "other"), so a client cannot make new series (bounded label values).
@@ -58,6 +58,13 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("PUT", "/v1/keys/{key}"),
     ("DELETE", "/v1/keys/{key}"),
     ("GET", "/v1/keys"),
+    # Issue 12: counters, deadlines, locks (README.md, REST API).
+    ("POST", "/v1/keys/{key}/incr"),
+    ("PATCH", "/v1/keys/{key}"),
+    ("POST", "/v1/locks/{name}/refresh"),
+    ("DELETE", "/v1/locks/{name}"),
+    ("POST", "/v1/locks/{name}"),  # waits up to ?wait= by design: not a data route's latency
+    ("GET", "/v1/watch"),  # a stream: its "latency" is how long it was watched
     ("GET", "/v1/health"),
     ("GET", "/v1/status"),
     ("GET", "/metrics"),
@@ -65,17 +72,35 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("other", "other"),
 )
 # The label values the broker's counts may have (docs/protocol.md, STATS).
-MESSAGE_KINDS = ("GET", "SET", "DEL", "ALL", "PING", "BATCH", "STATS", "malformed")
+# Every client request kind of the protocol (issue 12 added INCR, EXPIRE and the lock kinds:
+# a fixed list here refused the whole STATS, and /metrics said zkv_broker_up 0), as the broker
+# counts them (broker/core.py), and the malformed ones.
+MESSAGE_KINDS = (*(kind.name for kind in Kind if kind < Kind.REPLY), "malformed")
 REMOVAL_REASONS = ("missed heartbeats", "disconnected", "unreachable", "registered again")
 # The routes whose latency the status page shows: the data routes (not the page's own polls).
-DATA_ROUTES = tuple(range(8))
+DATA_ROUTES = tuple(range(12))  # up to DELETE /v1/locks/{name}
 # Status codes counted each on its own; any other is counted as "other".
-CODES = (200, 400, 401, 403, 404, 405, 408, 411, 413, 414, 415, 429, 431, 500, 501, 503, 504)
+# fmt: off
+CODES = (
+    200, 304, 400, 401, 403, 404, 405, 408, 409, 411, 412, 413, 414, 415, 429, 431,
+    500, 501, 503, 504, 507,
+)
+# fmt: on
 # Latency buckets, upper bounds in seconds (then +Inf).
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 _ROUTE_OF = {(m.encode(), r.encode()): i for i, (m, r) in enumerate(ROUTES) if "{" not in r}
-_KEYS_ROUTE = {b"GET": 4, b"HEAD": 4, b"PUT": 5, b"DELETE": 6}
+_KEYS_ROUTE = {
+    method.encode(): ROUTES.index((method, "/v1/keys/{key}")) for method in ("GET", "PUT", "DELETE")
+}
+_KEYS_ROUTE[b"HEAD"] = _KEYS_ROUTE[b"GET"]
+_KEYS_ROUTE[b"PATCH"] = ROUTES.index(("PATCH", "/v1/keys/{key}"))
+_INCR_ROUTE = ROUTES.index(("POST", "/v1/keys/{key}/incr"))
+_LOCK_ROUTE = {
+    b"POST": ROUTES.index(("POST", "/v1/locks/{name}")),
+    b"DELETE": ROUTES.index(("DELETE", "/v1/locks/{name}")),
+}
+_REFRESH_ROUTE = ROUTES.index(("POST", "/v1/locks/{name}/refresh"))
 _OTHER_ROUTE = len(ROUTES) - 1
 _CODE_OF = {code: i for i, code in enumerate(CODES)}
 _NCODES = len(CODES) + 1  # and "other"
@@ -191,7 +216,15 @@ class HttpStats:
         route = _ROUTE_OF.get((method, path))
         if route is None:
             if path.startswith(b"/v1/keys/"):
-                route = _KEYS_ROUTE.get(method, _OTHER_ROUTE)
+                if method == b"POST":  # the one POST under /v1/keys/ (the app routes it so)
+                    route = _INCR_ROUTE if path.endswith(b"/incr") else _OTHER_ROUTE
+                else:
+                    route = _KEYS_ROUTE.get(method, _OTHER_ROUTE)
+            elif path.startswith(b"/v1/locks/"):
+                if method == b"POST" and path.endswith(b"/refresh"):  # routed first, as here
+                    route = _REFRESH_ROUTE
+                else:
+                    route = _LOCK_ROUTE.get(method, _OTHER_ROUTE)
             else:
                 route = (
                     _ROUTE_OF.get((b"GET", path), _OTHER_ROUTE)
@@ -415,6 +448,9 @@ def cluster_view(stats: dict[str, Any]) -> dict[str, Any]:
                 "requests_waiting_for_token",
             )
         },
+        # LOCKs parked at the broker until their lock frees or their wait runs out (at most
+        # MAX_LOCK_WAITERS, 10,000); 0 from a broker that has no lock waits.
+        "lock_waiters": _int(broker.get("lock_waiters", 0)),
         "workers_removed": _known(broker.get("workers_removed"), REMOVAL_REASONS),
         **per_shard,
         "owners": owners,
@@ -488,7 +524,7 @@ def _cluster_metrics(cluster: dict[str, Any] | None) -> Iterator[Metric]:
     messages = CounterMetricFamily(
         "zkv_zmq_messages",
         "Client messages the broker received, by kind (GET, SET, DEL, ALL, PING, STATS, BATCH, "
-        "malformed).",
+        "INCR, EXPIRE, LOCK, REFRESH, UNLOCK, FENCE_CHECK, malformed).",
         labels=["kind"],
     )
     for kind, count in sorted(cluster["messages"].items()):
@@ -518,6 +554,11 @@ def _cluster_metrics(cluster: dict[str, Any] | None) -> Iterator[Metric]:
         ("requests_waiting_for_token", "Requests waiting for their key's token."),
     ):
         yield GaugeMetricFamily(f"zkv_broker_{name}", text, value=gauges[name])
+    yield GaugeMetricFamily(
+        "zkv_broker_lock_waiters",
+        "LOCK requests parked at the broker until their lock frees or their wait runs out.",
+        value=cluster["lock_waiters"],
+    )
     yield GaugeMetricFamily(
         "zkv_broker_workers", "Workers registered with the broker.", value=cluster["workers"]
     )

@@ -44,6 +44,7 @@ from gateway.app import SeedApi, make_app
 from gateway.fastlane import FastLane
 from gateway.http11 import HttpConnection, HttpServer, ServerConfig
 from zkv import protocol
+from zkv.calls import Lock
 from zkv.client import Item, NotFound
 from zkv.protocol import (
     Batch,
@@ -392,14 +393,39 @@ class MemoryKv:
         self.data[self._b(key)] = (self._b(value), deadline)
         return deadline
 
-    def get(self, key: bytes | str) -> Item:
+    def get(self, key: bytes | str, touch_s: float | None = None) -> Any:
         found = self.data.get(self._b(key))
         if found is None:
             raise NotFound(self._b(key))
-        return Item(*found)
+        return Item(*found, 1)
 
-    def delete(self, key: bytes | str) -> bool:
+    def delete(self, key: bytes | str, if_version: int | None = None, fence: Any = None) -> bool:
         return self.data.pop(self._b(key), None) is not None
+
+    # Issue 12's calls of the REST routes (gateway/app.py): accepted, never refused; the
+    # gateway's own checks are what the fuzzing exercises.
+    def put(
+        self, key: bytes | str, value: bytes | str, ttl_s: float | None = None, **_: Any
+    ) -> Any:
+        return Item(self._b(value), self.set(key, value, ttl_s), 1)
+
+    def incr_item(self, key: bytes | str, by: int = 1, **_: Any) -> tuple[int, int, None]:
+        return by, 1, None
+
+    def expire(self, key: bytes | str, ttl_s: float) -> int:
+        return 1_700_000_000_000 + round(ttl_s * 1000)
+
+    def persist(self, key: bytes | str) -> int:
+        return 1
+
+    def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Any:
+        return Lock(self._b(name), 1, 1_700_000_000_000 + round(ttl_s * 1000))
+
+    def refresh_lock(self, name: bytes | str, token: int, ttl_s: float) -> int:
+        return 1_700_000_000_000 + round(ttl_s * 1000)
+
+    def release_lock(self, name: bytes | str, token: int) -> None:
+        return None
 
     def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
         after = self._b(after)

@@ -319,11 +319,18 @@ class FakeKv:
         key = key.encode() if isinstance(key, str) else key
         self.data[key] = value if isinstance(value, bytes) else value.encode()
 
-    def get(self, key: bytes | str) -> Item:
+    def put(
+        self, key: bytes | str, value: bytes | str, ttl_s: float | None = None, **_: Any
+    ) -> Any:
+        """PUT /v1/keys/... stores through put() (issue 12): the new item with its version."""
+        self.set(key, value, ttl_s)
+        return Item(value if isinstance(value, bytes) else value.encode(), None, 1)
+
+    def get(self, key: bytes | str) -> Any:
         key = key.encode() if isinstance(key, str) else key
         if key not in self.data:
             raise NotFound(key)
-        return Item(self.data[key], None)
+        return Item(self.data[key], None, 1)
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ description (its examples, boundary values, random valid and invalid input, and 
 follow the links between operations), checking every answer: no 5xx, status codes, content
 types, headers and JSON bodies as described, invalid input refused with a 4xx, 405 with
 ``Allow`` for undescribed methods (tests/schemathesis.toml says which checks). A bounded run
-here, EXAMPLES per operation on one connection at a time, 10 to 30 s; a longer one by hand
-(docs/testing.md). Both tests share one cluster (tests/process/conftest.py).
+here, EXAMPLES per operation on one connection at a time, 10 to 30 s;
+a longer one by hand (docs/testing.md). Both tests share one cluster (tests/process/conftest.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ from tests.cluster import ROOT, Cluster
 
 pytestmark = pytest.mark.process
 
-EXAMPLES = 100  # per operation and phase: 10 to 30 s on the project's machine, by its load
+# Per operation and phase. 100 for the 11 operations before issue 12; its 7 new ones have
+# many more parameters and headers each, and 30 for the 18 runs as long as 100 for the 11 did
+# (measured side by side on one cluster: 811 cases in 48 s against 882 in 50 s, a loaded
+# machine; 10 to 30 s on a quiet one).
+EXAMPLES = 30
 RUN_TIMEOUT_S = 240.0
 CONFIG = ROOT / "tests" / "schemathesis.toml"
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -95,6 +99,8 @@ def test_schemathesis_reports_an_answer_the_description_does_not_allow(
         f"http://127.0.0.1:{cluster.http_port}",
         "--phases",
         "examples",  # the example key of GET /v1/keys/{key} is not stored: a 404
+        "--include-operation-id",
+        "getKey",  # the one operation this is about: the run stays short as routes are added
     )
     assert result.returncode != 0, result.stdout[-5000:]
     assert "Undocumented status code" in result.stdout, result.stdout[-5000:]

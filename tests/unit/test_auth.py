@@ -13,7 +13,10 @@ from bottle import Bottle
 
 from gateway.app import make_app
 from gateway.auth import (
+    INCR_RULE,
     KEY_RULE,
+    LOCK_REFRESH_RULE,
+    LOCK_RULE,
     MISSING,
     ROUTE_ROLES,
     Denial,
@@ -196,7 +199,26 @@ def test_every_route_of_the_app_is_in_the_role_table() -> None:
     assert role_of_route("GET", "/nope") == Role.ADMIN
     assert role_of_route("HEAD", "/get") == Role.READ
     writes = {rule for (method, rule), role in ROUTE_ROLES.items() if role == Role.WRITE}
-    assert writes == {"/set", "/delete", KEY_RULE}
+    assert writes == {
+        "/set",
+        "/delete",
+        KEY_RULE,
+        INCR_RULE,
+        LOCK_RULE,
+        LOCK_REFRESH_RULE,
+    }
+    # Every method of the new routes writes: a lock taken or released changes data.
+    assert {
+        (method, rule)
+        for (method, rule), role in ROUTE_ROLES.items()
+        if rule in (INCR_RULE, LOCK_RULE, LOCK_REFRESH_RULE) or method == "PATCH"
+    } == {
+        ("POST", INCR_RULE),
+        ("PATCH", KEY_RULE),
+        ("POST", LOCK_RULE),
+        ("POST", LOCK_REFRESH_RULE),
+        ("DELETE", LOCK_RULE),
+    }
 
 
 # --- the app ------------------------------------------------------------------------------------

@@ -199,6 +199,10 @@ def test_valid_requests_are_taken_and_answered_as_the_app_does(loop, target):
         b"/set?key=k&value=v&timeout=0.0001",
         b"/set?key=k&value=" + b"v" * (MAX_VALUE + 1) + b"&timeout=1",
         b"/delete?key",
+        # Keys starting with NUL are the store's own (locks, fences): refused by the app.
+        b"/get?key=%00lock%00a",
+        b"/set?key=%00x&value=v&timeout=1",
+        b"/delete?key=%00x",
     ],
 )
 def test_refused_requests_are_left_to_the_app(loop, target):
@@ -215,6 +219,14 @@ def test_refused_requests_are_left_to_the_app(loop, target):
         (b"GET", b"/get/?key=k1"),
         (b"GET", b"/get?key=k1#fragment"),
         (b"GET", b"/v1/keys/k1"),
+        # Issue 12: conditional headers and the new parameters are the app's alone.
+        (b"GET", b"/v1/keys/k1?touch=5"),
+        (b"PUT", b"/v1/keys/k1?fence=l:1"),
+        (b"POST", b"/v1/keys/k1/incr?by=2"),
+        (b"PATCH", b"/v1/keys/k1?ttl=none"),
+        (b"POST", b"/v1/locks/l?ttl=1&wait=1"),
+        (b"DELETE", b"/v1/locks/l?token=1"),
+        (b"GET", b"/get/incr?key=k1"),
         (b"GET", b"http://host/get?key=k1"),
     ],
 )

@@ -30,12 +30,28 @@ import pytest
 from bottle import Bottle
 
 import gateway.app as gateway_app
-from gateway.app import ClientPlugin, cursor_of, http_date, key_of_cursor, make_app
+from gateway.app import (
+    ClientPlugin,
+    cursor_of,
+    http_date,
+    key_of_cursor,
+    make_app,
+)
 from gateway.bridge import LoopClient
 from gateway.server import app_factory, build_parser, gunicorn_options
 from zkv import defaults
+from zkv.calls import Lock
 from zkv.client import ALL_PAGE_KEYS, Client, Item, NotFound, paged
-from zkv.errors import Busy, RequestError, StorageFull, Timeout, Unavailable, ZkvError
+from zkv.errors import (
+    Busy,
+    Conflict,
+    PreconditionFailed,
+    RequestError,
+    StorageFull,
+    Timeout,
+    Unavailable,
+    ZkvError,
+)
 from zkv.logs import BURST, WINDOW_S, LogLimiter
 from zkv.protocol import MAX_TTL_MS, REPLY_TOO_LARGE, Entry
 
@@ -80,6 +96,9 @@ class FakeClient:
         self.calls: list[tuple[Any, ...]] = []
         self.failure: BaseException | None = None
         self.ping_info: Any = {"shards": shards, "owned": [True] * shards, "workers": shards}
+        self.versions: dict[bytes, int] = {}  # each key's last version, a deleted one's too
+        self.last_version = 0
+        self.locks: dict[bytes, tuple[int, int, bool]] = {}  # name: (token, expires, held)
 
     def _shard(self, key: bytes) -> dict[bytes, tuple[bytes, int | None]]:
         return self.shards[zlib.crc32(key) % len(self.shards)]
@@ -93,28 +112,167 @@ class FakeClient:
         if self.failure is not None:
             raise self.failure
 
+    # Issue 12: versions, counters, deadlines, locks and fences, as the worker keeps them
+    # (design contract, section 4), without the cluster.
+
+    def _version(self) -> int:
+        self.last_version += 1
+        return self.last_version
+
+    def _store(self, key: bytes, value: bytes, deadline_ms: int | None) -> int:
+        self._shard(key)[key] = (value, deadline_ms)
+        version = self.versions[key] = self._version()
+        return version
+
+    def _found(self, key: bytes) -> tuple[bytes, int | None] | None:
+        return self._live(self._shard(key)).get(key)
+
+    def _fenced(self, fence: tuple[bytes, int] | None) -> None:
+        """The client's FENCE_CHECK: the token must be the newest issued for its lock."""
+        if fence is not None:
+            name, token = fence
+            newest = self.locks.get(name, (0, 0, False))[0]
+            if token != newest:
+                raise Conflict(f"fence token {token} is older than {newest}")
+
     def set(self, key: bytes | str, value: bytes | str, ttl_s: float | None = None) -> int | None:
         key, value = _b(key), _b(value)
         ttl_ms = None if ttl_s is None else max(1, round(ttl_s * 1000))  # as Client.set
         self._enter("set", key, value, ttl_ms)
         deadline_ms = None if ttl_ms is None else self.clock.ms() + ttl_ms
-        self._shard(key)[key] = (value, deadline_ms)
+        self._store(key, value, deadline_ms)
         return deadline_ms
 
-    def get(self, key: bytes | str) -> Item:
+    def put(
+        self,
+        key: bytes | str,
+        value: bytes | str,
+        ttl_s: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        if_version: int | None = None,
+        fence: tuple[bytes, int] | None = None,
+    ) -> Item:
+        key, value = _b(key), _b(value)
+        ttl_ms = None if ttl_s is None else max(1, round(ttl_s * 1000))
+        conditions = {"nx": nx, "xx": xx, "if_version": if_version, "fence": fence}
+        if any(conditions.values()):
+            self._enter("set", key, value, ttl_ms, conditions)
+        else:
+            self._enter("set", key, value, ttl_ms)
+        self._fenced(fence)
+        found = self._found(key)
+        if nx and found is not None:
+            raise PreconditionFailed("key exists")
+        if (xx or if_version is not None) and found is None:
+            raise PreconditionFailed("key does not exist")
+        if if_version is not None and self.versions[key] != if_version:
+            raise PreconditionFailed(f"version is {self.versions[key]}, not {if_version}")
+        deadline_ms = None if ttl_ms is None else self.clock.ms() + ttl_ms
+        return Item(value, deadline_ms, self._store(key, value, deadline_ms))
+
+    def get(self, key: bytes | str, touch_s: float | None = None) -> Item:
         key = _b(key)
-        self._enter("get", key)
-        found = self._live(self._shard(key)).get(key)
+        if touch_s is None:
+            self._enter("get", key)
+        else:
+            self._enter("get", key, round(touch_s * 1000))
+        found = self._found(key)
         if found is None:
             raise NotFound(key)
-        return Item(*found)
+        if touch_s is not None:
+            found = (found[0], self.clock.ms() + round(touch_s * 1000))
+            self._store(key, *found)
+        return Item(*found, self.versions.get(key, 0))
 
-    def delete(self, key: bytes | str) -> bool:
+    def delete(
+        self,
+        key: bytes | str,
+        if_version: int | None = None,
+        fence: tuple[bytes, int] | None = None,
+    ) -> bool:
         key = _b(key)
-        self._enter("delete", key)
+        if if_version is None and fence is None:
+            self._enter("delete", key)
+        else:
+            self._enter("delete", key, if_version, fence)
+        self._fenced(fence)
         live = key in self._live(self._shard(key))
+        if if_version is not None and (not live or self.versions[key] != if_version):
+            raise PreconditionFailed("version differs" if live else "key does not exist")
         self._shard(key).pop(key, None)
+        if live:
+            self.versions[key] = self._version()
         return live
+
+    def incr_item(
+        self,
+        key: bytes | str,
+        by: int = 1,
+        ttl_s: float | None = None,
+        fence: tuple[bytes, int] | None = None,
+    ) -> tuple[int, int, int | None]:
+        key = _b(key)
+        ttl_ms = None if ttl_s is None else round(ttl_s * 1000)
+        self._enter("incr", key, by, ttl_ms, fence)
+        self._fenced(fence)
+        value, deadline_ms = self._found(key) or (b"0", None)
+        try:
+            number = int(value)
+        except ValueError:
+            raise Conflict("value is not an integer") from None
+        number += by
+        if not -(2**63) <= number < 2**63:
+            raise Conflict("increment would overflow")
+        if ttl_ms is not None:
+            deadline_ms = self.clock.ms() + ttl_ms
+        return number, self._store(key, str(number).encode(), deadline_ms), deadline_ms
+
+    def expire(self, key: bytes | str, ttl_s: float) -> int:
+        key = _b(key)
+        self._enter("expire", key, round(ttl_s * 1000))
+        found = self._found(key)
+        if found is None:
+            raise NotFound(key)
+        deadline_ms = self.clock.ms() + round(ttl_s * 1000)
+        self._store(key, found[0], deadline_ms)
+        return deadline_ms
+
+    def persist(self, key: bytes | str) -> int:
+        key = _b(key)
+        self._enter("persist", key)
+        found = self._found(key)
+        if found is None:
+            raise NotFound(key)
+        return self._store(key, found[0], None)
+
+    def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Lock:
+        name = _b(name)
+        self._enter("lock", name, round(ttl_s * 1000), round(wait_s * 1000))
+        token, expires_at_ms, held = self.locks.get(name, (0, 0, False))
+        if held and expires_at_ms > self.clock.ms():
+            raise Conflict("lock is held", deadline_ms=expires_at_ms)
+        token, expires_at_ms = self._version(), self.clock.ms() + round(ttl_s * 1000)
+        self.locks[name] = (token, expires_at_ms, True)
+        return Lock(name, token, expires_at_ms)
+
+    def refresh_lock(self, name: bytes | str, token: int, ttl_s: float) -> int:
+        name = _b(name)
+        self._enter("refresh", name, token, round(ttl_s * 1000))
+        current, _, held = self.locks.get(name, (0, 0, False))
+        if current != token or not held:
+            raise Conflict(f"token {token} is not the lock's")
+        expires_at_ms = self.clock.ms() + round(ttl_s * 1000)
+        self.locks[name] = (token, expires_at_ms, True)
+        return expires_at_ms
+
+    def release_lock(self, name: bytes | str, token: int) -> None:
+        name = _b(name)
+        self._enter("unlock", name, token)
+        current, expires_at_ms, held = self.locks.get(name, (0, 0, False))
+        if current != token or not held:
+            raise Conflict(f"token {token} is not the lock's")
+        self.locks[name] = (token, expires_at_ms, False)
 
     def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
         after = _b(after)

@@ -126,6 +126,36 @@ def test_requests_are_counted_by_route_method_and_code() -> None:
     assert found[("zkv_broker_up", ())] == 0
 
 
+def test_the_routes_of_issue_12_have_their_own_labels_and_codes() -> None:
+    """Counters, deadlines and locks each a route of their own (they were "other"), and their
+    refusals (304, 409, 412) each a code of their own."""
+    http = HttpStats()
+    http.record(b"POST", b"/v1/keys/a/b/incr?by=2", 200, 0.001)
+    http.record(b"POST", b"/v1/keys/a/incr", 409, 0.001)
+    http.record(b"PATCH", b"/v1/keys/a?ttl=none", 200, 0.001)
+    http.record(b"PUT", b"/v1/keys/a/incr", 412, 0.001)  # a key ending in /incr: a PUT
+    http.record(b"GET", b"/v1/keys/a", 304, 0.001)
+    http.record(b"POST", b"/v1/locks/jobs/x?ttl=1", 200, 0.001)
+    http.record(b"POST", b"/v1/locks/jobs/x/refresh?token=1&ttl=1", 409, 0.001)
+    http.record(b"DELETE", b"/v1/locks/jobs/x?token=1", 200, 0.001)
+    http.record(b"POST", b"/v1/keys/a", 405, 0.001)  # no such route: one bounded series
+    found = samples(render(http, None))
+
+    def count(method: str, route: str, code: str) -> float:
+        labels = (("code", code), ("method", method), ("route", route))
+        return found.get(("zkv_http_requests_total", labels), 0)
+
+    assert count("POST", "/v1/keys/{key}/incr", "200") == 1
+    assert count("POST", "/v1/keys/{key}/incr", "409") == 1
+    assert count("PATCH", "/v1/keys/{key}", "200") == 1
+    assert count("PUT", "/v1/keys/{key}", "412") == 1
+    assert count("GET", "/v1/keys/{key}", "304") == 1
+    assert count("POST", "/v1/locks/{name}", "200") == 1
+    assert count("POST", "/v1/locks/{name}/refresh", "409") == 1
+    assert count("DELETE", "/v1/locks/{name}", "200") == 1
+    assert count("other", "other", "405") == 1
+
+
 def test_every_process_counts_into_its_own_slot_of_one_shared_map() -> None:
     http = HttpStats(slots=2)
     first = http.claim()
@@ -178,6 +208,21 @@ def test_the_cluster_is_rendered_from_stats() -> None:
     fsync = (("le", "0.001"), ("shard", "0"))
     assert found[("zkv_shard_fsync_duration_seconds_bucket", fsync)] == 2
     assert found[("zkv_broker_requests_waiting_for_token", ())] == 0
+
+
+def test_the_message_kinds_of_issue_12_are_counted() -> None:
+    """The broker counts every request kind by name; INCR, EXPIRE and the lock kinds made the
+    gateway refuse the whole STATS (zkv_broker_up 0) while its list of kinds was fixed."""
+    kinds = {"GET": 1, "INCR": 2, "EXPIRE": 3, "LOCK": 4, "REFRESH": 5, "UNLOCK": 6}
+    found = samples(render(HttpStats(), cluster_view(stats(messages={**kinds, "FENCE_CHECK": 7}))))
+    assert found[("zkv_broker_up", ())] == 1
+    for kind, count in [*kinds.items(), ("FENCE_CHECK", 7)]:
+        assert found[("zkv_zmq_messages_total", (("kind", kind),))] == count
+    assert found[("zkv_broker_lock_waiters", ())] == 0  # a broker that reports none
+    found = samples(render(HttpStats(), cluster_view(stats(lock_waiters=3))))
+    assert found[("zkv_broker_lock_waiters", ())] == 3
+    with pytest.raises(BadStats):
+        cluster_view(stats(lock_waiters=-1))
 
 
 def test_a_former_owners_report_makes_no_series() -> None:

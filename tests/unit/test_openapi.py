@@ -154,6 +154,12 @@ def conforms(doc: dict[str, Any], method: str, route: str, response: Response) -
     declared = operation["responses"].get(str(response.status))
     assert declared is not None, (method, route, response.status, response.body[:200])
     declared = _deref(doc, declared)
+    for name, header in declared.get("headers", {}).items():
+        if _deref(doc, header).get("required"):
+            assert name.lower() in response.headers, (method, route, response.status, name)
+    if "content" not in declared:  # 304
+        assert response.body == b"", (method, route, response.status)
+        return
     content_type = response.headers["content-type"].split(";")[0]
     assert content_type in declared["content"], (method, route, response.status, content_type)
     if content_type == "application/json":
@@ -220,6 +226,74 @@ def test_the_apps_answers_conform(app: Bottle) -> None:
         ("GET", "/v1/keys/{key}", 404),
         ("DELETE", "/v1/keys/{key}", 404),
         ("GET", "/v1/keys", 400),
+    } <= seen
+
+
+# Issue 12's routes, with header fields: (method, target, body, headers, route as described).
+KEYS, INCR, LOCK, REFRESH = (
+    "/v1/keys/{key}",
+    "/v1/keys/{key}/incr",
+    "/v1/locks/{name}",
+    "/v1/locks/{name}/refresh",
+)
+CONDITIONAL: list[tuple[str, str, bytes | None, dict[str, str], str]] = [
+    ("PUT", "/v1/keys/c", b"v", {"HTTP_IF_NONE_MATCH": "*"}, KEYS),
+    ("PUT", "/v1/keys/c", b"v", {"HTTP_IF_NONE_MATCH": "*"}, KEYS),  # 412
+    ("PUT", "/v1/keys/c", b"v", {"HTTP_IF_MATCH": '"abc"'}, KEYS),  # 400
+    ("PUT", "/v1/keys/c", b"v", {"HTTP_IF_MATCH": "*"}, KEYS),
+    ("GET", "/v1/keys/c", None, {"HTTP_IF_NONE_MATCH": "*"}, KEYS),  # 304
+    ("GET", "/v1/keys/c?touch=5", None, {}, KEYS),
+    ("GET", "/v1/keys/c", None, {"HTTP_IF_MATCH": 'W/"1"'}, KEYS),  # 412
+    ("PATCH", "/v1/keys/c?ttl=none", None, {}, KEYS),
+    ("PATCH", "/v1/keys/nope?ttl=1", None, {}, KEYS),  # 404
+    ("POST", "/v1/keys/c/incr", None, {}, INCR),  # 409: not an integer
+    ("POST", "/v1/keys/n/incr?by=-2&ttl=1", None, {}, INCR),
+    ("POST", "/v1/keys/n/incr?by=1.5", None, {}, INCR),  # 400
+    ("POST", "/v1/locks/l?ttl=5&wait=0", None, {}, LOCK),
+    ("POST", "/v1/locks/l?ttl=5", None, {}, LOCK),  # 409 with the holder's expiry
+    ("POST", "/v1/locks/l/refresh?token=1&ttl=5", None, {}, REFRESH),  # 409
+    ("DELETE", "/v1/locks/l?token=x", None, {}, LOCK),  # 400
+    ("DELETE", "/v1/locks/l?token=1", None, {}, LOCK),  # 409
+    ("PUT", "/v1/keys/c?fence=l:1", b"v", {}, KEYS),  # 409: not the newest token
+    ("DELETE", "/v1/keys/c", None, {"HTTP_IF_MATCH": '"1", "2"'}, KEYS),  # 400
+    ("DELETE", "/v1/keys/c", None, {"HTTP_IF_MATCH": "*"}, KEYS),
+    ("DELETE", "/v1/keys/c", None, {"HTTP_IF_MATCH": "*"}, KEYS),  # 412
+]
+
+
+def test_the_answers_of_issue_12_conform(app: Bottle, kv: FakeClient) -> None:
+    doc = description()
+    seen: set[tuple[str, str, int]] = set()
+    for method, target, body, headers, route in CONDITIONAL:
+        response = call(app, method, target, body, headers)
+        conforms(doc, method, route, response)
+        seen.add((method, route, response.status))
+    token = kv.locks[b"l"][0]
+    for method, target, route in [
+        ("POST", f"/v1/locks/l/refresh?token={token}&ttl=5", REFRESH),
+        ("DELETE", f"/v1/locks/l?token={token}", LOCK),
+    ]:
+        response = call(app, method, target)
+        conforms(doc, method, route, response)
+        seen.add((method, route, response.status))
+    assert {
+        ("PUT", KEYS, 200),
+        ("PUT", KEYS, 412),
+        ("PUT", KEYS, 409),
+        ("GET", KEYS, 304),
+        ("GET", KEYS, 412),
+        ("PATCH", KEYS, 200),
+        ("PATCH", KEYS, 404),
+        ("POST", INCR, 200),
+        ("POST", INCR, 409),
+        ("POST", INCR, 400),
+        ("POST", LOCK, 200),
+        ("POST", LOCK, 409),
+        ("POST", REFRESH, 200),
+        ("POST", REFRESH, 409),
+        ("DELETE", LOCK, 200),
+        ("DELETE", LOCK, 409),
+        ("DELETE", KEYS, 412),
     } <= seen
 
 
