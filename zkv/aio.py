@@ -71,6 +71,7 @@ from zkv.client import BATCH_OPS, CONNECT_POLL_S, dealer
 from zkv.errors import ProtocolError, Unavailable, ZkvError
 from zkv.keys import frontend_curve
 from zkv.protocol import Kind
+from zkv.watch import AsyncWatch, events_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,21 @@ class AsyncClient:
             return await self.get(key)
         except NotFound:
             return None
+
+    def watch(
+        self,
+        prefix: bytes | str = b"",
+        events: str | Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncWatch:
+        """``async for item in kv.watch(prefix)``: as :meth:`zkv.client.Client.watch`."""
+        return AsyncWatch(
+            self._context,
+            events_endpoints(events),
+            as_bytes(prefix, "prefix"),
+            self.curve,
+            timeout_s,
+        )
 
     async def close(self) -> None:
         """Stop the reader, close the socket, fail what is unanswered (:class:`Unavailable`)."""
