@@ -498,6 +498,10 @@ class HttpConnection(asyncio.Protocol):
         # is closed. True keeps the transport open for those answers; under TLS the transport
         # closes anyway (a TLS close is both ways: asyncio warns of a True, per connection).
         self.input_ended = True
+        if self.stream_task is not None:
+            # A stream's client that stops sending has left (an EventSource never half-closes):
+            # end the stream now rather than at its next write, up to a keepalive later.
+            self.stream_task.cancel()
         if self.linger_until:
             self.close()  # lingering after a refusal: the client has stopped sending
         else:
@@ -828,6 +832,8 @@ class HttpConnection(asyncio.Protocol):
             if lowered in _HOP_BY_HOP:
                 continue
             if lowered == b"content-length":
+                if streaming:
+                    continue  # the app's own (of its empty body) would end the stream at once
                 has_length = True
             elif lowered == b"date":
                 has_date = True

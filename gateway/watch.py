@@ -342,11 +342,14 @@ class ThreadHub:
                 with self.lock:
                     if _receive(self.socket, self.state, RECV_PER_WAKE):
                         self.lock.notify_all()
+        except zmq.ZMQError as exc:  # the context was terminated under it: the process ends
+            log.info("watch hub stopped: %s", exc)
         finally:
             self.socket.close(linger=0)
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=2 * THREAD_POLL_MS / 1000)
 
     def stream(self, watcher: Watcher) -> Iterator[bytes]:
         """The blocking body of one watcher's response (gunicorn sends each chunk)."""
