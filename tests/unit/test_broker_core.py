@@ -800,7 +800,7 @@ def test_malformed_sub_requests_are_refused_alone_and_a_malformed_batch_whole(h)
     [refusal] = [decode_batch_reply(f[1:]) for s, f in out if s is Side.FRONTEND]
     [reply] = refusal.replies
     assert (reply.request_id, reply.status) == (2, Status.ERROR)
-    assert reply.body.startswith(b"bad request: unknown flags")
+    assert reply.body.startswith(b"bad request: flag RETURN_OLD does not apply to GET")
     assert len([f for s, f in out if s is Side.BACKEND]) == 1  # the good one went on
     h.broker.on_client([CLIENT, batch_frames(6, [good])[0], b"\x01"], h.now)
     [whole] = h.replies()

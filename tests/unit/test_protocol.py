@@ -57,9 +57,20 @@ from zkv.protocol import (
 
 pytestmark = pytest.mark.unit
 
+
+def _plain(request: Request) -> bool:
+    """Whether the fast paths take the request: a GET, SET or DEL without an issue-12 flag
+    (a GET with ttl_ms is a touch, not plain)."""
+    return (
+        request.kind in (Kind.GET, Kind.SET, Kind.DEL)
+        and protocol.request_extra(request) is None
+        and not (request.kind == Kind.GET and request.ttl_ms is not None)
+    )
+
+
 REQUESTS = [
     Request(Kind.GET, 1, b"k"),
-    Request(Kind.GET, protocol.U64_MAX, b"\x00\xff/{tag}" * 10),
+    Request(Kind.GET, protocol.U64_MAX, b"\xff\x00/{tag}" * 10),
     Request(Kind.SET, 2, b"key", b"value", ttl_ms=1500),
     Request(Kind.SET, 3, b"key", b"", ttl_ms=None),
     Request(Kind.SET, 4, b"k", b"\x00" * 100_000, ttl_ms=protocol.MAX_TTL_MS),
@@ -105,7 +116,7 @@ def test_a_keyed_dispatch_is_peeked_as_a_plain_tuple(request_):
     and DEL; None for anything else (left to decode_from_broker)."""
     frames = dispatch_frames(0xABCDEF, encode_request(request_))
     peeked = peek_keyed_dispatch(frames)
-    if request_.kind not in protocol.KEYED_COMMANDS:
+    if not _plain(request_):
         assert peeked is None
         return
     r = request_
@@ -205,7 +216,7 @@ MALFORMED_REQUESTS = {
     "short header": ([_header(Kind.GET)[:10]], "shorter than 20"),
     "unknown command": ([_header(0x7E)], "unknown command 0x7e"),
     "reply kind as request": ([_header(Kind.REPLY)], "unknown command"),
-    "unknown flag": ([_header(Kind.GET, flags=0x80)], "unknown flags"),
+    "flag of another kind": ([_header(Kind.GET, flags=0x80)], "RETURN_OLD does not apply to GET"),
     "GET with a value": ([_header(Kind.GET), b"v"], "GET takes 1 frame(s), got 2"),
     "SET without a value": ([_header(Kind.SET)], "SET takes 2 frame(s), got 1"),
     "SET with three frames": ([_header(Kind.SET), b"v", b"w"], "SET takes 2 frame(s), got 3"),
@@ -214,7 +225,7 @@ MALFORMED_REQUESTS = {
     "zero TTL": ([_header(Kind.SET, flags=1, arg=0), b"v"], "ttl_ms must be between 1"),
     "absurd TTL": ([_header(Kind.SET, flags=1, arg=2**63), b"v"], "ttl_ms must be between 1"),
     "arg without TTL flag": ([_header(Kind.SET, arg=5), b"v"], "without flag TTL"),
-    "TTL on GET": ([_header(Kind.GET, flags=1)], "flag TTL does not apply to GET"),
+    "TTL on DEL": ([_header(Kind.DEL, flags=1)], "flag TTL does not apply to DEL"),
     "KEYS_ONLY on DEL": ([_header(Kind.DEL, flags=2)], "KEYS_ONLY does not apply to DEL"),
     "arg on GET": ([_header(Kind.GET, arg=1)], "GET must have arg 0"),
     "PING with key": ([_header(Kind.PING)], "PING takes no key"),
@@ -372,23 +383,30 @@ def test_pack_request_packs_what_the_broker_accepts_and_refuses_what_it_refuses(
             assert (got_kind, rid, got_key) == (kind, 9, key), (kind, key, value, ttl)
             op = decode_from_broker(dispatch_batch_frames(1, [record])).ops[0]
             expected_value = value if kind == Kind.SET else None
-            expected_ttl = ttl if kind == Kind.SET else None
-            # Only a write carries a stamp, and only its low STAMP_BITS bits travel.
+            expected_ttl = ttl if kind in (Kind.SET, Kind.GET) else None
+            # Only a write (or a touch) carries a stamp, and only its low STAMP_BITS travel.
             expected_stamp = (
-                None if stamp is None or kind == Kind.GET else stamp & protocol.STAMP_MASK
+                None
+                if stamp is None or (kind == Kind.GET and ttl is None)
+                else stamp & protocol.STAMP_MASK
             )
-            assert op == (kind, 9, key, expected_value, expected_ttl, expected_stamp), (
-                kind,
-                key,
-                value,
-                ttl,
-                stamp,
-            )
+            if kind == Kind.GET and ttl is not None:  # a touch: not a plain GET
+                touch = Request(Kind.GET, 9, key, None, ttl, stamp=expected_stamp)
+                assert op == (protocol.EXTENDED_OP, 9, key, touch, ttl, expected_stamp)
+            else:
+                assert op == (kind, 9, key, expected_value, expected_ttl, expected_stamp), (
+                    kind,
+                    key,
+                    value,
+                    ttl,
+                    stamp,
+                )
         should_refuse = (
             not 0 < len(key) <= big
             or kind not in (Kind.GET, Kind.SET, Kind.DEL)
-            or (kind == Kind.SET and (value is None or (ttl is not None and ttl < 1)))
-            or (kind == Kind.SET and ttl is not None and ttl > protocol.MAX_TTL_MS)
+            or (kind == Kind.SET and value is None)
+            or (kind in (Kind.SET, Kind.GET) and ttl is not None and ttl < 1)
+            or (kind in (Kind.SET, Kind.GET) and ttl is not None and ttl > protocol.MAX_TTL_MS)
         )
         assert refused == should_refuse, (kind, key, value, ttl)
 
@@ -467,8 +485,8 @@ MALFORMED_SUB_REQUESTS = {
     "empty key": (_record(key=b""), "GET needs a non-empty key"),
     "GET with a value": (_record(value=b"v"), "GET takes no value"),
     "arg on DEL": (_record(kind=Kind.DEL, arg=3), "DEL must have arg 0"),
-    "TTL on GET": (_record(flags=1, arg=5), "flag TTL does not apply to GET"),
-    "unknown flag": (_record(flags=0x80), "unknown flags 0x80"),
+    "TTL on DEL": (_record(kind=Kind.DEL, flags=1, arg=5), "flag TTL does not apply to DEL"),
+    "flag of another kind": (_record(flags=0x80), "flag RETURN_OLD does not apply to GET"),
     "KEYS_ONLY on SET": (_record(kind=Kind.SET, flags=2), "KEYS_ONLY does not apply to SET"),
     "zero TTL": (_record(kind=Kind.SET, flags=1, arg=0, value=b"v"), "ttl_ms must be between 1"),
     "absurd TTL": (_record(kind=Kind.SET, flags=1, arg=2**63), "ttl_ms must be between 1"),
@@ -502,7 +520,7 @@ def test_the_batch_encoder_refuses_what_the_broker_would():
 
 
 def test_a_malformed_sub_request_in_a_dispatch_reaches_the_worker_marked():
-    frames = [struct.pack("!BBxxIQ", 1, Kind.BATCH_DISPATCH, 2, 5), _record() + _record(kind=9)]
+    frames = [struct.pack("!BBxxIQ", 1, Kind.BATCH_DISPATCH, 2, 5), _record() + _record(kind=0x7E)]
     dispatch = decode_from_broker(frames)
     assert isinstance(dispatch, DispatchBatch) and dispatch.token == 5
     assert dispatch.ops[0] == (Kind.GET, 7, b"k", None, None, None)
@@ -614,7 +632,7 @@ def test_peek_keyed_request_agrees_with_decode_request() -> None:
             assert protocol.peek_keyed_request(frames) is None
             continue
         peeked = protocol.peek_keyed_request(frames)
-        if request.kind in protocol.KEYED_COMMANDS:
+        if _plain(request):
             assert peeked == (
                 request.kind,
                 request.request_id,
@@ -665,7 +683,7 @@ def test_peek_keyed_dispatch_agrees_with_decode_from_broker() -> None:
         except ProtocolError:
             assert peeked is None
             continue
-        if isinstance(message, Dispatch) and message.request.kind in protocol.KEYED_COMMANDS:
+        if isinstance(message, Dispatch) and _plain(message.request):
             r = message.request
             assert peeked == (
                 message.token,
