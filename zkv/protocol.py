@@ -1292,6 +1292,15 @@ def encode_event(event: Event) -> list[bytes]:
     return [bytes(event.key), header]
 
 
+def event_header(code: int, shard: int, seq: int, version: int, deadline_ms: int) -> bytes:
+    """The header frame of an EVENT (the key is the first frame), unchecked: the worker's
+    publisher (workers/events.py) sends one per change of a pass, from numbers its own shard
+    made (a client key, u64 version and deadline, event code of EventKind), where
+    :func:`encode_event`'s checks and Event object cost 7 us of its 9 us per event here.
+    Subscribers decode it with :func:`decode_event` as any other."""
+    return _EVENT.pack(VERSION, _EVENT_KIND, code, shard, seq, version, deadline_ms)
+
+
 def decode_event(frames: Sequence[bytes]) -> Event:
     """Parse an EVENT (two frames, key then header). Raises ProtocolError naming what is
     wrong: the frame count, the header's size, version or kind, an unknown event, a key that

@@ -38,6 +38,7 @@ class FakeSocket:
         self.options: dict[int, Any] = {}
         self.connected: list[str] = []
         self.closed = False
+        self.more = False
 
     def setsockopt(self, option: int, value: Any) -> None:
         self.options[option] = value
@@ -48,9 +49,13 @@ class FakeSocket:
     def disconnect(self, endpoint: str) -> None:
         self.connected.remove(endpoint)
 
-    def send_multipart(self, frames: list[bytes], flags: int = 0, copy: bool = True) -> None:
+    def send(self, frame: bytes, flags: int = 0) -> None:
         assert flags & zmq.NOBLOCK, "an event send must never block the worker's loop"
-        self.sent.append(list(frames))
+        if self.more:
+            self.sent[-1].append(frame)
+        else:
+            self.sent.append([frame])
+        self.more = bool(flags & zmq.SNDMORE)
 
     def close(self, linger: int | None = None) -> None:
         self.closed = True
@@ -83,6 +88,14 @@ def test_each_shard_numbers_its_events_from_one_within_its_owners_epoch() -> Non
     assert sequencer.take(1, 7, 1) == 7 << 32 | 1  # another shard: its own count
     assert sequencer.take(0, 8, 1) == 8 << 32 | 1  # a new owner epoch: a new stream
     assert Sequencer.after(7 << 32 | 5) == 7 << 32 | 6
+
+
+def test_a_list_that_crosses_the_wrap_is_numbered_across_it() -> None:
+    events, socket = publisher()
+    events.sequencer.take(1, 2, SEQ_N_MASK - 1)
+    events.publish(1, 2, [(SET, b"a", 1, 0), (SET, b"b", 2, 0), (SET, b"c", 3, 0)])
+    seqs = [decode_event(frames).seq & SEQ_N_MASK for frames in socket.sent]
+    assert seqs == [SEQ_N_MASK, 1, 2]
 
 
 def test_the_number_wraps_to_one_not_zero_nor_into_the_stream() -> None:
