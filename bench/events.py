@@ -16,7 +16,7 @@ Against a real broker and one worker (``tests/cluster.py``, one shard, in memory
 2. **Redis keyspace notifications** (when ``redis-server`` is installed): the same keys with
    ``SET k v PXAT deadline``, ``notify-keyspace-events Ex``, a ``SUBSCRIBE`` to
    ``__keyevent@0__:expired``: the same delays.
-3. **SET throughput with a watcher.** Pipelined SETs (500 in flight on one DEALER, new keys)
+3. **SET throughput with a watcher.** Pipelined SETs (zkv.Client pipelines of 2,000, new keys)
    for ``--seconds``, in ``--rounds`` pairs: one round without a watcher, one with a watcher
    process subscribed to every key (it counts what it receives and the gaps it sees), in
    alternating order. The ratio is the median of the per-pair ratios (with/without); the floor
@@ -52,6 +52,7 @@ if str(ROOT) not in sys.path:  # run as a script as well as with -m
 from bench.peers import RedisServer, missing, resp_command  # noqa: E402
 from bench.zmq_load import Failed, queued_replies  # noqa: E402
 from tests.cluster import free_port, one_worker  # noqa: E402
+from zkv.client import Client  # noqa: E402
 from zkv.protocol import (  # noqa: E402
     EventKind,
     Kind,
@@ -64,6 +65,7 @@ from zkv.protocol import (  # noqa: E402
 from zkv.watch import Gap, SeqTracker  # noqa: E402
 
 LOAD_IN_FLIGHT = 500  # SETs outstanding while loading
+OPS_PER_CALL = 2_000  # SETs per pipeline call of the throughput rounds
 REPLY_TIMEOUT_S = 10.0
 QUIET_S = 3.0  # between the end of the load and the wave: the subscription is made then
 WAVE_TIMEOUT_S = 60.0  # after the wave's second, how long to wait for its last events
@@ -295,31 +297,22 @@ def _redis_set(conn: socket.socket, names: list[bytes], deadlines: list[int] | N
 
 
 def set_rate(frontend: str, seconds: float, first: int) -> tuple[float, int]:
-    """Pipelined SETs of new keys for ``seconds``: (SETs per second, SETs answered)."""
-    context = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(frontend)
-    sent = received = 0
-    started = time.monotonic()
-    stop_at = started + seconds
-    try:
+    """Pipelined SETs of new keys for ``seconds`` through the client library (BATCH messages,
+    OPS_PER_CALL a call, as bench/client_pipeline.py): (SETs per second, SETs answered)."""
+    done = 0
+    value = b"v" * 16
+    with Client(frontend, timeout_s=30.0) as kv:
+        started = time.monotonic()
+        stop_at = started + seconds
         while True:
-            sending = time.monotonic() < stop_at
-            while sending and sent - received < LOAD_IN_FLIGHT:
-                key = b"t:%d" % (first + sent)
-                dealer.send_multipart(encode_request(Request(Kind.SET, next(_ids), key, b"v" * 16)))
-                sent += 1
-            if not sending and received == sent:
+            pipeline = kv.pipeline()
+            for n in range(OPS_PER_CALL):
+                pipeline.set(b"t:%d" % (first + done + n), value)
+            pipeline.execute()
+            done += OPS_PER_CALL
+            if time.monotonic() >= stop_at:
                 break
-            for reply in queued_replies(dealer, REPLY_TIMEOUT_S, "SET"):
-                if reply.status != Status.OK:
-                    raise Failed(f"SET failed: {reply}")
-                received += 1
-    finally:
-        dealer.close(linger=0)
-        context.term()
-    return received / (time.monotonic() - started), received
+        return done / (time.monotonic() - started), done
 
 
 def receive_all(events: str) -> int:
@@ -383,8 +376,7 @@ def with_and_without(seconds: float, rounds: int, say) -> dict[str, object]:  # 
                     assert watcher.stdin is not None and watcher.stdout is not None
                     give_up = time.monotonic() + 10
                     while True:  # probe writes until the watcher's subscription took
-                        set_rate(cluster.frontend, 0.05, 10**9 + first)
-                        first += 1000
+                        first += set_rate(cluster.frontend, 0.0, 10**9 + first)[1]
                         if select.select([watcher.stdout], [], [], 0.1)[0]:
                             assert watcher.stdout.readline().strip() == "ready"
                             break
