@@ -38,6 +38,7 @@ watcher its SUB socket stays subscribed to every event (the history must hold th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import threading
@@ -201,9 +202,8 @@ class HubState:
             if number is None:
                 watcher.offer(None, format_reset("history", last_id[0]))
             else:
-                first = self.ring[0].number
-                for index in range(number - first + 1, len(self.ring)):
-                    entry = self.ring[index]
+                start = number - self.ring[0].number + 1
+                for entry in itertools.islice(self.ring, start, None):
                     watcher.offer(entry.key, entry.sse)
         self.watchers.add(watcher)
         return True

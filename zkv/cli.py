@@ -135,7 +135,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _watch(client: Client, prefix: str, events: list[str], idle_s: float | None) -> None:
+def _watch(client: Client, prefix: str, events: str, idle_s: float | None) -> None:
     """``zkv watch``: one JSON line per event, a ``{"gap": ...}`` line where events were
     missed (zkv/watch.py); ends after ``idle_s`` without an event, or at Ctrl-C."""
     try:
