@@ -254,12 +254,28 @@ class FakeControl:
     reachable = True
     readings = 1
     brokers: dict[str, str] = {}  # noqa: RUF012
+    events_backends: frozenset[str] = frozenset()
 
     def lease_valid(self) -> bool:
         return True
 
     def ask(self, *args: object, **kwargs: object) -> None:
         pass
+
+    def outcomes(self) -> list:
+        return []
+
+
+def test_a_cluster_worker_publishes_to_the_events_backends_etcd_lists(cluster_worker) -> None:
+    events, socket = publisher()
+    events.connect([])
+    cluster_worker.events = events
+    cluster_worker.control.events_backends = frozenset({"tcp://b1:5558", "tcp://b2:5558"})
+    cluster_worker._control_pass()
+    assert sorted(socket.connected) == ["tcp://b1:5558", "tcp://b2:5558"]
+    cluster_worker.control.events_backends = frozenset({"tcp://b2:5558"})  # b1 left etcd
+    cluster_worker._control_pass()
+    assert socket.connected == ["tcp://b2:5558"]
 
 
 class HoldingReplicator:
