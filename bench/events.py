@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script as well as with -m
     sys.path.insert(0, str(ROOT))
 
+from bench.expiry_wave import cpu_s  # noqa: E402
 from bench.peers import RedisServer, missing, resp_command  # noqa: E402
 from bench.zmq_load import Failed, queued_replies  # noqa: E402
 from tests.cluster import free_port, one_worker  # noqa: E402
@@ -165,7 +166,7 @@ def subscribe(context: zmq.Context, events: str, frontend: str) -> zmq.Socket:
 
 def zkv_wave(keys: int, say) -> Delays:  # type: ignore[no-untyped-def]
     """Part 1 (see the module docstring)."""
-    with one_worker("zkv-events-", durable=False) as (cluster, _worker, log_path):
+    with one_worker("zkv-events-", durable=False) as (cluster, worker, log_path):
         names = [PREFIX + b"%d" % n for n in range(keys)]
         started = time.monotonic()
         set_many(cluster.frontend, names[: min(keys, 20_000)], None)  # the rate, and warm-up
@@ -182,6 +183,9 @@ def zkv_wave(keys: int, say) -> Delays:  # type: ignore[no-untyped-def]
         deadline_of = dict(zip(names, deadlines, strict=True))
         stamps: list[tuple[int, list[bytes]]] = []
         end_s = time.monotonic() + (x_ms + 1000 - now_ms()) / 1000 + WAVE_TIMEOUT_S
+        assert cluster.broker is not None
+        cpu_before = cpu_s(worker.pid), cpu_s(cluster.broker.pid), time.process_time()
+        wall_before = time.monotonic()
         try:
             while len(stamps) < keys and time.monotonic() < end_s:
                 if not sub.poll(200):
@@ -195,6 +199,15 @@ def zkv_wave(keys: int, say) -> Delays:  # type: ignore[no-untyped-def]
         finally:
             sub.close(linger=0)
             context.term()
+        wall = time.monotonic() - wall_before
+        used = [
+            after - before
+            for before, after in zip(
+                cpu_before,
+                (cpu_s(worker.pid), cpu_s(cluster.broker.pid), time.process_time()),
+                strict=True,
+            )
+        ]
         result = Delays(keys)
         tracker = SeqTracker()
         for stamp_ns, frames in stamps:
@@ -213,8 +226,14 @@ def zkv_wave(keys: int, say) -> Delays:  # type: ignore[no-untyped-def]
             removed, passes, over, within = waves[-1]
             result.notes = (
                 f"worker: removed {int(removed)} keys in {int(passes)} passes over {int(over)} "
-                f"ms, each within {int(within)} ms of its deadline"
+                f"ms, each within {int(within)} ms of its deadline; "
             )
+        # On a shared machine the wall time says little without the CPU each process got.
+        result.notes += (
+            f"CPU from the subscription to the last event ({wall:.1f} s): worker {used[0]:.1f} s, "
+            f"broker {used[1]:.1f} s, this subscriber {used[2]:.1f} s; load average "
+            f"{os.getloadavg()[0]:.1f}"
+        )
         return result
 
 
@@ -255,6 +274,11 @@ def redis_wave(keys: int, workdir: Path, say) -> Delays:  # type: ignore[no-unty
                     chunk = reader.recv(1 << 20)
                 except TimeoutError:
                     continue
+                if not chunk:
+                    # Redis closes a subscriber past client-output-buffer-limit pubsub (32 MB,
+                    # or 8 MB for 60 s): its notifications are lost, not queued.
+                    result.notes = "redis closed the subscription (output buffer limit); "
+                    break
                 at_ms = now_ms()
                 buffer += chunk
                 last = 0
@@ -264,7 +288,7 @@ def redis_wave(keys: int, workdir: Path, say) -> Delays:  # type: ignore[no-unty
                         result.late_ms.append(at_ms - deadline)
                     last = match.end()
                 buffer = buffer[last:]
-            result.notes = "redis-server defaults (hz 10)"
+            result.notes += f"redis-server defaults (hz 10); load {os.getloadavg()[0]:.1f}"
             return result
     finally:
         server.stop()
