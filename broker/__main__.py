@@ -13,6 +13,7 @@ import zmq
 
 from broker.cluster import join_cluster
 from broker.core import BrokerConfig
+from broker.events import EVENTS_OFF
 from broker.server import ServerConfig, Stopper, serve
 from zkv import defaults
 from zkv.config import (
@@ -25,6 +26,7 @@ from zkv.config import (
     bind_endpoint,
     bind_refusal,
     boolean,
+    endpoint_host,
     env_default,
     is_loopback,
     positive_float,
@@ -59,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, env, port, whom in (
         ("--frontend", "ZKV_FRONTEND", defaults.FRONTEND_PORT, "clients"),
         ("--backend", "ZKV_BACKEND", defaults.BACKEND_PORT, "workers"),
+        ("--events", "ZKV_EVENTS", defaults.EVENTS_PORT, "event subscribers ('none': no events)"),
+        (
+            "--events-backend",
+            "ZKV_EVENTS_BACKEND",
+            defaults.EVENTS_BACKEND_PORT,
+            "the workers' event publishers",
+        ),
     ):
         parser.add_argument(
             flag,
@@ -140,14 +149,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     advertised = f"from --advertise/ZKV_ADVERTISE {args.advertise}"
     args.frontend_source = "--frontend/ZKV_FRONTEND" if args.frontend else advertised
     args.backend_source = "--backend/ZKV_BACKEND" if args.backend else advertised
+    args.events_source = "--events/ZKV_EVENTS" if args.events else "beside --frontend"
     args.frontend = args.frontend or tcp_endpoint(args.advertise, defaults.FRONTEND_PORT)
     args.backend = args.backend or tcp_endpoint(args.advertise, defaults.BACKEND_PORT)
-    for flag, value in (("--frontend", args.frontend), ("--backend", args.backend)):
+    # Events beside the socket of the same peers: subscribers (clients) on the frontend's host,
+    # publishers (workers) on the backend's, so each is exposed exactly as its neighbour is.
+    args.events = args.events or beside(args.frontend, defaults.EVENTS_PORT)
+    args.events_backend = args.events_backend or beside(args.backend, defaults.EVENTS_BACKEND_PORT)
+    if args.events.strip().lower() == EVENTS_OFF:  # no events proxy at all
+        args.events = args.events_backend = None
+    for flag, value in (
+        ("--frontend", args.frontend),
+        ("--backend", args.backend),
+        ("--events", args.events),
+        ("--events-backend", args.events_backend),
+    ):
+        if value is None:
+            continue
         try:
             bind_endpoint(value)
         except argparse.ArgumentTypeError as exc:
             parser.error(f"argument {flag}: {exc}")
+    bound = [v for v in (args.frontend, args.backend, args.events, args.events_backend) if v]
+    if len(set(bound)) != len(bound):
+        parser.error(f"--frontend, --backend, --events and --events-backend must differ: {bound}")
     return args
+
+
+def beside(bound: str, port: int) -> str:
+    """``port`` on the host of tcp endpoint ``bound`` (a wildcard stays one); on loopback if
+    ``bound`` is not tcp (ipc://, inproc://)."""
+    host = endpoint_host(bound)
+    if host is None or not bound.startswith("tcp://"):
+        host = "127.0.0.1"
+    return tcp_endpoint(host, port)
 
 
 def own_frontend(parser: argparse.ArgumentParser, listed: str, advertise: str) -> str:
@@ -167,16 +202,25 @@ def own_frontend(parser: argparse.ArgumentParser, listed: str, advertise: str) -
 
 def bind_refusal_of(args: argparse.Namespace) -> str | None:
     """Why the broker must not bind its endpoints (zkv.config.bind_refusal), or None. Only the
-    frontend can be refused: the backend is CURVE unless --insecure, which allows it."""
-    return bind_refusal(
-        "frontend",
-        args.frontend,
-        args.frontend_source,
-        args.frontend_curve,
-        args.insecure,
+    frontend and the events endpoint (both for clients) can be refused: the backends are CURVE
+    unless --insecure, which allows them."""
+    cure = (
         "--frontend-curve (ZKV_FRONTEND_CURVE=1; clients then need broker.key, client.key and "
-        "client.key_secret, see the README's Keys)",
+        "client.key_secret, see the README's Keys)"
     )
+    refusal = bind_refusal(
+        "frontend", args.frontend, args.frontend_source, args.frontend_curve, args.insecure, cure
+    )
+    if refusal is None and getattr(args, "events", None) is not None:
+        refusal = bind_refusal(
+            "events endpoint",
+            args.events,
+            args.events_source,
+            args.frontend_curve,
+            args.insecure,
+            cure + ", or --events none",
+        )
+    return refusal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,12 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     if refusal is not None:
         logging.getLogger("broker").error("cannot start: %s", refusal)
         return 2
-    if args.insecure and not is_loopback(args.frontend):  # the backend's line: broker.server
-        logging.getLogger("broker").warning(
-            "the frontend binds %s without CURVE (--insecure): any host that reaches it can "
-            "use it, and its traffic is in clear",
-            args.frontend,
-        )
+    for what, bound in (("frontend", args.frontend), ("events endpoint", args.events)):
+        if args.insecure and bound is not None and not is_loopback(bound):  # backend: server
+            logging.getLogger("broker").warning(
+                "the %s binds %s without CURVE (--insecure): any host that reaches it can "
+                "use it, and its traffic is in clear",
+                what,
+                bound,
+            )
     if args.insecure and args.frontend_curve:
         logging.getLogger("broker").error("cannot start: --frontend-curve needs keys")
         return 2
@@ -221,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         frontend_curve=args.frontend_curve,
         frontend=args.frontend,
         backend=args.backend,
+        events=args.events,
+        events_backend=args.events_backend,
         broker=BrokerConfig(
             shards=args.shards,
             shard_wait_s=args.shard_wait,
@@ -251,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                     advertised(args.backend, args.advertise),
                     advertised(args.frontend, args.advertise),
                     public,
+                    None
+                    if args.events_backend is None
+                    else advertised(args.events_backend, args.advertise),
                 ),
             )
         except (ConfigMismatch, EtcdError, ValueError) as exc:

@@ -86,11 +86,12 @@ import time
 from binascii import crc_hqx
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from heapq import heappop, heappush
 from operator import itemgetter
 from zlib import crc32
 
+from broker.locks import LockWaits, Waiter
 from broker.registry import Registry
 from broker.tokens import TokenIssuer, TokenTable
 from zkv import defaults
@@ -104,6 +105,7 @@ from zkv.protocol import (
     SUB_REQUEST_BYTES,
     VERSION,
     Assign,
+    Batch,
     Disconnect,
     Heartbeat,
     Kind,
@@ -111,17 +113,22 @@ from zkv.protocol import (
     Ready,
     Reply,
     Report,
+    Request,
     Status,
+    batch_frames,
     batch_reply_frames,
     batch_reply_header,
+    decode_batch,
     decode_from_worker,
     decode_reply_record,
     decode_request,
     dispatch_batch_frames,
     dispatch_frames,
     dispatch_token,
+    encode_batch,
     encode_control,
     encode_reply,
+    encode_request,
     error_reply,
     pack_reply,
     peek_keyed_request,
@@ -132,6 +139,7 @@ from zkv.protocol import (
     request_record,
     split_batch,
     split_reply_records,
+    stamp_of,
     sub_request_value,
 )
 from zkv.zmqio import SendLedger
@@ -163,6 +171,13 @@ _UNAVAILABLE = int(Status.UNAVAILABLE)
 _BUSY = int(Status.BUSY)
 _ERROR = int(Status.ERROR)
 _SET = int(Kind.SET)
+_ALL = int(Kind.ALL)
+_LOCK = int(Kind.LOCK)
+_UNLOCK = int(Kind.UNLOCK)
+_CONFLICT = int(Status.CONFLICT)
+# The lock commands (LOCK, REFRESH, UNLOCK, FENCE_CHECK) are the kinds from here up: one
+# integer comparison per request tells the batch loop to take them aside (see _admit_lock).
+_LOCK_KINDS = min(int(Kind.LOCK), int(Kind.REFRESH), int(Kind.UNLOCK), int(Kind.FENCE_CHECK))
 _SLOT_MASK = SLOTS - 1
 # "{" as an int: ``_LBRACE in key`` is a memchr, where ``b"{" in key`` first tries the needle
 # as an int, fails and clears a TypeError (0.3 us a key against 0.03 in Python 3.11).
@@ -252,6 +267,26 @@ class Origin:
         self.gather = gather
 
 
+class LockOrigin(Origin):
+    """The origin of a LOCK the broker parked (broker/locks.py) and dispatches again: its own
+    (a batch's other requests keep theirs), with ``arrived`` the time of this dispatch (its
+    waits for a token or an owner count from there) and ``give_up`` when its wait runs out
+    (monotonic seconds: the first arrival plus its wait_ms)."""
+
+    __slots__ = ("give_up",)
+
+    def __init__(
+        self,
+        client: bytes,
+        frames: list[bytes] | None,
+        arrived: float,
+        account: Account | None,
+        give_up: float,
+    ) -> None:
+        super().__init__(client, frames, arrived, account)
+        self.give_up = give_up
+
+
 Op = tuple[Origin, int, int, bytes, "bytes | memoryview | None", int]
 """One request the broker holds: ``(origin, kind, request_id, key, record, size)``.
 
@@ -284,6 +319,8 @@ class Flight:
             AT_WORKER, when to give up on the worker.
         born: when its oldest op arrived, if that was before this event (runs of waiters);
             None: now. Its first wait for an owner ends ``shard_wait_s`` after that.
+        locks: it holds a LOCK, REFRESH, UNLOCK or FENCE_CHECK: its reply is never forwarded
+            whole, but read op by op (a LOCK may be parked, an UNLOCK wakes a waiter).
         account: the one :class:`Account` every op is charged to, so an answer releases the
             charge in one step; None: look at each op's (runs of waiters, mixed clients).
     """
@@ -294,6 +331,7 @@ class Flight:
         "born",
         "deadline",
         "keys",
+        "locks",
         "nbytes",
         "ops",
         "shard",
@@ -312,6 +350,8 @@ class Flight:
         self.attempts = 0
         self.born: float | None = None
         self.account = account
+        # Holds a lock command: its reply is read op by op (lock waits, see _lock_replies).
+        self.locks = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,8 +424,18 @@ class BrokerCounters:
 class Broker:
     """Routing state: tokens, workers, requests in flight. Drive it with the ``on_*`` methods."""
 
-    def __init__(self, config: BrokerConfig, now: float, epoch: int | None = None) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        now: float,
+        epoch: int | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
+        # Unix seconds: lock deadlines in replies are wall-clock ms (tests inject a fake).
+        self._wall = wall
+        # LOCKs parked until their lock is released or their wait runs out (broker/locks.py).
+        self.locks: LockWaits[Op] = LockWaits()
         self.registry = Registry(config.shards)
         self.tokens: TokenTable[Op] = TokenTable()
         self.issuer = TokenIssuer(int(time.time()) if epoch is None else epoch)
@@ -526,7 +576,10 @@ class Broker:
                 self._forget(op)
                 self._to_client(client, error_reply(request.request_id, self._busy(), Status.BUSY))
                 return
-            self._admit(op, key_shard(request.key, self.config.shards), now)
+            if request.kind >= _LOCK_KINDS:
+                self._admit_lock(op, now)
+            else:
+                self._admit(op, key_shard(request.key, self.config.shards), now)
         self._flush(now)
 
     def _on_keyed(
@@ -552,6 +605,10 @@ class Broker:
             self.counters.answered[_BUSY] += 1
             self._forget(op)
             self._to_client(client, error_reply(request_id, self._busy(), Status.BUSY))
+            return
+        if kind >= _LOCK_KINDS:
+            self._admit_lock(op, now)
+            self._flush(now)
             return
         if _LBRACE in key:
             shard = key_shard(key, self.config.shards)
@@ -623,6 +680,9 @@ class Broker:
                 self._promote(shard, now)
         if self._waits and self._waits[0][0] <= now:  # first: a waiter due now is not sent
             self._expire_waiters(now)
+        lock_due = self.locks.next_due()
+        if lock_due is not None and lock_due <= now:
+            self._lock_timers(now)
         while self._inflight_deadlines and self._inflight_deadlines[0][0] <= now:
             _, token = self._inflight_deadlines.popleft()
             flight = self._inflight.pop(token, None)
@@ -709,8 +769,17 @@ class Broker:
         return token != 0 and token not in self._inflight
 
     def begin_shutdown(self) -> None:
-        """Stop taking requests; what is already here is still answered (see :meth:`idle`)."""
+        """Stop taking requests; what is already here is still answered (see :meth:`idle`).
+        Parked LOCKs are answered at once, UNAVAILABLE and not applied: their clients retry
+        on the next broker, which dispatches them again (a wait would outlast the drain)."""
         self.closing = True
+        for waiter in self.locks.drain():
+            op = waiter.item
+            self._forget(op)
+            self._refund_ops([op])
+            self.counters.answered[_UNAVAILABLE] += 1
+            message = "broker is shutting down while the LOCK waited; not applied, retry"
+            self._answer([op], None, message)
 
     def idle(self) -> bool:
         """Whether no request is waiting or in flight."""
@@ -729,6 +798,9 @@ class Broker:
             due = min(due, self._inflight_deadlines[0][0])
         if self._waits:
             due = min(due, self._waits[0][0])
+        lock_due = self.locks.next_due()
+        if lock_due is not None:
+            due = min(due, lock_due)
         for queue in self._shard_queues:
             if queue:
                 due = min(due, queue[0].deadline)
@@ -772,6 +844,7 @@ class Broker:
         shards = self.config.shards
         open_flights = self._open
         held = self.tokens._queues  # for the hot loop's own TokenTable.acquire, inline
+        lock_kinds = _LOCK_KINDS
         origin = Origin(client, None, now, account)
         refused: list[bytes] = []
         # A flight holds no more than the limits allow. When no flight was open before this
@@ -798,6 +871,9 @@ class Broker:
                     unheld_bytes += size
                     unheld_ops += 1
                     continue
+            if kind >= lock_kinds:  # LOCK, REFRESH, UNLOCK, FENCE_CHECK: see _admit_lock
+                self._admit_lock(op, now)
+                continue
             if _LBRACE in key:  # a hash tag, maybe
                 shard = key_shard(key, shards)
             else:
@@ -892,6 +968,8 @@ class Broker:
             flight.ops.extend(run)
             flight.keys.add(key)
             flight.nbytes += size
+            if run[0][1] >= _LOCK_KINDS or (len(run) > 1 and max(map(_kind, run)) >= _LOCK_KINDS):
+                flight.locks = True
 
     def _new_open(self, shard: int, account: Account | None = None) -> Flight:
         self._close(shard)
@@ -941,7 +1019,7 @@ class Broker:
         client = first.client
         # Forwarded as is if every op goes to one client that sent it in a batch, and no
         # refusal needs rewriting (a retried flight's, see _regroup).
-        whole = first.frames is None and flight.attempts == 1
+        whole = first.frames is None and flight.attempts == 1 and not flight.locks
         for op in ops:
             found = forget(op[2], None)
             if found is not op:
@@ -953,10 +1031,10 @@ class Broker:
             # Every sub-reply goes to one client that sent them in batches: forward as is.
             self.outbox.append((Side.FRONTEND, [client, *body]))
         else:
-            self._regroup(flight, body, count)
+            self._regroup(flight, body, count, now)
         self._release(flight)
 
-    def _regroup(self, flight: Flight, body: list[bytes], count: int) -> None:
+    def _regroup(self, flight: Flight, body: list[bytes], count: int, now: float) -> None:
         """Cut a batch reply into its records and send each to its op's client."""
         try:
             records = split_reply_records(body, count)
@@ -969,7 +1047,7 @@ class Broker:
         for index, op in enumerate(flight.ops if self.queued_bytes else ()):
             # A GET's value for a client whose queue is full is not sent: BUSY, not read.
             if op[1] == _GET and reply_record_status(records[index]) == _OK:
-                if self._not_reading(op[0].client):
+                if self._not_reading(op[0].client) and not _is_touch(op):
                     records[index] = pack_reply(_BUSY, op[2], flight.token, None, _NOT_READING_B)
         if flight.attempts > 1:
             for index, record in enumerate(records):
@@ -980,6 +1058,10 @@ class Broker:
                     records[index] = pack_reply(
                         _UNAVAILABLE, reply.request_id, reply.token, None, message
                     )
+        if flight.locks:
+            ops, records = self._lock_replies(flight.ops, records, now)
+            self._answer(ops, records, "")
+            return
         self._answer(flight.ops, records, "")
 
     def _answer(
@@ -1044,7 +1126,7 @@ class Broker:
         one-request-at-a-time path). False if it needs more than that (an ALL part, a retried
         flight's refusal, an unknown worker or token): then :meth:`on_worker` decodes it."""
         flight = self._inflight.get(token)
-        if flight is None or flight.worker != worker or len(flight.ops) != 1:
+        if flight is None or flight.worker != worker or len(flight.ops) != 1 or flight.locks:
             return False
         record = self.registry.get(worker)
         if record is None:
@@ -1059,7 +1141,13 @@ class Broker:
             return False
         record.last_seen = now
         del self._inflight[token]
-        if len(body) > 1 and op[1] == _GET and status == _OK and self._not_reading(origin.client):
+        if (
+            len(body) > 1
+            and op[1] == _GET
+            and status == _OK
+            and self._not_reading(origin.client)
+            and not _is_touch(op)
+        ):
             body = self._not_read(op[2])
         self.outbox.append((Side.FRONTEND, [origin.client, *body]))
         self._forget(op)
@@ -1095,8 +1183,23 @@ class Broker:
             frames = error_reply(
                 reply.request_id, f"{message}; outcome unknown", Status.UNAVAILABLE
             )
-        elif op[1] == _GET and reply.status == Status.OK and self._not_reading(origin.client):
+        elif (
+            op[1] == _GET
+            and reply.status == Status.OK
+            and self._not_reading(origin.client)
+            and not _is_touch(op)
+        ):
             frames = self._not_read(reply.request_id)
+        elif flight.locks:
+            record = pack_reply(
+                reply.status, reply.request_id, reply.token, reply.deadline_ms, reply.body
+            )
+            self._forget(op)
+            answered, records = self._lock_replies(flight.ops, [record], now)
+            if answered:  # else parked, answered later
+                self._to_client(origin.client, reply_from_record(records[0]))
+            self._release(flight)
+            return
         self._to_client(origin.client, frames)
         self._forget(op)
         self._release(flight)
@@ -1184,6 +1287,185 @@ class Broker:
         runs = self.tokens.release_many(flight.keys, MAX_BATCH_OPS, MAX_BATCH_BYTES, _size)
         if runs:
             self._stage_runs(flight.shard, runs)
+
+    # --- lock waits (broker/locks.py has the algorithm) -------------------------------------
+
+    def _admit_lock(self, op: Op, now: float) -> None:
+        """A lock command (LOCK, REFRESH, UNLOCK, FENCE_CHECK) joins a flight as any keyed
+        request, and marks it so that its reply is read op by op; except a LOCK with a wait
+        for a name others already wait for: it is parked behind them (FIFO), not sent."""
+        key = op[3]
+        if op[1] == _LOCK and self.locks.waiting(key):
+            wait_ms = _request_of(op).wait_ms
+            if wait_ms:
+                if not self._park(op, op[0].arrived + wait_ms / 1000, now):
+                    self._forget(op)
+                    self._refund_ops([op])
+                    self.counters.answered[_BUSY] += 1
+                    self._answer([op], None, self._busy_locks(), _BUSY)
+                return
+        shard = key_shard(key, self.config.shards)
+        self._admit(op, shard, now)
+        flight = self._open.get(shard)
+        if flight is not None and flight.ops[-1] is op:
+            flight.locks = True
+        # else it waits for its key's token, and _stage_runs marks the flight it joins
+
+    def _lock_replies(
+        self, ops: Sequence[Op], records: list[bytes | memoryview], now: float
+    ) -> tuple[list[Op], list[bytes | memoryview]]:
+        """The replies of a flight holding lock commands, read op by op: a LOCK with a wait
+        answered CONFLICT is parked (not answered), a LOCK answered OK tells the waiters of
+        its name when the new holder's lease ends, an UNLOCK answered OK dispatches the
+        oldest waiter of its name. Returns the ops to answer now and their records."""
+        answer_ops: list[Op] = []
+        answer_records: list[bytes | memoryview] = []
+        for op, record in zip(ops, records, strict=True):
+            kind = op[1]
+            if kind == _LOCK or kind == _UNLOCK:
+                status = reply_record_status(record)
+                if status == _OK and kind == _UNLOCK:
+                    waiter = self.locks.released(op[3], now)
+                    if waiter is not None:
+                        self._redispatch(waiter, now)
+                elif status == _OK:
+                    deadline_ms = decode_reply_record(record).deadline_ms
+                    self.locks.held(op[3], now, self._expiry_of(deadline_ms, now))
+                elif status == _CONFLICT:
+                    kept = self._conflicted(op, record, now)
+                    if kept is None:
+                        continue  # parked
+                    record = kept
+            answer_ops.append(op)
+            answer_records.append(record)
+        return answer_ops, answer_records
+
+    def _conflicted(
+        self, op: Op, record: bytes | memoryview, now: float
+    ) -> bytes | memoryview | None:
+        """A LOCK answered CONFLICT: park it if it may still wait (None), else the record to
+        answer it with (the CONFLICT, or BUSY when MAX_LOCK_WAITERS wait already)."""
+        origin = op[0]
+        if isinstance(origin, LockOrigin):
+            give_up = origin.give_up
+        else:
+            wait_ms = _request_of(op).wait_ms
+            if not wait_ms:
+                return record
+            give_up = origin.arrived + wait_ms / 1000
+        if now >= give_up:
+            return record
+        reply = decode_reply_record(record)
+        conflict = bytes(record)
+        front = isinstance(origin, LockOrigin)  # woken and refused again: keeps its place
+        if self._park(op, give_up, now, conflict, reply.deadline_ms or 0, reply.body, front):
+            return None
+        return pack_reply(_BUSY, op[2], 0, None, self._busy_locks().encode())
+
+    def _park(
+        self,
+        op: Op,
+        give_up: float,
+        now: float,
+        conflict: bytes | None = None,
+        deadline_ms: int = 0,
+        reason: bytes | None = None,
+        front: bool = False,
+    ) -> bool:
+        """Park a LOCK in its name's FIFO (False: MAX_LOCK_WAITERS are parked). It stays
+        remembered under its request id, so a client's retry merges with it, and charged to
+        its client. ``conflict`` None: parked on arrival (still held and charged as admitted);
+        else it was just answered, its flight's answer refunds it, so it is charged again."""
+        origin = op[0]
+        record = op[4]
+        if record is not None and not isinstance(record, bytes):
+            record = bytes(record)  # not a view: the rest of its client's batch may go
+        parked_origin = LockOrigin(
+            origin.client, origin.frames, origin.arrived, origin.account, give_up
+        )
+        parked: Op = (parked_origin, op[1], op[2], op[3], record, op[5])
+        holder = self._expiry_of(deadline_ms, now)
+        if not self.locks.park(
+            parked, op[3], give_up, now, conflict, holder, deadline_ms, reason or b"", front
+        ):
+            return False
+        if conflict is None:
+            self._swap(op, parked)
+        else:
+            self._remember(parked)
+            account = origin.account
+            if account is not None:
+                account.nbytes += op[5]
+                account.ops += 1
+                self.held_bytes += op[5]
+                self.held_ops += 1
+        return True
+
+    def _redispatch(self, waiter: Waiter[Op], now: float) -> None:
+        """Send a parked LOCK again (its name's lock may be free), as a new arrival that keeps
+        its wait's end, its request id and its charge. A stamped one is stamped anew: its
+        earlier attempts were all refused (CONFLICT: nothing applied), and a worker refuses
+        a stamped write first sent longer ago than its idempotency window (waits reach 300 s)."""
+        op = waiter.item
+        origin = op[0]
+        frames, record = origin.frames, op[4]
+        request = _request_of(op)
+        if request.stamp is not None:
+            renewed = replace(request, stamp=stamp_of(self._wall()))
+            if frames is not None:
+                frames = encode_request(renewed)
+            else:
+                record = encode_batch(Batch(0, (renewed,)))[1]
+        assert isinstance(origin, LockOrigin)
+        fresh_origin = LockOrigin(origin.client, frames, now, origin.account, origin.give_up)
+        fresh: Op = (fresh_origin, op[1], op[2], op[3], record, op[5])
+        self._swap(op, fresh)
+        shard = key_shard(op[3], self.config.shards)
+        self._admit(fresh, shard, now)
+        flight = self._open.get(shard)
+        if flight is not None and flight.ops[-1] is fresh:
+            flight.locks = True
+
+    def _lock_timers(self, now: float) -> None:
+        """Dispatch the waiters whose name's holder expired (or is due a recheck), and answer
+        those whose wait ran out with the last CONFLICT."""
+        woken, expired = self.locks.due(now)
+        for waiter in expired:
+            op = waiter.item
+            record: bytes | None = waiter.conflict
+            if record is None:  # parked on arrival: its name's last CONFLICT, under its id
+                deadline_ms, reason = self.locks.last_conflict(waiter.name)
+                record = pack_reply(_CONFLICT, op[2], 0, deadline_ms or None, reason)
+            self._forget(op)
+            self._refund_ops([op])
+            self._answer([op], [record], "")
+        for waiter in woken:
+            self._redispatch(waiter, now)
+
+    def _expiry_of(self, deadline_ms: int | None, now: float) -> float | None:
+        """The monotonic instant of a wall-clock deadline in ms (None: none given)."""
+        if not deadline_ms:
+            return None
+        return now + (deadline_ms - self._wall() * 1000) / 1000
+
+    def _swap(self, old: Op, new: Op) -> None:
+        """Remember ``new`` where ``old`` was remembered (a parked or woken LOCK is a new op
+        tuple, with its own origin; a client's retry must find that one)."""
+        request_id = old[2]
+        if self._by_request.get(request_id) is old:
+            self._by_request[request_id] = new
+            return
+        identity = (request_id, old[1], old[3], _fingerprint(old))
+        if self._by_identity.get(identity) is old:
+            self._by_identity[identity] = new
+        else:
+            self._remember(new)
+
+    def _busy_locks(self) -> str:
+        return (
+            f"broker busy: {self.locks.count} LOCK requests wait for their lock (limit"
+            f" {self.locks.limit}); not applied, retry later"
+        )
 
     # --- admission and waiting -------------------------------------------------------------
 
@@ -1598,6 +1880,7 @@ class Broker:
                     "requests_at_workers": at_workers,
                     "dispatches_at_workers": len(self._inflight),
                     "keys_in_flight": len(self.tokens),
+                    "lock_waiters": self.locks.count,
                     # map(len) in C: about 30 ns a key whose token is out, once a scrape.
                     "requests_waiting_for_token": sum(map(len, self.tokens._queues.values())),
                     "waiting_for_owner": [
@@ -1630,11 +1913,15 @@ class Broker:
 
 def _fingerprint(entry: Entry) -> int:
     """What a worker's idempotency memory compares besides request id, kind and key, so that
-    the broker merges a retry exactly when the worker would answer it from memory: the CRC-32
-    of a SET's value (workers/shard.py computes the same), 0 for any other request. Computed
+    the broker merges a retry only when the worker would answer it from memory: the CRC-32
+    of a write's value frame (a SET's value, as workers/shard.py computes; for the issue-12
+    writes their whole value frame, extension block included: INCR's amount, LOCK's wait,
+    the token of REFRESH and UNLOCK, a condition or fence), 0 for a read and for a DEL
+    without a value. Never looser than the worker's: two requests merged here would be one
+    there too. Computed
     only while some request's id is taken by another (rare: ids are random), never on the
     broker's common path."""
-    if entry[1] != _SET:
+    if entry[1] == _GET or entry[1] == _ALL:  # reads (a GET's touch TTL is no value either)
         return 0
     record = entry[4]
     if record is None:  # it came alone: its frames are its origin's
@@ -1644,6 +1931,24 @@ def _fingerprint(entry: Entry) -> int:
 
 def _token(flight: Flight) -> int:
     return flight.token
+
+
+def _request_of(op: Op) -> Request:
+    """The request of an op, decoded (a lock command's wait, a GET's touch: rare paths; the
+    broker never decodes a request on its common path). The op was validated when it came."""
+    record = op[4]
+    if record is None:
+        return decode_request(op[0].frames or [])
+    return decode_batch(batch_frames(0, [bytes(record)])).requests[0]
+
+
+def _is_touch(op: Op) -> bool:
+    """Whether a GET moves its key's deadline (flag TTL): a write, whose reply must not be
+    replaced by BUSY ("not applied") for a client that does not read."""
+    return _request_of(op).ttl_ms is not None
+
+
+_kind: Callable[[Op], int] = itemgetter(1)
 
 
 _NOT_READING = (

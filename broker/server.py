@@ -28,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from broker.cluster import LeaderView
 from broker.core import MAX_FRAMES, Broker, BrokerConfig, Side, peer_log
+from broker.events import EventsProxy
 from zkv import protocol
 from zkv.keys import CLIENTS_DOMAIN, Keys
 from zkv.logs import LogLimiter, peer
@@ -54,6 +55,10 @@ class ServerConfig:
     broker: BrokerConfig
     keys: Keys | None = None  # None: no CURVE on the backend (--insecure)
     frontend_curve: bool = False  # CURVE on the frontend too, clients' keys in <keys>/clients
+    # The events proxy (broker/events.py): subscribers' XPUB and the workers' XSUB endpoints;
+    # None: no events (--events none).
+    events: str | None = None
+    events_backend: str | None = None
 
 
 class Stopper:
@@ -87,6 +92,7 @@ def serve(
     backend = context.socket(zmq.ROUTER)
     authenticator: ThreadAuthenticator | None = None
     auth_failures: AuthFailures | None = None
+    events: EventsProxy | None = None
     try:
         if config.keys is not None:
             # CURVE on the backend: only holders of an authorised worker key get through the
@@ -113,6 +119,15 @@ def serve(
         configure(frontend, backend)
         frontend.bind(config.frontend)
         backend.bind(config.backend)
+        if config.events is not None and config.events_backend is not None:
+            events = EventsProxy(
+                context,
+                config.events,
+                config.events_backend,
+                config.keys,
+                config.frontend_curve and config.keys is not None,
+            )
+            events.start()
         log.info(
             "broker ready: frontend %s%s, backend %s, %d shards",
             config.frontend,
@@ -123,6 +138,8 @@ def serve(
         core = Broker(config.broker, time.monotonic())
         return _loop(core, frontend, backend, stopper, auth_failures, view)
     finally:
+        if events is not None:
+            events.stop()
         if auth_failures is not None:
             auth_failures.close()
         frontend.close(linger=0)

@@ -108,12 +108,18 @@ class Cluster:
         self.shards = shards
         self.frontend = f"tcp://127.0.0.1:{free_port()}"
         self.backend = f"tcp://127.0.0.1:{free_port()}"
+        # The broker's events proxy (broker/events.py) on ports of its own too: its default
+        # ports are fixed, and the suite runs many brokers.
+        self.events = f"tcp://127.0.0.1:{free_port()}"
+        self.events_backend = f"tcp://127.0.0.1:{free_port()}"
         self.http_port = free_port()
         self.env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
             "ZKV_FRONTEND": self.frontend,
             "ZKV_BACKEND": self.backend,
+            "ZKV_EVENTS": self.events,
+            "ZKV_EVENTS_BACKEND": self.events_backend,
             "ZKV_SHARDS": str(shards),
             "ZKV_HEARTBEAT_INTERVAL": "0.2",
             "ZKV_DATA_DIR": str(tmp_path / "data"),  # each cluster its own shard files

@@ -3,9 +3,11 @@
 docs/persistence.md specifies the same format in prose. In short::
 
     file   = magic records*
-    magic  = b"ZKVLOG3\\n"                                  8 bytes, names the format and version
-                                                           (b"ZKVLOG1\\n" before MEMOS and
-                                                           b"ZKVLOG2\\n" before TIME: still read)
+    magic  = b"ZKVLOG4\\n"                                  8 bytes, names the format and version
+                                                           (b"ZKVLOG1\\n" before MEMOS,
+                                                           b"ZKVLOG2\\n" before TIME and
+                                                           b"ZKVLOG3\\n" before versions: still
+                                                           read)
     record = length:u32  crc:u32  body                     length = len(body)
     crc    = CRC-32 (zlib.crc32) of the four length bytes followed by the body
 
@@ -16,18 +18,29 @@ docs/persistence.md specifies the same format in prose. In short::
     body of MEMOS (0x04) = type:u8  count:u32  entry*     count entries, filling the body
     entry = request_id:u64  key_len:u16  kind:u8  status:u8  deadline_ms:u64  fingerprint:u32  key
     body of TIME (0x05) = type:u8  now_ms:u64         the worker's time had reached now_ms
+    body of SETV (0x06) = type:u8  request_id:u64  deadline_ms:u64  version:u64  key_len:u32
+                          key  value                  a SET with the key's new version
+    body of DELV (0x07) = type:u8  request_id:u64  version:u64  key    a DEL with its version
+    body of VERSION (0x08) = type:u8  version:u64     the shard's versions had reached it
+
+Versions (issue 12): every write logs SETV or DELV (the worker's new commands too: an INCR, an
+EXPIRE, a lock is a SETV of the record it leaves), never SET or DEL, which older versions wrote
+and replay still reads (their keys get version 0). Replay restores the shard's version counter
+as the largest version it read (SETV, DELV, VERSION); compaction writes a VERSION record of the
+counter, so dropping deleted keys never lowers it.
 
 All integers are unsigned big-endian, like the wire protocol. ``deadline_ms`` is Unix time in
 milliseconds, 0 for "never expires". ``request_id`` 0 means "not remembered" (snapshot records
-written by compaction carry no request). MEMOS records appear only in compacted logs: each
-holds up to MEMOS_PER_RECORD remembered replies of the idempotency memory (see
-workers/idempotency.py), so that a retry reaching a later owner is still answered from memory.
-Compaction writes the whole memory (every write of the window, 36 s) every time. Written as one
-MEMO record per entry (measured with 100,000 entries, the memory's bound then), as earlier
-versions did (still read), that cost the worker about 110 ms per compaction (34 ms of
-snapshot on its loop, 72 of encoding in the thread; now 1.4 and 5), a tenth of its CPU under a
-steady stream of SETs. The memory keeps each entry in the form a MEMOS entry has, so a MEMOS
-record is one join, and replay keeps the entries as they are read.
+written by compaction carry no request). MEMOS records appear only in compacted logs: each holds
+up to MEMOS_PER_RECORD remembered replies of the idempotency memory (see
+workers/idempotency.py), so that a retry reaching a later owner is still answered from memory. A
+MEMO record is appended for a DEL that found nothing (its NOT_FOUND reply, remembered so a late
+copy of that DEL deletes nothing). Compaction writes the whole memory (every write of the
+window, 36 s) every time. Written as one MEMO record per entry (measured with 100,000 entries,
+the memory's bound then), as earlier versions did (still read), that cost the worker about 110
+ms per compaction (34 ms of snapshot on its loop, 72 of encoding in the thread; now 1.4 and 5),
+a tenth of its CPU under a steady stream of SETs. The memory keeps each entry in the form a
+MEMOS entry has, so a MEMOS record is one join, and replay keeps the entries as they are read.
 
 Why a length *and* a checksum: the length lets the reader find the next record without parsing
 the body; the CRC, which covers the length too, tells a record that was written completely from
@@ -67,10 +80,14 @@ log = logging.getLogger(__name__)
 # A version-2 reader refuses a version-3 file at its magic; TIME records are also appended to
 # version-1 and -2 files this version takes over, which a version-2 reader then refuses at the
 # first of them as a record type it does not know (never as damage to cut off).
-MAGIC = b"ZKVLOG3\n"
+#
+# Version 4 added SETV, DELV and VERSION records (issue 12), in the same way: a version-3
+# reader refuses a version-4 file at its magic, and an older file appended to at its first SETV.
+MAGIC = b"ZKVLOG4\n"
+MAGIC_V3 = b"ZKVLOG3\n"
 MAGIC_V2 = b"ZKVLOG2\n"
 MAGIC_V1 = b"ZKVLOG1\n"
-MAGICS = (MAGIC, MAGIC_V2, MAGIC_V1)
+MAGICS = (MAGIC, MAGIC_V3, MAGIC_V2, MAGIC_V1)
 
 _PREFIX = struct.Struct("!II")  # length, crc
 _LENGTH = struct.Struct("!I")
@@ -81,6 +98,9 @@ _DEL = struct.Struct("!BQ")  # type, request_id
 _MEMO = struct.Struct("!BQBBQI")  # type, request_id, kind, status, deadline_ms, fingerprint
 _MEMOS = struct.Struct("!BI")  # type, count
 _TIME = struct.Struct("!BQ")  # type, now_ms
+_SETV = struct.Struct("!BQQQI")  # type, request_id, deadline_ms, version, key_len
+_DELV = struct.Struct("!BQQ")  # type, request_id, version
+_VERSION = struct.Struct("!BQ")  # type, version
 # A MEMOS entry's head, followed by the key: request_id, key_len, kind, status, deadline_ms,
 # fingerprint. The idempotency memory keeps its entries in this form.
 MEMOS_ENTRY = struct.Struct("!QHBBQI")
@@ -92,7 +112,7 @@ MEMOS_PER_RECORD = 512
 PREFIX_BYTES = _PREFIX.size
 # The largest body a valid record can have: a SET of the largest key and value the protocol
 # allows. A length field above it is damage, and is reported as such rather than trusted.
-MAX_BODY_BYTES = _SET.size + MAX_KEY_BYTES + MAX_VALUE_BYTES
+MAX_BODY_BYTES = _SETV.size + MAX_KEY_BYTES + MAX_VALUE_BYTES
 
 # A batch that writes starts with a TIME record once this long has passed since the last one,
 # so every logged write was applied less than this after the TIME record before it.
@@ -109,6 +129,9 @@ class RecordType(enum.IntEnum):
     MEMO = 0x03
     MEMOS = 0x04
     TIME = 0x05
+    SETV = 0x06
+    DELV = 0x07
+    VERSION = 0x08
 
 
 class FsyncPolicy(enum.StrEnum):
@@ -128,20 +151,30 @@ class FsyncPolicy(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class SetRecord:
-    """A SET that was applied: ``deadline_ms`` is absolute (Unix ms), None for never."""
+    """A SET that was applied: ``deadline_ms`` is absolute (Unix ms), None for never.
+    ``version`` is the key's new version (a SETV record), 0 for a SET record of an older log."""
 
     request_id: int
     key: bytes
     value: bytes
     deadline_ms: int | None
+    version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class DelRecord:
-    """A DEL that removed a live key."""
+    """A DEL that removed a live key; ``version`` that of the delete (DELV), 0 in older logs."""
 
     request_id: int
     key: bytes
+    version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    """The shard's version counter had reached ``version`` (compaction writes it)."""
+
+    version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +227,7 @@ class TimeRecord:
     now_ms: int
 
 
-Record = SetRecord | DelRecord | MemoRecord | MemosRecord | TimeRecord
+Record = SetRecord | DelRecord | MemoRecord | MemosRecord | TimeRecord | VersionRecord
 
 
 class Unreadable(str):
@@ -269,6 +302,11 @@ _DEL_TYPE = int(RecordType.DEL)
 _MEMO_TYPE = int(RecordType.MEMO)
 _MEMOS_TYPE = int(RecordType.MEMOS)
 _TIME_TYPE = int(RecordType.TIME)
+_SETV_TYPE = int(RecordType.SETV)
+_DELV_TYPE = int(RecordType.DELV)
+_VERSION_TYPE = int(RecordType.VERSION)
+_pack_setv_head = _SETV.pack
+_pack_delv_head = _DELV.pack
 
 
 def _length_crc(length: int) -> int:
@@ -298,9 +336,33 @@ def encode_set(request_id: int, key: bytes, value: bytes, deadline_ms: int | Non
     return _pack_prefix(length, _crc32(body, crc)) + body
 
 
+def encode_setv(
+    request_id: int, key: bytes, value: bytes, deadline_ms: int | None, version: int
+) -> bytes:
+    """One SETV record, ready to append (every SET's: _frame written out, as encode_set)."""
+    body = (
+        _pack_setv_head(_SETV_TYPE, request_id, deadline_ms or 0, version, len(key)) + key + value
+    )
+    length = len(body)
+    crc = _LENGTH_CRCS.get(length)
+    if crc is None:
+        crc = _length_crc(length)
+    return _pack_prefix(length, _crc32(body, crc)) + body
+
+
 def encode_del(request_id: int, key: bytes) -> bytes:
-    """One DEL record, ready to append."""
+    """One DEL record, ready to append (older logs' form: the worker writes DELV)."""
     return _frame(_pack_del_head(_DEL_TYPE, request_id) + key)
+
+
+def encode_delv(request_id: int, key: bytes, version: int) -> bytes:
+    """One DELV record, ready to append."""
+    return _frame(_pack_delv_head(_DELV_TYPE, request_id, version) + key)
+
+
+def encode_version(version: int) -> bytes:
+    """One VERSION record, ready to append."""
+    return _frame(_VERSION.pack(_VERSION_TYPE, version))
 
 
 def encode_memo(
@@ -337,10 +399,16 @@ def encode_memos(entries: Sequence[bytes | tuple[bytes, bytes]]) -> Iterator[byt
 def encode(record: Record) -> bytes:
     """Any record, ready to append (tests and tools; the worker calls the typed encoders)."""
     match record:
-        case SetRecord(request_id, key, value, deadline_ms):
+        case SetRecord(request_id, key, value, deadline_ms, version):
+            if version:
+                return encode_setv(request_id, key, value, deadline_ms, version)
             return encode_set(request_id, key, value, deadline_ms)
-        case DelRecord(request_id, key):
+        case DelRecord(request_id, key, version):
+            if version:
+                return encode_delv(request_id, key, version)
             return encode_del(request_id, key)
+        case VersionRecord(version):
+            return encode_version(version)
         case MemoRecord(request_id, kind, status, deadline_ms, fingerprint, key):
             return encode_memo(request_id, kind, status, deadline_ms, fingerprint, key)
         case MemosRecord(entries):
@@ -401,6 +469,20 @@ def parse_at(data: memoryview, offset: int) -> tuple[Record, int] | str:
         if length != _TIME.size:
             return "TIME record of the wrong size"
         key_len = 0
+    elif kind == RecordType.SETV:
+        if length < _SETV.size:
+            return "SETV record too short"
+        key_len = _LENGTH.unpack_from(data, start + _SETV.size - 4)[0]
+        if _SETV.size + key_len > length:
+            return "SETV record key runs past its end"
+    elif kind == RecordType.DELV:
+        if length < _DELV.size:
+            return "DELV record too short"
+        key_len = length - _DELV.size
+    elif kind == RecordType.VERSION:
+        if length != _VERSION.size:
+            return "VERSION record of the wrong size"
+        key_len = 0
     else:
         unknown = True  # judged after the CRC: a valid record of a newer version is not garbage
         key_len = 0
@@ -410,10 +492,25 @@ def parse_at(data: memoryview, offset: int) -> tuple[Record, int] | str:
         return Unreadable(f"record type 0x{kind:02x} is unknown to this version (a newer one's?)")
     if key_len > MAX_KEY_BYTES:
         return Unreadable(f"a key of {key_len} bytes: no version writes keys over {MAX_KEY_BYTES}")
-    if kind == RecordType.SET:
+    if kind == RecordType.SETV:
+        _, request_id, deadline_ms, version, key_len = _SETV.unpack_from(data, start)
+        key_end = start + _SETV.size + key_len
+        record: Record = SetRecord(
+            request_id,
+            bytes(data[start + _SETV.size : key_end]),
+            bytes(data[key_end:end]),
+            deadline_ms or None,
+            version,
+        )
+    elif kind == RecordType.DELV:
+        _, request_id, version = _DELV.unpack_from(data, start)
+        record = DelRecord(request_id, bytes(data[start + _DELV.size : end]), version)
+    elif kind == RecordType.VERSION:
+        record = VersionRecord(_VERSION.unpack_from(data, start)[1])
+    elif kind == RecordType.SET:
         _, request_id, deadline_ms, key_len = _SET.unpack_from(data, start)
         key_end = start + _SET.size + key_len
-        record: Record = SetRecord(
+        record = SetRecord(
             request_id,
             bytes(data[start + _SET.size : key_end]),
             bytes(data[key_end:end]),

@@ -17,10 +17,11 @@ written since. Random 64-bit ids, as the Python client picks, make either a 2**-
 Bounds: every write of the last keep_ms (DEFAULT_WINDOW_S plus MAX_CLOCK_SKEW_S plus a
 second: 21 s) by the shard's clock, however many; past DEFAULT_MAX_BYTES (estimated) with all
 of them still inside that time, new writes are refused BUSY rather than any entry forgotten
-early (docs/persistence.md section 6). A DEL that found nothing changed nothing, so it is
-not remembered (its retry is answered NOT_FOUND again, or deletes a value written since, as
-if the first attempt had been lost). Request id 0 means "do not remember" (compaction writes
-its snapshot with it).
+early (docs/persistence.md section 6). A DEL that found nothing is remembered too, with its
+NOT_FOUND (workers/shard.py logs it as a MEMO record): a second copy of it, resent through
+another broker and reaching the shard after the client wrote the key again, would otherwise
+delete that newer value. Request id 0 means "do not remember" (compaction writes its snapshot
+with it).
 
 Memory, since a busy shard remembers about a million writes: each write is kept as one bytes
 object (request id, key length, kind, status, deadline and CRC-32 packed in 24 bytes, then the
@@ -48,6 +49,15 @@ the entries as they are read (:meth:`RequestMemory.restore`).
 The memory is rebuilt on takeover: every SET and DEL record in the log carries its request id,
 and compaction writes the memory itself into the new log as MEMOS records, so a request applied
 by a worker that then died is answered from memory by its successor, not applied twice.
+
+Replies with a body (issue 12: an INCR's value, a LOCK's token, a VERSIONED or RETURN_OLD
+SET's version and previous item) are remembered with it, as "rich" entries: the kind byte has
+RICH_KIND set and the key field is ``body_len:u16 body key`` (so the MEMOS entry layout, and
+every bound on it, stays as it is). The shard logs such an entry as a MEMOS record of its own
+right after the write's SETV/DELV (which then carries request id 0), so replay, and a follower,
+rebuild it. A body longer than MAX_MEMO_BODY_BYTES (only a RETURN_OLD of a large value) is not
+kept: the entry says so, and a retry is answered CONFLICT ("applied by an earlier attempt; its
+previous item was not remembered") rather than with a wrong previous item.
 """
 
 from __future__ import annotations
@@ -109,6 +119,12 @@ HEAD_BYTES = _HEAD.size
 
 _OK = int(Status.OK)
 
+# Rich entries (see the module docstring): the kind byte's flag, and the longest body kept.
+RICH_KIND = 0x80
+MAX_MEMO_BODY_BYTES = 4096
+_BODY_LEN = 2  # body_len:u16 at the front of a rich entry's key field
+NOT_REMEMBERED = b""  # the body of a rich entry whose reply was too long to keep
+
 Packed = bytes | tuple[bytes, bytes]
 """One remembered write: its head followed by the key, or (head, key) for a long key."""
 
@@ -121,6 +137,7 @@ class Memo(NamedTuple):
     fingerprint: int  # CRC-32 of a SET's value, 0 for DEL
     status: int  # Status of the reply
     deadline_ms: int | None  # the reply's deadline (SET), None for never or DEL
+    body: bytes | None = None  # the reply's body (a rich entry), None for none
 
 
 _pack_head = _HEAD.pack
@@ -128,8 +145,15 @@ _pack_head = _HEAD.pack
 
 def _pack(request_id: int, memo: Memo) -> Packed:
     key = memo.key
+    kind = memo.kind
+    if memo.body is not None:
+        body = memo.body
+        if len(body) > MAX_MEMO_BODY_BYTES or _BODY_LEN + len(body) + len(key) > 0xFFFF:
+            body = NOT_REMEMBERED
+        key = len(body).to_bytes(_BODY_LEN, "big") + body + key
+        kind |= RICH_KIND
     head = _pack_head(
-        request_id, len(key), memo.kind, memo.status, memo.deadline_ms or 0, memo.fingerprint
+        request_id, len(key), kind, memo.status, memo.deadline_ms or 0, memo.fingerprint
     )
     if len(key) <= INLINE_KEY_BYTES:
         return head + key
@@ -142,7 +166,17 @@ def _unpack(packed: Packed) -> Memo:
     else:
         packed, key = packed
     _, _, kind, status, deadline_ms, fingerprint = _HEAD.unpack_from(packed)
+    if kind & RICH_KIND:
+        end = _BODY_LEN + int.from_bytes(key[:_BODY_LEN], "big")
+        body = key[_BODY_LEN:end]
+        return Memo(kind & ~RICH_KIND, key[end:], fingerprint, status, deadline_ms or None, body)
     return Memo(kind, key, fingerprint, status, deadline_ms or None)
+
+
+def pack_memo(request_id: int, memo: Memo) -> bytes:
+    """The entry of ``memo`` as a MEMOS record holds it (the shard logs a rich entry so)."""
+    packed = _pack(request_id, memo)
+    return packed if type(packed) is bytes else packed[0] + packed[1]
 
 
 def packed_key(packed: Packed) -> bytes:
@@ -302,19 +336,34 @@ class RequestMemory:
             return None
         return memo
 
-    def remember(self, request_id: int, memo: Memo) -> None:
-        """Remember a write applied under ``request_id`` (0: not remembered)."""
-        if request_id:
-            self._store(request_id, _pack(request_id, memo))
+    def remember(self, request_id: int, memo: Memo) -> bytes | None:
+        """Remember a write applied under ``request_id`` (0: not remembered).
+
+        Returns:
+            The entry as a MEMOS record holds it (what the shard logs for a rich entry), None
+            for request id 0.
+        """
+        if not request_id:
+            return None
+        packed = _pack(request_id, memo)
+        self._store(request_id, packed)
+        return packed if type(packed) is bytes else packed[0] + packed[1]
 
     def remember_write(
-        self, request_id: int, kind: int, key: bytes, fingerprint: int, deadline_ms: int | None
+        self,
+        request_id: int,
+        kind: int,
+        key: bytes,
+        fingerprint: int,
+        deadline_ms: int | None,
+        status: int = _OK,
     ) -> None:
-        """:meth:`remember` of an OK reply, from its fields (the worker's hot path: no Memo).
-        The caller checks :attr:`full` first for a new write (the shard answers BUSY)."""
+        """:meth:`remember` of a reply (OK unless ``status`` says otherwise: a DEL that found
+        nothing), from its fields (the worker's hot path: no Memo). The caller checks
+        :attr:`full` first for a new write (the shard answers BUSY)."""
         if not request_id:
             return
-        head = _pack_head(request_id, len(key), kind, _OK, deadline_ms or 0, fingerprint)
+        head = _pack_head(request_id, len(key), kind, status, deadline_ms or 0, fingerprint)
         if request_id in self._memos:
             self._store(request_id, head + key if len(key) <= INLINE_KEY_BYTES else (head, key))
             return

@@ -44,6 +44,7 @@ from workers.aof import (
     MemosRecord,
     SetRecord,
     TimeRecord,
+    VersionRecord,
 )
 from workers.idempotency import Memo, Packed, RequestMemory, packed_key
 from workers.ownership import OwnerFile, OwnershipError, next_epoch
@@ -90,8 +91,9 @@ NO_SPACE_REWRITE_S = 5.0
 # checks (a 64 MiB SET: tens of milliseconds).
 REPLAY_PROGRESS_S = 0.3
 
-# Bytes a record adds to its key and value: the length and CRC, then the body's fixed fields.
-SET_OVERHEAD_BYTES = aof.PREFIX_BYTES + 21
+# Bytes a record adds to its key and value: the length and CRC, then the body's fixed fields
+# (a SETV: type, request id, deadline, version, key length).
+SET_OVERHEAD_BYTES = aof.PREFIX_BYTES + 29
 
 
 class ShardMoved(Exception):
@@ -898,8 +900,13 @@ def compacted_log(
         clock: the store's clock, read once the memory is written.
         now_ms: the store's clock when the snapshot was taken.
     """
-    # The high-water mark first: the time the snapshot's absence of expired keys shows.
-    chunk: list[bytes] = [MAGIC, aof.encode_time(now_ms)]
+    # The high-water mark first: the time the snapshot's absence of expired keys shows; then
+    # the version counter's, so a replay never gives a version again, deleted keys' included.
+    chunk: list[bytes] = [
+        MAGIC,
+        aof.encode_time(now_ms),
+        aof.encode_version(snapshot.last_version),
+    ]
     pending = len(MAGIC)
     # The memory, run by run: the time its entries were remembered, then the entries. Never
     # past now_ms: a memory rebuilt by replay (or by a follower) dates its entries at the end
@@ -916,8 +923,9 @@ def compacted_log(
                 chunk, pending = [], 0
     # The snapshot's time again: what the rewrite buffer appended after it follows it.
     chunk.append(aof.encode_time(now_ms))
-    for key, value, deadline_ms in snapshot.live(clock()):
-        record = aof.encode_set(0, key, value, deadline_ms)
+    encode_setv = aof.encode_setv
+    for key, value, deadline_ms, version in snapshot.versioned(clock()):
+        record = encode_setv(0, key, value, deadline_ms, version)
         chunk.append(record)
         pending += len(record)
         if pending >= aof.WRITE_CHUNK_BYTES:
@@ -940,12 +948,15 @@ _DEL = int(Kind.DEL)
 def _apply(record: aof.Record, store: TTLStore, memory: RequestMemory) -> None:
     """Apply one log record to a store and memory being rebuilt."""
     match record:
-        case SetRecord(request_id, key, value, deadline_ms):
-            store.restore(key, value, deadline_ms)
+        case SetRecord(request_id, key, value, deadline_ms, version):
+            store.restore(key, value, deadline_ms, version)
             memory.remember_write(request_id, _SET, key, zlib.crc32(value), deadline_ms)
-        case DelRecord(request_id, key):
-            store.delete(key)
+        case DelRecord(request_id, key, version):
+            store.remove(key)
+            store.note_version(version)
             memory.remember_write(request_id, _DEL, key, 0, None)
+        case VersionRecord(version):
+            store.note_version(version)
         case TimeRecord(now_ms):
             # What follows was applied less than an interval after now_ms: remembered as of
             # the end of that interval, so an entry is never taken for older than it is.
@@ -975,4 +986,7 @@ def compact_size(snapshot: Snapshot, memory: RequestMemory, now_ms: int) -> int:
     entries = memory.packed()
     memos = sum(aof.MEMOS_ENTRY.size + len(packed_key(p)) for _, p in entries)
     records = -(-len(entries) // aof.MEMOS_PER_RECORD)
-    return len(MAGIC) + data + memos + records * (aof.PREFIX_BYTES + aof.MEMOS_HEAD_BYTES)
+    versions = aof.PREFIX_BYTES + 9  # the VERSION record
+    return (
+        len(MAGIC) + data + memos + records * (aof.PREFIX_BYTES + aof.MEMOS_HEAD_BYTES) + versions
+    )

@@ -25,16 +25,26 @@ How one batch is served (durable shards)::
 from __future__ import annotations
 
 import logging
+import re
+import struct
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from workers import aof
+from workers import store as store_module
 from workers.aof import CorruptLog, DurabilityError, NoSpace
-from workers.idempotency import MAX_CLOCK_SKEW_S, Memo, RequestMemory
+from workers.idempotency import (
+    MAX_CLOCK_SKEW_S,
+    MAX_MEMO_BODY_BYTES,
+    NOT_REMEMBERED,
+    Memo,
+    RequestMemory,
+)
 from workers.persist import SET_OVERHEAD_BYTES, Durability, ShardFiles
 from workers.store import (
     Clock,
+    Event,
     HighWaterClock,
     ListingOverRoom,
     ListingTooLarge,
@@ -43,6 +53,7 @@ from workers.store import (
 )
 from zkv.logs import LogLimiter
 from zkv.protocol import (
+    EXTENDED_OP,
     MAX_LIST_KEYS,
     MAX_REPLY_BYTES,
     OUTCOME_UNKNOWN,
@@ -52,19 +63,31 @@ from zkv.protocol import (
     DispatchBatch,
     KeyedDispatch,
     Kind,
+    Op,
     Reply,
     Request,
     Status,
     batch_reply_frames,
     encode_entries,
+    encode_old_item,
     encode_reply,
+    incr_body,
     pack_reply,
     reply_frames,
     stamp_age_ms,
+    token_body,
+    versioned_body,
 )
 
 log = logging.getLogger(__name__)
 client_log = LogLimiter(log)  # lines that clients' requests can cause, rate-limited
+
+# Event codes of the events hook (Shard.events; zkv.protocol.EventKind has the same numbers).
+EVENT_SET = 1
+EVENT_DELETE = 2
+EVENT_INCR = 4
+EVENT_TTL = 5  # EXPIRE, persist, GET touch
+EVENT_EXPIRE = store_module.EVENT_EXPIRE  # a key removed at its deadline (by the store)
 
 
 class Shard:
@@ -115,6 +138,30 @@ class Shard:
         # append met an unforeseen full disk is answered twice (see _no_space): tallied twice.
         self.tally = [0] * TALLY_SIZE
         self.expired = 0  # keys the worker's active expiry removed since it took the shard
+        self._events: list[Event] | None = None  # see the events property
+
+    # --- the events hook (design section 8) ---------------------------------------------------
+
+    @property
+    def events(self) -> list[Event] | None:
+        """The changes applied since the owner last drained this list, in apply order, or None
+        (the default: events off, and no cost beyond one test per write).
+
+        Each is ``(event_code, key, version, deadline_ms or 0)``: EVENT_SET, EVENT_DELETE,
+        EVENT_INCR, EVENT_TTL (EXPIRE, persist, GET touch) for the writes this shard applies,
+        EVENT_EXPIRE for each key removed at its deadline, by the worker's active expiry
+        (``store.expire``) or by a read that found it expired, with the version the key had.
+        Never for the worker's own keys (0x00 first: locks, fence tokens). Nothing is added
+        for a write that was refused or answered from memory. The loop that owns the shard
+        drains it (and publishes) once the pass's replies are sent, so an event never announces
+        a write that was not acknowledged; it must bound the list by draining every pass.
+        """
+        return self._events
+
+    @events.setter
+    def events(self, events: list[Event] | None) -> None:
+        self._events = events
+        self.store.events = events  # expiries are found by the store
 
     def handle(self, dispatch: Dispatch) -> Reply:
         """One request as a batch of one (see :meth:`handle_batch`)."""
@@ -208,7 +255,11 @@ class Shard:
                         else:
                             early(frames)
                             answers.append(None)
-                    elif type(dispatch) is Dispatch and dispatch.request.kind == _GET:
+                    elif (
+                        type(dispatch) is Dispatch
+                        and dispatch.request.kind == _GET
+                        and dispatch.request.ttl_ms is None  # not a touch: that is a write
+                    ):
                         reply = self._handle_one(dispatch, None)
                         if store.expired_ms > files.time_ms:
                             answers.append(reply)
@@ -251,6 +302,7 @@ class Shard:
             files.replay(store, memory, self.progress)
         except CorruptLog as exc:  # the log was sound a batch ago: treat it as a failed disk
             raise DurabilityError(f"rebuilding shard {self.number} from its log: {exc}") from exc
+        store.events = self._events
         self.store = store
         self.memory = memory
         self.last_token = last_token
@@ -279,7 +331,8 @@ class Shard:
         """A batch on a short disk: reads served as usual, fenced like any batch; SETs refused
         before anything is applied (a retry of an applied one is answered from memory); DELs
         applied and logged if ``deletes`` (they fit in the reserve: how users free space),
-        else refused like SETs (a DEL of a missing key is NOT_FOUND: it needs no disk)."""
+        else refused like SETs (a DEL of a missing key is NOT_FOUND, and not remembered: there
+        is no room to log its MEMO record, see _apply)."""
         records: list[bytes] | None = [] if deletes else None
         last_token = self.last_token
         full: NoSpace | None = None
@@ -329,6 +382,12 @@ class Shard:
                     status, deadline_ms, body = self._refuse_write(
                         kind, request_id, key, value, ttl_ms, stamp, reason, records
                     )
+                elif kind == _EXTENDED:
+                    request: Request = value  # type: ignore[assignment]
+                    status, deadline_ms, body = self._refuse_ext(request, reason)
+                    self.tally[request.kind << 3 | status] += 1
+                    out.append(pack_reply(status, request_id, token, deadline_ms, body))
+                    continue
                 elif not kind:  # malformed; key holds the message
                     status, deadline_ms, body = _ERROR, None, b"malformed request: " + key
                 else:
@@ -340,6 +399,11 @@ class Shard:
             return batch_reply_frames(token, out)
         request = dispatch.request  # type: ignore[union-attr]  # a Dispatch
         token = dispatch.token  # type: ignore[union-attr]
+        if token > self.last_token and _is_extended(request):
+            self.last_token = token
+            status, deadline_ms, body = self._refuse_ext(request, reason)
+            self.tally[request.kind << 3 | status] += 1
+            return Reply(status, request.request_id, token, deadline_ms, body)
         if request.kind not in (Kind.SET, Kind.DEL) or token <= self.last_token:
             return self._handle_one(dispatch, None)  # type: ignore[arg-type]
         self.last_token = token
@@ -386,6 +450,30 @@ class Shard:
                 return _NOT_FOUND, None, None
         message = (
             f"shard {self.number}: the disk is full ({reason}); the write was not "
+            f"applied. Reads and deletes are served; writes resume by themselves once space "
+            f"is freed"
+        )
+        return _NO_SPACE, None, message.encode()
+
+    def _refuse_ext(self, request: Request, reason: str) -> tuple[Status, int | None, bytes | None]:
+        """An issue-12 request on a short disk: a read (GET without touch, FENCE_CHECK) is
+        served; a write is answered from memory if applied before, refused if stamped outside
+        the window, else refused NO_SPACE before anything is applied, as a SET is."""
+        if _is_ext_read(request):
+            try:
+                return self._apply_ext(request, None)
+            except Exception:  # a bug: see _handle_one
+                log.exception("internal error on request %d", request.request_id)
+                return _ERROR, None, b"internal worker error"
+        kind = request.kind
+        request_id = request.request_id
+        memo = self.memory.recall(request_id, kind, request.key, _fingerprint(request))
+        if memo is not None:
+            return self._from_memory(kind, request_id, memo)
+        if request.stamp is not None and self._out_of_window(request.stamp):
+            return self._stamp_refusal(kind, request_id, request.stamp)
+        message = (
+            f"shard {self.number}: the disk is full ({reason}); the {kind.name} was not "
             f"applied. Reads and deletes are served; writes resume by themselves once space "
             f"is freed"
         )
@@ -498,16 +586,19 @@ class Shard:
             message = self._stale_message(token)
             return Reply(Status.UNAVAILABLE, request.request_id, token, body=message)
         try:
-            status, deadline_ms, body = self._apply(
-                request.kind,
-                request.request_id,
-                request.key,
-                request.value,
-                request.ttl_ms,
-                request.stamp,
-                records,
-                request,
-            )
+            if _is_extended(request):
+                status, deadline_ms, body = self._apply_ext(request, records)
+            else:
+                status, deadline_ms, body = self._apply(
+                    request.kind,
+                    request.request_id,
+                    request.key,
+                    request.value,
+                    request.ttl_ms,
+                    request.stamp,
+                    records,
+                    request,
+                )
         except Exception:
             # A bug, not bad input (the request was decoded): answer so the client does not
             # wait for a timeout, and keep the shard's data alive rather than crash. Memory
@@ -526,7 +617,7 @@ class Shard:
         tally = self.tally
         if not self._fresh(token, len(ops)):
             for op in ops:
-                tally[op[0] << 3 | _UNAVAILABLE] += 1
+                tally[_op_kind(op) << 3 | _UNAVAILABLE] += 1
             message = self._stale_message(token)
             return batch_reply_frames(
                 token, [pack_reply(_UNAVAILABLE, op[1], token, None, message) for op in ops]
@@ -546,8 +637,9 @@ class Shard:
         stamp_mask = STAMP_MASK
         remember = self.memory.remember_write
         keep = None if records is None else records.append
-        encode_set = aof.encode_set
+        encode_setv = aof.encode_setv
         crc32 = zlib.crc32
+        events = self._events  # the events hook: None (off) costs one test per SET
         # One clock read for the batch's SETs, not one per SET: their deadlines count from
         # when the batch began to be applied, a few milliseconds at most before each SET.
         now = store.clock()
@@ -608,7 +700,10 @@ class Shard:
                         deadline_ms = put(key, value, ttl_ms, now)  # type: ignore[arg-type]
                         remember(request_id, _SET, key, fingerprint, deadline_ms)
                         if keep is not None:
-                            keep(encode_set(request_id, key, value, deadline_ms))  # type: ignore[arg-type]
+                            version = store.last_version
+                            keep(encode_setv(request_id, key, value, deadline_ms, version))  # type: ignore[arg-type]
+                        if events is not None:
+                            events.append((EVENT_SET, key, store.last_version, deadline_ms or 0))
                         set_ok += 1
                         append(pack_reply(_OK, request_id, token, deadline_ms, None))
                         continue
@@ -619,6 +714,19 @@ class Shard:
                     append(pack_reply(_ERROR, request_id, token, None, b"internal worker error"))
                     continue
                 # A retry: _apply answers it from memory.
+            elif kind == _EXTENDED:  # an issue-12 request, whole in the value slot: slow branch
+                request: Request = value  # type: ignore[assignment]
+                self._room = room  # its reads share the budget
+                try:
+                    status, deadline_ms, body = self._apply_ext(request, records)
+                except Exception:  # a bug: see _handle_one
+                    log.exception("internal error on request %d of a batch", request_id)
+                    status, deadline_ms, body = _ERROR, None, b"internal worker error"
+                room = self._room
+                tally[request.kind << 3 | status] += 1
+                others += 1
+                append(pack_reply(status, request_id, token, deadline_ms, body))
+                continue
             elif not kind:  # malformed; key holds the message (tallied as kind 0)
                 tally[_ERROR] += 1
                 others += 1
@@ -687,7 +795,11 @@ class Shard:
             deadline_ms = store.set(key, value, ttl_ms)
             self.memory.remember_write(request_id, _SET, key, fingerprint, deadline_ms)
             if records is not None:
-                records.append(aof.encode_set(request_id, key, value, deadline_ms))
+                records.append(
+                    aof.encode_setv(request_id, key, value, deadline_ms, store.last_version)
+                )
+            if self._events is not None:
+                self._events.append((EVENT_SET, key, store.last_version, deadline_ms or 0))
             return _OK, deadline_ms, None
         if kind == _DEL:
             memo = self.memory.recall(request_id, _DEL, key, 0)
@@ -698,10 +810,20 @@ class Shard:
             if request_id and self.memory.full:
                 return _BUSY, None, _MEMORY_FULL
             if not store.delete(key):
+                # Remembered and logged (a MEMO record) although nothing changed: a second
+                # copy of this DEL may still be on its way (a client resends through another
+                # broker while the first holds it, as in a failover), and applied after the
+                # client, answered NOT_FOUND, wrote the key again, it would delete that write.
+                if request_id:
+                    self.memory.remember_write(request_id, _DEL, key, 0, None, _NOT_FOUND)
+                    if records is not None:
+                        records.append(aof.encode_memo(request_id, _DEL, _NOT_FOUND, None, 0, key))
                 return _NOT_FOUND, None, None
             self.memory.remember_write(request_id, _DEL, key, 0, None)
             if records is not None:
-                records.append(aof.encode_del(request_id, key))
+                records.append(aof.encode_delv(request_id, key, store.last_version))
+            if self._events is not None:
+                self._events.append((EVENT_DELETE, key, store.last_version, 0))
             return _OK, None, None
         if kind == _ALL and request is not None:
             # Bounded (MAX_LIST_KEYS, MAX_REPLY_BYTES) and sized before anything is copied: a
@@ -795,7 +917,390 @@ class Shard:
             Kind(kind).name,
             request_id,
         )
-        return Status(memo.status), memo.deadline_ms, None
+        if memo.body == NOT_REMEMBERED:  # a rich entry whose reply was too long to keep
+            message = (
+                f"this {Kind(kind).name} was applied by an earlier attempt; its reply (over "
+                f"{MAX_MEMO_BODY_BYTES} bytes) was not remembered: read the key"
+            )
+            return _CONFLICT, memo.deadline_ms, message.encode()
+        return Status(memo.status), memo.deadline_ms, memo.body
+
+    # --- issue 12: the slow branch -------------------------------------------------------------
+    #
+    # Conditional writes (NX, XX, IF_VERSION), VERSIONED and RETURN_OLD replies, INCR, EXPIRE
+    # (and persist), GET touch and metadata, locks and fenced writes. They arrive as a whole
+    # Request (a Dispatch, or an EXTENDED_OP of a batch), never on the inline GET/SET paths, so
+    # those stay as they were. Every write here goes the way a SET does: answered from memory
+    # if applied before, refused if stamped outside the window, BUSY if the memory is full,
+    # else checked (fence first, then the command's own condition: a refusal changes nothing),
+    # applied, logged as SETV/DELV records (plus a MEMOS record of its reply when the reply has
+    # a body: see "rich entries" in workers/idempotency.py), remembered, and given to the events
+    # hook. Replication ships the same log bytes, so a follower needs nothing new.
+
+    def _apply_ext(
+        self, request: Request, records: list[bytes] | None
+    ) -> tuple[Status, int | None, bytes | None]:
+        """Apply one issue-12 request (see the comment above); ``(status, deadline, body)``."""
+        kind = request.kind
+        if kind == Kind.FENCE_CHECK:
+            return self._fence_check(request)
+        if kind == Kind.GET and request.ttl_ms is None:
+            return self._read_ext(request)
+        if kind == Kind.GET:  # touch: a write, not remembered (applying it again is harmless)
+            if request.stamp is not None and self._out_of_window(request.stamp):
+                return self._stamp_refusal(kind, request.request_id, request.stamp)
+            return self._touch(request, records)
+        handler = _EXT_WRITES.get(kind)
+        if handler is None:
+            return _ERROR, None, f"{kind.name} is not a request a shard serves".encode()
+        request_id = request.request_id
+        key = request.key
+        memory = self.memory
+        fingerprint = _fingerprint(request)
+        memo = memory.recall(request_id, kind, key, fingerprint)
+        if memo is not None:
+            return self._from_memory(kind, request_id, memo)
+        if request.stamp is not None and self._out_of_window(request.stamp):
+            return self._stamp_refusal(kind, request_id, request.stamp)
+        if request_id and memory.full:
+            return _BUSY, None, _MEMORY_FULL
+        store = self.store
+        now = store.clock()
+        fence = request.fence
+        if fence is not None:
+            seen = self._fence_seen(fence[0])
+            if fence[1] < seen:
+                message = f"fence token {fence[1]} is older than {seen}: not applied"
+                return _CONFLICT, None, message.encode()
+        outcome = handler(self, request, now)
+        status, deadline_ms, body = outcome[0], outcome[1], outcome[2]
+        if status != _OK:
+            return status, deadline_ms, body
+        event, written, value, version, stored_ms = outcome[3:]
+        plain = body is None and (kind == Kind.SET or kind == Kind.DEL)
+        logged_id = request_id if plain else 0
+        out: list[bytes] = []
+        if value is None:
+            out.append(aof.encode_delv(logged_id, written, version))
+        else:
+            out.append(aof.encode_setv(logged_id, written, value, stored_ms, version))
+        if fence is not None:
+            out.append(self._raise_fence(fence, now))
+        if plain:
+            memory.remember_write(request_id, kind, key, fingerprint, deadline_ms)
+        else:
+            memo = Memo(kind, key, fingerprint, _OK, deadline_ms, body)
+            entry = memory.remember(request_id, memo)
+            if entry is not None:
+                out.extend(aof.encode_memos([entry]))
+        if records is not None:
+            records.extend(out)
+        events = self._events
+        if events is not None and event and written[:1] != _RESERVED:
+            events.append((event, written, version, deadline_ms or 0))
+        return _OK, deadline_ms, body
+
+    def _read_ext(self, request: Request) -> tuple[Status, int | None, bytes | None]:
+        """GET with VERSIONED and/or KEYS_ONLY (metadata), within the pass's reply budget."""
+        if self._room < 0:
+            return _BUSY, None, _TOO_LARGE
+        try:
+            value, version, deadline_ms = self.store.item(request.key)
+        except Missing:
+            return _NOT_FOUND, None, None
+        return _OK, deadline_ms, self._read_body(request, value, version)
+
+    def _read_body(self, request: Request, value: bytes, version: int) -> bytes:
+        if request.keys_only:
+            value = b""
+        self._room -= len(value)
+        return versioned_body(version, value) if request.versioned else value
+
+    def _touch(
+        self, request: Request, records: list[bytes] | None
+    ) -> tuple[Status, int | None, bytes | None]:
+        """GET with TTL: read the value and move its deadline to now + ttl, atomically."""
+        if self._room < 0:
+            return _BUSY, None, _TOO_LARGE
+        store = self.store
+        key = request.key
+        try:
+            value, _, _ = store.item(key)
+        except Missing:
+            return _NOT_FOUND, None, None
+        now = store.clock()
+        deadline_ms = now + request.ttl_ms  # type: ignore[operator]  # a touch has a ttl
+        version = store.put(key, value, deadline_ms, now)
+        if records is not None:
+            records.append(aof.encode_setv(0, key, value, deadline_ms, version))
+        if self._events is not None:
+            self._events.append((EVENT_TTL, key, version, deadline_ms))
+        return _OK, deadline_ms, self._read_body(request, value, version)
+
+    def _fence_seen(self, name: bytes) -> int:
+        """The newest fence token of lock ``name`` this shard has seen (0: none)."""
+        try:
+            value, _, _ = self.store.item(FENCE_PREFIX + name)
+        except Missing:
+            return 0
+        return _U64.unpack(value)[0]
+
+    def _raise_fence(self, fence: tuple[bytes, int], now: int) -> bytes:
+        """Remember ``fence``'s token as the newest seen for its lock, FENCE_MEMORY_MS from
+        now (refreshed by every fenced write); returns its SETV record."""
+        key = FENCE_PREFIX + fence[0]
+        value = _U64.pack(max(fence[1], self._fence_seen(fence[0])))
+        deadline_ms = now + FENCE_MEMORY_MS
+        version = self.store.put(key, value, deadline_ms, now)
+        return aof.encode_setv(0, key, value, deadline_ms, version)
+
+    def _fence_check(self, request: Request) -> tuple[Status, int | None, bytes | None]:
+        """FENCE_CHECK (a read): OK iff ``token`` is the newest token issued for the lock."""
+        current = self._lock_state(request.key)
+        if current is not None and current[1] == request.token:
+            return _OK, None, None
+        newest = 0 if current is None else current[1]
+        message = f"token {request.token} is not the newest of lock {request.key!r} ({newest})"
+        return _CONFLICT, None, message.encode()
+
+    def _lock_state(self, name: bytes) -> tuple[int, int, int] | None:
+        """``(state, token, expires_at_ms)`` of lock ``name``, None if it has no record."""
+        try:
+            value, _, _ = self.store.item(LOCK_PREFIX + name)
+        except Missing:
+            return None
+        return _LOCK.unpack(value)  # type: ignore[return-value]
+
+    # Each returns (status, deadline_ms, body) for a refusal, or for OK (status, deadline_ms,
+    # body, event code (0: none), the key written, its value (None: deleted), its version, and
+    # the deadline it is stored with: the reply's, except for a lock's record).
+
+    def _set_ext(self, request: Request, now: int) -> tuple:
+        store = self.store
+        key = request.key
+        value = request.value
+        if value is None:
+            return _ERROR, None, b"SET needs a value"
+        try:
+            old: tuple[bytes, int, int | None] | None = store.item(key)
+        except Missing:
+            old = None
+        refusal = _condition(request, old)
+        if refusal is not None:
+            return _PRECONDITION, None, refusal.encode()
+        deadline_ms = store.set(key, value, request.ttl_ms, now)
+        version = store.last_version
+        if request.return_old:
+            previous = None if old is None else (old[1], old[2], old[0])
+            body: bytes | None = encode_old_item(version, previous)
+        elif request.versioned:
+            body = versioned_body(version)
+        else:
+            body = None
+        return _OK, deadline_ms, body, EVENT_SET, key, value, version, deadline_ms
+
+    def _del_ext(self, request: Request, now: int) -> tuple:
+        store = self.store
+        key = request.key
+        try:
+            old: tuple[bytes, int, int | None] | None = store.item(key)
+        except Missing:
+            old = None
+        if old is None and request.if_version is None:
+            return _NOT_FOUND, None, None
+        refusal = _condition(request, old)
+        if refusal is not None:
+            return _PRECONDITION, None, refusal.encode()
+        store.delete(key, now)
+        version = store.last_version
+        body = versioned_body(version) if request.versioned else None
+        return _OK, None, body, EVENT_DELETE, key, None, version, None
+
+    def _incr(self, request: Request, now: int) -> tuple:
+        store = self.store
+        key = request.key
+        try:
+            old: tuple[bytes, int, int | None] | None = store.item(key)
+        except Missing:
+            old = None
+        refusal = _condition(request, old)
+        if refusal is not None:
+            return _PRECONDITION, None, refusal.encode()
+        ttl_ms = request.ttl_ms
+        if old is None:
+            current = 0
+            deadline_ms = None if ttl_ms is None else now + ttl_ms
+        else:
+            if len(old[0]) > MAX_INTEGER_BYTES or not _INTEGER.match(old[0]):
+                return _CONFLICT, None, b"value is not an integer"
+            current = int(old[0])
+            if not I64_MIN <= current <= I64_MAX:
+                return _CONFLICT, None, b"value is not an integer"
+            deadline_ms = old[2] if ttl_ms is None else now + ttl_ms
+        result = current + request.by
+        if not I64_MIN <= result <= I64_MAX:
+            return _CONFLICT, None, b"increment would overflow"
+        value = str(result).encode()
+        version = store.put(key, value, deadline_ms, now)
+        body = incr_body(version, result)
+        return _OK, deadline_ms, body, EVENT_INCR, key, value, version, deadline_ms
+
+    def _expire_cmd(self, request: Request, now: int) -> tuple:
+        store = self.store
+        key = request.key
+        try:
+            old: tuple[bytes, int, int | None] | None = store.item(key)
+        except Missing:
+            old = None
+        if old is None and request.if_version is None:
+            return _NOT_FOUND, None, None
+        refusal = _condition(request, old)
+        if refusal is not None:
+            return _PRECONDITION, None, refusal.encode()
+        assert old is not None  # _condition refused an absent key with if_version
+        ttl_ms = request.ttl_ms
+        deadline_ms = None if ttl_ms is None else now + ttl_ms
+        version = store.put(key, old[0], deadline_ms, now)
+        body = versioned_body(version) if request.versioned else None
+        return _OK, deadline_ms, body, EVENT_TTL, key, old[0], version, deadline_ms
+
+    def _lock(self, request: Request, now: int) -> tuple:
+        if request.ttl_ms is None:
+            return _ERROR, None, b"LOCK needs a ttl"
+        current = self._lock_state(request.key)
+        if current is not None and current[0] == LOCK_HELD and current[2] > now:
+            return _CONFLICT, current[2], b"the lock is held"
+        token = self.store.next_version(now)
+        expires_ms = now + request.ttl_ms
+        return self._write_lock(request.key, LOCK_HELD, token, expires_ms, now, token)
+
+    def _refresh(self, request: Request, now: int) -> tuple:
+        if request.ttl_ms is None:
+            return _ERROR, None, b"REFRESH needs a ttl"
+        refusal = self._not_current(request)
+        if refusal is not None:
+            return refusal
+        expires_ms = now + request.ttl_ms
+        return self._write_lock(request.key, LOCK_HELD, request.token, expires_ms, now, None)
+
+    def _unlock(self, request: Request, now: int) -> tuple:
+        refusal = self._not_current(request)
+        if refusal is not None:
+            return refusal
+        outcome = self._write_lock(request.key, LOCK_RELEASED, request.token, now, now, None)
+        return (outcome[0], None, None, *outcome[3:])
+
+    def _not_current(self, request: Request) -> tuple[Status, int | None, bytes] | None:
+        """CONFLICT unless ``request.token`` is the current token of a held lock (expired but
+        not taken since counts: the token is still the newest)."""
+        current = self._lock_state(request.key)
+        if current is None or current[0] != LOCK_HELD or current[1] != request.token:
+            held = "not held" if current is None or current[0] != LOCK_HELD else "held"
+            newest = 0 if current is None else current[1]
+            message = (
+                f"token {request.token} is not the current token of lock {request.key!r} "
+                f"(the lock is {held}, newest token {newest})"
+            )
+            return _CONFLICT, None, message.encode()
+        return None
+
+    def _write_lock(
+        self, name: bytes, state: int, token: int, expires_ms: int, now: int, version: int | None
+    ) -> tuple:
+        """Store lock ``name``'s record: kept LOCK_MEMORY_MS past its expiry, so the newest
+        token outlives the lock (FENCE_CHECK, and tokens keep increasing)."""
+        key = LOCK_PREFIX + name
+        value = _LOCK.pack(state, token, expires_ms)
+        stored_ms = expires_ms + LOCK_MEMORY_MS
+        version = self.store.put(key, value, stored_ms, now, version)
+        return _OK, expires_ms, token_body(token), 0, key, value, version, stored_ms
+
+
+# --- issue 12: constants and helpers of the slow branch ----------------------------------------
+
+# The worker's own keys (design section 2): 0x00 first, so no client key can collide with them
+# (the protocol refuses client keys starting with NUL) and listings skip them.
+LOCK_PREFIX = b"\x00lock\x00"  # + name: state:u8 token:u64 expires_at_ms:u64
+FENCE_PREFIX = b"\x00fence\x00"  # + name: the newest fence token seen, token:u64
+_RESERVED = b"\x00"
+# How long the newest token of a lock is kept after the lock expires or is released (its
+# record's deadline: expires_at + this), and how long a data shard remembers the newest fence
+# token of a lock after the last fenced write: a day. Past it, tokens still increase (they are
+# versions, see TTLStore.next_version), and a fenced write with a token older than the
+# forgotten one is no longer refused by this shard (the client's FENCE_CHECK still refuses it
+# while the lock's record lives). Bounded memory: one record per lock and per fenced lock.
+LOCK_MEMORY_MS = 24 * 3600 * 1000
+FENCE_MEMORY_MS = 24 * 3600 * 1000
+LOCK_HELD = 1
+LOCK_RELEASED = 0
+_LOCK = struct.Struct(">BQQ")  # a lock record's value: state, token, expires_at_ms
+_U64 = struct.Struct(">Q")
+# INCR: a value is a signed 64-bit decimal integer, ASCII, optional leading '-', no spaces.
+MAX_INTEGER_BYTES = 20
+_INTEGER = re.compile(rb"-?[0-9]+\Z")
+I64_MIN = -(2**63)
+I64_MAX = 2**63 - 1
+
+
+def _condition(request: Request, old: tuple[bytes, int, int | None] | None) -> str | None:
+    """Why the write's condition (NX, XX, IF_VERSION) refuses it, on the live item ``old``
+    (``(value, version, deadline)``, None if absent or expired), or None if it holds."""
+    if request.nx and old is not None:
+        return "key exists"
+    if request.xx and old is None:
+        return "key does not exist"
+    if request.if_version is not None:
+        if old is None:
+            return "key does not exist"
+        if old[1] != request.if_version:
+            return f"version is {old[1]}, not {request.if_version}"
+    return None
+
+
+def _fingerprint(request: Request) -> int:
+    """What a retry must repeat besides id, kind and key (see workers/idempotency.py): a SET's
+    value as on the inline path (its CRC-32), the arguments of the other commands."""
+    kind = request.kind
+    if kind == Kind.SET:
+        return zlib.crc32(request.value or b"")
+    if kind == Kind.DEL:
+        return 0
+    args = b"%d|%d|%d" % (request.by, request.token, request.ttl_ms or 0)
+    return zlib.crc32(args)
+
+
+def _is_extended(request: Request) -> bool:
+    """Whether a decoded request takes the slow branch (Shard._apply_ext)."""
+    kind = request.kind
+    if kind == Kind.GET:
+        return request.ttl_ms is not None or request.keys_only or request.versioned
+    if kind == Kind.SET or kind == Kind.DEL:
+        return (
+            request.nx
+            or request.xx
+            or request.versioned
+            or request.return_old
+            or request.if_version is not None
+            or request.fence is not None
+        )
+    return kind in _EXT_WRITES or kind == Kind.FENCE_CHECK
+
+
+def _is_ext_read(request: Request) -> bool:
+    """Whether an issue-12 request changes nothing (served on a full disk, answered early)."""
+    kind = request.kind
+    return (kind == Kind.GET and request.ttl_ms is None) or kind == Kind.FENCE_CHECK
+
+
+_EXT_WRITES: dict[Kind, Callable[..., tuple]] = {
+    Kind.SET: Shard._set_ext,
+    Kind.DEL: Shard._del_ext,
+    Kind.INCR: Shard._incr,
+    Kind.EXPIRE: Shard._expire_cmd,
+    Kind.LOCK: Shard._lock,
+    Kind.REFRESH: Shard._refresh,
+    Kind.UNLOCK: Shard._unlock,
+}
 
 
 Message = KeyedDispatch | Dispatch | DispatchBatch
@@ -822,16 +1327,39 @@ def write_bytes(dispatches: Sequence[Message]) -> tuple[int, int]:
         elif isinstance(dispatch, DispatchBatch):
             for kind, _, key, value, _, _ in dispatch.ops:
                 if kind == _SET:
-                    sets += _SET_BYTES + len(key) + len(value or b"")
+                    sets += _SET_BYTES + len(key) + len(value or b"")  # type: ignore[arg-type]
                 elif kind == _DEL:
                     dels += _DEL_BYTES + len(key)
+                elif kind == _EXTENDED:
+                    sets += _ext_write_bytes(value)  # type: ignore[arg-type]
         else:
             request = dispatch.request
-            if request.kind == Kind.SET:
+            if _is_extended(request):
+                sets += _ext_write_bytes(request)
+            elif request.kind == Kind.SET:
                 sets += _SET_BYTES + len(request.key) + len(request.value or b"")
             elif request.kind == Kind.DEL:
                 dels += _DEL_BYTES + len(request.key)
     return sets, dels
+
+
+def _ext_write_bytes(request: Request) -> int:
+    """The most bytes of log records an issue-12 request may append (0 for a read): its
+    SETV/DELV (an INCR's value is at most 20 digits, a lock's 17 bytes), a fence's SETV, and
+    the MEMOS record of its reply."""
+    if _is_ext_read(request):
+        return 0
+    key = len(request.key) + len(LOCK_PREFIX)
+    total = _SET_BYTES + key + max(len(request.value or b""), MAX_INTEGER_BYTES, _LOCK.size)
+    if request.fence is not None:
+        total += _SET_BYTES + len(FENCE_PREFIX) + len(request.fence[0]) + _U64.size
+    return total + _MEMO_RECORD_BYTES + key + MAX_MEMO_BODY_BYTES
+
+
+def _op_kind(op: Op) -> int:
+    """The command of a batch's op, for the tally (an EXTENDED_OP carries its Request)."""
+    kind = op[0]
+    return op[3].kind if kind == _EXTENDED else kind  # type: ignore[union-attr]
 
 
 def unavailable(dispatch: Message, message: str) -> Answer:
@@ -857,15 +1385,22 @@ _GET_OK = _GET << 3 | Status.OK
 _GET_MISS = _GET << 3 | Status.NOT_FOUND
 _GET_BUSY = _GET << 3 | Status.BUSY
 _SET_OK = _SET << 3 | Status.OK
-TALLY_SIZE = 64  # kind << 3 | status: kinds up to 7, statuses up to 7
+TALLY_SIZE = 128  # kind << 3 | status: kinds up to 15, statuses up to 7
 _SET_BYTES = SET_OVERHEAD_BYTES  # a SET record beyond its key and value
-_DEL_BYTES = aof.PREFIX_BYTES + 9  # a DEL record beyond its key: type, request id
+# A DEL's record beyond its key: a DELV record (type, request id, version), or, for a DEL that
+# finds nothing, the larger MEMO record (type, request id, kind, status, deadline, fingerprint).
+_DEL_BYTES = max(aof.PREFIX_BYTES + 17, len(aof.encode_memo(0, 0, 0, None, 0, b"")))
+# A MEMOS record of one entry beyond its key field: prefix, head (type, count), entry head.
+_MEMO_RECORD_BYTES = aof.PREFIX_BYTES + aof.MEMOS_HEAD_BYTES + aof.MEMOS_ENTRY.size + 2
 _OK = Status.OK
 _NOT_FOUND = Status.NOT_FOUND
 _ERROR = Status.ERROR
 _UNAVAILABLE = Status.UNAVAILABLE
 _NO_SPACE = Status.NO_SPACE
 _BUSY = Status.BUSY
+_CONFLICT = Status.CONFLICT
+_PRECONDITION = Status.PRECONDITION
+_EXTENDED = EXTENDED_OP
 _TOO_LARGE = (
     f"{REPLY_TOO_LARGE}: the values of the replies this worker is building exceed "
     f"{MAX_REPLY_BYTES} bytes; fetch fewer keys per batch (not read; retry it)"

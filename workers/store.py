@@ -6,18 +6,27 @@ they leave the process (replies carry them to clients, who compare them with the
 
 Per-key layout, chosen to keep memory small::
 
-    _data[key]       = value + deadline          one bytes object: the value, then the deadline
-                                                 as 8 big-endian bytes (0: never expires)
+    _data[key]       = value + version + deadline  one bytes object: the value, then the key's
+                                                 version and its deadline, 8 big-endian bytes
+                                                 each (deadline 0: never expires)
     _buckets[bucket] = [(key, ...), [key, ...]]  the expiry index: keys by deadline, in pieces
                                                  (see Bucket and "Active expiry" below)
 
-A key with a TTL costs its dict slot, one bytes object for value and deadline together, and
+A key with a TTL costs its dict slot, one bytes object for value, version and deadline, and
 one slot (8 bytes) in a tuple of the expiry index: no per-key tuple or int object, and nothing
 per key that the garbage collector has to visit. The 8 deadline bytes are often free: CPython
 allocates small objects in 16-byte steps, and a 16-byte value takes 49 bytes as a bytes object,
-57 with its deadline, both in the 64-byte size class. Reads pay for it with a slice (the value)
+57 with its deadline, both in the 64-byte size class (65 with the version, issue 12: the next
+class, 16 bytes more per key for 16-byte values). Reads pay for it with a slice (the value)
 and an unpack (the deadline), about a tenth of a microsecond; a SET copies the value once into
 the record (and a GET copies it out: for megabyte values that is a memcpy each way).
+
+Versions (docs/persistence.md): every write of a key gives it a new version, a u64 from
+:meth:`TTLStore.next_version`, ``max(last + 1, now_ms * 1000)``: strictly increasing within the
+shard (so per key), restored from the log on replay (the largest version replayed), and, by
+its clock term, never reissued after a restart that lost unsynced records. Keys whose first
+byte is 0x00 are the worker's own (locks, fence tokens: workers/shard.py): listings skip them
+and they make no events.
 
 Measured with tracemalloc for 100,000 keys of 16 bytes with 16-byte values: 166 bytes per key
 with a TTL, 158 without (the layout before, a (value, (deadline, key)) tuple pair and a heap of
@@ -42,13 +51,26 @@ Clock = Callable[[], int]
 """Returns Unix time in integer milliseconds."""
 
 Record = bytes
-"""What the dict holds for each key: the value, then its deadline (see the module docstring)."""
+"""What the dict holds for each key: the value, its version, then its deadline (see the module
+docstring)."""
 
 _DEADLINE = struct.Struct(">Q")
 DEADLINE_BYTES = _DEADLINE.size
 _pack_deadline = _DEADLINE.pack
 _unpack_from = _DEADLINE.unpack_from
-_NEVER = _pack_deadline(0)
+_TAIL = struct.Struct(">QQ")  # version, deadline: the end of every record
+TAIL_BYTES = _TAIL.size
+_pack_tail = _TAIL.pack
+_VERSION_AT = -TAIL_BYTES  # the version's offset from the end of a record
+
+RESERVED_PREFIX = b"\x00"  # keys the worker keeps for itself (zkv.protocol.RESERVED_KEY_BYTE)
+FIRST_CLIENT_KEY = b"\x01"  # the smallest key that is not reserved
+
+EVENT_EXPIRE = 3  # the event code of a key removed at its deadline (Shard.events, section 8)
+
+Event = tuple[int, bytes, int, int]
+"""``(event_code, key, version, deadline_ms or 0)``: a change for the events hook (see
+workers/shard.py, ``Shard.events``)."""
 
 
 Bucket = list[tuple[bytes, ...] | list[bytes]]
@@ -66,6 +88,16 @@ a dict that holds only bytes is not tracked at all, one more thing the record la
 def _deadline(record: Record) -> int:
     """The deadline stored at the end of ``record`` (Unix ms), 0 for never."""
     return _unpack_from(record, -DEADLINE_BYTES)[0]
+
+
+def _version(record: Record) -> int:
+    """The version stored in ``record`` (0 for a key replayed from a log older than versions)."""
+    return _unpack_from(record, _VERSION_AT)[0]
+
+
+def record_of(value: bytes, version: int, deadline_ms: int | None) -> Record:
+    """The record of ``value`` at ``version`` with ``deadline_ms`` (None: never)."""
+    return value + _pack_tail(version, deadline_ms or 0)
 
 
 def _same_window(old: int, new: int, now: int) -> bool:
@@ -205,16 +237,20 @@ class KeyIndex:
         self._tidy_at = 0
         self.entries = 0
 
-    def walk(self, after: bytes, data: dict[bytes, Record]) -> Iterator[tuple[bytes, Record]]:
-        """``(key, record)`` of each key of ``data`` greater than ``after``, in order.
+    def walk(
+        self, after: bytes, data: dict[bytes, Record], inclusive: bool = False
+    ) -> Iterator[tuple[bytes, Record]]:
+        """``(key, record)`` of each key of ``data`` greater than ``after`` (or equal to it, if
+        ``inclusive``), in order.
 
         Stale entries are skipped, and a piece where the walk met any is replaced by its live
         keys once the walk has passed it (never while a caller may still add keys: the caller
         must not change the store while it iterates).
         """
         pieces = self._pieces
-        i = bisect_right(self._maxes, after)
-        start = bisect_right(pieces[i], after) if i < len(pieces) else 0  # the first piece only
+        bisect = bisect_left if inclusive else bisect_right
+        i = bisect(self._maxes, after)
+        start = bisect(pieces[i], after) if i < len(pieces) else 0  # the first piece only
         while i < len(pieces):
             piece = pieces[i]
             stale = 0
@@ -378,13 +414,39 @@ class TTLStore:
         self._wave_late_ms = 0
         self._longest_pass_s = 0.0  # since the last stretch ended, refinement passes included
         self._index = KeyIndex()  # every key in order, for listings
+        # The largest version given or replayed (see next_version).
+        self.last_version = 0
+        # The events hook (Shard.events): None, or a list that gets an Event for every key
+        # removed at its deadline, by a read or by expire(), with the version the key had.
+        self.events: list[Event] | None = None
 
     # --- reading and writing ----------------------------------------------------------------
+
+    def next_version(self, now: int) -> int:
+        """A new version for a write at ``now`` (Unix ms): ``max(last + 1, now * 1000)``.
+
+        A hybrid logical clock: strictly increasing within the shard, so per key, and by its
+        clock term larger than anything a previous owner gave before ``now``, even one whose
+        last records were lost with an un-fsynced page cache (docs/persistence.md). Below
+        2**53 until the year 2255 (JSON numbers stay exact).
+        """
+        version = self.last_version + 1
+        clocked = now * 1000
+        if clocked > version:
+            version = clocked
+        self.last_version = version
+        return version
+
+    def note_version(self, version: int) -> None:
+        """A version read back from the log (replay, a VERSION record): never given again."""
+        if version > self.last_version:
+            self.last_version = version
 
     def set(
         self, key: bytes, value: bytes, ttl_ms: int | None, now: int | None = None
     ) -> int | None:
-        """Store ``value`` under ``key``, replacing any previous value and deadline.
+        """Store ``value`` under ``key``, replacing any previous value and deadline, at a new
+        version (:attr:`last_version` after the call).
 
         Args:
             key: the key.
@@ -403,16 +465,41 @@ class TTLStore:
         Raises:
             ValueError: ``ttl_ms`` is below 1 (a key that is dead on arrival is a caller bug).
         """
+        if now is None:
+            now = self._clock()
+        # next_version() inlined: this is every SET's path.
+        version = now * 1000
+        if version <= self.last_version:
+            version = self.last_version + 1
         if ttl_ms is None:
-            self._put(key, value + _NEVER, 0, 0)
+            self.last_version = version
+            self._put(key, value + _pack_tail(version, 0), 0, 0)
             return None
         if ttl_ms < 1:
             raise ValueError(f"ttl_ms must be at least 1, got {ttl_ms}")
-        if now is None:
-            now = self._clock()
+        self.last_version = version
         deadline = now + ttl_ms
-        self._put(key, value + _pack_deadline(deadline), deadline, now)
+        self._put(key, value + _pack_tail(version, deadline), deadline, now)
         return deadline
+
+    def put(
+        self,
+        key: bytes,
+        value: bytes,
+        deadline_ms: int | None,
+        now: int,
+        version: int | None = None,
+    ) -> int:
+        """Store ``value`` under ``key`` with an absolute deadline (None: never), which must be
+        after ``now``, at a new version (or at ``version``, one :meth:`next_version` just gave:
+        a lock's token is the version of its record); returns the version. The slow path's
+        write (INCR, EXPIRE, touch, locks): :meth:`set` is the SET's."""
+        if version is None:
+            version = self.next_version(now)
+        else:
+            self.note_version(version)
+        self._put(key, value + _pack_tail(version, deadline_ms or 0), deadline_ms or 0, now)
+        return version
 
     def _put(self, key: bytes, record: Record, deadline: int, now: int) -> None:
         """Store ``record`` (deadline 0: none) and file the key in the expiry index."""
@@ -438,7 +525,7 @@ class TTLStore:
         """The store's clock (Unix ms): replay and compaction judge expiry by the same one."""
         return self._clock
 
-    def restore(self, key: bytes, value: bytes, deadline_ms: int | None) -> bool:
+    def restore(self, key: bytes, value: bytes, deadline_ms: int | None, version: int = 0) -> bool:
         """Store ``value`` under ``key`` with an absolute deadline, as a log replay does.
 
         A deadline already reached by the store's clock means the value is dead: the key is
@@ -448,12 +535,16 @@ class TTLStore:
             key: the key.
             value: the value.
             deadline_ms: Unix ms, None for a key that never expires.
+            version: the key's version (0 from a log older than versions); the store never
+                gives it again, dropped or not.
 
         Returns:
             True if the key is now stored, False if it was dropped as expired.
         """
+        if version > self.last_version:
+            self.last_version = version
         if deadline_ms is None:
-            self._put(key, value + _NEVER, 0, 0)
+            self._put(key, value + _pack_tail(version, 0), 0, 0)
             return True
         now = self._clock()
         if deadline_ms <= now:
@@ -464,7 +555,7 @@ class TTLStore:
                 self._forget(key, record)
                 self._compact()
             return False
-        self._put(key, value + _pack_deadline(deadline_ms), deadline_ms, now)
+        self._put(key, value + _pack_tail(version, deadline_ms), deadline_ms, now)
         return True
 
     def snapshot(self) -> Snapshot:
@@ -474,7 +565,7 @@ class TTLStore:
         Records are immutable bytes that writes replace rather than change, so the copy stays
         exactly as it was while the store moves on.
         """
-        return Snapshot(self._data.copy())
+        return Snapshot(self._data.copy(), self.last_version)
 
     def get(self, key: bytes) -> tuple[bytes, int | None]:
         """The value of a live key and its deadline (Unix ms, None for never).
@@ -488,18 +579,46 @@ class TTLStore:
             raise Missing(key)
         deadline = _unpack_from(record, -DEADLINE_BYTES)[0]
         if not deadline:
-            return record[:-DEADLINE_BYTES], None
+            return record[:-TAIL_BYTES], None
         now = self._clock()
         if now >= deadline:
-            if now > self.expired_ms:
-                self.expired_ms = now
-            self._forget(key, record)
-            self._compact()
+            self._expired(key, record, now)
             raise Missing(key)
-        return record[:-DEADLINE_BYTES], deadline
+        return record[:-TAIL_BYTES], deadline
 
-    def delete(self, key: bytes) -> bool:
-        """Remove ``key``.
+    def item(self, key: bytes) -> tuple[bytes, int, int | None]:
+        """``(value, version, deadline_ms or None)`` of a live key (the slow path's read).
+
+        Raises:
+            Missing: the key is absent or expired.
+        """
+        record = self._data.get(key)
+        if record is None:
+            raise Missing(key)
+        version, deadline = _TAIL.unpack_from(record, _VERSION_AT)
+        if deadline:
+            now = self._clock()
+            if now >= deadline:
+                self._expired(key, record, now)
+                raise Missing(key)
+        return record[:-TAIL_BYTES], version, deadline or None
+
+    def _expired(self, key: bytes, record: Record, now: int) -> None:
+        """Remove ``key``, found past its deadline by a read (an EXPIRE event, see events)."""
+        if now > self.expired_ms:
+            self.expired_ms = now
+        self._forget(key, record)
+        events = self.events
+        if events is not None and key[:1] != RESERVED_PREFIX:
+            events.append((EVENT_EXPIRE, key, _version(record), 0))
+        self._compact()
+
+    def delete(self, key: bytes, now: int | None = None) -> bool:
+        """Remove ``key``; a live key's delete takes a new version (:attr:`last_version`).
+
+        Args:
+            key: the key.
+            now: the caller's clock reading, as for :meth:`set`.
 
         Returns:
             True if a live key was removed; False if there was none, or only an expired one
@@ -508,17 +627,23 @@ class TTLStore:
         record = self._data.get(key)
         if record is None:
             return False
-        self._forget(key, record)
         deadline = _deadline(record)
-        if not deadline:
-            live = True
-        else:
+        if now is None or deadline:
             now = self._clock()
-            live = now < deadline
-            if not live and now > self.expired_ms:
-                self.expired_ms = now
+        if deadline and now >= deadline:
+            self._expired(key, record, now)
+            return False
+        self._forget(key, record)
+        self.next_version(now)
         self._compact()
-        return live
+        return True
+
+    def remove(self, key: bytes) -> None:
+        """Remove ``key`` whatever its state, giving no version (replay of a DEL record)."""
+        record = self._data.get(key)
+        if record is not None:
+            self._forget(key, record)
+            self._compact()
 
     def entries(
         self,
@@ -567,19 +692,28 @@ class TTLStore:
         expired: list[tuple[bytes, Record]] = []
         selected: list[tuple[bytes, Record]] = []
         size = 0
-        for item in self._index.walk(after, data):
+        # Reserved keys (0x00 first) sort before every client key: a walk from before the
+        # first client key starts at it, so listings never see them and never pay for them.
+        if after < FIRST_CLIENT_KEY:
+            walk = self._index.walk(FIRST_CLIENT_KEY, data, inclusive=True)
+        else:
+            walk = self._index.walk(after, data)
+        for item in walk:
             deadline = _unpack_from(item[1], -DEADLINE_BYTES)[0]
             if deadline and now >= deadline:
                 expired.append(item)
                 continue
             selected.append(item)
             # encode_entries: 14 bytes of lengths and deadline, the key, the value.
-            size += 14 + len(item[0]) + (0 if keys_only else len(item[1]) - DEADLINE_BYTES)
+            size += 14 + len(item[0]) + (0 if keys_only else len(item[1]) - TAIL_BYTES)
             if len(selected) == wanted or (max_bytes and size > max_bytes):
                 break
         # Deleting while walking is not allowed: expired keys are removed afterwards.
+        events = self.events
         for key, record in expired:
             self._forget(key, record)
+            if events is not None:  # client keys only: the walk skipped the reserved ones
+                events.append((EVENT_EXPIRE, key, _version(record), 0))
         if expired:
             if now > self.expired_ms:
                 self.expired_ms = now
@@ -594,7 +728,7 @@ class TTLStore:
         return [
             Entry(
                 key,
-                b"" if keys_only else record[:-DEADLINE_BYTES],
+                b"" if keys_only else record[:-TAIL_BYTES],
                 _deadline(record) or None,
             )
             for key, record in selected
@@ -685,6 +819,7 @@ class TTLStore:
         heap = self._heap
         buckets = self._buckets
         data = self._data
+        events = self.events  # None unless the shard publishes events (no cost then)
         now = self._clock()
         if now > self._filed_ms:
             self._filed_ms = now  # refinements below file keys at this time
@@ -712,6 +847,8 @@ class TTLStore:
                     if record is not None and record.endswith(suffix):
                         del data[key]
                         removed += 1
+                        if events is not None and key[:1] != b"\x00":
+                            events.append((3, key, _unpack_from(record, -16)[0], 0))
                 if removed > before and now - due > late_ms:
                     late_ms = now - due
             else:
@@ -727,6 +864,8 @@ class TTLStore:
                     if deadline <= now:
                         del data[key]
                         removed += 1
+                        if events is not None and key[:1] != b"\x00":
+                            events.append((3, key, _unpack_from(record, -16)[0], 0))
                         if now - deadline > late_ms:
                             late_ms = now - deadline
                     elif not start <= deadline < end:
@@ -921,17 +1060,24 @@ class Snapshot:
     values are bytes nobody mutates.
     """
 
-    def __init__(self, data: dict[bytes, Record]) -> None:
+    def __init__(self, data: dict[bytes, Record], last_version: int = 0) -> None:
         self._data = data
+        self.last_version = last_version  # the store's, when the snapshot was taken
 
     def live(self, now_ms: int) -> Iterator[tuple[bytes, bytes, int | None]]:
         """``(key, value, deadline_ms)`` of every key not expired at ``now_ms``, in no order."""
+        for key, value, deadline, _ in self.versioned(now_ms):
+            yield key, value, deadline
+
+    def versioned(self, now_ms: int) -> Iterator[tuple[bytes, bytes, int | None, int]]:
+        """``(key, value, deadline_ms, version)`` of every key not expired at ``now_ms``."""
+        unpack = _TAIL.unpack_from
         for key, record in self._data.items():
-            deadline = _unpack_from(record, -DEADLINE_BYTES)[0]
+            version, deadline = unpack(record, _VERSION_AT)
             if not deadline:
-                yield key, record[:-DEADLINE_BYTES], None
+                yield key, record[:-TAIL_BYTES], None, version
             elif now_ms < deadline:
-                yield key, record[:-DEADLINE_BYTES], deadline
+                yield key, record[:-TAIL_BYTES], deadline, version
 
     def __len__(self) -> int:
         return len(self._data)

@@ -112,11 +112,13 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class BrokerInfo:
-    """What workers need to reach a broker (``public_key``: its CURVE key, z85, or None)."""
+    """What workers need to reach a broker (``public_key``: its CURVE key, z85, or None;
+    ``events_backend``: where workers publish change events, None if it has none)."""
 
     backend: str
     frontend: str
     public_key: str | None
+    events_backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,11 @@ def _field(kv: KV, value: dict[str, Any], name: str, kind: type | tuple[type, ..
     return item
 
 
+def _optional(kv: KV, value: dict[str, Any], name: str) -> str | None:
+    """A string field that older writers leave out (None then)."""
+    return None if value.get(name) is None else _field(kv, value, name, str)
+
+
 def _count(kv: KV, value: dict[str, Any], name: str, low: int, high: int) -> int:
     number = _field(kv, value, name, int)
     if not low <= number <= high:
@@ -212,6 +219,7 @@ def parse_broker(kv: KV) -> BrokerInfo:
         backend=_field(kv, value, "backend", str),
         frontend=_field(kv, value, "frontend", str),
         public_key=key,
+        events_backend=_optional(kv, value, "events_backend"),
     )
 
 
@@ -473,6 +481,8 @@ class Coordinator:
         """Announce a broker under its lease (gone when the lease lapses)."""
         key = self.key("brokers", check_id(broker_id, "broker id"))
         value = {"backend": info.backend, "frontend": info.frontend, "public_key": info.public_key}
+        if info.events_backend is not None:
+            value["events_backend"] = info.events_backend
         self.etcd.put(key, _dump(value), _lease_id(lease))
 
     def register_worker(self, worker_id: str, info: WorkerInfo, lease: Lease | int) -> None:

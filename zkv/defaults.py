@@ -12,6 +12,10 @@ BACKEND = "tcp://127.0.0.1:5556"  # ZKV_BACKEND: broker <-> workers
 ADVERTISE = "127.0.0.1"
 FRONTEND_PORT = 5555
 BACKEND_PORT = 5556
+# ZKV_EVENTS / ZKV_EVENTS_BACKEND: the broker's change events (issue 12, broker/events.py),
+# bound at tcp://<advertise>:EVENTS_PORT (subscribers) and :EVENTS_BACKEND_PORT (workers).
+EVENTS_PORT = 5557
+EVENTS_BACKEND_PORT = 5558
 SHARDS = 2  # ZKV_SHARDS
 
 HTTP_HOST = "127.0.0.1"  # ZKV_HOST

@@ -18,7 +18,8 @@ bytes, ``version`` and ``kind``, so a peer can reject an unknown version before 
 
 Frames, per message (``|`` separates frames):
 
-Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING, STATS)::
+Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING, STATS, and the keyed commands
+of issue 12: INCR, EXPIRE, LOCK, REFRESH, UNLOCK, FENCE_CHECK, below)::
 
     header(20 + len(key) bytes) [| value]
     header = version:u8  kind:u8  flags:u8  reserved:u8(0)  request_id:u64  arg:u64  key:bytes
@@ -37,6 +38,20 @@ Client -> broker (``REQUEST``, kinds GET, SET, DEL, ALL, PING, STATS)::
     STATS    key empty, arg 0: answered by the broker with UTF-8 JSON, its figures and each
              worker's last REPORT (see "worker reports and STATS" below).
 
+    Issue 12 (docs/protocol.md section 3.2). Flags NX 0x08, XX 0x10 (SET), EXT 0x20 (SET, DEL,
+    INCR, EXPIRE: the value frame starts with an extension block, :func:`encode_ext`),
+    VERSIONED 0x40 (GET, SET, DEL, INCR, EXPIRE: the OK body starts with version:u64),
+    RETURN_OLD 0x80 (SET: the OK body holds the previous item); TTL on GET is a touch (a
+    write: STAMPED allowed), KEYS_ONLY on GET answers without the value. Each kind takes only
+    its flags (_ALLOWED_FLAGS); NX with XX is an error; no key may start with 0x00.
+
+    INCR         key, arg ttl ms with TTL; value [ext] by:i64.
+    EXPIRE       key, arg ttl ms with TTL (without: remove the deadline); value [ext] with EXT.
+    LOCK         lock name, TTL required; value wait_ms:u32 (0..MAX_LOCK_WAIT_MS).
+    REFRESH      lock name, TTL required; value token:u64 (>= 1).
+    UNLOCK       lock name, arg 0; value token:u64 (>= 1).
+    FENCE_CHECK  lock name, arg 0, no flags; value token:u64 (>= 1).
+
 Broker -> worker (``DISPATCH``), a request header wrapped with the token that fences it::
 
     header(10 bytes + request header) [| value]
@@ -50,7 +65,9 @@ Worker -> broker -> client (``REPLY``)::
 
     deadline_ms is the key's expiry as Unix time in milliseconds, 0 for "never expires" or "not
     applicable". body: GET/OK the value; ALL/OK the entries (see :func:`encode_entries`); PING/OK
-    a UTF-8 JSON object describing the cluster; ERROR/UNAVAILABLE a UTF-8 message; otherwise none.
+    a UTF-8 JSON object describing the cluster; ERROR/UNAVAILABLE/CONFLICT/PRECONDITION a UTF-8
+    message; the issue-12 bodies (:func:`versioned_body`, :func:`encode_old_item`,
+    :func:`incr_body`, :func:`token_body`); otherwise none.
 
 Client -> broker (``BATCH``): many GET/SET/DEL requests, each answered on its own::
 
@@ -94,6 +111,15 @@ Worker <-> broker control (one frame each)::
     the worker a standby. READY's flags: READY_DURABLE (bit 0) for a worker that keeps shards
     in a data directory, whose manifest's cluster id is ``cluster`` (0 for a worker in memory).
     A READY of 16 bytes, without ``cluster`` (earlier versions), is read with cluster 0.
+
+Worker -> broker's events proxy -> subscriber (``EVENT``, docs/protocol.md section 8)::
+
+    key | header(32 bytes)
+    header = version:u8  kind:u8(EVENT)  event:u8  reserved:u8(0)  shard:u32  seq:u64
+             key_version:u64  deadline_ms:u64
+
+    The key first: ZeroMQ subscriptions filter on the first frame's prefix. seq is
+    ``stream << 32 | n`` (:func:`event_seq`), n = 1, 2, ... per shard and stream.
 
 Leader <-> follower replication (kinds 0x30..0x3F; cluster mode, workers/replication.py)::
 
@@ -1267,6 +1293,17 @@ def event_seq(stream: int, n: int) -> int:
     if not 0 <= stream <= 0xFFFF_FFFF or not 0 <= n <= 0xFFFF_FFFF:
         raise ProtocolError(f"event stream {stream} or number {n} out of range (u32)")
     return stream << 32 | n
+
+
+def event_stream(epoch: int) -> int:
+    """The 32-bit ``stream`` of a shard owner's epoch (a u64): the epoch itself below 2**32
+    (cluster mode's leader epochs), else its two halves XORed. An ownership epoch is a broker
+    token, ``broker_epoch << 32 | sequence``: successive owners under one broker differ in the
+    low half, owners under a restarted broker in the high half, so consecutive streams of a
+    shard differ (what a subscriber needs to see a change of owner)."""
+    if not 0 <= epoch <= U64_MAX:
+        raise ProtocolError(f"epoch {epoch} out of range (u64)")
+    return (epoch >> 32 ^ epoch) & 0xFFFF_FFFF
 
 
 def split_event_seq(seq: int) -> tuple[int, int]:

@@ -7,7 +7,10 @@ that reads it, then checks what that code promises:
   escape, and the fast paths agree with the general ones they shortcut (``peek_keyed_request`` with
   ``decode_request``, ``peek_reply`` with ``decode_reply``, ``batch_reply_answers`` with
   ``split_batch_reply``, ``split_batch`` with ``decode_batch``, ``peek_keyed_dispatch`` with
-  ``decode_from_broker``); what decodes re-encodes to the same message.
+  ``decode_from_broker``); a keyed request reads the same alone and as a batch record (and
+  reaches a worker as a plain op or EXTENDED_OP with the same fields); what decodes
+  re-encodes to the same message (requests, replies, batches, events, the issue-12 reply
+  bodies and extension block).
 * :func:`http_target`: raw bytes, in pieces, into one connection of gateway/http11.py's server in
   front of the gateway's Bottle app and fast lane (over an in-memory store, no sockets, no
   cluster). Every answer is 2xx or 4xx (501 for a transfer coding), errors are
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -133,6 +137,8 @@ def protocol_frames(frames: list[bytes]) -> None:
         again = protocol.decode_request(protocol.encode_request(request))
         if again != _without_stamp_of_reads(request):
             raise Finding(f"request does not survive encode/decode: {request!r} -> {again!r}")
+        if request.kind in protocol.KEYED_COMMANDS:
+            _same_in_a_batch(frames, request)
 
     ok, reply = _refused(lambda: protocol.decode_reply(frames))
     peeked = protocol.peek_reply(frames)
@@ -150,8 +156,8 @@ def protocol_frames(frames: list[bytes]) -> None:
         if not split_ok:
             raise Finding(f"split_batch refuses what decode_batch accepts: {split}")
         batch_id, subs = split
-        if batch_id != batch.batch_id or [s[1] for s in subs] != [
-            r.request_id for r in batch.requests
+        if batch_id != batch.batch_id or [(s[0], s[1]) for s in subs] != [
+            (r.kind, r.request_id) for r in batch.requests
         ]:
             raise Finding(f"split_batch {split!r} disagrees with decode_batch {batch!r}")
         if any(sub[0] == 0 for sub in subs):
@@ -208,27 +214,73 @@ def protocol_frames(frames: list[bytes]) -> None:
         if (request.ttl_ms, request.stamp) != (ttl_ms, stamp):
             raise Finding(f"peek_keyed_dispatch {keyed_dispatch!r} != {message!r}")
     protocol.dispatch_token(frames)
+    ok, event = _refused(lambda: protocol.decode_event(frames))
+    if ok and protocol.decode_event(protocol.encode_event(event)) != event:
+        raise Finding(f"event does not survive encode/decode: {event!r}")
     if frames:
         protocol.request_id_of(frames[0])
         protocol.batch_id_of(frames[0])
         ok, entries = _refused(lambda: protocol.decode_entries(frames[-1]))
         if ok and protocol.decode_entries(protocol.encode_entries(entries)) != entries:
             raise Finding(f"entries do not survive encode/decode: {entries!r}")
+        _bodies(frames[-1])
+
+
+def _same_in_a_batch(frames: list[bytes], request: Request) -> None:
+    """A keyed request read alone reads the same as a BATCH record (the broker may carry it
+    in one) and reaches the worker as the op of the same fields: the fast path's tuple for a
+    plain GET, SET or DEL, else EXTENDED_OP with the whole Request."""
+    record = protocol.request_record(frames)
+    [in_batch] = protocol.decode_batch(protocol.batch_frames(1, [record])).requests
+    if in_batch != request:
+        raise Finding(f"a lone request {request!r} reads as {in_batch!r} in a batch")
+    dispatch = protocol.decode_from_broker(protocol.dispatch_batch_frames(1, [record]))
+    [op] = dispatch.ops  # type: ignore[union-attr]
+    kind, request_id, key, value, ttl_ms, stamp = op
+    if kind == protocol.EXTENDED_OP:
+        if value != request or protocol.peek_keyed_request(frames) is not None:
+            raise Finding(f"EXTENDED_OP {op!r} for {request!r}")
+    elif (kind, request_id, key, value, ttl_ms, stamp) != (
+        request.kind,
+        request.request_id,
+        request.key,
+        request.value,
+        request.ttl_ms,
+        request.stamp,
+    ) or protocol.request_extra(request) is not None:
+        raise Finding(f"plain op {op!r} for {request!r}")
+
+
+def _bodies(body: bytes) -> None:
+    """The issue-12 reply bodies and extension block: what decodes re-encodes to the same
+    bytes (each layout has one encoding)."""
+    ok, ext = _refused(lambda: protocol.split_ext(body))
+    if ok:
+        if_version, fence, rest = ext
+        if protocol.encode_ext(if_version, fence) + bytes(rest) != body:
+            raise Finding(f"extension block {body!r} re-encodes differently: {ext!r}")
+    ok, versioned = _refused(lambda: protocol.split_versioned(body))
+    if ok and protocol.versioned_body(*versioned) != body:
+        raise Finding(f"versioned body {body!r} re-encodes differently")
+    ok, old = _refused(lambda: protocol.decode_old_item(body))
+    if ok and protocol.encode_old_item(*old) != body:
+        raise Finding(f"RETURN_OLD body {body!r} re-encodes differently: {old!r}")
+    ok, incr = _refused(lambda: protocol.split_incr_body(body))
+    if ok and protocol.incr_body(*incr) != body:
+        raise Finding(f"INCR body {body!r} re-encodes differently: {incr!r}")
+    ok, token = _refused(lambda: protocol.split_token_body(body))
+    if ok and protocol.token_body(token) != body:
+        raise Finding(f"token body {body!r} re-encodes differently")
 
 
 def _without_stamp_of_reads(request: Request) -> Request:
-    """What a request is once encoded: a stamp travels only on SET and DEL."""
-    if request.stamp is not None and request.kind not in (Kind.SET, Kind.DEL):
-        return Request(
-            request.kind,
-            request.request_id,
-            request.key,
-            request.value,
-            request.ttl_ms,
-            request.limit,
-            request.keys_only,
-        )
-    return request
+    """What a request is once encoded: a stamp travels only on a write (a GET with a TTL, a
+    touch, is one)."""
+    if request.stamp is None or request.kind in protocol._WRITES:
+        return request
+    if request.kind == Kind.GET and request.ttl_ms is not None:
+        return request
+    return dataclasses.replace(request, stamp=None)
 
 
 def protocol_target(data: bytes) -> None:
@@ -269,6 +321,44 @@ def protocol_seeds() -> Iterator[bytes]:
             12,
             [protocol.pack_request(int(Kind.GET), 1, b"k"), protocol.pack_request(2, 2, b"x", b"")],
         ),
+        # Issue 12: the new commands, flags and extension block, alone and in batches.
+        protocol.encode_request(Request(Kind.SET, 20, b"k", b"v", nx=True, return_old=True)),
+        protocol.encode_request(
+            Request(Kind.SET, 21, b"k", b"v", 5, xx=True, if_version=3, fence=(b"l", 4))
+        ),
+        protocol.encode_request(Request(Kind.DEL, 22, b"k", if_version=1, versioned=True)),
+        protocol.encode_request(Request(Kind.GET, 23, b"k", ttl_ms=9, stamp=1, keys_only=True)),
+        protocol.encode_request(Request(Kind.INCR, 24, b"c", by=-5, ttl_ms=100, stamp=2)),
+        protocol.encode_request(Request(Kind.EXPIRE, 25, b"k", fence=(b"l", 9))),
+        protocol.encode_request(Request(Kind.LOCK, 26, b"l", ttl_ms=10, wait_ms=500)),
+        protocol.encode_request(Request(Kind.REFRESH, 27, b"l", ttl_ms=10, token=7)),
+        protocol.encode_request(Request(Kind.UNLOCK, 28, b"l", token=7, stamp=3)),
+        protocol.encode_request(Request(Kind.FENCE_CHECK, 29, b"l", token=7)),
+        protocol.encode_batch(
+            Batch(
+                10,
+                (
+                    Request(Kind.INCR, 1, b"c", by=1),
+                    Request(Kind.SET, 2, b"k", b"v", if_version=0, versioned=True),
+                    Request(Kind.LOCK, 3, b"l", ttl_ms=5),
+                    Request(Kind.GET, 4, b"k"),
+                ),
+            )
+        ),
+        protocol.dispatch_batch_frames(
+            13,
+            [
+                protocol.pack_request(int(Kind.EXPIRE), 1, b"k", None, 5, 1),
+                protocol.pack_request(int(Kind.DEL), 2, b"k", extra={"fence": (b"l", 2)}),
+            ],
+        ),
+        protocol.dispatch_frames(
+            14, protocol.encode_request(Request(Kind.INCR, 3, b"c", by=2, if_version=4))
+        ),
+        protocol.encode_event(protocol.Event(b"k", protocol.EventKind.EXPIRE, 1, 2, 3, 4)),
+        [protocol.encode_ext(5, (b"lock", 6)) + b"value"],
+        [protocol.encode_old_item(7, (6, 5, b"old"))],
+        [protocol.incr_body(8, -9)],
         protocol.encode_control(protocol.Ready(1, 2, True, 3)),
         protocol.encode_control(protocol.Assign(0, 2, 5)),
         protocol.encode_control(protocol.Heartbeat()),

@@ -41,7 +41,7 @@ class Hosts:
 
     def start_broker(self, frontend: str, backend: str):  # type: ignore[no-untyped-def]
         broker = self.cluster.spawn(
-            "broker", "broker", "--frontend", frontend, "--backend", backend
+            "broker", "broker", "--frontend", frontend, "--backend", backend, *own_events()
         )
         self.brokers.append(broker)
         return broker
@@ -99,7 +99,17 @@ def hosts(tmp_path: Path, etcd_server: EtcdServer) -> Iterator[Hosts]:  # noqa: 
 def another_broker(cluster: Cluster):  # type: ignore[no-untyped-def]
     """One more broker of the cluster, on endpoints of its own (the environment's settings)."""
     frontend, backend = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
-    return cluster.spawn("broker", "broker", "--frontend", frontend, "--backend", backend)
+    return cluster.spawn(
+        "broker", "broker", "--frontend", frontend, "--backend", backend, *own_events()
+    )
+
+
+def own_events() -> list[str]:
+    """A broker's events endpoints of its own (the environment's are the first broker's)."""
+    return [
+        f"--events=tcp://127.0.0.1:{free_port()}",
+        f"--events-backend=tcp://127.0.0.1:{free_port()}",
+    ]
 
 
 def keys_of(shard: int, count: int, prefix: str = "k") -> list[bytes]:

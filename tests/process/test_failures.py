@@ -153,6 +153,8 @@ def test_honcho_start_runs_the_procfile_and_ctrl_c_stops_everything(tmp_path):
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
         "ZKV_FRONTEND": f"tcp://127.0.0.1:{free_port()}",
         "ZKV_BACKEND": f"tcp://127.0.0.1:{free_port()}",
+        "ZKV_EVENTS": f"tcp://127.0.0.1:{free_port()}",
+        "ZKV_EVENTS_BACKEND": f"tcp://127.0.0.1:{free_port()}",
         "ZKV_HTTP_PROCESSES": "1",
         "ZKV_HTTP_THREADS": "4",
         "ZKV_DATA_DIR": str(tmp_path / "data"),  # not ./data in the repository

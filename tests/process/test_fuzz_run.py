@@ -1,6 +1,6 @@
 """A short coverage-guided fuzz run (atheris) of every target, as the test suite's bound run.
 
-``python -m tests.fuzz --seconds 8 --jobs 3`` fuzzes the protocol decoders, the gateway's HTTP
+``python -m tests.fuzz --seconds 5 --jobs 3`` fuzzes the protocol decoders, the gateway's HTTP
 server and its Bottle app at once, each in its own process for 8 s (tests/fuzz/__main__.py);
 it exits 1 and names the input if any target found something. Longer runs by hand:
 docs/testing.md.
@@ -18,7 +18,7 @@ from tests.cluster import ROOT
 
 pytestmark = pytest.mark.process
 
-FUZZ_SECONDS = 8  # each target, all three at once (on 2 cores: about 5 s of CPU each)
+FUZZ_SECONDS = 5  # each target, all at once (on 2 cores: about 3 s of CPU each)
 RUN_TIMEOUT_S = 120.0  # the run plus each target's start (instrumenting its imports)
 
 

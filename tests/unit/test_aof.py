@@ -316,13 +316,51 @@ def test_a_file_that_is_not_a_log_is_refused(tmp_path: Path) -> None:
     assert "not a zkv log" in caught.value.reason
 
 
-def test_new_logs_say_version_3_and_version_1_and_2_logs_are_read(tmp_path: Path) -> None:
+def test_new_logs_say_version_4_and_version_1_to_3_logs_are_read(tmp_path: Path) -> None:
     path = tmp_path / "log"
     aof.create_log(path)
-    assert path.read_bytes() == b"ZKVLOG3\n" == MAGIC
-    for magic in (aof.MAGIC_V1, aof.MAGIC_V2):
+    assert path.read_bytes() == b"ZKVLOG4\n" == MAGIC
+    for magic in (aof.MAGIC_V1, aof.MAGIC_V2, aof.MAGIC_V3):
         path.write_bytes(magic + aof.encode(RECORDS[0]))
         assert read_all(path)[0] == [RECORDS[0]]
+
+
+def test_setv_delv_and_version_records_round_trip(tmp_path: Path) -> None:
+    """Issue 12: the versioned records read back as written, with their versions, and old SET
+    and DEL records still read with version 0; each record type is its own byte."""
+    path = tmp_path / "log"
+    records = [
+        SetRecord(5, b"k", b"v", 1_700_000_000_000, 1_700_000_000_000_001),
+        SetRecord(0, b"\x00lock\x00n", bytes(17), None, 2**53 - 1),
+        DelRecord(6, b"k", 1_700_000_000_000_002),
+        aof.VersionRecord(1_700_000_000_000_003),
+        SetRecord(7, b"old", b"v", None),
+        DelRecord(8, b"old"),
+    ]
+    write_log(path, records)
+    assert read_all(path)[0] == records
+    assert aof.encode(records[0])[8] == aof.RecordType.SETV
+    assert aof.encode(records[2])[8] == aof.RecordType.DELV
+    assert aof.encode(records[3])[8] == aof.RecordType.VERSION
+    assert aof.encode(records[4])[8] == aof.RecordType.SET
+    assert aof.encode_setv(5, b"k", b"v", 1_700_000_000_000, 1_700_000_000_000_001) == (
+        aof.encode(records[0])
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (struct.pack("!BQQQ", 0x06, 1, 0, 1), "SETV record too short"),
+        (struct.pack("!BQQQI", 0x06, 1, 0, 1, 9) + b"k", "SETV record key runs past its end"),
+        (struct.pack("!BQ", 0x07, 1), "DELV record too short"),
+        (struct.pack("!BQB", 0x08, 1, 0), "VERSION record of the wrong size"),
+    ],
+)
+def test_malformed_versioned_records_are_reported_not_trusted(body: bytes, reason: str) -> None:
+    crc = zlib.crc32(body, zlib.crc32(struct.pack("!I", len(body))))
+    record = struct.pack("!II", len(body), crc)
+    assert aof.parse_at(memoryview(MAGIC + record + body), len(MAGIC)) == reason
 
 
 def test_a_log_of_another_version_is_refused_as_such_not_as_damage(tmp_path: Path) -> None:

@@ -271,7 +271,7 @@ def test_fuzzed_query_strings_are_answered_alike(loop):
     ]
     names = {b"/get": ["key"], b"/delete": ["key"], b"/set": ["key", "value", "timeout"]}
     taken = declined = 0
-    for _ in range(3000):
+    for _ in range(1200):  # 3,000 cost 13 s of the suite's budget and found nothing more
         path = rng.choice(list(names))
         pairs = []
         for name in names[path] + rng.choice([[], [], ["other"], ["", "key"]]):
@@ -287,7 +287,7 @@ def test_fuzzed_query_strings_are_answered_alike(loop):
         else:
             declined += 1
     # Both outcomes must really occur, or the fuzzing tests nothing.
-    assert taken > 300 and declined > 300, (taken, declined)
+    assert taken > 120 and declined > 120, (taken, declined)
 
 
 @pytest.mark.parametrize(

@@ -115,3 +115,38 @@ def test_the_wsgi_target_finds_a_500(monkeypatch: pytest.MonkeyPatch) -> None:
     listing = [seed for seed in targets.wsgi_seeds() if b"limit=" in seed]
     with pytest.raises(Finding, match=r"500|logged ERROR"):
         targets.wsgi_target(listing[0])
+
+
+def test_the_protocol_target_finds_an_extension_block_that_does_not_round_trip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    block = next(seed for seed in targets.protocol_seeds() if seed[:2] == b"\x01\x03")
+    targets.protocol_target(block)
+    split = protocol.split_ext
+    monkeypatch.setattr(protocol, "split_ext", lambda value: (None, *split(value)[1:]))
+    with pytest.raises(Finding, match="extension block"):
+        targets.protocol_target(block)
+
+
+def test_the_protocol_target_finds_a_request_read_otherwise_in_a_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch record that loses a flag of the lone request (here GET's TTL: a touch read as
+    a plain GET) is a finding."""
+    touch = next(  # the seed of a lone GET with flags TTL, KEYS_ONLY and STAMPED
+        seed
+        for seed in targets.protocol_seeds()
+        if seed[0] == 1 and seed[2:4] == bytes([int(protocol.Kind.GET), 0x07])
+    )
+    targets.protocol_target(touch)
+    record = protocol.request_record
+
+    def lossy(frames: list[bytes]) -> bytes:
+        packed = bytearray(record(frames))
+        packed[1] = 0
+        packed[16:24] = bytes(8)
+        return bytes(packed)
+
+    monkeypatch.setattr(protocol, "request_record", lossy)
+    with pytest.raises(Finding, match="in a batch"):
+        targets.protocol_target(touch)

@@ -92,7 +92,7 @@ def test_a_write_applied_by_a_dead_owner_is_not_applied_again_by_its_successor(
     (original,) = batch(first, tokens, set_(41, b"k", b"v1", ttl_ms=5000))
     batch(first, tokens, set_(42, b"k", b"v2"))  # someone else's newer write
     (deleted,) = batch(first, tokens, Request(Kind.DEL, 43, b"gone-key"))
-    assert deleted.status == Status.NOT_FOUND  # not remembered: it changed nothing
+    assert deleted.status == Status.NOT_FOUND  # remembered all the same (a MEMO record)
     batch(first, tokens, set_(44, b"x", b"1"), Request(Kind.DEL, 45, b"x"))
     first.close(sync=False)  # "dies"; its reply to request 41 never arrived
 
@@ -104,6 +104,12 @@ def test_a_write_applied_by_a_dead_owner_is_not_applied_again_by_its_successor(
     assert (retry.status, retry.deadline_ms) == (Status.OK, original.deadline_ms)
     assert retry_del.status == Status.OK  # the remembered reply, though x is gone now
     assert successor.store.get(b"k") == (b"v2", None)  # not overwritten by the retry
+    # A late copy of the DEL that found nothing, after someone wrote the key: answered as the
+    # first copy was, and the newer value stays.
+    batch(successor, tokens, set_(46, b"gone-key", b"written since"))
+    (late_del,) = batch(successor, tokens, Request(Kind.DEL, 43, b"gone-key"))
+    assert late_del.status == Status.NOT_FOUND
+    assert successor.store.get(b"gone-key") == (b"written since", None)
     size = Path(successor.source).stat().st_size
     successor.handle_batch([])
     assert Path(successor.source).stat().st_size == size  # nothing appended for retries

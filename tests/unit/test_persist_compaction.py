@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import FakeClock
+from workers import aof
 from workers.aof import FsyncPolicy, LogReader, MemosRecord, SetRecord, TimeRecord
 from workers.persist import Durability, RewriteStep, ShardMoved, SimulatedCrash
 from workers.shard import Shard, take_shard
@@ -136,10 +137,13 @@ def test_the_compacted_log_holds_the_memory_then_the_live_keys(
     head = records[: len(records) - len(sets)]
     assert records == head + sets
     assert isinstance(head[0], TimeRecord) and head[-1] == head[0]
-    assert [r for r in head if not isinstance(r, TimeRecord)] == blocks
+    # Then the version counter (issue 12), so a replay never gives a version again.
+    assert head[1] == aof.VersionRecord(shard.store.last_version)
+    assert [r for r in head[2:] if not isinstance(r, TimeRecord)] == blocks
     assert [m.request_id for m in memos] == [r.request_id for r in history.applied]
     assert sorted(s.key for s in sets) == sorted(history.data)
     assert all(s.request_id == 0 for s in sets)
+    assert all(s.version for s in sets)  # SETV records: each key keeps its version
 
 
 @pytest.mark.parametrize("step", list(RewriteStep), ids=lambda step: step.name)

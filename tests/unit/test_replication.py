@@ -19,6 +19,7 @@ from tests.fakes import FakeClock
 from tests.replicas import Writer, contents, follower_files, leader_shard, replay_log
 from workers import aof, replication
 from workers.replication import Follower, FollowerState, LinkState, Replicator
+from workers.shard import Shard
 from workers.store import Missing
 from zkv import protocol
 from zkv.protocol import (
@@ -294,6 +295,27 @@ def test_followers_hold_what_the_leader_holds_in_memory_and_on_disk(tmp_path: Pa
         assert contents(follower.store, follower.memory, now) == expected
         files = follower.files
         assert contents(*replay_log(files.log_path, net.clock), now) == expected
+
+
+def test_a_promoted_follower_answers_a_late_copy_of_a_delete_that_found_nothing(
+    tmp_path: Path,
+) -> None:
+    # The failover case of a DEL's late second copy (docs/persistence.md section 6): the old
+    # leader answered the first NOT_FOUND; the copy another broker held reaches the follower,
+    # promoted as workers/cluster.py does, after the client wrote the key again.
+    net = Net(tmp_path, names=("f1",))
+    net.follow_all()
+    miss = net.writer.delete(b"k")
+    net.write(miss)
+    net.pump()
+    follower = net.followers["f1"]
+    follower.files.take(2)
+    promoted = Shard(0, follower.store, memory=follower.memory, files=follower.files, epoch=2)
+    writer = Writer(promoted)
+    writer.apply([protocol.Request(protocol.Kind.SET, 1000, b"k", b"written after the reply")])
+    (late,) = writer.apply([miss])
+    assert late.status == protocol.Status.NOT_FOUND
+    assert promoted.store.get(b"k") == (b"written after the reply", None)
 
 
 def test_a_follower_refuses_an_older_epoch(tmp_path: Path) -> None:
