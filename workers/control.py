@@ -195,9 +195,10 @@ class EtcdPlane:
         live = coordinator.live_brokers()
         brokers = {name: info.backend for name, info in live.items()}
         # Where each broker's events proxy takes the workers' PUB (workers/events.py); a broker
-        # registered by an older version has none.
-        found = (getattr(info, "events_backend", None) for info in live.values())
-        self.events_backends = frozenset(endpoint for endpoint in found if endpoint)
+        # started with --events none, or by an older version, has none.
+        self.events_backends = frozenset(
+            info.events_backend for info in live.values() if info.events_backend
+        )
         leaders, isr, followers = read_shards(coordinator)
         view = View(
             shards=self.config.shards,

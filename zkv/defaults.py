@@ -82,5 +82,5 @@ MAX_REPLICA_LAG_S = 60.0
 
 # Change events (issue 12, docs/protocol.md): workers' PUB sockets connect to the broker's
 # events backend (XSUB), subscribers (zkv watch, the gateway's /v1/watch) to its XPUB.
-EVENTS = "tcp://127.0.0.1:5557"  # ZKV_EVENTS: the broker's XPUB, where subscribers connect
-EVENTS_BACKEND = "tcp://127.0.0.1:5558"  # ZKV_EVENTS_BACKEND: the broker's XSUB; "none": off
+EVENTS = f"tcp://127.0.0.1:{EVENTS_PORT}"  # ZKV_EVENTS: the broker's XPUB, for subscribers
+EVENTS_BACKEND = f"tcp://127.0.0.1:{EVENTS_BACKEND_PORT}"  # ZKV_EVENTS_BACKEND: its XSUB
