@@ -1,4 +1,4 @@
-"""A worker's change events: one PUB socket per worker process, connected to the broker's
+"""A worker's change events: one XPUB socket per worker process, connected to the broker's
 events backend (docs/protocol.md, "Change events").
 
 How events flow: the shard appends ``(event_code, key, version, deadline_ms)`` to
@@ -19,10 +19,12 @@ published after the last event it got). ``n`` wraps from 2**32 - 1 to 1 (after 4
 events of one owner), which a subscriber sees as a gap.
 
 Bounds, never blocking the worker's loop: the socket's SNDHWM (:data:`EVENTS_SNDHWM`
-messages per connected broker) and non-blocking sends. A PUB socket drops a message for a
+messages per connected broker) and non-blocking sends. The socket drops a message for a
 peer whose queue is full, silently (ZeroMQ does not tell the sender), so the drop shows only
-as a gap in ``n`` on the subscriber's side. A PUB socket also filters by the subscriptions its
-peers forwarded: while nobody watches, a send costs the filter lookup and nothing is queued.
+as a gap in ``n`` on the subscriber's side. The socket is an XPUB (a PUB that also receives the
+subscriptions its peers forward): it filters by prefix as a PUB does, and the worker counts the
+prefixes subscribed, so that while nobody watches it sends nothing at all (a write's event then
+costs one getsockopt per pass, not two sends).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ EVENTS_SNDHWM = 100_000
 SEQ_N_BITS = 32  # the low bits of seq: the event's number within its stream
 SEQ_N_MASK = (1 << SEQ_N_BITS) - 1
 STREAM_MASK = (1 << (64 - SEQ_N_BITS)) - 1
+MAX_SUBSCRIPTION_MESSAGES = 1000  # read per publish call (a burst of new prefixes)
 DISABLED = "none"  # --events-backend none: no socket, Shard.events stays None (zero cost)
 
 
@@ -81,7 +84,7 @@ class Sequencer:
 
 
 class EventPublisher:
-    """The worker process's PUB socket and its shards' sequence numbers.
+    """The worker process's XPUB socket and its shards' sequence numbers.
 
     Args:
         context: the worker's ZeroMQ context.
@@ -98,7 +101,7 @@ class EventPublisher:
         curve: tuple[KeyPair, bytes] | None = None,
         hwm: int = EVENTS_SNDHWM,
     ) -> None:
-        socket = context.socket(zmq.PUB)
+        socket = context.socket(zmq.XPUB)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, hwm)
         if curve is not None:
@@ -110,6 +113,8 @@ class EventPublisher:
         self.endpoints: set[str] = set()
         self.sequencer = Sequencer()
         self.published = 0  # events handed to ZeroMQ (those it dropped included)
+        # Distinct prefixes subscribed through the brokers (see _read_subscriptions).
+        self.subscriptions = 0
         self.connect(endpoints)
 
     def connect(self, endpoints: Iterable[str]) -> None:
@@ -135,6 +140,14 @@ class EventPublisher:
         count = len(events)
         if not count:
             return
+        if self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+            self._read_subscriptions()
+        if not self.subscriptions:
+            # Nobody watches: number the changes (a subscriber's tracking starts at its first
+            # event anyway) and send nothing. A write then costs this one getsockopt a pass.
+            self.sequencer.take(shard, epoch, count)
+            events.clear()
+            return
         seq = self.sequencer.take(shard, epoch, count)
         wraps = (seq & SEQ_N_MASK) + count - 1 > SEQ_N_MASK  # n passes 2**32 - 1 in this list
         send = self.socket.send
@@ -153,6 +166,22 @@ class EventPublisher:
         finally:
             self.published += sent
             events.clear()
+
+    def _read_subscriptions(self) -> None:
+        """Count the prefixes subscribed: the socket is an XPUB, which passes up each prefix's
+        first subscription (``\x01`` + prefix, from any broker) and its last unsubscription
+        (``\x00`` + prefix, also when a broker's connection ends), so a counter is exact and
+        holds no prefix. At most MAX_SUBSCRIPTION_MESSAGES a call: the rest wait for the next."""
+        socket = self.socket
+        for _ in range(MAX_SUBSCRIPTION_MESSAGES):
+            try:
+                message = socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if message[:1] == b"\x01":
+                self.subscriptions += 1
+            elif message[:1] == b"\x00":
+                self.subscriptions = max(0, self.subscriptions - 1)
 
     def close(self) -> None:
         self.socket.close(linger=0)

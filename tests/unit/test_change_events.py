@@ -39,6 +39,16 @@ class FakeSocket:
         self.connected: list[str] = []
         self.closed = False
         self.more = False
+        self.inbox: list[bytes] = []  # subscription messages from the brokers
+
+    def get(self, option: int) -> int:
+        assert option == zmq.EVENTS
+        return zmq.POLLIN if self.inbox else 0
+
+    def recv(self, flags: int = 0) -> bytes:
+        if not self.inbox:
+            raise zmq.Again()
+        return self.inbox.pop(0)
 
     def setsockopt(self, option: int, value: Any) -> None:
         self.options[option] = value
@@ -66,16 +76,19 @@ class FakeContext:
         self.sockets: list[FakeSocket] = []
 
     def socket(self, kind: int) -> FakeSocket:
-        assert kind == zmq.PUB
+        assert kind == zmq.XPUB
         socket = FakeSocket()
         self.sockets.append(socket)
         return socket
 
 
-def publisher() -> tuple[EventPublisher, FakeSocket]:
+def publisher(watched: bool = True) -> tuple[EventPublisher, FakeSocket]:
     context = FakeContext()
     events = EventPublisher(context, ["tcp://127.0.0.1:5558"])  # type: ignore[arg-type]
-    return events, context.sockets[0]
+    socket = context.sockets[0]
+    if watched:
+        socket.inbox.append(b"\x01")  # a subscriber to every key, through a broker
+    return events, socket
 
 
 # --- sequence numbers ------------------------------------------------------------------------
@@ -123,6 +136,22 @@ def test_the_publisher_sends_one_decodable_message_per_change_and_empties_the_li
     events.publish(2, 5, [(SET, b"d", 12, 0)])
     assert decode_event(socket.sent[-1]).seq == 5 << 32 | 4
     assert events.published == 4
+
+
+def test_while_nobody_watches_nothing_is_sent_but_the_changes_are_numbered() -> None:
+    events, socket = publisher(watched=False)
+    pending = [(SET, b"a", 1, 0), (SET, b"b", 2, 0)]
+    events.publish(0, 3, pending)
+    assert socket.sent == [] and pending == []
+    socket.inbox += [b"\x01user:", b"\x01"]  # two prefixes subscribed
+    events.publish(0, 3, [(SET, b"c", 3, 0)])
+    assert [decode_event(frames).seq for frames in socket.sent] == [3 << 32 | 3]
+    socket.inbox += [b"\x00user:"]
+    events.publish(0, 3, [(SET, b"d", 4, 0)])
+    assert len(socket.sent) == 2  # one prefix still subscribed
+    socket.inbox += [b"\x00"]  # the last one left (or its broker's connection ended)
+    events.publish(0, 3, [(SET, b"e", 5, 0)])
+    assert len(socket.sent) == 2 and events.subscriptions == 0
 
 
 def test_the_publisher_follows_the_brokers_it_is_given() -> None:
