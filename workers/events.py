@@ -167,13 +167,20 @@ class EventPublisher:
             self.published += sent
             events.clear()
 
-    def _read_subscriptions(self) -> None:
+    def poll_subscriptions(self) -> None:
+        """Read the subscription messages waiting (the worker's heartbeat timer calls this):
+        libzmq queues them without a bound until read, and a worker with no writes would
+        otherwise never read them."""
+        if self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+            self._read_subscriptions(MAX_SUBSCRIPTION_MESSAGES * 100)
+
+    def _read_subscriptions(self, most: int = 0) -> None:
         """Count the prefixes subscribed: the socket is an XPUB, which passes up each prefix's
         first subscription (``\x01`` + prefix, from any broker) and its last unsubscription
         (``\x00`` + prefix, also when a broker's connection ends), so a counter is exact and
         holds no prefix. At most MAX_SUBSCRIPTION_MESSAGES a call: the rest wait for the next."""
         socket = self.socket
-        for _ in range(MAX_SUBSCRIPTION_MESSAGES):
+        for _ in range(most or MAX_SUBSCRIPTION_MESSAGES):
             try:
                 message = socket.recv(zmq.NOBLOCK)
             except zmq.Again:

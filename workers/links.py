@@ -205,6 +205,8 @@ class LinkedWorker(Worker):
         now_s = time.monotonic()
         self._next_heartbeat_s = now_s + 3600.0
         self._last_heard_s = now_s
+        if self.events is not None:  # the one-broker worker does it on its heartbeat timer
+            self.events.poll_subscriptions()
         Worker._run_timers(self)
 
     def close_links(self) -> None:

@@ -615,6 +615,8 @@ class Worker:
             # queued requests are served between passes but the backlog drains promptly.
             self._next_expire_s = now_s if backlog else now_s + self.config.expire_cycle_s
         if now_s >= self._next_heartbeat_s:
+            if self.events is not None:
+                self.events.poll_subscriptions()
             self._send(encode_control(Heartbeat()))
             self._report(now_s)
             self._next_heartbeat_s = now_s + self.config.heartbeat_interval_s

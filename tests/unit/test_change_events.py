@@ -152,6 +152,9 @@ def test_while_nobody_watches_nothing_is_sent_but_the_changes_are_numbered() -> 
     socket.inbox += [b"\x00"]  # the last one left (or its broker's connection ended)
     events.publish(0, 3, [(SET, b"e", 5, 0)])
     assert len(socket.sent) == 2 and events.subscriptions == 0
+    socket.inbox += [b"\x01a", b"\x00a"] * 5  # read by the timer without any write
+    events.poll_subscriptions()
+    assert socket.inbox == [] and events.subscriptions == 0
 
 
 def test_the_publisher_follows_the_brokers_it_is_given() -> None:
