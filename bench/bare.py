@@ -39,6 +39,7 @@ from zkv.protocol import (
     decode_request,
     encode_reply,
     error_reply,
+    versioned_body,
 )
 
 HELLO = b"hello"
@@ -127,7 +128,9 @@ def handle(
             found = store.get(request.key)
             if found is None or (found[1] is not None and found[1] <= now_ms):
                 return encode_reply(Reply(Status.NOT_FOUND, request.request_id))
-            return encode_reply(Reply(Status.OK, request.request_id, 0, found[1], found[0]))
+            # zkv.Client.get asks for the version (issue 12): the bare worker has none, 0.
+            body = versioned_body(0, found[0]) if request.versioned else found[0]
+            return encode_reply(Reply(Status.OK, request.request_id, 0, found[1], body))
         case Kind.SET:
             deadline_ms = None if request.ttl_ms is None else now_ms + request.ttl_ms
             store[request.key] = (request.value or b"", deadline_ms)

@@ -113,6 +113,9 @@ PREFIX_BYTES = _PREFIX.size
 # The largest body a valid record can have: a SET of the largest key and value the protocol
 # allows. A length field above it is damage, and is reported as such rather than trusted.
 MAX_BODY_BYTES = _SETV.size + MAX_KEY_BYTES + MAX_VALUE_BYTES
+# The longest key a record may hold: a client's, or one of the worker's own (a lock's or a
+# fence's record: a prefix of 7 bytes before a client's lock name, see workers/shard.py).
+MAX_STORED_KEY_BYTES = MAX_KEY_BYTES + 16
 
 # A batch that writes starts with a TIME record once this long has passed since the last one,
 # so every logged write was applied less than this after the TIME record before it.
@@ -396,6 +399,12 @@ def encode_memos(entries: Sequence[bytes | tuple[bytes, bytes]]) -> Iterator[byt
         yield _frame(pack_head(_MEMOS_TYPE, len(part)) + body)
 
 
+def encode_memo_entry(entry: bytes) -> bytes:
+    """A MEMOS record of one entry (the shard logs a reply with a body so, see
+    workers/idempotency.py): :func:`encode_memos` of one entry, without its loop."""
+    return _frame(_pack_memos_head(_MEMOS_TYPE, 1) + entry)
+
+
 def encode(record: Record) -> bytes:
     """Any record, ready to append (tests and tools; the worker calls the typed encoders)."""
     match record:
@@ -490,8 +499,10 @@ def parse_at(data: memoryview, offset: int) -> tuple[Record, int] | str:
         return "checksum mismatch"
     if unknown:
         return Unreadable(f"record type 0x{kind:02x} is unknown to this version (a newer one's?)")
-    if key_len > MAX_KEY_BYTES:
-        return Unreadable(f"a key of {key_len} bytes: no version writes keys over {MAX_KEY_BYTES}")
+    if key_len > MAX_STORED_KEY_BYTES:
+        return Unreadable(
+            f"a key of {key_len} bytes: no version writes keys over {MAX_STORED_KEY_BYTES}"
+        )
     if kind == RecordType.SETV:
         _, request_id, deadline_ms, version, key_len = _SETV.unpack_from(data, start)
         key_end = start + _SETV.size + key_len

@@ -57,7 +57,7 @@ def figures(shard: Shard | None, counters: WorkerCounters, now_s: float) -> dict
     return {
         "shard": None if shard is None else shard.number,
         "epoch": 0 if shard is None else shard.epoch,
-        "keys": 0 if store is None else len(store),
+        "keys": 0 if store is None else len(store) - store.reserved,  # clients' keys only
         "keys_with_ttl": 0 if store is None else store._timed,
         "expired": 0 if shard is None else shard.expired,
         "log_bytes": None if log_ is None else log_.size,

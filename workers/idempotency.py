@@ -56,8 +56,9 @@ RICH_KIND set and the key field is ``body_len:u16 body key`` (so the MEMOS entry
 every bound on it, stays as it is). The shard logs such an entry as a MEMOS record of its own
 right after the write's SETV/DELV (which then carries request id 0), so replay, and a follower,
 rebuild it. A body longer than MAX_MEMO_BODY_BYTES (only a RETURN_OLD of a large value) is not
-kept: the entry says so, and a retry is answered CONFLICT ("applied by an earlier attempt; its
-previous item was not remembered") rather than with a wrong previous item.
+kept: the entry says so (an empty body; for a key within 2 bytes of the 65,535-byte limit, a
+plain entry of status CONFLICT), and a retry is answered CONFLICT ("applied by an earlier
+attempt; its reply was not remembered") rather than with a wrong reply, never applied again.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ _HEAD = MEMOS_ENTRY
 HEAD_BYTES = _HEAD.size
 
 _OK = int(Status.OK)
+_CONFLICT = int(Status.CONFLICT)
 
 # Rich entries (see the module docstring): the kind byte's flag, and the longest body kept.
 RICH_KIND = 0x80
@@ -146,15 +148,17 @@ _pack_head = _HEAD.pack
 def _pack(request_id: int, memo: Memo) -> Packed:
     key = memo.key
     kind = memo.kind
+    status = memo.status
     if memo.body is not None:
         body = memo.body
         if len(body) > MAX_MEMO_BODY_BYTES or _BODY_LEN + len(body) + len(key) > 0xFFFF:
             body = NOT_REMEMBERED
-        key = len(body).to_bytes(_BODY_LEN, "big") + body + key
-        kind |= RICH_KIND
-    head = _pack_head(
-        request_id, len(key), kind, memo.status, memo.deadline_ms or 0, memo.fingerprint
-    )
+        if _BODY_LEN + len(key) > 0xFFFF:  # a key too long for even that: a plain entry
+            status = _CONFLICT  # that says so (see the module docstring)
+        else:
+            key = len(body).to_bytes(_BODY_LEN, "big") + body + key
+            kind |= RICH_KIND
+    head = _pack_head(request_id, len(key), kind, status, memo.deadline_ms or 0, memo.fingerprint)
     if len(key) <= INLINE_KEY_BYTES:
         return head + key
     return head, key

@@ -139,6 +139,7 @@ class Shard:
         self.tally = [0] * TALLY_SIZE
         self.expired = 0  # keys the worker's active expiry removed since it took the shard
         self._events: list[Event] | None = None  # see the events property
+        self._events_mark = 0  # len(events) when the current handle_batch call began
 
     # --- the events hook (design section 8) ---------------------------------------------------
 
@@ -224,6 +225,8 @@ class Shard:
         files = self.files
         # This call's budget of GET values, see above (None: all of it).
         self._room = MAX_REPLY_BYTES if room is None else room
+        if self._events is not None:  # where this call's events start (_no_space undoes them)
+            self._events_mark = len(self._events)
         if files is None:
             self.memory.begin(self.store.clock())
             return [self._handle_message(dispatch, None) for dispatch in dispatches]
@@ -296,6 +299,8 @@ class Shard:
         refuse_writes() then holds writes off until the real free space has room for this
         batch above the reserve, so this cannot come back once a second."""
         failed = sum(write_bytes(dispatches))
+        if self._events is not None:  # the batch's changes are undone: announce none of them
+            del self._events[self._events_mark :]
         try:
             store = TTLStore(self.store.clock)
             memory = RequestMemory(self.memory.keep_ms, self.memory.max_bytes)
@@ -917,7 +922,7 @@ class Shard:
             Kind(kind).name,
             request_id,
         )
-        if memo.body == NOT_REMEMBERED:  # a rich entry whose reply was too long to keep
+        if memo.body == NOT_REMEMBERED or memo.status == _CONFLICT:  # a reply not kept
             message = (
                 f"this {Kind(kind).name} was applied by an earlier attempt; its reply (over "
                 f"{MAX_MEMO_BODY_BYTES} bytes) was not remembered: read the key"
@@ -942,11 +947,11 @@ class Shard:
     ) -> tuple[Status, int | None, bytes | None]:
         """Apply one issue-12 request (see the comment above); ``(status, deadline, body)``."""
         kind = request.kind
-        if kind == Kind.FENCE_CHECK:
+        if kind == _FENCE_CHECK:
             return self._fence_check(request)
-        if kind == Kind.GET and request.ttl_ms is None:
+        if kind == _GET and request.ttl_ms is None:
             return self._read_ext(request)
-        if kind == Kind.GET:  # touch: a write, not remembered (applying it again is harmless)
+        if kind == _GET:  # touch: a write, not remembered (applying it again is harmless)
             if request.stamp is not None and self._out_of_window(request.stamp):
                 return self._stamp_refusal(kind, request.request_id, request.stamp)
             return self._touch(request, records)
@@ -977,7 +982,7 @@ class Shard:
         if status != _OK:
             return status, deadline_ms, body
         event, written, value, version, stored_ms = outcome[3:]
-        plain = body is None and (kind == Kind.SET or kind == Kind.DEL)
+        plain = body is None and (kind == _SET or kind == _DEL)
         logged_id = request_id if plain else 0
         out: list[bytes] = []
         if value is None:
@@ -992,7 +997,7 @@ class Shard:
             memo = Memo(kind, key, fingerprint, _OK, deadline_ms, body)
             entry = memory.remember(request_id, memo)
             if entry is not None:
-                out.extend(aof.encode_memos([entry]))
+                out.append(aof.encode_memo_entry(entry))
         if records is not None:
             records.extend(out)
         events = self._events
@@ -1259,14 +1264,15 @@ def _condition(request: Request, old: tuple[bytes, int, int | None] | None) -> s
 
 def _fingerprint(request: Request) -> int:
     """What a retry must repeat besides id, kind and key (see workers/idempotency.py): a SET's
-    value as on the inline path (its CRC-32), the arguments of the other commands."""
+    value as on the inline path (its CRC-32), the arguments of the other commands (mixed into
+    32 bits by arithmetic: deterministic across processes, unlike hash())."""
     kind = request.kind
-    if kind == Kind.SET:
+    if kind == _SET:
         return zlib.crc32(request.value or b"")
-    if kind == Kind.DEL:
+    if kind == _DEL:
         return 0
-    args = b"%d|%d|%d" % (request.by, request.token, request.ttl_ms or 0)
-    return zlib.crc32(args)
+    mixed = request.by * 1_000_003 + request.token * 8_191 + (request.ttl_ms or 0)
+    return (mixed ^ (mixed >> 32)) & 0xFFFF_FFFF
 
 
 def _is_extended(request: Request) -> bool:
@@ -1381,6 +1387,7 @@ _SET = int(Kind.SET)
 _DEL = int(Kind.DEL)
 _ALL = int(Kind.ALL)
 _PING = int(Kind.PING)
+_FENCE_CHECK = int(Kind.FENCE_CHECK)
 _GET_OK = _GET << 3 | Status.OK
 _GET_MISS = _GET << 3 | Status.NOT_FOUND
 _GET_BUSY = _GET << 3 | Status.BUSY

@@ -16,8 +16,9 @@ A key with a TTL costs its dict slot, one bytes object for value, version and de
 one slot (8 bytes) in a tuple of the expiry index: no per-key tuple or int object, and nothing
 per key that the garbage collector has to visit. The 8 deadline bytes are often free: CPython
 allocates small objects in 16-byte steps, and a 16-byte value takes 49 bytes as a bytes object,
-57 with its deadline, both in the 64-byte size class (65 with the version, issue 12: the next
-class, 16 bytes more per key for 16-byte values). Reads pay for it with a slice (the value)
+57 with its deadline, both in the 64-byte size class (65 with the version of issue 12: the
+next class, so 16 bytes more per key for 16-byte values, 0 for values of 1 to 7 bytes; the
+8 bytes a record grew measure as 8 with tracemalloc). Reads pay for it with a slice (the value)
 and an unpack (the deadline), about a tenth of a microsecond; a SET copies the value once into
 the record (and a GET copies it out: for megabyte values that is a memcpy each way).
 
@@ -416,6 +417,8 @@ class TTLStore:
         self._index = KeyIndex()  # every key in order, for listings
         # The largest version given or replayed (see next_version).
         self.last_version = 0
+        # How many of the keys are the worker's own (0x00 first), so counts can leave them out.
+        self.reserved = 0
         # The events hook (Shard.events): None, or a list that gets an Event for every key
         # removed at its deadline, by a read or by expire(), with the version the key had.
         self.events: list[Event] | None = None
@@ -510,6 +513,8 @@ class TTLStore:
             self._index.add(key)
             if len(data) > self._peak:
                 self._peak = len(data)
+            if key < FIRST_CLIENT_KEY:  # a new key only: overwrites, the common write, skip it
+                self.reserved += 1
         elif old_deadline := _unpack_from(old, -DEADLINE_BYTES)[0]:
             if deadline and now >= self._filed_ms and _same_window(old_deadline, deadline, now):
                 return  # the key's entry for its old deadline stays current for the new one
@@ -847,7 +852,9 @@ class TTLStore:
                     if record is not None and record.endswith(suffix):
                         del data[key]
                         removed += 1
-                        if events is not None and key[:1] != b"\x00":
+                        if key < b"\x01":
+                            self.reserved -= 1
+                        elif events is not None:
                             events.append((3, key, _unpack_from(record, -16)[0], 0))
                 if removed > before and now - due > late_ms:
                     late_ms = now - due
@@ -864,7 +871,9 @@ class TTLStore:
                     if deadline <= now:
                         del data[key]
                         removed += 1
-                        if events is not None and key[:1] != b"\x00":
+                        if key < b"\x01":
+                            self.reserved -= 1
+                        elif events is not None:
                             events.append((3, key, _unpack_from(record, -16)[0], 0))
                         if now - deadline > late_ms:
                             late_ms = now - deadline
@@ -982,7 +991,8 @@ class TTLStore:
 
     def __len__(self) -> int:
         """How many keys are stored, including expired keys that no read or :meth:`expire`
-        pass has removed yet; use :meth:`entries` for an exact count of live keys."""
+        pass has removed yet, and the worker's own (:attr:`reserved`); use :meth:`entries` for
+        an exact count of live keys."""
         return len(self._data)
 
     # --- memory -----------------------------------------------------------------------------
@@ -992,6 +1002,8 @@ class TTLStore:
         del self._data[key]
         if _deadline(record):
             self._timed -= 1
+        if key < FIRST_CLIENT_KEY:
+            self.reserved -= 1
 
     def _compact(self) -> None:
         """Give memory back after deletions, in time amortized to O(1) per operation.

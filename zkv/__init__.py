@@ -1,9 +1,13 @@
 """zkv: a key-value store with timeouts. This package is the public library: the wire protocol,
 key hashing, the client and the command-line tool."""
 
-from zkv.client import Client, Item, NotFound
+from zkv.client import Client, Item, Lock, NotFound
 from zkv.errors import (
     Busy,
+    Conflict,
+    InvalidArgument,
+    LockLost,
+    PreconditionFailed,
     ProtocolError,
     RequestError,
     StorageFull,
@@ -15,8 +19,13 @@ from zkv.errors import (
 __all__ = [
     "Busy",
     "Client",
+    "Conflict",
+    "InvalidArgument",
     "Item",
+    "Lock",
+    "LockLost",
     "NotFound",
+    "PreconditionFailed",
     "ProtocolError",
     "RequestError",
     "StorageFull",

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
@@ -59,16 +60,35 @@ from zkv.calls import (
     Brokers,
     Calls,
     Item,
+    Lock,
     NotFound,
+    Op,
+    Refresher,
     Settled,
     as_bytes,
     checked_batch_ops,
+    delete_op,
+    expire_op,
+    fence_check_op,
+    fence_of_op,
     frontends,
+    get_op,
+    incr_op,
+    lock_name,
+    lock_op,
+    meta_op,
     new_ids,
+    new_versioned_item,
+    persist_op,
+    refresh_op,
+    remaining_ms,
+    set_op,
+    stale_fence,
     ttl_to_ms,
+    unlock_op,
 )
 from zkv.client import BATCH_OPS, CONNECT_POLL_S, dealer
-from zkv.errors import ProtocolError, Unavailable, ZkvError
+from zkv.errors import Conflict, LockLost, ProtocolError, Unavailable, ZkvError
 from zkv.keys import frontend_curve
 from zkv.protocol import Kind
 from zkv.watch import AsyncWatch, events_endpoints
@@ -137,35 +157,140 @@ class AsyncClient:
 
     # --- commands ---------------------------------------------------------------------------
 
-    async def get(self, key: bytes | str) -> Item:
-        """The value and deadline of ``key``. Raises :class:`NotFound` if missing or expired."""
-        key_bytes = as_bytes(key, "key")
-        item = await self._call(_GET, key_bytes, None, None)
+    async def get(self, key: bytes | str, touch_s: float | None = None) -> Item:
+        """The value, deadline and version of ``key`` (with ``touch_s``: its deadline moved
+        to ``touch_s`` seconds from now, atomically). Raises :class:`NotFound` if missing."""
+        op = get_op(key, touch_s)
+        item = await self._call_op(op)
         if item is None:
-            raise NotFound(key_bytes)
+            raise NotFound(op[1])
         return item
 
     async def set(
-        self, key: bytes | str, value: bytes | str, ttl_s: float | None = None
-    ) -> int | None:
-        """Store ``value`` under ``key``; returns its deadline in Unix ms (None: never)."""
-        return await self._call(
-            _SET, as_bytes(key, "key"), as_bytes(value, "value"), ttl_to_ms(ttl_s)
-        )
+        self,
+        key: bytes | str,
+        value: bytes | str,
+        ttl_s: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        if_version: int | None = None,
+        get: bool = False,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> Any:
+        """Store ``value`` under ``key``; returns its deadline in Unix ms (None: never), or
+        with ``get`` the previous Item or None. Options and errors as
+        :meth:`zkv.client.Client.set`."""
+        op = set_op(key, value, ttl_s, nx, xx, if_version, get, fence)
+        return await self._call_op(op)
 
-    async def delete(self, key: bytes | str) -> bool:
+    async def put(
+        self,
+        key: bytes | str,
+        value: bytes | str,
+        ttl_s: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        if_version: int | None = None,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> Item:
+        """:meth:`set`, returning the new :class:`Item` with its version."""
+        op = set_op(key, value, ttl_s, nx, xx, if_version, False, fence, versioned=True)
+        version, deadline_ms = await self._call_op(op)
+        return new_versioned_item(op[2][1], deadline_ms, version)
+
+    async def delete(
+        self,
+        key: bytes | str,
+        if_version: int | None = None,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> bool:
         """Remove ``key``. Returns False if there was no such (live) key."""
-        return await self._call(_DEL, as_bytes(key, "key"), None, None)
+        return await self._call_op(delete_op(key, if_version, fence))
+
+    async def incr(
+        self,
+        key: bytes | str,
+        by: int = 1,
+        ttl_s: float | None = None,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> int:
+        """Add ``by`` to the key's integer value; returns the new value (see
+        :meth:`zkv.client.Client.incr`)."""
+        return await self._call_op(incr_op(key, by, ttl_s, fence))
+
+    async def incr_item(
+        self,
+        key: bytes | str,
+        by: int = 1,
+        ttl_s: float | None = None,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> tuple[int, int, int | None]:
+        """:meth:`incr`, returning ``(value, version, deadline_ms)``."""
+        return await self._call_op(incr_op(key, by, ttl_s, fence, item=True))
+
+    async def expire(self, key: bytes | str, ttl_s: float) -> int:
+        """A new deadline ``ttl_s`` from now; returns it. NotFound if missing."""
+        op = expire_op(key, ttl_s)
+        deadline_ms = await self._call_op(op)
+        if deadline_ms is None:
+            raise NotFound(op[1])
+        return deadline_ms
+
+    async def persist(self, key: bytes | str) -> int:
+        """No deadline any more; returns the key's new version. NotFound if missing."""
+        op = persist_op(key)
+        version = await self._call_op(op)
+        if version is None:
+            raise NotFound(op[1])
+        return version
+
+    async def ttl_ms(self, key: bytes | str) -> int | None:
+        """Milliseconds left (None: no deadline). NotFound if missing."""
+        op = meta_op(key)
+        item = await self._call_op(op)
+        if item is None:
+            raise NotFound(op[1])
+        return remaining_ms(item.deadline_ms)
+
+    async def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Lock:
+        """Take lock ``name`` (see :meth:`zkv.client.Client.acquire_lock`)."""
+        op = lock_op(name, ttl_s, wait_s)
+        token, expires_at_ms = await self._call_op(op)
+        return Lock(op[1], token, expires_at_ms)
+
+    async def refresh_lock(self, name: bytes | str, token: int, ttl_s: float) -> int:
+        """Extend the hold; returns the new expiry. Conflict if ``token`` is stale."""
+        return await self._call_op(refresh_op(name, token, ttl_s))
+
+    async def release_lock(self, name: bytes | str, token: int) -> None:
+        """Release the lock. Conflict if ``token`` is stale."""
+        await self._call_op(unlock_op(name, token))
+
+    async def check_fence(self, name: bytes | str, token: int) -> bool:
+        """Whether ``token`` is still the newest issued for lock ``name``."""
+        return await self._call_op(fence_check_op(name, token))
+
+    def lock(
+        self, name: bytes | str, ttl_s: float = 10, wait_s: float = 0, refresh: bool = False
+    ) -> AsyncHeldLock:
+        """``async with kv.lock(name, ttl_s=10) as lock:``, as :meth:`zkv.client.Client.lock`,
+        the refresh done by a task on this client's loop."""
+        lock_name(name)
+        ttl_to_ms(ttl_s)
+        return AsyncHeldLock(self, name, ttl_s, wait_s, refresh)
 
     async def get_many(self, keys: Iterable[bytes | str]) -> list[Item | None]:
-        """The items of many keys, in order; None for a missing key."""
-        return list(await asyncio.gather(*(self._get_or_none(key) for key in keys)))
+        """The items of many keys, in order; None for a missing key. Plain GETs, as
+        :meth:`zkv.client.Client.get_many`: each Item's version is 0 (:meth:`get` reads it)."""
+        calls = (self._call(_GET, as_bytes(key, "key"), None, None) for key in keys)
+        return list(await asyncio.gather(*calls))
 
-    async def _get_or_none(self, key: bytes | str) -> Item | None:
-        try:
-            return await self.get(key)
-        except NotFound:
-            return None
+    async def _call_op(self, op: Op) -> Any:
+        """One operation (after its fence's pre-check): its outcome, or its error raised."""
+        fence = fence_of_op(op)
+        if fence is not None and not await self.check_fence(*fence):
+            raise stale_fence(fence)
+        return await self._call(op[0], op[1], op[2], op[3])
 
     def watch(
         self,
@@ -207,7 +332,7 @@ class AsyncClient:
     # --- queueing and sending ---------------------------------------------------------------
 
     def submit(
-        self, kind: int, key: bytes, value: bytes | None = None, ttl_ms: int | None = None
+        self, kind: int, key: bytes, value: Any = None, ttl_ms: int | None = None
     ) -> asyncio.Future[Any]:
         """Queue one operation for the next flush; returns the future of its outcome.
 
@@ -216,6 +341,9 @@ class AsyncClient:
         ``SET`` or ``DEL``; ``key`` and ``value`` are bytes, ``ttl_ms`` whole milliseconds.
         The future gets what :func:`zkv.calls.outcome` gives (for a GET an :class:`Item` or
         None, for a SET the deadline, for a DEL a bool) or the error the call failed with.
+        An issue-12 operation goes the same way as the op that zkv.calls builds for it
+        (``submit(*zkv.calls.get_op(key))``: a GET with its version; see RESULTS there for
+        what each code's future gets; a fenced op is sent without its FENCE_CHECK).
         Call it from the loop's thread, inside the running loop. Cancelling the future does
         not withdraw the operation: once queued it is sent, and may be applied.
 
@@ -225,7 +353,7 @@ class AsyncClient:
         """
         return self._queue(kind, key, value, ttl_ms)[1]
 
-    async def _call(self, kind: int, key: bytes, value: bytes | None, ttl_ms: int | None) -> Any:
+    async def _call(self, kind: int, key: bytes, value: Any, ttl_ms: int | None) -> Any:
         """Queue one operation for the next flush and wait for its result
         (:func:`zkv.calls.outcome`), raising the error it failed with."""
         request_id, future = self._queue(kind, key, value, ttl_ms)
@@ -237,7 +365,7 @@ class AsyncClient:
             raise
 
     def _queue(
-        self, kind: int, key: bytes, value: bytes | None, ttl_ms: int | None
+        self, kind: int, key: bytes, value: Any, ttl_ms: int | None
     ) -> tuple[int, asyncio.Future[Any]]:
         if self._closed:
             raise Unavailable("the client was closed")
@@ -392,6 +520,88 @@ class AsyncClient:
         self._loop.add_reader(socket.FD, self._on_readable)
         self._socket = socket
         return socket
+
+
+class AsyncHeldLock:
+    """The async context manager of :meth:`AsyncClient.lock`: takes the lock on entry,
+    releases it on exit, and with ``refresh`` keeps it from a task meanwhile (zkv/calls.py,
+    "locks", says how a failed refresh surfaces)."""
+
+    def __init__(
+        self, client: AsyncClient, name: bytes | str, ttl_s: float, wait_s: float, refresh: bool
+    ) -> None:
+        self._client = client
+        self._name = name
+        self._ttl_s = ttl_s
+        self._wait_s = wait_s
+        self._refresh = refresh
+        self._task: asyncio.Task[None] | None = None
+        self.lock: Lock | None = None
+
+    async def __aenter__(self) -> Lock:
+        self.lock = lock = await self._client.acquire_lock(self._name, self._ttl_s, self._wait_s)
+        if self._refresh:
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._keep(Refresher(lock, self._ttl_s, loop.time())))
+        return lock
+
+    async def _keep(self, refresher: Refresher) -> None:
+        """The refresh task: REFRESH every ttl / 3 until cancelled or the lock is lost."""
+        loop = asyncio.get_running_loop()
+        lock = refresher.lock
+        try:
+            while True:
+                await asyncio.sleep(max(0.0, refresher.due_in(loop.time())))
+                try:
+                    expires_at_ms = await self._client.refresh_lock(
+                        lock.name, lock.token, self._ttl_s
+                    )
+                except ZkvError as exc:
+                    if not refresher.failed(exc, loop.time(), int(time.time() * 1000)):
+                        log.warning("%s", lock.error)
+                        return
+                else:
+                    refresher.refreshed(expires_at_ms, loop.time())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not die silently in a task: the lock is lost
+            lock.error = LockLost(f"lock refresh failed: {exc!r}")
+            log.exception("lock refresh task failed")
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lock = self.lock
+        if lock is None:
+            return
+        task = self._task
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this task itself is being cancelled, not only the refresher
+        if lock.error is not None:  # lost: the token is stale, nothing to release
+            if exc_type is None:
+                raise lock.error
+            return
+        try:
+            await self._client.release_lock(lock.name, lock.token)
+        except ZkvError as err:
+            if exc_type is not None:  # never mask the block's own exception
+                log.warning("releasing lock %r after an error failed: %s", lock.name, err)
+                return
+            if isinstance(err, Conflict):
+                raise LockLost(
+                    f"lock {lock.name.decode(errors='replace')!r} was lost while held "
+                    f"(token {lock.token} is no longer the lock's): {err}"
+                ) from None
+            raise
 
 
 def _plain(context: zmq.Context) -> zmq.Context:

@@ -31,6 +31,14 @@ replies by request id. Retries follow the same rule as for one request: when no 
 has come for ``attempt_s``, the operations still unanswered are sent again, with the same ids,
 on a fresh socket; when none has come for ``timeout_s``, they fail with :class:`Timeout`.
 
+Issue 12's commands (conditional and fenced writes, versions, INCR, EXPIRE/persist/TTL, locks)
+are methods of the same names on :class:`Client`, :class:`Pipeline` and
+:class:`zkv.aio.AsyncClient`, built and read by zkv/calls.py ("extended operations", "locks"):
+every write among them is stamped and resent with its request id as SET is, so it is applied
+once. A fenced write is preceded by a FENCE_CHECK at the lock's shard; a LOCK that waits in
+the broker's line gets its wait added to its deadline and to the silence allowed before a
+resend.
+
 Example::
 
     with Client("tcp://127.0.0.1:5555") as kv:
@@ -48,8 +56,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -59,23 +69,45 @@ import zmq
 
 from zkv import defaults
 from zkv.calls import (
+    EXTENDED,
     Brokers,
     Calls,
     Item,
+    Lock,
     NotFound,
     Op,
+    Refresher,
     as_bytes,
     busy_backoff_s,
     busy_gave_up,
     check,
     checked_batch_ops,
+    delete_op,
+    expire_op,
+    fence_check_op,
+    fence_of_op,
     frontends,
     gave_up,
+    get_op,
+    incr_op,
+    lock_name,
+    lock_op,
+    meta_op,
     new_id,
     new_ids,
+    new_versioned_item,
+    op_wait_s,
+    outcome,
+    persist_op,
+    refresh_op,
+    remaining_ms,
+    request_of,
+    set_op,
+    stale_fence,
     ttl_to_ms,
+    unlock_op,
 )
-from zkv.errors import RequestError, Timeout, ZkvError
+from zkv.errors import Conflict, LockLost, RequestError, Timeout, ZkvError
 from zkv.keys import ClientCurve, frontend_curve
 from zkv.protocol import (
     MAX_LIST_KEYS,
@@ -93,7 +125,12 @@ from zkv.protocol import (
 )
 from zkv.watch import Watch, events_endpoints
 
+log = logging.getLogger(__name__)
+
 CONNECT_POLL_S = 0.1  # one wait for the connection to the broker, between retries
+# How long leaving a ``with kv.lock(..., refresh=True)`` block waits for its refresh thread
+# (which may be inside a REFRESH call) before releasing the lock without it.
+REFRESH_JOIN_S = 1.0
 BATCH_OPS = 1000  # operations per BATCH message a pipeline sends
 WINDOW_OPS = 8000  # operations a pipeline keeps in flight (sent, not yet answered)
 # Keys per page of Client.all and pages (asked of every shard at once): under MAX_LIST_KEYS,
@@ -150,6 +187,7 @@ class Client:
         self.brokers = Brokers(frontends(endpoint), attempt_s, timeout_s, first_broker)
         self.endpoint = self.brokers.description
         self.curve = frontend_curve(keys)
+        self._keys = keys
         self.batch_ops = checked_batch_ops(batch_ops)
         self.timeout_s = timeout_s
         self.attempt_s = attempt_s
@@ -167,30 +205,210 @@ class Client:
 
     # --- commands ---------------------------------------------------------------------------
 
-    def set(self, key: bytes | str, value: bytes | str, ttl_s: float | None = None) -> int | None:
+    def set(
+        self,
+        key: bytes | str,
+        value: bytes | str,
+        ttl_s: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        if_version: int | None = None,
+        get: bool = False,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> Any:
         """Store ``value`` under ``key``, expiring ``ttl_s`` seconds from now (None: never).
 
+        Args:
+            nx: only if the key does not exist (live); xx: only if it does.
+            if_version: only if the key exists with this version (:attr:`Item.version`).
+            get: return the item the key had before (None if it had none).
+            fence: a :class:`Lock` (or ``(name, token)``): only if its token is still the
+                newest issued for that lock (checked first with :meth:`check_fence`, then by
+                the key's shard).
+
         Returns:
-            The key's deadline in Unix milliseconds, as the worker computed it (None: never).
+            The key's deadline in Unix milliseconds, as the worker computed it (None: never);
+            with ``get``, the previous :class:`Item` or None.
+
+        Raises:
+            PreconditionFailed: nx, xx or if_version refused the write (nothing changed).
+            Conflict: the fence token is not the newest (nothing changed).
+            InvalidArgument, TypeError: a wrong argument (nx with xx, a TTL that is not
+                positive, ...), named in the message; nothing was sent.
         """
-        ttl_ms = ttl_to_ms(ttl_s)
-        reply = self.request(
-            Request(Kind.SET, 0, as_bytes(key, "key"), as_bytes(value, "value"), ttl_ms)
+        op = set_op(key, value, ttl_s, nx, xx, if_version, get, fence)
+        if op[0] < EXTENDED:
+            return self.request(Request(Kind.SET, 0, op[1], op[2], op[3])).deadline_ms
+        return self._call(op)
+
+    def put(
+        self,
+        key: bytes | str,
+        value: bytes | str,
+        ttl_s: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        if_version: int | None = None,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> Item:
+        """:meth:`set`, returning the new :class:`Item` with its version (REST's ETag)."""
+        op = set_op(key, value, ttl_s, nx, xx, if_version, False, fence, versioned=True)
+        version, deadline_ms = self._call(op)
+        return new_versioned_item(op[2][1], deadline_ms, version)
+
+    def get(self, key: bytes | str, touch_s: float | None = None) -> Item:
+        """The value, deadline and version of ``key``; with ``touch_s``, its deadline moves to
+        ``touch_s`` seconds from now in the same step (a sliding session). Raises
+        :class:`NotFound` if missing or expired."""
+        op = get_op(key, touch_s)
+        item = self._call(op)
+        if item is None:
+            raise NotFound(op[1])
+        return item
+
+    def delete(
+        self,
+        key: bytes | str,
+        if_version: int | None = None,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> bool:
+        """Remove ``key``. Returns False if there was no such (live) key.
+
+        Raises:
+            PreconditionFailed: ``if_version`` given and the key has another version or none.
+            Conflict: the fence token is not the newest.
+        """
+        op = delete_op(key, if_version, fence)
+        if op[0] < EXTENDED:
+            return self.request(Request(Kind.DEL, 0, op[1])).status == Status.OK
+        return self._call(op)
+
+    def incr(
+        self,
+        key: bytes | str,
+        by: int = 1,
+        ttl_s: float | None = None,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> int:
+        """Add ``by`` (may be negative) to the key's value read as a signed 64-bit decimal;
+        an absent key counts as 0 and is created with ``ttl_s`` (None: no deadline); an
+        existing one keeps its deadline unless ``ttl_s`` is given. Returns the new value.
+
+        Raises:
+            Conflict: the value is not an integer, or the result would leave 64 bits
+                (nothing changed); or the fence token is not the newest.
+        """
+        return self._call(incr_op(key, by, ttl_s, fence))
+
+    def incr_item(
+        self,
+        key: bytes | str,
+        by: int = 1,
+        ttl_s: float | None = None,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> tuple[int, int, int | None]:
+        """:meth:`incr`, returning ``(value, version, deadline_ms)``."""
+        return self._call(incr_op(key, by, ttl_s, fence, item=True))
+
+    def expire(self, key: bytes | str, ttl_s: float) -> int:
+        """Give ``key`` a new deadline ``ttl_s`` seconds from now; returns it (Unix ms).
+        Raises :class:`NotFound` if missing or expired."""
+        op = expire_op(key, ttl_s)
+        deadline_ms = self._call(op)
+        if deadline_ms is None:
+            raise NotFound(op[1])
+        return deadline_ms
+
+    def persist(self, key: bytes | str) -> int:
+        """Remove the deadline of ``key``; returns its new version. Raises :class:`NotFound`
+        if missing or expired."""
+        op = persist_op(key)
+        version = self._call(op)
+        if version is None:
+            raise NotFound(op[1])
+        return version
+
+    def ttl_ms(self, key: bytes | str) -> int | None:
+        """Milliseconds ``key`` has left (None: no deadline), from its deadline and this
+        machine's clock. Raises :class:`NotFound` if missing or expired."""
+        op = meta_op(key)
+        item = self._call(op)
+        if item is None:
+            raise NotFound(op[1])
+        return remaining_ms(item.deadline_ms)
+
+    # --- locks ------------------------------------------------------------------------------
+
+    def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Lock:
+        """Take the lock ``name`` for ``ttl_s`` seconds; if it is held, wait up to ``wait_s``
+        seconds in line (FIFO, in the broker). The lock's token grows with every acquisition:
+        pass the Lock as ``fence=`` to writes that must not land after it is lost.
+
+        Raises:
+            Conflict: still held by another when the wait ran out; ``deadline_ms`` is when
+                that hold expires.
+        """
+        op = lock_op(name, ttl_s, wait_s)
+        token, expires_at_ms = self._call(op)
+        return Lock(op[1], token, expires_at_ms)
+
+    def refresh_lock(self, name: bytes | str, token: int, ttl_s: float) -> int:
+        """Extend the hold of ``name`` taken with ``token`` to ``ttl_s`` seconds from now;
+        returns the new expiry (Unix ms). Raises :class:`Conflict` if ``token`` is no longer
+        the lock's (it lapsed and someone else took it)."""
+        return self._call(refresh_op(name, token, ttl_s))
+
+    def release_lock(self, name: bytes | str, token: int) -> None:
+        """Release ``name`` held with ``token``. Raises :class:`Conflict` if ``token`` is no
+        longer the lock's."""
+        self._call(unlock_op(name, token))
+
+    def check_fence(self, name: bytes | str, token: int) -> bool:
+        """Whether ``token`` is still the newest token issued for lock ``name``."""
+        return self._call(fence_check_op(name, token))
+
+    def lock(
+        self, name: bytes | str, ttl_s: float = 10, wait_s: float = 0, refresh: bool = False
+    ) -> HeldLock:
+        """A context manager holding lock ``name``: ``with kv.lock("job", ttl_s=10) as lock:``.
+
+        Taken on entry (:meth:`acquire_lock`: Conflict if still held after ``wait_s``),
+        released on exit, also when the block raises. With ``refresh``, a background thread
+        (its own client and socket) refreshes the hold every ``ttl_s / 3``; if that fails
+        (refused, or not done before the hold expired) the lock is lost: ``lock.lost`` turns
+        True, ``lock.check()`` raises :class:`LockLost`, and so does the end of the block
+        (unless the block raised something else). See zkv/calls.py, "locks".
+        """
+        lock_name(name)  # refused here, not at the with statement's entry
+        ttl_to_ms(ttl_s)
+        return HeldLock(self, name, ttl_s, wait_s, refresh)
+
+    def _call(self, op: Op) -> Any:
+        """Send one operation (after its fence's pre-check) and return its
+        :func:`zkv.calls.outcome`, raising the error it failed with."""
+        fence = fence_of_op(op)
+        if fence is not None and not self.check_fence(*fence):
+            raise stale_fence(fence)
+        reply = self.request(request_of(op), wait_s=op_wait_s(op), checked=False)
+        result = outcome(op[0], reply.status, reply.deadline_ms, reply.body)
+        if isinstance(result, ZkvError):
+            raise result
+        return result
+
+    def clone(self) -> Client:
+        """A new client of the same brokers with the same settings (its own socket: for
+        another thread)."""
+        return Client(
+            self.brokers.endpoints,
+            self.timeout_s,
+            self.attempt_s,
+            self.connect_timeout_s,
+            self._context,
+            self.batch_ops,
+            self.window_ops,
+            self._keys,
+            self.brokers.current,
         )
-        return reply.deadline_ms
-
-    def get(self, key: bytes | str) -> Item:
-        """The value and deadline of ``key``. Raises :class:`NotFound` if missing or expired."""
-        key_bytes = as_bytes(key, "key")
-        reply = self.request(Request(Kind.GET, 0, key_bytes))
-        if reply.status == Status.NOT_FOUND:
-            raise NotFound(key_bytes)
-        return Item(reply.body or b"", reply.deadline_ms)
-
-    def delete(self, key: bytes | str) -> bool:
-        """Remove ``key``. Returns False if there was no such (live) key."""
-        reply = self.request(Request(Kind.DEL, 0, as_bytes(key, "key")))
-        return reply.status == Status.OK
 
     def all(self, after: bytes | str = b"", limit: int = 0, keys_only: bool = False) -> list[Entry]:
         """Live entries of every shard, sorted by key, read in pages (:meth:`pages`).
@@ -284,6 +502,10 @@ class Client:
     def get_many(self, keys: Iterable[bytes | str]) -> list[Item | None]:
         """The items of many keys, in order; None for a key that is missing or expired.
 
+        The plain GETs of the hot path: values and deadlines, each Item's version 0 (not
+        asked for; a versioned GET is packed by zkv.protocol's general path, several times
+        slower). For versions, ``pipeline().get(key)`` each, or :meth:`get`.
+
         Raises:
             RequestError, Unavailable, Timeout: as :meth:`get`, for the first key that failed
                 (the others were still answered).
@@ -319,14 +541,28 @@ class Client:
             Per operation: GET an :class:`Item` or None (missing), SET its deadline (Unix ms,
             None for never), DEL whether a live key was removed.
         """
-        results = self._pipeline(ops)
+        return self._execute(ops, raise_on_error)
+
+    def _execute(
+        self,
+        ops: Sequence[PipelineOp],
+        raise_on_error: bool,
+        plain: bool = True,
+        patience_s: float = 0.0,
+    ) -> list[Any]:
+        """:meth:`execute`; ``plain``: every op is a plain GET, SET or DEL (the hot path),
+        ``patience_s``: the broker may hold an op that long before answering (a lock's wait),
+        added to the pipeline's silence timeout."""
+        results = self._pipeline(ops, plain, patience_s)
         # Which types the results have is found in C; only if an error is among them are the
         # results walked to raise the first (an isinstance per result cost 0.05 us each).
         if raise_on_error and any(issubclass(kind, ZkvError) for kind in set(map(type, results))):
             raise next(result for result in results if isinstance(result, ZkvError))
         return results
 
-    def _pipeline(self, ops: Sequence[PipelineOp]) -> list[Any]:
+    def _pipeline(
+        self, ops: Sequence[PipelineOp], plain: bool = True, patience_s: float = 0.0
+    ) -> list[Any]:
         """The transport of :meth:`execute`: its results, with a failure as an exception
         instance in its place; never raises for one operation's failure.
 
@@ -361,7 +597,7 @@ class Client:
                 limit = min(limit, added + self.window_ops - len(calls))
                 if limit > added:
                     # What is refused here, as the broker would, has its error as result.
-                    for position, refused in calls.add_many(ops, added, limit, now):
+                    for position, refused in calls.add_many(ops, added, limit, now, plain):
                         results[position] = refused
                     added = limit
                 batch = calls.next_batch(self.batch_ops)
@@ -390,8 +626,8 @@ class Client:
             if self._receive(calls, results, max(0.0, wait_s)):
                 continue
             now = time.monotonic()
-            if calls.silent_s(now) >= self.timeout_s:
-                message = f"no reply from {self.endpoint} within {self.timeout_s} s"
+            if calls.silent_s(now) >= self.timeout_s + patience_s:
+                message = f"no reply from {self.endpoint} within {self.timeout_s + patience_s} s"
                 return self._give_up(results, calls, gave_up(message, True))
             if calls.resend_due(now):
                 # Nothing came back for a while: requests or replies may be lost (a broker
@@ -433,10 +669,13 @@ class Client:
 
     # --- transport --------------------------------------------------------------------------
 
-    def request(self, request: Request) -> Reply:
+    def request(self, request: Request, wait_s: float = 0.0, checked: bool = True) -> Reply:
         """Send one request and wait for its reply.
 
         The request id of ``request`` is replaced by a fresh random one, which its retries keep.
+        ``wait_s``: the broker may hold it that long before answering (a LOCK's wait): the
+        deadline and the first resend come that much later. ``checked`` False: a reply of any
+        status but BUSY is returned, not raised.
 
         Raises:
             RequestError: the request was refused as wrong.
@@ -456,7 +695,8 @@ class Client:
         except ProtocolError as exc:  # refused here, as the broker would refuse it
             raise RequestError(str(exc)) from None
         start = time.monotonic()
-        deadline = start + self.timeout_s
+        deadline = start + self.timeout_s + wait_s
+        patient_until = start + wait_s  # no resend for a silence before this
         unreachable_since: float | None = None
         maybe_applied = False  # an attempt left and got no answer
         busy = 0  # BUSY answers in a row
@@ -480,13 +720,12 @@ class Client:
                     self._reset()
                 continue
             unreachable_since = None  # sends failed in a row only, as in zkv.calls.Calls
-            reply = self._wait_reply(
-                socket, request_id, min(deadline, time.monotonic() + brokers.resend_s)
-            )
+            resend_at = max(time.monotonic(), patient_until) + brokers.resend_s
+            reply = self._wait_reply(socket, request_id, min(deadline, resend_at))
             if reply is not None:
                 brokers.answered()
                 if reply.status != Status.BUSY:
-                    return check(reply)
+                    return check(reply) if checked else reply
                 # Shed, not applied: wait a backoff, then send it again with the same id
                 # (zkv.calls.busy_backoff_s), unless that would come after the deadline.
                 busy += 1
@@ -663,33 +902,187 @@ def dealer(context: zmq.Context, endpoint: str, curve: ClientCurve | None = None
 class Pipeline:
     """Operations queued on a :class:`Client`, sent together by :meth:`execute`.
 
-    Each method returns the pipeline, so calls chain. Not thread-safe, like its client.
+    Each method returns the pipeline, so calls chain; the results come from :meth:`execute`,
+    in order, each as the :class:`Client` method of the same name returns it, except that a
+    missing key is None (get, expire, persist) instead of NotFound (ttl_ms, whose None means
+    "no deadline", keeps NotFound), and a failure is raised after every operation was
+    answered (or, with ``raise_on_error`` False, is the exception in its place). Not
+    thread-safe, like its client.
+
+    Fenced writes (``fence=``): :meth:`execute` first checks every distinct fence in one
+    BATCH (FENCE_CHECK), then sends the operations; a write whose fence failed the check is
+    not sent and has a :class:`Conflict` as its result.
     """
 
     def __init__(self, client: Client) -> None:
         self._client = client
         self._ops: list[PipelineOp] = []
+        self._plain = True  # every op queued is a plain GET, SET or DEL (the hot path)
+        self._patience_s = 0.0  # the longest lock wait queued
+        # (position, function): turns an op's raw outcome into what the method promises.
+        self._fixups: list[tuple[int, Callable[[Any], Any]]] = []
+        self._fences: list[tuple[int, tuple[bytes, int]]] = []  # (position, fence)
 
-    def get(self, key: bytes | str) -> Pipeline:
-        """Queue a GET: its result is an :class:`Item`, or None if the key is missing."""
-        self._ops.append((_GET, as_bytes(key, "key"), None, None))
+    def _add(self, op: PipelineOp, fixup: Callable[[Any], Any] | None = None) -> Pipeline:
+        if op[0] >= EXTENDED:
+            self._plain = False
+            fence = fence_of_op(op)
+            if fence is not None:
+                self._fences.append((len(self._ops), fence))
+            wait_s = op_wait_s(op)
+            if wait_s > self._patience_s:
+                self._patience_s = wait_s
+        if fixup is not None:
+            self._fixups.append((len(self._ops), fixup))
+        self._ops.append(op)
         return self
 
-    def set(self, key: bytes | str, value: bytes | str, ttl_s: float | None = None) -> Pipeline:
-        """Queue a SET: its result is the key's deadline (Unix ms, None for never)."""
-        self._ops.append((_SET, as_bytes(key, "key"), as_bytes(value, "value"), ttl_to_ms(ttl_s)))
-        return self
+    def get(self, key: bytes | str, touch_s: float | None = None) -> Pipeline:
+        """Queue a GET (with ``touch_s``: and move the deadline): its result is an
+        :class:`Item` with its version, or None if the key is missing."""
+        return self._add(get_op(key, touch_s))
 
-    def delete(self, key: bytes | str) -> Pipeline:
+    def set(
+        self,
+        key: bytes | str,
+        value: bytes | str,
+        ttl_s: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        if_version: int | None = None,
+        get: bool = False,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> Pipeline:
+        """Queue a SET (options as :meth:`Client.set`): its result is the key's deadline
+        (Unix ms, None for never), or with ``get`` the previous Item or None."""
+        return self._add(set_op(key, value, ttl_s, nx, xx, if_version, get, fence))
+
+    def put(
+        self,
+        key: bytes | str,
+        value: bytes | str,
+        ttl_s: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+        if_version: int | None = None,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> Pipeline:
+        """Queue a SET whose result is the new :class:`Item` with its version."""
+        op = set_op(key, value, ttl_s, nx, xx, if_version, False, fence, versioned=True)
+        value_bytes = op[2][1]
+        return self._add(op, lambda result: new_versioned_item(value_bytes, result[1], result[0]))
+
+    def delete(
+        self,
+        key: bytes | str,
+        if_version: int | None = None,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> Pipeline:
         """Queue a DEL: its result is whether a live key was removed."""
-        self._ops.append((_DEL, as_bytes(key, "key"), None, None))
-        return self
+        return self._add(delete_op(key, if_version, fence))
+
+    def incr(
+        self,
+        key: bytes | str,
+        by: int = 1,
+        ttl_s: float | None = None,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> Pipeline:
+        """Queue an INCR: its result is the new value."""
+        return self._add(incr_op(key, by, ttl_s, fence))
+
+    def incr_item(
+        self,
+        key: bytes | str,
+        by: int = 1,
+        ttl_s: float | None = None,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> Pipeline:
+        """Queue an INCR: its result is ``(value, version, deadline_ms)``."""
+        return self._add(incr_op(key, by, ttl_s, fence, item=True))
+
+    def expire(self, key: bytes | str, ttl_s: float) -> Pipeline:
+        """Queue an EXPIRE: its result is the new deadline, None if the key is missing."""
+        return self._add(expire_op(key, ttl_s))
+
+    def persist(self, key: bytes | str) -> Pipeline:
+        """Queue a persist: its result is the key's new version, None if it is missing."""
+        return self._add(persist_op(key))
+
+    def ttl_ms(self, key: bytes | str) -> Pipeline:
+        """Queue a TTL read: its result is the milliseconds left (None: no deadline); a
+        missing key has a :class:`NotFound` in its place (None means "no deadline" here)."""
+        op = meta_op(key)
+        return self._add(op, lambda item: _ttl_or_missing(op[1], item))
+
+    def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Pipeline:
+        """Queue a LOCK: its result is a :class:`Lock` (or :class:`Conflict`)."""
+        op = lock_op(name, ttl_s, wait_s)
+        lock_key = op[1]
+        return self._add(op, lambda result: Lock(lock_key, result[0], result[1]))
+
+    def refresh_lock(self, name: bytes | str, token: int, ttl_s: float) -> Pipeline:
+        """Queue a REFRESH: its result is the new expiry (Unix ms)."""
+        return self._add(refresh_op(name, token, ttl_s))
+
+    def release_lock(self, name: bytes | str, token: int) -> Pipeline:
+        """Queue an UNLOCK: its result is None."""
+        return self._add(unlock_op(name, token))
+
+    def check_fence(self, name: bytes | str, token: int) -> Pipeline:
+        """Queue a FENCE_CHECK: its result is whether ``token`` is the lock's newest."""
+        return self._add(fence_check_op(name, token))
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Send everything queued (then forget it) and return the results in order; see
-        :meth:`Client.execute`."""
+        :meth:`Client.execute` and the class docstring (fences)."""
         ops, self._ops = self._ops, []
-        return self._client.execute(ops, raise_on_error) if ops else []
+        plain, self._plain = self._plain, True
+        patience_s, self._patience_s = self._patience_s, 0.0
+        fixups, self._fixups = self._fixups, []
+        fences, self._fences = self._fences, []
+        if not ops:
+            return []
+        client = self._client
+        if plain:
+            return client._execute(ops, raise_on_error)
+        refused: dict[int, ZkvError] = {}
+        if fences:
+            refused = self._check_fences(fences)
+        if refused:
+            keep = [position for position in range(len(ops)) if position not in refused]
+            sent = client._execute([ops[p] for p in keep], False, False, patience_s)
+            results: list[Any] = [None] * len(ops)
+            for position, result in zip(keep, sent, strict=True):
+                results[position] = result
+            for position, err in refused.items():
+                results[position] = err
+        else:
+            results = client._execute(ops, False, False, patience_s)
+        for position, fixup in fixups:
+            result = results[position]
+            if not isinstance(result, ZkvError):
+                results[position] = fixup(result)
+        if raise_on_error:
+            for result in results:
+                if isinstance(result, ZkvError):
+                    raise result
+        return results
+
+    def _check_fences(self, fences: list[tuple[int, tuple[bytes, int]]]) -> dict[int, ZkvError]:
+        """FENCE_CHECK each distinct fence (one BATCH); the positions whose fence failed,
+        each with its error (Conflict, or the check's own failure)."""
+        distinct = list(dict.fromkeys(fence for _, fence in fences))
+        checks = self._client._execute(
+            [fence_check_op(name, token) for name, token in distinct], False, False
+        )
+        failed: dict[tuple[bytes, int], ZkvError] = {}
+        for fence, result in zip(distinct, checks, strict=True):
+            if isinstance(result, ZkvError):
+                failed[fence] = result
+            elif result is not True:
+                failed[fence] = stale_fence(fence)
+        return {position: failed[fence] for position, fence in fences if fence in failed}
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -704,6 +1097,97 @@ class Pipeline:
         tb: TracebackType | None,
     ) -> None:
         self._ops = []  # what was not executed is dropped
+        self._plain = True
+        self._patience_s = 0.0
+        self._fixups = []
+        self._fences = []
+
+
+def _ttl_or_missing(key: bytes, item: Item | None) -> int | NotFound | None:
+    """A pipelined ttl_ms's result: the milliseconds left, None for no deadline, NotFound
+    (as an error in the op's place) for a missing key."""
+    if item is None:
+        return NotFound(key)
+    return remaining_ms(item.deadline_ms)
+
+
+class HeldLock:
+    """The context manager of :meth:`Client.lock`: takes the lock on entry, releases it on
+    exit, and with ``refresh`` keeps it in a background thread meanwhile (zkv/calls.py,
+    "locks", says how a failed refresh surfaces)."""
+
+    def __init__(
+        self, client: Client, name: bytes | str, ttl_s: float, wait_s: float, refresh: bool
+    ) -> None:
+        self._client = client
+        self._name = name
+        self._ttl_s = ttl_s
+        self._wait_s = wait_s
+        self._refresh = refresh
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lock: Lock | None = None
+
+    def __enter__(self) -> Lock:
+        self.lock = lock = self._client.acquire_lock(self._name, self._ttl_s, self._wait_s)
+        if self._refresh:
+            refresher = Refresher(lock, self._ttl_s, time.monotonic())
+            self._thread = threading.Thread(
+                target=self._keep,
+                args=(refresher,),
+                name=f"zkv-lock-{lock.name.decode(errors='replace')}",
+                daemon=True,  # never keeps the interpreter alive
+            )
+            self._thread.start()
+        return lock
+
+    def _keep(self, refresher: Refresher) -> None:
+        """The refresh thread: REFRESH every ttl / 3 on a client of its own, until stopped or
+        the lock is lost."""
+        lock = refresher.lock
+        try:
+            with self._client.clone() as kv:
+                while not self._stop.wait(max(0.0, refresher.due_in(time.monotonic()))):
+                    try:
+                        expires_at_ms = kv.refresh_lock(lock.name, lock.token, self._ttl_s)
+                    except ZkvError as exc:
+                        if not refresher.failed(exc, time.monotonic(), int(time.time() * 1000)):
+                            log.warning("%s", lock.error)
+                            return
+                    else:
+                        refresher.refreshed(expires_at_ms, time.monotonic())
+        except Exception as exc:  # a bug must not die silently in a thread: the lock is lost
+            lock.error = LockLost(f"lock refresh failed: {exc!r}")
+            log.exception("lock refresh thread failed")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lock = self.lock
+        if lock is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(REFRESH_JOIN_S)
+        if lock.error is not None:  # lost: the token is stale, nothing to release
+            if exc_type is None:
+                raise lock.error
+            return
+        try:
+            self._client.release_lock(lock.name, lock.token)
+        except ZkvError as err:
+            if exc_type is not None:  # never mask the block's own exception
+                log.warning("releasing lock %r after an error failed: %s", lock.name, err)
+                return
+            if isinstance(err, Conflict):
+                raise LockLost(
+                    f"lock {lock.name.decode(errors='replace')!r} was lost while held "
+                    f"(token {lock.token} is no longer the lock's): {err}"
+                ) from None
+            raise
 
 
 _PENDING: Any = object()  # a pipeline result not known yet

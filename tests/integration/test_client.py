@@ -11,7 +11,7 @@ import zmq
 
 from tests.cluster import free_port
 from zkv import Client, Timeout, Unavailable
-from zkv.protocol import Reply, Status, decode_request, encode_reply
+from zkv.protocol import Reply, Status, decode_request, encode_reply, versioned_body
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,8 @@ def serve(socket: zmq.Socket, answer_from: int, seen: list, stop: threading.Even
         request = decode_request(frames)
         seen.append((identity, request.request_id))
         if len(seen) > answer_from:
-            reply = Reply(Status.OK, request.request_id, body=b"v")
+            body = versioned_body(1, b"v") if request.versioned else b"v"  # Client.get: versioned
+            reply = Reply(Status.OK, request.request_id, body=body)
             socket.send_multipart([identity, *encode_reply(reply)])
 
 

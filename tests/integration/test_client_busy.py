@@ -23,6 +23,7 @@ from zkv.protocol import (
     encode_batch_reply,
     encode_reply,
     split_batch,
+    versioned_body,
 )
 
 pytestmark = pytest.mark.integration
@@ -68,6 +69,10 @@ class SheddingBroker:
             else:
                 request = decode_request(frames)
                 reply = self._reply(request.request_id, request.key, identity)
+                if request.versioned and reply.status == Status.OK:  # a Client.get (issue 12)
+                    reply = Reply(
+                        Status.OK, reply.request_id, 0, None, versioned_body(1, reply.body or b"")
+                    )
                 socket.send_multipart([identity, *encode_reply(reply)])
 
     def close(self) -> None:

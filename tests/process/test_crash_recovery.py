@@ -24,7 +24,7 @@ import zmq
 
 from tests.cluster import ROOT, Cluster
 from workers import aof
-from workers.aof import LogReader, MemosRecord, SetRecord, TimeRecord
+from workers.aof import LogReader, MemosRecord, SetRecord, TimeRecord, VersionRecord
 from workers.persist import RewriteStep
 from workers.worker import EXIT_CORRUPT_LOG
 from zkv.client import Client, NotFound
@@ -262,7 +262,9 @@ def test_a_worker_takes_over_from_a_compaction_killed_at_each_step(
             # Where it died, as the files show it.
             assert (shard_dir / "log.rewrite").exists() == (step.value < RewriteStep.RENAMED.value)
             with LogReader(shard_dir / "log") as reader:
-                first = next(r for _, r in reader.records() if not isinstance(r, TimeRecord))
+                first = next(
+                    r for _, r in reader.records() if not isinstance(r, TimeRecord | VersionRecord)
+                )
             assert isinstance(
                 first, MemosRecord if step.value >= RewriteStep.RENAMED.value else SetRecord
             )

@@ -263,4 +263,4 @@ def test_the_ttl_may_come_before_the_command_too(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit) as exited:
         main(["--ttl", "10", "get", "k"])
     assert exited.value.code == 2
-    assert "only set takes a time to live" in capsys.readouterr().err
+    assert "only set, incr and lock take a time to live, not get" in capsys.readouterr().err

@@ -9,7 +9,9 @@ FakeClock: nothing sleeps.
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,9 @@ from workers.shard import (
 from workers.store import TTLStore
 from zkv.protocol import (
     EXTENDED_OP,
+    MAX_KEY_BYTES,
+    MAX_RECORD_BYTES,
+    MAX_VALUE_BYTES,
     Dispatch,
     Kind,
     Reply,
@@ -610,3 +615,130 @@ def test_a_full_disk_refuses_issue_12_writes_before_applying_them(
     assert wire.send(Kind.GET, b"n").body == b"1"
     assert wire.deliver(Request(Kind.EXPIRE, 14, b"n")).status == Status.NO_SPACE
     shard.close()
+
+
+def test_a_lock_and_a_fence_of_the_longest_name_replay(
+    durability: Durability, clock: FakeClock
+) -> None:
+    """The worker's own keys are a prefix longer than the client's name: the log must take
+    them back (a reader that refused keys over MAX_KEY_BYTES refused this shard's log)."""
+    name = b"n" * MAX_KEY_BYTES
+    shard = take_shard(0, 1, None, durability, clock).shard
+    wire = Wire(shard)
+    token = token_of(wire.send(Kind.LOCK, name, ttl_ms=1000))
+    assert wire.send(Kind.SET, b"k", value=b"v", fence=(name, token)).status == Status.OK
+    shard.close()
+    again = take_shard(0, 2, None, durability, clock).shard
+    assert Wire(again).send(Kind.FENCE_CHECK, name, token=token).status == Status.OK
+    assert Wire(again).send(Kind.SET, b"k", value=b"w", fence=(name, token - 1)).status == (
+        Status.CONFLICT
+    )
+    again.close()
+
+
+def test_a_follower_takes_the_largest_setv_record() -> None:
+    """Replication ships log records whole: its bound must hold the largest SETV."""
+    largest = aof.PREFIX_BYTES + aof.encode_setv(0, b"", b"", None, 1).__len__() - 8
+    assert largest + MAX_KEY_BYTES + MAX_VALUE_BYTES <= MAX_RECORD_BYTES
+
+
+def test_a_retry_of_a_return_old_set_whose_old_value_was_large_is_refused_not_applied(
+    wire: Wire,
+) -> None:
+    wire.send(Kind.SET, b"k", value=b"x" * 5000)
+    request = Request(Kind.SET, 4242, b"k", b"new", return_old=True)
+    first = wire.deliver(request)
+    assert decode_old_item(first.body)[1] is not None
+    wire.send(Kind.SET, b"k", value=b"newer")
+    again = wire.deliver(request)
+    assert again.status == Status.CONFLICT
+    assert again.body is not None and b"applied by an earlier attempt" in again.body
+    assert wire.send(Kind.GET, b"k").body == b"newer"
+
+
+def test_a_compacted_log_keeps_the_replies_of_issue_12_writes(
+    durability: Durability, clock: FakeClock
+) -> None:
+    shard = take_shard(0, 1, None, durability, clock).shard
+    wire = Wire(shard)
+    incr = Request(Kind.INCR, 5151, b"n", by=2)
+    first = wire.deliver(incr)
+    files = shard.files
+    assert files is not None
+    files.start_rewrite(shard.store, shard.memory)
+    assert files.wait_rewrite(10.0)
+    shard.tick()
+    shard.close()
+    again = take_shard(0, 2, None, durability, clock).shard
+    retried = Wire(again).deliver(incr)
+    assert (retried.status, retried.body) == (Status.OK, first.body)
+    assert again.store.item(b"n")[0] == b"2"
+    again.close()
+
+
+def test_a_batch_undone_by_a_full_disk_announces_no_event(tmp_path: Path, clock: FakeClock) -> None:
+    """An append that meets ENOSPC undoes the batch (a replay of the log): its changes were
+    never acknowledged, so the events hook must not keep them."""
+    full = [False]
+
+    def write(fd: int, data: memoryview) -> int:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data)
+
+    durability = Durability(
+        tmp_path / "data", FsyncPolicy.ALWAYS, fsync=lambda fd: None, write=write
+    )
+    shard = take_shard(0, 1, None, durability, clock).shard
+    events: list[tuple[int, bytes, int, int]] = []
+    shard.events = events
+    wire = Wire(shard)
+    assert wire.send(Kind.SET, b"kept", value=b"1").status == Status.OK
+    full[0] = True
+    replies = wire.batch(Request(Kind.SET, 1, b"lost", b"2"), Request(Kind.INCR, 2, b"n", by=1))
+    assert [r.status for r in replies] == [Status.NO_SPACE, Status.NO_SPACE]
+    assert [key for _, key, _, _ in events] == [b"kept"]
+    assert shard.store.events is events  # the rebuilt store still feeds the hook
+    shard.close(sync=False)
+
+
+def test_a_follower_applying_the_shipped_records_holds_the_same_keys_versions_and_replies(
+    durability: Durability, clock: FakeClock
+) -> None:
+    """Cluster mode ships the bytes the leader appends; a follower applies them with replay's
+    code (persist.apply_record): versions, locks and remembered replies come along."""
+    from workers.idempotency import RequestMemory
+    from workers.persist import apply_record
+
+    shard = take_shard(0, 1, None, durability, clock).shard
+    wire = Wire(shard)
+    incr = Request(Kind.INCR, 6161, b"n", by=9)
+    first = wire.deliver(incr)
+    token_of(wire.send(Kind.LOCK, b"job", ttl_ms=100))
+    wire.send(Kind.SET, b"k", value=b"v", fence=(b"job", 3), nx=True)
+    wire.send(Kind.EXPIRE, b"k", ttl_ms=500)
+    shard.close()
+    store, memory = TTLStore(clock), RequestMemory()
+    with LogReader(durability.shard_dir(0) / "log") as reader:
+        for _, record in reader.records():
+            apply_record(record, store, memory)
+    assert store._data == shard.store._data and store.last_version == shard.store.last_version
+    follower = Shard(0, store, memory=memory)
+    retried = Wire(follower).deliver(incr)
+    assert (retried.status, retried.body) == (Status.OK, first.body)
+
+
+def test_key_counts_leave_the_workers_own_keys_out(
+    shard: Shard, wire: Wire, clock: FakeClock
+) -> None:
+    from workers.figures import WorkerCounters, figures
+
+    wire.send(Kind.SET, b"a", value=b"1", ttl_ms=10)
+    token = token_of(lock(wire, b"job", 5))
+    wire.send(Kind.SET, b"b", value=b"2", fence=(b"job", token))
+    assert len(shard.store) == 4 and shard.store.reserved == 2
+    assert figures(shard, WorkerCounters(), 1.0)["keys"] == 2
+    clock.advance(LOCK_MEMORY_MS + FENCE_MEMORY_MS)
+    while shard.store.expire(1000):  # the expiry pass removes the reserved keys too
+        pass
+    assert shard.store.reserved == 0 and figures(shard, WorkerCounters(), 1.0)["keys"] == 1
