@@ -59,6 +59,7 @@ from gateway.auth import (
     is_admin,
     require_role,
 )
+from gateway.watch import Watches, parse_event_id
 from zkv import defaults
 from zkv.calls import Lock
 from zkv.client import ALL_PAGE_KEYS, Item, NotFound
@@ -74,6 +75,7 @@ from zkv.errors import (
 )
 from zkv.logs import LogLimiter
 from zkv.protocol import MAX_LOCK_WAIT_MS, MAX_TTL_MS, Entry
+from zkv.watch import events_endpoints
 
 log = logging.getLogger(__name__)
 # Every line a request can cause goes through this: at most BURST (5) lines of one kind per
@@ -945,6 +947,7 @@ def make_app(
     clock: Callable[[], float] = time.time,
     tokens: Tokens | None = None,
     http_stats: metrics.HttpStats | None = None,
+    watches: Watches | None = None,
 ) -> Bottle:
     """The gateway's WSGI app.
 
@@ -956,6 +959,8 @@ def make_app(
         tokens: who may do what (gateway/auth.py); None serves everyone.
         http_stats: the gateway's HTTP counts, shared by its processes (gateway/metrics.py);
             a private one if None.
+        watches: where /v1/watch gets its events (gateway/watch.py); None: the broker's
+            events endpoint from $ZKV_EVENTS (default tcp://127.0.0.1:5557), no CURVE.
     """
     stats = metrics.HttpStats() if http_stats is None else http_stats
     app = Bottle()
@@ -1258,6 +1263,32 @@ def make_app(
             ],
             "next": cursor_of(page[-1].key) if len(entries) > limit else None,
         }
+
+    watching = Watches(events_endpoints(None)) if watches is None else watches
+
+    @app.get("/v1/watch")
+    def rest_watch() -> Any:
+        # Server-Sent Events of the keys under ?prefix= (gateway/watch.py has the format).
+        prefix = seed.checked_key(optional_param("prefix") or "", BadRequest, "parameter 'prefix'")
+        if prefix.startswith("\0"):
+            raise BadRequest("parameter 'prefix' starts with NUL (reserved for internal keys)")
+        last = request.get_header("Last-Event-ID")
+        try:
+            last_id = None if last is None else parse_event_id(last)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        response.content_type = "text/event-stream"
+        response.set_header("Cache-Control", "no-cache")
+        if request.method == "HEAD":
+            return b""
+        body = watching.open(request.environ, prefix.encode(), last_id)
+        if body is None:
+            raise HTTPError(
+                503,
+                f"too many watchers on this gateway process (at most {watching.max_watchers})",
+                headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+            )
+        return body
 
     @app.get("/v1/health")
     def health(kv: ClientLike) -> Any:

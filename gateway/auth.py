@@ -83,6 +83,7 @@ ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("GET", "/set"): Role.WRITE,  # a GET that changes data, as the seed's API was
     ("GET", "/delete"): Role.WRITE,
     ("GET", "/v1/keys"): Role.READ,
+    ("GET", "/v1/watch"): Role.READ,  # change events, as readable as the keys
     ("GET", KEY_RULE): Role.READ,
     ("PUT", KEY_RULE): Role.WRITE,
     ("DELETE", KEY_RULE): Role.WRITE,

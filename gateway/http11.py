@@ -44,6 +44,14 @@ order, one request of a connection at a time):
 * :meth:`HttpServer.stop` stops accepting, closes idle connections, lets the requests in hand
   finish for up to a grace period, and closes each connection after its response.
 
+A streamed response (``GET /v1/watch``, gateway/watch.py): an app that puts a coroutine
+function under ``environ[STREAM_KEY]`` (servers that can take one set ``environ[STREAMS_KEY]``)
+and answers 200 gets its head written without a length and with ``Connection: close``; the
+function is then run on the loop with a :class:`StreamOut` and writes the body until it
+returns, the client leaves (it is cancelled) or the server stops (cancelled too). It must write
+only while ``writable()``: the transport's high-water mark and ``write_timeout_s`` bound a
+stream's output as any response's.
+
 A :data:`Shortcut` may be given: it is offered every request first and may answer it from a
 future, on the loop, without a WSGI call (the gateway's fast lane, gateway/fastlane.py); what
 it declines goes to the app. Answers keep their order on a connection either way.
@@ -189,6 +197,29 @@ class _DateCache:
         return self._value
 
 
+STREAM_KEY = "zkv.stream"  # environ: the coroutine function of a streamed response
+STREAMS_KEY = "zkv.streams"  # environ: this server takes streamed responses
+
+
+class StreamOut:
+    """Where a streamed response writes (see the module docstring).
+
+    Attributes:
+        write: writes bytes; False once the connection is gone (the stream should end).
+        writable: False while the client does not read (the output is above high water).
+        wake: set by the stream; called when the output drained again.
+    """
+
+    def __init__(self, write: Callable[[bytes], bool], writable: Callable[[], bool]) -> None:
+        self.write = write
+        self.writable = writable
+        self.wake: Callable[[], None] = _nothing
+
+
+def _nothing() -> None:
+    pass
+
+
 class _Request:
     """One request as the parser delivers it."""
 
@@ -328,6 +359,8 @@ class HttpConnection(asyncio.Protocol):
         self.after_sent: list[Callable[[], None]] = []  # WSGI close() of responses in the buffer
         self.advancing = False  # in _next: a call from within only asks for another round
         self.advance_again = False
+        self.stream_task: asyncio.Task[None] | None = None  # a streamed response being sent
+        self.stream_out: StreamOut | None = None
 
     # --- transport callbacks ------------------------------------------------------------------
 
@@ -347,6 +380,8 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.ready.clear()
+        if self.stream_task is not None:
+            self.stream_task.cancel()
         self.server.forget(self)
         self._sent()
 
@@ -368,6 +403,8 @@ class HttpConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writable = True
         self.write_blocked_since = 0.0
+        if self.stream_out is not None:
+            self.stream_out.wake()
         self._sent()
         self._next()
         self._maybe_resume_reading()
@@ -461,6 +498,10 @@ class HttpConnection(asyncio.Protocol):
         # is closed. True keeps the transport open for those answers; under TLS the transport
         # closes anyway (a TLS close is both ways: asyncio warns of a True, per connection).
         self.input_ended = True
+        if self.stream_task is not None:
+            # A stream's client that stops sending has left (an EventSource never half-closes):
+            # end the stream now rather than at its next write, up to a keepalive later.
+            self.stream_task.cancel()
         if self.linger_until:
             self.close()  # lingering after a refusal: the client has stopped sending
         else:
@@ -720,6 +761,14 @@ class HttpConnection(asyncio.Protocol):
             return
         status, headers, body, closer = result
         del result
+        stream = environ.pop(STREAM_KEY, None)
+        if stream is not None and status[:3] == "200":
+            self._respond(request, started, status, headers, b"", streaming=True)
+            if closer is not None:
+                self.after_sent.append(closer)
+            self.busy = True  # nothing more is answered on this connection
+            self.stream_task = self.server.loop.create_task(self._stream(stream))
+            return
         self._respond(request, started, status, headers, body)
         del body
         if closer is not None:
@@ -729,6 +778,31 @@ class HttpConnection(asyncio.Protocol):
         self._next()
         self._close_if_done()
 
+    async def _stream(self, run: Callable[[StreamOut], Any]) -> None:
+        """Send a streamed response's body (see the module docstring), then close."""
+        out = self.stream_out = StreamOut(self._stream_write, self._stream_writable)
+        try:
+            await run(out)
+        except asyncio.CancelledError:
+            pass  # the client left, or the server stops
+        except Exception:
+            self.server.logs.error("stream failed", "a streamed response failed", exc_info=True)
+        finally:
+            self.stream_out = None
+            self.stream_task = None
+            self.busy = False
+            self._close_if_done()
+
+    def _stream_write(self, data: bytes) -> bool:
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return False
+        transport.write(data)
+        return True
+
+    def _stream_writable(self) -> bool:
+        return self.writable and not self.closed
+
     def _respond(
         self,
         request: _Request,
@@ -736,12 +810,14 @@ class HttpConnection(asyncio.Protocol):
         status: str,
         headers: list[tuple[str, str]],
         body: bytes,
+        streaming: bool = False,
     ) -> None:
         if self.closed or self.transport is None:
             return  # the client left; its answer goes nowhere
         self.last_active = self.server.loop.time()
         close = (
-            request.early
+            streaming  # its end is the end of the connection
+            or request.early
             or not request.keep_alive
             or self.closing
             or (self.input_ended and not self.ready)  # the last answer before closing
@@ -756,13 +832,15 @@ class HttpConnection(asyncio.Protocol):
             if lowered in _HOP_BY_HOP:
                 continue
             if lowered == b"content-length":
+                if streaming:
+                    continue  # the app's own (of its empty body) would end the stream at once
                 has_length = True
             elif lowered == b"date":
                 has_date = True
             head += raw_name + b": " + value.encode("latin-1") + b"\r\n"
         if request.method == b"HEAD" or code < 200 or code in (204, 304):
             body = b""
-        elif not has_length:
+        elif not has_length and not streaming:
             head += b"Content-Length: " + str(len(body)).encode() + b"\r\n"
         if not has_date:
             head += b"Date: " + self.server.dates.get() + b"\r\n"
@@ -1016,6 +1094,7 @@ class HttpServer:
             "wsgi.multiprocess": True,
             "wsgi.run_once": False,
             "wsgi.input_terminated": True,
+            STREAMS_KEY: True,
         }
 
     async def start(self, sockets: Iterable[socket.socket]) -> None:
@@ -1193,6 +1272,9 @@ class HttpServer:
             listener.close()  # this process's copy: the kernel queues nothing more for it
         self._listeners.clear()
         deadline = self.loop.time() + grace_s
+        for connection in list(self.connections):
+            if connection.stream_task is not None:
+                connection.stream_task.cancel()  # a stream has no end of its own
         while True:
             for connection in list(self.connections):
                 if connection.idle():

@@ -38,6 +38,7 @@ from gateway.auth import Tokens, TokensFileError, load_tokens
 from gateway.bridge import LoopClient
 from gateway.http11 import ServerConfig, Shortcut, set_target_limit
 from gateway.metrics import CountedWsgi, HttpStats
+from gateway.watch import Watches
 from zkv import defaults, protocol
 from zkv.client import Client
 from zkv.config import (
@@ -51,6 +52,8 @@ from zkv.config import (
     program_name,
     whole_number,
 )
+from zkv.keys import KeysError, client_curve
+from zkv.watch import events_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         defaults.FRONTEND,
         endpoints,
         "the broker's frontend, or several brokers' separated by commas (tried in turn)",
+    )
+    add_flag(
+        parser,
+        "--events",
+        "ZKV_EVENTS",
+        defaults.EVENTS,
+        endpoints,
+        "the broker's events endpoint(s) for GET /v1/watch (comma-separated: several brokers)",
     )
     add_flag(
         parser,
@@ -369,6 +380,15 @@ def app_factory(
         connect_timeout_s=args.connect_timeout,
         keys=args.keys if args.frontend_curve else None,
     )
+    try:
+        curve = client_curve(args.keys) if args.frontend_curve else None
+    except KeysError as exc:
+        raise SystemExit(f"argument --keys {args.keys}: {exc}") from None
+    watches = Watches(
+        events_endpoints(args.events),
+        curve,
+        threads=args.threads if args.worker_class == "gthread" else None,
+    )
     return functools.partial(
         make_app,
         client_factory,
@@ -376,6 +396,7 @@ def app_factory(
         max_value_bytes=args.max_value_bytes,
         tokens=tokens,
         http_stats=http_stats,
+        watches=watches,
     )
 
 

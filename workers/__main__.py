@@ -31,6 +31,7 @@ from types import FrameType
 
 from workers.aof import FsyncPolicy
 from workers.cluster import cluster_argv, run_cluster
+from workers.events import DISABLED
 from workers.idempotency import MAX_WINDOW_S, MIN_MAX_BYTES, MIN_WINDOW_S
 from workers.manifest import durable_data
 from workers.worker import WorkerConfig, run
@@ -93,6 +94,13 @@ def idempotency_window(text: str) -> float:
 def idempotency_max_bytes(text: str) -> int:
     """argparse type: a bound of at least MIN_MAX_BYTES bytes."""
     return whole_number(text, MIN_MAX_BYTES)
+
+
+def events_backend(text: str) -> str:
+    """argparse type: an endpoint to connect to, or ``none`` (no events)."""
+    if text.strip().lower() == DISABLED:
+        return DISABLED
+    return endpoint(text)
 
 
 def retry_reach_s() -> float:
@@ -174,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="bound of each shard's memory of writes (estimated bytes); past it, new writes "
         "inside the window are answered BUSY",
     )
+    add_flag(
+        parser,
+        "--events-backend",
+        "ZKV_EVENTS_BACKEND",
+        defaults.EVENTS_BACKEND,
+        events_backend,
+        help="the broker's events backend, where change events are published (cluster "
+        "mode: the brokers' from etcd); 'none' publishes no events",
+    )
     add_security_flags(parser)
     add_cluster_flags(parser)
     add_advertise_flag(parser)
@@ -229,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         heartbeat_liveness=args.heartbeat_liveness,
         idempotency_window_s=args.idempotency_window,
         idempotency_max_bytes=args.idempotency_max_bytes,
+        events_backend=None if args.events_backend == DISABLED else args.events_backend,
     )
     if args.processes == 1:
         if args.coordinator:
@@ -255,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         str(config.idempotency_max_bytes),
         "--disk-reserve",
         str(config.disk_reserve_bytes),
+        "--events-backend",
+        args.events_backend,
         *(["--insecure"] if keys is None else ["--no-insecure", "--keys", str(keys.directory)]),
         "--in-memory" if data_dir is None else "--no-in-memory",
         "--data-dir",  # in memory too: a child checks it holds no durable data

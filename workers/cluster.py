@@ -33,6 +33,7 @@ import zmq
 
 from workers.aof import CorruptLog, DurabilityError
 from workers.control import Control, EtcdPlane, Outcome
+from workers.events import EventPublisher
 from workers.links import Link, LinkedWorker
 from workers.manifest import ManifestError, bind_cluster, open_manifest
 from workers.member import Member, MemberError
@@ -155,6 +156,7 @@ class ClusterWorker(LinkedWorker):
                 plane.info.host,
                 plane.info.replication,
             )
+            self._start_events()
             self.control.start()
             generation = self.control.generation
             while not self.stopping:
@@ -178,6 +180,9 @@ class ClusterWorker(LinkedWorker):
             if self._leader_socket is not None:
                 self._leader_socket.close()
             self.close_links()
+            if self.events is not None:
+                self.events.close()
+                self.events = None
             if self._own_context:
                 self._context.term()
 
@@ -186,6 +191,8 @@ class ClusterWorker(LinkedWorker):
     def _control_pass(self) -> None:
         control = self.control
         self.set_brokers(control.brokers)
+        if self.events is not None and control.events_backends != self.events.endpoints:
+            self.events.connect(control.events_backends)
         for outcome in control.outcomes():
             if outcome.ok and outcome.action in ("campaign", "follow", "release", "resign"):
                 self._stale_before = outcome.reading + 1
@@ -264,6 +271,7 @@ class ClusterWorker(LinkedWorker):
         if shard is None:
             return
         self.shard = shard
+        self._arm_events(shard)
         self.role, self.role_shard, self.led_epoch = "leader", number, epoch
         self._isr_done.clear()
         view = self.control.view
@@ -353,7 +361,9 @@ class ClusterWorker(LinkedWorker):
 
     def _release(self, item: tuple[Link, list[list[bytes]]]) -> None:
         """A held pass's replies, now that the in-sync followers have its records."""
-        link, replies = item
+        link, replies, events = item
+        if events:  # the records are on the in-sync followers: the changes are durable
+            self._publish_held(events)
         if self.links.get(link.broker) is not link:
             return  # that broker (or that connection to it) is gone; the client resends
         current = self._socket, self.ledger, self._watch
@@ -375,6 +385,8 @@ class ClusterWorker(LinkedWorker):
             dropped = self.replicator.drain_held()
             if dropped:
                 log.info("%d held replies dropped (the next leader answers)", len(dropped))
+                # Their changes may or may not survive: a gap in the stream says so.
+                self._skip_events(sum(len(events or ()) for _, _, events in dropped))
             self.replicator = None
         self._drop_follower()
         if self.shard is not None:
@@ -514,6 +526,11 @@ class ClusterWorker(LinkedWorker):
             self._fail_stop(shard, exc)
             return
         batch.clear()
+        # The pass's events wait with its replies (published by _release), so that neither an
+        # expiry pass nor a later batch sends them before the followers have the records.
+        events = shard.events if self.events is not None else None
+        if events:
+            shard.events = []
         replies = [
             encode_reply(answer) if isinstance(answer, Reply) else answer
             for answer in answers
@@ -522,7 +539,27 @@ class ClusterWorker(LinkedWorker):
         nbytes = sum(len(frame) for frames in replies for frame in frames)
         link = self._current_link()
         if link is not None:
-            replicator.hold((link, replies), nbytes)
+            replicator.hold((link, replies, events or None), nbytes)
+        elif events:
+            self._skip_events(len(events))
+
+    def _start_events(self) -> None:
+        """The events socket, connected to no broker yet: _control_pass connects it to the
+        events backends the brokers registered in etcd (the flag only turns events on)."""
+        if self.config.events_backend is not None:
+            self.events = EventPublisher(self._context, [], self._curve)
+
+    def _publish_held(self, events: list[tuple[int, bytes, int, int]]) -> None:
+        """Publish a released pass's events (taken from the shard when it was held)."""
+        shard = self.shard
+        if self.events is not None and shard is not None:
+            self.events.publish(shard.number, shard.epoch, events)
+
+    def _skip_events(self, count: int) -> None:
+        """Number ``count`` events that will never be sent, so subscribers see the gap."""
+        shard = self.shard
+        if self.events is not None and shard is not None and count:
+            self.events.sequencer.take(shard.number, shard.epoch, count)
 
     def _answer_all(self, batch: list[Message], status: Status, message: str) -> None:
         for dispatch in batch:

@@ -67,6 +67,7 @@ class Control(threading.Thread):
         self._stop = threading.Event()
         self.view: View | None = None
         self.brokers: dict[str, str] = {}
+        self.events_backends: frozenset[str] = frozenset()  # the brokers' events backends
         self.reachable = True
         # Readings taken so far; an outcome carries the count at its end, so the loop acts
         # only on a reading taken after the step it asked for (not one from before it).
@@ -120,6 +121,7 @@ class Control(threading.Thread):
             if now >= next_read:
                 try:
                     self.view, self.brokers = self.plane.read()
+                    self.events_backends = self.plane.events_backends
                     self.readings += 1
                     if not self.reachable:
                         log.info("etcd reachable again")
@@ -169,6 +171,7 @@ class EtcdPlane:
         self.config = config
         self.ttl_s = ttl_s
         self.lease = Lease(coordinator.etcd, ttl_s)
+        self.events_backends: frozenset[str] = frozenset()  # set by read()
 
     def join(self) -> None:
         """Take the lease and register (raises EtcdError)."""
@@ -189,7 +192,13 @@ class EtcdPlane:
     def read(self) -> tuple[View, dict[str, str]]:
         coordinator = self.coordinator
         workers = coordinator.workers()
-        brokers = {name: info.backend for name, info in coordinator.live_brokers().items()}
+        live = coordinator.live_brokers()
+        brokers = {name: info.backend for name, info in live.items()}
+        # Where each broker's events proxy takes the workers' PUB (workers/events.py); a broker
+        # started with --events none, or by an older version, has none.
+        self.events_backends = frozenset(
+            info.events_backend for info in live.values() if info.events_backend
+        )
         leaders, isr, followers = read_shards(coordinator)
         view = View(
             shards=self.config.shards,

@@ -150,7 +150,7 @@ class LinkedWorker(Worker):
         links = list(self.links.values())
         items = [(link.socket, POLLIN) for link in links] + [(s, POLLIN) for s in extra]
         now_s = time.monotonic()
-        due = min([link.next_heartbeat_s for link in links] + [self._next_expire_s])
+        due = min([link.next_heartbeat_s for link in links] + [self._expire_due_s(now_s)])
         timeout_ms = math.ceil(min(max(due - now_s, 0.0), MAX_POLL_S) * 1000)
         ready = zmq_poll(items, timeout_ms) if items else []
         if not items:
@@ -205,6 +205,8 @@ class LinkedWorker(Worker):
         now_s = time.monotonic()
         self._next_heartbeat_s = now_s + 3600.0
         self._last_heard_s = now_s
+        if self.events is not None:  # the one-broker worker does it on its heartbeat timer
+            self.events.poll_subscriptions()
         Worker._run_timers(self)
 
     def close_links(self) -> None:

@@ -47,6 +47,7 @@ import zmq
 from zmq.backend import zmq_poll
 
 from workers.aof import CorruptLog, DurabilityError, FsyncPolicy
+from workers.events import EventPublisher
 from workers.figures import WorkerCounters, figures
 from workers.handshake import HandshakeWatch
 from workers.idempotency import RequestMemory, keep_ms
@@ -130,6 +131,8 @@ class WorkerConfig:
         idempotency_window_s: how long each shard remembers writes, and how old a stamped
             retry may be (workers/idempotency.py).
         idempotency_max_bytes: the bound of each shard's memory of writes (estimated bytes).
+        events_backend: the broker's events backend to publish change events to
+            (workers/events.py); None publishes none (the shard keeps no event list).
     """
 
     backend: str = defaults.BACKEND
@@ -144,6 +147,7 @@ class WorkerConfig:
     keys: Keys | None = None  # the cluster's CURVE keys; None: plain TCP (--insecure)
     idempotency_window_s: float = defaults.IDEMPOTENCY_WINDOW_S
     idempotency_max_bytes: int = defaults.IDEMPOTENCY_MAX_BYTES
+    events_backend: str | None = None
 
 
 class Worker:
@@ -209,6 +213,8 @@ class Worker:
         self._next_heartbeat_s = 0.0
         self._next_expire_s = 0.0
         self.counters = WorkerCounters()  # for the REPORT sent with each heartbeat
+        # Change events (workers/events.py): made by run() when config.events_backend is set.
+        self.events: EventPublisher | None = None
 
     @property
     def stopping(self) -> bool:
@@ -245,6 +251,7 @@ class Worker:
                 self.config.backend,
                 "without CURVE" if keys is None else f"CURVE, keys {keys.directory}",
             )
+            self._start_events()
             self._register()
             while not self._stop.is_set():
                 self._pass()
@@ -264,8 +271,48 @@ class Worker:
                 self.shard.close(sync=False)
                 self.shard = None
             self._close()
+            if self.events is not None:
+                self.events.close()
+                self.events = None
             if self._own_context:
                 self._context.term()
+
+    # --- events -----------------------------------------------------------------------------
+
+    def _start_events(self) -> None:
+        """Open the events socket (workers/events.py) if the config names a backend."""
+        backend = self.config.events_backend
+        if backend is None:
+            return
+        self.events = EventPublisher(self._context, [backend], self._curve)
+
+    def _arm_events(self, shard: Shard) -> None:
+        """Make ``shard`` record its changes (Shard.events) if this worker publishes them."""
+        if self.events is not None:
+            shard.events = []
+
+    def _publish(self, shard: Shard | None) -> None:
+        """Send the changes ``shard`` recorded since the last call (after their replies)."""
+        events = self.events
+        if events is None or shard is None:
+            return
+        pending = shard.events
+        if pending:
+            events.publish(shard.number, shard.epoch, pending)
+
+    def _expire_due_s(self, now_s: float) -> float:
+        """When the next expiry pass is due (monotonic s): the cycle's time, or earlier if a
+        key's deadline comes first, so that a key is removed (and its expire event sent) at
+        its deadline rather than up to a cycle late. Once a pass; store.next_deadline_ms is a
+        peek at the index's heap."""
+        due_s = self._next_expire_s
+        shard = self.shard
+        if shard is not None and due_s > now_s:
+            deadline_ms = shard.store.next_deadline_ms()
+            if deadline_ms is not None:
+                due_s = min(due_s, now_s + max(deadline_ms - self._clock(), 0) / 1000)
+                self._next_expire_s = due_s
+        return due_s
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -274,7 +321,7 @@ class Worker:
         now_s = time.monotonic()
         next_due_s = min(
             self._next_heartbeat_s,
-            self._next_expire_s,
+            self._expire_due_s(now_s),
             self._last_heard_s + self._silence_limit_s,
         )
         timeout_s = min(max(next_due_s - now_s, 0.0), MAX_POLL_S)
@@ -397,6 +444,7 @@ class Worker:
             if reply is None:
                 continue  # a GET answered before the batch's write and fsync
             self._send(encode_reply(reply) if isinstance(reply, Reply) else reply)
+        self._publish(shard)
 
     def _moved(self, shard: Shard, exc: ShardMoved) -> None:
         """A newer owner has the shard: drop it, write nothing more, register as new."""
@@ -498,6 +546,7 @@ class Worker:
             return
         shard = takeover.shard
         self.shard = shard
+        self._arm_events(shard)
         log.info(
             "took shard %d epoch %d (%d keys replayed from %s)",
             number,
@@ -552,6 +601,7 @@ class Worker:
         if shard is not None:
             try:
                 shard.tick()
+                self._publish(shard)  # keys a tick() removed, if it did
             except ShardMoved as exc:
                 self._moved(shard, exc)
             except OwnershipError as exc:
@@ -565,6 +615,8 @@ class Worker:
             # queued requests are served between passes but the backlog drains promptly.
             self._next_expire_s = now_s if backlog else now_s + self.config.expire_cycle_s
         if now_s >= self._next_heartbeat_s:
+            if self.events is not None:
+                self.events.poll_subscriptions()
             self._send(encode_control(Heartbeat()))
             self._report(now_s)
             self._next_heartbeat_s = now_s + self.config.heartbeat_interval_s
@@ -620,6 +672,7 @@ class Worker:
             return False
         store = self.shard.store
         self.shard.expired += store.expire(self.config.expire_max_keys, self.config.expire_budget_s)
+        self._publish(self.shard)  # the expire events of this pass
         next_deadline_ms = store.next_deadline_ms()
         return next_deadline_ms is not None and next_deadline_ms <= self._clock()
 

@@ -91,6 +91,7 @@ from zkv.client import BATCH_OPS, CONNECT_POLL_S, dealer
 from zkv.errors import Conflict, LockLost, ProtocolError, Unavailable, ZkvError
 from zkv.keys import frontend_curve
 from zkv.protocol import Kind
+from zkv.watch import AsyncWatch, events_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +291,21 @@ class AsyncClient:
         if fence is not None and not await self.check_fence(*fence):
             raise stale_fence(fence)
         return await self._call(op[0], op[1], op[2], op[3])
+
+    def watch(
+        self,
+        prefix: bytes | str = b"",
+        events: str | Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncWatch:
+        """``async for item in kv.watch(prefix)``: as :meth:`zkv.client.Client.watch`."""
+        return AsyncWatch(
+            self._context,
+            events_endpoints(events),
+            as_bytes(prefix, "prefix"),
+            self.curve,
+            timeout_s,
+        )
 
     async def close(self) -> None:
         """Stop the reader, close the socket, fail what is unanswered (:class:`Unavailable`)."""

@@ -14,6 +14,7 @@ Examples::
     zkv ping
     zkv get greeting --frontend tcp://10.0.0.5:5555
     zkv keygen /path/to/keys     # a cluster's CURVE keys, for other hosts
+    zkv watch user:              # change events of keys starting with user:, one JSON line each
 
 As redis-cli and etcdctl, the options go anywhere on the line, before or after the command
 (for ``lock``, before the ``--`` that starts the command it runs).
@@ -42,6 +43,7 @@ from zkv.config import endpoints, env_default, positive_float, program_name, who
 from zkv.errors import Conflict, LockLost, PreconditionFailed, ZkvError
 from zkv.keys import KeysError, create_keys
 from zkv.protocol import MAX_LOCK_WAIT_MS
+from zkv.watch import Gap
 
 EXIT_OK = 0
 EXIT_NO = 1  # the key does not exist, a condition failed, the lock is held, or degraded
@@ -218,9 +220,48 @@ def build_parser(
 
     command("all", "print every live key as JSON lines, read in pages (not a snapshot)")
     command("ping", "print the cluster's state as JSON; exit status 1 if a shard has no worker")
+    watch = command("watch", "print change events of keys starting with PREFIX, one JSON line each")
+    watch.add_argument("prefix", nargs="?", default="", help="the key prefix (default: all keys)")
+    watch.add_argument(
+        "--events",
+        type=endpoints,
+        default=env_default("ZKV_EVENTS", defaults.EVENTS, endpoints, "--events", prog),
+        metavar="ENDPOINT",
+        help=f"the broker's events endpoint(s) (env ZKV_EVENTS, default {defaults.EVENTS})",
+    )
+    watch.add_argument(
+        "--idle",
+        type=positive_float,
+        metavar="SECONDS",
+        help="exit after this long without an event (default: watch until interrupted)",
+    )
     keygen = command("keygen", "write a new cluster key set (CURVE) into DIR, which must not exist")
     keygen.add_argument("dir", type=Path, metavar="DIR", help="the directory to create")
     return parser
+
+
+def _watch(client: Client, prefix: str, events: str, idle_s: float | None) -> None:
+    """``zkv watch``: one JSON line per event, a ``{"gap": ...}`` line where events were
+    missed (zkv/watch.py); ends after ``idle_s`` without an event, or at Ctrl-C."""
+    try:
+        with client.watch(prefix, events, timeout_s=idle_s) as watching:
+            for item in watching:
+                if isinstance(item, Gap):
+                    line: dict[str, Any] = {
+                        "gap": {"shard": item.shard, "missed": item.missed, "seq": item.got}
+                    }
+                else:
+                    line = {
+                        "event": item.event.name.lower(),
+                        "key": item.key.decode("utf-8", errors="surrogateescape"),
+                        "shard": item.shard,
+                        "seq": item.seq,
+                        "version": item.version,
+                        "expires_at_ms": item.deadline_ms or None,
+                    }
+                print(json.dumps(line), flush=True)
+    except KeyboardInterrupt:
+        pass
 
 
 class _NotParsed(Exception):
@@ -336,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "expires_at_ms": entry.deadline_ms,
                             }
                             print(json.dumps(line))
+                case "watch":
+                    _watch(client, args.prefix, args.events, args.idle)
                 case "ping":
                     info = client.ping()
                     print(json.dumps(info))

@@ -123,6 +123,7 @@ from zkv.protocol import (
     encode_request,
     stamp_of,
 )
+from zkv.watch import Watch, events_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -449,6 +450,25 @@ class Client:
             raise ZkvError(f"malformed ALL reply from {self.endpoint}: {exc}") from None
         entries.sort(key=_entry_key)
         return entries
+
+    def watch(
+        self,
+        prefix: bytes | str = b"",
+        events: str | Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Watch:
+        """Change events of the keys starting with ``prefix``: an iterator of
+        :class:`zkv.protocol.Event`, with a :class:`zkv.watch.Gap` before an event when some
+        were missed (zkv/watch.py). ``events``: the broker's events endpoint(s), default
+        ``$ZKV_EVENTS`` or tcp://127.0.0.1:5557; CURVE as this client's frontend.
+        ``timeout_s``: the iteration ends after this long without an event (None: never)."""
+        return Watch(
+            self._context,
+            events_endpoints(events),
+            as_bytes(prefix, "prefix"),
+            self.curve,
+            timeout_s,
+        )
 
     def ping(self) -> dict[str, Any]:
         """The broker's view of the cluster: shards, which have owners, worker count."""

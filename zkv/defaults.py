@@ -79,3 +79,8 @@ LEASE_TTL_S = 3  # ZKV_LEASE_TTL: whole seconds (etcd's unit); 1 to MAX_LEASE_TT
 MAX_LEASE_TTL_S = 300
 REPLICA_LAG_S = 1.0  # ZKV_REPLICA_LAG: a follower silent or behind this long leaves the ISR
 MAX_REPLICA_LAG_S = 60.0
+
+# Change events (issue 12, docs/protocol.md): workers' PUB sockets connect to the broker's
+# events backend (XSUB), subscribers (zkv watch, the gateway's /v1/watch) to its XPUB.
+EVENTS = f"tcp://127.0.0.1:{EVENTS_PORT}"  # ZKV_EVENTS: the broker's XPUB, for subscribers
+EVENTS_BACKEND = f"tcp://127.0.0.1:{EVENTS_BACKEND_PORT}"  # ZKV_EVENTS_BACKEND: its XSUB

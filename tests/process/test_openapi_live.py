@@ -64,7 +64,12 @@ def test_schemathesis_finds_nothing_against_a_live_gateway(
     description = tmp_path / "openapi.json"
     description.write_bytes(served.body)
     operations = len(
-        [m for item in served.json()["paths"].values() for m in item if m in HTTP_METHODS]
+        [
+            m
+            for path, item in served.json()["paths"].items()
+            for m in item
+            if m in HTTP_METHODS and path != "/v1/watch"  # disabled: a stream (schemathesis.toml)
+        ]
     )
     result = schemathesis(
         str(description),
