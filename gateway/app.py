@@ -1147,6 +1147,8 @@ def make_app(
             item = kv.get(key)
         else:
             touch_ms = parse_ttl_ms("touch", touch)
+            if request.method == "HEAD":  # RFC 9110 9.3.2: HEAD is safe, it changes nothing
+                raise BadRequest("parameter 'touch' moves the deadline: use GET, not HEAD")
             if match is not None:  # a 412 must change nothing, and the touch would have
                 raise BadRequest("header 'If-Match' is not honoured with ?touch=: leave it out")
             require_role(request.environ, Role.WRITE)  # a touch moves the deadline

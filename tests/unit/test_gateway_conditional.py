@@ -227,6 +227,13 @@ def test_get_touch_moves_the_deadline_as_it_reads(app: Bottle, clock: FakeClock)
     assert "If-Match" in message  # a 412 could not undo the touch: refused instead
 
 
+def test_head_with_touch_is_400_and_moves_nothing(app: Bottle, clock: FakeClock) -> None:
+    send(app, "PUT", "/v1/keys/session?ttl=5", b"v")
+    deadline = send(app, "GET", "/v1/keys/session").headers["x-zkv-expires-at-ms"]
+    assert send(app, "HEAD", "/v1/keys/session?touch=60").status == 400  # HEAD: no body
+    assert send(app, "GET", "/v1/keys/session").headers["x-zkv-expires-at-ms"] == deadline
+
+
 # --- locks ----------------------------------------------------------------------------------
 
 
