@@ -856,9 +856,8 @@ class Broker:
             for flight in open_flights.values():
                 flight.account = None
         for kind, request_id, key, record in subs:
-            if not kind:  # malformed: key holds the message
+            if not kind:  # malformed: key holds the message (its bytes: after the loop)
                 refused.append(pack_reply(_ERROR, request_id, 0, None, b"bad request: " + key))
-                unheld_bytes += len(record)
                 unheld_ops += 1
                 continue
             size = len(record)
@@ -908,6 +907,13 @@ class Broker:
             flight.ops.append(op)
             flight.keys.add(key)
             flight.nbytes += size
+        if refused:
+            # A malformed sub-request comes without its record (split_batch cannot always
+            # tell where it ends), yet the batch was charged whole: refund what no well-formed
+            # one holds. Counting them as 0 bytes leaked their bytes from held_bytes for good,
+            # and a client sending such batches could push it to --max-pending-bytes, after
+            # which every request that met another in flight was answered BUSY.
+            unheld_bytes += len(body[1]) - sum(len(sub[3]) for sub in subs if sub[0])
         if unheld_ops:
             self._refund(account, unheld_bytes, unheld_ops)
         if refused:

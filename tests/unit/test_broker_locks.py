@@ -6,11 +6,11 @@ clock (lock deadlines in replies are wall-clock ms); no sockets."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
 from broker.core import CLAIM_WINDOW_HEARTBEATS, Broker, BrokerConfig, Side
-from zkv.hashing import key_shard
 from tests.unit.test_broker_core import (
     CLIENT,
     CONFIG,
@@ -20,6 +20,7 @@ from tests.unit.test_broker_core import (
     key_for,
     send_batch,
 )
+from zkv.hashing import key_shard
 from zkv.protocol import (
     MAX_LOCK_WAIT_MS,
     BatchReply,
@@ -33,7 +34,9 @@ from zkv.protocol import (
     decode_from_broker,
     decode_reply,
     encode_batch_reply,
+    encode_reply,
     encode_request,
+    request_record,
     stamp_of,
 )
 
@@ -117,7 +120,11 @@ def test_each_new_request_alone_goes_to_its_keys_shard_and_its_reply_back(
     assert dispatch.request == request_
     h.reply(worker, dispatch, Status.OK, deadline_ms=123, body=b"\x00" * 8)
     [reply] = h.replies()
-    assert (reply.status, reply.request_id, reply.deadline_ms) == (Status.OK, request_.request_id, 123)
+    assert (reply.status, reply.request_id, reply.deadline_ms) == (
+        Status.OK,
+        request_.request_id,
+        123,
+    )
     assert not h.broker._by_request and h.broker.held_ops == 0
 
 
@@ -160,7 +167,7 @@ def test_a_retried_incr_is_merged_but_one_with_another_amount_is_another_write(
     h.reply(worker, first, Status.OK)
     out = h.take()
     assert [frames[0] for side, frames in out if side is Side.FRONTEND] == [OTHER]
-    [(side, frames)] = [item for item in out if item[0] is Side.BACKEND]
+    [(_side, frames)] = [item for item in out if item[0] is Side.BACKEND]
     second = decode_from_broker(frames[1:])
     assert isinstance(second, Dispatch) and second.request.by == 2
 
@@ -199,14 +206,16 @@ def test_new_requests_count_against_the_admission_limits(h: LockHarness) -> None
     "frames",
     [
         # LOCK waiting longer than the limit
-        encode_request(Request(Kind.LOCK, 1, b"l", ttl_ms=10))[:1]
-        + [(MAX_LOCK_WAIT_MS + 1).to_bytes(4, "big")],
+        [
+            *encode_request(Request(Kind.LOCK, 1, b"l", ttl_ms=10))[:1],
+            (MAX_LOCK_WAIT_MS + 1).to_bytes(4, "big"),
+        ],
         # LOCK value of the wrong size
-        encode_request(Request(Kind.LOCK, 2, b"l", ttl_ms=10))[:1] + [b"\x00\x00\x01"],
+        [*encode_request(Request(Kind.LOCK, 2, b"l", ttl_ms=10))[:1], b"\x00\x00\x01"],
         # LOCK without TTL
         [bytes([1, Kind.LOCK, 0, 0]) + (3).to_bytes(8, "big") + bytes(8) + b"l", bytes(4)],
         # INCR by of 7 bytes
-        encode_request(Request(Kind.INCR, 4, b"n", by=1))[:1] + [bytes(7)],
+        [*encode_request(Request(Kind.INCR, 4, b"n", by=1))[:1], bytes(7)],
         # SET NX and XX together
         [bytes([1, Kind.SET, 0x08 | 0x10, 0]) + (5).to_bytes(8, "big") + bytes(8) + b"k", b"v"],
         # EXT with an unknown extension bit, and a truncated fence
@@ -216,7 +225,10 @@ def test_new_requests_count_against_the_admission_limits(h: LockHarness) -> None
         [encode_request(Request(Kind.GET, 8, b"k"))[0][:-1] + b"\x00lock"],
         # UNLOCK without a token, FENCE_CHECK with flags
         [bytes([1, Kind.UNLOCK, 0, 0]) + (9).to_bytes(8, "big") + bytes(8) + b"l"],
-        [bytes([1, Kind.FENCE_CHECK, 0x01, 0]) + (10).to_bytes(8, "big") + bytes(8) + b"l", bytes(8)],
+        [
+            bytes([1, Kind.FENCE_CHECK, 0x01, 0]) + (10).to_bytes(8, "big") + bytes(8) + b"l",
+            bytes(8),
+        ],
     ],
 )
 def test_malformed_new_requests_get_an_error_and_leave_nothing_held(
@@ -227,8 +239,6 @@ def test_malformed_new_requests_get_an_error_and_leave_nothing_held(
     assert len(out) == 1 and out[0][0] is Side.FRONTEND
     assert decode_reply(out[0][1][1:]).status == Status.ERROR
     # the same records in a batch: each refused on its own, the batch's good one served
-    from zkv.protocol import request_record
-
     records = []
     try:
         records.append(request_record(frames))
@@ -295,7 +305,7 @@ def test_waiters_get_the_lock_in_arrival_order_and_newcomers_queue_behind(
         worker, release = h.one_dispatch()
         h.reply(worker, release, Status.OK)
         h.replies_and_dispatch = h.take()
-        [(side, frames)] = [item for item in h.replies_and_dispatch if item[0] is Side.BACKEND]
+        [(_side, frames)] = [item for item in h.replies_and_dispatch if item[0] is Side.BACKEND]
         woken = decode_from_broker(frames[1:])
         order.append(woken.request.request_id)
         h.reply(worker, woken, Status.OK, deadline_ms=h.wall_ms(30), body=bytes(8))
@@ -372,7 +382,9 @@ def test_a_waiting_lock_in_a_batch_is_parked_and_answered_in_a_batch_reply(
                 replies.append(Reply(Status.CONFLICT, 1, run.token, h.wall_ms(10), b"held"))
             else:
                 replies.append(Reply(Status.OK, op[1], run.token))
-        h.broker.on_worker([worker, *encode_batch_reply(BatchReply(run.token, tuple(replies)))], h.now)
+        h.broker.on_worker(
+            [worker, *encode_batch_reply(BatchReply(run.token, tuple(replies)))], h.now
+        )
     for reply in by_client(h).get(CLIENT, []):
         answers[reply.request_id] = reply
     assert set(answers) <= {2} and h.broker.locks.count == 1
@@ -443,3 +455,116 @@ def test_parked_locks_are_answered_unavailable_when_the_broker_stops(h: LockHarn
     [reply] = h.replies()
     assert (reply.status, reply.request_id) == (Status.UNAVAILABLE, 1)
     assert h.broker.idle() and h.broker.held_ops == 0
+
+
+# --- hostile peers --------------------------------------------------------------------------
+
+FUZZ_MESSAGES = 3000  # bounded: about a second
+
+
+def test_mutated_new_requests_and_lying_workers_never_hurt_the_broker(h: LockHarness) -> None:
+    """Valid issue-12 requests with random bytes flipped, cut or added, alone and in batches,
+    and workers answering what was dispatched with random statuses (CONFLICT with any
+    deadline, OK to LOCKs and UNLOCKs) or with garbage: no exception, every client message
+    answered or dispatched, and once time passes every wait's end nothing is held."""
+    rng = random.Random(12)
+    seeds = [encode_request(r) for r in NEW_KINDS] + [
+        encode_request(lock(30, wait_ms=2000, stamp=5)),
+        encode_request(unlock(31, token=3)),
+    ]
+    statuses = [Status.OK, Status.CONFLICT, Status.NOT_FOUND, Status.PRECONDITION, Status.ERROR]
+
+    def mutate(frames: list[bytes]) -> list[bytes]:
+        out = []
+        for frame in frames:
+            data = bytearray(frame)
+            for _ in range(rng.randrange(3)):
+                choice = rng.randrange(3)
+                if choice == 0 and data:
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+                elif choice == 1 and data:
+                    del data[rng.randrange(len(data)) :]
+                else:
+                    data += bytes(rng.randrange(256) for _ in range(rng.randrange(9)))
+            out.append(bytes(data))
+        return out
+
+    for n in range(FUZZ_MESSAGES):
+        frames = mutate(rng.choice(seeds))
+        if rng.random() < 0.3:
+            records = []
+            for _ in range(rng.randrange(1, 4)):
+                try:
+                    records.append(request_record(mutate(rng.choice(seeds))))
+                except Exception:  # a header too short to cut: leave it out
+                    continue
+            if not records:
+                continue
+            frames = batch_frames(n, records)
+        h.broker.on_client([b"c%d" % rng.randrange(4), *frames], h.now)
+        for side, out in h.take():
+            if side is Side.FRONTEND:
+                continue
+            worker, body = out[0], out[1:]
+            message = decode_from_broker(body)
+            if rng.random() < 0.05:  # a lying worker
+                garbage = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+                h.broker.on_worker([worker, garbage], h.now)
+                continue
+            if isinstance(message, Dispatch):
+                reply = Reply(
+                    rng.choice(statuses),
+                    message.request.request_id,
+                    message.token,
+                    h.wall_ms(rng.uniform(-1, 3)) if rng.random() < 0.8 else None,
+                    bytes(8),
+                )
+                h.broker.on_worker([worker, *encode_reply(reply)], h.now)
+            elif isinstance(message, DispatchBatch):
+                replies = tuple(
+                    Reply(rng.choice(statuses), op[1], message.token, h.wall_ms(1), bytes(8))
+                    for op in message.ops
+                )
+                h.broker.on_worker(
+                    [worker, *encode_batch_reply(BatchReply(message.token, replies))], h.now
+                )
+        if n % 100 == 0:
+            h.advance(0.05)
+    # Every wait ends: parked LOCKs (a mutated wait_ms may reach MAX_LOCK_WAIT_MS), flights
+    # whose reply was garbage (the worker timeout), keys' waiters. Redispatched waiters are
+    # refused again as they come.
+    for _ in range(MAX_LOCK_WAIT_MS // 500 + 20):
+        h.advance(0.5)
+        for side, out in h.take():
+            if side is Side.BACKEND:
+                message = decode_from_broker(out[1:])
+                if isinstance(message, Dispatch):
+                    reply = Reply(Status.CONFLICT, message.request.request_id, message.token)
+                    h.broker.on_worker([out[0], *encode_reply(reply)], h.now)
+                elif isinstance(message, DispatchBatch):
+                    replies = tuple(
+                        Reply(Status.CONFLICT, op[1], message.token) for op in message.ops
+                    )
+                    h.broker.on_worker(
+                        [out[0], *encode_batch_reply(BatchReply(message.token, replies))], h.now
+                    )
+    assert h.broker.locks.count == 0
+    assert h.broker.held_ops == 0 and h.broker.held_bytes == 0
+    assert not h.broker._by_request and not h.broker._inflight
+
+
+def test_a_batch_with_malformed_sub_requests_leaves_no_bytes_charged(h: LockHarness) -> None:
+    """A malformed sub-request's bytes were charged with its batch and never refunded: each
+    such batch leaked them from held_bytes for good (found by the fuzz above)."""
+    good = request_record(encode_request(Request(Kind.GET, 1, b"g")))
+    bad = bytearray(request_record(encode_request(Request(Kind.LOCK, 2, b"l", ttl_ms=5))))
+    bad[-4:] = bytes(5)
+    bad[4:8] = (5).to_bytes(4, "big")  # value_len 5: a LOCK's wait is 4 bytes
+    h.broker.on_client([CLIENT, *batch_frames(1, [bytes(bad), good])], h.now)
+    out = h.take()
+    [(worker, frames)] = [(f[0], f[1:]) for side, f in out if side is Side.BACKEND]
+    run = decode_from_broker(frames)
+    assert isinstance(run, DispatchBatch)
+    replies = tuple(Reply(Status.NOT_FOUND, op[1], run.token) for op in run.ops)
+    h.broker.on_worker([worker, *encode_batch_reply(BatchReply(run.token, replies))], h.now)
+    assert h.broker.held_ops == 0 and h.broker.held_bytes == 0
