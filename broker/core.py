@@ -7,7 +7,8 @@ whatever lands in :attr:`Broker.outbox`:
 * ``on_worker(frames, now)``: a message on the backend ROUTER, identity first.
 * ``on_timer(now)``: every pass of the loop, whether or not anything arrived.
 
-Two records carry the state. An op (:data:`Op`) is one keyed request (GET, SET, DEL), whether
+Two records carry the state. An op (:data:`Op`) is one keyed request (GET, SET, DEL, and the
+issue-12 commands), whether
 it came alone or as one sub-request of a client's BATCH; its :class:`Origin` says whom to
 answer and how. A :class:`Flight` is one message to a worker: one or many ops of one shard,
 fenced by one token, applied by the worker in order and answered in one message. Life of an
@@ -71,6 +72,14 @@ is answered BUSY at once), each charged to its client's account like any request
 gathered parts charged too as they arrive (so the broker refuses other work while it holds
 them), until it is answered. The broker thus gathers at most
 ``max_pending_alls x shards x MAX_REPLY_BYTES`` (the workers refuse larger parts).
+
+The issue-12 commands are keyed requests like GET, SET and DEL, routed the same way (their
+conditions, fences and amounts are in flags and value frames the broker never reads). The lock
+commands (LOCK, REFRESH, UNLOCK, FENCE_CHECK: the kinds from 0x0A up, one comparison in the
+batch loop) are taken aside by ``_admit_lock``: a flight holding one is marked, and its reply
+is read op by op instead of being forwarded whole, because a LOCK with a wait answered
+CONFLICT is parked here and an UNLOCK answered OK wakes the oldest LOCK parked for its name
+(broker/locks.py has that algorithm and its bounds).
 
 Limits: a flight holds at most MAX_BATCH_OPS ops and MAX_BATCH_BYTES bytes of sub-requests
 (a full open flight is closed and a new one opened); a run passed on by a key is cut to the

@@ -5,6 +5,7 @@ clock (lock deadlines in replies are wall-clock ms); no sockets."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -27,6 +28,7 @@ from zkv.protocol import (
     Dispatch,
     DispatchBatch,
     Kind,
+    Ready,
     Reply,
     Request,
     Status,
@@ -34,6 +36,7 @@ from zkv.protocol import (
     decode_from_broker,
     decode_reply,
     encode_batch_reply,
+    encode_control,
     encode_reply,
     encode_request,
     request_record,
@@ -568,3 +571,26 @@ def test_a_batch_with_malformed_sub_requests_leaves_no_bytes_charged(h: LockHarn
     replies = tuple(Reply(Status.NOT_FOUND, op[1], run.token) for op in run.ops)
     h.broker.on_worker([worker, *encode_batch_reply(BatchReply(run.token, replies))], h.now)
     assert h.broker.held_ops == 0 and h.broker.held_bytes == 0
+
+
+def test_in_cluster_mode_new_requests_and_woken_waiters_go_to_the_shards_leader() -> None:
+    """Cluster mode routes by etcd's leaders: a waiter parked while one worker led goes, when
+    woken, to the leader of that moment (a failover happened meanwhile)."""
+    h = LockHarness(dataclasses.replace(CONFIG, cluster_mode=True))
+    shard = key_shard(NAME, CONFIG.shards)
+    for worker in (b"w-a", b"w-b"):
+        h.broker.on_worker([worker, *encode_control(Ready(shard, 0))], h.now)
+    h.broker.set_leaders({shard: b"w-a"}, h.now)
+    h.take()
+    h.send(Request(Kind.INCR, 1, NAME, by=3))
+    worker, dispatch = h.one_dispatch()
+    assert worker == b"w-a"
+    h.reply(worker, dispatch, Status.OK)
+    h.take()
+    h.send(lock(2, wait_ms=10_000))
+    worker, first = h.one_dispatch()
+    conflict(h, worker, first, 30)
+    h.broker.set_leaders({shard: b"w-b"}, h.now)  # failover
+    h.advance(1.0)  # the recheck
+    [(worker, again, _)] = h.dispatched()
+    assert worker == b"w-b" and again.request.request_id == 2
