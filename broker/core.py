@@ -98,7 +98,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from heapq import heappop, heappush
 from operator import itemgetter
-from zlib import crc32
 
 from broker.locks import LockWaits, Waiter
 from broker.registry import Registry
@@ -149,7 +148,6 @@ from zkv.protocol import (
     split_batch,
     split_reply_records,
     stamp_of,
-    sub_request_value,
 )
 from zkv.zmqio import SendLedger
 
@@ -1928,20 +1926,16 @@ class Broker:
 
 def _fingerprint(entry: Entry) -> int:
     """What a worker's idempotency memory compares besides request id, kind and key, so that
-    the broker merges a retry only when the worker would answer it from memory: the CRC-32
-    of a write's value frame (a SET's value, as workers/shard.py computes; for the issue-12
-    writes their whole value frame, extension block included: INCR's amount, LOCK's wait,
-    the token of REFRESH and UNLOCK, a condition or fence), 0 for a read and for a DEL
-    without a value. Never looser than the worker's: two requests merged here would be one
-    there too. Computed
-    only while some request's id is taken by another (rare: ids are random), never on the
-    broker's common path."""
-    if entry[1] == _GET or entry[1] == _ALL:  # reads (a GET's touch TTL is no value either)
+    the broker merges a retry only when the worker would answer it from memory: here, the
+    whole request but its id and stamp (a retry repeats all of it). Never looser than the
+    worker's (workers/shard.py: a SET's value CRC-32, the amount, token and TTL of the issue-12
+    writes): two requests merged here are one there too; stricter only sends a request the
+    worker then answers from memory. Computed only while some request's id is taken by
+    another (rare: ids are random), never on the broker's common path: it decodes."""
+    if entry[1] == _ALL:  # a Gather: no frames, and an ALL is a read
         return 0
-    record = entry[4]
-    if record is None:  # it came alone: its frames are its origin's
-        record = request_record(entry[0].frames)  # type: ignore[union-attr, arg-type]
-    return crc32(sub_request_value(record))
+    request = _request_of(entry)  # type: ignore[arg-type]
+    return hash(replace(request, request_id=0, stamp=None))
 
 
 def _token(flight: Flight) -> int:

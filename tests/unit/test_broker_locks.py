@@ -175,6 +175,35 @@ def test_a_retried_incr_is_merged_but_one_with_another_amount_is_another_write(
     assert isinstance(second, Dispatch) and second.request.by == 2
 
 
+@pytest.mark.parametrize(
+    ("first", "other"),
+    [
+        (Request(Kind.EXPIRE, 5, b"n", ttl_ms=1000), Request(Kind.EXPIRE, 5, b"n", ttl_ms=2000)),
+        (Request(Kind.EXPIRE, 5, b"n", ttl_ms=1000), Request(Kind.EXPIRE, 5, b"n")),
+        (Request(Kind.SET, 5, b"n", b"v", nx=True), Request(Kind.SET, 5, b"n", b"v", xx=True)),
+        (Request(Kind.SET, 5, b"n", b"v"), Request(Kind.SET, 5, b"n", b"v", if_version=7)),
+        (Request(Kind.DEL, 5, b"n"), Request(Kind.DEL, 5, b"n", fence=(b"l", 3))),
+        (lock(5, wait_ms=0), lock(5, wait_ms=0, ttl_ms=99)),
+        (Request(Kind.GET, 5, b"n"), Request(Kind.GET, 5, b"n", ttl_ms=10)),
+    ],
+    ids=lambda r: f"{r.kind.name}",
+)
+def test_a_request_reusing_an_id_with_other_arguments_is_not_merged(
+    h: LockHarness, first: Request, other: Request
+) -> None:
+    """Whatever argument tells two requests apart at the worker (a TTL, a condition, a fence)
+    tells them apart here too; the same request again is a retry, merged."""
+    h.send(first)
+    h.send(first, client=OTHER)  # a retry
+    h.send(other)
+    worker, dispatch = h.one_dispatch()  # the others wait for the key's token
+    h.reply(worker, dispatch, Status.OK)
+    out = h.take()
+    assert [f[0] for side, f in out if side is Side.FRONTEND] == [OTHER]
+    [(_side, frames)] = [item for item in out if item[0] is Side.BACKEND]
+    assert decode_from_broker(frames[1:]).request == other
+
+
 def test_a_touching_get_is_a_write_never_refused_busy_for_a_client_not_reading(
     h: LockHarness,
 ) -> None:
