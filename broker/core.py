@@ -785,8 +785,7 @@ class Broker:
             self._forget(op)
             self._refund_ops([op])
             self.counters.answered[_UNAVAILABLE] += 1
-            message = "broker is shutting down while the LOCK waited; not applied, retry"
-            self._answer([op], None, message)
+            self._answer([op], None, _CLOSING_LOCK.decode())
 
     def idle(self) -> bool:
         """Whether no request is waiting or in flight."""
@@ -1368,6 +1367,8 @@ class Broker:
             give_up = origin.arrived + wait_ms / 1000
         if now >= give_up:
             return record
+        if self.closing:  # not parked any more: its client retries on the next broker
+            return pack_reply(_UNAVAILABLE, op[2], 0, None, _CLOSING_LOCK)
         reply = decode_reply_record(record)
         conflict = bytes(record)
         front = isinstance(origin, LockOrigin)  # woken and refused again: keeps its place
@@ -1965,6 +1966,7 @@ _NOT_READING = (
     " GET not answered, retry after reading"
 )
 _NOT_READING_B = _NOT_READING.encode()
+_CLOSING_LOCK = b"broker is shutting down while the LOCK waited; not applied, retry"
 
 _size: Callable[[Op], int] = itemgetter(5)
 """An op's size (a C call: the token table weighs every waiter of a run by it)."""

@@ -483,10 +483,15 @@ def test_parked_locks_are_answered_unavailable_when_the_broker_stops(h: LockHarn
     h.send(lock(1, wait_ms=5000))
     worker, first = h.one_dispatch()
     conflict(h, worker, first, 10)
+    h.send(Request(Kind.LOCK, 2, b"other", ttl_ms=10, wait_ms=5000), client=OTHER)
+    worker2, second = h.one_dispatch()  # in flight when the broker begins to stop
     h.broker.begin_shutdown()
     [reply] = h.replies()
     assert (reply.status, reply.request_id) == (Status.UNAVAILABLE, 1)
-    assert h.broker.idle() and h.broker.held_ops == 0
+    conflict(h, worker2, second, 10)  # refused while the broker stops: not parked either
+    [reply] = h.replies(OTHER)
+    assert (reply.status, reply.request_id) == (Status.UNAVAILABLE, 2)
+    assert h.broker.idle() and h.broker.held_ops == 0 and h.broker.locks.count == 0
 
 
 # --- hostile peers --------------------------------------------------------------------------
