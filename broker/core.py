@@ -181,6 +181,7 @@ _SET = int(Kind.SET)
 _ALL = int(Kind.ALL)
 _LOCK = int(Kind.LOCK)
 _UNLOCK = int(Kind.UNLOCK)
+_REFRESH = int(Kind.REFRESH)
 _CONFLICT = int(Status.CONFLICT)
 # The lock commands (LOCK, REFRESH, UNLOCK, FENCE_CHECK) are the kinds from here up: one
 # integer comparison per request tells the batch loop to take them aside (see _admit_lock).
@@ -1327,23 +1328,23 @@ class Broker:
         self, ops: Sequence[Op], records: list[bytes | memoryview], now: float
     ) -> tuple[list[Op], list[bytes | memoryview]]:
         """The replies of a flight holding lock commands, read op by op: a LOCK with a wait
-        answered CONFLICT is parked (not answered), a LOCK answered OK tells the waiters of
-        its name when the new holder's lease ends, an UNLOCK answered OK dispatches the
-        oldest waiter of its name. Returns the ops to answer now and their records."""
+        answered CONFLICT is parked (not answered), a LOCK or REFRESH answered OK tells the
+        waiters of its name when the holder's lease ends, an UNLOCK answered OK dispatches
+        the oldest waiter of its name. Returns the ops to answer now and their records."""
         answer_ops: list[Op] = []
         answer_records: list[bytes | memoryview] = []
         for op, record in zip(ops, records, strict=True):
             kind = op[1]
-            if kind == _LOCK or kind == _UNLOCK:
+            if kind == _LOCK or kind == _UNLOCK or kind == _REFRESH:
                 status = reply_record_status(record)
                 if status == _OK and kind == _UNLOCK:
                     waiter = self.locks.released(op[3], now)
                     if waiter is not None:
                         self._redispatch(waiter, now)
-                elif status == _OK:
+                elif status == _OK:  # taken or refreshed: the waiters wait for its new expiry
                     deadline_ms = decode_reply_record(record).deadline_ms
                     self.locks.held(op[3], now, self._expiry_of(deadline_ms, now))
-                elif status == _CONFLICT:
+                elif status == _CONFLICT and kind == _LOCK:
                     kept = self._conflicted(op, record, now)
                     if kept is None:
                         continue  # parked

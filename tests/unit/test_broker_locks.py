@@ -377,6 +377,21 @@ def test_a_waiter_is_sent_again_when_the_holder_expires(h: LockHarness) -> None:
     assert again.request.request_id == 1
 
 
+def test_a_refresh_of_the_holder_moves_the_waiters_next_try(h: LockHarness) -> None:
+    h.send(lock(1, wait_ms=5000))
+    worker, first = h.one_dispatch()
+    conflict(h, worker, first, expires_in_s=0.5)
+    h.send(Request(Kind.REFRESH, 2, NAME, ttl_ms=10_000, token=7), client=OTHER)
+    worker, refresh = h.one_dispatch()
+    h.reply(worker, refresh, Status.OK, deadline_ms=h.wall_ms(10), body=(7).to_bytes(8, "big"))
+    assert [r.request_id for r in h.replies(OTHER)] == [2]
+    h.advance(0.6)  # past the old expiry: not sent, the holder refreshed its lease
+    assert h.take() == []
+    h.advance(0.4)  # the recheck still comes
+    [(_, again, _)] = h.dispatched()
+    assert again.request.request_id == 1
+
+
 def test_a_waiter_whose_wait_runs_out_gets_the_last_conflict(h: LockHarness) -> None:
     h.send(lock(1, wait_ms=1500))
     worker, first = h.one_dispatch()
