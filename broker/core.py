@@ -98,6 +98,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from heapq import heappop, heappush
 from operator import itemgetter
+from zlib import crc32
 
 from broker.locks import LockWaits, Waiter
 from broker.registry import Registry
@@ -170,6 +171,7 @@ MAX_IDLE_LEDGERS = 4096
 # most MAX_REPORT_BYTES, the answer stays under about 1.2 MiB whatever joins the backend.
 MAX_STATS_WORKERS = 256
 _GET = int(Kind.GET)
+_DEL = int(Kind.DEL)
 _OK = int(Status.OK)
 
 _BATCH = int(Kind.BATCH)
@@ -1928,16 +1930,21 @@ class Broker:
 
 def _fingerprint(entry: Entry) -> int:
     """What a worker's idempotency memory compares besides request id, kind and key, so that
-    the broker merges a retry only when the worker would answer it from memory: here, the
-    whole request but its id and stamp (a retry repeats all of it). Never looser than the
-    worker's (workers/shard.py: a SET's value CRC-32, the amount, token and TTL of the issue-12
-    writes): two requests merged here are one there too; stricter only sends a request the
-    worker then answers from memory. Computed only while some request's id is taken by
-    another (rare: ids are random), never on the broker's common path: it decodes."""
-    if entry[1] == _ALL:  # a Gather: no frames, and an ALL is a read
+    the broker merges a retry exactly when the worker would answer it from memory (one rule,
+    tests/unit/test_retry_rule.py): the CRC-32 of a SET's value (not its TTL, condition or
+    fence: a retry never changes them), 0 for a DEL, and for the issue-12 commands their
+    amount, token and TTL mixed as workers/shard.py's ``_fingerprint`` mixes them (a GET's
+    touch TTL too: the worker remembers no GET, so telling a touch from a read is only
+    stricter). Computed only while some request's id is taken by another (rare: ids are
+    random), never on the broker's common path: it decodes the request."""
+    kind = entry[1]
+    if kind == _ALL or kind == _DEL:  # an ALL is a Gather, with no frames
         return 0
     request = _request_of(entry)  # type: ignore[arg-type]
-    return hash(replace(request, request_id=0, stamp=None))
+    if kind == _SET:
+        return crc32(request.value or b"")
+    mixed = request.by * 1_000_003 + request.token * 8_191 + (request.ttl_ms or 0)
+    return (mixed ^ (mixed >> 32)) & 0xFFFF_FFFF
 
 
 def _token(flight: Flight) -> int:

@@ -176,31 +176,43 @@ def test_a_retried_incr_is_merged_but_one_with_another_amount_is_another_write(
 
 
 @pytest.mark.parametrize(
-    ("first", "other"),
+    ("first", "other", "retry"),
     [
-        (Request(Kind.EXPIRE, 5, b"n", ttl_ms=1000), Request(Kind.EXPIRE, 5, b"n", ttl_ms=2000)),
-        (Request(Kind.EXPIRE, 5, b"n", ttl_ms=1000), Request(Kind.EXPIRE, 5, b"n")),
-        (Request(Kind.SET, 5, b"n", b"v", nx=True), Request(Kind.SET, 5, b"n", b"v", xx=True)),
-        (Request(Kind.SET, 5, b"n", b"v"), Request(Kind.SET, 5, b"n", b"v", if_version=7)),
-        (Request(Kind.DEL, 5, b"n"), Request(Kind.DEL, 5, b"n", fence=(b"l", 3))),
-        (lock(5, wait_ms=0), lock(5, wait_ms=0, ttl_ms=99)),
-        (Request(Kind.GET, 5, b"n"), Request(Kind.GET, 5, b"n", ttl_ms=10)),
+        # the TTL of the issue-12 commands is compared, as the worker's memory does
+        (Request(Kind.EXPIRE, 5, b"n", ttl_ms=1000), Request(Kind.EXPIRE, 5, b"n", ttl_ms=2000), 0),
+        (Request(Kind.EXPIRE, 5, b"n", ttl_ms=1000), Request(Kind.EXPIRE, 5, b"n"), 0),
+        (lock(5), lock(5, ttl_ms=99), 0),
+        (
+            Request(Kind.REFRESH, 5, b"n", ttl_ms=9, token=1),
+            Request(Kind.REFRESH, 5, b"n", ttl_ms=9, token=2),
+            0,
+        ),
+        (Request(Kind.GET, 5, b"n"), Request(Kind.GET, 5, b"n", ttl_ms=10), 0),
+        # a SET's condition or fence, a DEL's, a LOCK's wait are not (nor at the worker)
+        (Request(Kind.SET, 5, b"n", b"v", nx=True), Request(Kind.SET, 5, b"n", b"v", xx=True), 1),
+        (Request(Kind.DEL, 5, b"n"), Request(Kind.DEL, 5, b"n", fence=(b"l", 3)), 1),
+        (lock(5, wait_ms=10), lock(5, wait_ms=20), 1),
     ],
-    ids=lambda r: f"{r.kind.name}",
+    ids=lambda r: r.kind.name if isinstance(r, Request) else str(r),
 )
-def test_a_request_reusing_an_id_with_other_arguments_is_not_merged(
-    h: LockHarness, first: Request, other: Request
+def test_a_request_reusing_an_id_is_merged_exactly_when_the_worker_would_recall_it(
+    h: LockHarness, first: Request, other: Request, retry: int
 ) -> None:
-    """Whatever argument tells two requests apart at the worker (a TTL, a condition, a fence)
-    tells them apart here too; the same request again is a retry, merged."""
+    """The worker's idempotency memory tells a retry by id, kind, key and a fingerprint
+    (workers/shard.py: the amount, token and TTL of the issue-12 commands); the broker must
+    merge the same pairs, or a request merged away here would have been applied there."""
     h.send(first)
     h.send(first, client=OTHER)  # a retry
     h.send(other)
-    worker, dispatch = h.one_dispatch()  # the others wait for the key's token
+    worker, dispatch = h.one_dispatch()  # the others wait for the key's token, or merged
     h.reply(worker, dispatch, Status.OK)
     out = h.take()
+    if retry:
+        assert [f[0] for side, f in out if side is Side.FRONTEND] == [CLIENT]
+        assert [side for side, _ in out] == [Side.FRONTEND]
+        return
     assert [f[0] for side, f in out if side is Side.FRONTEND] == [OTHER]
-    [(_side, frames)] = [item for item in out if item[0] is Side.BACKEND]
+    [(_, frames)] = [item for item in out if item[0] is Side.BACKEND]
     assert decode_from_broker(frames[1:]).request == other
 
 
