@@ -587,56 +587,60 @@ def encode_request(request: Request) -> list[bytes]:
 
 def _wire(request: Request) -> tuple[int, int, bytes | None]:
     """``(flags, arg, value frame or None)`` of a request: the one place a :class:`Request`'s
-    fields become bits and bytes (:func:`encode_request` and :func:`pack_request`). A field
-    that does not apply to the kind is dropped (a GET's stamp without ttl_ms, for one); the
-    caller checks the result with the receiver's own decoder."""
+    fields become bits and bytes (:func:`encode_request` and :func:`pack_request`).
+
+    The fields of issue 12 become their flags whatever the kind, so that the receiver's
+    decoder, which the caller runs on the result, refuses one the kind does not take ("flag
+    NX does not apply to GET") rather than the option being lost; ``by``, ``token`` and
+    ``wait_ms`` on a kind without them are refused here. As before issue 12, a stamp on a read
+    (a GET without ttl_ms, FENCE_CHECK) and a TTL on a kind without flag TTL are dropped.
+    """
     kind = request.kind
+    request_id = request.request_id
+    if kind == _ALL:
+        return (_KEYS_ONLY if request.keys_only else 0), request.limit, None
     flags = 0
     arg = 0
-    value = request.value if kind == _SET else None
+    value = None
     ttl_ms = request.ttl_ms
-    if kind == _ALL:
-        arg = request.limit
-        if request.keys_only:
-            flags = _KEYS_ONLY
-        return flags, arg, None
     if ttl_ms is not None and kind in _TTL_KINDS:
         flags = _TTL
         arg = ttl_ms
-    if kind == _SET or kind == _GET or kind == _DEL:
-        if kind == _SET:
-            if value is None:
-                raise ProtocolError("SET needs a value", request.request_id)
-            if request.nx:
-                flags |= _NX
-            if request.xx:
-                flags |= _XX
-            if request.return_old:
-                flags |= _RETURN_OLD
-        elif kind == _GET and request.keys_only:
-            flags |= _KEYS_ONLY
-        if request.versioned:
-            flags |= _VERSIONED
-    elif kind in _NEW_KINDS:
-        if request.versioned and (kind == _INCR or kind == _EXPIRE):
-            flags |= _VERSIONED
-        if kind == _INCR:
-            by = request.by
-            if isinstance(by, bool) or not isinstance(by, int) or not _I64_MIN <= by <= _I64_MAX:
-                raise ProtocolError(
-                    f"INCR by {by!r} is not a signed 64-bit integer", request.request_id
-                )
-            value = _I64.pack(by)
-        elif kind == _LOCK:
-            value = _check_u32(request.wait_ms, "LOCK wait_ms", request.request_id)
-        elif kind != _EXPIRE:  # REFRESH, UNLOCK, FENCE_CHECK
-            value = _check_u64_bytes(request.token, "token", request.request_id)
-    if (request.if_version is not None or request.fence is not None) and kind in _EXT_KINDS:
+    if request.nx:
+        flags |= _NX
+    if request.xx:
+        flags |= _XX
+    if request.versioned:
+        flags |= _VERSIONED
+    if request.return_old:
+        flags |= _RETURN_OLD
+    if request.keys_only:
+        flags |= _KEYS_ONLY
+    if kind == _SET:
+        value = request.value
+        if value is None:
+            raise ProtocolError("SET needs a value", request_id)
+    elif kind == _INCR:
+        by = request.by
+        if isinstance(by, bool) or not isinstance(by, int) or not _I64_MIN <= by <= _I64_MAX:
+            raise ProtocolError(f"INCR by {by!r} is not a signed 64-bit integer", request_id)
+        value = _I64.pack(by)
+    elif kind == _LOCK:
+        value = _check_u32(request.wait_ms, "LOCK wait_ms", request_id)
+    elif kind == _REFRESH or kind == _UNLOCK or kind == _FENCE_CHECK:
+        value = _check_u64_bytes(request.token, f"{kind.name} token", request_id)
+    if request.by and kind != _INCR:
+        raise ProtocolError(f"by applies to INCR only, not {kind.name}", request_id)
+    if request.wait_ms and kind != _LOCK:
+        raise ProtocolError(f"wait_ms applies to LOCK only, not {kind.name}", request_id)
+    if request.token and not (kind == _REFRESH or kind == _UNLOCK or kind == _FENCE_CHECK):
+        raise ProtocolError(f"token does not apply to {kind.name}", request_id)
+    if request.if_version is not None or request.fence is not None:
         flags |= _EXT
         try:
             ext = encode_ext(request.if_version, request.fence)
         except ProtocolError as exc:
-            raise ProtocolError(str(exc), request.request_id) from None
+            raise ProtocolError(str(exc), request_id) from None
         value = ext if value is None else ext + value
     stamp = request.stamp
     if stamp is not None and (kind in _STAMP_KINDS or (kind == _GET and flags & _TTL)):
@@ -2243,10 +2247,11 @@ def _shard_in(shard: int) -> int | None:
 MAX_FOLLOWER_ID_BYTES = 255
 MAX_SNAPSHOT_CHUNK_BYTES = 1024 * 1024
 MAX_RECORDS_BYTES = 16 * 1024 * 1024
-# One log record of the largest SET: length and CRC (8), type, request id, deadline and key
-# length (21), key, value (workers/aof.py). A record is at least 17 bytes (a DEL of an empty
-# key: the prefix and 9 bytes of body), so a RECORDS body holds at most len/17 batches.
-MAX_RECORD_BYTES = 8 + 21 + MAX_KEY_BYTES + MAX_VALUE_BYTES
+# One log record of the largest SET: length and CRC (8), type, request id, deadline, version
+# and key length (29: a SETV, issue 12), key, value (workers/aof.py). A record is at least 17
+# bytes (a DEL of an empty key: the prefix and 9 bytes of body), so a RECORDS body holds at
+# most len/17 batches.
+MAX_RECORD_BYTES = 8 + 29 + MAX_KEY_BYTES + MAX_VALUE_BYTES
 MIN_RECORD_BYTES = 17
 MAX_REFUSE_REASON_BYTES = 1024
 FOLLOW_RESUME = 0x01  # FOLLOW flags: have_seq is meaningful

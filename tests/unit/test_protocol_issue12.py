@@ -417,6 +417,19 @@ BAD_REQUESTS = {
         "fence lock name of 65536 bytes",
     ),
     "zero TTL": (Request(Kind.EXPIRE, 1, b"k", ttl_ms=0), "ttl_ms must be between 1"),
+    # An option the kind does not take is refused, never dropped.
+    "NX on GET": (Request(Kind.GET, 1, b"k", nx=True), "flag NX does not apply to GET"),
+    "RETURN_OLD on DEL": (Request(Kind.DEL, 1, b"k", return_old=True), "RETURN_OLD does not"),
+    "keys_only on SET": (Request(Kind.SET, 1, b"k", b"v", keys_only=True), "KEYS_ONLY does not"),
+    "VERSIONED on LOCK": (Request(Kind.LOCK, 1, b"l", ttl_ms=1, versioned=True), "VERSIONED"),
+    "fence on LOCK": (
+        Request(Kind.LOCK, 1, b"l", ttl_ms=1, fence=(b"m", 1)),
+        "flag EXT does not apply to LOCK",
+    ),
+    "if_version on GET": (Request(Kind.GET, 1, b"k", if_version=1), "EXT does not apply to GET"),
+    "by on SET": (Request(Kind.SET, 1, b"k", b"v", by=1), "by applies to INCR only, not SET"),
+    "token on SET": (Request(Kind.SET, 1, b"k", b"v", token=1), "token does not apply to SET"),
+    "wait on UNLOCK": (Request(Kind.UNLOCK, 1, b"l", token=1, wait_ms=5), "wait_ms applies to"),
 }
 
 
