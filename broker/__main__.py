@@ -58,21 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="zkv broker: routes client requests to the worker owning each key's shard.",
     )
     # No fixed default: without the flag or its variable, tcp://<advertise>:<port> (see below).
-    for flag, env, port, whom in (
-        ("--frontend", "ZKV_FRONTEND", defaults.FRONTEND_PORT, "clients"),
-        ("--backend", "ZKV_BACKEND", defaults.BACKEND_PORT, "workers"),
-        ("--events", "ZKV_EVENTS", defaults.EVENTS_PORT, "event subscribers ('none': no events)"),
+    for flag, env, default, whom in (
+        ("--frontend", "ZKV_FRONTEND", f"tcp://<advertise>:{defaults.FRONTEND_PORT}", "clients"),
+        ("--backend", "ZKV_BACKEND", f"tcp://<advertise>:{defaults.BACKEND_PORT}", "workers"),
+        (
+            "--events",
+            "ZKV_EVENTS",
+            f"port {defaults.EVENTS_PORT} on the frontend's host",
+            "change-event subscribers, XPUB ('none': no events proxy)",
+        ),
         (
             "--events-backend",
             "ZKV_EVENTS_BACKEND",
-            defaults.EVENTS_BACKEND_PORT,
-            "the workers' event publishers",
+            f"port {defaults.EVENTS_BACKEND_PORT} on the backend's host",
+            "the workers' change-event publishers, XSUB",
         ),
     ):
         parser.add_argument(
             flag,
             default=env_default(env, None),
-            help=f"endpoint to bind for {whom} (env {env}, default tcp://<advertise>:{port})",
+            help=f"endpoint to bind for {whom} (env {env}, default {default})",
         )
     add_advertise_flag(parser)
     add_flag(parser, "--shards", "ZKV_SHARDS", defaults.SHARDS, positive_int, "number of shards")

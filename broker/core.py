@@ -7,7 +7,8 @@ whatever lands in :attr:`Broker.outbox`:
 * ``on_worker(frames, now)``: a message on the backend ROUTER, identity first.
 * ``on_timer(now)``: every pass of the loop, whether or not anything arrived.
 
-Two records carry the state. An op (:data:`Op`) is one keyed request (GET, SET, DEL), whether
+Two records carry the state. An op (:data:`Op`) is one keyed request (GET, SET, DEL, and the
+issue-12 commands), whether
 it came alone or as one sub-request of a client's BATCH; its :class:`Origin` says whom to
 answer and how. A :class:`Flight` is one message to a worker: one or many ops of one shard,
 fenced by one token, applied by the worker in order and answered in one message. Life of an
@@ -71,6 +72,14 @@ is answered BUSY at once), each charged to its client's account like any request
 gathered parts charged too as they arrive (so the broker refuses other work while it holds
 them), until it is answered. The broker thus gathers at most
 ``max_pending_alls x shards x MAX_REPLY_BYTES`` (the workers refuse larger parts).
+
+The issue-12 commands are keyed requests like GET, SET and DEL, routed the same way (their
+conditions, fences and amounts are in flags and value frames the broker never reads). The lock
+commands (LOCK, REFRESH, UNLOCK, FENCE_CHECK: the kinds from 0x0A up, one comparison in the
+batch loop) are taken aside by ``_admit_lock``: a flight holding one is marked, and its reply
+is read op by op instead of being forwarded whole, because a LOCK with a wait answered
+CONFLICT is parked here and an UNLOCK answered OK wakes the oldest LOCK parked for its name
+(broker/locks.py has that algorithm and its bounds).
 
 Limits: a flight holds at most MAX_BATCH_OPS ops and MAX_BATCH_BYTES bytes of sub-requests
 (a full open flight is closed and a new one opened); a run passed on by a key is cut to the
@@ -140,7 +149,6 @@ from zkv.protocol import (
     split_batch,
     split_reply_records,
     stamp_of,
-    sub_request_value,
 )
 from zkv.zmqio import SendLedger
 
@@ -163,6 +171,7 @@ MAX_IDLE_LEDGERS = 4096
 # most MAX_REPORT_BYTES, the answer stays under about 1.2 MiB whatever joins the backend.
 MAX_STATS_WORKERS = 256
 _GET = int(Kind.GET)
+_DEL = int(Kind.DEL)
 _OK = int(Status.OK)
 
 _BATCH = int(Kind.BATCH)
@@ -174,6 +183,7 @@ _SET = int(Kind.SET)
 _ALL = int(Kind.ALL)
 _LOCK = int(Kind.LOCK)
 _UNLOCK = int(Kind.UNLOCK)
+_REFRESH = int(Kind.REFRESH)
 _CONFLICT = int(Status.CONFLICT)
 # The lock commands (LOCK, REFRESH, UNLOCK, FENCE_CHECK) are the kinds from here up: one
 # integer comparison per request tells the batch loop to take them aside (see _admit_lock).
@@ -778,8 +788,7 @@ class Broker:
             self._forget(op)
             self._refund_ops([op])
             self.counters.answered[_UNAVAILABLE] += 1
-            message = "broker is shutting down while the LOCK waited; not applied, retry"
-            self._answer([op], None, message)
+            self._answer([op], None, _CLOSING_LOCK.decode())
 
     def idle(self) -> bool:
         """Whether no request is waiting or in flight."""
@@ -856,9 +865,8 @@ class Broker:
             for flight in open_flights.values():
                 flight.account = None
         for kind, request_id, key, record in subs:
-            if not kind:  # malformed: key holds the message
+            if not kind:  # malformed: key holds the message (its bytes: after the loop)
                 refused.append(pack_reply(_ERROR, request_id, 0, None, b"bad request: " + key))
-                unheld_bytes += len(record)
                 unheld_ops += 1
                 continue
             size = len(record)
@@ -908,6 +916,13 @@ class Broker:
             flight.ops.append(op)
             flight.keys.add(key)
             flight.nbytes += size
+        if refused:
+            # A malformed sub-request comes without its record (split_batch cannot always
+            # tell where it ends), yet the batch was charged whole: refund what no well-formed
+            # one holds. Counting them as 0 bytes leaked their bytes from held_bytes for good,
+            # and a client sending such batches could push it to --max-pending-bytes, after
+            # which every request that met another in flight was answered BUSY.
+            unheld_bytes += len(body[1]) - sum(len(sub[3]) for sub in subs if sub[0])
         if unheld_ops:
             self._refund(account, unheld_bytes, unheld_ops)
         if refused:
@@ -1315,23 +1330,23 @@ class Broker:
         self, ops: Sequence[Op], records: list[bytes | memoryview], now: float
     ) -> tuple[list[Op], list[bytes | memoryview]]:
         """The replies of a flight holding lock commands, read op by op: a LOCK with a wait
-        answered CONFLICT is parked (not answered), a LOCK answered OK tells the waiters of
-        its name when the new holder's lease ends, an UNLOCK answered OK dispatches the
-        oldest waiter of its name. Returns the ops to answer now and their records."""
+        answered CONFLICT is parked (not answered), a LOCK or REFRESH answered OK tells the
+        waiters of its name when the holder's lease ends, an UNLOCK answered OK dispatches
+        the oldest waiter of its name. Returns the ops to answer now and their records."""
         answer_ops: list[Op] = []
         answer_records: list[bytes | memoryview] = []
         for op, record in zip(ops, records, strict=True):
             kind = op[1]
-            if kind == _LOCK or kind == _UNLOCK:
+            if kind == _LOCK or kind == _UNLOCK or kind == _REFRESH:
                 status = reply_record_status(record)
                 if status == _OK and kind == _UNLOCK:
                     waiter = self.locks.released(op[3], now)
                     if waiter is not None:
                         self._redispatch(waiter, now)
-                elif status == _OK:
+                elif status == _OK:  # taken or refreshed: the waiters wait for its new expiry
                     deadline_ms = decode_reply_record(record).deadline_ms
                     self.locks.held(op[3], now, self._expiry_of(deadline_ms, now))
-                elif status == _CONFLICT:
+                elif status == _CONFLICT and kind == _LOCK:
                     kept = self._conflicted(op, record, now)
                     if kept is None:
                         continue  # parked
@@ -1355,6 +1370,8 @@ class Broker:
             give_up = origin.arrived + wait_ms / 1000
         if now >= give_up:
             return record
+        if self.closing:  # not parked any more: its client retries on the next broker
+            return pack_reply(_UNAVAILABLE, op[2], 0, None, _CLOSING_LOCK)
         reply = decode_reply_record(record)
         conflict = bytes(record)
         front = isinstance(origin, LockOrigin)  # woken and refused again: keeps its place
@@ -1913,20 +1930,21 @@ class Broker:
 
 def _fingerprint(entry: Entry) -> int:
     """What a worker's idempotency memory compares besides request id, kind and key, so that
-    the broker merges a retry only when the worker would answer it from memory: the CRC-32
-    of a write's value frame (a SET's value, as workers/shard.py computes; for the issue-12
-    writes their whole value frame, extension block included: INCR's amount, LOCK's wait,
-    the token of REFRESH and UNLOCK, a condition or fence), 0 for a read and for a DEL
-    without a value. Never looser than the worker's: two requests merged here would be one
-    there too. Computed
-    only while some request's id is taken by another (rare: ids are random), never on the
-    broker's common path."""
-    if entry[1] == _GET or entry[1] == _ALL:  # reads (a GET's touch TTL is no value either)
+    the broker merges a retry exactly when the worker would answer it from memory (one rule,
+    tests/unit/test_retry_rule.py): the CRC-32 of a SET's value (not its TTL, condition or
+    fence: a retry never changes them), 0 for a DEL, and for the issue-12 commands their
+    amount, token and TTL mixed as workers/shard.py's ``_fingerprint`` mixes them (a GET's
+    touch TTL too: the worker remembers no GET, so telling a touch from a read is only
+    stricter). Computed only while some request's id is taken by another (rare: ids are
+    random), never on the broker's common path: it decodes the request."""
+    kind = entry[1]
+    if kind == _ALL or kind == _DEL:  # an ALL is a Gather, with no frames
         return 0
-    record = entry[4]
-    if record is None:  # it came alone: its frames are its origin's
-        record = request_record(entry[0].frames)  # type: ignore[union-attr, arg-type]
-    return crc32(sub_request_value(record))
+    request = _request_of(entry)  # type: ignore[arg-type]
+    if kind == _SET:
+        return crc32(request.value or b"")
+    mixed = request.by * 1_000_003 + request.token * 8_191 + (request.ttl_ms or 0)
+    return (mixed ^ (mixed >> 32)) & 0xFFFF_FFFF
 
 
 def _token(flight: Flight) -> int:
@@ -1956,6 +1974,7 @@ _NOT_READING = (
     " GET not answered, retry after reading"
 )
 _NOT_READING_B = _NOT_READING.encode()
+_CLOSING_LOCK = b"broker is shutting down while the LOCK waited; not applied, retry"
 
 _size: Callable[[Op], int] = itemgetter(5)
 """An op's size (a C call: the token table weighs every waiter of a run by it)."""

@@ -14,8 +14,9 @@ would poll). The algorithm, in one place:
 * Waking. A name's oldest waiter is dispatched again (alone: only one can win) when
 
   - an UNLOCK of that name is answered OK by the worker (the common case: at once);
-  - the holder's lease ends: the deadline of the last CONFLICT or of the winner's OK, read as
-    wall-clock milliseconds and turned into a monotonic instant here;
+  - the holder's lease ends: the deadline of the last CONFLICT, of the winner's OK or of a
+    REFRESH answered OK (wall-clock milliseconds, turned into a monotonic instant by the
+    core, which has the wall clock);
   - LOCK_RECHECK_S (1 s) passed since the last dispatch or CONFLICT for the name: a lock
     released through another broker, or a reply lost with a worker, costs at most that.
 

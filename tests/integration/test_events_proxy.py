@@ -117,3 +117,36 @@ def test_with_curve_only_authorised_keys_publish_and_subscribe(
     finally:
         proxy.stop()
         authenticator.stop()
+
+
+def test_the_broker_serves_events_when_configured_and_stops_them_with_itself(
+    context: zmq.Context, tmp_path: Path
+) -> None:
+    """broker.server.serve starts the proxy beside its frontend and backend (--events), and
+    stops it when it stops."""
+    import threading
+
+    from broker.core import BrokerConfig
+    from broker.server import ServerConfig, Stopper, serve
+
+    config = ServerConfig(
+        frontend=f"ipc://{tmp_path}/frontend",
+        backend=f"ipc://{tmp_path}/backend",
+        events=f"ipc://{tmp_path}/events",
+        events_backend=f"ipc://{tmp_path}/events-backend",
+        broker=BrokerConfig(1, 3.0, 4.0, 1.0, 3),
+    )
+    stopper = Stopper()
+    thread = threading.Thread(target=serve, args=(config, stopper, context), daemon=True)
+    thread.start()
+    try:
+        subscriber = _socket(context, zmq.SUB)
+        subscriber.setsockopt(zmq.SUBSCRIBE, b"k")
+        subscriber.connect(config.events)
+        publisher = _socket(context, zmq.PUB)
+        publisher.connect(config.events_backend)
+        assert set(_publish_until([(publisher, b"k1")], subscriber, b"k1")) == {b"k1"}
+    finally:
+        stopper.stopping = True
+        thread.join(DEADLINE_S)
+    assert not thread.is_alive()  # serve returned: the proxy thread was stopped and joined

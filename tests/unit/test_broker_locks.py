@@ -5,12 +5,13 @@ clock (lock deadlines in replies are wall-clock ms); no sockets."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 
 import pytest
 
 from broker.core import CLAIM_WINDOW_HEARTBEATS, Broker, BrokerConfig, Side
-from zkv.hashing import key_shard
 from tests.unit.test_broker_core import (
     CLIENT,
     CONFIG,
@@ -20,12 +21,14 @@ from tests.unit.test_broker_core import (
     key_for,
     send_batch,
 )
+from zkv.hashing import key_shard
 from zkv.protocol import (
     MAX_LOCK_WAIT_MS,
     BatchReply,
     Dispatch,
     DispatchBatch,
     Kind,
+    Ready,
     Reply,
     Request,
     Status,
@@ -33,7 +36,10 @@ from zkv.protocol import (
     decode_from_broker,
     decode_reply,
     encode_batch_reply,
+    encode_control,
+    encode_reply,
     encode_request,
+    request_record,
     stamp_of,
 )
 
@@ -117,7 +123,11 @@ def test_each_new_request_alone_goes_to_its_keys_shard_and_its_reply_back(
     assert dispatch.request == request_
     h.reply(worker, dispatch, Status.OK, deadline_ms=123, body=b"\x00" * 8)
     [reply] = h.replies()
-    assert (reply.status, reply.request_id, reply.deadline_ms) == (Status.OK, request_.request_id, 123)
+    assert (reply.status, reply.request_id, reply.deadline_ms) == (
+        Status.OK,
+        request_.request_id,
+        123,
+    )
     assert not h.broker._by_request and h.broker.held_ops == 0
 
 
@@ -160,9 +170,50 @@ def test_a_retried_incr_is_merged_but_one_with_another_amount_is_another_write(
     h.reply(worker, first, Status.OK)
     out = h.take()
     assert [frames[0] for side, frames in out if side is Side.FRONTEND] == [OTHER]
-    [(side, frames)] = [item for item in out if item[0] is Side.BACKEND]
+    [(_side, frames)] = [item for item in out if item[0] is Side.BACKEND]
     second = decode_from_broker(frames[1:])
     assert isinstance(second, Dispatch) and second.request.by == 2
+
+
+@pytest.mark.parametrize(
+    ("first", "other", "retry"),
+    [
+        # the TTL of the issue-12 commands is compared, as the worker's memory does
+        (Request(Kind.EXPIRE, 5, b"n", ttl_ms=1000), Request(Kind.EXPIRE, 5, b"n", ttl_ms=2000), 0),
+        (Request(Kind.EXPIRE, 5, b"n", ttl_ms=1000), Request(Kind.EXPIRE, 5, b"n"), 0),
+        (lock(5), lock(5, ttl_ms=99), 0),
+        (
+            Request(Kind.REFRESH, 5, b"n", ttl_ms=9, token=1),
+            Request(Kind.REFRESH, 5, b"n", ttl_ms=9, token=2),
+            0,
+        ),
+        (Request(Kind.GET, 5, b"n"), Request(Kind.GET, 5, b"n", ttl_ms=10), 0),
+        # a SET's condition or fence, a DEL's, a LOCK's wait are not (nor at the worker)
+        (Request(Kind.SET, 5, b"n", b"v", nx=True), Request(Kind.SET, 5, b"n", b"v", xx=True), 1),
+        (Request(Kind.DEL, 5, b"n"), Request(Kind.DEL, 5, b"n", fence=(b"l", 3)), 1),
+        (lock(5, wait_ms=10), lock(5, wait_ms=20), 1),
+    ],
+    ids=lambda r: r.kind.name if isinstance(r, Request) else str(r),
+)
+def test_a_request_reusing_an_id_is_merged_exactly_when_the_worker_would_recall_it(
+    h: LockHarness, first: Request, other: Request, retry: int
+) -> None:
+    """The worker's idempotency memory tells a retry by id, kind, key and a fingerprint
+    (workers/shard.py: the amount, token and TTL of the issue-12 commands); the broker must
+    merge the same pairs, or a request merged away here would have been applied there."""
+    h.send(first)
+    h.send(first, client=OTHER)  # a retry
+    h.send(other)
+    worker, dispatch = h.one_dispatch()  # the others wait for the key's token, or merged
+    h.reply(worker, dispatch, Status.OK)
+    out = h.take()
+    if retry:
+        assert [f[0] for side, f in out if side is Side.FRONTEND] == [CLIENT]
+        assert [side for side, _ in out] == [Side.FRONTEND]
+        return
+    assert [f[0] for side, f in out if side is Side.FRONTEND] == [OTHER]
+    [(_, frames)] = [item for item in out if item[0] is Side.BACKEND]
+    assert decode_from_broker(frames[1:]).request == other
 
 
 def test_a_touching_get_is_a_write_never_refused_busy_for_a_client_not_reading(
@@ -199,14 +250,16 @@ def test_new_requests_count_against_the_admission_limits(h: LockHarness) -> None
     "frames",
     [
         # LOCK waiting longer than the limit
-        encode_request(Request(Kind.LOCK, 1, b"l", ttl_ms=10))[:1]
-        + [(MAX_LOCK_WAIT_MS + 1).to_bytes(4, "big")],
+        [
+            *encode_request(Request(Kind.LOCK, 1, b"l", ttl_ms=10))[:1],
+            (MAX_LOCK_WAIT_MS + 1).to_bytes(4, "big"),
+        ],
         # LOCK value of the wrong size
-        encode_request(Request(Kind.LOCK, 2, b"l", ttl_ms=10))[:1] + [b"\x00\x00\x01"],
+        [*encode_request(Request(Kind.LOCK, 2, b"l", ttl_ms=10))[:1], b"\x00\x00\x01"],
         # LOCK without TTL
         [bytes([1, Kind.LOCK, 0, 0]) + (3).to_bytes(8, "big") + bytes(8) + b"l", bytes(4)],
         # INCR by of 7 bytes
-        encode_request(Request(Kind.INCR, 4, b"n", by=1))[:1] + [bytes(7)],
+        [*encode_request(Request(Kind.INCR, 4, b"n", by=1))[:1], bytes(7)],
         # SET NX and XX together
         [bytes([1, Kind.SET, 0x08 | 0x10, 0]) + (5).to_bytes(8, "big") + bytes(8) + b"k", b"v"],
         # EXT with an unknown extension bit, and a truncated fence
@@ -216,7 +269,10 @@ def test_new_requests_count_against_the_admission_limits(h: LockHarness) -> None
         [encode_request(Request(Kind.GET, 8, b"k"))[0][:-1] + b"\x00lock"],
         # UNLOCK without a token, FENCE_CHECK with flags
         [bytes([1, Kind.UNLOCK, 0, 0]) + (9).to_bytes(8, "big") + bytes(8) + b"l"],
-        [bytes([1, Kind.FENCE_CHECK, 0x01, 0]) + (10).to_bytes(8, "big") + bytes(8) + b"l", bytes(8)],
+        [
+            bytes([1, Kind.FENCE_CHECK, 0x01, 0]) + (10).to_bytes(8, "big") + bytes(8) + b"l",
+            bytes(8),
+        ],
     ],
 )
 def test_malformed_new_requests_get_an_error_and_leave_nothing_held(
@@ -227,8 +283,6 @@ def test_malformed_new_requests_get_an_error_and_leave_nothing_held(
     assert len(out) == 1 and out[0][0] is Side.FRONTEND
     assert decode_reply(out[0][1][1:]).status == Status.ERROR
     # the same records in a batch: each refused on its own, the batch's good one served
-    from zkv.protocol import request_record
-
     records = []
     try:
         records.append(request_record(frames))
@@ -295,7 +349,7 @@ def test_waiters_get_the_lock_in_arrival_order_and_newcomers_queue_behind(
         worker, release = h.one_dispatch()
         h.reply(worker, release, Status.OK)
         h.replies_and_dispatch = h.take()
-        [(side, frames)] = [item for item in h.replies_and_dispatch if item[0] is Side.BACKEND]
+        [(_side, frames)] = [item for item in h.replies_and_dispatch if item[0] is Side.BACKEND]
         woken = decode_from_broker(frames[1:])
         order.append(woken.request.request_id)
         h.reply(worker, woken, Status.OK, deadline_ms=h.wall_ms(30), body=bytes(8))
@@ -331,6 +385,21 @@ def test_a_waiter_is_sent_again_when_the_holder_expires(h: LockHarness) -> None:
     assert h.take() == []
     assert 0.0 < h.broker.next_timer(h.now) <= 0.1 + 1e-9
     h.advance(0.1)
+    [(_, again, _)] = h.dispatched()
+    assert again.request.request_id == 1
+
+
+def test_a_refresh_of_the_holder_moves_the_waiters_next_try(h: LockHarness) -> None:
+    h.send(lock(1, wait_ms=5000))
+    worker, first = h.one_dispatch()
+    conflict(h, worker, first, expires_in_s=0.5)
+    h.send(Request(Kind.REFRESH, 2, NAME, ttl_ms=10_000, token=7), client=OTHER)
+    worker, refresh = h.one_dispatch()
+    h.reply(worker, refresh, Status.OK, deadline_ms=h.wall_ms(10), body=(7).to_bytes(8, "big"))
+    assert [r.request_id for r in h.replies(OTHER)] == [2]
+    h.advance(0.6)  # past the old expiry: not sent, the holder refreshed its lease
+    assert h.take() == []
+    h.advance(0.4)  # the recheck still comes
     [(_, again, _)] = h.dispatched()
     assert again.request.request_id == 1
 
@@ -372,7 +441,9 @@ def test_a_waiting_lock_in_a_batch_is_parked_and_answered_in_a_batch_reply(
                 replies.append(Reply(Status.CONFLICT, 1, run.token, h.wall_ms(10), b"held"))
             else:
                 replies.append(Reply(Status.OK, op[1], run.token))
-        h.broker.on_worker([worker, *encode_batch_reply(BatchReply(run.token, tuple(replies)))], h.now)
+        h.broker.on_worker(
+            [worker, *encode_batch_reply(BatchReply(run.token, tuple(replies)))], h.now
+        )
     for reply in by_client(h).get(CLIENT, []):
         answers[reply.request_id] = reply
     assert set(answers) <= {2} and h.broker.locks.count == 1
@@ -439,7 +510,148 @@ def test_parked_locks_are_answered_unavailable_when_the_broker_stops(h: LockHarn
     h.send(lock(1, wait_ms=5000))
     worker, first = h.one_dispatch()
     conflict(h, worker, first, 10)
+    h.send(Request(Kind.LOCK, 2, b"other", ttl_ms=10, wait_ms=5000), client=OTHER)
+    worker2, second = h.one_dispatch()  # in flight when the broker begins to stop
     h.broker.begin_shutdown()
     [reply] = h.replies()
     assert (reply.status, reply.request_id) == (Status.UNAVAILABLE, 1)
-    assert h.broker.idle() and h.broker.held_ops == 0
+    conflict(h, worker2, second, 10)  # refused while the broker stops: not parked either
+    [reply] = h.replies(OTHER)
+    assert (reply.status, reply.request_id) == (Status.UNAVAILABLE, 2)
+    assert h.broker.idle() and h.broker.held_ops == 0 and h.broker.locks.count == 0
+
+
+# --- hostile peers --------------------------------------------------------------------------
+
+FUZZ_MESSAGES = 3000  # bounded: about a second
+
+
+def test_mutated_new_requests_and_lying_workers_never_hurt_the_broker(h: LockHarness) -> None:
+    """Valid issue-12 requests with random bytes flipped, cut or added, alone and in batches,
+    and workers answering what was dispatched with random statuses (CONFLICT with any
+    deadline, OK to LOCKs and UNLOCKs) or with garbage: no exception, every client message
+    answered or dispatched, and once time passes every wait's end nothing is held."""
+    rng = random.Random(12)
+    seeds = [encode_request(r) for r in NEW_KINDS] + [
+        encode_request(lock(30, wait_ms=2000, stamp=5)),
+        encode_request(unlock(31, token=3)),
+    ]
+    statuses = [Status.OK, Status.CONFLICT, Status.NOT_FOUND, Status.PRECONDITION, Status.ERROR]
+
+    def mutate(frames: list[bytes]) -> list[bytes]:
+        out = []
+        for frame in frames:
+            data = bytearray(frame)
+            for _ in range(rng.randrange(3)):
+                choice = rng.randrange(3)
+                if choice == 0 and data:
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+                elif choice == 1 and data:
+                    del data[rng.randrange(len(data)) :]
+                else:
+                    data += bytes(rng.randrange(256) for _ in range(rng.randrange(9)))
+            out.append(bytes(data))
+        return out
+
+    for n in range(FUZZ_MESSAGES):
+        frames = mutate(rng.choice(seeds))
+        if rng.random() < 0.3:
+            records = []
+            for _ in range(rng.randrange(1, 4)):
+                try:
+                    records.append(request_record(mutate(rng.choice(seeds))))
+                except Exception:  # a header too short to cut: leave it out
+                    continue
+            if not records:
+                continue
+            frames = batch_frames(n, records)
+        h.broker.on_client([b"c%d" % rng.randrange(4), *frames], h.now)
+        for side, out in h.take():
+            if side is Side.FRONTEND:
+                continue
+            worker, body = out[0], out[1:]
+            message = decode_from_broker(body)
+            if rng.random() < 0.05:  # a lying worker
+                garbage = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+                h.broker.on_worker([worker, garbage], h.now)
+                continue
+            if isinstance(message, Dispatch):
+                reply = Reply(
+                    rng.choice(statuses),
+                    message.request.request_id,
+                    message.token,
+                    h.wall_ms(rng.uniform(-1, 3)) if rng.random() < 0.8 else None,
+                    bytes(8),
+                )
+                h.broker.on_worker([worker, *encode_reply(reply)], h.now)
+            elif isinstance(message, DispatchBatch):
+                replies = tuple(
+                    Reply(rng.choice(statuses), op[1], message.token, h.wall_ms(1), bytes(8))
+                    for op in message.ops
+                )
+                h.broker.on_worker(
+                    [worker, *encode_batch_reply(BatchReply(message.token, replies))], h.now
+                )
+        if n % 100 == 0:
+            h.advance(0.05)
+    # Every wait ends: parked LOCKs (a mutated wait_ms may reach MAX_LOCK_WAIT_MS), flights
+    # whose reply was garbage (the worker timeout), keys' waiters. Redispatched waiters are
+    # refused again as they come.
+    for _ in range(MAX_LOCK_WAIT_MS // 500 + 20):
+        h.advance(0.5)
+        for side, out in h.take():
+            if side is Side.BACKEND:
+                message = decode_from_broker(out[1:])
+                if isinstance(message, Dispatch):
+                    reply = Reply(Status.CONFLICT, message.request.request_id, message.token)
+                    h.broker.on_worker([out[0], *encode_reply(reply)], h.now)
+                elif isinstance(message, DispatchBatch):
+                    replies = tuple(
+                        Reply(Status.CONFLICT, op[1], message.token) for op in message.ops
+                    )
+                    h.broker.on_worker(
+                        [out[0], *encode_batch_reply(BatchReply(message.token, replies))], h.now
+                    )
+    assert h.broker.locks.count == 0
+    assert h.broker.held_ops == 0 and h.broker.held_bytes == 0
+    assert not h.broker._by_request and not h.broker._inflight
+
+
+def test_a_batch_with_malformed_sub_requests_leaves_no_bytes_charged(h: LockHarness) -> None:
+    """A malformed sub-request's bytes were charged with its batch and never refunded: each
+    such batch leaked them from held_bytes for good (found by the fuzz above)."""
+    good = request_record(encode_request(Request(Kind.GET, 1, b"g")))
+    bad = bytearray(request_record(encode_request(Request(Kind.LOCK, 2, b"l", ttl_ms=5))))
+    bad[-4:] = bytes(5)
+    bad[4:8] = (5).to_bytes(4, "big")  # value_len 5: a LOCK's wait is 4 bytes
+    h.broker.on_client([CLIENT, *batch_frames(1, [bytes(bad), good])], h.now)
+    out = h.take()
+    [(worker, frames)] = [(f[0], f[1:]) for side, f in out if side is Side.BACKEND]
+    run = decode_from_broker(frames)
+    assert isinstance(run, DispatchBatch)
+    replies = tuple(Reply(Status.NOT_FOUND, op[1], run.token) for op in run.ops)
+    h.broker.on_worker([worker, *encode_batch_reply(BatchReply(run.token, replies))], h.now)
+    assert h.broker.held_ops == 0 and h.broker.held_bytes == 0
+
+
+def test_in_cluster_mode_new_requests_and_woken_waiters_go_to_the_shards_leader() -> None:
+    """Cluster mode routes by etcd's leaders: a waiter parked while one worker led goes, when
+    woken, to the leader of that moment (a failover happened meanwhile)."""
+    h = LockHarness(dataclasses.replace(CONFIG, cluster_mode=True))
+    shard = key_shard(NAME, CONFIG.shards)
+    for worker in (b"w-a", b"w-b"):
+        h.broker.on_worker([worker, *encode_control(Ready(shard, 0))], h.now)
+    h.broker.set_leaders({shard: b"w-a"}, h.now)
+    h.take()
+    h.send(Request(Kind.INCR, 1, NAME, by=3))
+    worker, dispatch = h.one_dispatch()
+    assert worker == b"w-a"
+    h.reply(worker, dispatch, Status.OK)
+    h.take()
+    h.send(lock(2, wait_ms=10_000))
+    worker, first = h.one_dispatch()
+    conflict(h, worker, first, 30)
+    h.broker.set_leaders({shard: b"w-b"}, h.now)  # failover
+    h.advance(1.0)  # the recheck
+    [(worker, again, _)] = h.dispatched()
+    assert worker == b"w-b" and again.request.request_id == 2
