@@ -377,6 +377,32 @@ class RequestMemory:
         self._appended += 1
         self.used += ENTRY_BYTES + len(key)
 
+    def remember_refusal(
+        self,
+        request_id: int,
+        kind: int,
+        key: bytes,
+        fingerprint: int,
+        status: int,
+        deadline_ms: int | None,
+        body: bytes | None,
+    ) -> bytes | None:
+        """:meth:`remember` of a refusal (PRECONDITION, CONFLICT, NOT_FOUND, NO_SPACE): a
+        definite "not applied", which a late second copy of the request must repeat, not
+        undo by applying (docs/persistence.md section 6). Its message is kept cut to what
+        fits a rich entry (MAX_MEMO_BODY_BYTES, and the 65,535 bytes of body and key), never
+        dropped into NOT_REMEMBERED; with no room at all (a key within 2 bytes of the limit) a
+        plain entry keeps the status alone.
+
+        Returns:
+            The entry as a MEMOS record holds it, None for request id 0.
+        """
+        if body is not None:
+            room = min(MAX_MEMO_BODY_BYTES, 0xFFFF - _BODY_LEN - len(key))
+            body = body[:room] if room > 0 else None
+            body = body or None
+        return self.remember(request_id, Memo(kind, key, fingerprint, status, deadline_ms, body))
+
     def restore(self, entry: bytes) -> None:
         """Remember an entry read back from a MEMOS log record (replay), kept as it is unless
         its key is too long to inline. Replay never refuses one for :attr:`full`: they were
