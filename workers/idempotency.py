@@ -20,8 +20,11 @@ of them still inside that time, new writes are refused BUSY rather than any entr
 early (docs/persistence.md section 6). A DEL that found nothing is remembered too, with its
 NOT_FOUND (workers/shard.py logs it as a MEMO record): a second copy of it, resent through
 another broker and reaching the shard after the client wrote the key again, would otherwise
-delete that newer value. Request id 0 means "do not remember" (compaction writes its snapshot
-with it).
+delete that newer value. So is every definite answer of an issue-12 write: a refusal
+(PRECONDITION, CONFLICT, NOT_FOUND) with its message (:meth:`RequestMemory.remember_refusal`),
+and a GET touch with the version it wrote (both logged as MEMOS records); a NO_SPACE is kept in
+memory only (docs/persistence.md section 6). Request id 0 means "do not remember" (compaction
+writes its snapshot with it).
 
 Memory, since a busy shard remembers about a million writes: each write is kept as one bytes
 object (request id, key length, kind, status, deadline and CRC-32 packed in 24 bytes, then the
@@ -397,11 +400,18 @@ class RequestMemory:
         Returns:
             The entry as a MEMOS record holds it, None for request id 0.
         """
-        if body is not None:
+        if not request_id:
+            return None
+        field = key
+        if body:
             room = min(MAX_MEMO_BODY_BYTES, 0xFFFF - _BODY_LEN - len(key))
-            body = body[:room] if room > 0 else None
-            body = body or None
-        return self.remember(request_id, Memo(kind, key, fingerprint, status, deadline_ms, body))
+            if room > 0:
+                body = body[:room]
+                field = len(body).to_bytes(_BODY_LEN, "big") + body + key
+                kind |= RICH_KIND
+        head = _pack_head(request_id, len(field), kind, status, deadline_ms or 0, fingerprint)
+        self._store(request_id, head + field if len(field) <= INLINE_KEY_BYTES else (head, field))
+        return head + field
 
     def restore(self, entry: bytes) -> None:
         """Remember an entry read back from a MEMOS log record (replay), kept as it is unless
