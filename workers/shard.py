@@ -1123,9 +1123,11 @@ class Shard:
         two brokers resends through the other while the first still holds its copy) is
         answered the same even when it arrives after the state changed so that it would now
         succeed (docs/persistence.md section 6). An ERROR (a request malformed in itself) is
-        not: every copy is refused the same anyway."""
+        not: every copy is refused the same anyway. Nor is the CONFLICT of a LOCK with a wait:
+        the broker parks it and sends it again, with the same request id, when the lock may be
+        free (broker/locks.py); its final CONFLICT is the broker's answer, not this one."""
         status, deadline_ms, body = refusal[0], refusal[1], refusal[2]
-        if status != _ERROR:
+        if status != _ERROR and not request.wait_ms:
             entry = self.memory.remember_refusal(
                 request.request_id,
                 request.kind,

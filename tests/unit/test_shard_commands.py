@@ -932,6 +932,21 @@ def test_a_late_copy_of_a_refused_write_is_answered_the_same_and_changes_nothing
     assert check(wire), name
 
 
+def test_a_lock_with_a_wait_sent_again_by_the_broker_takes_the_lock_once_free(
+    wire: Wire,
+) -> None:
+    # The broker parks a LOCK with a wait that was answered CONFLICT and sends it again, same
+    # request id, when the lock may be free (broker/locks.py): its CONFLICT is not final, so
+    # it is not remembered (a remembered one would keep it waiting until its wait ran out).
+    holder = token_of(lock(wire, b"job", 1000))
+    waiting = Request(Kind.LOCK, next(_IDS), b"job", ttl_ms=1000, wait_ms=5000)
+    assert wire.deliver(waiting).status == Status.CONFLICT
+    wire.send(Kind.UNLOCK, b"job", token=holder)
+    taken = wire.deliver(waiting)
+    assert token_of(taken) > holder
+    assert _same(wire.deliver(waiting), taken)  # and applied once
+
+
 @pytest.mark.parametrize("name", ["set nx", "incr not an integer", "lock held", "expire missing"])
 def test_a_late_copy_of_a_refused_write_in_a_batch_is_answered_the_same(
     name: str, wire: Wire
