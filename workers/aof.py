@@ -31,16 +31,17 @@ counter, so dropping deleted keys never lowers it.
 
 All integers are unsigned big-endian, like the wire protocol. ``deadline_ms`` is Unix time in
 milliseconds, 0 for "never expires". ``request_id`` 0 means "not remembered" (snapshot records
-written by compaction carry no request). MEMOS records appear only in compacted logs: each holds
-up to MEMOS_PER_RECORD remembered replies of the idempotency memory (see
-workers/idempotency.py), so that a retry reaching a later owner is still answered from memory. A
-MEMO record is appended for a DEL that found nothing (its NOT_FOUND reply, remembered so a late
-copy of that DEL deletes nothing). Compaction writes the whole memory (every write of the
-window, 36 s) every time. Written as one MEMO record per entry (measured with 100,000 entries,
-the memory's bound then), as earlier versions did (still read), that cost the worker about 110
-ms per compaction (34 ms of snapshot on its loop, 72 of encoding in the thread; now 1.4 and 5),
-a tenth of its CPU under a steady stream of SETs. The memory keeps each entry in the form a
-MEMOS entry has, so a MEMOS record is one join, and replay keeps the entries as they are read.
+written by compaction carry no request). A MEMOS record holds up to MEMOS_PER_RECORD remembered
+replies of the idempotency memory (see workers/idempotency.py), so that a retry reaching a later
+owner is still answered from memory: compaction writes them, and the shard appends a one-entry one
+for a reply with a body, a refusal of an issue-12 write or a GET touch (workers/shard.py). A MEMO
+record is appended for a DEL that found nothing (its NOT_FOUND reply, remembered so a late copy of
+that DEL deletes nothing). Compaction writes the whole memory (every write of the window, 36 s)
+every time. Written as one MEMO record per entry (measured with 100,000 entries, the memory's bound
+then), as earlier versions did (still read), that cost the worker about 110 ms per compaction (34 ms
+of snapshot on its loop, 72 of encoding in the thread; now 1.4 and 5), a tenth of its CPU under a
+steady stream of SETs. The memory keeps each entry in the form a MEMOS entry has, so a MEMOS record
+is one join, and replay keeps the entries as they are read.
 
 Why a length *and* a checksum: the length lets the reader find the next record without parsing
 the body; the CRC, which covers the length too, tells a record that was written completely from

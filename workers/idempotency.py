@@ -20,8 +20,11 @@ of them still inside that time, new writes are refused BUSY rather than any entr
 early (docs/persistence.md section 6). A DEL that found nothing is remembered too, with its
 NOT_FOUND (workers/shard.py logs it as a MEMO record): a second copy of it, resent through
 another broker and reaching the shard after the client wrote the key again, would otherwise
-delete that newer value. Request id 0 means "do not remember" (compaction writes its snapshot
-with it).
+delete that newer value. So is every definite answer of an issue-12 write: a refusal
+(PRECONDITION, CONFLICT, NOT_FOUND) with its message (:meth:`RequestMemory.remember_refusal`),
+and a GET touch with the version it wrote (both logged as MEMOS records); a NO_SPACE is kept in
+memory only (docs/persistence.md section 6). Request id 0 means "do not remember" (compaction
+writes its snapshot with it).
 
 Memory, since a busy shard remembers about a million writes: each write is kept as one bytes
 object (request id, key length, kind, status, deadline and CRC-32 packed in 24 bytes, then the
@@ -376,6 +379,39 @@ class RequestMemory:
         self._tail.append(request_id)
         self._appended += 1
         self.used += ENTRY_BYTES + len(key)
+
+    def remember_refusal(
+        self,
+        request_id: int,
+        kind: int,
+        key: bytes,
+        fingerprint: int,
+        status: int,
+        deadline_ms: int | None,
+        body: bytes | None,
+    ) -> bytes | None:
+        """:meth:`remember` of a refusal (PRECONDITION, CONFLICT, NOT_FOUND, NO_SPACE): a
+        definite "not applied", which a late second copy of the request must repeat, not
+        undo by applying (docs/persistence.md section 6). Its message is kept cut to what
+        fits a rich entry (MAX_MEMO_BODY_BYTES, and the 65,535 bytes of body and key), never
+        dropped into NOT_REMEMBERED; with no room at all (a key within 2 bytes of the limit) a
+        plain entry keeps the status alone.
+
+        Returns:
+            The entry as a MEMOS record holds it, None for request id 0.
+        """
+        if not request_id:
+            return None
+        field = key
+        if body:
+            room = min(MAX_MEMO_BODY_BYTES, 0xFFFF - _BODY_LEN - len(key))
+            if room > 0:
+                body = body[:room]
+                field = len(body).to_bytes(_BODY_LEN, "big") + body + key
+                kind |= RICH_KIND
+        head = _pack_head(request_id, len(field), kind, status, deadline_ms or 0, fingerprint)
+        self._store(request_id, head + field if len(field) <= INLINE_KEY_BYTES else (head, field))
+        return head + field
 
     def restore(self, entry: bytes) -> None:
         """Remember an entry read back from a MEMOS log record (replay), kept as it is unless

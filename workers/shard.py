@@ -336,8 +336,9 @@ class Shard:
         """A batch on a short disk: reads served as usual, fenced like any batch; SETs refused
         before anything is applied (a retry of an applied one is answered from memory); DELs
         applied and logged if ``deletes`` (they fit in the reserve: how users free space),
-        else refused like SETs (a DEL of a missing key is NOT_FOUND, and not remembered: there
-        is no room to log its MEMO record, see _apply)."""
+        else refused like SETs (a DEL of a missing key is NOT_FOUND). A refusal here, NO_SPACE
+        or that NOT_FOUND, is remembered in memory only: there is no room to log it
+        (_no_space_refusal)."""
         records: list[bytes] | None = [] if deletes else None
         last_token = self.last_token
         full: NoSpace | None = None
@@ -452,13 +453,18 @@ class Shard:
             try:
                 self.store.get(key)
             except Missing:
+                # Remembered in memory only, as a NO_SPACE is (no room to log its MEMO).
+                if request_id:
+                    if self.memory.full:
+                        return _BUSY, None, _MEMORY_FULL
+                    self.memory.remember_write(request_id, _DEL, key, 0, None, _NOT_FOUND)
                 return _NOT_FOUND, None, None
         message = (
             f"shard {self.number}: the disk is full ({reason}); the write was not "
             f"applied. Reads and deletes are served; writes resume by themselves once space "
             f"is freed"
         )
-        return _NO_SPACE, None, message.encode()
+        return self._no_space_refusal(kind, request_id, key, fingerprint, message)
 
     def _refuse_ext(self, request: Request, reason: str) -> tuple[Status, int | None, bytes | None]:
         """An issue-12 request on a short disk: a read (GET without touch, FENCE_CHECK) is
@@ -472,9 +478,10 @@ class Shard:
                 return _ERROR, None, b"internal worker error"
         kind = request.kind
         request_id = request.request_id
-        memo = self.memory.recall(request_id, kind, request.key, _fingerprint(request))
+        fingerprint = _fingerprint(request)
+        memo = self.memory.recall(request_id, kind, request.key, fingerprint)
         if memo is not None:
-            return self._from_memory(kind, request_id, memo)
+            return self._recalled(request, memo)
         if request.stamp is not None and self._out_of_window(request.stamp):
             return self._stamp_refusal(kind, request_id, request.stamp)
         message = (
@@ -482,6 +489,23 @@ class Shard:
             f"applied. Reads and deletes are served; writes resume by themselves once space "
             f"is freed"
         )
+        return self._no_space_refusal(kind, request_id, request.key, fingerprint, message)
+
+    def _no_space_refusal(
+        self, kind: int, request_id: int, key: bytes, fingerprint: int, message: str
+    ) -> tuple[Status, int | None, bytes | None]:
+        """NO_SPACE, remembered in memory only (there is no room to log it): a late second
+        copy reaching this process after space is freed is answered NO_SPACE, not applied.
+        Not logged, so a restart, a failover, or a batch undone by a full disk (which rebuilds
+        the memory from the log) forgets it until the next compaction writes the memory out:
+        docs/persistence.md section 6. BUSY if the memory is full (not applied either; the
+        client retries)."""
+        if request_id:
+            if self.memory.full:
+                return _BUSY, None, _MEMORY_FULL
+            self.memory.remember_refusal(
+                request_id, kind, key, fingerprint, _NO_SPACE, None, message.encode()
+            )
         return _NO_SPACE, None, message.encode()
 
     def tick(self) -> None:
@@ -922,7 +946,10 @@ class Shard:
             Kind(kind).name,
             request_id,
         )
-        if memo.body == NOT_REMEMBERED or memo.status == _CONFLICT:  # a reply not kept
+        # A reply not kept: a body over MAX_MEMO_BODY_BYTES, or a key too long for one (a
+        # plain CONFLICT entry; a CONFLICT refusal of a key within 2 bytes of the 65,535-byte
+        # limit leaves one too, and is answered so: CONFLICT all the same, nothing applied).
+        if memo.body == NOT_REMEMBERED or (memo.status == _CONFLICT and memo.body is None):
             message = (
                 f"this {Kind(kind).name} was applied by an earlier attempt; its reply (over "
                 f"{MAX_MEMO_BODY_BYTES} bytes) was not remembered: read the key"
@@ -937,7 +964,8 @@ class Shard:
     # Request (a Dispatch, or an EXTENDED_OP of a batch), never on the inline GET/SET paths, so
     # those stay as they were. Every write here goes the way a SET does: answered from memory
     # if applied before, refused if stamped outside the window, BUSY if the memory is full,
-    # else checked (fence first, then the command's own condition: a refusal changes nothing),
+    # else checked (fence first, then the command's own condition: a refusal changes nothing,
+    # and is remembered and logged as a MEMOS record like a reply with a body, _refused),
     # applied, logged as SETV/DELV records (plus a MEMOS record of its reply when the reply has
     # a body: see "rich entries" in workers/idempotency.py), remembered, and given to the events
     # hook. Replication ships the same log bytes, so a follower needs nothing new.
@@ -951,11 +979,7 @@ class Shard:
             return self._fence_check(request)
         if kind == _GET and request.ttl_ms is None:
             return self._read_ext(request)
-        if kind == _GET:  # touch: a write, not remembered (applying it again is harmless)
-            if request.stamp is not None and self._out_of_window(request.stamp):
-                return self._stamp_refusal(kind, request.request_id, request.stamp)
-            return self._touch(request, records)
-        handler = _EXT_WRITES.get(kind)
+        handler = _EXT_WRITES.get(kind) if kind != _GET else Shard._touch
         if handler is None:
             return _ERROR, None, f"{kind.name} is not a request a shard serves".encode()
         request_id = request.request_id
@@ -964,11 +988,13 @@ class Shard:
         fingerprint = _fingerprint(request)
         memo = memory.recall(request_id, kind, key, fingerprint)
         if memo is not None:
-            return self._from_memory(kind, request_id, memo)
+            return self._recalled(request, memo)
         if request.stamp is not None and self._out_of_window(request.stamp):
             return self._stamp_refusal(kind, request_id, request.stamp)
         if request_id and memory.full:
             return _BUSY, None, _MEMORY_FULL
+        if kind == _GET:  # touch: a write, remembered (a late copy must not move it again)
+            return self._touch(request, fingerprint, records)
         store = self.store
         now = store.clock()
         fence = request.fence
@@ -976,11 +1002,12 @@ class Shard:
             seen = self._fence_seen(fence[0])
             if fence[1] < seen:
                 message = f"fence token {fence[1]} is older than {seen}: not applied"
-                return _CONFLICT, None, message.encode()
+                refusal = (_CONFLICT, None, message.encode())
+                return self._refused(request, fingerprint, refusal, records)
         outcome = handler(self, request, now)
         status, deadline_ms, body = outcome[0], outcome[1], outcome[2]
         if status != _OK:
-            return status, deadline_ms, body
+            return self._refused(request, fingerprint, outcome, records)
         event, written, value, version, stored_ms = outcome[3:]
         plain = body is None and (kind == _SET or kind == _DEL)
         logged_id = request_id if plain else 0
@@ -1022,9 +1049,14 @@ class Shard:
         return versioned_body(version, value) if request.versioned else value
 
     def _touch(
-        self, request: Request, records: list[bytes] | None
+        self, request: Request, fingerprint: int, records: list[bytes] | None
     ) -> tuple[Status, int | None, bytes | None]:
-        """GET with TTL: read the value and move its deadline to now + ttl, atomically."""
+        """GET with TTL: read the value and move its deadline to now + ttl, atomically.
+
+        Remembered like any write (a late second copy must not move the deadline again after
+        the client changed it): a miss as a NOT_FOUND refusal, a touch with the version it
+        wrote as its body (8 bytes, not the value: see :meth:`_touched_again`), logged as a
+        MEMOS record after its SETV."""
         if self._room < 0:
             return _BUSY, None, _TOO_LARGE
         store = self.store
@@ -1032,15 +1064,82 @@ class Shard:
         try:
             value, _, _ = store.item(key)
         except Missing:
-            return _NOT_FOUND, None, None
+            return self._refused(request, fingerprint, (_NOT_FOUND, None, None), records)
         now = store.clock()
         deadline_ms = now + request.ttl_ms  # type: ignore[operator]  # a touch has a ttl
         version = store.put(key, value, deadline_ms, now)
+        memo = Memo(_GET, key, fingerprint, _OK, deadline_ms, _U64.pack(version))
+        entry = self.memory.remember(request.request_id, memo)
         if records is not None:
             records.append(aof.encode_setv(0, key, value, deadline_ms, version))
+            if entry is not None:
+                records.append(aof.encode_memo_entry(entry))
         if self._events is not None:
             self._events.append((EVENT_TTL, key, version, deadline_ms))
         return _OK, deadline_ms, self._read_body(request, value, version)
+
+    def _touched_again(
+        self, request: Request, memo: Memo
+    ) -> tuple[Status, int | None, bytes | None]:
+        """A second copy of a touch that moved the deadline: it moves nothing. Answered with
+        the remembered deadline and the value as the touch read it, which is the value now if
+        the key still holds the version the touch wrote; else (written, touched, deleted or
+        expired since) CONFLICT, as for a reply not remembered: the value it read is gone."""
+        if self._room < 0:
+            return _BUSY, None, _TOO_LARGE
+        version = _U64.unpack(memo.body)[0]  # type: ignore[arg-type]  # checked by _recalled
+        try:
+            value, now_version, _ = self.store.item(request.key)
+        except Missing:
+            now_version = -1
+        if now_version != version:
+            message = (
+                "this touching GET was applied by an earlier attempt; the key has changed "
+                "since: read it again"
+            )
+            return _CONFLICT, memo.deadline_ms, message.encode()
+        return _OK, memo.deadline_ms, self._read_body(request, value, version)
+
+    def _recalled(self, request: Request, memo: Memo) -> tuple[Status, int | None, bytes | None]:
+        """The answer to a second copy of an issue-12 write, from its remembered reply."""
+        if (
+            request.kind == _GET
+            and memo.status == _OK
+            and memo.body is not None
+            and len(memo.body) == _U64.size
+        ):
+            return self._touched_again(request, memo)
+        return self._from_memory(request.kind, request.request_id, memo)
+
+    def _refused(
+        self,
+        request: Request,
+        fingerprint: int,
+        refusal: tuple,
+        records: list[bytes] | None,
+    ) -> tuple[Status, int | None, bytes | None]:
+        """A write refused with a definite "not applied" (PRECONDITION, CONFLICT, NOT_FOUND),
+        remembered and logged as a MEMOS record, so that a second copy of it (a client with
+        two brokers resends through the other while the first still holds its copy) is
+        answered the same even when it arrives after the state changed so that it would now
+        succeed (docs/persistence.md section 6). An ERROR (a request malformed in itself) is
+        not: every copy is refused the same anyway. Nor is the CONFLICT of a LOCK with a wait:
+        the broker parks it and sends it again, with the same request id, when the lock may be
+        free (broker/locks.py); its final CONFLICT is the broker's answer, not this one."""
+        status, deadline_ms, body = refusal[0], refusal[1], refusal[2]
+        if status != _ERROR and not request.wait_ms:
+            entry = self.memory.remember_refusal(
+                request.request_id,
+                request.kind,
+                request.key,
+                fingerprint,
+                status,
+                deadline_ms,
+                body,
+            )
+            if records is not None and entry is not None:
+                records.append(aof.encode_memo_entry(entry))
+        return status, deadline_ms, body
 
     def _fence_seen(self, name: bytes) -> int:
         """The newest fence token of lock ``name`` this shard has seen (0: none)."""

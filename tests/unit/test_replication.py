@@ -318,6 +318,34 @@ def test_a_promoted_follower_answers_a_late_copy_of_a_delete_that_found_nothing(
     assert promoted.store.get(b"k") == (b"written after the reply", None)
 
 
+def test_a_promoted_follower_answers_a_late_copy_of_a_refused_write_as_refused(
+    tmp_path: Path,
+) -> None:
+    # The same for an issue-12 refusal, shipped as a MEMOS record: SET NX refused (the key
+    # existed), the client deleted the key, and the other broker's copy reaches the promoted
+    # follower: PRECONDITION again, nothing written. And a touch's copy moves nothing.
+    net = Net(tmp_path, names=("f1",))
+    net.follow_all()
+    net.write(net.writer.set(b"k", b"there"), net.writer.set(b"t", b"v", ttl_ms=1000))
+    refused = protocol.Request(protocol.Kind.SET, 900, b"k", b"mine", nx=True)
+    touch = protocol.Request(protocol.Kind.GET, 901, b"t", ttl_ms=5000)
+    net.write(refused, touch)
+    net.pump()
+    follower = net.followers["f1"]
+    follower.files.take(2)
+    promoted = Shard(0, follower.store, memory=follower.memory, files=follower.files, epoch=2)
+    writer = Writer(promoted)
+    writer.apply([protocol.Request(protocol.Kind.DEL, 1000, b"k")])
+    net.clock.advance(100)
+    late, late_touch = writer.apply([refused, touch])
+    assert late.status == protocol.Status.PRECONDITION and late.body == b"key exists"
+    with pytest.raises(Missing):
+        promoted.store.get(b"k")
+    assert late_touch.status == protocol.Status.OK
+    assert promoted.store.get(b"t")[1] == late_touch.deadline_ms  # not moved again
+    assert late_touch.deadline_ms is not None and late_touch.deadline_ms < net.clock() + 5000
+
+
 def test_a_follower_refuses_an_older_epoch(tmp_path: Path) -> None:
     clock = FakeClock()
     files, store, memory = follower_files(tmp_path / "f", clock)

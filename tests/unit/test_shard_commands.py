@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -742,3 +743,315 @@ def test_key_counts_leave_the_workers_own_keys_out(
     while shard.store.expire(1000):  # the expiry pass removes the reserved keys too
         pass
     assert shard.store.reserved == 0 and figures(shard, WorkerCounters(), 1.0)["keys"] == 1
+
+
+# --- a refusal is remembered: a late second copy is answered the same and changes nothing -------
+#
+# A client with two brokers resends an unanswered request, with the same id, through the other
+# broker while the first still holds its copy: one copy is answered (here, refused: nothing
+# changed), the client goes on, and the other copy reaches the shard after the state changed so
+# that it would now succeed. Each case sets the state up, and returns the refused request, the
+# change that would let it through, and what must still hold afterwards (a read: it is checked
+# more than once).
+
+Change = Callable[[Wire], object]
+Case = Callable[[Wire], tuple[Request, Change, Change]]
+
+
+def _next_version(wire: Wire) -> int:
+    """The version the shard's next write gets (the fake clock stands still)."""
+    return wire.shard.store.last_version + 1
+
+
+def _set_nx(wire: Wire) -> tuple[Request, Change, Change]:
+    wire.send(Kind.SET, b"k", value=b"there")
+    return (
+        Request(Kind.SET, next(_IDS), b"k", b"mine", nx=True),
+        lambda w: w.send(Kind.DEL, b"k"),
+        lambda w: w.send(Kind.GET, b"k").status == Status.NOT_FOUND,
+    )
+
+
+def _set_xx(wire: Wire) -> tuple[Request, Change, Change]:
+    return (
+        Request(Kind.SET, next(_IDS), b"k", b"mine", xx=True),
+        lambda w: w.send(Kind.SET, b"k", value=b"theirs"),
+        lambda w: w.send(Kind.GET, b"k").body == b"theirs",
+    )
+
+
+def _set_if_version(wire: Wire) -> tuple[Request, Change, Change]:
+    wire.send(Kind.SET, b"k", value=b"first")
+    future = _next_version(wire)  # the version the change below gives the key
+    return (
+        Request(Kind.SET, next(_IDS), b"k", b"mine", if_version=future),
+        lambda w: w.send(Kind.SET, b"k", value=b"theirs", versioned=True),
+        lambda w: w.send(Kind.GET, b"k").body == b"theirs" and version_of(w, b"k") == future,
+    )
+
+
+def _del_if_version(wire: Wire) -> tuple[Request, Change, Change]:
+    wire.send(Kind.SET, b"k", value=b"first")
+    future = _next_version(wire)
+    return (
+        Request(Kind.DEL, next(_IDS), b"k", if_version=future),
+        lambda w: w.send(Kind.SET, b"k", value=b"theirs"),
+        lambda w: w.send(Kind.GET, b"k").body == b"theirs" and version_of(w, b"k") == future,
+    )
+
+
+def _stale_fence(wire: Wire) -> tuple[Request, Change, Change]:
+    # The newest fence seen only grows within the window, so the late copy cannot pass; its
+    # reply must still be the first one's (the fence has moved on since), from memory.
+    wire.send(Kind.SET, b"f", value=b"x", fence=(b"job", 10))
+    return (
+        Request(Kind.SET, next(_IDS), b"k", b"mine", fence=(b"job", 5)),
+        lambda w: w.send(Kind.SET, b"f", value=b"y", fence=(b"job", 12)),
+        lambda w: w.send(Kind.GET, b"k").status == Status.NOT_FOUND,
+    )
+
+
+def _incr_not_an_integer(wire: Wire) -> tuple[Request, Change, Change]:
+    wire.send(Kind.SET, b"n", value=b"abc")
+    return (
+        Request(Kind.INCR, next(_IDS), b"n", by=1),
+        lambda w: w.send(Kind.SET, b"n", value=b"5"),
+        lambda w: w.send(Kind.GET, b"n").body == b"5",
+    )
+
+
+def _incr_overflow(wire: Wire) -> tuple[Request, Change, Change]:
+    wire.send(Kind.SET, b"n", value=b"%d" % (2**63 - 1))
+    return (
+        Request(Kind.INCR, next(_IDS), b"n", by=1),
+        lambda w: w.send(Kind.SET, b"n", value=b"0"),
+        lambda w: w.send(Kind.GET, b"n").body == b"0",
+    )
+
+
+def _lock_held(wire: Wire) -> tuple[Request, Change, Change]:
+    holder = token_of(lock(wire, b"job", 1000))
+    return (
+        Request(Kind.LOCK, next(_IDS), b"job", ttl_ms=1000),
+        lambda w: w.send(Kind.UNLOCK, b"job", token=holder),
+        lambda w: w.shard._lock_state(b"job")[0] == 0,  # released: the late copy took nothing
+    )
+
+
+def _refresh_stale(wire: Wire) -> tuple[Request, Change, Change]:
+    one = token_of(lock(wire, b"job", 100))
+    wire.send(Kind.UNLOCK, b"job", token=one)
+    two = _next_version(wire)  # the token the next LOCK gets
+    return (
+        Request(Kind.REFRESH, next(_IDS), b"job", token=two, ttl_ms=5000),
+        lambda w: token_of(lock(w, b"job", 100)) == two,
+        lambda w: w.shard._lock_state(b"job")[2] == START_MS + 100,  # not refreshed
+    )
+
+
+def _unlock_stale(wire: Wire) -> tuple[Request, Change, Change]:
+    one = token_of(lock(wire, b"job", 100))
+    wire.send(Kind.UNLOCK, b"job", token=one)
+    two = _next_version(wire)
+    return (
+        Request(Kind.UNLOCK, next(_IDS), b"job", token=two),
+        lambda w: token_of(lock(w, b"job", 100)) == two,
+        lambda w: w.shard._lock_state(b"job")[0] == 1,  # still held
+    )
+
+
+def _expire_missing(wire: Wire) -> tuple[Request, Change, Change]:
+    return (
+        Request(Kind.EXPIRE, next(_IDS), b"k", ttl_ms=50),
+        lambda w: w.send(Kind.SET, b"k", value=b"v"),
+        lambda w: w.send(Kind.GET, b"k").deadline_ms is None,
+    )
+
+
+def _persist_missing(wire: Wire) -> tuple[Request, Change, Change]:
+    return (
+        Request(Kind.EXPIRE, next(_IDS), b"k"),  # no ttl: persist
+        lambda w: w.send(Kind.SET, b"k", value=b"v", ttl_ms=1000),
+        lambda w: w.send(Kind.GET, b"k").deadline_ms == START_MS + 1000,
+    )
+
+
+def _del_versioned_missing(wire: Wire) -> tuple[Request, Change, Change]:
+    return (
+        Request(Kind.DEL, next(_IDS), b"k", versioned=True),
+        lambda w: w.send(Kind.SET, b"k", value=b"v"),
+        lambda w: w.send(Kind.GET, b"k").body == b"v",
+    )
+
+
+def _touch_missing(wire: Wire) -> tuple[Request, Change, Change]:
+    return (
+        Request(Kind.GET, next(_IDS), b"k", ttl_ms=5000),
+        lambda w: w.send(Kind.SET, b"k", value=b"v", ttl_ms=1000),
+        lambda w: w.send(Kind.GET, b"k").deadline_ms == START_MS + 1000,
+    )
+
+
+REFUSALS: dict[str, tuple[Case, Status]] = {
+    "set nx": (_set_nx, Status.PRECONDITION),
+    "set xx": (_set_xx, Status.PRECONDITION),
+    "set if_version": (_set_if_version, Status.PRECONDITION),
+    "del if_version": (_del_if_version, Status.PRECONDITION),
+    "stale fence": (_stale_fence, Status.CONFLICT),
+    "incr not an integer": (_incr_not_an_integer, Status.CONFLICT),
+    "incr overflow": (_incr_overflow, Status.CONFLICT),
+    "lock held": (_lock_held, Status.CONFLICT),
+    "refresh stale token": (_refresh_stale, Status.CONFLICT),
+    "unlock stale token": (_unlock_stale, Status.CONFLICT),
+    "expire missing": (_expire_missing, Status.NOT_FOUND),
+    "persist missing": (_persist_missing, Status.NOT_FOUND),
+    "del versioned missing": (_del_versioned_missing, Status.NOT_FOUND),
+    "touch missing": (_touch_missing, Status.NOT_FOUND),
+}
+
+
+def _same(late: Reply, first: Reply) -> bool:
+    return (late.status, late.deadline_ms, late.body) == (
+        first.status,
+        first.deadline_ms,
+        first.body,
+    )
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_a_late_copy_of_a_refused_write_is_answered_the_same_and_changes_nothing(
+    name: str, wire: Wire
+) -> None:
+    case, status = REFUSALS[name]
+    request, change, check = case(wire)
+    first = wire.deliver(request)
+    assert first.status == status, first
+    change(wire)
+    late = wire.deliver(request)
+    assert _same(late, first), late
+    assert check(wire), name
+
+
+def test_a_lock_with_a_wait_sent_again_by_the_broker_takes_the_lock_once_free(
+    wire: Wire,
+) -> None:
+    # The broker parks a LOCK with a wait that was answered CONFLICT and sends it again, same
+    # request id, when the lock may be free (broker/locks.py): its CONFLICT is not final, so
+    # it is not remembered (a remembered one would keep it waiting until its wait ran out).
+    holder = token_of(lock(wire, b"job", 1000))
+    waiting = Request(Kind.LOCK, next(_IDS), b"job", ttl_ms=1000, wait_ms=5000)
+    assert wire.deliver(waiting).status == Status.CONFLICT
+    wire.send(Kind.UNLOCK, b"job", token=holder)
+    taken = wire.deliver(waiting)
+    assert token_of(taken) > holder
+    assert _same(wire.deliver(waiting), taken)  # and applied once
+
+
+@pytest.mark.parametrize("name", ["set nx", "incr not an integer", "lock held", "expire missing"])
+def test_a_late_copy_of_a_refused_write_in_a_batch_is_answered_the_same(
+    name: str, wire: Wire
+) -> None:
+    case, status = REFUSALS[name]
+    request, change, check = case(wire)
+    [first] = wire.batch(request)
+    assert first.status == status
+    change(wire)
+    [late] = wire.batch(request)
+    assert _same(late, first) and check(wire)
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_a_refusal_survives_a_restart_and_reaches_a_follower(
+    name: str, durability: Durability, clock: FakeClock
+) -> None:
+    """Logged as a MEMOS record: replay, compaction and a follower (which applies the leader's
+    records with replay's code) all answer the late copy from memory."""
+    from workers.idempotency import RequestMemory
+    from workers.persist import apply_record
+
+    case, status = REFUSALS[name]
+    shard = take_shard(0, 1, None, durability, clock).shard
+    wire = Wire(shard)
+    request, change, check = case(wire)
+    first = wire.deliver(request)
+    assert first.status == status
+    change(wire)
+    shard.close()
+    store, memory = TTLStore(clock), RequestMemory()
+    with LogReader(durability.shard_dir(0) / "log") as reader:
+        for _, record in reader.records():
+            apply_record(record, store, memory)
+    follower = Wire(Shard(0, store, memory=memory))
+    assert _same(follower.deliver(request), first) and check(follower), "follower"
+    again = take_shard(0, 2, None, durability, clock).shard
+    assert _same(Wire(again).deliver(request), first) and check(Wire(again)), "replay"
+    files = again.files
+    assert files is not None
+    files.start_rewrite(again.store, again.memory)
+    assert files.wait_rewrite(10.0)
+    again.tick()
+    again.close()
+    with LogReader(durability.shard_dir(0) / "log") as reader:  # compacted: MEMOS, no MEMO
+        assert aof.MemoRecord not in {type(r) for _, r in reader.records()}
+    replayed = take_shard(0, 3, None, durability, clock).shard
+    rewire = Wire(replayed)
+    assert _same(rewire.deliver(request), first) and check(rewire), "replay after compaction"
+    replayed.close()
+
+
+def test_a_late_copy_of_a_touch_does_not_move_the_deadline_again(
+    wire: Wire, clock: FakeClock
+) -> None:
+    wire.send(Kind.SET, b"k", value=b"v", ttl_ms=1000)
+    touch = Request(Kind.GET, next(_IDS), b"k", ttl_ms=5000, versioned=True)
+    first = wire.deliver(touch)
+    assert (first.status, first.deadline_ms) == (Status.OK, START_MS + 5000)
+    clock.advance(2000)  # untouched since: answered as the touch was, the deadline stays
+    late = wire.deliver(touch)
+    assert _same(late, first)
+    assert wire.send(Kind.GET, b"k").deadline_ms == START_MS + 5000
+    wire.send(Kind.EXPIRE, b"k", ttl_ms=100)  # the client changes the deadline
+    later = wire.deliver(touch)
+    assert (later.status, later.deadline_ms) == (Status.CONFLICT, START_MS + 5000)
+    assert later.body is not None and b"changed since" in later.body
+    assert wire.send(Kind.GET, b"k").deadline_ms == START_MS + 2000 + 100
+
+
+def test_a_touch_is_remembered_across_a_restart(durability: Durability, clock: FakeClock) -> None:
+    shard = take_shard(0, 1, None, durability, clock).shard
+    wire = Wire(shard)
+    wire.send(Kind.SET, b"k", value=b"v", ttl_ms=1000)
+    touch = Request(Kind.GET, next(_IDS), b"k", ttl_ms=5000)
+    first = wire.deliver(touch)
+    shard.close()
+    clock.advance(1000)
+    again = take_shard(0, 2, None, durability, clock).shard
+    rewire = Wire(again)
+    assert _same(rewire.deliver(touch), first)
+    assert rewire.send(Kind.GET, b"k").deadline_ms == START_MS + 5000
+    again.close()
+
+
+def test_a_late_copy_of_a_write_refused_no_space_is_not_applied_once_space_frees(
+    durability: Durability, clock: FakeClock
+) -> None:
+    """Remembered in memory only (no room to log it): this process answers the late copy."""
+    shard = take_shard(0, 1, None, durability, clock).shard
+    wire = Wire(shard)
+    files = shard.files
+    assert files is not None
+    files.refuse_writes("No space left on device", 1)
+    refused = [
+        Request(Kind.INCR, next(_IDS), b"n", by=1),
+        Request(Kind.SET, next(_IDS), b"k", b"v", nx=True),
+        Request(Kind.SET, next(_IDS), b"plain", b"v"),
+    ]
+    firsts = [wire.deliver(r) for r in refused]
+    assert [r.status for r in firsts] == [Status.NO_SPACE] * 3
+    files.no_space = None  # space freed (ShardFiles._check_space)
+    assert wire.send(Kind.SET, b"other", value=b"w").status == Status.OK
+    for request, first in zip(refused, firsts, strict=True):
+        assert _same(wire.deliver(request), first), request
+    for key in (b"n", b"k", b"plain"):
+        assert wire.send(Kind.GET, key).status == Status.NOT_FOUND
+    shard.close()

@@ -1,8 +1,10 @@
 """A model test of the issue-12 commands in the worker: random sequences of SET (plain, NX,
 XX, IF_VERSION, RETURN_OLD), DEL (IF_VERSION), INCR, EXPIRE/persist, GET (touch), LOCK,
 REFRESH, UNLOCK and fenced writes, with the clock moving, retries of earlier requests (same id:
-answered as the first time, applied once) and restarts (the shard replayed from its log) in
-the middle, checked after every step against a sequential model of each key and lock.
+answered as the first time, applied once; refused ones too, typically after the state changed
+so that they would now succeed, and touches, which must not move the deadline again) and
+restarts (the shard replayed from its log) in the middle, checked after every step against a
+sequential model of each key and lock.
 
 Also checked: every version a key gets is larger than any it had (and than any the shard gave
 before: the versions are one counter), across restarts; every token of a lock larger than the
@@ -44,6 +46,8 @@ STEPS = 500
 KEYS = (b"a", b"b", b"c")
 LOCKS = (b"x", b"y")
 I64 = (-(2**63), 2**63 - 1)
+# The answers a write gets for good (a retry must repeat them): applied, or refused.
+DEFINITE = (Status.OK, Status.PRECONDITION, Status.CONFLICT, Status.NOT_FOUND)
 
 
 @dataclass
@@ -94,7 +98,8 @@ class Run:
         self.tokens = itertools.count(1)
         self.ids = itertools.count(1)
         self.model = Model()
-        # Applied writes that may be retried: (request, the reply it got, when).
+        # Writes answered for good that may be retried: (request, the reply it got, when).
+        # Refusals included: a late copy must repeat the refusal, never apply.
         self.sent: list[tuple[Request, Reply, int]] = []
 
     def deliver(self, request: Request) -> Reply:
@@ -141,7 +146,7 @@ class Run:
 
     def send(self, request: Request, remember: bool = True) -> Reply:
         reply = self.deliver(request)
-        if reply.status == Status.OK and remember:
+        if reply.status in DEFINITE and remember:
             self.sent.append((request, reply, self.clock()))
         return reply
 
@@ -310,7 +315,7 @@ class Run:
         model = self.model
         item = model.live(key, now)
         touch = self.rng.choice((None, None, 100))
-        reply = self.send(self.request(Kind.GET, key, ttl_ms=touch, versioned=True), False)
+        reply = self.send(self.request(Kind.GET, key, ttl_ms=touch, versioned=True), bool(touch))
         if item is None:
             assert reply.status == Status.NOT_FOUND
             return
@@ -367,13 +372,20 @@ class Run:
             assert reply.status == (Status.OK if newest else Status.CONFLICT)
 
     def retry(self) -> None:
-        """Send an applied write again: the same reply, and nothing changes."""
+        """Send a write answered for good again: the same reply, and nothing changes (a touch
+        that moved the deadline: the same reply if the key still holds what it wrote, else
+        CONFLICT; the deadline is not moved again either way)."""
         now = self.clock()
         recent = [(r, a) for r, a, at in self.sent if now - at < 15_000]
         if not recent:
             return
         request, first = self.rng.choice(recent)
         again = self.deliver(request)
+        if request.kind == Kind.GET and first.status == Status.OK:
+            item = self.model.live(request.key, now)
+            if item is None or item.version != split_versioned(first.body)[0]:
+                assert (again.status, again.deadline_ms) == (Status.CONFLICT, first.deadline_ms)
+                return
         assert (again.status, again.deadline_ms, again.body) == (
             first.status,
             first.deadline_ms,
