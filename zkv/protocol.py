@@ -1926,6 +1926,8 @@ def _split_requests(body: bytes, count: int, error_id: int, values: bool) -> lis
     first_key = _FIRST_KEY
     shift = STAMP_SHIFT
     arg_mask = ARG_MASK
+    fast_kinds = _FAST_EXTENDED
+    command_of = _COMMAND_OF
     ops: list = []
     append = ops.append
     offset = 0
@@ -1972,6 +1974,24 @@ def _split_requests(body: bytes, count: int, error_id: int, values: bool) -> lis
                     )
                 offset = end
                 continue
+        # The common issue-12 records (INCR, a conditional or versioned SET, ...): their own
+        # fast path, _extended_fields; anything else is read or explained below.
+        if kind in fast_kinds:
+            fields = _extended_fields(kind, flags, arg, body, key_start, key_end, end)
+            if fields is not None:
+                key = body[key_start:key_end]
+                if values:
+                    ttl_ms, value, keys_only, nx, xx, if_version, versioned, by = fields
+                    request = Request(
+                        command_of[kind], request_id, key, value, ttl_ms, 0, keys_only, stamp,
+                        nx, xx, if_version, None, versioned, False, by,
+                    )  # fmt: skip
+                    append((EXTENDED_OP, request_id, key, request, ttl_ms, stamp))
+                else:
+                    record = body[offset:end] if end - offset < copied else view[offset:end]
+                    append((kind, request_id, key, record))
+                offset = end
+                continue
         if stamp is not None:  # put back: _record_request reads the record as it came
             flags |= stamped
             arg |= stamp << shift
@@ -2005,6 +2025,69 @@ def _split_requests(body: bytes, count: int, error_id: int, values: bool) -> lis
             f"{size - offset} bytes after the last of {count} sub-requests", error_id
         )
     return ops
+
+
+# The flags of the records _extended_fields reads (a stamp already taken off; a stamped GET, a
+# touch, goes the general way), by kind.
+_FAST_EXTENDED = {
+    _SET: _TTL | _NX | _XX | _EXT | _VERSIONED,
+    _INCR: _TTL | _EXT | _VERSIONED,
+    _EXPIRE: _TTL | _EXT | _VERSIONED,
+    _DEL: _EXT | _VERSIONED,
+    _GET: _TTL | _KEYS_ONLY | _VERSIONED,
+}
+
+
+def _extended_fields(
+    kind: int, flags: int, arg: int, body: bytes, key_start: int, key_end: int, end: int
+) -> tuple[int | None, bytes | None, bool, bool, bool, int | None, bool, int] | None:
+    """The batch splitters' fast path for the common issue-12 records (INCR; SET with NX, XX,
+    IF_VERSION or VERSIONED; GET VERSIONED or KEYS_ONLY; DEL IF_VERSION; EXPIRE and persist):
+    ``(ttl_ms, value, keys_only, nx, xx, if_version, versioned, by)`` of a valid one, what
+    _record_request would find (a randomized test holds them equal), without its per-field
+    checks and exception handlers (3 to 4.5 us a record, at the broker and again at the
+    worker, for about 1 here). None for anything else (a fence, RETURN_OLD, a lock command,
+    a malformed record), which the general path reads or explains. ``flags`` and ``arg``
+    without the stamp; ``kind`` one of _FAST_EXTENDED."""
+    if flags & ~_FAST_EXTENDED[kind] or (flags & _NX and flags & _XX):
+        return None
+    if flags & _TTL:
+        if not 0 < arg <= MAX_TTL_MS:
+            return None
+        ttl_ms = arg
+    elif arg:
+        return None
+    else:
+        ttl_ms = None
+    if end - key_end > MAX_VALUE_BYTES or body[key_start:key_end] < _FIRST_KEY:
+        return None
+    if_version = None
+    start = key_end
+    if flags & _EXT:
+        if end - key_end < 9 or body[key_end] != EXT_IF_VERSION:
+            return None
+        if_version = _U64.unpack_from(body, key_end + 1)[0]
+        start += 9
+    value = None
+    by = 0
+    if kind == _SET:
+        value = body[start:end]
+    elif kind == _INCR:
+        if end - start != 8:
+            return None
+        by = _I64.unpack_from(body, start)[0]
+    elif end != start:
+        return None
+    return (
+        ttl_ms,
+        value,
+        flags & _KEYS_ONLY != 0,
+        flags & _NX != 0,
+        flags & _XX != 0,
+        if_version,
+        flags & _VERSIONED != 0,
+        by,
+    )
 
 
 def _record_request(

@@ -24,7 +24,7 @@ from zkv.protocol import (
 pytestmark = pytest.mark.unit
 
 KINDS = [Kind.GET, Kind.SET, Kind.DEL, Kind.INCR, Kind.EXPIRE, Kind.LOCK, Kind.UNLOCK]
-CASES = 4000
+CASES = 2500
 TAKES = {
     Kind.GET: {"versioned", "keys_only"},
     Kind.SET: {"nx", "xx", "versioned", "if_version"},
@@ -126,3 +126,81 @@ def test_the_common_issue12_ops_take_the_fast_path_and_decode_back(
     assert request.kind == kind and request.key == b"key" and request.ttl_ms == ttl_ms
     for name, wanted in extra.items():
         assert getattr(request, name) == wanted
+
+
+# --- the splitters' fast path for the same records -------------------------------------------
+
+HEAD = protocol._SUB_REQUEST
+
+
+def mutate(record: bytes, rng: random.Random) -> bytes:
+    """The record with its kind, flags, arg or a value byte changed (the framing kept)."""
+    data = bytearray(record)
+    where = rng.choice(["kind", "flags", "arg", "value", "ext"])
+    if where == "kind":
+        data[0] = rng.choice([int(k) for k in KINDS] + [0x0D, 0x0B])
+    elif where == "flags":
+        data[1] ^= 1 << rng.randrange(8)
+    elif where == "arg":
+        data[16 + rng.randrange(8)] ^= 1 << rng.randrange(8)
+    elif where == "ext":  # the value's first byte: an extension block's bits
+        key_end = HEAD.size + HEAD.unpack_from(record)[2]
+        if key_end < len(data):
+            data[key_end] = rng.choice([0, 2, 3, 0x41])
+    elif where == "value" and len(data) > HEAD.size:
+        index = rng.randrange(HEAD.size, len(data))
+        data[index] = rng.choice([0, 1, 2, 3, 0x41, 0xFF])
+    return bytes(data)
+
+
+def general_read(record: bytes) -> object:
+    """What _record_request makes of a record: its Request, or its error's message."""
+    kind, flags, key_len, _, request_id, arg = HEAD.unpack_from(record)
+    key_end = HEAD.size + key_len
+    try:
+        return protocol._record_request(
+            kind, flags, arg, record[HEAD.size : key_end], record[key_end:], request_id
+        )
+    except ProtocolError as exc:
+        return str(exc)
+
+
+def test_the_splitters_read_every_record_as_the_general_path() -> None:
+    rng = random.Random(1212)
+    fast_reads = 0
+    for _ in range(CASES):
+        args = draw(rng)
+        record = general(*args)
+        if not isinstance(record, bytes):
+            continue
+        for variant in [record] + [mutate(record, rng) for _ in range(2)]:
+            fast_reads += check_split(variant)
+    assert fast_reads > CASES // 10
+
+
+def check_split(record: bytes) -> int:
+    """Assert the splitters read ``record`` as the general path; 1 if their fast path read it."""
+    (op,) = protocol._split_requests(record, 1, 0, True)
+    (sub,) = protocol._split_requests(record, 1, 0, False)
+    if op[0] not in (0, protocol.EXTENDED_OP):
+        return 0  # a plain GET, SET or DEL: the older fast path, tested elsewhere
+    expected = general_read(record)
+    if isinstance(expected, str):
+        assert op[:3] == (0, op[1], expected.encode()) and sub[0] == 0, record
+        return 0
+    assert op == (
+        protocol.EXTENDED_OP,
+        expected.request_id,
+        expected.key,
+        expected,
+        expected.ttl_ms,
+        expected.stamp,
+    ), record
+    assert sub == (record[0], expected.request_id, expected.key, record), record
+    kind, flags, _, _, _, arg = HEAD.unpack_from(record)
+    stamp_free = (flags & ~0x04, arg & protocol.ARG_MASK) if kind != Kind.GET else (flags, arg)
+    if kind in protocol._FAST_EXTENDED and protocol._extended_fields(
+        kind, *stamp_free, record, HEAD.size, HEAD.size + len(expected.key), len(record)
+    ):
+        return 1
+    return 0
