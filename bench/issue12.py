@@ -4,9 +4,9 @@ and released one at a time against a lone SET, and Redis's SET NX and INCRBY, al
 
 1. Pipelined (bench/client_pipeline.py, ``CLIENT_PROCESSES`` processes, ``zkv.Client``): SET
    of 16 bytes on the uniform keys, then INCR, SET NX on keys never written, and SET IF_VERSION
-   (a compare-and-set loop: each round writes every key with the version its previous write
-   returned), then SET again; the SET row is the mean of the two SET runs, which bracket the
-   others (the machine's drift cancels to first order).
+   (a compare-and-set loop: each call writes every key with the version its previous write
+   returned), in ROUNDS rounds, the second in the reverse order (the machine's drift cancels
+   to first order in the ratios); each row is the mean of its rounds.
 2. One at a time (one ``zkv.Client``): in turns, a lone SET, a lock acquired and released
    (``acquire_lock`` + ``release_lock``: two durable writes, each its own round trip and, under
    ``ZKV_FSYNC=always``, its own fsync), and two SETs one after the other: the pair of SETs is
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from bench import client_pipeline, peers
 from bench.scenarios import CLIENT_PROCESSES
@@ -27,6 +27,7 @@ from bench.stats import LoadResult, summarize
 from zkv.client import Client
 
 PIPELINED_OPS = ("set", "incr", "set-nx", "set-ifv")
+ROUNDS = 2  # of the pipelined rows, each run lasting the row duration
 ONE_AT_A_TIME = ("set", "lock-unlock", "set-set")
 LOCK_TTL_S = 10.0
 REDIS_CLIENTS = 50
@@ -63,37 +64,51 @@ def run(
     value: bytes,
     duration_s: float,
     say: Callable[[str], None],
+    wanted: Collection[str] | None = None,
 ) -> dict[str, LoadResult]:
-    """Every issue-12 row's result by id (the redis rows only with ``redis_port``)."""
+    """The issue-12 rows' results by id: those in ``wanted`` (None: all) and the SET rows
+    they are compared with (the redis rows only with ``redis_port``)."""
     found: dict[str, LoadResult] = {}
-    processes = CLIENT_PROCESSES
-    sets = []
-    for op in (*PIPELINED_OPS, "set"):
-        say(f"pipelined {op}")
-        result = client_pipeline.run_client_pipeline(
-            frontend, op, keys, value, processes, duration_s
-        )
-        if op == "set":
-            sets.append(result)
-        else:
-            found[pipelined_id(op)] = result
-    found[pipelined_id("set")] = _mean_of(sets)
-    say("one at a time: SET, LOCK+UNLOCK, SET+SET in turns")
-    found.update(one_at_a_time(frontend, keys, value, duration_s))
+    wanted = set(wanted) if wanted is not None else None
+
+    def want(row: str) -> bool:
+        return wanted is None or row in wanted
+
+    ops = [op for op in PIPELINED_OPS[1:] if want(pipelined_id(op))]
+    if ops or want(pipelined_id("set")):
+        ops = ["set", *ops]
+        runs: dict[str, list[LoadResult]] = {op: [] for op in ops}
+        # ROUNDS rounds, the order reversed every other one: each row's mean position is
+        # the same, so a drift of the machine's speed cancels to first order in the ratios.
+        for n in range(ROUNDS):
+            for op in ops if n % 2 == 0 else ops[::-1]:
+                say(f"pipelined {op}, round {n + 1} of {ROUNDS}")
+                runs[op].append(
+                    client_pipeline.run_client_pipeline(
+                        frontend, op, keys, value, CLIENT_PROCESSES, duration_s
+                    )
+                )
+        for op, results in runs.items():
+            found[pipelined_id(op)] = _mean_of(results)
+    if any(want(single_id(op)) for op in ONE_AT_A_TIME):
+        say("one at a time: SET, LOCK+UNLOCK, SET+SET in turns")
+        found.update(one_at_a_time(frontend, keys, value, duration_s))
     if redis_port is not None:
         for op, command in REDIS_COMMANDS.items():
-            say(f"redis-benchmark {op}")
-            found[redis_id(op)] = run_redis(redis_port, op, command, duration_s * REDIS_SHARE)
+            if want(redis_id(op)):
+                say(f"redis-benchmark {op}")
+                found[redis_id(op)] = run_redis(redis_port, op, command, duration_s * REDIS_SHARE)
     return found
 
 
 def _mean_of(results: Sequence[LoadResult]) -> LoadResult:
-    """The SET row: its two runs' mean ops/s (latencies of the first), both runs in details."""
+    """A row of its rounds: their mean ops/s, the latencies of the first, every round's ops/s
+    in details."""
     first = results[0]
     rates = [r.ops_per_s or 0.0 for r in results]
     details = dict(first.details or {})
-    details["runs_ops_per_s"] = [round(rate, 1) for rate in rates]
-    details["of_runs"] = "mean of the runs before and after the other pipelined rows"
+    details["rounds_ops_per_s"] = [round(rate, 1) for rate in rates]
+    details["of_rounds"] = "mean ops/s; latencies of the first round"
     return LoadResult(
         generator=first.generator,
         ops=sum(r.ops for r in results),

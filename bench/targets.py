@@ -251,6 +251,7 @@ def open_target(target: str, rows: Sequence[Scenario], options: Options) -> Iter
                     b"v" * SMALL_BYTES,
                     options.duration_s,
                     say=lambda line: _say(line, "issue12"),
+                    wanted={row.id for row in rows},
                 )
             finally:
                 if server is not None:
