@@ -723,7 +723,7 @@ def _issue12_scenarios() -> list[Scenario]:
             "set",
             (Peer("redis SET c50", redis["set.16B"]),),
             f"zkv.Client.execute SETs of 16 bytes, {CLIENT_PROCESSES} processes, uniform keys: "
-            "the mean of a run before and one after the rows below",
+            "2 rounds with the rows below, the second in reverse order",
         ),
         (
             "client.pipeline.incr." + p,
