@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.stats import LoadResult, summarize
+from zkv import calls
+from zkv import protocol as zkv_protocol
 from zkv.client import Client
 from zkv.errors import ZkvError
 from zkv.protocol import Kind
@@ -57,6 +59,50 @@ class ChildReport:
     first_ns: int
     last_ns: int
     calls_ns: list[int]
+
+
+# The issue-12 operations (bench/issue12.py's rows): each child's keys of its own (``<op>:<pid>:
+# <n>``); an NX SET goes to a key never written, so a child holds FRESH_CHUNKS lists and stops
+# early (its ops/s over its own span) if it runs through them all.
+EXTENDED_OPS = ("incr", "set-nx", "set-ifv")
+FRESH_CHUNKS = 24
+
+
+def build_extended(op: str, value: bytes, count: int, chunk: int) -> list[Any]:
+    """``count`` issue-12 operations (zkv.calls Ops), built before the clock starts. The NX
+    SETs and INCRs share one Spec object (an op's options): what an application holding one
+    options value would send. ``set-ifv`` starts as plain SETs that learn each key's version
+    (see :func:`next_cas`)."""
+    prefix = b"%s:%d:%d:" % (op.encode(), os.getpid(), chunk)
+    keys = [prefix + b"%d" % i for i in range(count)]
+    if op == "incr":
+        spec = calls.incr_op(b"k", 1)[2]
+        return [(calls.C_INCR, key, spec, None) for key in keys]
+    if op == "set-nx":
+        spec = calls.set_op(b"k", value, nx=True)[2]
+        return [(calls.C_SET, key, spec, TTL_MS) for key in keys]
+    if op == "set-ifv":
+        spec = calls.set_op(b"k", value, versioned=True)[2]
+        return [(calls.C_PUT, key, spec, TTL_MS) for key in keys]
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def next_cas(ops: list[Any], results: list[Any], value: bytes) -> list[Any]:
+    """The next round of a compare-and-set loop: each key written again with IF_VERSION of
+    the version its last write returned (a refused one keeps its op). Built while the clock
+    runs, as an application's read-modify-write loop would."""
+    kind = zkv_protocol.Kind.SET
+    return [
+        op
+        if isinstance(result, ZkvError)
+        else (
+            calls.C_PUT,
+            op[1],
+            (kind, value, {"if_version": result[0], "versioned": True}),
+            TTL_MS,
+        )
+        for op, result in zip(ops, results, strict=True)
+    ]
 
 
 def build_ops(
@@ -87,12 +133,20 @@ def _child(
 ) -> None:
     """One load process: build, connect, wait for the start, call execute until the deadline."""
     rng = random.Random(int.from_bytes(os.urandom(8), "big"))
-    chunks = [build_ops(op, keys, value, ops_per_call, rng) for _ in range(CHUNKS)]
+    extended = op in EXTENDED_OPS
+    if extended:
+        count = FRESH_CHUNKS if op == "set-nx" else CHUNKS
+        chunks = [build_extended(op, value, ops_per_call, n) for n in range(count)]
+    else:
+        chunks = [build_ops(op, keys, value, ops_per_call, rng) for _ in range(CHUNKS)]
     errors: Counter[str] = Counter()
     ok = 0
     calls: list[int] = []
     with Client(endpoint, timeout_s=CALL_TIMEOUT_S) as client:
         client.ping()
+        if op == "set-ifv":  # the first versions, before the clock
+            for n, chunk in enumerate(chunks):
+                chunks[n] = next_cas(chunk, client._execute(chunk, False, plain=False), value)
         ready.put(os.getpid())
         if not start.wait(READY_TIMEOUT_S * 2):
             return
@@ -102,7 +156,15 @@ def _child(
         first = now = time.monotonic_ns()
         index = 0
         while now < deadline_ns:
-            results = client.execute(chunks[index % CHUNKS], raise_on_error=False)
+            if not extended:
+                results = client.execute(chunks[index % CHUNKS], raise_on_error=False)
+            elif op == "set-nx" and index == len(chunks):
+                break  # no fresh key left
+            else:  # the pipelines' general path (Client.execute takes plain ops only)
+                chunk = chunks[index % len(chunks)]
+                results = client._execute(chunk, False, plain=False)
+                if op == "set-ifv":
+                    chunks[index % len(chunks)] = next_cas(chunk, results, value)
             index += 1
             for result in results:
                 if isinstance(result, ZkvError):

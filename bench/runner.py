@@ -159,7 +159,7 @@ def run_one(
             )
         case "memory":
             return memory.scenario_result(scenario.op, options.full_keys)
-        case "interleaved" | "paired":
+        case "interleaved" | "paired" | "issue12":
             if scenario.id not in target.measured:
                 raise RuntimeError(f"the {scenario.load} run measured no {scenario.id}")
             return target.measured[scenario.id]

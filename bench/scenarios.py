@@ -73,6 +73,7 @@ TARGETS = (
     "webdis",
     "memory",
     "expiry-wave",
+    "issue12",
 )
 
 
@@ -708,6 +709,88 @@ def _fsync_scenarios() -> list[Scenario]:
     ]
 
 
+def _issue12_scenarios() -> list[Scenario]:
+    """The issue-12 floors, all measured in one run of one cluster (bench/issue12.py):
+    pipelined INCR and conditional SETs at least 0.8x pipelined SET, a lock acquired and
+    released within 1.5x a lone SET's round trip (p50), and Redis's SET NX and INCRBY."""
+    p = f"p{CLIENT_PROCESSES}"
+    set_row = f"issue12.client.pipeline.set.16B.{p}"
+    lone = "issue12.client.set.16B.c1"
+    redis = {op: f"issue12.redis.{op}.c50" for op in ("set.16B", "set-nx.16B", "incrby")}
+    rows = [
+        (
+            "client.pipeline.set.16B." + p,
+            "set",
+            (Peer("redis SET c50", redis["set.16B"]),),
+            f"zkv.Client.execute SETs of 16 bytes, {CLIENT_PROCESSES} processes, uniform keys: "
+            "2 rounds with the rows below, the second in reverse order",
+        ),
+        (
+            "client.pipeline.incr." + p,
+            "incr",
+            (Peer("SET", set_row), Peer("redis INCRBY c50", redis["incrby"])),
+            "INCR by 1 of keys of each process's own, pipelined as the SETs",
+        ),
+        (
+            "client.pipeline.set-nx.16B." + p,
+            "set-nx",
+            (Peer("SET", set_row), Peer("redis SET NX c50", redis["set-nx.16B"])),
+            "SET NX of 16 bytes on keys never written, pipelined as the SETs",
+        ),
+        (
+            "client.pipeline.set-ifv.16B." + p,
+            "set-ifv",
+            (Peer("SET", set_row),),
+            "SET IF_VERSION VERSIONED, a compare-and-set loop (each key's next write carries "
+            "the version its last returned), pipelined as the SETs",
+        ),
+        (
+            "client.set.16B.c1",
+            "set",
+            (),
+            "zkv.Client SET of 16 bytes one at a time, in turns with the two rows below",
+        ),
+        (
+            "client.lock-unlock.c1",
+            "lock-unlock",
+            (
+                Peer("SET p50", lone, "p50"),
+                Peer("SET+SET p50", "issue12.client.set-set.16B.c1", "p50"),
+            ),
+            "acquire_lock + release_lock one at a time: two round trips, two durable writes",
+        ),
+        (
+            "client.set-set.16B.c1",
+            "set-set",
+            (Peer("SET p50", lone, "p50"),),
+            "two SETs one after the other: the lock's two writes without the lock",
+        ),
+        ("redis.set.16B.c50", "redis-set", (), "redis-benchmark -t set -d 16 -c 50, same run"),
+        (
+            "redis.set-nx.16B.c50",
+            "redis-set-nx",
+            (),
+            "redis-benchmark -c 50 SET nx:__rand_int__ <16 B> NX (10^9 keys), same run",
+        ),
+        ("redis.incrby.c50", "redis-incrby", (), "redis-benchmark -c 50 INCRBY n:__rand_int__ 1"),
+    ]
+    return [
+        Scenario(
+            id="issue12." + name,
+            target="issue12",
+            load="issue12",
+            op=op,
+            connections=CLIENT_PROCESSES if ".pipeline." in name else 1,
+            depth=CLIENT_WINDOW if ".pipeline." in name else 1,
+            peers=peers,
+            # The smoke run: the floors' rows and their SET peers.
+            quick=op in ("set", "incr", "set-nx", "lock-unlock", "set-set"),
+            about=about,
+        )
+        for name, op, peers, about in rows
+    ]
+
+
 def all_scenarios() -> list[Scenario]:
     """Every scenario, in the order of the table: zkv first, then its peers."""
     return (
@@ -725,6 +808,7 @@ def all_scenarios() -> list[Scenario]:
         + _webdis_scenarios()
         + _memory_scenarios()
         + _expiry_scenarios()
+        + _issue12_scenarios()
     )
 
 

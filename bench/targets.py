@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import expiry_wave, interleaved, paired, peers
+from bench import expiry_wave, interleaved, issue12, paired, peers
 from bench.scenarios import (
     CLIENT_PROCESSES,
     INTERLEAVED_CHAINS,
@@ -112,7 +112,9 @@ def large_keys() -> list[bytes]:
 
 def unavailable(target: str, options: Options) -> str | None:
     """Why ``target`` cannot run here ("skipped: ..."), or None if it can."""
-    if (target.startswith("zkv-") or target in ("interleaved", "paired")) and options.external:
+    if (target.startswith("zkv-") or target in ("interleaved", "paired", "issue12")) and (
+        options.external
+    ):
         return "skipped: needs a cluster of its own (not started with --frontend/--http)"
     if target in ("redis", "paired"):
         return peers.missing("redis-server", "redis-benchmark")
@@ -235,6 +237,27 @@ def open_target(target: str, rows: Sequence[Scenario], options: Options) -> Iter
             "turns": [f"{t.op} {t.system}" for t in paired.schedule(paired.ROUNDS, ops)],
         }
         yield Target(settings=settings, measured=measured)
+    elif target == "issue12":  # every row measured together (bench/issue12.py)
+        (workdir / "redis").mkdir(exist_ok=True)
+        with _zkv_cluster(workdir, defaults.SHARDS, "always", False) as cluster:
+            _fill(cluster.frontend, options.keys, small=True, large=False)
+            redis = None if peers.missing("redis-server", "redis-benchmark") else True
+            server = peers.RedisServer(free_port(), workdir / "redis") if redis else None
+            try:
+                found = issue12.run(
+                    cluster.frontend,
+                    None if server is None else server.port,
+                    small_keys(options.keys)[:-1],
+                    b"v" * SMALL_BYTES,
+                    options.duration_s,
+                    say=lambda line: _say(line, "issue12"),
+                    wanted={row.id for row in rows},
+                )
+            finally:
+                if server is not None:
+                    server.stop()
+        settings = {"shards": defaults.SHARDS, "workers": defaults.SHARDS, "ZKV_FSYNC": "always"}
+        yield Target(settings=settings, measured=found)
     elif target == "memory":  # each scenario starts what it measures
         yield Target(settings={"keys": options.full_keys})
     elif target == "expiry-wave":

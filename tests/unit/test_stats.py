@@ -22,8 +22,11 @@ from workers.persist import Durability
 from workers.shard import Shard, take_shard
 from workers.store import TTLStore
 from zkv.protocol import (
+    EXTENDED_OP,
     FSYNC_BUCKETS_S,
+    MAX_FIGURE,
     MAX_REPORT_BYTES,
+    REPORT_COMMANDS,
     Disconnect,
     DispatchBatch,
     Kind,
@@ -279,6 +282,49 @@ def test_a_shard_tallies_its_answers_by_command_and_status() -> None:
     assert later["ops_per_s"] == 0.5  # one request in the two seconds since the last report
     assert later["keys_with_ttl"] == 1
     check_report(later)  # what the worker sends, the broker accepts
+
+
+def test_a_shard_tallies_the_issue12_commands_in_its_report() -> None:
+    """INCR, EXPIRE and the lock commands are counted in the report too (REPORT_COMMANDS
+    listed only GET, SET, DEL, ALL and PING: their answers were tallied but never reported)."""
+    clock = [1_000_000]
+    shard = Shard(0, TTLStore(lambda: clock[0]))
+
+    def op(request_id: int, request: Request) -> tuple:
+        return (EXTENDED_OP, request_id, request.key, request, request.ttl_ms, request.stamp)
+
+    ops = [
+        op(1, Request(Kind.INCR, 1, b"n", by=2)),
+        op(2, Request(Kind.INCR, 2, b"n", by=3)),
+        op(3, Request(Kind.EXPIRE, 3, b"n", ttl_ms=5000)),
+        op(4, Request(Kind.EXPIRE, 4, b"gone", ttl_ms=5000)),
+        op(5, Request(Kind.LOCK, 5, b"L", ttl_ms=5000)),
+        op(6, Request(Kind.REFRESH, 6, b"L", ttl_ms=5000, token=999)),
+        op(7, Request(Kind.FENCE_CHECK, 7, b"L", token=999)),
+        op(8, Request(Kind.SET, 8, b"n", b"x", nx=True)),
+    ]
+    shard.handle_batch([DispatchBatch(10, ops)])
+    made = figures(shard, WorkerCounters(), 1.0)
+    requests = made["requests"]
+    assert isinstance(requests, dict)
+    assert requests["INCR"] == {"OK": 2}
+    assert requests["EXPIRE"] == {"OK": 1, "NOT_FOUND": 1}
+    assert requests["LOCK"] == {"OK": 1}
+    assert set(requests["REFRESH"]) <= {"CONFLICT", "NOT_FOUND"}
+    assert sum(requests["FENCE_CHECK"].values()) == 1
+    assert requests["SET"] == {"PRECONDITION": 1}
+    check_report(made)  # what the worker sends, the broker accepts
+
+
+def test_a_report_with_every_command_and_status_at_its_largest_fits() -> None:
+    """The longest requests figure a worker can send (every command, every status, each
+    count at MAX_FIGURE) stays under MAX_REPORT_BYTES with the rest of a full report."""
+    full = {command: {s.name: MAX_FIGURE for s in Status} for command in REPORT_COMMANDS}
+    figures_ = report(requests=full, log_bytes=MAX_FIGURE, ops_per_s=1.2345678901234567e18)
+    figures_["fsync_buckets"] = [MAX_FIGURE] * (len(FSYNC_BUCKETS_S) + 1)
+    frames = encode_report(figures_)
+    assert len(frames[1]) <= MAX_REPORT_BYTES
+    assert decode_report(frames).figures["requests"] == full
 
 
 def test_a_stale_batch_is_tallied_unavailable() -> None:
