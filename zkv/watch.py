@@ -10,14 +10,18 @@ Gaps. Every shard numbers its events ``seq = stream << 32 | n`` (docs/protocol.m
 stream, consecutive ``n`` means nothing was missed. The iterator checks that per shard and,
 when something was missed, yields a :class:`Gap` *before* the event that revealed it:
 
-* ``Gap(new_stream=False, missed=k)``: k events of that shard were lost (the broker restarted,
-  or a high-water mark dropped them because this watcher or the gateway was slow);
-* ``Gap(new_stream=True)``: the shard has a new owner (a failover, a worker restart); what the
-  old owner published after the last event received is unknown.
+* ``Gap(new_stream=False, missed=k)``: k events of that shard were lost (a high-water mark
+  dropped them because this watcher or the gateway was slow). Only a watch of every key (an
+  empty prefix) reports these: ``n`` counts all the shard's keys, and a prefix watcher gets
+  only its own (ZeroMQ filters at the publisher), so for it a jump is normal, not a loss;
+* ``Gap(new_stream=True)``: the shard has a new owner (a failover, a worker restart, a broker
+  restart); what the old owner published after the last event received is unknown.
 
 After a Gap, re-read what you need (a GET, or a listing) before trusting your view. The first
-event of each shard starts its tracking (no Gap: nothing was expected yet). Events received
-twice (several brokers, cluster mode) or late from an older stream are dropped.
+event of each shard starts its tracking (no Gap: nothing was expected yet). Streams are not
+ordered: one not seen before for the shard is a new stream, whatever its number. Events
+received twice (several brokers, cluster mode) or late from a stream since replaced (the
+last REPLACED_STREAMS of each shard are remembered) are dropped.
 
 Bounds: the socket queues at most :data:`EVENTS_RCVHWM` messages (ZeroMQ drops past it: a
 Gap), and refuses a message over :data:`EVENTS_MAX_MESSAGE_BYTES`; a malformed message is
@@ -45,6 +49,7 @@ EVENTS_RCVHWM = 100_000  # messages a watcher's socket queues before ZeroMQ drop
 EVENTS_MAX_MESSAGE_BYTES = MAX_KEY_BYTES + 1024  # the longest key plus the 32-byte header
 SEQ_N_BITS = 32
 SEQ_N_MASK = (1 << SEQ_N_BITS) - 1
+REPLACED_STREAMS = 4  # per shard: replaced streams whose late events are recognised and dropped
 WAIT_SLICE_S = 0.5  # the longest single wait: Ctrl-C and a missed edge are seen this soon
 
 
@@ -73,16 +78,28 @@ class Gap:
 
 
 class SeqTracker:
-    """The last seq of each shard seen, and what a new one means (pure: unit tested)."""
+    """The last seq of each shard seen, and what a new one means (pure: unit tested).
 
-    __slots__ = ("last",)
+    Streams are never compared as numbers (a restarted broker's owners may have smaller ones):
+    a stream not seen before for a shard is a new one; the streams it replaced are remembered,
+    at most :data:`REPLACED_STREAMS` per shard, and their late events dropped.
 
-    def __init__(self) -> None:
+    Args:
+        exact: a jump of ``n`` within a stream is a loss (a Gap). True when every event of
+            the shard is received (an empty prefix); a prefix watcher gets only its keys'
+            events, so for it a jump is normal and only a new stream is reported.
+    """
+
+    __slots__ = ("exact", "last", "replaced")
+
+    def __init__(self, exact: bool = True) -> None:
         self.last: dict[int, int] = {}
+        self.replaced: dict[int, deque[int]] = {}  # shard -> its replaced streams, newest last
+        self.exact = exact
 
     def check(self, shard: int, seq: int) -> Gap | Literal[False] | None:
         """None: in order (or the shard's first); a Gap: events were missed (the event still
-        counts); False: a duplicate or an older stream's late event, to be dropped."""
+        counts); False: a duplicate or a replaced stream's late event, to be dropped."""
         last = self.last.get(shard)
         if last is None:
             self.last[shard] = seq
@@ -98,9 +115,13 @@ class SeqTracker:
             if n <= last_n:  # seen (several brokers), or far behind: not news
                 return False
             self.last[shard] = seq
-            return Gap(shard, expected, seq, False)
-        if stream < last_stream:
+            return Gap(shard, expected, seq, False) if self.exact else None
+        replaced = self.replaced.get(shard)
+        if replaced is None:
+            replaced = self.replaced[shard] = deque(maxlen=REPLACED_STREAMS)
+        elif stream in replaced:
             return False
+        replaced.append(last_stream)
         self.last[shard] = seq
         return Gap(shard, expected, seq, True)
 
@@ -148,7 +169,7 @@ class _Base:
         self.prefix = prefix
         self.endpoints = endpoints
         self.socket = _subscriber(context, endpoints, prefix, curve)
-        self.tracker = SeqTracker()
+        self.tracker = SeqTracker(exact=not prefix)
         self.pending: deque[Event | Gap] = deque()
         self.malformed = 0
         self.received = 0
