@@ -191,9 +191,9 @@ def test_client_watch_yields_events_and_a_gap_before_the_event_that_shows_it(
 ) -> None:
     with (
         Client("tcp://127.0.0.1:1") as kv,
-        kv.watch("a", events=publisher.endpoint, timeout_s=DEADLINE_S) as watching,
+        kv.watch("", events=publisher.endpoint, timeout_s=DEADLINE_S) as watching,
     ):
-        assert publisher.wait_subscribed() == b"a"  # the broker filters by prefix
+        assert publisher.wait_subscribed() == b""  # every key: the numbers are exact
         publisher.send(b"a1", 1)
         publisher.send(b"a1", 1)  # a duplicate (two brokers): dropped
         publisher.send(b"a2", 4)
@@ -203,6 +203,23 @@ def test_client_watch_yields_events_and_a_gap_before_the_event_that_shows_it(
     assert isinstance(items[1], Gap) and items[1].missed == 2
     assert isinstance(items[3], Gap) and items[3].new_stream
     assert [item.key for item in items if isinstance(item, Event)] == [b"a1", b"a2", b"a3"]
+
+
+def test_a_prefix_watch_reports_no_gap_for_the_other_keys_events(publisher: Publisher) -> None:
+    # seq counts every key of the shard; the XPUB sends this watcher only user:... keys.
+    with (
+        Client("tcp://127.0.0.1:1") as kv,
+        kv.watch("user:", events=publisher.endpoint, timeout_s=DEADLINE_S) as watching,
+    ):
+        assert publisher.wait_subscribed() == b"user:"
+        publisher.send(b"user:a", 1)
+        for n in range(2, 22):
+            publisher.send(f"zz:{n}".encode(), n)
+        publisher.send(b"user:a", 22)
+        publisher.send(b"user:b", 1, stream=7)  # a new owner is still reported
+        items = [next(watching) for _ in range(4)]
+    assert [type(item) for item in items] == [Event, Event, Gap, Event], items
+    assert isinstance(items[2], Gap) and items[2].new_stream
 
 
 def test_client_watch_ends_after_its_idle_timeout(publisher: Publisher) -> None:
