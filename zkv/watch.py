@@ -34,7 +34,7 @@ import asyncio
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
@@ -50,7 +50,11 @@ EVENTS_MAX_MESSAGE_BYTES = MAX_KEY_BYTES + 1024  # the longest key plus the 32-b
 SEQ_N_BITS = 32
 SEQ_N_MASK = (1 << SEQ_N_BITS) - 1
 REPLACED_STREAMS = 4  # per shard: replaced streams whose late events are recognised and dropped
-WAIT_SLICE_S = 0.5  # the longest single wait: Ctrl-C and a missed edge are seen this soon
+WAIT_SLICE_S = 0.5
+MONITOR_READS = 16  # monitor messages read per look at Watch.connected (only connects queue)
+_CONNECTED = {
+    zmq.EVENT_CONNECTED
+}  # the longest single wait: Ctrl-C and a missed edge are seen this soon
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +144,11 @@ def events_endpoints(events: str | Sequence[str] | None) -> list[str]:
 
 
 def _subscriber(
-    context: zmq.Context, endpoints: list[str], prefix: bytes, curve: ClientCurve | None
+    context: zmq.Context,
+    endpoints: list[str],
+    prefix: bytes,
+    curve: ClientCurve | None,
+    on_socket: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
     socket = context.socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
@@ -149,6 +157,8 @@ def _subscriber(
     if curve is not None:
         curve.apply(socket)
     try:
+        if on_socket is not None:
+            on_socket(socket)
         for endpoint in endpoints:
             socket.connect(endpoint)
         socket.setsockopt(zmq.SUBSCRIBE, prefix)
@@ -159,6 +169,9 @@ def _subscriber(
 
 
 class _Base:
+    monitored = False  # a socket monitor records whether a connection was made
+    _monitor: zmq.Socket | None = None
+
     def __init__(
         self,
         context: zmq.Context,
@@ -168,11 +181,22 @@ class _Base:
     ) -> None:
         self.prefix = prefix
         self.endpoints = endpoints
-        self.socket = _subscriber(context, endpoints, prefix, curve)
+        try:
+            self.socket = _subscriber(context, endpoints, prefix, curve, self._before_connect)
+        except zmq.ZMQError:
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
+            raise
         self.tracker = SeqTracker(exact=not prefix)
         self.pending: deque[Event | Gap] = deque()
         self.malformed = 0
         self.received = 0
+
+    def _before_connect(self, socket: zmq.Socket) -> None:
+        """Called with the new socket before its connects: a monitor made later could miss a
+        fast connection (Watch only: :attr:`Watch.connected`)."""
+        if self.monitored:
+            self._monitor = socket.get_monitor_socket(zmq.EVENT_CONNECTED)
 
     def _take(self) -> Event | Gap | None:
         """The next item from what the socket holds now, without waiting."""
@@ -208,7 +232,11 @@ class Watch(_Base):
 
     Made by :meth:`zkv.client.Client.watch`. ``timeout_s``: iteration ends after this long
     without an event (None: waits for ever). Close it (or use ``with``) to let go of the socket.
+    :attr:`connected` says whether a connection to an events endpoint was ever made (so that
+    ``zkv watch`` can tell "nothing happened" from "nothing listens there").
     """
+
+    monitored = True
 
     def __init__(
         self,
@@ -218,10 +246,37 @@ class Watch(_Base):
         curve: ClientCurve | None,
         timeout_s: float | None = None,
     ) -> None:
+        self._connected = False
         super().__init__(context, endpoints, prefix, curve)
         self.timeout_s = timeout_s
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
+
+    @property
+    def connected(self) -> bool:
+        """True once a TCP (or IPC) connection to one of the endpoints was made."""
+        monitor = self._monitor
+        if self._connected or monitor is None:
+            return self._connected
+        for _ in range(MONITOR_READS):
+            try:
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames[0]) >= 2 and int.from_bytes(frames[0][:2], "little") in _CONNECTED:
+                self._connected = True
+                break
+        return self._connected
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            try:
+                self.socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+            self._monitor = None
+        super().close()
 
     def next(self, timeout_s: float | None) -> Event | Gap | None:
         """The next item, waiting up to ``timeout_s`` (None: for ever); None if none came."""

@@ -15,8 +15,10 @@ import zmq
 
 from gateway.app import make_app
 from gateway.watch import Watches
+from tests.cluster import free_port
 from tests.integration.test_gateway_http import Reader, Server, request
 from tests.integration.test_gateway_http import Response as HttpResponse
+from zkv import cli
 from zkv.aio import AsyncClient
 from zkv.client import Client
 from zkv.protocol import Event, EventKind, encode_event
@@ -253,3 +255,23 @@ def test_a_malformed_event_is_skipped(publisher: Publisher) -> None:
         item = watching.next(DEADLINE_S)
         assert isinstance(item, Event) and item.key == b"k"
         assert watching.malformed == 1
+
+
+def test_zkv_watch_warns_when_nothing_listens_at_the_events_endpoint(
+    publisher: Publisher, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    assert (
+        cli.main(["--frontend", "tcp://127.0.0.1:1", "watch", "--events", nowhere, "--idle", "0.3"])
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert out == "" and "no connection to" in err and nowhere in err
+    endpoint = publisher.endpoint  # a listener with no events: quiet, nothing is wrong
+    assert (
+        cli.main(
+            ["--frontend", "tcp://127.0.0.1:1", "watch", "--events", endpoint, "--idle", "0.3"]
+        )
+        == 0
+    )
+    assert capsys.readouterr() == ("", "")
