@@ -106,6 +106,7 @@ def test_every_expiry_event_comes_at_its_deadline(cluster: Cluster) -> None:
                 continue
             assert item.event is EventKind.EXPIRE, item
             assert item.key not in late_ms, f"two expire events for {item.key!r}"
+            assert item.deadline_ms == deadlines[item.key], item  # the deadline that passed
             late_ms[item.key] = received_ms - deadlines[item.key]
     assert sets == EXPIRY_KEYS
     assert len(late_ms) == EXPIRY_KEYS, f"{EXPIRY_KEYS - len(late_ms)} expire events missing"
