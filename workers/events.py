@@ -11,12 +11,13 @@ pass. The broker's XSUB/XPUB proxy (broker/events.py) hands them to every subscr
 prefix matches the key (the key is the first frame: ZeroMQ's own prefix subscriptions).
 
 Sequence numbers, so that a subscriber can tell what it missed: ``seq = stream << 32 | n``,
-``stream`` the shard's owner epoch (ownership epoch single-host, leader epoch in cluster mode)
-modulo 2**32, ``n`` = 1, 2, ... per shard and stream. Consecutive ``n`` within one stream
-means nothing was missed; a new stream (another owner took the shard, or this worker took it
-again) starts at n = 1 and says "start over" (the subscriber cannot know what the old owner
-published after the last event it got). ``n`` wraps from 2**32 - 1 to 1 (after 4 billion
-events of one owner), which a subscriber sees as a gap.
+``stream`` = ``zkv.protocol.event_stream(epoch)`` of the shard's owner epoch (ownership epoch
+single-host: a broker token whose high half is the broker's own epoch, so an owner under a restarted
+broker gets another stream; leader epoch in cluster mode), ``n`` = 1, 2, ... per shard and stream.
+Consecutive ``n`` within one stream means nothing was missed; a new stream (another owner took the
+shard, or this worker took it again) starts at n = 1 and says "start over" (the subscriber cannot
+know what the old owner published after the last event it got). ``n`` wraps from 2**32 - 1 to 1
+(after 4 billion events of one owner), which a subscriber sees as a gap.
 
 Bounds, never blocking the worker's loop: the socket's SNDHWM (:data:`EVENTS_SNDHWM`
 messages per connected broker) and non-blocking sends. The socket drops a message for a
@@ -35,7 +36,7 @@ from collections.abc import Iterable
 import zmq
 
 from zkv.keys import KeyPair
-from zkv.protocol import event_header
+from zkv.protocol import event_header, event_stream
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,15 @@ log = logging.getLogger(__name__)
 EVENTS_SNDHWM = 100_000
 SEQ_N_BITS = 32  # the low bits of seq: the event's number within its stream
 SEQ_N_MASK = (1 << SEQ_N_BITS) - 1
-STREAM_MASK = (1 << (64 - SEQ_N_BITS)) - 1
 MAX_SUBSCRIPTION_MESSAGES = 1000  # read per publish call (a burst of new prefixes)
 DISABLED = "none"  # --events-backend none: no socket, Shard.events stays None (zero cost)
 
 
 def stream_of(epoch: int) -> int:
-    """The stream number of an owner epoch (its low 32 bits; epochs are far below 2**32)."""
-    return epoch & STREAM_MASK
+    """The stream number of an owner epoch: zkv.protocol.event_stream, both halves of the
+    u64 folded (the low half alone restarts under a new broker: its events would then look
+    older than the last owner's)."""
+    return event_stream(epoch)
 
 
 class Sequencer:

@@ -615,7 +615,7 @@ class TTLStore:
         self._forget(key, record)
         events = self.events
         if events is not None and key[:1] != RESERVED_PREFIX:
-            events.append((EVENT_EXPIRE, key, _version(record), 0))
+            events.append((EVENT_EXPIRE, key, *_TAIL.unpack_from(record, _VERSION_AT)))
         self._compact()
 
     def delete(self, key: bytes, now: int | None = None) -> bool:
@@ -718,7 +718,7 @@ class TTLStore:
         for key, record in expired:
             self._forget(key, record)
             if events is not None:  # client keys only: the walk skipped the reserved ones
-                events.append((EVENT_EXPIRE, key, _version(record), 0))
+                events.append((EVENT_EXPIRE, key, *_TAIL.unpack_from(record, _VERSION_AT)))
         if expired:
             if now > self.expired_ms:
                 self.expired_ms = now
@@ -854,8 +854,8 @@ class TTLStore:
                         removed += 1
                         if key < b"\x01":
                             self.reserved -= 1
-                        elif events is not None:
-                            events.append((3, key, _unpack_from(record, -16)[0], 0))
+                        elif events is not None:  # the deadline that passed: ``due``
+                            events.append((3, key, _unpack_from(record, -16)[0], due))
                 if removed > before and now - due > late_ms:
                     late_ms = now - due
             else:
@@ -874,7 +874,7 @@ class TTLStore:
                         if key < b"\x01":
                             self.reserved -= 1
                         elif events is not None:
-                            events.append((3, key, _unpack_from(record, -16)[0], 0))
+                            events.append((3, key, _unpack_from(record, -16)[0], deadline))
                         if now - deadline > late_ms:
                             late_ms = now - deadline
                     elif not start <= deadline < end:

@@ -242,10 +242,13 @@ def build_parser(
 
 def _watch(client: Client, prefix: str, events: str, idle_s: float | None) -> None:
     """``zkv watch``: one JSON line per event, a ``{"gap": ...}`` line where events were
-    missed (zkv/watch.py); ends after ``idle_s`` without an event, or at Ctrl-C."""
+    missed (zkv/watch.py); ends after ``idle_s`` without an event, or at Ctrl-C. Warns on
+    stderr when it ends having had neither an event nor a connection (nothing listens)."""
+    printed = False
     try:
         with client.watch(prefix, events, timeout_s=idle_s) as watching:
             for item in watching:
+                printed = True
                 if isinstance(item, Gap):
                     line: dict[str, Any] = {
                         "gap": {"shard": item.shard, "missed": item.missed, "seq": item.got}
@@ -260,6 +263,12 @@ def _watch(client: Client, prefix: str, events: str, idle_s: float | None) -> No
                         "expires_at_ms": item.deadline_ms or None,
                     }
                 print(json.dumps(line), flush=True)
+            if not printed and not watching.connected:
+                print(
+                    f"zkv watch: warning: no connection to {events} within {idle_s} s"
+                    " (is the broker's events endpoint there?)",
+                    file=sys.stderr,
+                )
     except KeyboardInterrupt:
         pass
 

@@ -10,14 +10,18 @@ Gaps. Every shard numbers its events ``seq = stream << 32 | n`` (docs/protocol.m
 stream, consecutive ``n`` means nothing was missed. The iterator checks that per shard and,
 when something was missed, yields a :class:`Gap` *before* the event that revealed it:
 
-* ``Gap(new_stream=False, missed=k)``: k events of that shard were lost (the broker restarted,
-  or a high-water mark dropped them because this watcher or the gateway was slow);
-* ``Gap(new_stream=True)``: the shard has a new owner (a failover, a worker restart); what the
-  old owner published after the last event received is unknown.
+* ``Gap(new_stream=False, missed=k)``: k events of that shard were lost (a high-water mark
+  dropped them because this watcher or the gateway was slow). Only a watch of every key (an
+  empty prefix) reports these: ``n`` counts all the shard's keys, and a prefix watcher gets
+  only its own (ZeroMQ filters at the publisher), so for it a jump is normal, not a loss;
+* ``Gap(new_stream=True)``: the shard has a new owner (a failover, a worker restart, a broker
+  restart); what the old owner published after the last event received is unknown.
 
 After a Gap, re-read what you need (a GET, or a listing) before trusting your view. The first
-event of each shard starts its tracking (no Gap: nothing was expected yet). Events received
-twice (several brokers, cluster mode) or late from an older stream are dropped.
+event of each shard starts its tracking (no Gap: nothing was expected yet). Streams are not
+ordered: one not seen before for the shard is a new stream, whatever its number. Events
+received twice (several brokers, cluster mode) or late from a stream since replaced (the
+last REPLACED_STREAMS of each shard are remembered) are dropped.
 
 Bounds: the socket queues at most :data:`EVENTS_RCVHWM` messages (ZeroMQ drops past it: a
 Gap), and refuses a message over :data:`EVENTS_MAX_MESSAGE_BYTES`; a malformed message is
@@ -30,7 +34,7 @@ import asyncio
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
@@ -45,7 +49,12 @@ EVENTS_RCVHWM = 100_000  # messages a watcher's socket queues before ZeroMQ drop
 EVENTS_MAX_MESSAGE_BYTES = MAX_KEY_BYTES + 1024  # the longest key plus the 32-byte header
 SEQ_N_BITS = 32
 SEQ_N_MASK = (1 << SEQ_N_BITS) - 1
-WAIT_SLICE_S = 0.5  # the longest single wait: Ctrl-C and a missed edge are seen this soon
+REPLACED_STREAMS = 4  # per shard: replaced streams whose late events are recognised and dropped
+WAIT_SLICE_S = 0.5
+MONITOR_READS = 16  # monitor messages read per look at Watch.connected (only connects queue)
+_CONNECTED = {
+    zmq.EVENT_CONNECTED
+}  # the longest single wait: Ctrl-C and a missed edge are seen this soon
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,16 +82,28 @@ class Gap:
 
 
 class SeqTracker:
-    """The last seq of each shard seen, and what a new one means (pure: unit tested)."""
+    """The last seq of each shard seen, and what a new one means (pure: unit tested).
 
-    __slots__ = ("last",)
+    Streams are never compared as numbers (a restarted broker's owners may have smaller ones):
+    a stream not seen before for a shard is a new one; the streams it replaced are remembered,
+    at most :data:`REPLACED_STREAMS` per shard, and their late events dropped.
 
-    def __init__(self) -> None:
+    Args:
+        exact: a jump of ``n`` within a stream is a loss (a Gap). True when every event of
+            the shard is received (an empty prefix); a prefix watcher gets only its keys'
+            events, so for it a jump is normal and only a new stream is reported.
+    """
+
+    __slots__ = ("exact", "last", "replaced")
+
+    def __init__(self, exact: bool = True) -> None:
         self.last: dict[int, int] = {}
+        self.replaced: dict[int, deque[int]] = {}  # shard -> its replaced streams, newest last
+        self.exact = exact
 
     def check(self, shard: int, seq: int) -> Gap | Literal[False] | None:
         """None: in order (or the shard's first); a Gap: events were missed (the event still
-        counts); False: a duplicate or an older stream's late event, to be dropped."""
+        counts); False: a duplicate or a replaced stream's late event, to be dropped."""
         last = self.last.get(shard)
         if last is None:
             self.last[shard] = seq
@@ -98,9 +119,13 @@ class SeqTracker:
             if n <= last_n:  # seen (several brokers), or far behind: not news
                 return False
             self.last[shard] = seq
-            return Gap(shard, expected, seq, False)
-        if stream < last_stream:
+            return Gap(shard, expected, seq, False) if self.exact else None
+        replaced = self.replaced.get(shard)
+        if replaced is None:
+            replaced = self.replaced[shard] = deque(maxlen=REPLACED_STREAMS)
+        elif stream in replaced:
             return False
+        replaced.append(last_stream)
         self.last[shard] = seq
         return Gap(shard, expected, seq, True)
 
@@ -119,7 +144,11 @@ def events_endpoints(events: str | Sequence[str] | None) -> list[str]:
 
 
 def _subscriber(
-    context: zmq.Context, endpoints: list[str], prefix: bytes, curve: ClientCurve | None
+    context: zmq.Context,
+    endpoints: list[str],
+    prefix: bytes,
+    curve: ClientCurve | None,
+    on_socket: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
     socket = context.socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
@@ -128,6 +157,8 @@ def _subscriber(
     if curve is not None:
         curve.apply(socket)
     try:
+        if on_socket is not None:
+            on_socket(socket)
         for endpoint in endpoints:
             socket.connect(endpoint)
         socket.setsockopt(zmq.SUBSCRIBE, prefix)
@@ -138,6 +169,9 @@ def _subscriber(
 
 
 class _Base:
+    monitored = False  # a socket monitor records whether a connection was made
+    _monitor: zmq.Socket | None = None
+
     def __init__(
         self,
         context: zmq.Context,
@@ -147,11 +181,22 @@ class _Base:
     ) -> None:
         self.prefix = prefix
         self.endpoints = endpoints
-        self.socket = _subscriber(context, endpoints, prefix, curve)
-        self.tracker = SeqTracker()
+        try:
+            self.socket = _subscriber(context, endpoints, prefix, curve, self._before_connect)
+        except zmq.ZMQError:
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
+            raise
+        self.tracker = SeqTracker(exact=not prefix)
         self.pending: deque[Event | Gap] = deque()
         self.malformed = 0
         self.received = 0
+
+    def _before_connect(self, socket: zmq.Socket) -> None:
+        """Called with the new socket before its connects: a monitor made later could miss a
+        fast connection (Watch only: :attr:`Watch.connected`)."""
+        if self.monitored:
+            self._monitor = socket.get_monitor_socket(zmq.EVENT_CONNECTED)
 
     def _take(self) -> Event | Gap | None:
         """The next item from what the socket holds now, without waiting."""
@@ -187,7 +232,11 @@ class Watch(_Base):
 
     Made by :meth:`zkv.client.Client.watch`. ``timeout_s``: iteration ends after this long
     without an event (None: waits for ever). Close it (or use ``with``) to let go of the socket.
+    :attr:`connected` says whether a connection to an events endpoint was ever made (so that
+    ``zkv watch`` can tell "nothing happened" from "nothing listens there").
     """
+
+    monitored = True
 
     def __init__(
         self,
@@ -197,10 +246,37 @@ class Watch(_Base):
         curve: ClientCurve | None,
         timeout_s: float | None = None,
     ) -> None:
+        self._connected = False
         super().__init__(context, endpoints, prefix, curve)
         self.timeout_s = timeout_s
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
+
+    @property
+    def connected(self) -> bool:
+        """True once a TCP (or IPC) connection to one of the endpoints was made."""
+        monitor = self._monitor
+        if self._connected or monitor is None:
+            return self._connected
+        for _ in range(MONITOR_READS):
+            try:
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames[0]) >= 2 and int.from_bytes(frames[0][:2], "little") in _CONNECTED:
+                self._connected = True
+                break
+        return self._connected
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            try:
+                self.socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+            self._monitor = None
+        super().close()
 
     def next(self, timeout_s: float | None) -> Event | Gap | None:
         """The next item, waiting up to ``timeout_s`` (None: for ever); None if none came."""

@@ -15,8 +15,10 @@ import zmq
 
 from gateway.app import make_app
 from gateway.watch import Watches
+from tests.cluster import free_port
 from tests.integration.test_gateway_http import Reader, Server, request
 from tests.integration.test_gateway_http import Response as HttpResponse
+from zkv import cli
 from zkv.aio import AsyncClient
 from zkv.client import Client
 from zkv.protocol import Event, EventKind, encode_event
@@ -191,9 +193,9 @@ def test_client_watch_yields_events_and_a_gap_before_the_event_that_shows_it(
 ) -> None:
     with (
         Client("tcp://127.0.0.1:1") as kv,
-        kv.watch("a", events=publisher.endpoint, timeout_s=DEADLINE_S) as watching,
+        kv.watch("", events=publisher.endpoint, timeout_s=DEADLINE_S) as watching,
     ):
-        assert publisher.wait_subscribed() == b"a"  # the broker filters by prefix
+        assert publisher.wait_subscribed() == b""  # every key: the numbers are exact
         publisher.send(b"a1", 1)
         publisher.send(b"a1", 1)  # a duplicate (two brokers): dropped
         publisher.send(b"a2", 4)
@@ -203,6 +205,23 @@ def test_client_watch_yields_events_and_a_gap_before_the_event_that_shows_it(
     assert isinstance(items[1], Gap) and items[1].missed == 2
     assert isinstance(items[3], Gap) and items[3].new_stream
     assert [item.key for item in items if isinstance(item, Event)] == [b"a1", b"a2", b"a3"]
+
+
+def test_a_prefix_watch_reports_no_gap_for_the_other_keys_events(publisher: Publisher) -> None:
+    # seq counts every key of the shard; the XPUB sends this watcher only user:... keys.
+    with (
+        Client("tcp://127.0.0.1:1") as kv,
+        kv.watch("user:", events=publisher.endpoint, timeout_s=DEADLINE_S) as watching,
+    ):
+        assert publisher.wait_subscribed() == b"user:"
+        publisher.send(b"user:a", 1)
+        for n in range(2, 22):
+            publisher.send(f"zz:{n}".encode(), n)
+        publisher.send(b"user:a", 22)
+        publisher.send(b"user:b", 1, stream=7)  # a new owner is still reported
+        items = [next(watching) for _ in range(4)]
+    assert [type(item) for item in items] == [Event, Event, Gap, Event], items
+    assert isinstance(items[2], Gap) and items[2].new_stream
 
 
 def test_client_watch_ends_after_its_idle_timeout(publisher: Publisher) -> None:
@@ -236,3 +255,23 @@ def test_a_malformed_event_is_skipped(publisher: Publisher) -> None:
         item = watching.next(DEADLINE_S)
         assert isinstance(item, Event) and item.key == b"k"
         assert watching.malformed == 1
+
+
+def test_zkv_watch_warns_when_nothing_listens_at_the_events_endpoint(
+    publisher: Publisher, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    assert (
+        cli.main(["--frontend", "tcp://127.0.0.1:1", "watch", "--events", nowhere, "--idle", "0.3"])
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert out == "" and "no connection to" in err and nowhere in err
+    endpoint = publisher.endpoint  # a listener with no events: quiet, nothing is wrong
+    assert (
+        cli.main(
+            ["--frontend", "tcp://127.0.0.1:1", "watch", "--events", endpoint, "--idle", "0.3"]
+        )
+        == 0
+    )
+    assert capsys.readouterr() == ("", "")

@@ -9,6 +9,7 @@ probe key until its event comes back (:func:`subscribed`), polling with a deadli
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 import uuid
@@ -105,6 +106,7 @@ def test_every_expiry_event_comes_at_its_deadline(cluster: Cluster) -> None:
                 continue
             assert item.event is EventKind.EXPIRE, item
             assert item.key not in late_ms, f"two expire events for {item.key!r}"
+            assert item.deadline_ms == deadlines[item.key], item  # the deadline that passed
             late_ms[item.key] = received_ms - deadlines[item.key]
     assert sets == EXPIRY_KEYS
     assert len(late_ms) == EXPIRY_KEYS, f"{EXPIRY_KEYS - len(late_ms)} expire events missing"
@@ -179,40 +181,69 @@ def _fill(sock: socket.socket, buffer: bytearray) -> None:
 
 @pytest.fixture
 def restartable(fresh_cluster: Cluster) -> Iterator[Cluster]:
-    fresh_cluster.start(gateway=False)
+    fresh_cluster.start()
     yield fresh_cluster
 
 
-def test_a_watcher_sees_the_gap_of_a_broker_restart(restartable: Cluster) -> None:
+AFTER_KEYS = 8  # written after the restart: enough to land on every shard of the cluster
+
+
+def test_a_broker_restart_is_a_new_stream_and_later_events_are_delivered(
+    restartable: Cluster,
+) -> None:
     cluster = restartable
     prefix = "restart:"
     kv = cluster.client()
-    with kv.watch(prefix, events=cluster.events) as watching:
+    sock, buffer = open_stream(cluster, f"/v1/watch?prefix={prefix}")
+    with sock, kv.watch(prefix, events=cluster.events) as watching:
         subscribed(kv, watching, prefix)
+
+        def sse_subscribed() -> bool:
+            kv.set(f"{prefix}probe", b"p")
+            _fill(sock, buffer)
+            return b"probe" in buffer
+
+        wait_for(sse_subscribed, "the gateway's subscription")
         # Keys that expire while the broker is down: their events are published to no one.
         pipeline = kv.pipeline()
         for n in range(20):
             pipeline.set(f"{prefix}gone{n}", b"v", ttl_s=0.3)
         pipeline.execute()
-        cluster.kill(cluster.broker)
+        cluster.kill(cluster.broker, signal.SIGTERM)
         time.sleep(0.6)  # not a readiness wait: the keys' TTL has to pass while it is down
         cluster.start_broker()
-        cluster.wait_ready(gateway=False)
+        cluster.wait_ready()
+        mark = len(buffer)
         seen: list[Event | Gap] = []
+        keys = [f"{prefix}after{n}" for n in range(AFTER_KEYS)]
+        client_got: set[bytes] = set()
 
-        def after_restart() -> bool:
-            kv.set(f"{prefix}after", b"v")
+        def delivered() -> bool:
+            # Written again until both watchers have an event of every key: the subscriptions
+            # travel through the new broker's proxy first (ZeroMQ reconnects on its own).
+            pipeline = kv.pipeline()
+            for key in keys:
+                pipeline.set(key, b"b")
+            pipeline.execute()
             item = watching.next(0.2)
             while item is not None:
                 seen.append(item)
-                if isinstance(item, Event) and item.key == f"{prefix}after".encode():
-                    return True
-                item = watching.next(0.05)
-            return False
+                if isinstance(item, Event) and item.key.startswith(f"{prefix}after".encode()):
+                    client_got.add(item.key)
+                item = watching.next(0.02)
+            _fill(sock, buffer)
+            sse = bytes(buffer[mark:])
+            return len(client_got) == AFTER_KEYS and all(
+                f'"key": "{key}"'.encode() in sse for key in keys
+            )
 
-        wait_for(after_restart, "an event after the broker's restart")
+        wait_for(delivered, "every shard's events after the broker's restart, client and SSE")
+    shards = {item.shard for item in seen if isinstance(item, Event) and item.key in client_got}
+    assert shards == set(range(cluster.shards)), f"keys on shards {shards} only"
     gaps = [item for item in seen if isinstance(item, Gap)]
     expired = [i for i in seen if isinstance(i, Event) and i.event is EventKind.EXPIRE]
-    # Whatever was lost (the expiries, the probes sent before the subscription was back) is
-    # announced by a Gap before the first event that follows it on the shard.
+    # The new broker's owners are new streams: a Gap (new_stream) per shard that had events
+    # before, and the SSE stream's reset, come before the first event that follows.
     assert gaps or len(expired) == 20, f"events lost without a gap: {seen}"
+    assert all(gap.new_stream for gap in gaps), gaps
+    assert b'"reason": "stream"' in buffer[mark:] or b"event: expire" in buffer[mark:]

@@ -24,8 +24,8 @@ from workers.events import SEQ_N_MASK, EventPublisher, Sequencer
 from workers.shard import Shard
 from workers.store import TTLStore
 from workers.worker import Worker, WorkerConfig
-from zkv.protocol import Event, EventKind, decode_event
-from zkv.watch import Gap, SeqTracker
+from zkv.protocol import Event, EventKind, decode_event, event_stream
+from zkv.watch import REPLACED_STREAMS, Gap, SeqTracker
 
 pytestmark = pytest.mark.unit
 
@@ -101,6 +101,16 @@ def test_each_shard_numbers_its_events_from_one_within_its_owners_epoch() -> Non
     assert sequencer.take(1, 7, 1) == 7 << 32 | 1  # another shard: its own count
     assert sequencer.take(0, 8, 1) == 8 << 32 | 1  # a new owner epoch: a new stream
     assert Sequencer.after(7 << 32 | 5) == 7 << 32 | 6
+
+
+def test_an_owner_under_a_restarted_broker_gets_another_stream() -> None:
+    # An ownership epoch is broker_epoch << 32 | sequence: after a broker restart the low half
+    # starts again, so the stream must come from both halves (zkv.protocol.event_stream).
+    sequencer = Sequencer()
+    before = sequencer.take(1, 1 << 32 | 9, 1)
+    after = sequencer.take(1, 2 << 32 | 9, 1)
+    assert before >> 32 == event_stream(1 << 32 | 9) and after >> 32 == event_stream(2 << 32 | 9)
+    assert before >> 32 != after >> 32 and after & SEQ_N_MASK == 1
 
 
 def test_a_list_that_crosses_the_wrap_is_numbered_across_it() -> None:
@@ -183,6 +193,29 @@ def test_the_tracker_reports_gaps_new_streams_and_drops_duplicates() -> None:
     assert tracker.check(0, 6 << 32 | 2) is None
 
 
+def test_a_stream_never_seen_is_new_even_when_its_number_is_smaller() -> None:
+    # A restarted broker's owners may have smaller streams: their events are delivered.
+    tracker = SeqTracker()
+    assert tracker.check(1, 9 << 32 | 40) is None
+    new = tracker.check(1, 3 << 32 | 1)
+    assert isinstance(new, Gap) and new.new_stream
+    assert tracker.check(1, 3 << 32 | 2) is None
+    assert tracker.check(1, 9 << 32 | 41) is False  # the replaced stream's late event
+    for stream in range(10, 10 + 2 * REPLACED_STREAMS):  # bounded memory of replaced streams
+        assert isinstance(tracker.check(1, stream << 32 | 1), Gap)
+    assert len(tracker.replaced[1]) == REPLACED_STREAMS
+
+
+def test_a_prefix_watcher_sees_only_stream_changes_not_the_other_keys_numbers() -> None:
+    # ZeroMQ sends a prefix watcher its keys only: seq jumps over the other keys' events.
+    tracker = SeqTracker(exact=False)
+    assert tracker.check(0, 5 << 32 | 1) is None
+    assert tracker.check(0, 5 << 32 | 22) is None  # 20 writes of other keys between
+    assert tracker.check(0, 5 << 32 | 22) is False
+    new = tracker.check(0, 6 << 32 | 4)
+    assert isinstance(new, Gap) and new.new_stream
+
+
 # --- the gateway's hub ---------------------------------------------------------------------------
 
 
@@ -241,6 +274,12 @@ def test_a_gap_or_a_new_stream_seen_by_the_hub_resets_every_watcher() -> None:
     assert kinds == [b"event: set", b"event: reset", b"event: reset", b"event: set"]
     assert json.loads(watcher.queue[1].split(b"data: ")[1]) == {"reason": "gap", "shard": 0}
     assert b'"stream"' in watcher.queue[2]
+    hub.add(Event(b"x3", EventKind.SET, 0, 1 << 32 | 2, 1, None))  # the replaced stream's
+    hub.add(Event(b"x4", EventKind.SET, 0, 0 << 32 | 1, 1, None))  # smaller, never seen: new
+    assert [chunk.split(b"\n")[0] for chunk in list(watcher.queue)[4:]] == [
+        b"event: reset",
+        b"event: set",
+    ]
 
 
 def test_a_slow_watcher_is_cut_off_with_a_reset_and_holds_no_more() -> None:

@@ -494,8 +494,8 @@ def test_the_events_hook_sees_every_change_in_order_and_nothing_internal(
         (EVENT_TTL, b"b", v + 4, START_MS + 60),
         (EVENT_DELETE, b"n", v + 5, 0),
         (EVENT_SET, b"c", v + 7, 0),
-        (EVENT_EXPIRE, b"b", v + 4, 0),  # with the version the key had
-        (EVENT_EXPIRE, b"a", v, 0),
+        (EVENT_EXPIRE, b"b", v + 4, START_MS + 60),  # the version and deadline it had
+        (EVENT_EXPIRE, b"a", v, START_MS + 100),
     ]
 
 
@@ -507,7 +507,7 @@ def test_a_read_that_finds_a_key_expired_announces_its_expiry(
     wire.send(Kind.SET, b"a", value=b"1", ttl_ms=10)
     clock.advance(10)
     assert wire.send(Kind.GET, b"a").status == Status.NOT_FOUND
-    assert events[-1] == (EVENT_EXPIRE, b"a", V0, 0)
+    assert events[-1] == (EVENT_EXPIRE, b"a", V0, START_MS + 10)
     shard.store.expire(100)
     assert len(events) == 2  # once
 

@@ -731,3 +731,32 @@ def test_a_mass_expiry_tidies_the_key_index_a_little_per_pass_and_the_rest_when_
         passes += 1
     assert passes
     assert [entry.key for entry in store.entries(limit=2)] == [b"steady:000000", b"steady:000001"]
+
+
+def test_an_expire_event_carries_the_deadline_that_passed(
+    store: TTLStore, clock: FakeClock
+) -> None:
+    # Every way a key expires: the active expiry near (level 0) and far (a refinement level)
+    # from its deadline, a listing that finds it, a read that finds it.
+    events: list[tuple[int, bytes, int, int]] = []
+    store.events = events
+    store.set(b"near", b"v", 50)
+    store.set(b"far", b"v", 3_600_000)
+    store.set(b"listed", b"v", 70)
+    store.set(b"read", b"v", 80)
+    clock.now += 60
+    store.expire(100)
+    clock.now += 15
+    store.entries()
+    clock.now += 10
+    with pytest.raises(Missing):
+        store.get(b"read")
+    clock.now += 3_600_000
+    store.expire(1000)
+    deadlines = {key: deadline for _, key, _, deadline in events}
+    assert deadlines == {
+        b"near": START_MS + 50,
+        b"listed": START_MS + 70,
+        b"read": START_MS + 80,
+        b"far": START_MS + 3_600_000,
+    }
