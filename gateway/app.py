@@ -553,7 +553,7 @@ def parse_token(name: str, text: str) -> int:
     """
     if not _TOKEN_NUMBER.fullmatch(text) or int(text) > U64_MAX:
         raise BadRequest(
-            f"parameter {name!r} must be a lock token, an integer from 0 to {U64_MAX}, "
+            f"parameter {name!r} must be a lock token, an integer from 1 to {U64_MAX}, "
             f"got {_shown(text)}"
         )
     return int(text)
@@ -604,7 +604,7 @@ def parse_etags(header: str, text: str) -> str | list[tuple[bool, str]]:
         if match is None or not match.group(2).isdigit() or not match.group(2).isascii():
             raise BadRequest(
                 f"header {header!r} must be * or quoted versions as ETag gives them "
-                f'(like "5", or "5", "7"), got {_shown(text)}'
+                f'(like "5"; a GET\'s If-None-Match may list several: "5", "7"), got {_shown(text)}'
             )
         tags.append((match.group(1) is not None, match.group(2)))
         at = _gap_end(text, match.end())

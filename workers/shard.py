@@ -1164,7 +1164,10 @@ class Shard:
         if current is not None and current[1] == request.token:
             return _OK, None, None
         newest = 0 if current is None else current[1]
-        message = f"token {request.token} is not the newest of lock {request.key!r} ({newest})"
+        message = (
+            f"token {request.token} is not the newest of lock "
+            f'"{request.key.decode(errors="backslashreplace")}" ({newest})'
+        )
         return _CONFLICT, None, message.encode()
 
     def _lock_state(self, name: bytes) -> tuple[int, int, int] | None:
@@ -1302,7 +1305,8 @@ class Shard:
             held = "not held" if current is None or current[0] != LOCK_HELD else "held"
             newest = 0 if current is None else current[1]
             message = (
-                f"token {request.token} is not the current token of lock {request.key!r} "
+                f"token {request.token} is not the current token of lock "
+                f'"{request.key.decode(errors="backslashreplace")}" '
                 f"(the lock is {held}, newest token {newest})"
             )
             return _CONFLICT, None, message.encode()

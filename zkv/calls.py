@@ -770,8 +770,8 @@ def stale_fence(fence: tuple[bytes, int]) -> Conflict:
     """The error of a fenced write whose pre-check (FENCE_CHECK) failed: not sent."""
     name, token = fence
     return Conflict(
-        f"fence token {token} of lock {name.decode(errors='replace')!r} is not the newest "
-        "(the lock lapsed and was taken again): not written"
+        f'fence token {token} of lock "{name.decode(errors="backslashreplace")}" is not the '
+        "lock's newest token (never issued, or the lock was taken again since): not written"
     )
 
 

@@ -6,9 +6,9 @@ Examples::
     zkv set greeting hello --nx  # only if absent (--xx: only if present)
     zkv get greeting
     zkv get greeting --meta      # one JSON line: value, expires_at_ms, version
-    zkv delete greeting          # or: zkv del greeting
+    zkv delete greeting          # or: zkv del greeting; --if-version N: only that version
     zkv incr visits 5 --ttl 60   # prints the new value
-    zkv expire session 30; zkv persist session; zkv ttl session
+    zkv expire session 30; zkv persist session; zkv ttl session   # ttl: milliseconds left
     zkv lock nightly --ttl 30 --wait 10 -- ./backup.sh   # as flock(1)
     zkv all
     zkv ping
@@ -18,16 +18,20 @@ Examples::
 
 As redis-cli and etcdctl, the options go anywhere on the line, before or after the command
 (for ``lock``, before the ``--`` that starts the command it runs).
-Exit status: 0 done; 1 the answer is no (the key does not exist, a condition of ``set`` does
-not hold, ``lock`` did not get the lock in time, ``ping`` finds a shard without a worker); 2
-an error (bad usage, unreachable broker, timeout, refused request). ``zkv lock`` exits with
-its command's status (see :func:`run_locked`).
+Exit status: 0 done; 1 the answer is no (the key does not exist, a condition of ``set`` or
+``delete`` does not hold, the store refused the write as conflicting, e.g. ``incr`` of a value
+that is not an integer, ``lock`` did not get the lock in time, ``ping`` finds a shard without a
+worker); 2 an error (bad usage, unreachable broker, timeout, a request refused as wrong). ``zkv
+lock`` exits with its command's status (see :func:`run_locked`). A closed standard output
+(``zkv all | head -1``) ends any command quietly with status 141, as SIGPIPE ends Unix tools
+(128 + 13).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -49,6 +53,7 @@ EXIT_OK = 0
 EXIT_NO = 1  # the key does not exist, a condition failed, the lock is held, or degraded
 EXIT_ERROR = 2  # as argparse's usage errors
 EXIT_NOT_RUN = 127  # zkv lock: the command could not be started (as a shell says)
+EXIT_PIPE = 128 + signal.SIGPIPE  # stdout closed by its reader (zkv all | head): as SIGPIPE
 TTL_COMMANDS = ("set", "incr", "lock")  # the commands that take --ttl
 
 
@@ -124,7 +129,8 @@ def build_parser(
         prog=prog,
         description="zkv command-line client: read and write keys through a zkv broker.",
         epilog="Options may come before or after the command. Exit status: 0 done, 1 no "
-        "such key (or, for ping, a shard without a worker), 2 error.",
+        "(no such key, a condition that does not hold, a write refused as conflicting, a lock "
+        "held; for ping, a shard without a worker), 2 error, 141 standard output closed.",
     )
     values = {
         "frontend": env_default("ZKV_FRONTEND", defaults.FRONTEND, endpoints, "--frontend", prog),
@@ -177,8 +183,13 @@ def build_parser(
         action="store_true",
         help="print one JSON line with the value, expires_at_ms and version instead",
     )
-    command("delete", "delete a key", aliases=("del",)).add_argument(
-        "key", help="the key to delete"
+    delete = command("delete", "delete a key", aliases=("del",))
+    delete.add_argument("key", help="the key to delete")
+    delete.add_argument(
+        "--if-version",
+        type=_version,
+        metavar="VERSION",
+        help="only if the key has this version (get --meta shows it; exit status 1 if not)",
     )
     incr = command(
         "incr",
@@ -204,6 +215,10 @@ def build_parser(
         "run COMMAND while holding lock NAME, as flock(1): the lock is refreshed in the "
         "background, released when COMMAND ends, and its token is in COMMAND's environment "
         "as ZKV_LOCK_TOKEN; exit status: COMMAND's (1 if the lock was not taken in time)",
+    )
+    lock.usage = (
+        f"{lock.prog} NAME --ttl SECONDS [--wait SECONDS] [--frontend ENDPOINT] "
+        "[--timeout SECONDS] [--keys DIR] -- COMMAND [ARG ...]"
     )
     lock.add_argument("name", help="the lock's name")
     lock.add_argument(
@@ -302,7 +317,29 @@ def _split_lock(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``zkv`` and ``python -m zkv``; returns the exit status."""
+    """Entry point of ``zkv`` and ``python -m zkv``; returns the exit status.
+
+    A reader that closes zkv's standard output early (``zkv all | head -1``, ``zkv watch |
+    head``) ends the command quietly with EXIT_PIPE, the status a shell shows for a tool that
+    SIGPIPE ended, rather than with a BrokenPipeError traceback."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # --help's SystemExit too: a closed pipe shows here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would flush stdout again at exit and print "Exception ignored ...": point
+        # the descriptor at /dev/null first (the recipe of Python's signal module docs).
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # not a real file (a test's capture)
+            pass
+        return EXIT_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
+    """:func:`main`, with a closed standard output raising BrokenPipeError."""
     parser = build_parser()
     argv, command_line = _split_lock(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
@@ -371,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                     assert command_line is not None  # checked above
                     return run_locked(client, args.name, args.ttl, args.wait, command_line)
                 case "delete" | "del":
-                    if not client.delete(args.key):
+                    if not client.delete(args.key, if_version=args.if_version):
                         print("not found", file=sys.stderr)
                         return EXIT_NO
                     print("OK")
@@ -397,7 +434,11 @@ def main(argv: list[str] | None = None) -> int:
             print("not found", file=sys.stderr)
             return EXIT_NO
         except PreconditionFailed as exc:
-            print(f"not written: {exc}", file=sys.stderr)
+            done = "deleted" if args.command in ("delete", "del") else "written"
+            print(f"not {done}: {exc}", file=sys.stderr)
+            return EXIT_NO
+        except Conflict as exc:  # e.g. incr of a non-integer: refused as set --nx is, exit 1
+            print(f"refused: {exc}", file=sys.stderr)
             return EXIT_NO
         except ZkvError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -427,6 +468,10 @@ def run_locked(client: Client, name: str, ttl_s: float, wait_s: float, command: 
         print(f"lock {name!r} is held by another: {exc}", file=sys.stderr)
         return EXIT_NO
     status = EXIT_ERROR
+    # The refresh thread logs the loss (zkv.client) and the release below raises it again,
+    # which this function prints: one line, not two.
+    client_log = logging.getLogger("zkv.client")
+    client_log.addFilter(_not_lock_lost)
     try:
         env = dict(os.environ, ZKV_LOCK_NAME=name, ZKV_LOCK_TOKEN=str(lock.token))
         try:
@@ -447,7 +492,16 @@ def run_locked(client: Client, name: str, ttl_s: float, wait_s: float, command: 
             print(
                 f"warning: releasing the lock failed ({exc}); it expires by itself", file=sys.stderr
             )
+        finally:
+            client_log.removeFilter(_not_lock_lost)
     return status
+
+
+def _not_lock_lost(record: logging.LogRecord) -> bool:
+    """Log filter of :func:`run_locked`: drops the refresh thread's report of a lost lock
+    (run_locked prints it itself when the lock is released)."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not any(isinstance(arg, LockLost) for arg in args)
 
 
 PASSED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -5,6 +5,7 @@ on an in-memory fake of zkv.Client (``zkv lock`` runs a real child process)."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,6 +15,7 @@ import pytest
 from zkv import cli
 from zkv.calls import Item, Lock, NotFound
 from zkv.errors import Conflict, LockLost, PreconditionFailed
+from zkv.protocol import Entry
 
 pytestmark = pytest.mark.unit
 
@@ -32,7 +34,10 @@ class FakeHeld:
     def __exit__(self, *exc: object) -> None:
         self.client.events.append(("released", self.args[0]))
         if self.client.lose:
-            raise LockLost("lock 'job' lost (token 41): refused")
+            error = LockLost("lock 'job' lost (token 41): refused")
+            # as zkv.client's refresh thread reports it, before the release raises it
+            logging.getLogger("zkv.client").warning("%s", error)
+            raise error
 
 
 class FakeClient:
@@ -67,7 +72,18 @@ class FakeClient:
 
     def incr(self, key: str, by: int = 1, ttl_s: float | None = None) -> int:
         self.events.append(("incr", key, by, ttl_s))
+        if key == "word":
+            raise Conflict("value is not an integer")
         return 10 + by
+
+    def delete(self, key: str, if_version: int | None = None) -> bool:
+        self.events.append(("delete", key, if_version))
+        if if_version is not None and if_version != self.data[key.encode()][2]:
+            raise PreconditionFailed(f"version is {self.data[key.encode()][2]}, not {if_version}")
+        return self.data.pop(key.encode(), None) is not None
+
+    def pages(self) -> Any:
+        yield [Entry(b"k", b"v", None)]
 
     def expire(self, key: str, ttl_s: float) -> int:
         if key.encode() not in self.data:
@@ -215,3 +231,55 @@ def test_lock_of_a_command_that_cannot_start_exits_127_and_releases(tmp_path, ca
 def test_a_double_dash_outside_lock_keeps_its_argparse_meaning():
     assert cli.main(["set", "--", "-k", "-v"]) == 0  # a key and a value starting with '-'
     assert events()[-1][:3] == ("set", "-k", "-v")
+
+
+# --- a newcomer's findings (README/CLI fixes) ---------------------------------------------------
+
+
+class ClosedStdout:
+    """A standard output whose reader went away (zkv all | head -1)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    @property
+    def buffer(self) -> ClosedStdout:
+        return self
+
+
+@pytest.mark.parametrize("argv", [["all"], ["get", "k"], ["get", "k", "--meta"], ["ttl", "k"]])
+def test_a_closed_stdout_ends_any_command_quietly_with_141(argv, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdout", ClosedStdout())
+    assert cli.main(argv) == cli.EXIT_PIPE == 141
+    assert capsys.readouterr().err == ""
+
+
+def test_incr_of_a_non_integer_is_refused_with_exit_1_as_set_nx(fake_client, capsys):
+    assert cli.main(["incr", "word"]) == cli.EXIT_NO
+    assert capsys.readouterr().err == "refused: value is not an integer\n"
+
+
+def test_delete_if_version(capsys):
+    assert cli.main(["delete", "k", "--if-version", "6"]) == cli.EXIT_NO
+    assert capsys.readouterr().err == "not deleted: version is 5, not 6\n"
+    assert cli.main(["del", "--if-version", "5", "k"]) == 0
+    assert events() == [("delete", "k", 5)]
+
+
+def test_lock_help_shows_the_command_after_the_double_dash(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["lock", "--help"])
+    assert exited.value.code == 0
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert usage.startswith("usage: python -m zkv lock NAME --ttl SECONDS [--wait SECONDS]")
+    assert usage.endswith(" -- COMMAND [ARG ...]")
+
+
+def test_a_lost_lock_is_reported_once(fake_client, caplog, capsys):
+    fake_client.lose = True
+    assert cli.main(["lock", "job", "--ttl", "5", *child("pass")]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err.count("lost") == 1
+    assert not [record for record in caplog.records if "lost" in record.getMessage()]

@@ -162,7 +162,7 @@ class FakeClient:
             raise NotFound(key)
         return Item(self.data[key.encode()], None)
 
-    def delete(self, key: str) -> bool:
+    def delete(self, key: str, if_version: int | None = None) -> bool:
         return self.data.pop(key.encode(), None) is not None
 
     def ping(self) -> dict[str, Any]:
