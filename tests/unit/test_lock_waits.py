@@ -98,20 +98,21 @@ def test_the_timer_heaps_stay_within_a_few_times_the_waiters() -> None:
 
 def test_waiters_that_gave_up_behind_a_patient_one_are_not_kept_until_it_leaves() -> None:
     """Answered waiters stayed in their name's FIFO, with their requests, until they reached
-    its front: behind one waiter with a long wait, any number of them. Now at most about
+    its front: behind waiters with long waits, any number of them. Now at most about
     twice the parked ones (plus FIFO_SLACK)."""
     from broker.locks import FIFO_SLACK
 
     waits: LockWaits[bytes] = LockWaits()
-    assert waits.park(b"patient", NAME, give_up=300.0, now=0.0, conflict=b"c")
+    for patient in (b"patient-1", b"patient-2"):
+        assert waits.park(patient, NAME, give_up=300.0, now=0.0, conflict=b"c")
     for second in range(1, 201):
         assert waits.park(b"x" * 1000, NAME, give_up=second + 0.5, now=float(second))
         woken, expired = waits.due(second + 0.6)  # the newcomer gives up
         assert [w.item for w in expired] == [b"x" * 1000]
         for waiter in woken:  # the patient one's recheck, refused again: keeps its place
             assert waits.park(waiter.item, NAME, 300.0, second + 0.6, conflict=b"c", front=True)
-    assert waits.count == 1
-    assert len(waits._names[NAME].waiters) <= 2 + FIFO_SLACK + 1
+    assert waits.count == 2
+    assert len(waits._names[NAME].waiters) <= 2 * 2 + FIFO_SLACK + 1
 
 
 def test_each_client_has_its_own_bound_on_parked_waiters() -> None:
