@@ -754,3 +754,40 @@ def test_one_client_cannot_take_every_waiters_place(h: LockHarness) -> None:
     assert h.broker.locks.by_client == {CLIENT: 3, OTHER: 1}
     h.advance(6.0)
     assert h.broker.locks.count == 0 and h.broker.locks.by_client == {}
+
+
+def test_resends_of_a_parked_lock_restamped_on_fresh_sockets_merge_and_are_answered_once(
+    h: LockHarness,
+) -> None:
+    """A waiting client resends its LOCK every attempt interval (zkv/calls.py), stamped anew,
+    on a fresh socket: each resend merges with the parked waiter (not dispatched, not parked
+    twice, not charged twice), and the one answer goes to the latest socket."""
+    h.send(lock(1, wait_ms=60_000, stamp=stamp_of(h.wall_s)))
+    worker, first = h.one_dispatch()
+    conflict(h, worker, first, 100)
+    h.send(lock(2, wait_ms=60_000, stamp=stamp_of(h.wall_s)), client=OTHER)  # parked on arrival
+    held = (h.broker.held_ops, h.broker.held_bytes)
+    for attempt in range(1, 6):
+        h.advance(0.5)
+        h.send(lock(1, wait_ms=60_000, stamp=stamp_of(h.wall_s)), client=b"fresh-%d" % attempt)
+        h.send(lock(2, wait_ms=60_000, stamp=stamp_of(h.wall_s)), client=b"other-%d" % attempt)
+        for w, d, _ in h.dispatched():  # the name's rechecks only: the oldest waiter, refused
+            assert d.request.request_id == 1
+            conflict(h, w, d, 100)
+        assert h.broker.locks.count == 2 and (h.broker.held_ops, h.broker.held_bytes) == held
+    h.send(unlock(3, token=5))
+    worker, release = h.one_dispatch()
+    h.reply(worker, release, Status.OK)
+    [woken] = [decode_from_broker(f[1:]) for s, f in h.take() if s is Side.BACKEND]
+    assert woken.request.request_id == 1
+    h.reply(worker, woken, Status.OK, deadline_ms=h.wall_ms(10), body=bytes(8))
+    [reply] = h.replies(b"fresh-5")
+    assert (reply.status, reply.request_id) == (Status.OK, 1)
+    h.send(unlock(4, token=5))
+    worker, release = h.one_dispatch()
+    h.reply(worker, release, Status.OK)
+    [woken] = [decode_from_broker(f[1:]) for s, f in h.take() if s is Side.BACKEND]
+    h.reply(worker, woken, Status.OK, deadline_ms=h.wall_ms(10), body=bytes(8))
+    [reply] = h.replies(b"other-5")
+    assert (reply.status, reply.request_id) == (Status.OK, 2)
+    assert h.broker.locks.count == 0 and h.broker.held_ops == 0 and not h.broker._by_request
