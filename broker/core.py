@@ -153,6 +153,10 @@ from zkv.protocol import (
 from zkv.zmqio import SendLedger
 
 log = logging.getLogger(__name__)
+
+# What a parked LOCK's objects take beyond its bytes (its op tuple, origin, waiter, heap and
+# dict entries), charged with them while it is parked.
+WAITER_OVERHEAD_BYTES = 512
 peer_log = LogLimiter(log)  # every line a peer's input can cause goes through this
 
 
@@ -784,6 +788,7 @@ class Broker:
         on the next broker, which dispatches them again (a wait would outlast the drain)."""
         self.closing = True
         for waiter in self.locks.drain():
+            self._unpark(waiter)
             op = waiter.item
             self._forget(op)
             self._refund_ops([op])
@@ -1401,28 +1406,63 @@ class Broker:
             origin.client, origin.frames, origin.arrived, origin.account, give_up
         )
         parked: Op = (parked_origin, op[1], op[2], op[3], record, op[5])
+        # What it keeps while parked, beyond the op[5] it was charged as admitted: its frames
+        # or record, its name (a copy of the key in them), its last CONFLICT, and the objects
+        # that hold them. A waiter with a 60 KB name keeps twice that (issue 12, hostile test).
+        kept = len(op[3]) + (len(conflict) if conflict is not None else 0) + WAITER_OVERHEAD_BYTES
+        kept += sum(map(len, origin.frames)) if origin.frames is not None else 0
+        kept += len(record) if record is not None else 0
+        held = max(kept - op[5], 0)
+        account = origin.account
+        charge = held if conflict is None else held + op[5]  # else its answer refunds op[5]
+        config = self.config
+        if account is not None and (
+            self.held_bytes + charge > config.max_pending_bytes
+            or account.nbytes + charge > config.max_client_bytes
+        ):
+            return False
+        client = account.client if account is not None else origin.client
         holder = self._expiry_of(deadline_ms, now)
         if not self.locks.park(
-            parked, op[3], give_up, now, conflict, holder, deadline_ms, reason or b"", front
+            parked,
+            op[3],
+            give_up,
+            now,
+            conflict,
+            holder,
+            deadline_ms,
+            reason or b"",
+            front,
+            client,
+            held,
         ):
             return False
         if conflict is None:
             self._swap(op, parked)
         else:
             self._remember(parked)
-            account = origin.account
-            if account is not None:
-                account.nbytes += op[5]
+        if account is not None:
+            account.nbytes += charge
+            self.held_bytes += charge
+            if conflict is not None:
                 account.ops += 1
-                self.held_bytes += op[5]
                 self.held_ops += 1
         return True
+
+    def _unpark(self, waiter: Waiter[Op]) -> None:
+        """A waiter left the parked ones: refund the bytes it was charged for being parked
+        (what it was charged as admitted stays until it is answered)."""
+        account = waiter.item[0].account
+        if account is not None and waiter.held:
+            account.nbytes -= waiter.held
+            self.held_bytes -= waiter.held
 
     def _redispatch(self, waiter: Waiter[Op], now: float) -> None:
         """Send a parked LOCK again (its name's lock may be free), as a new arrival that keeps
         its wait's end, its request id and its charge. A stamped one is stamped anew: its
         earlier attempts were all refused (CONFLICT: nothing applied), and a worker refuses
         a stamped write first sent longer ago than its idempotency window (waits reach 300 s)."""
+        self._unpark(waiter)
         op = waiter.item
         origin = op[0]
         frames, record = origin.frames, op[4]
@@ -1448,6 +1488,7 @@ class Broker:
         those whose wait ran out with the last CONFLICT."""
         woken, expired = self.locks.due(now)
         for waiter in expired:
+            self._unpark(waiter)
             op = waiter.item
             record: bytes | None = waiter.conflict
             if record is None:  # parked on arrival: its name's last CONFLICT, under its id
@@ -1480,8 +1521,10 @@ class Broker:
 
     def _busy_locks(self) -> str:
         return (
-            f"broker busy: {self.locks.count} LOCK requests wait for their lock (limit"
-            f" {self.locks.limit}); not applied, retry later"
+            f"broker busy: {self.locks.count} LOCK requests wait for their lock (limits:"
+            f" {self.locks.limit}, per client {self.locks.client_limit}), or"
+            f" {self.held_bytes} bytes held (limit {self.config.max_pending_bytes});"
+            " not applied, retry later"
         )
 
     # --- admission and waiting -------------------------------------------------------------

@@ -29,10 +29,17 @@ would poll). The algorithm, in one place:
   parked is answered with the CONFLICT it last got (or, if it never got one because it was
   parked on arrival, the name's last CONFLICT under its own request id).
 
-Bounds: MAX_LOCK_WAITERS (10,000) parked in total; a LOCK that would be one more is answered
-BUSY at once (not applied: send it again later), never parked. Timers are two heaps, with
-stale entries skipped when they come up and the heaps rebuilt when stale entries outnumber
-live ones (so they stay within a few times the parked count); no thread or timer per waiter.
+Bounds: MAX_LOCK_WAITERS (10,000) parked in total, and MAX_CLIENT_LOCK_WAITERS (1,000) per
+client socket (so one client cannot take every place and have every other client's waits
+answered BUSY); a LOCK that would be one more is answered BUSY at once (not applied: send it
+again later), never parked. The bytes a parked LOCK keeps (its request, its name, its last
+CONFLICT: ``Waiter.held``) count against the broker's pending-bytes limits, in total and per
+client, for as long as it is parked (broker/core.py charges and refunds them).
+
+Timers are two heaps, with stale entries skipped when they come up and the heaps rebuilt
+when stale entries outnumber live ones (so they stay within a few times the parked count); no
+thread or timer per waiter. A name's FIFO drops its answered waiters once they outnumber its
+parked ones (FIFO_SLACK), so a waiter that left keeps nothing for long.
 
 This module keeps the state only (names, FIFOs, due times); broker/core.py decides what to do
 with a reply and dispatches or answers what :meth:`LockWaits.due` hands back.
@@ -50,12 +57,16 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 MAX_LOCK_WAITERS = 10_000  # LOCKs parked in the broker, all names together; more: BUSY
+MAX_CLIENT_LOCK_WAITERS = 1_000  # LOCKs parked for one client socket; more: BUSY
 LOCK_RETRY_MIN_S = 0.005  # the least time between two dispatches of one name's oldest waiter
 LOCK_RECHECK_S = 1.0  # the most: a release the broker did not see costs at most this
 # The heaps are rebuilt from the live waiters when they hold this many times more entries
 # (plus a floor, so a handful of waiters never rebuilds).
 HEAP_SLACK = 4
 HEAP_FLOOR = 1024
+# A name's FIFO is rebuilt without its answered waiters when they outnumber its parked ones
+# (plus this many), so what a waiter keeps is gone soon after it leaves.
+FIFO_SLACK = 8
 
 
 @dataclass(slots=True, eq=False)
@@ -67,6 +78,9 @@ class Waiter(Generic[T]):
         name: the lock's name (the request's key).
         give_up: monotonic seconds when its wait runs out.
         conflict: the last CONFLICT it got (a sub-reply record), None if parked on arrival.
+        client: whose place it takes (MAX_CLIENT_LOCK_WAITERS).
+        held: the bytes charged to its client while it is parked (the broker refunds them
+            when it leaves, whichever way).
         parked: in its name's FIFO; False once dispatched again or answered.
     """
 
@@ -74,6 +88,8 @@ class Waiter(Generic[T]):
     name: bytes
     give_up: float
     conflict: bytes | None
+    client: bytes = b""
+    held: int = 0
     parked: bool = True
 
 
@@ -93,11 +109,16 @@ class LockWaits(Generic[T]):
 
     Args:
         limit: the most waiters parked at once (MAX_LOCK_WAITERS).
+        client_limit: the most parked at once for one client (MAX_CLIENT_LOCK_WAITERS).
     """
 
-    def __init__(self, limit: int = MAX_LOCK_WAITERS) -> None:
+    def __init__(
+        self, limit: int = MAX_LOCK_WAITERS, client_limit: int = MAX_CLIENT_LOCK_WAITERS
+    ) -> None:
         self.limit = limit
+        self.client_limit = client_limit
         self.count = 0  # parked waiters, all names
+        self.by_client: dict[bytes, int] = {}  # parked waiters per client (none: absent)
         self._names: dict[bytes, _Name] = {}
         self._give_ups: list[tuple[float, int, Waiter[T]]] = []
         self._retries: list[tuple[float, int, bytes]] = []
@@ -118,8 +139,11 @@ class LockWaits(Generic[T]):
         deadline_ms: int = 0,
         reason: bytes = b"",
         front: bool = False,
+        client: bytes = b"",
+        held: int = 0,
     ) -> bool:
-        """Park a LOCK; False if MAX_LOCK_WAITERS are parked already (answer it BUSY).
+        """Park a LOCK; False if MAX_LOCK_WAITERS are parked already, or
+        MAX_CLIENT_LOCK_WAITERS for ``client`` (answer it BUSY).
 
         Args:
             conflict: the CONFLICT it just got (None: parked on arrival, not dispatched).
@@ -129,9 +153,12 @@ class LockWaits(Generic[T]):
                 waiters of this name that give up without a CONFLICT of their own.
             front: it was the oldest waiter, dispatched again and refused again: it keeps
                 its place.
+            client, held: see :class:`Waiter`.
         """
-        if self.count >= self.limit:
+        mine = self.by_client.get(client, 0)
+        if self.count >= self.limit or mine >= self.client_limit:
             return False
+        self.by_client[client] = mine + 1
         entry = self._names.get(name)
         if entry is None:
             entry = self._names[name] = _Name()
@@ -141,7 +168,7 @@ class LockWaits(Generic[T]):
             self._schedule(name, entry, now, holder_expiry)
         elif not entry.live and not entry.retry_at:
             self._schedule(name, entry, now, None)
-        waiter = Waiter(item, name, give_up, conflict)
+        waiter = Waiter(item, name, give_up, conflict, client, held)
         if front:
             entry.waiters.appendleft(waiter)
         else:
@@ -173,12 +200,15 @@ class LockWaits(Generic[T]):
         while give_ups and give_ups[0][0] <= now:
             waiter = heappop(give_ups)[2]
             if waiter.parked:
-                waiter.parked = False
-                self.count -= 1
+                self._left(waiter)
                 entry = self._names[waiter.name]
                 entry.live -= 1
                 if not entry.live:
                     del self._names[waiter.name]
+                elif len(entry.waiters) > 2 * entry.live + FIFO_SLACK:
+                    # Answered waiters stay in the FIFO until they reach its front, with
+                    # their requests: drop them once they outnumber the parked ones.
+                    entry.waiters = deque(w for w in entry.waiters if w.parked)
                 expired.append(waiter)
         woken: list[Waiter[T]] = []
         retries = self._retries
@@ -213,11 +243,10 @@ class LockWaits(Generic[T]):
         names, self._names = self._names, {}
         self._give_ups.clear()
         self._retries.clear()
-        self.count = 0
         for entry in names.values():
             for waiter in entry.waiters:
                 if waiter.parked:
-                    waiter.parked = False
+                    self._left(waiter)
                     yield waiter
 
     # --- internals --------------------------------------------------------------------------
@@ -231,14 +260,25 @@ class LockWaits(Generic[T]):
         if not waiters:
             return None
         waiter = waiters.popleft()
-        waiter.parked = False
-        self.count -= 1
+        self._left(waiter)
         entry.live -= 1
         if entry.live:
             self._schedule(name, entry, now, None)
         else:
             del self._names[name]
         return waiter
+
+    def _left(self, waiter: Waiter[T]) -> None:
+        """``waiter`` leaves the parked ones (its FIFO entry may stay until it reaches the
+        front): its place, and its client's, are free again."""
+        waiter.parked = False
+        self.count -= 1
+        client = waiter.client
+        left = self.by_client[client] - 1
+        if left:
+            self.by_client[client] = left
+        else:
+            del self.by_client[client]
 
     def _schedule(self, name: bytes, entry: _Name, now: float, holder_expiry: float | None) -> None:
         """Set when ``name``'s oldest waiter is dispatched next: at the holder's expiry, but

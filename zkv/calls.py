@@ -1150,9 +1150,12 @@ class Calls:
         self._tainted: set[int] = set()
         self._requeued: dict[int, float] = {}
         # Calls the broker may hold before answering (a LOCK waiting in its queue): request id
-        # -> until when their silence is expected. They are left out of resend_due until then,
-        # and their deadline is that much later (so out of creation order: expire() skips them).
+        # -> until when their silence is expected. Their deadline is that much later (so out of
+        # creation order: expire() skips them); a silence of theirs is resent like any other,
+        # every attempt_s (a restarted broker lost its queue), but to the same broker: a wait
+        # is not a failure. And their ops, to stamp each resend anew (see _queue_again).
         self._patient: dict[int, float] = {}
+        self._lock_ops: dict[int, Op] = {}
 
     @property
     def attempt_s(self) -> float:
@@ -1198,6 +1201,10 @@ class Calls:
         if not wait_s:
             return deadline
         self._patient[request_id] = now + wait_s
+        lock_ops = self._lock_ops
+        lock_ops[request_id] = op
+        if len(lock_ops) > 2 * len(self._calls) + 64:  # forget the ops of calls settled since
+            self._lock_ops = {rid: o for rid, o in lock_ops.items() if rid in self._calls}
         if deadline < _NEVER:
             deadline += wait_s
             self._requeued[request_id] = deadline  # out of creation order: see expire()
@@ -1431,8 +1438,6 @@ class Calls:
         """Whether a call that left is unanswered after ``attempt_s`` without any message in
         either direction (with several brokers: without a reply since the first message that
         left after the last one): the request or its reply may be lost (a broker restart)."""
-        if self._patient:
-            return self._impatient(now) > 0 and self.resend_in(now) <= 0
         return self.in_flight > 0 and self.resend_in(now) <= 0
 
     def _impatient(self, now: float) -> int:
@@ -1449,8 +1454,11 @@ class Calls:
         unanswered call again, in creation order, with the same request ids and records (the
         brokers and workers recognise them, so nothing is applied twice). The caller sends them
         on a fresh socket to ``brokers.endpoint``, which drops anything stale queued in the old
-        one."""
-        self.brokers.failed(now)
+        one. A silence while only LOCKs wait in the broker's queue (their wait not over) is
+        no failure of the broker: they are resent to the same one (on a fresh socket: a broker
+        restarted since lost its queue, and a live one merges the resend with the waiter)."""
+        if not self._patient or self._impatient(now):
+            self.brokers.failed(now)
         self._queue_again(now)
 
     def unsendable(self, now: float) -> bool:
@@ -1465,6 +1473,8 @@ class Calls:
         return True
 
     def _queue_again(self, now: float) -> None:
+        if self._lock_ops:
+            self._restamp()
         self._queue = list(self._calls)
         self._recent.clear()  # replies to the old socket can no longer come
         self.last_send = now
@@ -1478,6 +1488,22 @@ class Calls:
             rid for rid in self._tainted if rid in parked
         }
 
+    def _restamp(self) -> None:
+        """Stamp the waiting LOCKs anew for their resend: a wait (up to 300 s) outlasts the
+        workers' idempotency window, past which a stamped LOCK they do not remember is refused
+        'outcome unknown'. Safe: an earlier attempt that was applied is answered from the
+        worker's memory by request id (the stamp is not compared); past that memory, the LOCK
+        is applied anew, and at worst the lost acquisition holds the lock until its TTL."""
+        calls = self._calls
+        stamp = stamp_of(self._wall())
+        for rid, op in list(self._lock_ops.items()):
+            call = calls.get(rid)
+            if call is None:
+                del self._lock_ops[rid]  # answered or given up
+                continue
+            kind, _, handle, started, deadline = call
+            calls[rid] = (kind, pack(op, rid, stamp), handle, started, deadline)
+
     def due_in(self, now: float) -> float | None:
         """Seconds until a call expires or a resend is due, None if no call waits."""
         if not self._calls:
@@ -1489,10 +1515,7 @@ class Calls:
             requeued = self._requeued
             in_order = (call[4] for rid, call in self._calls.items() if rid not in requeued)
             earliest = min(next(in_order, _NEVER), self.next_resend_at(), *requeued.values())
-        resend_at = self._resend_at()
-        if self._patient and not self._impatient(now):  # only waiting locks are out
-            resend_at = max(resend_at, min(self._patient.values(), default=resend_at))
-        return max(0.0, min(resend_at, earliest) - now)
+        return max(0.0, min(self._resend_at(), earliest) - now)
 
     def expire(self, now: float) -> list[Settled]:
         """Forget the calls whose deadline has passed; each with its error (:func:`gave_up`)."""
@@ -1564,6 +1587,7 @@ class Calls:
             self._tainted.clear()
             self._requeued.clear()
             self._patient.clear()
+            self._lock_ops.clear()
             return failed
         failed = []
         for rid in request_ids:

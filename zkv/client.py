@@ -696,7 +696,11 @@ class Client:
             raise RequestError(str(exc)) from None
         start = time.monotonic()
         deadline = start + self.timeout_s + wait_s
-        patient_until = start + wait_s  # no resend for a silence before this
+        # A LOCK's wait in the broker is no failure of it: its silences until then are resent
+        # to the same broker (a restarted one lost its queue of waiters), stamped anew (a wait
+        # outlasts the workers' idempotency window; docs/protocol.md says why that is safe).
+        patient_until = start + wait_s
+        restamp = request.kind == Kind.LOCK and wait_s > 0
         unreachable_since: float | None = None
         maybe_applied = False  # an attempt left and got no answer
         busy = 0  # BUSY answers in a row
@@ -720,7 +724,7 @@ class Client:
                     self._reset()
                 continue
             unreachable_since = None  # sends failed in a row only, as in zkv.calls.Calls
-            resend_at = max(time.monotonic(), patient_until) + brokers.resend_s
+            resend_at = time.monotonic() + brokers.resend_s
             reply = self._wait_reply(socket, request_id, min(deadline, resend_at))
             if reply is not None:
                 brokers.answered()
@@ -741,7 +745,12 @@ class Client:
             # broker if there are several; the old one is still read for one more interval.
             maybe_applied = True
             self._reset(keep_previous=True)
-            brokers.failed(time.monotonic())
+            if time.monotonic() >= patient_until:
+                brokers.failed(time.monotonic())
+            if restamp:
+                frames = encode_request(
+                    dataclasses.replace(request, request_id=request_id, stamp=stamp_of(time.time()))
+                )
             if time.monotonic() >= deadline:
                 raise Timeout(
                     f"no reply from {self.endpoint} within {self.timeout_s} s; outcome unknown"

@@ -337,12 +337,13 @@ def test_async_with_lock_refreshes_releases_and_reports_a_loss(cluster):
 
 
 def test_a_lock_wait_longer_than_the_clients_timeout_is_waited_for(cluster):
-    """The broker holds a waiting LOCK: the clients allow its wait on top of their timeout and
-    do not take the silence for a lost request."""
+    """The broker holds a waiting LOCK: the clients allow its wait on top of their timeout
+    (they resend it every attempt interval meanwhile, which the broker merges with the waiter:
+    a restarted broker lost its queue, tests/process/test_locks_process.py)."""
     with cluster.client() as holder, cluster.client(timeout_s=0.5, attempt_s=0.2) as waiter:
         held = holder.acquire_lock("patient:sync", 0.8)
         got = waiter.acquire_lock("patient:sync", 0.8, wait_s=10)
-        assert got.token > held.token and waiter.retries == 0
+        assert got.token > held.token
         with waiter.pipeline() as pipe:
             results = pipe.acquire_lock("patient:sync", 5, wait_s=10).execute()
         assert isinstance(results[0], Lock) and results[0].token > got.token  # after got lapsed
@@ -353,6 +354,6 @@ def test_a_lock_wait_longer_than_the_clients_timeout_is_waited_for(cluster):
         ) as kv:
             first = await kv.acquire_lock("patient:async", 0.8)
             second = await kv.acquire_lock("patient:async", 5, wait_s=10)
-            assert second.token > first.token and kv.retries == 0
+            assert second.token > first.token
 
     asyncio.run(scenario())

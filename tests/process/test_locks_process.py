@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,39 @@ def test_tokens_keep_growing_and_the_old_holder_is_fenced_out_after_a_kill_9(clu
     third = kv.acquire_lock("job", 30)
     assert third.token > second.token
     kv.release_lock("job", third.token)
+
+
+def test_a_lock_wait_survives_a_broker_kill_9_and_restart(cluster):
+    """The broker's queue of waiters lives in memory: the client resends its waiting LOCK
+    every attempt interval, so the restarted broker gets it again (before: a Timeout after
+    the whole wait, although the lock was free since the holder's TTL)."""
+    holder = cluster.client(timeout_s=5.0)
+    held = holder.acquire_lock("restart-job", 2.0)
+    waiter = cluster.client(timeout_s=5.0)
+    got: list[object] = []
+    thread = threading.Thread(
+        target=lambda: got.append(_try(lambda: waiter.acquire_lock("restart-job", 30, wait_s=20)))
+    )
+    thread.start()
+    try:
+        wait_for(lambda: holder.stats()["broker"]["lock_waiters"] == 1, "the LOCK to wait")
+        cluster.kill(cluster.broker)
+        cluster.start_broker()
+        thread.join(COMMAND_TIMEOUT_S)
+    finally:
+        thread.join(COMMAND_TIMEOUT_S)
+    [lock] = got
+    assert not isinstance(lock, BaseException), lock
+    assert lock.token > held.token
+    waiter.release_lock("restart-job", lock.token)
+
+
+def _try(call: Callable[[], object]) -> object:
+    """``call()``'s result, or the exception it raised (a thread's, for the test to report)."""
+    try:
+        return call()
+    except Exception as exc:
+        return exc
 
 
 def zkv(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:

@@ -655,3 +655,139 @@ def test_in_cluster_mode_new_requests_and_woken_waiters_go_to_the_shards_leader(
     h.advance(1.0)  # the recheck
     [(worker, again, _)] = h.dispatched()
     assert worker == b"w-b" and again.request.request_id == 2
+
+
+# --- what parked waiters cost (hostile test: 10,000 waiters with 60 KB names) ----------------
+
+BIG_NAME = b"L" * 60_000
+BIG_WAITERS = 100
+
+
+def park_big_waiters(h: LockHarness, count: int, client: bytes = CLIENT) -> None:
+    """One holder's CONFLICT, then ``count`` LOCKs with a 60 KB name parked behind it (each
+    its own request, as decoded from its own message)."""
+    h.send(Request(Kind.LOCK, 1, BIG_NAME, ttl_ms=10_000, wait_ms=5000), client=client)
+    worker, first = h.one_dispatch()
+    conflict(h, worker, first, 100)
+    for request_id in range(2, count + 1):
+        h.send(Request(Kind.LOCK, request_id, BIG_NAME, ttl_ms=10_000, wait_ms=5000), client=client)
+    assert h.take() == [] and h.broker.locks.count == count
+
+
+def test_parked_waiters_are_charged_the_bytes_they_really_keep_and_leave_nothing() -> None:
+    """The broker's held_bytes (what --max-pending-bytes bounds) covers what its parked LOCKs
+    really keep, measured with tracemalloc; once every wait ran out nothing of them is kept."""
+    import gc
+    import tracemalloc
+
+    roomy = dataclasses.replace(CONFIG, max_client_bytes=1 << 30, max_pending_bytes=1 << 30)
+    h = LockHarness(roomy)
+    h.register(b"w0")
+    h.register(b"w1")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        park_big_waiters(h, BIG_WAITERS)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+        assert kept > BIG_WAITERS * len(BIG_NAME)
+        assert h.broker.held_bytes >= kept * 0.9, (h.broker.held_bytes, kept)
+        h.advance(6.0)  # every wait runs out: each answered its CONFLICT
+        assert len(h.replies()) == BIG_WAITERS
+        h.advance(2.0)  # the name's last recheck comes up (stale)
+        assert h.take() == []
+        gc.collect()
+        left = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    broker = h.broker
+    assert broker.held_bytes == broker.held_ops == 0 and not broker._accounts
+    assert not broker._by_request and not broker._by_identity
+    waits = broker.locks
+    assert waits.count == 0 and not waits._names and not waits.by_client
+    assert not waits._give_ups and not waits._retries
+    assert left < len(BIG_NAME), left  # not one name's worth kept
+
+
+def test_parked_waiters_count_against_the_pending_bytes_limit() -> None:
+    """Parked LOCKs' real bytes count against --max-pending-bytes: a new request is refused
+    BUSY once they fill it (before: they were charged about half of what they keep)."""
+    limit = 30 * 2 * len(BIG_NAME)  # 30 waiters' worth, charged right
+    h = LockHarness(dataclasses.replace(CONFIG, max_client_bytes=1 << 30, max_pending_bytes=limit))
+    h.register(b"w0")
+    h.register(b"w1")
+    statuses = []
+    for request_id in range(1, 61):
+        h.send(Request(Kind.LOCK, request_id, BIG_NAME, ttl_ms=10_000, wait_ms=5000))
+        for side, frames in h.take():
+            if side is Side.BACKEND:
+                message = decode_from_broker(frames[1:])
+                assert isinstance(message, Dispatch)
+                conflict(h, frames[0], message, 100)
+            else:
+                statuses.append(decode_reply(frames[1:]).status)
+    assert h.broker.locks.count <= 31
+    assert statuses.count(Status.BUSY) >= 29
+    assert h.broker.held_bytes <= limit + 2 * len(BIG_NAME)
+
+
+def test_one_client_cannot_take_every_waiters_place(h: LockHarness) -> None:
+    """MAX_CLIENT_LOCK_WAITERS per client socket: past it, that client's LOCKs are BUSY while
+    another client's still park (the global MAX_LOCK_WAITERS alone let one client take all)."""
+    from broker.locks import MAX_CLIENT_LOCK_WAITERS
+
+    assert MAX_CLIENT_LOCK_WAITERS < h.broker.locks.limit
+    h.broker.locks.client_limit = 3
+    h.send(lock(1, wait_ms=5000))
+    worker, first = h.one_dispatch()
+    conflict(h, worker, first, 100)
+    for request_id in (2, 3):
+        h.send(lock(request_id, wait_ms=5000))
+    assert h.take() == [] and h.broker.locks.count == 3
+    h.send(lock(4, wait_ms=5000))
+    [busy] = h.replies()
+    assert (busy.status, busy.request_id) == (Status.BUSY, 4)
+    assert b"per client 3" in busy.body
+    h.send(lock(5, wait_ms=5000), client=OTHER)  # another client still gets a place
+    assert h.take() == [] and h.broker.locks.count == 4
+    assert h.broker.locks.by_client == {CLIENT: 3, OTHER: 1}
+    h.advance(6.0)
+    assert h.broker.locks.count == 0 and h.broker.locks.by_client == {}
+
+
+def test_resends_of_a_parked_lock_restamped_on_fresh_sockets_merge_and_are_answered_once(
+    h: LockHarness,
+) -> None:
+    """A waiting client resends its LOCK every attempt interval (zkv/calls.py), stamped anew,
+    on a fresh socket: each resend merges with the parked waiter (not dispatched, not parked
+    twice, not charged twice), and the one answer goes to the latest socket."""
+    h.send(lock(1, wait_ms=60_000, stamp=stamp_of(h.wall_s)))
+    worker, first = h.one_dispatch()
+    conflict(h, worker, first, 100)
+    h.send(lock(2, wait_ms=60_000, stamp=stamp_of(h.wall_s)), client=OTHER)  # parked on arrival
+    held = (h.broker.held_ops, h.broker.held_bytes)
+    for attempt in range(1, 6):
+        h.advance(0.5)
+        h.send(lock(1, wait_ms=60_000, stamp=stamp_of(h.wall_s)), client=b"fresh-%d" % attempt)
+        h.send(lock(2, wait_ms=60_000, stamp=stamp_of(h.wall_s)), client=b"other-%d" % attempt)
+        for w, d, _ in h.dispatched():  # the name's rechecks only: the oldest waiter, refused
+            assert d.request.request_id == 1
+            conflict(h, w, d, 100)
+        assert h.broker.locks.count == 2 and (h.broker.held_ops, h.broker.held_bytes) == held
+    h.send(unlock(3, token=5))
+    worker, release = h.one_dispatch()
+    h.reply(worker, release, Status.OK)
+    [woken] = [decode_from_broker(f[1:]) for s, f in h.take() if s is Side.BACKEND]
+    assert woken.request.request_id == 1
+    h.reply(worker, woken, Status.OK, deadline_ms=h.wall_ms(10), body=bytes(8))
+    [reply] = h.replies(b"fresh-5")
+    assert (reply.status, reply.request_id) == (Status.OK, 1)
+    h.send(unlock(4, token=5))
+    worker, release = h.one_dispatch()
+    h.reply(worker, release, Status.OK)
+    [woken] = [decode_from_broker(f[1:]) for s, f in h.take() if s is Side.BACKEND]
+    h.reply(worker, woken, Status.OK, deadline_ms=h.wall_ms(10), body=bytes(8))
+    [reply] = h.replies(b"other-5")
+    assert (reply.status, reply.request_id) == (Status.OK, 2)
+    assert h.broker.locks.count == 0 and h.broker.held_ops == 0 and not h.broker._by_request

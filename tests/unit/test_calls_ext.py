@@ -351,13 +351,34 @@ def test_receive_settles_extended_calls_by_their_code():
 # --- lock waits --------------------------------------------------------------------------------
 
 
-def test_a_waiting_lock_is_not_resent_nor_timed_out_before_its_wait_ends():
-    calls = make()
+def test_a_waiting_lock_is_resent_every_attempt_interval_but_not_timed_out_before_its_wait():
+    """The broker holds a waiting LOCK, but a broker restarted since lost its queue: a LOCK
+    resent only after its whole wait got a Timeout although the lock was long free (hostile
+    test: holder ttl 4 s, wait 20 s, broker restart at 1 s: Timeout at 21 s). It is resent
+    after each attempt_s of silence, to the same broker, and times out only after its wait."""
+    wall = [WALL_S]
+    ids = itertools.count(1)
+    brokers = c.Brokers(("tcp://a:1", "tcp://b:1"), 1.0, 5.0, first=0, jitter=lambda: 0.0)
+    calls = Calls(brokers, 5.0, 1.0, lambda n: [next(ids) for _ in range(n)], 100.0)
+    calls._wall = lambda: wall[0]
     calls.add(c.lock_op("job", 10, wait_s=30), "lock", 100.0)
-    sent_requests(calls, 100.0)
-    assert not calls.resend_due(102.0)  # attempt_s (1 s) of silence: the broker holds it
-    assert calls.expire(106.0) == []  # timeout_s (5 s) passed: the wait has not
-    assert calls.resend_due(131.5)  # the wait is over: silence means loss again
+    [first] = sent_requests(calls, 100.0)
+    assert not calls.resend_due(100.5)
+    assert calls.due_in(100.5) is not None and calls.due_in(100.5) <= 0.5  # wakes for it
+    resent = []
+    for second in range(1, 30):  # the wait ends at 130
+        now = 100.0 + second + 0.01
+        wall[0] = WALL_S + second + 0.01
+        assert calls.resend_due(now)
+        calls.resend(now)
+        assert calls.brokers.endpoint == "tcp://a:1"  # a wait is no failure of the broker
+        [again] = sent_requests(calls, now)
+        resent.append(again)
+        assert calls.expire(now) == []  # timeout_s (5 s) passed: the wait has not
+    assert {r.request_id for r in resent} == {first.request_id}
+    # Stamped anew each time: past the workers' idempotency window (15 s) a stamped LOCK
+    # they do not remember is refused 'outcome unknown'.
+    assert resent[-1].stamp == stamp_of(WALL_S + 29.01) != first.stamp
     failed = calls.expire(135.1)  # timeout_s after the wait
     assert [(handle, type(err)) for handle, err in failed] == [("lock", Timeout)]
 
@@ -367,9 +388,9 @@ def test_a_call_made_after_a_waiting_lock_still_expires_on_time():
     calls.add(c.lock_op("job", 10, wait_s=30), "lock", 100.0)
     calls.add(c.get_op("k"), "get", 100.0)
     sent_requests(calls, 100.0)
-    assert calls.resend_due(101.5)  # the GET is not allowed that silence
+    assert calls.resend_due(101.5)
     assert [handle for handle, _ in calls.expire(105.1)] == ["get"]
-    assert calls.due_in(105.1) is not None and calls.due_in(105.1) > 20
+    assert len(calls) == 1 and calls.expire(134.9) == []
 
 
 def test_a_lock_without_wait_is_an_ordinary_call():

@@ -94,3 +94,36 @@ def test_the_timer_heaps_stay_within_a_few_times_the_waiters() -> None:
         waits.park("w", NAME, 1e9, now, conflict=b"c", holder_expiry=now + 5, front=True)
     assert len(waits._give_ups) <= HEAP_FLOOR + 4 * waits.count + 1
     assert len(waits._retries) <= HEAP_FLOOR + 4 * waits.count + 1
+
+
+def test_waiters_that_gave_up_behind_a_patient_one_are_not_kept_until_it_leaves() -> None:
+    """Answered waiters stayed in their name's FIFO, with their requests, until they reached
+    its front: behind waiters with long waits, any number of them. Now at most about
+    twice the parked ones (plus FIFO_SLACK)."""
+    from broker.locks import FIFO_SLACK
+
+    waits: LockWaits[bytes] = LockWaits()
+    for patient in (b"patient-1", b"patient-2"):
+        assert waits.park(patient, NAME, give_up=300.0, now=0.0, conflict=b"c")
+    for second in range(1, 201):
+        assert waits.park(b"x" * 1000, NAME, give_up=second + 0.5, now=float(second))
+        woken, expired = waits.due(second + 0.6)  # the newcomer gives up
+        assert [w.item for w in expired] == [b"x" * 1000]
+        for waiter in woken:  # the patient one's recheck, refused again: keeps its place
+            assert waits.park(waiter.item, NAME, 300.0, second + 0.6, conflict=b"c", front=True)
+    assert waits.count == 2
+    assert len(waits._names[NAME].waiters) <= 2 * 2 + FIFO_SLACK + 1
+
+
+def test_each_client_has_its_own_bound_on_parked_waiters() -> None:
+    waits: LockWaits[str] = LockWaits(limit=10, client_limit=2)
+    assert waits.park("a1", NAME, 10.0, 0.0, client=b"a")
+    assert waits.park("a2", NAME, 10.0, 0.0, client=b"a")
+    assert not waits.park("a3", NAME, 10.0, 0.0, client=b"a")
+    assert waits.park("b1", NAME, 10.0, 0.0, client=b"b")
+    assert waits.by_client == {b"a": 2, b"b": 1}
+    first = waits.released(NAME, 0.1)
+    assert first is not None and first.item == "a1" and waits.by_client == {b"a": 1, b"b": 1}
+    assert waits.park("a3", NAME, 10.0, 0.2, client=b"a")
+    _, expired = waits.due(10.0)
+    assert len(expired) == 3 and waits.by_client == {} and waits.count == 0
