@@ -363,8 +363,8 @@ def test_a_fenced_write_with_an_older_token_is_refused_and_changes_nothing(
 
 
 def test_listings_skip_the_workers_own_keys(wire: Wire) -> None:
-    lock(wire, b"job", 100)
-    wire.send(Kind.SET, b"a", value=b"1", fence=(b"job", 1))
+    token = token_of(lock(wire, b"job", 100))
+    wire.send(Kind.SET, b"a", value=b"1", fence=(b"job", token))
     wire.send(Kind.SET, b"\x01", value=b"2")
     reply = wire.send(Kind.ALL)
     assert [e.key for e in decode_entries(reply.body or b"")] == [b"\x01", b"a"]
@@ -481,8 +481,8 @@ def test_the_events_hook_sees_every_change_in_order_and_nothing_internal(
     wire.send(Kind.DEL, b"n")
     wire.send(Kind.DEL, b"n")  # NOT_FOUND: no event
     wire.send(Kind.SET, b"a", value=b"x", nx=True)  # PRECONDITION: no event
-    lock(wire, b"job", 10)  # internal: no event
-    wire.send(Kind.SET, b"c", value=b"3", fence=(b"job", 1))  # the fence record: no event
+    token = token_of(lock(wire, b"job", 10))  # internal: no event
+    wire.send(Kind.SET, b"c", value=b"3", fence=(b"job", token))  # the fence record: no event
     clock.advance(100)
     shard.store.expire(100)  # the active expiry: b (touched to +60), then a (+100)
     v = V0
