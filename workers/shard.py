@@ -1022,7 +1022,7 @@ class Shard:
             out.append(aof.encode_delv(logged_id, written, version))
         else:
             out.append(aof.encode_setv(logged_id, written, value, stored_ms, version))
-        if fence is not None:
+        if fence is not None and self._lock_state(fence[0]) is None:  # another shard's lock
             out.append(self._raise_fence(fence, now))
         if plain:
             memory.remember_write(request_id, kind, key, fingerprint, deadline_ms)
@@ -1156,16 +1156,18 @@ class Shard:
         the token must be its current one. Another shard's lock is checked by order: refused if
         older than the newest token seen here, or from the future (above what the lock's shard
         can have issued by now + FENCE_MAX_AHEAD_MS), so that a forged huge token cannot be
-        remembered as the newest and block the real holders for FENCE_MEMORY_MS. A write that
-        would store a new fence record is BUSY once the reserved records are at their budget.
+        remembered as the newest and block the real holders for FENCE_MEMORY_MS. Only a write
+        fenced by another shard's lock stores a fence record (the newest token seen); one that
+        would store a new one is BUSY once the reserved records are at their budget.
         """
         name, token = fence
         current = self._lock_state(name)
-        if current is not None:
+        if current is not None:  # exact: no fence record needed (see _apply_ext)
             if token != current[1]:
                 message = f"fence token {token} is not the current token of the lock ({current[1]})"
                 return _CONFLICT, None, message.encode()
-        elif self.shards and key_shard(name, self.shards) == self.number:
+            return None
+        if self.shards and key_shard(name, self.shards) == self.number:
             return _CONFLICT, None, f"no such lock token: {token} (lock {name!r})".encode()
         elif token > (now + FENCE_MAX_AHEAD_MS) * 1000:
             message = (
@@ -1180,7 +1182,7 @@ class Shard:
                 return _BUSY, None, _RESERVED_FULL
             return None
         seen = _U64.unpack(value)[0]
-        if current is None and token < seen:
+        if token < seen:
             message = f"fence token {token} is older than {seen}: not applied"
             return _CONFLICT, None, message.encode()
         return None
