@@ -47,6 +47,7 @@ from zkv.protocol import (
     Reply,
     Request,
     Status,
+    check_report,
     decode_batch_reply,
     decode_entries,
     decode_from_broker,
@@ -740,11 +741,19 @@ def test_key_counts_leave_the_workers_own_keys_out(
     token = token_of(lock(wire, b"job", 5))
     wire.send(Kind.SET, b"b", value=b"2", fence=(b"other", token))  # another shard's lock
     assert len(shard.store) == 4 and shard.store.reserved == 2
-    assert figures(shard, WorkerCounters(), 1.0)["keys"] == 2
+    made = figures(shard, WorkerCounters(), 1.0)
+    assert made["keys"] == 2 and made["internal_keys"] == 2
+    data = shard.store._data
+    assert made["internal_bytes"] == sum(len(k) + len(data[k]) for k in data if k < b"\x01")
+    checked = check_report(made)  # the broker keeps them (an older worker's report: 0)
+    assert (checked["internal_keys"], checked["internal_bytes"]) == (2, made["internal_bytes"])
+    del made["internal_keys"], made["internal_bytes"]
+    assert check_report(made)["internal_bytes"] == 0
     clock.advance(LOCK_MEMORY_MS + FENCE_MEMORY_MS)
     while shard.store.expire(1000):  # the expiry pass removes the reserved keys too
         pass
     assert shard.store.reserved == 0 and figures(shard, WorkerCounters(), 1.0)["keys"] == 1
+    assert figures(shard, WorkerCounters(), 1.0)["internal_bytes"] == 0
 
 
 # --- a refusal is remembered: a late second copy is answered the same and changes nothing -------
