@@ -631,10 +631,18 @@ def test_a_lock_and_a_fence_of_the_longest_name_replay(
     wire = Wire(shard)
     token = token_of(wire.send(Kind.LOCK, name, ttl_ms=1000))
     assert wire.send(Kind.SET, b"k", value=b"v", fence=(name, token)).status == Status.OK
+    other = b"m" * MAX_KEY_BYTES  # another shard's lock: a fence record is stored
+    assert wire.send(Kind.SET, b"k", value=b"v", fence=(other, token)).status == Status.OK
+    reserved = (shard.store.reserved, shard.store.reserved_bytes)
+    assert reserved[0] == 2
     shard.close()
     again = take_shard(0, 2, None, durability, clock).shard
+    assert (again.store.reserved, again.store.reserved_bytes) == reserved  # the budget's count
     assert Wire(again).send(Kind.FENCE_CHECK, name, token=token).status == Status.OK
     assert Wire(again).send(Kind.SET, b"k", value=b"w", fence=(name, token - 1)).status == (
+        Status.CONFLICT
+    )
+    assert Wire(again).send(Kind.SET, b"k", value=b"w", fence=(other, token - 1)).status == (
         Status.CONFLICT
     )
     again.close()
