@@ -1168,8 +1168,9 @@ class Shard:
                 return _CONFLICT, None, message.encode()
             return None
         if self.shards and key_shard(name, self.shards) == self.number:
-            return _CONFLICT, None, f"no such lock token: {token} (lock {name!r})".encode()
-        elif token > (now + FENCE_MAX_AHEAD_MS) * 1000:
+            message = f"no such lock token: {token} (the lock's shard has no record of it)"
+            return _CONFLICT, None, message.encode()
+        if token > (now + FENCE_MAX_AHEAD_MS) * 1000:
             message = (
                 f"fence token {token} is from the future (more than {FENCE_MAX_AHEAD_MS} ms "
                 f"ahead of shard {self.number}'s clock): no lock issued it; not applied"
