@@ -417,6 +417,8 @@ def cluster_view(stats: dict[str, Any]) -> dict[str, Any]:
             "epoch": _int(report.get("epoch")),
             "keys": _int(report.get("keys")),
             "keys_with_ttl": _int(report.get("keys_with_ttl")),
+            "internal_keys": _int(report.get("internal_keys", 0)),
+            "internal_bytes": _int(report.get("internal_bytes", 0)),
             "expired": _int(report.get("expired")),
             "log_bytes": None if log_bytes is None else _int(log_bytes),
             "fsync_buckets": buckets,
@@ -606,6 +608,8 @@ def _cluster_metrics(cluster: dict[str, Any] | None) -> Iterator[Metric]:
     for name, text, field in (
         ("zkv_shard_keys", "Keys in the shard (expired ones not yet removed included).", "keys"),
         ("zkv_shard_keys_with_ttl", "Keys of the shard that have a deadline.", "keys_with_ttl"),
+        ("zkv_shard_internal_keys", "The worker's own lock and fence records.", "internal_keys"),
+        ("zkv_shard_internal_bytes", "Their bytes (RESERVED_MAX_BYTES bound).", "internal_bytes"),
         ("zkv_shard_log_bytes", "Size of the shard's log file (absent: in memory).", "log_bytes"),
         (
             "zkv_shard_ops_per_second",

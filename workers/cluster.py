@@ -270,6 +270,7 @@ class ClusterWorker(LinkedWorker):
         shard = promoted if promoted is not None else self._take(number, epoch)
         if shard is None:
             return
+        shard.shards = self.shards  # a fenced write checks its own shard's locks exactly
         self.shard = shard
         self._arm_events(shard)
         self.role, self.role_shard, self.led_epoch = "leader", number, epoch

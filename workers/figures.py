@@ -59,6 +59,8 @@ def figures(shard: Shard | None, counters: WorkerCounters, now_s: float) -> dict
         "epoch": 0 if shard is None else shard.epoch,
         "keys": 0 if store is None else len(store) - store.reserved,  # clients' keys only
         "keys_with_ttl": 0 if store is None else store._timed,
+        "internal_keys": 0 if store is None else store.reserved,  # locks, fence tokens
+        "internal_bytes": 0 if store is None else store.reserved_bytes,
         "expired": 0 if shard is None else shard.expired,
         "log_bytes": None if log_ is None else log_.size,
         "fsync_count": 0 if log_ is None else sum(log_.fsync_buckets),

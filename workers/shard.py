@@ -51,6 +51,7 @@ from workers.store import (
     Missing,
     TTLStore,
 )
+from zkv.hashing import key_shard
 from zkv.logs import LogLimiter
 from zkv.protocol import (
     EXTENDED_OP,
@@ -140,6 +141,11 @@ class Shard:
         self.expired = 0  # keys the worker's active expiry removed since it took the shard
         self._events: list[Event] | None = None  # see the events property
         self._events_mark = 0  # len(events) when the current handle_batch call began
+        # The cluster's shard count, set by the worker once it took the shard (0: unknown): with
+        # it a fenced write tells a lock of this shard (checked exactly) from another's.
+        self.shards = 0
+        # The bound on the worker's own records (locks, fence tokens): see RESERVED_MAX_BYTES.
+        self.reserved_max_bytes = RESERVED_MAX_BYTES
 
     # --- the events hook (design section 8) ---------------------------------------------------
 
@@ -999,10 +1005,10 @@ class Shard:
         now = store.clock()
         fence = request.fence
         if fence is not None:
-            seen = self._fence_seen(fence[0])
-            if fence[1] < seen:
-                message = f"fence token {fence[1]} is older than {seen}: not applied"
-                refusal = (_CONFLICT, None, message.encode())
+            refusal = self._fence_refusal(fence, now)
+            if refusal is not None:
+                if refusal[0] == _BUSY:  # the budget: not remembered, a retry may pass
+                    return refusal
                 return self._refused(request, fingerprint, refusal, records)
         outcome = handler(self, request, now)
         status, deadline_ms, body = outcome[0], outcome[1], outcome[2]
@@ -1016,7 +1022,7 @@ class Shard:
             out.append(aof.encode_delv(logged_id, written, version))
         else:
             out.append(aof.encode_setv(logged_id, written, value, stored_ms, version))
-        if fence is not None:
+        if fence is not None and self._lock_state(fence[0]) is None:  # another shard's lock
             out.append(self._raise_fence(fence, now))
         if plain:
             memory.remember_write(request_id, kind, key, fingerprint, deadline_ms)
@@ -1140,6 +1146,47 @@ class Shard:
             if records is not None and entry is not None:
                 records.append(aof.encode_memo_entry(entry))
         return status, deadline_ms, body
+
+    def _fence_refusal(
+        self, fence: tuple[bytes, int], now: int
+    ) -> tuple[Status, int | None, bytes] | None:
+        """Why a write fenced by ``fence`` (lock name, token) is refused, or None to apply it.
+
+        A lock of this shard (its record is here, or its name hashes here) is checked exactly:
+        the token must be its current one. Another shard's lock is checked by order: refused if
+        older than the newest token seen here, or from the future (above what the lock's shard
+        can have issued by now + FENCE_MAX_AHEAD_MS), so that a forged huge token cannot be
+        remembered as the newest and block the real holders for FENCE_MEMORY_MS. Only a write
+        fenced by another shard's lock stores a fence record (the newest token seen); one that
+        would store a new one is BUSY once the reserved records are at their budget.
+        """
+        name, token = fence
+        current = self._lock_state(name)
+        if current is not None:  # exact: no fence record needed (see _apply_ext)
+            if token != current[1]:
+                message = f"fence token {token} is not the current token of the lock ({current[1]})"
+                return _CONFLICT, None, message.encode()
+            return None
+        if self.shards and key_shard(name, self.shards) == self.number:
+            message = f"no such lock token: {token} (the lock's shard has no record of it)"
+            return _CONFLICT, None, message.encode()
+        if token > (now + FENCE_MAX_AHEAD_MS) * 1000:
+            message = (
+                f"fence token {token} is from the future (more than {FENCE_MAX_AHEAD_MS} ms "
+                f"ahead of shard {self.number}'s clock): no lock issued it; not applied"
+            )
+            return _CONFLICT, None, message.encode()
+        try:
+            value, _, _ = self.store.item(FENCE_PREFIX + name)
+        except Missing:
+            if self.store.reserved_bytes >= self.reserved_max_bytes:
+                return _BUSY, None, _RESERVED_FULL
+            return None
+        seen = _U64.unpack(value)[0]
+        if token < seen:
+            message = f"fence token {token} is older than {seen}: not applied"
+            return _CONFLICT, None, message.encode()
+        return None
 
     def _fence_seen(self, name: bytes) -> int:
         """The newest fence token of lock ``name`` this shard has seen (0: none)."""
@@ -1277,6 +1324,8 @@ class Shard:
         current = self._lock_state(request.key)
         if current is not None and current[0] == LOCK_HELD and current[2] > now:
             return _CONFLICT, current[2], b"the lock is held"
+        if current is None and self.store.reserved_bytes >= self.reserved_max_bytes:
+            return _BUSY, None, _RESERVED_FULL  # a new name only: existing locks keep working
         token = self.store.next_version(now)
         expires_ms = now + request.ttl_ms
         return self._write_lock(request.key, LOCK_HELD, token, expires_ms, now, token)
@@ -1339,6 +1388,21 @@ _RESERVED = b"\x00"
 # while the lock's record lives). Bounded memory: one record per lock and per fenced lock.
 LOCK_MEMORY_MS = 24 * 3600 * 1000
 FENCE_MEMORY_MS = 24 * 3600 * 1000
+# A fence token above (now + this) * 1000 is refused by a shard that does not hold the lock:
+# tokens are versions, max(last + 1, now_ms * 1000) on the lock's shard, so no real token is
+# that far ahead unless the lock shard's clock runs more than this ahead of the data shard's
+# (the clock skew between hosts a cluster tolerates for fenced writes; such a write is refused,
+# safely). A forged token can raise the remembered newest at most this far ahead: it blocks the
+# real holders' fenced writes on that shard for at most about this long.
+FENCE_MAX_AHEAD_MS = 10_000
+# The bytes (key + record, TTLStore.reserved_bytes) a shard keeps for its own records (locks,
+# fence tokens), each kept a day: past it a LOCK of a new name and a fenced write that would
+# store a new fence record are BUSY (nothing issued or written); existing locks keep working.
+RESERVED_MAX_BYTES = 64 * 1024 * 1024
+_RESERVED_FULL = (
+    b"this shard's lock and fence records are at their budget "
+    b"(RESERVED_MAX_BYTES): no new lock name; retry later"
+)
 LOCK_HELD = 1
 LOCK_RELEASED = 0
 _LOCK = struct.Struct(">BQQ")  # a lock record's value: state, token, expires_at_ms

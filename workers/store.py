@@ -419,6 +419,10 @@ class TTLStore:
         self.last_version = 0
         # How many of the keys are the worker's own (0x00 first), so counts can leave them out.
         self.reserved = 0
+        # Their bytes (key + record each; workers/shard.py bounds them by RESERVED_MAX_BYTES).
+        # A reserved key's record keeps its size (fixed-size values), so only a new key and a
+        # removal change this: nothing on the overwrite path.
+        self.reserved_bytes = 0
         # The events hook (Shard.events): None, or a list that gets an Event for every key
         # removed at its deadline, by a read or by expire(), with the version the key had.
         self.events: list[Event] | None = None
@@ -515,6 +519,7 @@ class TTLStore:
                 self._peak = len(data)
             if key < FIRST_CLIENT_KEY:  # a new key only: overwrites, the common write, skip it
                 self.reserved += 1
+                self.reserved_bytes += len(key) + len(record)
         elif old_deadline := _unpack_from(old, -DEADLINE_BYTES)[0]:
             if deadline and now >= self._filed_ms and _same_window(old_deadline, deadline, now):
                 return  # the key's entry for its old deadline stays current for the new one
@@ -854,6 +859,7 @@ class TTLStore:
                         removed += 1
                         if key < b"\x01":
                             self.reserved -= 1
+                            self.reserved_bytes -= len(key) + len(record)
                         elif events is not None:  # the deadline that passed: ``due``
                             events.append((3, key, _unpack_from(record, -16)[0], due))
                 if removed > before and now - due > late_ms:
@@ -873,6 +879,7 @@ class TTLStore:
                         removed += 1
                         if key < b"\x01":
                             self.reserved -= 1
+                            self.reserved_bytes -= len(key) + len(record)
                         elif events is not None:
                             events.append((3, key, _unpack_from(record, -16)[0], deadline))
                         if now - deadline > late_ms:
@@ -1004,6 +1011,7 @@ class TTLStore:
             self._timed -= 1
         if key < FIRST_CLIENT_KEY:
             self.reserved -= 1
+            self.reserved_bytes -= len(key) + len(record)
 
     def _compact(self) -> None:
         """Give memory back after deletions, in time amortized to O(1) per operation.

@@ -545,6 +545,7 @@ class Worker:
             self.stop()
             return
         shard = takeover.shard
+        shard.shards = shards  # a fenced write checks its own shard's locks exactly
         self.shard = shard
         self._arm_events(shard)
         log.info(

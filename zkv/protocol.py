@@ -2244,6 +2244,10 @@ _REPORT_FIELDS = {
     "ops_per_s": "rate",  # requests served per second over the last report interval
 }
 
+# Optional counts (absent: 0): the worker's own records (locks, fence tokens), left out of
+# "keys", and their bytes (bounded by workers.shard.RESERVED_MAX_BYTES).
+_REPORT_OPTIONAL = ("internal_keys", "internal_bytes")
+
 
 def encode_report(figures: dict[str, object]) -> list[bytes]:
     """Frames of a REPORT. Raises ProtocolError if ``figures`` would be refused."""
@@ -2317,6 +2321,8 @@ def check_report(figures: object) -> dict[str, object]:
             counts[status] = _count(count, "requests")
         served[command] = counts
     checked["requests"] = served
+    for name in _REPORT_OPTIONAL:  # added later: 0 in an older worker's report
+        checked[name] = _count(figures.get(name, 0), name)
     return checked
 
 

@@ -20,6 +20,7 @@ from tests.fakes import FakeClock, bare
 from workers import aof
 from workers.store import wall_clock_ms
 from workers.worker import EXIT_CONFIG, EXIT_CORRUPT_LOG, Worker, WorkerConfig
+from zkv.hashing import key_shard
 from zkv.protocol import (
     Assign,
     Disconnect,
@@ -207,6 +208,22 @@ def test_worker_registers_then_serves_after_assign(
     assert broker.request(identity, Request(Kind.DEL, 0, b"k")).status == Status.OK
     assert broker.request(identity, Request(Kind.GET, 0, b"k")).status == Status.NOT_FOUND
     assert broker.request(identity, Request(Kind.PING, 0)).status == Status.OK
+
+
+def test_the_worker_tells_its_shards_locks_from_others_for_fenced_writes(
+    broker: FakeBroker, start_worker: Callable[..., RunningWorker]
+) -> None:
+    # The worker gives its shard the cluster's shard count: a fence naming a lock of shard 0 of
+    # 2 with no record there is refused (nobody holds a token for it); another shard's is not.
+    identity = assigned(broker, start_worker)
+    names = [b"lock%d" % n for n in range(64)]
+    here = next(name for name in names if key_shard(name, 2) == 0)
+    there = next(name for name in names if key_shard(name, 2) == 1)
+    reply = broker.request(identity, Request(Kind.SET, 0, b"k", b"v", fence=(here, 5)))
+    assert reply.status == Status.CONFLICT
+    assert (reply.body or b"").startswith(b"no such lock token")
+    reply = broker.request(identity, Request(Kind.SET, 0, b"k", b"v", fence=(there, 5)))
+    assert reply.status == Status.OK
 
 
 def test_reply_echoes_the_dispatch_token(

@@ -29,6 +29,8 @@ def worker(shard: int | None, assigned: int | None, **changes: Any) -> dict[str,
         "epoch": 9,
         "keys": 10,
         "keys_with_ttl": 4,
+        "internal_keys": 2,
+        "internal_bytes": 90,
         "expired": 3,
         "log_bytes": 2048,
         "fsync_count": 2,
@@ -199,6 +201,8 @@ def test_the_cluster_is_rendered_from_stats() -> None:
     assert found[("zkv_shard_failovers_total", (("shard", "1"),))] == 1
     assert found[("zkv_shard_keys", (("shard", "1"),))] == 20
     assert found[("zkv_shard_log_bytes", (("shard", "0"),))] == 2048
+    assert found[("zkv_shard_internal_keys", (("shard", "0"),))] == 2
+    assert found[("zkv_shard_internal_bytes", (("shard", "0"),))] == 90
     assert found[("zkv_shard_expired_keys_total", (("shard", "0"),))] == 3
     assert found[("zkv_shard_compactions_total", (("shard", "0"),))] == 1
     assert found[("zkv_shard_requests_waiting_for_owner", (("shard", "1"),))] == 3

@@ -27,6 +27,7 @@ from workers.shard import (
     EVENT_INCR,
     EVENT_SET,
     EVENT_TTL,
+    FENCE_MAX_AHEAD_MS,
     FENCE_MEMORY_MS,
     FENCE_PREFIX,
     LOCK_MEMORY_MS,
@@ -35,6 +36,7 @@ from workers.shard import (
     take_shard,
 )
 from workers.store import TTLStore
+from zkv.hashing import key_shard
 from zkv.protocol import (
     EXTENDED_OP,
     MAX_KEY_BYTES,
@@ -45,6 +47,7 @@ from zkv.protocol import (
     Reply,
     Request,
     Status,
+    check_report,
     decode_batch_reply,
     decode_entries,
     decode_from_broker,
@@ -363,8 +366,8 @@ def test_a_fenced_write_with_an_older_token_is_refused_and_changes_nothing(
 
 
 def test_listings_skip_the_workers_own_keys(wire: Wire) -> None:
-    lock(wire, b"job", 100)
-    wire.send(Kind.SET, b"a", value=b"1", fence=(b"job", 1))
+    token = token_of(lock(wire, b"job", 100))
+    wire.send(Kind.SET, b"a", value=b"1", fence=(b"job", token))
     wire.send(Kind.SET, b"\x01", value=b"2")
     reply = wire.send(Kind.ALL)
     assert [e.key for e in decode_entries(reply.body or b"")] == [b"\x01", b"a"]
@@ -481,8 +484,8 @@ def test_the_events_hook_sees_every_change_in_order_and_nothing_internal(
     wire.send(Kind.DEL, b"n")
     wire.send(Kind.DEL, b"n")  # NOT_FOUND: no event
     wire.send(Kind.SET, b"a", value=b"x", nx=True)  # PRECONDITION: no event
-    lock(wire, b"job", 10)  # internal: no event
-    wire.send(Kind.SET, b"c", value=b"3", fence=(b"job", 1))  # the fence record: no event
+    token = token_of(lock(wire, b"job", 10))  # internal: no event
+    wire.send(Kind.SET, b"c", value=b"3", fence=(b"job", token))  # the fence record: no event
     clock.advance(100)
     shard.store.expire(100)  # the active expiry: b (touched to +60), then a (+100)
     v = V0
@@ -628,10 +631,18 @@ def test_a_lock_and_a_fence_of_the_longest_name_replay(
     wire = Wire(shard)
     token = token_of(wire.send(Kind.LOCK, name, ttl_ms=1000))
     assert wire.send(Kind.SET, b"k", value=b"v", fence=(name, token)).status == Status.OK
+    other = b"m" * MAX_KEY_BYTES  # another shard's lock: a fence record is stored
+    assert wire.send(Kind.SET, b"k", value=b"v", fence=(other, token)).status == Status.OK
+    reserved = (shard.store.reserved, shard.store.reserved_bytes)
+    assert reserved[0] == 2
     shard.close()
     again = take_shard(0, 2, None, durability, clock).shard
+    assert (again.store.reserved, again.store.reserved_bytes) == reserved  # the budget's count
     assert Wire(again).send(Kind.FENCE_CHECK, name, token=token).status == Status.OK
     assert Wire(again).send(Kind.SET, b"k", value=b"w", fence=(name, token - 1)).status == (
+        Status.CONFLICT
+    )
+    assert Wire(again).send(Kind.SET, b"k", value=b"w", fence=(other, token - 1)).status == (
         Status.CONFLICT
     )
     again.close()
@@ -736,13 +747,21 @@ def test_key_counts_leave_the_workers_own_keys_out(
 
     wire.send(Kind.SET, b"a", value=b"1", ttl_ms=10)
     token = token_of(lock(wire, b"job", 5))
-    wire.send(Kind.SET, b"b", value=b"2", fence=(b"job", token))
+    wire.send(Kind.SET, b"b", value=b"2", fence=(b"other", token))  # another shard's lock
     assert len(shard.store) == 4 and shard.store.reserved == 2
-    assert figures(shard, WorkerCounters(), 1.0)["keys"] == 2
+    made = figures(shard, WorkerCounters(), 1.0)
+    assert made["keys"] == 2 and made["internal_keys"] == 2
+    data = shard.store._data
+    assert made["internal_bytes"] == sum(len(k) + len(data[k]) for k in data if k < b"\x01")
+    checked = check_report(made)  # the broker keeps them (an older worker's report: 0)
+    assert (checked["internal_keys"], checked["internal_bytes"]) == (2, made["internal_bytes"])
+    del made["internal_keys"], made["internal_bytes"]
+    assert check_report(made)["internal_bytes"] == 0
     clock.advance(LOCK_MEMORY_MS + FENCE_MEMORY_MS)
     while shard.store.expire(1000):  # the expiry pass removes the reserved keys too
         pass
     assert shard.store.reserved == 0 and figures(shard, WorkerCounters(), 1.0)["keys"] == 1
+    assert figures(shard, WorkerCounters(), 1.0)["internal_bytes"] == 0
 
 
 # --- a refusal is remembered: a late second copy is answered the same and changes nothing -------
@@ -1055,3 +1074,99 @@ def test_a_late_copy_of_a_write_refused_no_space_is_not_applied_once_space_frees
     for key in (b"n", b"k", b"plain"):
         assert wire.send(Kind.GET, key).status == Status.NOT_FOUND
     shard.close()
+
+
+# --- forged fence tokens and the budget of the worker's own records ------------------------------
+
+
+def test_a_forged_future_fence_token_is_refused_and_blocks_the_holders_at_most_briefly(
+    wire: Wire, shard: Shard, clock: FakeClock
+) -> None:
+    # The lock lives on another shard (no record here): a token no lock shard can have issued
+    # yet is refused, so it is never remembered as the newest and blocks nobody for a day.
+    forged = 2**64 - 1
+    writes = (
+        (Kind.SET, {"value": b"x"}),
+        (Kind.INCR, {"by": 1}),
+        (Kind.DEL, {}),
+        (Kind.EXPIRE, {"ttl_ms": 5}),
+    )
+    for kind, fields in writes:
+        reply = wire.send(kind, b"k", fence=(b"job", forged), **fields)
+        assert reply.status == Status.CONFLICT, (kind, reply)
+        assert b"from the future" in (reply.body or b"")
+    assert FENCE_PREFIX + b"job" not in dict((k, 0) for k, _, _ in shard.store.entries())
+    clock.advance(1)
+    real = clock() * 1000  # what the lock's shard issues now
+    assert wire.send(Kind.SET, b"k", value=b"v", fence=(b"job", real)).status == Status.OK
+    # The bound: a token up to FENCE_MAX_AHEAD_MS ahead passes (clock skew between hosts)...
+    ahead = (clock() + FENCE_MAX_AHEAD_MS) * 1000
+    assert wire.send(Kind.SET, b"k", value=b"w", fence=(b"job", ahead + 1)).status == (
+        Status.CONFLICT
+    )
+    assert wire.send(Kind.SET, b"k", value=b"w", fence=(b"job", ahead)).status == Status.OK
+    # ...and so blocks the real holders' tokens only until the clocks pass it.
+    assert wire.send(Kind.SET, b"k", value=b"v", fence=(b"job", real + 1)).status == (
+        Status.CONFLICT
+    )
+    clock.advance(FENCE_MAX_AHEAD_MS + 1)
+    assert wire.send(Kind.SET, b"k", value=b"v", fence=(b"job", clock() * 1000)).status == (
+        Status.OK
+    )
+
+
+def test_a_fence_of_a_lock_of_this_shard_must_be_its_current_token(
+    wire: Wire, shard: Shard
+) -> None:
+    token = token_of(lock(wire, b"job", 1000))
+    for other in (token + 1, token - 1, 2**64 - 1):
+        reply = wire.send(Kind.SET, b"k", value=b"x", fence=(b"job", other))
+        assert reply.status == Status.CONFLICT, other
+        assert b"is not the current token of the lock" in (reply.body or b"")
+    assert wire.send(Kind.SET, b"k", value=b"x", fence=(b"job", token)).status == Status.OK
+    # A lock name of this shard with no record: no holder can have a token for it. A name of
+    # another shard is checked by order (the lock's shard has its record).
+    shard.shards = 4
+    names = [b"lock%d" % n for n in range(64)]
+    here = next(name for name in names if key_shard(name, 4) == shard.number)
+    there = next(name for name in names if key_shard(name, 4) != shard.number)
+    reply = wire.send(Kind.SET, b"k", value=b"y", fence=(here, 5))
+    assert reply.status == Status.CONFLICT
+    assert (reply.body or b"").startswith(b"no such lock token")
+    assert wire.send(Kind.SET, b"k", value=b"y", fence=(there, 5)).status == Status.OK
+
+
+def test_the_workers_own_records_are_bounded_by_a_byte_budget(
+    wire: Wire, shard: Shard, clock: FakeClock
+) -> None:
+    store = shard.store
+    shard.reserved_max_bytes = 4_000
+    names = (b"%d:" % n + b"n" * 1_000 for n in itertools.count())
+    taken = []
+    while True:
+        name = next(names)
+        reply = lock(wire, name, 1)
+        if reply.status != Status.OK:
+            break
+        taken.append(name)
+    assert reply.status == Status.BUSY
+    assert b"RESERVED_MAX_BYTES" in (reply.body or b"")
+    assert len(taken) == 4  # about 1,030 bytes each
+    assert 4_000 <= store.reserved_bytes < 4_000 + 1_100
+    assert store.reserved == 4
+    before = store.reserved_bytes
+    # Nothing issued or written; the existing locks keep working, their fences too (a lock of
+    # this shard needs no fence record); a write fenced by another shard's lock that would
+    # store a new fence record is BUSY.
+    clock.advance(2)
+    token = token_of(lock(wire, taken[0], 1_000))
+    assert wire.send(Kind.SET, b"k", value=b"v", fence=(taken[0], token)).status == Status.OK
+    reply = wire.send(Kind.SET, b"k", value=b"w", fence=(b"elsewhere", token))
+    assert reply.status == Status.BUSY
+    assert b"RESERVED_MAX_BYTES" in (reply.body or b"")
+    assert store.reserved_bytes == before
+    # Past their memory the records go, with their bytes, and new names are taken again.
+    clock.advance(LOCK_MEMORY_MS + 1_000)
+    store.expire(100)
+    assert (store.reserved, store.reserved_bytes) == (0, 0)
+    assert lock(wire, next(names), 1).status == Status.OK

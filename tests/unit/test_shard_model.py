@@ -192,7 +192,14 @@ class Run:
             self.model.fences[fence[0]] = max(self.model.fences.get(fence[0], 0), fence[1])
 
     def fence_refuses(self, fence: tuple[bytes, int] | None) -> bool:
-        return fence is not None and fence[1] < self.model.fences.get(fence[0], 0)
+        # The locks live on this shard: a fence is checked exactly against the lock's current
+        # token (the model's fences only matter for a lock with no record here).
+        if fence is None:
+            return False
+        current = self.model.locks.get(fence[0])
+        if current is not None:
+            return fence[1] != current.token
+        return fence[1] < self.model.fences.get(fence[0], 0)
 
     def set_(self) -> None:
         now = self.clock()
