@@ -1197,7 +1197,10 @@ class Calls:
         wait_s = op_wait_s(op)
         if not wait_s:
             return deadline
-        self._patient[request_id] = now + wait_s
+        # Silent until the wait ends, and then for one attempt more: the broker answers when
+        # the wait runs out, and a resend racing that answer would go out on a fresh socket
+        # (the answer, to the old one, is lost) with a fresh wait (the broker starts it again).
+        self._patient[request_id] = now + wait_s + self.attempt_s
         if deadline < _NEVER:
             deadline += wait_s
             self._requeued[request_id] = deadline  # out of creation order: see expire()

@@ -362,6 +362,20 @@ def test_a_waiting_lock_is_not_resent_nor_timed_out_before_its_wait_ends():
     assert [(handle, type(err)) for handle, err in failed] == [("lock", Timeout)]
 
 
+def test_a_waiting_lock_is_not_resent_as_its_wait_ends():
+    """The broker answers when the wait runs out: a resend then would race that answer (lost
+    on the old socket) and restart the wait at the broker (a 1 s wait taking 3 s or more)."""
+    calls = make()
+    calls.add(c.lock_op("job", 10, wait_s=1), "lock", 100.0)
+    sent_requests(calls, 100.0)
+    assert not calls.resend_due(101.001)  # the wait just ran out: its answer is on its way
+    assert not calls.resend_due(101.9)  # one attempt (1 s) is allowed for it, as for any call
+    assert calls.due_in(101.001) == pytest.approx(0.999)
+    assert calls.resend_due(102.05)  # then silence means loss again
+    assert calls.expire(105.9) == []  # the deadline is timeout_s + the wait
+    assert [handle for handle, _ in calls.expire(106.1)] == ["lock"]
+
+
 def test_a_call_made_after_a_waiting_lock_still_expires_on_time():
     calls = make()
     calls.add(c.lock_op("job", 10, wait_s=30), "lock", 100.0)
