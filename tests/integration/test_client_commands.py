@@ -356,3 +356,21 @@ def test_a_lock_wait_longer_than_the_clients_timeout_is_waited_for(cluster):
             assert second.token > first.token and kv.retries == 0
 
     asyncio.run(scenario())
+
+
+def test_an_async_lock_wait_ends_when_asked_without_a_resend(cluster):
+    """As the wait runs out the broker answers CONFLICT: a resend racing that answer went out
+    on a fresh socket (the answer to the old one lost) with a fresh wait (restarted at the
+    broker), so a 1 s wait ended with the lock once the holder's lease did, or a 10 s one
+    in Timeout. The clients stay silent one attempt past the wait: no resend at all."""
+
+    async def scenario() -> None:
+        async with AsyncClient(cluster.frontend, context=cluster.context) as kv:
+            holder = await kv.acquire_lock("wait:ends", 2.5)
+            with pytest.raises(Conflict):
+                await kv.acquire_lock("wait:ends", 5, wait_s=1)
+            assert kv.retries == 0
+            got = await kv.acquire_lock("wait:ends", 5, wait_s=10)  # the lease ends meanwhile
+            assert got.token > holder.token and kv.retries == 0
+
+    asyncio.run(scenario())

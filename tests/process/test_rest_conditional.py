@@ -213,6 +213,22 @@ def test_a_lock_waiter_is_answered_when_the_holder_releases(cluster: Cluster) ->
     assert json.loads(refreshed[2])["expires_at_ms"] > second["expires_at_ms"]
 
 
+def test_a_lock_wait_is_the_one_asked_for(cluster: Cluster) -> None:
+    """The gateway's client (asyncio or blocking) waits as long as ``wait`` asks, no less and
+    no more: no resend as the wait runs out (it would restart the wait at the broker and lose
+    its answer), and a wait longer than the client's timeout (5 s) is allowed in full."""
+    held, later = unique("long"), unique("short")
+    assert raw(cluster, "POST", f"/v1/locks/{held}?ttl=120")[0] == 200
+    started = time.monotonic()
+    status, _, body = raw(cluster, "POST", f"/v1/locks/{held}?ttl=5&wait=1")
+    assert status == 409, body
+    assert 1.0 <= time.monotonic() - started < 5.0  # the wait, not a resend's nor the timeout
+    # A holder whose lease ends in 2 s: a 10 s wait gets the lock when it does.
+    assert raw(cluster, "POST", f"/v1/locks/{later}?ttl=2")[0] == 200
+    status, _, body = raw(cluster, "POST", f"/v1/locks/{later}?ttl=5&wait=10")
+    assert status == 200, body
+
+
 def test_a_fenced_write_of_the_previous_holder_is_refused(cluster: Cluster) -> None:
     lock, key = unique("fence"), unique("out")
     first = json.loads(raw(cluster, "POST", f"/v1/locks/{lock}?ttl=0.2")[2])["token"]
