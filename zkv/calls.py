@@ -717,18 +717,28 @@ def incr_op(
     return (C_INCR_ITEM if item else C_INCR, as_bytes(key, "key"), spec, ttl_to_ms(ttl_s))
 
 
-def expire_op(key: bytes | str, ttl_s: float) -> Op:
-    """An EXPIRE: a new deadline ``ttl_s`` from now (None is refused: that is persist)."""
+def expire_op(key: bytes | str, ttl_s: float, fence: Any = None) -> Op:
+    """An EXPIRE: a new deadline ``ttl_s`` from now (None is refused: that is persist);
+    fenced like a SET if ``fence`` is given (EXT with FENCE on the wire)."""
     if ttl_s is None:
         raise InvalidArgument("ttl_s must be a number of seconds (persist() removes a deadline)")
-    spec: Spec = (int(Kind.EXPIRE), None, {})
+    spec: Spec = (int(Kind.EXPIRE), None, _fenced({}, fence))
     return (C_EXPIRE, as_bytes(key, "key"), spec, ttl_to_ms(ttl_s))
 
 
-def persist_op(key: bytes | str) -> Op:
-    """An EXPIRE without TTL: no deadline any more; the reply carries the new version."""
-    spec: Spec = (int(Kind.EXPIRE), None, {"versioned": True})
+def persist_op(key: bytes | str, fence: Any = None) -> Op:
+    """An EXPIRE without TTL: no deadline any more; the reply carries the new version.
+    Fenced like a SET if ``fence`` is given."""
+    spec: Spec = (int(Kind.EXPIRE), None, _fenced({"versioned": True}, fence))
     return (C_PERSIST, as_bytes(key, "key"), spec, None)
+
+
+def _fenced(extra: dict[str, Any], fence: Any) -> dict[str, Any]:
+    """``extra`` with the ``fence`` pair of a ``fence=`` argument, if one is given."""
+    fence_pair = fence_of(fence)
+    if fence_pair:
+        extra["fence"] = fence_pair
+    return extra
 
 
 def lock_op(name: bytes | str, ttl_s: float, wait_s: float = 0) -> Op:

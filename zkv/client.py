@@ -310,19 +310,26 @@ class Client:
         """:meth:`incr`, returning ``(value, version, deadline_ms)``."""
         return self._call(incr_op(key, by, ttl_s, fence, item=True))
 
-    def expire(self, key: bytes | str, ttl_s: float) -> int:
+    def expire(
+        self,
+        key: bytes | str,
+        ttl_s: float,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> int:
         """Give ``key`` a new deadline ``ttl_s`` seconds from now; returns it (Unix ms).
-        Raises :class:`NotFound` if missing or expired."""
-        op = expire_op(key, ttl_s)
+        Raises :class:`NotFound` if missing or expired; :class:`Conflict` if ``fence`` (as
+        for :meth:`set`) is not the newest token (nothing changed)."""
+        op = expire_op(key, ttl_s, fence)
         deadline_ms = self._call(op)
         if deadline_ms is None:
             raise NotFound(op[1])
         return deadline_ms
 
-    def persist(self, key: bytes | str) -> int:
+    def persist(self, key: bytes | str, fence: Lock | tuple[bytes | str, int] | None = None) -> int:
         """Remove the deadline of ``key``; returns its new version. Raises :class:`NotFound`
-        if missing or expired."""
-        op = persist_op(key)
+        if missing or expired; :class:`Conflict` if ``fence`` (as for :meth:`set`) is not the
+        newest token (nothing changed)."""
+        op = persist_op(key, fence)
         version = self._call(op)
         if version is None:
             raise NotFound(op[1])
@@ -1001,13 +1008,22 @@ class Pipeline:
         """Queue an INCR: its result is ``(value, version, deadline_ms)``."""
         return self._add(incr_op(key, by, ttl_s, fence, item=True))
 
-    def expire(self, key: bytes | str, ttl_s: float) -> Pipeline:
-        """Queue an EXPIRE: its result is the new deadline, None if the key is missing."""
-        return self._add(expire_op(key, ttl_s))
+    def expire(
+        self,
+        key: bytes | str,
+        ttl_s: float,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> Pipeline:
+        """Queue an EXPIRE: its result is the new deadline, None if the key is missing (a
+        Conflict if its fence is stale)."""
+        return self._add(expire_op(key, ttl_s, fence))
 
-    def persist(self, key: bytes | str) -> Pipeline:
-        """Queue a persist: its result is the key's new version, None if it is missing."""
-        return self._add(persist_op(key))
+    def persist(
+        self, key: bytes | str, fence: Lock | tuple[bytes | str, int] | None = None
+    ) -> Pipeline:
+        """Queue a persist: its result is the key's new version, None if it is missing (a
+        Conflict if its fence is stale)."""
+        return self._add(persist_op(key, fence))
 
     def ttl_ms(self, key: bytes | str) -> Pipeline:
         """Queue a TTL read: its result is the milliseconds left (None: no deadline); a

@@ -227,6 +227,13 @@ def test_lock_tokens_grow_and_fence_out_an_old_holder(api):
     with pytest.raises(Conflict):
         api("refresh_lock", name, first.token, 5)
     api("set", f"{name}:data", b"b", fence=second)
+    # A TTL change is a write: fenced the same way (EXPIRE with FENCE), never silently not.
+    with pytest.raises(Conflict, match=f"fence token {first.token}"):
+        api("expire", f"{name}:data", 5, fence=first)
+    with pytest.raises(Conflict):
+        api("persist", f"{name}:data", fence=(name, first.token))
+    assert api("expire", f"{name}:data", 60, fence=second) > now_ms()
+    assert api("persist", f"{name}:data", fence=second) > 0
     assert api("delete", f"{name}:data", fence=second) is True
     with pytest.raises(NotFound):
         api("get", f"{name}:data")

@@ -362,6 +362,19 @@ def test_a_waiting_lock_is_not_resent_nor_timed_out_before_its_wait_ends():
     assert [(handle, type(err)) for handle, err in failed] == [("lock", Timeout)]
 
 
+def test_expire_and_persist_carry_a_fence_checked_first():
+    lock = Lock(b"job", 7, 1)
+    calls = make()
+    for op in (c.expire_op("k", 5, fence=lock), c.persist_op("k", fence=(b"job", 7))):
+        assert c.fence_of_op(op) == (b"job", 7)  # what the clients pre-check
+        calls.add(op, None, 100.0)
+    expire, persist = sent_requests(calls, 100.0)
+    assert (expire.kind, expire.ttl_ms, expire.fence) == (Kind.EXPIRE, 5000, (b"job", 7))
+    assert (persist.kind, persist.ttl_ms, persist.fence) == (Kind.EXPIRE, None, (b"job", 7))
+    assert c.fence_of_op(c.expire_op("k", 5)) is None
+    assert c.fence_of_op(c.persist_op("k")) is None
+
+
 def test_a_waiting_lock_is_not_resent_as_its_wait_ends():
     """The broker answers when the wait runs out: a resend then would race that answer (lost
     on the old socket) and restart the wait at the broker (a 1 s wait taking 3 s or more)."""
