@@ -243,11 +243,16 @@ def test_a_fenced_write_of_the_previous_holder_is_refused(cluster: Cluster) -> N
         ("PUT", f"/v1/keys/{key}?fence={lock}:{first}"),
         ("DELETE", f"/v1/keys/{key}?fence={lock}:{first}"),
         ("POST", f"/v1/keys/{key}/incr?fence={lock}:{first}"),
+        ("PATCH", f"/v1/keys/{key}?ttl=0.5&fence={lock}:{first}"),
+        ("PATCH", f"/v1/keys/{key}?ttl=none&fence={lock}:{first}"),
     ]:
         status, _, body = raw(cluster, method, target, b"stale" if method == "PUT" else b"")
         assert status == 409, (method, body)
         assert json.loads(body)["error"]
-    assert raw(cluster, "GET", f"/v1/keys/{key}")[2] == b"one"
+    status, headers, value = raw(cluster, "GET", f"/v1/keys/{key}")
+    assert (value, "x-zkv-expires-at-ms" in headers) == (b"one", False)  # no TTL set either
+    assert raw(cluster, "PATCH", f"/v1/keys/{key}?ttl=60&fence={lock}:{second}")[0] == 200
+    assert "x-zkv-expires-at-ms" in raw(cluster, "GET", f"/v1/keys/{key}")[1]
     assert raw(cluster, "PUT", f"/v1/keys/{key}?fence={lock}:{second}", b"two")[0] == 200
     assert raw(cluster, "GET", f"/v1/keys/{key}")[2] == b"two"
 
@@ -261,6 +266,8 @@ def test_bad_parameters_are_400_naming_them(cluster: Cluster) -> None:
         ("POST", "/v1/locks/l?ttl=1&wait=301", {}, "'wait'"),
         ("DELETE", "/v1/locks/l?token=-1", {}, "'token'"),
         ("GET", "/v1/keys/%00k", {}, "NUL"),
+        ("GET", "/v1/keys/k?touch=5&fence=l:1", {}, "'fence'"),
+        ("GET", "/v1/keys/k?touch=5", {"If_None_Match": '"1"'}, "If-None-Match"),
     ]:
         status, _, body = raw(cluster, method, target, **headers)
         assert status == 400, (method, target, body)
