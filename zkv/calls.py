@@ -1527,11 +1527,15 @@ class Calls:
         failed: list[Settled] = []
         unsent = self._unsent
         for rid in expired:
-            _, _, handle, _, _ = calls.pop(rid)
+            kind, _, handle, started, deadline = calls.pop(rid)
             # One error each: an exception raised in many tasks would gather their tracebacks.
             if rid in unsent:
                 unsent.discard(rid)
                 err = gave_up(unreachable, False)
+            elif kind == C_LOCK:  # its wait was allowed on top of the timeout: say how long
+                err = gave_up(
+                    f"no reply from {self.endpoint} within {deadline - started:g} s", True
+                )
             else:
                 err = gave_up(timeout, True)
             failed.append((handle, err))
