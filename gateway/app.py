@@ -166,12 +166,14 @@ class ClientLike(Protocol):
         """Add ``by`` to a counter: ``(value, version, deadline_ms)``; Conflict if refused."""
         ...
 
-    def expire(self, key: bytes | str, ttl_s: float) -> int:
-        """A new deadline ``ttl_s`` from now, returned; NotFound when missing."""
+    def expire(self, key: bytes | str, ttl_s: float, fence: tuple[bytes, int] | None = None) -> int:
+        """A new deadline ``ttl_s`` from now, returned; NotFound when missing, Conflict when
+        the fence is stale."""
         ...
 
-    def persist(self, key: bytes | str) -> int:
-        """No deadline any more; the new version. NotFound when missing."""
+    def persist(self, key: bytes | str, fence: tuple[bytes, int] | None = None) -> int:
+        """No deadline any more; the new version. NotFound when missing, Conflict when the
+        fence is stale."""
         ...
 
     def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Lock:
@@ -1149,8 +1151,19 @@ def make_app(
             touch_ms = parse_ttl_ms("touch", touch)
             if request.method == "HEAD":  # RFC 9110 9.3.2: HEAD is safe, it changes nothing
                 raise BadRequest("parameter 'touch' moves the deadline: use GET, not HEAD")
-            if match is not None:  # a 412 must change nothing, and the touch would have
+            # A 412 or a 304 must change nothing, and the touch would have: refused, as README
+            # says, rather than half honoured. The wire's GET touch takes no fence either.
+            if match is not None:
                 raise BadRequest("header 'If-Match' is not honoured with ?touch=: leave it out")
+            if none_match is not None:
+                raise BadRequest(
+                    "header 'If-None-Match' is not honoured with ?touch=: leave it out"
+                )
+            if optional_param("fence") is not None:
+                raise BadRequest(
+                    "parameter 'fence' is not honoured with ?touch= (a fenced TTL change is "
+                    "PATCH ?ttl=&fence=): leave it out"
+                )
             require_role(request.environ, Role.WRITE)  # a touch moves the deadline
             item = kv.get(key, touch_s=ttl_s(touch_ms))
         tag = etag(item.version)
@@ -1195,12 +1208,13 @@ def make_app(
         key = path_key(key)
         ttl = required_param("ttl")
         ttl_ms = None if ttl == "none" else parse_ttl_ms("ttl", ttl)
+        fence = fence_param()
         no_conditions("PATCH")
         if ttl_ms is None:
-            kv.persist(key)
+            kv.persist(key, fence=fence)
             deadline_ms = None
         else:
-            deadline_ms = kv.expire(key, ttl_s(ttl_ms))
+            deadline_ms = kv.expire(key, ttl_s(ttl_ms), fence=fence)
         return {"key": key, "expires_at": http_date(deadline_ms), "expires_at_ms": deadline_ms}
 
     # --- locks (README.md, REST API; the refresh route first: see gateway/auth.py) ----------

@@ -193,13 +193,15 @@ class LoopClient:
         """As :meth:`zkv.client.Client.incr_item`: ``(value, version, deadline_ms)``."""
         return wait(self.aio.incr_item(key, by=by, ttl_s=ttl_s, fence=fence))
 
-    def expire(self, key: bytes | str, ttl_s: float) -> int:
+    def expire(
+        self, key: bytes | str, ttl_s: float, fence: tuple[bytes | str, int] | None = None
+    ) -> int:
         """As :meth:`zkv.client.Client.expire`: the new deadline."""
-        return wait(self.aio.expire(key, ttl_s))
+        return wait(self.aio.expire(key, ttl_s, fence=fence))
 
-    def persist(self, key: bytes | str) -> int:
+    def persist(self, key: bytes | str, fence: tuple[bytes | str, int] | None = None) -> int:
         """As :meth:`zkv.client.Client.persist`: the new version."""
-        return wait(self.aio.persist(key))
+        return wait(self.aio.persist(key, fence=fence))
 
     def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Lock:
         """As :meth:`zkv.client.Client.acquire_lock`. The wait is the broker's (LOCK wait_ms):

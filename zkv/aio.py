@@ -228,17 +228,26 @@ class AsyncClient:
         """:meth:`incr`, returning ``(value, version, deadline_ms)``."""
         return await self._call_op(incr_op(key, by, ttl_s, fence, item=True))
 
-    async def expire(self, key: bytes | str, ttl_s: float) -> int:
-        """A new deadline ``ttl_s`` from now; returns it. NotFound if missing."""
-        op = expire_op(key, ttl_s)
+    async def expire(
+        self,
+        key: bytes | str,
+        ttl_s: float,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> int:
+        """A new deadline ``ttl_s`` from now; returns it. NotFound if missing, Conflict if
+        ``fence`` is stale (see :meth:`zkv.client.Client.expire`)."""
+        op = expire_op(key, ttl_s, fence)
         deadline_ms = await self._call_op(op)
         if deadline_ms is None:
             raise NotFound(op[1])
         return deadline_ms
 
-    async def persist(self, key: bytes | str) -> int:
-        """No deadline any more; returns the key's new version. NotFound if missing."""
-        op = persist_op(key)
+    async def persist(
+        self, key: bytes | str, fence: Lock | tuple[bytes | str, int] | None = None
+    ) -> int:
+        """No deadline any more; returns the key's new version. NotFound if missing, Conflict
+        if ``fence`` is stale (see :meth:`zkv.client.Client.persist`)."""
+        op = persist_op(key, fence)
         version = await self._call_op(op)
         if version is None:
             raise NotFound(op[1])

@@ -717,18 +717,28 @@ def incr_op(
     return (C_INCR_ITEM if item else C_INCR, as_bytes(key, "key"), spec, ttl_to_ms(ttl_s))
 
 
-def expire_op(key: bytes | str, ttl_s: float) -> Op:
-    """An EXPIRE: a new deadline ``ttl_s`` from now (None is refused: that is persist)."""
+def expire_op(key: bytes | str, ttl_s: float, fence: Any = None) -> Op:
+    """An EXPIRE: a new deadline ``ttl_s`` from now (None is refused: that is persist);
+    fenced like a SET if ``fence`` is given (EXT with FENCE on the wire)."""
     if ttl_s is None:
         raise InvalidArgument("ttl_s must be a number of seconds (persist() removes a deadline)")
-    spec: Spec = (int(Kind.EXPIRE), None, {})
+    spec: Spec = (int(Kind.EXPIRE), None, _fenced({}, fence))
     return (C_EXPIRE, as_bytes(key, "key"), spec, ttl_to_ms(ttl_s))
 
 
-def persist_op(key: bytes | str) -> Op:
-    """An EXPIRE without TTL: no deadline any more; the reply carries the new version."""
-    spec: Spec = (int(Kind.EXPIRE), None, {"versioned": True})
+def persist_op(key: bytes | str, fence: Any = None) -> Op:
+    """An EXPIRE without TTL: no deadline any more; the reply carries the new version.
+    Fenced like a SET if ``fence`` is given."""
+    spec: Spec = (int(Kind.EXPIRE), None, _fenced({"versioned": True}, fence))
     return (C_PERSIST, as_bytes(key, "key"), spec, None)
+
+
+def _fenced(extra: dict[str, Any], fence: Any) -> dict[str, Any]:
+    """``extra`` with the ``fence`` pair of a ``fence=`` argument, if one is given."""
+    fence_pair = fence_of(fence)
+    if fence_pair:
+        extra["fence"] = fence_pair
+    return extra
 
 
 def lock_op(name: bytes | str, ttl_s: float, wait_s: float = 0) -> Op:
@@ -1200,7 +1210,11 @@ class Calls:
         wait_s = op_wait_s(op)
         if not wait_s:
             return deadline
-        self._patient[request_id] = now + wait_s
+        # Patient until the wait ends and one attempt more: the broker answers when the wait
+        # runs out, and a resend racing that answer would go out on a fresh socket (the answer,
+        # to the old one, is lost) with a fresh wait. Resends before then (a restarted broker
+        # lost its queue of waiters) stop one attempt before the wait ends: see resend_due.
+        self._patient[request_id] = now + wait_s + self.attempt_s
         lock_ops = self._lock_ops
         lock_ops[request_id] = op
         if len(lock_ops) > 2 * len(self._calls) + 64:  # forget the ops of calls settled since
@@ -1437,8 +1451,10 @@ class Calls:
     def resend_due(self, now: float) -> bool:
         """Whether a call that left is unanswered after ``attempt_s`` without any message in
         either direction (with several brokers: without a reply since the first message that
-        left after the last one): the request or its reply may be lost (a broker restart)."""
-        return self.in_flight > 0 and self.resend_in(now) <= 0
+        left after the last one): the request or its reply may be lost (a broker restart).
+        Not while only waiting LOCKs are out and one of them is within an attempt of its wait's
+        end: the broker answers then, and a resend would race that answer (see _be_patient)."""
+        return self.in_flight > 0 and self._lock_resend_at(now) <= now
 
     def _impatient(self, now: float) -> int:
         """How many calls in flight are not allowed to be silent yet (see _patient)."""
@@ -1515,7 +1531,19 @@ class Calls:
             requeued = self._requeued
             in_order = (call[4] for rid, call in self._calls.items() if rid not in requeued)
             earliest = min(next(in_order, _NEVER), self.next_resend_at(), *requeued.values())
-        return max(0.0, min(self._resend_at(), earliest) - now)
+        return max(0.0, min(self._lock_resend_at(now), earliest) - now)
+
+    def _lock_resend_at(self, now: float) -> float:
+        """When a resend is due: :meth:`_resend_at`, moved past the end of a waiting LOCK's
+        wait (plus its attempt) when only waiting LOCKs are out and it would fall within an
+        attempt of that end (see resend_due)."""
+        resend_at = self._resend_at()
+        if self._patient and not self._impatient(now):
+            window = 2 * self.attempt_s
+            for until in sorted(self._patient.values()):
+                if until - window <= resend_at < until:
+                    resend_at = until
+        return resend_at
 
     def expire(self, now: float) -> list[Settled]:
         """Forget the calls whose deadline has passed; each with its error (:func:`gave_up`)."""
@@ -1542,11 +1570,15 @@ class Calls:
         failed: list[Settled] = []
         unsent = self._unsent
         for rid in expired:
-            _, _, handle, _, _ = calls.pop(rid)
+            kind, _, handle, started, deadline = calls.pop(rid)
             # One error each: an exception raised in many tasks would gather their tracebacks.
             if rid in unsent:
                 unsent.discard(rid)
                 err = gave_up(unreachable, False)
+            elif kind == C_LOCK:  # its wait was allowed on top of the timeout: say how long
+                err = gave_up(
+                    f"no reply from {self.endpoint} within {deadline - started:g} s", True
+                )
             else:
                 err = gave_up(timeout, True)
             failed.append((handle, err))

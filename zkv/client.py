@@ -310,19 +310,26 @@ class Client:
         """:meth:`incr`, returning ``(value, version, deadline_ms)``."""
         return self._call(incr_op(key, by, ttl_s, fence, item=True))
 
-    def expire(self, key: bytes | str, ttl_s: float) -> int:
+    def expire(
+        self,
+        key: bytes | str,
+        ttl_s: float,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> int:
         """Give ``key`` a new deadline ``ttl_s`` seconds from now; returns it (Unix ms).
-        Raises :class:`NotFound` if missing or expired."""
-        op = expire_op(key, ttl_s)
+        Raises :class:`NotFound` if missing or expired; :class:`Conflict` if ``fence`` (as
+        for :meth:`set`) is not the newest token (nothing changed)."""
+        op = expire_op(key, ttl_s, fence)
         deadline_ms = self._call(op)
         if deadline_ms is None:
             raise NotFound(op[1])
         return deadline_ms
 
-    def persist(self, key: bytes | str) -> int:
+    def persist(self, key: bytes | str, fence: Lock | tuple[bytes | str, int] | None = None) -> int:
         """Remove the deadline of ``key``; returns its new version. Raises :class:`NotFound`
-        if missing or expired."""
-        op = persist_op(key)
+        if missing or expired; :class:`Conflict` if ``fence`` (as for :meth:`set`) is not the
+        newest token (nothing changed)."""
+        op = persist_op(key, fence)
         version = self._call(op)
         if version is None:
             raise NotFound(op[1])
@@ -724,7 +731,12 @@ class Client:
                     self._reset()
                 continue
             unreachable_since = None  # sends failed in a row only, as in zkv.calls.Calls
-            resend_at = time.monotonic() + brokers.resend_s
+            now = time.monotonic()
+            resend_at = now + brokers.resend_s
+            if restamp and resend_at > patient_until - brokers.resend_s:
+                # No resend within an attempt of the wait's end: the broker answers then, and a
+                # resend racing that answer would start a fresh wait (as zkv.calls.Calls).
+                resend_at = max(resend_at, patient_until + brokers.resend_s)
             reply = self._wait_reply(socket, request_id, min(deadline, resend_at))
             if reply is not None:
                 brokers.answered()
@@ -1010,13 +1022,22 @@ class Pipeline:
         """Queue an INCR: its result is ``(value, version, deadline_ms)``."""
         return self._add(incr_op(key, by, ttl_s, fence, item=True))
 
-    def expire(self, key: bytes | str, ttl_s: float) -> Pipeline:
-        """Queue an EXPIRE: its result is the new deadline, None if the key is missing."""
-        return self._add(expire_op(key, ttl_s))
+    def expire(
+        self,
+        key: bytes | str,
+        ttl_s: float,
+        fence: Lock | tuple[bytes | str, int] | None = None,
+    ) -> Pipeline:
+        """Queue an EXPIRE: its result is the new deadline, None if the key is missing (a
+        Conflict if its fence is stale)."""
+        return self._add(expire_op(key, ttl_s, fence))
 
-    def persist(self, key: bytes | str) -> Pipeline:
-        """Queue a persist: its result is the key's new version, None if it is missing."""
-        return self._add(persist_op(key))
+    def persist(
+        self, key: bytes | str, fence: Lock | tuple[bytes | str, int] | None = None
+    ) -> Pipeline:
+        """Queue a persist: its result is the key's new version, None if it is missing (a
+        Conflict if its fence is stale)."""
+        return self._add(persist_op(key, fence))
 
     def ttl_ms(self, key: bytes | str) -> Pipeline:
         """Queue a TTL read: its result is the milliseconds left (None: no deadline); a

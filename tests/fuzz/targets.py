@@ -412,10 +412,10 @@ class MemoryKv:
     def incr_item(self, key: bytes | str, by: int = 1, **_: Any) -> tuple[int, int, None]:
         return by, 1, None
 
-    def expire(self, key: bytes | str, ttl_s: float) -> int:
+    def expire(self, key: bytes | str, ttl_s: float, fence: Any = None) -> int:
         return 1_700_000_000_000 + round(ttl_s * 1000)
 
-    def persist(self, key: bytes | str) -> int:
+    def persist(self, key: bytes | str, fence: Any = None) -> int:
         return 1
 
     def acquire_lock(self, name: bytes | str, ttl_s: float, wait_s: float = 0) -> Any:

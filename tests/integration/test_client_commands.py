@@ -227,6 +227,13 @@ def test_lock_tokens_grow_and_fence_out_an_old_holder(api):
     with pytest.raises(Conflict):
         api("refresh_lock", name, first.token, 5)
     api("set", f"{name}:data", b"b", fence=second)
+    # A TTL change is a write: fenced the same way (EXPIRE with FENCE), never silently not.
+    with pytest.raises(Conflict, match=f"fence token {first.token}"):
+        api("expire", f"{name}:data", 5, fence=first)
+    with pytest.raises(Conflict):
+        api("persist", f"{name}:data", fence=(name, first.token))
+    assert api("expire", f"{name}:data", 60, fence=second) > now_ms()
+    assert api("persist", f"{name}:data", fence=second) > 0
     assert api("delete", f"{name}:data", fence=second) is True
     with pytest.raises(NotFound):
         api("get", f"{name}:data")
@@ -355,5 +362,25 @@ def test_a_lock_wait_longer_than_the_clients_timeout_is_waited_for(cluster):
             first = await kv.acquire_lock("patient:async", 0.8)
             second = await kv.acquire_lock("patient:async", 5, wait_s=10)
             assert second.token > first.token
+
+    asyncio.run(scenario())
+
+
+def test_an_async_lock_wait_ends_when_asked_without_a_resend(cluster):
+    """As the wait runs out the broker answers CONFLICT: a resend racing that answer went out
+    on a fresh socket (the answer to the old one lost) with a fresh wait (restarted at the
+    broker), so a 1 s wait ended with the lock once the holder's lease did, or a 10 s one
+    in Timeout. The clients stay silent from one attempt before the wait's end to one past it."""
+
+    async def scenario() -> None:
+        async with AsyncClient(cluster.frontend, context=cluster.context) as kv:
+            holder = await kv.acquire_lock("wait:ends", 2.5)
+            with pytest.raises(Conflict):
+                await kv.acquire_lock("wait:ends", 5, wait_s=1)
+            assert kv.retries == 0
+            # The lease ends meanwhile. Silences before the last attempt of the wait are resent
+            # (a restarted broker lost its waiters); the broker merges them with the waiter.
+            got = await kv.acquire_lock("wait:ends", 5, wait_s=10)
+            assert got.token > holder.token
 
     asyncio.run(scenario())

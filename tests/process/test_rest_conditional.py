@@ -213,6 +213,22 @@ def test_a_lock_waiter_is_answered_when_the_holder_releases(cluster: Cluster) ->
     assert json.loads(refreshed[2])["expires_at_ms"] > second["expires_at_ms"]
 
 
+def test_a_lock_wait_is_the_one_asked_for(cluster: Cluster) -> None:
+    """The gateway's client (asyncio or blocking) waits as long as ``wait`` asks, no less and
+    no more: no resend as the wait runs out (it would restart the wait at the broker and lose
+    its answer), and a wait longer than the client's timeout (5 s) is allowed in full."""
+    held, later = unique("long"), unique("short")
+    assert raw(cluster, "POST", f"/v1/locks/{held}?ttl=120")[0] == 200
+    started = time.monotonic()
+    status, _, body = raw(cluster, "POST", f"/v1/locks/{held}?ttl=5&wait=1")
+    assert status == 409, body
+    assert 1.0 <= time.monotonic() - started < 5.0  # the wait, not a resend's nor the timeout
+    # A holder whose lease ends in 2 s: a 10 s wait gets the lock when it does.
+    assert raw(cluster, "POST", f"/v1/locks/{later}?ttl=2")[0] == 200
+    status, _, body = raw(cluster, "POST", f"/v1/locks/{later}?ttl=5&wait=10")
+    assert status == 200, body
+
+
 def test_a_fenced_write_of_the_previous_holder_is_refused(cluster: Cluster) -> None:
     lock, key = unique("fence"), unique("out")
     first = json.loads(raw(cluster, "POST", f"/v1/locks/{lock}?ttl=0.2")[2])["token"]
@@ -227,11 +243,16 @@ def test_a_fenced_write_of_the_previous_holder_is_refused(cluster: Cluster) -> N
         ("PUT", f"/v1/keys/{key}?fence={lock}:{first}"),
         ("DELETE", f"/v1/keys/{key}?fence={lock}:{first}"),
         ("POST", f"/v1/keys/{key}/incr?fence={lock}:{first}"),
+        ("PATCH", f"/v1/keys/{key}?ttl=0.5&fence={lock}:{first}"),
+        ("PATCH", f"/v1/keys/{key}?ttl=none&fence={lock}:{first}"),
     ]:
         status, _, body = raw(cluster, method, target, b"stale" if method == "PUT" else b"")
         assert status == 409, (method, body)
         assert json.loads(body)["error"]
-    assert raw(cluster, "GET", f"/v1/keys/{key}")[2] == b"one"
+    status, headers, value = raw(cluster, "GET", f"/v1/keys/{key}")
+    assert (value, "x-zkv-expires-at-ms" in headers) == (b"one", False)  # no TTL set either
+    assert raw(cluster, "PATCH", f"/v1/keys/{key}?ttl=60&fence={lock}:{second}")[0] == 200
+    assert "x-zkv-expires-at-ms" in raw(cluster, "GET", f"/v1/keys/{key}")[1]
     assert raw(cluster, "PUT", f"/v1/keys/{key}?fence={lock}:{second}", b"two")[0] == 200
     assert raw(cluster, "GET", f"/v1/keys/{key}")[2] == b"two"
 
@@ -245,6 +266,8 @@ def test_bad_parameters_are_400_naming_them(cluster: Cluster) -> None:
         ("POST", "/v1/locks/l?ttl=1&wait=301", {}, "'wait'"),
         ("DELETE", "/v1/locks/l?token=-1", {}, "'token'"),
         ("GET", "/v1/keys/%00k", {}, "NUL"),
+        ("GET", "/v1/keys/k?touch=5&fence=l:1", {}, "'fence'"),
+        ("GET", "/v1/keys/k?touch=5", {"If_None_Match": '"1"'}, "If-None-Match"),
     ]:
         status, _, body = raw(cluster, method, target, **headers)
         assert status == 400, (method, target, body)

@@ -366,7 +366,7 @@ def test_a_waiting_lock_is_resent_every_attempt_interval_but_not_timed_out_befor
     assert not calls.resend_due(100.5)
     assert calls.due_in(100.5) is not None and calls.due_in(100.5) <= 0.5  # wakes for it
     resent = []
-    for second in range(1, 30):  # the wait ends at 130
+    for second in range(1, 29):  # the wait ends at 130: none within an attempt of that
         now = 100.0 + second + 0.01
         wall[0] = WALL_S + second + 0.01
         assert calls.resend_due(now)
@@ -378,9 +378,39 @@ def test_a_waiting_lock_is_resent_every_attempt_interval_but_not_timed_out_befor
     assert {r.request_id for r in resent} == {first.request_id}
     # Stamped anew each time: past the workers' idempotency window (15 s) a stamped LOCK
     # they do not remember is refused 'outcome unknown'.
-    assert resent[-1].stamp == stamp_of(WALL_S + 29.01) != first.stamp
+    assert resent[-1].stamp == stamp_of(WALL_S + 28.01) != first.stamp
+    assert not calls.resend_due(129.5) and not calls.resend_due(130.9)  # the answer's time
+    assert calls.resend_due(131.05)  # then silence means loss again
     failed = calls.expire(135.1)  # timeout_s after the wait
     assert [(handle, type(err)) for handle, err in failed] == [("lock", Timeout)]
+
+
+def test_expire_and_persist_carry_a_fence_checked_first():
+    lock = Lock(b"job", 7, 1)
+    calls = make()
+    for op in (c.expire_op("k", 5, fence=lock), c.persist_op("k", fence=(b"job", 7))):
+        assert c.fence_of_op(op) == (b"job", 7)  # what the clients pre-check
+        calls.add(op, None, 100.0)
+    expire, persist = sent_requests(calls, 100.0)
+    assert (expire.kind, expire.ttl_ms, expire.fence) == (Kind.EXPIRE, 5000, (b"job", 7))
+    assert (persist.kind, persist.ttl_ms, persist.fence) == (Kind.EXPIRE, None, (b"job", 7))
+    assert c.fence_of_op(c.expire_op("k", 5)) is None
+    assert c.fence_of_op(c.persist_op("k")) is None
+
+
+def test_a_waiting_lock_is_not_resent_as_its_wait_ends():
+    """The broker answers when the wait runs out: a resend then would race that answer (lost
+    on the old socket) and restart the wait at the broker (a 1 s wait taking 3 s or more)."""
+    calls = make()
+    calls.add(c.lock_op("job", 10, wait_s=1), "lock", 100.0)
+    sent_requests(calls, 100.0)
+    assert not calls.resend_due(101.001)  # the wait just ran out: its answer is on its way
+    assert not calls.resend_due(101.9)  # one attempt (1 s) is allowed for it, as for any call
+    assert calls.due_in(101.001) == pytest.approx(0.999)
+    assert calls.resend_due(102.05)  # then silence means loss again
+    assert calls.expire(105.9) == []  # the deadline is timeout_s + the wait
+    [(handle, err)] = calls.expire(106.1)
+    assert handle == "lock" and "within 6 s" in str(err)  # the time it was allowed
 
 
 def test_a_call_made_after_a_waiting_lock_still_expires_on_time():

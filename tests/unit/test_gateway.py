@@ -228,9 +228,10 @@ class FakeClient:
             deadline_ms = self.clock.ms() + ttl_ms
         return number, self._store(key, str(number).encode(), deadline_ms), deadline_ms
 
-    def expire(self, key: bytes | str, ttl_s: float) -> int:
+    def expire(self, key: bytes | str, ttl_s: float, fence: tuple[bytes, int] | None = None) -> int:
         key = _b(key)
-        self._enter("expire", key, round(ttl_s * 1000))
+        self._enter("expire", key, round(ttl_s * 1000), *([fence] if fence else []))
+        self._fenced(fence)
         found = self._found(key)
         if found is None:
             raise NotFound(key)
@@ -238,9 +239,10 @@ class FakeClient:
         self._store(key, found[0], deadline_ms)
         return deadline_ms
 
-    def persist(self, key: bytes | str) -> int:
+    def persist(self, key: bytes | str, fence: tuple[bytes, int] | None = None) -> int:
         key = _b(key)
-        self._enter("persist", key)
+        self._enter("persist", key, *([fence] if fence else []))
+        self._fenced(fence)
         found = self._found(key)
         if found is None:
             raise NotFound(key)

@@ -225,6 +225,14 @@ def test_get_touch_moves_the_deadline_as_it_reads(app: Bottle, clock: FakeClock)
     assert "'touch'" in error_of(send(app, "GET", "/v1/keys/session?touch=-1"), 400)
     message = error_of(send(app, "GET", "/v1/keys/session?touch=5", If_Match="*"), 400)
     assert "If-Match" in message  # a 412 could not undo the touch: refused instead
+    before = send(app, "GET", "/v1/keys/session").headers
+    tag = before["etag"]
+    message = error_of(send(app, "GET", "/v1/keys/session?touch=5", If_None_Match=tag), 400)
+    assert "If-None-Match" in message  # a 304 could not undo it either (README: 400)
+    message = error_of(send(app, "GET", "/v1/keys/session?touch=5&fence=job:1"), 400)
+    assert "'fence'" in message  # the wire's touch takes no fence: refused, not ignored
+    after = send(app, "GET", "/v1/keys/session").headers  # nothing touched meanwhile
+    assert after["x-zkv-expires-at-ms"] == before["x-zkv-expires-at-ms"]
 
 
 def test_head_with_touch_is_400_and_moves_nothing(app: Bottle, clock: FakeClock) -> None:
@@ -329,9 +337,16 @@ def test_fenced_writes_pass_with_the_newest_token_only(app: Bottle, kv: FakeClie
     assert "older" in error_of(send(app, "PUT", f"/v1/keys/out?fence=job:{old}", b"x"), 409)
     error_of(send(app, "DELETE", f"/v1/keys/out?fence=job:{old}"), 409)
     error_of(send(app, "POST", f"/v1/keys/n/incr?fence=job:{old}"), 409)
+    error_of(send(app, "PATCH", f"/v1/keys/out?ttl=60&fence=job:{old}"), 409)
+    error_of(send(app, "PATCH", f"/v1/keys/out?ttl=none&fence=job:{old}"), 409)
     assert send(app, "GET", "/v1/keys/out").body == b"v1"
+    assert "X-Zkv-Expires-At-Ms" not in send(app, "GET", "/v1/keys/out").headers
     assert send(app, "PUT", f"/v1/keys/out?fence=job:{new}", b"v2").status == 200
     assert send(app, "POST", f"/v1/keys/n/incr?fence=job:{new}").json()["value"] == 1
+    assert send(app, "PATCH", f"/v1/keys/out?ttl=60&fence=job:{new}").status == 200
+    assert kv.calls[-1] == ("expire", b"out", 60_000, (b"job", new))
+    assert send(app, "PATCH", f"/v1/keys/out?ttl=none&fence=job:{new}").status == 200
+    assert kv.calls[-1] == ("persist", b"out", (b"job", new))
     assert send(app, "DELETE", f"/v1/keys/out?fence=job:{new}").status == 200
     # A lock name may hold colons: the token is after the last one.
     send(app, "POST", "/v1/locks/a:b?ttl=10")
@@ -344,12 +359,18 @@ def test_fenced_writes_pass_with_the_newest_token_only(app: Bottle, kv: FakeClie
 )
 @pytest.mark.parametrize(
     ("method", "target"),
-    [("PUT", "/v1/keys/k"), ("DELETE", "/v1/keys/k"), ("POST", "/v1/keys/k/incr")],
+    [
+        ("PUT", "/v1/keys/k"),
+        ("DELETE", "/v1/keys/k"),
+        ("POST", "/v1/keys/k/incr"),
+        ("PATCH", "/v1/keys/k?ttl=5&"),
+    ],
 )
 def test_a_fence_that_is_not_lock_colon_token_is_400(
     app: Bottle, kv: FakeClient, fence: str, method: str, target: str
 ) -> None:
-    response = send(app, method, f"{target}?fence={fence}", b"x" if method == "PUT" else None)
+    target += "" if target.endswith("&") else "?"
+    response = send(app, method, f"{target}fence={fence}", b"x" if method == "PUT" else None)
     assert "'fence'" in error_of(response, 400)
     assert kv.calls == []
 
