@@ -29,11 +29,27 @@ READY_TIMEOUT_S = 20.0
 T = TypeVar("T")
 
 
+_GIVEN_PORTS: set[int] = set()  # every port free_port handed out in this process
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and never one this process
+    was given before: a port handed out is usually bound only later (a broker's four endpoints
+    are chosen before it starts), and the kernel may offer a released port again at once (CI:
+    a second broker's frontend and events port were the same, and it refused to start)."""
+    held: list[socket.socket] = []
+    try:
+        while True:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(sock)  # kept bound while searching, so the kernel offers another one
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in _GIVEN_PORTS:
+                _GIVEN_PORTS.add(port)
+                return port
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def wait_for(check: Callable[[], T | None], what: str, timeout_s: float = READY_TIMEOUT_S) -> T:
