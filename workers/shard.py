@@ -1235,10 +1235,7 @@ class Shard:
         value = request.value
         if value is None:
             return _ERROR, None, b"SET needs a value"
-        try:
-            old: tuple[bytes, int, int | None] | None = store.item(key)
-        except Missing:
-            old = None
+        old = _live_item(store, key)
         refusal = _condition(request, old)
         if refusal is not None:
             return _PRECONDITION, None, refusal.encode()
@@ -1256,10 +1253,7 @@ class Shard:
     def _del_ext(self, request: Request, now: int) -> tuple:
         store = self.store
         key = request.key
-        try:
-            old: tuple[bytes, int, int | None] | None = store.item(key)
-        except Missing:
-            old = None
+        old = _live_item(store, key)
         if old is None and request.if_version is None:
             return _NOT_FOUND, None, None
         refusal = _condition(request, old)
@@ -1273,10 +1267,7 @@ class Shard:
     def _incr(self, request: Request, now: int) -> tuple:
         store = self.store
         key = request.key
-        try:
-            old: tuple[bytes, int, int | None] | None = store.item(key)
-        except Missing:
-            old = None
+        old = _live_item(store, key)
         refusal = _condition(request, old)
         if refusal is not None:
             return _PRECONDITION, None, refusal.encode()
@@ -1302,10 +1293,7 @@ class Shard:
     def _expire_cmd(self, request: Request, now: int) -> tuple:
         store = self.store
         key = request.key
-        try:
-            old: tuple[bytes, int, int | None] | None = store.item(key)
-        except Missing:
-            old = None
+        old = _live_item(store, key)
         if old is None and request.if_version is None:
             return _NOT_FOUND, None, None
         refusal = _condition(request, old)
@@ -1412,6 +1400,14 @@ MAX_INTEGER_BYTES = 20
 _INTEGER = re.compile(rb"-?[0-9]+\Z")
 I64_MIN = -(2**63)
 I64_MAX = 2**63 - 1
+
+
+def _live_item(store: TTLStore, key: bytes) -> tuple[bytes, int, int | None] | None:
+    """``store.item(key)``, None for an absent or expired key (what the conditions read)."""
+    try:
+        return store.item(key)
+    except Missing:
+        return None
 
 
 def _condition(request: Request, old: tuple[bytes, int, int | None] | None) -> str | None:
